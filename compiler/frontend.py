@@ -1,0 +1,88 @@
+"""PyTorch -> Relax: ``torch.export`` with dynamic batch and lengths, then ``from_exported_program``.
+
+The result is one IRModule with two entry points:
+
+* ``encode(src[B, S] int64) -> cross_kv[L, 2, B, H, S, Dh]``: encoder plus every decoder layer's
+  cross-attention keys/values, computed once per batch;
+* ``decode_step(tokens[B, 1] int64, step[1] int64, self_cache[L, 2, B, H, T, Dh], cross_kv, src)
+  -> (logits[B, V], self_cache[L, 2, B, H, T + 1, Dh])``: one token, projections O(1) in the prefix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import tvm
+from torch import Tensor, nn
+from torch.export import Dim
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+
+from int8mt.model.transformer import Transformer
+
+ENTRY_POINTS = ("encode", "decode_step")
+
+
+class _Encode(nn.Module):
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor) -> Tensor:
+        return self.model.cross_kv(self.model.encode(src))
+
+
+class _DecodeStep(nn.Module):
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, step: Tensor, self_cache: Tensor, cross_kv: Tensor,
+                src: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.decode_step(tokens, step, self_cache, cross_kv, src)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Example inputs and named dynamic dimensions of both entry points (as optimum's export configs)."""
+
+    max_batch: int = 1024
+
+    def encode_inputs(self, model: Transformer) -> tuple[tuple[Tensor, ...], dict]:
+        src = torch.full((2, 5), 4, dtype=torch.int64)
+        batch, src_len = self._dims(model)
+        return (src,), {"src": {0: batch, 1: src_len}}
+
+    def decode_inputs(self, model: Transformer) -> tuple[tuple[Tensor, ...], dict]:
+        c = model.cfg
+        batch, src_len = self._dims(model)
+        prefix = Dim("prefix", min=0, max=c.max_positions - 1)
+        inputs = (
+            torch.full((2, 1), 4, dtype=torch.int64),
+            torch.tensor([3], dtype=torch.int64),
+            torch.zeros(c.decoder_layers, 2, 2, c.heads, 3, c.head_dim),
+            torch.zeros(c.decoder_layers, 2, 2, c.heads, 5, c.head_dim),
+            torch.full((2, 5), 4, dtype=torch.int64),
+        )
+        shapes = {"tokens": {0: batch}, "step": None, "self_cache": {2: batch, 4: prefix},
+                  "cross_kv": {2: batch, 4: src_len}, "src": {0: batch, 1: src_len}}
+        return inputs, shapes
+
+    def _dims(self, model: Transformer) -> tuple[Dim, Dim]:
+        return Dim("batch", min=1, max=self.max_batch), Dim("src_len", min=1, max=model.cfg.max_positions)
+
+
+def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(),
+                    custom_convert_map: dict | None = None) -> tvm.IRModule:
+    """Export ``model`` (eval mode) and import both entry points into one Relax IRModule."""
+    model = model.eval()
+    functions = {}
+    for name, wrapper, (inputs, shapes) in (
+        ("encode", _Encode(model), export_cfg.encode_inputs(model)),
+        ("decode_step", _DecodeStep(model), export_cfg.decode_inputs(model)),
+    ):
+        with torch.no_grad():
+            program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes)
+        mod = from_exported_program(program, custom_convert_map=custom_convert_map, unwrap_unit_return_tuple=True)
+        functions[name] = mod["main"].with_attr("global_symbol", name)
+    return tvm.IRModule({relax.GlobalVar(name): fn for name, fn in functions.items()})

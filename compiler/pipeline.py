@@ -1,0 +1,47 @@
+"""The int8mt compilation pipeline, handed to ``tvm.compile(relax_pipeline=...)``.
+
+Phases, each logged, and with ``dump_dir`` the IR after each written as ``phaseN-<name>.py``:
+1. import     the Relax module from :mod:`.frontend` (FP32 in this release; quantization slots in here);
+2. legalize   library dispatch, ops -> TIR, constant folding, operator fusion;
+3. lower      dataflow lowering, memory planning and VM finalisation for the target.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import tvm
+from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+
+def _phase(index: int, name: str, dump_dir: Path | None) -> tvm.transform.Pass:
+    """A no-op pass that logs the start of a phase and dumps the IR it receives."""
+
+    @tvm.transform.module_pass(opt_level=0, name=f"int8mt.phase{index}")
+    def _mark(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        print(f"phase {index}: {name}", file=sys.stderr)
+        if dump_dir is not None:
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            (dump_dir / f"phase{index}-{name}.py").write_text(mod.script(show_meta=False))
+        return mod
+
+    return _mark
+
+
+def int8mt_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> tvm.transform.Pass:
+    """The whole Relax pipeline for ``target`` (an LLVM CPU target)."""
+    if target.kind.name != "llvm":
+        raise ValueError(f"target kind {target.kind.name!r} is not supported yet; use a CPU (llvm) preset")
+
+    @tvm.transform.module_pass(opt_level=0, name="int8mt.pipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(
+                [_phase(1, "import", dump_dir)]
+                + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                + [_phase(2, "legalized", dump_dir)]
+                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+                + [_phase(3, "lowered", dump_dir)]
+            )(mod)
+
+    return _pipeline

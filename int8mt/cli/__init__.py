@@ -1,0 +1,49 @@
+"""``int8mt`` command line: each subcommand lives in ``cli/<name>.py`` and only parses arguments."""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+from pathlib import Path
+
+from .. import __version__
+
+COMMANDS = ("train", "compile", "translate", "evaluate", "targets")
+
+
+class UserError(Exception):
+    """A problem with the user's input, printed without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="int8mt", description="INT8 Transformer machine translation compiled with Apache TVM")
+    parser.add_argument("--version", action="version", version=f"int8mt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        import_module(f"{__name__}.{name}").register(sub)
+    args, extra = parser.parse_known_args(argv)
+    # argparse assigns trailing positionals (text after options) to nothing; they belong to `text`.
+    if extra and isinstance(getattr(args, "text", None), list) and not any(e.startswith("-") for e in extra):
+        args.text += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.run(args) or 0)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        print(f"int8mt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"int8mt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="defaults file (default: ./tvm_config.yaml if present, else built-in defaults)")
+
+
+def config_path(args: argparse.Namespace) -> Path | None:
+    if args.config is not None:
+        return args.config
+    default = Path("tvm_config.yaml")
+    return default if default.is_file() else None

@@ -1,0 +1,35 @@
+"""int8mt translate: translate sentences from arguments, a file or stdin with a compiled bundle."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import config_path
+from ._decode_args import add_decode_arguments, make_translator
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("translate", help="translate text with a compiled bundle")
+    p.add_argument("bundle", type=Path, help="bundle directory from `int8mt compile`")
+    p.add_argument("text", nargs="*", help="sentences to translate (default: read --input or stdin, one per line)")
+    p.add_argument("-i", "--input", type=Path, default=None, help="file with one sentence per line")
+    add_decode_arguments(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..data import read_lines
+
+    cfg = load_config(config_path(args))
+    if args.text:
+        sentences = list(args.text)
+    elif args.input is not None:
+        sentences = read_lines(args.input)
+    else:
+        sentences = sys.stdin.read().splitlines()
+    translator = make_translator(args, cfg.decode)
+    for line in translator.translate(sentences):
+        print(line)
+    return 0

@@ -1,0 +1,56 @@
+"""Parallel text: reading aligned files and batching by length."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+
+
+def read_parallel(data_dir: Path, split: str, src: str, tgt: str) -> tuple[list[str], list[str]]:
+    sources, targets = read_lines(data_dir / f"{split}.{src}"), read_lines(data_dir / f"{split}.{tgt}")
+    if len(sources) != len(targets):
+        raise ValueError(f"{split}.{src} has {len(sources)} lines but {split}.{tgt} has {len(targets)}")
+    return sources, targets
+
+
+def length_batches(lengths: list[int], max_tokens: int, shuffle: bool, seed: int = 0) -> list[list[int]]:
+    """Group indices of similar length so that batch_size * longest <= max_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, cur, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if cur and longest_if_added * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, longest_if_added = [], lengths[i]
+        cur.append(i)
+        longest = longest_if_added
+    if cur:
+        batches.append(cur)
+    if shuffle:
+        random.Random(seed).shuffle(batches)
+    return batches
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> np.ndarray:
+    out = np.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=np.int64)
+    for row, s in zip(out, seqs):
+        row[: len(s)] = s
+    return out
+
+
+def iterate_batches(ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of at most ``batch_size`` sentences of similar length (for inference)."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]

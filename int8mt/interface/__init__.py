@@ -1,0 +1,1 @@
+"""The Python API behind the CLI: each function takes plain arguments and does one job."""

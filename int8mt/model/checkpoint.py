@@ -1,0 +1,44 @@
+"""A model directory: ``config.json``, ``model.safetensors`` and the tokenizer ``spm.model``."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "spm.model"
+
+
+def save_model_dir(model: Transformer, out_dir: Path, tokenizer_file: Path | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    save_model(model, str(out_dir / WEIGHTS_FILE))
+    if tokenizer_file is not None and Path(tokenizer_file).resolve() != (out_dir / TOKENIZER_FILE).resolve():
+        shutil.copyfile(tokenizer_file, out_dir / TOKENIZER_FILE)
+
+
+def load_model_dir(model_dir: Path) -> Transformer:
+    """Load a model directory in eval mode; a missing or damaged file raises a ValueError naming it."""
+    model_dir = Path(model_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (model_dir / name).is_file():
+            raise ValueError(f"{model_dir} is not a model directory: {name} is missing")
+    cfg = ModelConfig.load(model_dir / CONFIG_FILE)
+    model = Transformer(cfg)
+    try:
+        load_model(model, str(model_dir / WEIGHTS_FILE))
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise ValueError(f"cannot load {model_dir / WEIGHTS_FILE}: {err}") from None
+    return model.eval()
+
+
+def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of several checkpoints' weights (checkpoint averaging)."""
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    return {k: sum(s[k] for s in states) / len(states) for k in states[0]}

@@ -1,0 +1,61 @@
+"""Architecture of the reference Transformer (MarianMT-compatible: post-norm, sinusoidal positions, tied embeddings)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ACTIVATIONS = ("relu", "gelu", "swish")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 8000
+    d_model: int = 256
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    heads: int = 4
+    ffn_dim: int = 1024
+    activation: str = "relu"
+    max_positions: int = 256
+    dropout: float = 0.1
+    scale_embedding: bool = True
+    pad_id: int = 0
+    eos_id: int = 3
+    decoder_start_id: int = 2
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not supported; use one of {ACTIVATIONS}")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by heads {self.heads}")
+        for name in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim", "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("pad_id", "eos_id", "decoder_start_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"model config: {name}={getattr(self, name)} is outside the vocabulary")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"cannot read model config {path}: {err}") from None

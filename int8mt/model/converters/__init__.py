@@ -1,0 +1,1 @@
+"""Converters load other frameworks' checkpoints into :class:`~int8mt.model.transformer.Transformer`."""

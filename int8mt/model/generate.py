@@ -1,0 +1,28 @@
+"""Greedy decoding with the PyTorch model (the reference the compiled bundle is compared with)."""
+from __future__ import annotations
+
+import torch
+
+from .transformer import Transformer
+
+
+@torch.no_grad()
+def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int) -> list[list[int]]:
+    """Token ids (EOS excluded) for each row of ``src`` [B, S], using the incremental decoder step."""
+    cfg = model.cfg
+    batch = src.shape[0]
+    cross = model.cross_kv(model.encode(src))
+    cache = model.empty_cache(batch)
+    tokens = torch.full((batch, 1), cfg.decoder_start_id, dtype=torch.int64)
+    out = torch.zeros((batch, 0), dtype=torch.int64)
+    done = torch.zeros(batch, dtype=torch.bool)
+    for step in range(max_len):
+        logits, cache = model.decode_step(tokens, torch.tensor([step]), cache, cross, src)
+        nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)
+        out = torch.cat([out, nxt[:, None]], 1)
+        done |= nxt == cfg.eos_id
+        tokens = nxt[:, None]
+        if bool(done.all()):
+            break
+    return [row[: row.index(cfg.eos_id)] if cfg.eos_id in row else row for row in out.tolist()]

@@ -1,0 +1,190 @@
+"""The reference encoder-decoder Transformer in PyTorch.
+
+Written for ``torch.export``: no data-dependent control flow, and every matrix multiplication is a named
+submodule (``nn.Linear`` for projections, :class:`MatMul` for QK^T and softmax·V) so that quantization can
+find and replace each one. Incremental decoding uses a key/value cache stacked into one tensor per kind:
+``self_cache`` and ``cross_kv`` have shape ``[layers, 2, batch, heads, length, head_dim]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+NEG_INF = -1e9
+
+
+def sinusoidal_table(positions: int, dim: int) -> Tensor:
+    """Marian's positions: sines in the first half of each vector, cosines in the second (not interleaved)."""
+    pos = torch.arange(positions, dtype=torch.float64)[:, None]
+    freq = torch.pow(10000.0, torch.arange(0, dim, 2, dtype=torch.float64) / dim)[None, :]
+    return torch.cat([torch.sin(pos / freq), torch.cos(pos / freq)], dim=1)[:, :dim].float()
+
+
+class MatMul(nn.Module):
+    """``a @ b`` between two activations, as a module so that it can be named and quantized."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.matmul(a, b)
+
+
+def _activation(name: str) -> nn.Module:
+    return {"relu": nn.ReLU(), "gelu": nn.GELU(), "swish": nn.SiLU()}[name]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.scaling = cfg.head_dim ** -0.5
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.qk = MatMul()
+        self.av = MatMul()
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """Attention of queries from ``x`` [B, T, D] over ``k``/``v`` [B, H, S, Dh]; ``bias`` broadcasts to [B, H, T, S]."""
+        q = self.split_heads(self.q_proj(x) * self.scaling)
+        scores = self.qk(q, k.transpose(2, 3))
+        if bias is not None:
+            scores = scores + bias
+        probs = self.dropout(torch.softmax(scores, dim=-1))
+        ctx = self.av(probs, v).transpose(1, 2)
+        return self.out_proj(ctx.reshape(x.shape[0], x.shape[1], self.heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.act = _activation(cfg.activation)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, src_bias: Tensor) -> Tensor:
+        k, v = self.self_attn.project_kv(x)
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn.attend(x, k, v, src_bias)))
+        return self.final_layer_norm(x + self.dropout(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = Attention(cfg)
+        self.cross_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, self_k: Tensor, self_v: Tensor, self_bias: Tensor | None,
+                cross_k: Tensor, cross_v: Tensor, src_bias: Tensor) -> Tensor:
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn.attend(x, self_k, self_v, self_bias)))
+        x = self.cross_attn_layer_norm(x + self.dropout(self.cross_attn.attend(x, cross_k, cross_v, src_bias)))
+        return self.final_layer_norm(x + self.dropout(self.ffn(x)))
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder with shared (tied) source, target and output embeddings."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        nn.init.normal_(self.embed_tokens.weight, std=cfg.d_model ** -0.5)
+        self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.lm_head.weight = self.embed_tokens.weight
+        nn.init.zeros_(self.lm_head.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    # -- pieces shared by training and incremental decoding --------------------------------------
+    def source_bias(self, src: Tensor) -> Tensor:
+        """Additive mask [B, 1, 1, S]: 0 for tokens, -1e9 for padding."""
+        return (src == self.cfg.pad_id).to(torch.float32)[:, None, None, :] * NEG_INF
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Scaled token embeddings plus the sinusoids of ``positions`` (int64 [T])."""
+        pos = torch.index_select(self.positions, 0, positions)
+        return self.dropout(self.embed_tokens(tokens) * self.embed_scale + pos)
+
+    def encode(self, src: Tensor) -> Tensor:
+        """Source tokens [B, S] -> encoder output [B, S, D]."""
+        bias = self.source_bias(src)
+        x = self.embed(src, torch.arange(src.shape[1], device=src.device))
+        for layer in self.encoder_layers:
+            x = layer(x, bias)
+        return x
+
+    def cross_kv(self, memory: Tensor) -> Tensor:
+        """Every decoder layer's cross-attention keys and values, [L, 2, B, H, S, Dh]: computed once per sentence."""
+        return torch.stack([torch.stack(layer.cross_attn.project_kv(memory)) for layer in self.decoder_layers])
+
+    # -- training ------------------------------------------------------------------------------
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits [B, T, V] for decoder inputs ``tgt_in`` [B, T]."""
+        memory = self.encode(src)
+        src_bias = self.source_bias(src)
+        t = tgt_in.shape[1]
+        causal = torch.triu(torch.full((t, t), NEG_INF, device=src.device), diagonal=1)
+        x = self.embed(tgt_in, torch.arange(t, device=src.device))
+        for layer in self.decoder_layers:
+            k, v = layer.self_attn.project_kv(x)
+            ck, cv = layer.cross_attn.project_kv(memory)
+            x = layer(x, k, v, causal, ck, cv, src_bias)
+        return self.lm_head(x)
+
+    # -- incremental decoding --------------------------------------------------------------------
+    def decode_step(self, tokens: Tensor, step: Tensor, self_cache: Tensor, cross_kv: Tensor,
+                    src: Tensor) -> tuple[Tensor, Tensor]:
+        """One decoder step.
+
+        tokens [B, 1] (last output), step [1] (its position), self_cache [L, 2, B, H, T, Dh] (T = step),
+        cross_kv from :meth:`cross_kv`, src [B, S] (for the padding mask).
+        Returns logits [B, V] and the cache grown to T + 1.
+        """
+        src_bias = self.source_bias(src)
+        x = self.embed(tokens, step)
+        new_cache = []
+        for i, layer in enumerate(self.decoder_layers):
+            k_new, v_new = layer.self_attn.project_kv(x)
+            k = torch.cat([self_cache[i, 0], k_new], dim=2)
+            v = torch.cat([self_cache[i, 1], v_new], dim=2)
+            new_cache.append(torch.stack([k, v]))
+            x = layer(x, k, v, None, cross_kv[i, 0], cross_kv[i, 1], src_bias)
+        return self.lm_head(x[:, 0]), torch.stack(new_cache)
+
+    def empty_cache(self, batch: int) -> Tensor:
+        c = self.cfg
+        return torch.zeros(c.decoder_layers, 2, batch, c.heads, 0, c.head_dim)

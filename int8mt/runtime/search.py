@@ -1,0 +1,113 @@
+"""Greedy and beam search in NumPy over a compiled decoder step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    max_length_a: float = 1.5
+    max_length_b: int = 10
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam size must be at least 1, got {self.beam_size}")
+        if self.length_penalty < 0:
+            raise ValueError(f"length penalty must be >= 0, got {self.length_penalty}")
+
+    def max_length(self, src_len: int, limit: int) -> int:
+        return max(1, min(int(self.max_length_a * src_len) + self.max_length_b, limit))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def greedy_search(bundle: Bundle, src: np.ndarray, max_len: int) -> list[list[int]]:
+    """Arg-max decoding of each row of ``src`` [B, S]; returns ids without EOS."""
+    batch = src.shape[0]
+    src_t = bundle.tensor(src)
+    cross = bundle.encode(src)
+    cache = bundle.empty_cache(batch)
+    tokens = np.full((batch, 1), bundle.start_id, np.int64)
+    out = [[] for _ in range(batch)]
+    done = np.zeros(batch, bool)
+    for step in range(max_len):
+        logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
+        nxt = logits.argmax(-1)
+        for i in np.flatnonzero(~done):
+            if nxt[i] == bundle.eos_id:
+                done[i] = True
+            else:
+                out[i].append(int(nxt[i]))
+        if done.all():
+            break
+        tokens = nxt[:, None].astype(np.int64)
+    return out
+
+
+def _penalized(score: float, length: int, alpha: float) -> float:
+    """GNMT length normalisation: score / ((5 + length) / 6) ** alpha."""
+    return score / (((5.0 + length) / 6.0) ** alpha)
+
+
+def beam_search(bundle: Bundle, src: np.ndarray, max_len: int, opts: SearchOptions) -> list[list[int]]:
+    """Beam search with ``opts.beam_size`` hypotheses per sentence; returns the best ids without EOS."""
+    if opts.beam_size == 1:
+        return greedy_search(bundle, src, max_len)
+    batch, k = src.shape[0], opts.beam_size
+    src_rep = np.repeat(src, k, axis=0)
+    src_t = bundle.tensor(src_rep)
+    cross = bundle.encode(src_rep)
+    cache: Any = bundle.empty_cache(batch * k)
+    scores = np.full((batch, k), -np.inf)
+    scores[:, 0] = 0.0
+    hyps: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(batch)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    tokens = np.full((batch * k, 1), bundle.start_id, np.int64)
+    for step in range(max_len):
+        logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
+        vocab = logits.shape[-1]
+        cand = scores[:, :, None] + _log_softmax(logits.astype(np.float64)).reshape(batch, k, vocab)
+        flat = cand.reshape(batch, -1)
+        top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]
+        origin = np.arange(batch * k).reshape(batch, k).copy()
+        next_tokens = np.full((batch, k), bundle.pad_id, np.int64)
+        for b in range(batch):
+            if len(finished[b]) >= k:
+                continue
+            new_hyps, new_scores = [], []
+            for idx in top[b][np.argsort(-flat[b, top[b]])]:
+                beam, tok = divmod(int(idx), vocab)
+                score = float(flat[b, idx])
+                if score == -np.inf:
+                    break
+                if tok == bundle.eos_id:
+                    finished[b].append((_penalized(score, len(hyps[b][beam]) + 1, opts.length_penalty), hyps[b][beam]))
+                else:
+                    new_hyps.append(hyps[b][beam] + [tok])
+                    new_scores.append(score)
+                    origin[b, len(new_hyps) - 1] = b * k + beam
+                    next_tokens[b, len(new_hyps) - 1] = tok
+                if len(new_hyps) == k or len(finished[b]) >= k:
+                    break
+            hyps[b] = new_hyps + [[] for _ in range(k - len(new_hyps))]
+            scores[b] = new_scores + [-np.inf] * (k - len(new_scores))
+        if all(len(f) >= k for f in finished):
+            break
+        cache = bundle.tensor(np.take(cache.numpy(), origin.reshape(-1), axis=2))
+        tokens = next_tokens.reshape(-1, 1)
+    results = []
+    for b in range(batch):
+        pool = finished[b] or [(_penalized(s, len(h), opts.length_penalty), h)
+                               for s, h in zip(scores[b], hyps[b]) if s > -np.inf]
+        results.append(max(pool, key=lambda item: item[0])[1])
+    return results

@@ -1,0 +1,36 @@
+"""Text in, text out: tokenization, batching by length and search over a loaded bundle."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from int8mt.data import iterate_batches, pad_batch
+from int8mt.tokenizer import Tokenizer
+
+from .bundle import Bundle
+from .search import SearchOptions, beam_search
+
+
+class Translator:
+    def __init__(self, bundle_dir: Path | str, options: SearchOptions = SearchOptions(), batch_size: int = 32) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.bundle = Bundle(bundle_dir)
+        self.tokenizer = Tokenizer(self.bundle.tokenizer_file)
+        self.options = options
+        self.batch_size = batch_size
+
+    def translate(self, sentences: list[str]) -> list[str]:
+        """Translate ``sentences``; empty input lines give empty output lines. Long inputs are truncated to
+        the model's maximum number of positions."""
+        limit = self.bundle.max_positions
+        ids = [self.tokenizer.encode(s.strip(), max_tokens=limit) for s in sentences]
+        out = [""] * len(sentences)
+        todo = [i for i, s in enumerate(sentences) if s.strip()]
+        order = iterate_batches([ids[i] for i in todo], self.batch_size)
+        for batch in order:
+            rows = [todo[j] for j in batch]
+            src = pad_batch([ids[i] for i in rows], self.bundle.pad_id)
+            max_len = self.options.max_length(src.shape[1], limit)
+            for i, hyp in zip(rows, beam_search(self.bundle, src, max_len, self.options)):
+                out[i] = self.tokenizer.decode(hyp)
+        return out
