@@ -20,10 +20,10 @@ from .pipeline import int8mt_pipeline
 def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Path | None = None) -> dict:
     """Compile the model in ``model_dir`` for the target preset ``target_name`` into the bundle ``out_dir``."""
     preset = get_preset(target_name)
+    model = load_model_dir(model_dir)
     tokenizer = Path(model_dir) / TOKENIZER_FILE
     if not tokenizer.is_file():
-        raise ValueError(f"{model_dir} has no tokenizer ({TOKENIZER_FILE})")
-    model = load_model_dir(model_dir)
+        raise ValueError(f"{model_dir} has no tokenizer ({TOKENIZER_FILE}); a bundle needs one to translate text")
     target = tvm.target.Target(preset.target)
     t0 = time.time()
     print("torch.export and import into Relax", file=sys.stderr)

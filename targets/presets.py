@@ -36,11 +36,20 @@ PRESETS: dict[str, TargetPreset] = {
 }
 
 
+AUTO = "auto"
+
+
 def get_preset(name: str) -> TargetPreset:
+    """The preset called ``name``; ``auto`` picks the first preset this CPU can run."""
+    if name == AUTO:
+        for preset in PRESETS.values():
+            if not missing_features(preset):
+                return preset
+        raise ValueError(f"no target preset fits this CPU; known presets: {', '.join(PRESETS)}")
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown target preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown target preset {name!r}; known presets: {AUTO}, {', '.join(PRESETS)}") from None
 
 
 def host_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 
-COMMANDS = ("train", "compile", "translate", "evaluate", "targets")
+COMMANDS = ("train", "compile", "translate", "evaluate", "bench", "targets")
 
 
 class UserError(Exception):

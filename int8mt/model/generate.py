@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data import iterate_batches, pad_batch
+from ..tokenizer import Tokenizer
 from .transformer import Transformer
 
 
@@ -26,3 +28,16 @@ def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int) -> list[l
         if bool(done.all()):
             break
     return [row[: row.index(cfg.eos_id)] if cfg.eos_id in row else row for row in out.tolist()]
+
+
+def translate_greedy(model: Transformer, tok: Tokenizer, sources: list[str], max_tokens: int,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy translations of ``sources`` in batches of similar length (output limit 1.5 * source + 10)."""
+    ids = tok.encode_batch(sources, max_tokens)
+    out: list[str] = [""] * len(ids)
+    for idx in iterate_batches(ids, batch_size):
+        src = torch.from_numpy(pad_batch([ids[i] for i in idx], tok.pad_id))
+        hyps = greedy_decode(model, src, max_len=int(1.5 * src.shape[1]) + 10)
+        for i, h in zip(idx, hyps):
+            out[i] = tok.decode(h)
+    return out

@@ -22,8 +22,10 @@ class SearchOptions:
         if self.length_penalty < 0:
             raise ValueError(f"length penalty must be >= 0, got {self.length_penalty}")
 
-    def max_length(self, src_len: int, limit: int) -> int:
-        return max(1, min(int(self.max_length_a * src_len) + self.max_length_b, limit))
+    def max_lengths(self, src: np.ndarray, pad_id: int, limit: int) -> list[int]:
+        """Per-sentence output limits from the unpadded source lengths (so batching never changes a result)."""
+        lengths = (src != pad_id).sum(1)
+        return [max(1, min(int(self.max_length_a * n) + self.max_length_b, limit)) for n in lengths]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -31,8 +33,9 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def greedy_search(bundle: Bundle, src: np.ndarray, max_len: int) -> list[list[int]]:
-    """Arg-max decoding of each row of ``src`` [B, S]; returns ids without EOS."""
+def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int]) -> list[list[int]]:
+    """Arg-max decoding of each row of ``src`` [B, S], row i stopping after ``max_lens[i]`` tokens;
+    returns ids without EOS."""
     batch = src.shape[0]
     src_t = bundle.tensor(src)
     cross = bundle.encode(src)
@@ -40,7 +43,7 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_len: int) -> list[list[in
     tokens = np.full((batch, 1), bundle.start_id, np.int64)
     out = [[] for _ in range(batch)]
     done = np.zeros(batch, bool)
-    for step in range(max_len):
+    for step in range(max(max_lens)):
         logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
         nxt = logits.argmax(-1)
         for i in np.flatnonzero(~done):
@@ -48,6 +51,7 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_len: int) -> list[list[in
                 done[i] = True
             else:
                 out[i].append(int(nxt[i]))
+                done[i] = len(out[i]) >= max_lens[i]
         if done.all():
             break
         tokens = nxt[:, None].astype(np.int64)
@@ -59,10 +63,11 @@ def _penalized(score: float, length: int, alpha: float) -> float:
     return score / (((5.0 + length) / 6.0) ** alpha)
 
 
-def beam_search(bundle: Bundle, src: np.ndarray, max_len: int, opts: SearchOptions) -> list[list[int]]:
-    """Beam search with ``opts.beam_size`` hypotheses per sentence; returns the best ids without EOS."""
+def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: SearchOptions) -> list[list[int]]:
+    """Beam search with ``opts.beam_size`` hypotheses per sentence, row i stopping after ``max_lens[i]``
+    tokens; returns the best ids without EOS."""
     if opts.beam_size == 1:
-        return greedy_search(bundle, src, max_len)
+        return greedy_search(bundle, src, max_lens)
     batch, k = src.shape[0], opts.beam_size
     src_rep = np.repeat(src, k, axis=0)
     src_t = bundle.tensor(src_rep)
@@ -73,7 +78,7 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_len: int, opts: SearchOptio
     hyps: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(batch)]
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     tokens = np.full((batch * k, 1), bundle.start_id, np.int64)
-    for step in range(max_len):
+    for step in range(max(max_lens)):
         logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
         vocab = logits.shape[-1]
         cand = scores[:, :, None] + _log_softmax(logits.astype(np.float64)).reshape(batch, k, vocab)
@@ -101,13 +106,12 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_len: int, opts: SearchOptio
                     break
             hyps[b] = new_hyps + [[] for _ in range(k - len(new_hyps))]
             scores[b] = new_scores + [-np.inf] * (k - len(new_scores))
+            if step + 1 >= max_lens[b]:  # out of length: the live hypotheses end here
+                finished[b] += [(_penalized(sc, len(h), opts.length_penalty), h)
+                                for sc, h in zip(new_scores, new_hyps)]
+                finished[b] += [(-np.inf, [])] * (k - len(finished[b]))
         if all(len(f) >= k for f in finished):
             break
         cache = bundle.tensor(np.take(cache.numpy(), origin.reshape(-1), axis=2))
         tokens = next_tokens.reshape(-1, 1)
-    results = []
-    for b in range(batch):
-        pool = finished[b] or [(_penalized(s, len(h), opts.length_penalty), h)
-                               for s, h in zip(scores[b], hyps[b]) if s > -np.inf]
-        results.append(max(pool, key=lambda item: item[0])[1])
-    return results
+    return [max(pool, key=lambda item: item[0])[1] for pool in finished]

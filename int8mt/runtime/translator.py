@@ -30,7 +30,7 @@ class Translator:
         for batch in order:
             rows = [todo[j] for j in batch]
             src = pad_batch([ids[i] for i in rows], self.bundle.pad_id)
-            max_len = self.options.max_length(src.shape[1], limit)
-            for i, hyp in zip(rows, beam_search(self.bundle, src, max_len, self.options)):
+            max_lens = self.options.max_lengths(src, self.bundle.pad_id, limit)
+            for i, hyp in zip(rows, beam_search(self.bundle, src, max_lens, self.options)):
                 out[i] = self.tokenizer.decode(hyp)
         return out

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import Config
-from ..data import iterate_batches, length_batches, pad_batch, read_parallel
+from ..data import length_batches, pad_batch, read_parallel
 from ..model.checkpoint import TOKENIZER_FILE, average_state_dicts, save_model_dir
 from ..model.config import ModelConfig
-from ..model.generate import greedy_decode
+from ..model.generate import translate_greedy
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, train_joint_vocabulary
 
@@ -31,18 +31,6 @@ class EpochRecord:
     train_loss: float
     val_bleu: float
     seconds: float
-
-
-def translate_greedy(model: Transformer, tok: Tokenizer, sources: list[str], max_tokens: int,
-                     batch_size: int = 64) -> list[str]:
-    ids = tok.encode_batch(sources, max_tokens)
-    out: list[str] = [""] * len(ids)
-    for idx in iterate_batches(ids, batch_size):
-        src = torch.from_numpy(pad_batch([ids[i] for i in idx], tok.pad_id))
-        hyps = greedy_decode(model, src, max_len=int(1.5 * src.shape[1]) + 10)
-        for i, h in zip(idx, hyps):
-            out[i] = tok.decode(h)
-    return out
 
 
 def bleu(hyps: list[str], refs: list[str]) -> float:

@@ -1,0 +1,93 @@
+"""A default (untuned) CPU schedule for every kernel of the model, dynamic shapes included.
+
+TVM's legalized kernels are plain serial loop nests, and dlight's CPU rules only cover GEMV and
+reductions. This rule gives each loop nest multi-core parallelism and, for matmul-like blocks
+(spatial loops followed by reductions), a vectorizable inner loop:
+
+* reduction blocks ``S... R...``: the last spatial loop moves inside the reductions, split by the vector
+  width when its extent is static and divisible; the remaining spatial loops (and the outer part of the
+  split) are fused and run in parallel; the init is split off;
+* other blocks: the last loop split by the vector width and vectorized where its extent allows, the
+  rest fused and run in parallel.
+
+Apply it after LegalizeOps/FuseTIR with ``dlight.ApplyDefaultSchedule(CPUGeneric())``. Tuned kernels
+(MetaSchedule) replace it where a tuning database has records.
+"""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.target import Target
+
+VECTOR_WIDTH = 16  # float32 lanes of an AVX-512 register
+
+
+def _static(extent: object) -> int | None:
+    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
+
+
+class CPUGeneric(dlight.ScheduleRule):
+    """Parallel + vectorized default schedule for any PrimFunc on an LLVM CPU target."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = dlight.normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = dlight.try_inline_contiguous_spatial(sch, infos)
+        for info in infos:
+            kinds = info.dom_kind()
+            if set(kinds) - {"S", "R"}:
+                continue
+            if "R" in kinds:
+                self._reduction(sch, info, kinds)
+            else:
+                self._spatial(sch, info)
+        return sch
+
+    @staticmethod
+    def _spatial(sch: s_tir.Schedule, info: dlight.SBlockInfo) -> None:
+        loops = sch.get_loops(info.block_rv)
+        if not loops:
+            return
+        extent = _static(info.iters[-1].dom)
+        vector = None
+        if extent is not None and extent % VECTOR_WIDTH == 0:
+            *rest, vector = sch.split(loops[-1], [None, VECTOR_WIDTH])
+            loops = loops[:-1] + rest
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+        if vector is not None:
+            sch.vectorize(vector)
+
+    @staticmethod
+    def _reduction(sch: s_tir.Schedule, info: dlight.SBlockInfo, kinds: str) -> None:
+        block = info.block_rv
+        loops = sch.get_loops(block)
+        spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+        reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
+        if not spatial:
+            return
+        inner = spatial[-1]
+        extent = _static(info.iters[kinds.index("S") + len(spatial) - 1].dom)
+        vector = None
+        if len(spatial) > 1 or extent is not None:
+            outer = spatial[:-1]
+            if extent is not None and extent % VECTOR_WIDTH == 0 and extent > VECTOR_WIDTH:
+                jo, vector = sch.split(inner, [None, VECTOR_WIDTH])
+                outer = outer + [jo]
+                sch.reorder(*outer, *reduce, vector)
+            elif extent is not None and extent <= 64:
+                sch.reorder(*outer, *reduce, inner)
+                vector = inner if extent > 1 else None
+            else:
+                outer = spatial
+                sch.reorder(*outer, *reduce)
+        else:
+            outer = spatial
+        if outer:
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        if vector is not None:
+            sch.vectorize(vector)
+        sch.decompose_reduction(block, reduce[0])

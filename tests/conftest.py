@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny random model with the shipped tokenizer, and its compiled bundle."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from int8mt.model.checkpoint import save_model_dir
+from int8mt.model.config import ModelConfig
+from int8mt.model.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "model" / "ende"
+DATA_DIR = ROOT.parent / "shared" / "data" / "multi30k"
+TINY = ModelConfig(vocab_size=8000, d_model=32, encoder_layers=2, decoder_layers=2, heads=4, ffn_dim=64,
+                   max_positions=64, dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(TINY).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-model")
+    save_model_dir(tiny_model, out, MODEL_DIR / "spm.model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    from int8mt.compiler.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-x86"
+    build_bundle(tiny_model_dir, "x86-vnni", out)
+    return out

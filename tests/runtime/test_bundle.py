@@ -1,0 +1,103 @@
+"""Bundles: export/load round trip, translation, and clear errors for bad bundles and bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from int8mt.model.generate import greedy_decode
+from int8mt.runtime import bundle as bundle_mod
+from int8mt.runtime.bundle import Bundle, BundleError
+from int8mt.runtime.search import SearchOptions, greedy_search
+from int8mt.runtime.translator import Translator
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+def test_round_trip_matches_pytorch_greedy(tiny_bundle, tiny_model):
+    bundle = Bundle(tiny_bundle)
+    src = np.array([[10, 20, 30, 40, 3], [50, 60, 3, 0, 0]], np.int64)
+    expected = greedy_decode(tiny_model, torch.from_numpy(src), max_len=12)
+    assert greedy_search(bundle, src, [12, 12]) == expected
+
+
+def test_manifest_records_target_and_versions(tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["target"]["preset"] == "x86-vnni"
+    assert manifest["target"]["tvm"] == {"kind": "llvm", "mcpu": "znver4"}
+    assert manifest["quantization"] == "fp32" and manifest["tvm_version"]
+    assert set(manifest["files"]) == {"model.so", "spm.model"}
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_translate_handles_awkward_input(tiny_bundle, beam):
+    translator = Translator(tiny_bundle, SearchOptions(beam_size=beam), batch_size=2)
+    inputs = ["A man is riding a bike.", "", "   ", "猫が好き 🐈 ∮ ≠", "word " * 500]
+    out = translator.translate(inputs)
+    assert len(out) == len(inputs)
+    assert out[1] == "" and out[2] == ""
+    assert all(isinstance(o, str) for o in out)
+
+
+def test_batching_does_not_change_greedy_results(tiny_bundle):
+    sentences = ["A dog runs.", "Two women are sitting on a bench in the park.", "Hi", "A red car."]
+    one = Translator(tiny_bundle, SearchOptions(beam_size=1), batch_size=1).translate(sentences)
+    many = Translator(tiny_bundle, SearchOptions(beam_size=1), batch_size=4).translate(sentences)
+    assert one == many
+
+
+@pytest.mark.parametrize("missing", ["model.so", "manifest.json", "spm.model"])
+def test_missing_file(bundle_copy, missing):
+    (bundle_copy / missing).unlink()
+    with pytest.raises(BundleError, match=f"{missing} is missing"):
+        Bundle(bundle_copy)
+
+
+def test_missing_bundle(tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        Bundle(tmp_path / "nowhere")
+
+
+def test_corrupt_manifest(bundle_copy):
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="corrupt"):
+        Bundle(bundle_copy)
+
+
+def test_corrupt_library_is_caught_before_loading(bundle_copy):
+    with open(bundle_copy / "model.so", "r+b") as f:
+        f.seek(4096)
+        f.write(b"\x00" * 64)
+    with pytest.raises(BundleError, match="checksum"):
+        Bundle(bundle_copy)
+
+
+def test_truncated_tokenizer(bundle_copy):
+    (bundle_copy / "spm.model").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="spm.model"):
+        Bundle(bundle_copy)
+
+
+def test_cpu_without_required_features(bundle_copy, monkeypatch):
+    monkeypatch.setattr(bundle_mod, "missing_features", lambda preset: ["avx512_vnni"])
+    with pytest.raises(BundleError, match="lacks avx512_vnni"):
+        Bundle(bundle_copy)
+
+
+def test_unsupported_format(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format 99"):
+        Bundle(bundle_copy)
+
+
+def test_bad_search_options():
+    with pytest.raises(ValueError, match="beam size"):
+        SearchOptions(beam_size=0)

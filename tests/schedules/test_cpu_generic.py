@@ -1,0 +1,57 @@
+"""The default CPU schedule: it applies to every kernel kind we emit and keeps results exact."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu
+from tvm.script import relax as R
+
+from int8mt.compiler.pipeline import int8mt_pipeline
+from int8mt.schedules.cpu_generic import CPUGeneric
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+
+
+@tvm.script.ir_module
+class Kernels:
+    @R.function
+    def main(x: R.Tensor(("n", 64), "float32"), w: R.Tensor((64, 48), "float32"), b: R.Tensor((48,), "float32"),
+             q: R.Tensor(("n", 4, 1, 16), "float32"), k: R.Tensor(("n", 4, 16, "s"), "float32")):
+        with R.dataflow():
+            y = R.nn.relu(R.add(R.matmul(x, w), b))
+            scores = R.nn.softmax(R.matmul(q, k), axis=-1)
+            R.output(y, scores)
+        return y, scores
+
+
+def _legalized() -> tvm.IRModule:
+    with TARGET:
+        return tvm.transform.Sequential(cpu.legalize_passes(TARGET))(Kernels)
+
+
+def test_every_kernel_gets_a_schedule():
+    mod = _legalized()
+    kernels = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels
+    for func in kernels:
+        sch = CPUGeneric().apply(func, TARGET, False)
+        assert sch is not None
+        assert "T.parallel" in sch.mod.script()
+
+
+def test_skips_non_cpu_targets():
+    func = next(f for f in _legalized().functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    assert CPUGeneric().apply(func, tvm.target.Target({"kind": "c"}), False) is None
+
+
+@pytest.mark.parametrize("n,s", [(1, 1), (5, 7), (33, 20)])
+def test_scheduled_kernels_match_numpy(n, s):
+    vm = relax.VirtualMachine(tvm.compile(Kernels, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    rng = np.random.default_rng(n)
+    x, w, b = (rng.standard_normal(shape).astype("float32") for shape in ((n, 64), (64, 48), (48,)))
+    q, k = rng.standard_normal((n, 4, 1, 16)).astype("float32"), rng.standard_normal((n, 4, 16, s)).astype("float32")
+    y, scores = vm["main"](*(tvm.runtime.tensor(a) for a in (x, w, b, q, k)))
+    np.testing.assert_allclose(y.numpy(), np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-5)
+    logits = q @ k
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(scores.numpy(), expected / expected.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
