@@ -4,9 +4,9 @@ TVM's legalized kernels are plain serial loop nests, and dlight's CPU rules only
 reductions. This rule gives each loop nest multi-core parallelism and, for matmul-like blocks
 (spatial loops followed by reductions), a vectorizable inner loop:
 
-* reduction blocks ``S... R...``: the last spatial loop moves inside the reductions, split by the vector
-  width when its extent is static and divisible; the remaining spatial loops (and the outer part of the
-  split) are fused and run in parallel; the init is split off;
+* reduction blocks ``S... R...`` (matmuls, softmax/layer-norm reductions): when the last spatial extent is
+  static, a ROW_TILE x VECTOR_WIDTH tile of outputs moves inside the reduction loops (vectorized, rows
+  unrolled); the remaining spatial loops are fused and run in parallel; the init is split off;
 * other blocks: the last loop split by the vector width and vectorized where its extent allows, the
   rest fused and run in parallel.
 
@@ -20,6 +20,7 @@ from tvm.s_tir import dlight
 from tvm.target import Target
 
 VECTOR_WIDTH = 16  # float32 lanes of an AVX-512 register
+ROW_TILE = 4  # output rows that share each loaded weight vector
 
 
 def _static(extent: object) -> int | None:
@@ -67,27 +68,27 @@ class CPUGeneric(dlight.ScheduleRule):
         loops = sch.get_loops(block)
         spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
         reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
+        extents = [_static(it.dom) for it, k in zip(info.iters, kinds) if k == "S"]
         if not spatial:
             return
-        inner = spatial[-1]
-        extent = _static(info.iters[kinds.index("S") + len(spatial) - 1].dom)
-        vector = None
-        if len(spatial) > 1 or extent is not None:
-            outer = spatial[:-1]
-            if extent is not None and extent % VECTOR_WIDTH == 0 and extent > VECTOR_WIDTH:
-                jo, vector = sch.split(inner, [None, VECTOR_WIDTH])
-                outer = outer + [jo]
-                sch.reorder(*outer, *reduce, vector)
-            elif extent is not None and extent <= 64:
-                sch.reorder(*outer, *reduce, inner)
-                vector = inner if extent > 1 else None
+        last = extents[-1]
+        inner = []  # spatial loops kept inside the reductions: a ROW_TILE x VECTOR_WIDTH accumulator tile
+        if last is not None and last % VECTOR_WIDTH == 0 and last > VECTOR_WIDTH:
+            jo, ji = sch.split(spatial[-1], [None, VECTOR_WIDTH])
+            if len(spatial) > 1 and extents[-2] != 1:
+                io, ii = sch.split(spatial[-2], [None, ROW_TILE])
+                outer, inner = spatial[:-2] + [io, jo], [ii, ji]
             else:
-                outer = spatial
-                sch.reorder(*outer, *reduce)
+                outer, inner = spatial[:-1] + [jo], [ji]
+        elif last is not None and 1 < last <= 64:
+            outer, inner = spatial[:-1], [spatial[-1]]
         else:
             outer = spatial
+        sch.reorder(*outer, *reduce, *inner)
         if outer:
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-        if vector is not None:
-            sch.vectorize(vector)
+        if inner:
+            sch.vectorize(inner[-1])
+        if len(inner) == 2:
+            sch.unroll(inner[0])
         sch.decompose_reduction(block, reduce[0])
