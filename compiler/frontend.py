@@ -5,7 +5,9 @@ The result is one IRModule with two entry points:
 * ``encode(src[B, S] int64) -> cross_kv[L, 2, B, H, S, Dh]``: encoder plus every decoder layer's
   cross-attention keys/values, computed once per batch;
 * ``decode_step(tokens[B, 1] int64, step[1] int64, self_cache[L, 2, B, H, T, Dh], cross_kv, src)
-  -> (logits[B, V], self_cache[L, 2, B, H, T + 1, Dh])``: one token, projections O(1) in the prefix.
+  -> (logits[B, V], self_cache[L, 2, B, H, T + 1, Dh])``: one token, projections O(1) in the prefix;
+* ``reorder_cache(self_cache, rows[B'] int64) -> self_cache[L, 2, B', H, T, Dh]``: beam search's
+  re-ordering of hypotheses, on the device.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 from int8mt.model.transformer import Transformer
 
-ENTRY_POINTS = ("encode", "decode_step")
+ENTRY_POINTS = ("encode", "decode_step", "reorder_cache")
 
 
 class _Encode(nn.Module):
@@ -85,4 +87,19 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
             program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes)
         mod = from_exported_program(program, custom_convert_map=custom_convert_map, unwrap_unit_return_tuple=True)
         functions[name] = mod["main"].with_attr("global_symbol", name)
+    functions["reorder_cache"] = _reorder_cache(model)
     return tvm.IRModule({relax.GlobalVar(name): fn for name, fn in functions.items()})
+
+
+def _reorder_cache(model: Transformer) -> relax.Function:
+    c = model.cfg
+    batch, prefix, rows = (tvm.tirx.Var(name, "int64") for name in ("batch", "prefix", "rows"))
+    shape = (c.decoder_layers, 2, batch, c.heads, prefix, c.head_dim)
+    cache = relax.Var("self_cache", relax.TensorType(shape, "float32"))
+    index = relax.Var("rows", relax.TensorType((rows,), "int64"))
+    bb = relax.BlockBuilder()
+    with bb.function("reorder_cache", [cache, index]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.take(cache, index, axis=2))
+        bb.emit_func_output(out)
+    return bb.get()["reorder_cache"]

@@ -35,11 +35,11 @@ def bench_translation(bundle_dir: Path, model_dir: Path | None, sources: list[st
     for batch in batch_sizes:
         translator = Translator(bundle_dir, SearchOptions(beam_size=1), batch_size=batch)
         t0 = time.perf_counter()
-        hyps = translator.translate(sources)
+        hyps = translator.translate(sources, progress=True)
         rows.append(_row("int8mt bundle", "greedy", batch, hyps, references, time.perf_counter() - t0))
     translator = Translator(bundle_dir, SearchOptions(beam_size=beam_size), batch_size=max(batch_sizes))
     t0 = time.perf_counter()
-    hyps = translator.translate(sources)
+    hyps = translator.translate(sources, progress=True)
     rows.append(_row("int8mt bundle", f"beam {beam_size}", max(batch_sizes), hyps, references,
                      time.perf_counter() - t0))
     if model_dir is not None:

@@ -30,7 +30,7 @@ def evaluate(translator: Translator, sources: list[str], references: list[str]) 
     if not sources:
         raise ValueError("the source file is empty")
     t0 = time.perf_counter()
-    hyps = translator.translate(sources)
+    hyps = translator.translate(sources, progress=True)
     seconds = time.perf_counter() - t0
     metric = sacrebleu.metrics.BLEU()
     score = metric.corpus_score(hyps, [references])

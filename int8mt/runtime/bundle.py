@@ -98,6 +98,7 @@ class Bundle:
         self._vm = tvm.runtime.vm.VirtualMachine(library, self.device)
         self._encode = self._vm["encode"]
         self._step = self._vm["decode_step"]
+        self._reorder = self._vm["reorder_cache"]
         cfg = self.manifest["model"]
         self.layers, self.heads = cfg["decoder_layers"], cfg["heads"]
         self.head_dim = cfg["d_model"] // cfg["heads"]
@@ -122,3 +123,7 @@ class Bundle:
         """One step: returns logits as numpy [B, V] and the grown cache (device tensor)."""
         out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache, cross_kv, src)
         return out[0].numpy(), out[1]
+
+    def reorder_cache(self, cache: Any, rows: np.ndarray) -> Any:
+        """The cache with its batch rows taken in the order ``rows`` (beam search)."""
+        return self._reorder(cache, self.tensor(rows.astype(np.int64)))

@@ -112,6 +112,8 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
                 finished[b] += [(-np.inf, [])] * (k - len(finished[b]))
         if all(len(f) >= k for f in finished):
             break
-        cache = bundle.tensor(np.take(cache.numpy(), origin.reshape(-1), axis=2))
+        rows = origin.reshape(-1)
+        if not np.array_equal(rows, np.arange(batch * k)):
+            cache = bundle.reorder_cache(cache, rows)
         tokens = next_tokens.reshape(-1, 1)
     return [max(pool, key=lambda item: item[0])[1] for pool in finished]

@@ -14,7 +14,7 @@ TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
 @pytest.fixture(scope="module")
 def vm(tiny_model):
     mod = export_to_relax(tiny_model)
-    assert {gv.name_hint for gv in mod.get_global_vars()} == {"encode", "decode_step"}
+    assert {gv.name_hint for gv in mod.get_global_vars()} == {"encode", "decode_step", "reorder_cache"}
     return relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
 
 
@@ -50,3 +50,10 @@ def test_decode_steps_match_pytorch(vm, tiny_model, batch, length, steps):
                                           tvm.runtime.tensor(np.array([t])), cache, cross_t, src_t)
         assert cache.shape[4] == t + 1
         np.testing.assert_allclose(logits.numpy(), full[:, t].numpy(), atol=1e-4, rtol=0)
+
+
+def test_reorder_cache_takes_rows(vm, tiny_model):
+    cache = np.random.default_rng(0).standard_normal((2, 2, 3, 4, 5, 8)).astype("float32")
+    rows = np.array([2, 2, 0, 1], np.int64)
+    got = vm["reorder_cache"](tvm.runtime.tensor(cache), tvm.runtime.tensor(rows)).numpy()
+    np.testing.assert_array_equal(got, cache[:, :, rows])
