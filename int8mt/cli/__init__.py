@@ -16,7 +16,8 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="int8mt", description="INT8 Transformer machine translation compiled with Apache TVM")
+    parser = argparse.ArgumentParser(
+        prog="int8mt", description="INT8 Transformer machine translation compiled with Apache TVM")
     parser.add_argument("--version", action="version", version=f"int8mt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:

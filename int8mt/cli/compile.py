@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a model directory into a bundle for a target")
     add_config_argument(p)
     p.add_argument("model", type=Path, nargs="?", default=None, help="model directory (default: paths.model)")
-    p.add_argument("--target", default=None, help="target preset, or auto for the best one this CPU runs (default: compile.target; see `int8mt targets`)")
+    p.add_argument("--target", default=None,
+                   help="target preset, or auto for the best one this CPU runs (default: compile.target)")
     p.add_argument("-o", "--output", type=Path, default=None, help="bundle directory (default: paths.build/<target>)")
     p.add_argument("--dump-ir", type=Path, default=None, help="write the IR after every phase into this folder")
     p.set_defaults(run=run)

@@ -12,8 +12,8 @@ from ._decode_args import add_decode_arguments, make_translator
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="BLEU and sentences/s of a bundle on a test set")
     p.add_argument("bundle", type=Path, help="bundle directory from `int8mt compile`")
-    p.add_argument("--src", type=Path, default=None, help="source file (default: <paths.data>/test_2016_flickr.<src>)")
-    p.add_argument("--ref", type=Path, default=None, help="reference file (default: <paths.data>/test_2016_flickr.<tgt>)")
+    p.add_argument("--src", type=Path, default=None, help="source file (default: <paths.data>/test_2016_flickr.en)")
+    p.add_argument("--ref", type=Path, default=None, help="reference file (default: <paths.data>/test_2016_flickr.de)")
     p.add_argument("--output", type=Path, default=None, help="write the translations here")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     add_decode_arguments(p)

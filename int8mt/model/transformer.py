@@ -57,7 +57,7 @@ class Attention(nn.Module):
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
-        """Attention of queries from ``x`` [B, T, D] over ``k``/``v`` [B, H, S, Dh]; ``bias`` broadcasts to [B, H, T, S]."""
+        """Queries from ``x`` [B, T, D] attend over ``k``/``v`` [B, H, S, Dh]; ``bias`` broadcasts to [B, H, T, S]."""
         q = self.split_heads(self.q_proj(x) * self.scaling)
         scores = self.qk(q, k.transpose(2, 3))
         if bias is not None:

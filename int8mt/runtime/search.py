@@ -96,7 +96,8 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
                 if score == -np.inf:
                     break
                 if tok == bundle.eos_id:
-                    finished[b].append((_penalized(score, len(hyps[b][beam]) + 1, opts.length_penalty), hyps[b][beam]))
+                    prefix = hyps[b][beam]
+                    finished[b].append((_penalized(score, len(prefix) + 1, opts.length_penalty), prefix))
                 else:
                     new_hyps.append(hyps[b][beam] + [tok])
                     new_scores.append(score)

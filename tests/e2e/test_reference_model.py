@@ -51,3 +51,19 @@ def test_compiled_greedy_equals_pytorch_greedy(reference_bundle):
                 assert _near_tie(model, torch.from_numpy(src[row]), e[:first]), (
                     f"sentence {start + row} differs at token {first} without a near-tie: {e} vs {g}")
     assert mismatches <= 2, f"{mismatches} of {SENTENCES} translations differ"
+
+
+def test_compiled_bleu_equals_pytorch_bleu_on_the_test_set(reference_bundle):
+    from int8mt.model.generate import translate_greedy
+    from int8mt.runtime.search import SearchOptions
+    from int8mt.runtime.translator import Translator
+    from int8mt.training.trainer import bleu
+
+    sources, references = read_parallel(DATA_DIR, "test_2016_flickr", "en", "de")
+    model, tok = load_model_dir(MODEL_DIR), Tokenizer(MODEL_DIR / "spm.model")
+    with torch.inference_mode():
+        reference_bleu = bleu(translate_greedy(model, tok, sources, model.cfg.max_positions, 32), references)
+    compiled = Translator(reference_bundle, SearchOptions(beam_size=1), batch_size=32).translate(sources)
+    compiled_bleu = bleu(compiled, references)
+    assert reference_bleu > 30
+    assert abs(compiled_bleu - reference_bleu) <= 0.1, (compiled_bleu, reference_bleu)
