@@ -11,10 +11,10 @@ import tvm
 
 from int8mt import __version__
 from int8mt.model.checkpoint import load_model_dir
-from int8mt.runtime.bundle import BUNDLE_FORMAT, LIBRARY_FILE, MANIFEST_FILE, TOKENIZER_FILE, sha256
+from int8mt.runtime.bundle import BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, TOKENIZER_FILE, sha256
 from int8mt.targets import get_preset
 
-from .frontend import ENTRY_POINTS, export_to_relax
+from .frontend import export_to_relax
 from .pipeline import int8mt_pipeline
 
 def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Path | None = None) -> dict:

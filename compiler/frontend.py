@@ -22,8 +22,6 @@ from tvm.relax.frontend.torch import from_exported_program
 
 from int8mt.model.transformer import Transformer
 
-ENTRY_POINTS = ("encode", "decode_step", "reorder_cache")
-
 
 class _Encode(nn.Module):
     def __init__(self, model: Transformer) -> None:

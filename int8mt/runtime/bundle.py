@@ -18,6 +18,7 @@ from int8mt.targets import get_preset, missing_features
 
 LIBRARY_FILE, MANIFEST_FILE, TOKENIZER_FILE = "model.so", "manifest.json", "spm.model"
 BUNDLE_FORMAT = 1
+ENTRY_POINTS = ("encode", "decode_step", "reorder_cache")
 
 
 class BundleError(ValueError):
@@ -57,6 +58,10 @@ def read_manifest(bundle_dir: Path) -> dict:
         if manifest["format"] != BUNDLE_FORMAT:
             raise BundleError(f"bundle format {manifest['format']} is not supported (expected {BUNDLE_FORMAT}); "
                               "rebuild it with this version of int8mt")
+        missing = [name for name in ENTRY_POINTS if name not in manifest["entry_points"]]
+        if missing:
+            raise BundleError(f"bundle {bundle_dir} lacks the entry points {missing} that this runtime needs; "
+                              "rebuild it with `int8mt compile`")
         for key in ("target", "model", "files"):
             manifest[key]  # noqa: B018  (presence check)
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -96,9 +101,10 @@ class Bundle:
         except Exception as err:  # noqa: BLE001  (TVM raises many kinds; all mean the .so is unusable)
             raise BundleError(f"cannot load {self.path / LIBRARY_FILE}: {str(err).splitlines()[0]}") from None
         self._vm = tvm.runtime.vm.VirtualMachine(library, self.device)
-        self._encode = self._vm["encode"]
-        self._step = self._vm["decode_step"]
-        self._reorder = self._vm["reorder_cache"]
+        try:
+            self._encode, self._step, self._reorder = (self._vm[name] for name in ENTRY_POINTS)
+        except AttributeError as err:
+            raise BundleError(f"{self.path / LIBRARY_FILE} does not match its manifest ({err})") from None
         cfg = self.manifest["model"]
         self.layers, self.heads = cfg["decoder_layers"], cfg["heads"]
         self.head_dim = cfg["d_model"] // cfg["heads"]

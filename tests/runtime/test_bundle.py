@@ -98,6 +98,14 @@ def test_unsupported_format(bundle_copy):
         Bundle(bundle_copy)
 
 
+def test_bundle_from_an_older_build_lacking_an_entry_point(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["entry_points"] = ["encode", "decode_step"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="reorder_cache"):
+        Bundle(bundle_copy)
+
+
 def test_bad_search_options():
     with pytest.raises(ValueError, match="beam size"):
         SearchOptions(beam_size=0)
