@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from . import add_config_argument
+
+if TYPE_CHECKING:
+    from ..config import DecodeConfig
+    from ..runtime.translator import Translator
 
 
 def add_decode_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +18,7 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default: decode.batch_size)")
 
 
-def make_translator(args: argparse.Namespace, decode_cfg) -> "Translator":  # noqa: F821
+def make_translator(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> "Translator":
     from ..runtime.search import SearchOptions
     from ..runtime.translator import Translator
 
