@@ -120,7 +120,7 @@ def train(cfg: Config, out_dir: Path, run_dir: Path) -> dict:
     test_src, test_tgt = read_parallel(data, "test_2016_flickr", tc.src_lang, tc.tgt_lang)
     test_bleu = bleu(translate_greedy(model, tok, test_src, tc.max_tokens), test_tgt)
     record = {
-        "command": " ".join(sys.argv),
+        "command": " ".join(["int8mt", *sys.argv[1:]]),
         "train_config": tc.__dict__,
         "model_config": mcfg.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
