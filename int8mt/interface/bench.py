@@ -4,8 +4,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
-import sacrebleu
+from int8mt.metrics import corpus_bleu
 
 
 @dataclass
@@ -19,10 +20,12 @@ class BenchRow:
     bleu: float
 
 
-def _row(backend: str, search: str, batch: int, hyps: list[str], refs: list[str], seconds: float) -> BenchRow:
-    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
+def _timed(backend: str, search: str, batch: int, translate: Callable[[], list[str]], refs: list[str]) -> BenchRow:
+    t0 = time.perf_counter()
+    hyps = translate()
+    seconds = time.perf_counter() - t0
     return BenchRow(backend, search, batch, len(hyps), round(seconds, 2), round(len(hyps) / seconds, 2),
-                    round(bleu, 2))
+                    round(corpus_bleu(hyps, refs), 2))
 
 
 def bench_translation(bundle_dir: Path, model_dir: Path | None, sources: list[str], references: list[str],
@@ -31,17 +34,13 @@ def bench_translation(bundle_dir: Path, model_dir: Path | None, sources: list[st
     from int8mt.runtime.search import SearchOptions
     from int8mt.runtime.translator import Translator
 
+    runs = [(1, batch) for batch in batch_sizes] + [(beam_size, max(batch_sizes))]
     rows = []
-    for batch in batch_sizes:
-        translator = Translator(bundle_dir, SearchOptions(beam_size=1), batch_size=batch)
-        t0 = time.perf_counter()
-        hyps = translator.translate(sources, progress=True)
-        rows.append(_row("int8mt bundle", "greedy", batch, hyps, references, time.perf_counter() - t0))
-    translator = Translator(bundle_dir, SearchOptions(beam_size=beam_size), batch_size=max(batch_sizes))
-    t0 = time.perf_counter()
-    hyps = translator.translate(sources, progress=True)
-    rows.append(_row("int8mt bundle", f"beam {beam_size}", max(batch_sizes), hyps, references,
-                     time.perf_counter() - t0))
+    for beam, batch in runs:
+        translator = Translator(bundle_dir, SearchOptions(beam_size=beam), batch_size=batch)
+        search = "greedy" if beam == 1 else f"beam {beam}"
+        rows.append(_timed("int8mt bundle", search, batch, lambda: translator.translate(sources, progress=True),
+                           references))
     if model_dir is not None:
         import torch
 
@@ -51,11 +50,10 @@ def bench_translation(bundle_dir: Path, model_dir: Path | None, sources: list[st
 
         model, tok = load_model_dir(model_dir), Tokenizer(Path(model_dir) / "spm.model")
         for batch in batch_sizes:
-            t0 = time.perf_counter()
             with torch.inference_mode():
-                hyps = translate_greedy(model, tok, sources, model.cfg.max_positions, batch)
-            rows.append(_row(f"PyTorch {torch.__version__} eager", "greedy", batch, hyps, references,
-                             time.perf_counter() - t0))
+                rows.append(_timed(f"PyTorch {torch.__version__} eager", "greedy", batch,
+                                   lambda: translate_greedy(model, tok, sources, model.cfg.max_positions, batch),
+                                   references))
     return rows
 
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import sacrebleu
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import Config
 from ..data import length_batches, pad_batch, read_parallel
+from ..metrics import corpus_bleu as bleu
 from ..model.checkpoint import TOKENIZER_FILE, average_state_dicts, save_model_dir
 from ..model.config import ModelConfig
 from ..model.generate import translate_greedy
@@ -31,10 +31,6 @@ class EpochRecord:
     train_loss: float
     val_bleu: float
     seconds: float
-
-
-def bleu(hyps: list[str], refs: list[str]) -> float:
-    return sacrebleu.corpus_bleu(hyps, [refs]).score
 
 
 def _lr(step: int, peak: float, warmup: int) -> float:

@@ -57,7 +57,7 @@ def test_compiled_bleu_equals_pytorch_bleu_on_the_test_set(reference_bundle):
     from int8mt.model.generate import translate_greedy
     from int8mt.runtime.search import SearchOptions
     from int8mt.runtime.translator import Translator
-    from int8mt.training.trainer import bleu
+    from int8mt.metrics import corpus_bleu as bleu
 
     sources, references = read_parallel(DATA_DIR, "test_2016_flickr", "en", "de")
     model, tok = load_model_dir(MODEL_DIR), Tokenizer(MODEL_DIR / "spm.model")
