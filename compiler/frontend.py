@@ -12,6 +12,7 @@ The result is one IRModule with two entry points:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import tvm
@@ -73,8 +74,9 @@ class ExportConfig:
 
 
 def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(),
-                    custom_convert_map: dict | None = None) -> tvm.IRModule:
-    """Export ``model`` (eval mode) and import both entry points into one Relax IRModule."""
+                    convert_map: Callable[[torch.export.ExportedProgram], dict] | None = None) -> tvm.IRModule:
+    """Export ``model`` (eval mode) and import both entry points into one Relax IRModule; ``convert_map``
+    builds ``from_exported_program``'s custom converters for each exported program."""
     model = model.eval()
     functions = {}
     for name, wrapper, (inputs, shapes) in (
@@ -83,7 +85,8 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
     ):
         with torch.no_grad():
             program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes)
-        mod = from_exported_program(program, custom_convert_map=custom_convert_map, unwrap_unit_return_tuple=True)
+        custom = convert_map(program) if convert_map is not None else None
+        mod = from_exported_program(program, custom_convert_map=custom, unwrap_unit_return_tuple=True)
         functions[name] = mod["main"].with_attr("global_symbol", name)
     functions["reorder_cache"] = _reorder_cache(model)
     return tvm.IRModule({relax.GlobalVar(name): fn for name, fn in functions.items()})

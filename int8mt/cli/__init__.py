@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 
-COMMANDS = ("train", "compile", "translate", "evaluate", "bench", "targets")
+COMMANDS = ("train", "qat", "compile", "inspect", "translate", "evaluate", "bench", "quant-table", "targets")
 
 
 class UserError(Exception):
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"int8mt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        import_module(f"{__name__}.{name}").register(sub)
+        import_module(f"{__name__}.{name.replace('-', '_')}").register(sub)
     args, extra = parser.parse_known_args(argv)
     # argparse assigns trailing positionals (text after options) to nothing; they belong to `text`.
     if extra and isinstance(getattr(args, "text", None), list) and not any(e.startswith("-") for e in extra):

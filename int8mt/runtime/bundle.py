@@ -18,6 +18,7 @@ import numpy as np
 from int8mt.targets import get_preset, missing_features
 
 LIBRARY_FILE, MANIFEST_FILE, TOKENIZER_FILE = "model.so", "manifest.json", "spm.model"
+REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
 BUNDLE_FORMAT = 1
 ENTRY_POINTS = ("encode", "decode_step", "reorder_cache")
 

@@ -8,7 +8,9 @@ from tvm import relax
 from int8mt.compiler.frontend import export_to_relax
 from int8mt.compiler.pipeline import int8mt_pipeline
 
-TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+from ..conftest import HOST_PRESET
+
+TARGET = tvm.target.Target(HOST_PRESET.target)
 
 
 @pytest.fixture(scope="module")

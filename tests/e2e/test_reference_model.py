@@ -9,7 +9,7 @@ from int8mt.runtime.bundle import Bundle
 from int8mt.runtime.search import greedy_search
 from int8mt.tokenizer import Tokenizer
 
-from ..conftest import DATA_DIR, MODEL_DIR
+from ..conftest import DATA_DIR, HOST_PRESET, MODEL_DIR
 
 SENTENCES, BATCH, MAX_LEN = 50, 10, 64
 
@@ -19,7 +19,7 @@ def reference_bundle(tmp_path_factory):
     from int8mt.compiler.build import build_bundle
 
     out = tmp_path_factory.mktemp("reference") / "ende-x86"
-    build_bundle(MODEL_DIR, "x86-vnni", out)
+    build_bundle(MODEL_DIR, HOST_PRESET.name, out)
     return out
 
 

@@ -9,7 +9,9 @@ from tvm.script import relax as R
 from int8mt.compiler.pipeline import int8mt_pipeline
 from int8mt.schedules.cpu_generic import CPUGeneric
 
-TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+from ..conftest import HOST_PRESET
+
+TARGET = tvm.target.Target(HOST_PRESET.target)
 
 
 @tvm.script.ir_module

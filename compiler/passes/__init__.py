@@ -1,0 +1,4 @@
+"""int8mt's own Relax passes."""
+from .scale_propagation import ScalePropagation
+
+__all__ = ["ScalePropagation"]

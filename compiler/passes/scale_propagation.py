@@ -1,0 +1,364 @@
+"""Scale Propagation: turn a Relax graph with quantize/dequantize ops into one where integers flow from op
+to op (Lin et al., 2020), carrying each tensor's scale instead of dequantizing.
+
+The pass walks every dataflow binding and keeps, for each float variable that is *a dequantized integer
+tensor*, the pair (integer tensor, scale). A scale is a NumPy array broadcastable to the tensor (a compile-
+time constant: per tensor, or per channel for weights) or a Relax expression (run-time ranges). Rules:
+
+* ``dequantize(q, s)`` and ``astype(q:int, float32) * s``  -> (q, s)
+* ``matmul((a, sa), (b, sb))`` -> ``matmul(a, b, out_dtype=int32)`` with scale ``sa * sb`` when neither
+  scale varies along the reduction axis (int8 x int8 -> int32)
+* ``add((acc, s), bias)`` -> bias folded into int32 (``round(bias / s)``); ``add((a, sa), (b, sb))`` with
+  constant per-tensor scales -> integer addition after aligning both to the finer scale
+* ``quantize(clip((x, s)), s')`` -> requantization by an integer multiplier and shift (no float math);
+  equal scales cancel the pair, chained requantizations fold into one
+* reshape, permute_dims, take, strided_slice, concat (equal scales), relu and multiplication by a positive
+  constant keep integers and transform the scale
+* anything else (softmax, layer norm, masking with -inf, ...) receives the dequantized float value.
+
+Every rewritten binding keeps a float twin (``astype(q) * s``) for consumers that need floats; dead-code
+elimination afterwards removes the twins nobody uses, so dequantization remains only where needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import tvm
+from tvm import ir, relax
+from tvm.relax import PyExprMutator, expr_functor
+from tvm.sym.analyzer import Analyzer
+
+from int8mt.quant.fixed_point import fixed_point
+
+Scale = "np.ndarray | relax.Expr"
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A float value known to equal ``astype(data, float32) * scale``."""
+
+    data: relax.Expr
+    scale: np.ndarray | relax.Expr
+    clip: float | None = None  # a symmetric float clip applied to the value, pending a quantize
+
+
+@dataclass(frozen=True)
+class _Cast:
+    """``astype(data, float32)`` of an integer tensor: half of an expanded dequantize."""
+
+    data: relax.Expr
+
+
+def _ty(expr: relax.Expr):
+    return expr.ty
+
+
+def _dtype(expr: relax.Expr) -> str:
+    return str(_ty(expr).dtype)
+
+
+def _is_int(expr: relax.Expr) -> bool:
+    return _dtype(expr).startswith("int")
+
+
+def _static_shape(expr: relax.Expr) -> list[int | None]:
+    shape = _ty(expr).shape
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in shape]
+
+
+def _same_dims(a, b) -> bool:
+    """True if two shapes (lists of PrimExpr) are provably equal."""
+    analyzer = Analyzer()
+    return len(a) == len(b) and all(analyzer.can_prove_equal(x, y) for x, y in zip(a, b))
+
+
+def _const(expr: relax.Expr) -> np.ndarray | None:
+    if not isinstance(expr, ir.expr.Constant):
+        return None
+    return expr.value.numpy() if hasattr(expr.value, "numpy") else np.asarray(expr.value)
+
+
+def _expand(scale: np.ndarray, rank: int) -> np.ndarray:
+    scale = np.asarray(scale, dtype=np.float64)
+    return scale.reshape((1,) * (rank - scale.ndim) + scale.shape) if scale.ndim < rank else scale
+
+
+def _is_scalar(scale: Scale) -> bool:
+    return isinstance(scale, np.ndarray) and scale.size == 1
+
+
+@expr_functor.mutator
+class _Propagator(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.info: dict[relax.Var, QTensor | _Cast] = {}
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        call = binding.value
+        if isinstance(call, relax.Call) and isinstance(call.op, ir.Op):
+            rule = getattr(self, "_" + call.op.name.replace("relax.", "").replace(".", "_"), None)
+            if rule is not None:
+                args = [self.visit_expr(a) for a in call.args]
+                result = rule(call, args, binding.var)
+                if result is not None:
+                    expr, info = result
+                    new_var = self.builder_.emit(expr, binding.var.name)
+                    self.set_var_remap(binding.var, new_var)
+                    if info is not None:
+                        self.info[new_var] = info
+                    return
+        super().visit_var_binding_(binding)
+
+    def _get(self, expr: relax.Expr) -> QTensor | _Cast | None:
+        return self.info.get(expr) if isinstance(expr, relax.Var) else None
+
+    def _qt(self, expr: relax.Expr) -> QTensor | None:
+        info = self._get(expr)
+        return info if isinstance(info, QTensor) else None
+
+    def _emit(self, expr: relax.Expr) -> relax.Expr:
+        return self.builder_.emit(expr)
+
+    def _scale_expr(self, scale: Scale) -> relax.Expr:
+        if isinstance(scale, np.ndarray):
+            value = scale.astype(np.float32)
+            return relax.const(float(value.reshape(())) if value.size == 1 else value, "float32")
+        return scale
+
+    def _float(self, qt: QTensor) -> relax.Expr:
+        """The float value of ``qt`` (its dequantization); dead unless a float consumer uses it."""
+        value = relax.op.multiply(relax.op.astype(qt.data, "float32"), self._scale_expr(qt.scale))
+        if qt.clip is not None:
+            value = relax.op.clip(self._emit(value), -qt.clip, qt.clip)
+        return value
+
+    def _propagated(self, qt: QTensor):
+        return self._float(qt), qt
+
+    # -- integer arithmetic --------------------------------------------------------------------
+    def _rescale(self, data: relax.Expr, ratio: np.ndarray, lo: int, hi: int, dtype: str) -> relax.Expr:
+        """``clip(round_half_up(data * ratio), lo, hi)`` as ``dtype`` with an integer multiplier and shift."""
+        ratio = np.asarray(ratio, dtype=np.float64)
+        if np.all(ratio == 1.0):
+            out = data if _dtype(data) == dtype else self._emit(relax.op.astype(data, dtype))
+            return relax.op.clip(out, lo, hi)
+        mult, shift = fixed_point(ratio)
+        if np.all(shift == shift.flat[0]):
+            shift = shift.reshape(-1)[:1].reshape(())
+        if np.all(mult == mult.flat[0]):
+            mult = mult.reshape(-1)[:1].reshape(())
+        x = relax.op.multiply(relax.op.astype(data, "int64"), relax.const(mult, "int64"))
+        x = relax.op.add(x, relax.const(np.left_shift(np.int64(1), shift - 1), "int64"))
+        x = relax.op.right_shift(self._emit(x), relax.const(shift, "int64"))
+        return relax.op.astype(relax.op.clip(self._emit(x), lo, hi), dtype)
+
+    # -- rules (name = relax op name) ----------------------------------------------------------
+    def _dequantize(self, call, args, var):
+        scale = _const(args[1])
+        if scale is None:
+            return None
+        rank, axis = _ty(args[0]).ndim, int(call.attrs.axis)
+        shape = [1] * rank
+        if scale.size > 1:
+            shape[axis % rank] = scale.size
+        return relax.Call(call.op, args, call.attrs), QTensor(args[0], scale.astype(np.float64).reshape(shape))
+
+    def _astype(self, call, args, var):
+        if _is_int(args[0]) and _dtype(var) == "float32":
+            return relax.op.astype(args[0], "float32"), _Cast(args[0])
+        return None
+
+    def _multiply(self, call, args, var):
+        for a, b in (args, args[::-1]):
+            info, const = self._get(a), _const(b)
+            if isinstance(info, _Cast) and not _is_int(b):
+                scale = const.astype(np.float64) if const is not None else b
+                return relax.op.multiply(a, b), QTensor(info.data, scale)
+            if isinstance(info, QTensor) and const is not None and const.size == 1 and float(const) > 0:
+                c = float(const.reshape(()))
+                scale = (info.scale * c if isinstance(info.scale, np.ndarray)
+                         else self._emit(relax.op.multiply(info.scale, relax.const(c, "float32"))))
+                return self._propagated(replace(info, scale=scale, clip=None))
+        return None
+
+    def _clip(self, call, args, var):
+        qt = self._qt(args[0])
+        lo, hi = (float(v.value) for v in args[1:3])
+        if qt is None or qt.clip is not None or lo != -hi:
+            return None
+        return self._propagated(replace(qt, clip=hi))
+
+    def _quantize(self, call, args, var):
+        qt, target = self._qt(args[0]), _const(args[1])
+        if qt is None or target is None or target.size != 1 or not isinstance(qt.scale, np.ndarray):
+            return None
+        target = float(target.reshape(()))
+        qmax = int(round(qt.clip / target)) if qt.clip is not None else 127
+        lo = -qmax if qt.clip is not None else -128
+        ratio = _expand(qt.scale, _ty(qt.data).ndim) / target
+        return self._rescale(qt.data, ratio, lo, qmax, "int8"), None
+
+    def _matmul(self, call, args, var):
+        a, b = self._qt(args[0]), self._qt(args[1])
+        if a is None or b is None or _dtype(a.data) != "int8" or _dtype(b.data) != "int8":
+            return None
+        ra, rb = _ty(a.data).ndim, _ty(b.data).ndim
+        if rb < 2 or not (self._flat_along(a.scale, ra, -1) and self._flat_along(b.scale, rb, -2)):
+            return None
+        acc = self._emit(relax.op.matmul(a.data, b.data, out_dtype="int32"))
+        rank = _ty(var).ndim
+        if isinstance(a.scale, np.ndarray) and isinstance(b.scale, np.ndarray):
+            scale = _expand(a.scale, rank) * _expand(b.scale, rank)
+        else:
+            scale = self._emit(relax.op.multiply(self._scale_expr(a.scale), self._scale_expr(b.scale)))
+        return self._propagated(QTensor(acc, scale))
+
+    @staticmethod
+    def _flat_along(scale: Scale, rank: int, axis: int) -> bool:
+        """True if ``scale`` does not vary along ``axis`` of a rank-``rank`` tensor."""
+        if isinstance(scale, np.ndarray):
+            return _expand(scale, rank).shape[axis] == 1
+        shape = _static_shape(scale)
+        return len(shape) < -axis or shape[axis] == 1
+
+    def _add(self, call, args, var):
+        qa, qb = self._qt(args[0]), self._qt(args[1])
+        if qa is not None and qb is not None:
+            return self._add_aligned(qa, qb)
+        for qt, other in ((qa, args[1]), (qb, args[0])):
+            const = _const(other)
+            if qt is not None and const is not None and isinstance(qt.scale, np.ndarray) and qt.clip is None:
+                rank = _ty(var).ndim
+                if const.ndim > rank or _static_shape(var) != _static_shape(qt.data):
+                    return None
+                bias = np.round(_expand(const, rank) / _expand(qt.scale, rank))
+                if np.abs(bias).max(initial=0) >= 2 ** 30:
+                    return None
+                data = qt.data if _dtype(qt.data) == "int32" else self._emit(relax.op.astype(qt.data, "int32"))
+                out = self._emit(relax.op.add(data, relax.const(bias.astype(np.int32), "int32")))
+                return self._propagated(QTensor(out, qt.scale))
+        return None
+
+    def _add_aligned(self, qa: QTensor, qb: QTensor):
+        if not (_is_scalar(qa.scale) and _is_scalar(qb.scale)) or qa.clip is not None or qb.clip is not None:
+            return None
+        target = min(float(qa.scale.reshape(-1)[0]), float(qb.scale.reshape(-1)[0]))
+        lo, hi = -(2 ** 31), 2 ** 31 - 1
+        terms = [self._emit(self._rescale(q.data, q.scale.reshape(()) / target, lo, hi, "int32")) for q in (qa, qb)]
+        out = self._emit(relax.op.add(*terms))
+        return self._propagated(QTensor(out, np.array(target)))
+
+    def _nn_relu(self, call, args, var):
+        qt = self._qt(args[0])
+        if qt is None or qt.clip is not None:
+            return None
+        return self._propagated(QTensor(self._emit(relax.op.nn.relu(qt.data)), qt.scale))
+
+    def _permute_dims(self, call, args, var):
+        qt = self._qt(args[0])
+        if qt is None or qt.clip is not None:
+            return None
+        rank = _ty(qt.data).ndim
+        axes = [int(a) for a in call.attrs.axes] if call.attrs.axes is not None else list(range(rank))[::-1]
+        if isinstance(qt.scale, np.ndarray):
+            scale = np.transpose(_expand(qt.scale, rank), axes)
+        elif _ty(qt.scale).ndim == rank:
+            scale = self._emit(relax.op.permute_dims(qt.scale, axes))
+        else:
+            return None
+        return self._propagated(QTensor(self._emit(relax.op.permute_dims(qt.data, axes)), scale))
+
+    def _broadcast_to(self, call, args, var):
+        qt = self._qt(args[0])
+        same_shape = _same_dims(list(_ty(var).shape), list(_ty(args[0]).shape))
+        if qt is None or qt.clip is not None or not (same_shape or _is_scalar(qt.scale)):
+            return None
+        data = self._emit(relax.op.broadcast_to(qt.data, args[1]))
+        return self._propagated(QTensor(data, qt.scale))
+
+    def _reshape(self, call, args, var):
+        qt = self._qt(args[0])
+        if qt is None or qt.clip is not None:
+            return None
+        new_shape = _static_shape(var)
+        if not isinstance(qt.scale, np.ndarray):
+            return self._reshape_rows(qt, args[1], var)
+        scale = _expand(qt.scale, _ty(qt.data).ndim)
+        if scale.size == 1:
+            new_scale = scale.reshape(())
+        else:
+            varying = [i for i, n in enumerate(scale.shape) if n != 1]
+            if varying != [scale.ndim - 1]:
+                return None
+            n = scale.shape[-1]
+            new_scale = None
+            for k in range(len(new_shape)):
+                tail = new_shape[k:]
+                if None not in tail and int(np.prod(tail)) == n:
+                    new_scale = scale.reshape([1] * k + tail)
+                    break
+            if new_scale is None:
+                return None
+        return self._propagated(QTensor(self._emit(relax.op.reshape(qt.data, args[1])), new_scale))
+
+    def _reshape_rows(self, qt: QTensor, shape: relax.Expr, var: relax.Var):
+        """Reshape with a run-time scale (same rank as the data) that only merges or splits leading
+        dimensions: the scale's trailing dimensions stay, its leading ones follow the data's."""
+        if not isinstance(shape, relax.ShapeExpr):
+            return None
+        old, new, scale_shape = (list(_ty(e).shape) for e in (qt.data, var, qt.scale))
+        if len(scale_shape) != len(old):
+            return None
+        for k in (2, 1):
+            if len(old) <= k or len(new) <= k or not _same_dims(old[-k:], new[-k:]):
+                continue
+            lead_equal = _same_dims(scale_shape[:-k], old[:-k])
+            lead_ones = all(isinstance(d, tvm.tirx.IntImm) and int(d) == 1 for d in scale_shape[:-k])
+            if not (lead_equal or lead_ones):
+                continue
+            lead = list(shape.values)[:-k] if lead_equal else [1] * (len(new) - k)
+            scale = self._emit(relax.op.reshape(qt.scale, relax.ShapeExpr([*lead, *scale_shape[-k:]])))
+            return self._propagated(QTensor(self._emit(relax.op.reshape(qt.data, shape)), scale))
+        return None
+
+    def _take(self, call, args, var):
+        qt = self._qt(args[0])
+        if qt is None or qt.clip is not None or not _is_scalar(qt.scale):
+            return None
+        data = self._emit(relax.Call(call.op, [qt.data, args[1]], call.attrs))
+        return self._propagated(QTensor(data, qt.scale.reshape(())))
+
+    def _strided_slice(self, call, args, var):
+        qt = self._qt(args[0])
+        if qt is None or qt.clip is not None or not _is_scalar(qt.scale):
+            return None
+        data = self._emit(relax.Call(call.op, [qt.data, *args[1:]], call.attrs))
+        return self._propagated(QTensor(data, qt.scale.reshape(())))
+
+    def _concat(self, call, args, var):
+        fields = args[0].fields if isinstance(args[0], relax.Tuple) else None
+        if fields is None:
+            return None
+        parts = [self._qt(f) for f in fields]
+        if any(p is None or p.clip is not None or not _is_scalar(p.scale) for p in parts):
+            return None
+        scales = {float(p.scale.reshape(())) for p in parts}
+        if len(scales) != 1 or len({_dtype(p.data) for p in parts}) != 1:
+            return None
+        data = self._emit(relax.op.concat([p.data for p in parts], axis=int(call.attrs.axis)))
+        return self._propagated(QTensor(data, np.array(scales.pop())))
+
+
+@tvm.transform.module_pass(opt_level=0, name="int8mt.ScalePropagation")
+class ScalePropagation:
+    """Rewrite quantize/dequantize round trips into integer ops (see the module docstring), then drop the
+    float values no one uses."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        propagator = _Propagator(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                propagator.builder_.update_func(gv, propagator.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(propagator.builder_.get())

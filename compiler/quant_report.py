@@ -1,0 +1,86 @@
+"""What a Relax module computes in integers and in floats: the numbers behind ``int8mt inspect``."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import tvm
+from tvm import ir, relax
+
+# Why the float ops that remain after scale propagation need floats.
+FLOAT_REASONS = {
+    "relax.nn.softmax": "exp and normalisation of attention scores",
+    "relax.nn.layer_norm": "mean/variance normalisation",
+    "relax.exp": "exponential",
+    "relax.nn.gelu": "FFN activation (erf)",
+    "relax.nn.silu": "FFN activation (sigmoid)",
+    "relax.add": "residual connections, positions and masks added to float values",
+    "relax.multiply": "dequantization and embedding scaling",
+    "relax.divide": "run-time scales and quantization of float values",
+    "relax.clip": "clipping float values before quantization",
+    "relax.round": "rounding float values when quantizing at run time",
+    "relax.max": "run-time range (largest magnitude) of float values",
+    "relax.abs": "run-time range (largest magnitude) of float values",
+    "relax.maximum": "run-time range (largest magnitude) of float values",
+    "relax.matmul": "matmuls left in FP32",
+}
+LAYOUT_OPS = {"relax.reshape", "relax.permute_dims", "relax.concat", "relax.take", "relax.expand_dims",
+              "relax.strided_slice", "relax.squeeze", "relax.astype"}
+
+
+def _dtype(expr: relax.Expr) -> str:
+    ty = expr.ty
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else ""
+
+
+def _is_int(dtype: str) -> bool:
+    return dtype.startswith(("int", "uint"))
+
+
+def op_report(mod: tvm.IRModule) -> dict:
+    """Counts per entry function and in total: matmuls (integer/float), quantize, dequantize, requantize,
+    the float compute ops left (by op, with the reason) and the bytes of constants by dtype."""
+    functions = {}
+    constant_bytes: Counter = Counter()
+    seen_constants: list[relax.Expr] = []  # a weight used by two functions is counted once
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        counts: Counter = Counter()
+        float_ops: Counter = Counter()
+
+        def visit(expr: relax.Expr) -> None:
+            if isinstance(expr, ir.expr.Constant) and not any(expr.same_as(c) for c in seen_constants):
+                seen_constants.append(expr)
+                value = expr.value.numpy() if hasattr(expr.value, "numpy") else np.asarray(expr.value)
+                if value.size > 1:
+                    constant_bytes[str(value.dtype)] += value.nbytes
+            if not isinstance(expr, relax.Call) or not isinstance(expr.op, ir.Op):
+                return
+            name, out = expr.op.name, _dtype(expr)
+            ins = [_dtype(a) for a in expr.args if isinstance(a.ty, relax.TensorType)]
+            if name == "relax.matmul":
+                counts["matmul_int" if ins and all(_is_int(d) for d in ins) else "matmul_float"] += 1
+            if name == "relax.quantize" or (name == "relax.astype" and _is_int(out) and ins and ins[0] == "float32"):
+                counts["quantize"] += 1
+            elif name == "relax.dequantize" or (name == "relax.astype" and out == "float32" and ins
+                                                 and _is_int(ins[0]) and ins[0] != "bool"):
+                counts["dequantize"] += 1
+            elif name == "relax.right_shift":
+                counts["requantize"] += 1
+            if out.startswith("float") and name not in LAYOUT_OPS and name not in ("relax.quantize", "relax.dequantize"):
+                float_ops[name] += 1
+
+        relax.analysis.post_order_visit(func, visit)
+        functions[gv.name_hint] = {**counts, "float_ops": dict(float_ops)}
+    total: Counter = Counter()
+    float_total: Counter = Counter()
+    for f in functions.values():
+        total.update({k: v for k, v in f.items() if k != "float_ops"})
+        float_total.update(f["float_ops"])
+    return {
+        "functions": functions,
+        "total": dict(total),
+        "float_ops": {k: {"count": v, "why": FLOAT_REASONS.get(k, "")} for k, v in float_total.most_common()},
+        "constant_bytes": dict(constant_bytes),
+    }

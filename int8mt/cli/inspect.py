@@ -1,0 +1,55 @@
+"""int8mt inspect: what a bundle computes in integers, what stays in floats and why."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="quantization report of a bundle: matmuls in INT8, Q/DQ ops, float ops")
+    p.add_argument("bundle", type=Path, help="bundle directory from `int8mt compile`")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime.bundle import REPORT_FILE, read_manifest
+
+    manifest = read_manifest(args.bundle)
+    report_file = args.bundle / REPORT_FILE
+    if not report_file.is_file():
+        raise UserError(f"{args.bundle} has no {REPORT_FILE}; it was built by an int8mt without reports, "
+                        "compile it again")
+    report = json.loads(report_file.read_text())
+    if args.json:
+        print(json.dumps({"manifest": manifest, "report": report}, indent=1))
+        return 0
+    print(format_report(manifest, report, args.bundle))
+    return 0
+
+
+def format_report(manifest: dict, report: dict, bundle: Path) -> str:
+    q = manifest["quantization"]
+    before, after = report["before"]["total"], report.get("after", report["before"])["total"]
+    lines = [f"bundle          {bundle}",
+             f"target          {manifest['target']['preset']} {json.dumps(manifest['target']['tvm'])}",
+             f"quantization    {q['scheme']}" + (f", ranges {q['ranges']}" if q.get("ranges") else "")
+             + (f" ({q['calibration']})" if q.get("calibration") else ""),
+             f"matmuls in INT  {q['matmuls_int']} of {q['matmuls']}"
+             + (f"  (kept FP32: {', '.join(q['keep_fp32'])})" if q.get("keep_fp32") else ""),
+             "",
+             f"{'ops':<14}{'imported':>10}{'after scale propagation':>26}"]
+    for key in ("quantize", "dequantize", "requantize", "matmul_int", "matmul_float"):
+        lines.append(f"{key:<14}{before.get(key, 0):>10}{after.get(key, 0):>26}")
+    lines += ["", "float ops left (after scale propagation):"]
+    for op, info in report.get("after", report["before"])["float_ops"].items():
+        lines.append(f"  {op.replace('relax.', ''):<18}{info['count']:>5}  {info['why']}")
+    sizes = report.get("after", report["before"])["constant_bytes"]
+    lines += ["", "weights (constants) by type: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(sizes.items())),
+              f"per entry point: " + "; ".join(
+                  f"{name} {f.get('matmul_int', 0)} int / {f.get('matmul_float', 0)} float matmuls"
+                  for name, f in report.get("after", report["before"])["functions"].items())]
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""What to quantize and how: bit width, where activation ranges come from, which matmuls stay FP32."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+RANGE_METHODS = ("calibrate", "learned", "runtime")
+CALIBRATION_METHODS = ("max", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Symmetric linear quantization: weights per output channel, activations per tensor (``calibrate``,
+    ``learned``) or per row at run time (``runtime``)."""
+
+    bits: int = 8
+    ranges: str = "calibrate"
+    calibration: str = "mse"           # max | percentile | mse (for ranges=calibrate)
+    percentile: float = 99.99
+    keep_fp32: tuple[str, ...] = field(default=())   # fnmatch patterns of matmul names left in FP32
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8, not {self.bits}")
+        if self.ranges not in RANGE_METHODS:
+            raise ValueError(f"unknown range method {self.ranges!r}; use one of {', '.join(RANGE_METHODS)}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ValueError(f"unknown calibration method {self.calibration!r}; "
+                             f"use one of {', '.join(CALIBRATION_METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], not {self.percentile}")
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer magnitude: 127 for INT8, 31 for INT6 (symmetric, so -qmax..qmax)."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"

@@ -1,0 +1,164 @@
+"""Quantized replacements for the Transformer's matmul modules and the model-level ``prepare``/``convert``.
+
+Life cycle of a quantized model:
+
+1. :func:`prepare` swaps every ``nn.Linear`` (Q/K/V/output projections, FFN, logits), every
+   :class:`~int8mt.model.transformer.MatMul` (QK^T, softmax·V) and the tied embedding for quantized modules.
+   Each matmul input gets an :class:`ActQuant`; weights are quantized per output channel.
+2. Ranges: :mod:`.calibrate` (observers), :mod:`.qat` (learned, ``train()`` mode fake-quantizes with a
+   straight-through estimator) or none (``runtime``: scales computed per row while translating).
+3. :func:`convert` freezes the weights into int8 buffers with their scales: the inference/export form, in
+   which every quantization is an ``int8mt::quantize``/``dequantize`` custom op that ``torch.export`` keeps.
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model.transformer import MatMul, Transformer
+from . import ops
+from .config import QuantConfig
+
+
+class ActQuant(nn.Module):
+    """Quantizer of one matmul input.
+
+    Static (per tensor): the scale is ``exp(log_scale)``, learnable in training; :func:`convert` fixes it as
+    the buffer ``scale``. Dynamic (``runtime`` ranges): one scale per slice along ``dim``, the slices that do
+    not cross the matmul's reduction axis (-1 for the left operand, -2 for the right one).
+    """
+
+    def __init__(self, qmax: int, dynamic: bool, dim: int) -> None:
+        super().__init__()
+        self.qmax, self.dynamic, self.dim = qmax, dynamic, dim
+        self.log_scale = None if dynamic else nn.Parameter(torch.zeros(()))
+        self.observer = None  # set by calibration: forward then records inputs and returns them unchanged
+
+    def set_scale(self, scale: float) -> None:
+        with torch.no_grad():
+            self.log_scale.copy_(torch.log(torch.tensor(scale)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        if self.dynamic:
+            if self.training:
+                return ops.fake_quant(x, ops.dynamic_scale(x, self.qmax, self.dim).detach(), self.qmax)
+            q, scale = ops.quantize_dynamic(x, self.qmax, self.dim)
+            return ops.dequantize(q, scale)
+        if hasattr(self, "scale"):  # converted
+            return ops.dequantize(ops.quantize(x, self.scale, self.qmax), self.scale)
+        return ops.fake_quant(x, self.log_scale.exp(), self.qmax)
+
+    def freeze(self) -> None:
+        if not self.dynamic:
+            self.register_buffer("scale", self.log_scale.detach().exp().clone())
+            self.log_scale = None
+
+    def extra_repr(self) -> str:
+        return f"qmax={self.qmax}, " + (f"dynamic, dim={self.dim}" if self.dynamic else "static")
+
+
+class _QuantWeight(nn.Module):
+    """A weight [N, K] quantized per row; float and fake-quantized until :meth:`freeze`, then int8 buffers."""
+
+    qmax: int
+
+    def dequantized_weight(self) -> Tensor:
+        if hasattr(self, "w_q"):
+            return ops.dequantize(self.w_q, self.w_scale)
+        return ops.fake_quant(self.weight, ops.weight_scale(self.weight, self.qmax), self.qmax)
+
+    def freeze(self, cache: dict[int, tuple[Tensor, Tensor]]) -> None:
+        """Replace ``weight`` by ``w_q`` (int8) and ``w_scale`` (float [N, 1]); tied weights share buffers."""
+        key = id(self.weight)
+        if key not in cache:
+            w = self.weight.detach()
+            scale = ops.weight_scale(w, self.qmax)
+            cache[key] = (ops.quantize(w, scale, self.qmax), scale)
+        del self.weight
+        w_q, w_scale = cache[key]
+        self.register_buffer("w_q", w_q)
+        self.register_buffer("w_scale", w_scale)
+
+
+class QLinear(_QuantWeight):
+    def __init__(self, linear: nn.Linear, qmax: int, dynamic: bool) -> None:
+        super().__init__()
+        self.qmax = qmax
+        self.weight, self.bias = linear.weight, linear.bias
+        self.act = ActQuant(qmax, dynamic, dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.act(x), self.dequantized_weight(), self.bias)
+
+
+class QEmbedding(_QuantWeight):
+    """Token embedding stored as int8 rows with one scale per token (tied to the logits projection)."""
+
+    def __init__(self, embedding: nn.Embedding, qmax: int) -> None:
+        super().__init__()
+        self.qmax = qmax
+        self.weight = embedding.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if hasattr(self, "w_q"):
+            return ops.dequantize(F.embedding(ids, self.w_q), F.embedding(ids, self.w_scale))
+        return F.embedding(ids, self.dequantized_weight())
+
+
+class QMatMul(nn.Module):
+    """``a @ b`` between two activations, both quantized (QK^T and softmax·V)."""
+
+    def __init__(self, qmax: int, dynamic: bool) -> None:
+        super().__init__()
+        self.a_act = ActQuant(qmax, dynamic, dim=-1)
+        self.b_act = ActQuant(qmax, dynamic, dim=-2)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.matmul(self.a_act(a), self.b_act(b))
+
+
+def matmul_sites(model: nn.Module) -> list[str]:
+    """Names of every matmul of the model (linear layers and activation-activation products)."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, MatMul, QLinear, QMatMul))]
+
+
+def prepare(model: Transformer, qcfg: QuantConfig) -> list[str]:
+    """Swap the matmuls of ``model`` (in place) for quantized modules; returns the names left in FP32."""
+    dynamic = qcfg.ranges == "runtime"
+    kept = []
+    for name in matmul_sites(model):
+        if any(fnmatch(name, p) for p in qcfg.keep_fp32):
+            kept.append(name)
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        new = QMatMul(qcfg.qmax, dynamic) if isinstance(old, MatMul) else QLinear(old, qcfg.qmax, dynamic)
+        setattr(parent, attr, new)
+    if "lm_head" not in kept:  # the embedding shares the logits projection's int8 table
+        model.embed_tokens = QEmbedding(model.embed_tokens, qcfg.qmax)
+    return kept
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActQuant]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ActQuant)}
+
+
+@torch.no_grad()
+def convert(model: Transformer) -> Transformer:
+    """Freeze a prepared model into its inference form (int8 weights and fixed scales), in eval mode."""
+    cache: dict[int, tuple[Tensor, Tensor]] = {}
+    for module in list(model.modules()):
+        if isinstance(module, (_QuantWeight, ActQuant)) and not _is_frozen(module):
+            module.freeze(cache) if isinstance(module, _QuantWeight) else module.freeze()
+    return model.eval()
+
+
+def _is_frozen(module: nn.Module) -> bool:
+    return hasattr(module, "w_q") or (isinstance(module, ActQuant) and module.log_scale is None)

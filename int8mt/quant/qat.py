@@ -1,0 +1,95 @@
+"""Learned ranges: quantization-aware fine-tuning from the FP32 checkpoint.
+
+Every matmul input is fake-quantized in the forward pass with a learnable clipping scale (LSQ-style: the
+straight-through estimator passes gradients through rounding, and the scale gets the gradient of the
+clipped, rounded value); weights are fake-quantized per channel. Scales start from MSE calibration.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data import length_batches, pad_batch, read_parallel
+from ..metrics import corpus_bleu
+from ..model.checkpoint import TOKENIZER_FILE, load_model_dir
+from ..model.generate import translate_greedy
+from ..tokenizer import Tokenizer
+from .calibrate import calibrate
+from .checkpoint import learned_dir, save_quantized
+from .config import QuantConfig
+from .modules import act_quantizers, convert, prepare
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    epochs: float = 1.0
+    batch_tokens: int = 3000
+    lr: float = 2e-5            # weights
+    scale_lr: float = 1e-3      # log-scales of the clipping ranges
+    label_smoothing: float = 0.1
+    calib_sentences: int = 512
+    seed: int = 1
+    max_tokens: int = 128
+
+
+def fine_tune(model_dir: Path, qcfg: QuantConfig, data_dir: Path, tc: QATConfig = QATConfig(),
+              out_dir: Path | None = None, src_lang: str = "en", tgt_lang: str = "de") -> dict:
+    """Fine-tune ``model_dir`` with learned ranges and write the quantized model; returns its record."""
+    qcfg = QuantConfig(bits=qcfg.bits, ranges="learned", calibration="mse", keep_fp32=qcfg.keep_fp32)
+    out_dir = out_dir or learned_dir(model_dir, qcfg.bits)
+    torch.manual_seed(tc.seed)
+    tok = Tokenizer(Path(model_dir) / TOKENIZER_FILE)
+    model = load_model_dir(model_dir)
+    prepare(model, qcfg)
+    train_src, train_tgt = read_parallel(data_dir, "train", src_lang, tgt_lang)
+    val_src, val_tgt = read_parallel(data_dir, "val", src_lang, tgt_lang)
+    calibrate(model, qcfg, tok, train_src[:tc.calib_sentences], train_tgt[:tc.calib_sentences])
+    start_bleu = _val_bleu(model, tok, val_src, val_tgt, tc.max_tokens)
+    print(f"calibrated {qcfg.name}: val BLEU {start_bleu:.2f}", file=sys.stderr)
+
+    scales = [q.log_scale for q in act_quantizers(model).values()]
+    scale_ids = {id(p) for p in scales}
+    weights = [p for p in model.parameters() if id(p) not in scale_ids]
+    opt = torch.optim.Adam([{"params": weights, "lr": tc.lr}, {"params": scales, "lr": tc.scale_lr}],
+                           betas=(0.9, 0.98), eps=1e-9)
+    src_ids = tok.encode_batch(train_src, tc.max_tokens)
+    tgt_ids = [[tok.bos_id] + t for t in tok.encode_batch(train_tgt, tc.max_tokens - 1)]
+    lengths = [max(len(s), len(t)) for s, t in zip(src_ids, tgt_ids)]
+    batches = length_batches(lengths, tc.batch_tokens // 2, shuffle=True, seed=tc.seed)
+    batches = batches[: max(1, int(len(batches) * tc.epochs))] if tc.epochs < 1 else batches * int(tc.epochs)
+    t0, total = time.time(), 0.0
+    model.train()
+    bar = tqdm(batches, desc=f"QAT {qcfg.name}", unit="batch", file=sys.stderr, mininterval=5)
+    for step, idx in enumerate(bar, 1):
+        src = torch.from_numpy(pad_batch([src_ids[i] for i in idx], tok.pad_id))
+        tgt = torch.from_numpy(pad_batch([tgt_ids[i] for i in idx], tok.pad_id))
+        logits = model(src, tgt[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=tok.pad_id,
+                               label_smoothing=tc.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(weights, 1.0)
+        opt.step()
+        total += loss.item()
+        bar.set_postfix(loss=f"{total / step:.3f}", refresh=False)
+    end_bleu = _val_bleu(model, tok, val_src, val_tgt, tc.max_tokens)
+    print(f"after fine-tuning: val BLEU {end_bleu:.2f}", file=sys.stderr)
+    record = {"qat": asdict(tc), "val_bleu_calibrated": round(start_bleu, 2), "val_bleu_learned": round(end_bleu, 2),
+              "steps": len(batches), "seconds": round(time.time() - t0)}
+    save_quantized(convert(model), qcfg, out_dir, Path(model_dir) / TOKENIZER_FILE, record)
+    return record
+
+
+def _val_bleu(model, tok: Tokenizer, sources: list[str], refs: list[str], max_tokens: int) -> float:
+    """Val BLEU of the model as it will run: fake quantization in eval mode equals the converted form."""
+    model.eval()
+    try:
+        return corpus_bleu(translate_greedy(model, tok, sources, max_tokens), refs)
+    finally:
+        model.train()

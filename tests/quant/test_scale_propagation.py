@@ -1,0 +1,159 @@
+"""The Scale Propagation pass on small Relax graphs: what it rewrites, and that the integer graph it leaves
+matches the NumPy integer reference bit for bit."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from int8mt.compiler.passes import ScalePropagation
+from int8mt.compiler.pipeline import int8mt_pipeline
+from int8mt.compiler.quant_report import op_report
+from int8mt.quant import reference as ref
+
+from ..conftest import HOST_PRESET
+
+TARGET = tvm.target.Target(HOST_PRESET.target)
+ZERO = relax.const(0, "int8")
+RNG = np.random.default_rng(0)
+
+
+def _f32(value) -> relax.Expr:
+    return relax.const(np.asarray(value, np.float32), "float32")
+
+
+def _q(bb, x, scale: float, qmax: int = 127):
+    """What the importer emits for a static activation quantizer."""
+    clipped = bb.emit(relax.op.clip(x, -qmax * scale, qmax * scale))
+    return bb.emit(relax.op.quantize(clipped, _f32(scale), ZERO, axis=-1))
+
+
+def _dq(bb, q, scale, axis=-1):
+    return bb.emit(relax.op.dequantize(q, _f32(scale), ZERO, axis=axis))
+
+
+def _linear(bb, x_q, x_scale, w_q, w_scale, bias):
+    """dequantize -> linear as torch.export + our importer produce it (weight [N, K] per-row scales)."""
+    w = _dq(bb, relax.const(w_q, "int8"), w_scale.reshape(-1), axis=0)
+    y = bb.emit(relax.op.matmul(_dq(bb, x_q, x_scale), bb.emit(relax.op.permute_dims(w, [1, 0]))))
+    return bb.emit(relax.op.add(relax.const(bias, "float32"), y))
+
+
+def _weights(n: int, k: int):
+    w_q = RNG.integers(-127, 128, (n, k)).astype(np.int8)
+    return w_q, RNG.uniform(0.001, 0.01, (n, 1)).astype(np.float32), RNG.normal(0, 0.5, n).astype(np.float32)
+
+
+def _function(build, inputs: dict[str, tuple]) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    params = [relax.Var(name, relax.TensorType(shape, dtype)) for name, (shape, dtype) in inputs.items()]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(build(bb, *params))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run(mod: tvm.IRModule, *args: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    return vm["main"](*(tvm.runtime.tensor(a) for a in args)).numpy()
+
+
+def test_ffn_becomes_integer_and_matches_reference_bit_exactly():
+    k, hidden, n = 64, 128, 48
+    fc1, fc2 = _weights(hidden, k), _weights(n, hidden)
+    x_scale, h_scale, out_scale = 0.02, 0.05, 0.04
+
+    def build(bb, x_q):
+        h = bb.emit(relax.op.nn.relu(_linear(bb, x_q, x_scale, *fc1)))
+        y = _linear(bb, _q(bb, h, h_scale), h_scale, *fc2)
+        return _q(bb, y, out_scale)
+
+    mod = _function(build, {"x_q": ((6, k), "int8")})
+    before, after = op_report(mod)["total"], op_report(ScalePropagation()(mod))["total"]
+    assert before["matmul_float"] == 2 and "matmul_int" not in before
+    assert after == {"matmul_int": 2, "requantize": 2}  # no quantize, dequantize or float op left
+    assert op_report(ScalePropagation()(mod))["float_ops"] == {}
+
+    x_q = RNG.integers(-127, 128, (6, k)).astype(np.int8)
+    got = _run(ScalePropagation()(mod), x_q)
+    acc, scale = ref.ffn(x_q, x_scale, fc1, h_scale, fc2, 127)
+    np.testing.assert_array_equal(got, ref.requantize(acc, scale, out_scale, 127))
+    # and within one step of the float graph it replaces
+    np.testing.assert_allclose(got, _run(mod, x_q), atol=1)
+
+
+def test_equal_scales_cancel_and_residual_adds_in_integers():
+    def build(bb, a_q, b_q):
+        a, b = _dq(bb, a_q, 0.1), _dq(bb, b_q, 0.025)
+        same = _q(bb, a, 0.1)                    # dequantize -> quantize with the same scale
+        total = bb.emit(relax.op.add(a, b))      # residual: both integer, scales aligned to 0.025
+        return relax.Tuple([same, _q(bb, total, 0.05)])
+
+    mod = ScalePropagation()(_function(build, {"a_q": ((4, 16), "int8"), "b_q": ((4, 16), "int8")}))
+    report = op_report(mod)["total"]
+    assert report.get("dequantize", 0) == 0 and report.get("quantize", 0) == 0
+    a_q, b_q = (RNG.integers(-127, 128, (4, 16)).astype(np.int8) for _ in range(2))
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    same, total = (t.numpy() for t in vm["main"](tvm.runtime.tensor(a_q), tvm.runtime.tensor(b_q)))
+    np.testing.assert_array_equal(same, a_q)
+    acc = a_q.astype(np.int32) * 4 + b_q.astype(np.int32)  # scale 0.025
+    np.testing.assert_array_equal(total, ref.requantize(acc, np.array(0.025), 0.05, 127))
+
+
+def test_scales_follow_head_split_and_permute_into_attention_matmul():
+    """Per-channel linear output -> reshape into heads -> permute -> quantize: one requantization with a
+    per-channel multiplier, then QK^T in integers with the product of per-tensor scales."""
+    d, heads = 32, 4
+    wq = _weights(d, d)
+
+    def build(bb, x_q, k_q):
+        y = _linear(bb, x_q, 0.02, *wq)                                   # [T, D], scale per channel
+        y = bb.emit(relax.op.reshape(y, (5, heads, d // heads)))
+        y = bb.emit(relax.op.permute_dims(y, [1, 0, 2]))                  # [H, T, Dh]
+        q = _dq(bb, _q(bb, y, 0.03), 0.03)
+        k = _dq(bb, k_q, 0.05)                                            # [H, Dh, S]
+        return bb.emit(relax.op.nn.softmax(bb.emit(relax.op.matmul(q, k))))
+
+    mod = _function(build, {"x_q": ((5, d), "int8"), "k_q": ((heads, d // heads, 7), "int8")})
+    after = op_report(ScalePropagation()(mod))
+    assert after["total"]["matmul_int"] == 2 and "matmul_float" not in after["total"]
+    assert after["total"]["dequantize"] == 1  # only in front of the softmax
+    x_q = RNG.integers(-127, 128, (5, d)).astype(np.int8)
+    k_q = RNG.integers(-127, 128, (heads, d // heads, 7)).astype(np.int8)
+    acc, scale = ref.linear(x_q, 0.02, *wq)
+    q = ref.requantize(acc, scale, 0.03, 127).reshape(5, heads, d // heads).transpose(1, 0, 2)
+    scores = (q.astype(np.int32) @ k_q.astype(np.int32)).astype(np.float32) * np.float32(0.03 * 0.05)
+    expected = np.exp(scores - scores.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(_run(ScalePropagation()(mod), x_q, k_q), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_run_time_scales_reach_the_integer_matmul():
+    """Run-time (per-row) quantization as the importer spells it: the matmul still runs on int8."""
+    def build(bb, x, w_q):
+        scale = bb.emit(relax.op.divide(relax.op.max(relax.op.abs(x), axis=[-1], keepdims=True), _f32(127.0)))
+        q = bb.emit(relax.op.astype(relax.op.clip(relax.op.round(relax.op.divide(x, scale)), -127, 127), "int8"))
+        xd = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(q, "float32")), scale))
+        return bb.emit(relax.op.matmul(xd, _dq(bb, w_q, 0.01)))
+
+    mod = _function(build, {"x": ((3, 4, 16), "float32"), "w_q": ((16, 8), "int8")})
+    after = op_report(ScalePropagation()(mod))["total"]
+    assert after["matmul_int"] == 1 and "matmul_float" not in after
+    x = RNG.normal(size=(3, 4, 16)).astype(np.float32)
+    w_q = RNG.integers(-127, 128, (16, 8)).astype(np.int8)
+    s = np.abs(x).max(-1, keepdims=True) / np.float32(127)
+    x_q = np.clip(np.round(x / s), -127, 127)
+    expected = (x_q.astype(np.int32) @ w_q.astype(np.int32)).astype(np.float32) * (s * np.float32(0.01))
+    np.testing.assert_allclose(_run(ScalePropagation()(mod), x, w_q), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [1e-6, 0.37, 1.0, 3.5, 1234.5])
+def test_fixed_point_multiplier_rounds_half_up(ratio):
+    from int8mt.quant.fixed_point import apply_fixed_point, fixed_point
+
+    mult, shift = fixed_point(np.array(ratio))
+    assert 2 ** 30 <= mult < 2 ** 31
+    x = np.arange(-3000, 3000, dtype=np.int64) * 997
+    exact = x * ratio
+    got = apply_fixed_point(x, mult, shift)
+    assert np.all(np.abs(got - exact) <= 0.5 + 1e-6 * np.abs(exact) + 1e-9)
