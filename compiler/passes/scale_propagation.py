@@ -11,7 +11,7 @@ time constant: per tensor, or per channel for weights) or a Relax expression (ru
 * ``add((acc, s), bias)`` -> bias folded into int32 (``round(bias / s)``); ``add((a, sa), (b, sb))`` with
   constant per-tensor scales -> integer addition after aligning both to the finer scale
 * ``quantize(clip((x, s)), s')`` -> requantization by an integer multiplier and shift (no float math);
-  equal scales cancel the pair, chained requantizations fold into one
+  equal scales cancel the pair
 * reshape, permute_dims, take, strided_slice, concat (equal scales), relu and multiplication by a positive
   constant keep integers and transform the scale
 * anything else (softmax, layer norm, masking with -inf, ...) receives the dequantized float value.
@@ -31,7 +31,7 @@ from tvm.sym.analyzer import Analyzer
 
 from int8mt.quant.fixed_point import fixed_point
 
-Scale = "np.ndarray | relax.Expr"
+Scale = np.ndarray | relax.Expr  # a constant scale, or a run-time one
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def test_manifest_records_target_and_versions(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     assert manifest["target"]["preset"] == HOST_PRESET.name
     assert manifest["target"]["tvm"] == HOST_PRESET.target
-    assert manifest["quantization"] == "fp32" and manifest["tvm_version"]
+    assert manifest["quantization"] == {"scheme": "fp32", "matmuls_int": 0, "matmuls": 45} and manifest["tvm_version"]
     assert set(manifest["files"]) == {"model.so", "spm.model"}
 
 
