@@ -7,9 +7,9 @@ import numpy as np
 from .fixed_point import apply_fixed_point, fixed_point
 
 
-def quantize(x: np.ndarray, scale: float, qmax: int) -> np.ndarray:
-    """Symmetric quantization, round half to even, saturating at +-qmax."""
-    return np.clip(np.round(x.astype(np.float32) / np.float32(scale)), -qmax, qmax).astype(np.int8)
+def quantize(x: np.ndarray, scale: float | np.ndarray, qmax: int) -> np.ndarray:
+    """Symmetric quantization (``scale`` broadcasts to ``x``), round half to even, saturating at +-qmax."""
+    return np.clip(np.round(x.astype(np.float32) / np.asarray(scale, np.float32)), -qmax, qmax).astype(np.int8)
 
 
 def requantize(acc: np.ndarray, acc_scale: np.ndarray, out_scale: float, qmax: int) -> np.ndarray:
