@@ -39,7 +39,7 @@ class QTensor:
     """A float value known to equal ``astype(data, float32) * scale``."""
 
     data: relax.Expr
-    scale: np.ndarray | relax.Expr
+    scale: Scale
     clip: float | None = None  # a symmetric float clip applied to the value, pending a quantize
 
 

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
 def format_report(manifest: dict, report: dict, bundle: Path) -> str:
     q = manifest["quantization"]
-    before, after = report["before"]["total"], report.get("after", report["before"])["total"]
+    final = report.get("after", report["before"])  # an FP32 bundle has no pass, so no "after"
+    before, after = report["before"]["total"], final["total"]
     lines = [f"bundle          {bundle}",
              f"target          {manifest['target']['preset']} {json.dumps(manifest['target']['tvm'])}",
              f"quantization    {q['scheme']}" + (f", ranges {q['ranges']}" if q.get("ranges") else "")
@@ -45,11 +46,11 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
     for key in ("quantize", "dequantize", "requantize", "matmul_int", "matmul_float"):
         lines.append(f"{key:<14}{before.get(key, 0):>10}{after.get(key, 0):>26}")
     lines += ["", "float ops left (after scale propagation):"]
-    for op, info in report.get("after", report["before"])["float_ops"].items():
+    for op, info in final["float_ops"].items():
         lines.append(f"  {op.replace('relax.', ''):<18}{info['count']:>5}  {info['why']}")
-    sizes = report.get("after", report["before"])["constant_bytes"]
+    sizes = final["constant_bytes"]
     lines += ["", "weights (constants) by type: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(sizes.items())),
-              f"per entry point: " + "; ".join(
+              "per entry point: " + "; ".join(
                   f"{name} {f.get('matmul_int', 0)} int / {f.get('matmul_float', 0)} float matmuls"
-                  for name, f in report.get("after", report["before"])["functions"].items())]
+                  for name, f in final["functions"].items())]
     return "\n".join(lines)

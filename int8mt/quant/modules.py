@@ -156,7 +156,10 @@ def convert(model: Transformer) -> Transformer:
     cache: dict[int, tuple[Tensor, Tensor]] = {}
     for module in list(model.modules()):
         if isinstance(module, (_QuantWeight, ActQuant)) and not _is_frozen(module):
-            module.freeze(cache) if isinstance(module, _QuantWeight) else module.freeze()
+            if isinstance(module, _QuantWeight):
+                module.freeze(cache)
+            else:
+                module.freeze()
     return model.eval()
 
 
