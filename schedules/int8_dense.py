@@ -1,0 +1,160 @@
+"""The INT8 dense kernel ``C[m, n] = A[m, k] . W[n, k]`` (int8 x int8 -> int32) on AVX-512 VNNI.
+
+``vpdpbusd`` multiplies *unsigned* by signed bytes, so the kernel adds 128 to every activation (one pass
+over ``A`` into a uint8 buffer) and subtracts ``128 * sum_k W[n, k]``, a compile-time constant, at the
+end: ``(A + 128) . W - 128 * colsum(W) = A . W`` exactly. ``W`` is packed at compile time into the
+layout the intrinsic reads, ``[N/16, K/4, 16, 4]`` (``pack_weight``), zero-padded when N is not a
+multiple of 16 or K of 4.
+
+The number of rows ``m`` is dynamic (batch x tokens). The register tile's rows are split without
+predicates (tensorize rejects predicated blocks), which is safe because the two intermediate buffers are
+allocated with ``m`` rounded up to ``ROW_PAD`` rows, a multiple of every row tile; the rows beyond ``m``
+compute garbage that is never written out.
+
+Schedule (``schedule_int8_dense``): a ``rows x 16*cols`` int32 accumulator tile per task, reduction
+outer loop by ``depth`` x 4 bytes, the (row tile, column tile) loops fused and run in parallel. The three
+tile sizes are the tuning knobs; ``tiles=None`` samples them (MetaSchedule's design space).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import s_tir, tirx
+from tvm.script import tirx as T
+
+from .intrin.x86_vnni import LANES, REDUCE, VNNI_DOT_16x4
+
+ROW_TILES = (1, 2, 4, 8)  # register-tile rows the design space offers
+ROW_PAD = 8  # intermediate buffers hold a multiple of this many rows: every row tile divides it
+MAX_COLS = 8  # at most 8 x 16 int32 columns per register tile
+MAX_DEPTH = 64  # at most 64 x 4 bytes of reduction per inner block
+SHIFT = 128  # int8 -> uint8 offset
+
+
+@dataclass(frozen=True)
+class DenseTiles:
+    """Tile sizes of one kernel: ``rows`` x ``cols``*16 accumulators, ``depth``*4 bytes per inner block."""
+
+    rows: int
+    cols: int
+    depth: int
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "cols": self.cols, "depth": self.depth}
+
+
+def padded(n: int, k: int) -> tuple[int, int]:
+    """N and K rounded up to the intrinsic's 16 x 4 block."""
+    return -(-n // LANES) * LANES, -(-k // REDUCE) * REDUCE
+
+
+def default_tiles(n: int, k: int) -> DenseTiles:
+    """Tiles used where the tuning database has no record: a 4 x 64 accumulator tile, 32-byte blocks."""
+    np_, kp = padded(n, k)
+    return DenseTiles(rows=4, cols=_largest_divisor(np_ // LANES, 4), depth=_largest_divisor(kp // REDUCE, 8))
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+def pack_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` [N, K] int8 -> (packed [Np/16, Kp/4, 16, 4] int8, correction [Np] int32 = -128 * row sums)."""
+    if w.dtype != np.int8 or w.ndim != 2:
+        raise ValueError(f"pack_weight takes a 2-D int8 weight, got {w.dtype} {w.shape}")
+    n, k = w.shape
+    np_, kp = padded(n, k)
+    full = np.zeros((np_, kp), np.int8)
+    full[:n, :k] = w
+    packed = full.reshape(np_ // LANES, LANES, kp // REDUCE, REDUCE).transpose(0, 2, 1, 3)
+    correction = (-SHIFT * full.astype(np.int64).sum(axis=1)).astype(np.int32)
+    return np.ascontiguousarray(packed), correction
+
+
+def int8_dense(n: int, k: int, rows: int | None = None) -> tirx.PrimFunc:
+    """The unscheduled kernel for an [N, K] weight; ``rows`` None makes the row count dynamic."""
+    np_, kp = padded(n, k)
+    N, K, NP, KP = (T.int64(v) for v in (n, k, np_, kp))
+    GN, GK, L, R = T.int64(np_ // LANES), T.int64(kp // REDUCE), T.int64(LANES), T.int64(REDUCE)
+    PAD = T.int64(ROW_PAD)
+    static_rows = None if rows is None else T.int64(rows)
+
+    @T.prim_func(s_tir=True)
+    def dense(a: T.handle, w: T.Buffer((GN, GK, L, R), "int8"), correction: T.Buffer((NP,), "int32"),
+              c: T.handle):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "int8mt_int8_dense"})
+        m = T.int64() if static_rows is None else static_rows
+        A = T.match_buffer(a, (m, K), "int8")
+        C = T.match_buffer(c, (m, N), "int32")
+        shifted = T.alloc_buffer(((m + PAD - 1) // PAD * PAD, KP), "uint8")
+        acc = T.alloc_buffer(((m + PAD - 1) // PAD * PAD, NP), "int32")
+        for i, j in T.grid(m, KP):
+            with T.sblock("shift"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                shifted[vi, vj] = T.if_then_else(vj < K, T.cast(T.cast(A[vi, vj], "int32") + SHIFT, "uint8"),
+                                                 T.uint8(SHIFT))
+        for i, j, r in T.grid(m, NP, KP):
+            with T.sblock("dense"):
+                vi, vj, vr = T.axis.remap("SSR", [i, j, r])
+                with T.init():
+                    acc[vi, vj] = 0
+                acc[vi, vj] = acc[vi, vj] + T.cast(shifted[vi, vr], "int32") * T.cast(
+                    w[vj // L, vr // R, vj % L, vr % R], "int32")
+        for i, j in T.grid(m, N):
+            with T.sblock("out"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                C[vi, vj] = acc[vi, vj] + correction[vj]
+
+    return dense
+
+
+def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None) -> None:
+    """Tile, tensorize with ``vpdpbusd`` and parallelize the kernel of :func:`int8_dense` in ``sch``;
+    ``tiles`` None samples the tile sizes (the tuning design space)."""
+    block = sch.get_sblock("dense")
+    i, j, r = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, LANES])
+    ro, ri = sch.split(r, [None, REDUCE])
+    if tiles is None:
+        rows = sch.sample_categorical(list(ROW_TILES), [1 / len(ROW_TILES)] * len(ROW_TILES))
+        cols = sch.sample_perfect_tile(jo, n=2, max_innermost_factor=MAX_COLS)[1]
+        depth = sch.sample_perfect_tile(ro, n=2, max_innermost_factor=MAX_DEPTH)[1]
+    else:
+        rows, cols, depth = tiles.rows, tiles.cols, tiles.depth
+    io, ii = sch.split(i, [None, rows], disable_predication=True)
+    joo, joi = sch.split(jo, [None, cols])
+    roo, roi = sch.split(ro, [None, depth])
+    sch.reorder(io, joo, roo, roi, ii, joi, ji, ri)
+    sch.reverse_compute_at(sch.get_sblock("out"), joo)
+    tile = sch.fuse(io, joo)
+    sch.parallel(tile)
+    init = sch.decompose_reduction(block, roo)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ji, VNNI_DOT_16x4)
+    sch.unroll(ii)
+    sch.unroll(joi)
+    sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
+    si, sj = sch.get_loops(sch.get_sblock("shift"))
+    sch.parallel(si)
+    sch.vectorize(sj)
+
+
+def tiles_from_trace(trace: s_tir.Trace) -> DenseTiles:
+    """The tile sizes a tuning record's trace chose (the decisions of ``schedule_int8_dense(sch, None)``)."""
+    decisions = [trace.decisions[inst] for inst in trace.insts if inst in trace.decisions]
+    if len(decisions) != 3:
+        raise ValueError(f"not an int8 dense tuning trace ({len(decisions)} decisions)")
+    rows, cols, depth = decisions
+    return DenseTiles(rows=ROW_TILES[int(rows)], cols=int(cols[1]), depth=int(depth[1]))
+
+
+def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, rows: int | None = None) -> tirx.PrimFunc:
+    """The kernel for an [N, K] weight, scheduled with ``tiles`` and marked as scheduled."""
+    np_, kp = padded(n, k)
+    if tiles.rows not in ROW_TILES or (np_ // LANES) % tiles.cols or (kp // REDUCE) % tiles.depth:
+        raise ValueError(f"tiles {tiles} do not fit a {n}x{k} weight: rows must be one of {ROW_TILES}, cols must "
+                         f"divide {np_ // LANES} and depth {kp // REDUCE}")
+    sch = s_tir.Schedule(int8_dense(n, k, rows))
+    schedule_int8_dense(sch, tiles)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
