@@ -78,30 +78,29 @@ def int8_dense(n: int, k: int, rows: int | None = None) -> tirx.PrimFunc:
     N, K, NP, KP = (T.int64(v) for v in (n, k, np_, kp))
     GN, GK, L, R = T.int64(np_ // LANES), T.int64(kp // REDUCE), T.int64(LANES), T.int64(REDUCE)
     PAD = T.int64(ROW_PAD)
-    static_rows = None if rows is None else T.int64(rows)
+    M = tirx.Var("m", "int64") if rows is None else T.int64(rows)
 
     @T.prim_func(s_tir=True)
     def dense(a: T.handle, w: T.Buffer((GN, GK, L, R), "int8"), correction: T.Buffer((NP,), "int32"),
               c: T.handle):
         T.func_attr({"tirx.noalias": True, "global_symbol": "int8mt_int8_dense"})
-        m = T.int64() if static_rows is None else static_rows
-        A = T.match_buffer(a, (m, K), "int8")
-        C = T.match_buffer(c, (m, N), "int32")
-        shifted = T.alloc_buffer(((m + PAD - 1) // PAD * PAD, KP), "uint8")
-        acc = T.alloc_buffer(((m + PAD - 1) // PAD * PAD, NP), "int32")
-        for i, j in T.grid(m, KP):
+        A = T.match_buffer(a, (M, K), "int8")
+        C = T.match_buffer(c, (M, N), "int32")
+        shifted = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, KP), "uint8")
+        acc = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, NP), "int32")
+        for i, j in T.grid(M, KP):
             with T.sblock("shift"):
                 vi, vj = T.axis.remap("SS", [i, j])
                 shifted[vi, vj] = T.if_then_else(vj < K, T.cast(T.cast(A[vi, vj], "int32") + SHIFT, "uint8"),
                                                  T.uint8(SHIFT))
-        for i, j, r in T.grid(m, NP, KP):
+        for i, j, r in T.grid(M, NP, KP):
             with T.sblock("dense"):
                 vi, vj, vr = T.axis.remap("SSR", [i, j, r])
                 with T.init():
                     acc[vi, vj] = 0
                 acc[vi, vj] = acc[vi, vj] + T.cast(shifted[vi, vr], "int32") * T.cast(
                     w[vj // L, vr // R, vj % L, vr % R], "int32")
-        for i, j in T.grid(m, N):
+        for i, j in T.grid(M, N):
             with T.sblock("out"):
                 vi, vj = T.axis.remap("SS", [i, j])
                 C[vi, vj] = acc[vi, vj] + correction[vj]
@@ -126,7 +125,8 @@ def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None) ->
     joo, joi = sch.split(jo, [None, cols])
     roo, roi = sch.split(ro, [None, depth])
     sch.reorder(io, joo, roo, roi, ii, joi, ji, ri)
-    sch.reverse_compute_at(sch.get_sblock("out"), joo)
+    # unit loops kept: the trace then has the same loops for every tile size (replay checks it)
+    sch.reverse_compute_at(sch.get_sblock("out"), joo, preserve_unit_loops=True)
     tile = sch.fuse(io, joo)
     sch.parallel(tile)
     init = sch.decompose_reduction(block, roo)

@@ -1,0 +1,101 @@
+"""Tuning tasks and the tuning database of one target.
+
+A task is one int8 dense kernel shape (``n`` x ``k`` weight) at a representative row count: kernels run
+with any number of rows, but MetaSchedule measures static shapes, so each kernel is tuned at the row
+bucket its call site lives in and the tiles found apply to every row count (``ENTRY_ROWS``).
+
+The database is MetaSchedule's JSON database: two append-only JSON-lines files in one folder per target.
+Each measured candidate is appended as it finishes, so an interrupted tuning run loses at most the batch
+in flight and the next run resumes from what is there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
+
+from .int8_dense import DenseTiles, default_tiles, int8_dense, tiles_from_trace
+
+ROW_BUCKETS = (32, 640)  # rows a decoder step (32 sentences) and an encoder call (32 x 20 tokens) see
+ENTRY_ROWS = {"encode": 640, "decode_step": 32}  # the row bucket of each entry point's matmuls
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def row_bucket(rows: int) -> int:
+    """The tuned row count closest to ``rows`` (by ratio)."""
+    return min(ROW_BUCKETS, key=lambda b: max(b / rows, rows / b))
+
+
+@dataclass(frozen=True, order=True)
+class DenseTask:
+    """One kernel to tune: an ``n`` x ``k`` int8 weight applied to ``rows`` rows."""
+
+    n: int
+    k: int
+    rows: int
+
+    @property
+    def name(self) -> str:
+        return f"int8_dense_n{self.n}_k{self.k}_m{self.rows}"
+
+    @property
+    def ops(self) -> int:
+        return 2 * self.n * self.k * self.rows
+
+    def workload(self) -> tvm.IRModule:
+        """The static-shape kernel MetaSchedule tunes (and the key of its records)."""
+        return tvm.IRModule({"main": int8_dense(self.n, self.k, self.rows).with_attr("global_symbol", "main")})
+
+
+class TuningDatabase:
+    """The JSON tuning database in ``folder``; ``create`` makes it if missing, otherwise it must exist."""
+
+    def __init__(self, folder: Path, create: bool = False) -> None:
+        self.folder = Path(folder)
+        missing = [f for f in DATABASE_FILES if not (self.folder / f).is_file()]
+        if missing and not create:
+            raise ValueError(f"no tuning database in {self.folder} (missing {', '.join(missing)}); "
+                             "create one with `int8mt tune`, or compile without --db")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.db = JSONDatabase(*(str(self.folder / f) for f in DATABASE_FILES), allow_missing=True)
+
+    def records(self, task: DenseTask) -> list[TuningRecord]:
+        """Every measured candidate of ``task`` (failed ones included)."""
+        mod = task.workload()
+        if not self.db.has_workload(mod):
+            return []
+        key = tvm_ffi.structural_hash(mod)
+        return [r for r in self.db.get_all_tuning_records() if tvm_ffi.structural_hash(r.workload.mod) == key]
+
+    def best(self, task: DenseTask) -> tuple[DenseTiles, float] | None:
+        """The fastest measured tiles of ``task`` and their mean seconds, or None if it was not tuned."""
+        mod = task.workload()
+        if not self.db.has_workload(mod):
+            return None
+        top = self.db.get_top_k(self.db.commit_workload(mod), 1)
+        if not top:
+            return None
+        secs = [float(s) for s in top[0].run_secs]
+        return tiles_from_trace(top[0].trace), sum(secs) / len(secs)
+
+
+class TileChooser:
+    """``tiles_for(n, k, function)`` for :class:`PackInt8Matmul`: the database's best tiles for the
+    function's row bucket, or the defaults; remembers which kernels were tuned for the build report."""
+
+    def __init__(self, database: TuningDatabase | None) -> None:
+        self.database = database
+        self.kernels: dict[tuple[int, int, str], dict] = {}  # (n, k, function) -> what was chosen
+
+    def __call__(self, n: int, k: int, function: str) -> DenseTiles:
+        key = (n, k, function)
+        if key not in self.kernels:
+            task = DenseTask(n, k, ENTRY_ROWS.get(function, ROW_BUCKETS[-1]))
+            found = self.database.best(task) if self.database is not None else None
+            tiles = found[0] if found else default_tiles(n, k)
+            self.kernels[key] = {"function": function, "n": n, "k": k, "rows_tuned_for": task.rows,
+                                 "tiles": tiles.to_dict(), "tuned": found is not None}
+        return DenseTiles(**self.kernels[key]["tiles"])

@@ -1,0 +1,91 @@
+"""MetaSchedule builder and runner that work in this process.
+
+MetaSchedule's ``LocalBuilder`` builds in worker processes, and each worker imports
+``tvm.s_tir.tensor_intrin`` (~40 s here) inside the 30 s build timeout, so every candidate failed. Our
+candidates need none of those intrinsics, build in ~0.3 s and this machine has two cores, so building in
+the tuning process loses nothing. Built modules stay in memory (no export to ``.so`` and reload); the
+runner checks every candidate against NumPy before timing it, so a wrong kernel is a failed trial,
+never a fast record.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerInput, RunnerResult
+
+from .int8_dense import pack_weight
+
+_built: dict[str, tvm.runtime.Module] = {}  # artifact key -> module, from build to run
+_keys = itertools.count()
+
+
+@derived_object
+class InProcessBuilder(PyBuilder):
+    """Build each candidate with ``tvm.compile`` in this process; errors become failed results."""
+
+    def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+        results = []
+        for inp in build_inputs:
+            try:
+                module = tvm.compile(inp.mod, target=inp.target).mod
+            except Exception as err:  # noqa: BLE001 - a candidate that does not build is a failed trial
+                results.append(BuilderResult(None, f"{type(err).__name__}: {err}"))
+                continue
+            key = f"in-process:{next(_keys)}"
+            _built[key] = module
+            results.append(BuilderResult(key, None))
+        return results
+
+
+@derived_object
+class _Done(PyRunnerFuture):
+    def __init__(self, result: RunnerResult) -> None:
+        super().__init__()
+        self._result = result
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> RunnerResult:
+        return self._result
+
+
+@derived_object
+class CheckedRunner(PyRunner):
+    """Check each int8 dense candidate against NumPy, then time it with ``time_evaluator`` on all threads."""
+
+    def __init__(self, number: int = 3, repeat: int = 3, min_repeat_ms: int = 40) -> None:
+        super().__init__()
+        self.number, self.repeat, self.min_repeat_ms = number, repeat, min_repeat_ms
+        self.rng = np.random.default_rng(0)
+
+    def run(self, runner_inputs: list[RunnerInput]) -> list[_Done]:
+        return [_Done(self._run_one(inp)) for inp in runner_inputs]
+
+    def _run_one(self, inp: RunnerInput) -> RunnerResult:
+        module = _built.pop(inp.artifact_path, None)
+        if module is None:
+            return RunnerResult(None, f"no built module for {inp.artifact_path}")
+        try:
+            args, expected = self._inputs([tuple(int(d) for d in info.shape) for info in inp.args_info])
+            module["main"](*args)
+            if not np.array_equal(args[-1].numpy(), expected):
+                return RunnerResult(None, "wrong result: the kernel disagrees with NumPy")
+            timer = module.time_evaluator("main", tvm.cpu(), number=self.number, repeat=self.repeat,
+                                          min_repeat_ms=self.min_repeat_ms)
+            return RunnerResult([float(t) for t in timer(*args).results], None)
+        except Exception as err:  # noqa: BLE001 - a candidate that crashes is a failed trial
+            return RunnerResult(None, f"{type(err).__name__}: {err}")
+
+    def _inputs(self, shapes: list[tuple[int, ...]]) -> tuple[list[tvm.runtime.Tensor], np.ndarray]:
+        """Random activations and weights for the kernel's argument shapes, and the exact int32 result."""
+        (m, k), _, _, (_, n) = shapes
+        a = self.rng.integers(-128, 128, (m, k), dtype=np.int8)
+        w = self.rng.integers(-128, 128, (n, k), dtype=np.int8)
+        packed, correction = pack_weight(w)
+        args = [tvm.runtime.tensor(x) for x in (a, packed, correction, np.zeros((m, n), np.int32))]
+        return args, a.astype(np.int32) @ w.T.astype(np.int32)

@@ -1,0 +1,105 @@
+"""Tune int8 dense kernels with MetaSchedule: our design space, evolutionary search guided by the XGBoost
+cost model, the in-process builder/runner of :mod:`.measure`, and a JSON database that resumes.
+
+Each task's design space is ``schedule_int8_dense(sch, tiles=None)``: row tile (categorical), column and
+reduction tiles (perfect tiles, which MetaSchedule's tile-size mutator explores). A task that already
+has ``trials`` records in the database is skipped; one with fewer gets the difference, its earlier
+records seeding the search. A time budget stops all tasks after the batch that crosses it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import tvm
+from tqdm import tqdm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+from .database import DenseTask, TuningDatabase
+from .int8_dense import schedule_int8_dense
+from .measure import CheckedRunner, InProcessBuilder
+
+
+@dataclass
+class TaskReport:
+    """What tuning did for one task in this run."""
+
+    task: DenseTask
+    trials_before: int
+    trials: int = 0
+    build_failures: int = 0
+    run_failures: int = 0
+    best_seconds: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def gops(self) -> float | None:
+        return self.task.ops / self.best_seconds / 1e9 if self.best_seconds else None
+
+    def to_dict(self) -> dict:
+        return {"task": self.task.name, "n": self.task.n, "k": self.task.k, "rows": self.task.rows,
+                "trials_before": self.trials_before, "trials": self.trials, "build_failures": self.build_failures,
+                "run_failures": self.run_failures, "best_seconds": self.best_seconds, "gops": self.gops,
+                "errors": self.errors[:3]}
+
+
+@derived_object
+class _Progress(PyMeasureCallback):
+    """Counts trials and failures per task, updates the progress bar, enforces the time budget."""
+
+    def __init__(self, reports: list[TaskReport], bar: tqdm, deadline: float | None) -> None:
+        super().__init__()
+        self.reports, self.bar, self.deadline = reports, bar, deadline
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        report = self.reports[task_id]
+        for built, ran in zip(builder_results, runner_results):
+            report.trials += 1
+            if built.error_msg:
+                report.build_failures += 1
+                report.errors.append(built.error_msg.splitlines()[0])
+            elif ran.error_msg:
+                report.run_failures += 1
+                report.errors.append(ran.error_msg.splitlines()[0])
+            else:
+                secs = sum(float(s) for s in ran.run_secs) / len(ran.run_secs)
+                report.best_seconds = min(secs, report.best_seconds or secs)
+        self.bar.update(len(builder_results))
+        best = f"{report.gops:.0f} GOPS" if report.gops else "-"
+        self.bar.set_postfix_str(f"{report.task.name} {report.trials_before + report.trials} trials, best {best}")
+        if self.deadline is not None and time.time() > self.deadline:
+            for i in range(len(self.reports)):
+                task_scheduler.terminate_task(i)
+
+
+def tune(tasks: list[DenseTask], target: tvm.target.Target, database: TuningDatabase, trials: int,
+         budget_s: float | None = None, trials_per_iter: int = 16, seed: int = 0) -> list[TaskReport]:
+    """Tune each task up to ``trials`` measured candidates in all (database records count)."""
+    reports, contexts = [], []
+    for task in tasks:
+        report = TaskReport(task, trials_before=len(database.records(task)))
+        reports.append(report)
+        if report.trials_before < trials:
+            contexts.append(ms.TuneContext(
+                mod=task.workload(), target=target, task_name=task.name, rand_state=seed, num_threads=2,
+                space_generator=ms.space_generator.ScheduleFn(
+                    lambda sch: schedule_int8_dense(sch, None), sch_rules=[], postprocs=[],
+                    mutator_probs={ms.mutator.MutateTileSize(): 1.0}),
+                search_strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16)))
+    pending = [r for r in reports if r.trials_before < trials]
+    deadline = time.time() + budget_s if budget_s else None
+    with tqdm(total=sum(trials - r.trials_before for r in pending), desc="tuning", unit="trial") as bar:
+        for remaining in sorted({trials - r.trials_before for r in pending}, reverse=True):
+            group = [i for i, r in enumerate(pending) if trials - r.trials_before == remaining]
+            if deadline is not None and time.time() > deadline:
+                break
+            ms.task_scheduler.GradientBased(seed=seed).tune(
+                tasks=[contexts[i] for i in group], task_weights=[1.0] * len(group),
+                max_trials_global=remaining * len(group), max_trials_per_task=remaining,
+                num_trials_per_iter=trials_per_iter, builder=InProcessBuilder(), runner=CheckedRunner(),
+                measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel(),
+                                   _Progress([pending[i] for i in group], bar, deadline)],
+                database=database.db, cost_model=ms.cost_model.XGBModel(num_tuning_cores=2))
+    return reports
