@@ -15,20 +15,25 @@ from int8mt.model.checkpoint import load_model_dir
 from int8mt.quant.config import QuantConfig
 from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE,
                                    TOKENIZER_FILE, sha256)
-from int8mt.targets import get_preset
+from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
+from int8mt.targets import TargetPreset, get_preset
 
 from .frontend import export_to_relax
-from .passes import ScalePropagation
+from .passes import PackInt8Matmul, ScalePropagation
 from .pipeline import int8mt_pipeline
 from .quant_import import quant_convert_map
 from .quant_report import op_report
 
 
 def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Path | None = None,
-                 qcfg: QuantConfig | None = None, data_dir: Path | None = None, calib_sentences: int = 512) -> dict:
+                 qcfg: QuantConfig | None = None, data_dir: Path | None = None, calib_sentences: int = 512,
+                 database: Path | None = None) -> dict:
     """Compile the model in ``model_dir`` for the target preset ``target_name`` into the bundle ``out_dir``;
-    with ``qcfg``, quantized (ranges per ``qcfg.ranges``; calibration reads ``data_dir``)."""
+    with ``qcfg``, quantized (ranges per ``qcfg.ranges``; calibration reads ``data_dir``). On presets with
+    an int8 dot-product intrinsic, int8 linear layers use the tuned kernels of ``database`` (default: the
+    database shipped for the preset; kernels it lacks get default tiles)."""
     preset = get_preset(target_name)
+    tiles = _tile_chooser(preset, database) if qcfg is not None else None
     if qcfg is None:
         model = load_model_dir(model_dir)
     else:
@@ -51,6 +56,10 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
         print("scale propagation", file=sys.stderr)
         mod = ScalePropagation()(mod)
         report["after"] = op_report(mod)
+        if tiles is not None:
+            print("packing int8 weights for the tuned VNNI kernels", file=sys.stderr)
+            mod = PackInt8Matmul(tiles)(mod)
+            report["kernels"] = list(tiles.kernels.values())
         # matmul(x, permute_dims(W)) as one kernel reading W as stored: the tied int8 embedding/logits
         # table is then kept once instead of also folded into a transposed copy.
         mod = relax.transform.FuseTransposeMatmul()(mod)
@@ -76,6 +85,18 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
     print(f"wrote {out_dir} ({library.stat().st_size / 1e6:.1f} MB .so) in {manifest['compile_seconds']} s",
           file=sys.stderr)
     return manifest
+
+
+def _tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser | None:
+    """Where the tuned kernels' tiles come from: ``database``, or the shipped one if it exists."""
+    if preset.int8_dot != "vnni":
+        return None
+    if database is None:
+        database = shipped_database(preset.name)
+        if not database.is_dir():
+            print(f"no tuning database shipped for {preset.name}: int8 kernels use default tiles", file=sys.stderr)
+            return TileChooser(None)
+    return TileChooser(TuningDatabase(database))
 
 
 def _quantization_record(qcfg: QuantConfig | None, report: dict) -> dict:

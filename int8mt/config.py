@@ -63,12 +63,20 @@ class CompileConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    trials: int = 64                 # measured candidates per kernel
+    budget_minutes: float = 30.0     # stop tuning after this long
+    database: str = "shipped"        # shipped = the database in the package for the target; or a folder
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def _coerce(section: str, key: str, value: Any, kind: Any) -> Any:

@@ -22,6 +22,28 @@ from .int8_dense import DenseTiles, default_tiles, int8_dense, tiles_from_trace
 ROW_BUCKETS = (32, 640)  # rows a decoder step (32 sentences) and an encoder call (32 x 20 tokens) see
 ENTRY_ROWS = {"encode": 640, "decode_step": 32}  # the row bucket of each entry point's matmuls
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+SHIPPED = Path(__file__).resolve().parent / "tuned"  # pre-tuned databases, one folder per target preset
+
+
+def shipped_database(preset: str) -> Path:
+    """The folder of the database shipped for the target preset ``preset``."""
+    return SHIPPED / preset
+
+
+# Linear-layer shapes of the kernel benchmark's models: (d_model, ffn_dim, vocabulary).
+BENCH_MODELS = {"reference": (256, 1024, 8000), "transformer-base": (512, 2048, 32000)}
+
+
+def linear_shapes(d_model: int, ffn_dim: int, vocab: int) -> list[tuple[int, int]]:
+    """The distinct (n, k) weights of a Transformer's linear layers: attention projections, both FFN
+    matmuls and the logits projection."""
+    return [(d_model, d_model), (ffn_dim, d_model), (d_model, ffn_dim), (vocab, d_model)]
+
+
+def bench_tasks() -> list[DenseTask]:
+    """Every kernel benchmark shape at every row bucket."""
+    return [DenseTask(n, k, rows) for dims in BENCH_MODELS.values() for n, k in linear_shapes(*dims)
+            for rows in ROW_BUCKETS]
 
 
 def row_bucket(rows: int) -> int:

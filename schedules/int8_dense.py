@@ -1,19 +1,21 @@
 """The INT8 dense kernel ``C[m, n] = A[m, k] . W[n, k]`` (int8 x int8 -> int32) on AVX-512 VNNI.
 
 ``vpdpbusd`` multiplies *unsigned* by signed bytes, so the kernel adds 128 to every activation (one pass
-over ``A`` into a uint8 buffer) and subtracts ``128 * sum_k W[n, k]``, a compile-time constant, at the
+over ``A`` into a uint8 buffer: flipping the sign bit) and subtracts ``128 * sum_k W[n, k]``, a compile-time constant, at the
 end: ``(A + 128) . W - 128 * colsum(W) = A . W`` exactly. ``W`` is packed at compile time into the
 layout the intrinsic reads, ``[N/16, K/4, 16, 4]`` (``pack_weight``), zero-padded when N is not a
 multiple of 16 or K of 4.
 
 The number of rows ``m`` is dynamic (batch x tokens). The register tile's rows are split without
-predicates (tensorize rejects predicated blocks), which is safe because the two intermediate buffers are
+predicates (tensorize rejects predicated blocks), which is safe because the shifted activations are
 allocated with ``m`` rounded up to ``ROW_PAD`` rows, a multiple of every row tile; the rows beyond ``m``
 compute garbage that is never written out.
 
-Schedule (``schedule_int8_dense``): a ``rows x 16*cols`` int32 accumulator tile per task, reduction
-outer loop by ``depth`` x 4 bytes, the (row tile, column tile) loops fused and run in parallel. The three
-tile sizes are the tuning knobs; ``tiles=None`` samples them (MetaSchedule's design space).
+Schedule (``schedule_int8_dense``): column strips of ``16*cols`` outputs run in parallel (each thread
+keeps its strip of packed weights in L1 and walks all rows); inside, a ``rows x 16*cols`` int32
+accumulator tile lives in registers ("local" scope) over the whole reduction, unrolled by ``depth`` x 4
+bytes, and is written out once with the correction added. The three tile sizes are the tuning knobs;
+``tiles=None`` samples them (MetaSchedule's design space).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from .intrin.x86_vnni import LANES, REDUCE, VNNI_DOT_16x4
 ROW_TILES = (1, 2, 4, 8)  # register-tile rows the design space offers
 ROW_PAD = 8  # intermediate buffers hold a multiple of this many rows: every row tile divides it
 MAX_COLS = 8  # at most 8 x 16 int32 columns per register tile
-MAX_DEPTH = 64  # at most 64 x 4 bytes of reduction per inner block
+MAX_DEPTH = 64  # at most 64 x 4 bytes of reduction per unrolled step
 SHIFT = 128  # int8 -> uint8 offset
 
 
@@ -87,12 +89,12 @@ def int8_dense(n: int, k: int, rows: int | None = None) -> tirx.PrimFunc:
         A = T.match_buffer(a, (M, K), "int8")
         C = T.match_buffer(c, (M, N), "int32")
         shifted = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, KP), "uint8")
-        acc = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, NP), "int32")
+        acc = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, NP), "int32", scope="local")
         for i, j in T.grid(M, KP):
             with T.sblock("shift"):
                 vi, vj = T.axis.remap("SS", [i, j])
-                shifted[vi, vj] = T.if_then_else(vj < K, T.cast(T.cast(A[vi, vj], "int32") + SHIFT, "uint8"),
-                                                 T.uint8(SHIFT))
+                shifted[vi, vj] = T.if_then_else(
+                    vj < K, T.bitwise_xor(T.reinterpret("uint8", A[vi, vj]), T.uint8(SHIFT)), T.uint8(SHIFT))
         for i, j, r in T.grid(M, NP, KP):
             with T.sblock("dense"):
                 vi, vj, vr = T.axis.remap("SSR", [i, j, r])
@@ -124,11 +126,10 @@ def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None) ->
     io, ii = sch.split(i, [None, rows], disable_predication=True)
     joo, joi = sch.split(jo, [None, cols])
     roo, roi = sch.split(ro, [None, depth])
-    sch.reorder(io, joo, roo, roi, ii, joi, ji, ri)
+    sch.reorder(joo, io, roo, roi, ii, joi, ji, ri)
     # unit loops kept: the trace then has the same loops for every tile size (replay checks it)
-    sch.reverse_compute_at(sch.get_sblock("out"), joo, preserve_unit_loops=True)
-    tile = sch.fuse(io, joo)
-    sch.parallel(tile)
+    sch.reverse_compute_at(sch.get_sblock("out"), io, preserve_unit_loops=True)
+    sch.parallel(joo)
     init = sch.decompose_reduction(block, roo)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ji, VNNI_DOT_16x4)

@@ -15,6 +15,7 @@ class TargetPreset:
     target: dict
     required_features: tuple[str, ...]
     description: str
+    int8_dot: str | None = None  # the int8 dot-product intrinsic family of the tuned kernels, if any
 
 
 PRESETS: dict[str, TargetPreset] = {
@@ -25,6 +26,7 @@ PRESETS: dict[str, TargetPreset] = {
             target={"kind": "llvm", "mcpu": "znver4"},
             required_features=("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
             description="x86-64 with AVX-512 VNNI (AMD Zen 4, Intel Ice Lake and newer)",
+            int8_dot="vnni",
         ),
         TargetPreset(
             name="x86-avx2",

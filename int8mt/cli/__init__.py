@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 
-COMMANDS = ("train", "qat", "compile", "inspect", "translate", "evaluate", "bench", "quant-table", "targets")
+COMMANDS = ("train", "qat", "compile", "tune", "inspect", "translate", "evaluate", "bench", "quant-table", "targets")
 
 
 class UserError(Exception):
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="defaults file (default: ./tvm_config.yaml if present, else built-in defaults)")
+
+
+def database_path(flag: Path | None, configured: str) -> Path | None:
+    """The tuning database a command uses: ``--db`` or ``tune.database``; None means the shipped one."""
+    chosen = str(flag) if flag is not None else configured
+    return None if chosen == "shipped" else Path(chosen)
 
 
 def config_path(args: argparse.Namespace) -> Path | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import UserError, add_config_argument, config_path
+from . import UserError, add_config_argument, config_path, database_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-sentences", type=int, default=None, help="training sentences to calibrate on")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="matmuls to leave in FP32 (module-name glob such as 'decoder_layers.*.qk'; repeatable)")
+    p.add_argument("--db", type=Path, default=None,
+                   help="tuning database for the int8 kernels (default: tune.database; 'shipped' = the one in "
+                        "the package for the target)")
     p.set_defaults(run=run)
 
 
@@ -45,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
                            keep_fp32=tuple(args.keep_fp32))
     elif args.ranges or args.calibration or args.keep_fp32:
         raise UserError("--ranges, --calibration and --keep-fp32 need --quant int8 or --quant int6")
+    elif args.db:
+        raise UserError("--db holds tuned int8 kernels; it needs --quant int8 or --quant int6")
     from ..compiler.build import build_bundle
 
+    database = database_path(args.db, cfg.tune.database)
     build_bundle(args.model or cfg.paths.model, preset.name, args.output or cfg.paths.build / preset.name,
-                 args.dump_ir, qcfg, cfg.paths.data, args.calib_sentences or cc.calib_sentences)
+                 args.dump_ir, qcfg, cfg.paths.data, args.calib_sentences or cc.calib_sentences, database)
     return 0

@@ -53,4 +53,13 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
               "per entry point: " + "; ".join(
                   f"{name} {f.get('matmul_int', 0)} int / {f.get('matmul_float', 0)} float matmuls"
                   for name, f in final["functions"].items())]
+    kernels = report.get("kernels")
+    if kernels:
+        tuned = sum(k["tuned"] for k in kernels)
+        lines += ["", f"int8 linear kernels: VNNI, weights packed at compile time; {tuned} of {len(kernels)} tuned"]
+        for k in kernels:
+            t = k["tiles"]
+            lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {t['rows']}x{t['cols'] * 16} "
+                         f"depth {t['depth'] * 4:<4} {'tuned' if k['tuned'] else 'default tiles'} "
+                         f"(for {k['rows_tuned_for']} rows)")
     return "\n".join(lines)

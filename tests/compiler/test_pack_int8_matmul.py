@@ -8,10 +8,8 @@ from tvm import relax
 from int8mt.compiler.passes import PackInt8Matmul
 from int8mt.compiler.pipeline import int8mt_pipeline
 from int8mt.schedules.int8_dense import DenseTiles, default_tiles
-from int8mt.targets import get_preset, missing_features
 
-VNNI = get_preset("x86-vnni")
-needs_vnni = pytest.mark.skipif(bool(missing_features(VNNI)), reason="this CPU has no AVX-512 VNNI")
+from ..conftest import VNNI, needs_vnni
 
 
 def _linear_module(w: np.ndarray, transposed: bool, rank: int = 2) -> tvm.IRModule:

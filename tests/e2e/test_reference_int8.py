@@ -34,6 +34,12 @@ def test_all_matmuls_int8_and_bundle_small(int8_bundle):
     assert (int8_bundle / "model.so").stat().st_size < 0.4 * weights
 
 
+@pytest.mark.skipif(HOST_PRESET.int8_dot != "vnni", reason="the VNNI kernels need an AVX-512 VNNI CPU")
+def test_linear_layers_use_the_shipped_tuned_kernels(int8_bundle):
+    kernels = json.loads((int8_bundle / "report.json").read_text())["kernels"]
+    assert len(kernels) == 7 and all(k["tuned"] for k in kernels)  # 3 encoder + 4 decoder weight shapes
+
+
 def test_int8_bleu_and_agreement_with_quantized_pytorch(int8_bundle):
     sources, references = read_parallel(DATA_DIR, "test_2016_flickr", "en", "de")
     compiled = Translator(int8_bundle, SearchOptions(beam_size=1), batch_size=32).translate(sources)

@@ -68,17 +68,42 @@ def test_compiled_graph_agrees_with_quantized_pytorch(quantized):
     assert np.mean(got.argmax(-1) == logits.numpy().argmax(-1)) >= 2 / 3
 
 
+LINEARS = 4 * TINY.encoder_layers + 8 * TINY.decoder_layers + 1  # matmuls with a weight (not QK^T, softmax.V)
+
+
+@pytest.mark.skipif(HOST_PRESET.int8_dot != "vnni", reason="the VNNI kernels need an AVX-512 VNNI CPU")
+def test_linear_layers_run_the_vnni_kernel(quantized):
+    out, _ = quantized
+    report = json.loads((out / "report.json").read_text())
+    sites = {(k["function"], k["n"], k["k"]) for k in report["kernels"]}
+    assert sites == {("encode", 32, 32), ("encode", 64, 32), ("encode", 32, 64), ("decode_step", 32, 32),
+                     ("decode_step", 64, 32), ("decode_step", 32, 64), ("decode_step", TINY.vocab_size, 32)}
+    assert report["after"]["total"]["matmul_int"] == MATMULS  # the pass's count; LINEARS of them became kernels
+    assert LINEARS < MATMULS
+
+
 def test_inspect_prints_the_report(quantized, capsys):
     out, _ = quantized
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"matmuls in INT  {MATMULS} of {MATMULS}" in text
     assert "layer_norm" in text and "softmax" in text
+    if HOST_PRESET.int8_dot == "vnni":
+        assert "int8 linear kernels: VNNI, weights packed at compile time" in text
 
 
 def test_quantization_flags_need_quant(capsys, tiny_model_dir, tmp_path):
     assert main(["compile", str(tiny_model_dir), "--ranges", "runtime", "-o", str(tmp_path / "b")]) == 2
     assert "need --quant int8 or --quant int6" in capsys.readouterr().err
+
+
+def test_db_needs_quant_and_must_exist(capsys, tiny_model_dir, tmp_path):
+    assert main(["compile", str(tiny_model_dir), "--db", str(tmp_path), "-o", str(tmp_path / "b")]) == 2
+    assert "--db holds tuned int8 kernels; it needs --quant" in capsys.readouterr().err
+    if HOST_PRESET.int8_dot == "vnni":
+        args = ["compile", str(tiny_model_dir), "--quant", "int8", "--ranges", "runtime", "--db", str(tmp_path / "x")]
+        assert main(args + ["-o", str(tmp_path / "b")]) == 2
+        assert "no tuning database in" in capsys.readouterr().err
 
 
 def test_inspect_rejects_a_non_bundle(capsys, tmp_path):

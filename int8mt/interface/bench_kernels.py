@@ -1,0 +1,162 @@
+"""Kernel benchmark: every linear-layer shape of the reference model and of a Transformer-base-shaped one at
+1 and 32 sentences of 20 tokens, as GOPS of
+
+* int8mt tuned: the VNNI kernel with the database's tiles (weights packed at compile time);
+* int8mt default: the int8 matmul as legalized by TVM under our default (untuned) CPU schedule;
+* PyTorch int8: ``torch.ao.nn.quantized.Linear`` (fbgemm/oneDNN with VNNI; int8 in, int8 out), and the
+  dynamic one (FP32 in and out, activations quantized per call);
+* PyTorch FP32: ``torch.nn.functional.linear``,
+
+next to this CPU's int8 peak (``vpdpbusd`` streams on every core). All on every CPU of this process; each
+number is the median of 5 runs of at least 50 ms.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from int8mt.schedules.database import BENCH_MODELS, DenseTask, linear_shapes, row_bucket
+from int8mt.targets import TargetPreset
+
+TOKENS = 20  # tokens per sentence
+REPEATS, MIN_SECONDS = 5, 0.05
+
+
+@dataclass
+class KernelRow:
+    model: str
+    n: int
+    k: int
+    rows: int
+    tiles: str
+    tuned: bool
+    int8mt_tuned: float
+    int8mt_default: float
+    torch_int8: float
+    torch_int8_dynamic: float
+    torch_fp32: float
+
+
+def _median_seconds(fn: Callable[[], object]) -> float:
+    fn()
+    number, t0 = 1, time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    number = max(1, int(MIN_SECONDS / once))
+    runs = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        runs.append((time.perf_counter() - t0) / number)
+    return statistics.median(runs)
+
+
+def _tvm_seconds(module, args) -> float:
+    import tvm
+
+    timer = module.time_evaluator("main", tvm.cpu(), number=1, repeat=REPEATS, min_repeat_ms=int(MIN_SECONDS * 1e3))
+    return statistics.median(timer(*args).results)
+
+
+def _int8mt_kernels(n: int, k: int, rows: int, target, database) -> tuple[float, float, str, bool]:
+    """Seconds of the tuned kernel and of the default schedule, the tiles used and whether they were tuned."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight
+
+    from int8mt.schedules.cpu_generic import CPUGeneric
+    from int8mt.schedules.int8_dense import default_tiles, pack_weight, scheduled_int8_dense
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, (rows, k), dtype=np.int8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    found = database.best(DenseTask(n, k, row_bucket(rows))) if database is not None else None
+    tiles = found[0] if found else default_tiles(n, k)
+    tuned = tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, tiles, rows)}), target=target).mod
+    packed, correction = pack_weight(w)
+    out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
+    tuned_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(packed), tvm.runtime.tensor(correction), out]
+    tuned["main"](*tuned_args)
+    expected = a.astype(np.float64) @ w.T.astype(np.float64)
+    if not np.array_equal(out.numpy(), expected):
+        raise RuntimeError(f"the tuned {n}x{k} kernel disagrees with NumPy; the database holds a broken record")
+    x, wt = te.placeholder((rows, k), "int8", "x"), te.placeholder((n, k), "int8", "w")
+    r = te.reduce_axis((0, k), "r")
+    y = te.compute((rows, n), lambda i, j: te.sum(x[i, r].astype("int32") * wt[j, r].astype("int32"), axis=r))
+    with target:
+        generic = dlight.ApplyDefaultSchedule(CPUGeneric())(tvm.IRModule({"main": te.create_prim_func([x, wt, y])}))
+    default = tvm.compile(generic, target=target).mod
+    default_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(w), tvm.runtime.tensor(np.zeros((rows, n), np.int32))]
+    label = f"{tiles.rows}x{tiles.cols * 16}/{tiles.depth * 4}"
+    return _tvm_seconds(tuned, tuned_args), _tvm_seconds(default, default_args), label, found is not None
+
+
+def _torch_seconds(n: int, k: int, rows: int) -> tuple[float, float, float]:
+    """Seconds of PyTorch's static int8, dynamic int8 and FP32 linear on the same shape."""
+    import torch
+    from torch.ao.nn.quantized import Linear as QLinear
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    torch.backends.quantized.engine = "x86"
+    x = torch.randn(rows, k)
+    weight = torch.randn(n, k)
+    qweight = torch.quantize_per_channel(weight, weight.abs().amax(1) / 127, torch.zeros(n, dtype=torch.long), 0,
+                                         torch.qint8)
+    static = QLinear(k, n)
+    static.set_weight_bias(qweight, None)
+    static.scale, static.zero_point = 0.1, 128
+    qx = torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)
+    dynamic = DynamicLinear(k, n)
+    dynamic.set_weight_bias(qweight, None)
+    with torch.inference_mode():
+        return (_median_seconds(lambda: static(qx)), _median_seconds(lambda: dynamic(x)),
+                _median_seconds(lambda: torch.nn.functional.linear(x, weight)))
+
+
+def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32)) -> dict:
+    """The benchmark table rows and the measured peak (see the module docstring)."""
+    if preset.int8_dot != "vnni":
+        raise ValueError(f"the kernel benchmark measures VNNI kernels; preset {preset.name} has none (use x86-vnni)")
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    import torch
+    import tvm
+    from tqdm import tqdm
+
+    from int8mt.schedules.database import TuningDatabase
+    from int8mt.schedules.vnni_peak import measure_vnni_peak
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    target = tvm.target.Target(preset.target)
+    database = TuningDatabase(database_dir) if database_dir is not None else None
+    peak = measure_vnni_peak(target)
+    cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
+             for s in sentences]
+    rows = []
+    for model, n, k, m in tqdm(cases, desc="kernels", unit="shape"):
+        gop = 2 * n * k * m / 1e9
+        tuned, default, tiles, was_tuned = _int8mt_kernels(n, k, m, target, database)
+        t_int8, t_dyn, t_fp32 = _torch_seconds(n, k, m)
+        rows.append(KernelRow(model, n, k, m, tiles, was_tuned, *(round(gop / t, 1) for t in
+                                                                 (tuned, default, t_int8, t_dyn, t_fp32))))
+    return {"peak": peak, "rows": [asdict(r) for r in rows]}
+
+
+def format_kernel_table(result: dict) -> str:
+    peak = result["peak"]["gops"]
+    header = ("| model | n x k | rows | int8mt tuned GOPS | % of peak | tiles | int8mt default | PyTorch int8 | "
+              "PyTorch int8 dynamic | PyTorch FP32 | tuned / PyTorch int8 |")
+    lines = [f"int8 peak (vpdpbusd streams, {result['peak']['threads']} threads): {peak:.0f} GOPS", "", header,
+             "|" + "---|" * header.count(" | ") + "---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['n']} x {r['k']} | {r['rows']} | {r['int8mt_tuned']:.0f} | "
+                     f"{100 * r['int8mt_tuned'] / peak:.0f} | {r['tiles']}{'' if r['tuned'] else ' (default)'} | "
+                     f"{r['int8mt_default']:.0f} | {r['torch_int8']:.0f} | {r['torch_int8_dynamic']:.0f} | "
+                     f"{r['torch_fp32']:.0f} | {r['int8mt_tuned'] / r['torch_int8']:.2f}x |")
+    return "\n".join(lines)

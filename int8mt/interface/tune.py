@@ -1,0 +1,99 @@
+"""Tune the int8 kernels of a model (or bundle) for a target preset into a tuning database."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from int8mt.runtime.bundle import MANIFEST_FILE, REPORT_FILE
+from int8mt.schedules.database import DenseTask, bench_tasks
+from int8mt.targets import TargetPreset
+
+LOG_FILE = "tuning-log.json"  # per run: what was tuned, trials, failures, best GOPS
+
+
+@dataclass(frozen=True)
+class TuneArgs:
+    source: Path  # a model directory or a bundle
+    preset: TargetPreset
+    database: Path
+    trials: int
+    budget_minutes: float
+    bench_shapes: bool = False  # also tune every shape of `int8mt bench kernels`
+
+
+def dense_tasks(source: Path) -> list[DenseTask]:
+    """The int8 linear kernels of a bundle (from its build report) or of a model directory (imported,
+    quantized with run-time ranges, which give the same shapes as any other range method)."""
+    source = Path(source)
+    if (source / MANIFEST_FILE).is_file():
+        report = json.loads((source / REPORT_FILE).read_text()) if (source / REPORT_FILE).is_file() else {}
+        if "kernels" not in report:
+            raise ValueError(f"bundle {source} has no int8 VNNI kernels to tune; compile it with --quant int8 "
+                             "for a preset with VNNI (x86-vnni), or pass the model directory")
+        return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"]) for k in report["kernels"]})
+    from int8mt.compiler.frontend import export_to_relax
+    from int8mt.compiler.passes import PackInt8Matmul, ScalePropagation
+    from int8mt.compiler.quant_import import quant_convert_map
+    from int8mt.quant.checkpoint import quantized_model
+    from int8mt.quant.config import QuantConfig
+    from int8mt.schedules.database import TileChooser
+
+    print(f"extracting int8 kernels of {source}", file=sys.stderr)
+    model = quantized_model(source, QuantConfig(ranges="runtime"), None)
+    chooser = TileChooser(None)
+    PackInt8Matmul(chooser)(ScalePropagation()(export_to_relax(model, convert_map=quant_convert_map)))
+    return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"]) for k in chooser.kernels.values()})
+
+
+def tune(args: TuneArgs) -> list[dict]:
+    """Tune every kernel of ``args.source`` (and the benchmark shapes if asked); returns one row per task and
+    appends the run to the database's tuning log."""
+    if args.preset.int8_dot != "vnni":
+        raise ValueError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; use x86-vnni")
+    if args.trials < 1 or args.budget_minutes <= 0:
+        raise ValueError("--trials must be at least 1 and --budget-minutes positive")
+    tasks = dense_tasks(args.source)
+    if args.bench_shapes:
+        tasks = sorted(set(tasks) | set(bench_tasks()))
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU
+    import tvm
+
+    from int8mt.schedules.database import TuningDatabase
+    from int8mt.schedules.tune import tune as tune_tasks
+
+    database = TuningDatabase(args.database, create=True)
+    print(f"tuning {len(tasks)} kernels for {args.preset.name}, {args.trials} trials each, database "
+          f"{args.database} (starting MetaSchedule takes ~40 s)", file=sys.stderr)
+    t0 = time.time()
+    reports = tune_tasks(tasks, tvm.target.Target(args.preset.target), database, args.trials,
+                         budget_s=args.budget_minutes * 60)
+    rows = []
+    for report in reports:
+        best = database.best(report.task)
+        rows.append({**report.to_dict(), "best_tiles": best[0].to_dict() if best else None,
+                     "best_gops_all_runs": report.task.ops / best[1] / 1e9 if best else None})
+    log = args.database / LOG_FILE
+    runs = json.loads(log.read_text()) if log.is_file() else []
+    runs.append({"source": str(args.source), "preset": args.preset.name, "trials": args.trials,
+                 "seconds": round(time.time() - t0, 1), "tasks": rows})
+    log.write_text(json.dumps(runs, indent=1) + "\n")
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = "| kernel (n x k, rows) | trials run | build failures | run failures | best GOPS | tiles |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    for r in rows:
+        tiles = r["best_tiles"]
+        tiles = f"{tiles['rows']}x{tiles['cols'] * 16}, depth {tiles['depth'] * 4}" if tiles else "-"
+        gops = f"{r['best_gops_all_runs']:.0f}" if r["best_gops_all_runs"] else "-"
+        lines.append(f"| {r['n']} x {r['k']}, {r['rows']} | {r['trials']} (had {r['trials_before']}) | "
+                     f"{r['build_failures']} | {r['run_failures']} | {gops} | {tiles} |")
+    trials = sum(r["trials"] for r in rows)
+    failed = sum(r["build_failures"] + r["run_failures"] for r in rows)
+    lines.append(f"\n{trials} trials, {failed} failed ({100 * failed / max(trials, 1):.1f} %)")
+    return "\n".join(lines)
