@@ -11,7 +11,7 @@ import tvm
 from tvm import relax
 
 from int8mt import __version__
-from int8mt.model.checkpoint import load_model_dir
+from int8mt.model.checkpoint import check_model_dir, load_model_dir
 from int8mt.quant.config import QuantConfig
 from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE,
                                    TOKENIZER_FILE, sha256)
@@ -33,6 +33,7 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
     an int8 dot-product intrinsic, int8 linear layers use the tuned kernels of ``database`` (default: the
     database shipped for the preset; kernels it lacks get default tiles)."""
     preset = get_preset(target_name)
+    check_model_dir(model_dir)
     tiles = _tile_chooser(preset, database) if qcfg is not None else None
     if qcfg is None:
         model = load_model_dir(model_dir)

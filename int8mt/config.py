@@ -55,8 +55,8 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class CompileConfig:
     target: str = "x86-vnni"
-    quant: str = "fp32"              # fp32 | int8 | int6
-    ranges: str = "calibrate"        # calibrate | learned | runtime
+    quant: str = "int8"              # fp32 | int8 | int6
+    ranges: str = "learned"          # calibrate | learned | runtime
     calibration: str = "mse"         # max | percentile | mse
     percentile: float = 99.99
     calib_sentences: int = 512

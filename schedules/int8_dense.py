@@ -110,6 +110,27 @@ def int8_dense(n: int, k: int, rows: int | None = None) -> tirx.PrimFunc:
     return dense
 
 
+def packed_rows(n: int, k: int, index_dtype: str = "int64") -> tirx.PrimFunc:
+    """Rows ``ids`` of an [N, K] weight read from its packed layout (an embedding lookup on the packed
+    table); left to the default schedule."""
+    np_, kp = padded(n, k)
+    K, GN, GK = T.int64(k), T.int64(np_ // LANES), T.int64(kp // REDUCE)
+    L, R = T.int64(LANES), T.int64(REDUCE)
+    rows = tirx.Var("rows", "int64")
+
+    @T.prim_func(s_tir=True)
+    def gather(ids: T.handle, w: T.Buffer((GN, GK, L, R), "int8"), out: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        index = T.match_buffer(ids, (rows,), index_dtype)
+        O = T.match_buffer(out, (rows, K), "int8")
+        for i, j in T.grid(rows, K):
+            with T.sblock("rows"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                O[vi, vj] = w[T.Cast("int64", index[vi]) // L, vj // R, T.Cast("int64", index[vi]) % L, vj % R]
+
+    return gather
+
+
 def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None) -> None:
     """Tile, tensorize with ``vpdpbusd`` and parallelize the kernel of :func:`int8_dense` in ``sch``;
     ``tiles`` None samples the tile sizes (the tuning design space)."""

@@ -10,8 +10,10 @@ into ``call_tir(int8_dense_NxK, [reshape(x, [M, K]), packed W, correction])``: t
 compile time into the intrinsic's ``[N/16, K/4, 16, 4]`` layout with its ``-128 * row sums`` correction
 (:mod:`int8mt.schedules.int8_dense`), so inference pays nothing for the layout. Each kernel is scheduled
 with the tile sizes ``tiles_for(n, k, function_name)`` returns (the tuning database, or defaults) and
-marked as scheduled, so the default schedule leaves it alone. Matmuls of two activations (attention) and
-float matmuls are not touched.
+marked as scheduled, so the default schedule leaves it alone. A ``take`` of rows from an int8 table (the
+int8 embedding) gathers from the packed copy: the decoder's tied embedding and logits projection then share
+one table, and the copies of the separately compiled entry points are equal, so the ``.so`` keeps one. Matmuls of two activations (attention) and float matmuls are not
+touched.
 """
 from __future__ import annotations
 
@@ -22,27 +24,30 @@ import tvm
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from int8mt.schedules.int8_dense import DenseTiles, pack_weight, scheduled_int8_dense
+from int8mt.schedules.int8_dense import DenseTiles, pack_weight, packed_rows, scheduled_int8_dense
 
 TilesFor = Callable[[int, int, str], DenseTiles]
 
 
-def _int8_weight(mutator: PyExprMutator, expr: relax.Expr) -> np.ndarray | None:
-    """The [N, K] int8 weight behind a matmul's right operand, if it is a constant (maybe transposed)."""
-    transposed = False
-    if isinstance(expr, relax.Var):
-        bound = mutator.lookup_binding(expr)
-        if isinstance(bound, relax.Call) and bound.op == ir.Op.get("relax.permute_dims"):
-            axes = bound.attrs.axes
-            if axes is not None and [int(a) for a in axes] != [1, 0]:
-                return None
-            expr, transposed = bound.args[0], True
-        elif isinstance(bound, ir.expr.Constant):
-            expr = bound
-    if not isinstance(expr, ir.expr.Constant) or str(expr.ty.dtype) != "int8" or expr.ty.ndim != 2:
-        return None
-    value = expr.value.numpy()
-    return value if transposed else np.ascontiguousarray(value.T)
+def _int8_table(expr: relax.Expr) -> ir.expr.Constant | None:
+    """``expr`` if it is a 2-D int8 constant."""
+    if isinstance(expr, ir.expr.Constant) and str(expr.ty.dtype) == "int8" and expr.ty.ndim == 2:
+        return expr
+    return None
+
+
+def _transposed_table(bound: relax.Expr | None) -> ir.expr.Constant | None:
+    """The [N, K] int8 constant behind ``permute_dims(W)``, if ``bound`` is that."""
+    if isinstance(bound, relax.Call) and bound.op == ir.Op.get("relax.permute_dims"):
+        axes = bound.attrs.axes
+        if axes is None or [int(a) for a in axes] == [1, 0]:
+            return _int8_table(bound.args[0])
+    return None
+
+
+def _is_int_matmul(call: relax.Expr) -> bool:
+    return (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.matmul")
+            and str(call.attrs.out_dtype) == "int32" and str(call.args[0].ty.dtype) == "int8")
 
 
 @expr_functor.mutator
@@ -50,39 +55,75 @@ class _Packer(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, tiles_for: TilesFor) -> None:
         super().__init__(mod)
         self.tiles_for = tiles_for
-        self.kernels: dict[tuple[int, int, DenseTiles], ir.GlobalVar] = {}
+        self.kernels: dict[tuple, ir.GlobalVar] = {}
+        self.packed: dict[ir.expr.Constant, tuple[relax.Expr, relax.Expr]] = {}
         self.function = ""
         self.rewritten = 0
 
+    def run(self, gv: ir.GlobalVar, func: relax.Function) -> None:
+        self.function, self.packed = gv.name_hint, {}
+        self.builder_.update_func(gv, self.visit_expr(func))
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != ir.Op.get("relax.matmul") or str(call.attrs.out_dtype) != "int32":
-            return call
+        if _is_int_matmul(call) and call.args[0].ty.ndim >= 2:
+            return self._dense(call)
+        if call.op == ir.Op.get("relax.take") and int(call.attrs.axis) == 0 and _int8_table(call.args[0]) is not None:
+            return self._gather(call)
+        return call
+
+    def _dense(self, call: relax.Call) -> relax.Expr:
         x, w = call.args
-        if str(x.ty.dtype) != "int8" or x.ty.ndim < 2:
-            return call
-        weight = _int8_weight(self, w)
-        if weight is None:
-            return call
-        n, k = weight.shape
+        table = _transposed_table(self.lookup_binding(w)) if isinstance(w, relax.Var) else None
+        if table is None:
+            weight = _int8_table(self.lookup_binding(w) if isinstance(w, relax.Var) else w)
+            if weight is None:
+                return call
+            table = relax.const(np.ascontiguousarray(weight.value.numpy().T))  # a [K, N] weight, used once
+        n, k = (int(d) for d in table.ty.shape)
         lead = list(x.ty.shape)[:-1]
-        rows = lead[0]
-        for d in lead[1:]:
-            rows = rows * d
+        rows = _product(lead)
         flat = x if len(lead) == 1 else self.builder_.emit(relax.op.reshape(x, [rows, k]))
-        packed, correction = pack_weight(weight)
-        out = relax.call_tir(self._kernel(n, k), [flat, relax.const(packed), relax.const(correction)],
-                             relax.TensorType([rows, n], "int32"))
+        packed, correction = self._pack(table)
+        tiles = self.tiles_for(n, k, self.function)
+        kernel = self._kernel(("dense", n, k, tiles), f"int8_dense_n{n}_k{k}_r{tiles.rows}c{tiles.cols}d{tiles.depth}",
+                              lambda: scheduled_int8_dense(n, k, tiles))
+        out = relax.call_tir(kernel, [flat, packed, correction], relax.TensorType([rows, n], "int32"))
         self.rewritten += 1
         return out if len(lead) == 1 else relax.op.reshape(self.builder_.emit(out), [*lead, n])
 
-    def _kernel(self, n: int, k: int) -> ir.GlobalVar:
-        tiles = self.tiles_for(n, k, self.function)
-        key = (n, k, tiles)
+    def _gather(self, call: relax.Call) -> relax.Expr:
+        """``take(W, ids, axis=0)`` of an int8 table: read the rows from its packed copy, so that a table
+        is stored once, packed (the tied embedding and logits projection; every entry point's copy)."""
+        table, ids = call.args
+        n, k = (int(d) for d in table.ty.shape)
+        dtype = str(ids.ty.dtype)
+        shape = list(ids.ty.shape)
+        rows = _product(shape) if shape else 1
+        flat = self.builder_.emit(relax.op.reshape(ids, [rows])) if len(shape) != 1 else ids
+        kernel = self._kernel(("rows", n, k, dtype), f"int8_packed_rows_n{n}_k{k}_{dtype}",
+                              lambda: packed_rows(n, k, dtype))
+        out = relax.call_tir(kernel, [flat, self._pack(table)[0]], relax.TensorType([rows, k], "int8"))
+        return out if len(shape) == 1 else relax.op.reshape(self.builder_.emit(out), [*shape, k])
+
+    def _pack(self, table: ir.expr.Constant) -> tuple[relax.Expr, relax.Expr]:
+        """The packed weight and correction constants of ``table``, made once per table and function."""
+        if table not in self.packed:
+            packed, correction = pack_weight(table.value.numpy())
+            self.packed[table] = (relax.const(packed), relax.const(correction))
+        return self.packed[table]
+
+    def _kernel(self, key: tuple, name: str, make) -> ir.GlobalVar:
         if key not in self.kernels:
-            name = f"int8_dense_n{n}_k{k}_r{tiles.rows}c{tiles.cols}d{tiles.depth}"
-            self.kernels[key] = self.builder_.add_func(scheduled_int8_dense(n, k, tiles), name)
+            self.kernels[key] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
         return self.kernels[key]
+
+
+def _product(dims: list) -> tvm.ir.PrimExpr:
+    out = dims[0]
+    for d in dims[1:]:
+        out = out * d
+    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.PackInt8Matmul")
@@ -98,7 +139,6 @@ class PackInt8Matmul:
         packer = _Packer(mod, self.tiles_for)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                packer.function = gv.name_hint
-                packer.builder_.update_func(gv, packer.visit_expr(func))
+                packer.run(gv, func)
         self.rewritten = packer.rewritten
         return relax.transform.DeadCodeElimination()(packer.builder_.get())

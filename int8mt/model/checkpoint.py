@@ -23,12 +23,17 @@ def save_model_dir(model: Transformer, out_dir: Path, tokenizer_file: Path | Non
         shutil.copyfile(tokenizer_file, out_dir / TOKENIZER_FILE)
 
 
+def check_model_dir(model_dir: Path) -> None:
+    """Raise a ValueError naming the file if ``model_dir`` lacks the config or the weights."""
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (Path(model_dir) / name).is_file():
+            raise ValueError(f"{model_dir} is not a model directory: {name} is missing")
+
+
 def load_model_dir(model_dir: Path) -> Transformer:
     """Load a model directory in eval mode; a missing or damaged file raises a ValueError naming it."""
     model_dir = Path(model_dir)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (model_dir / name).is_file():
-            raise ValueError(f"{model_dir} is not a model directory: {name} is missing")
+    check_model_dir(model_dir)
     cfg = ModelConfig.load(model_dir / CONFIG_FILE)
     model = Transformer(cfg)
     try:

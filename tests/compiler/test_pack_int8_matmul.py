@@ -12,17 +12,24 @@ from int8mt.schedules.int8_dense import DenseTiles, default_tiles
 from ..conftest import VNNI, needs_vnni
 
 
-def _linear_module(w: np.ndarray, transposed: bool, rank: int = 2) -> tvm.IRModule:
+def _linear_module(w: np.ndarray, transposed: bool, rank: int = 2, layers: int = 1) -> tvm.IRModule:
+    """``layers`` linear layers in a chain (int32 outputs cast back to int8 between them)."""
     n, k = w.shape
     bb = relax.BlockBuilder()
     lead = [tvm.tirx.Var("b", "int64"), tvm.tirx.Var("t", "int64")][:rank - 1]
     x = relax.Var("x", relax.TensorType([*lead, k], "int8"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            weight = relax.const(w) if transposed else relax.const(np.ascontiguousarray(w.T))
-            wt = bb.emit(relax.op.permute_dims(weight, [1, 0])) if transposed else weight
-            y = bb.emit(relax.op.matmul(x, wt, out_dtype="int32"))
-            z = bb.emit_output(relax.op.add(y, relax.const(np.arange(n, dtype=np.int32))))
+            h = x
+            for layer in range(layers):
+                wl = w if layer == 0 else np.ascontiguousarray(w[: n // 2, :n] // 2)  # another shape
+                weight = relax.const(wl) if transposed else relax.const(np.ascontiguousarray(wl.T))
+                wt = bb.emit(relax.op.permute_dims(weight, [1, 0])) if transposed else weight
+                y = bb.emit(relax.op.matmul(h, wt, out_dtype="int32"))
+                if layer + 1 < layers:
+                    h = bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(y, relax.const(8, "int32")),
+                                                              -128, 127), "int8"))
+            z = bb.emit_output(relax.op.add(y, relax.const(np.arange(n if layers == 1 else n // 2, dtype=np.int32))))
         bb.emit_func_output(z)
     return bb.get()
 
@@ -68,3 +75,59 @@ def test_compiled_kernel_equals_integer_matmul(shape, tiles, rank):
         x = rng.integers(-128, 128, (*lead, shape[1]), dtype=np.int8)
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
         np.testing.assert_array_equal(got, x.astype(np.int32) @ w.T.astype(np.int32) + bias)
+
+
+@needs_vnni
+def test_several_kernels_in_one_module():
+    rng = np.random.default_rng(2)
+    w = rng.integers(-128, 128, (64, 64), dtype=np.int8)
+    mod = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_linear_module(w, True, 2, layers=2))
+    assert _count_calls(mod) == 2
+    target = tvm.target.Target(VNNI.target)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+    x = rng.integers(-128, 128, (5, 64), dtype=np.int8)
+    h = np.clip((x.astype(np.int32) @ w.T.astype(np.int32)) >> 8, -128, 127).astype(np.int32)
+    expected = h @ (w[:32] // 2).T.astype(np.int32) + np.arange(32, dtype=np.int32)
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), expected)
+
+
+def _embedding_module(table: np.ndarray) -> tvm.IRModule:
+    """take(E, ids) then logits = matmul(h, permute_dims(E)): the tied embedding of a decoder."""
+    bb = relax.BlockBuilder()
+    ids = relax.Var("ids", relax.TensorType([tvm.tirx.Var("b", "int64"), 2], "int64"))
+    with bb.function("main", [ids]):
+        with bb.dataflow():
+            e = relax.const(table)
+            rows = bb.emit(relax.op.take(e, ids, axis=0))
+            h = bb.emit(relax.op.reshape(rows, [-1, table.shape[1]]))
+            z = bb.emit_output(relax.op.matmul(h, bb.emit(relax.op.permute_dims(e, [1, 0])), out_dtype="int32"))
+        bb.emit_func_output(z)
+    return bb.get()
+
+
+@needs_vnni
+def test_tied_table_is_stored_once_and_gathered_from_its_packed_copy():
+    rng = np.random.default_rng(3)
+    table = rng.integers(-128, 128, (40, 20), dtype=np.int8)  # padded to 48 x 20 when packed
+    mod = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_embedding_module(table))
+    text = mod.script(show_meta=False)
+    assert "R.take" not in text and "int8_packed_rows" in text
+    int8_constants = [c for c in _constants(mod) if c.dtype == np.int8]
+    assert [c.shape for c in int8_constants] == [(3, 5, 16, 4)]
+    target = tvm.target.Target(VNNI.target)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+    ids = rng.integers(0, 40, (3, 2)).astype(np.int64)
+    h = table[ids.reshape(-1)].astype(np.int32)
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(ids)).numpy(), h @ table.T.astype(np.int32))
+
+
+def _constants(mod: tvm.IRModule) -> list[np.ndarray]:
+    """The distinct tensor constants of ``main`` (one entry per constant object)."""
+    found = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e) if isinstance(e, tvm.ir.expr.Constant)
+                                    and hasattr(e.value, "numpy") else None)
+    unique = []
+    for c in found:
+        if not any(c.same_as(u) for u in unique):
+            unique.append(c)
+    return [c.value.numpy() for c in unique]

@@ -93,12 +93,13 @@ def test_inspect_prints_the_report(quantized, capsys):
 
 
 def test_quantization_flags_need_quant(capsys, tiny_model_dir, tmp_path):
-    assert main(["compile", str(tiny_model_dir), "--ranges", "runtime", "-o", str(tmp_path / "b")]) == 2
+    args = ["compile", str(tiny_model_dir), "--quant", "fp32", "-o", str(tmp_path / "b")]
+    assert main(args + ["--ranges", "runtime"]) == 2
     assert "need --quant int8 or --quant int6" in capsys.readouterr().err
 
 
 def test_db_needs_quant_and_must_exist(capsys, tiny_model_dir, tmp_path):
-    assert main(["compile", str(tiny_model_dir), "--db", str(tmp_path), "-o", str(tmp_path / "b")]) == 2
+    assert main(["compile", str(tiny_model_dir), "--quant", "fp32", "--db", str(tmp_path), "-o", str(tmp_path / "b")]) == 2
     assert "--db holds tuned int8 kernels; it needs --quant" in capsys.readouterr().err
     if HOST_PRESET.int8_dot == "vnni":
         args = ["compile", str(tiny_model_dir), "--quant", "int8", "--ranges", "runtime", "--db", str(tmp_path / "x")]

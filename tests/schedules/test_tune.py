@@ -42,6 +42,7 @@ def test_tune_resume_and_apply(tmp_path):
     assert all(r.best_seconds > 0 for r in first)
     again = tune(TASKS, target, TuningDatabase(tmp_path / "db"), trials=12, trials_per_iter=4)
     assert [(r.trials_before, r.trials) for r in again] == [(8, 4), (8, 4)]
+    database = TuningDatabase(tmp_path / "db")  # a database object reads the files when it is made
     assert len(database.records(TASKS[0])) == 12
     lines = (tmp_path / "db" / "database_tuning_record.json").read_text().splitlines()
     assert len(lines) == 24 and all(json.loads(line) for line in lines)
