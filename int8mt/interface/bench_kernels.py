@@ -8,12 +8,12 @@
 * PyTorch FP32: ``torch.nn.functional.linear``,
 
 next to this CPU's int8 peak (``vpdpbusd`` streams on every core). All on every CPU of this process; each
-number is the median of 5 runs of at least 50 ms.
+number is the best of 7 runs of at least 50 ms (this shared 2-vCPU machine varies by +-20 % from run to
+run; the best run is the least disturbed one, for every backend alike).
 """
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,7 +25,7 @@ from int8mt.schedules.database import BENCH_MODELS, DenseTask, linear_shapes, ro
 from int8mt.targets import TargetPreset
 
 TOKENS = 20  # tokens per sentence
-REPEATS, MIN_SECONDS = 5, 0.05
+REPEATS, MIN_SECONDS = 7, 0.05
 
 
 @dataclass
@@ -43,7 +43,7 @@ class KernelRow:
     torch_fp32: float
 
 
-def _median_seconds(fn: Callable[[], object]) -> float:
+def _best_seconds(fn: Callable[[], object]) -> float:
     fn()
     number, t0 = 1, time.perf_counter()
     fn()
@@ -55,14 +55,14 @@ def _median_seconds(fn: Callable[[], object]) -> float:
         for _ in range(number):
             fn()
         runs.append((time.perf_counter() - t0) / number)
-    return statistics.median(runs)
+    return min(runs)
 
 
 def _tvm_seconds(module, args) -> float:
     import tvm
 
     timer = module.time_evaluator("main", tvm.cpu(), number=1, repeat=REPEATS, min_repeat_ms=int(MIN_SECONDS * 1e3))
-    return statistics.median(timer(*args).results)
+    return min(timer(*args).results)
 
 
 def _int8mt_kernels(n: int, k: int, rows: int, target, database) -> tuple[float, float, str, bool]:
@@ -116,8 +116,8 @@ def _torch_seconds(n: int, k: int, rows: int) -> tuple[float, float, float]:
     dynamic = DynamicLinear(k, n)
     dynamic.set_weight_bias(qweight, None)
     with torch.inference_mode():
-        return (_median_seconds(lambda: static(qx)), _median_seconds(lambda: dynamic(x)),
-                _median_seconds(lambda: torch.nn.functional.linear(x, weight)))
+        return (_best_seconds(lambda: static(qx)), _best_seconds(lambda: dynamic(x)),
+                _best_seconds(lambda: torch.nn.functional.linear(x, weight)))
 
 
 def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32)) -> dict:
@@ -138,13 +138,15 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     peak = measure_vnni_peak(target)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
+    # all TVM kernels first, then PyTorch: PyTorch's OpenMP workers keep spinning after each call and would
+    # take the cores from TVM's thread pool
+    ours = [_int8mt_kernels(n, k, m, target, database) for _, n, k, m in tqdm(cases, desc="int8mt kernels")]
+    theirs = [_torch_seconds(n, k, m) for _, n, k, m in tqdm(cases, desc="PyTorch kernels")]
     rows = []
-    for model, n, k, m in tqdm(cases, desc="kernels", unit="shape"):
+    for (model, n, k, m), (tuned, default, tiles, was_tuned), torch_secs in zip(cases, ours, theirs):
         gop = 2 * n * k * m / 1e9
-        tuned, default, tiles, was_tuned = _int8mt_kernels(n, k, m, target, database)
-        t_int8, t_dyn, t_fp32 = _torch_seconds(n, k, m)
-        rows.append(KernelRow(model, n, k, m, tiles, was_tuned, *(round(gop / t, 1) for t in
-                                                                 (tuned, default, t_int8, t_dyn, t_fp32))))
+        rows.append(KernelRow(model, n, k, m, tiles, was_tuned,
+                              *(round(gop / t, 1) for t in (tuned, default, *torch_secs))))
     return {"peak": peak, "rows": [asdict(r) for r in rows]}
 
 

@@ -55,3 +55,11 @@ def test_kernel_equals_numpy_for_any_row_count(n, k, tiles):
         out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
         module["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(packed), tvm.runtime.tensor(correction), out)
         np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ w.T.astype(np.int32))
+
+
+@needs_vnni
+def test_peak_microbenchmark_runs_every_thread():
+    from int8mt.schedules.vnni_peak import measure_vnni_peak
+
+    result = measure_vnni_peak(tvm.target.Target(VNNI.target), iters=1000, repeat=1)
+    assert result["threads"] >= 1 and result["gops"] > 0
