@@ -58,7 +58,6 @@ class _Packer(PyExprMutator):
         self.kernels: dict[tuple, ir.GlobalVar] = {}
         self.packed: dict[ir.expr.Constant, tuple[relax.Expr, relax.Expr]] = {}
         self.function = ""
-        self.rewritten = 0
 
     def run(self, gv: ir.GlobalVar, func: relax.Function) -> None:
         self.function, self.packed = gv.name_hint, {}
@@ -89,7 +88,6 @@ class _Packer(PyExprMutator):
         kernel = self._kernel(("dense", n, k, tiles), f"int8_dense_n{n}_k{k}_r{tiles.rows}c{tiles.cols}d{tiles.depth}",
                               lambda: scheduled_int8_dense(n, k, tiles))
         out = relax.call_tir(kernel, [flat, packed, correction], relax.TensorType([rows, n], "int32"))
-        self.rewritten += 1
         return out if len(lead) == 1 else relax.op.reshape(self.builder_.emit(out), [*lead, n])
 
     def _gather(self, call: relax.Call) -> relax.Expr:
@@ -133,12 +131,10 @@ class PackInt8Matmul:
 
     def __init__(self, tiles_for: TilesFor) -> None:
         self.tiles_for = tiles_for
-        self.rewritten = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         packer = _Packer(mod, self.tiles_for)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 packer.run(gv, func)
-        self.rewritten = packer.rewritten
         return relax.transform.DeadCodeElimination()(packer.builder_.get())
