@@ -56,8 +56,11 @@ def _kernels(args: argparse.Namespace, cfg) -> int:
     from ..targets import get_preset
 
     preset = get_preset(args.target or cfg.compile.target)
-    database = database_path(args.db, cfg.tune.database) or shipped_database(preset.name)
-    result = bench_kernels(preset, database if database.is_dir() else None)
+    database = database_path(args.db, cfg.tune.database)  # an explicit one must exist (checked when opened)
+    if database is None:
+        shipped = shipped_database(preset.name)
+        database = shipped if shipped.is_dir() else None
+    result = bench_kernels(preset, database)
     print(format_kernel_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -58,6 +58,12 @@ def test_tune_and_bench_kernels_need_a_vnni_preset(capsys, tiny_model_dir):
     assert "preset x86-avx2 has none" in capsys.readouterr().err
 
 
+@needs_vnni
+def test_bench_kernels_with_a_missing_database_is_a_clear_error(capsys, tmp_path):
+    assert main(["bench", "kernels", "--target", "x86-vnni", "--db", str(tmp_path / "none")]) == 2
+    assert "no tuning database in" in capsys.readouterr().err
+
+
 def test_tuning_an_fp32_bundle_is_a_clear_error(capsys, tiny_bundle):
     assert main(["tune", str(tiny_bundle), "--target", "x86-vnni"]) == 2
     assert "has no int8 VNNI kernels to tune" in capsys.readouterr().err
