@@ -15,7 +15,7 @@ from int8mt.model.checkpoint import check_model_dir, load_model_dir
 from int8mt.quant.config import QuantConfig
 from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE,
                                    TOKENIZER_FILE, sha256)
-from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
+from int8mt.schedules.database import TileChooser, TuningDatabase, database_or_shipped
 from int8mt.targets import TargetPreset, get_preset
 
 from .frontend import export_to_relax
@@ -92,12 +92,10 @@ def _tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser | 
     """Where the tuned kernels' tiles come from: ``database``, or the shipped one if it exists."""
     if preset.int8_dot != "vnni":
         return None
-    if database is None:
-        database = shipped_database(preset.name)
-        if not database.is_dir():
-            print(f"no tuning database shipped for {preset.name}: int8 kernels use default tiles", file=sys.stderr)
-            return TileChooser(None)
-    return TileChooser(TuningDatabase(database))
+    folder = database_or_shipped(preset.name, database)
+    if folder is None:
+        print(f"no tuning database shipped for {preset.name}: int8 kernels use default tiles", file=sys.stderr)
+    return TileChooser(TuningDatabase(folder) if folder is not None else None)
 
 
 def _quantization_record(qcfg: QuantConfig | None, report: dict) -> dict:

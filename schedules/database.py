@@ -30,6 +30,15 @@ def shipped_database(preset: str) -> Path:
     return SHIPPED / preset
 
 
+def database_or_shipped(preset: str, folder: Path | None) -> Path | None:
+    """``folder`` if given (it must hold a database when opened), else the one shipped for ``preset`` if
+    there is one, else None (default tiles)."""
+    if folder is not None:
+        return folder
+    shipped = shipped_database(preset)
+    return shipped if shipped.is_dir() else None
+
+
 # Linear-layer shapes of the kernel benchmark's models: (d_model, ffn_dim, vocabulary).
 BENCH_MODELS = {"reference": (256, 1024, 8000), "transformer-base": (512, 2048, 32000)}
 
@@ -104,6 +113,12 @@ class TuningDatabase:
         return tiles_from_trace(top[0].trace), sum(secs) / len(secs)
 
 
+def chosen_tiles(database: TuningDatabase | None, task: DenseTask) -> tuple[DenseTiles, bool]:
+    """The database's best tiles for ``task`` and True, or the default tiles and False."""
+    found = database.best(task) if database is not None else None
+    return (found[0], True) if found else (default_tiles(task.n, task.k), False)
+
+
 class TileChooser:
     """``tiles_for(n, k, function)`` for :class:`PackInt8Matmul`: the database's best tiles for the
     function's row bucket, or the defaults; remembers which kernels were tuned for the build report."""
@@ -116,8 +131,7 @@ class TileChooser:
         key = (n, k, function)
         if key not in self.kernels:
             task = DenseTask(n, k, ENTRY_ROWS.get(function, ROW_BUCKETS[-1]))
-            found = self.database.best(task) if self.database is not None else None
-            tiles = found[0] if found else default_tiles(n, k)
+            tiles, tuned = chosen_tiles(self.database, task)
             self.kernels[key] = {"function": function, "n": n, "k": k, "rows_tuned_for": task.rows,
-                                 "tiles": tiles.to_dict(), "tuned": found is not None}
+                                 "tiles": tiles.to_dict(), "tuned": tuned}
         return DenseTiles(**self.kernels[key]["tiles"])

@@ -52,15 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _kernels(args: argparse.Namespace, cfg) -> int:
     from ..interface.bench_kernels import bench_kernels, format_kernel_table
-    from ..schedules.database import shipped_database
+    from ..schedules.database import database_or_shipped
     from ..targets import get_preset
 
     preset = get_preset(args.target or cfg.compile.target)
-    database = database_path(args.db, cfg.tune.database)  # an explicit one must exist (checked when opened)
-    if database is None:
-        shipped = shipped_database(preset.name)
-        database = shipped if shipped.is_dir() else None
-    result = bench_kernels(preset, database)
+    result = bench_kernels(preset, database_or_shipped(preset.name, database_path(args.db, cfg.tune.database)))
     print(format_kernel_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

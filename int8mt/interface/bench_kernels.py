@@ -45,7 +45,7 @@ class KernelRow:
 
 def _best_seconds(fn: Callable[[], object]) -> float:
     fn()
-    number, t0 = 1, time.perf_counter()
+    t0 = time.perf_counter()
     fn()
     once = max(time.perf_counter() - t0, 1e-7)
     number = max(1, int(MIN_SECONDS / once))
@@ -72,13 +72,13 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database) -> tuple[float,
     from tvm.s_tir import dlight
 
     from int8mt.schedules.cpu_generic import CPUGeneric
-    from int8mt.schedules.int8_dense import default_tiles, pack_weight, scheduled_int8_dense
+    from int8mt.schedules.database import chosen_tiles
+    from int8mt.schedules.int8_dense import pack_weight, scheduled_int8_dense
 
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, (rows, k), dtype=np.int8)
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    found = database.best(DenseTask(n, k, row_bucket(rows))) if database is not None else None
-    tiles = found[0] if found else default_tiles(n, k)
+    tiles, tuned_tiles = chosen_tiles(database, DenseTask(n, k, row_bucket(rows)))
     tuned = tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, tiles, rows)}), target=target).mod
     packed, correction = pack_weight(w)
     out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
@@ -95,7 +95,7 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database) -> tuple[float,
     default = tvm.compile(generic, target=target).mod
     default_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(w), tvm.runtime.tensor(np.zeros((rows, n), np.int32))]
     label = f"{tiles.rows}x{tiles.cols * 16}/{tiles.depth * 4}"
-    return _tvm_seconds(tuned, tuned_args), _tvm_seconds(default, default_args), label, found is not None
+    return _tvm_seconds(tuned, tuned_args), _tvm_seconds(default, default_args), label, tuned_tiles
 
 
 def _torch_seconds(n: int, k: int, rows: int) -> tuple[float, float, float]:
