@@ -16,6 +16,7 @@ from int8mt.quant.config import QuantConfig
 from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE,
                                    TOKENIZER_FILE, sha256)
 from int8mt.schedules.database import TileChooser, TuningDatabase, database_or_shipped
+from int8mt.schedules.intrin import int8_dot
 from int8mt.targets import TargetPreset, get_preset
 
 from .frontend import export_to_relax
@@ -58,8 +59,8 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
         mod = ScalePropagation()(mod)
         report["after"] = op_report(mod)
         if tiles is not None:
-            print("packing int8 weights for the tuned VNNI kernels", file=sys.stderr)
-            mod = PackInt8Matmul(tiles)(mod)
+            print(f"packing int8 weights for the tuned {preset.int8_dot} kernels", file=sys.stderr)
+            mod = PackInt8Matmul(tiles, int8_dot(preset.int8_dot))(mod)
             report["kernels"] = list(tiles.kernels.values())
         # matmul(x, permute_dims(W)) as one kernel reading W as stored: the tied int8 embedding/logits
         # table is then kept once instead of also folded into a transposed copy.
@@ -90,12 +91,12 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
 
 def _tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser | None:
     """Where the tuned kernels' tiles come from: ``database``, or the shipped one if it exists."""
-    if preset.int8_dot != "vnni":
+    if preset.int8_dot is None:
         return None
     folder = database_or_shipped(preset.name, database)
     if folder is None:
         print(f"no tuning database shipped for {preset.name}: int8 kernels use default tiles", file=sys.stderr)
-    return TileChooser(TuningDatabase(folder) if folder is not None else None)
+    return TileChooser(TuningDatabase(folder) if folder is not None else None, preset.int8_dot)
 
 
 def _quantization_record(qcfg: QuantConfig | None, report: dict) -> dict:

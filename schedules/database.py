@@ -18,6 +18,7 @@ import tvm_ffi
 from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
 
 from .int8_dense import DenseTiles, default_tiles, int8_dense, tiles_from_trace
+from .intrin import Int8Dot, int8_dot
 
 ROW_BUCKETS = (32, 640)  # rows a decoder step (32 sentences) and an encoder call (32 x 20 tokens) see
 ENTRY_ROWS = {"encode": 640, "decode_step": 32}  # the row bucket of each entry point's matmuls
@@ -49,9 +50,9 @@ def linear_shapes(d_model: int, ffn_dim: int, vocab: int) -> list[tuple[int, int
     return [(d_model, d_model), (ffn_dim, d_model), (d_model, ffn_dim), (vocab, d_model)]
 
 
-def bench_tasks() -> list[DenseTask]:
-    """Every kernel benchmark shape at every row bucket."""
-    return [DenseTask(n, k, rows) for dims in BENCH_MODELS.values() for n, k in linear_shapes(*dims)
+def bench_tasks(family: str = "vnni") -> list[DenseTask]:
+    """Every kernel benchmark shape at every row bucket, for the dot-product ``family``."""
+    return [DenseTask(n, k, rows, family) for dims in BENCH_MODELS.values() for n, k in linear_shapes(*dims)
             for rows in ROW_BUCKETS]
 
 
@@ -62,11 +63,16 @@ def row_bucket(rows: int) -> int:
 
 @dataclass(frozen=True, order=True)
 class DenseTask:
-    """One kernel to tune: an ``n`` x ``k`` int8 weight applied to ``rows`` rows."""
+    """One kernel to tune: an ``n`` x ``k`` int8 weight applied to ``rows`` rows with the ``family`` dot product."""
 
     n: int
     k: int
     rows: int
+    family: str = "vnni"
+
+    @property
+    def dot(self) -> Int8Dot:
+        return int8_dot(self.family)
 
     @property
     def name(self) -> str:
@@ -78,7 +84,8 @@ class DenseTask:
 
     def workload(self) -> tvm.IRModule:
         """The static-shape kernel MetaSchedule tunes (and the key of its records)."""
-        return tvm.IRModule({"main": int8_dense(self.n, self.k, self.rows).with_attr("global_symbol", "main")})
+        kernel = int8_dense(self.n, self.k, self.rows, self.dot)
+        return tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")})
 
 
 class TuningDatabase:
@@ -116,22 +123,23 @@ class TuningDatabase:
 def chosen_tiles(database: TuningDatabase | None, task: DenseTask) -> tuple[DenseTiles, bool]:
     """The database's best tiles for ``task`` and True, or the default tiles and False."""
     found = database.best(task) if database is not None else None
-    return (found[0], True) if found else (default_tiles(task.n, task.k), False)
+    return (found[0], True) if found else (default_tiles(task.n, task.k, task.dot), False)
 
 
 class TileChooser:
     """``tiles_for(n, k, function)`` for :class:`PackInt8Matmul`: the database's best tiles for the
     function's row bucket, or the defaults; remembers which kernels were tuned for the build report."""
 
-    def __init__(self, database: TuningDatabase | None) -> None:
-        self.database = database
+    def __init__(self, database: TuningDatabase | None, family: str = "vnni") -> None:
+        self.database, self.family = database, family
         self.kernels: dict[tuple[int, int, str], dict] = {}  # (n, k, function) -> what was chosen
 
     def __call__(self, n: int, k: int, function: str) -> DenseTiles:
         key = (n, k, function)
         if key not in self.kernels:
-            task = DenseTask(n, k, ENTRY_ROWS.get(function, ROW_BUCKETS[-1]))
+            task = DenseTask(n, k, ENTRY_ROWS.get(function, ROW_BUCKETS[-1]), self.family)
             tiles, tuned = chosen_tiles(self.database, task)
             self.kernels[key] = {"function": function, "n": n, "k": k, "rows_tuned_for": task.rows,
-                                 "tiles": tiles.to_dict(), "tuned": tuned}
+                                 "tiles": tiles.to_dict(), "tuned": tuned, "dot": self.family,
+                                 "block": [task.dot.lanes, task.dot.reduce]}
         return DenseTiles(**self.kernels[key]["tiles"])

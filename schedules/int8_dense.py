@@ -1,21 +1,23 @@
-"""The INT8 dense kernel ``C[m, n] = A[m, k] . W[n, k]`` (int8 x int8 -> int32) on AVX-512 VNNI.
+"""The INT8 dense kernel ``C[m, n] = A[m, k] . W[n, k]`` (int8 x int8 -> int32), tensorized with an int8
+dot-product intrinsic of :mod:`.intrin` (AVX-512 VNNI ``vpdpbusd``; AVX-512 BW or AVX2 ``vpmaddwd``).
 
-``vpdpbusd`` multiplies *unsigned* by signed bytes, so the kernel adds 128 to every activation (one pass
-over ``A`` into a uint8 buffer: flipping the sign bit) and subtracts ``128 * sum_k W[n, k]``, a compile-time constant, at the
-end: ``(A + 128) . W - 128 * colsum(W) = A . W`` exactly. ``W`` is packed at compile time into the
-layout the intrinsic reads, ``[N/16, K/4, 16, 4]`` (``pack_weight``), zero-padded when N is not a
-multiple of 16 or K of 4.
+``W`` is packed at compile time into the layout the intrinsic reads, ``[N/lanes, K/reduce, lanes, reduce]``
+(``pack_weight``), zero-padded when N or K is not a multiple of the block. ``vpdpbusd`` multiplies
+*unsigned* by signed bytes, so for VNNI the kernel adds 128 to every activation (flipping the sign bit)
+and adds the compile-time constant ``-128 * sum_k W[n, k]`` at the end: ``(A + 128) . W - 128 * rowsum(W)
+= A . W`` exactly; the ``vpmaddwd`` families read activations sign-extended to int16 and their correction
+is zero.
 
 The number of rows ``m`` is dynamic (batch x tokens). The register tile's rows are split without
-predicates (tensorize rejects predicated blocks), which is safe because the shifted activations are
-allocated with ``m`` rounded up to ``ROW_PAD`` rows, a multiple of every row tile; the rows beyond ``m``
-compute garbage that is never written out.
+predicates (tensorize rejects predicated blocks), which is safe because the activations are first staged
+(shifted for VNNI, widened for the others) into a buffer with ``m`` rounded up to ``ROW_PAD`` rows, a
+multiple of every row tile; the rows beyond ``m`` compute garbage that is never written out.
 
-Schedule (``schedule_int8_dense``): column strips of ``16*cols`` outputs run in parallel (each thread
-keeps its strip of packed weights in L1 and walks all rows); inside, a ``rows x 16*cols`` int32
-accumulator tile lives in registers ("local" scope) over the whole reduction, unrolled by ``depth`` x 4
-bytes, and is written out once with the correction added. The three tile sizes are the tuning knobs;
-``tiles=None`` samples them (MetaSchedule's design space).
+Schedule (``schedule_int8_dense``): column strips of ``lanes*cols`` outputs run in parallel (each thread
+keeps its strip of packed weights in L1 and walks all rows); inside, a ``rows x lanes*cols`` int32
+accumulator tile lives in registers ("local" scope) over the whole reduction, unrolled by ``depth`` x
+``reduce`` bytes, and is written out once with the correction added. The three tile sizes are the tuning
+knobs; ``tiles=None`` samples them (MetaSchedule's design space).
 """
 from __future__ import annotations
 
@@ -25,18 +27,18 @@ import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from .intrin.x86_vnni import LANES, REDUCE, VNNI_DOT_16x4
+from .intrin import Int8Dot
+from .intrin.x86_vnni import VNNI_DOT
 
-ROW_TILES = (1, 2, 4, 8)  # register-tile rows the design space offers
-ROW_PAD = 8  # intermediate buffers hold a multiple of this many rows: every row tile divides it
-MAX_COLS = 8  # at most 8 x 16 int32 columns per register tile
-MAX_DEPTH = 64  # at most 64 x 4 bytes of reduction per unrolled step
-SHIFT = 128  # int8 -> uint8 offset
+ROW_TILES = (1, 2, 3, 4, 6, 8)  # register-tile rows the design space offers
+ROW_PAD = 24  # intermediate buffers hold a multiple of this many rows: every row tile divides it
+MAX_COLS = 8  # at most 8 x lanes int32 columns per register tile
+MAX_DEPTH = 64  # at most 64 x reduce bytes of reduction per unrolled step
 
 
 @dataclass(frozen=True)
 class DenseTiles:
-    """Tile sizes of one kernel: ``rows`` x ``cols``*16 accumulators, ``depth``*4 bytes per inner block."""
+    """Tile sizes of one kernel: ``rows`` x ``cols``*lanes accumulators, ``depth``*reduce bytes per inner block."""
 
     rows: int
     cols: int
@@ -46,41 +48,46 @@ class DenseTiles:
         return {"rows": self.rows, "cols": self.cols, "depth": self.depth}
 
 
-def padded(n: int, k: int) -> tuple[int, int]:
-    """N and K rounded up to the intrinsic's 16 x 4 block."""
-    return -(-n // LANES) * LANES, -(-k // REDUCE) * REDUCE
+def padded(n: int, k: int, dot: Int8Dot = VNNI_DOT) -> tuple[int, int]:
+    """N and K rounded up to the intrinsic's ``lanes`` x ``reduce`` block."""
+    return -(-n // dot.lanes) * dot.lanes, -(-k // dot.reduce) * dot.reduce
 
 
-def default_tiles(n: int, k: int) -> DenseTiles:
-    """Tiles used where the tuning database has no record: a 4 x 64 accumulator tile, 32-byte blocks."""
-    np_, kp = padded(n, k)
-    return DenseTiles(rows=4, cols=_largest_divisor(np_ // LANES, 4), depth=_largest_divisor(kp // REDUCE, 8))
+def default_tiles(n: int, k: int, dot: Int8Dot = VNNI_DOT) -> DenseTiles:
+    """Tiles used where the tuning database has no record: 4 rows x a quarter of the vector registers'
+    columns (4 x 64 int32 for AVX-512), 32-byte reduction blocks."""
+    np_, kp = padded(n, k, dot)
+    return DenseTiles(rows=4, cols=_largest_divisor(np_ // dot.lanes, dot.vector_registers // 8),
+                      depth=_largest_divisor(kp // dot.reduce, 32 // dot.reduce))
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, at_most + 1) if n % d == 0)
 
 
-def pack_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``w`` [N, K] int8 -> (packed [Np/16, Kp/4, 16, 4] int8, correction [Np] int32 = -128 * row sums)."""
+def pack_weight(w: np.ndarray, dot: Int8Dot = VNNI_DOT) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` [N, K] int8 -> (packed [Np/lanes, Kp/reduce, lanes, reduce] int8, correction [Np] int32 =
+    -shift * row sums)."""
     if w.dtype != np.int8 or w.ndim != 2:
         raise ValueError(f"pack_weight takes a 2-D int8 weight, got {w.dtype} {w.shape}")
     n, k = w.shape
-    np_, kp = padded(n, k)
+    np_, kp = padded(n, k, dot)
     full = np.zeros((np_, kp), np.int8)
     full[:n, :k] = w
-    packed = full.reshape(np_ // LANES, LANES, kp // REDUCE, REDUCE).transpose(0, 2, 1, 3)
-    correction = (-SHIFT * full.astype(np.int64).sum(axis=1)).astype(np.int32)
+    packed = full.reshape(np_ // dot.lanes, dot.lanes, kp // dot.reduce, dot.reduce).transpose(0, 2, 1, 3)
+    correction = (-dot.shift * full.astype(np.int64).sum(axis=1)).astype(np.int32)
     return np.ascontiguousarray(packed), correction
 
 
-def int8_dense(n: int, k: int, rows: int | None = None) -> tirx.PrimFunc:
+def int8_dense(n: int, k: int, rows: int | None = None, dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
     """The unscheduled kernel for an [N, K] weight; ``rows`` None makes the row count dynamic."""
-    np_, kp = padded(n, k)
+    np_, kp = padded(n, k, dot)
     N, K, NP, KP = (T.int64(v) for v in (n, k, np_, kp))
-    GN, GK, L, R = T.int64(np_ // LANES), T.int64(kp // REDUCE), T.int64(LANES), T.int64(REDUCE)
+    GN, GK = T.int64(np_ // dot.lanes), T.int64(kp // dot.reduce)
+    L, R = T.int64(dot.lanes), T.int64(dot.reduce)
     PAD = T.int64(ROW_PAD)
     M = tirx.Var("m", "int64") if rows is None else T.int64(rows)
+    staged_dtype, shift = dot.activation, dot.shift
 
     @T.prim_func(s_tir=True)
     def dense(a: T.handle, w: T.Buffer((GN, GK, L, R), "int8"), correction: T.Buffer((NP,), "int32"),
@@ -88,13 +95,16 @@ def int8_dense(n: int, k: int, rows: int | None = None) -> tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True, "global_symbol": "int8mt_int8_dense"})
         A = T.match_buffer(a, (M, K), "int8")
         C = T.match_buffer(c, (M, N), "int32")
-        shifted = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, KP), "uint8")
+        shifted = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, KP), staged_dtype)
         acc = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, NP), "int32", scope="local")
         for i, j in T.grid(M, KP):
             with T.sblock("shift"):
                 vi, vj = T.axis.remap("SS", [i, j])
-                shifted[vi, vj] = T.if_then_else(
-                    vj < K, T.bitwise_xor(T.reinterpret("uint8", A[vi, vj]), T.uint8(SHIFT)), T.uint8(SHIFT))
+                if shift != 0:
+                    shifted[vi, vj] = T.if_then_else(
+                        vj < K, T.bitwise_xor(T.reinterpret("uint8", A[vi, vj]), T.uint8(shift)), T.uint8(shift))
+                else:
+                    shifted[vi, vj] = T.if_then_else(vj < K, T.Cast(staged_dtype, A[vi, vj]), T.Cast(staged_dtype, 0))
         for i, j, r in T.grid(M, NP, KP):
             with T.sblock("dense"):
                 vi, vj, vr = T.axis.remap("SSR", [i, j, r])
@@ -110,12 +120,12 @@ def int8_dense(n: int, k: int, rows: int | None = None) -> tirx.PrimFunc:
     return dense
 
 
-def packed_rows(n: int, k: int, index_dtype: str = "int64") -> tirx.PrimFunc:
+def packed_rows(n: int, k: int, index_dtype: str = "int64", dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
     """Rows ``ids`` of an [N, K] weight read from its packed layout (an embedding lookup on the packed
     table); left to the default schedule."""
-    np_, kp = padded(n, k)
-    K, GN, GK = T.int64(k), T.int64(np_ // LANES), T.int64(kp // REDUCE)
-    L, R = T.int64(LANES), T.int64(REDUCE)
+    np_, kp = padded(n, k, dot)
+    K, GN, GK = T.int64(k), T.int64(np_ // dot.lanes), T.int64(kp // dot.reduce)
+    L, R = T.int64(dot.lanes), T.int64(dot.reduce)
     rows = tirx.Var("rows", "int64")
 
     @T.prim_func(s_tir=True)
@@ -131,13 +141,13 @@ def packed_rows(n: int, k: int, index_dtype: str = "int64") -> tirx.PrimFunc:
     return gather
 
 
-def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None) -> None:
-    """Tile, tensorize with ``vpdpbusd`` and parallelize the kernel of :func:`int8_dense` in ``sch``;
+def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None, dot: Int8Dot = VNNI_DOT) -> None:
+    """Tile, tensorize with ``dot`` and parallelize the kernel of :func:`int8_dense` in ``sch``;
     ``tiles`` None samples the tile sizes (the tuning design space)."""
     block = sch.get_sblock("dense")
     i, j, r = sch.get_loops(block)
-    jo, ji = sch.split(j, [None, LANES])
-    ro, ri = sch.split(r, [None, REDUCE])
+    jo, ji = sch.split(j, [None, dot.lanes])
+    ro, ri = sch.split(r, [None, dot.reduce])
     if tiles is None:
         rows = sch.sample_categorical(list(ROW_TILES), [1 / len(ROW_TILES)] * len(ROW_TILES))
         cols = sch.sample_perfect_tile(jo, n=2, max_innermost_factor=MAX_COLS)[1]
@@ -153,7 +163,7 @@ def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None) ->
     sch.parallel(joo)
     init = sch.decompose_reduction(block, roo)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, VNNI_DOT_16x4)
+    sch.tensorize(ji, dot.intrin)
     sch.unroll(ii)
     sch.unroll(joi)
     sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
@@ -171,12 +181,13 @@ def tiles_from_trace(trace: s_tir.Trace) -> DenseTiles:
     return DenseTiles(rows=ROW_TILES[int(rows)], cols=int(cols[1]), depth=int(depth[1]))
 
 
-def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, rows: int | None = None) -> tirx.PrimFunc:
+def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, rows: int | None = None,
+                         dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
     """The kernel for an [N, K] weight, scheduled with ``tiles`` and marked as scheduled."""
-    np_, kp = padded(n, k)
-    if tiles.rows not in ROW_TILES or (np_ // LANES) % tiles.cols or (kp // REDUCE) % tiles.depth:
+    np_, kp = padded(n, k, dot)
+    if tiles.rows not in ROW_TILES or (np_ // dot.lanes) % tiles.cols or (kp // dot.reduce) % tiles.depth:
         raise ValueError(f"tiles {tiles} do not fit a {n}x{k} weight: rows must be one of {ROW_TILES}, cols must "
-                         f"divide {np_ // LANES} and depth {kp // REDUCE}")
-    sch = s_tir.Schedule(int8_dense(n, k, rows))
-    schedule_int8_dense(sch, tiles)
+                         f"divide {np_ // dot.lanes} and depth {kp // dot.reduce}")
+    sch = s_tir.Schedule(int8_dense(n, k, rows, dot))
+    schedule_int8_dense(sch, tiles, dot)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -18,6 +18,7 @@ from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuild
 from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerInput, RunnerResult
 
 from .int8_dense import ROW_PAD, pack_weight
+from .intrin import Int8Dot
 
 _built: dict[str, tvm.runtime.Module] = {}  # artifact key -> module, from build to run
 _keys = itertools.count()
@@ -58,9 +59,9 @@ class _Done(PyRunnerFuture):
 class CheckedRunner(PyRunner):
     """Check each int8 dense candidate against NumPy, then time it with ``time_evaluator`` on all threads."""
 
-    def __init__(self, number: int = 3, repeat: int = 5, min_repeat_ms: int = 30) -> None:
+    def __init__(self, dot: Int8Dot, number: int = 3, repeat: int = 5, min_repeat_ms: int = 30) -> None:
         super().__init__()
-        self.number, self.repeat, self.min_repeat_ms = number, repeat, min_repeat_ms
+        self.dot, self.number, self.repeat, self.min_repeat_ms = dot, number, repeat, min_repeat_ms
         self._cases: dict[tuple, tuple[list[tvm.runtime.Tensor], np.ndarray, np.ndarray]] = {}
 
     def run(self, runner_inputs: list[RunnerInput]) -> list[_Done]:
@@ -91,7 +92,7 @@ class CheckedRunner(PyRunner):
             rng = np.random.default_rng(0)
             a = rng.integers(-128, 128, (m, k), dtype=np.int8)
             w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-            packed, correction = pack_weight(w)
+            packed, correction = pack_weight(w, self.dot)
             rows = np.unique(np.concatenate([np.arange(min(m, ROW_PAD)), np.arange(max(0, m - ROW_PAD), m),
                                              rng.integers(0, m, 8)]))
             expected = (a[rows].astype(np.float64) @ w.T.astype(np.float64)).astype(np.int32)  # exact: |sum| < 2^53

@@ -76,7 +76,11 @@ class _Progress(PyMeasureCallback):
 
 def tune(tasks: list[DenseTask], target: tvm.target.Target, database: TuningDatabase, trials: int,
          budget_s: float | None = None, trials_per_iter: int = 16, seed: int = 0) -> list[TaskReport]:
-    """Tune each task up to ``trials`` measured candidates in all (database records count)."""
+    """Tune each task up to ``trials`` measured candidates in all (database records count); the tasks are of
+    one dot-product family (one target)."""
+    families = {task.family for task in tasks}
+    if len(families) > 1:
+        raise ValueError(f"tasks of several dot-product families ({', '.join(sorted(families))}): tune one target at a time")
     reports, contexts = [], []
     for task in tasks:
         report = TaskReport(task, trials_before=len(database.records(task)))
@@ -85,7 +89,7 @@ def tune(tasks: list[DenseTask], target: tvm.target.Target, database: TuningData
             contexts.append(ms.TuneContext(
                 mod=task.workload(), target=target, task_name=task.name, rand_state=seed, num_threads=2,
                 space_generator=ms.space_generator.ScheduleFn(
-                    lambda sch: schedule_int8_dense(sch, None), sch_rules=[], postprocs=[],
+                    lambda sch, dot=task.dot: schedule_int8_dense(sch, None, dot), sch_rules=[], postprocs=[],
                     mutator_probs={ms.mutator.MutateTileSize(): 1.0}),
                 search_strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16)))
     pending = [r for r in reports if r.trials_before < trials]
@@ -98,7 +102,7 @@ def tune(tasks: list[DenseTask], target: tvm.target.Target, database: TuningData
             ms.task_scheduler.GradientBased(seed=seed).tune(
                 tasks=[contexts[i] for i in group], task_weights=[1.0] * len(group),
                 max_trials_global=remaining * len(group), max_trials_per_task=remaining,
-                num_trials_per_iter=trials_per_iter, builder=InProcessBuilder(), runner=CheckedRunner(),
+                num_trials_per_iter=trials_per_iter, builder=InProcessBuilder(), runner=CheckedRunner(tasks[0].dot),
                 measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel(),
                                    _Progress([pending[i] for i in group], bar, deadline)],
                 database=database.db, cost_model=ms.cost_model.XGBModel(num_tuning_cores=2))

@@ -29,10 +29,18 @@ PRESETS: dict[str, TargetPreset] = {
             int8_dot="vnni",
         ),
         TargetPreset(
+            name="x86-avx512",
+            target={"kind": "llvm", "mcpu": "skylake-avx512"},
+            required_features=("avx512f", "avx512bw", "avx512vl"),
+            description="x86-64 with AVX-512 BW but no VNNI (Intel Skylake-SP, Cascade Lake without VNNI)",
+            int8_dot="avx512bw",
+        ),
+        TargetPreset(
             name="x86-avx2",
             target={"kind": "llvm", "mcpu": "haswell"},
             required_features=("avx2", "fma"),
             description="generic x86-64 with AVX2 and FMA (Haswell and newer)",
+            int8_dot="avx2",
         ),
     )
 }

@@ -7,11 +7,21 @@ import torch
 from int8mt.model.checkpoint import save_model_dir
 from int8mt.model.config import ModelConfig
 from int8mt.model.transformer import Transformer
-from int8mt.targets import get_preset, missing_features
+from int8mt.targets import PRESETS, TargetPreset, get_preset, missing_features
 
 HOST_PRESET = get_preset("auto")  # the best preset this CPU runs: tests execute what they compile
 VNNI = get_preset("x86-vnni")
 needs_vnni = pytest.mark.skipif(bool(missing_features(VNNI)), reason="this CPU has no AVX-512 VNNI to run the kernels")
+
+
+def runnable(preset: TargetPreset) -> pytest.param:
+    """``preset`` as a test parameter, skipped where this CPU cannot run its code."""
+    missing = missing_features(preset)
+    return pytest.param(preset, id=preset.name,
+                        marks=pytest.mark.skipif(bool(missing), reason=f"this CPU lacks {', '.join(missing)}"))
+
+
+INT8_PRESETS = [runnable(p) for p in PRESETS.values() if p.int8_dot]  # every preset with int8 kernels
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "model" / "ende"
 DATA_DIR = ROOT.parent / "shared" / "data" / "multi30k"

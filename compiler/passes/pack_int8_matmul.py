@@ -1,13 +1,13 @@
-"""PackInt8Matmul: integer matmuls with constant int8 weights -> the tuned VNNI dense kernel.
+"""PackInt8Matmul: integer matmuls with constant int8 weights -> the tuned int8 dense kernel.
 
-Runs after :class:`ScalePropagation` and before legalization, on targets whose preset has the VNNI dot
-product. It rewrites
+Runs after :class:`ScalePropagation` and before legalization, on targets whose preset names an int8 dot
+product (VNNI, AVX-512 BW, AVX2). It rewrites
 
     matmul(x: int8[..., K], permute_dims(W: const int8[N, K]), out_dtype="int32")   (a linear layer)
     matmul(x: int8[..., K], W: const int8[K, N], out_dtype="int32")
 
 into ``call_tir(int8_dense_NxK, [reshape(x, [M, K]), packed W, correction])``: the weight is packed at
-compile time into the intrinsic's ``[N/16, K/4, 16, 4]`` layout with its ``-128 * row sums`` correction
+compile time into the intrinsic's layout (``[N/16, K/4, 16, 4]`` for VNNI) with its correction
 (:mod:`int8mt.schedules.int8_dense`), so inference pays nothing for the layout. Each kernel is scheduled
 with the tile sizes ``tiles_for(n, k, function_name)`` returns (the tuning database, or defaults) and
 marked as scheduled, so the default schedule leaves it alone. A ``take`` of rows from an int8 table (the
@@ -25,6 +25,8 @@ from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from int8mt.schedules.int8_dense import DenseTiles, pack_weight, packed_rows, scheduled_int8_dense
+from int8mt.schedules.intrin import Int8Dot
+from int8mt.schedules.intrin.x86_vnni import VNNI_DOT
 
 TilesFor = Callable[[int, int, str], DenseTiles]
 
@@ -52,9 +54,9 @@ def _is_int_matmul(call: relax.Expr) -> bool:
 
 @expr_functor.mutator
 class _Packer(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, tiles_for: TilesFor) -> None:
+    def __init__(self, mod: tvm.IRModule, tiles_for: TilesFor, dot: Int8Dot) -> None:
         super().__init__(mod)
-        self.tiles_for = tiles_for
+        self.tiles_for, self.dot = tiles_for, dot
         self.kernels: dict[tuple, ir.GlobalVar] = {}
         self.packed: dict[ir.expr.Constant, tuple[relax.Expr, relax.Expr]] = {}
         self.function = ""
@@ -86,7 +88,7 @@ class _Packer(PyExprMutator):
         packed, correction = self._pack(table)
         tiles = self.tiles_for(n, k, self.function)
         kernel = self._kernel(("dense", n, k, tiles), f"int8_dense_n{n}_k{k}_r{tiles.rows}c{tiles.cols}d{tiles.depth}",
-                              lambda: scheduled_int8_dense(n, k, tiles))
+                              lambda: scheduled_int8_dense(n, k, tiles, dot=self.dot))
         out = relax.call_tir(kernel, [flat, packed, correction], relax.TensorType([rows, n], "int32"))
         return out if len(lead) == 1 else relax.op.reshape(self.builder_.emit(out), [*lead, n])
 
@@ -100,14 +102,14 @@ class _Packer(PyExprMutator):
         rows = _product(shape) if shape else 1
         flat = self.builder_.emit(relax.op.reshape(ids, [rows])) if len(shape) != 1 else ids
         kernel = self._kernel(("rows", n, k, dtype), f"int8_packed_rows_n{n}_k{k}_{dtype}",
-                              lambda: packed_rows(n, k, dtype))
+                              lambda: packed_rows(n, k, dtype, self.dot))
         out = relax.call_tir(kernel, [flat, self._pack(table)[0]], relax.TensorType([rows, k], "int8"))
         return out if len(shape) == 1 else relax.op.reshape(self.builder_.emit(out), [*shape, k])
 
     def _pack(self, table: ir.expr.Constant) -> tuple[relax.Expr, relax.Expr]:
         """The packed weight and correction constants of ``table``, made once per table and function."""
         if table not in self.packed:
-            packed, correction = pack_weight(table.value.numpy())
+            packed, correction = pack_weight(table.value.numpy(), self.dot)
             self.packed[table] = (relax.const(packed), relax.const(correction))
         return self.packed[table]
 
@@ -126,14 +128,14 @@ def _product(dims: list) -> tvm.ir.PrimExpr:
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.PackInt8Matmul")
 class PackInt8Matmul:
-    """Replace int8 matmuls with constant weights by the packed VNNI kernel (see the module docstring).
+    """Replace int8 matmuls with constant weights by the packed kernel of ``dot`` (see the module docstring).
     ``tiles_for(n, k, function_name)`` gives each kernel's tile sizes."""
 
-    def __init__(self, tiles_for: TilesFor) -> None:
-        self.tiles_for = tiles_for
+    def __init__(self, tiles_for: TilesFor, dot: Int8Dot = VNNI_DOT) -> None:
+        self.tiles_for, self.dot = tiles_for, dot
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        packer = _Packer(mod, self.tiles_for)
+        packer = _Packer(mod, self.tiles_for, self.dot)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 packer.run(gv, func)

@@ -56,10 +56,11 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
     kernels = report.get("kernels")
     if kernels:
         tuned = sum(k["tuned"] for k in kernels)
-        lines += ["", f"int8 linear kernels: VNNI, weights packed at compile time; {tuned} of {len(kernels)} tuned"]
+        lines += ["", f"int8 linear kernels: {kernels[0].get('dot', 'vnni')} dot product, weights packed at compile "
+                      f"time; {tuned} of {len(kernels)} tuned"]
         for k in kernels:
-            t = k["tiles"]
-            lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {t['rows']}x{t['cols'] * 16} "
-                         f"depth {t['depth'] * 4:<4} {'tuned' if k['tuned'] else 'default tiles'} "
+            t, (lanes, reduce) = k["tiles"], k.get("block", (16, 4))
+            lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {t['rows']}x{t['cols'] * lanes} "
+                         f"depth {t['depth'] * reduce:<4} {'tuned' if k['tuned'] else 'default tiles'} "
                          f"(for {k['rows_tuned_for']} rows)")
     return "\n".join(lines)

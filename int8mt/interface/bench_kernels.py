@@ -1,13 +1,14 @@
 """Kernel benchmark: every linear-layer shape of the reference model and of a Transformer-base-shaped one at
 1 and 32 sentences of 20 tokens, as GOPS of
 
-* int8mt tuned: the VNNI kernel with the database's tiles (weights packed at compile time);
+* int8mt tuned: the int8 kernel of the preset's dot product (VNNI, AVX-512 BW or AVX2) with the database's
+  tiles (weights packed at compile time);
 * int8mt default: the int8 matmul as legalized by TVM under our default (untuned) CPU schedule;
 * PyTorch int8: ``torch.ao.nn.quantized.Linear`` (fbgemm/oneDNN with VNNI; int8 in, int8 out), and the
   dynamic one (FP32 in and out, activations quantized per call);
 * PyTorch FP32: ``torch.nn.functional.linear``,
 
-next to this CPU's int8 peak (``vpdpbusd`` streams on every core). All on every CPU of this process; each
+next to this CPU's int8 peak for that dot product (:mod:`int8mt.schedules.int8_peak`, on every core). All on every CPU of this process; each
 number is the best of 7 runs of at least 50 ms (this shared 2-vCPU machine varies by +-20 % from run to
 run; the best run is the least disturbed one, for every backend alike).
 """
@@ -65,7 +66,7 @@ def _tvm_seconds(module, args) -> float:
     return min(timer(*args).results)
 
 
-def _int8mt_kernels(n: int, k: int, rows: int, target, database) -> tuple[float, float, str, bool]:
+def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) -> tuple[float, float, str, bool]:
     """Seconds of the tuned kernel and of the default schedule, the tiles used and whether they were tuned."""
     import tvm
     from tvm import te
@@ -78,9 +79,10 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database) -> tuple[float,
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, (rows, k), dtype=np.int8)
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    tiles, tuned_tiles = chosen_tiles(database, DenseTask(n, k, row_bucket(rows)))
-    tuned = tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, tiles, rows)}), target=target).mod
-    packed, correction = pack_weight(w)
+    task = DenseTask(n, k, row_bucket(rows), family)
+    tiles, tuned_tiles = chosen_tiles(database, task)
+    tuned = tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, tiles, rows, task.dot)}), target=target).mod
+    packed, correction = pack_weight(w, task.dot)
     out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
     tuned_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(packed), tvm.runtime.tensor(correction), out]
     tuned["main"](*tuned_args)
@@ -94,7 +96,7 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database) -> tuple[float,
         generic = dlight.ApplyDefaultSchedule(CPUGeneric())(tvm.IRModule({"main": te.create_prim_func([x, wt, y])}))
     default = tvm.compile(generic, target=target).mod
     default_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(w), tvm.runtime.tensor(np.zeros((rows, n), np.int32))]
-    label = f"{tiles.rows}x{tiles.cols * 16}/{tiles.depth * 4}"
+    label = f"{tiles.rows}x{tiles.cols * task.dot.lanes}/{tiles.depth * task.dot.reduce}"
     return _tvm_seconds(tuned, tuned_args), _tvm_seconds(default, default_args), label, tuned_tiles
 
 
@@ -122,25 +124,27 @@ def _torch_seconds(n: int, k: int, rows: int) -> tuple[float, float, float]:
 
 def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32)) -> dict:
     """The benchmark table rows and the measured peak (see the module docstring)."""
-    if preset.int8_dot != "vnni":
-        raise ValueError(f"the kernel benchmark measures VNNI kernels; preset {preset.name} has none (use x86-vnni)")
+    if preset.int8_dot is None:
+        raise ValueError(f"the kernel benchmark measures int8 dot-product kernels; preset {preset.name} has none "
+                         "(`int8mt targets` lists the presets that have)")
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     import torch
     import tvm
     from tqdm import tqdm
 
     from int8mt.schedules.database import TuningDatabase
-    from int8mt.schedules.vnni_peak import measure_vnni_peak
+    from int8mt.schedules.int8_peak import measure_int8_peak
+    from int8mt.schedules.intrin import int8_dot
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     target = tvm.target.Target(preset.target)
     database = TuningDatabase(database_dir) if database_dir is not None else None
-    peak = measure_vnni_peak(target)
+    peak = measure_int8_peak(int8_dot(preset.int8_dot), target)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
     # all TVM kernels first, then PyTorch: PyTorch's OpenMP workers keep spinning after each call and would
     # take the cores from TVM's thread pool
-    ours = [_int8mt_kernels(n, k, m, target, database) for _, n, k, m in tqdm(cases, desc="int8mt kernels")]
+    ours = [_int8mt_kernels(n, k, m, target, database, preset.int8_dot) for _, n, k, m in tqdm(cases, desc="int8mt kernels")]
     theirs = [_torch_seconds(n, k, m) for _, n, k, m in tqdm(cases, desc="PyTorch kernels")]
     rows = []
     for (model, n, k, m), (tuned, default, tiles, was_tuned), torch_secs in zip(cases, ours, theirs):
@@ -154,7 +158,8 @@ def format_kernel_table(result: dict) -> str:
     peak = result["peak"]["gops"]
     header = ("| model | n x k | rows | int8mt tuned GOPS | % of peak | tiles | int8mt default | PyTorch int8 | "
               "PyTorch int8 dynamic | PyTorch FP32 | tuned / PyTorch int8 |")
-    lines = [f"int8 peak (vpdpbusd streams, {result['peak']['threads']} threads): {peak:.0f} GOPS", "", header,
+    instruction = result["peak"]["instruction"].removeprefix("llvm.x86.")
+    lines = [f"int8 peak ({instruction} streams, {result['peak']['threads']} threads): {peak:.0f} GOPS", "", header,
              "|" + "---|" * header.count(" | ") + "---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['n']} x {r['k']} | {r['rows']} | {r['int8mt_tuned']:.0f} | "

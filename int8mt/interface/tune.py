@@ -25,40 +25,43 @@ class TuneArgs:
     bench_shapes: bool = False  # also tune every shape of `int8mt bench kernels`
 
 
-def dense_tasks(source: Path) -> list[DenseTask]:
+def dense_tasks(source: Path, family: str) -> list[DenseTask]:
     """The int8 linear kernels of a bundle (from its build report) or of a model directory (imported,
-    quantized with run-time ranges, which give the same shapes as any other range method)."""
+    quantized with run-time ranges, which give the same shapes as any other range method), as tasks of the
+    dot-product ``family``."""
     source = Path(source)
     if (source / MANIFEST_FILE).is_file():
         report = json.loads((source / REPORT_FILE).read_text()) if (source / REPORT_FILE).is_file() else {}
         if "kernels" not in report:
-            raise ValueError(f"bundle {source} has no int8 VNNI kernels to tune; compile it with --quant int8 "
-                             "for a preset with VNNI (x86-vnni), or pass the model directory")
-        return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"]) for k in report["kernels"]})
+            raise ValueError(f"bundle {source} has no int8 kernels to tune; compile it with --quant int8 for a "
+                             "preset with an int8 dot product (int8mt targets), or pass the model directory")
+        return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family) for k in report["kernels"]})
     from int8mt.compiler.frontend import export_to_relax
     from int8mt.compiler.passes import PackInt8Matmul, ScalePropagation
     from int8mt.compiler.quant_import import quant_convert_map
     from int8mt.quant.checkpoint import quantized_model
     from int8mt.quant.config import QuantConfig
     from int8mt.schedules.database import TileChooser
+    from int8mt.schedules.intrin import int8_dot
 
     print(f"extracting int8 kernels of {source}", file=sys.stderr)
     model = quantized_model(source, QuantConfig(ranges="runtime"), None)
-    chooser = TileChooser(None)
-    PackInt8Matmul(chooser)(ScalePropagation()(export_to_relax(model, convert_map=quant_convert_map)))
-    return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"]) for k in chooser.kernels.values()})
+    chooser = TileChooser(None, family)
+    PackInt8Matmul(chooser, int8_dot(family))(ScalePropagation()(export_to_relax(model, convert_map=quant_convert_map)))
+    return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family) for k in chooser.kernels.values()})
 
 
 def tune(args: TuneArgs) -> list[dict]:
     """Tune every kernel of ``args.source`` (and the benchmark shapes if asked); returns one row per task and
     appends the run to the database's tuning log."""
-    if args.preset.int8_dot != "vnni":
-        raise ValueError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; use x86-vnni")
+    if args.preset.int8_dot is None:
+        raise ValueError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; "
+                         "`int8mt targets` lists the presets that have")
     if args.trials < 1 or args.budget_minutes <= 0:
         raise ValueError("--trials must be at least 1 and --budget-minutes positive")
-    tasks = dense_tasks(args.source)
+    tasks = dense_tasks(args.source, args.preset.int8_dot)
     if args.bench_shapes:
-        tasks = sorted(set(tasks) | set(bench_tasks()))
+        tasks = sorted(set(tasks) | set(bench_tasks(args.preset.int8_dot)))
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU
     import tvm
 

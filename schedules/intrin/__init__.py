@@ -1,1 +1,18 @@
-"""Tensor intrinsics of int8mt (description/implementation pairs registered under ``int8mt_`` names)."""
+"""Tensor intrinsics of int8mt (description/implementation pairs registered under ``int8mt_`` names), one
+per int8 dot-product family a target preset can name; registering them imports nothing heavy."""
+from __future__ import annotations
+
+from .dot import Int8Dot
+from .x86_avx2 import AVX2_DOT
+from .x86_avx512bw import AVX512BW_DOT
+from .x86_vnni import VNNI_DOT
+
+DOTS: dict[str, Int8Dot] = {d.family: d for d in (VNNI_DOT, AVX512BW_DOT, AVX2_DOT)}
+
+
+def int8_dot(family: str) -> Int8Dot:
+    """The intrinsic of dot-product ``family`` (a preset's ``int8_dot``)."""
+    try:
+        return DOTS[family]
+    except KeyError:
+        raise ValueError(f"no int8 dot-product intrinsic {family!r}; known: {', '.join(DOTS)}") from None

@@ -11,9 +11,11 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-VNNI_DOT_16x4 = "int8mt_vnni_dot_16x4"
-LANES = 16  # int32 outputs per instruction
-REDUCE = 4  # bytes summed into each output
+from .dot import Int8Dot
+
+VNNI_DOT = Int8Dot(family="vnni", intrin="int8mt_vnni_dot_16x4", lanes=16, reduce=4, activation="uint8",
+                   vector_registers=32, instruction="llvm.x86.avx512.vpdpbusd.512", operand="int8x64",
+                   accumulates=True)
 
 
 _0, _4, _16 = T.int64(0), T.int64(4), T.int64(16)  # int64 indices, as Relax's shapes: no casts to block
@@ -50,4 +52,4 @@ def dot_16x4_vnni(
             C.vload([_0], dtype="int32x16"), a, B.vload([_0, _0], dtype="int8x64"))
 
 
-TensorIntrin.register(VNNI_DOT_16x4, dot_16x4_desc, dot_16x4_vnni, override=True)
+TensorIntrin.register(VNNI_DOT.intrin, dot_16x4_desc, dot_16x4_vnni, override=True)

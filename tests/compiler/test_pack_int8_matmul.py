@@ -1,5 +1,6 @@
-"""PackInt8Matmul on small Relax graphs: linear layers with constant int8 weights become the packed VNNI
-kernel, the compiled graph equals the integer matmul for dynamic row counts, and other matmuls stay."""
+"""PackInt8Matmul on small Relax graphs: linear layers with constant int8 weights become the packed int8
+kernel (of each dot-product family), the compiled graph equals the integer matmul for dynamic row counts,
+and other matmuls stay."""
 import numpy as np
 import pytest
 import tvm
@@ -8,8 +9,9 @@ from tvm import relax
 from int8mt.compiler.passes import PackInt8Matmul
 from int8mt.compiler.pipeline import int8mt_pipeline
 from int8mt.schedules.int8_dense import DenseTiles, default_tiles
+from int8mt.schedules.intrin import int8_dot
 
-from ..conftest import VNNI, needs_vnni
+from ..conftest import INT8_PRESETS
 
 
 def _linear_module(w: np.ndarray, transposed: bool, rank: int = 2, layers: int = 1) -> tvm.IRModule:
@@ -61,15 +63,20 @@ def test_rewrites_linear_layers_only():
     assert _count_calls(attention) == 0 and "R.matmul" in attention.script()
 
 
-@needs_vnni
+def _vm(mod: tvm.IRModule, preset) -> relax.VirtualMachine:
+    target = tvm.target.Target(preset.target)
+    return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+
+
+@pytest.mark.parametrize("preset", INT8_PRESETS)
 @pytest.mark.parametrize("shape,tiles,rank", [((64, 32), DenseTiles(4, 2, 4), 2), ((100, 30), None, 2),
                                               ((48, 64), DenseTiles(8, 3, 16), 3), ((16, 4), DenseTiles(1, 1, 1), 3)])
-def test_compiled_kernel_equals_integer_matmul(shape, tiles, rank):
+def test_compiled_kernel_equals_integer_matmul(shape, tiles, rank, preset):
     rng = np.random.default_rng(1)
     w = rng.integers(-128, 128, shape, dtype=np.int8)
-    mod = PackInt8Matmul(lambda n, k, fn: tiles or default_tiles(n, k))(_linear_module(w, True, rank))
-    target = tvm.target.Target(VNNI.target)
-    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+    dot = int8_dot(preset.int8_dot)
+    mod = PackInt8Matmul(lambda n, k, fn: tiles or default_tiles(n, k, dot), dot)(_linear_module(w, True, rank))
+    vm = _vm(mod, preset)
     bias = np.arange(shape[0], dtype=np.int32)
     for lead in ([1], [13], [40]) if rank == 2 else ([1, 1], [3, 7], [2, 20]):
         x = rng.integers(-128, 128, (*lead, shape[1]), dtype=np.int8)
@@ -77,14 +84,14 @@ def test_compiled_kernel_equals_integer_matmul(shape, tiles, rank):
         np.testing.assert_array_equal(got, x.astype(np.int32) @ w.T.astype(np.int32) + bias)
 
 
-@needs_vnni
-def test_several_kernels_in_one_module():
+@pytest.mark.parametrize("preset", INT8_PRESETS)
+def test_several_kernels_in_one_module(preset):
     rng = np.random.default_rng(2)
     w = rng.integers(-128, 128, (64, 64), dtype=np.int8)
-    mod = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_linear_module(w, True, 2, layers=2))
+    dot = int8_dot(preset.int8_dot)
+    mod = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k, dot), dot)(_linear_module(w, True, 2, layers=2))
     assert _count_calls(mod) == 2
-    target = tvm.target.Target(VNNI.target)
-    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+    vm = _vm(mod, preset)
     x = rng.integers(-128, 128, (5, 64), dtype=np.int8)
     h = np.clip((x.astype(np.int32) @ w.T.astype(np.int32)) >> 8, -128, 127).astype(np.int32)
     expected = h @ (w[:32] // 2).T.astype(np.int32) + np.arange(32, dtype=np.int32)
@@ -105,17 +112,18 @@ def _embedding_module(table: np.ndarray) -> tvm.IRModule:
     return bb.get()
 
 
-@needs_vnni
-def test_tied_table_is_stored_once_and_gathered_from_its_packed_copy():
+@pytest.mark.parametrize("preset", INT8_PRESETS)
+def test_tied_table_is_stored_once_and_gathered_from_its_packed_copy(preset):
     rng = np.random.default_rng(3)
-    table = rng.integers(-128, 128, (40, 20), dtype=np.int8)  # padded to 48 x 20 when packed
-    mod = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_embedding_module(table))
+    table = rng.integers(-128, 128, (40, 20), dtype=np.int8)  # padded to a multiple of the lanes when packed
+    dot = int8_dot(preset.int8_dot)
+    mod = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k, dot), dot)(_embedding_module(table))
     text = mod.script(show_meta=False)
     assert "R.take" not in text and "int8_packed_rows" in text
     int8_constants = [c for c in _constants(mod) if c.dtype == np.int8]
-    assert [c.shape for c in int8_constants] == [(3, 5, 16, 4)]
-    target = tvm.target.Target(VNNI.target)
-    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+    lanes = dot.lanes
+    assert [c.shape for c in int8_constants] == [(-(-40 // lanes), 20 // dot.reduce, lanes, dot.reduce)]
+    vm = _vm(mod, preset)
     ids = rng.integers(0, 40, (3, 2)).astype(np.int64)
     h = table[ids.reshape(-1)].astype(np.int32)
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(ids)).numpy(), h @ table.T.astype(np.int32))

@@ -11,7 +11,7 @@ from int8mt.quant.checkpoint import quantized_model
 from int8mt.quant.config import QuantConfig
 from int8mt.runtime.bundle import Bundle
 
-from ..conftest import DATA_DIR, HOST_PRESET, TINY
+from ..conftest import DATA_DIR, HOST_PRESET, INT8_PRESETS, TINY
 
 MATMULS = 8 * TINY.encoder_layers + 14 * TINY.decoder_layers + 1
 
@@ -71,8 +71,8 @@ def test_compiled_graph_agrees_with_quantized_pytorch(quantized):
 LINEARS = 4 * TINY.encoder_layers + 8 * TINY.decoder_layers + 1  # matmuls with a weight (not QK^T, softmax.V)
 
 
-@pytest.mark.skipif(HOST_PRESET.int8_dot != "vnni", reason="the VNNI kernels need an AVX-512 VNNI CPU")
-def test_linear_layers_run_the_vnni_kernel(quantized):
+@pytest.mark.skipif(HOST_PRESET.int8_dot is None, reason="no preset with int8 kernels fits this CPU")
+def test_linear_layers_run_the_int8_kernel(quantized):
     out, _ = quantized
     report = json.loads((out / "report.json").read_text())
     sites = {(k["function"], k["n"], k["k"]) for k in report["kernels"]}
@@ -82,14 +82,38 @@ def test_linear_layers_run_the_vnni_kernel(quantized):
     assert LINEARS < MATMULS
 
 
+@pytest.mark.parametrize("preset", [p for p in INT8_PRESETS if p.values[0].name != HOST_PRESET.name])
+def test_other_int8_presets_compute_what_the_host_preset_computes(preset, quantized, tiny_model_dir, tmp_path):
+    """The AVX-512 BW / AVX2 fallback kernels in a whole model give the host preset's results: the integer
+    kernels are exact; float ops may round differently under another -mcpu."""
+    from int8mt.compiler.build import build_bundle
+
+    out, _ = quantized
+    if out.name != "runtime":
+        pytest.skip("one range method is enough to compare kernels")
+    build_bundle(tiny_model_dir, preset.name, tmp_path / "b", qcfg=QuantConfig(ranges="runtime"))
+    kernels = json.loads((tmp_path / "b" / "report.json").read_text())["kernels"]
+    assert len(kernels) == 7 and {k["dot"] for k in kernels} == {preset.int8_dot}
+    results = []
+    for bundle in (Bundle(out), Bundle(tmp_path / "b")):
+        src = _src()
+        cross = bundle.encode(src)
+        logits, _ = bundle.decode_step(np.full((3, 1), TINY.decoder_start_id), 0, bundle.empty_cache(3), cross,
+                                       bundle.tensor(src))
+        results.append((cross.numpy(), logits))
+    (cross, logits), (other_cross, other_logits) = results
+    np.testing.assert_allclose(other_cross, cross, rtol=1e-4, atol=1e-4 * float(np.abs(cross).max()))
+    np.testing.assert_allclose(other_logits, logits, rtol=1e-4, atol=1e-4 * float(np.abs(logits).max()))
+
+
 def test_inspect_prints_the_report(quantized, capsys):
     out, _ = quantized
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"matmuls in INT  {MATMULS} of {MATMULS}" in text
     assert "layer_norm" in text and "softmax" in text
-    if HOST_PRESET.int8_dot == "vnni":
-        assert "int8 linear kernels: VNNI, weights packed at compile time" in text
+    if HOST_PRESET.int8_dot:
+        assert f"int8 linear kernels: {HOST_PRESET.int8_dot} dot product, weights packed at compile time" in text
 
 
 def test_quantization_flags_need_quant(capsys, tiny_model_dir, tmp_path):
@@ -101,7 +125,7 @@ def test_quantization_flags_need_quant(capsys, tiny_model_dir, tmp_path):
 def test_db_needs_quant_and_must_exist(capsys, tiny_model_dir, tmp_path):
     assert main(["compile", str(tiny_model_dir), "--quant", "fp32", "--db", str(tmp_path), "-o", str(tmp_path / "b")]) == 2
     assert "--db holds tuned int8 kernels; it needs --quant" in capsys.readouterr().err
-    if HOST_PRESET.int8_dot == "vnni":
+    if HOST_PRESET.int8_dot:
         args = ["compile", str(tiny_model_dir), "--quant", "int8", "--ranges", "runtime", "--db", str(tmp_path / "x")]
         assert main(args + ["-o", str(tmp_path / "b")]) == 2
         assert "no tuning database in" in capsys.readouterr().err

@@ -1,14 +1,16 @@
-"""The VNNI int8 dense kernel: weight packing, the tiles a tuning trace encodes, and every scheduled kernel
-equal to NumPy's integer matmul for dynamic row counts (tails and padded N/K included)."""
+"""The int8 dense kernel of every dot-product family: weight packing, the tiles a tuning trace encodes, and
+every scheduled kernel equal to NumPy's integer matmul for dynamic row counts (tails and padded N/K
+included), and the peak microbenchmark."""
 import numpy as np
 import pytest
 import tvm
 from tvm import s_tir
 
-from int8mt.schedules.int8_dense import (DenseTiles, default_tiles, int8_dense, pack_weight, schedule_int8_dense,
-                                         scheduled_int8_dense, tiles_from_trace)
+from int8mt.schedules.int8_dense import (ROW_TILES, DenseTiles, default_tiles, int8_dense, pack_weight,
+                                         schedule_int8_dense, scheduled_int8_dense, tiles_from_trace)
+from int8mt.schedules.intrin import DOTS, int8_dot
 
-from ..conftest import VNNI, needs_vnni
+from ..conftest import INT8_PRESETS
 
 
 def test_pack_weight_layout_and_correction():
@@ -23,43 +25,59 @@ def test_pack_weight_layout_and_correction():
         pack_weight(w.astype(np.int16))
 
 
+def test_pack_weight_for_the_int16_families():
+    w = np.random.default_rng(0).integers(-128, 128, (20, 5), dtype=np.int8)
+    packed, correction = pack_weight(w, DOTS["avx2"])
+    assert packed.shape == (3, 3, 8, 2) and not correction.any()  # signed activations: no correction
+    for n, k in [(0, 0), (17, 4), (19, 3), (9, 1)]:
+        assert packed[n // 8, k // 2, n % 8, k % 2] == w[n, k]
+    assert pack_weight(w, DOTS["avx512bw"])[0].shape == (2, 3, 16, 2)
+    with pytest.raises(ValueError, match="no int8 dot-product intrinsic 'neon'; known: vnni, avx512bw, avx2"):
+        int8_dot("neon")
+
+
 def test_tiles_that_do_not_divide_the_weight_are_rejected():
     with pytest.raises(ValueError, match="cols must divide 4"):
         scheduled_int8_dense(64, 32, DenseTiles(rows=4, cols=3, depth=1))
     with pytest.raises(ValueError, match="rows must be one of"):
-        scheduled_int8_dense(64, 32, DenseTiles(rows=3, cols=1, depth=1))
+        scheduled_int8_dense(64, 32, DenseTiles(rows=5, cols=1, depth=1))
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_sampled_trace_gives_back_its_tiles(seed):
-    sch = s_tir.Schedule(int8_dense(256, 1024, 32), seed=seed + 1)
-    schedule_int8_dense(sch, None)
+@pytest.mark.parametrize("family", list(DOTS))
+@pytest.mark.parametrize("seed", range(3))
+def test_sampled_trace_gives_back_its_tiles(seed, family):
+    dot = DOTS[family]
+    sch = s_tir.Schedule(int8_dense(256, 1024, 32, dot), seed=seed + 1)
+    schedule_int8_dense(sch, None, dot)
     tiles = tiles_from_trace(sch.trace)
-    assert 16 % tiles.cols == 0 and 256 % tiles.depth == 0 and tiles.rows in (1, 2, 4, 8)
-    replay = s_tir.Schedule(int8_dense(256, 1024, 32))
-    schedule_int8_dense(replay, tiles)
+    assert (256 // dot.lanes) % tiles.cols == 0 and (1024 // dot.reduce) % tiles.depth == 0 and tiles.rows in ROW_TILES
+    replay = s_tir.Schedule(int8_dense(256, 1024, 32, dot))
+    schedule_int8_dense(replay, tiles, dot)
     tvm.ir.assert_structural_equal(replay.mod, sch.mod)
 
 
-@needs_vnni
+@pytest.mark.parametrize("preset", INT8_PRESETS)
 @pytest.mark.parametrize("n,k,tiles", [(64, 32, DenseTiles(4, 2, 4)), (48, 64, DenseTiles(8, 3, 16)),
-                                       (100, 30, None), (16, 4, DenseTiles(1, 1, 1)), (256, 256, DenseTiles(2, 4, 64))])
-def test_kernel_equals_numpy_for_any_row_count(n, k, tiles):
+                                       (100, 30, None), (16, 4, DenseTiles(1, 1, 1)), (256, 256, DenseTiles(6, 4, 64)),
+                                       (96, 64, DenseTiles(3, 2, 8))])
+def test_kernel_equals_numpy_for_any_row_count(n, k, tiles, preset):
+    dot = int8_dot(preset.int8_dot)
     rng = np.random.default_rng(n + k)
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    packed, correction = pack_weight(w)
-    kernel = scheduled_int8_dense(n, k, tiles or default_tiles(n, k))
-    module = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(VNNI.target)).mod
-    for rows in (1, 3, 8, 9, 37):
+    packed, correction = pack_weight(w, dot)
+    kernel = scheduled_int8_dense(n, k, tiles or default_tiles(n, k, dot), dot=dot)
+    module = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(preset.target)).mod
+    for rows in (1, 3, 8, 9, 25, 37):
         a = rng.integers(-128, 128, (rows, k), dtype=np.int8)
         out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
         module["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(packed), tvm.runtime.tensor(correction), out)
         np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ w.T.astype(np.int32))
 
 
-@needs_vnni
-def test_peak_microbenchmark_runs_every_thread():
-    from int8mt.schedules.vnni_peak import measure_vnni_peak
+@pytest.mark.parametrize("preset", INT8_PRESETS)
+def test_peak_microbenchmark_runs_every_thread(preset):
+    from int8mt.schedules.int8_peak import measure_int8_peak
 
-    result = measure_vnni_peak(tvm.target.Target(VNNI.target), iters=1000, repeat=1)
-    assert result["threads"] >= 1 and result["gops"] > 0
+    dot = int8_dot(preset.int8_dot)
+    result = measure_int8_peak(dot, tvm.target.Target(preset.target), iters=1000, repeat=1)
+    assert result["threads"] >= 1 and result["gops"] > 0 and result["instruction"] == dot.instruction

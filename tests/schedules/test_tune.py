@@ -8,8 +8,9 @@ import tvm
 from int8mt.cli import main
 from int8mt.schedules.database import DenseTask, TileChooser, TuningDatabase, row_bucket
 from int8mt.schedules.int8_dense import default_tiles
+from int8mt.targets import get_preset, missing_features
 
-from ..conftest import VNNI, needs_vnni
+from ..conftest import HOST_PRESET, VNNI, needs_vnni
 
 TASKS = [DenseTask(64, 32, 32), DenseTask(128, 64, 640)]
 
@@ -23,7 +24,8 @@ def test_untuned_kernels_get_default_tiles(tmp_path):
     chooser = TileChooser(TuningDatabase(tmp_path, create=True))
     assert chooser(64, 32, "decode_step") == default_tiles(64, 32)
     assert list(chooser.kernels.values()) == [{"function": "decode_step", "n": 64, "k": 32, "rows_tuned_for": 32,
-                                               "tiles": default_tiles(64, 32).to_dict(), "tuned": False}]
+                                               "tiles": default_tiles(64, 32).to_dict(), "tuned": False,
+                                               "dot": "vnni", "block": [16, 4]}]
 
 
 def test_row_buckets():
@@ -51,11 +53,40 @@ def test_tune_resume_and_apply(tmp_path):
     assert chooser(128, 64, "encode") == tiles and chooser.kernels[(128, 64, "encode")]["tuned"]
 
 
-def test_tune_and_bench_kernels_need_a_vnni_preset(capsys, tiny_model_dir):
-    assert main(["tune", str(tiny_model_dir), "--target", "x86-avx2"]) == 2
-    assert "preset x86-avx2 has no int8 dot-product kernels to tune" in capsys.readouterr().err
-    assert main(["bench", "kernels", "--target", "x86-avx2"]) == 2
-    assert "preset x86-avx2 has none" in capsys.readouterr().err
+def test_tune_and_bench_kernels_need_a_preset_with_int8_kernels(tmp_path, tiny_model_dir):
+    from dataclasses import replace
+
+    from int8mt.interface.bench_kernels import bench_kernels
+    from int8mt.interface.tune import TuneArgs
+    from int8mt.interface.tune import tune as tune_cli
+
+    plain = replace(HOST_PRESET, name="x86-plain", int8_dot=None)
+    with pytest.raises(ValueError, match="preset x86-plain has no int8 dot-product kernels to tune"):
+        tune_cli(TuneArgs(tiny_model_dir, plain, tmp_path / "db", trials=4, budget_minutes=1))
+    with pytest.raises(ValueError, match="preset x86-plain has none"):
+        bench_kernels(plain, None)
+
+
+def test_tasks_of_several_families_are_refused(tmp_path):
+    from int8mt.schedules.tune import tune
+
+    with pytest.raises(ValueError, match="several dot-product families"):
+        tune([DenseTask(64, 32, 32, "vnni"), DenseTask(64, 32, 32, "avx2")], tvm.target.Target(VNNI.target),
+             TuningDatabase(tmp_path, create=True), trials=4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing_features(get_preset("x86-avx2"))), reason="this CPU has no AVX2")
+def test_tune_the_avx2_family(tmp_path):
+    """The design space and the checked runner work for a fallback intrinsic too."""
+    from int8mt.schedules.tune import tune
+
+    task = DenseTask(64, 64, 32, "avx2")
+    target = tvm.target.Target(get_preset("x86-avx2").target)
+    [report] = tune([task], target, TuningDatabase(tmp_path, create=True), trials=4, trials_per_iter=4)
+    assert (report.trials, report.build_failures, report.run_failures) == (4, 0, 0)
+    tiles, _ = TuningDatabase(tmp_path).best(task)
+    assert 8 % tiles.cols == 0 and TileChooser(TuningDatabase(tmp_path), "avx2")(64, 64, "decode_step") == tiles
 
 
 @needs_vnni
@@ -66,7 +97,7 @@ def test_bench_kernels_with_a_missing_database_is_a_clear_error(capsys, tmp_path
 
 def test_tuning_an_fp32_bundle_is_a_clear_error(capsys, tiny_bundle):
     assert main(["tune", str(tiny_bundle), "--target", "x86-vnni"]) == 2
-    assert "has no int8 VNNI kernels to tune" in capsys.readouterr().err
+    assert "has no int8 kernels to tune" in capsys.readouterr().err
 
 
 @pytest.mark.slow
