@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import tvm
+from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight
 
@@ -32,6 +33,20 @@ def _phase(index: int, name: str, dump_dir: Path | None) -> tvm.transform.Pass:
     return _mark
 
 
+def _keep_reshape(_bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return call
+
+
+def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """TVM's CPU legalization (``cpu_generic.legalize_passes``), except that reshapes stay ``R.reshape`` (a view of the same memory at run
+    time): legalized into copy kernels they are turned back into views only where TVM can prove the copy
+    is the identity, which fails for dynamic shapes such as the decoder's growing cache, and those copies
+    took a fifth of a decoder step."""
+    del target  # the same passes for every CPU target, as in cpu_generic.legalize_passes
+    return [relax.transform.LegalizeOps({"relax.reshape": _keep_reshape}), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
 def int8mt_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> tvm.transform.Pass:
     """The whole Relax pipeline for ``target`` (an LLVM CPU target)."""
     if target.kind.name != "llvm":
@@ -42,7 +57,7 @@ def int8mt_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> 
         with target:
             return tvm.transform.Sequential(
                 [_phase(1, "import", dump_dir)]
-                + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                + cpu.library_dispatch_passes(target) + _legalize_passes(target)
                 + [_phase(2, "legalized", dump_dir), dlight.ApplyDefaultSchedule(CPUGeneric())]
                 + [_phase(3, "scheduled", dump_dir)]
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)

@@ -8,7 +8,7 @@ reductions. This rule gives each loop nest multi-core parallelism and, for matmu
   static, a ROW_TILE x VECTOR_WIDTH tile of outputs moves inside the reduction loops (vectorized, rows
   unrolled); the remaining spatial loops are fused and run in parallel; the init is split off;
 * other blocks: the last loop split by the vector width and vectorized where its extent allows, the
-  rest fused and run in parallel.
+  rest fused and run in parallel; a last loop of dynamic or odd extent stays a serial inner loop.
 
 Apply it after LegalizeOps/FuseTIR with ``dlight.ApplyDefaultSchedule(CPUGeneric())``. Tuned kernels
 (MetaSchedule) replace it where a tuning database has records.
@@ -54,13 +54,15 @@ class CPUGeneric(dlight.ScheduleRule):
         if not loops:
             return
         extent = _static(info.iters[-1].dom)
-        vector = None
         if extent is not None and extent % VECTOR_WIDTH == 0:
             *rest, vector = sch.split(loops[-1], [None, VECTOR_WIDTH])
             loops = loops[:-1] + rest
-        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
-        if vector is not None:
             sch.vectorize(vector)
+        elif len(loops) > 1:
+            # a dynamic (or odd) last loop stays serial inside the parallel outer loops: fusing it too would
+            # cost an int64 division and modulo per element to recover the indices
+            loops = loops[:-1]
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
     @staticmethod
     def _reduction(sch: s_tir.Schedule, info: dlight.SBlockInfo, kinds: str) -> None:
