@@ -3,9 +3,8 @@ per int8 dot-product family a target preset can name; registering them imports n
 from __future__ import annotations
 
 from .dot import Int8Dot
-from .x86_avx2 import AVX2_DOT
-from .x86_avx512bw import AVX512BW_DOT
 from .x86_vnni import VNNI_DOT
+from .x86_vpmaddwd import AVX2_DOT, AVX512BW_DOT
 
 DOTS: dict[str, Int8Dot] = {d.family: d for d in (VNNI_DOT, AVX512BW_DOT, AVX2_DOT)}
 

@@ -1,7 +1,11 @@
-"""What the int8 dense kernel needs to know about a dot-product tensor intrinsic."""
+"""What the int8 dense kernel needs to know about a dot-product tensor intrinsic, and the description
+(the computation it replaces) every such intrinsic shares."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
 
 
 @dataclass(frozen=True)
@@ -32,3 +36,26 @@ class Int8Dot:
     @property
     def shift(self) -> int:
         return 128 if self.activation == "uint8" else 0
+
+
+def dot_description(lanes: int, reduce: int, activation: str) -> tirx.PrimFunc:
+    """``C[i] += sum_k A[k] * B[i, k]`` for i < ``lanes``, k < ``reduce``: int32 accumulators in "local" scope
+    (a register tile), int64 indices as Relax's shapes have (no casts to block tensorization)."""
+    L, R, _0 = T.int64(lanes), T.int64(reduce), T.int64(0)
+
+    @T.prim_func(s_tir=True)
+    def description(
+        A: T.Buffer((R,), activation, offset_factor=1),
+        B: T.Buffer((L, R), "int8", offset_factor=1),
+        C: T.Buffer((L,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[_0:L], A[_0:R], B[_0:L, _0:R])
+            T.writes(C[_0:L])
+            for i in T.serial(_0, L):
+                for k in T.serial(_0, R):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return description

@@ -11,7 +11,7 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from .dot import Int8Dot
+from .dot import Int8Dot, dot_description
 
 VNNI_DOT = Int8Dot(family="vnni", intrin="int8mt_vnni_dot_16x4", lanes=16, reduce=4, activation="uint8",
                    vector_registers=32, instruction="llvm.x86.avx512.vpdpbusd.512", operand="int8x64",
@@ -19,22 +19,6 @@ VNNI_DOT = Int8Dot(family="vnni", intrin="int8mt_vnni_dot_16x4", lanes=16, reduc
 
 
 _0, _4, _16 = T.int64(0), T.int64(4), T.int64(16)  # int64 indices, as Relax's shapes: no casts to block
-
-
-@T.prim_func(s_tir=True)
-def dot_16x4_desc(
-    A: T.Buffer((_4,), "uint8", offset_factor=1),
-    B: T.Buffer((_16, _4), "int8", offset_factor=1),
-    C: T.Buffer((_16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[_0:_16], A[_0:_4], B[_0:_16, _0:_4])
-        T.writes(C[_0:_16])
-        for i in T.serial(_0, _16):
-            for k in T.serial(_0, _4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
 
 @T.prim_func(s_tir=True)
@@ -52,4 +36,4 @@ def dot_16x4_vnni(
             C.vload([_0], dtype="int32x16"), a, B.vload([_0, _0], dtype="int8x64"))
 
 
-TensorIntrin.register(VNNI_DOT.intrin, dot_16x4_desc, dot_16x4_vnni, override=True)
+TensorIntrin.register(VNNI_DOT.intrin, dot_description(16, 4, "uint8"), dot_16x4_vnni, override=True)
