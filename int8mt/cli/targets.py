@@ -13,8 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..targets import PRESETS, missing_features
 
+    name_width = max(len(p.name) for p in PRESETS.values())
+    target_width = max(len(json.dumps(p.target)) for p in PRESETS.values())
     for preset in PRESETS.values():
         missing = missing_features(preset)
         status = "runs here" if not missing else f"not on this CPU (lacks {', '.join(missing)})"
-        print(f"{preset.name:<10} {json.dumps(preset.target):<36} {preset.description}; {status}")
+        dot = f"int8 dot product {preset.int8_dot}" if preset.int8_dot else "no int8 kernels"
+        print(f"{preset.name:<{name_width}} {json.dumps(preset.target):<{target_width}} {preset.description}; "
+              f"{dot}; {status}")
     return 0
