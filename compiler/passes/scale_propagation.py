@@ -353,12 +353,14 @@ class _Propagator(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.ScalePropagation")
 class ScalePropagation:
-    """Rewrite quantize/dequantize round trips into integer ops (see the module docstring), then drop the
-    float values no one uses."""
+    """Rewrite quantize/dequantize round trips into integer ops (see the module docstring), share equal ops
+    (one quantize of a layer-norm output for Q, K and V when their scales are equal, as with calibrated or
+    run-time ranges), then drop the float values no one uses."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         propagator = _Propagator(mod)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 propagator.builder_.update_func(gv, propagator.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(propagator.builder_.get())
+        shared = relax.transform.EliminateCommonSubexpr()(propagator.builder_.get())
+        return relax.transform.DeadCodeElimination()(shared)

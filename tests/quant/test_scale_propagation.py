@@ -157,3 +157,19 @@ def test_fixed_point_multiplier_rounds_half_up(ratio):
     exact = x * ratio
     got = apply_fixed_point(x, mult, shift)
     assert np.all(np.abs(got - exact) <= 0.5 + 1e-6 * np.abs(exact) + 1e-9)
+
+
+def test_quantizers_of_one_input_with_equal_scales_are_shared():
+    """Q, K and V projections of one layer-norm output: one quantize when the scales are equal, two when not."""
+    fc = [_weights(16, 32) for _ in range(3)]
+
+    def build(bb, x, scales=(0.02, 0.02, 0.03)):
+        return relax.Tuple([_linear(bb, _q(bb, x, s), s, *w) for s, w in zip(scales, fc)])
+
+    mod = ScalePropagation()(_function(build, {"x": ((5, 32), "float32")}))
+    assert op_report(mod)["total"]["quantize"] == 2 and op_report(mod)["total"]["matmul_int"] == 3
+    x = RNG.normal(0, 0.5, (5, 32)).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    for got, s, (w_q, w_scale, bias) in zip(vm["main"](tvm.runtime.tensor(x)), (0.02, 0.02, 0.03), fc):
+        acc, scale = ref.linear(ref.quantize(x, s, 127), s, w_q, w_scale, bias)
+        np.testing.assert_allclose(got.numpy(), acc * scale, rtol=1e-5, atol=1e-6)
