@@ -6,7 +6,9 @@ reductions. This rule gives each loop nest multi-core parallelism and, for matmu
 
 * reduction blocks ``S... R...`` (matmuls, softmax/layer-norm reductions): when the last spatial extent is
   static, a ROW_TILE x VECTOR_WIDTH tile of outputs moves inside the reduction loops (vectorized, rows
-  unrolled); the remaining spatial loops are fused and run in parallel; the init is split off;
+  unrolled); when it is dynamic and an input is contiguous along it (attention scores), that loop moves
+  inside the reductions as a serial loop; the remaining spatial loops are fused and run in parallel; the
+  init is split off;
 * other blocks: the last loop split by the vector width and vectorized where its extent allows, the
   rest fused and run in parallel; a last loop of dynamic or odd extent stays a serial inner loop.
 
@@ -25,6 +27,17 @@ ROW_TILE = 4  # output rows that share each loaded weight vector
 
 def _static(extent: object) -> int | None:
     return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
+
+
+def _reads_along(sch: s_tir.Schedule, block: s_tir.SBlockRV, info: dlight.SBlockInfo, kinds: str) -> bool:
+    """Whether some input of ``block`` has the block's last spatial axis as its innermost index."""
+    last = [it.var for it, k in zip(info.iters, kinds) if k == "S"][-1]
+    stmt = sch.get(block)
+    for region in stmt.reads:
+        index = region.region[-1].min if region.region else None
+        if index is not None and index.same_as(last):
+            return True
+    return False
 
 
 class CPUGeneric(dlight.ScheduleRule):
@@ -84,6 +97,14 @@ class CPUGeneric(dlight.ScheduleRule):
                 outer, inner = spatial[:-1] + [jo], [ji]
         elif last is not None and 1 < last <= 64:
             outer, inner = spatial[:-1], [spatial[-1]]
+        elif last is None and len(spatial) > 1 and _reads_along(sch, block, info, kinds):
+            # a dynamic last output axis that an input is contiguous along (attention scores Q.K^T): it
+            # stays a serial inner loop inside the reductions, which LLVM vectorizes with a remainder
+            outer, inner = spatial[:-1], [spatial[-1]]
+            sch.reorder(*outer, *reduce, *inner)
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            sch.decompose_reduction(block, reduce[0])
+            return
         else:
             outer = spatial
         sch.reorder(*outer, *reduce, *inner)

@@ -57,3 +57,14 @@ def test_scheduled_kernels_match_numpy(n, s):
     logits = q @ k
     expected = np.exp(logits - logits.max(-1, keepdims=True))
     np.testing.assert_allclose(scores.numpy(), expected / expected.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_score_axis_stays_inside_the_reduction():
+    """Q.K^T with a dynamic key length: the key axis becomes the innermost loop (contiguous in K^T) instead of
+    being fused into the parallel loop, which would cost a division and a modulo per output element."""
+    scores = next(f for gv, f in _legalized().functions.items() if gv.name_hint == "matmul1")  # q @ k
+    sch = CPUGeneric().apply(scores, TARGET, False)
+    block = sch.get_sblock("matmul_update")
+    innermost = sch.get(sch.get_loops(block)[-1])
+    assert not isinstance(innermost.extent, tvm.tirx.IntImm)  # the dynamic key length
+    assert sch.get(sch.get_loops(block)[0]).kind == tvm.tirx.ForKind.PARALLEL
