@@ -77,7 +77,8 @@ def tune(args: TuneArgs) -> list[dict]:
     rows = []
     for report in reports:
         best = database.best(report.task)
-        rows.append({**report.to_dict(), "best_tiles": best[0].to_dict() if best else None,
+        rows.append({**report.to_dict(), "block": [report.task.dot.lanes, report.task.dot.reduce],
+                     "best_tiles": best[0].to_dict() if best else None,
                      "best_gops_all_runs": report.task.ops / best[1] / 1e9 if best else None})
     log = args.database / LOG_FILE
     runs = json.loads(log.read_text()) if log.is_file() else []
@@ -91,8 +92,8 @@ def format_rows(rows: list[dict]) -> str:
     header = "| kernel (n x k, rows) | trials run | build failures | run failures | best GOPS | tiles |"
     lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
-        tiles = r["best_tiles"]
-        tiles = f"{tiles['rows']}x{tiles['cols'] * 16}, depth {tiles['depth'] * 4}" if tiles else "-"
+        tiles, (lanes, reduce) = r["best_tiles"], r["block"]
+        tiles = f"{tiles['rows']}x{tiles['cols'] * lanes}, depth {tiles['depth'] * reduce}" if tiles else "-"
         gops = f"{r['best_gops_all_runs']:.0f}" if r["best_gops_all_runs"] else "-"
         lines.append(f"| {r['n']} x {r['k']}, {r['rows']} | {r['trials']} (had {r['trials_before']}) | "
                      f"{r['build_failures']} | {r['run_failures']} | {gops} | {tiles} |")
