@@ -138,5 +138,6 @@ class Bundle:
         return out[0].numpy(), out[1]
 
     def reorder_cache(self, cache: Any, rows: np.ndarray) -> Any:
-        """The cache with its batch rows taken in the order ``rows`` (beam search)."""
+        """The cache (or the cross-attention keys/values, of the same layout) with its batch rows taken in the
+        order ``rows``: beam search reorders hypotheses, greedy search drops finished sentences."""
         return self._reorder(cache, self.tensor(rows.astype(np.int64)))

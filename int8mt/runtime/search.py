@@ -33,9 +33,14 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+COMPACT_BELOW = 0.75  # drop finished rows once fewer than this share of the batch in flight is unfinished
+
+
 def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int]) -> list[list[int]]:
     """Arg-max decoding of each row of ``src`` [B, S], row i stopping after ``max_lens[i]`` tokens;
-    returns ids without EOS."""
+    returns ids without EOS. Finished rows leave the batch (their cache and cross-attention rows are dropped
+    with ``reorder_cache``) once fewer than ``COMPACT_BELOW`` of the rows in flight are unfinished, so a batch
+    does not keep paying for its longest sentence; every row's result is the same as decoded alone."""
     batch = src.shape[0]
     src_t = bundle.tensor(src)
     cross = bundle.encode(src)
@@ -43,18 +48,25 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int]) -> list[
     tokens = np.full((batch, 1), bundle.start_id, np.int64)
     out = [[] for _ in range(batch)]
     done = np.zeros(batch, bool)
+    rows = np.arange(batch)  # the sentence of each row in flight
     for step in range(max(max_lens)):
         logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
         nxt = logits.argmax(-1)
-        for i in np.flatnonzero(~done):
-            if nxt[i] == bundle.eos_id:
+        for r in np.flatnonzero(~done[rows]):
+            i = rows[r]
+            if nxt[r] == bundle.eos_id:
                 done[i] = True
             else:
-                out[i].append(int(nxt[i]))
+                out[i].append(int(nxt[r]))
                 done[i] = len(out[i]) >= max_lens[i]
         if done.all():
             break
         tokens = nxt[:, None].astype(np.int64)
+        keep = np.flatnonzero(~done[rows])
+        if len(keep) < COMPACT_BELOW * len(rows):
+            cache, cross = bundle.reorder_cache(cache, keep), bundle.reorder_cache(cross, keep)
+            rows, tokens = rows[keep], tokens[keep]
+            src_t = bundle.tensor(src[rows])
     return out
 
 

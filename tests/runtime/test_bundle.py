@@ -54,6 +54,20 @@ def test_batching_does_not_change_greedy_results(tiny_bundle):
     assert one == many
 
 
+def test_greedy_drops_finished_rows_without_changing_results(tiny_bundle, monkeypatch):
+    bundle = Bundle(tiny_bundle)
+    src = np.random.default_rng(5).integers(4, 8000, (6, 7))
+    src[4:, 5:] = 0
+    max_lens = [1, 2, 2, 9, 12, 5]  # rows finish at different steps: the batch shrinks twice
+    batches = []
+    step = bundle.decode_step
+    monkeypatch.setattr(bundle, "decode_step", lambda tokens, *a: batches.append(len(tokens)) or step(tokens, *a))
+    together = greedy_search(bundle, src, max_lens)
+    assert batches[0] == 6 and batches[-1] < 6  # it did shrink
+    alone = [greedy_search(bundle, src[i:i + 1], [n])[0] for i, n in enumerate(max_lens)]
+    assert together == alone and [len(t) for t in together] == max_lens
+
+
 @pytest.mark.parametrize("missing", ["model.so", "manifest.json", "spm.model"])
 def test_missing_file(bundle_copy, missing):
     (bundle_copy / missing).unlink()
