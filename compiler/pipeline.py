@@ -38,10 +38,10 @@ def _keep_reshape(_bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """TVM's CPU legalization (``cpu_generic.legalize_passes``), except that reshapes stay ``R.reshape`` (a view of the same memory at run
-    time): legalized into copy kernels they are turned back into views only where TVM can prove the copy
-    is the identity, which fails for dynamic shapes such as the decoder's growing cache, and those copies
-    took a fifth of a decoder step."""
+    """TVM's CPU legalization (``cpu_generic.legalize_passes``), except that reshapes stay ``R.reshape`` (a
+    view of the same memory at run time): legalized into copy kernels they are turned back into views only
+    where TVM can prove the copy is the identity, which fails for dynamic shapes such as the decoder's
+    growing cache, and those copies took a fifth of a decoder step."""
     del target  # the same passes for every CPU target, as in cpu_generic.legalize_passes
     return [relax.transform.LegalizeOps({"relax.reshape": _keep_reshape}), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]

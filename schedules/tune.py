@@ -80,7 +80,8 @@ def tune(tasks: list[DenseTask], target: tvm.target.Target, database: TuningData
     one dot-product family (one target)."""
     families = {task.family for task in tasks}
     if len(families) > 1:
-        raise ValueError(f"tasks of several dot-product families ({', '.join(sorted(families))}): tune one target at a time")
+        raise ValueError(f"tasks of several dot-product families ({', '.join(sorted(families))}): "
+                         "tune one target at a time")
     reports, contexts = [], []
     for task in tasks:
         report = TaskReport(task, trials_before=len(database.records(task)))

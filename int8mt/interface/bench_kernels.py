@@ -8,9 +8,9 @@
   dynamic one (FP32 in and out, activations quantized per call);
 * PyTorch FP32: ``torch.nn.functional.linear``,
 
-next to this CPU's int8 peak for that dot product (:mod:`int8mt.schedules.int8_peak`, on every core). All on every CPU of this process; each
-number is the best of 7 runs of at least 50 ms (this shared 2-vCPU machine varies by +-20 % from run to
-run; the best run is the least disturbed one, for every backend alike).
+next to this CPU's int8 peak for that dot product (:mod:`int8mt.schedules.int8_peak`, on every core). All on
+every CPU of this process; each number is the best of 7 runs of at least 50 ms (this shared 2-vCPU machine
+varies by +-20 % from run to run; the best run is the least disturbed one, for every backend alike).
 """
 from __future__ import annotations
 
@@ -144,7 +144,8 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
              for s in sentences]
     # all TVM kernels first, then PyTorch: PyTorch's OpenMP workers keep spinning after each call and would
     # take the cores from TVM's thread pool
-    ours = [_int8mt_kernels(n, k, m, target, database, preset.int8_dot) for _, n, k, m in tqdm(cases, desc="int8mt kernels")]
+    ours = [_int8mt_kernels(n, k, m, target, database, preset.int8_dot)
+            for _, n, k, m in tqdm(cases, desc="int8mt kernels")]
     theirs = [_torch_seconds(n, k, m) for _, n, k, m in tqdm(cases, desc="PyTorch kernels")]
     rows = []
     for (model, n, k, m), (tuned, default, tiles, was_tuned), torch_secs in zip(cases, ours, theirs):
