@@ -35,7 +35,7 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
     database shipped for the preset; kernels it lacks get default tiles)."""
     preset = get_preset(target_name)
     check_model_dir(model_dir)
-    tiles = _tile_chooser(preset, database) if qcfg is not None else None
+    tiles = tile_chooser(preset, database) if qcfg is not None else None
     if qcfg is None:
         model = load_model_dir(model_dir)
     else:
@@ -58,13 +58,9 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
         print("scale propagation", file=sys.stderr)
         mod = ScalePropagation()(mod)
         report["after"] = op_report(mod)
+        mod = lower_integer_graph(mod, preset, tiles)
         if tiles is not None:
-            print(f"packing int8 weights for the tuned {preset.int8_dot} kernels", file=sys.stderr)
-            mod = PackInt8Matmul(tiles, int8_dot(preset.int8_dot))(mod)
             report["kernels"] = list(tiles.kernels.values())
-        # matmul(x, permute_dims(W)) as one kernel reading W as stored: the tied int8 embedding/logits
-        # table is then kept once instead of also folded into a transposed copy.
-        mod = relax.transform.FuseTransposeMatmul()(mod)
     print(f"compiling for {target_name} ({json.dumps(preset.target)})", file=sys.stderr)
     executable = tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target, dump_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +85,17 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
     return manifest
 
 
-def _tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser | None:
+def lower_integer_graph(mod: tvm.IRModule, preset: TargetPreset, tiles: TileChooser | None) -> tvm.IRModule:
+    """After Scale Propagation: int8 linear layers onto the preset's packed kernels (with ``tiles``), and
+    matmul(x, permute_dims(W)) as one kernel reading W as stored (the tied int8 embedding/logits table is
+    then kept once instead of also folded into a transposed copy)."""
+    if tiles is not None:
+        print(f"packing int8 weights for the tuned {preset.int8_dot} kernels", file=sys.stderr)
+        mod = PackInt8Matmul(tiles, int8_dot(preset.int8_dot))(mod)
+    return relax.transform.FuseTransposeMatmul()(mod)
+
+
+def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser | None:
     """Where the tuned kernels' tiles come from: ``database``, or the shipped one if it exists."""
     if preset.int8_dot is None:
         return None

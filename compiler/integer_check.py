@@ -1,0 +1,109 @@
+"""Check the compiled integer graph against the NumPy integer reference, matmul by matmul.
+
+The quantized model is compiled as a bundle would be (Scale Propagation, the preset's packed int8 kernels
+with their tiles, the int8mt pipeline) with :class:`TapIntMatmuls` returning every integer matmul's
+operands and result. Running ``encode`` and a few decoder steps on the same inputs in the compiled graph
+and in :class:`~int8mt.quant.integer_model.IntegerTransformer` gives, per matmul: whether its int32 result
+is exactly the integer product of its own operands (the kernels and the integer ops around them), and how
+far its operands are from the reference's (the whole graph; see that module for why one step).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from int8mt.model.transformer import Transformer
+from int8mt.quant.integer_model import IntegerTransformer, MatmulRecord
+from int8mt.schedules.database import TileChooser
+from int8mt.targets import TargetPreset
+
+from .build import lower_integer_graph
+from .frontend import export_to_relax
+from .passes import ScalePropagation, TapIntMatmuls
+from .pipeline import int8mt_pipeline
+from .quant_import import quant_convert_map
+
+
+@dataclass(frozen=True)
+class MatmulCheck:
+    """One matmul of one call: its result against its operands, and its operands against the reference."""
+
+    function: str
+    name: str
+    shape: tuple[int, ...]
+    exact: bool                 # int32 result == integer product of the compiled graph's own operands
+    operands_equal: float       # fraction of operand elements equal to the reference's
+    operands_max_diff: int      # largest |compiled - reference| over the operands, in quantization steps
+    result_equal: float         # fraction of result elements equal to the reference's
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compile_tapped(model: Transformer, preset: TargetPreset, tiles: TileChooser | None) -> relax.VirtualMachine:
+    """The quantized ``model`` compiled for ``preset`` with every integer matmul tapped."""
+    mod = export_to_relax(model, convert_map=quant_convert_map)
+    mod = TapIntMatmuls()(ScalePropagation()(mod))
+    mod = lower_integer_graph(mod, preset, tiles)
+    target = tvm.target.Target(preset.target)
+    print(f"compiling the tapped integer graph for {preset.name}", file=sys.stderr)
+    return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+
+
+def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray
+                        ) -> list[MatmulCheck]:
+    """Run ``encode(src)`` and one decoder step per column of ``tokens`` [B, steps] in the compiled graph
+    ``vm`` (from :func:`compile_tapped`) and in the reference; compare every matmul. Each call of the
+    reference gets the compiled graph's inputs (its cross-attention keys/values and cache), so that a
+    difference is checked where it arises and does not carry over into later calls."""
+    reference = IntegerTransformer(model)
+    cfg = model.cfg
+    checks = []
+
+    def call(name: str, reference_call, *args: np.ndarray):
+        reference.records.clear()
+        expected = reference_call(*args)
+        out, taps = vm[name](*(tvm.runtime.tensor(a) for a in args))
+        checks.extend(_compare(name, reference.records, [t.numpy() for t in taps]))
+        return out, expected
+
+    cross, _ = call("encode", reference.encode, src)
+    cross = cross.numpy()
+    cache = np.zeros((cfg.decoder_layers, 2, len(src), cfg.heads, 0, cfg.head_dim), np.float32)
+    for step in range(tokens.shape[1]):
+        column = np.ascontiguousarray(tokens[:, step:step + 1])
+        (_, cache), _ = call("decode_step", lambda *a: reference.decode_step(column, step, *a[2:]),
+                             column, np.array([step]), cache, cross, src)
+        cache = cache.numpy()
+    return checks
+
+
+def _compare(function: str, records: list[MatmulRecord], taps: list[np.ndarray]) -> list[MatmulCheck]:
+    expected = sum(2 if r.weight else 3 for r in records)
+    if len(taps) != expected:
+        raise AssertionError(f"{function}: the compiled graph has {len(taps)} matmul taps, the reference "
+                             f"{len(records)} integer matmuls ({expected} taps): the graphs differ")
+    checks, taps = [], iter(taps)
+    for r in records:
+        a = _like(next(taps), r.a, function, r.name)
+        b = r.b if r.weight else _like(next(taps), r.b, function, r.name)
+        out = _like(next(taps), r.out, function, r.name)
+        product = np.matmul(a.astype(np.int32), b.astype(np.int32))
+        operands = [(a, r.a)] + ([] if r.weight else [(b, r.b)])
+        diff = max(int(np.abs(x.astype(np.int32) - y.astype(np.int32)).max(initial=0)) for x, y in operands)
+        equal = sum(int(np.sum(x == y)) for x, y in operands) / sum(y.size for _, y in operands)
+        checks.append(MatmulCheck(function, r.name, tuple(r.out.shape), bool(np.array_equal(out, product)),
+                                  equal, diff, float(np.mean(out == r.out))))
+    return checks
+
+
+def _like(tap: np.ndarray, reference: np.ndarray, function: str, name: str) -> np.ndarray:
+    """A tapped tensor in the reference's layout (the graph may flatten batch and heads)."""
+    if tap.size != reference.size or tap.dtype != reference.dtype:
+        raise AssertionError(f"{function}/{name}: compiled {tap.dtype}{list(tap.shape)} does not match the "
+                             f"reference's {reference.dtype}{list(reference.shape)}")
+    return tap.reshape(reference.shape)

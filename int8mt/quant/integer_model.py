@@ -1,0 +1,217 @@
+"""NumPy integer reference of a whole quantized Transformer: the encoder (with the cross-attention keys
+and values) and one decoder step, recording every matmul's int8 operands and int32 result.
+
+It is written from the integer scheme that Scale Propagation implements, not from the compiled graph:
+
+* an int8 x int8 matmul gives int32 whose scale is the product of the operands' scales;
+* with compile-time (static) scales a bias is folded into the int32 accumulator (``round(bias / scale)``)
+  and a static quantizer of an integer tensor requantizes it with an integer multiplier and shift
+  (:mod:`.reference`); multiplying by a positive constant, reshapes, transposes and ReLU keep integers
+  and move the scale;
+* every other op (layer norm, softmax, masking, residual additions, run-time range quantizers) reads the
+  dequantized float32 value ``float32(q) * float32(scale)`` and runs in float32.
+
+The integer parts are exact, so the compiled graph must reproduce each matmul bit for bit from the same
+operands. Its float ops (softmax's exp, the sums of layer norm and softmax) round differently from NumPy
+in the last bit now and then, which can move a value that sits on a rounding boundary by one step when it
+is next quantized: operands agree with this reference exactly or within one step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model.transformer import NEG_INF, Attention, Transformer
+from . import reference as ref
+from .modules import ActQuant, QEmbedding, QLinear, QMatMul
+from .ops import EPS
+
+LN_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer tensor and its scale (broadcastable to it): float64 if a compile-time constant, float32
+    if computed at run time."""
+
+    data: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def static(self) -> bool:
+        return self.scale.dtype == np.float64
+
+    def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> "Int":
+        """Apply a reshape/transpose/slice ``fn`` to the data and, where it varies, to the scale."""
+        data = fn(self.data)
+        if self.scale.size == 1:
+            return Int(data, self.scale.reshape((1,) * data.ndim))
+        return Int(data, fn(np.broadcast_to(self.scale, self.data.shape)))
+
+    def times(self, c: float) -> "Int":
+        """Multiplication by a positive constant: only the scale changes."""
+        factor = np.float64(np.float32(c)) if self.static else np.float32(c)
+        return Int(self.data, self.scale * factor)
+
+
+Value = np.ndarray | Int  # a float32 array, or an integer tensor with its scale
+
+
+def to_float(v: Value) -> np.ndarray:
+    return v.data.astype(np.float32) * v.scale.astype(np.float32) if isinstance(v, Int) else v
+
+
+def _map(v: Value, fn: Callable[[np.ndarray], np.ndarray]) -> Value:
+    return v.map(fn) if isinstance(v, Int) else fn(v)
+
+
+@dataclass(frozen=True)
+class MatmulRecord:
+    """One matmul ``a @ b``: int8 operands and int32 result; ``weight`` if ``b`` is a linear layer's
+    constant weight (transposed, [K, N]) rather than an activation."""
+
+    name: str
+    a: np.ndarray
+    b: np.ndarray
+    out: np.ndarray
+    weight: bool
+
+
+@dataclass
+class IntegerTransformer:
+    """The reference for a converted quantized ``model`` (:func:`int8mt.quant.modules.convert`)."""
+
+    model: Transformer
+    records: list[MatmulRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.names = {id(m): name for name, m in self.model.named_modules()}
+        self.qmax = next(m.qmax for m in self.model.modules() if isinstance(m, ActQuant))
+
+    # -- quantization ----------------------------------------------------------------------------
+    def quantize(self, quant: ActQuant, v: Value) -> Int:
+        qmax = quant.qmax
+        if quant.dynamic:
+            x = to_float(v)
+            amax = np.abs(x).max(axis=quant.dim, keepdims=True)
+            scale = np.maximum(amax, np.float32(EPS)) / np.float32(qmax)
+            return Int(np.clip(np.round(x / scale), -qmax, qmax).astype(np.int8), scale)
+        s = float(quant.scale)
+        if isinstance(v, Int) and v.static:
+            return Int(ref.requantize(v.data, v.scale, s, qmax), np.float64(s).reshape((1,) * v.data.ndim))
+        x = np.clip(to_float(v), np.float32(-qmax * s), np.float32(qmax * s))
+        q = np.clip(np.round(x / np.float32(s)), -128, 127).astype(np.int8)
+        return Int(q, np.float64(s).reshape((1,) * q.ndim))
+
+    def _record(self, module: nn.Module, a: np.ndarray, b: np.ndarray, out: np.ndarray, weight: bool) -> None:
+        self.records.append(MatmulRecord(self.names[id(module)], a, b, out, weight))
+
+    # -- matmuls ---------------------------------------------------------------------------------
+    def linear(self, module: nn.Module, v: Value) -> Value:
+        if not isinstance(module, QLinear):  # left in FP32
+            bias = 0 if module.bias is None else _np(module.bias)
+            return to_float(v) @ _np(module.weight).T + bias
+        a = self.quantize(module.act, v)
+        w_q, w_scale = _np(module.w_q), _np(module.w_scale).reshape(-1)
+        acc = np.matmul(a.data.astype(np.int32), w_q.T.astype(np.int32))
+        self._record(module, a.data, w_q.T, acc, weight=True)
+        scale = a.scale * (w_scale.astype(np.float64) if a.static else w_scale)
+        if module.bias is None:
+            return Int(acc, scale)
+        bias = _np(module.bias)
+        if a.static:
+            folded = np.round(bias.astype(np.float64) / scale)
+            if np.abs(folded).max(initial=0) < 2 ** 30:
+                return Int(acc + folded.astype(np.int32), scale)
+        return to_float(Int(acc, scale)) + bias
+
+    def matmul(self, module: nn.Module, a: Value, b: Value) -> Value:
+        if not isinstance(module, QMatMul):
+            return np.matmul(to_float(a), to_float(b))
+        qa, qb = self.quantize(module.a_act, a), self.quantize(module.b_act, b)
+        acc = np.matmul(qa.data.astype(np.int32), qb.data.astype(np.int32))
+        self._record(module, qa.data, qb.data, acc, weight=False)
+        return Int(acc, qa.scale * qb.scale)
+
+    # -- the Transformer -------------------------------------------------------------------------
+    def embed(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        emb, scale = self.model.embed_tokens, np.float32(self.model.embed_scale)
+        if isinstance(emb, QEmbedding):
+            x = to_float(Int(_np(emb.w_q)[tokens], _np(emb.w_scale)[tokens] * scale))
+        else:
+            x = _np(emb.weight)[tokens] * scale
+        return x + _np(self.model.positions)[positions]
+
+    def split_heads(self, attn: Attention, v: Value) -> Value:
+        b, t = v.data.shape[:2] if isinstance(v, Int) else v.shape[:2]
+        return _map(v, lambda x: x.reshape(b, t, attn.heads, attn.head_dim).transpose(0, 2, 1, 3))
+
+    def project_kv(self, attn: Attention, x: np.ndarray) -> tuple[Value, Value]:
+        return (self.split_heads(attn, self.linear(attn.k_proj, x)),
+                self.split_heads(attn, self.linear(attn.v_proj, x)))
+
+    def attend(self, attn: Attention, x: np.ndarray, k: Value, v: Value, bias: np.ndarray | None) -> Value:
+        q = self.linear(attn.q_proj, x)
+        q = self.split_heads(attn, q.times(attn.scaling) if isinstance(q, Int) else q * np.float32(attn.scaling))
+        scores = to_float(self.matmul(attn.qk, q, _map(k, lambda t: t.swapaxes(2, 3))))
+        if bias is not None:
+            scores = scores + bias
+        ctx = self.matmul(attn.av, _softmax(scores), v)
+        b, t = x.shape[:2]
+        ctx = _map(ctx, lambda c: c.transpose(0, 2, 1, 3).reshape(b, t, attn.heads * attn.head_dim))
+        return self.linear(attn.out_proj, ctx)
+
+    def ffn(self, layer: nn.Module, x: np.ndarray) -> Value:
+        h = self.linear(layer.ffn.fc1, x)
+        h = Int(np.maximum(h.data, 0), h.scale) if isinstance(h, Int) else np.maximum(h, np.float32(0))
+        return self.linear(layer.ffn.fc2, h)
+
+    def source_bias(self, src: np.ndarray) -> np.ndarray:
+        return (src == self.model.cfg.pad_id).astype(np.float32)[:, None, None, :] * np.float32(NEG_INF)
+
+    def encode(self, src: np.ndarray) -> np.ndarray:
+        """Source ids [B, S] -> cross-attention keys/values [L, 2, B, H, S, Dh] (float32)."""
+        bias = self.source_bias(src)
+        x = self.embed(src, np.arange(src.shape[1]))
+        for layer in self.model.encoder_layers:
+            k, v = self.project_kv(layer.self_attn, x)
+            x = _layer_norm(layer.self_attn_layer_norm, x + to_float(self.attend(layer.self_attn, x, k, v, bias)))
+            x = _layer_norm(layer.final_layer_norm, x + to_float(self.ffn(layer, x)))
+        return np.stack([np.stack([to_float(t) for t in self.project_kv(layer.cross_attn, x)])
+                         for layer in self.model.decoder_layers])
+
+    def decode_step(self, tokens: np.ndarray, step: int, cache: np.ndarray, cross_kv: np.ndarray,
+                    src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [B, 1] at position ``step`` -> (logits [B, V], cache grown by one position)."""
+        bias = self.source_bias(src)
+        x = self.embed(tokens, np.array([step]))
+        grown = []
+        for i, layer in enumerate(self.model.decoder_layers):
+            k_new, v_new = (to_float(t) for t in self.project_kv(layer.self_attn, x))
+            k, v = np.concatenate([cache[i, 0], k_new], 2), np.concatenate([cache[i, 1], v_new], 2)
+            grown.append(np.stack([k, v]))
+            x = _layer_norm(layer.self_attn_layer_norm, x + to_float(self.attend(layer.self_attn, x, k, v, None)))
+            attended = self.attend(layer.cross_attn, x, cross_kv[i, 0], cross_kv[i, 1], bias)
+            x = _layer_norm(layer.cross_attn_layer_norm, x + to_float(attended))
+            x = _layer_norm(layer.final_layer_norm, x + to_float(self.ffn(layer, x)))
+        return to_float(self.linear(self.model.lm_head, x[:, 0])), np.stack(grown)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: np.ndarray) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = np.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + np.float32(LN_EPS)) * _np(norm.weight) + _np(norm.bias)
+
