@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .. import __version__
 
-COMMANDS = ("train", "qat", "compile", "tune", "inspect", "translate", "evaluate", "bench", "quant-table", "targets")
+COMMANDS = ("train", "qat", "compile", "tune", "inspect", "translate", "evaluate", "bench", "quant-table", "verify",
+            "targets")
 
 
 class UserError(Exception):

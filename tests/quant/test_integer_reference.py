@@ -1,10 +1,13 @@
 """The whole compiled integer graph against the NumPy integer reference (int8mt.quant.integer_model), matmul by
 matmul, and the Relax graph before Scale Propagation against the one after it."""
+import json
+
 import numpy as np
 import pytest
 import tvm
 from tvm import relax
 
+from int8mt.cli import main
 from int8mt.compiler.build import lower_integer_graph, tile_chooser
 from int8mt.compiler.frontend import export_to_relax
 from int8mt.compiler.integer_check import check_integer_graph, compile_tapped
@@ -75,3 +78,18 @@ def test_graph_before_the_pass_agrees_with_the_graph_after_it(ranges, tiny_model
     # rounded onto the accumulator's grid: a step here and there, a small fraction of the range
     np.testing.assert_allclose(after, before, atol=0.05 * float(np.abs(before).max()))
     assert np.mean(after.argmax(-1) == before.argmax(-1)) >= 2 / 3
+
+
+def test_verify_command_reports_every_matmul(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "verify.json"
+    assert main(["verify", str(tiny_model_dir), "--target", HOST_PRESET.name, "--ranges", "runtime",
+                 "--sentences", "3", "--steps", "2", "--json", str(out)]) == 0
+    total = PER_CALL["encode"] + 2 * PER_CALL["decode_step"]
+    assert f"{total} of {total} matmul results are exactly" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert len(report["matmuls"]) == total and {r["site"] for r in report["sites"]} >= {"lm_head"}
+
+
+def test_verify_rejects_bad_counts(tiny_model_dir, capsys):
+    assert main(["verify", str(tiny_model_dir), "--steps", "0"]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
