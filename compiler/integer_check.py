@@ -44,23 +44,24 @@ class MatmulCheck:
         return asdict(self)
 
 
-def compile_tapped(model: Transformer, preset: TargetPreset, tiles: TileChooser | None) -> relax.VirtualMachine:
+def compile_tapped(model: Transformer, preset: TargetPreset, tiles: TileChooser | None,
+                   integer_softmax: bool = False) -> relax.VirtualMachine:
     """The quantized ``model`` compiled for ``preset`` with every integer matmul tapped."""
     mod = export_to_relax(model, convert_map=quant_convert_map)
-    mod = TapIntMatmuls()(ScalePropagation()(mod))
+    mod = TapIntMatmuls()(ScalePropagation(integer_softmax=integer_softmax)(mod))
     mod = lower_integer_graph(mod, preset, tiles)
     target = tvm.target.Target(preset.target)
     print(f"compiling the tapped integer graph for {preset.name}", file=sys.stderr)
     return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
 
 
-def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray
-                        ) -> list[MatmulCheck]:
+def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray,
+                        integer_softmax: bool = False) -> list[MatmulCheck]:
     """Run ``encode(src)`` and one decoder step per column of ``tokens`` [B, steps] in the compiled graph
     ``vm`` (from :func:`compile_tapped`) and in the reference; compare every matmul. Each call of the
     reference gets the compiled graph's inputs (its cross-attention keys/values and cache), so that a
     difference is checked where it arises and does not carry over into later calls."""
-    reference = IntegerTransformer(model)
+    reference = IntegerTransformer(model, integer_softmax=integer_softmax)
     cfg = model.cfg
     checks = []
 

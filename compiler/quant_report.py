@@ -66,8 +66,10 @@ def op_report(mod: tvm.IRModule) -> dict:
             elif name == "relax.dequantize" or (name == "relax.astype" and out == "float32" and ins
                                                  and _is_int(ins[0]) and ins[0] != "bool"):
                 counts["dequantize"] += 1
-            elif name == "relax.right_shift":
-                counts["requantize"] += 1
+            elif name == "relax.right_shift" and isinstance(expr.args[1], ir.expr.Constant):
+                counts["requantize"] += 1  # (x * multiplier + half) >> constant shift
+            elif name == "relax.floor_divide" and isinstance(expr.args[0], ir.expr.Constant):
+                counts["softmax_int"] += 1  # the integer softmax's per-row reciprocal 2**40 // sum
             if out.startswith("float") and name not in LAYOUT_OPS and name not in ("relax.quantize", "relax.dequantize"):
                 float_ops[name] += 1
 

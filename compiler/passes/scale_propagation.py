@@ -11,9 +11,12 @@ time constant: per tensor, or per channel for weights) or a Relax expression (ru
 * ``add((acc, s), bias)`` -> bias folded into int32 (``round(bias / s)``); ``add((a, sa), (b, sb))`` with
   constant per-tensor scales -> integer addition after aligning both to the finer scale
 * ``quantize(clip((x, s)), s')`` -> requantization by an integer multiplier and shift (no float math);
-  equal scales cancel the pair
+  equal scales cancel the pair; a chain of two requantizations folds into one from the first integer
+  tensor (rounding once, so it can differ by one step from rounding twice, towards the exact value)
 * reshape, permute_dims, take, strided_slice, concat (equal scales), relu and multiplication by a positive
   constant keep integers and transform the scale
+* with ``integer_softmax``: ``softmax((q, S) [+ mask])`` with a constant ``S`` -> integer probabilities
+  (:mod:`int8mt.quant.int_softmax`; the float mask joins the scores' integer grid)
 * anything else (softmax, layer norm, masking with -inf, ...) receives the dequantized float value.
 
 Every rewritten binding keeps a float twin (``astype(q) * s``) for consumers that need floats; dead-code
@@ -30,6 +33,7 @@ from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
 from int8mt.quant.fixed_point import fixed_point
+from int8mt.quant.int_softmax import BIAS_FLOOR, NORM_BITS, PROB_BITS, IntSoftmax
 
 Scale = np.ndarray | relax.Expr  # a constant scale, or a run-time one
 
@@ -41,6 +45,23 @@ class QTensor:
     data: relax.Expr
     scale: Scale
     clip: float | None = None  # a symmetric float clip applied to the value, pending a quantize
+    requantized: "_Requantized | None" = None  # ``data`` is a requantization of this integer tensor
+
+
+@dataclass(frozen=True)
+class _Requantized:
+    """An int8 tensor made by requantizing ``source`` to the range +-``qmax``."""
+
+    source: QTensor
+    qmax: int
+
+
+@dataclass(frozen=True)
+class _Biased:
+    """``float(scores) + bias``: integer scores plus a float additive bias (a mask), pending a softmax."""
+
+    scores: QTensor
+    bias: relax.Expr
 
 
 @dataclass(frozen=True)
@@ -90,9 +111,10 @@ def _is_scalar(scale: Scale) -> bool:
 
 @expr_functor.mutator
 class _Propagator(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
+    def __init__(self, mod: tvm.IRModule, integer_softmax: bool) -> None:
         super().__init__(mod)
-        self.info: dict[relax.Var, QTensor | _Cast] = {}
+        self.integer_softmax = integer_softmax
+        self.info: dict[relax.Var, QTensor | _Cast | _Biased | _Requantized] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -111,7 +133,7 @@ class _Propagator(PyExprMutator):
                     return
         super().visit_var_binding_(binding)
 
-    def _get(self, expr: relax.Expr) -> QTensor | _Cast | None:
+    def _get(self, expr: relax.Expr) -> QTensor | _Cast | _Biased | _Requantized | None:
         return self.info.get(expr) if isinstance(expr, relax.Var) else None
 
     def _qt(self, expr: relax.Expr) -> QTensor | None:
@@ -163,7 +185,10 @@ class _Propagator(PyExprMutator):
         shape = [1] * rank
         if scale.size > 1:
             shape[axis % rank] = scale.size
-        return relax.Call(call.op, args, call.attrs), QTensor(args[0], scale.astype(np.float64).reshape(shape))
+        origin = self._get(args[0])
+        requantized = origin if isinstance(origin, _Requantized) else None
+        return (relax.Call(call.op, args, call.attrs),
+                QTensor(args[0], scale.astype(np.float64).reshape(shape), requantized=requantized))
 
     def _astype(self, call, args, var):
         if _is_int(args[0]) and _dtype(var) == "float32":
@@ -197,8 +222,14 @@ class _Propagator(PyExprMutator):
         target = float(target.reshape(()))
         qmax = int(round(qt.clip / target)) if qt.clip is not None else 127
         lo = -qmax if qt.clip is not None else -128
+        first = qt.requantized
+        if first is not None and float(np.ptp(qt.scale)) == 0.0:
+            # a chain int -> int8 (scale s) -> int8 (target): one requantization from the first integer
+            # tensor, rounding once, within both ranges
+            bound = min(qmax, int(np.floor(first.qmax * float(qt.scale.reshape(-1)[0]) / target + 1e-9)))
+            lo, qmax, qt = max(lo, -bound), bound, first.source
         ratio = _expand(qt.scale, _ty(qt.data).ndim) / target
-        return self._rescale(qt.data, ratio, lo, qmax, "int8"), None
+        return self._rescale(qt.data, ratio, lo, qmax, "int8"), _Requantized(qt, qmax)
 
     def _matmul(self, call, args, var):
         a, b = self._qt(args[0]), self._qt(args[1])
@@ -239,6 +270,8 @@ class _Propagator(PyExprMutator):
                 data = qt.data if _dtype(qt.data) == "int32" else self._emit(relax.op.astype(qt.data, "int32"))
                 out = self._emit(relax.op.add(data, relax.const(bias.astype(np.int32), "int32")))
                 return self._propagated(QTensor(out, qt.scale))
+            if qt is not None and const is None and _is_scalar(qt.scale) and qt.clip is None:
+                return relax.Call(call.op, args, call.attrs), _Biased(qt, other)
         return None
 
     def _add_aligned(self, qa: QTensor, qb: QTensor):
@@ -249,6 +282,38 @@ class _Propagator(PyExprMutator):
         terms = [self._emit(self._rescale(q.data, q.scale.reshape(()) / target, lo, hi, "int32")) for q in (qa, qb)]
         out = self._emit(relax.op.add(*terms))
         return self._propagated(QTensor(out, np.array(target)))
+
+    def _nn_softmax(self, call, args, var):
+        """With ``integer_softmax``: softmax over the last axis of integer scores (plus a float mask) with a
+        constant scale -> probabilities in integers (:mod:`int8mt.quant.int_softmax`)."""
+        info = self._get(args[0])
+        scores = info.scores if isinstance(info, _Biased) else info
+        rank = _ty(args[0]).ndim
+        if (not self.integer_softmax or not isinstance(scores, QTensor) or scores.clip is not None
+                or not _is_scalar(scores.scale) or int(call.attrs.axis) not in (-1, rank - 1)):
+            return None
+        sm = IntSoftmax.for_scale(float(scores.scale.reshape(-1)[0]))
+
+        def i64(value: int) -> relax.Expr:
+            return relax.const(value, "int64")
+
+        q = scores.data if _dtype(scores.data) == "int32" else self._emit(relax.op.astype(scores.data, "int32"))
+        if isinstance(info, _Biased):
+            grid = relax.op.round(relax.op.multiply(info.bias, relax.const(sm.inv_scale, "float32")))
+            grid = self._emit(relax.op.astype(relax.op.clip(self._emit(grid), BIAS_FLOOR, -BIAS_FLOOR), "int32"))
+            q = self._emit(relax.op.add(q, grid))
+        d = self._emit(relax.op.astype(relax.op.subtract(q, relax.op.max(q, axis=[-1], keepdims=True)), "int64"))
+        if sm.upshift:
+            d = self._emit(relax.op.left_shift(d, i64(sm.upshift)))
+        z = self._emit(relax.op.floor_divide(relax.op.negative(d), i64(sm.ln2)))
+        t = self._emit(relax.op.add(relax.op.add(d, relax.op.multiply(z, i64(sm.ln2))), i64(sm.b)))
+        poly = self._emit(relax.op.add(relax.op.multiply(t, t), i64(sm.c)))
+        e = self._emit(relax.op.right_shift(poly, relax.op.minimum(relax.op.add(z, i64(sm.shift)), i64(62))))
+        recip = self._emit(relax.op.floor_divide(i64(1 << NORM_BITS), relax.op.sum(e, axis=[-1], keepdims=True)))
+        half = i64(1 << (NORM_BITS - PROB_BITS - 1))
+        prob = relax.op.floor_divide(relax.op.add(relax.op.multiply(e, recip), half), i64(1 << (NORM_BITS - PROB_BITS)))
+        prob = self._emit(relax.op.astype(self._emit(prob), "int32"))
+        return self._propagated(QTensor(prob, np.array(2.0 ** -PROB_BITS)))
 
     def _nn_relu(self, call, args, var):
         qt = self._qt(args[0])
@@ -355,10 +420,14 @@ class _Propagator(PyExprMutator):
 class ScalePropagation:
     """Rewrite quantize/dequantize round trips into integer ops (see the module docstring), share equal ops
     (one quantize of a layer-norm output for Q, K and V when their scales are equal, as with calibrated or
-    run-time ranges), then drop the float values no one uses."""
+    run-time ranges), then drop the float values no one uses. With ``integer_softmax``, softmaxes of integer
+    scores with constant scales run in integers too (polynomial exp, integer normalisation)."""
+
+    def __init__(self, integer_softmax: bool = False) -> None:
+        self.integer_softmax = integer_softmax
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        propagator = _Propagator(mod)
+        propagator = _Propagator(mod, self.integer_softmax)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 propagator.builder_.update_func(gv, propagator.visit_expr(func))

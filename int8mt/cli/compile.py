@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-sentences", type=int, default=None, help="training sentences to calibrate on")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="matmuls to leave in FP32 (module-name glob such as 'decoder_layers.*.qk'; repeatable)")
+    p.add_argument("--integer-softmax", action="store_true",
+                   help="attention softmax in integers too (polynomial exp, integer normalisation; needs "
+                        "--ranges calibrate or learned)")
     p.add_argument("--db", type=Path, default=None,
                    help="tuning database for the int8 kernels (default: tune.database; 'shipped' = the one in "
                         "the package for the target)")
@@ -45,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
         qcfg = QuantConfig(bits=int(quant[3:]), ranges=args.ranges or cc.ranges,
                            calibration=args.calibration or cc.calibration, percentile=cc.percentile,
-                           keep_fp32=tuple(args.keep_fp32))
-    elif args.ranges or args.calibration or args.keep_fp32:
-        raise UserError("--ranges, --calibration and --keep-fp32 need --quant int8 or --quant int6")
+                           keep_fp32=tuple(args.keep_fp32), integer_softmax=args.integer_softmax)
+    elif args.ranges or args.calibration or args.keep_fp32 or args.integer_softmax:
+        raise UserError("--ranges, --calibration, --keep-fp32 and --integer-softmax need --quant int8 or "
+                        "--quant int6")
     elif args.db:
         raise UserError("--db holds tuned int8 kernels; it needs --quant int8 or --quant int6")
     from ..compiler.build import build_bundle

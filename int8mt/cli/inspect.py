@@ -38,12 +38,13 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
     lines = [f"bundle          {bundle}",
              f"target          {manifest['target']['preset']} {json.dumps(manifest['target']['tvm'])}",
              f"quantization    {q['scheme']}" + (f", ranges {q['ranges']}" if q.get("ranges") else "")
-             + (f" ({q['calibration']})" if q.get("calibration") else ""),
+             + (f" ({q['calibration']})" if q.get("calibration") else "")
+             + (", integer softmax" if q.get("integer_softmax") else ""),
              f"matmuls in INT  {q['matmuls_int']} of {q['matmuls']}"
              + (f"  (kept FP32: {', '.join(q['keep_fp32'])})" if q.get("keep_fp32") else ""),
              "",
              f"{'ops':<14}{'imported':>10}{'after scale propagation':>26}"]
-    for key in ("quantize", "dequantize", "requantize", "matmul_int", "matmul_float"):
+    for key in ("quantize", "dequantize", "requantize", "matmul_int", "matmul_float", "softmax_int"):
         lines.append(f"{key:<14}{before.get(key, 0):>10}{after.get(key, 0):>26}")
     lines += ["", "float ops left (after scale propagation):"]
     for op, info in final["float_ops"].items():

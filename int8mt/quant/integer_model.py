@@ -8,6 +8,7 @@ It is written from the integer scheme that Scale Propagation implements, not fro
   and a static quantizer of an integer tensor requantizes it with an integer multiplier and shift
   (:mod:`.reference`); multiplying by a positive constant, reshapes, transposes and ReLU keep integers
   and move the scale;
+* with ``integer_softmax``, the attention softmax of integer scores runs in integers (:mod:`.int_softmax`);
 * every other op (layer norm, softmax, masking, residual additions, run-time range quantizers) reads the
   dequantized float32 value ``float32(q) * float32(scale)`` and runs in float32.
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from ..model.transformer import NEG_INF, Attention, Transformer
 from . import reference as ref
+from .int_softmax import PROB_BITS, IntSoftmax
 from .modules import ActQuant, QEmbedding, QLinear, QMatMul
 from .ops import EPS
 
@@ -86,6 +88,7 @@ class IntegerTransformer:
     """The reference for a converted quantized ``model`` (:func:`int8mt.quant.modules.convert`)."""
 
     model: Transformer
+    integer_softmax: bool = False  # as ``ScalePropagation(integer_softmax=True)``
     records: list[MatmulRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -157,10 +160,14 @@ class IntegerTransformer:
     def attend(self, attn: Attention, x: np.ndarray, k: Value, v: Value, bias: np.ndarray | None) -> Value:
         q = self.linear(attn.q_proj, x)
         q = self.split_heads(attn, q.times(attn.scaling) if isinstance(q, Int) else q * np.float32(attn.scaling))
-        scores = to_float(self.matmul(attn.qk, q, _map(k, lambda t: t.swapaxes(2, 3))))
-        if bias is not None:
-            scores = scores + bias
-        ctx = self.matmul(attn.av, _softmax(scores), v)
+        scores = self.matmul(attn.qk, q, _map(k, lambda t: t.swapaxes(2, 3)))
+        if self.integer_softmax and isinstance(scores, Int) and scores.static:
+            probs = Int(IntSoftmax.for_scale(float(scores.scale.reshape(-1)[0]))(scores.data, bias),
+                        np.float64(2.0 ** -PROB_BITS).reshape((1,) * scores.data.ndim))
+        else:
+            scores = to_float(scores)
+            probs = _softmax(scores if bias is None else scores + bias)
+        ctx = self.matmul(attn.av, probs, v)
         b, t = x.shape[:2]
         ctx = _map(ctx, lambda c: c.transpose(0, 2, 1, 3).reshape(b, t, attn.heads * attn.head_dim))
         return self.linear(attn.out_proj, ctx)

@@ -34,11 +34,12 @@ def _model(model_dir, bits: int, ranges: str):
     return quantized_model(model_dir, QuantConfig(bits=bits, ranges=ranges), DATA_DIR, calib_sentences=32)
 
 
-@pytest.mark.parametrize("bits, ranges", [(8, "calibrate"), (8, "runtime"), (6, "calibrate")])
-def test_every_matmul_matches_the_integer_reference(bits, ranges, tiny_model_dir):
+@pytest.mark.parametrize("bits, ranges, integer_softmax",
+                         [(8, "calibrate", False), (8, "runtime", False), (6, "calibrate", False), (8, "calibrate", True)])
+def test_every_matmul_matches_the_integer_reference(bits, ranges, integer_softmax, tiny_model_dir):
     model = _model(tiny_model_dir, bits, ranges)
-    vm = compile_tapped(model, HOST_PRESET, tile_chooser(HOST_PRESET, None))
-    checks = check_integer_graph(model, vm, *_inputs())
+    vm = compile_tapped(model, HOST_PRESET, tile_chooser(HOST_PRESET, None), integer_softmax)
+    checks = check_integer_graph(model, vm, *_inputs(), integer_softmax)
     assert len(checks) == PER_CALL["encode"] + STEPS * PER_CALL["decode_step"]
     # the kernels and the integer ops around them: every int32 result is exactly its operands' product
     assert all(c.exact for c in checks), [c.name for c in checks if not c.exact]

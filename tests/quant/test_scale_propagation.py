@@ -173,3 +173,62 @@ def test_quantizers_of_one_input_with_equal_scales_are_shared():
     for got, s, (w_q, w_scale, bias) in zip(vm["main"](tvm.runtime.tensor(x)), (0.02, 0.02, 0.03), fc):
         acc, scale = ref.linear(ref.quantize(x, s, 127), s, w_q, w_scale, bias)
         np.testing.assert_allclose(got.numpy(), acc * scale, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_softmax_of_masked_scores_matches_the_reference():
+    """softmax(QK^T + mask) with the integer softmax: no float op on the scores, probabilities exactly
+    int8mt.quant.int_softmax's, within the polynomial's error of the float softmax."""
+    from int8mt.quant.int_softmax import PROB_BITS, IntSoftmax
+
+    heads, t, s, dh = 2, 3, 7, 8
+
+    def build(bb, q_q, k_q, mask):
+        scores = bb.emit(relax.op.matmul(_dq(bb, q_q, 0.03), _dq(bb, k_q, 0.05)))
+        probs = bb.emit(relax.op.nn.softmax(bb.emit(relax.op.add(scores, mask)), axis=-1))
+        return _q(bb, probs, 1 / 127)
+
+    mod = _function(build, {"q_q": ((heads, t, dh), "int8"), "k_q": ((heads, dh, s), "int8"),
+                            "mask": ((1, 1, s), "float32")})
+    plain, integer = ScalePropagation()(mod), ScalePropagation(integer_softmax=True)(mod)
+    assert "relax.nn.softmax" in op_report(plain)["float_ops"]
+    report = op_report(integer)
+    assert "relax.nn.softmax" not in report["float_ops"] and report["total"]["softmax_int"] == 1
+    q_q = RNG.integers(-127, 128, (heads, t, dh)).astype(np.int8)
+    k_q = RNG.integers(-127, 128, (heads, dh, s)).astype(np.int8)
+    mask = np.zeros((1, 1, s), np.float32)
+    mask[..., 5:] = -1e9
+    got = _run(integer, q_q, k_q, mask)
+    acc = q_q.astype(np.int32) @ k_q.astype(np.int32)
+    probs = IntSoftmax.for_scale(0.03 * 0.05)(acc, mask)
+    np.testing.assert_array_equal(got, ref.requantize(probs, np.array(2.0 ** -PROB_BITS), 1 / 127, 127))
+    assert np.all(got[..., 5:] == 0)
+    np.testing.assert_allclose(got / 127, _run(plain, q_q, k_q, mask) / 127, atol=2 / 127)
+
+
+def test_integer_softmax_needs_static_ranges():
+    from int8mt.quant.config import QuantConfig
+
+    with pytest.raises(ValueError, match="--ranges calibrate or learned"):
+        QuantConfig(ranges="runtime", integer_softmax=True)
+
+
+def test_chained_requantizations_fold_into_one():
+    """linear -> quantize(s1) -> dequantize -> quantize(s2): one requantization from the int32 accumulator,
+    within both ranges (rounding once, so at most one step from rounding twice)."""
+    k, n = 32, 16
+    fc = _weights(n, k)
+
+    def build(bb, x_q):
+        y = _linear(bb, x_q, 0.02, *fc)
+        return _q(bb, _dq(bb, _q(bb, y, 0.05), 0.05), 0.08)
+
+    mod = ScalePropagation()(_function(build, {"x_q": ((6, k), "int8")}))
+    assert op_report(mod)["total"] == {"matmul_int": 1, "requantize": 1}
+    x_q = RNG.integers(-127, 128, (6, k)).astype(np.int8)
+    acc, scale = ref.linear(x_q, 0.02, *fc)
+    bound = int(127 * 0.05 / 0.08)
+    once = np.clip(ref.requantize(acc, scale, 0.08, 127), -bound, bound)
+    got = _run(mod, x_q)
+    np.testing.assert_array_equal(got, once)
+    twice = ref.requantize(ref.requantize(acc, scale, 0.05, 127), np.array(0.05), 0.08, 127)
+    assert np.abs(got.astype(int) - twice).max() <= 1
