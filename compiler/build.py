@@ -56,7 +56,7 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
             dump_dir.mkdir(parents=True, exist_ok=True)
             (dump_dir / "phase0-quantized-import.py").write_text(mod.script(show_meta=False))
         print("scale propagation", file=sys.stderr)
-        mod = ScalePropagation(integer_softmax=qcfg.integer_softmax)(mod)
+        mod = ScalePropagation(qcfg.integer_softmax, qcfg.integer_layer_norm)(mod)
         report["after"] = op_report(mod)
         mod = lower_integer_graph(mod, preset, tiles)
         if tiles is not None:
@@ -112,5 +112,6 @@ def _quantization_record(qcfg: QuantConfig | None, report: dict) -> dict:
               "matmuls": matmuls}
     if qcfg is not None:
         record.update(ranges=qcfg.ranges, keep_fp32=list(qcfg.keep_fp32), integer_softmax=qcfg.integer_softmax,
+                      integer_layer_norm=qcfg.integer_layer_norm,
                       calibration=qcfg.calibration if qcfg.ranges == "calibrate" else None)
     return record

@@ -17,6 +17,7 @@ import tvm
 from tvm import relax
 
 from int8mt.model.transformer import Transformer
+from int8mt.quant.config import QuantConfig
 from int8mt.quant.integer_model import IntegerTransformer, MatmulRecord
 from int8mt.schedules.database import TileChooser
 from int8mt.targets import TargetPreset
@@ -45,10 +46,10 @@ class MatmulCheck:
 
 
 def compile_tapped(model: Transformer, preset: TargetPreset, tiles: TileChooser | None,
-                   integer_softmax: bool = False) -> relax.VirtualMachine:
+                   qcfg: QuantConfig) -> relax.VirtualMachine:
     """The quantized ``model`` compiled for ``preset`` with every integer matmul tapped."""
     mod = export_to_relax(model, convert_map=quant_convert_map)
-    mod = TapIntMatmuls()(ScalePropagation(integer_softmax=integer_softmax)(mod))
+    mod = TapIntMatmuls()(ScalePropagation(qcfg.integer_softmax, qcfg.integer_layer_norm)(mod))
     mod = lower_integer_graph(mod, preset, tiles)
     target = tvm.target.Target(preset.target)
     print(f"compiling the tapped integer graph for {preset.name}", file=sys.stderr)
@@ -56,12 +57,12 @@ def compile_tapped(model: Transformer, preset: TargetPreset, tiles: TileChooser 
 
 
 def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray,
-                        integer_softmax: bool = False) -> list[MatmulCheck]:
+                        qcfg: QuantConfig) -> list[MatmulCheck]:
     """Run ``encode(src)`` and one decoder step per column of ``tokens`` [B, steps] in the compiled graph
     ``vm`` (from :func:`compile_tapped`) and in the reference; compare every matmul. Each call of the
     reference gets the compiled graph's inputs (its cross-attention keys/values and cache), so that a
     difference is checked where it arises and does not carry over into later calls."""
-    reference = IntegerTransformer(model, integer_softmax=integer_softmax)
+    reference = IntegerTransformer(model, qcfg.integer_softmax, qcfg.integer_layer_norm)
     cfg = model.cfg
     checks = []
 

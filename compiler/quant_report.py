@@ -70,6 +70,8 @@ def op_report(mod: tvm.IRModule) -> dict:
                 counts["requantize"] += 1  # (x * multiplier + half) >> constant shift
             elif name == "relax.floor_divide" and isinstance(expr.args[0], ir.expr.Constant):
                 counts["softmax_int"] += 1  # the integer softmax's per-row reciprocal 2**40 // sum
+            elif name == "relax.call_tir" and expr.args[0].name_hint == "int8mt_isqrt":
+                counts["layer_norm_int"] += 1  # the integer layer norm's square root
             if out.startswith("float") and name not in LAYOUT_OPS and name not in ("relax.quantize", "relax.dequantize"):
                 float_ops[name] += 1
 

@@ -13,10 +13,13 @@ time constant: per tensor, or per channel for weights) or a Relax expression (ru
 * ``quantize(clip((x, s)), s')`` -> requantization by an integer multiplier and shift (no float math);
   equal scales cancel the pair; a chain of two requantizations folds into one from the first integer
   tensor (rounding once, so it can differ by one step from rounding twice, towards the exact value)
-* reshape, permute_dims, take, strided_slice, concat (equal scales), relu and multiplication by a positive
-  constant keep integers and transform the scale
+* reshape, permute_dims, take, strided_slice, concat (equal scales), relu, max (reduction), maximum and
+  where (masking; operands with one scale, or constants on its grid such as 0) and multiplication by a
+  positive constant keep integers and transform the scale
 * with ``integer_softmax``: ``softmax((q, S) [+ mask])`` with a constant ``S`` -> integer probabilities
   (:mod:`int8mt.quant.int_softmax`; the float mask joins the scores' integer grid)
+* with ``integer_layer_norm``: a residual ``add`` with an integer addend -> int64 on a fixed grid, and
+  ``layer_norm`` of it -> integers (:mod:`int8mt.quant.int_layer_norm`)
 * anything else (softmax, layer norm, masking with -inf, ...) receives the dequantized float value.
 
 Every rewritten binding keeps a float twin (``astype(q) * s``) for consumers that need floats; dead-code
@@ -32,8 +35,10 @@ from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
+from int8mt.quant import int_layer_norm as iln
 from int8mt.quant.fixed_point import fixed_point
 from int8mt.quant.int_softmax import BIAS_FLOOR, NORM_BITS, PROB_BITS, IntSoftmax
+from int8mt.schedules.int_sqrt import isqrt_kernel
 
 Scale = np.ndarray | relax.Expr  # a constant scale, or a run-time one
 
@@ -111,9 +116,10 @@ def _is_scalar(scale: Scale) -> bool:
 
 @expr_functor.mutator
 class _Propagator(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, integer_softmax: bool) -> None:
+    def __init__(self, mod: tvm.IRModule, integer_softmax: bool, integer_layer_norm: bool) -> None:
         super().__init__(mod)
-        self.integer_softmax = integer_softmax
+        self.integer_softmax, self.integer_layer_norm = integer_softmax, integer_layer_norm
+        self.isqrt: ir.GlobalVar | None = None
         self.info: dict[relax.Var, QTensor | _Cast | _Biased | _Requantized] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -256,6 +262,10 @@ class _Propagator(PyExprMutator):
 
     def _add(self, call, args, var):
         qa, qb = self._qt(args[0]), self._qt(args[1])
+        if self.integer_layer_norm:
+            residual = self._residual_on_grid(args, qa, qb, var)
+            if residual is not None:
+                return residual
         if qa is not None and qb is not None:
             return self._add_aligned(qa, qb)
         for qt, other in ((qa, args[1]), (qb, args[0])):
@@ -315,11 +325,112 @@ class _Propagator(PyExprMutator):
         prob = self._emit(relax.op.astype(self._emit(prob), "int32"))
         return self._propagated(QTensor(prob, np.array(2.0 ** -PROB_BITS)))
 
+    def _residual_on_grid(self, args, qa: QTensor | None, qb: QTensor | None, var):
+        """A residual sum of same-shaped addends, at least one integer with a constant scale, as int64 on the
+        layer-norm input grid (:mod:`int8mt.quant.int_layer_norm`); a float addend is scaled by a power of
+        two and rounded (exact scaling), integer ones are requantized onto the grid."""
+        if qa is None and qb is None:
+            return None
+        terms = []
+        for arg, qt in zip(args, (qa, qb)):
+            if not _same_dims(list(_ty(arg).shape), list(_ty(var).shape)) or _const(arg) is not None:
+                return None
+            if qt is None:
+                if self._get(arg) is not None or _dtype(arg) != "float32":
+                    return None
+                scaled = relax.op.round(relax.op.multiply(arg, relax.const(1.0 / iln.INPUT_SCALE, "float32")))
+                terms.append(self._emit(relax.op.astype(self._emit(scaled), "int64")))
+            elif isinstance(qt.scale, np.ndarray) and qt.clip is None:
+                ratio = _expand(qt.scale, _ty(qt.data).ndim) / iln.INPUT_SCALE
+                terms.append(self._emit(self._rescale(qt.data, ratio, -(2 ** 62), 2 ** 62, "int64")))
+            else:
+                return None
+        return self._propagated(QTensor(self._emit(relax.op.add(*terms)), np.array(iln.INPUT_SCALE)))
+
+    def _nn_layer_norm(self, call, args, var):
+        """With ``integer_layer_norm``: layer norm of a residual sum on the integer grid, in integers."""
+        qt = self._qt(args[0])
+        gamma, beta = _const(args[1]), _const(args[2])
+        if (not self.integer_layer_norm or qt is None or gamma is None or beta is None or qt.clip is not None
+                or not _is_scalar(qt.scale) or float(qt.scale.reshape(-1)[0]) != iln.INPUT_SCALE
+                or [int(a) for a in call.attrs.axes] not in ([-1], [_ty(qt.data).ndim - 1])):
+            return None
+        ln = iln.IntLayerNorm.for_params(gamma, beta, float(call.attrs.epsilon))
+
+        def i64(value) -> relax.Expr:
+            return relax.const(value, "int64")
+
+        n = i64(int(_ty(qt.data).shape[-1]))
+        x = qt.data
+        mean = relax.op.floor_divide(relax.op.sum(x, axis=[-1], keepdims=True), n)
+        centred = self._emit(relax.op.subtract(x, mean))
+        square = relax.op.sum(relax.op.multiply(centred, centred), axis=[-1], keepdims=True)
+        var_ = self._emit(relax.op.add(relax.op.floor_divide(self._emit(square), n), i64(ln.eps)))
+        y = self._emit(relax.op.floor_divide(relax.op.left_shift(centred, i64(iln.NORM_BITS)), self._isqrt(var_)))
+        out = relax.op.add(relax.op.multiply(y, relax.const(ln.gamma, "int64")), relax.const(ln.beta, "int64"))
+        return self._propagated(QTensor(self._emit(out), np.array(iln.OUTPUT_SCALE)))
+
+    def _isqrt(self, value: relax.Expr) -> relax.Expr:
+        """floor(sqrt(value)) of an int64 [..., 1] tensor by the isqrt kernel (on the rows, flattened)."""
+        if self.isqrt is None:
+            self.isqrt = self.builder_.add_func(isqrt_kernel(iln.SQRT_START, iln.SQRT_STEPS), "int8mt_isqrt")
+        shape = list(_ty(value).shape)
+        rows = shape[0]
+        for d in shape[1:]:
+            rows = rows * d
+        flat = self._emit(relax.op.reshape(value, [rows]))
+        root = self._emit(relax.call_tir(self.isqrt, [flat], relax.TensorType([rows], "int64")))
+        return self._emit(relax.op.reshape(root, shape))
+
     def _nn_relu(self, call, args, var):
         qt = self._qt(args[0])
         if qt is None or qt.clip is not None:
             return None
         return self._propagated(QTensor(self._emit(relax.op.nn.relu(qt.data)), qt.scale))
+
+    def _max(self, call, args, var):
+        """A max reduction of an integer tensor with one scale is the max of its integers."""
+        qt = self._qt(args[0])
+        if qt is None or qt.clip is not None or not _is_scalar(qt.scale):
+            return None
+        data = self._emit(relax.Call(call.op, [qt.data], call.attrs))
+        return self._propagated(QTensor(data, qt.scale.reshape(())))
+
+    def _same_grid(self, args) -> tuple[list[relax.Expr], np.ndarray] | None:
+        """Operands as integers on one grid: integer tensors with one and the same scale, and float constants
+        that are whole multiples of it (0 as the value of masked positions)."""
+        parts = [self._qt(a) for a in args]
+        tensors = [p for p in parts if p is not None]
+        if not tensors or any(p.clip is not None or not _is_scalar(p.scale) for p in tensors):
+            return None
+        scale = float(tensors[0].scale.reshape(()))
+        if any(float(p.scale.reshape(())) != scale for p in tensors) or len({_dtype(p.data) for p in tensors}) != 1:
+            return None
+        dtype, out = _dtype(tensors[0].data), []
+        for arg, part in zip(args, parts):
+            if part is not None:
+                out.append(part.data)
+                continue
+            const = _const(arg)
+            if const is None or const.size != 1 or float(const) / scale != round(float(const) / scale):
+                return None
+            out.append(relax.const(int(round(float(const) / scale)), dtype))
+        return out, np.array(scale)
+
+    def _maximum(self, call, args, var):
+        grid = self._same_grid(args)
+        if grid is None:
+            return None
+        (a, b), scale = grid
+        return self._propagated(QTensor(self._emit(relax.op.maximum(a, b)), scale))
+
+    def _where(self, call, args, var):
+        """Masking: ``where(cond, x, y)`` of integer tensors on one grid (or a constant such as 0)."""
+        grid = self._same_grid(args[1:])
+        if grid is None:
+            return None
+        (a, b), scale = grid
+        return self._propagated(QTensor(self._emit(relax.op.where(args[0], a, b)), scale))
 
     def _permute_dims(self, call, args, var):
         qt = self._qt(args[0])
@@ -421,13 +532,14 @@ class ScalePropagation:
     """Rewrite quantize/dequantize round trips into integer ops (see the module docstring), share equal ops
     (one quantize of a layer-norm output for Q, K and V when their scales are equal, as with calibrated or
     run-time ranges), then drop the float values no one uses. With ``integer_softmax``, softmaxes of integer
-    scores with constant scales run in integers too (polynomial exp, integer normalisation)."""
+    scores with constant scales run in integers too (polynomial exp, integer normalisation); with
+    ``integer_layer_norm``, residual sums and the layer norms after them (integer square root)."""
 
-    def __init__(self, integer_softmax: bool = False) -> None:
-        self.integer_softmax = integer_softmax
+    def __init__(self, integer_softmax: bool = False, integer_layer_norm: bool = False) -> None:
+        self.integer_softmax, self.integer_layer_norm = integer_softmax, integer_layer_norm
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        propagator = _Propagator(mod, self.integer_softmax)
+        propagator = _Propagator(mod, self.integer_softmax, self.integer_layer_norm)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 propagator.builder_.update_func(gv, propagator.visit_expr(func))

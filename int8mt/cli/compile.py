@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--integer-softmax", action="store_true",
                    help="attention softmax in integers too (polynomial exp, integer normalisation; needs "
                         "--ranges calibrate or learned)")
+    p.add_argument("--integer-layer-norm", action="store_true",
+                   help="residual sums and layer norms in integers too (integer square root; needs --ranges "
+                        "calibrate or learned)")
     p.add_argument("--db", type=Path, default=None,
                    help="tuning database for the int8 kernels (default: tune.database; 'shipped' = the one in "
                         "the package for the target)")
@@ -48,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
 
         qcfg = QuantConfig(bits=int(quant[3:]), ranges=args.ranges or cc.ranges,
                            calibration=args.calibration or cc.calibration, percentile=cc.percentile,
-                           keep_fp32=tuple(args.keep_fp32), integer_softmax=args.integer_softmax)
-    elif args.ranges or args.calibration or args.keep_fp32 or args.integer_softmax:
-        raise UserError("--ranges, --calibration, --keep-fp32 and --integer-softmax need --quant int8 or "
-                        "--quant int6")
+                           keep_fp32=tuple(args.keep_fp32), integer_softmax=args.integer_softmax,
+                           integer_layer_norm=args.integer_layer_norm)
+    elif args.ranges or args.calibration or args.keep_fp32 or args.integer_softmax or args.integer_layer_norm:
+        raise UserError("--ranges, --calibration, --keep-fp32, --integer-softmax and --integer-layer-norm need "
+                        "--quant int8 or --quant int6")
     elif args.db:
         raise UserError("--db holds tuned int8 kernels; it needs --quant int8 or --quant int6")
     from ..compiler.build import build_bundle

@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..schedules.tile_label import tile_label
 from . import UserError
 
 
@@ -39,12 +40,14 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
              f"target          {manifest['target']['preset']} {json.dumps(manifest['target']['tvm'])}",
              f"quantization    {q['scheme']}" + (f", ranges {q['ranges']}" if q.get("ranges") else "")
              + (f" ({q['calibration']})" if q.get("calibration") else "")
-             + (", integer softmax" if q.get("integer_softmax") else ""),
+             + (", integer softmax" if q.get("integer_softmax") else "")
+             + (", integer layer norm" if q.get("integer_layer_norm") else ""),
              f"matmuls in INT  {q['matmuls_int']} of {q['matmuls']}"
              + (f"  (kept FP32: {', '.join(q['keep_fp32'])})" if q.get("keep_fp32") else ""),
              "",
              f"{'ops':<14}{'imported':>10}{'after scale propagation':>26}"]
-    for key in ("quantize", "dequantize", "requantize", "matmul_int", "matmul_float", "softmax_int"):
+    for key in ("quantize", "dequantize", "requantize", "matmul_int", "matmul_float", "softmax_int",
+                "layer_norm_int"):
         lines.append(f"{key:<14}{before.get(key, 0):>10}{after.get(key, 0):>26}")
     lines += ["", "float ops left (after scale propagation):"]
     for op, info in final["float_ops"].items():
@@ -60,8 +63,8 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
         lines += ["", f"int8 linear kernels: {kernels[0].get('dot', 'vnni')} dot product, weights packed at compile "
                       f"time; {tuned} of {len(kernels)} tuned"]
         for k in kernels:
-            t, (lanes, reduce) = k["tiles"], k.get("block", (16, 4))
-            lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {t['rows']}x{t['cols'] * lanes} "
-                         f"depth {t['depth'] * reduce:<4} {'tuned' if k['tuned'] else 'default tiles'} "
+            tiles = tile_label(**k["tiles"], block=k.get("block", (16, 4)))
+            lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {tiles:<18} "
+                         f"{'tuned' if k['tuned'] else 'default tiles'} "
                          f"(for {k['rows_tuned_for']} rows)")
     return "\n".join(lines)

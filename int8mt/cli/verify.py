@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranges", choices=("calibrate", "learned", "runtime"), default=None,
                    help="activation ranges (default: compile.ranges)")
     p.add_argument("--integer-softmax", action="store_true", help="attention softmax in integers too")
+    p.add_argument("--integer-layer-norm", action="store_true", help="residual sums and layer norms in integers too")
     p.add_argument("--sentences", type=int, default=8, help="test sentences, one batch (default: 8)")
     p.add_argument("--steps", type=int, default=4, help="decoder steps after encoding (default: 4)")
     p.add_argument("--db", type=Path, default=None, help="tuning database (default: tune.database)")
@@ -48,17 +49,17 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(model_dir)
     qcfg = QuantConfig(bits=int(args.quant[3:]), ranges=args.ranges or cfg.compile.ranges,
                        calibration=cfg.compile.calibration, percentile=cfg.compile.percentile,
-                       integer_softmax=args.integer_softmax)
+                       integer_softmax=args.integer_softmax, integer_layer_norm=args.integer_layer_norm)
     model = quantized_model(model_dir, qcfg, cfg.paths.data, calib_sentences=cfg.compile.calib_sentences)
     sources, targets = read_parallel(cfg.paths.data, "test_2016_flickr", cfg.train.src_lang, cfg.train.tgt_lang)
     c = model.cfg
     src, tokens = inputs(sources[:args.sentences], targets[:args.sentences], Tokenizer(Path(model_dir) / TOKENIZER_FILE),
                          c.decoder_start_id, c.pad_id, args.steps)
     tiles = tile_chooser(preset, database_path(args.db, cfg.tune.database))
-    vm = compile_tapped(model, preset, tiles, qcfg.integer_softmax)
-    checks = check_integer_graph(model, vm, src, tokens, qcfg.integer_softmax)
+    vm = compile_tapped(model, preset, tiles, qcfg)
+    checks = check_integer_graph(model, vm, src, tokens, qcfg)
     meta = {"model": str(model_dir), "target": preset.name, "scheme": qcfg.name, "ranges": qcfg.ranges,
-            "integer_softmax": qcfg.integer_softmax,
+            "integer_softmax": qcfg.integer_softmax, "integer_layer_norm": qcfg.integer_layer_norm,
             "sentences": len(src), "steps": args.steps}
     print(write_rows(summarize(checks), checks, meta, args.json))
     return 0 if all(ch.exact for ch in checks) else 1

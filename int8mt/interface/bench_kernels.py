@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from int8mt.schedules.database import BENCH_MODELS, DenseTask, linear_shapes, row_bucket
+from int8mt.schedules.tile_label import tile_label
 from int8mt.targets import TargetPreset
 
 TOKENS = 20  # tokens per sentence
@@ -96,7 +97,7 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) ->
         generic = dlight.ApplyDefaultSchedule(CPUGeneric())(tvm.IRModule({"main": te.create_prim_func([x, wt, y])}))
     default = tvm.compile(generic, target=target).mod
     default_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(w), tvm.runtime.tensor(np.zeros((rows, n), np.int32))]
-    label = f"{tiles.rows}x{tiles.cols * task.dot.lanes}/{tiles.depth * task.dot.reduce}"
+    label = tile_label(tiles.rows, tiles.cols, tiles.depth, (task.dot.lanes, task.dot.reduce))
     return _tvm_seconds(tuned, tuned_args), _tvm_seconds(default, default_args), label, tuned_tiles
 
 

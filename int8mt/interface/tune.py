@@ -10,6 +10,7 @@ from pathlib import Path
 
 from int8mt.runtime.bundle import MANIFEST_FILE, REPORT_FILE
 from int8mt.schedules.database import DenseTask, bench_tasks
+from int8mt.schedules.tile_label import tile_label
 from int8mt.targets import TargetPreset
 
 LOG_FILE = "tuning-log.json"  # per run: what was tuned, trials, failures, best GOPS
@@ -92,8 +93,7 @@ def format_rows(rows: list[dict]) -> str:
     header = "| kernel (n x k, rows) | trials run | build failures | run failures | best GOPS | tiles |"
     lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
-        tiles, (lanes, reduce) = r["best_tiles"], r["block"]
-        tiles = f"{tiles['rows']}x{tiles['cols'] * lanes}, depth {tiles['depth'] * reduce}" if tiles else "-"
+        tiles = tile_label(**r["best_tiles"], block=r["block"]) if r["best_tiles"] else "-"
         gops = f"{r['best_gops_all_runs']:.0f}" if r["best_gops_all_runs"] else "-"
         lines.append(f"| {r['n']} x {r['k']}, {r['rows']} | {r['trials']} (had {r['trials_before']}) | "
                      f"{r['build_failures']} | {r['run_failures']} | {gops} | {tiles} |")

@@ -18,6 +18,7 @@ class QuantConfig:
     percentile: float = 99.99
     keep_fp32: tuple[str, ...] = field(default=())   # fnmatch patterns of matmul names left in FP32
     integer_softmax: bool = False     # attention softmax in integers too (static ranges only)
+    integer_layer_norm: bool = False  # residual sums and layer norms in integers too (static ranges only)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -27,9 +28,9 @@ class QuantConfig:
         if self.calibration not in CALIBRATION_METHODS:
             raise ValueError(f"unknown calibration method {self.calibration!r}; "
                              f"use one of {', '.join(CALIBRATION_METHODS)}")
-        if self.integer_softmax and self.ranges == "runtime":
-            raise ValueError("the integer softmax needs constant score scales: use --ranges calibrate or learned "
-                             "(run-time ranges give every row its own scale)")
+        if (self.integer_softmax or self.integer_layer_norm) and self.ranges == "runtime":
+            raise ValueError("the integer softmax and layer norm need constant scales: use --ranges calibrate or "
+                             "learned (run-time ranges give every row its own scale)")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], not {self.percentile}")
 

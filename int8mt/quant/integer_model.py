@@ -9,6 +9,7 @@ It is written from the integer scheme that Scale Propagation implements, not fro
   (:mod:`.reference`); multiplying by a positive constant, reshapes, transposes and ReLU keep integers
   and move the scale;
 * with ``integer_softmax``, the attention softmax of integer scores runs in integers (:mod:`.int_softmax`);
+  with ``integer_layer_norm``, residual sums and layer norms (:mod:`.int_layer_norm`);
 * every other op (layer norm, softmax, masking, residual additions, run-time range quantizers) reads the
   dequantized float32 value ``float32(q) * float32(scale)`` and runs in float32.
 
@@ -27,7 +28,9 @@ import torch
 from torch import nn
 
 from ..model.transformer import NEG_INF, Attention, Transformer
+from . import int_layer_norm as iln
 from . import reference as ref
+from .fixed_point import apply_fixed_point, fixed_point
 from .int_softmax import PROB_BITS, IntSoftmax
 from .modules import ActQuant, QEmbedding, QLinear, QMatMul
 from .ops import EPS
@@ -89,6 +92,7 @@ class IntegerTransformer:
 
     model: Transformer
     integer_softmax: bool = False  # as ``ScalePropagation(integer_softmax=True)``
+    integer_layer_norm: bool = False  # as ``ScalePropagation(integer_layer_norm=True)``
     records: list[MatmulRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -150,14 +154,14 @@ class IntegerTransformer:
         return x + _np(self.model.positions)[positions]
 
     def split_heads(self, attn: Attention, v: Value) -> Value:
-        b, t = v.data.shape[:2] if isinstance(v, Int) else v.shape[:2]
+        b, t = _shape(v)[:2]
         return _map(v, lambda x: x.reshape(b, t, attn.heads, attn.head_dim).transpose(0, 2, 1, 3))
 
-    def project_kv(self, attn: Attention, x: np.ndarray) -> tuple[Value, Value]:
+    def project_kv(self, attn: Attention, x: Value) -> tuple[Value, Value]:
         return (self.split_heads(attn, self.linear(attn.k_proj, x)),
                 self.split_heads(attn, self.linear(attn.v_proj, x)))
 
-    def attend(self, attn: Attention, x: np.ndarray, k: Value, v: Value, bias: np.ndarray | None) -> Value:
+    def attend(self, attn: Attention, x: Value, k: Value, v: Value, bias: np.ndarray | None) -> Value:
         q = self.linear(attn.q_proj, x)
         q = self.split_heads(attn, q.times(attn.scaling) if isinstance(q, Int) else q * np.float32(attn.scaling))
         scores = self.matmul(attn.qk, q, _map(k, lambda t: t.swapaxes(2, 3)))
@@ -168,11 +172,22 @@ class IntegerTransformer:
             scores = to_float(scores)
             probs = _softmax(scores if bias is None else scores + bias)
         ctx = self.matmul(attn.av, probs, v)
-        b, t = x.shape[:2]
+        b, t = _shape(x)[:2]
         ctx = _map(ctx, lambda c: c.transpose(0, 2, 1, 3).reshape(b, t, attn.heads * attn.head_dim))
         return self.linear(attn.out_proj, ctx)
 
-    def ffn(self, layer: nn.Module, x: np.ndarray) -> Value:
+    def add_norm(self, norm: nn.LayerNorm, x: Value, residual: Value) -> Value:
+        """``norm(x + residual)``: in integers on the grid of :mod:`.int_layer_norm` when enabled and an
+        addend is an integer tensor with a constant scale, else in float32."""
+        addends = (x, residual)
+        if self.integer_layer_norm and any(isinstance(a, Int) for a in addends) and all(
+                not isinstance(a, Int) or a.static for a in addends):
+            total = sum(_on_grid(a) for a in addends)
+            ln = iln.IntLayerNorm.for_params(_np(norm.weight), _np(norm.bias), norm.eps)
+            return Int(ln(total), np.float64(iln.OUTPUT_SCALE).reshape((1,) * total.ndim))
+        return _layer_norm(norm, to_float(x) + to_float(residual))
+
+    def ffn(self, layer: nn.Module, x: Value) -> Value:
         h = self.linear(layer.ffn.fc1, x)
         h = Int(np.maximum(h.data, 0), h.scale) if isinstance(h, Int) else np.maximum(h, np.float32(0))
         return self.linear(layer.ffn.fc2, h)
@@ -186,8 +201,8 @@ class IntegerTransformer:
         x = self.embed(src, np.arange(src.shape[1]))
         for layer in self.model.encoder_layers:
             k, v = self.project_kv(layer.self_attn, x)
-            x = _layer_norm(layer.self_attn_layer_norm, x + to_float(self.attend(layer.self_attn, x, k, v, bias)))
-            x = _layer_norm(layer.final_layer_norm, x + to_float(self.ffn(layer, x)))
+            x = self.add_norm(layer.self_attn_layer_norm, x, self.attend(layer.self_attn, x, k, v, bias))
+            x = self.add_norm(layer.final_layer_norm, x, self.ffn(layer, x))
         return np.stack([np.stack([to_float(t) for t in self.project_kv(layer.cross_attn, x)])
                          for layer in self.model.decoder_layers])
 
@@ -201,11 +216,23 @@ class IntegerTransformer:
             k_new, v_new = (to_float(t) for t in self.project_kv(layer.self_attn, x))
             k, v = np.concatenate([cache[i, 0], k_new], 2), np.concatenate([cache[i, 1], v_new], 2)
             grown.append(np.stack([k, v]))
-            x = _layer_norm(layer.self_attn_layer_norm, x + to_float(self.attend(layer.self_attn, x, k, v, None)))
+            x = self.add_norm(layer.self_attn_layer_norm, x, self.attend(layer.self_attn, x, k, v, None))
             attended = self.attend(layer.cross_attn, x, cross_kv[i, 0], cross_kv[i, 1], bias)
-            x = _layer_norm(layer.cross_attn_layer_norm, x + to_float(attended))
-            x = _layer_norm(layer.final_layer_norm, x + to_float(self.ffn(layer, x)))
-        return to_float(self.linear(self.model.lm_head, x[:, 0])), np.stack(grown)
+            x = self.add_norm(layer.cross_attn_layer_norm, x, attended)
+            x = self.add_norm(layer.final_layer_norm, x, self.ffn(layer, x))
+        return to_float(self.linear(self.model.lm_head, _map(x, lambda a: a[:, 0]))), np.stack(grown)
+
+
+def _shape(v: Value) -> tuple[int, ...]:
+    return v.data.shape if isinstance(v, Int) else v.shape
+
+
+def _on_grid(v: Value) -> np.ndarray:
+    """An addend of a residual sum as int64 on the layer-norm input grid."""
+    if isinstance(v, Int):
+        mult, shift = fixed_point(np.broadcast_to(v.scale, v.data.shape) / iln.INPUT_SCALE)
+        return apply_fixed_point(v.data, mult, shift)
+    return np.round(v * np.float32(1.0 / iln.INPUT_SCALE)).astype(np.int64)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -30,16 +30,18 @@ def _inputs() -> tuple[np.ndarray, np.ndarray]:
     return src, rng.integers(4, TINY.vocab_size, (3, STEPS))
 
 
-def _model(model_dir, bits: int, ranges: str):
-    return quantized_model(model_dir, QuantConfig(bits=bits, ranges=ranges), DATA_DIR, calib_sentences=32)
+def _model(model_dir, qcfg: QuantConfig):
+    return quantized_model(model_dir, qcfg, DATA_DIR, calib_sentences=32)
 
 
-@pytest.mark.parametrize("bits, ranges, integer_softmax",
-                         [(8, "calibrate", False), (8, "runtime", False), (6, "calibrate", False), (8, "calibrate", True)])
-def test_every_matmul_matches_the_integer_reference(bits, ranges, integer_softmax, tiny_model_dir):
-    model = _model(tiny_model_dir, bits, ranges)
-    vm = compile_tapped(model, HOST_PRESET, tile_chooser(HOST_PRESET, None), integer_softmax)
-    checks = check_integer_graph(model, vm, *_inputs(), integer_softmax)
+@pytest.mark.parametrize("qcfg", [
+    QuantConfig(ranges="calibrate"), QuantConfig(ranges="runtime"), QuantConfig(bits=6, ranges="calibrate"),
+    QuantConfig(ranges="calibrate", integer_softmax=True, integer_layer_norm=True),
+], ids=["int8-calibrate", "int8-runtime", "int6-calibrate", "int8-integer-only"])
+def test_every_matmul_matches_the_integer_reference(qcfg, tiny_model_dir):
+    model = _model(tiny_model_dir, qcfg)
+    vm = compile_tapped(model, HOST_PRESET, tile_chooser(HOST_PRESET, None), qcfg)
+    checks = check_integer_graph(model, vm, *_inputs(), qcfg)
     assert len(checks) == PER_CALL["encode"] + STEPS * PER_CALL["decode_step"]
     # the kernels and the integer ops around them: every int32 result is exactly its operands' product
     assert all(c.exact for c in checks), [c.name for c in checks if not c.exact]
@@ -47,7 +49,7 @@ def test_every_matmul_matches_the_integer_reference(bits, ranges, integer_softma
     # softmax) rounded differently and a value on a rounding boundary went the other way
     assert max(c.operands_max_diff for c in checks) <= 1
     assert np.mean([c.operands_equal for c in checks]) >= 0.99
-    if ranges == "runtime":
+    if qcfg.ranges == "runtime":
         return
     # static ranges: integers flow from matmul to matmul, so results agree bit for bit on these inputs
     assert all(c.result_equal == 1.0 for c in checks)
@@ -71,7 +73,7 @@ def _decode(vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray) -> np
 
 @pytest.mark.parametrize("ranges", ["calibrate", "runtime"])
 def test_graph_before_the_pass_agrees_with_the_graph_after_it(ranges, tiny_model_dir):
-    imported = export_to_relax(_model(tiny_model_dir, 8, ranges), convert_map=quant_convert_map)
+    imported = export_to_relax(_model(tiny_model_dir, QuantConfig(ranges=ranges)), convert_map=quant_convert_map)
     before = _decode(_vm(imported), *_inputs())  # quantize/dequantize round trips, float matmuls
     integer = lower_integer_graph(ScalePropagation()(imported), HOST_PRESET, tile_chooser(HOST_PRESET, None))
     after = _decode(_vm(integer), *_inputs())
@@ -94,3 +96,15 @@ def test_verify_command_reports_every_matmul(tiny_model_dir, tmp_path, capsys):
 def test_verify_rejects_bad_counts(tiny_model_dir, capsys):
     assert main(["verify", str(tiny_model_dir), "--steps", "0"]) == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_integer_only_graph_has_no_float_softmax_or_layer_norm(tiny_model_dir):
+    from int8mt.compiler.quant_report import op_report
+
+    qcfg = QuantConfig(ranges="calibrate", integer_softmax=True, integer_layer_norm=True)
+    mod = export_to_relax(_model(tiny_model_dir, qcfg), convert_map=quant_convert_map)
+    report = op_report(ScalePropagation(integer_softmax=True, integer_layer_norm=True)(mod))
+    assert not {"relax.nn.softmax", "relax.nn.layer_norm"} & set(report["float_ops"])
+    layers_e, layers_d = TINY.encoder_layers, TINY.decoder_layers
+    assert report["total"]["softmax_int"] == layers_e + 2 * layers_d
+    assert report["total"]["layer_norm_int"] == 2 * layers_e + 3 * layers_d

@@ -232,3 +232,56 @@ def test_chained_requantizations_fold_into_one():
     np.testing.assert_array_equal(got, once)
     twice = ref.requantize(ref.requantize(acc, scale, 0.05, 127), np.array(0.05), 0.08, 127)
     assert np.abs(got.astype(int) - twice).max() <= 1
+
+
+def test_integer_layer_norm_of_a_residual_sum_matches_the_reference():
+    """x (float) + linear(...) (int32, per-channel scale) -> layer norm -> quantize: the sum on the integer
+    grid, the layer norm in integers (integer square root), exactly int8mt.quant.int_layer_norm's."""
+    from int8mt.quant import int_layer_norm as iln
+    from int8mt.quant.fixed_point import apply_fixed_point, fixed_point
+
+    k, n = 32, 48
+    fc = _weights(n, k)
+    gamma, beta = RNG.normal(1, 0.2, n).astype(np.float32), RNG.normal(0, 0.1, n).astype(np.float32)
+
+    def build(bb, x_q, x):
+        y = bb.emit(relax.op.add(x, _linear(bb, x_q, 0.02, *fc)))
+        normed = bb.emit(relax.op.nn.layer_norm(y, _f32(gamma), _f32(beta), axes=[-1], epsilon=1e-5))
+        return _q(bb, normed, 0.03)
+
+    mod = _function(build, {"x_q": ((2, 5, k), "int8"), "x": ((2, 5, n), "float32")})
+    plain, integer = ScalePropagation()(mod), ScalePropagation(integer_layer_norm=True)(mod)
+    assert "relax.nn.layer_norm" in op_report(plain)["float_ops"]
+    report = op_report(integer)
+    assert "relax.nn.layer_norm" not in report["float_ops"] and report["total"]["layer_norm_int"] == 1
+    x_q = RNG.integers(-127, 128, (2, 5, k)).astype(np.int8)
+    x = RNG.normal(0, 1, (2, 5, n)).astype(np.float32)
+    acc, scale = ref.linear(x_q, 0.02, *fc)
+    mult, shift = fixed_point(np.broadcast_to(scale, acc.shape) / iln.INPUT_SCALE)
+    total = apply_fixed_point(acc, mult, shift) + np.round(x * np.float32(2 ** iln.INPUT_BITS)).astype(np.int64)
+    normed = iln.IntLayerNorm.for_params(gamma, beta, 1e-5)(total)
+    got = _run(integer, x_q, x)
+    np.testing.assert_array_equal(got, ref.requantize(normed, np.array(iln.OUTPUT_SCALE), 0.03, 127))
+    assert np.abs(got.astype(int) - _run(plain, x_q, x)).max() <= 1
+
+
+def test_max_maximum_and_masking_keep_integers():
+    """max over an axis, maximum with 0 and where(mask, x, 0) of an integer tensor: no dequantize, the same
+    integers as computed on the dequantized values."""
+    def build(bb, x_q, mask):
+        x = _dq(bb, x_q, 0.05)
+        top = bb.emit(relax.op.max(x, axis=[-1], keepdims=True))
+        positive = bb.emit(relax.op.maximum(x, _f32(0.0)))
+        masked = bb.emit(relax.op.where(mask, x, _f32(0.0)))
+        return relax.Tuple([_q(bb, top, 0.05), _q(bb, positive, 0.05), _q(bb, masked, 0.05)])
+
+    mod = ScalePropagation()(_function(build, {"x_q": ((4, 6), "int8"), "mask": ((1, 6), "bool")}))
+    report = op_report(mod)["total"]
+    assert report.get("dequantize", 0) == 0 and report.get("quantize", 0) == 0
+    x_q = RNG.integers(-127, 128, (4, 6)).astype(np.int8)
+    mask = np.array([[True, False, True, True, False, True]])
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    top, positive, masked = (t.numpy() for t in vm["main"](tvm.runtime.tensor(x_q), tvm.runtime.tensor(mask)))
+    np.testing.assert_array_equal(top, x_q.max(-1, keepdims=True))
+    np.testing.assert_array_equal(positive, np.maximum(x_q, 0))
+    np.testing.assert_array_equal(masked, np.where(mask, x_q, 0))

@@ -1,0 +1,9 @@
+"""How a dense kernel's tile is written in tables and reports (no TVM import: ``int8mt inspect`` uses it)."""
+from __future__ import annotations
+
+
+def tile_label(rows: int, cols: int, depth: int, block: tuple[int, int]) -> str:
+    """``rows x output columns depth K`` of a tile whose ``cols`` and ``depth`` count the dot product's
+    ``block`` = (lanes, reduce), e.g. ``4x64 depth 16`` for 4 x 4 VNNI blocks and a depth of 4."""
+    lanes, reduce = block
+    return f"{rows}x{cols * lanes} depth {depth * reduce}"
