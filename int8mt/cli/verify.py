@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from . import UserError, add_config_argument, config_path, database_path
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sentences < 1 or args.steps < 1:
         raise UserError("--sentences and --steps must be at least 1")
     from ..compiler.build import tile_chooser
-    from ..compiler.integer_check import check_integer_graph, compile_tapped
+    from ..compiler.integer_check import GraphMismatch, check_integer_graph, compile_tapped
     from ..data import read_parallel
     from ..interface.verify import inputs, summarize, write_rows
     from ..model.checkpoint import TOKENIZER_FILE, check_model_dir
@@ -57,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
                          c.decoder_start_id, c.pad_id, args.steps)
     tiles = tile_chooser(preset, database_path(args.db, cfg.tune.database))
     vm = compile_tapped(model, preset, tiles, qcfg)
-    checks = check_integer_graph(model, vm, src, tokens, qcfg)
+    try:
+        checks = check_integer_graph(model, vm, src, tokens, qcfg)
+    except GraphMismatch as err:
+        print(f"int8mt verify: the compiled graph and the integer reference differ: {err}", file=sys.stderr)
+        return 1
     meta = {"model": str(model_dir), "target": preset.name, "scheme": qcfg.name, "ranges": qcfg.ranges,
             "integer_softmax": qcfg.integer_softmax, "integer_layer_norm": qcfg.integer_layer_norm,
             "sentences": len(src), "steps": args.steps}

@@ -16,7 +16,9 @@ It is written from the integer scheme that Scale Propagation implements, not fro
 The integer parts are exact, so the compiled graph must reproduce each matmul bit for bit from the same
 operands. Its float ops (softmax's exp, the sums of layer norm and softmax) round differently from NumPy
 in the last bit now and then, which can move a value that sits on a rounding boundary by one step when it
-is next quantized: operands agree with this reference exactly or within one step.
+is next quantized (and later layers with it). The embedding's multiply-add is rounded once, as the
+compiled kernel's fused multiply-add. With the integer softmax and layer norm no float op is left between
+matmuls, and the whole graph agrees with this reference bit for bit.
 """
 from __future__ import annotations
 
@@ -148,10 +150,12 @@ class IntegerTransformer:
     def embed(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         emb, scale = self.model.embed_tokens, np.float32(self.model.embed_scale)
         if isinstance(emb, QEmbedding):
-            x = to_float(Int(_np(emb.w_q)[tokens], _np(emb.w_scale)[tokens] * scale))
+            rows, row_scale = _np(emb.w_q)[tokens].astype(np.float32), _np(emb.w_scale)[tokens] * scale
         else:
-            x = _np(emb.weight)[tokens] * scale
-        return x + _np(self.model.positions)[positions]
+            rows, row_scale = _np(emb.weight)[tokens], scale
+        # one rounding for multiply-add, as the compiled kernel's fused multiply-add (LLVM contracts them)
+        pos = _np(self.model.positions)[positions]
+        return (rows.astype(np.float64) * np.float64(row_scale) + pos).astype(np.float32)
 
     def split_heads(self, attn: Attention, v: Value) -> Value:
         b, t = _shape(v)[:2]
