@@ -8,6 +8,8 @@ The result is one IRModule with two entry points:
   -> (logits[B, V], self_cache[L, 2, B, H, T + 1, Dh])``: one token, projections O(1) in the prefix;
 * ``reorder_cache(self_cache, rows[B'] int64) -> self_cache[L, 2, B', H, T, Dh]``: beam search's
   re-ordering of hypotheses, on the device.
+
+Both caches have the model's ``cache_dtype``: int8 for statically quantized models, else float32.
 """
 from __future__ import annotations
 
@@ -61,8 +63,8 @@ class ExportConfig:
         inputs = (
             torch.full((2, 1), 4, dtype=torch.int64),
             torch.tensor([3], dtype=torch.int64),
-            torch.zeros(c.decoder_layers, 2, 2, c.heads, 3, c.head_dim),
-            torch.zeros(c.decoder_layers, 2, 2, c.heads, 5, c.head_dim),
+            torch.zeros(c.decoder_layers, 2, 2, c.heads, 3, c.head_dim, dtype=model.cache_dtype),
+            torch.zeros(c.decoder_layers, 2, 2, c.heads, 5, c.head_dim, dtype=model.cache_dtype),
             torch.full((2, 5), 4, dtype=torch.int64),
         )
         shapes = {"tokens": {0: batch}, "step": None, "self_cache": {2: batch, 4: prefix},
@@ -96,7 +98,7 @@ def _reorder_cache(model: Transformer) -> relax.Function:
     c = model.cfg
     batch, prefix, rows = (tvm.tirx.Var(name, "int64") for name in ("batch", "prefix", "rows"))
     shape = (c.decoder_layers, 2, batch, c.heads, prefix, c.head_dim)
-    cache = relax.Var("self_cache", relax.TensorType(shape, "float32"))
+    cache = relax.Var("self_cache", relax.TensorType(shape, str(model.cache_dtype).removeprefix("torch.")))
     index = relax.Var("rows", relax.TensorType((rows,), "int64"))
     bb = relax.BlockBuilder()
     with bb.function("reorder_cache", [cache, index]):

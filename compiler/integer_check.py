@@ -79,7 +79,8 @@ def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.nd
 
     cross, _ = call("encode", reference.encode, src)
     cross = cross.numpy()
-    cache = np.zeros((cfg.decoder_layers, 2, len(src), cfg.heads, 0, cfg.head_dim), np.float32)
+    dtype = str(model.cache_dtype).removeprefix("torch.")
+    cache = np.zeros((cfg.decoder_layers, 2, len(src), cfg.heads, 0, cfg.head_dim), dtype)
     for step in range(tokens.shape[1]):
         column = np.ascontiguousarray(tokens[:, step:step + 1])
         (_, cache), _ = call("decode_step", lambda *a: reference.decode_step(column, step, *a[2:]),

@@ -3,7 +3,9 @@
 Written for ``torch.export``: no data-dependent control flow, and every matrix multiplication is a named
 submodule (``nn.Linear`` for projections, :class:`MatMul` for QK^T and softmax·V) so that quantization can
 find and replace each one. Incremental decoding uses a key/value cache stacked into one tensor per kind:
-``self_cache`` and ``cross_kv`` have shape ``[layers, 2, batch, heads, length, head_dim]``.
+``self_cache`` and ``cross_kv`` have shape ``[layers, 2, batch, heads, length, head_dim]``; float32, or int8
+when every decoder attention's QK^T and softmax·V quantize their key/value operand with a fixed scale
+(static ranges: keys and values are then quantized once, when written, instead of at every step).
 """
 from __future__ import annotations
 
@@ -148,7 +150,27 @@ class Transformer(nn.Module):
 
     def cross_kv(self, memory: Tensor) -> Tensor:
         """Every decoder layer's cross-attention keys and values, [L, 2, B, H, S, Dh]: computed once per sentence."""
-        return torch.stack([torch.stack(layer.cross_attn.project_kv(memory)) for layer in self.decoder_layers])
+        return torch.stack([torch.stack(self._store(layer.cross_attn, *layer.cross_attn.project_kv(memory)))
+                            for layer in self.decoder_layers])
+
+    # -- key/value caches ------------------------------------------------------------------------
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """int8 if every decoder attention can store its keys and values as int8 (see the module docstring)."""
+        attentions = [a for layer in self.decoder_layers for a in (layer.self_attn, layer.cross_attn)]
+        int8 = all(getattr(m, "stores_int8", False) for a in attentions for m in (a.qk, a.av))
+        return torch.int8 if int8 else torch.float32
+
+    def _store(self, attn: Attention, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.cache_dtype != torch.int8:
+            return k, v
+        return attn.qk.store(k), attn.av.store(v)
+
+    @staticmethod
+    def _load(attn: Attention, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if k.dtype != torch.int8:
+            return k, v
+        return attn.qk.load(k), attn.av.load(v)
 
     # -- training ------------------------------------------------------------------------------
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
@@ -177,13 +199,15 @@ class Transformer(nn.Module):
         x = self.embed(tokens, step)
         new_cache = []
         for i, layer in enumerate(self.decoder_layers):
-            k_new, v_new = layer.self_attn.project_kv(x)
+            k_new, v_new = self._store(layer.self_attn, *layer.self_attn.project_kv(x))
             k = torch.cat([self_cache[i, 0], k_new], dim=2)
             v = torch.cat([self_cache[i, 1], v_new], dim=2)
             new_cache.append(torch.stack([k, v]))
-            x = layer(x, k, v, None, cross_kv[i, 0], cross_kv[i, 1], src_bias)
+            k, v = self._load(layer.self_attn, k, v)
+            cross_k, cross_v = self._load(layer.cross_attn, cross_kv[i, 0], cross_kv[i, 1])
+            x = layer(x, k, v, None, cross_k, cross_v, src_bias)
         return self.lm_head(x[:, 0]), torch.stack(new_cache)
 
     def empty_cache(self, batch: int) -> Tensor:
         c = self.cfg
-        return torch.zeros(c.decoder_layers, 2, batch, c.heads, 0, c.head_dim)
+        return torch.zeros(c.decoder_layers, 2, batch, c.heads, 0, c.head_dim, dtype=self.cache_dtype)

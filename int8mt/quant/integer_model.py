@@ -199,15 +199,31 @@ class IntegerTransformer:
     def source_bias(self, src: np.ndarray) -> np.ndarray:
         return (src == self.model.cfg.pad_id).astype(np.float32)[:, None, None, :] * np.float32(NEG_INF)
 
+    @property
+    def int8_cache(self) -> bool:
+        return self.model.cache_dtype == torch.int8
+
+    def store(self, attn: Attention, k: Value, v: Value) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values as a cache holds them: int8 with the QK^T / softmax·V operand scales, or float32."""
+        if self.int8_cache:
+            return self.quantize(attn.qk.b_act, k).data, self.quantize(attn.av.b_act, v).data
+        return to_float(k), to_float(v)
+
+    def load(self, attn: Attention, k: np.ndarray, v: np.ndarray) -> tuple[Value, Value]:
+        if k.dtype != np.int8:
+            return k, v
+        return (Int(k, np.float64(float(attn.qk.b_act.scale)).reshape((1,) * k.ndim)),
+                Int(v, np.float64(float(attn.av.b_act.scale)).reshape((1,) * v.ndim)))
+
     def encode(self, src: np.ndarray) -> np.ndarray:
-        """Source ids [B, S] -> cross-attention keys/values [L, 2, B, H, S, Dh] (float32)."""
+        """Source ids [B, S] -> cross-attention keys/values [L, 2, B, H, S, Dh] (the model's cache dtype)."""
         bias = self.source_bias(src)
         x = self.embed(src, np.arange(src.shape[1]))
         for layer in self.model.encoder_layers:
             k, v = self.project_kv(layer.self_attn, x)
             x = self.add_norm(layer.self_attn_layer_norm, x, self.attend(layer.self_attn, x, k, v, bias))
             x = self.add_norm(layer.final_layer_norm, x, self.ffn(layer, x))
-        return np.stack([np.stack([to_float(t) for t in self.project_kv(layer.cross_attn, x)])
+        return np.stack([np.stack(self.store(layer.cross_attn, *self.project_kv(layer.cross_attn, x)))
                          for layer in self.model.decoder_layers])
 
     def decode_step(self, tokens: np.ndarray, step: int, cache: np.ndarray, cross_kv: np.ndarray,
@@ -217,11 +233,13 @@ class IntegerTransformer:
         x = self.embed(tokens, np.array([step]))
         grown = []
         for i, layer in enumerate(self.model.decoder_layers):
-            k_new, v_new = (to_float(t) for t in self.project_kv(layer.self_attn, x))
+            k_new, v_new = self.store(layer.self_attn, *self.project_kv(layer.self_attn, x))
             k, v = np.concatenate([cache[i, 0], k_new], 2), np.concatenate([cache[i, 1], v_new], 2)
             grown.append(np.stack([k, v]))
+            k, v = self.load(layer.self_attn, k, v)
             x = self.add_norm(layer.self_attn_layer_norm, x, self.attend(layer.self_attn, x, k, v, None))
-            attended = self.attend(layer.cross_attn, x, cross_kv[i, 0], cross_kv[i, 1], bias)
+            cross_k, cross_v = self.load(layer.cross_attn, cross_kv[i, 0], cross_kv[i, 1])
+            attended = self.attend(layer.cross_attn, x, cross_k, cross_v, bias)
             x = self.add_norm(layer.cross_attn_layer_norm, x, attended)
             x = self.add_norm(layer.final_layer_norm, x, self.ffn(layer, x))
         return to_float(self.linear(self.model.lm_head, _map(x, lambda a: a[:, 0]))), np.stack(grown)

@@ -122,6 +122,20 @@ class QMatMul(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(self.a_act(a), self.b_act(b))
 
+    @property
+    def stores_int8(self) -> bool:
+        """True if the right operand has a fixed per-tensor scale (converted, static ranges): a key/value cache
+        can then hold it as int8, quantized once when written instead of at every read."""
+        return not self.b_act.dynamic and hasattr(self.b_act, "scale")
+
+    def store(self, x: Tensor) -> Tensor:
+        """``x`` (a key or value tensor) as the right operand's int8 (requires :attr:`stores_int8`)."""
+        return ops.quantize(x, self.b_act.scale, self.b_act.qmax)
+
+    def load(self, q: Tensor) -> Tensor:
+        """The float value of a stored int8 operand; the right operand's quantizer gives ``q`` back exactly."""
+        return ops.dequantize(q, self.b_act.scale)
+
 
 def matmul_sites(model: nn.Module) -> list[str]:
     """Names of every matmul of the model (linear layers and activation-activation products)."""

@@ -117,6 +117,7 @@ class Bundle:
         self.head_dim = cfg["d_model"] // cfg["heads"]
         self.max_positions = cfg["max_positions"]
         self.pad_id, self.eos_id, self.start_id = cfg["pad_id"], cfg["eos_id"], cfg["decoder_start_id"]
+        self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for static quantization
 
     @property
     def tokenizer_file(self) -> Path:
@@ -130,7 +131,7 @@ class Bundle:
         return self._encode(self.tensor(src))
 
     def empty_cache(self, batch: int) -> Any:
-        return self.tensor(np.zeros((self.layers, 2, batch, self.heads, 0, self.head_dim), np.float32))
+        return self.tensor(np.zeros((self.layers, 2, batch, self.heads, 0, self.head_dim), self.cache_dtype))
 
     def decode_step(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any, src: Any) -> tuple[np.ndarray, Any]:
         """One step: returns logits as numpy [B, V] and the grown cache (device tensor)."""

@@ -62,9 +62,9 @@ def _vm(mod: tvm.IRModule) -> relax.VirtualMachine:
     return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
 
 
-def _decode(vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+def _decode(vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray, dtype: str) -> np.ndarray:
     cross = vm["encode"](tvm.runtime.tensor(src))
-    cache = tvm.runtime.tensor(np.zeros((TINY.decoder_layers, 2, len(src), TINY.heads, 0, TINY.head_dim), np.float32))
+    cache = tvm.runtime.tensor(np.zeros((TINY.decoder_layers, 2, len(src), TINY.heads, 0, TINY.head_dim), dtype))
     logits = []
     for step in range(tokens.shape[1]):
         out, cache = vm["decode_step"](tvm.runtime.tensor(np.ascontiguousarray(tokens[:, step:step + 1])),
@@ -75,10 +75,13 @@ def _decode(vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray) -> np
 
 @pytest.mark.parametrize("ranges", ["calibrate", "runtime"])
 def test_graph_before_the_pass_agrees_with_the_graph_after_it(ranges, tiny_model_dir):
-    imported = export_to_relax(_model(tiny_model_dir, QuantConfig(ranges=ranges)), convert_map=quant_convert_map)
-    before = _decode(_vm(imported), *_inputs())  # quantize/dequantize round trips, float matmuls
+    model = _model(tiny_model_dir, QuantConfig(ranges=ranges))
+    dtype = str(model.cache_dtype).removeprefix("torch.")
+    assert dtype == ("float32" if ranges == "runtime" else "int8")  # static scales: int8 caches
+    imported = export_to_relax(model, convert_map=quant_convert_map)
+    before = _decode(_vm(imported), *_inputs(), dtype)  # quantize/dequantize round trips, float matmuls
     integer = lower_integer_graph(ScalePropagation()(imported), HOST_PRESET, tile_chooser(HOST_PRESET, None))
-    after = _decode(_vm(integer), *_inputs())
+    after = _decode(_vm(integer), *_inputs(), dtype)
     # float requantization (round half to even) against integer multiply-shift (half up), and biases
     # rounded onto the accumulator's grid: a step here and there, a small fraction of the range
     np.testing.assert_allclose(after, before, atol=0.05 * float(np.abs(before).max()))
