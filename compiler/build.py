@@ -75,7 +75,7 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
         "quantization": _quantization_record(qcfg, report),
         "entry_points": list(ENTRY_POINTS),
         "model": model.cfg.to_dict(),
-        "cache_dtype": str(model.cache_dtype).removeprefix("torch."),
+        "cache_dtype": model.cache_dtype_name,
         "files": {LIBRARY_FILE: sha256(library), TOKENIZER_FILE: sha256(out_dir / TOKENIZER_FILE)},
         "compile_seconds": round(time.time() - t0, 1),
     }

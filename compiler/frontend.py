@@ -98,7 +98,7 @@ def _reorder_cache(model: Transformer) -> relax.Function:
     c = model.cfg
     batch, prefix, rows = (tvm.tirx.Var(name, "int64") for name in ("batch", "prefix", "rows"))
     shape = (c.decoder_layers, 2, batch, c.heads, prefix, c.head_dim)
-    cache = relax.Var("self_cache", relax.TensorType(shape, str(model.cache_dtype).removeprefix("torch.")))
+    cache = relax.Var("self_cache", relax.TensorType(shape, model.cache_dtype_name))
     index = relax.Var("rows", relax.TensorType((rows,), "int64"))
     bb = relax.BlockBuilder()
     with bb.function("reorder_cache", [cache, index]):

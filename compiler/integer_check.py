@@ -79,7 +79,7 @@ def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.nd
 
     cross, _ = call("encode", reference.encode, src)
     cross = cross.numpy()
-    dtype = str(model.cache_dtype).removeprefix("torch.")
+    dtype = model.cache_dtype_name
     cache = np.zeros((cfg.decoder_layers, 2, len(src), cfg.heads, 0, cfg.head_dim), dtype)
     for step in range(tokens.shape[1]):
         column = np.ascontiguousarray(tokens[:, step:step + 1])

@@ -161,6 +161,11 @@ class Transformer(nn.Module):
         int8 = all(getattr(m, "stores_int8", False) for a in attentions for m in (a.qk, a.av))
         return torch.int8 if int8 else torch.float32
 
+    @property
+    def cache_dtype_name(self) -> str:
+        """:attr:`cache_dtype` as NumPy and TVM spell it (``int8`` or ``float32``)."""
+        return str(self.cache_dtype).removeprefix("torch.")
+
     def _store(self, attn: Attention, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.cache_dtype != torch.int8:
             return k, v

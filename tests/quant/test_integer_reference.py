@@ -76,7 +76,7 @@ def _decode(vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray, dtype
 @pytest.mark.parametrize("ranges", ["calibrate", "runtime"])
 def test_graph_before_the_pass_agrees_with_the_graph_after_it(ranges, tiny_model_dir):
     model = _model(tiny_model_dir, QuantConfig(ranges=ranges))
-    dtype = str(model.cache_dtype).removeprefix("torch.")
+    dtype = model.cache_dtype_name
     assert dtype == ("float32" if ranges == "runtime" else "int8")  # static scales: int8 caches
     imported = export_to_relax(model, convert_map=quant_convert_map)
     before = _decode(_vm(imported), *_inputs(), dtype)  # quantize/dequantize round trips, float matmuls
