@@ -23,7 +23,7 @@ from .frontend import export_to_relax
 from .passes import PackInt8Matmul, ScalePropagation
 from .pipeline import int8mt_pipeline
 from .quant_import import quant_convert_map
-from .quant_report import op_report
+from .quant_report import batched_kernel_calls, op_report
 
 
 def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Path | None = None,
@@ -61,6 +61,7 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
         mod = lower_integer_graph(mod, preset, tiles)
         if tiles is not None:
             report["kernels"] = list(tiles.kernels.values())
+            report["attention_kernels"] = batched_kernel_calls(mod)
     print(f"compiling for {target_name} ({json.dumps(preset.target)})", file=sys.stderr)
     executable = tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target, dump_dir))
     out_dir.mkdir(parents=True, exist_ok=True)

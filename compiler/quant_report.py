@@ -88,3 +88,22 @@ def op_report(mod: tvm.IRModule) -> dict:
         "float_ops": {k: {"count": v, "why": FLOAT_REASONS.get(k, "")} for k, v in float_total.most_common()},
         "constant_bytes": dict(constant_bytes),
     }
+
+
+def batched_kernel_calls(mod: tvm.IRModule) -> dict[str, int]:
+    """Per entry function, the calls of the batched int8 (attention) kernels PackInt8Matmul put in."""
+    calls: dict[str, int] = {}
+    call_tir = ir.Op.get("relax.call_tir")
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            count = 0
+
+            def visit(expr: relax.Expr) -> None:
+                nonlocal count
+                if (isinstance(expr, relax.Call) and expr.op.same_as(call_tir)
+                        and expr.args[0].name_hint.startswith("int8_batch_matmul")):
+                    count += 1
+
+            relax.analysis.post_order_visit(func, visit)
+            calls[gv.name_hint] = count
+    return calls

@@ -10,14 +10,17 @@ is zero.
 
 The number of rows ``m`` is dynamic (batch x tokens). The register tile's rows are split without
 predicates (tensorize rejects predicated blocks), which is safe because the activations are first staged
-(shifted for VNNI, widened for the others) into a buffer with ``m`` rounded up to ``ROW_PAD`` rows, a
-multiple of every row tile; the rows beyond ``m`` compute garbage that is never written out.
+(shifted for VNNI, widened for the others) into a buffer of ``m`` rounded up to ``ROW_PAD`` rows plus
+``ROW_PAD`` more, enough for every row tile and row split; the rows beyond ``m`` compute garbage that is
+never written out.
 
-Schedule (``schedule_int8_dense``): column strips of ``lanes*cols`` outputs run in parallel (each thread
-keeps its strip of packed weights in L1 and walks all rows); inside, a ``rows x lanes*cols`` int32
-accumulator tile lives in registers ("local" scope) over the whole reduction, unrolled by ``depth`` x
-``reduce`` bytes, and is written out once with the correction added. The three tile sizes are the tuning
-knobs; ``tiles=None`` samples them (MetaSchedule's design space).
+Schedule (``schedule_int8_dense``): the rows are cut into ``row_split`` parts and the columns into strips of
+``lanes*cols`` outputs; (part, strip) pairs run in parallel, part-major. With one part each thread keeps
+its strips of packed weights in L1 and walks all rows (best for few rows: every weight is read once); with
+two, each thread works on the half of the activations it staged itself, which stay in its own L2 (best
+for many rows). Inside, a ``rows x lanes*cols`` int32 accumulator tile lives in registers over the whole
+reduction, unrolled by ``depth`` x ``reduce`` bytes, and is written out once with the correction added.
+The four sizes are the tuning knobs; ``tiles=None`` samples them (MetaSchedule's design space).
 """
 from __future__ import annotations
 
@@ -31,21 +34,24 @@ from .intrin import Int8Dot
 from .intrin.x86_vnni import VNNI_DOT
 
 ROW_TILES = (1, 2, 3, 4, 6, 8)  # register-tile rows the design space offers
-ROW_PAD = 24  # intermediate buffers hold a multiple of this many rows: every row tile divides it
+ROW_SPLITS = (1, 2)  # parts the rows are cut into (parallel with the column strips)
+ROW_PAD = 24  # staged rows: m rounded up to a multiple of this, plus this many (>= row_split x rows - 1)
 MAX_COLS = 8  # at most 8 x lanes int32 columns per register tile
 MAX_DEPTH = 64  # at most 64 x reduce bytes of reduction per unrolled step
 
 
 @dataclass(frozen=True)
 class DenseTiles:
-    """Tile sizes of one kernel: ``rows`` x ``cols``*lanes accumulators, ``depth``*reduce bytes per inner block."""
+    """Tile sizes of one kernel: ``rows`` x ``cols``*lanes accumulators, ``depth``*reduce bytes per inner block,
+    rows cut into ``row_split`` parallel parts."""
 
     rows: int
     cols: int
     depth: int
+    row_split: int = 1
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "cols": self.cols, "depth": self.depth}
+        return {"rows": self.rows, "cols": self.cols, "depth": self.depth, "row_split": self.row_split}
 
 
 def padded(n: int, k: int, dot: Int8Dot = VNNI_DOT) -> tuple[int, int]:
@@ -95,8 +101,8 @@ def int8_dense(n: int, k: int, rows: int | None = None, dot: Int8Dot = VNNI_DOT)
         T.func_attr({"tirx.noalias": True, "global_symbol": "int8mt_int8_dense"})
         A = T.match_buffer(a, (M, K), "int8")
         C = T.match_buffer(c, (M, N), "int32")
-        shifted = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, KP), staged_dtype)
-        acc = T.alloc_buffer(((M + PAD - 1) // PAD * PAD, NP), "int32", scope="local")
+        shifted = T.sblock_alloc_buffer(((M + PAD - 1) // PAD * PAD + PAD, KP), staged_dtype)
+        acc = T.sblock_alloc_buffer(((M + PAD - 1) // PAD * PAD + PAD, NP), "int32", scope="local")
         for i, j in T.grid(M, KP):
             with T.sblock("shift"):
                 vi, vj = T.axis.remap("SS", [i, j])
@@ -152,15 +158,17 @@ def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None, do
         rows = sch.sample_categorical(list(ROW_TILES), [1 / len(ROW_TILES)] * len(ROW_TILES))
         cols = sch.sample_perfect_tile(jo, n=2, max_innermost_factor=MAX_COLS)[1]
         depth = sch.sample_perfect_tile(ro, n=2, max_innermost_factor=MAX_DEPTH)[1]
+        row_split = sch.sample_categorical(list(ROW_SPLITS), [1 / len(ROW_SPLITS)] * len(ROW_SPLITS))
     else:
-        rows, cols, depth = tiles.rows, tiles.cols, tiles.depth
+        rows, cols, depth, row_split = tiles.rows, tiles.cols, tiles.depth, tiles.row_split
     io, ii = sch.split(i, [None, rows], disable_predication=True)
+    ip, io = sch.split(io, [row_split, None], disable_predication=True)
     joo, joi = sch.split(jo, [None, cols])
     roo, roi = sch.split(ro, [None, depth])
-    sch.reorder(joo, io, roo, roi, ii, joi, ji, ri)
+    sch.reorder(ip, joo, io, roo, roi, ii, joi, ji, ri)
     # unit loops kept: the trace then has the same loops for every tile size (replay checks it)
     sch.reverse_compute_at(sch.get_sblock("out"), io, preserve_unit_loops=True)
-    sch.parallel(joo)
+    sch.parallel(sch.fuse(ip, joo))
     init = sch.decompose_reduction(block, roo)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ji, dot.intrin)
@@ -175,19 +183,21 @@ def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None, do
 def tiles_from_trace(trace: s_tir.Trace) -> DenseTiles:
     """The tile sizes a tuning record's trace chose (the decisions of ``schedule_int8_dense(sch, None)``)."""
     decisions = [trace.decisions[inst] for inst in trace.insts if inst in trace.decisions]
-    if len(decisions) != 3:
+    if len(decisions) != 4:
         raise ValueError(f"not an int8 dense tuning trace ({len(decisions)} decisions)")
-    rows, cols, depth = decisions
-    return DenseTiles(rows=ROW_TILES[int(rows)], cols=int(cols[1]), depth=int(depth[1]))
+    rows, cols, depth, row_split = decisions
+    return DenseTiles(rows=ROW_TILES[int(rows)], cols=int(cols[1]), depth=int(depth[1]),
+                      row_split=ROW_SPLITS[int(row_split)])
 
 
 def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, rows: int | None = None,
                          dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
     """The kernel for an [N, K] weight, scheduled with ``tiles`` and marked as scheduled."""
     np_, kp = padded(n, k, dot)
-    if tiles.rows not in ROW_TILES or (np_ // dot.lanes) % tiles.cols or (kp // dot.reduce) % tiles.depth:
-        raise ValueError(f"tiles {tiles} do not fit a {n}x{k} weight: rows must be one of {ROW_TILES}, cols must "
-                         f"divide {np_ // dot.lanes} and depth {kp // dot.reduce}")
+    if (tiles.rows not in ROW_TILES or tiles.row_split not in ROW_SPLITS or (np_ // dot.lanes) % tiles.cols
+            or (kp // dot.reduce) % tiles.depth):
+        raise ValueError(f"tiles {tiles} do not fit a {n}x{k} weight: rows must be one of {ROW_TILES}, row_split "
+                         f"one of {ROW_SPLITS}, cols must divide {np_ // dot.lanes} and depth {kp // dot.reduce}")
     sch = s_tir.Schedule(int8_dense(n, k, rows, dot))
     schedule_int8_dense(sch, tiles, dot)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -64,7 +64,11 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
                       f"time; {tuned} of {len(kernels)} tuned"]
         for k in kernels:
             tiles = tile_label(**k["tiles"], block=k.get("block", (16, 4)))
-            lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {tiles:<18} "
+            lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {tiles:<26} "
                          f"{'tuned' if k['tuned'] else 'default tiles'} "
                          f"(for {k['rows_tuned_for']} rows)")
+    attention = report.get("attention_kernels")
+    if attention:
+        lines += ["", "int8 attention matmuls (QK^T, softmax.V) on the batched kernel, operands packed at run time: "
+                  + ", ".join(f"{name} {count}" for name, count in attention.items())]
     return "\n".join(lines)

@@ -97,7 +97,7 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) ->
         generic = dlight.ApplyDefaultSchedule(CPUGeneric())(tvm.IRModule({"main": te.create_prim_func([x, wt, y])}))
     default = tvm.compile(generic, target=target).mod
     default_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(w), tvm.runtime.tensor(np.zeros((rows, n), np.int32))]
-    label = tile_label(tiles.rows, tiles.cols, tiles.depth, (task.dot.lanes, task.dot.reduce))
+    label = tile_label(tiles.rows, tiles.cols, tiles.depth, (task.dot.lanes, task.dot.reduce), tiles.row_split)
     return _tvm_seconds(tuned, tuned_args), _tvm_seconds(default, default_args), label, tuned_tiles
 
 

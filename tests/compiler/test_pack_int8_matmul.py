@@ -1,6 +1,6 @@
 """PackInt8Matmul on small Relax graphs: linear layers with constant int8 weights become the packed int8
-kernel (of each dot-product family), the compiled graph equals the integer matmul for dynamic row counts,
-and other matmuls stay."""
+kernel (of each dot-product family), matmuls of two int8 activations (attention) the batched kernel, the
+compiled graphs equal the integer matmuls for dynamic sizes, and other matmuls stay."""
 import numpy as np
 import pytest
 import tvm
@@ -36,19 +36,27 @@ def _linear_module(w: np.ndarray, transposed: bool, rank: int = 2, layers: int =
     return bb.get()
 
 
-def _attention_module() -> tvm.IRModule:
+def _attention_module(keys_batch: int | None = None, queries: int | None = None) -> tvm.IRModule:
+    """``softmax``-free attention on int8 operands: (Q [b, 4, t, 16] . K^T [b, 4, 16, s]) -> int8 . V [b, 4, s, 8];
+    ``keys_batch`` gives K^T a static batch of its own (a broadcasting matmul), ``queries`` a static t."""
     bb = relax.BlockBuilder()
-    q = relax.Var("q", relax.TensorType([4, 5, 16], "int8"))
-    k = relax.Var("k", relax.TensorType([4, 16, 5], "int8"))
-    with bb.function("main", [q, k]):
+    b, t, s = (tvm.tirx.Var(n, "int64") for n in "bts")
+    t = queries or t
+    q = relax.Var("q", relax.TensorType([b, 4, t, 16], "int8"))
+    k = relax.Var("k", relax.TensorType([keys_batch or b, 4, 16, s], "int8"))
+    v = relax.Var("v", relax.TensorType([b, 4, s, 8], "int8"))
+    with bb.function("main", [q, k, v]):
         with bb.dataflow():
-            z = bb.emit_output(relax.op.matmul(q, k, out_dtype="int32"))
+            scores = bb.emit(relax.op.matmul(q, k, out_dtype="int32"))
+            p = bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(scores, relax.const(6, "int32")),
+                                                      -128, 127), "int8"))
+            z = bb.emit_output(relax.op.matmul(p, v, out_dtype="int32"))
         bb.emit_func_output(z)
     return bb.get()
 
 
-def _count_calls(mod: tvm.IRModule) -> int:
-    return mod.script().count("R.call_tir(cls.int8_dense")
+def _count_calls(mod: tvm.IRModule, kernel: str = "int8_dense") -> int:
+    return mod.script().count(f"R.call_tir(cls.{kernel}")
 
 
 def test_rewrites_linear_layers_only():
@@ -60,7 +68,12 @@ def test_rewrites_linear_layers_only():
         assert _count_calls(packed) == 1 and "R.matmul" not in packed.script()
     assert seen == [(48, 20, "main")] * 2
     attention = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_attention_module())
-    assert _count_calls(attention) == 0 and "R.matmul" in attention.script()
+    assert _count_calls(attention) == 0 and _count_calls(attention, "int8_batch_matmul") == 2
+    assert "R.matmul" not in attention.script()
+    broadcasting = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_attention_module(keys_batch=1))
+    assert _count_calls(broadcasting, "int8_batch_matmul") == 1 and "R.matmul" in broadcasting.script()
+    one_query = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_attention_module(queries=1))
+    assert _count_calls(one_query, "int8_batch_matmul") == 0 and one_query.script().count("R.matmul") == 2
 
 
 def _vm(mod: tvm.IRModule, preset) -> relax.VirtualMachine:
@@ -139,3 +152,16 @@ def _constants(mod: tvm.IRModule) -> list[np.ndarray]:
         if not any(c.same_as(u) for u in unique):
             unique.append(c)
     return [c.value.numpy() for c in unique]
+
+
+@pytest.mark.parametrize("preset", INT8_PRESETS)
+def test_compiled_attention_equals_integer_matmuls(preset):
+    vm = _vm(PackInt8Matmul(lambda n, k, fn: default_tiles(n, k), int8_dot(preset.int8_dot))(_attention_module()),
+             preset)
+    rng = np.random.default_rng(3)
+    for b, t, s in [(2, 7, 7), (1, 1, 19), (3, 20, 4)]:
+        q, k, v = (rng.integers(-128, 128, shape, dtype=np.int8)
+                   for shape in ((b, 4, t, 16), (b, 4, 16, s), (b, 4, s, 8)))
+        p = np.clip((q.astype(np.int32) @ k.astype(np.int32)) >> 6, -128, 127).astype(np.int8)
+        out = vm["main"](*(tvm.runtime.tensor(x) for x in (q, k, v))).numpy()
+        np.testing.assert_array_equal(out, p.astype(np.int32) @ v.astype(np.int32))

@@ -41,6 +41,8 @@ def test_tiles_that_do_not_divide_the_weight_are_rejected():
         scheduled_int8_dense(64, 32, DenseTiles(rows=4, cols=3, depth=1))
     with pytest.raises(ValueError, match="rows must be one of"):
         scheduled_int8_dense(64, 32, DenseTiles(rows=5, cols=1, depth=1))
+    with pytest.raises(ValueError, match="row_split one of"):
+        scheduled_int8_dense(64, 32, DenseTiles(rows=4, cols=1, depth=1, row_split=3))
 
 
 @pytest.mark.parametrize("family", list(DOTS))
@@ -57,9 +59,9 @@ def test_sampled_trace_gives_back_its_tiles(seed, family):
 
 
 @pytest.mark.parametrize("preset", INT8_PRESETS)
-@pytest.mark.parametrize("n,k,tiles", [(64, 32, DenseTiles(4, 2, 4)), (48, 64, DenseTiles(8, 3, 16)),
-                                       (100, 30, None), (16, 4, DenseTiles(1, 1, 1)), (256, 256, DenseTiles(6, 4, 64)),
-                                       (96, 64, DenseTiles(3, 2, 8))])
+@pytest.mark.parametrize("n,k,tiles", [(64, 32, DenseTiles(4, 2, 4)), (48, 64, DenseTiles(8, 3, 16, row_split=2)),
+                                       (100, 30, None), (16, 4, DenseTiles(1, 1, 1, row_split=2)),
+                                       (256, 256, DenseTiles(6, 4, 64, row_split=2)), (96, 64, DenseTiles(3, 2, 8))])
 def test_kernel_equals_numpy_for_any_row_count(n, k, tiles, preset):
     dot = int8_dot(preset.int8_dot)
     rng = np.random.default_rng(n + k)
