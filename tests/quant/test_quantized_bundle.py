@@ -114,6 +114,8 @@ def test_inspect_prints_the_report(quantized, capsys):
     assert "layer_norm" in text and "softmax" in text
     if HOST_PRESET.int8_dot:
         assert f"int8 linear kernels: {HOST_PRESET.int8_dot} dot product, weights packed at compile time" in text
+        assert "int8 attention matmuls (QK^T, softmax.V) on the batched kernel" in text
+        assert "encode 0" not in text  # the encoder's self-attention runs on it
 
 
 def test_quantization_flags_need_quant(capsys, tiny_model_dir, tmp_path):
