@@ -6,10 +6,13 @@ bucket its call site lives in and the tiles found apply to every row count (``EN
 
 The database is MetaSchedule's JSON database: two append-only JSON-lines files in one folder per target.
 Each measured candidate is appended as it finishes, so an interrupted tuning run loses at most the batch
-in flight and the next run resumes from what is there.
+in flight and the next run resumes from what is there. Beside them, ``confirmed.json`` holds each task's
+winner of the confirmation rounds (:func:`.tune.confirm`): a candidate timed once can look fastest because
+the machine was quiet just then, so the few best are re-timed side by side and the winner is kept.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from .intrin import Int8Dot, int8_dot
 ROW_BUCKETS = (32, 640)  # rows a decoder step (32 sentences) and an encoder call (32 x 20 tokens) see
 ENTRY_ROWS = {"encode": 640, "decode_step": 32}  # the row bucket of each entry point's matmuls
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+CONFIRMED_FILE = "confirmed.json"
 SHIPPED = Path(__file__).resolve().parent / "tuned"  # pre-tuned databases, one folder per target preset
 
 
@@ -108,16 +112,35 @@ class TuningDatabase:
         key = tvm_ffi.structural_hash(mod)
         return [r for r in self.db.get_all_tuning_records() if tvm_ffi.structural_hash(r.workload.mod) == key]
 
-    def best(self, task: DenseTask) -> tuple[DenseTiles, float] | None:
-        """The fastest measured tiles of ``task`` and their mean seconds, or None if it was not tuned."""
+    def candidates(self, task: DenseTask, count: int) -> list[tuple[DenseTiles, float]]:
+        """Up to ``count`` distinct tiles of ``task``, fastest measured first, with their mean seconds."""
         mod = task.workload()
         if not self.db.has_workload(mod):
-            return None
-        top = self.db.get_top_k(self.db.commit_workload(mod), 1)
-        if not top:
-            return None
-        secs = [float(s) for s in top[0].run_secs]
-        return tiles_from_trace(top[0].trace), sum(secs) / len(secs)
+            return []
+        found: dict[DenseTiles, float] = {}
+        for record in self.db.get_top_k(self.db.commit_workload(mod), 8 * count):
+            secs = [float(s) for s in record.run_secs]
+            found.setdefault(tiles_from_trace(record.trace), sum(secs) / len(secs))
+        return list(found.items())[:count]
+
+    def best(self, task: DenseTask) -> tuple[DenseTiles, float] | None:
+        """The tiles of ``task`` that won its confirmation rounds, else its fastest measured ones, with their
+        seconds; None if it was not tuned."""
+        confirmed = self.confirmed().get(task.name)
+        if confirmed is not None and confirmed["family"] == task.family:
+            return DenseTiles(**confirmed["tiles"]), confirmed["seconds"]
+        top = self.candidates(task, 1)
+        return top[0] if top else None
+
+    def confirmed(self) -> dict[str, dict]:
+        path = self.folder / CONFIRMED_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def confirm(self, task: DenseTask, tiles: DenseTiles, seconds: float) -> None:
+        """Record ``tiles`` as the winner of ``task``'s confirmation rounds."""
+        confirmed = self.confirmed()
+        confirmed[task.name] = {"family": task.family, "tiles": tiles.to_dict(), "seconds": seconds}
+        (self.folder / CONFIRMED_FILE).write_text(json.dumps(confirmed, indent=1, sort_keys=True) + "\n")
 
 
 def chosen_tiles(database: TuningDatabase | None, task: DenseTask) -> tuple[DenseTiles, bool]:

@@ -72,7 +72,7 @@ class CheckedRunner(PyRunner):
         if module is None:
             return RunnerResult(None, f"no built module for {inp.artifact_path}")
         try:
-            args, rows, expected = self._case(tuple(tuple(int(d) for d in info.shape) for info in inp.args_info))
+            args, rows, expected = self.case(tuple(tuple(int(d) for d in info.shape) for info in inp.args_info))
             module["main"](*args)
             if not np.array_equal(args[-1].numpy()[rows], expected):
                 return RunnerResult(None, "wrong result: the kernel disagrees with NumPy")
@@ -84,7 +84,7 @@ class CheckedRunner(PyRunner):
         except Exception as err:  # noqa: BLE001 - a candidate that crashes is a failed trial
             return RunnerResult(None, f"{type(err).__name__}: {err}")
 
-    def _case(self, shapes: tuple[tuple[int, ...], ...]) -> tuple[list[tvm.runtime.Tensor], np.ndarray, np.ndarray]:
+    def case(self, shapes: tuple[tuple[int, ...], ...]) -> tuple[list[tvm.runtime.Tensor], np.ndarray, np.ndarray]:
         """Random inputs for the kernel's argument shapes (made once per shape), rows to check (the first and
         last ROW_PAD and a random sample) and their exact int32 result."""
         if shapes not in self._cases:

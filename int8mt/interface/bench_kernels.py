@@ -9,8 +9,10 @@
 * PyTorch FP32: ``torch.nn.functional.linear``,
 
 next to this CPU's int8 peak for that dot product (:mod:`int8mt.schedules.int8_peak`, on every core). All on
-every CPU of this process; each number is the best of 7 runs of at least 50 ms (this shared 2-vCPU machine
-varies by +-20 % from run to run; the best run is the least disturbed one, for every backend alike).
+every CPU of this process; each number is the best of 9 runs of at least 50 ms, taken as 3 rounds over all
+shapes (this shared 2-vCPU machine varies by +-20 % from run to run and has bursts of a second or so that
+slow everything down; rounds spread each shape's runs over the whole benchmark, and the best run is the
+least disturbed one, for every backend alike).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from int8mt.schedules.tile_label import tile_label
 from int8mt.targets import TargetPreset
 
 TOKENS = 20  # tokens per sentence
-REPEATS, MIN_SECONDS = 7, 0.05
+ROUNDS, REPEATS, MIN_SECONDS = 3, 3, 0.05
 
 
 @dataclass
@@ -60,15 +62,33 @@ def _best_seconds(fn: Callable[[], object]) -> float:
     return min(runs)
 
 
-def _tvm_seconds(module, args) -> float:
+Timer = Callable[[], float]
+
+
+def _tvm_timer(module, args) -> Timer:
+    """Best seconds of REPEATS runs of ``module`` on ``args``, each call."""
     import tvm
 
     timer = module.time_evaluator("main", tvm.cpu(), number=1, repeat=REPEATS, min_repeat_ms=int(MIN_SECONDS * 1e3))
-    return min(timer(*args).results)
+    return lambda: min(timer(*args).results)
 
 
-def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) -> tuple[float, float, str, bool]:
-    """Seconds of the tuned kernel and of the default schedule, the tiles used and whether they were tuned."""
+def _best_over_rounds(timers: list[list[Timer]], desc: str) -> list[list[float]]:
+    """Every timer's best over ROUNDS rounds, each round going through all of them."""
+    from tqdm import tqdm
+
+    best = [[float("inf")] * len(row) for row in timers]
+    with tqdm(total=ROUNDS * len(timers), desc=desc) as bar:
+        for _ in range(ROUNDS):
+            for row, row_timers in zip(best, timers):
+                for i, timer in enumerate(row_timers):
+                    row[i] = min(row[i], timer())
+                bar.update()
+    return best
+
+
+def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) -> tuple[Timer, Timer, str, bool]:
+    """Timers of the tuned kernel and of the default schedule, the tiles used and whether they were tuned."""
     import tvm
     from tvm import te
     from tvm.s_tir import dlight
@@ -98,11 +118,11 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) ->
     default = tvm.compile(generic, target=target).mod
     default_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(w), tvm.runtime.tensor(np.zeros((rows, n), np.int32))]
     label = tile_label(tiles.rows, tiles.cols, tiles.depth, (task.dot.lanes, task.dot.reduce), tiles.row_split)
-    return _tvm_seconds(tuned, tuned_args), _tvm_seconds(default, default_args), label, tuned_tiles
+    return _tvm_timer(tuned, tuned_args), _tvm_timer(default, default_args), label, tuned_tiles
 
 
-def _torch_seconds(n: int, k: int, rows: int) -> tuple[float, float, float]:
-    """Seconds of PyTorch's static int8, dynamic int8 and FP32 linear on the same shape."""
+def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
+    """Timers of PyTorch's static int8, dynamic int8 and FP32 linear on the same shape."""
     import torch
     from torch.ao.nn.quantized import Linear as QLinear
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -118,9 +138,13 @@ def _torch_seconds(n: int, k: int, rows: int) -> tuple[float, float, float]:
     qx = torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)
     dynamic = DynamicLinear(k, n)
     dynamic.set_weight_bias(qweight, None)
-    with torch.inference_mode():
-        return (_best_seconds(lambda: static(qx)), _best_seconds(lambda: dynamic(x)),
-                _best_seconds(lambda: torch.nn.functional.linear(x, weight)))
+    def timer(fn: Callable[[], object]) -> Timer:
+        def run() -> float:
+            with torch.inference_mode():
+                return _best_seconds(fn)
+        return run
+
+    return [timer(lambda: static(qx)), timer(lambda: dynamic(x)), timer(lambda: torch.nn.functional.linear(x, weight))]
 
 
 def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32)) -> dict:
@@ -140,19 +164,24 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     target = tvm.target.Target(preset.target)
     database = TuningDatabase(database_dir) if database_dir is not None else None
-    peak = measure_int8_peak(int8_dot(preset.int8_dot), target)
+    dot = int8_dot(preset.int8_dot)
+    peak = measure_int8_peak(dot, target)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
     # all TVM kernels first, then PyTorch: PyTorch's OpenMP workers keep spinning after each call and would
     # take the cores from TVM's thread pool
-    ours = [_int8mt_kernels(n, k, m, target, database, preset.int8_dot)
-            for _, n, k, m in tqdm(cases, desc="int8mt kernels")]
-    theirs = [_torch_seconds(n, k, m) for _, n, k, m in tqdm(cases, desc="PyTorch kernels")]
+    kernels = [_int8mt_kernels(n, k, m, target, database, preset.int8_dot)
+               for _, n, k, m in tqdm(cases, desc="compiling int8mt kernels")]
+    ours = _best_over_rounds([[tuned, default] for tuned, default, _, _ in kernels], "int8mt kernels")
+    # measured again after our kernels (and before PyTorch's spinning workers): the better of the two, as every
+    # other number here is the least disturbed run
+    peak = max(peak, measure_int8_peak(dot, target), key=lambda p: p["gops"])
+    theirs = _best_over_rounds([_torch_timers(n, k, m) for _, n, k, m in cases], "PyTorch kernels")
     rows = []
-    for (model, n, k, m), (tuned, default, tiles, was_tuned), torch_secs in zip(cases, ours, theirs):
+    for (model, n, k, m), (_, _, tiles, was_tuned), secs, torch_secs in zip(cases, kernels, ours, theirs):
         gop = 2 * n * k * m / 1e9
         rows.append(KernelRow(model, n, k, m, tiles, was_tuned,
-                              *(round(gop / t, 1) for t in (tuned, default, *torch_secs))))
+                              *(round(gop / t, 1) for t in (*secs, *torch_secs))))
     return {"peak": peak, "rows": [asdict(r) for r in rows]}
 
 

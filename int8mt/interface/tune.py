@@ -67,14 +67,16 @@ def tune(args: TuneArgs) -> list[dict]:
     import tvm
 
     from int8mt.schedules.database import TuningDatabase
+    from int8mt.schedules.tune import confirm
     from int8mt.schedules.tune import tune as tune_tasks
 
     database = TuningDatabase(args.database, create=True)
     print(f"tuning {len(tasks)} kernels for {args.preset.name}, {args.trials} trials each, database "
           f"{args.database} (starting MetaSchedule takes ~40 s)", file=sys.stderr)
     t0 = time.time()
-    reports = tune_tasks(tasks, tvm.target.Target(args.preset.target), database, args.trials,
-                         budget_s=args.budget_minutes * 60)
+    target = tvm.target.Target(args.preset.target)
+    reports = tune_tasks(tasks, target, database, args.trials, budget_s=args.budget_minutes * 60)
+    confirm(tasks, target, database)
     rows = []
     for report in reports:
         best = database.best(report.task)

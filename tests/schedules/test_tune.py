@@ -1,5 +1,6 @@
 """Tuning with MetaSchedule: records land in the JSON database with no failed candidate, a second run
-resumes instead of starting over, and compilation picks the database's tiles."""
+resumes instead of starting over, the confirmation rounds pick one of the best candidates, and compilation
+picks the database's tiles."""
 import json
 
 import pytest
@@ -51,6 +52,23 @@ def test_tune_resume_and_apply(tmp_path):
     chooser = TileChooser(TuningDatabase(tmp_path / "db"))
     tiles, _ = database.best(TASKS[1])
     assert chooser(128, 64, "encode") == tiles and chooser.kernels[(128, 64, "encode")]["tuned"]
+
+
+@pytest.mark.slow
+@needs_vnni
+def test_confirmation_rounds_record_a_winner_among_the_best(tmp_path):
+    from int8mt.schedules.tune import confirm, tune
+
+    target = tvm.target.Target(VNNI.target)
+    database = TuningDatabase(tmp_path / "db", create=True)
+    tune(TASKS[:1], target, database, trials=8, trials_per_iter=8)
+    top = [tiles for tiles, _ in database.candidates(TASKS[0], 3)]
+    assert len(top) == len(set(top)) == 3
+    winners = confirm(TASKS[:1], target, database, candidates=3, rounds=2)
+    assert winners[TASKS[0]] in top
+    reopened = TuningDatabase(tmp_path / "db")
+    assert reopened.best(TASKS[0])[0] == winners[TASKS[0]]
+    assert TileChooser(reopened)(64, 32, "decode_step") == winners[TASKS[0]]
 
 
 def test_tune_and_bench_kernels_need_a_preset_with_int8_kernels(tmp_path, tiny_model_dir):
