@@ -3,9 +3,9 @@ tensorized with the same dot-product intrinsic as the dense kernel (:mod:`.int8_
 
 Both operands are activations (QK^T: queries x transposed keys; softmax.V: probabilities x values), so
 nothing can be packed at compile time: per batch entry the kernel packs ``B`` into the intrinsic's layout
-``[J/lanes, R/reduce, lanes, reduce]`` (zero-padded), with its correction ``-shift * sum_r B[b, r, j]`` for
-VNNI's unsigned activations (added when the results are written), and stages ``A`` (shifted or widened, as the dense kernel does). That is one
-pass over each operand against ``I`` (rows) passes of compute.
+``[J/lanes, R/reduce, lanes, reduce]`` (zero-padded) and stages ``A`` (shifted or widened, as the dense
+kernel does): one pass over each operand against ``I`` (rows) passes of compute. For VNNI's unsigned
+activations the correction ``-shift * sum_r B[b, r, j]`` is added when the results are written.
 
 Any of the four sizes may be dynamic (batch x heads, query and key lengths): the packed/staged buffers
 are padded to the intrinsic's blocks, and the rows of a register tile are split without predicates over a
@@ -13,8 +13,10 @@ staged buffer with ``ROW_PAD`` spare rows, whose garbage rows are never written 
 
 Schedule: batch entries in parallel, each packing its ``B`` and staging its ``A`` into buffers of its own
 (L1-sized for attention); a ``rows x lanes`` accumulator tile per block of ``lanes`` columns over the whole
-reduction. Not tuned: these matmuls are small (64-wide heads) and their sizes change every call, so one
-schedule with as many rows per tile as there are queries (at most ``ROWS``) serves all.
+reduction; the correction and the output run as parallel loops of their own (the output needs the
+correction, which TIR cannot place under the batch loop with it). Not tuned: these matmuls are small
+(64-wide heads) and their sizes change every call, so one schedule with as many rows per tile as there are
+queries (at most ``ROWS``) serves all.
 """
 from __future__ import annotations
 
