@@ -72,9 +72,8 @@ class CheckedRunner(PyRunner):
         if module is None:
             return RunnerResult(None, f"no built module for {inp.artifact_path}")
         try:
-            args, rows, expected = self.case(tuple(tuple(int(d) for d in info.shape) for info in inp.args_info))
-            module["main"](*args)
-            if not np.array_equal(args[-1].numpy()[rows], expected):
+            args = self.checked_args(module, tuple(tuple(int(d) for d in info.shape) for info in inp.args_info))
+            if args is None:
                 return RunnerResult(None, "wrong result: the kernel disagrees with NumPy")
             timer = module.time_evaluator("main", tvm.cpu(), number=self.number, repeat=self.repeat,
                                           min_repeat_ms=self.min_repeat_ms)
@@ -84,7 +83,14 @@ class CheckedRunner(PyRunner):
         except Exception as err:  # noqa: BLE001 - a candidate that crashes is a failed trial
             return RunnerResult(None, f"{type(err).__name__}: {err}")
 
-    def case(self, shapes: tuple[tuple[int, ...], ...]) -> tuple[list[tvm.runtime.Tensor], np.ndarray, np.ndarray]:
+    def checked_args(self, module: tvm.runtime.Module, shapes: tuple[tuple[int, ...], ...]
+                     ) -> list[tvm.runtime.Tensor] | None:
+        """Inputs of ``shapes`` for the dense kernel ``module`` once its result on them equals NumPy's, else None."""
+        args, rows, expected = self._case(shapes)
+        module["main"](*args)
+        return args if np.array_equal(args[-1].numpy()[rows], expected) else None
+
+    def _case(self, shapes: tuple[tuple[int, ...], ...]) -> tuple[list[tvm.runtime.Tensor], np.ndarray, np.ndarray]:
         """Random inputs for the kernel's argument shapes (made once per shape), rows to check (the first and
         last ROW_PAD and a random sample) and their exact int32 result."""
         if shapes not in self._cases:

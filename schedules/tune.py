@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import tvm
 from tqdm import tqdm
 from tvm.ir.utils import derived_object
@@ -127,9 +126,8 @@ def confirm(tasks: list[DenseTask], target: tvm.target.Target, database: TuningD
         for tiles, _ in database.candidates(task, candidates):
             kernel = scheduled_int8_dense(task.n, task.k, tiles, task.rows, task.dot)
             module = tvm.compile(tvm.IRModule({"main": kernel}), target=target).mod
-            args, rows, expected = runner.case(((task.rows, task.k), (), (), (task.rows, task.n)))
-            module["main"](*args)
-            if not np.array_equal(args[-1].numpy()[rows], expected):
+            args = runner.checked_args(module, ((task.rows, task.k), (), (), (task.rows, task.n)))
+            if args is None:
                 raise RuntimeError(f"{task.name} with tiles {tiles} disagrees with NumPy: the database holds a "
                                    "broken record")
             timers.append((task, tiles, module.time_evaluator("main", tvm.cpu(), number=3, repeat=5,
