@@ -6,9 +6,11 @@ reductions. This rule gives each loop nest multi-core parallelism and, for matmu
 
 * reduction blocks ``S... R...`` (matmuls, softmax/layer-norm reductions): when the last spatial extent is
   static, a ROW_TILE x VECTOR_WIDTH tile of outputs moves inside the reduction loops (vectorized, rows
-  unrolled); when it is dynamic and an input is contiguous along it (attention scores), that loop moves
-  inside the reductions as a serial loop; the remaining spatial loops are fused and run in parallel; the
-  init is split off;
+  unrolled); when it is dynamic and an input that depends on the reduction is contiguous along it
+  (attention scores), that loop moves inside the reductions as a serial loop; a reduction along the rows'
+  contiguous last axis (layer norm's sums, a length that is a multiple of the vector width) keeps
+  VECTOR_WIDTH partial results in a vector register (``rfactor``) and adds them up at the end; the remaining
+  spatial loops are fused and run in parallel; the init is split off;
 * other blocks: the last loop split by the vector width and vectorized where its extent allows, the
   rest fused and run in parallel; a last loop of dynamic or odd extent stays a serial inner loop.
 
@@ -29,15 +31,23 @@ def _static(extent: object) -> int | None:
     return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
 
 
-def _reads_along(sch: s_tir.Schedule, block: s_tir.SBlockRV, info: dlight.SBlockInfo, kinds: str) -> bool:
-    """Whether some input of ``block`` has the block's last spatial axis as its innermost index."""
-    last = [it.var for it, k in zip(info.iters, kinds) if k == "S"][-1]
-    stmt = sch.get(block)
-    for region in stmt.reads:
-        index = region.region[-1].min if region.region else None
-        if index is not None and index.same_as(last):
+def _reads_along(sch: s_tir.Schedule, block: s_tir.SBlockRV, info: dlight.SBlockInfo, kinds: str,
+                 axis: str = "S") -> bool:
+    """Whether some input of ``block`` that is also indexed by a reduction axis has the block's last ``axis``
+    (spatial "S" or reduction "R") axis as its innermost index."""
+    last = [it.var for it, k in zip(info.iters, kinds) if k == axis][-1]
+    reduce = {it.var for it, k in zip(info.iters, kinds) if k == "R"}
+    for region in sch.get(block).reads:
+        if not region.region or not region.region[-1].min.same_as(last):
+            continue
+        if any(v in reduce for r in region.region for v in tirx.analysis.undefined_vars(r.min, [])):
             return True
     return False
+
+
+def _row_length(info: dlight.SBlockInfo, kinds: str) -> int:
+    """The static extent of a block's one reduction axis (1 if dynamic)."""
+    return next(_static(it.dom) or 1 for it, k in zip(info.iters, kinds) if k == "R")
 
 
 class CPUGeneric(dlight.ScheduleRule):
@@ -105,6 +115,10 @@ class CPUGeneric(dlight.ScheduleRule):
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
             sch.decompose_reduction(block, reduce[0])
             return
+        elif len(reduce) == 1 and _row_length(info, kinds) % VECTOR_WIDTH == 0 and _reads_along(
+                sch, block, info, kinds, "R"):
+            CPUGeneric._row_reduction(sch, block, spatial, reduce[0])
+            return
         else:
             outer = spatial
         sch.reorder(*outer, *reduce, *inner)
@@ -115,3 +129,19 @@ class CPUGeneric(dlight.ScheduleRule):
         if len(inner) == 2:
             sch.unroll(inner[0])
         sch.decompose_reduction(block, reduce[0])
+
+    @staticmethod
+    def _row_reduction(sch: s_tir.Schedule, block: s_tir.SBlockRV, spatial: list, reduce: s_tir.LoopRV) -> None:
+        """A reduction along the rows' contiguous last axis (layer norm, softmax): VECTOR_WIDTH partial results
+        per row, accumulated in a vector register (``rfactor``), then added up; rows in parallel. A serial
+        float reduction is a chain of dependent adds (a row of 256 took ~1000 cycles)."""
+        outer = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        _, lanes = sch.split(reduce, [None, VECTOR_WIDTH])
+        partial = sch.rfactor(lanes, factor_axis=len(sch.get(block).writes[0].region))  # lanes innermost
+        sch.parallel(outer)
+        rows, steps, lane = sch.get_loops(partial)
+        sch.parallel(rows)
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(partial, steps)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.decompose_reduction(block, sch.get_loops(block)[-1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import tvm
@@ -49,18 +50,28 @@ def _peak_func(dot: Int8Dot, threads: int, iters: int) -> tvm.tirx.PrimFunc:
     return peak
 
 
-def measure_int8_peak(dot: Int8Dot, target: tvm.target.Target, iters: int = 2_000_000, repeat: int = 5) -> dict:
-    """GOPS of ``dot``'s instruction streams on every CPU this process may use (the best of ``repeat`` runs)."""
+def int8_peak_runner(dot: Int8Dot, target: tvm.target.Target, iters: int = 2_000_000) -> Callable[[int], dict]:
+    """Compile the peak microbenchmark once; the returned function measures it: GOPS of ``dot``'s instruction
+    streams on every CPU this process may use, the best of ``repeat`` runs of ``iters`` iterations."""
     threads = len(os.sched_getaffinity(0))
     module = tvm.compile(tvm.IRModule({"main": _peak_func(dot, threads, iters)}), target=target).mod
     width = dot.lanes * 4
     args = [tvm.runtime.tensor(np.ones(width, np.int8)), tvm.runtime.tensor(np.ones(width, np.int8)),
             tvm.runtime.tensor(np.zeros((threads, ACCUMULATORS, dot.lanes), np.int32))]
     module["main"](*args)  # warm-up (thread pool start)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        module["main"](*args)
-        best = min(best, time.perf_counter() - t0)
     ops = dot.ops_per_instruction * ACCUMULATORS * iters * threads
-    return {"threads": threads, "gops": ops / best / 1e9, "seconds": best, "instruction": dot.instruction}
+
+    def measure(repeat: int) -> dict:
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            module["main"](*args)
+            best = min(best, time.perf_counter() - t0)
+        return {"threads": threads, "gops": ops / best / 1e9, "seconds": best, "instruction": dot.instruction}
+
+    return measure
+
+
+def measure_int8_peak(dot: Int8Dot, target: tvm.target.Target, iters: int = 2_000_000, repeat: int = 5) -> dict:
+    """GOPS of ``dot``'s instruction streams on every CPU this process may use (the best of ``repeat`` runs)."""
+    return int8_peak_runner(dot, target, iters)(repeat)

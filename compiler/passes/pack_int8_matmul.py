@@ -10,7 +10,9 @@ into ``call_tir(int8_dense_NxK, [reshape(x, [M, K]), packed W, correction])``: t
 compile time into the intrinsic's layout (``[N/16, K/4, 16, 4]`` for VNNI) with its correction
 (:mod:`int8mt.schedules.int8_dense`), so inference pays nothing for the layout. Each kernel is scheduled
 with the tile sizes ``tiles_for(n, k, function_name)`` returns (the tuning database, or defaults) and
-marked as scheduled, so the default schedule leaves it alone. A ``take`` of rows from an int8 table (the
+marked as scheduled, so the default schedule leaves it alone. A constant int32 bias added to a kernel's output
+is folded into its correction (the kernel adds that vector anyway), which saves a pass over the int32
+output. A ``take`` of rows from an int8 table (the
 int8 embedding) gathers from the packed copy: the decoder's tied embedding and logits projection then share
 one table, and the copies of the separately compiled entry points are equal, so the ``.so`` keeps one.
 
@@ -66,6 +68,7 @@ class _Packer(PyExprMutator):
         super().__init__(mod)
         self.tiles_for, self.dot = tiles_for, dot
         self.kernels: dict[tuple, ir.GlobalVar] = {}
+        self.dense_kernels: set[ir.GlobalVar] = set()
         self.analyzer = Analyzer()
         self.packed: dict[ir.expr.Constant, tuple[relax.Expr, relax.Expr]] = {}
         self.function = ""
@@ -78,6 +81,8 @@ class _Packer(PyExprMutator):
         call = super().visit_call_(call)
         if _is_int_matmul(call) and call.args[0].ty.ndim >= 2:
             return self._dense(call)
+        if call.op == ir.Op.get("relax.add"):
+            return self._fold_bias(call)
         if call.op == ir.Op.get("relax.take") and int(call.attrs.axis) == 0 and _int8_table(call.args[0]) is not None:
             return self._gather(call)
         return call
@@ -98,8 +103,39 @@ class _Packer(PyExprMutator):
         tiles = self.tiles_for(n, k, self.function)
         kernel = self._kernel(("dense", n, k, tiles), f"int8_dense_n{n}_k{k}_r{tiles.rows}c{tiles.cols}d{tiles.depth}",
                               lambda: scheduled_int8_dense(n, k, tiles, dot=self.dot))
+        self.dense_kernels.add(kernel)
         out = relax.call_tir(kernel, [flat, packed, correction], relax.TensorType([rows, n], "int32"))
         return out if len(lead) == 1 else relax.op.reshape(self.builder_.emit(out), [*lead, n])
+
+    def _fold_bias(self, call: relax.Call) -> relax.Expr:
+        """``add(dense, bias)`` (or ``add(reshape(dense), bias)``) with a constant int32 bias over the output
+        columns -> the dense kernel with ``correction + bias``: the same int32 sums, one pass fewer."""
+        for out, bias in (call.args, call.args[::-1]):
+            dense, reshaped = self._dense_call(out), None
+            if dense is None and isinstance(out, relax.Var):
+                view = self.lookup_binding(out)
+                if isinstance(view, relax.Call) and view.op == ir.Op.get("relax.reshape"):
+                    dense, reshaped = self._dense_call(view.args[0]), view
+            if dense is None or not isinstance(bias, ir.expr.Constant) or str(bias.ty.dtype) != "int32":
+                continue
+            n = int(dense.ty.shape[-1])
+            shape = [int(d) for d in bias.ty.shape]
+            if shape[-1:] != [n] or any(d != 1 for d in shape[:-1]) or len(shape) > out.ty.ndim:
+                continue
+            x, packed, correction = dense.args[1].fields
+            folded = correction.value.numpy().copy()
+            folded[:n] += bias.value.numpy().reshape(n)  # int32 wrap-around, as the add it replaces
+            fused = relax.call_tir(dense.args[0], [x, packed, relax.const(folded)], dense.ty)
+            return fused if reshaped is None else relax.op.reshape(self.builder_.emit(fused), reshaped.args[1])
+        return call
+
+    def _dense_call(self, expr: relax.Expr) -> relax.Call | None:
+        """The int8 dense kernel call bound to ``expr``, if it is one."""
+        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        if (isinstance(bound, relax.Call) and bound.op == ir.Op.get("relax.call_tir")
+                and bound.args[0] in self.dense_kernels):
+            return bound
+        return None
 
     def _batched(self, call: relax.Call) -> relax.Expr:
         """``matmul(A [..., I, R], B [..., R, J])`` of two int8 activations with equal leading dimensions ->
@@ -113,7 +149,7 @@ class _Packer(PyExprMutator):
             return call  # broadcasting batch dimensions: left to the default schedule
         (i, r), j = a_shape[-2:], b_shape[-1]
         if isinstance(i, tvm.tirx.IntImm) and int(i) == 1:
-            return call  # a matrix-vector product (decoder step): see the module docstring
+            return self._keys_as_stored(call)  # a matrix-vector product (decoder step): see the module docstring
         batch = _product(lead)
         sizes = tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in (batch, i, j, r))
         name = "int8_batch_matmul_" + "_".join(f"{axis}{'n' if size is None else size}"
@@ -125,6 +161,31 @@ class _Packer(PyExprMutator):
             b = self.builder_.emit(relax.op.reshape(b, [batch, r, j]))
         out = relax.call_tir(kernel, [a, b], relax.TensorType([batch, i, j], "int32"))
         return out if len(lead) == 1 else relax.op.reshape(self.builder_.emit(out), [*lead, i, j])
+
+    def _keys_as_stored(self, call: relax.Call) -> relax.Expr:
+        """``matmul(q, reshape(permute_dims(K, last two swapped)))`` -> ``matmul(q, permute_dims(reshape(K)))``:
+        FuseTransposeMatmul then makes it one kernel that reads the keys as stored, instead of a transposed
+        copy of the whole key cache every decoder step."""
+        q, b = call.args
+        view = self.lookup_binding(b) if isinstance(b, relax.Var) else None
+        if not (isinstance(view, relax.Call) and view.op == ir.Op.get("relax.reshape")
+                and isinstance(view.args[0], relax.Var)):
+            return call
+        swap = self.lookup_binding(view.args[0])
+        if not (isinstance(swap, relax.Call) and swap.op == ir.Op.get("relax.permute_dims")):
+            return call
+        keys = swap.args[0]
+        rank = keys.ty.ndim
+        if swap.attrs.axes is None or [int(a) for a in swap.attrs.axes] != [*range(rank - 2), rank - 1, rank - 2]:
+            return call
+        *lead, r, j = list(b.ty.shape)
+        stored = list(keys.ty.shape)
+        if not (self.analyzer.can_prove_equal(stored[-1], r) and self.analyzer.can_prove_equal(stored[-2], j)):
+            return call
+        flat = self.builder_.emit(relax.op.reshape(keys, [*lead, j, r]))
+        n = len(lead) + 2
+        return relax.op.matmul(q, self.builder_.emit(relax.op.permute_dims(flat, [*range(n - 2), n - 1, n - 2])),
+                               out_dtype="int32")
 
     def _gather(self, call: relax.Call) -> relax.Expr:
         """``take(W, ids, axis=0)`` of an int8 table: read the rows from its packed copy, so that a table

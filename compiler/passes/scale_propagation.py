@@ -11,11 +11,13 @@ time constant: per tensor, or per channel for weights) or a Relax expression (ru
 * ``add((acc, s), bias)`` -> bias folded into int32 (``round(bias / s)``); ``add((a, sa), (b, sb))`` with
   constant per-tensor scales -> integer addition after aligning both to the finer scale
 * ``quantize(clip((x, s)), s')`` -> requantization by an integer multiplier and shift (no float math);
-  equal scales cancel the pair; a chain of two requantizations folds into one from the first integer
-  tensor (rounding once, so it can differ by one step from rounding twice, towards the exact value)
+  equal scales cancel the pair, and the clip too where the integers are known to be in range (made by a
+  clip, or int8 entry-point parameters: the caches, which int8mt's entry points fill with requantized values
+  within +-127); a chain of two requantizations folds into one from the first integer tensor (rounding
+  once, so it can differ by one step from rounding twice, towards the exact value)
 * reshape, permute_dims, take, strided_slice, concat (equal scales), relu, max (reduction), maximum and
   where (masking; operands with one scale, or constants on its grid such as 0) and multiplication by a
-  positive constant keep integers and transform the scale
+  positive constant keep integers and transform the scale; a broadcast_to its own shape is dropped
 * with ``integer_softmax``: ``softmax((q, S) [+ mask])`` with a constant ``S`` -> integer probabilities
   (:mod:`int8mt.quant.int_softmax`; the float mask joins the scores' integer grid)
 * with ``integer_layer_norm``: a residual ``add`` with an integer addend -> int64 on a fixed grid, and
@@ -121,6 +123,7 @@ class _Propagator(PyExprMutator):
         self.integer_softmax, self.integer_layer_norm = integer_softmax, integer_layer_norm
         self.isqrt: ir.GlobalVar | None = None
         self.info: dict[relax.Var, QTensor | _Cast | _Biased | _Requantized] = {}
+        self.params: set[relax.Var] = set()  # the parameters of the function being rewritten
 
     # -- plumbing ------------------------------------------------------------------------------
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -132,7 +135,9 @@ class _Propagator(PyExprMutator):
                 result = rule(call, args, binding.var)
                 if result is not None:
                     expr, info = result
-                    new_var = self.builder_.emit(expr, binding.var.name)
+                    # a rule may return an existing integer tensor (a requantization that is the identity)
+                    aliased = isinstance(expr, relax.Var) and expr not in self.info
+                    new_var = expr if aliased else self.builder_.emit(expr, binding.var.name)
                     self.set_var_remap(binding.var, new_var)
                     if info is not None:
                         self.info[new_var] = info
@@ -148,6 +153,27 @@ class _Propagator(PyExprMutator):
 
     def _emit(self, expr: relax.Expr) -> relax.Expr:
         return self.builder_.emit(expr)
+
+    def _int_bound(self, expr: relax.Expr) -> int | None:
+        """A bound on the magnitude of the integer tensor ``expr``, if one is known: int8 entry-point
+        parameters (caches, see the module docstring) are within 127, a clip within its limits, and
+        take/concat/reshape/permute_dims/strided_slice/broadcast_to/astype keep a bound."""
+        if isinstance(expr, relax.Var):
+            if expr in self.params:
+                return 127 if _dtype(expr) == "int8" else None
+            expr = self.lookup_binding(expr)
+        if not isinstance(expr, relax.Call) or not isinstance(expr.op, ir.Op):
+            return None
+        name = expr.op.name
+        if name == "relax.clip":
+            return max(abs(int(v.value)) for v in expr.args[1:3])
+        if name == "relax.concat" and isinstance(expr.args[0], relax.Tuple):
+            bounds = [self._int_bound(f) for f in expr.args[0].fields]
+            return None if None in bounds else max(bounds)
+        if name in ("relax.take", "relax.reshape", "relax.permute_dims", "relax.strided_slice",
+                    "relax.broadcast_to", "relax.astype"):
+            return self._int_bound(expr.args[0])
+        return None
 
     def _scale_expr(self, scale: Scale) -> relax.Expr:
         if isinstance(scale, np.ndarray):
@@ -170,8 +196,9 @@ class _Propagator(PyExprMutator):
         """``clip(round_half_up(data * ratio), lo, hi)`` as ``dtype`` with an integer multiplier and shift."""
         ratio = np.asarray(ratio, dtype=np.float64)
         if np.all(ratio == 1.0):
+            bound = self._int_bound(data)
             out = data if _dtype(data) == dtype else self._emit(relax.op.astype(data, dtype))
-            return relax.op.clip(out, lo, hi)
+            return out if bound is not None and bound <= min(-lo, hi) else relax.op.clip(out, lo, hi)
         mult, shift = fixed_point(ratio)
         if np.all(shift == shift.flat[0]):
             shift = shift.reshape(-1)[:1].reshape(())
@@ -451,7 +478,7 @@ class _Propagator(PyExprMutator):
         same_shape = _same_dims(list(_ty(var).shape), list(_ty(args[0]).shape))
         if qt is None or qt.clip is not None or not (same_shape or _is_scalar(qt.scale)):
             return None
-        data = self._emit(relax.op.broadcast_to(qt.data, args[1]))
+        data = qt.data if same_shape else self._emit(relax.op.broadcast_to(qt.data, args[1]))
         return self._propagated(QTensor(data, qt.scale))
 
     def _reshape(self, call, args, var):
@@ -542,6 +569,7 @@ class ScalePropagation:
         propagator = _Propagator(mod, self.integer_softmax, self.integer_layer_norm)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
+                propagator.params = set(func.params)
                 propagator.builder_.update_func(gv, propagator.visit_expr(func))
         shared = relax.transform.EliminateCommonSubexpr()(propagator.builder_.get())
         return relax.transform.DeadCodeElimination()(shared)

@@ -15,6 +15,16 @@ TARGET = tvm.target.Target(HOST_PRESET.target)
 
 
 @tvm.script.ir_module
+class RowReductions:
+    @R.function
+    def main(x: R.Tensor(("n", "t", 256), "float32"), g: R.Tensor((256,), "float32"), b: R.Tensor((256,), "float32")):
+        with R.dataflow():
+            y = R.nn.layer_norm(x, g, b, axes=[-1])
+            R.output(y)
+        return y
+
+
+@tvm.script.ir_module
 class Kernels:
     @R.function
     def main(x: R.Tensor(("n", 64), "float32"), w: R.Tensor((64, 48), "float32"), b: R.Tensor((48,), "float32"),
@@ -68,3 +78,20 @@ def test_dynamic_score_axis_stays_inside_the_reduction():
     innermost = sch.get(sch.get_loops(block)[-1])
     assert not isinstance(innermost.extent, tvm.tirx.IntImm)  # the dynamic key length
     assert sch.get(sch.get_loops(block)[0]).kind == tvm.tirx.ForKind.PARALLEL
+
+
+def test_row_reductions_keep_vector_partial_sums():
+    """Layer norm's sums along the contiguous row: VECTOR_WIDTH partial sums per row (rfactor, vectorized)
+    instead of a serial chain of dependent float adds; rows in parallel, never the row axis moved inside."""
+    func = next(f for f in tvm.transform.Sequential(cpu.legalize_passes(TARGET))(RowReductions).functions.values()
+                if isinstance(f, tvm.tirx.PrimFunc))
+    script = CPUGeneric().apply(func, TARGET, False).mod.script()
+    assert script.count("_rf_update") == 2 and script.count("T.vectorized(T.int64(16))") >= 4
+    vm = relax.VirtualMachine(tvm.compile(RowReductions, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    rng = np.random.default_rng(0)
+    g, b = rng.standard_normal(256).astype("float32"), rng.standard_normal(256).astype("float32")
+    for shape in ((1, 1, 256), (3, 5, 256), (32, 17, 256)):
+        x = (rng.standard_normal(shape) * 4 + 2).astype("float32")
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        got = vm["main"](*(tvm.runtime.tensor(a) for a in (x, g, b))).numpy()
+        np.testing.assert_allclose(got, (x - mean) / np.sqrt(var + 1e-5) * g + b, rtol=1e-5, atol=1e-5)

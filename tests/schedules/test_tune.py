@@ -107,6 +107,20 @@ def test_tune_the_avx2_family(tmp_path):
     assert 8 % tiles.cols == 0 and TileChooser(TuningDatabase(tmp_path), "avx2")(64, 64, "decode_step") == tiles
 
 
+def test_kernel_table_shows_both_shares_of_the_peak():
+    """"% of peak" divides by the run's best peak; "same moment" is the median of per-round ratios to the peak
+    measured just before (1000, 500, 1000 GOPS there; the kernel at 500, 500, 250 GOPS -> 0.5, 1.0, 0.25)."""
+    from int8mt.interface.bench_kernels import KernelRow, format_kernel_table, same_moment_share
+
+    share = same_moment_share(1.0, [1e-3, 2e-3, 1e-3], [2e-3, 2e-3, 4e-3])
+    assert share == 0.5
+    row = KernelRow("reference", 256, 256, 640, "4x64 depth 8", True, 500.0, 25.0, 250.0, 200.0, 100.0, share)
+    result = {"peak": {"gops": 1000.0, "threads": 2, "instruction": "llvm.x86.avx512.vpdpbusd.512"},
+              "rows": [row.__dict__]}
+    assert "| reference | 256 x 256 | 640 | 500 | 50 | 50 | 4x64 depth 8 | 25 | 250 | 200 | 100 | 2.00x |" in (
+        format_kernel_table(result))
+
+
 @needs_vnni
 def test_bench_kernels_with_a_missing_database_is_a_clear_error(capsys, tmp_path):
     assert main(["bench", "kernels", "--target", "x86-vnni", "--db", str(tmp_path / "none")]) == 2
