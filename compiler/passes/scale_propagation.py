@@ -156,7 +156,8 @@ class _Propagator(PyExprMutator):
 
     def _int_bound(self, expr: relax.Expr) -> int | None:
         """A bound on the magnitude of the integer tensor ``expr``, if one is known: int8 entry-point
-        parameters (caches, see the module docstring) are within 127, a clip within its limits, and
+        parameters (caches, see the module docstring) are within 127, a clip within its limits, a quantize of a
+        symmetric clip within the clip over the scale, and
         take/concat/reshape/permute_dims/strided_slice/broadcast_to/astype keep a bound."""
         if isinstance(expr, relax.Var):
             if expr in self.params:
@@ -167,6 +168,14 @@ class _Propagator(PyExprMutator):
         name = expr.op.name
         if name == "relax.clip":
             return max(abs(int(v.value)) for v in expr.args[1:3])
+        if name == "relax.quantize":  # of a symmetric float clip: at most round(clip / scale)
+            clipped = self.lookup_binding(expr.args[0]) if isinstance(expr.args[0], relax.Var) else None
+            scale, zero = _const(expr.args[1]), _const(expr.args[2])
+            if (isinstance(clipped, relax.Call) and clipped.op == ir.Op.get("relax.clip") and scale is not None
+                    and scale.size == 1 and zero is not None and not zero.any()):
+                limit = max(abs(float(v.value)) for v in clipped.args[1:3])
+                return int(np.floor(limit / float(scale.reshape(())) + 0.5))
+            return None
         if name == "relax.concat" and isinstance(expr.args[0], relax.Tuple):
             bounds = [self._int_bound(f) for f in expr.args[0].fields]
             return None if None in bounds else max(bounds)

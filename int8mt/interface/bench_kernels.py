@@ -10,9 +10,9 @@
 
 next to this CPU's int8 peak for that dot product (:mod:`int8mt.schedules.int8_peak`, on every core). All on
 every CPU of this process; each number is the best of 9 runs of at least 50 ms, taken as 3 rounds over all
-shapes (this shared 2-vCPU machine varies by +-20 % from run to run and has bursts of a second or so that
-slow everything down; rounds spread each shape's runs over the whole benchmark, and the best run is the
-least disturbed one, for every backend alike).
+shapes, each round timing our kernels and then PyTorch's (this shared 2-vCPU machine varies by +-20 % from
+run to run and has stretches that slow everything down; rounds spread each shape's runs over the whole
+benchmark for both backends alike, and the best run is the least disturbed one).
 
 Two shares of the peak are reported. "% of peak" divides the kernel's best by the run's best peak. "% of
 peak, same moment" pairs each round's kernel timing with a short peak measurement taken just before it
@@ -36,6 +36,7 @@ from int8mt.targets import TargetPreset
 
 TOKENS = 20  # tokens per sentence
 ROUNDS, REPEATS, MIN_SECONDS = 3, 3, 0.05
+PAUSE_SECONDS = 1.0  # after each phase of a round (see _rounds)
 SHORT_PEAK_ITERS = 1_000_000  # ~3 ms per run on this machine
 
 
@@ -81,18 +82,22 @@ def _tvm_timer(module, args) -> Timer:
     return lambda: min(timer(*args).results)
 
 
-def _rounds(timers: list[list[Timer]], desc: str) -> list[list[list[float]]]:
-    """Every timer's result in each of ROUNDS rounds (``[row][timer][round]``), each round going through all
-    of them."""
+def _rounds(phases: list[list[list[Timer]]], desc: str) -> list[list[list[list[float]]]]:
+    """Every timer's result in each of ROUNDS rounds (``[phase][row][timer][round]``). A round runs the phases
+    one after the other (our kernels, then PyTorch's), each through all its rows, with a pause after each:
+    PyTorch's OpenMP workers keep spinning for a while after its last call and would take the cores from
+    TVM's thread pool. So both backends are timed in the same stretches of this machine's varying speed."""
     from tqdm import tqdm
 
-    results: list[list[list[float]]] = [[[] for _ in row] for row in timers]
-    with tqdm(total=ROUNDS * len(timers), desc=desc) as bar:
+    results = [[[[] for _ in row] for row in phase] for phase in phases]
+    with tqdm(total=ROUNDS * sum(len(phase) for phase in phases), desc=desc) as bar:
         for _ in range(ROUNDS):
-            for row, row_timers in zip(results, timers):
-                for runs, timer in zip(row, row_timers):
-                    runs.append(timer())
-                bar.update()
+            for phase, phase_results in zip(phases, results):
+                for row, row_results in zip(phase, phase_results):
+                    for timer, runs in zip(row, row_results):
+                        runs.append(timer())
+                    bar.update()
+                time.sleep(PAUSE_SECONDS)
     return results
 
 
@@ -100,10 +105,6 @@ def same_moment_share(gop: float, peak_runs: list[float], kernel_runs: list[floa
     """Median over rounds of the kernel's GOPS (``gop`` / seconds) over the peak's GOPS measured just before it
     (``peak_runs``: seconds per 10^9 ops)."""
     return float(np.median([gop * peak / secs for peak, secs in zip(peak_runs, kernel_runs)]))
-
-
-def _best(results: list[list[list[float]]]) -> list[list[float]]:
-    return [[min(runs) for runs in row] for row in results]
 
 
 def _short_peak_timer(dot, target) -> Timer:
@@ -196,22 +197,20 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     peak = measure_int8_peak(dot, target)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
-    # all TVM kernels first, then PyTorch: PyTorch's OpenMP workers keep spinning after each call and would
-    # take the cores from TVM's thread pool
     kernels = [_int8mt_kernels(n, k, m, target, database, preset.int8_dot)
                for _, n, k, m in tqdm(cases, desc="compiling int8mt kernels")]
     short_peak = _short_peak_timer(dot, target)
-    ours = _rounds([[short_peak, tuned, default] for tuned, default, _, _ in kernels], "int8mt kernels")
-    # measured again after our kernels (and before PyTorch's spinning workers): the better of the two, as every
-    # other number here is the least disturbed run
+    ours, theirs = _rounds([[[short_peak, tuned, default] for tuned, default, _, _ in kernels],
+                            [_torch_timers(n, k, m) for _, n, k, m in cases]], "kernels (int8mt, PyTorch)")
+    # measured again after the rounds: the better of the two, as every other number here is the least
+    # disturbed run
     peak = max(peak, measure_int8_peak(dot, target), key=lambda p: p["gops"])
-    theirs = _best(_rounds([_torch_timers(n, k, m) for _, n, k, m in cases], "PyTorch kernels"))
     rows = []
-    for (model, n, k, m), (_, _, tiles, was_tuned), runs, torch_secs in zip(cases, kernels, ours, theirs):
+    for (model, n, k, m), (_, _, tiles, was_tuned), runs, torch_runs in zip(cases, kernels, ours, theirs):
         gop = 2 * n * k * m / 1e9
         peak_runs, tuned_runs, default_runs = runs
         rows.append(KernelRow(model, n, k, m, tiles, was_tuned,
-                              *(round(gop / t, 1) for t in (min(tuned_runs), min(default_runs), *torch_secs)),
+                              *(round(gop / min(t), 1) for t in (tuned_runs, default_runs, *torch_runs)),
                               peak_share_same_moment=round(same_moment_share(gop, peak_runs, tuned_runs), 3)))
     return {"peak": peak, "rows": [asdict(r) for r in rows]}
 

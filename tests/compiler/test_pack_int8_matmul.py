@@ -55,6 +55,20 @@ def _attention_module(keys_batch: int | None = None, queries: int | None = None)
     return bb.get()
 
 
+def _one_query_module() -> tvm.IRModule:
+    """A decoder step's QK^T: q [b, 4, 1, 16] . (K [b, 4, s, 16] permuted to [b, 4, 16, s], heads flattened)."""
+    bb = relax.BlockBuilder()
+    b, s = (tvm.tirx.Var(n, "int64") for n in "bs")
+    q = relax.Var("q", relax.TensorType([b, 4, 1, 16], "int8"))
+    k = relax.Var("k", relax.TensorType([b, 4, s, 16], "int8"))
+    with bb.function("main", [q, k]):
+        with bb.dataflow():
+            kt = bb.emit(relax.op.reshape(bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2])), [b * 4, 16, s]))
+            z = bb.emit_output(relax.op.matmul(bb.emit(relax.op.reshape(q, [b * 4, 1, 16])), kt, out_dtype="int32"))
+        bb.emit_func_output(z)
+    return bb.get()
+
+
 def _count_calls(mod: tvm.IRModule, kernel: str = "int8_dense") -> int:
     return mod.script().count(f"R.call_tir(cls.{kernel}")
 
@@ -75,6 +89,21 @@ def test_rewrites_linear_layers_only():
     assert _count_calls(broadcasting, "int8_batch_matmul") == 1 and "R.matmul" in broadcasting.script()
     one_query = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_attention_module(queries=1))
     assert _count_calls(one_query, "int8_batch_matmul") == 0 and one_query.script().count("R.matmul") == 2
+
+
+@pytest.mark.parametrize("preset", INT8_PRESETS)
+def test_one_query_attention_reads_the_keys_as_stored(preset):
+    """The transposed key cache is not copied: the matmul reads K [b*4, s, 16] as stored (one NT kernel)."""
+    mod = relax.transform.FuseTransposeMatmul()(
+        PackInt8Matmul(lambda n, k, fn: default_tiles(n, k), int8_dot(preset.int8_dot))(_one_query_module()))
+    assert "R.permute_dims" not in mod["main"].script() and mod.script().count("R.call_tir(cls.NT_matmul") == 1
+    vm = _vm(mod, preset)
+    rng = np.random.default_rng(4)
+    for b, s in ((1, 1), (3, 17)):
+        q = rng.integers(-128, 128, (b, 4, 1, 16), dtype=np.int8)
+        k = rng.integers(-128, 128, (b, 4, s, 16), dtype=np.int8)
+        expected = q.astype(np.int32).reshape(b * 4, 1, 16) @ k.astype(np.int32).reshape(b * 4, s, 16).transpose(0, 2, 1)
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(q), tvm.runtime.tensor(k)).numpy(), expected)
 
 
 def _vm(mod: tvm.IRModule, preset) -> relax.VirtualMachine:

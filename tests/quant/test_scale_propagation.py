@@ -100,6 +100,38 @@ def test_equal_scales_cancel_and_residual_adds_in_integers():
     np.testing.assert_array_equal(total, ref.requantize(acc, np.array(0.025), 0.05, 127))
 
 
+def test_cache_requantized_to_its_own_scale_needs_no_clip():
+    """A decoder step's key cache: the int8 cache (an entry-point parameter, within +-127 by contract) grows by a
+    quantized row, is dequantized and fake-quantized again at the same scale before QK^T. The requantization
+    is the identity: no clip of the whole cache, and the identity broadcast_to is dropped. An int8 tensor of
+    unknown range (an int32 input cast down) keeps its clip."""
+    def build(bb, cache, new_k, q_q, wide):
+        row = _q(bb, new_k, 0.05)                                                # [H, 1, Dh], clipped
+        keys = bb.emit(relax.op.concat([cache, row], axis=1))                   # [H, S + 1, Dh] int8
+        kt = bb.emit(relax.op.permute_dims(_dq(bb, keys, 0.05), [0, 2, 1]))
+        kt = bb.emit(relax.op.broadcast_to(_dq(bb, _q(bb, kt, 0.05), 0.05), (4, 8, 6)))
+        unknown = _dq(bb, bb.emit(relax.op.astype(wide, "int8")), 0.05)
+        return relax.Tuple([bb.emit(relax.op.matmul(_dq(bb, q_q, 0.02), kt)), _q(bb, unknown, 0.05)])
+
+    mod = _function(build, {"cache": ((4, 5, 8), "int8"), "new_k": ((4, 1, 8), "float32"),
+                            "q_q": ((4, 1, 8), "int8"), "wide": ((3,), "int32")})
+    script = ScalePropagation()(mod)["main"].script()
+    assert script.count("R.clip(") == 2  # the new row's quantization and the unknown-range requantization
+    assert "R.broadcast_to" not in script
+    cache = RNG.integers(-127, 128, (4, 5, 8)).astype(np.int8)
+    new_k = RNG.normal(0, 3, (4, 1, 8)).astype(np.float32)
+    q_q = RNG.integers(-127, 128, (4, 1, 8)).astype(np.int8)
+    wide = np.array([-128, 127, 300], np.int32)
+    vm = relax.VirtualMachine(tvm.compile(ScalePropagation()(mod), TARGET, relax_pipeline=int8mt_pipeline(TARGET)),
+                              tvm.cpu())
+    scores, clipped = (t.numpy() for t in vm["main"](*(tvm.runtime.tensor(a) for a in (cache, new_k, q_q, wide))))
+    row = np.clip(np.floor(new_k / np.float32(0.05) + 0.5), -127, 127).astype(np.int8)
+    keys = np.concatenate([cache, row], axis=1).astype(np.int32)
+    expected = (q_q.astype(np.int32) @ keys.transpose(0, 2, 1)).astype(np.float32) * np.float32(0.02 * 0.05)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    np.testing.assert_array_equal(clipped, [-127, 127, 44])  # 300 wraps to 44 as int8; -128 is clipped
+
+
 def test_scales_follow_head_split_and_permute_into_attention_matmul():
     """Per-channel linear output -> reshape into heads -> permute -> quantize: one requantization with a
     per-channel multiplier, then QK^T in integers with the product of per-tensor scales."""
