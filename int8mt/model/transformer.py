@@ -202,16 +202,17 @@ class Transformer(nn.Module):
         """
         src_bias = self.source_bias(src)
         x = self.embed(tokens, step)
-        new_cache = []
+        new_rows = []
         for i, layer in enumerate(self.decoder_layers):
             k_new, v_new = self._store(layer.self_attn, *layer.self_attn.project_kv(x))
+            new_rows.append(torch.stack([k_new, v_new]))
             k = torch.cat([self_cache[i, 0], k_new], dim=2)
             v = torch.cat([self_cache[i, 1], v_new], dim=2)
-            new_cache.append(torch.stack([k, v]))
             k, v = self._load(layer.self_attn, k, v)
             cross_k, cross_v = self._load(layer.cross_attn, cross_kv[i, 0], cross_kv[i, 1])
             x = layer(x, k, v, None, cross_k, cross_v, src_bias)
-        return self.lm_head(x[:, 0]), torch.stack(new_cache)
+        # the grown cache in one copy (stacking each layer's grown keys and values would copy it twice more)
+        return self.lm_head(x[:, 0]), torch.cat([self_cache, torch.stack(new_rows)], dim=4)
 
     def empty_cache(self, batch: int) -> Tensor:
         c = self.cfg

@@ -25,6 +25,16 @@ class RowReductions:
 
 
 @tvm.script.ir_module
+class CacheGrowth:
+    @R.function
+    def main(cache: R.Tensor(("n", 4, "s", 64), "int8"), row: R.Tensor(("n", 4, 1, 64), "int8")):
+        with R.dataflow():
+            grown = R.concat((cache, row), axis=2)
+            R.output(grown)
+        return grown
+
+
+@tvm.script.ir_module
 class Kernels:
     @R.function
     def main(x: R.Tensor(("n", 64), "float32"), w: R.Tensor((64, 48), "float32"), b: R.Tensor((48,), "float32"),
@@ -95,3 +105,21 @@ def test_row_reductions_keep_vector_partial_sums():
         mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
         got = vm["main"](*(tvm.runtime.tensor(a) for a in (x, g, b))).numpy()
         np.testing.assert_allclose(got, (x - mean) / np.sqrt(var + 1e-5) * g + b, rtol=1e-5, atol=1e-5)
+
+
+def test_copies_move_whole_registers_and_decompose_indices_per_chunk():
+    """A decoder cache's growth (concatenate of int8 rows of 64): one 64-lane vector per row, rows in serial
+    chunks inside the parallel loop (a fused index per element cost int64 divisions on every 16 bytes)."""
+    func = next(f for f in tvm.transform.Sequential(cpu.legalize_passes(TARGET))(CacheGrowth).functions.values()
+                if isinstance(f, tvm.tirx.PrimFunc))
+    sch = CPUGeneric().apply(func, TARGET, False)
+    loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("T_concat"))]
+    assert loops[0].kind == tvm.tirx.ForKind.PARALLEL and loops[-1].kind == tvm.tirx.ForKind.VECTORIZED
+    assert int(loops[-1].extent) == 64 and int(loops[1].extent) == 8  # ROW_CHUNK rows, serial
+    vm = relax.VirtualMachine(tvm.compile(CacheGrowth, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    rng = np.random.default_rng(1)
+    for n, s in ((1, 0), (2, 5), (3, 17)):
+        cache = rng.integers(-128, 128, (n, 4, s, 64), dtype=np.int8)
+        row = rng.integers(-128, 128, (n, 4, 1, 64), dtype=np.int8)
+        got = vm["main"](tvm.runtime.tensor(cache), tvm.runtime.tensor(row)).numpy()
+        np.testing.assert_array_equal(got, np.concatenate([cache, row], axis=2))
