@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import tvm
-from tvm import relax
+from tvm import relax, topi
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight
 
@@ -37,14 +37,22 @@ def _keep_reshape(_bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return call
 
 
+def _fast_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """Softmax with TOPI's ``fast_exp`` (range reduction and a polynomial: plain arithmetic, within ~5e-7 of
+    the probabilities here) instead of a call to the C library's ``expf`` per element: 1.4x faster for rows
+    of 20-33 keys, never slower."""
+    return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis))
+
+
 def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """TVM's CPU legalization (``cpu_generic.legalize_passes``), except that reshapes stay ``R.reshape`` (a
-    view of the same memory at run time): legalized into copy kernels they are turned back into views only
-    where TVM can prove the copy is the identity, which fails for dynamic shapes such as the decoder's
-    growing cache, and those copies took a fifth of a decoder step."""
+    """TVM's CPU legalization (``cpu_generic.legalize_passes``), except that softmax uses ``fast_exp`` and
+    reshapes stay ``R.reshape`` (a view of the same memory at run time): legalized into copy kernels they are
+    turned back into views only where TVM can prove the copy is the identity, which fails for dynamic shapes
+    such as the decoder's growing cache, and those copies took a fifth of a decoder step."""
     del target  # the same passes for every CPU target, as in cpu_generic.legalize_passes
-    return [relax.transform.LegalizeOps({"relax.reshape": _keep_reshape}), relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    return [relax.transform.LegalizeOps({"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax}),
+            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR()]
 
 
 def int8mt_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> tvm.transform.Pass:
