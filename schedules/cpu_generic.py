@@ -85,6 +85,8 @@ class CPUGeneric(dlight.ScheduleRule):
     def _spatial(sch: s_tir.Schedule, info: dlight.SBlockInfo) -> None:
         block = info.block_rv
         loops = sch.get_loops(block)
+        if not loops:
+            return
         extent = _static(info.iters[-1].dom)
         width = next((w for w in (_register_lanes(sch, block), VECTOR_WIDTH) if extent and extent % w == 0), None)
         if width is not None:
@@ -146,15 +148,16 @@ class CPUGeneric(dlight.ScheduleRule):
 
     @staticmethod
     def _row_reduction(sch: s_tir.Schedule, block: s_tir.SBlockRV, spatial: list, reduce: s_tir.LoopRV) -> None:
-        """A reduction along the rows' contiguous last axis (layer norm, softmax): VECTOR_WIDTH partial results
-        per row, accumulated in a vector register (``rfactor``), then added up; rows in parallel. A serial
-        float reduction is a chain of dependent adds (a row of 256 took ~1000 cycles)."""
-        outer = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        """A reduction along the rows' contiguous last axis (layer norm's sums, a decoder step's one-query
+        attention scores): VECTOR_WIDTH partial results per row, accumulated in a vector register
+        (``rfactor``), then added up; rows in parallel in both. A serial float reduction is a chain of
+        dependent adds (a row of 256 took ~1000 cycles)."""
+        rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
         _, lanes = sch.split(reduce, [None, VECTOR_WIDTH])
         partial = sch.rfactor(lanes, factor_axis=len(sch.get(block).writes[0].region))  # lanes innermost
-        sch.parallel(outer)
-        rows, steps, lane = sch.get_loops(partial)
         sch.parallel(rows)
+        partial_rows, steps, lane = sch.get_loops(partial)
+        sch.parallel(partial_rows)
         sch.vectorize(lane)
         init = sch.decompose_reduction(partial, steps)
         sch.vectorize(sch.get_loops(init)[-1])
