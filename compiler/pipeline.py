@@ -2,7 +2,8 @@
 
 Phases, each logged, and with ``dump_dir`` the IR after each written as ``phaseN-<name>.py``:
 1. import     the Relax module from :mod:`.frontend` (FP32 in this release; quantization slots in here);
-2. legalize   library dispatch, ops -> TIR, constant folding, operator fusion;
+2. legalize   library dispatch, a cache's layer slices as views (``TakeAsView``), ops -> TIR, constant
+              folding, operator fusion;
 3. schedule   the default parallel/vectorized CPU schedule for every kernel (``schedules.cpu_generic``);
 4. lower      dataflow lowering, memory planning and VM finalisation for the target.
 """
@@ -17,6 +18,8 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight
 
 from int8mt.schedules.cpu_generic import CPUGeneric
+
+from .passes.take_as_view import TakeAsView
 
 
 def _phase(index: int, name: str, dump_dir: Path | None) -> tvm.transform.Pass:
@@ -65,7 +68,7 @@ def int8mt_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> 
         with target:
             return tvm.transform.Sequential(
                 [_phase(1, "import", dump_dir)]
-                + cpu.library_dispatch_passes(target) + _legalize_passes(target)
+                + cpu.library_dispatch_passes(target) + [TakeAsView()] + _legalize_passes(target)
                 + [_phase(2, "legalized", dump_dir), dlight.ApplyDefaultSchedule(CPUGeneric())]
                 + [_phase(3, "scheduled", dump_dir)]
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)

@@ -1,0 +1,44 @@
+"""TakeAsView: a decoder layer's slice of a stacked cache parameter is a view (no copy kernel), results equal."""
+import numpy as np
+import tvm
+from tvm import relax
+
+from int8mt.compiler.passes import TakeAsView
+from int8mt.compiler.pipeline import int8mt_pipeline
+
+from ..conftest import HOST_PRESET
+
+TARGET = tvm.target.Target(HOST_PRESET.target)
+
+
+def _cache_module() -> tvm.IRModule:
+    """take(take(cache, 1), 0) of a [3, 2, n, 4, s, 8] parameter grown by a row, and a take of an intermediate
+    (the cache plus one), which must stay a copy."""
+    bb = relax.BlockBuilder()
+    n, s = (tvm.tirx.Var(v, "int64") for v in "ns")
+    cache = relax.Var("cache", relax.TensorType([3, 2, n, 4, s, 8], "int8"))
+    row = relax.Var("row", relax.TensorType([n, 4, 1, 8], "int8"))
+    index = [relax.const(i, "int64") for i in range(2)]
+    with bb.function("main", [cache, row]):
+        with bb.dataflow():
+            layer = bb.emit(relax.op.take(cache, index[1], axis=0))
+            keys = bb.emit(relax.op.concat([bb.emit(relax.op.take(layer, index[0], axis=0)), row], axis=2))
+            plus = bb.emit(relax.op.add(cache, relax.const(1, "int8")))
+            other = bb.emit(relax.op.take(plus, index[1], axis=0))
+            out = bb.emit_output(relax.Tuple([keys, other]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_slices_of_parameters_become_views_and_results_are_unchanged():
+    mod = TakeAsView()(_cache_module())
+    script = mod["main"].script()
+    assert script.count("R.memory.view(") == 2 and script.count("R.take(") == 1  # the intermediate's stays
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    rng = np.random.default_rng(0)
+    for n, s in ((1, 0), (2, 3), (3, 9)):
+        cache = rng.integers(-100, 100, (3, 2, n, 4, s, 8), dtype=np.int8)
+        row = rng.integers(-100, 100, (n, 4, 1, 8), dtype=np.int8)
+        keys, other = vm["main"](tvm.runtime.tensor(cache), tvm.runtime.tensor(row))
+        np.testing.assert_array_equal(keys.numpy(), np.concatenate([cache[1, 0], row], axis=2))
+        np.testing.assert_array_equal(other.numpy(), cache[1] + 1)
