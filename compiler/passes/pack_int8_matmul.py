@@ -112,10 +112,8 @@ class _Packer(PyExprMutator):
         columns -> the dense kernel with ``correction + bias``: the same int32 sums, one pass fewer."""
         for out, bias in (call.args, call.args[::-1]):
             dense, reshaped = self._dense_call(out), None
-            if dense is None and isinstance(out, relax.Var):
-                view = self.lookup_binding(out)
-                if isinstance(view, relax.Call) and view.op == ir.Op.get("relax.reshape"):
-                    dense, reshaped = self._dense_call(view.args[0]), view
+            if dense is None and (view := self._bound_call(out, "relax.reshape")) is not None:
+                dense, reshaped = self._dense_call(view.args[0]), view
             if dense is None or not isinstance(bias, ir.expr.Constant) or str(bias.ty.dtype) != "int32":
                 continue
             n = int(dense.ty.shape[-1])
@@ -131,11 +129,13 @@ class _Packer(PyExprMutator):
 
     def _dense_call(self, expr: relax.Expr) -> relax.Call | None:
         """The int8 dense kernel call bound to ``expr``, if it is one."""
+        bound = self._bound_call(expr, "relax.call_tir")
+        return bound if bound is not None and bound.args[0] in self.dense_kernels else None
+
+    def _bound_call(self, expr: relax.Expr, op: str) -> relax.Call | None:
+        """The call of ``op`` bound to the variable ``expr``, if it is one."""
         bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-        if (isinstance(bound, relax.Call) and bound.op == ir.Op.get("relax.call_tir")
-                and bound.args[0] in self.dense_kernels):
-            return bound
-        return None
+        return bound if isinstance(bound, relax.Call) and bound.op == ir.Op.get(op) else None
 
     def _batched(self, call: relax.Call) -> relax.Expr:
         """``matmul(A [..., I, R], B [..., R, J])`` of two int8 activations with equal leading dimensions ->
@@ -167,12 +167,9 @@ class _Packer(PyExprMutator):
         FuseTransposeMatmul then makes it one kernel that reads the keys as stored, instead of a transposed
         copy of the whole key cache every decoder step."""
         q, b = call.args
-        view = self.lookup_binding(b) if isinstance(b, relax.Var) else None
-        if not (isinstance(view, relax.Call) and view.op == ir.Op.get("relax.reshape")
-                and isinstance(view.args[0], relax.Var)):
-            return call
-        swap = self.lookup_binding(view.args[0])
-        if not (isinstance(swap, relax.Call) and swap.op == ir.Op.get("relax.permute_dims")):
+        view = self._bound_call(b, "relax.reshape")
+        swap = self._bound_call(view.args[0], "relax.permute_dims") if view is not None else None
+        if swap is None:
             return call
         keys = swap.args[0]
         rank = keys.ty.ndim

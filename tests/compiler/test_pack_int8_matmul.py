@@ -102,7 +102,8 @@ def test_one_query_attention_reads_the_keys_as_stored(preset):
     for b, s in ((1, 1), (3, 17)):
         q = rng.integers(-128, 128, (b, 4, 1, 16), dtype=np.int8)
         k = rng.integers(-128, 128, (b, 4, s, 16), dtype=np.int8)
-        expected = q.astype(np.int32).reshape(b * 4, 1, 16) @ k.astype(np.int32).reshape(b * 4, s, 16).transpose(0, 2, 1)
+        keys = k.astype(np.int32).reshape(b * 4, s, 16).transpose(0, 2, 1)
+        expected = q.astype(np.int32).reshape(b * 4, 1, 16) @ keys
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(q), tvm.runtime.tensor(k)).numpy(), expected)
 
 
