@@ -24,11 +24,14 @@ The four sizes are the tuning knobs; ``tiles=None`` samples them (MetaSchedule's
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as Tb
 
 from .intrin import Int8Dot
 from .intrin.x86_vnni import VNNI_DOT
@@ -85,45 +88,79 @@ def pack_weight(w: np.ndarray, dot: Int8Dot = VNNI_DOT) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(packed), correction
 
 
-def int8_dense(n: int, k: int, rows: int | None = None, dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
-    """The unscheduled kernel for an [N, K] weight; ``rows`` None makes the row count dynamic."""
+@dataclass(frozen=True)
+class DenseEpilogue:
+    """What the kernel stores instead of its int32 result ``C[m, n]`` (requantization, dequantization with a
+    residual add, a change of layout: the elementwise ops that follow a linear layer, fused).
+
+    ``store(c, i, j, inputs)`` returns the output indices and the value for the int32 sum ``c`` of row ``i``,
+    column ``j``; ``inputs`` are the kernel's buffers for ``input_specs`` (shape, dtype), extra tensors it
+    reads (per-column constants, the residual). ``shape_vars`` are the symbolic sizes those shapes use,
+    passed as scalar arguments."""
+
+    out_shape: tuple
+    out_dtype: str
+    input_specs: tuple[tuple[tuple, str], ...]
+    shape_vars: tuple[tirx.Var, ...]
+    store: Callable[[tirx.PrimExpr, tirx.Var, tirx.Var, list[tirx.Buffer]], tuple[list, tirx.PrimExpr]]
+
+
+def int8_dense(n: int, k: int, rows: int | None = None, dot: Int8Dot = VNNI_DOT,
+               epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
+    """The unscheduled kernel for an [N, K] weight; ``rows`` None makes the row count dynamic. Parameters:
+    ``A [m, K]``, packed weight, correction, the epilogue's inputs and shape variables, the output
+    (``C [m, N]`` int32 without an epilogue). (Built with TVMScript's IR builder, which takes a varying
+    number of parameters; without an epilogue the function is the tuning database's workload.)"""
     np_, kp = padded(n, k, dot)
-    N, K, NP, KP = (T.int64(v) for v in (n, k, np_, kp))
-    GN, GK = T.int64(np_ // dot.lanes), T.int64(kp // dot.reduce)
-    L, R = T.int64(dot.lanes), T.int64(dot.reduce)
-    PAD = T.int64(ROW_PAD)
-    M = tirx.Var("m", "int64") if rows is None else T.int64(rows)
+    N, K, NP, KP = (Tb.int64(v) for v in (n, k, np_, kp))
+    GN, GK = Tb.int64(np_ // dot.lanes), Tb.int64(kp // dot.reduce)
+    L, R = Tb.int64(dot.lanes), Tb.int64(dot.reduce)
+    PAD = Tb.int64(ROW_PAD)
+    M = tirx.Var("m", "int64") if rows is None else Tb.int64(rows)
     staged_dtype, shift = dot.activation, dot.shift
-
-    @T.prim_func(s_tir=True)
-    def dense(a: T.handle, w: T.Buffer((GN, GK, L, R), "int8"), correction: T.Buffer((NP,), "int32"),
-              c: T.handle):
-        T.func_attr({"tirx.noalias": True, "global_symbol": "int8mt_int8_dense"})
-        A = T.match_buffer(a, (M, K), "int8")
-        C = T.match_buffer(c, (M, N), "int32")
-        shifted = T.sblock_alloc_buffer(((M + PAD - 1) // PAD * PAD + PAD, KP), staged_dtype)
-        acc = T.sblock_alloc_buffer(((M + PAD - 1) // PAD * PAD + PAD, NP), "int32", scope="local")
-        for i, j in T.grid(M, KP):
-            with T.sblock("shift"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                if shift != 0:
-                    shifted[vi, vj] = T.if_then_else(
-                        vj < K, T.bitwise_xor(T.reinterpret("uint8", A[vi, vj]), T.uint8(shift)), T.uint8(shift))
-                else:
-                    shifted[vi, vj] = T.if_then_else(vj < K, T.Cast(staged_dtype, A[vi, vj]), T.Cast(staged_dtype, 0))
-        for i, j, r in T.grid(M, NP, KP):
-            with T.sblock("dense"):
-                vi, vj, vr = T.axis.remap("SSR", [i, j, r])
-                with T.init():
-                    acc[vi, vj] = 0
-                acc[vi, vj] = acc[vi, vj] + T.cast(shifted[vi, vr], "int32") * T.cast(
-                    w[vj // L, vr // R, vj % L, vr % R], "int32")
-        for i, j in T.grid(M, N):
-            with T.sblock("out"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                C[vi, vj] = acc[vi, vj] + correction[vj]
-
-    return dense
+    with IRBuilder() as builder:
+        with Tb.prim_func(s_tir=True):
+            Tb.func_name("dense")
+            a = Tb.arg("a", Tb.handle())
+            w = Tb.arg("w", Tb.Buffer((GN, GK, L, R), "int8"))
+            correction = Tb.arg("correction", Tb.Buffer((NP,), "int32"))
+            inputs = [Tb.arg(f"in{index}", Tb.Buffer(shape, dtype))
+                      for index, (shape, dtype) in enumerate(epilogue.input_specs if epilogue else ())]
+            for var in epilogue.shape_vars if epilogue else ():
+                Tb.arg(var.name, var)
+            c = Tb.arg("c", Tb.handle())
+            Tb.func_attr({"tirx.noalias": True, "global_symbol": "int8mt_int8_dense"})
+            A = Tb.match_buffer(a, (M, K), "int8")
+            C = (Tb.match_buffer(c, (M, N), "int32") if epilogue is None
+                 else Tb.match_buffer(c, epilogue.out_shape, epilogue.out_dtype))
+            staged_rows = (M + PAD - 1) // PAD * PAD + PAD
+            shifted = Tb.sblock_alloc_buffer((staged_rows, KP), staged_dtype)
+            acc = Tb.sblock_alloc_buffer((staged_rows, NP), "int32", scope="local")
+            with Tb.grid(M, KP) as (i, j):
+                with Tb.sblock("shift"):
+                    vi, vj = Tb.axis.remap("SS", [i, j])
+                    if shift != 0:
+                        staged = Tb.if_then_else(vj < K, Tb.bitwise_xor(Tb.reinterpret("uint8", A[vi, vj]),
+                                                                      Tb.uint8(shift)), Tb.uint8(shift))
+                    else:
+                        staged = Tb.if_then_else(vj < K, Tb.Cast(staged_dtype, A[vi, vj]), Tb.Cast(staged_dtype, 0))
+                    Tb.buffer_store(shifted, staged, [vi, vj])
+            with Tb.grid(M, NP, KP) as (i, j, r):
+                with Tb.sblock("dense"):
+                    vi, vj, vr = Tb.axis.remap("SSR", [i, j, r])
+                    with Tb.init():
+                        Tb.buffer_store(acc, Tb.int32(0), [vi, vj])
+                    product = Tb.Cast("int32", shifted[vi, vr]) * Tb.Cast("int32", w[vj // L, vr // R, vj % L, vr % R])
+                    Tb.buffer_store(acc, acc[vi, vj] + product, [vi, vj])
+            with Tb.grid(M, N) as (i, j):
+                with Tb.sblock("out"):
+                    vi, vj = Tb.axis.remap("SS", [i, j])
+                    if epilogue is None:
+                        Tb.buffer_store(C, acc[vi, vj] + correction[vj], [vi, vj])
+                    else:
+                        index, value = epilogue.store(acc[vi, vj] + correction[vj], vi, vj, inputs)
+                        Tb.buffer_store(C, value, index)
+    return builder.get()
 
 
 def packed_rows(n: int, k: int, index_dtype: str = "int64", dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
@@ -147,9 +184,12 @@ def packed_rows(n: int, k: int, index_dtype: str = "int64", dot: Int8Dot = VNNI_
     return gather
 
 
-def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None, dot: Int8Dot = VNNI_DOT) -> None:
+def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None, dot: Int8Dot = VNNI_DOT,
+                        epilogue: bool = False) -> None:
     """Tile, tensorize with ``dot`` and parallelize the kernel of :func:`int8_dense` in ``sch``;
-    ``tiles`` None samples the tile sizes (the tuning design space)."""
+    ``tiles`` None samples the tile sizes (the tuning design space). With an ``epilogue`` the output loop
+    is vectorized one register (``lanes`` columns) at a time, the steps unrolled, so that the stores of a
+    changed layout (attention heads) stay contiguous within each register."""
     block = sch.get_sblock("dense")
     i, j, r = sch.get_loops(block)
     jo, ji = sch.split(j, [None, dot.lanes])
@@ -174,7 +214,11 @@ def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None, do
     sch.tensorize(ji, dot.intrin)
     sch.unroll(ii)
     sch.unroll(joi)
-    sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
+    out_columns = sch.get_loops(sch.get_sblock("out"))[-1]
+    if epilogue:
+        registers, out_columns = sch.split(out_columns, [None, dot.lanes])
+        sch.unroll(registers)
+    sch.vectorize(out_columns)
     si, sj = sch.get_loops(sch.get_sblock("shift"))
     sch.parallel(si)
     sch.vectorize(sj)
@@ -190,14 +234,14 @@ def tiles_from_trace(trace: s_tir.Trace) -> DenseTiles:
                       row_split=ROW_SPLITS[int(row_split)])
 
 
-def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, rows: int | None = None,
-                         dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
-    """The kernel for an [N, K] weight, scheduled with ``tiles`` and marked as scheduled."""
+def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, rows: int | None = None, dot: Int8Dot = VNNI_DOT,
+                         epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
+    """The kernel for an [N, K] weight (with ``epilogue``), scheduled with ``tiles`` and marked as scheduled."""
     np_, kp = padded(n, k, dot)
     if (tiles.rows not in ROW_TILES or tiles.row_split not in ROW_SPLITS or (np_ // dot.lanes) % tiles.cols
             or (kp // dot.reduce) % tiles.depth):
         raise ValueError(f"tiles {tiles} do not fit a {n}x{k} weight: rows must be one of {ROW_TILES}, row_split "
                          f"one of {ROW_SPLITS}, cols must divide {np_ // dot.lanes} and depth {kp // dot.reduce}")
-    sch = s_tir.Schedule(int8_dense(n, k, rows, dot))
-    schedule_int8_dense(sch, tiles, dot)
+    sch = s_tir.Schedule(int8_dense(n, k, rows, dot, epilogue))
+    schedule_int8_dense(sch, tiles, dot, epilogue is not None)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

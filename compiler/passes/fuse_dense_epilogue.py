@@ -1,0 +1,239 @@
+"""FuseDenseEpilogue: the elementwise ops after an int8 dense kernel, computed in its output loop.
+
+After :class:`PackInt8Matmul`, a linear layer's int32 result is followed by what Scale Propagation made of
+its consumer: a requantization to int8 (``astype(int64) * multiplier + rounding >> shift``, clip,
+``astype(int8)``; a ReLU before it in the FFN), or a dequantization plus the residual
+(``astype(float32) * scale + x``), often through a reshape and ``permute_dims`` into the attention heads'
+layout. Unfused, each is a kernel of its own that reads the whole int32 result back from memory. Here the
+chain of such ops fed only by the kernel's result becomes the kernel's epilogue
+(:class:`~int8mt.schedules.int8_dense.DenseEpilogue`): each int32 sum becomes the chain's output element
+while still in registers and is stored at its place in the chain's output layout.
+
+A chain follows the result through values used exactly once: ``reshape`` (dimensions split or merged),
+``permute_dims``, ``astype``, ``clip``, ``nn.relu``, and ``add``/``subtract``/``multiply``/``right_shift``/
+``left_shift``/``maximum``/``minimum`` with a constant or a tensor computed elsewhere that broadcasts onto
+the chain's value. Each op is written as the TIR expression its legalization (TOPI) produces, so the fused
+kernel computes the same values bit for bit. The chain ends before the first other op and after a value
+used more than once or outside its dataflow block (so a tapped matmul under ``int8mt verify`` stays
+unfused); a chain of views only is left alone.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import tvm
+from tvm import ir, relax, tirx
+from tvm.sym.analyzer import Analyzer
+
+from int8mt.schedules.int8_dense import DenseEpilogue
+
+_BINARY: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
+    "relax.add": operator.add, "relax.subtract": operator.sub, "relax.multiply": operator.mul,
+    "relax.right_shift": operator.rshift, "relax.left_shift": operator.lshift,
+    "relax.maximum": tirx.max, "relax.minimum": tirx.min,
+}
+_SUPPORTED = ("relax.reshape", "relax.permute_dims", "relax.astype", "relax.clip", "relax.nn.relu", *_BINARY)
+MAX_GROUP = 4  # dimensions merged into, or split from, one another by a reshape
+
+
+class _Unfusable(Exception):
+    """An op the epilogue cannot express; the chain ends before it."""
+
+
+@dataclass(frozen=True)
+class _Step:
+    call: relax.Call
+    result: relax.Expr  # the value it binds
+    chain_arg: int  # which argument of a binary op is the chain's value
+
+
+@dataclass
+class _Element:
+    """The chain's value for one dense output element: ``value`` at ``coords`` of a tensor of ``shape``."""
+
+    coords: list[tirx.PrimExpr]
+    shape: list[tirx.PrimExpr]
+    value: tirx.PrimExpr
+
+
+def _dims(expr: relax.Expr) -> list[tirx.PrimExpr]:
+    return list(expr.ty.shape)
+
+
+def _int(value: int) -> tirx.IntImm:
+    return tirx.IntImm("int64", value)
+
+
+def _is_one(dim: tirx.PrimExpr) -> bool:
+    return isinstance(dim, tirx.IntImm) and int(dim) == 1
+
+
+def _product(dims: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    out = _int(1)
+    for d in dims:
+        out = out * d
+    return out
+
+
+def _scalar(expr: relax.Expr) -> float | int | None:
+    """The value of a one-element constant."""
+    if isinstance(expr, ir.expr.Constant) and expr.value.numpy().size == 1:
+        return expr.value.numpy().item()
+    return None
+
+
+class EpilogueChain:
+    """The ops after one dense kernel whose result has shape ``dense_shape``, as a TIR epilogue."""
+
+    def __init__(self, dense_shape: list[tirx.PrimExpr]) -> None:
+        self.dense_shape = dense_shape
+        self.steps: list[_Step] = []
+        self.operands: list[relax.Expr] = []  # the tensors the epilogue reads, in input order
+        self.analyzer = Analyzer()
+
+    def try_append(self, call: relax.Call, result: relax.Expr, current: relax.Expr) -> bool:
+        """Append ``result = call(current, ...)`` if the epilogue can compute it (checked by a dry run)."""
+        if not isinstance(call.op, ir.Op) or call.op.name not in _SUPPORTED:
+            return False
+        chain_arg, operands = 0, []
+        if call.op.name in _BINARY:
+            if sum(arg.same_as(current) for arg in call.args) != 1:
+                return False
+            chain_arg = 0 if call.args[0].same_as(current) else 1
+            other = call.args[1 - chain_arg]
+            if tvm.ir.is_prim_expr(other):
+                return False
+            operands = [] if _scalar(other) is not None else [other]
+        self.steps.append(_Step(call, result, chain_arg))
+        self.operands.extend(operands)
+        try:
+            self.element(tirx.Var("i", "int64"), tirx.Var("j", "int64"), tirx.Var("c", "int32"),
+                         [tirx.decl_buffer(_dims(x), str(x.ty.dtype)) for x in self.operands])
+        except _Unfusable:
+            self.steps.pop()
+            del self.operands[len(self.operands) - len(operands):]
+            return False
+        return True
+
+    @property
+    def computes(self) -> bool:
+        """Whether the chain does more than view the result in another shape."""
+        return any(step.call.op.name != "relax.reshape" for step in self.steps)
+
+    def element(self, i: tirx.Var, j: tirx.Var, value: tirx.PrimExpr, inputs: list[tirx.Buffer]) -> _Element:
+        """The chain's output element (and where it goes) for the dense result ``value`` at row ``i``,
+        column ``j``; ``inputs`` are the buffers of :attr:`operands`."""
+        element = _Element([i, j], list(self.dense_shape), value)
+        buffers = iter(inputs)
+        for step in self.steps:
+            call, name = step.call, step.call.op.name
+            if name == "relax.reshape":
+                element.coords = self._regroup(element.coords, element.shape, _dims(step.result))
+                element.shape = _dims(step.result)
+            elif name == "relax.permute_dims":
+                rank = len(element.shape)
+                axes = range(rank)[::-1] if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+                element.coords = [element.coords[a] for a in axes]
+                element.shape = [element.shape[a] for a in axes]
+            elif name == "relax.astype":
+                element.value = tirx.Cast(str(call.attrs.dtype), element.value)
+            elif name == "relax.clip":  # topi.clip
+                lo, hi = (tirx.Cast(element.value.ty, bound) for bound in call.args[1:])
+                element.value = tirx.max(tirx.min(element.value, hi), lo)
+            elif name == "relax.nn.relu":  # topi.nn.relu
+                element.value = tirx.max(element.value, tirx.const(0, element.value.ty))
+            else:
+                other = self._operand(call.args[1 - step.chain_arg], element, buffers)
+                pair = (element.value, other) if step.chain_arg == 0 else (other, element.value)
+                element.value = _BINARY[name](*pair)
+            result_dims = _dims(step.result)
+            if len(result_dims) != len(element.shape) or not all(
+                    self.analyzer.can_prove_equal(a, b) for a, b in zip(element.shape, result_dims)):
+                raise _Unfusable(f"{name} broadcasts the chain's value")
+            if str(step.result.ty.dtype) != str(element.value.ty):
+                raise _Unfusable(f"{name} mixes dtypes")
+        return element
+
+    def _operand(self, other: relax.Expr, element: _Element, buffers) -> tirx.PrimExpr:
+        """A binary op's other operand, for ``element``: a scalar constant, or a load of the tensor broadcast
+        onto the chain's value (numpy rules)."""
+        scalar = _scalar(other)
+        if scalar is not None:
+            return tirx.const(scalar, str(other.ty.dtype))
+        shape = _dims(other)
+        lead = len(element.shape) - len(shape)
+        if lead < 0:
+            raise _Unfusable("the operand has more dimensions than the chain's value")
+        index = []
+        for d, dim in enumerate(shape):
+            if _is_one(dim):
+                index.append(_int(0))
+            elif self.analyzer.can_prove_equal(dim, element.shape[lead + d]):
+                index.append(element.coords[lead + d])
+            else:
+                raise _Unfusable("the operand does not broadcast onto the chain's value")
+        return tirx.BufferLoad(next(buffers), index)
+
+    def _regroup(self, coords: list, shape: list, new_shape: list) -> list[tirx.PrimExpr]:
+        """Where the element at ``coords`` of ``shape`` is in ``new_shape`` (a row-major reshape): each
+        group of dimensions with (provably) equal products is flattened and split again."""
+        old = [(c, d) for c, d in zip(coords, shape) if not _is_one(d)]
+        new = [(k, d) for k, d in enumerate(new_shape) if not _is_one(d)]
+        out: list[tirx.PrimExpr] = [_int(0)] * len(new_shape)
+        a = b = 0
+        while a < len(old) or b < len(new):
+            p, q = self._group(old[a:], new[b:])
+            flat = _int(0)
+            for c, d in old[a:a + p]:
+                flat = flat * d + c
+            stride = _int(1)
+            for position, (k, d) in reversed(list(enumerate(new[b:b + q]))):
+                index = tirx.floordiv(flat, stride)
+                out[k] = self.analyzer.simplify(index if position == 0 else tirx.floormod(index, d))
+                stride = stride * d
+            a, b = a + p, b + q
+        return out
+
+    def _group(self, old: list, new: list) -> tuple[int, int]:
+        """The shortest prefixes ``old[:p]``, ``new[:q]`` whose sizes have (provably) equal products."""
+        for total in range(2, 2 * MAX_GROUP + 1):
+            for p in range(1, min(total, MAX_GROUP + 1)):
+                q = total - p
+                if p <= len(old) and 0 < q <= min(len(new), MAX_GROUP) and self.analyzer.can_prove_equal(
+                        _product([d for _, d in old[:p]]), _product([d for _, d in new[:q]])):
+                    return p, q
+        raise _Unfusable("a reshape that is not a split or merge of dimensions")
+
+    @property
+    def output(self) -> relax.Expr:
+        return self.steps[-1].result
+
+    def epilogue(self) -> DenseEpilogue:
+        """The epilogue for :func:`~int8mt.schedules.int8_dense.int8_dense`."""
+        shapes = [self.dense_shape, *(_dims(x) for x in self.operands), *(_dims(s.result) for s in self.steps)]
+        shape_vars = {v.name: v for shape in shapes for dim in shape for v in tirx.analysis.undefined_vars(dim)}
+
+        def store(value, i, j, inputs):
+            element = self.element(i, j, value, inputs)
+            return element.coords, element.value
+
+        return DenseEpilogue(out_shape=tuple(_dims(self.output)), out_dtype=str(self.output.ty.dtype),
+                             input_specs=tuple((tuple(_dims(x)), str(x.ty.dtype)) for x in self.operands),
+                             shape_vars=tuple(shape_vars[name] for name in sorted(shape_vars)), store=store)
+
+
+def use_counts(func: relax.Function) -> dict[relax.Var, int]:
+    """How many bindings (and the function's result) use each variable."""
+    counts: dict[relax.Var, int] = {}
+
+    def count(expr: relax.Expr) -> None:
+        for var in relax.analysis.free_vars(expr):
+            counts[var] = counts.get(var, 0) + 1
+
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            count(binding.value)
+    count(func.body.body)
+    return counts
