@@ -1,13 +1,16 @@
 """PyTorch -> Relax: ``torch.export`` with dynamic batch and lengths, then ``from_exported_program``.
 
-The result is one IRModule with two entry points:
+The result is one IRModule with four entry points:
 
 * ``encode(src[B, S] int64) -> cross_kv[L, 2, B, H, S, Dh]``: encoder plus every decoder layer's
   cross-attention keys/values, computed once per batch;
 * ``decode_step(tokens[B, 1] int64, step[1] int64, self_cache[L, 2, B, H, T, Dh], cross_kv, src)
   -> (logits[B, V], self_cache[L, 2, B, H, T + 1, Dh])``: one token, projections O(1) in the prefix;
 * ``reorder_cache(self_cache, rows[B'] int64) -> self_cache[L, 2, B', H, T, Dh]``: beam search's
-  re-ordering of hypotheses, on the device.
+  re-ordering of hypotheses, on the device;
+* ``top_candidates(logits[B, V]) -> (values[B, K], ids[B, K] int64, log_sum_exp[B])``: each row's
+  ``K = TOP_CANDIDATES`` largest logits and the row's log-sum-exp (their log-probabilities are
+  ``values - log_sum_exp``): beam search reads these instead of the whole ``[B, V]`` logits.
 
 Both caches have the model's ``cache_dtype``: int8 for statically quantized models, else float32.
 """
@@ -91,6 +94,7 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
         mod = from_exported_program(program, custom_convert_map=custom, unwrap_unit_return_tuple=True)
         functions[name] = mod["main"].with_attr("global_symbol", name)
     functions["reorder_cache"] = _reorder_cache(model)
+    functions["top_candidates"] = _top_candidates(model)
     return tvm.IRModule({relax.GlobalVar(name): fn for name, fn in functions.items()})
 
 
@@ -106,3 +110,22 @@ def _reorder_cache(model: Transformer) -> relax.Function:
             out = bb.emit_output(relax.op.take(cache, index, axis=2))
         bb.emit_func_output(out)
     return bb.get()["reorder_cache"]
+
+
+TOP_CANDIDATES = 16  # candidates per row for beam search (enough for beams of up to 8: it needs 2 x beam)
+
+
+def _top_candidates(model: Transformer) -> relax.Function:
+    rows = tvm.tirx.Var("rows", "int64")
+    logits = relax.Var("logits", relax.TensorType((rows, model.cfg.vocab_size), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("top_candidates", [logits]):
+        with bb.dataflow():
+            k = min(TOP_CANDIDATES, model.cfg.vocab_size)
+            top = bb.emit(relax.op.topk(logits, k=k, axis=-1, ret_type="both", largest=True, dtype="int64"))
+            peak = bb.emit(relax.op.max(logits, axis=[-1], keepdims=True))
+            total = bb.emit(relax.op.sum(relax.op.exp(relax.op.subtract(logits, peak)), axis=[-1]))
+            log_sum_exp = bb.emit(relax.op.add(relax.op.log(total), relax.op.squeeze(peak, axis=[-1])))
+            out = bb.emit_output(relax.Tuple([relax.TupleGetItem(top, 0), relax.TupleGetItem(top, 1), log_sum_exp]))
+        bb.emit_func_output(out)
+    return bb.get()["top_candidates"]

@@ -18,6 +18,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight
 
 from int8mt.schedules.cpu_generic import CPUGeneric
+from int8mt.schedules.top_k import top_k_kernel
 
 from .passes.take_as_view import TakeAsView
 
@@ -47,13 +48,39 @@ def _fast_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis))
 
 
+def _fast_exp(bb: relax.BlockBuilder, call: relax.Expr) -> relax.Expr:
+    """``exp`` of float32 with TOPI's ``fast_exp`` (arithmetic that vectorizes; the log-sum-exp of
+    ``top_candidates``), other dtypes as TVM legalizes them."""
+    if str(call.ty.dtype) == "float32":
+        return bb.call_te(topi.fast_exp, call.args[0])
+    return _DEFAULT_LEGALIZE["relax.exp"](bb, call)
+
+
+def _top_k(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """The ``k`` largest entries along the last axis of a 2-D tensor (both results, descending) with our
+    kernel (:mod:`int8mt.schedules.top_k`: rows in parallel, no sort). TVM has no legalization of its own
+    for ``topk``; the graphs we build use only this form."""
+    attrs, data = call.attrs, call.args[0]
+    if not (data.ty.ndim == 2 and int(attrs.axis) in (-1, 1) and bool(attrs.largest) and attrs.ret_type == "both"
+            and str(data.ty.dtype) in ("float32", "float64")):
+        raise ValueError(f"topk is compiled only for the largest entries of a 2-D float tensor along its last axis "
+                         f"(values and indices); got {call}")
+    kernel = bb.add_func(top_k_kernel(int(attrs.k), str(data.ty.dtype), str(attrs.dtype)), "top_k")
+    return relax.call_tir(kernel, [data], list(call.ty.fields))
+
+
+_DEFAULT_LEGALIZE = {"relax.exp": tvm.ir.Op.get("relax.exp").get_attr("FLegalize")}
+
+
 def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """TVM's CPU legalization (``cpu_generic.legalize_passes``), except that softmax uses ``fast_exp`` and
     reshapes stay ``R.reshape`` (a view of the same memory at run time): legalized into copy kernels they are
     turned back into views only where TVM can prove the copy is the identity, which fails for dynamic shapes
     such as the decoder's growing cache, and those copies took a fifth of a decoder step."""
     del target  # the same passes for every CPU target, as in cpu_generic.legalize_passes
-    return [relax.transform.LegalizeOps({"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax}),
+    custom = {"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax, "relax.exp": _fast_exp,
+              "relax.topk": _top_k}
+    return [relax.transform.LegalizeOps(custom),
             relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
             relax.transform.FuseTIR()]
 

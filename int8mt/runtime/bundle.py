@@ -20,7 +20,7 @@ from int8mt.targets import get_preset, missing_features
 LIBRARY_FILE, MANIFEST_FILE, TOKENIZER_FILE = "model.so", "manifest.json", "spm.model"
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
 BUNDLE_FORMAT = 1
-ENTRY_POINTS = ("encode", "decode_step", "reorder_cache")
+ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
 
 
 class BundleError(ValueError):
@@ -69,7 +69,7 @@ def read_manifest(bundle_dir: Path) -> dict:
         if missing:
             raise BundleError(f"bundle {bundle_dir} lacks the entry points {missing} that this runtime needs; "
                               "rebuild it with `int8mt compile`")
-        for key in ("target", "model", "files"):
+        for key in ("target", "model", "files", "top_candidates"):
             manifest[key]  # noqa: B018  (presence check)
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise BundleError(f"{bundle_dir / MANIFEST_FILE} is corrupt ({err!r}); rebuild the bundle") from None
@@ -109,7 +109,7 @@ class Bundle:
             raise BundleError(f"cannot load {self.path / LIBRARY_FILE}: {str(err).splitlines()[0]}") from None
         self._vm = tvm.runtime.vm.VirtualMachine(library, self.device)
         try:
-            self._encode, self._step, self._reorder = (self._vm[name] for name in ENTRY_POINTS)
+            self._encode, self._step, self._reorder, self._top = (self._vm[name] for name in ENTRY_POINTS)
         except AttributeError as err:
             raise BundleError(f"{self.path / LIBRARY_FILE} does not match its manifest ({err})") from None
         cfg = self.manifest["model"]
@@ -137,6 +137,20 @@ class Bundle:
         """One step: returns logits as numpy [B, V] and the grown cache (device tensor)."""
         out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache, cross_kv, src)
         return out[0].numpy(), out[1]
+
+    def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any,
+                               src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+        """One step that returns, instead of the logits, each row's ``candidates`` largest logits and their
+        token ids (both [B, candidates], descending) and the row's log-sum-exp ([B]), computed on the
+        device: log-probabilities are ``values - log_sum_exp``. Then the grown cache."""
+        out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache, cross_kv, src)
+        values, ids, log_sum_exp = self._top(out[0])
+        return values.numpy(), ids.numpy(), log_sum_exp.numpy(), out[1]
+
+    @property
+    def candidates(self) -> int:
+        """How many candidates per row :meth:`decode_step_candidates` returns."""
+        return self.manifest["top_candidates"]
 
     def reorder_cache(self, cache: Any, rows: np.ndarray) -> Any:
         """The cache (or the cross-attention keys/values, of the same layout) with its batch rows taken in the

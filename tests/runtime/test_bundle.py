@@ -9,7 +9,7 @@ import torch
 from int8mt.model.generate import greedy_decode
 from int8mt.runtime import bundle as bundle_mod
 from int8mt.runtime.bundle import Bundle, BundleError
-from int8mt.runtime.search import SearchOptions, greedy_search
+from int8mt.runtime.search import SearchOptions, beam_search, greedy_search
 from int8mt.runtime.translator import Translator
 
 from ..conftest import HOST_PRESET
@@ -125,3 +125,44 @@ def test_bundle_from_an_older_build_lacking_an_entry_point(bundle_copy):
 def test_bad_search_options():
     with pytest.raises(ValueError, match="beam size"):
         SearchOptions(beam_size=0)
+
+
+def _first_step(bundle: Bundle, src: np.ndarray):
+    tokens = np.full((len(src), 1), bundle.start_id, np.int64)
+    return tokens, 0, bundle.empty_cache(len(src)), bundle.encode(src), bundle.tensor(src)
+
+
+def test_device_candidates_are_the_largest_logits_and_their_log_sum_exp(tiny_bundle):
+    bundle = Bundle(tiny_bundle)
+    src = np.array([[10, 20, 30, 40, 3], [50, 60, 3, 0, 0]], np.int64)
+    logits, _ = bundle.decode_step(*_first_step(bundle, src))
+    values, ids, log_sum_exp, cache = bundle.decode_step_candidates(*_first_step(bundle, src))
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :bundle.candidates]
+    assert ids.shape == (2, bundle.candidates) and cache.shape[4] == 1
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_array_equal(values, np.take_along_axis(logits, order, 1))
+    shifted = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    np.testing.assert_allclose(log_sum_exp, logits.max(1) + np.log(np.exp(shifted).sum(1)), rtol=1e-6)
+
+
+class _FullLogits:
+    """A bundle that offers no device candidates: beam search reads the whole logits."""
+
+    candidates = 0
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+
+    def __getattr__(self, name: str):
+        return getattr(self.bundle, name)
+
+
+@pytest.mark.parametrize("beam", [2, 4])
+def test_beam_search_on_device_candidates_equals_beam_search_on_logits(tiny_bundle, beam):
+    bundle = Bundle(tiny_bundle)
+    src = np.random.default_rng(beam).integers(4, 8000, (5, 9))
+    src[3, 4:] = bundle.pad_id
+    opts = SearchOptions(beam_size=beam)
+    max_lens = opts.max_lengths(src, bundle.pad_id, 40)
+    assert 2 * beam <= bundle.candidates
+    assert beam_search(bundle, src, max_lens, opts) == beam_search(_FullLogits(bundle), src, max_lens, opts)

@@ -1,0 +1,42 @@
+"""The top-k kernel: each row's k largest entries and their indices, descending, equal to a stable NumPy
+sort for dynamic sizes (rows, lengths that are not multiples of its 16-entry blocks, fewer entries than k),
+ties in index order; -inf and NaN are never selected (the slots left are -inf at index -1)."""
+import numpy as np
+import pytest
+import tvm
+
+from int8mt.schedules.top_k import top_k_kernel
+
+from ..conftest import HOST_PRESET
+
+
+@pytest.fixture(scope="module")
+def top_k():
+    target = tvm.target.Target(HOST_PRESET.target)
+    return {k: tvm.compile(tvm.IRModule({"main": top_k_kernel(k)}), target=target)["main"] for k in (1, 8)}
+
+
+def _run(kernel, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    values, ids = (tvm.runtime.tensor(np.zeros((x.shape[0], k), dtype)) for dtype in (np.float32, np.int64))
+    kernel(tvm.runtime.tensor(x), values, ids)
+    return values.numpy(), ids.numpy()
+
+
+@pytest.mark.parametrize("rows,n", [(1, 8000), (5, 37), (3, 16), (2, 8), (0, 20)])
+@pytest.mark.parametrize("k", [1, 8])
+def test_top_k_equals_a_stable_sort(top_k, rows, n, k):
+    rng = np.random.default_rng(rows * 1000 + n)
+    x = rng.integers(-50, 50, (rows, n)).astype(np.float32)  # many ties
+    if rows:
+        x[0, n // 2] = np.inf
+        x[-1, :3] = [-np.inf, np.nan, 7.0]
+    values, ids = _run(top_k[k], x, k)
+    for row, (got_values, got_ids) in enumerate(zip(values, ids)):
+        eligible = [j for j in np.argsort(-np.nan_to_num(x[row], nan=-np.inf), kind="stable") if x[row, j] > -np.inf]
+        chosen = eligible[:k] + [-1] * (k - len(eligible[:k]))  # -inf and NaN are never candidates
+        np.testing.assert_array_equal(got_ids, chosen)
+        np.testing.assert_array_equal(got_values, [x[row, j] if j >= 0 else -np.inf for j in chosen])
+
+def test_row_of_only_nan_and_minus_inf_selects_nothing(top_k):
+    values, ids = _run(top_k[8], np.array([[np.nan, -np.inf, np.nan]], np.float32), 8)
+    assert (values == -np.inf).all() and (ids == -1).all()
