@@ -1,13 +1,13 @@
-"""FuseDenseEpilogue: the elementwise ops after an int8 dense kernel, computed in its output loop.
+"""Dense epilogues: the elementwise ops after an int8 dense kernel, computed in its output loop.
 
-After :class:`PackInt8Matmul`, a linear layer's int32 result is followed by what Scale Propagation made of
-its consumer: a requantization to int8 (``astype(int64) * multiplier + rounding >> shift``, clip,
-``astype(int8)``; a ReLU before it in the FFN), or a dequantization plus the residual
-(``astype(float32) * scale + x``), often through a reshape and ``permute_dims`` into the attention heads'
-layout. Unfused, each is a kernel of its own that reads the whole int32 result back from memory. Here the
-chain of such ops fed only by the kernel's result becomes the kernel's epilogue
-(:class:`~int8mt.schedules.int8_dense.DenseEpilogue`): each int32 sum becomes the chain's output element
-while still in registers and is stored at its place in the chain's output layout.
+Run by :class:`.PackInt8Matmul` after it has placed the dense kernels. A linear layer's int32 result is
+followed by what Scale Propagation made of its consumer: a requantization to int8 (``astype(int64) *
+multiplier + rounding >> shift``, clip, ``astype(int8)``; a ReLU before it in the FFN), or a
+dequantization plus the residual (``astype(float32) * scale + x``), often through a reshape and
+``permute_dims`` into the attention heads' layout. Unfused, each is a kernel of its own that reads the
+whole int32 result back from memory. Here the chain of such ops fed only by the kernel's result becomes
+the kernel's epilogue (:class:`~int8mt.schedules.int8_dense.DenseEpilogue`): each int32 sum becomes the
+chain's output element while still in registers and is stored at its place in the chain's output layout.
 
 A chain follows the result through values used exactly once: ``reshape`` (dimensions split or merged),
 ``permute_dims``, ``astype``, ``clip``, ``nn.relu``, and ``add``/``subtract``/``multiply``/``right_shift``/
@@ -24,10 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import ir, relax, tirx
+from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
-from int8mt.schedules.int8_dense import DenseEpilogue
+from int8mt.schedules.int8_dense import DenseEpilogue, DenseTiles, scheduled_int8_dense
+from int8mt.schedules.intrin import Int8Dot
+
+DenseKernels = dict[ir.GlobalVar, tuple[int, int, DenseTiles]]  # kernel -> (n, k, tiles)
 
 _BINARY: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
     "relax.add": operator.add, "relax.subtract": operator.sub, "relax.multiply": operator.mul,
@@ -224,7 +229,7 @@ class EpilogueChain:
                              shape_vars=tuple(shape_vars[name] for name in sorted(shape_vars)), store=store)
 
 
-def use_counts(func: relax.Function) -> dict[relax.Var, int]:
+def _use_counts(func: relax.Function) -> dict[relax.Var, int]:
     """How many bindings (and the function's result) use each variable."""
     counts: dict[relax.Var, int] = {}
 
@@ -237,3 +242,70 @@ def use_counts(func: relax.Function) -> dict[relax.Var, int]:
             count(binding.value)
     count(func.body.body)
     return counts
+
+
+@expr_functor.mutator
+class _EpilogueFuser(PyExprMutator):
+    """Finds each function's chains (:meth:`run`), then rebinds each chain's output to the fused call."""
+
+    def __init__(self, mod: tvm.IRModule, dense_kernels: DenseKernels, dot: Int8Dot) -> None:
+        super().__init__(mod)
+        self.dense_kernels, self.dot = dense_kernels, dot
+        self.fused: list[tuple[tvm.tirx.PrimFunc, ir.GlobalVar]] = []
+        self.chains: dict[relax.Var, tuple[relax.Call, EpilogueChain]] = {}  # chain output -> (dense call, chain)
+
+    def run(self, gv: ir.GlobalVar, func: relax.Function) -> None:
+        self.chains = {}
+        uses = _use_counts(func)
+        for block in func.body.blocks:
+            if not isinstance(block, relax.DataflowBlock):
+                continue
+            user = {var: b for b in block.bindings for var in relax.analysis.free_vars(b.value)}
+            for binding in block.bindings:
+                call = binding.value
+                if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
+                        and call.args[0] in self.dense_kernels):
+                    continue
+                chain, current = EpilogueChain(list(binding.var.ty.shape)), binding.var
+                while (isinstance(current, relax.DataflowVar) and uses.get(current) == 1 and current in user
+                       and isinstance(user[current].value, relax.Call)
+                       and chain.try_append(user[current].value, user[current].var, current)):
+                    current = user[current].var
+                if chain.computes:
+                    self.chains[chain.output] = (call, chain)
+        if self.chains:
+            self.builder_.update_func(gv, self.visit_expr(func))
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var not in self.chains:
+            super().visit_var_binding_(binding)
+            return
+        dense, chain = self.chains[binding.var]
+        epilogue = chain.epilogue()
+        kernel = self._kernel(dense.args[0], epilogue)
+        args = [self.visit_expr(x) for x in (*dense.args[1].fields, *chain.operands)]
+        fused = relax.call_tir(kernel, [*args, *epilogue.shape_vars], binding.var.ty)
+        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        self.set_var_remap(binding.var, emit(fused, binding.var.name))
+
+    def _kernel(self, dense: ir.GlobalVar, epilogue: DenseEpilogue) -> ir.GlobalVar:
+        """The dense kernel ``dense`` with ``epilogue``, one per distinct function."""
+        n, k, tiles = self.dense_kernels[dense]
+        func = scheduled_int8_dense(n, k, tiles, dot=self.dot, epilogue=epilogue)
+        for seen, gv in self.fused:
+            if tvm_ffi.structural_equal(seen, func):
+                return gv
+        name = f"{dense.name_hint}_to_{epilogue.out_dtype}_{len(self.fused)}"
+        gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+        self.fused.append((func, gv))
+        return gv
+
+
+def fuse_dense_epilogues(mod: tvm.IRModule, dense_kernels: DenseKernels, dot: Int8Dot) -> tvm.IRModule:
+    """Every call of one of ``dense_kernels`` followed by a chain of elementwise ops -> one call of that
+    kernel with the chain as its epilogue, in every Relax function of ``mod``."""
+    fuser = _EpilogueFuser(mod, dense_kernels, dot)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            fuser.run(gv, func)
+    return relax.transform.DeadCodeElimination()(fuser.builder_.get())

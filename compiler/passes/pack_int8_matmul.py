@@ -12,7 +12,8 @@ compile time into the intrinsic's layout (``[N/16, K/4, 16, 4]`` for VNNI) with 
 with the tile sizes ``tiles_for(n, k, function_name)`` returns (the tuning database, or defaults) and
 marked as scheduled, so the default schedule leaves it alone. A constant int32 bias added to a kernel's output
 is folded into its correction (the kernel adds that vector anyway), which saves a pass over the int32
-output. A ``take`` of rows from an int8 table (the
+output, and the elementwise ops that follow a kernel become its epilogue (:mod:`.fuse_dense_epilogue`;
+``fuse_epilogues=False`` keeps them apart). A ``take`` of rows from an int8 table (the
 int8 embedding) gathers from the packed copy: the decoder's tied embedding and logits projection then share
 one table, and the copies of the separately compiled entry points are equal, so the ``.so`` keeps one.
 
@@ -29,17 +30,16 @@ from collections.abc import Callable
 
 import numpy as np
 import tvm
-import tvm_ffi
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
 from int8mt.schedules.int8_batch_matmul import scheduled_int8_batch_matmul
-from int8mt.schedules.int8_dense import DenseEpilogue, DenseTiles, pack_weight, packed_rows, scheduled_int8_dense
+from int8mt.schedules.int8_dense import DenseTiles, pack_weight, packed_rows, scheduled_int8_dense
 from int8mt.schedules.intrin import Int8Dot
 from int8mt.schedules.intrin.x86_vnni import VNNI_DOT
 
-from .fuse_dense_epilogue import EpilogueChain, use_counts
+from .fuse_dense_epilogue import fuse_dense_epilogues
 
 TilesFor = Callable[[int, int, str], DenseTiles]
 
@@ -221,65 +221,6 @@ def _product(dims: list) -> tvm.ir.PrimExpr:
     return out
 
 
-@expr_functor.mutator
-class _EpilogueFuser(PyExprMutator):
-    """Each dense kernel call followed by a chain of elementwise ops -> one kernel with that epilogue
-    (:mod:`.fuse_dense_epilogue`)."""
-
-    def __init__(self, mod: tvm.IRModule, dense_kernels: dict[ir.GlobalVar, tuple[int, int, DenseTiles]],
-                 dot: Int8Dot) -> None:
-        super().__init__(mod)
-        self.dense_kernels, self.dot = dense_kernels, dot
-        self.fused: list[tuple[tvm.tirx.PrimFunc, ir.GlobalVar]] = []
-        self.chains: dict[relax.Var, tuple[relax.Call, EpilogueChain]] = {}  # chain output -> (dense call, chain)
-
-    def run(self, gv: ir.GlobalVar, func: relax.Function) -> None:
-        self.chains = {}
-        uses = use_counts(func)
-        for block in func.body.blocks:
-            if not isinstance(block, relax.DataflowBlock):
-                continue
-            user = {var: b for b in block.bindings for var in relax.analysis.free_vars(b.value)}
-            for binding in block.bindings:
-                call = binding.value
-                if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
-                        and call.args[0] in self.dense_kernels):
-                    continue
-                chain, current = EpilogueChain(list(binding.var.ty.shape)), binding.var
-                while (isinstance(current, relax.DataflowVar) and uses.get(current) == 1 and current in user
-                       and isinstance(user[current].value, relax.Call)
-                       and chain.try_append(user[current].value, user[current].var, current)):
-                    current = user[current].var
-                if chain.computes:
-                    self.chains[chain.output] = (call, chain)
-        if self.chains:
-            self.builder_.update_func(gv, self.visit_expr(func))
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        if binding.var not in self.chains:
-            super().visit_var_binding_(binding)
-            return
-        dense, chain = self.chains[binding.var]
-        epilogue = chain.epilogue()
-        kernel = self._kernel(dense.args[0], epilogue)
-        args = [self.visit_expr(x) for x in (*dense.args[1].fields, *chain.operands)]
-        fused = relax.call_tir(kernel, [*args, *epilogue.shape_vars], binding.var.ty)
-        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
-        self.set_var_remap(binding.var, emit(fused, binding.var.name))
-
-    def _kernel(self, dense: ir.GlobalVar, epilogue: DenseEpilogue) -> ir.GlobalVar:
-        """The dense kernel ``dense`` with ``epilogue``, one per distinct function."""
-        n, k, tiles = self.dense_kernels[dense]
-        func = scheduled_int8_dense(n, k, tiles, dot=self.dot, epilogue=epilogue)
-        for seen, gv in self.fused:
-            if tvm_ffi.structural_equal(seen, func):
-                return gv
-        name = f"{dense.name_hint}_to_{epilogue.out_dtype}_{len(self.fused)}"
-        gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
-        self.fused.append((func, gv))
-        return gv
-
-
 @tvm.transform.module_pass(opt_level=0, name="int8mt.PackInt8Matmul")
 class PackInt8Matmul:
     """Replace int8 matmuls with constant weights by the packed kernel of ``dot`` (see the module docstring).
@@ -294,10 +235,4 @@ class PackInt8Matmul:
             if isinstance(func, relax.Function):
                 packer.run(gv, func)
         mod = relax.transform.DeadCodeElimination()(packer.builder_.get())
-        if not self.fuse_epilogues:
-            return mod
-        fuser = _EpilogueFuser(mod, packer.dense_kernels, self.dot)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                fuser.run(gv, func)
-        return relax.transform.DeadCodeElimination()(fuser.builder_.get())
+        return fuse_dense_epilogues(mod, packer.dense_kernels, self.dot) if self.fuse_epilogues else mod
