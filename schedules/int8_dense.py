@@ -21,6 +21,10 @@ two, each thread works on the half of the activations it staged itself, which st
 for many rows). Inside, a ``rows x lanes*cols`` int32 accumulator tile lives in registers over the whole
 reduction, unrolled by ``depth`` x ``reduce`` bytes, and is written out once with the correction added.
 The four sizes are the tuning knobs; ``tiles=None`` samples them (MetaSchedule's design space).
+
+An optional :class:`DenseEpilogue` replaces the final int32 store: the elementwise ops that follow the
+layer (requantization, dequantization with the residual, a change of layout) are computed on each sum
+before it is stored (``compiler/passes/fuse_dense_epilogue.py`` builds them).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ import pytest
 import tvm
 
 from int8mt.cli import main
-from int8mt.schedules.database import DenseTask, TileChooser, TuningDatabase, row_bucket
+from int8mt.schedules.database import (BENCH_MODELS, ROW_BUCKETS, DenseTask, TileChooser, TuningDatabase, linear_shapes,
+                                       row_bucket, shipped_database)
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.targets import get_preset, missing_features
 
@@ -140,3 +141,14 @@ def test_tune_cli_on_a_model(capsys, tiny_model_dir, tmp_path):
     assert "| 8000 x 32, 32 | 4 (had 0) | 0 | 0 |" in out and "28 trials, 0 failed (0.0 %)" in out
     log = json.loads((tmp_path / "tuning-log.json").read_text())
     assert len(log) == 1 and len(log[0]["tasks"]) == 7
+
+
+@pytest.mark.parametrize("preset", ["x86-vnni", "x86-avx512", "x86-avx2"])
+def test_shipped_database_matches_the_kernels_workloads(preset):
+    """The shipped records are keyed by the kernel's structure: a change to ``int8_dense`` that alters it
+    would orphan them (their tiles stay reachable through confirmed.json, but resuming would start over)."""
+    family = get_preset(preset).int8_dot
+    database = TuningDatabase(shipped_database(preset))
+    for n, k in linear_shapes(*BENCH_MODELS["reference"]):
+        for rows in ROW_BUCKETS:
+            assert database.records(DenseTask(n, k, rows, family)), (preset, n, k, rows)
