@@ -28,6 +28,21 @@ def top_k_kernel(k: int, dtype: str = "float32", index_dtype: str = "int64") -> 
     def block_max(x, row, start):
         return reduce(tirx.max, (x[row, start + T.int64(lane)] for lane in range(BLOCK)))
 
+    @T.macro
+    def consider(x, row, column, best, where, swap, swap_index):
+        """Insert entry ``column`` of the row among the best ``k`` if it beats the ``k``-th."""
+        if x[row, column] > best[k - 1]:
+            best[k - 1] = x[row, column]
+            where[k - 1] = T.Cast(index_dtype, column)
+            for s in range(K - 1):  # bubble the new entry up to its place
+                if best[k - 1 - s] > best[k - 2 - s]:
+                    swap[0] = best[k - 2 - s]
+                    best[k - 2 - s] = best[k - 1 - s]
+                    best[k - 1 - s] = swap[0]
+                    swap_index[0] = where[k - 2 - s]
+                    where[k - 2 - s] = where[k - 1 - s]
+                    where[k - 1 - s] = swap_index[0]
+
     @T.prim_func(s_tir=True)
     def top_k(x: T.handle, values: T.handle, indices: T.handle):
         T.func_attr({"tirx.noalias": True, "global_symbol": "int8mt_top_k", "tirx.is_scheduled": True})
@@ -46,20 +61,12 @@ def top_k_kernel(k: int, dtype: str = "float32", index_dtype: str = "int64") -> 
                 for s in range(K):
                     best[s] = lowest
                     where[s] = T.Cast(index_dtype, -1)
-                for blk in range((n + B - 1) // B):
-                    if blk * B + B > n or block_max(X, vr, blk * B) > best[k - 1]:
-                        for lane in range(T.min(B, n - blk * B)):
-                            if X[vr, blk * B + lane] > best[k - 1]:
-                                best[k - 1] = X[vr, blk * B + lane]
-                                where[k - 1] = T.Cast(index_dtype, blk * B + lane)
-                                for s in range(K - 1):  # bubble the new entry up to its place
-                                    if best[k - 1 - s] > best[k - 2 - s]:
-                                        swap[0] = best[k - 2 - s]
-                                        best[k - 2 - s] = best[k - 1 - s]
-                                        best[k - 1 - s] = swap[0]
-                                        swap_index[0] = where[k - 2 - s]
-                                        where[k - 2 - s] = where[k - 1 - s]
-                                        where[k - 1 - s] = swap_index[0]
+                for blk in range(n // B):  # whole blocks: only one that beats the k-th is scanned
+                    if block_max(X, vr, blk * B) > best[k - 1]:
+                        for lane in range(B):
+                            consider(X, vr, blk * B + lane, best, where, swap, swap_index)
+                for tail in range(n - n // B * B):
+                    consider(X, vr, n // B * B + tail, best, where, swap, swap_index)
                 for s in range(K):
                     V[vr, s] = best[s]
                     I[vr, s] = where[s]
