@@ -19,7 +19,7 @@ from int8mt.schedules.database import TileChooser, TuningDatabase, database_or_s
 from int8mt.schedules.intrin import int8_dot
 from int8mt.targets import TargetPreset, get_preset
 
-from .frontend import TOP_CANDIDATES, export_to_relax
+from .frontend import candidates_per_row, export_to_relax
 from .passes import PackInt8Matmul, ScalePropagation
 from .pipeline import int8mt_pipeline
 from .quant_import import quant_convert_map
@@ -77,7 +77,7 @@ def build_bundle(model_dir: Path, target_name: str, out_dir: Path, dump_dir: Pat
         "entry_points": list(ENTRY_POINTS),
         "model": model.cfg.to_dict(),
         "cache_dtype": model.cache_dtype_name,
-        "top_candidates": min(TOP_CANDIDATES, model.cfg.vocab_size),
+        "top_candidates": candidates_per_row(model),
         "files": {LIBRARY_FILE: sha256(library), TOKENIZER_FILE: sha256(out_dir / TOKENIZER_FILE)},
         "compile_seconds": round(time.time() - t0, 1),
     }

@@ -9,7 +9,7 @@ The result is one IRModule with four entry points:
 * ``reorder_cache(self_cache, rows[B'] int64) -> self_cache[L, 2, B', H, T, Dh]``: beam search's
   re-ordering of hypotheses, on the device;
 * ``top_candidates(logits[B, V]) -> (values[B, K], ids[B, K] int64, log_sum_exp[B])``: each row's
-  ``K = TOP_CANDIDATES`` largest logits and the row's log-sum-exp (their log-probabilities are
+  ``K = candidates_per_row(model)`` largest logits and the row's log-sum-exp (their log-probabilities are
   ``values - log_sum_exp``): beam search reads these instead of the whole ``[B, V]`` logits.
 
 Both caches have the model's ``cache_dtype``: int8 for statically quantized models, else float32.
@@ -115,14 +115,19 @@ def _reorder_cache(model: Transformer) -> relax.Function:
 TOP_CANDIDATES = 16  # candidates per row for beam search (enough for beams of up to 8: it needs 2 x beam)
 
 
+def candidates_per_row(model: Transformer) -> int:
+    """How many candidates per row ``top_candidates`` returns for ``model`` (at most its vocabulary)."""
+    return min(TOP_CANDIDATES, model.cfg.vocab_size)
+
+
 def _top_candidates(model: Transformer) -> relax.Function:
     rows = tvm.tirx.Var("rows", "int64")
     logits = relax.Var("logits", relax.TensorType((rows, model.cfg.vocab_size), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("top_candidates", [logits]):
         with bb.dataflow():
-            k = min(TOP_CANDIDATES, model.cfg.vocab_size)
-            top = bb.emit(relax.op.topk(logits, k=k, axis=-1, ret_type="both", largest=True, dtype="int64"))
+            top = bb.emit(relax.op.topk(logits, k=candidates_per_row(model), axis=-1, ret_type="both", largest=True,
+                                        dtype="int64"))
             peak = bb.emit(relax.op.max(logits, axis=[-1], keepdims=True))
             total = bb.emit(relax.op.sum(relax.op.exp(relax.op.subtract(logits, peak)), axis=[-1]))
             log_sum_exp = bb.emit(relax.op.add(relax.op.log(total), relax.op.squeeze(peak, axis=[-1])))

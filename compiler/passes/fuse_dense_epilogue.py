@@ -75,9 +75,10 @@ def _is_one(dim: tirx.PrimExpr) -> bool:
     return isinstance(dim, tirx.IntImm) and int(dim) == 1
 
 
-def _product(dims: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-    out = _int(1)
-    for d in dims:
+def shape_product(dims: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The product of (a non-empty list of) sizes."""
+    out = dims[0]
+    for d in dims[1:]:
         out = out * d
     return out
 
@@ -207,7 +208,7 @@ class EpilogueChain:
             for p in range(1, min(total, MAX_GROUP + 1)):
                 q = total - p
                 if p <= len(old) and 0 < q <= min(len(new), MAX_GROUP) and self.analyzer.can_prove_equal(
-                        _product([d for _, d in old[:p]]), _product([d for _, d in new[:q]])):
+                        shape_product([d for _, d in old[:p]]), shape_product([d for _, d in new[:q]])):
                     return p, q
         raise _Unfusable("a reshape that is not a split or merge of dimensions")
 

@@ -39,7 +39,7 @@ from int8mt.schedules.int8_dense import DenseTiles, pack_weight, packed_rows, sc
 from int8mt.schedules.intrin import Int8Dot
 from int8mt.schedules.intrin.x86_vnni import VNNI_DOT
 
-from .fuse_dense_epilogue import fuse_dense_epilogues
+from .fuse_dense_epilogue import fuse_dense_epilogues, shape_product
 
 TilesFor = Callable[[int, int, str], DenseTiles]
 
@@ -100,7 +100,7 @@ class _Packer(PyExprMutator):
             table = relax.const(np.ascontiguousarray(weight.value.numpy().T))  # a [K, N] weight, used once
         n, k = (int(d) for d in table.ty.shape)
         lead = list(x.ty.shape)[:-1]
-        rows = _product(lead)
+        rows = shape_product(lead)
         flat = x if len(lead) == 1 else self.builder_.emit(relax.op.reshape(x, [rows, k]))
         packed, correction = self._pack(table)
         tiles = self.tiles_for(n, k, self.function)
@@ -153,7 +153,7 @@ class _Packer(PyExprMutator):
         (i, r), j = a_shape[-2:], b_shape[-1]
         if isinstance(i, tvm.tirx.IntImm) and int(i) == 1:
             return self._keys_as_stored(call)  # a matrix-vector product (decoder step): see the module docstring
-        batch = _product(lead)
+        batch = shape_product(lead)
         sizes = tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in (batch, i, j, r))
         name = "int8_batch_matmul_" + "_".join(f"{axis}{'n' if size is None else size}"
                                                for axis, size in zip("bijr", sizes))
@@ -194,7 +194,7 @@ class _Packer(PyExprMutator):
         n, k = (int(d) for d in table.ty.shape)
         dtype = str(ids.ty.dtype)
         shape = list(ids.ty.shape)
-        rows = _product(shape) if shape else 1
+        rows = shape_product(shape) if shape else 1
         flat = self.builder_.emit(relax.op.reshape(ids, [rows])) if len(shape) != 1 else ids
         kernel = self._kernel(("rows", n, k, dtype), f"int8_packed_rows_n{n}_k{k}_{dtype}",
                               lambda: packed_rows(n, k, dtype, self.dot))
@@ -212,13 +212,6 @@ class _Packer(PyExprMutator):
         if key not in self.kernels:
             self.kernels[key] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
         return self.kernels[key]
-
-
-def _product(dims: list) -> tvm.ir.PrimExpr:
-    out = dims[0]
-    for d in dims[1:]:
-        out = out * d
-    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.PackInt8Matmul")

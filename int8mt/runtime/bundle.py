@@ -135,17 +135,22 @@ class Bundle:
 
     def decode_step(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any, src: Any) -> tuple[np.ndarray, Any]:
         """One step: returns logits as numpy [B, V] and the grown cache (device tensor)."""
-        out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache, cross_kv, src)
-        return out[0].numpy(), out[1]
+        logits, grown = self._run_step(tokens, step, cache, cross_kv, src)
+        return logits.numpy(), grown
 
     def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any,
                                src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
         """One step that returns, instead of the logits, each row's ``candidates`` largest logits and their
         token ids (both [B, candidates], descending) and the row's log-sum-exp ([B]), computed on the
         device: log-probabilities are ``values - log_sum_exp``. Then the grown cache."""
+        logits, grown = self._run_step(tokens, step, cache, cross_kv, src)
+        values, ids, log_sum_exp = self._top(logits)
+        return values.numpy(), ids.numpy(), log_sum_exp.numpy(), grown
+
+    def _run_step(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any, src: Any) -> tuple[Any, Any]:
+        """The compiled decoder step: (logits, grown cache), both on the device."""
         out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache, cross_kv, src)
-        values, ids, log_sum_exp = self._top(out[0])
-        return values.numpy(), ids.numpy(), log_sum_exp.numpy(), out[1]
+        return out[0], out[1]
 
     @property
     def candidates(self) -> int:
