@@ -1,7 +1,7 @@
 """Check the compiled integer graph against the NumPy integer reference, matmul by matmul.
 
-The quantized model is compiled as a bundle would be (Scale Propagation, the preset's packed int8 kernels
-with their tiles, the int8mt pipeline) with :class:`TapIntMatmuls` returning every integer matmul's
+The quantized model is compiled by the bundle's pipeline (:mod:`.pipeline`, with the same tiles) with
+:class:`~.passes.TapIntMatmuls` returning every integer matmul's
 operands and result. Running ``encode`` and a few decoder steps on the same inputs in the compiled graph
 and in :class:`~int8mt.quant.integer_model.IntegerTransformer` gives, per matmul: whether its int32 result
 is exactly the integer product of its own operands (the kernels and the integer ops around them), and how
@@ -22,11 +22,7 @@ from int8mt.quant.integer_model import IntegerTransformer, MatmulRecord
 from int8mt.schedules.database import TileChooser
 from int8mt.targets import TargetPreset
 
-from .build import lower_integer_graph
-from .frontend import export_to_relax
-from .passes import ScalePropagation, TapIntMatmuls
-from .pipeline import int8mt_pipeline
-from .quant_import import quant_convert_map
+from .pipeline import CompileOptions, compile_module, import_model, integer_graph
 
 
 class GraphMismatch(RuntimeError):
@@ -52,12 +48,10 @@ class MatmulCheck:
 def compile_tapped(model: Transformer, preset: TargetPreset, tiles: TileChooser | None,
                    qcfg: QuantConfig) -> relax.VirtualMachine:
     """The quantized ``model`` compiled for ``preset`` with every integer matmul tapped."""
-    mod = export_to_relax(model, convert_map=quant_convert_map)
-    mod = TapIntMatmuls()(ScalePropagation(qcfg.integer_softmax, qcfg.integer_layer_norm)(mod))
-    mod = lower_integer_graph(mod, preset, tiles)
-    target = tvm.target.Target(preset.target)
+    options = CompileOptions(preset, qcfg, tiles, tap_matmuls=True)
+    mod = integer_graph(import_model(model, options), options)
     print(f"compiling the tapped integer graph for {preset.name}", file=sys.stderr)
-    return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+    return relax.VirtualMachine(compile_module(mod, preset), tvm.cpu())
 
 
 def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray,

@@ -1,16 +1,30 @@
-"""The int8mt compilation pipeline, handed to ``tvm.compile(relax_pipeline=...)``.
+"""The one compile pipeline of int8mt: a model, a target preset and options in, a TVM executable and a
+report of what the passes did out. ``int8mt compile``, ``int8mt verify`` and ``int8mt tune`` all go
+through it; a new target adds a preset, intrinsics and schedules, not a call site.
 
-Phases, each logged, and with ``dump_dir`` the IR after each written as ``phaseN-<name>.py``:
-1. import     the Relax module from :mod:`.frontend` (FP32 in this release; quantization slots in here);
-2. legalize   library dispatch, a cache's layer slices as views (``TakeAsView``), ops -> TIR, constant
-              folding, operator fusion;
-3. schedule   the default parallel/vectorized CPU schedule for every kernel (``schedules.cpu_generic``);
-4. lower      dataflow lowering, memory planning and VM finalisation for the target.
+Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phaseN-<name>.py``):
+
+0. ``import``            torch.export -> Relax (:mod:`.frontend`); a quantized model's matmuls carry
+                         quantize/dequantize ops (:mod:`.quant_import`).
+1. ``scale-propagated``  quantized models: :class:`~.passes.ScalePropagation` (integers flow between
+                         ops); with ``tap_matmuls``, :class:`~.passes.TapIntMatmuls` (verification).
+2. ``int8-kernels``      presets with an int8 dot product: :class:`~.passes.PackInt8Dense`,
+                         :class:`~.passes.FoldDenseBias`, :class:`~.passes.Int8BatchMatmul`,
+                         :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
+                         :class:`~.passes.FuseDenseEpilogue`; then ``FuseTransposeMatmul`` for every model.
+3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
+                         our top-k), constant folding, operator fusion.
+4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
+                         every kernel not scheduled yet.
+5. ``lowered``           dataflow lowering, memory planning and VM finalisation.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tvm
 from tvm import relax, topi
@@ -18,20 +32,135 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight
 
 from int8mt.schedules.cpu_generic import CPUGeneric
+from int8mt.schedules.database import TileChooser, TuningDatabase, database_or_shipped
+from int8mt.schedules.intrin import int8_dot
 from int8mt.schedules.top_k import top_k_kernel
+from int8mt.targets import TargetPreset
 
-from .passes.take_as_view import TakeAsView
+from .passes import (FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul, PackInt8Dense,
+                     ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls)
+from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
+
+if TYPE_CHECKING:
+    from int8mt.model.transformer import Transformer
+    from int8mt.quant.config import QuantConfig
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What to compile for: the target ``preset``; ``quant`` None for FP32; ``tiles`` for the int8 dense
+    kernels (default: :func:`tile_chooser` with the shipped database); ``tap_matmuls`` returns every integer
+    matmul's operands and result beside each output (``int8mt verify``); ``dump_dir`` gets each phase's IR."""
+
+    preset: TargetPreset
+    quant: QuantConfig | None = None
+    tiles: TileChooser | None = None
+    tap_matmuls: bool = False
+    dump_dir: Path | None = None
+
+    def with_tiles(self) -> CompileOptions:
+        """These options with ``tiles`` set where int8 kernels need them (the shipped database if None)."""
+        if self.tiles is not None or self.quant is None or self.preset.int8_dot is None:
+            return self
+        return replace(self, tiles=tile_chooser(self.preset, None))
+
+
+@dataclass
+class CompiledModel:
+    executable: tvm.runtime.Executable
+    report: dict  # op counts before/after Scale Propagation, the int8 kernels and their tiles
+
+
+def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser:
+    """Tiles for ``preset``'s int8 kernels from ``database``, else the shipped one, else defaults."""
+    if preset.int8_dot is None:
+        raise ValueError(f"target preset {preset.name} has no int8 kernels to choose tiles for")
+    folder = database_or_shipped(preset.name, database)
+    if folder is None:
+        print(f"no tuning database shipped for {preset.name}: int8 kernels use default tiles", file=sys.stderr)
+    return TileChooser(TuningDatabase(folder) if folder is not None else None, preset.int8_dot)
+
+
+def import_model(model: Transformer, options: CompileOptions) -> tvm.IRModule:
+    """Phase 0: the model's entry points as a Relax module."""
+    from .frontend import export_to_relax
+    from .quant_import import quant_convert_map
+
+    print("phase 0: import (torch.export, then Relax)", file=sys.stderr)
+    mod = export_to_relax(model, convert_map=quant_convert_map if options.quant is not None else None)
+    _dump(mod, 0, "import", options.dump_dir)
+    return mod
+
+
+def scale_propagated(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
+    """Phase 1 on an imported module: Scale Propagation (quantized models), taps if asked."""
+    quant = options.quant
+    if quant is not None:
+        print("phase 1: scale-propagated", file=sys.stderr)
+        mod = ScalePropagation(quant.integer_softmax, quant.integer_layer_norm, strict=True)(mod)
+        if options.tap_matmuls:
+            mod = TapIntMatmuls()(mod)
+        _dump(mod, 1, "scale-propagated", options.dump_dir)
+    return mod
+
+
+def int8_kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
+    """Phase 2: the preset's int8 kernels (quantized models), then transposes fused into matmuls."""
+    print("phase 2: int8-kernels", file=sys.stderr)
+    options = options.with_tiles()
+    if options.quant is not None and options.preset.int8_dot is not None:
+        mod = tvm.transform.Sequential(int8_kernel_passes(options.tiles, options.preset.int8_dot))(mod)
+    mod = relax.transform.FuseTransposeMatmul()(mod)
+    _dump(mod, 2, "int8-kernels", options.dump_dir)
+    return mod
+
+
+def integer_graph(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
+    """Phases 1 and 2 on an imported module."""
+    return int8_kernels(scale_propagated(mod, options), options)
+
+
+def int8_kernel_passes(tiles_for: Callable, family: str) -> list[tvm.transform.Pass]:
+    """Phase 2's passes for the dot-product ``family``, in order."""
+    dot = int8_dot(family)
+    return [PackInt8Dense(tiles_for, dot), FoldDenseBias(), Int8BatchMatmul(dot), ReadKeysAsStored(),
+            GatherPackedRows(dot), FuseDenseEpilogue()]
+
+
+def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:
+    """All phases: ``model`` compiled for ``options.preset``, with the report of what the passes did."""
+    options = options.with_tiles()
+    mod = import_model(model, options)
+    report = {"before": op_report(mod)}
+    mod = scale_propagated(mod, options)
+    if options.quant is not None:
+        report["after"] = op_report(mod)
+    mod = int8_kernels(mod, options)
+    if options.quant is not None and options.preset.int8_dot is not None:
+        report["kernels"] = dense_kernel_report(mod, options.tiles)
+        report["attention_kernels"] = attention_kernel_calls(mod)
+    return CompiledModel(compile_module(mod, options.preset, options.dump_dir), report)
+
+
+def compile_module(mod: tvm.IRModule, preset: TargetPreset, dump_dir: Path | None = None) -> tvm.runtime.Executable:
+    """Phases 3-5: a Relax module (after phase 2) compiled for ``preset``."""
+    target = tvm.target.Target(preset.target)
+    return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, dump_dir))
+
+
+def _dump(mod: tvm.IRModule, index: int, name: str, dump_dir: Path | None) -> None:
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        (dump_dir / f"phase{index}-{name}.py").write_text(mod.script(show_meta=False))
 
 
 def _phase(index: int, name: str, dump_dir: Path | None) -> tvm.transform.Pass:
-    """A no-op pass that logs the start of a phase and dumps the IR it receives."""
+    """A no-op pass that logs a phase and dumps the IR it receives (what the passes before it made)."""
 
     @tvm.transform.module_pass(opt_level=0, name=f"int8mt.phase{index}")
     def _mark(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         print(f"phase {index}: {name}", file=sys.stderr)
-        if dump_dir is not None:
-            dump_dir.mkdir(parents=True, exist_ok=True)
-            (dump_dir / f"phase{index}-{name}.py").write_text(mod.script(show_meta=False))
+        _dump(mod, index, name, dump_dir)
         return mod
 
     return _mark
@@ -85,8 +214,8 @@ def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
             relax.transform.FuseTIR()]
 
 
-def int8mt_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> tvm.transform.Pass:
-    """The whole Relax pipeline for ``target`` (an LLVM CPU target)."""
+def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> tvm.transform.Pass:
+    """Phases 3-5 as ``tvm.compile``'s ``relax_pipeline`` for ``target`` (an LLVM CPU target)."""
     if target.kind.name != "llvm":
         raise ValueError(f"target kind {target.kind.name!r} is not supported yet; use a CPU (llvm) preset")
 
@@ -94,12 +223,11 @@ def int8mt_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> 
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential(
-                [_phase(1, "import", dump_dir)]
-                + cpu.library_dispatch_passes(target) + [TakeAsView()] + _legalize_passes(target)
-                + [_phase(2, "legalized", dump_dir), dlight.ApplyDefaultSchedule(CPUGeneric())]
-                + [_phase(3, "scheduled", dump_dir)]
+                cpu.library_dispatch_passes(target) + [TakeAsView()] + _legalize_passes(target)
+                + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(CPUGeneric())]
+                + [_phase(4, "scheduled", dump_dir)]
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
-                + [_phase(4, "lowered", dump_dir)]
+                + [_phase(5, "lowered", dump_dir)]
             )(mod)
 
     return _pipeline

@@ -7,6 +7,13 @@ import numpy as np
 import tvm
 from tvm import ir, relax
 
+from int8mt.schedules.database import TileChooser
+from int8mt.schedules.int8_dense import dense_attrs
+from int8mt.schedules.intrin import int8_dot
+
+from .passes.kernel_calls import kernel_kind
+from .passes.scale_propagation import REWRITES_ATTR
+
 # Why the float ops that remain after scale propagation need floats.
 FLOAT_REASONS = {
     "relax.nn.softmax": "exp and normalisation of attention scores",
@@ -38,8 +45,9 @@ def _is_int(dtype: str) -> bool:
 
 
 def op_report(mod: tvm.IRModule) -> dict:
-    """Counts per entry function and in total: matmuls (integer/float), quantize, dequantize, requantize,
-    the float compute ops left (by op, with the reason) and the bytes of constants by dtype."""
+    """Counts per entry function and in total: matmuls (integer/float), quantize, dequantize, the float
+    compute ops left (by op, with the reason) and the bytes of constants by dtype; after Scale Propagation
+    also its requantizations, integer softmaxes and layer norms, as the pass counted them."""
     functions = {}
     constant_bytes: Counter = Counter()
     seen_constants: list[relax.Expr] = []  # a weight used by two functions is counted once
@@ -66,16 +74,13 @@ def op_report(mod: tvm.IRModule) -> dict:
             elif name == "relax.dequantize" or (name == "relax.astype" and out == "float32" and ins
                                                  and _is_int(ins[0]) and ins[0] != "bool"):
                 counts["dequantize"] += 1
-            elif name == "relax.right_shift" and isinstance(expr.args[1], ir.expr.Constant):
-                counts["requantize"] += 1  # (x * multiplier + half) >> constant shift
-            elif name == "relax.floor_divide" and isinstance(expr.args[0], ir.expr.Constant):
-                counts["softmax_int"] += 1  # the integer softmax's per-row reciprocal 2**40 // sum
-            elif name == "relax.call_tir" and expr.args[0].name_hint == "int8mt_isqrt":
-                counts["layer_norm_int"] += 1  # the integer layer norm's square root
             if out.startswith("float") and name not in LAYOUT_OPS and name not in ("relax.quantize", "relax.dequantize"):
                 float_ops[name] += 1
 
         relax.analysis.post_order_visit(func, visit)
+        rewrites = func.attrs.get(REWRITES_ATTR) if func.attrs is not None else None
+        if rewrites is not None:  # what Scale Propagation counted of its own work
+            counts.update({kind: int(n) for kind, n in rewrites.items() if kind != "matmul_int" and int(n)})
         functions[gv.name_hint] = {**counts, "float_ops": dict(float_ops)}
     total: Counter = Counter()
     float_total: Counter = Counter()
@@ -90,20 +95,38 @@ def op_report(mod: tvm.IRModule) -> dict:
     }
 
 
-def batched_kernel_calls(mod: tvm.IRModule) -> dict[str, int]:
-    """Per entry function, the calls of the batched int8 (attention) kernels PackInt8Matmul put in."""
-    calls: dict[str, int] = {}
-    call_tir = ir.Op.get("relax.call_tir")
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            count = 0
+def _kernel_calls(func: relax.Function, mod: tvm.IRModule, kind: str) -> list[relax.Call]:
+    """The calls in ``func`` of our kernels of ``kind`` (by their ``int8mt.kernel`` attribute)."""
+    calls = []
 
-            def visit(expr: relax.Expr) -> None:
-                nonlocal count
-                if (isinstance(expr, relax.Call) and expr.op.same_as(call_tir)
-                        and expr.args[0].name_hint.startswith("int8_batch_matmul")):
-                    count += 1
+    def visit(expr: relax.Expr) -> None:
+        if (isinstance(expr, relax.Call) and expr.op.same_as(ir.Op.get("relax.call_tir"))
+                and kernel_kind(mod, expr.args[0]) == kind):
+            calls.append(expr)
 
-            relax.analysis.post_order_visit(func, visit)
-            calls[gv.name_hint] = count
+    relax.analysis.post_order_visit(func, visit)
     return calls
+
+
+def attention_kernel_calls(mod: tvm.IRModule) -> dict[str, int]:
+    """Per entry function, the calls of the batched int8 (attention) kernels."""
+    return {gv.name_hint: len(_kernel_calls(func, mod, "int8_batch_matmul"))
+            for gv, func in mod.functions_items() if isinstance(func, relax.Function)}
+
+
+def dense_kernel_report(mod: tvm.IRModule, tiles: TileChooser) -> list[dict]:
+    """Per entry function and weight shape, the int8 dense kernel the module calls: its tiles, dot product,
+    the row bucket they were chosen for and whether a tuning run found them."""
+    rows = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        for call in _kernel_calls(func, mod, "int8_dense"):
+            n, k, chosen, family = dense_attrs(mod[call.args[0]])
+            choice = tiles.choice(n, k, gv.name_hint)
+            dot = int8_dot(family)
+            rows.setdefault((gv.name_hint, n, k), {
+                "function": gv.name_hint, "n": n, "k": k, "rows_tuned_for": choice.task.rows,
+                "tiles": chosen.to_dict(), "tuned": choice.tuned and choice.tiles == chosen, "dot": family,
+                "block": [dot.lanes, dot.reduce]})
+    return list(rows.values())

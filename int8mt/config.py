@@ -13,6 +13,10 @@ from typing import Any, get_type_hints
 import yaml
 
 from .model.config import ModelConfig
+from .quant.config import QuantConfig
+from .runtime.search import SearchOptions
+from .runtime.translator import DEFAULT_BATCH_SIZE
+from .targets import AUTO
 
 
 class ConfigError(ValueError):
@@ -44,21 +48,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
-    beam_size: int = 4
-    length_penalty: float = 0.6
-    max_length_a: float = 1.5
-    max_length_b: int = 10
-    batch_size: int = 32
+class DecodeConfig(SearchOptions):
+    """The search options (their defaults are :class:`SearchOptions`'s) and the batch size."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def search_options(self, **overrides: Any) -> SearchOptions:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(SearchOptions)}
+        return SearchOptions(**{**fields, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclass(frozen=True)
 class CompileConfig:
-    target: str = "x86-vnni"
+    """What ``int8mt compile`` builds by default; quantization defaults are :class:`QuantConfig`'s."""
+
+    target: str = AUTO               # a preset name, or auto: the best preset this CPU runs
     quant: str = "int8"              # fp32 | int8 | int6
-    ranges: str = "learned"          # calibrate | learned | runtime
-    calibration: str = "mse"         # max | percentile | mse
-    percentile: float = 99.99
+    ranges: str = QuantConfig.ranges
+    calibration: str = QuantConfig.calibration
+    percentile: float = QuantConfig.percentile
     calib_sentences: int = 512
 
 

@@ -5,18 +5,19 @@ reductions. This rule gives each loop nest multi-core parallelism and, for matmu
 (spatial loops followed by reductions), a vectorizable inner loop:
 
 * reduction blocks ``S... R...`` (matmuls, softmax/layer-norm reductions): when the last spatial extent is
-  static, a ROW_TILE x VECTOR_WIDTH tile of outputs moves inside the reduction loops (vectorized, rows
+  static, a ROW_TILE x VECTOR_WIDTH (float32 lanes of a register) tile of outputs moves inside the reduction loops (vectorized, rows
   unrolled); when it is dynamic and an input that depends on the reduction is contiguous along it
   (attention scores), that loop moves inside the reductions as a serial loop; a reduction along the rows'
   contiguous last axis (layer norm's sums, a length that is a multiple of the vector width) keeps
   VECTOR_WIDTH partial results in a vector register (``rfactor``) and adds them up at the end; the remaining
   spatial loops are fused and run in parallel; the init is split off;
 * other blocks (elementwise, copies such as concatenate and take): the last loop in whole vector registers
-  (64 int8 or 16 float32 lanes) where its extent allows, else a serial inner loop; the loop before it cut
+  (64 int8 or 16 float32 lanes with AVX-512, half that with AVX2) where its extent allows, else a serial inner loop; the loop before it cut
   into chunks of ROW_CHUNK rows; the outer loops and the chunks fused and run in parallel, so the fused
   index is decomposed (int64 divisions) once per chunk, not per element.
 
-Apply it after LegalizeOps/FuseTIR with ``dlight.ApplyDefaultSchedule(CPUGeneric())``. Tuned kernels
+The vector width comes from the target: 64-byte registers where it has AVX-512, else 32 (AVX2), else 16
+(SSE, NEON). Apply it after LegalizeOps/FuseTIR with ``dlight.ApplyDefaultSchedule(CPUGeneric())``. Tuned kernels
 (MetaSchedule) replace it where a tuning database has records.
 """
 from __future__ import annotations
@@ -25,11 +26,23 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.target import Target
+from tvm.target.codegen import target_has_features
 
-VECTOR_WIDTH = 16  # float32 lanes of an AVX-512 register
 ROW_TILE = 4  # output rows that share each loaded weight vector
 ROW_CHUNK = 8  # rows per iteration of an elementwise kernel's parallel loop
-REGISTER_BYTES = 64  # an AVX-512 register
+FLOAT_BYTES = 4
+
+
+_REGISTER_BYTES: dict[str, int] = {}  # per target (asking LLVM for features costs a target machine)
+
+
+def register_bytes(target: Target) -> int:
+    """Bytes of one vector register of ``target``: 64 with AVX-512, 32 with AVX2, else 16."""
+    key = str(target)
+    if key not in _REGISTER_BYTES:
+        features = (("avx512f", 64), ("avx2", 32)) if target.kind.name == "llvm" else ()
+        _REGISTER_BYTES[key] = next((width for name, width in features if target_has_features(name, target)), 16)
+    return _REGISTER_BYTES[key]
 
 
 def _static(extent: object) -> int | None:
@@ -50,9 +63,9 @@ def _reads_along(sch: s_tir.Schedule, block: s_tir.SBlockRV, info: dlight.SBlock
     return False
 
 
-def _register_lanes(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> int:
-    """Elements of the block's output dtype in one vector register (64 for int8)."""
-    return REGISTER_BYTES * 8 // tvm.DataType(sch.get(block).writes[0].source.dtype).bits
+def _register_lanes(sch: s_tir.Schedule, block: s_tir.SBlockRV, vector_bytes: int) -> int:
+    """Elements of the block's output dtype in one vector register (64 int8 with AVX-512)."""
+    return vector_bytes * 8 // tvm.DataType(sch.get(block).writes[0].source.dtype).bits
 
 
 def _row_length(info: dlight.SBlockInfo, kinds: str) -> int:
@@ -71,24 +84,26 @@ class CPUGeneric(dlight.ScheduleRule):
         if infos is None:
             return None
         infos = dlight.try_inline_contiguous_spatial(sch, infos)
+        vector_bytes = register_bytes(target)
         for info in infos:
             kinds = info.dom_kind()
             if set(kinds) - {"S", "R"}:
                 continue
             if "R" in kinds:
-                self._reduction(sch, info, kinds)
+                self._reduction(sch, info, kinds, vector_bytes // FLOAT_BYTES)
             else:
-                self._spatial(sch, info)
+                self._spatial(sch, info, vector_bytes)
         return sch
 
     @staticmethod
-    def _spatial(sch: s_tir.Schedule, info: dlight.SBlockInfo) -> None:
+    def _spatial(sch: s_tir.Schedule, info: dlight.SBlockInfo, vector_bytes: int) -> None:
         block = info.block_rv
         loops = sch.get_loops(block)
         if not loops:
             return
         extent = _static(info.iters[-1].dom)
-        width = next((w for w in (_register_lanes(sch, block), VECTOR_WIDTH) if extent and extent % w == 0), None)
+        lanes = (_register_lanes(sch, block, vector_bytes), vector_bytes // FLOAT_BYTES)
+        width = next((w for w in lanes if extent and extent % w == 0), None)
         if width is not None:
             # the last loop in whole vector registers, its blocks a serial loop
             _, vector = sch.split(loops[-1], [None, width])
@@ -104,7 +119,8 @@ class CPUGeneric(dlight.ScheduleRule):
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
     @staticmethod
-    def _reduction(sch: s_tir.Schedule, info: dlight.SBlockInfo, kinds: str) -> None:
+    def _reduction(sch: s_tir.Schedule, info: dlight.SBlockInfo, kinds: str, width: int) -> None:
+        """``width``: float32 lanes of a vector register (VECTOR_WIDTH in the module docstring)."""
         block = info.block_rv
         loops = sch.get_loops(block)
         spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
@@ -114,8 +130,8 @@ class CPUGeneric(dlight.ScheduleRule):
             return
         last = extents[-1]
         inner = []  # spatial loops kept inside the reductions: a ROW_TILE x VECTOR_WIDTH accumulator tile
-        if last is not None and last % VECTOR_WIDTH == 0 and last > VECTOR_WIDTH:
-            jo, ji = sch.split(spatial[-1], [None, VECTOR_WIDTH])
+        if last is not None and last % width == 0 and last > width:
+            jo, ji = sch.split(spatial[-1], [None, width])
             if len(spatial) > 1 and extents[-2] != 1:
                 io, ii = sch.split(spatial[-2], [None, ROW_TILE])
                 outer, inner = spatial[:-2] + [io, jo], [ii, ji]
@@ -131,9 +147,9 @@ class CPUGeneric(dlight.ScheduleRule):
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
             sch.decompose_reduction(block, reduce[0])
             return
-        elif len(reduce) == 1 and _row_length(info, kinds) % VECTOR_WIDTH == 0 and _reads_along(
+        elif len(reduce) == 1 and _row_length(info, kinds) % width == 0 and _reads_along(
                 sch, block, info, kinds, "R"):
-            CPUGeneric._row_reduction(sch, block, spatial, reduce[0])
+            CPUGeneric._row_reduction(sch, block, spatial, reduce[0], width)
             return
         else:
             outer = spatial
@@ -147,13 +163,14 @@ class CPUGeneric(dlight.ScheduleRule):
         sch.decompose_reduction(block, reduce[0])
 
     @staticmethod
-    def _row_reduction(sch: s_tir.Schedule, block: s_tir.SBlockRV, spatial: list, reduce: s_tir.LoopRV) -> None:
+    def _row_reduction(sch: s_tir.Schedule, block: s_tir.SBlockRV, spatial: list, reduce: s_tir.LoopRV,
+                       width: int) -> None:
         """A reduction along the rows' contiguous last axis (layer norm's sums, a decoder step's one-query
         attention scores): VECTOR_WIDTH partial results per row, accumulated in a vector register
         (``rfactor``), then added up; rows in parallel in both. A serial float reduction is a chain of
         dependent adds (a row of 256 took ~1000 cycles)."""
         rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-        _, lanes = sch.split(reduce, [None, VECTOR_WIDTH])
+        _, lanes = sch.split(reduce, [None, width])
         partial = sch.rfactor(lanes, factor_axis=len(sch.get(block).writes[0].region))  # lanes innermost
         sch.parallel(rows)
         partial_rows, steps, lane = sch.get_loops(partial)

@@ -54,7 +54,7 @@ def linear_shapes(d_model: int, ffn_dim: int, vocab: int) -> list[tuple[int, int
     return [(d_model, d_model), (ffn_dim, d_model), (d_model, ffn_dim), (vocab, d_model)]
 
 
-def bench_tasks(family: str = "vnni") -> list[DenseTask]:
+def bench_tasks(family: str) -> list[DenseTask]:
     """Every kernel benchmark shape at every row bucket, for the dot-product ``family``."""
     return [DenseTask(n, k, rows, family) for dims in BENCH_MODELS.values() for n, k in linear_shapes(*dims)
             for rows in ROW_BUCKETS]
@@ -72,7 +72,7 @@ class DenseTask:
     n: int
     k: int
     rows: int
-    family: str = "vnni"
+    family: str
 
     @property
     def dot(self) -> Int8Dot:
@@ -149,20 +149,29 @@ def chosen_tiles(database: TuningDatabase | None, task: DenseTask) -> tuple[Dens
     return (found[0], True) if found else (default_tiles(task.n, task.k, task.dot), False)
 
 
-class TileChooser:
-    """``tiles_for(n, k, function)`` for :class:`PackInt8Matmul`: the database's best tiles for the
-    function's row bucket, or the defaults; remembers which kernels were tuned for the build report."""
+@dataclass(frozen=True)
+class TileChoice:
+    """The tiles chosen for one kernel of one entry function, and whether a tuning run found them."""
 
-    def __init__(self, database: TuningDatabase | None, family: str = "vnni") -> None:
+    task: DenseTask
+    tiles: DenseTiles
+    tuned: bool
+
+
+class TileChooser:
+    """``tiles_for(n, k, function)`` for :class:`~int8mt.compiler.passes.PackInt8Dense`: the database's
+    best tiles for the function's row bucket, or the defaults (:meth:`choice` says which)."""
+
+    def __init__(self, database: TuningDatabase | None, family: str) -> None:
         self.database, self.family = database, family
-        self.kernels: dict[tuple[int, int, str], dict] = {}  # (n, k, function) -> what was chosen
+        self._choices: dict[tuple[int, int, str], TileChoice] = {}  # the database is read once per kernel
+
+    def choice(self, n: int, k: int, function: str) -> TileChoice:
+        key = (n, k, function)
+        if key not in self._choices:
+            task = DenseTask(n, k, ENTRY_ROWS.get(function, ROW_BUCKETS[-1]), self.family)
+            self._choices[key] = TileChoice(task, *chosen_tiles(self.database, task))
+        return self._choices[key]
 
     def __call__(self, n: int, k: int, function: str) -> DenseTiles:
-        key = (n, k, function)
-        if key not in self.kernels:
-            task = DenseTask(n, k, ENTRY_ROWS.get(function, ROW_BUCKETS[-1]), self.family)
-            tiles, tuned = chosen_tiles(self.database, task)
-            self.kernels[key] = {"function": function, "n": n, "k": k, "rows_tuned_for": task.rows,
-                                 "tiles": tiles.to_dict(), "tuned": tuned, "dot": self.family,
-                                 "block": [task.dot.lanes, task.dot.reduce]}
-        return DenseTiles(**self.kernels[key]["tiles"])
+        return self.choice(n, k, function).tiles

@@ -24,7 +24,7 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from .intrin import Int8Dot
-from .intrin.x86_vnni import VNNI_DOT
+from .kernel_attrs import KERNEL_ATTR
 
 ROWS = 4  # register-tile rows (accumulator chains: rows x one vector)
 ROW_PAD = 8  # spare staged rows (>= ROWS - 1)
@@ -35,7 +35,7 @@ def _extent(name: str, size: int | None) -> tirx.PrimExpr:
 
 
 def int8_batch_matmul(batch: int | None, rows: int | None, cols: int | None, depth: int | None,
-                      dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
+                      dot: Int8Dot) -> tirx.PrimFunc:
     """The unscheduled kernel for ``A[batch, rows, depth] . B[batch, depth, cols]``; None = dynamic size."""
     BT, I, J, R = (_extent(n, s) for n, s in (("b", batch), ("i", rows), ("j", cols), ("r", depth)))
     L, RD = T.int64(dot.lanes), T.int64(dot.reduce)
@@ -94,7 +94,7 @@ def int8_batch_matmul(batch: int | None, rows: int | None, cols: int | None, dep
 
 
 def scheduled_int8_batch_matmul(batch: int | None, rows: int | None, cols: int | None, depth: int | None,
-                                dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
+                                dot: Int8Dot) -> tirx.PrimFunc:
     """The kernel for those sizes, scheduled (see the module docstring) and marked as scheduled."""
     sch = s_tir.Schedule(int8_batch_matmul(batch, rows, cols, depth, dot))
     tile_rows = min(ROWS, rows) if rows is not None else ROWS
@@ -116,4 +116,4 @@ def scheduled_int8_batch_matmul(batch: int | None, rows: int | None, cols: int |
     sch.tensorize(ji, dot.intrin)
     sch.unroll(ii)
     sch.vectorize(sch.get_loops(sch.get_sblock("flush"))[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, KERNEL_ATTR: "int8_batch_matmul"})

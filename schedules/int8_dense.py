@@ -38,7 +38,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as Tb
 
 from .intrin import Int8Dot
-from .intrin.x86_vnni import VNNI_DOT
+from .kernel_attrs import DENSE_ATTR, KERNEL_ATTR
 
 ROW_TILES = (1, 2, 3, 4, 6, 8)  # register-tile rows the design space offers
 ROW_SPLITS = (1, 2)  # parts the rows are cut into (parallel with the column strips)
@@ -61,12 +61,12 @@ class DenseTiles:
         return {"rows": self.rows, "cols": self.cols, "depth": self.depth, "row_split": self.row_split}
 
 
-def padded(n: int, k: int, dot: Int8Dot = VNNI_DOT) -> tuple[int, int]:
+def padded(n: int, k: int, dot: Int8Dot) -> tuple[int, int]:
     """N and K rounded up to the intrinsic's ``lanes`` x ``reduce`` block."""
     return -(-n // dot.lanes) * dot.lanes, -(-k // dot.reduce) * dot.reduce
 
 
-def default_tiles(n: int, k: int, dot: Int8Dot = VNNI_DOT) -> DenseTiles:
+def default_tiles(n: int, k: int, dot: Int8Dot) -> DenseTiles:
     """Tiles used where the tuning database has no record: 4 rows x a quarter of the vector registers'
     columns (4 x 64 int32 for AVX-512), 32-byte reduction blocks."""
     np_, kp = padded(n, k, dot)
@@ -78,7 +78,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, at_most + 1) if n % d == 0)
 
 
-def pack_weight(w: np.ndarray, dot: Int8Dot = VNNI_DOT) -> tuple[np.ndarray, np.ndarray]:
+def pack_weight(w: np.ndarray, dot: Int8Dot) -> tuple[np.ndarray, np.ndarray]:
     """``w`` [N, K] int8 -> (packed [Np/lanes, Kp/reduce, lanes, reduce] int8, correction [Np] int32 =
     -shift * row sums)."""
     if w.dtype != np.int8 or w.ndim != 2:
@@ -109,7 +109,7 @@ class DenseEpilogue:
     store: Callable[[tirx.PrimExpr, tirx.Var, tirx.Var, list[tirx.Buffer]], tuple[list, tirx.PrimExpr]]
 
 
-def int8_dense(n: int, k: int, rows: int | None = None, dot: Int8Dot = VNNI_DOT,
+def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot,
                epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
     """The unscheduled kernel for an [N, K] weight; ``rows`` None makes the row count dynamic. Parameters:
     ``A [m, K]``, packed weight, correction, the epilogue's inputs and shape variables, the output
@@ -167,7 +167,7 @@ def int8_dense(n: int, k: int, rows: int | None = None, dot: Int8Dot = VNNI_DOT,
     return builder.get()
 
 
-def packed_rows(n: int, k: int, index_dtype: str = "int64", dot: Int8Dot = VNNI_DOT) -> tirx.PrimFunc:
+def packed_rows(n: int, k: int, index_dtype: str, dot: Int8Dot) -> tirx.PrimFunc:
     """Rows ``ids`` of an [N, K] weight read from its packed layout (an embedding lookup on the packed
     table); left to the default schedule."""
     np_, kp = padded(n, k, dot)
@@ -185,10 +185,10 @@ def packed_rows(n: int, k: int, index_dtype: str = "int64", dot: Int8Dot = VNNI_
                 vi, vj = T.axis.remap("SS", [i, j])
                 O[vi, vj] = w[T.Cast("int64", index[vi]) // L, vj // R, T.Cast("int64", index[vi]) % L, vj % R]
 
-    return gather
+    return gather.with_attr(KERNEL_ATTR, "int8_packed_rows")
 
 
-def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None = None, dot: Int8Dot = VNNI_DOT,
+def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None, dot: Int8Dot,
                         epilogue: bool = False) -> None:
     """Tile, tensorize with ``dot`` and parallelize the kernel of :func:`int8_dense` in ``sch``;
     ``tiles`` None samples the tile sizes (the tuning design space). With an ``epilogue`` the output loop
@@ -238,7 +238,7 @@ def tiles_from_trace(trace: s_tir.Trace) -> DenseTiles:
                       row_split=ROW_SPLITS[int(row_split)])
 
 
-def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, rows: int | None = None, dot: Int8Dot = VNNI_DOT,
+def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, dot: Int8Dot, rows: int | None = None,
                          epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
     """The kernel for an [N, K] weight (with ``epilogue``), scheduled with ``tiles`` and marked as scheduled."""
     np_, kp = padded(n, k, dot)
@@ -248,4 +248,14 @@ def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, rows: int | None = N
                          f"one of {ROW_SPLITS}, cols must divide {np_ // dot.lanes} and depth {kp // dot.reduce}")
     sch = s_tir.Schedule(int8_dense(n, k, rows, dot, epilogue))
     schedule_int8_dense(sch, tiles, dot, epilogue is not None)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    record = {"n": n, "k": k, "dot": dot.family, **tiles.to_dict()}
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, KERNEL_ATTR: "int8_dense", DENSE_ATTR: record})
+
+
+def dense_attrs(func: tirx.PrimFunc) -> tuple[int, int, DenseTiles, str] | None:
+    """``(n, k, tiles, dot family)`` of a kernel made by :func:`scheduled_int8_dense`, else None."""
+    record = func.attrs.get(DENSE_ATTR) if func.attrs is not None else None
+    if record is None:
+        return None
+    tiles = DenseTiles(*(int(record[f]) for f in ("rows", "cols", "depth", "row_split")))
+    return int(record["n"]), int(record["k"]), tiles, str(record["dot"])

@@ -124,7 +124,7 @@ def confirm(tasks: list[DenseTask], target: tvm.target.Target, database: TuningD
     for task in tasks:
         runner = CheckedRunner(task.dot)
         for tiles, _ in database.candidates(task, candidates):
-            kernel = scheduled_int8_dense(task.n, task.k, tiles, task.rows, task.dot)
+            kernel = scheduled_int8_dense(task.n, task.k, tiles, task.dot, task.rows)
             module = tvm.compile(tvm.IRModule({"main": kernel}), target=target).mod
             args = runner.checked_args(module, ((task.rows, task.k), (), (), (task.rows, task.n)))
             if args is None:

@@ -18,28 +18,34 @@ class TargetPreset:
     int8_dot: str | None = None  # the int8 dot-product intrinsic family of the tuned kernels, if any
 
 
+# The instruction sets of the x86-64 micro-architecture levels, as Linux's /proc/cpuinfo names them. Each x86
+# preset compiles for a level (LLVM's generic ``x86-64-vN`` CPU, plus ``mattr``) and requires exactly its flags.
+X86_64_V2 = ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")
+X86_64_V3 = (*X86_64_V2, "abm", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave")
+X86_64_V4 = (*X86_64_V3, "avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl")
+
 PRESETS: dict[str, TargetPreset] = {
     p.name: p
     for p in (
         TargetPreset(
             name="x86-vnni",
-            target={"kind": "llvm", "mcpu": "znver4"},
-            required_features=("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
-            description="x86-64 with AVX-512 VNNI (AMD Zen 4, Intel Ice Lake and newer)",
+            target={"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]},
+            required_features=(*X86_64_V4, "avx512_vnni"),
+            description="x86-64-v4 with AVX-512 VNNI (Intel Ice Lake / Sapphire Rapids and newer, AMD Zen 4 and newer)",
             int8_dot="vnni",
         ),
         TargetPreset(
             name="x86-avx512",
-            target={"kind": "llvm", "mcpu": "skylake-avx512"},
-            required_features=("avx512f", "avx512bw", "avx512vl"),
-            description="x86-64 with AVX-512 BW but no VNNI (Intel Skylake-SP, Cascade Lake without VNNI)",
+            target={"kind": "llvm", "mcpu": "x86-64-v4"},
+            required_features=X86_64_V4,
+            description="x86-64-v4: AVX-512 F/BW/CD/DQ/VL without VNNI (Intel Skylake-SP, Cascade Lake)",
             int8_dot="avx512bw",
         ),
         TargetPreset(
             name="x86-avx2",
-            target={"kind": "llvm", "mcpu": "haswell"},
-            required_features=("avx2", "fma"),
-            description="generic x86-64 with AVX2 and FMA (Haswell and newer)",
+            target={"kind": "llvm", "mcpu": "x86-64-v3"},
+            required_features=X86_64_V3,
+            description="x86-64-v3: AVX2, FMA, BMI1/2 (Intel Haswell, AMD Zen 1 and newer)",
             int8_dot="avx2",
         ),
     )

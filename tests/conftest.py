@@ -47,5 +47,5 @@ def tiny_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     from int8mt.compiler.build import build_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-x86"
-    build_bundle(tiny_model_dir, HOST_PRESET.name, out)
+    build_bundle(tiny_model_dir, HOST_PRESET, out)
     return out

@@ -31,6 +31,8 @@ def test_translate_arguments_and_stdin(tiny_bundle):
     assert len(args.stdout.splitlines()) == 2
     piped = subprocess.run(cmd, input="A dog.\nA cat.\n", capture_output=True, text=True, check=True)
     assert piped.stdout == args.stdout
+    mixed = [sys.executable, "-m", "int8mt", "translate", str(tiny_bundle), "A dog.", "--beam", "2", "A cat."]
+    assert subprocess.run(mixed, capture_output=True, text=True, check=True).stdout == args.stdout
 
 
 def test_translate_without_a_bundle_is_a_clear_error(tmp_path):

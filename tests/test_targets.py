@@ -1,15 +1,36 @@
 import pytest
+import tvm
+from tvm.target.codegen import llvm_get_cpu_features
 
 from int8mt.schedules.intrin import DOTS
-from int8mt.targets import PRESETS, get_preset, missing_features
+from int8mt.targets import AUTO, PRESETS, get_preset, missing_features
+
+# LLVM's names of the x86 instruction-set features a preset can require -> Linux's /proc/cpuinfo flags
+LLVM_TO_CPUINFO = {
+    "cx16": "cx16", "sahf": "lahf_lm", "popcnt": "popcnt", "sse3": "pni", "sse4.1": "sse4_1", "sse4.2": "sse4_2",
+    "ssse3": "ssse3", "lzcnt": "abm", "avx": "avx", "avx2": "avx2", "bmi": "bmi1", "bmi2": "bmi2", "f16c": "f16c",
+    "fma": "fma", "movbe": "movbe", "xsave": "xsave", "avx512f": "avx512f", "avx512bw": "avx512bw",
+    "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+    "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16", "avx512vbmi": "avx512vbmi", "gfni": "gfni",
+    "vaes": "vaes", "vpclmulqdq": "vpclmulqdq", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
+}
 
 
 def test_presets_are_cpu_targets_with_features():
     assert {"x86-vnni", "x86-avx512", "x86-avx2"} <= set(PRESETS)
-    assert get_preset("x86-vnni").target == {"kind": "llvm", "mcpu": "znver4"}
+    assert get_preset("x86-vnni").target == {"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}
     assert "avx512_vnni" in get_preset("x86-vnni").required_features
     assert [get_preset(name).int8_dot for name in ("x86-vnni", "x86-avx512", "x86-avx2")] == ["vnni", "avx512bw", "avx2"]
     assert all(p.int8_dot in DOTS for p in PRESETS.values() if p.int8_dot)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_required_features_are_exactly_what_the_target_compiles_for(name):
+    """The runtime checks ``required_features`` before it opens a bundle: they must be every instruction set
+    LLVM may use for the preset's target, no more and no fewer."""
+    preset = get_preset(name)
+    enabled = set(llvm_get_cpu_features(tvm.target.Target(preset.target)))
+    assert {flag for feature, flag in LLVM_TO_CPUINFO.items() if feature in enabled} == set(preset.required_features)
 
 
 def test_unknown_preset_lists_known_names():
@@ -19,9 +40,16 @@ def test_unknown_preset_lists_known_names():
 
 def test_missing_features():
     preset = get_preset("x86-vnni")
-    assert missing_features(preset, {"avx512f", "avx512bw", "avx512vl"}) == ["avx512_vnni"]
+    assert missing_features(preset, {"avx512f", "avx512bw", "avx512vl"})[-1] == "avx512_vnni"
     assert missing_features(preset, set(preset.required_features)) == []
 
 
-def test_auto_picks_a_preset_this_cpu_runs():
-    assert missing_features(get_preset("auto")) == []
+def test_auto_picks_the_first_preset_whose_features_the_cpu_has(monkeypatch):
+    from int8mt.targets import presets
+
+    for name, preset in PRESETS.items():
+        monkeypatch.setattr(presets, "host_features", lambda p=preset: set(p.required_features))
+        assert get_preset(AUTO).name == name  # the presets are listed from most to least capable
+    monkeypatch.setattr(presets, "host_features", lambda: {"sse2"})
+    with pytest.raises(ValueError, match="no target preset fits this CPU"):
+        get_preset(AUTO)

@@ -1,7 +1,13 @@
-"""int8mt's own Relax passes."""
-from .pack_int8_matmul import PackInt8Matmul
+"""int8mt's own Relax passes, in the order :mod:`int8mt.compiler.pipeline` applies them."""
+from .fold_dense_bias import FoldDenseBias
+from .fuse_dense_epilogue import FuseDenseEpilogue
+from .gather_packed_rows import GatherPackedRows
+from .int8_batch_matmul import Int8BatchMatmul
+from .keys_as_stored import ReadKeysAsStored
+from .pack_int8_dense import PackInt8Dense
 from .scale_propagation import ScalePropagation
 from .take_as_view import TakeAsView
 from .tap_int_matmuls import TapIntMatmuls
 
-__all__ = ["PackInt8Matmul", "ScalePropagation", "TakeAsView", "TapIntMatmuls"]
+__all__ = ["ScalePropagation", "TapIntMatmuls", "PackInt8Dense", "FoldDenseBias", "Int8BatchMatmul",
+           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "TakeAsView"]

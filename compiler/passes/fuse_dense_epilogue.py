@@ -1,6 +1,6 @@
-"""Dense epilogues: the elementwise ops after an int8 dense kernel, computed in its output loop.
+"""FuseDenseEpilogue: the elementwise ops after an int8 dense kernel, computed in its output loop.
 
-Run by :class:`.PackInt8Matmul` after it has placed the dense kernels. A linear layer's int32 result is
+Runs after :class:`.PackInt8Dense` (and :class:`.FoldDenseBias`) have placed the dense kernels. A linear layer's int32 result is
 followed by what Scale Propagation made of its consumer: a requantization to int8 (``astype(int64) *
 multiplier + rounding >> shift``, clip, ``astype(int8)``; a ReLU before it in the FFN), or a
 dequantization plus the residual (``astype(float32) * scale + x``), often through a reshape and
@@ -29,10 +29,10 @@ from tvm import ir, relax, tirx
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
-from int8mt.schedules.int8_dense import DenseEpilogue, DenseTiles, scheduled_int8_dense
-from int8mt.schedules.intrin import Int8Dot
+from int8mt.schedules.int8_dense import DenseEpilogue, dense_attrs, scheduled_int8_dense
+from int8mt.schedules.intrin import int8_dot
 
-DenseKernels = dict[ir.GlobalVar, tuple[int, int, DenseTiles]]  # kernel -> (n, k, tiles)
+from .kernel_calls import kernel_kind, shape_product
 
 _BINARY: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
     "relax.add": operator.add, "relax.subtract": operator.sub, "relax.multiply": operator.mul,
@@ -73,14 +73,6 @@ def _int(value: int) -> tirx.IntImm:
 
 def _is_one(dim: tirx.PrimExpr) -> bool:
     return isinstance(dim, tirx.IntImm) and int(dim) == 1
-
-
-def shape_product(dims: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-    """The product of (a non-empty list of) sizes."""
-    out = dims[0]
-    for d in dims[1:]:
-        out = out * d
-    return out
 
 
 def _scalar(expr: relax.Expr) -> float | int | None:
@@ -249,9 +241,8 @@ def _use_counts(func: relax.Function) -> dict[relax.Var, int]:
 class _EpilogueFuser(PyExprMutator):
     """Finds each function's chains (:meth:`run`), then rebinds each chain's output to the fused call."""
 
-    def __init__(self, mod: tvm.IRModule, dense_kernels: DenseKernels, dot: Int8Dot) -> None:
+    def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
-        self.dense_kernels, self.dot = dense_kernels, dot
         self.fused: list[tuple[tvm.tirx.PrimFunc, ir.GlobalVar]] = []
         self.chains: dict[relax.Var, tuple[relax.Call, EpilogueChain]] = {}  # chain output -> (dense call, chain)
 
@@ -265,7 +256,7 @@ class _EpilogueFuser(PyExprMutator):
             for binding in block.bindings:
                 call = binding.value
                 if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
-                        and call.args[0] in self.dense_kernels):
+                        and kernel_kind(self.builder_.get(), call.args[0]) == "int8_dense"):
                     continue
                 chain, current = EpilogueChain(list(binding.var.ty.shape)), binding.var
                 while (isinstance(current, relax.DataflowVar) and uses.get(current) == 1 and current in user
@@ -291,22 +282,25 @@ class _EpilogueFuser(PyExprMutator):
 
     def _kernel(self, dense: ir.GlobalVar, epilogue: DenseEpilogue) -> ir.GlobalVar:
         """The dense kernel ``dense`` with ``epilogue``, one per distinct function."""
-        n, k, tiles = self.dense_kernels[dense]
-        func = scheduled_int8_dense(n, k, tiles, dot=self.dot, epilogue=epilogue)
+        n, k, tiles, family = dense_attrs(self.builder_.get()[dense])
+        func = scheduled_int8_dense(n, k, tiles, int8_dot(family), epilogue=epilogue)
         for seen, gv in self.fused:
             if tvm_ffi.structural_equal(seen, func):
                 return gv
         name = f"{dense.name_hint}_to_{epilogue.out_dtype}_{len(self.fused)}"
-        gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+        gv = self.builder_.add_func(func.without_attr("global_symbol"), name)
         self.fused.append((func, gv))
         return gv
 
 
-def fuse_dense_epilogues(mod: tvm.IRModule, dense_kernels: DenseKernels, dot: Int8Dot) -> tvm.IRModule:
-    """Every call of one of ``dense_kernels`` followed by a chain of elementwise ops -> one call of that
-    kernel with the chain as its epilogue, in every Relax function of ``mod``."""
-    fuser = _EpilogueFuser(mod, dense_kernels, dot)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            fuser.run(gv, func)
-    return relax.transform.DeadCodeElimination()(fuser.builder_.get())
+@tvm.transform.module_pass(opt_level=0, name="int8mt.FuseDenseEpilogue")
+class FuseDenseEpilogue:
+    """Every dense kernel call followed by a chain of elementwise ops -> one call of that kernel with the
+    chain as its epilogue, in every Relax function (see the module docstring)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        fuser = _EpilogueFuser(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                fuser.run(gv, func)
+        return relax.transform.DeadCodeElimination()(fuser.builder_.get())

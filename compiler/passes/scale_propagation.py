@@ -26,6 +26,14 @@ time constant: per tensor, or per channel for weights) or a Relax expression (ru
 
 Every rewritten binding keeps a float twin (``astype(q) * s``) for consumers that need floats; dead-code
 elimination afterwards removes the twins nobody uses, so dequantization remains only where needed.
+
+Contract. The pass handles symmetric int8 quantization as int8mt's importer emits it: ``quantize`` to
+``int8`` and ``dequantize`` of ``int8``, each with a constant zero point of 0 and a constant scale (per
+tensor, or per channel along the op's axis). A ``quantize``/``dequantize`` outside that (a non-zero or
+run-time zero point, ``uint8``, ``int4``, ``int16``, ...) is *declined*: left as it is, so the graph stays
+correct and that value stays in float. With ``strict=True`` (the compile pipeline) such an op raises
+:class:`UnsupportedQuantization` instead, since a declined op silently costs integer matmuls. Which op
+each rule handles is the table :data:`RULES`.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
@@ -43,6 +52,18 @@ from int8mt.quant.int_softmax import BIAS_FLOOR, NORM_BITS, PROB_BITS, IntSoftma
 from int8mt.schedules.int_sqrt import isqrt_kernel
 
 Scale = np.ndarray | relax.Expr  # a constant scale, or a run-time one
+
+QUANT_DTYPE = "int8"  # the only quantized dtype the rules handle (see the contract above)
+INT8_MAX, INT8_MIN = 127, -128
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+BIAS_LIMIT = 2 ** 30  # a folded int32 bias larger than this could overflow the accumulator: kept in float
+INT64_GRID_LIMIT = 2 ** 62  # the clip of terms requantized onto the int64 layer-norm grid
+
+
+@tvm_ffi.register_error
+class UnsupportedQuantization(ValueError):
+    """A quantize/dequantize outside the pass's contract (strict mode); registered with TVM's FFI so that it
+    reaches the caller of the pass as itself."""
 
 
 @dataclass(frozen=True)
@@ -118,26 +139,30 @@ def _is_scalar(scale: Scale) -> bool:
 
 @expr_functor.mutator
 class _Propagator(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, integer_softmax: bool, integer_layer_norm: bool) -> None:
+    def __init__(self, mod: tvm.IRModule, integer_softmax: bool, integer_layer_norm: bool, strict: bool) -> None:
         super().__init__(mod)
-        self.integer_softmax, self.integer_layer_norm = integer_softmax, integer_layer_norm
+        self.integer_softmax, self.integer_layer_norm, self.strict = integer_softmax, integer_layer_norm, strict
         self.isqrt: ir.GlobalVar | None = None
         self.info: dict[relax.Var, QTensor | _Cast | _Biased | _Requantized] = {}
         self.params: set[relax.Var] = set()  # the parameters of the function being rewritten
+        self.made: dict[str, list[relax.Var]] = {kind: [] for kind in REWRITES}  # what the rules emitted
 
     # -- plumbing ------------------------------------------------------------------------------
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         call = binding.value
         if isinstance(call, relax.Call) and isinstance(call.op, ir.Op):
-            rule = getattr(self, "_" + call.op.name.replace("relax.", "").replace(".", "_"), None)
+            rule = RULES.get(call.op.name)
             if rule is not None:
                 args = [self.visit_expr(a) for a in call.args]
-                result = rule(call, args, binding.var)
+                result = getattr(self, rule)(call, args, binding.var)
                 if result is not None:
                     expr, info = result
-                    # a rule may return an existing integer tensor (a requantization that is the identity)
-                    aliased = isinstance(expr, relax.Var) and expr not in self.info
-                    new_var = expr if aliased else self.builder_.emit(expr, binding.var.name)
+                    if not isinstance(binding.var, relax.DataflowVar):  # the block's output stays one
+                        new_var = self.builder_.emit_output(expr, binding.var.name)
+                    elif isinstance(expr, relax.Var) and expr not in self.info:
+                        new_var = expr  # an existing integer tensor (a requantization that is the identity)
+                    else:
+                        new_var = self.builder_.emit(expr, binding.var.name)
                     self.set_var_remap(binding.var, new_var)
                     if info is not None:
                         self.info[new_var] = info
@@ -158,10 +183,10 @@ class _Propagator(PyExprMutator):
         """A bound on the magnitude of the integer tensor ``expr``, if one is known: int8 entry-point
         parameters (caches, see the module docstring) are within 127, a clip within its limits, a quantize of a
         symmetric clip within the clip over the scale, and
-        take/concat/reshape/permute_dims/strided_slice/broadcast_to/astype keep a bound."""
+        take/concat/reshape/permute_dims/strided_slice/broadcast_to/astype/max keep a bound."""
         if isinstance(expr, relax.Var):
             if expr in self.params:
-                return 127 if _dtype(expr) == "int8" else None
+                return INT8_MAX if _dtype(expr) == QUANT_DTYPE else None
             expr = self.lookup_binding(expr)
         if not isinstance(expr, relax.Call) or not isinstance(expr.op, ir.Op):
             return None
@@ -170,9 +195,9 @@ class _Propagator(PyExprMutator):
             return max(abs(int(v.value)) for v in expr.args[1:3])
         if name == "relax.quantize":  # of a symmetric float clip: at most round(clip / scale)
             clipped = self.lookup_binding(expr.args[0]) if isinstance(expr.args[0], relax.Var) else None
-            scale, zero = _const(expr.args[1]), _const(expr.args[2])
+            scale = _const(expr.args[1])
             if (isinstance(clipped, relax.Call) and clipped.op == ir.Op.get("relax.clip") and scale is not None
-                    and scale.size == 1 and zero is not None and not zero.any()):
+                    and scale.size == 1 and self._in_contract(expr, QUANT_DTYPE)):
                 limit = max(abs(float(v.value)) for v in clipped.args[1:3])
                 return int(np.floor(limit / float(scale.reshape(())) + 0.5))
             return None
@@ -180,7 +205,7 @@ class _Propagator(PyExprMutator):
             bounds = [self._int_bound(f) for f in expr.args[0].fields]
             return None if None in bounds else max(bounds)
         if name in ("relax.take", "relax.reshape", "relax.permute_dims", "relax.strided_slice",
-                    "relax.broadcast_to", "relax.astype"):
+                    "relax.broadcast_to", "relax.astype", "relax.max"):
             return self._int_bound(expr.args[0])
         return None
 
@@ -215,13 +240,29 @@ class _Propagator(PyExprMutator):
             mult = mult.reshape(-1)[:1].reshape(())
         x = relax.op.multiply(relax.op.astype(data, "int64"), relax.const(mult, "int64"))
         x = relax.op.add(x, relax.const(np.left_shift(np.int64(1), shift - 1), "int64"))
-        x = relax.op.right_shift(self._emit(x), relax.const(shift, "int64"))
-        return relax.op.astype(relax.op.clip(self._emit(x), lo, hi), dtype)
+        x = self._emit(relax.op.right_shift(self._emit(x), relax.const(shift, "int64")))
+        self.made["requantize"].append(x)
+        return relax.op.astype(relax.op.clip(x, lo, hi), dtype)
 
     # -- rules (name = relax op name) ----------------------------------------------------------
+    def _in_contract(self, call: relax.Call, dtype: str) -> bool:
+        """Whether a quantize/dequantize is symmetric (constant zero point 0) over ``int8`` (``dtype`` is its
+        integer side); outside the contract it is declined, or raises in strict mode."""
+        zero = _const(call.args[2])
+        problems = []
+        if dtype != QUANT_DTYPE:
+            problems.append(f"integer type {dtype} (only {QUANT_DTYPE} is handled)")
+        if zero is None or zero.any():
+            problems.append("a zero point that is not a constant 0 (only symmetric quantization is handled)")
+        if problems and self.strict:
+            raise UnsupportedQuantization(f"Scale Propagation cannot turn {call.op.name} with "
+                                          f"{' and '.join(problems)} into integer arithmetic; quantize "
+                                          "symmetrically to int8, or leave this matmul in FP32 (--keep-fp32)")
+        return not problems
+
     def _dequantize(self, call, args, var):
         scale = _const(args[1])
-        if scale is None:
+        if not self._in_contract(call, _dtype(args[0])) or scale is None:
             return None
         rank, axis = _ty(args[0]).ndim, int(call.attrs.axis)
         shape = [1] * rank
@@ -258,12 +299,14 @@ class _Propagator(PyExprMutator):
         return self._propagated(replace(qt, clip=hi))
 
     def _quantize(self, call, args, var):
+        if not self._in_contract(call, str(call.attrs.out_dtype)):
+            return None
         qt, target = self._qt(args[0]), _const(args[1])
         if qt is None or target is None or target.size != 1 or not isinstance(qt.scale, np.ndarray):
             return None
         target = float(target.reshape(()))
-        qmax = int(round(qt.clip / target)) if qt.clip is not None else 127
-        lo = -qmax if qt.clip is not None else -128
+        qmax = int(round(qt.clip / target)) if qt.clip is not None else INT8_MAX
+        lo = -qmax if qt.clip is not None else INT8_MIN
         first = qt.requantized
         if first is not None and float(np.ptp(qt.scale)) == 0.0:
             # a chain int -> int8 (scale s) -> int8 (target): one requantization from the first integer
@@ -271,16 +314,17 @@ class _Propagator(PyExprMutator):
             bound = min(qmax, int(np.floor(first.qmax * float(qt.scale.reshape(-1)[0]) / target + 1e-9)))
             lo, qmax, qt = max(lo, -bound), bound, first.source
         ratio = _expand(qt.scale, _ty(qt.data).ndim) / target
-        return self._rescale(qt.data, ratio, lo, qmax, "int8"), _Requantized(qt, qmax)
+        return self._rescale(qt.data, ratio, lo, qmax, QUANT_DTYPE), _Requantized(qt, qmax)
 
     def _matmul(self, call, args, var):
         a, b = self._qt(args[0]), self._qt(args[1])
-        if a is None or b is None or _dtype(a.data) != "int8" or _dtype(b.data) != "int8":
+        if a is None or b is None or _dtype(a.data) != QUANT_DTYPE or _dtype(b.data) != QUANT_DTYPE:
             return None
         ra, rb = _ty(a.data).ndim, _ty(b.data).ndim
         if rb < 2 or not (self._flat_along(a.scale, ra, -1) and self._flat_along(b.scale, rb, -2)):
             return None
         acc = self._emit(relax.op.matmul(a.data, b.data, out_dtype="int32"))
+        self.made["matmul_int"].append(acc)
         rank = _ty(var).ndim
         if isinstance(a.scale, np.ndarray) and isinstance(b.scale, np.ndarray):
             scale = _expand(a.scale, rank) * _expand(b.scale, rank)
@@ -311,7 +355,7 @@ class _Propagator(PyExprMutator):
                 if const.ndim > rank or _static_shape(var) != _static_shape(qt.data):
                     return None
                 bias = np.round(_expand(const, rank) / _expand(qt.scale, rank))
-                if np.abs(bias).max(initial=0) >= 2 ** 30:
+                if np.abs(bias).max(initial=0) >= BIAS_LIMIT:
                     return None
                 data = qt.data if _dtype(qt.data) == "int32" else self._emit(relax.op.astype(qt.data, "int32"))
                 out = self._emit(relax.op.add(data, relax.const(bias.astype(np.int32), "int32")))
@@ -324,8 +368,8 @@ class _Propagator(PyExprMutator):
         if not (_is_scalar(qa.scale) and _is_scalar(qb.scale)) or qa.clip is not None or qb.clip is not None:
             return None
         target = min(float(qa.scale.reshape(-1)[0]), float(qb.scale.reshape(-1)[0]))
-        lo, hi = -(2 ** 31), 2 ** 31 - 1
-        terms = [self._emit(self._rescale(q.data, q.scale.reshape(()) / target, lo, hi, "int32")) for q in (qa, qb)]
+        terms = [self._emit(self._rescale(q.data, q.scale.reshape(()) / target, INT32_MIN, INT32_MAX, "int32"))
+                 for q in (qa, qb)]
         out = self._emit(relax.op.add(*terms))
         return self._propagated(QTensor(out, np.array(target)))
 
@@ -356,6 +400,7 @@ class _Propagator(PyExprMutator):
         poly = self._emit(relax.op.add(relax.op.multiply(t, t), i64(sm.c)))
         e = self._emit(relax.op.right_shift(poly, relax.op.minimum(relax.op.add(z, i64(sm.shift)), i64(62))))
         recip = self._emit(relax.op.floor_divide(i64(1 << NORM_BITS), relax.op.sum(e, axis=[-1], keepdims=True)))
+        self.made["softmax_int"].append(recip)
         half = i64(1 << (NORM_BITS - PROB_BITS - 1))
         prob = relax.op.floor_divide(relax.op.add(relax.op.multiply(e, recip), half), i64(1 << (NORM_BITS - PROB_BITS)))
         prob = self._emit(relax.op.astype(self._emit(prob), "int32"))
@@ -378,7 +423,7 @@ class _Propagator(PyExprMutator):
                 terms.append(self._emit(relax.op.astype(self._emit(scaled), "int64")))
             elif isinstance(qt.scale, np.ndarray) and qt.clip is None:
                 ratio = _expand(qt.scale, _ty(qt.data).ndim) / iln.INPUT_SCALE
-                terms.append(self._emit(self._rescale(qt.data, ratio, -(2 ** 62), 2 ** 62, "int64")))
+                terms.append(self._emit(self._rescale(qt.data, ratio, -INT64_GRID_LIMIT, INT64_GRID_LIMIT, "int64")))
             else:
                 return None
         return self._propagated(QTensor(self._emit(relax.op.add(*terms)), np.array(iln.INPUT_SCALE)))
@@ -416,6 +461,7 @@ class _Propagator(PyExprMutator):
             rows = rows * d
         flat = self._emit(relax.op.reshape(value, [rows]))
         root = self._emit(relax.call_tir(self.isqrt, [flat], relax.TensorType([rows], "int64")))
+        self.made["layer_norm_int"].append(root)
         return self._emit(relax.op.reshape(root, shape))
 
     def _nn_relu(self, call, args, var):
@@ -424,12 +470,13 @@ class _Propagator(PyExprMutator):
             return None
         return self._propagated(QTensor(self._emit(relax.op.nn.relu(qt.data)), qt.scale))
 
-    def _max(self, call, args, var):
-        """A max reduction of an integer tensor with one scale is the max of its integers."""
+    def _on_integers(self, call, args, var):
+        """Ops that pick or reduce elements (``take``, ``strided_slice``, a ``max`` reduction) of an integer
+        tensor with one scale: the same op on its integers, the same scale."""
         qt = self._qt(args[0])
         if qt is None or qt.clip is not None or not _is_scalar(qt.scale):
             return None
-        data = self._emit(relax.Call(call.op, [qt.data], call.attrs))
+        data = self._emit(relax.Call(call.op, [qt.data, *args[1:]], call.attrs))
         return self._propagated(QTensor(data, qt.scale.reshape(())))
 
     def _same_grid(self, args) -> tuple[list[relax.Expr], np.ndarray] | None:
@@ -535,20 +582,6 @@ class _Propagator(PyExprMutator):
             return self._propagated(QTensor(self._emit(relax.op.reshape(qt.data, shape)), scale))
         return None
 
-    def _take(self, call, args, var):
-        qt = self._qt(args[0])
-        if qt is None or qt.clip is not None or not _is_scalar(qt.scale):
-            return None
-        data = self._emit(relax.Call(call.op, [qt.data, args[1]], call.attrs))
-        return self._propagated(QTensor(data, qt.scale.reshape(())))
-
-    def _strided_slice(self, call, args, var):
-        qt = self._qt(args[0])
-        if qt is None or qt.clip is not None or not _is_scalar(qt.scale):
-            return None
-        data = self._emit(relax.Call(call.op, [qt.data, *args[1:]], call.attrs))
-        return self._propagated(QTensor(data, qt.scale.reshape(())))
-
     def _concat(self, call, args, var):
         fields = args[0].fields if isinstance(args[0], relax.Tuple) else None
         if fields is None:
@@ -563,22 +596,65 @@ class _Propagator(PyExprMutator):
         return self._propagated(QTensor(data, np.array(scales.pop())))
 
 
+# What the pass counts of its own work, per function, in the ``int8mt.rewrites`` attribute: integer matmuls,
+# requantizations (integer multiply, round, shift), integer softmaxes and integer layer norms.
+REWRITES = ("matmul_int", "requantize", "softmax_int", "layer_norm_int")
+REWRITES_ATTR = "int8mt.rewrites"
+
+# op -> the rule (a method of _Propagator) that rewrites it; ops not listed receive dequantized floats
+RULES: dict[str, str] = {
+    "relax.dequantize": "_dequantize",
+    "relax.quantize": "_quantize",
+    "relax.astype": "_astype",
+    "relax.multiply": "_multiply",
+    "relax.clip": "_clip",
+    "relax.matmul": "_matmul",
+    "relax.add": "_add",
+    "relax.nn.softmax": "_nn_softmax",
+    "relax.nn.layer_norm": "_nn_layer_norm",
+    "relax.nn.relu": "_nn_relu",
+    "relax.maximum": "_maximum",
+    "relax.where": "_where",
+    "relax.permute_dims": "_permute_dims",
+    "relax.broadcast_to": "_broadcast_to",
+    "relax.reshape": "_reshape",
+    "relax.concat": "_concat",
+    "relax.take": "_on_integers",
+    "relax.strided_slice": "_on_integers",
+    "relax.max": "_on_integers",
+}
+
+
 @tvm.transform.module_pass(opt_level=0, name="int8mt.ScalePropagation")
 class ScalePropagation:
     """Rewrite quantize/dequantize round trips into integer ops (see the module docstring), share equal ops
     (one quantize of a layer-norm output for Q, K and V when their scales are equal, as with calibrated or
     run-time ranges), then drop the float values no one uses. With ``integer_softmax``, softmaxes of integer
     scores with constant scales run in integers too (polynomial exp, integer normalisation); with
-    ``integer_layer_norm``, residual sums and the layer norms after them (integer square root)."""
+    ``integer_layer_norm``, residual sums and the layer norms after them (integer square root). Ops outside
+    the contract (module docstring) are declined, or raise :class:`UnsupportedQuantization` with ``strict``."""
 
-    def __init__(self, integer_softmax: bool = False, integer_layer_norm: bool = False) -> None:
-        self.integer_softmax, self.integer_layer_norm = integer_softmax, integer_layer_norm
+    def __init__(self, integer_softmax: bool = False, integer_layer_norm: bool = False, strict: bool = False) -> None:
+        self.integer_softmax, self.integer_layer_norm, self.strict = integer_softmax, integer_layer_norm, strict
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        propagator = _Propagator(mod, self.integer_softmax, self.integer_layer_norm)
+        propagator = _Propagator(mod, self.integer_softmax, self.integer_layer_norm, self.strict)
+        made = {}
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 propagator.params = set(func.params)
+                propagator.made = {kind: [] for kind in REWRITES}
                 propagator.builder_.update_func(gv, propagator.visit_expr(func))
+                made[gv] = propagator.made
         shared = relax.transform.EliminateCommonSubexpr()(propagator.builder_.get())
-        return relax.transform.DeadCodeElimination()(shared)
+        out = relax.transform.DeadCodeElimination()(shared)
+        for gv, kinds in made.items():
+            kept = _computed_vars(out[gv])  # what common-subexpression and dead-code elimination left
+            out[gv] = out[gv].with_attr(REWRITES_ATTR, {k: sum(v in kept for v in vs) for k, vs in kinds.items()})
+        return out
+
+
+def _computed_vars(func: relax.Function) -> set[relax.Var]:
+    """The variables ``func`` binds to a computation (not to another variable)."""
+    return {b.var for block in func.body.blocks for b in block.bindings
+            if isinstance(b, relax.VarBinding) and not isinstance(b.value, relax.Var)}

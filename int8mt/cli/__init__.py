@@ -23,12 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         import_module(f"{__name__}.{name.replace('-', '_')}").register(sub)
-    args, extra = parser.parse_known_args(argv)
-    # argparse assigns trailing positionals (text after options) to nothing; they belong to `text`.
-    if extra and isinstance(getattr(args, "text", None), list) and not any(e.startswith("-") for e in extra):
-        args.text += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in sub.choices:
+        parser.parse_args(argv)  # --help, --version, or the error naming the valid commands
+    # options and positionals in any order (`translate B --beam 4 "text"`): each command's own parser, intermixed
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0]))
     try:
         return int(args.run(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as err:

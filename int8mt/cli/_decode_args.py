@@ -19,11 +19,7 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def make_translator(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> "Translator":
-    from ..runtime.search import SearchOptions
     from ..runtime.translator import Translator
 
-    opts = SearchOptions(
-        beam_size=decode_cfg.beam_size if args.beam is None else args.beam,
-        length_penalty=decode_cfg.length_penalty if args.length_penalty is None else args.length_penalty,
-        max_length_a=decode_cfg.max_length_a, max_length_b=decode_cfg.max_length_b)
+    opts = decode_cfg.search_options(beam_size=args.beam, length_penalty=args.length_penalty)
     return Translator(args.bundle, opts, decode_cfg.batch_size if args.batch_size is None else args.batch_size)

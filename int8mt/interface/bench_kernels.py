@@ -131,7 +131,7 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) ->
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
     task = DenseTask(n, k, row_bucket(rows), family)
     tiles, tuned_tiles = chosen_tiles(database, task)
-    tuned = tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, tiles, rows, task.dot)}), target=target).mod
+    tuned = tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, tiles, task.dot, rows)}), target=target).mod
     packed, correction = pack_weight(w, task.dot)
     out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
     tuned_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(packed), tvm.runtime.tensor(correction), out]

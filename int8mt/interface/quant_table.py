@@ -25,6 +25,7 @@ class QuantRow:
 def quant_table(model_dir: Path, data_dir: Path, target: str, build_dir: Path, sources: list[str],
                 references: list[str], bits: tuple[int, ...] = (8, 6), beam_size: int = 4) -> list[QuantRow]:
     from int8mt.compiler.build import build_bundle
+    from int8mt.targets import get_preset
     from int8mt.runtime.search import SearchOptions
     from int8mt.runtime.translator import Translator
 
@@ -36,7 +37,7 @@ def quant_table(model_dir: Path, data_dir: Path, target: str, build_dir: Path, s
         name = "fp32" if qcfg is None else f"{qcfg.name}-{qcfg.ranges}"
         print(f"== {name}", file=sys.stderr)
         out = build_dir / name
-        manifest = build_bundle(model_dir, target, out, qcfg=qcfg, data_dir=data_dir)
+        manifest = build_bundle(model_dir, get_preset(target), out, qcfg=qcfg, data_dir=data_dir)
         result, _ = evaluate(Translator(out, SearchOptions(beam_size=beam_size)), sources, references)
         so_mb = (out / "model.so").stat().st_size / 1e6
         base = rows[0] if rows else None

@@ -26,30 +26,29 @@ class TuneArgs:
     bench_shapes: bool = False  # also tune every shape of `int8mt bench kernels`
 
 
-def dense_tasks(source: Path, family: str) -> list[DenseTask]:
-    """The int8 linear kernels of a bundle (from its build report) or of a model directory (imported,
-    quantized with run-time ranges, which give the same shapes as any other range method), as tasks of the
-    dot-product ``family``."""
-    source = Path(source)
+def dense_tasks(source: Path, preset: TargetPreset) -> list[DenseTask]:
+    """The int8 linear kernels of a bundle (from its build report) or of a model directory (through the
+    compile pipeline's first phases, quantized with run-time ranges, which give the same shapes as any
+    other range method), as tasks of ``preset``'s dot product."""
+    source, family = Path(source), preset.int8_dot
     if (source / MANIFEST_FILE).is_file():
         report = json.loads((source / REPORT_FILE).read_text()) if (source / REPORT_FILE).is_file() else {}
         if "kernels" not in report:
             raise ValueError(f"bundle {source} has no int8 kernels to tune; compile it with --quant int8 for a "
                              "preset with an int8 dot product (int8mt targets), or pass the model directory")
         return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family) for k in report["kernels"]})
-    from int8mt.compiler.frontend import export_to_relax
-    from int8mt.compiler.passes import PackInt8Matmul, ScalePropagation
-    from int8mt.compiler.quant_import import quant_convert_map
+    from int8mt.compiler.pipeline import CompileOptions, import_model, integer_graph
+    from int8mt.compiler.quant_report import dense_kernel_report
     from int8mt.quant.checkpoint import quantized_model
     from int8mt.quant.config import QuantConfig
     from int8mt.schedules.database import TileChooser
-    from int8mt.schedules.intrin import int8_dot
 
     print(f"extracting int8 kernels of {source}", file=sys.stderr)
     model = quantized_model(source, QuantConfig(ranges="runtime"), None)
-    chooser = TileChooser(None, family)
-    PackInt8Matmul(chooser, int8_dot(family))(ScalePropagation()(export_to_relax(model, convert_map=quant_convert_map)))
-    return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family) for k in chooser.kernels.values()})
+    options = CompileOptions(preset, QuantConfig(ranges="runtime"), TileChooser(None, family))
+    mod = integer_graph(import_model(model, options), options)
+    return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family)
+                   for k in dense_kernel_report(mod, options.tiles)})
 
 
 def tune(args: TuneArgs) -> list[dict]:
@@ -60,7 +59,7 @@ def tune(args: TuneArgs) -> list[dict]:
                          "`int8mt targets` lists the presets that have")
     if args.trials < 1 or args.budget_minutes <= 0:
         raise ValueError("--trials must be at least 1 and --budget-minutes positive")
-    tasks = dense_tasks(args.source, args.preset.int8_dot)
+    tasks = dense_tasks(args.source, args.preset)
     if args.bench_shapes:
         tasks = sorted(set(tasks) | set(bench_tasks(args.preset.int8_dot)))
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU

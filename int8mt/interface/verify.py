@@ -10,6 +10,66 @@ from pathlib import Path
 import numpy as np
 
 from int8mt.compiler.integer_check import MatmulCheck
+from int8mt.quant.config import QuantConfig
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    model_dir: Path
+    target: str  # a preset this CPU runs
+    quant: QuantConfig
+    data_dir: Path  # test_2016_flickr sentences come from here (and calibration's, for calibrated ranges)
+    sentences: int = 8
+    steps: int = 4
+    database: Path | None = None
+    calib_sentences: int = 512
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    checks: list[MatmulCheck]
+    rows: list["VerifyRow"]
+    meta: dict
+    mismatch: str | None = None  # the graphs do not line up (a bug to report)
+
+
+def verify(request: VerifyRequest) -> VerifyResult:
+    """Compile the quantized model with every integer matmul tapped and compare each with the NumPy integer
+    reference on one batch of test sentences (encode, then ``steps`` decoder steps)."""
+    from int8mt.compiler.integer_check import GraphMismatch, check_integer_graph, compile_tapped
+    from int8mt.compiler.pipeline import tile_chooser
+    from int8mt.data import read_parallel
+    from int8mt.model.checkpoint import TOKENIZER_FILE, check_model_dir
+    from int8mt.quant.checkpoint import quantized_model
+    from int8mt.targets import get_preset, missing_features
+    from int8mt.tokenizer import Tokenizer
+
+    preset = get_preset(request.target)
+    if missing_features(preset):
+        raise ValueError(f"this CPU cannot run {preset.name} code (it lacks {', '.join(missing_features(preset))}); "
+                         "verify runs what it compiles: pick a preset with `int8mt targets`")
+    if request.sentences < 1 or request.steps < 1:
+        raise ValueError("--sentences and --steps must be at least 1")
+    check_model_dir(request.model_dir)
+    qcfg = request.quant
+    model = quantized_model(request.model_dir, qcfg, request.data_dir, calib_sentences=request.calib_sentences)
+    sources, targets = read_parallel(request.data_dir, "test_2016_flickr", request.src_lang, request.tgt_lang)
+    c = model.cfg
+    src, tokens = inputs(sources[:request.sentences], targets[:request.sentences],
+                         Tokenizer(Path(request.model_dir) / TOKENIZER_FILE), c.decoder_start_id, c.pad_id,
+                         request.steps)
+    tiles = tile_chooser(preset, request.database) if preset.int8_dot is not None else None
+    vm = compile_tapped(model, preset, tiles, qcfg)
+    meta = {"model": str(request.model_dir), "target": preset.name, "scheme": qcfg.name, "ranges": qcfg.ranges,
+            "integer_softmax": qcfg.integer_softmax, "integer_layer_norm": qcfg.integer_layer_norm,
+            "sentences": len(src), "steps": request.steps}
+    try:
+        checks = check_integer_graph(model, vm, src, tokens, qcfg)
+    except GraphMismatch as err:
+        return VerifyResult([], [], meta, str(err))
+    return VerifyResult(checks, summarize(checks), meta)
 
 
 @dataclass(frozen=True)

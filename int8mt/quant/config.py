@@ -5,6 +5,15 @@ from dataclasses import dataclass, field
 
 RANGE_METHODS = ("calibrate", "learned", "runtime")
 CALIBRATION_METHODS = ("max", "percentile", "mse")
+SCHEMES = {"fp32": None, "int8": 8, "int6": 6}  # `--quant` names -> bits (None: not quantized)
+
+
+def scheme_bits(scheme: str) -> int | None:
+    """The bit width of the scheme ``scheme`` (a ``--quant`` value); None for FP32."""
+    try:
+        return SCHEMES[scheme]
+    except KeyError:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}") from None
 
 
 @dataclass(frozen=True)
@@ -13,7 +22,7 @@ class QuantConfig:
     ``learned``) or per row at run time (``runtime``)."""
 
     bits: int = 8
-    ranges: str = "calibrate"
+    ranges: str = "learned"            # calibrate | learned (needs MODEL/qat-int<bits>/) | runtime
     calibration: str = "mse"           # max | percentile | mse (for ranges=calibrate)
     percentile: float = 99.99
     keep_fp32: tuple[str, ...] = field(default=())   # fnmatch patterns of matmul names left in FP32

@@ -12,9 +12,12 @@ from int8mt.tokenizer import Tokenizer
 from .bundle import Bundle
 from .search import SearchOptions, beam_search
 
+DEFAULT_BATCH_SIZE = 32  # sentences per call of the compiled entry points
+
 
 class Translator:
-    def __init__(self, bundle_dir: Path | str, options: SearchOptions = SearchOptions(), batch_size: int = 32) -> None:
+    def __init__(self, bundle_dir: Path | str, options: SearchOptions = SearchOptions(),
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.bundle = Bundle(bundle_dir)

@@ -6,7 +6,7 @@ import tvm
 from tvm import relax
 
 from int8mt.compiler.frontend import export_to_relax
-from int8mt.compiler.pipeline import int8mt_pipeline
+from int8mt.compiler.pipeline import relax_pipeline
 
 from ..conftest import HOST_PRESET
 
@@ -17,7 +17,7 @@ TARGET = tvm.target.Target(HOST_PRESET.target)
 def vm(tiny_model):
     mod = export_to_relax(tiny_model)
     assert {gv.name_hint for gv in mod.get_global_vars()} == {"encode", "decode_step", "reorder_cache", "top_candidates"}
-    return relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    return relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
 
 
 def _src(batch: int, length: int, seed: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ def reference_bundle(tmp_path_factory):
     from int8mt.compiler.build import build_bundle
 
     out = tmp_path_factory.mktemp("reference") / "ende-x86"
-    build_bundle(MODEL_DIR, HOST_PRESET.name, out)
+    build_bundle(MODEL_DIR, HOST_PRESET, out)
     return out
 
 

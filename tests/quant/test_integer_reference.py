@@ -8,11 +8,10 @@ import tvm
 from tvm import relax
 
 from int8mt.cli import main
-from int8mt.compiler.build import lower_integer_graph, tile_chooser
 from int8mt.compiler.frontend import export_to_relax
 from int8mt.compiler.integer_check import check_integer_graph, compile_tapped
 from int8mt.compiler.passes import ScalePropagation
-from int8mt.compiler.pipeline import int8mt_pipeline
+from int8mt.compiler.pipeline import CompileOptions, integer_graph, relax_pipeline, tile_chooser
 from int8mt.compiler.quant_import import quant_convert_map
 from int8mt.quant.checkpoint import quantized_model
 from int8mt.quant.config import QuantConfig
@@ -59,7 +58,7 @@ def test_every_matmul_matches_the_integer_reference(qcfg, tiny_model_dir):
 
 def _vm(mod: tvm.IRModule) -> relax.VirtualMachine:
     target = tvm.target.Target(HOST_PRESET.target)
-    return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+    return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
 
 
 def _decode(vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray, dtype: str) -> np.ndarray:
@@ -80,7 +79,7 @@ def test_graph_before_the_pass_agrees_with_the_graph_after_it(ranges, tiny_model
     assert dtype == ("float32" if ranges == "runtime" else "int8")  # static scales: int8 caches
     imported = export_to_relax(model, convert_map=quant_convert_map)
     before = _decode(_vm(imported), *_inputs(), dtype)  # quantize/dequantize round trips, float matmuls
-    integer = lower_integer_graph(ScalePropagation()(imported), HOST_PRESET, tile_chooser(HOST_PRESET, None))
+    integer = integer_graph(imported, CompileOptions(HOST_PRESET, QuantConfig(ranges=ranges)))
     after = _decode(_vm(integer), *_inputs(), dtype)
     # float requantization (round half to even) against integer multiply-shift (half up), and biases
     # rounded onto the accumulator's grid: a step here and there, a small fraction of the range

@@ -69,7 +69,7 @@ def test_observer_clip_methods(method):
 
 def test_calibration_sets_scales_from_data():
     model = _tiny()
-    qcfg = QuantConfig(calibration="max")
+    qcfg = QuantConfig(ranges="calibrate", calibration="max")
     prepare(model, qcfg)
     tok = Tokenizer(MODEL_DIR / "spm.model")
     src = (DATA_DIR / "train.en").read_text().splitlines()[:16]

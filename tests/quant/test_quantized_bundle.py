@@ -22,7 +22,7 @@ def quantized(request, tiny_model_dir, tmp_path_factory):
 
     qcfg = QuantConfig(ranges=request.param)
     out = tmp_path_factory.mktemp("qbundles") / request.param
-    build_bundle(tiny_model_dir, HOST_PRESET.name, out, qcfg=qcfg, data_dir=DATA_DIR, calib_sentences=32)
+    build_bundle(tiny_model_dir, HOST_PRESET, out, qcfg=qcfg, data_dir=DATA_DIR, calib_sentences=32)
     torch.manual_seed(0)
     model = quantized_model(tiny_model_dir, qcfg, DATA_DIR, calib_sentences=32)
     return out, model
@@ -91,7 +91,7 @@ def test_other_int8_presets_compute_what_the_host_preset_computes(preset, quanti
     out, _ = quantized
     if out.name != "runtime":
         pytest.skip("one range method is enough to compare kernels")
-    build_bundle(tiny_model_dir, preset.name, tmp_path / "b", qcfg=QuantConfig(ranges="runtime"))
+    build_bundle(tiny_model_dir, preset, tmp_path / "b", qcfg=QuantConfig(ranges="runtime"))
     kernels = json.loads((tmp_path / "b" / "report.json").read_text())["kernels"]
     assert len(kernels) == 7 and {k["dot"] for k in kernels} == {preset.int8_dot}
     results = []

@@ -94,10 +94,23 @@ def test_corrupt_library_is_caught_before_loading(bundle_copy):
         Bundle(bundle_copy)
 
 
-def test_truncated_tokenizer(bundle_copy):
+def test_tokenizer_with_a_wrong_checksum(bundle_copy):
     (bundle_copy / "spm.model").write_bytes(b"garbage")
     with pytest.raises(BundleError, match="spm.model"):
         Bundle(bundle_copy)
+
+
+def test_tokenizer_that_is_not_a_sentencepiece_model(bundle_copy):
+    """A damaged tokenizer whose checksum matches (the manifest rewritten with it) fails where it is loaded."""
+    from int8mt.runtime.bundle import sha256
+    from int8mt.runtime.translator import Translator
+
+    (bundle_copy / "spm.model").write_bytes(b"garbage")
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["files"]["spm.model"] = sha256(bundle_copy / "spm.model")
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="spm.model is not a valid SentencePiece model"):
+        Translator(bundle_copy)
 
 
 def test_cpu_without_required_features(bundle_copy, monkeypatch):

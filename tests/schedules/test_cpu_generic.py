@@ -6,12 +6,14 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.script import relax as R
 
-from int8mt.compiler.pipeline import int8mt_pipeline
-from int8mt.schedules.cpu_generic import CPUGeneric
+from int8mt.compiler.pipeline import relax_pipeline
+from int8mt.schedules.cpu_generic import CPUGeneric, register_bytes
+from int8mt.targets import get_preset
 
 from ..conftest import HOST_PRESET
 
 TARGET = tvm.target.Target(HOST_PRESET.target)
+REGISTER = register_bytes(TARGET)  # int8 lanes of a vector register; float32 lanes are a quarter
 
 
 @tvm.script.ir_module
@@ -68,7 +70,7 @@ def test_skips_non_cpu_targets():
 
 @pytest.mark.parametrize("n,s", [(1, 1), (5, 7), (33, 20)])
 def test_scheduled_kernels_match_numpy(n, s):
-    vm = relax.VirtualMachine(tvm.compile(Kernels, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(Kernels, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
     rng = np.random.default_rng(n)
     x, w, b = (rng.standard_normal(shape).astype("float32") for shape in ((n, 64), (64, 48), (48,)))
     q, k = rng.standard_normal((n, 4, 1, 16)).astype("float32"), rng.standard_normal((n, 4, 16, s)).astype("float32")
@@ -96,8 +98,8 @@ def test_row_reductions_keep_vector_partial_sums():
     func = next(f for f in tvm.transform.Sequential(cpu.legalize_passes(TARGET))(RowReductions).functions.values()
                 if isinstance(f, tvm.tirx.PrimFunc))
     script = CPUGeneric().apply(func, TARGET, False).mod.script()
-    assert script.count("_rf_update") == 2 and script.count("T.vectorized(T.int64(16))") >= 4
-    vm = relax.VirtualMachine(tvm.compile(RowReductions, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    assert script.count("_rf_update") == 2 and script.count(f"T.vectorized(T.int64({REGISTER // 4}))") >= 4
+    vm = relax.VirtualMachine(tvm.compile(RowReductions, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
     rng = np.random.default_rng(0)
     g, b = rng.standard_normal(256).astype("float32"), rng.standard_normal(256).astype("float32")
     for shape in ((1, 1, 256), (3, 5, 256), (32, 17, 256)):
@@ -105,6 +107,17 @@ def test_row_reductions_keep_vector_partial_sums():
         mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
         got = vm["main"](*(tvm.runtime.tensor(a) for a in (x, g, b))).numpy()
         np.testing.assert_allclose(got, (x - mean) / np.sqrt(var + 1e-5) * g + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,lanes", [("x86-vnni", 16), ("x86-avx512", 16), ("x86-avx2", 8)])
+def test_vector_width_follows_the_target(preset, lanes):
+    """Scheduling (no execution) for each preset: float32 partial sums as wide as its vector registers."""
+    target = tvm.target.Target(get_preset(preset).target)
+    func = next(f for f in tvm.transform.Sequential(cpu.legalize_passes(target))(RowReductions).functions.values()
+                if isinstance(f, tvm.tirx.PrimFunc))
+    script = CPUGeneric().apply(func, target, False).mod.script()
+    assert register_bytes(target) == 4 * lanes and f"T.vectorized(T.int64({lanes}))" in script
+    assert not any(f"T.vectorized(T.int64({w}))" in script for w in (4, 8, 16, 32) if w != lanes)
 
 
 def test_copies_move_whole_registers_and_decompose_indices_per_chunk():
@@ -115,8 +128,8 @@ def test_copies_move_whole_registers_and_decompose_indices_per_chunk():
     sch = CPUGeneric().apply(func, TARGET, False)
     loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("T_concat"))]
     assert loops[0].kind == tvm.tirx.ForKind.PARALLEL and loops[-1].kind == tvm.tirx.ForKind.VECTORIZED
-    assert int(loops[-1].extent) == 64 and int(loops[1].extent) == 8  # ROW_CHUNK rows, serial
-    vm = relax.VirtualMachine(tvm.compile(CacheGrowth, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    assert int(loops[-1].extent) == REGISTER and int(loops[1].extent) == 8  # ROW_CHUNK rows, serial
+    vm = relax.VirtualMachine(tvm.compile(CacheGrowth, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
     rng = np.random.default_rng(1)
     for n, s in ((1, 0), (2, 5), (3, 17)):
         cache = rng.integers(-128, 128, (n, 4, s, 64), dtype=np.int8)

@@ -15,14 +15,14 @@ from ..conftest import INT8_PRESETS
 
 def test_pack_weight_layout_and_correction():
     w = np.random.default_rng(0).integers(-128, 128, (20, 6), dtype=np.int8)
-    packed, correction = pack_weight(w)
+    packed, correction = pack_weight(w, DOTS["vnni"])
     assert packed.shape == (2, 2, 16, 4) and correction.shape == (32,)
     for n, k in [(0, 0), (17, 5), (19, 3), (3, 4)]:
         assert packed[n // 16, k // 4, n % 16, k % 4] == w[n, k]
     assert not packed[1, :, 4:, :].any() and not packed[:, 1, :, 2:].any()  # zero padding
     np.testing.assert_array_equal(correction[:20], -128 * w.astype(np.int32).sum(1))
     with pytest.raises(ValueError, match="2-D int8"):
-        pack_weight(w.astype(np.int16))
+        pack_weight(w.astype(np.int16), DOTS["vnni"])
 
 
 def test_pack_weight_for_the_int16_families():
@@ -38,11 +38,11 @@ def test_pack_weight_for_the_int16_families():
 
 def test_tiles_that_do_not_divide_the_weight_are_rejected():
     with pytest.raises(ValueError, match="cols must divide 4"):
-        scheduled_int8_dense(64, 32, DenseTiles(rows=4, cols=3, depth=1))
+        scheduled_int8_dense(64, 32, DenseTiles(rows=4, cols=3, depth=1), DOTS["vnni"])
     with pytest.raises(ValueError, match="rows must be one of"):
-        scheduled_int8_dense(64, 32, DenseTiles(rows=5, cols=1, depth=1))
+        scheduled_int8_dense(64, 32, DenseTiles(rows=5, cols=1, depth=1), DOTS["vnni"])
     with pytest.raises(ValueError, match="row_split one of"):
-        scheduled_int8_dense(64, 32, DenseTiles(rows=4, cols=1, depth=1, row_split=3))
+        scheduled_int8_dense(64, 32, DenseTiles(rows=4, cols=1, depth=1, row_split=3), DOTS["vnni"])
 
 
 @pytest.mark.parametrize("family", list(DOTS))
@@ -67,7 +67,7 @@ def test_kernel_equals_numpy_for_any_row_count(n, k, tiles, preset):
     rng = np.random.default_rng(n + k)
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
     packed, correction = pack_weight(w, dot)
-    kernel = scheduled_int8_dense(n, k, tiles or default_tiles(n, k, dot), dot=dot)
+    kernel = scheduled_int8_dense(n, k, tiles or default_tiles(n, k, dot), dot)
     module = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(preset.target)).mod
     for rows in (1, 3, 8, 9, 25, 37):
         a = rng.integers(-128, 128, (rows, k), dtype=np.int8)

@@ -10,11 +10,12 @@ from int8mt.cli import main
 from int8mt.schedules.database import (BENCH_MODELS, ROW_BUCKETS, DenseTask, TileChooser, TuningDatabase, linear_shapes,
                                        row_bucket, shipped_database)
 from int8mt.schedules.int8_dense import default_tiles
+from int8mt.schedules.intrin import int8_dot
 from int8mt.targets import get_preset, missing_features
 
 from ..conftest import HOST_PRESET, VNNI, needs_vnni
 
-TASKS = [DenseTask(64, 32, 32), DenseTask(128, 64, 640)]
+TASKS = [DenseTask(64, 32, 32, "vnni"), DenseTask(128, 64, 640, "vnni")]
 
 
 def test_missing_database_is_a_clear_error(tmp_path):
@@ -23,11 +24,10 @@ def test_missing_database_is_a_clear_error(tmp_path):
 
 
 def test_untuned_kernels_get_default_tiles(tmp_path):
-    chooser = TileChooser(TuningDatabase(tmp_path, create=True))
-    assert chooser(64, 32, "decode_step") == default_tiles(64, 32)
-    assert list(chooser.kernels.values()) == [{"function": "decode_step", "n": 64, "k": 32, "rows_tuned_for": 32,
-                                               "tiles": default_tiles(64, 32).to_dict(), "tuned": False,
-                                               "dot": "vnni", "block": [16, 4]}]
+    chooser = TileChooser(TuningDatabase(tmp_path, create=True), "vnni")
+    assert chooser(64, 32, "decode_step") == default_tiles(64, 32, int8_dot("vnni"))
+    choice = chooser.choice(64, 32, "decode_step")
+    assert (choice.task, choice.tuned) == (DenseTask(64, 32, 32, "vnni"), False)
 
 
 def test_row_buckets():
@@ -50,9 +50,9 @@ def test_tune_resume_and_apply(tmp_path):
     assert len(database.records(TASKS[0])) == 12
     lines = (tmp_path / "db" / "database_tuning_record.json").read_text().splitlines()
     assert len(lines) == 24 and all(json.loads(line) for line in lines)
-    chooser = TileChooser(TuningDatabase(tmp_path / "db"))
+    chooser = TileChooser(TuningDatabase(tmp_path / "db"), "vnni")
     tiles, _ = database.best(TASKS[1])
-    assert chooser(128, 64, "encode") == tiles and chooser.kernels[(128, 64, "encode")]["tuned"]
+    assert chooser(128, 64, "encode") == tiles and chooser.choice(128, 64, "encode").tuned
 
 
 @pytest.mark.slow
@@ -69,7 +69,7 @@ def test_confirmation_rounds_record_a_winner_among_the_best(tmp_path):
     assert winners[TASKS[0]] in top
     reopened = TuningDatabase(tmp_path / "db")
     assert reopened.best(TASKS[0])[0] == winners[TASKS[0]]
-    assert TileChooser(reopened)(64, 32, "decode_step") == winners[TASKS[0]]
+    assert TileChooser(reopened, "vnni")(64, 32, "decode_step") == winners[TASKS[0]]
 
 
 def test_tune_and_bench_kernels_need_a_preset_with_int8_kernels(tmp_path, tiny_model_dir):

@@ -4,9 +4,9 @@ import tvm
 from tvm import relax
 
 from int8mt.compiler.passes import TakeAsView
-from int8mt.compiler.pipeline import int8mt_pipeline
+from int8mt.compiler.pipeline import relax_pipeline
 
-from ..conftest import HOST_PRESET
+from ...conftest import HOST_PRESET
 
 TARGET = tvm.target.Target(HOST_PRESET.target)
 
@@ -34,7 +34,7 @@ def test_slices_of_parameters_become_views_and_results_are_unchanged():
     mod = TakeAsView()(_cache_module())
     script = mod["main"].script()
     assert script.count("R.memory.view(") == 2 and script.count("R.take(") == 1  # the intermediate's stays
-    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
     rng = np.random.default_rng(0)
     for n, s in ((1, 0), (2, 3), (3, 9)):
         cache = rng.integers(-100, 100, (3, 2, n, 4, s, 8), dtype=np.int8)
@@ -42,3 +42,38 @@ def test_slices_of_parameters_become_views_and_results_are_unchanged():
         keys, other = vm["main"](tvm.runtime.tensor(cache), tvm.runtime.tensor(row))
         np.testing.assert_array_equal(keys.numpy(), np.concatenate([cache[1, 0], row], axis=2))
         np.testing.assert_array_equal(other.numpy(), cache[1] + 1)
+
+
+def test_structure_a_parameter_slice_is_a_view_an_intermediate_slice_a_take():
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+    from tvm.script import tirx as T
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(cache: R.Tensor((3, 2, "n", 8), "int8")):
+            with R.dataflow():
+                layer = R.take(cache, R.const(1, "int64"), axis=0)
+                plus = R.add(cache, R.const(1, "int8"))
+                other = R.take(plus, R.const(1, "int64"), axis=0)
+                gv = (layer, other)
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(cache: R.Tensor((3, 2, "n", 8), "int8")):
+            n = T.int64()
+            with R.dataflow():
+                dtype = R.null_value()
+                view = R.memory.view(cache, R.shape([2, n, 8]), dtype, R.prim_value(2 * n * 8))  # layer 1 at 2n8 B
+                layer = R.memory.ensure_zero_offset(view)
+                plus = R.add(cache, R.const(1, "int8"))
+                other = R.take(plus, R.const(1, "int64"), axis=0)
+                gv = (layer, other)
+                R.output(gv)
+            return gv
+
+    tvm.ir.assert_structural_equal(TakeAsView()(Before), Expected)

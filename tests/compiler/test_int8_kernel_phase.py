@@ -1,4 +1,4 @@
-"""PackInt8Matmul on small Relax graphs: linear layers with constant int8 weights become the packed int8
+"""The int8 kernel phase of the pipeline (``int8_kernel_passes``) on small Relax graphs: linear layers with constant int8 weights become the packed int8
 kernel (of each dot-product family), matmuls of two int8 activations (attention) the batched kernel, the
 compiled graphs equal the integer matmuls for dynamic sizes, and other matmuls stay."""
 import numpy as np
@@ -6,12 +6,20 @@ import pytest
 import tvm
 from tvm import relax
 
-from int8mt.compiler.passes import PackInt8Matmul
-from int8mt.compiler.pipeline import int8mt_pipeline
+from int8mt.compiler.pipeline import int8_kernel_passes, relax_pipeline
 from int8mt.schedules.int8_dense import DenseTiles, default_tiles
 from int8mt.schedules.intrin import int8_dot
 
 from ..conftest import INT8_PRESETS
+
+VNNI = "vnni"  # rewriting needs no VNNI CPU
+
+
+def _kernels(mod: tvm.IRModule, family: str, tiles_for=None) -> tvm.IRModule:
+    """Phase 2 on ``mod`` for the dot product ``family`` (default tiles unless ``tiles_for``)."""
+    dot = int8_dot(family)
+    passes = int8_kernel_passes(tiles_for or (lambda n, k, fn: default_tiles(n, k, dot)), family)
+    return tvm.transform.Sequential(passes)(mod)
 
 
 def _linear_module(w: np.ndarray, transposed: bool, rank: int = 2, layers: int = 1) -> tvm.IRModule:
@@ -77,17 +85,17 @@ def test_rewrites_linear_layers_only():
     w = np.random.default_rng(0).integers(-127, 128, (48, 20), dtype=np.int8)
     seen = []
     for transposed in (True, False):
-        packed = PackInt8Matmul(lambda n, k, fn: seen.append((n, k, fn)) or default_tiles(n, k))(
-            _linear_module(w, transposed))
+        packed = _kernels(_linear_module(w, transposed), VNNI,
+                          lambda n, k, fn: seen.append((n, k, fn)) or default_tiles(n, k, int8_dot(VNNI)))
         # the bias add is folded into the kernel's correction
         assert _count_calls(packed) == 1 and "R.matmul" not in packed.script() and "R.add" not in packed.script()
     assert seen == [(48, 20, "main")] * 2
-    attention = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_attention_module())
+    attention = _kernels(_attention_module(), VNNI)
     assert _count_calls(attention) == 0 and _count_calls(attention, "int8_batch_matmul") == 2
     assert "R.matmul" not in attention.script()
-    broadcasting = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_attention_module(keys_batch=1))
+    broadcasting = _kernels(_attention_module(keys_batch=1), VNNI)
     assert _count_calls(broadcasting, "int8_batch_matmul") == 1 and "R.matmul" in broadcasting.script()
-    one_query = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k))(_attention_module(queries=1))
+    one_query = _kernels(_attention_module(queries=1), VNNI)
     assert _count_calls(one_query, "int8_batch_matmul") == 0 and one_query.script().count("R.matmul") == 2
 
 
@@ -95,7 +103,7 @@ def test_rewrites_linear_layers_only():
 def test_one_query_attention_reads_the_keys_as_stored(preset):
     """The transposed key cache is not copied: the matmul reads K [b*4, s, 16] as stored (one NT kernel)."""
     mod = relax.transform.FuseTransposeMatmul()(
-        PackInt8Matmul(lambda n, k, fn: default_tiles(n, k), int8_dot(preset.int8_dot))(_one_query_module()))
+        _kernels(_one_query_module(), preset.int8_dot))
     assert "R.permute_dims" not in mod["main"].script() and mod.script().count("R.call_tir(cls.NT_matmul") == 1
     vm = _vm(mod, preset)
     rng = np.random.default_rng(4)
@@ -109,7 +117,7 @@ def test_one_query_attention_reads_the_keys_as_stored(preset):
 
 def _vm(mod: tvm.IRModule, preset) -> relax.VirtualMachine:
     target = tvm.target.Target(preset.target)
-    return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+    return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
 
 
 @pytest.mark.parametrize("preset", INT8_PRESETS)
@@ -119,7 +127,7 @@ def test_compiled_kernel_equals_integer_matmul(shape, tiles, rank, preset):
     rng = np.random.default_rng(1)
     w = rng.integers(-128, 128, shape, dtype=np.int8)
     dot = int8_dot(preset.int8_dot)
-    mod = PackInt8Matmul(lambda n, k, fn: tiles or default_tiles(n, k, dot), dot)(_linear_module(w, True, rank))
+    mod = _kernels(_linear_module(w, True, rank), preset.int8_dot, lambda n, k, fn: tiles or default_tiles(n, k, dot))
     vm = _vm(mod, preset)
     bias = np.arange(shape[0], dtype=np.int32)
     for lead in ([1], [13], [40]) if rank == 2 else ([1, 1], [3, 7], [2, 20]):
@@ -133,7 +141,7 @@ def test_several_kernels_in_one_module(preset):
     rng = np.random.default_rng(2)
     w = rng.integers(-128, 128, (64, 64), dtype=np.int8)
     dot = int8_dot(preset.int8_dot)
-    mod = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k, dot), dot)(_linear_module(w, True, 2, layers=2))
+    mod = _kernels(_linear_module(w, True, 2, layers=2), preset.int8_dot)
     assert _count_calls(mod) == 2
     vm = _vm(mod, preset)
     x = rng.integers(-128, 128, (5, 64), dtype=np.int8)
@@ -161,7 +169,7 @@ def test_tied_table_is_stored_once_and_gathered_from_its_packed_copy(preset):
     rng = np.random.default_rng(3)
     table = rng.integers(-128, 128, (40, 20), dtype=np.int8)  # padded to a multiple of the lanes when packed
     dot = int8_dot(preset.int8_dot)
-    mod = PackInt8Matmul(lambda n, k, fn: default_tiles(n, k, dot), dot)(_embedding_module(table))
+    mod = _kernels(_embedding_module(table), preset.int8_dot)
     text = mod.script(show_meta=False)
     assert "R.take" not in text and "int8_packed_rows" in text
     int8_constants = [c for c in _constants(mod) if c.dtype == np.int8]
@@ -187,7 +195,7 @@ def _constants(mod: tvm.IRModule) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("preset", INT8_PRESETS)
 def test_compiled_attention_equals_integer_matmuls(preset):
-    vm = _vm(PackInt8Matmul(lambda n, k, fn: default_tiles(n, k), int8_dot(preset.int8_dot))(_attention_module()),
+    vm = _vm(_kernels(_attention_module(), preset.int8_dot),
              preset)
     rng = np.random.default_rng(3)
     for b, t, s in [(2, 7, 7), (1, 1, 19), (3, 20, 4)]:

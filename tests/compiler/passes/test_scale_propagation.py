@@ -6,11 +6,11 @@ import tvm
 from tvm import relax
 
 from int8mt.compiler.passes import ScalePropagation
-from int8mt.compiler.pipeline import int8mt_pipeline
+from int8mt.compiler.pipeline import relax_pipeline
 from int8mt.compiler.quant_report import op_report
 from int8mt.quant import reference as ref
 
-from ..conftest import HOST_PRESET
+from ...conftest import HOST_PRESET
 
 TARGET = tvm.target.Target(HOST_PRESET.target)
 ZERO = relax.const(0, "int8")
@@ -54,7 +54,7 @@ def _function(build, inputs: dict[str, tuple]) -> tvm.IRModule:
 
 
 def _run(mod: tvm.IRModule, *args: np.ndarray) -> np.ndarray:
-    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
     return vm["main"](*(tvm.runtime.tensor(a) for a in args)).numpy()
 
 
@@ -93,7 +93,7 @@ def test_equal_scales_cancel_and_residual_adds_in_integers():
     report = op_report(mod)["total"]
     assert report.get("dequantize", 0) == 0 and report.get("quantize", 0) == 0
     a_q, b_q = (RNG.integers(-127, 128, (4, 16)).astype(np.int8) for _ in range(2))
-    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
     same, total = (t.numpy() for t in vm["main"](tvm.runtime.tensor(a_q), tvm.runtime.tensor(b_q)))
     np.testing.assert_array_equal(same, a_q)
     acc = a_q.astype(np.int32) * 4 + b_q.astype(np.int32)  # scale 0.025
@@ -122,7 +122,7 @@ def test_cache_requantized_to_its_own_scale_needs_no_clip():
     new_k = RNG.normal(0, 3, (4, 1, 8)).astype(np.float32)
     q_q = RNG.integers(-127, 128, (4, 1, 8)).astype(np.int8)
     wide = np.array([-128, 127, 300], np.int32)
-    vm = relax.VirtualMachine(tvm.compile(ScalePropagation()(mod), TARGET, relax_pipeline=int8mt_pipeline(TARGET)),
+    vm = relax.VirtualMachine(tvm.compile(ScalePropagation()(mod), TARGET, relax_pipeline=relax_pipeline(TARGET)),
                               tvm.cpu())
     scores, clipped = (t.numpy() for t in vm["main"](*(tvm.runtime.tensor(a) for a in (cache, new_k, q_q, wide))))
     row = np.clip(np.floor(new_k / np.float32(0.05) + 0.5), -127, 127).astype(np.int8)
@@ -201,7 +201,7 @@ def test_quantizers_of_one_input_with_equal_scales_are_shared():
     mod = ScalePropagation()(_function(build, {"x": ((5, 32), "float32")}))
     assert op_report(mod)["total"]["quantize"] == 2 and op_report(mod)["total"]["matmul_int"] == 3
     x = RNG.normal(0, 0.5, (5, 32)).astype(np.float32)
-    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
     for got, s, (w_q, w_scale, bias) in zip(vm["main"](tvm.runtime.tensor(x)), (0.02, 0.02, 0.03), fc):
         acc, scale = ref.linear(ref.quantize(x, s, 127), s, w_q, w_scale, bias)
         np.testing.assert_allclose(got.numpy(), acc * scale, rtol=1e-5, atol=1e-6)
@@ -312,8 +312,161 @@ def test_max_maximum_and_masking_keep_integers():
     assert report.get("dequantize", 0) == 0 and report.get("quantize", 0) == 0
     x_q = RNG.integers(-127, 128, (4, 6)).astype(np.int8)
     mask = np.array([[True, False, True, True, False, True]])
-    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=int8mt_pipeline(TARGET)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
     top, positive, masked = (t.numpy() for t in vm["main"](tvm.runtime.tensor(x_q), tvm.runtime.tensor(mask)))
     np.testing.assert_array_equal(top, x_q.max(-1, keepdims=True))
     np.testing.assert_array_equal(positive, np.maximum(x_q, 0))
     np.testing.assert_array_equal(masked, np.where(mask, x_q, 0))
+
+
+# -- structure: Before/Expected per rule, what must not fire, and the contract ---------------------------------
+from tvm.script import ir as I  # noqa: E402
+from tvm.script import relax as R  # noqa: E402
+
+from int8mt.compiler.passes.scale_propagation import (REWRITES, REWRITES_ATTR, RULES,  # noqa: E402
+                                                      UnsupportedQuantization)
+
+
+def _counted(**made: int) -> dict:
+    """The function attribute in which the pass counts what it made."""
+    return {REWRITES_ATTR: {kind: made.get(kind, 0) for kind in REWRITES}}
+
+
+def test_rule_requantizes_with_a_multiplier_and_shift():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(a: R.Tensor((4, 8), "int8")) -> R.Tensor((4, 8), "int8"):
+            with R.dataflow():
+                f = R.dequantize(a, R.const(0.5, "float32"), R.const(0, "int8"), axis=-1)
+                q = R.quantize(f, R.const(0.25, "float32"), R.const(0, "int8"), axis=-1, out_dtype="int8")
+                R.output(q)
+            return q
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(a: R.Tensor((4, 8), "int8")) -> R.Tensor((4, 8), "int8"):
+            R.func_attr(_counted(requantize=1))
+            with R.dataflow():
+                wide = R.astype(a, "int64")
+                scaled = R.multiply(wide, R.const(1 << 30, "int64"))  # ratio 2 = 2**30 / 2**29
+                rounded = R.add(scaled, R.const(1 << 28, "int64"))
+                shifted = R.right_shift(rounded, R.const(29, "int64"))
+                clipped = R.clip(shifted, -128, 127)
+                q = R.astype(clipped, "int8")
+                R.output(q)
+            return q
+
+    tvm.ir.assert_structural_equal(ScalePropagation()(Before), Expected)
+
+
+def test_rule_matmul_relu_clip_quantize_stay_integer():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(a: R.Tensor((4, 8), "int8"), b: R.Tensor((8, 3), "int8")) -> R.Tensor((4, 3), "int8"):
+            with R.dataflow():
+                fa = R.dequantize(a, R.const(0.5, "float32"), R.const(0, "int8"), axis=-1)
+                fb = R.dequantize(b, R.const(0.25, "float32"), R.const(0, "int8"), axis=-1)
+                y = R.matmul(fa, fb)
+                r = R.nn.relu(y)
+                c = R.clip(r, R.prim_value(-4.0), R.prim_value(4.0))
+                q = R.quantize(c, R.const(0.0625, "float32"), R.const(0, "int8"), axis=-1, out_dtype="int8")
+                R.output(q)
+            return q
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(a: R.Tensor((4, 8), "int8"), b: R.Tensor((8, 3), "int8")) -> R.Tensor((4, 3), "int8"):
+            R.func_attr(_counted(matmul_int=1, requantize=1))
+            with R.dataflow():
+                acc = R.matmul(a, b, out_dtype="int32")  # scale 0.5 * 0.25
+                r = R.nn.relu(acc)
+                wide = R.astype(r, "int64")
+                scaled = R.multiply(wide, R.const(1 << 30, "int64"))  # 0.125 / 0.0625 = 2
+                rounded = R.add(scaled, R.const(1 << 28, "int64"))
+                shifted = R.right_shift(rounded, R.const(29, "int64"))
+                clipped = R.clip(shifted, -64, 64)  # the float clip 4.0 on the int8 grid of 0.0625
+                q = R.astype(clipped, "int8")
+                R.output(q)
+            return q
+
+    tvm.ir.assert_structural_equal(ScalePropagation()(Before), Expected)
+
+
+def test_rule_take_slice_and_max_act_on_the_integers():
+    """One rule for the ops that pick or reduce elements; the quantize at the same scale cancels, and no clip
+    is needed since the values come from an int8 parameter."""
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(a: R.Tensor((4, 8), "int8"), rows: R.Tensor((2,), "int64")) -> R.Tensor((1, 6), "int8"):
+            with R.dataflow():
+                f = R.dequantize(a, R.const(0.5, "float32"), R.const(0, "int8"), axis=-1)
+                t = R.take(f, rows, axis=0)
+                s = R.strided_slice(t, axes=[1], begin=[1], end=[7])
+                m = R.max(s, axis=[0], keepdims=True)
+                q = R.quantize(m, R.const(0.5, "float32"), R.const(0, "int8"), axis=-1, out_dtype="int8")
+                R.output(q)
+            return q
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(a: R.Tensor((4, 8), "int8"), rows: R.Tensor((2,), "int64")) -> R.Tensor((1, 6), "int8"):
+            R.func_attr(_counted())
+            with R.dataflow():
+                t = R.take(a, rows, axis=0, mode="fast")
+                s = R.strided_slice(t, axes=[1], begin=[1], end=[7])
+                m = R.max(s, axis=[0], keepdims=True)
+                q = m  # the quantize at the same scale is the identity
+                R.output(q)
+            return q
+
+    assert {RULES[op] for op in ("relax.take", "relax.strided_slice", "relax.max")} == {"_on_integers"}
+    tvm.ir.assert_structural_equal(ScalePropagation()(Before), Expected)
+
+
+def test_must_not_fire_when_a_scale_varies_along_the_reduction():
+    """Per-column activation scales along K cannot be factored out of the sum: the matmul stays in float."""
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(a: R.Tensor((4, 2), "int8"), w: R.Tensor((2, 3), "int8")) -> R.Tensor((4, 3), "float32"):
+            with R.dataflow():
+                fa = R.dequantize(a, R.const([0.5, 0.25], "float32"), R.const(0, "int8"), axis=1)
+                fw = R.dequantize(w, R.const(0.5, "float32"), R.const(0, "int8"), axis=-1)
+                y = R.matmul(fa, fw)
+                R.output(y)
+            return y
+
+    after = ScalePropagation()(Before)
+    assert dict(after["main"].attrs[REWRITES_ATTR]) == _counted()[REWRITES_ATTR]
+    tvm.ir.assert_structural_equal(after["main"].without_attr(REWRITES_ATTR), Before["main"])
+
+
+def _asymmetric(dtype: str, zero_point: int) -> tvm.IRModule:
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(a: R.Tensor((4, 8), dtype)) -> R.Tensor((4, 8), "float32"):
+            with R.dataflow():
+                f = R.dequantize(a, R.const(0.5, "float32"), R.const(zero_point, dtype), axis=-1)
+                y = R.nn.relu(f)
+                R.output(y)
+            return y
+
+    return Module
+
+
+@pytest.mark.parametrize("dtype,zero_point,problem", [("int8", 3, "zero point that is not a constant 0"),
+                                                      ("uint8", 0, "integer type uint8"),
+                                                      ("int16", 0, "integer type int16")])
+def test_contract_declines_or_raises_outside_symmetric_int8(dtype, zero_point, problem):
+    before = _asymmetric(dtype, zero_point)
+    after = ScalePropagation()(before)["main"]  # declined: the graph is left as it is
+    tvm.ir.assert_structural_equal(after.without_attr(REWRITES_ATTR), before["main"])
+    with pytest.raises(UnsupportedQuantization, match=problem):
+        ScalePropagation(strict=True)(before)

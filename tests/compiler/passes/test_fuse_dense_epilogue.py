@@ -1,4 +1,4 @@
-"""Dense epilogues (compiler/passes/fuse_dense_epilogue.py, applied by PackInt8Matmul): the elementwise
+"""FuseDenseEpilogue (after PackInt8Dense and FoldDenseBias): the elementwise
 chains after int8 linear layers (requantization into the heads' layout, ReLU + requantization,
 dequantization + residual) become part of the dense kernel, a result used twice is not fused, and the
 compiled graph equals the unfused one bit for bit and NumPy's integer arithmetic, for dynamic sizes."""
@@ -7,13 +7,13 @@ import pytest
 import tvm
 from tvm import relax
 
-from int8mt.compiler.passes import PackInt8Matmul
-from int8mt.compiler.pipeline import int8mt_pipeline
+from int8mt.compiler.passes import FoldDenseBias, FuseDenseEpilogue, PackInt8Dense
+from int8mt.compiler.pipeline import relax_pipeline
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.schedules.intrin import int8_dot
 from int8mt.targets import get_preset
 
-from ..conftest import INT8_PRESETS
+from ...conftest import INT8_PRESETS
 
 D, HEADS, NARROW = 64, 4, 32
 RNG = np.random.default_rng(7)
@@ -78,7 +78,8 @@ def _expected(x: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
 
 def _packed(preset, fuse: bool) -> tvm.IRModule:
     dot = int8_dot(preset.int8_dot)
-    return PackInt8Matmul(lambda n, k, fn: default_tiles(n, k, dot), dot, fuse_epilogues=fuse)(_module())
+    packed = FoldDenseBias()(PackInt8Dense(lambda n, k, fn: default_tiles(n, k, dot), dot)(_module()))
+    return FuseDenseEpilogue()(packed) if fuse else packed
 
 
 def test_chains_become_epilogues_and_a_shared_result_does_not():
@@ -94,7 +95,7 @@ def test_chains_become_epilogues_and_a_shared_result_does_not():
 def test_fused_kernels_equal_the_unfused_graph_and_numpy(preset):
     target = tvm.target.Target(preset.target)
     vms = [relax.VirtualMachine(tvm.compile(_packed(preset, fuse), target=target,
-                                            relax_pipeline=int8mt_pipeline(target)), tvm.cpu())
+                                            relax_pipeline=relax_pipeline(target)), tvm.cpu())
            for fuse in (True, False)]
     for b, t in ((1, 1), (3, 7), (2, 20)):
         x = RNG.integers(-128, 128, (b, t, D), dtype=np.int8)
@@ -106,3 +107,32 @@ def test_fused_kernels_equal_the_unfused_graph_and_numpy(preset):
                 np.testing.assert_array_equal(got, expected)
             else:
                 np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_structure_a_requantization_chain_becomes_one_kernel_call():
+    """Before: the dense kernel, then astype/multiply/add/right_shift/clip/astype. Expected: one call of the
+    kernel with that chain as its epilogue (the kernel's own code is checked against NumPy above)."""
+    from ._modules import DOT, dense_kernel, function, packed, weight
+
+    w = weight(32, 16)
+
+    def before_body(bb, x):
+        acc = bb.emit(relax.call_tir(kernel, [x, *packed(w)], relax.TensorType([5, 32], "int32")))
+        wide = bb.emit(relax.op.astype(acc, "int64"))
+        scaled = bb.emit(relax.op.multiply(wide, relax.const(3, "int64")))
+        rounded = bb.emit(relax.op.add(scaled, relax.const(1 << 9, "int64")))
+        shifted = bb.emit(relax.op.right_shift(rounded, relax.const(10, "int64")))
+        return relax.op.astype(bb.emit(relax.op.clip(shifted, -127, 127)), "int8")
+
+    bb = relax.BlockBuilder()
+    kernel = dense_kernel(bb, 32, 16, default_tiles(32, 16, DOT))
+    before = function(bb, [relax.Var("x", relax.TensorType([5, 16], "int8"))], before_body)
+    after = FuseDenseEpilogue()(before)
+    [fused] = [gv for gv in after.get_global_vars() if gv.name_hint.endswith("_to_int8_0")]
+    assert {gv.name_hint for gv in after.get_global_vars()} == {"main", fused.name_hint}  # the unfused one is gone
+
+    bb = relax.BlockBuilder()
+    kernel_gv = bb.add_func(after[fused], fused.name_hint)
+    expected = function(bb, [relax.Var("x", relax.TensorType([5, 16], "int8"))],
+                        lambda bb, x: relax.call_tir(kernel_gv, [x, *packed(w)], relax.TensorType([5, 32], "int8")))
+    tvm.ir.assert_structural_equal(after, expected)

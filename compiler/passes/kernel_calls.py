@@ -1,0 +1,81 @@
+"""What int8mt's kernel passes share: recognising int8 matmuls and weight tables, finding the call bound to a
+variable, telling our kernels' calls apart by their ``int8mt.kernel`` attribute, and adding each kernel
+to the module once."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import ir, relax, tirx
+
+from int8mt.schedules.kernel_attrs import KERNEL_ATTR
+
+
+def is_int8_matmul(call: relax.Expr) -> bool:
+    """``matmul(int8, ..., out_dtype=int32)``: an integer matmul Scale Propagation produced."""
+    return (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.matmul")
+            and str(call.attrs.out_dtype) == "int32" and str(call.args[0].ty.dtype) == "int8")
+
+
+def int8_table(expr: relax.Expr) -> ir.expr.Constant | None:
+    """``expr`` if it is a 2-D int8 constant (a weight or an embedding table)."""
+    if isinstance(expr, ir.expr.Constant) and str(expr.ty.dtype) == "int8" and expr.ty.ndim == 2:
+        return expr
+    return None
+
+
+def shape_product(dims: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The product of (a non-empty list of) sizes."""
+    out = dims[0]
+    for d in dims[1:]:
+        out = out * d
+    return out
+
+
+def bound_call(mutator: relax.PyExprMutator, expr: relax.Expr, op: str) -> relax.Call | None:
+    """The call of ``op`` bound to the variable ``expr`` in the function ``mutator`` rewrites, if it is one."""
+    bound = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+    return bound if isinstance(bound, relax.Call) and bound.op == ir.Op.get(op) else None
+
+
+def kernel_kind(mod: tvm.IRModule, callee: relax.Expr) -> str | None:
+    """Which of our kernels ``callee`` (a ``call_tir``'s first argument) is, if any."""
+    if not isinstance(callee, ir.GlobalVar) or callee not in mod.get_global_vars():
+        return None
+    func = mod[callee]
+    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
+        return None
+    return str(func.attrs[KERNEL_ATTR])
+
+
+def kernel_call(mutator: relax.PyExprMutator, expr: relax.Expr, kind: str) -> relax.Call | None:
+    """The ``call_tir`` of our kernel ``kind`` bound to ``expr``, if it is one."""
+    call = bound_call(mutator, expr, "relax.call_tir")
+    if call is None or kernel_kind(mutator.builder_.get(), call.args[0]) != kind:
+        return None
+    return call
+
+
+class KernelTable:
+    """Adds each distinct kernel (by key) to the module being built once, under a readable name. Kernels carry
+    no ``global_symbol`` (the build gives them one from their name), so that dead-code elimination removes
+    those a later pass stops calling."""
+
+    def __init__(self, builder: relax.BlockBuilder) -> None:
+        self.builder = builder
+        self.kernels: dict[tuple, ir.GlobalVar] = {}
+
+    def get(self, key: tuple, name: str, make: Callable[[], tirx.PrimFunc]) -> ir.GlobalVar:
+        if key not in self.kernels:
+            self.kernels[key] = self.builder.add_func(make().without_attr("global_symbol"), name)
+        return self.kernels[key]
+
+
+def rewrite_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule, before=None) -> tvm.IRModule:
+    """Every Relax function of ``mod`` rewritten by ``mutator`` (``before(gv, func)`` first, if given)."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            if before is not None:
+                before(gv, func)
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
