@@ -8,10 +8,10 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          quantize/dequantize ops (:mod:`.quant_import`).
 1. ``scale-propagated``  quantized models: :class:`~.passes.ScalePropagation` (integers flow between
                          ops); with ``tap_matmuls``, :class:`~.passes.TapIntMatmuls` (verification).
-2. ``int8-kernels``      presets with an int8 dot product: :class:`~.passes.PackInt8Dense`,
+2. ``int8-kernels``      quantized models, on presets with an int8 dot product: :class:`~.passes.PackInt8Dense`,
                          :class:`~.passes.FoldDenseBias`, :class:`~.passes.Int8BatchMatmul`,
                          :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
-                         :class:`~.passes.FuseDenseEpilogue`; then ``FuseTransposeMatmul`` for every model.
+                         :class:`~.passes.FuseDenseEpilogue`; then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
@@ -105,10 +105,15 @@ def scale_propagated(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule
 
 
 def int8_kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
-    """Phase 2: the preset's int8 kernels (quantized models), then transposes fused into matmuls."""
+    """Phase 2 (quantized models): the preset's int8 kernels, then transposed operands read as stored
+    (integer matmuls of activations, and the weights the kernels did not take). FP32 models skip it: under the
+    default schedule a matmul whose constant weight was transposed at compile time is faster than one
+    reading it as stored."""
+    if options.quant is None:
+        return mod
     print("phase 2: int8-kernels", file=sys.stderr)
     options = options.with_tiles()
-    if options.quant is not None and options.preset.int8_dot is not None:
+    if options.preset.int8_dot is not None:
         mod = tvm.transform.Sequential(int8_kernel_passes(options.tiles, options.preset.int8_dot))(mod)
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "int8-kernels", options.dump_dir)
@@ -172,8 +177,8 @@ def _keep_reshape(_bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 def _fast_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """Softmax with TOPI's ``fast_exp`` (range reduction and a polynomial: plain arithmetic, within ~5e-7 of
-    the probabilities here) instead of a call to the C library's ``expf`` per element: 1.4x faster for rows
-    of 20-33 keys, never slower."""
+    the probabilities here) instead of a call to the C library's ``expf`` per element: the short rows of attention
+    scores are dominated by the exponentials."""
     return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis))
 
 
@@ -205,7 +210,7 @@ def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """TVM's CPU legalization (``cpu_generic.legalize_passes``), except that softmax uses ``fast_exp`` and
     reshapes stay ``R.reshape`` (a view of the same memory at run time): legalized into copy kernels they are
     turned back into views only where TVM can prove the copy is the identity, which fails for dynamic shapes
-    such as the decoder's growing cache, and those copies took a fifth of a decoder step."""
+    such as the decoder's growing cache (a copy of the whole cache every step)."""
     del target  # the same passes for every CPU target, as in cpu_generic.legalize_passes
     custom = {"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax, "relax.exp": _fast_exp,
               "relax.topk": _top_k}

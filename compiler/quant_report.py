@@ -18,7 +18,7 @@ from .passes.scale_propagation import REWRITES_ATTR
 FLOAT_REASONS = {
     "relax.nn.softmax": "exp and normalisation of attention scores",
     "relax.nn.layer_norm": "mean/variance normalisation",
-    "relax.exp": "exponential",
+    "relax.exp": "exponential (the log-sum-exp of the logits)",
     "relax.nn.gelu": "FFN activation (erf)",
     "relax.nn.silu": "FFN activation (sigmoid)",
     "relax.add": "residual connections, positions and masks added to float values",
@@ -26,10 +26,13 @@ FLOAT_REASONS = {
     "relax.divide": "run-time scales and quantization of float values",
     "relax.clip": "clipping float values before quantization",
     "relax.round": "rounding float values when quantizing at run time",
-    "relax.max": "run-time range (largest magnitude) of float values",
+    "relax.max": "row maxima: run-time ranges, the log-sum-exp of the logits",
     "relax.abs": "run-time range (largest magnitude) of float values",
     "relax.maximum": "run-time range (largest magnitude) of float values",
     "relax.matmul": "matmuls left in FP32",
+    "relax.subtract": "log-sum-exp of the logits (beam search's candidates)",
+    "relax.sum": "log-sum-exp of the logits (beam search's candidates)",
+    "relax.log": "log-sum-exp of the logits (beam search's candidates)",
 }
 LAYOUT_OPS = {"relax.reshape", "relax.permute_dims", "relax.concat", "relax.take", "relax.expand_dims",
               "relax.strided_slice", "relax.squeeze", "relax.astype"}
@@ -108,19 +111,22 @@ def _kernel_calls(func: relax.Function, mod: tvm.IRModule, kind: str) -> list[re
     return calls
 
 
+def _entry_functions(mod: tvm.IRModule) -> list[tuple[ir.GlobalVar, relax.Function]]:
+    """The module's entry points (public Relax functions; not the composites a fusion pass adds)."""
+    return [(gv, f) for gv, f in mod.functions_items()
+            if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs]
+
+
 def attention_kernel_calls(mod: tvm.IRModule) -> dict[str, int]:
     """Per entry function, the calls of the batched int8 (attention) kernels."""
-    return {gv.name_hint: len(_kernel_calls(func, mod, "int8_batch_matmul"))
-            for gv, func in mod.functions_items() if isinstance(func, relax.Function)}
+    return {gv.name_hint: len(_kernel_calls(func, mod, "int8_batch_matmul")) for gv, func in _entry_functions(mod)}
 
 
 def dense_kernel_report(mod: tvm.IRModule, tiles: TileChooser) -> list[dict]:
     """Per entry function and weight shape, the int8 dense kernel the module calls: its tiles, dot product,
     the row bucket they were chosen for and whether a tuning run found them."""
     rows = {}
-    for gv, func in mod.functions_items():
-        if not isinstance(func, relax.Function):
-            continue
+    for gv, func in _entry_functions(mod):
         for call in _kernel_calls(func, mod, "int8_dense"):
             n, k, chosen, family = dense_attrs(mod[call.args[0]])
             choice = tiles.choice(n, k, gv.name_hint)

@@ -3,12 +3,9 @@ torch, xgboost, psutil or cloudpickle."""
 import subprocess
 import sys
 
-import pytest
-
 from .conftest import ROOT
 
 
-@pytest.mark.slow
 def test_runtime_only_install_translates_an_existing_bundle(tiny_bundle, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
