@@ -170,6 +170,23 @@ class _FullLogits:
         return getattr(self.bundle, name)
 
 
+def test_beam_search_encodes_each_sentence_once(tiny_bundle, monkeypatch):
+    """The cross-attention keys/values of a sentence's k rows are its one encoding repeated on the device,
+    equal to encoding the repeated sources."""
+    bundle = Bundle(tiny_bundle)
+    src = np.random.default_rng(7).integers(4, 8000, (3, 6))
+    src[1, 4:] = bundle.pad_id
+    rows = np.repeat(np.arange(3), 4)
+    np.testing.assert_array_equal(bundle.reorder_cache(bundle.encode(src), rows).numpy(),
+                                  bundle.encode(src[rows]).numpy())
+    encoded = []
+    encode = bundle.encode
+    monkeypatch.setattr(bundle, "encode", lambda s: encoded.append(len(s)) or encode(s))
+    opts = SearchOptions(beam_size=4)
+    beam_search(bundle, src, opts.max_lengths(src, bundle.pad_id, 20), opts)
+    assert encoded == [3]
+
+
 @pytest.mark.parametrize("beam", [2, 4])
 def test_beam_search_on_device_candidates_equals_beam_search_on_logits(tiny_bundle, beam):
     bundle = Bundle(tiny_bundle)
