@@ -16,7 +16,7 @@ from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MA
                                    TOKENIZER_FILE, sha256)
 from int8mt.targets import TargetPreset
 
-from .frontend import candidates_per_row
+from .frontend import ExportConfig, candidates_per_row
 from .pipeline import CompileOptions, compile_model, tile_chooser
 
 
@@ -57,6 +57,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         "model": model.cfg.to_dict(),
         "cache_dtype": model.cache_dtype_name,
         "top_candidates": candidates_per_row(model),
+        "max_rows": ExportConfig().max_batch,  # rows (sentences x beams) one call of an entry point takes
         "files": {LIBRARY_FILE: sha256(library), TOKENIZER_FILE: sha256(out_dir / TOKENIZER_FILE)},
         "compile_seconds": round(time.time() - t0, 1),
     }

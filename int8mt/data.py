@@ -8,9 +8,18 @@ from typing import Iterator
 import numpy as np
 
 
+def split_lines(text: str) -> list[str]:
+    """One line per ``\n`` (a ``\r`` before it dropped): unlike ``str.splitlines``, form feeds, vertical tabs,
+    U+2028 and the like stay inside their line, so output lines stay in step with input lines."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
 def read_lines(path: Path) -> list[str]:
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
+        return split_lines(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise ValueError(f"cannot read {path}: {err.strerror}") from None
     except UnicodeDecodeError:

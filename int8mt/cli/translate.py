@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..data import read_lines
+    from ..data import read_lines, split_lines
 
     cfg = load_config(config_path(args))
     if args.text:
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.input is not None:
         sentences = read_lines(args.input)
     else:
-        sentences = sys.stdin.read().splitlines()
+        sentences = split_lines(sys.stdin.read())
     translator = make_translator(args, cfg.decode)
     for line in translator.translate(sentences):
         print(line)

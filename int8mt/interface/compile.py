@@ -1,6 +1,7 @@
 """``int8mt compile``: a model directory -> a bundle for a target preset, quantized as asked."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,22 @@ def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: Qu
     qcfg = quant.config(defaults)
     if qcfg is None and database is not None:
         raise ValueError("--db holds tuned int8 kernels; it needs --quant int8 or --quant int6")
+    out_dir = Path(out_dir or build_dir / preset.name)
+    check_writable_dir(out_dir, "-o")
+    if dump_dir is not None:
+        check_writable_dir(Path(dump_dir), "--dump-ir")
     from int8mt.compiler.build import build_bundle
 
-    return build_bundle(model_dir, preset, out_dir or build_dir / preset.name, dump_dir, qcfg, data_dir,
+    return build_bundle(model_dir, preset, out_dir, dump_dir, qcfg, data_dir,
                         calib_sentences or defaults.calib_sentences, database)
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Fail before a long compile, not after it, when ``path`` cannot become a folder we write into."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; name a folder for the output")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not a folder this user can write into; choose another")

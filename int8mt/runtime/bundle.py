@@ -18,6 +18,7 @@ import numpy as np
 from int8mt.targets import get_preset, missing_features
 
 LIBRARY_FILE, MANIFEST_FILE, TOKENIZER_FILE = "model.so", "manifest.json", "spm.model"
+DEFAULT_MAX_ROWS = 1024  # the row bound of bundles whose manifest does not record one
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
 BUNDLE_FORMAT = 1
 ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
@@ -118,6 +119,7 @@ class Bundle:
         self.max_positions = cfg["max_positions"]
         self.pad_id, self.eos_id, self.start_id = cfg["pad_id"], cfg["eos_id"], cfg["decoder_start_id"]
         self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for static quantization
+        self.max_rows = self.manifest.get("max_rows", DEFAULT_MAX_ROWS)  # rows (sentences x beams) per call
 
     @property
     def tokenizer_file(self) -> Path:

@@ -1,6 +1,7 @@
 """Greedy and beam search in NumPy over a compiled decoder step."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,12 @@ class SearchOptions:
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"beam size must be at least 1, got {self.beam_size}")
-        if self.length_penalty < 0:
-            raise ValueError(f"length penalty must be >= 0, got {self.length_penalty}")
+        for name in ("length_penalty", "max_length_a"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.max_length_b < 0:
+            raise ValueError(f"max_length_b must be >= 0, got {self.max_length_b}")
 
     def max_lengths(self, src: np.ndarray, pad_id: int, limit: int) -> list[int]:
         """Per-sentence output limits from the unpadded source lengths (so batching never changes a result)."""

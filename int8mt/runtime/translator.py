@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 from tqdm import tqdm
@@ -16,28 +17,49 @@ DEFAULT_BATCH_SIZE = 32  # sentences per call of the compiled entry points
 
 
 class Translator:
+    """Translates text with a bundle. One ``Translator`` may be shared by threads: calls run one at a time
+    (the compiled module's VM is not reentrant), each call's sentences batched together."""
+
     def __init__(self, bundle_dir: Path | str, options: SearchOptions = SearchOptions(),
                  batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.bundle = Bundle(bundle_dir)
+        if options.beam_size > self.bundle.max_rows:
+            raise ValueError(f"beam size {options.beam_size} exceeds the {self.bundle.max_rows} rows (sentences x "
+                             "beams) the bundle's entry points take in one call; use a smaller beam")
         self.tokenizer = Tokenizer(self.bundle.tokenizer_file)
         self.options = options
         self.batch_size = batch_size
+        self._lock = threading.Lock()
+
+    @property
+    def sentences_per_call(self) -> int:
+        """Sentences in one search: ``batch_size``, fewer where sentences x beams would exceed the bundle's
+        row bound."""
+        return max(1, min(self.batch_size, self.bundle.max_rows // self.options.beam_size))
 
     def translate(self, sentences: list[str], progress: bool = False) -> list[str]:
-        """Translate ``sentences``; empty input lines give empty output lines. Long inputs are truncated to
-        the model's maximum number of positions. ``progress`` shows a bar on stderr."""
+        """Translate ``sentences``; empty input lines give empty output lines. An input longer than the model's
+        positions is cut to fit, with a warning on stderr naming it. ``progress`` shows a bar on stderr."""
         limit = self.bundle.max_positions
-        ids = [self.tokenizer.encode(s.strip(), max_tokens=limit) for s in sentences]
+        ids = []
+        for number, sentence in enumerate(sentences, 1):
+            full = self.tokenizer.encode(sentence.strip())
+            if len(full) > limit:
+                print(f"int8mt: warning: input {number} has {len(full)} tokens; the model reads at most {limit}, "
+                      f"so only its first {limit - 1} are translated", file=sys.stderr)
+                full = full[:limit - 1] + [self.tokenizer.eos_id]
+            ids.append(full)
         out = [""] * len(sentences)
         todo = [i for i, s in enumerate(sentences) if s.strip()]
-        batches = list(iterate_batches([ids[i] for i in todo], self.batch_size))
-        for batch in tqdm(batches, desc="translating", unit="batch", file=sys.stderr, disable=not progress,
-                          leave=False):
-            rows = [todo[j] for j in batch]
-            src = pad_batch([ids[i] for i in rows], self.bundle.pad_id)
-            max_lens = self.options.max_lengths(src, self.bundle.pad_id, limit)
-            for i, hyp in zip(rows, beam_search(self.bundle, src, max_lens, self.options)):
-                out[i] = self.tokenizer.decode(hyp)
+        batches = list(iterate_batches([ids[i] for i in todo], self.sentences_per_call))
+        with self._lock:
+            for batch in tqdm(batches, desc="translating", unit="batch", file=sys.stderr, disable=not progress,
+                              leave=False):
+                rows = [todo[j] for j in batch]
+                src = pad_batch([ids[i] for i in rows], self.bundle.pad_id)
+                max_lens = self.options.max_lengths(src, self.bundle.pad_id, limit)
+                for i, hyp in zip(rows, beam_search(self.bundle, src, max_lens, self.options)):
+                    out[i] = self.tokenizer.decode(hyp)
         return out
