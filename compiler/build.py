@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -43,7 +44,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     print(f"compiling for {preset.name} ({json.dumps(preset.target)})", file=sys.stderr)
     compiled = compile_model(model, CompileOptions(preset, qcfg, tiles, dump_dir=dump_dir))
     report = compiled.report
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir, out_dir = out_dir, _staging_dir(out_dir)
     library = out_dir / LIBRARY_FILE
     compiled.executable.export_library(str(library))
     shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILE)
@@ -63,9 +64,38 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {out_dir} ({library.stat().st_size / 1e6:.1f} MB .so) in {manifest['compile_seconds']} s",
-          file=sys.stderr)
+    _publish(out_dir, final_dir)
+    print(f"wrote {final_dir} ({(final_dir / LIBRARY_FILE).stat().st_size / 1e6:.1f} MB .so) in "
+          f"{manifest['compile_seconds']} s", file=sys.stderr)
     return manifest
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """``out_dir`` may receive a bundle: it is new, empty, or an earlier bundle (which is replaced)."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+        raise ValueError(f"{out_dir} exists and is not a bundle (no {MANIFEST_FILE}); compiling would replace its "
+                         "files: choose a new or empty folder")
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh folder beside ``out_dir`` for the bundle being written (same file system: renaming is atomic)."""
+    check_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the complete bundle in ``staging`` to ``out_dir``: an earlier bundle there is renamed away first and
+    removed after, so the folder holds the old bundle or the new one, never a mix (a process that has the old
+    library loaded keeps its file)."""
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _quantization_record(qcfg: QuantConfig | None, report: dict) -> dict:

@@ -13,6 +13,7 @@ the machine was quiet just then, so the few best are re-timed side by side and t
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,8 @@ class TuningDatabase:
             raise ValueError(f"no tuning database in {self.folder} (missing {', '.join(missing)}); "
                              "create one with `int8mt tune`, or compile without --db")
         self.folder.mkdir(parents=True, exist_ok=True)
+        for name in DATABASE_FILES:
+            _check_json_lines(self.folder / name)
         self.db = JSONDatabase(*(str(self.folder / f) for f in DATABASE_FILES), allow_missing=True)
 
     def records(self, task: DenseTask) -> list[TuningRecord]:
@@ -134,13 +137,44 @@ class TuningDatabase:
 
     def confirmed(self) -> dict[str, dict]:
         path = self.folder / CONFIRMED_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            confirmed = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is corrupt ({err}); delete it and run `int8mt tune` again to confirm "
+                             "the best tiles") from None
+        if not isinstance(confirmed, dict):
+            raise ValueError(f"{path} is corrupt (not a mapping of kernels); delete it and run `int8mt tune` again")
+        return confirmed
 
     def confirm(self, task: DenseTask, tiles: DenseTiles, seconds: float) -> None:
         """Record ``tiles`` as the winner of ``task``'s confirmation rounds."""
         confirmed = self.confirmed()
         confirmed[task.name] = {"family": task.family, "tiles": tiles.to_dict(), "seconds": seconds}
         (self.folder / CONFIRMED_FILE).write_text(json.dumps(confirmed, indent=1, sort_keys=True) + "\n")
+
+
+def _check_json_lines(path: Path) -> None:
+    """Every line of a JSON-lines database file parses; a torn last line (a killed tuning run's half-written
+    record: no newline at its end) is removed with a warning, any other bad line is an error naming it."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if number == len(lines) and not data.endswith(b"\n"):
+                print(f"warning: {path}: line {number} was cut short (an interrupted tuning run); it is removed",
+                      file=sys.stderr)
+                path.write_bytes(data[:len(data) - len(line)])
+                return
+            raise ValueError(f"{path}: line {number} is not valid JSON; the tuning database is damaged: restore "
+                             "it, or delete that line (its one record is lost)") from None
 
 
 def chosen_tiles(database: TuningDatabase | None, task: DenseTask) -> tuple[DenseTiles, bool]:

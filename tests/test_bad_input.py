@@ -2,11 +2,16 @@
 hold: one output line per input line, a warning instead of silent truncation, row bounds respected, one
 Translator shared by threads."""
 import io
+import json
+import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from int8mt.cli import main
+from int8mt.runtime.bundle import Bundle, BundleError, sha256
 from int8mt.runtime.search import SearchOptions
 from int8mt.runtime.translator import Translator
 
@@ -46,7 +51,8 @@ def test_bad_input_is_a_clear_error(case, argv, code, message, tiny_bundle, tiny
 
 def test_one_output_line_per_input_line(tiny_bundle, monkeypatch, capsys):
     """Form feeds, vertical tabs, U+2028 and the like do not split a line; CRLF endings are one line each."""
-    monkeypatch.setattr("sys.stdin", io.StringIO("One dog.\nA form\x0cfeed.\nA\x0bvertical\u2028tab.\r\n\nLast.\n"))
+    text = "One dog.\nA form\x0cfeed.\nA\x0bvertical\u2028tab.\r\n\nLast.\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="utf-8"))
     assert main(["translate", str(tiny_bundle), "--beam", "1"]) == 0
     assert len(capsys.readouterr().out.split("\n")) == 5 + 1  # five lines, each ended by a newline
 
@@ -92,3 +98,130 @@ def test_threads_share_one_translator(tiny_bundle):
     assert not errors
     for (t, _), got in results.items():
         assert got == (expected[t::2] if t % 2 else expected)
+
+
+def _translate_cli(bundle, stdin=None, args=(), shell_suffix="") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "int8mt", "translate", str(bundle), *args]
+    if shell_suffix:
+        return subprocess.run(["bash", "-c", " ".join(f"'{c}'" for c in cmd) + shell_suffix], capture_output=True)
+    return subprocess.run(cmd, input=stdin, capture_output=True)
+
+
+@pytest.mark.parametrize("kind", ["stdin", "argv", "closed stdin"])
+def test_text_that_is_not_utf8_or_absent_is_a_clear_error(tiny_bundle, kind):
+    if kind == "stdin":
+        res, message = _translate_cli(tiny_bundle, stdin=b"A dog\xff\xfe.\n"), b"standard input is not UTF-8 text"
+    elif kind == "argv":
+        res = subprocess.run([sys.executable.encode(), b"-m", b"int8mt", b"translate", str(tiny_bundle).encode(),
+                              b"A \xff dog."], capture_output=True)
+        message = b"sentence argument 1 is not valid UTF-8 text"
+    else:
+        res, message = _translate_cli(tiny_bundle, shell_suffix=" <&-"), b"no text to translate"
+    assert res.returncode == 2 and message in res.stderr and b"Traceback" not in res.stderr
+
+
+def _with_manifest(bundle, change) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rechecksum(bundle) -> None:
+    _with_manifest(bundle, lambda m: m["files"].update({"model.so": sha256(bundle / "model.so")}))
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("files", "model.so", "'files' must be a dict"),
+    ("target", "x86-avx2", "'target' must be a dict"),
+    ("model", "tiny", "'model' must be a dict"),
+    ("top_candidates", "16", "'top_candidates' must be a int"),
+    ("entry_points", [1, 2], "'entry_points' must hold str values"),
+    ("max_rows", True, "'max_rows' must be a int"),
+])
+def test_wrong_typed_manifest_fields(bundle_copy, field, value, message):
+    _with_manifest(bundle_copy, lambda m: m.update({field: value}))
+    with pytest.raises(BundleError, match=message):
+        Bundle(bundle_copy)
+
+
+def test_manifest_required_features_are_checked(bundle_copy):
+    _with_manifest(bundle_copy, lambda m: m["target"].update({"required_features": ["sse2", "imaginary_isa"]}))
+    with pytest.raises(BundleError, match=r"lacks \(imaginary_isa\)"):
+        Bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda data: data[: len(data) // 2], "is truncated"),
+    (lambda data: b"not a shared library at all" * 100, "is not a 64-bit little-endian ELF"),
+    (lambda data: data[:18] + (183).to_bytes(2, "little") + data[20:], "is code for aarch64"),
+])
+def test_damaged_or_foreign_library_with_a_matching_checksum(bundle_copy, damage, message):
+    """Checked before the library is opened: mapped, a truncated one would crash with SIGBUS."""
+    (bundle_copy / "model.so").write_bytes(damage((bundle_copy / "model.so").read_bytes()))
+    _rechecksum(bundle_copy)
+    with pytest.raises(BundleError, match=message):
+        Bundle(bundle_copy)
+
+
+def test_recompiling_replaces_a_bundle_whole_and_never_a_foreign_folder(tiny_model_dir, tiny_bundle, tmp_path,
+                                                                        monkeypatch):
+    from int8mt.compiler import build
+    from int8mt.targets import get_preset
+
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "compile_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_bundle(tiny_model_dir, get_preset("auto"), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old bundle, untouched
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"...")
+    assert main(["compile", str(tiny_model_dir), "--quant", "fp32", "-o", str(foreign)]) == 2
+
+
+def test_tuning_database_damage_is_named_and_a_torn_last_line_repaired(tmp_path, capsys):
+    from int8mt.schedules.database import DATABASE_FILES, DenseTask, TuningDatabase, shipped_database
+
+    shutil.copytree(shipped_database("x86-avx2"), tmp_path / "db")
+    records = tmp_path / "db" / DATABASE_FILES[1]
+    intact = records.read_bytes()
+    records.write_bytes(intact + b'[0, [["a", 1')  # a killed run's half-written record
+    database = TuningDatabase(tmp_path / "db")
+    assert "line" in capsys.readouterr().err and records.read_bytes() == intact
+    assert database.best(DenseTask(256, 256, 32, "avx2")) is not None
+    lines = intact.split(b"\n")
+    records.write_bytes(b"\n".join(lines[:3] + [b"{broken"] + lines[3:]))
+    with pytest.raises(ValueError, match=f"{records}: line 4 is not valid JSON"):
+        TuningDatabase(tmp_path / "db")
+    records.write_bytes(intact)
+    (tmp_path / "db" / "confirmed.json").write_text("{half")
+    with pytest.raises(ValueError, match="confirmed.json is corrupt"):
+        TuningDatabase(tmp_path / "db").best(DenseTask(256, 256, 32, "avx2"))
+
+
+def test_ctrl_c_during_tuning_says_what_was_kept_and_exits_130(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """MetaSchedule hands a Ctrl-C inside its search back as a RuntimeError; the command still exits 130."""
+    from int8mt.interface import tune as tune_interface
+    from int8mt.schedules import tune as schedules_tune
+
+    def interrupted(*_args, **_kwargs):
+        raise RuntimeError("Traceback (most recent call last): ... KeyboardInterrupt")
+
+    monkeypatch.setattr(schedules_tune, "tune", interrupted)
+    monkeypatch.setattr(tune_interface, "dense_tasks", lambda source, preset: [])
+    assert main(["tune", str(tiny_model_dir), "--db", str(tmp_path / "db"), "--trials", "2"]) == 130
+    err = capsys.readouterr().err
+    assert "keeps every candidate measured so far" in err and "Traceback" not in err

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config_path
+from . import UserError, config_path
 from ._decode_args import add_decode_arguments, make_translator
 
 
@@ -25,10 +25,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config_path(args))
     if args.text:
         sentences = list(args.text)
+        for number, text in enumerate(sentences, 1):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(f"sentence argument {number} is not valid UTF-8 text") from None
     elif args.input is not None:
         sentences = read_lines(args.input)
+    elif sys.stdin is None or sys.stdin.closed:
+        raise UserError("no text to translate: pass sentences as arguments, --input FILE, or text on stdin")
     else:
-        sentences = split_lines(sys.stdin.read())
+        try:  # the bytes, decoded strictly (the text layer may escape undecodable bytes instead of failing)
+            sentences = split_lines(sys.stdin.buffer.read().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"standard input is not UTF-8 text (byte {err.start} of it)") from None
     translator = make_translator(args, cfg.decode)
     for line in translator.translate(sentences):
         print(line)

@@ -74,8 +74,16 @@ def tune(args: TuneArgs) -> list[dict]:
           f"{args.database} (starting MetaSchedule takes ~40 s)", file=sys.stderr)
     t0 = time.time()
     target = tvm.target.Target(args.preset.target)
-    reports = tune_tasks(tasks, target, database, args.trials, budget_s=args.budget_minutes * 60)
-    confirm(tasks, target, database)
+    try:
+        reports = tune_tasks(tasks, target, database, args.trials, budget_s=args.budget_minutes * 60)
+        confirm(tasks, target, database)
+    except (KeyboardInterrupt, RuntimeError) as err:
+        # MetaSchedule runs our callbacks from C++, which hands a Ctrl-C back as a RuntimeError naming it
+        if isinstance(err, RuntimeError) and "KeyboardInterrupt" not in str(err):
+            raise
+        print(f"interrupted: {args.database} keeps every candidate measured so far; the same command resumes "
+              "from there", file=sys.stderr)
+        raise KeyboardInterrupt from None
     rows = []
     for report in reports:
         best = database.best(report.task)

@@ -1,8 +1,9 @@
 """Load a compiled bundle with the TVM runtime only.
 
-Before the ``.so`` is opened, the manifest is validated, the library's checksum compared and the CPU
-checked for the features the target preset needs, so that a bundle built for another machine fails
-with a message instead of SIGILL.
+Before the ``.so`` is opened, the manifest is validated against its schema, the files' checksums compared,
+the library's ELF headers checked (this machine's architecture, every segment inside the file) and the CPU
+checked for the features the manifest says the code needs, so that a bundle built for another machine, or a
+damaged one, fails with a message instead of SIGILL or SIGBUS.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from int8mt.targets import get_preset, missing_features
+from int8mt.targets import host_features
 
 LIBRARY_FILE, MANIFEST_FILE, TOKENIZER_FILE = "model.so", "manifest.json", "spm.model"
 DEFAULT_MAX_ROWS = 1024  # the row bound of bundles whose manifest does not record one
@@ -26,6 +27,77 @@ ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
 
 class BundleError(ValueError):
     """A bundle that is missing, damaged, or built for another machine."""
+
+
+# The manifest's schema: key -> (type, type of the items for lists and mappings' values); None = optional key.
+MANIFEST_SCHEMA: dict[str, tuple[type, type | None]] = {
+    "format": (int, None),
+    "target": (dict, None),
+    "entry_points": (list, str),
+    "model": (dict, None),
+    "files": (dict, str),
+    "top_candidates": (int, None),
+}
+MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None), "cache_dtype": (str, None)}
+TARGET_SCHEMA: dict[str, tuple[type, type | None]] = {"preset": (str, None), "required_features": (list, str)}
+MODEL_KEYS = ("decoder_layers", "heads", "d_model", "max_positions", "pad_id", "eos_id", "decoder_start_id")
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183}  # e_machine of this machine's architecture
+
+
+def _check_fields(where: str, data: dict, schema: dict, required: bool = True) -> None:
+    for key, (kind, item) in schema.items():
+        if key not in data:
+            if required:
+                raise BundleError(f"{where} has no {key!r}; rebuild the bundle")
+            continue
+        value = data[key]
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise BundleError(f"{where}: {key!r} must be a {kind.__name__}, not {type(value).__name__}; "
+                              "rebuild the bundle")
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        if item is not None and not all(isinstance(v, item) for v in items):
+            raise BundleError(f"{where}: {key!r} must hold {item.__name__} values; rebuild the bundle")
+
+
+def validate_manifest(manifest: object, where: str) -> dict:
+    """``manifest`` checked against :data:`MANIFEST_SCHEMA` (types included), else a :class:`BundleError`."""
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where} is corrupt (not a JSON object); rebuild the bundle")
+    _check_fields(where, manifest, MANIFEST_SCHEMA)
+    _check_fields(where, manifest, MANIFEST_OPTIONAL, required=False)
+    _check_fields(f"{where} (target)", manifest["target"], TARGET_SCHEMA)
+    bad = [k for k in MODEL_KEYS if not isinstance(manifest["model"].get(k), int)]
+    if bad:
+        raise BundleError(f"{where} (model): {', '.join(bad)} must be integers; rebuild the bundle")
+    return manifest
+
+
+def check_elf(library: Path) -> None:
+    """``library`` is an ELF shared library for this machine's architecture whose segments all lie inside the
+    file (a truncated library would be mapped past its end and crash the process with SIGBUS on first use)."""
+    import platform
+    import struct
+
+    data = library.read_bytes()[:1 << 16]
+    size = library.stat().st_size
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise BundleError(f"{library} is not a 64-bit little-endian ELF shared library; rebuild the bundle")
+    machine = struct.unpack_from("<H", data, 18)[0]
+    host = platform.machine()
+    if ELF_MACHINES.get(host) not in (None, machine):
+        arch = {v: k for k, v in ELF_MACHINES.items()}.get(machine, f"machine {machine}")
+        raise BundleError(f"{library} is code for {arch}, this machine is {host}; compile the bundle for a preset "
+                          "of this machine (`int8mt targets`)")
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    if phoff + phentsize * phnum > len(data):
+        raise BundleError(f"{library} is damaged (its program headers lie outside the file); rebuild the bundle")
+    for i in range(phnum):
+        offset, filesz = struct.unpack_from("<QQ", data, phoff + i * phentsize + 8)[0], \
+            struct.unpack_from("<Q", data, phoff + i * phentsize + 32)[0]
+        if offset + filesz > size:
+            raise BundleError(f"{library} is truncated ({size} bytes; a segment ends at byte {offset + filesz}); "
+                              "rebuild the bundle")
 
 
 def _import_tvm_runtime() -> Any:
@@ -61,8 +133,9 @@ def read_manifest(bundle_dir: Path) -> dict:
     for name in (MANIFEST_FILE, LIBRARY_FILE, TOKENIZER_FILE):
         if not (bundle_dir / name).is_file():
             raise BundleError(f"bundle {bundle_dir} is incomplete: {name} is missing; rebuild it with `int8mt compile`")
+    where = str(bundle_dir / MANIFEST_FILE)
     try:
-        manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())
+        manifest = validate_manifest(json.loads((bundle_dir / MANIFEST_FILE).read_text(encoding="utf-8")), where)
         if manifest["format"] != BUNDLE_FORMAT:
             raise BundleError(f"bundle format {manifest['format']} is not supported (expected {BUNDLE_FORMAT}); "
                               "rebuild it with this version of int8mt")
@@ -70,28 +143,31 @@ def read_manifest(bundle_dir: Path) -> dict:
         if missing:
             raise BundleError(f"bundle {bundle_dir} lacks the entry points {missing} that this runtime needs; "
                               "rebuild it with `int8mt compile`")
-        for key in ("target", "model", "files", "top_candidates"):
-            manifest[key]  # noqa: B018  (presence check)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise BundleError(f"{bundle_dir / MANIFEST_FILE} is corrupt ({err!r}); rebuild the bundle") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{where} is corrupt ({err}); rebuild the bundle") from None
     return manifest
 
 
 def check_bundle(bundle_dir: Path, manifest: dict) -> None:
-    """Checksums of the shipped files, then the CPU features of the bundle's target."""
+    """Checksums of the shipped files, the library's ELF headers, then the CPU features the manifest lists."""
+    bundle_dir = Path(bundle_dir)
     for name, expected in manifest["files"].items():
-        if sha256(Path(bundle_dir) / name) != expected:
-            raise BundleError(f"{Path(bundle_dir) / name} does not match the checksum in the manifest "
-                              "(corrupt or replaced); rebuild the bundle")
-    preset_name = manifest["target"].get("preset", "?")
-    try:
-        preset = get_preset(preset_name)
-    except ValueError:
-        raise BundleError(f"bundle was built for unknown target {preset_name!r}") from None
-    missing = missing_features(preset)
+        path = bundle_dir / name
+        if Path(name).name != name or not path.is_file():
+            raise BundleError(f"{bundle_dir / MANIFEST_FILE} lists {name!r}, which is not a file of the bundle; "
+                              "rebuild the bundle")
+        if sha256(path) != expected:
+            raise BundleError(f"{path} does not match the checksum in the manifest (corrupt or replaced); "
+                              "rebuild the bundle")
+    if LIBRARY_FILE not in manifest["files"]:
+        raise BundleError(f"{bundle_dir / MANIFEST_FILE} has no checksum of {LIBRARY_FILE}; rebuild the bundle")
+    check_elf(bundle_dir / LIBRARY_FILE)
+    preset = manifest["target"]["preset"]
+    missing = [f for f in manifest["target"]["required_features"] if f not in host_features()]
     if missing:
-        raise BundleError(f"bundle was built for target {preset.name!r} ({preset.description}) but this CPU lacks "
-                          f"{', '.join(missing)}; compile it for this machine, e.g. `int8mt compile --target x86-avx2`")
+        raise BundleError(f"bundle was built for target {preset!r}, which needs CPU features this CPU lacks "
+                          f"({', '.join(missing)}); compile it for this machine (`int8mt targets` lists the "
+                          "presets it runs)")
 
 
 class Bundle:
