@@ -73,7 +73,7 @@ def test_rows_beyond_the_bound_are_split_into_several_calls(tiny_bundle, monkeyp
     calls = []
     encode = bounded.bundle.encode
     monkeypatch.setattr(bounded.bundle, "encode", lambda src: calls.append(len(src)) or encode(src))
-    assert bounded.sentences_per_call == 2 and bounded.translate(sentences) == whole
+    assert bounded.sentences_per_call() == 2 and bounded.translate(sentences) == whole
     assert max(calls) == 2 and sum(calls) == 9
 
 

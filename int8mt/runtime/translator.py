@@ -25,23 +25,30 @@ class Translator:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.bundle = Bundle(bundle_dir)
-        if options.beam_size > self.bundle.max_rows:
-            raise ValueError(f"beam size {options.beam_size} exceeds the {self.bundle.max_rows} rows (sentences x "
-                             "beams) the bundle's entry points take in one call; use a smaller beam")
+        self._check_beam(options)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_file)
         self.options = options
         self.batch_size = batch_size
         self._lock = threading.Lock()
 
-    @property
-    def sentences_per_call(self) -> int:
+    def _check_beam(self, options: SearchOptions) -> None:
+        if options.beam_size > self.bundle.max_rows:
+            raise ValueError(f"beam size {options.beam_size} exceeds the {self.bundle.max_rows} rows (sentences x "
+                             "beams) the bundle's entry points take in one call; use a smaller beam")
+
+    def sentences_per_call(self, options: SearchOptions | None = None) -> int:
         """Sentences in one search: ``batch_size``, fewer where sentences x beams would exceed the bundle's
         row bound."""
-        return max(1, min(self.batch_size, self.bundle.max_rows // self.options.beam_size))
+        beam = (options or self.options).beam_size
+        return max(1, min(self.batch_size, self.bundle.max_rows // beam))
 
-    def translate(self, sentences: list[str], progress: bool = False) -> list[str]:
-        """Translate ``sentences``; empty input lines give empty output lines. An input longer than the model's
-        positions is cut to fit, with a warning on stderr naming it. ``progress`` shows a bar on stderr."""
+    def translate(self, sentences: list[str], progress: bool = False,
+                  options: SearchOptions | None = None) -> list[str]:
+        """Translate ``sentences`` with the translator's search options, or ``options`` for this call; empty
+        input lines give empty output lines. An input longer than the model's positions is cut to fit, with a
+        warning on stderr naming it. ``progress`` shows a bar on stderr."""
+        options = options or self.options
+        self._check_beam(options)
         limit = self.bundle.max_positions
         ids = []
         for number, sentence in enumerate(sentences, 1):
@@ -53,13 +60,13 @@ class Translator:
             ids.append(full)
         out = [""] * len(sentences)
         todo = [i for i, s in enumerate(sentences) if s.strip()]
-        batches = list(iterate_batches([ids[i] for i in todo], self.sentences_per_call))
+        batches = list(iterate_batches([ids[i] for i in todo], self.sentences_per_call(options)))
         with self._lock:
             for batch in tqdm(batches, desc="translating", unit="batch", file=sys.stderr, disable=not progress,
                               leave=False):
                 rows = [todo[j] for j in batch]
                 src = pad_batch([ids[i] for i in rows], self.bundle.pad_id)
-                max_lens = self.options.max_lengths(src, self.bundle.pad_id, limit)
-                for i, hyp in zip(rows, beam_search(self.bundle, src, max_lens, self.options)):
+                max_lens = options.max_lengths(src, self.bundle.pad_id, limit)
+                for i, hyp in zip(rows, beam_search(self.bundle, src, max_lens, options)):
                     out[i] = self.tokenizer.decode(hyp)
         return out
