@@ -35,6 +35,10 @@ CASES = [
     ("quantization flags with fp32", ["compile", "{model}", "--quant", "fp32", "--ranges", "runtime"], 2,
      "need --quant int8 or --quant int6"),
     ("unreadable input file", ["translate", "{bundle}", "-i", "{tmp}/none.txt"], 2, "cannot read"),
+    ("input file not UTF-8", ["translate", "{bundle}", "-i", "{tmp}/latin1.txt"], 2, "latin1.txt is not UTF-8 text"),
+    ("config not UTF-8", ["translate", "{bundle}", "--config", "{tmp}/latin1.txt", "hi"], 2,
+     "latin1.txt is not UTF-8 text"),
+    ("corrupt report", ["inspect", "{tmp}/bundle-bad-report"], 2, "report.json is corrupt"),
 ]
 
 
@@ -43,6 +47,9 @@ def test_bad_input_is_a_clear_error(case, argv, code, message, tiny_bundle, tiny
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "nan.yaml").write_text("decode:\n  max_length_a: .nan\n")
     (tmp_path / "unknown.yaml").write_text("decode:\n  beam: 4\n")
+    (tmp_path / "latin1.txt").write_bytes("Café au lait.\n".encode("latin-1"))
+    shutil.copytree(tiny_bundle, tmp_path / "bundle-bad-report")
+    (tmp_path / "bundle-bad-report" / "report.json").write_text("{half")
     args = [a.format(bundle=tiny_bundle, model=tiny_model_dir, tmp=tmp_path) for a in argv]
     assert main(args) == code
     err = capsys.readouterr().err
@@ -225,3 +232,24 @@ def test_ctrl_c_during_tuning_says_what_was_kept_and_exits_130(tiny_model_dir, t
     assert main(["tune", str(tiny_model_dir), "--db", str(tmp_path / "db"), "--trials", "2"]) == 130
     err = capsys.readouterr().err
     assert "keeps every candidate measured so far" in err and "Traceback" not in err
+
+
+def test_translated_lines_are_written_before_a_later_failure(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """Output streams block by block: a failure in a later block does not lose the lines already translated."""
+    from int8mt.cli import translate as translate_cli
+
+    monkeypatch.setattr(translate_cli, "STREAM_LINES", 2)
+    calls = []
+    real = Translator.translate
+
+    def failing_third_block(self, sentences, *args, **kwargs):
+        calls.append(len(sentences))
+        if len(calls) == 3:
+            raise ValueError("the device went away")
+        return real(self, sentences, *args, **kwargs)
+
+    monkeypatch.setattr(Translator, "translate", failing_third_block)
+    (tmp_path / "in.txt").write_text("".join(f"Line {i}.\n" for i in range(6)))
+    assert main(["translate", str(tiny_bundle), "-i", str(tmp_path / "in.txt"), "--beam", "1"]) == 2
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 4 and "the device went away" in out.err

@@ -24,7 +24,10 @@ def run(args: argparse.Namespace) -> int:
     if not report_file.is_file():
         raise UserError(f"{args.bundle} has no {REPORT_FILE}; it was built by an int8mt without reports, "
                         "compile it again")
-    report = json.loads(report_file.read_text())
+    try:
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{report_file} is corrupt ({err}); compile the bundle again") from None
     if args.json:
         print(json.dumps({"manifest": manifest, "report": report}, indent=1))
         return 0

@@ -9,6 +9,9 @@ from . import UserError, config_path
 from ._decode_args import add_decode_arguments, make_translator
 
 
+STREAM_LINES = 1024  # input lines translated (batched by length) and written out at a time
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("translate", help="translate text with a compiled bundle")
     p.add_argument("bundle", type=Path, help="bundle directory from `int8mt compile`")
@@ -40,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as err:
             raise UserError(f"standard input is not UTF-8 text (byte {err.start} of it)") from None
     translator = make_translator(args, cfg.decode)
-    for line in translator.translate(sentences):
-        print(line)
+    for start in range(0, len(sentences), STREAM_LINES):  # each block's lines are out before the next starts
+        print("\n".join(translator.translate(sentences[start:start + STREAM_LINES])), flush=True)
     return 0
