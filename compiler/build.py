@@ -11,6 +11,7 @@ from pathlib import Path
 import tvm
 
 from int8mt import __version__
+from int8mt.errors import UserError
 from int8mt.model.checkpoint import check_model_dir, load_model_dir
 from int8mt.quant.config import QuantConfig
 from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE,
@@ -31,7 +32,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     check_model_dir(model_dir)
     tokenizer = Path(model_dir) / TOKENIZER_FILE
     if not tokenizer.is_file():
-        raise ValueError(f"{model_dir} has no tokenizer ({TOKENIZER_FILE}); a bundle needs one to translate text")
+        raise UserError(f"{model_dir} has no tokenizer ({TOKENIZER_FILE}); a bundle needs one to translate text")
     tiles = tile_chooser(preset, database) if qcfg is not None and preset.int8_dot is not None else None
     if qcfg is None:
         model = load_model_dir(model_dir)
@@ -73,7 +74,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
 def check_output_dir(out_dir: Path) -> None:
     """``out_dir`` may receive a bundle: it is new, empty, or an earlier bundle (which is replaced)."""
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
-        raise ValueError(f"{out_dir} exists and is not a bundle (no {MANIFEST_FILE}); compiling would replace its "
+        raise UserError(f"{out_dir} exists and is not a bundle (no {MANIFEST_FILE}); compiling would replace its "
                          "files: choose a new or empty folder")
 
 

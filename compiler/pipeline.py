@@ -31,6 +31,7 @@ from tvm import relax, topi
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight
 
+from int8mt.errors import UserError
 from int8mt.schedules.cpu_generic import CPUGeneric
 from int8mt.schedules.database import TileChooser, TuningDatabase, database_or_shipped
 from int8mt.schedules.intrin import int8_dot
@@ -74,7 +75,7 @@ class CompiledModel:
 def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser:
     """Tiles for ``preset``'s int8 kernels from ``database``, else the shipped one, else defaults."""
     if preset.int8_dot is None:
-        raise ValueError(f"target preset {preset.name} has no int8 kernels to choose tiles for")
+        raise UserError(f"target preset {preset.name} has no int8 kernels to choose tiles for")
     folder = database_or_shipped(preset.name, database)
     if folder is None:
         print(f"no tuning database shipped for {preset.name}: int8 kernels use default tiles", file=sys.stderr)
@@ -222,7 +223,7 @@ def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> tvm.transform.Pass:
     """Phases 3-5 as ``tvm.compile``'s ``relax_pipeline`` for ``target`` (an LLVM CPU target)."""
     if target.kind.name != "llvm":
-        raise ValueError(f"target kind {target.kind.name!r} is not supported yet; use a CPU (llvm) preset")
+        raise UserError(f"target kind {target.kind.name!r} is not supported yet; use a CPU (llvm) preset")
 
     @tvm.transform.module_pass(opt_level=0, name="int8mt.pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -12,6 +12,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .errors import UserError
 from .model.config import ModelConfig
 from .quant.config import QuantConfig
 from .runtime.search import SearchOptions
@@ -19,7 +20,7 @@ from .runtime.translator import DEFAULT_BATCH_SIZE
 from .targets import AUTO
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid configuration file or value."""
 
 

@@ -7,6 +7,8 @@ from typing import Iterator
 
 import numpy as np
 
+from int8mt.errors import UserError
+
 
 def split_lines(text: str) -> list[str]:
     """One line per ``\n`` (a ``\r`` before it dropped): unlike ``str.splitlines``, form feeds, vertical tabs,
@@ -21,15 +23,15 @@ def read_lines(path: Path) -> list[str]:
     try:
         return split_lines(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror}") from None
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
+        raise UserError(f"{path} is not UTF-8 text") from None
 
 
 def read_parallel(data_dir: Path, split: str, src: str, tgt: str) -> tuple[list[str], list[str]]:
     sources, targets = read_lines(data_dir / f"{split}.{src}"), read_lines(data_dir / f"{split}.{tgt}")
     if len(sources) != len(targets):
-        raise ValueError(f"{split}.{src} has {len(sources)} lines but {split}.{tgt} has {len(targets)}")
+        raise UserError(f"{split}.{src} has {len(sources)} lines but {split}.{tgt} has {len(targets)}")
     return sources, targets
 
 

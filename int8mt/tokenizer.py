@@ -6,6 +6,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from int8mt.errors import UserError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
@@ -33,7 +35,7 @@ class Tokenizer:
         try:
             self._sp.load(str(path))
         except (OSError, RuntimeError) as err:
-            raise ValueError(f"{path} is not a valid SentencePiece model ({err}); re-create the bundle") from None
+            raise UserError(f"{path} is not a valid SentencePiece model ({err}); re-create the bundle") from None
         self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
 

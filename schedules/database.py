@@ -21,6 +21,8 @@ import tvm
 import tvm_ffi
 from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
 
+from int8mt.errors import UserError
+
 from .int8_dense import DenseTiles, default_tiles, int8_dense, tiles_from_trace
 from .intrin import Int8Dot, int8_dot
 
@@ -100,7 +102,7 @@ class TuningDatabase:
         self.folder = Path(folder)
         missing = [f for f in DATABASE_FILES if not (self.folder / f).is_file()]
         if missing and not create:
-            raise ValueError(f"no tuning database in {self.folder} (missing {', '.join(missing)}); "
+            raise UserError(f"no tuning database in {self.folder} (missing {', '.join(missing)}); "
                              "create one with `int8mt tune`, or compile without --db")
         self.folder.mkdir(parents=True, exist_ok=True)
         for name in DATABASE_FILES:
@@ -142,10 +144,10 @@ class TuningDatabase:
         try:
             confirmed = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is corrupt ({err}); delete it and run `int8mt tune` again to confirm "
+            raise UserError(f"{path} is corrupt ({err}); delete it and run `int8mt tune` again to confirm "
                              "the best tiles") from None
         if not isinstance(confirmed, dict):
-            raise ValueError(f"{path} is corrupt (not a mapping of kernels); delete it and run `int8mt tune` again")
+            raise UserError(f"{path} is corrupt (not a mapping of kernels); delete it and run `int8mt tune` again")
         return confirmed
 
     def confirm(self, task: DenseTask, tiles: DenseTiles, seconds: float) -> None:
@@ -173,7 +175,7 @@ def _check_json_lines(path: Path) -> None:
                       file=sys.stderr)
                 path.write_bytes(data[:len(data) - len(line)])
                 return
-            raise ValueError(f"{path}: line {number} is not valid JSON; the tuning database is damaged: restore "
+            raise UserError(f"{path}: line {number} is not valid JSON; the tuning database is damaged: restore "
                              "it, or delete that line (its one record is lost)") from None
 
 

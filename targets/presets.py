@@ -8,6 +8,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from int8mt.errors import UserError
+
 
 @dataclass(frozen=True)
 class TargetPreset:
@@ -61,11 +63,11 @@ def get_preset(name: str) -> TargetPreset:
         for preset in PRESETS.values():
             if not missing_features(preset):
                 return preset
-        raise ValueError(f"no target preset fits this CPU; known presets: {', '.join(PRESETS)}")
+        raise UserError(f"no target preset fits this CPU; known presets: {', '.join(PRESETS)}")
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown target preset {name!r}; known presets: {AUTO}, {', '.join(PRESETS)}") from None
+        raise UserError(f"unknown target preset {name!r}; known presets: {AUTO}, {', '.join(PRESETS)}") from None
 
 
 def host_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:

@@ -245,11 +245,29 @@ def test_translated_lines_are_written_before_a_later_failure(tiny_bundle, tmp_pa
     def failing_third_block(self, sentences, *args, **kwargs):
         calls.append(len(sentences))
         if len(calls) == 3:
-            raise ValueError("the device went away")
+            raise RuntimeError("the device went away")
         return real(self, sentences, *args, **kwargs)
 
     monkeypatch.setattr(Translator, "translate", failing_third_block)
     (tmp_path / "in.txt").write_text("".join(f"Line {i}.\n" for i in range(6)))
-    assert main(["translate", str(tiny_bundle), "-i", str(tmp_path / "in.txt"), "--beam", "1"]) == 2
-    out = capsys.readouterr()
-    assert len(out.out.splitlines()) == 4 and "the device went away" in out.err
+    with pytest.raises(RuntimeError, match="the device went away"):
+        main(["translate", str(tiny_bundle), "-i", str(tmp_path / "in.txt"), "--beam", "1"])
+    assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(tiny_bundle, monkeypatch, capsys):
+    """Only UserError (bad files, flags, configuration, bundles) becomes a one-line message and exit 2; an
+    unexpected ValueError from inside int8mt is a bug and propagates with its traceback."""
+    from int8mt.errors import UserError
+
+    for error, raised in ((UserError("bad flag"), False), (ValueError("internal invariant"), True)):
+        def fail(self, *args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(Translator, "translate", fail)
+        if raised:
+            with pytest.raises(ValueError, match="internal invariant"):
+                main(["translate", str(tiny_bundle), "hi"])
+        else:
+            assert main(["translate", str(tiny_bundle), "hi"]) == 2
+            assert "error: bad flag" in capsys.readouterr().err

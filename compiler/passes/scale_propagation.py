@@ -46,6 +46,7 @@ from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
+from int8mt.errors import UserError
 from int8mt.quant import int_layer_norm as iln
 from int8mt.quant.fixed_point import fixed_point
 from int8mt.quant.int_softmax import BIAS_FLOOR, NORM_BITS, PROB_BITS, IntSoftmax
@@ -61,7 +62,7 @@ INT64_GRID_LIMIT = 2 ** 62  # the clip of terms requantized onto the int64 layer
 
 
 @tvm_ffi.register_error
-class UnsupportedQuantization(ValueError):
+class UnsupportedQuantization(UserError):
     """A quantize/dequantize outside the pass's contract (strict mode); registered with TVM's FFI so that it
     reaches the caller of the pass as itself."""
 

@@ -7,13 +7,10 @@ from importlib import import_module
 from pathlib import Path
 
 from .. import __version__
+from ..errors import UserError
 
 COMMANDS = ("train", "qat", "compile", "tune", "inspect", "translate", "evaluate", "bench", "quant-table", "verify",
             "targets")
-
-
-class UserError(Exception):
-    """A problem with the user's input, printed without a traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sub.choices[argv[0]].parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0]))
     try:
         return int(args.run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:  # anything else is a bug: its traceback is kept
         print(f"int8mt {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

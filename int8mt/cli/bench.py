@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import add_config_argument, config_path, database_path
+from . import UserError, add_config_argument, config_path, database_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     except ValueError:
-        raise ValueError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
     if args.sentences < 1:
-        raise ValueError("--sentences must be at least 1")
+        raise UserError("--sentences must be at least 1")
     sources, refs = read_parallel(cfg.paths.data, "test_2016_flickr", cfg.train.src_lang, cfg.train.tgt_lang)
     sources, refs = sources[: args.sentences], refs[: args.sentences]
     model = None if args.no_pytorch else (args.model or cfg.paths.model)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from int8mt.errors import UserError
 from int8mt.schedules.database import BENCH_MODELS, DenseTask, linear_shapes, row_bucket
 from int8mt.schedules.tile_label import tile_label
 from int8mt.targets import TargetPreset
@@ -179,7 +180,7 @@ def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
 def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32)) -> dict:
     """The benchmark table rows and the measured peak (see the module docstring)."""
     if preset.int8_dot is None:
-        raise ValueError(f"the kernel benchmark measures int8 dot-product kernels; preset {preset.name} has none "
+        raise UserError(f"the kernel benchmark measures int8 dot-product kernels; preset {preset.name} has none "
                          "(`int8mt targets` lists the presets that have)")
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     import torch

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from int8mt.config import CompileConfig
+from int8mt.errors import UserError
 from int8mt.quant.config import QuantConfig, scheme_bits
 from int8mt.targets import get_preset
 
@@ -28,7 +29,7 @@ class QuantRequest:
         bits = scheme_bits(self.scheme)
         if bits is None:
             if self.ranges or self.calibration or self.keep_fp32 or self.integer_softmax or self.integer_layer_norm:
-                raise ValueError("--ranges, --calibration, --keep-fp32, --integer-softmax and --integer-layer-norm "
+                raise UserError("--ranges, --calibration, --keep-fp32, --integer-softmax and --integer-layer-norm "
                                  "need --quant int8 or --quant int6")
             return None
         return QuantConfig(bits=bits, ranges=self.ranges or defaults.ranges,
@@ -45,7 +46,7 @@ def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: Qu
     preset = get_preset(target)  # a bad name fails before the slow imports
     qcfg = quant.config(defaults)
     if qcfg is None and database is not None:
-        raise ValueError("--db holds tuned int8 kernels; it needs --quant int8 or --quant int6")
+        raise UserError("--db holds tuned int8 kernels; it needs --quant int8 or --quant int6")
     out_dir = Path(out_dir or build_dir / preset.name)
     check_writable_dir(out_dir, "-o")
     from int8mt.compiler.build import check_output_dir
@@ -62,9 +63,9 @@ def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: Qu
 def check_writable_dir(path: Path, flag: str) -> None:
     """Fail before a long compile, not after it, when ``path`` cannot become a folder we write into."""
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file, not a folder; name a folder for the output")
+        raise UserError(f"{flag} {path} is a file, not a folder; name a folder for the output")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: {existing} is not a folder this user can write into; choose another")
+        raise UserError(f"{flag} {path}: {existing} is not a folder this user can write into; choose another")

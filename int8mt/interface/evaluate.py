@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import sacrebleu
 
+from int8mt.errors import UserError
 from int8mt.runtime.translator import Translator
 
 
@@ -26,9 +27,9 @@ class EvalResult:
 
 def evaluate(translator: Translator, sources: list[str], references: list[str]) -> tuple[EvalResult, list[str]]:
     if len(sources) != len(references):
-        raise ValueError(f"{len(sources)} source lines but {len(references)} reference lines")
+        raise UserError(f"{len(sources)} source lines but {len(references)} reference lines")
     if not sources:
-        raise ValueError("the source file is empty")
+        raise UserError("the source file is empty")
     t0 = time.perf_counter()
     hyps = translator.translate(sources, progress=True)
     seconds = time.perf_counter() - t0

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from int8mt.errors import UserError
 from int8mt.runtime.bundle import MANIFEST_FILE, REPORT_FILE
 from int8mt.schedules.database import DenseTask, bench_tasks
 from int8mt.schedules.tile_label import tile_label
@@ -34,7 +35,7 @@ def dense_tasks(source: Path, preset: TargetPreset) -> list[DenseTask]:
     if (source / MANIFEST_FILE).is_file():
         report = json.loads((source / REPORT_FILE).read_text()) if (source / REPORT_FILE).is_file() else {}
         if "kernels" not in report:
-            raise ValueError(f"bundle {source} has no int8 kernels to tune; compile it with --quant int8 for a "
+            raise UserError(f"bundle {source} has no int8 kernels to tune; compile it with --quant int8 for a "
                              "preset with an int8 dot product (int8mt targets), or pass the model directory")
         return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family) for k in report["kernels"]})
     from int8mt.compiler.pipeline import CompileOptions, import_model, integer_graph
@@ -55,10 +56,10 @@ def tune(args: TuneArgs) -> list[dict]:
     """Tune every kernel of ``args.source`` (and the benchmark shapes if asked); returns one row per task and
     appends the run to the database's tuning log."""
     if args.preset.int8_dot is None:
-        raise ValueError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; "
+        raise UserError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; "
                          "`int8mt targets` lists the presets that have")
     if args.trials < 1 or args.budget_minutes <= 0:
-        raise ValueError("--trials must be at least 1 and --budget-minutes positive")
+        raise UserError("--trials must be at least 1 and --budget-minutes positive")
     tasks = dense_tasks(args.source, args.preset)
     if args.bench_shapes:
         tasks = sorted(set(tasks) | set(bench_tasks(args.preset.int8_dot)))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from int8mt.compiler.integer_check import MatmulCheck
+from int8mt.errors import UserError
 from int8mt.quant.config import QuantConfig
 
 
@@ -48,10 +49,10 @@ def verify(request: VerifyRequest) -> VerifyResult:
 
     preset = get_preset(request.target)
     if missing_features(preset):
-        raise ValueError(f"this CPU cannot run {preset.name} code (it lacks {', '.join(missing_features(preset))}); "
+        raise UserError(f"this CPU cannot run {preset.name} code (it lacks {', '.join(missing_features(preset))}); "
                          "verify runs what it compiles: pick a preset with `int8mt targets`")
     if request.sentences < 1 or request.steps < 1:
-        raise ValueError("--sentences and --steps must be at least 1")
+        raise UserError("--sentences and --steps must be at least 1")
     check_model_dir(request.model_dir)
     qcfg = request.quant
     model = quantized_model(request.model_dir, qcfg, request.data_dir, calib_sentences=request.calib_sentences)
@@ -91,7 +92,7 @@ def inputs(sources: list[str], targets: list[str], tokenizer, start_id: int, pad
     src = pad_batch(tokenizer.encode_batch(sources), pad_id)
     tgt = [[start_id] + ids for ids in tokenizer.encode_batch(targets)]
     if min(len(t) for t in tgt) < steps:
-        raise ValueError(f"--steps {steps} is longer than the shortest reference translation "
+        raise UserError(f"--steps {steps} is longer than the shortest reference translation "
                          f"({min(len(t) for t in tgt)} tokens); use fewer steps or other sentences")
     return src, np.array([t[:steps] for t in tgt], dtype=np.int64)
 

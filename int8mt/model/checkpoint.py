@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from ..errors import UserError
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -27,7 +28,7 @@ def check_model_dir(model_dir: Path) -> None:
     """Raise a ValueError naming the file if ``model_dir`` lacks the config or the weights."""
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (Path(model_dir) / name).is_file():
-            raise ValueError(f"{model_dir} is not a model directory: {name} is missing")
+            raise UserError(f"{model_dir} is not a model directory: {name} is missing")
 
 
 def load_model_dir(model_dir: Path) -> Transformer:
@@ -39,7 +40,7 @@ def load_model_dir(model_dir: Path) -> Transformer:
     try:
         load_model(model, str(model_dir / WEIGHTS_FILE))
     except (SafetensorError, RuntimeError, OSError) as err:
-        raise ValueError(f"cannot load {model_dir / WEIGHTS_FILE}: {err}") from None
+        raise UserError(f"cannot load {model_dir / WEIGHTS_FILE}: {err}") from None
     return model.eval()
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from int8mt.errors import UserError
+
 ACTIVATIONS = ("relu", "gelu", "swish")
 
 
@@ -28,15 +30,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not supported; use one of {ACTIVATIONS}")
+            raise UserError(f"activation {self.activation!r} is not supported; use one of {ACTIVATIONS}")
         if self.d_model % self.heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by heads {self.heads}")
+            raise UserError(f"d_model {self.d_model} is not divisible by heads {self.heads}")
         for name in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim", "max_positions"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
         for name in ("pad_id", "eos_id", "decoder_start_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"model config: {name}={getattr(self, name)} is outside the vocabulary")
+                raise UserError(f"model config: {name}={getattr(self, name)} is outside the vocabulary")
 
     @property
     def head_dim(self) -> int:
@@ -50,7 +52,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"model config: unknown keys {unknown}; known keys are {sorted(known)}")
+            raise UserError(f"model config: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
     @classmethod
@@ -58,4 +60,4 @@ class ModelConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"cannot read model config {path}: {err}") from None
+            raise UserError(f"cannot read model config {path}: {err}") from None

@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from ..data import read_parallel
+from ..errors import UserError
 from ..model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_model_dir
 from ..model.config import ModelConfig
 from ..model.transformer import Transformer
@@ -42,7 +43,7 @@ def load_quantized(qdir: Path) -> tuple[Transformer, QuantConfig]:
     qdir = Path(qdir)
     for name in (CONFIG_FILE, QUANT_FILE, QUANT_WEIGHTS_FILE):
         if not (qdir / name).is_file():
-            raise ValueError(f"{qdir} is not a quantized model directory: {name} is missing")
+            raise UserError(f"{qdir} is not a quantized model directory: {name} is missing")
     meta = json.loads((qdir / QUANT_FILE).read_text())
     qcfg = QuantConfig(bits=meta["bits"], ranges=meta["ranges"], keep_fp32=tuple(meta["keep_fp32"]))
     model = Transformer(ModelConfig.load(qdir / CONFIG_FILE))
@@ -51,7 +52,7 @@ def load_quantized(qdir: Path) -> tuple[Transformer, QuantConfig]:
     try:
         load_model(model, str(qdir / QUANT_WEIGHTS_FILE))
     except (SafetensorError, RuntimeError, OSError) as err:
-        raise ValueError(f"cannot load {qdir / QUANT_WEIGHTS_FILE}: {err}") from None
+        raise UserError(f"cannot load {qdir / QUANT_WEIGHTS_FILE}: {err}") from None
     return model.eval(), qcfg
 
 
@@ -61,12 +62,12 @@ def quantized_model(model_dir: Path, qcfg: QuantConfig, data_dir: Path, src_lang
     if qcfg.ranges == "learned":
         qdir = learned_dir(model_dir, qcfg.bits)
         if not qdir.is_dir():
-            raise ValueError(f"no learned ranges for {qcfg.name} in {model_dir} ({qdir.name}/ is missing); "
+            raise UserError(f"no learned ranges for {qcfg.name} in {model_dir} ({qdir.name}/ is missing); "
                              f"run `int8mt qat {model_dir} --bits {qcfg.bits}` first, or use "
                              "--ranges calibrate or --ranges runtime")
         model, saved = load_quantized(qdir)
         if saved.bits != qcfg.bits or saved.keep_fp32 != qcfg.keep_fp32:
-            raise ValueError(f"{qdir} holds an int{saved.bits} model keeping {list(saved.keep_fp32)} in FP32, "
+            raise UserError(f"{qdir} holds an int{saved.bits} model keeping {list(saved.keep_fp32)} in FP32, "
                              f"not the requested {qcfg.name} keeping {list(qcfg.keep_fp32)}")
         return model
     model = load_model_dir(model_dir)

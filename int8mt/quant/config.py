@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from int8mt.errors import UserError
+
 RANGE_METHODS = ("calibrate", "learned", "runtime")
 CALIBRATION_METHODS = ("max", "percentile", "mse")
 SCHEMES = {"fp32": None, "int8": 8, "int6": 6}  # `--quant` names -> bits (None: not quantized)
@@ -13,7 +15,7 @@ def scheme_bits(scheme: str) -> int | None:
     try:
         return SCHEMES[scheme]
     except KeyError:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}") from None
+        raise UserError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}") from None
 
 
 @dataclass(frozen=True)
@@ -31,17 +33,17 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be between 2 and 8, not {self.bits}")
+            raise UserError(f"bits must be between 2 and 8, not {self.bits}")
         if self.ranges not in RANGE_METHODS:
-            raise ValueError(f"unknown range method {self.ranges!r}; use one of {', '.join(RANGE_METHODS)}")
+            raise UserError(f"unknown range method {self.ranges!r}; use one of {', '.join(RANGE_METHODS)}")
         if self.calibration not in CALIBRATION_METHODS:
-            raise ValueError(f"unknown calibration method {self.calibration!r}; "
+            raise UserError(f"unknown calibration method {self.calibration!r}; "
                              f"use one of {', '.join(CALIBRATION_METHODS)}")
         if (self.integer_softmax or self.integer_layer_norm) and self.ranges == "runtime":
-            raise ValueError("the integer softmax and layer norm need constant scales: use --ranges calibrate or "
+            raise UserError("the integer softmax and layer norm need constant scales: use --ranges calibrate or "
                              "learned (run-time ranges give every row its own scale)")
         if not 50.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], not {self.percentile}")
+            raise UserError(f"percentile must be in (50, 100], not {self.percentile}")
 
     @property
     def qmax(self) -> int:

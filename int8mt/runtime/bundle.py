@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from int8mt.errors import UserError
 from int8mt.targets import host_features
 
 LIBRARY_FILE, MANIFEST_FILE, TOKENIZER_FILE = "model.so", "manifest.json", "spm.model"
@@ -25,7 +26,7 @@ BUNDLE_FORMAT = 1
 ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     """A bundle that is missing, damaged, or built for another machine."""
 
 

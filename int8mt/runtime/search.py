@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from int8mt.errors import UserError
 from .bundle import Bundle
 
 
@@ -19,13 +20,13 @@ class SearchOptions:
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
-            raise ValueError(f"beam size must be at least 1, got {self.beam_size}")
+            raise UserError(f"beam size must be at least 1, got {self.beam_size}")
         for name in ("length_penalty", "max_length_a"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+                raise UserError(f"{name} must be a finite number >= 0, got {value}")
         if self.max_length_b < 0:
-            raise ValueError(f"max_length_b must be >= 0, got {self.max_length_b}")
+            raise UserError(f"max_length_b must be >= 0, got {self.max_length_b}")
 
     def max_lengths(self, src: np.ndarray, pad_id: int, limit: int) -> list[int]:
         """Per-sentence output limits from the unpadded source lengths (so batching never changes a result)."""

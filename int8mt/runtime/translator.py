@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from int8mt.data import iterate_batches, pad_batch
+from int8mt.errors import UserError
 from int8mt.tokenizer import Tokenizer
 
 from .bundle import Bundle
@@ -23,7 +24,7 @@ class Translator:
     def __init__(self, bundle_dir: Path | str, options: SearchOptions = SearchOptions(),
                  batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
         self.bundle = Bundle(bundle_dir)
         self._check_beam(options)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_file)
@@ -33,7 +34,7 @@ class Translator:
 
     def _check_beam(self, options: SearchOptions) -> None:
         if options.beam_size > self.bundle.max_rows:
-            raise ValueError(f"beam size {options.beam_size} exceeds the {self.bundle.max_rows} rows (sentences x "
+            raise UserError(f"beam size {options.beam_size} exceeds the {self.bundle.max_rows} rows (sentences x "
                              "beams) the bundle's entry points take in one call; use a smaller beam")
 
     def sentences_per_call(self, options: SearchOptions | None = None) -> int:

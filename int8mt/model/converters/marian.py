@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ...errors import UserError
 from ..config import ModelConfig
 from ..transformer import Transformer
 
@@ -30,7 +31,7 @@ _IGNORED = re.compile(r"^(encoder|decoder)\.(embed_positions\.weight|embed_token
 def marian_model_config(hf: dict) -> ModelConfig:
     def require(cond: bool, what: str) -> None:
         if not cond:
-            raise ValueError(f"unsupported MarianConfig: {what}")
+            raise UserError(f"unsupported MarianConfig: {what}")
 
     require(hf.get("model_type", "marian") == "marian", f"model_type is {hf.get('model_type')!r}, expected 'marian'")
     require(hf.get("share_encoder_decoder_embeddings", True), "separate encoder/decoder embeddings")
@@ -52,7 +53,7 @@ def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         return load_file(str(model_dir / "model.safetensors"))
     if (model_dir / "pytorch_model.bin").is_file():
         return torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ValueError(f"{model_dir} has neither model.safetensors nor pytorch_model.bin")
+    raise UserError(f"{model_dir} has neither model.safetensors nor pytorch_model.bin")
 
 
 def _our_name(name: str) -> str | None:
@@ -71,7 +72,7 @@ def load_marian(model_dir: Path | str) -> Transformer:
     try:
         hf = json.loads((model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {model_dir / 'config.json'}: {err}") from None
+        raise UserError(f"cannot read {model_dir / 'config.json'}: {err}") from None
     model = Transformer(marian_model_config(hf))
     raw = {k.removeprefix("model."): v for k, v in _read_weights(model_dir).items()}
     # The tied table is saved under one of its names, depending on the exporter.
@@ -85,6 +86,6 @@ def load_marian(model_dir: Path | str) -> Transformer:
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"MarianMT weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"MarianMT weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(state)
     return model.eval()
