@@ -29,6 +29,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     quantized (ranges per ``qcfg.ranges``; calibration reads ``data_dir``). On presets with an int8
     dot-product intrinsic, int8 linear layers use the tuned kernels of ``database`` (default: the database
     shipped for the preset; kernels it lacks get default tiles)."""
+    check_output_dir(out_dir)
     check_model_dir(model_dir)
     tokenizer = Path(model_dir) / TOKENIZER_FILE
     if not tokenizer.is_file():
@@ -80,7 +81,6 @@ def check_output_dir(out_dir: Path) -> None:
 
 def _staging_dir(out_dir: Path) -> Path:
     """A fresh folder beside ``out_dir`` for the bundle being written (same file system: renaming is atomic)."""
-    check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

@@ -11,7 +11,7 @@ from int8mt.schedules.database import TileChooser
 from int8mt.schedules.int8_dense import dense_attrs
 from int8mt.schedules.intrin import int8_dot
 
-from .passes.kernel_calls import kernel_kind
+from .passes.kernel_calls import kernel_calls
 from .passes.scale_propagation import REWRITES_ATTR
 
 # Why the float ops that remain after scale propagation need floats.
@@ -98,19 +98,6 @@ def op_report(mod: tvm.IRModule) -> dict:
     }
 
 
-def _kernel_calls(func: relax.Function, mod: tvm.IRModule, kind: str) -> list[relax.Call]:
-    """The calls in ``func`` of our kernels of ``kind`` (by their ``int8mt.kernel`` attribute)."""
-    calls = []
-
-    def visit(expr: relax.Expr) -> None:
-        if (isinstance(expr, relax.Call) and expr.op.same_as(ir.Op.get("relax.call_tir"))
-                and kernel_kind(mod, expr.args[0]) == kind):
-            calls.append(expr)
-
-    relax.analysis.post_order_visit(func, visit)
-    return calls
-
-
 def _entry_functions(mod: tvm.IRModule) -> list[tuple[ir.GlobalVar, relax.Function]]:
     """The module's entry points (public Relax functions; not the composites a fusion pass adds)."""
     return [(gv, f) for gv, f in mod.functions_items()
@@ -119,7 +106,7 @@ def _entry_functions(mod: tvm.IRModule) -> list[tuple[ir.GlobalVar, relax.Functi
 
 def attention_kernel_calls(mod: tvm.IRModule) -> dict[str, int]:
     """Per entry function, the calls of the batched int8 (attention) kernels."""
-    return {gv.name_hint: len(_kernel_calls(func, mod, "int8_batch_matmul")) for gv, func in _entry_functions(mod)}
+    return {gv.name_hint: len(kernel_calls(func, mod, "int8_batch_matmul")) for gv, func in _entry_functions(mod)}
 
 
 def dense_kernel_report(mod: tvm.IRModule, tiles: TileChooser) -> list[dict]:
@@ -127,7 +114,7 @@ def dense_kernel_report(mod: tvm.IRModule, tiles: TileChooser) -> list[dict]:
     the row bucket they were chosen for and whether a tuning run found them."""
     rows = {}
     for gv, func in _entry_functions(mod):
-        for call in _kernel_calls(func, mod, "int8_dense"):
+        for call in kernel_calls(func, mod, "int8_dense"):
             n, k, chosen, family = dense_attrs(mod[call.args[0]])
             choice = tiles.choice(n, k, gv.name_hint)
             dot = int8_dot(family)

@@ -19,8 +19,8 @@ reductions. This rule gives each loop nest multi-core parallelism and, for matmu
 VECTOR_WIDTH, the float32 lanes of one vector register, comes from the target: 64-byte registers where
 it has AVX-512, else 32 (AVX2), else 16 (SSE, NEON). The matmul tile's TILE_COLUMNS are one 64-byte cache
 line of float32 outputs on every target: one AVX-512 register per row, two AVX2 registers, so that the
-ROW_TILE rows give enough independent accumulators to hide the multiply-add latency (with one AVX2
-register per row the FP32 bundle translated 25-40 % slower). Apply it after LegalizeOps/FuseTIR with ``dlight.ApplyDefaultSchedule(CPUGeneric())``. Tuned kernels
+ROW_TILE rows give enough independent accumulators to hide the multiply-add latency (one AVX2 register
+per row leaves too few). Apply it after LegalizeOps/FuseTIR with ``dlight.ApplyDefaultSchedule(CPUGeneric())``. Tuned kernels
 (MetaSchedule) replace it where a tuning database has records.
 """
 from __future__ import annotations

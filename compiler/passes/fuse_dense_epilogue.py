@@ -32,7 +32,7 @@ from tvm.sym.analyzer import Analyzer
 from int8mt.schedules.int8_dense import DenseEpilogue, dense_attrs, scheduled_int8_dense
 from int8mt.schedules.intrin import int8_dot
 
-from .kernel_calls import kernel_kind, shape_product
+from .kernel_calls import is_one, kernel_kind, shape_product
 
 _BINARY: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
     "relax.add": operator.add, "relax.subtract": operator.sub, "relax.multiply": operator.mul,
@@ -69,10 +69,6 @@ def _dims(expr: relax.Expr) -> list[tirx.PrimExpr]:
 
 def _int(value: int) -> tirx.IntImm:
     return tirx.IntImm("int64", value)
-
-
-def _is_one(dim: tirx.PrimExpr) -> bool:
-    return isinstance(dim, tirx.IntImm) and int(dim) == 1
 
 
 def _scalar(expr: relax.Expr) -> float | int | None:
@@ -166,7 +162,7 @@ class EpilogueChain:
             raise _Unfusable("the operand has more dimensions than the chain's value")
         index = []
         for d, dim in enumerate(shape):
-            if _is_one(dim):
+            if is_one(dim):
                 index.append(_int(0))
             elif self.analyzer.can_prove_equal(dim, element.shape[lead + d]):
                 index.append(element.coords[lead + d])
@@ -177,8 +173,8 @@ class EpilogueChain:
     def _regroup(self, coords: list, shape: list, new_shape: list) -> list[tirx.PrimExpr]:
         """Where the element at ``coords`` of ``shape`` is in ``new_shape`` (a row-major reshape): each
         group of dimensions with (provably) equal products is flattened and split again."""
-        old = [(c, d) for c, d in zip(coords, shape) if not _is_one(d)]
-        new = [(k, d) for k, d in enumerate(new_shape) if not _is_one(d)]
+        old = [(c, d) for c, d in zip(coords, shape) if not is_one(d)]
+        new = [(k, d) for k, d in enumerate(new_shape) if not is_one(d)]
         out: list[tirx.PrimExpr] = [_int(0)] * len(new_shape)
         a = b = 0
         while a < len(old) or b < len(new):

@@ -16,7 +16,7 @@ from tvm.relax import PyExprMutator, expr_functor
 from int8mt.schedules.int8_dense import pack_weight, packed_rows
 from int8mt.schedules.intrin import Int8Dot
 
-from .kernel_calls import KernelTable, int8_table, kernel_kind, rewrite_functions, shape_product
+from .kernel_calls import KernelTable, int8_table, kernel_calls, rewrite_functions, shape_product
 
 
 @expr_functor.mutator
@@ -27,14 +27,8 @@ class _Gatherer(PyExprMutator):
         self.packed_weights: list[ir.expr.Constant] = []  # the packed weights the function's dense calls read
 
     def start(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
-        mod, self.packed_weights = self.builder_.get(), []
-
-        def visit(expr: relax.Expr) -> None:
-            if (isinstance(expr, relax.Call) and expr.op == ir.Op.get("relax.call_tir")
-                    and kernel_kind(mod, expr.args[0]) == "int8_dense"):
-                self.packed_weights.append(expr.args[1].fields[1])
-
-        relax.analysis.post_order_visit(func, visit)
+        dense = kernel_calls(func, self.builder_.get(), "int8_dense")
+        self.packed_weights = [call.args[1].fields[1] for call in dense]
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)

@@ -17,11 +17,7 @@ from tvm.sym.analyzer import Analyzer
 from int8mt.schedules.int8_batch_matmul import scheduled_int8_batch_matmul
 from int8mt.schedules.intrin import Int8Dot
 
-from .kernel_calls import KernelTable, is_int8_matmul, rewrite_functions, shape_product
-
-
-def _is_one(dim) -> bool:
-    return isinstance(dim, tvm.tirx.IntImm) and int(dim) == 1
+from .kernel_calls import KernelTable, is_int8_matmul, is_one, rewrite_functions, shape_product
 
 
 @expr_functor.mutator
@@ -40,7 +36,7 @@ class _Batcher(PyExprMutator):
         a_shape, b_shape = list(a.ty.shape), list(b.ty.shape)
         lead = a_shape[:-2]
         (i, r), j = a_shape[-2:], b_shape[-1]
-        if _is_one(i) or not all(self.analyzer.can_prove_equal(x, y) for x, y in zip(lead, b_shape[:-2])):
+        if is_one(i) or not all(self.analyzer.can_prove_equal(x, y) for x, y in zip(lead, b_shape[:-2])):
             return call
         batch = shape_product(lead)
         sizes = tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in (batch, i, j, r))

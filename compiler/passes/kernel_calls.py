@@ -24,6 +24,11 @@ def int8_table(expr: relax.Expr) -> ir.expr.Constant | None:
     return None
 
 
+def is_one(dim: tirx.PrimExpr) -> bool:
+    """``dim`` is the static size 1."""
+    return isinstance(dim, tirx.IntImm) and int(dim) == 1
+
+
 def shape_product(dims: list[tirx.PrimExpr]) -> tirx.PrimExpr:
     """The product of (a non-empty list of) sizes."""
     out = dims[0]
@@ -40,12 +45,23 @@ def bound_call(mutator: relax.PyExprMutator, expr: relax.Expr, op: str) -> relax
 
 def kernel_kind(mod: tvm.IRModule, callee: relax.Expr) -> str | None:
     """Which of our kernels ``callee`` (a ``call_tir``'s first argument) is, if any."""
-    if not isinstance(callee, ir.GlobalVar) or callee not in mod.get_global_vars():
-        return None
-    func = mod[callee]
+    func = mod.functions.get(callee) if isinstance(callee, ir.GlobalVar) else None
     if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
         return None
     return str(func.attrs[KERNEL_ATTR])
+
+
+def kernel_calls(func: relax.Function, mod: tvm.IRModule, kind: str) -> list[relax.Call]:
+    """The calls in ``func`` of our kernels of ``kind``, in visiting order."""
+    calls = []
+
+    def visit(expr: relax.Expr) -> None:
+        if (isinstance(expr, relax.Call) and expr.op == ir.Op.get("relax.call_tir")
+                and kernel_kind(mod, expr.args[0]) == kind):
+            calls.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return calls
 
 
 def kernel_call(mutator: relax.PyExprMutator, expr: relax.Expr, kind: str) -> relax.Call | None:

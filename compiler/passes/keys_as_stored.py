@@ -12,7 +12,7 @@ from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
-from .kernel_calls import bound_call, is_int8_matmul, rewrite_functions
+from .kernel_calls import bound_call, is_int8_matmul, is_one, rewrite_functions
 
 
 @expr_functor.mutator
@@ -26,8 +26,7 @@ class _KeysReader(PyExprMutator):
         if not is_int8_matmul(call):
             return call
         q, b = call.args
-        i = list(q.ty.shape)[-2] if q.ty.ndim >= 2 else None
-        if not (isinstance(i, tvm.tirx.IntImm) and int(i) == 1):
+        if q.ty.ndim < 2 or not is_one(list(q.ty.shape)[-2]):
             return call
         view = bound_call(self, b, "relax.reshape")
         swap = bound_call(self, view.args[0], "relax.permute_dims") if view is not None else None

@@ -11,10 +11,7 @@ from __future__ import annotations
 import tvm
 from tvm import ir, relax
 
-
-def _is_int_matmul(value: relax.Expr) -> bool:
-    return (isinstance(value, relax.Call) and value.op == ir.Op.get("relax.matmul")
-            and str(value.attrs.out_dtype) == "int32" and str(value.args[0].ty.dtype) == "int8")
+from .kernel_calls import is_int8_matmul
 
 
 def _is_weight(expr: relax.Expr, bound: dict[relax.Var, relax.Expr]) -> bool:
@@ -35,7 +32,7 @@ def matmul_taps(func: relax.Function) -> list[tuple[relax.Var, ...]]:
         for binding in block.bindings:
             if isinstance(binding, relax.VarBinding):
                 bound[binding.var] = binding.value
-                if _is_int_matmul(binding.value):
+                if is_int8_matmul(binding.value):
                     a, b = binding.value.args
                     operands = (a,) if _is_weight(b, bound) else (a, b)
                     taps.append((*operands, binding.var))

@@ -49,9 +49,6 @@ def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: Qu
         raise UserError("--db holds tuned int8 kernels; it needs --quant int8 or --quant int6")
     out_dir = Path(out_dir or build_dir / preset.name)
     check_writable_dir(out_dir, "-o")
-    from int8mt.compiler.build import check_output_dir
-
-    check_output_dir(out_dir)
     if dump_dir is not None:
         check_writable_dir(Path(dump_dir), "--dump-ir")
     from int8mt.compiler.build import build_bundle

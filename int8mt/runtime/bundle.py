@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None
 TARGET_SCHEMA: dict[str, tuple[type, type | None]] = {"preset": (str, None), "required_features": (list, str)}
 MODEL_KEYS = ("decoder_layers", "heads", "d_model", "max_positions", "pad_id", "eos_id", "decoder_start_id")
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}  # e_machine of this machine's architecture
+ELF_HEADERS_READ = 1 << 16  # bytes read from the start of the library: the ELF and program headers
 
 
 def _check_fields(where: str, data: dict, schema: dict, required: bool = True) -> None:
@@ -76,10 +79,8 @@ def validate_manifest(manifest: object, where: str) -> dict:
 def check_elf(library: Path) -> None:
     """``library`` is an ELF shared library for this machine's architecture whose segments all lie inside the
     file (a truncated library would be mapped past its end and crash the process with SIGBUS on first use)."""
-    import platform
-    import struct
-
-    data = library.read_bytes()[:1 << 16]
+    with open(library, "rb") as f:
+        data = f.read(ELF_HEADERS_READ)
     size = library.stat().st_size
     if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise BundleError(f"{library} is not a 64-bit little-endian ELF shared library; rebuild the bundle")
@@ -91,11 +92,11 @@ def check_elf(library: Path) -> None:
                           "of this machine (`int8mt targets`)")
     phoff, = struct.unpack_from("<Q", data, 32)
     phentsize, phnum = struct.unpack_from("<HH", data, 54)
-    if phoff + phentsize * phnum > len(data):
+    if phnum and (phentsize < 56 or phoff + phentsize * phnum > len(data)):  # 56: an ELF64 program header
         raise BundleError(f"{library} is damaged (its program headers lie outside the file); rebuild the bundle")
-    for i in range(phnum):
-        offset, filesz = struct.unpack_from("<QQ", data, phoff + i * phentsize + 8)[0], \
-            struct.unpack_from("<Q", data, phoff + i * phentsize + 32)[0]
+    for entry in range(phoff, phoff + phentsize * phnum, phentsize):
+        offset, = struct.unpack_from("<Q", data, entry + 8)  # p_offset
+        filesz, = struct.unpack_from("<Q", data, entry + 32)  # p_filesz
         if offset + filesz > size:
             raise BundleError(f"{library} is truncated ({size} bytes; a segment ends at byte {offset + filesz}); "
                               "rebuild the bundle")
