@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny random model with the shipped tokenizer, and its compiled bundle."""
+"""Shared fixtures: a tiny random model with the shipped tokenizer, its compiled bundle, and a copy of that
+bundle to damage."""
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,17 @@ def tiny_bundle(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-x86"
     build_bundle(tiny_model_dir, HOST_PRESET, out)
     return out
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+def edit_manifest(bundle: Path, change: Callable[[dict], object]) -> None:
+    """Rewrite ``bundle``'s manifest with ``change`` applied to it (in place)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))

@@ -2,7 +2,6 @@
 hold: one output line per input line, a warning instead of silent truncation, row bounds respected, one
 Translator shared by threads."""
 import io
-import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from int8mt.cli import main
 from int8mt.runtime.bundle import Bundle, BundleError, sha256
 from int8mt.runtime.search import SearchOptions
 from int8mt.runtime.translator import Translator
+
+from .conftest import edit_manifest
 
 # (case, argv with {bundle}/{model}/{tmp} placeholders, expected exit code, fragment of stderr)
 CASES = [
@@ -127,21 +128,8 @@ def test_text_that_is_not_utf8_or_absent_is_a_clear_error(tiny_bundle, kind):
     assert res.returncode == 2 and message in res.stderr and b"Traceback" not in res.stderr
 
 
-def _with_manifest(bundle, change) -> None:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    change(manifest)
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-
-
 def _rechecksum(bundle) -> None:
-    _with_manifest(bundle, lambda m: m["files"].update({"model.so": sha256(bundle / "model.so")}))
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundle, tmp_path):
-    out = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, out)
-    return out
+    edit_manifest(bundle, lambda m: m["files"].update({"model.so": sha256(bundle / "model.so")}))
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -153,13 +141,13 @@ def bundle_copy(tiny_bundle, tmp_path):
     ("max_rows", True, "'max_rows' must be a int"),
 ])
 def test_wrong_typed_manifest_fields(bundle_copy, field, value, message):
-    _with_manifest(bundle_copy, lambda m: m.update({field: value}))
+    edit_manifest(bundle_copy, lambda m: m.update({field: value}))
     with pytest.raises(BundleError, match=message):
         Bundle(bundle_copy)
 
 
 def test_manifest_required_features_are_checked(bundle_copy):
-    _with_manifest(bundle_copy, lambda m: m["target"].update({"required_features": ["sse2", "imaginary_isa"]}))
+    edit_manifest(bundle_copy, lambda m: m["target"].update({"required_features": ["sse2", "imaginary_isa"]}))
     with pytest.raises(BundleError, match=r"lacks \(imaginary_isa\)"):
         Bundle(bundle_copy)
 

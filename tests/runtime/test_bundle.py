@@ -1,6 +1,5 @@
 """Bundles: export/load round trip, translation, and clear errors for bad bundles and bad input."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,14 +11,7 @@ from int8mt.runtime.bundle import Bundle, BundleError
 from int8mt.runtime.search import SearchOptions, beam_search, greedy_search
 from int8mt.runtime.translator import Translator
 
-from ..conftest import HOST_PRESET
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundle, tmp_path):
-    out = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, out)
-    return out
+from ..conftest import HOST_PRESET, edit_manifest
 
 
 def test_round_trip_matches_pytorch_greedy(tiny_bundle, tiny_model):
@@ -106,9 +98,7 @@ def test_tokenizer_that_is_not_a_sentencepiece_model(bundle_copy):
     from int8mt.runtime.translator import Translator
 
     (bundle_copy / "spm.model").write_bytes(b"garbage")
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["files"]["spm.model"] = sha256(bundle_copy / "spm.model")
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(bundle_copy, lambda m: m["files"].update({"spm.model": sha256(bundle_copy / "spm.model")}))
     with pytest.raises(ValueError, match="spm.model is not a valid SentencePiece model"):
         Translator(bundle_copy)
 
@@ -121,17 +111,13 @@ def test_cpu_without_required_features(bundle_copy, monkeypatch):
 
 
 def test_unsupported_format(bundle_copy):
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["format"] = 99
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(bundle_copy, lambda m: m.update({"format": 99}))
     with pytest.raises(BundleError, match="format 99"):
         Bundle(bundle_copy)
 
 
 def test_bundle_from_an_older_build_lacking_an_entry_point(bundle_copy):
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["entry_points"] = ["encode", "decode_step"]
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(bundle_copy, lambda m: m.update({"entry_points": ["encode", "decode_step"]}))
     with pytest.raises(BundleError, match="reorder_cache"):
         Bundle(bundle_copy)
 
