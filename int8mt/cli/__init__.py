@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import UserError
 
-COMMANDS = ("train", "qat", "compile", "tune", "inspect", "translate", "evaluate", "bench", "quant-table", "verify",
+COMMANDS = ("train", "qat", "compile", "tune", "inspect", "translate", "serve", "evaluate", "bench", "quant-table", "verify",
             "targets")
 
 

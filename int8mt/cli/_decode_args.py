@@ -11,11 +11,13 @@ if TYPE_CHECKING:
     from ..runtime.translator import Translator
 
 
-def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+def add_decode_arguments(p: argparse.ArgumentParser, batch_flag: str = "--batch-size",
+                         batch_help: str = "sentences per batch") -> None:
     add_config_argument(p)
     p.add_argument("--beam", type=int, default=None, help="beam size, 1 = greedy (default: decode.beam_size)")
     p.add_argument("--length-penalty", type=float, default=None, help="GNMT alpha (default: decode.length_penalty)")
-    p.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default: decode.batch_size)")
+    p.add_argument(batch_flag, dest="batch_size", type=int, default=None,
+                   help=f"{batch_help} (default: decode.batch_size)")
 
 
 def make_translator(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> "Translator":

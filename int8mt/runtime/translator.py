@@ -17,25 +17,27 @@ from .search import SearchOptions, beam_search
 DEFAULT_BATCH_SIZE = 32  # sentences per call of the compiled entry points
 
 
+def check_decoding(options: SearchOptions, batch_size: int, max_rows: int) -> None:
+    """Refuse a batch size below 1 or a beam wider than the rows (sentences x beams) a bundle decodes at once."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if options.beam_size > max_rows:
+        raise UserError(f"beam size {options.beam_size} exceeds the {max_rows} rows (sentences x beams) the "
+                        "bundle's entry points take in one call; use a smaller beam")
+
+
 class Translator:
     """Translates text with a bundle. One ``Translator`` may be shared by threads: calls run one at a time
     (the compiled module's VM is not reentrant), each call's sentences batched together."""
 
     def __init__(self, bundle_dir: Path | str, options: SearchOptions = SearchOptions(),
                  batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-        if batch_size < 1:
-            raise UserError(f"batch size must be at least 1, got {batch_size}")
         self.bundle = Bundle(bundle_dir)
-        self._check_beam(options)
+        check_decoding(options, batch_size, self.bundle.max_rows)
         self.tokenizer = Tokenizer(self.bundle.tokenizer_file)
         self.options = options
         self.batch_size = batch_size
         self._lock = threading.Lock()
-
-    def _check_beam(self, options: SearchOptions) -> None:
-        if options.beam_size > self.bundle.max_rows:
-            raise UserError(f"beam size {options.beam_size} exceeds the {self.bundle.max_rows} rows (sentences x "
-                             "beams) the bundle's entry points take in one call; use a smaller beam")
 
     def sentences_per_call(self, options: SearchOptions | None = None) -> int:
         """Sentences in one search: ``batch_size``, fewer where sentences x beams would exceed the bundle's
@@ -49,7 +51,7 @@ class Translator:
         input lines give empty output lines. An input longer than the model's positions is cut to fit, with a
         warning on stderr naming it. ``progress`` shows a bar on stderr."""
         options = options or self.options
-        self._check_beam(options)
+        check_decoding(options, self.batch_size, self.bundle.max_rows)
         limit = self.bundle.max_positions
         ids = []
         for number, sentence in enumerate(sentences, 1):

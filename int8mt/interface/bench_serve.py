@@ -1,0 +1,146 @@
+"""Load benchmark of ``int8mt serve``: sentences/s and latency at N concurrent HTTP clients, against calling
+the runtime directly in one process with batches of 32.
+
+Every client sends one sentence per request (the online case) over a kept-alive connection, as soon as its
+previous answer arrives. Clients run in this process on the same machine as the server, so at high client
+counts they take CPU time the server would otherwise have: the figures are a lower bound for a server whose
+clients are elsewhere. The in-process figure is measured before and after the server runs and averaged.
+"""
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from int8mt.runtime.search import SearchOptions
+from int8mt.runtime.translator import Translator
+from int8mt.serving.cluster import WorkerLayout
+from int8mt.serving.server import ServerSettings, start
+
+IN_PROCESS_BATCH = 32
+
+
+@dataclass
+class LoadRow:
+    clients: int
+    requests: int
+    seconds: float
+    sentences_per_second: float
+    p50_ms: float
+    p99_ms: float
+    share_of_in_process: float  # sentences/s over the in-process batch-32 figure
+
+
+def in_process_rate(bundle_dir: Path, sentences: list[str], options: SearchOptions) -> float:
+    translator = Translator(bundle_dir, options, IN_PROCESS_BATCH)
+    t0 = time.perf_counter()
+    translator.translate(sentences)
+    return len(sentences) / (time.perf_counter() - t0)
+
+
+def _client_loop(host: str, port: int, sentences: list[str], beam: int, tickets: itertools.count, total: int,
+                 latencies: list[float], lock: threading.Lock) -> None:
+    connection = http.client.HTTPConnection(host, port, timeout=300)
+    try:
+        while (ticket := next(tickets)) < total:
+            body = json.dumps({"text": [sentences[ticket % len(sentences)]], "beam": beam})
+            t0 = time.perf_counter()
+            connection.request("POST", "/translate", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"server answered {response.status}: {answer[:200]!r}")
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+    finally:
+        connection.close()
+
+
+def load_run(host: str, port: int, sentences: list[str], clients: int, total: int, beam: int) -> tuple[float, list]:
+    """``total`` one-sentence requests from ``clients`` concurrent clients; returns seconds and latencies."""
+    latencies: list[float] = []
+    lock, tickets = threading.Lock(), itertools.count()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(_client_loop, host, port, sentences, beam, tickets, total, latencies, lock)
+                       for _ in range(clients)]:
+            future.result()
+    return time.perf_counter() - t0, latencies
+
+
+def bench_serving(bundle_dir: Path, sentences: list[str], client_counts: tuple[int, ...], layout: WorkerLayout,
+                  settings: ServerSettings, port: int, requests_per_client: int = 16,
+                  min_requests: int = 128) -> dict:
+    """The load table for one server layout; each count runs ``max(min_requests, requests_per_client x
+    clients)`` requests after a warm-up of one request per client."""
+    from ray import serve
+
+    options = settings.options
+    before = in_process_rate(bundle_dir, sentences, options)
+    start(bundle_dir, layout, settings, "127.0.0.1", port)
+    rows = []
+    try:
+        for clients in client_counts:
+            load_run("127.0.0.1", port, sentences, clients, clients, options.beam_size)  # warm-up
+            total = max(min_requests, requests_per_client * clients)
+            seconds, latencies = load_run("127.0.0.1", port, sentences, clients, total, options.beam_size)
+            rows.append(dict(clients=clients, requests=total, seconds=round(seconds, 2),
+                             sentences_per_second=round(total / seconds, 1),
+                             p50_ms=round(1000 * float(np.percentile(latencies, 50)), 1),
+                             p99_ms=round(1000 * float(np.percentile(latencies, 99)), 1)))
+    finally:
+        serve.shutdown()
+    after = in_process_rate(bundle_dir, sentences, options)
+    rate = (before + after) / 2
+    return {"bundle": str(bundle_dir), "beam": options.beam_size, "replicas": layout.workers,
+            "threads": layout.threads, "max_batch": settings.max_batch, "batch_wait_ms": settings.batch_wait_ms,
+            "in_process_batch": IN_PROCESS_BATCH,
+            "in_process_sentences_per_second": {"before": round(before, 1), "after": round(after, 1)},
+            "rows": [asdict(LoadRow(**row, share_of_in_process=round(row["sentences_per_second"] / rate, 2)))
+                     for row in rows]}
+
+
+def format_load_table(result: dict) -> str:
+    rate = result["in_process_sentences_per_second"]
+    lines = [f"int8mt serve, {result['replicas']} replicas x {result['threads']} threads, beam {result['beam']}, "
+             f"batches of up to {result['max_batch']}; in process, batch {result['in_process_batch']}: "
+             f"{rate['before']} / {rate['after']} sentences/s (before / after)", "",
+             "| clients | requests | sentences/s | p50 ms | p99 ms | share of in-process |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['sentences_per_second']} | {r['p50_ms']} | "
+                     f"{r['p99_ms']} | {r['share_of_in_process']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_load(result: dict, path: Path) -> None:
+    """Throughput against the in-process line, and p50/p99 latency, by number of clients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    clients = [r["clients"] for r in rows]
+    rate = result["in_process_sentences_per_second"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(clients, [r["sentences_per_second"] for r in rows], "o-", label="int8mt serve")
+    left.axhline((rate["before"] + rate["after"]) / 2, color="gray", ls="--",
+                 label=f"in process, batch {result['in_process_batch']}")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="sentences/s", ylim=(0, None),
+             title=f"throughput ({result['replicas']} x {result['threads']} threads, beam {result['beam']})")
+    left.legend()
+    for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+        right.plot(clients, [r[key] for r in rows], "o-", label=label)
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="latency")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

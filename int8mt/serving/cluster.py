@@ -1,0 +1,104 @@
+"""Connecting to Ray and placing bundle workers on it: the parts ``serve`` and batch translation share."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from int8mt.errors import UserError
+from int8mt.runtime.bundle import DEFAULT_MAX_ROWS, MANIFEST_FILE, check_bundle, read_manifest
+from int8mt.runtime.search import SearchOptions
+from int8mt.runtime.translator import check_decoding
+
+LOCAL = "local"  # --ray / --address value meaning: start a Ray instance inside this command
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UserError("Ray is not installed; install the serving extra: pip install 'int8mt[serve]'") from None
+    return ray
+
+
+def connect(address: str | None) -> Any:
+    """Ray, connected to the cluster at ``address``, or to a local instance this process starts (``None`` or
+    ``local``) that binds to 127.0.0.1 only and uses this process's CPUs."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    try:
+        if address in (None, LOCAL):
+            ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except ConnectionError as err:
+        raise UserError(f"cannot connect to a Ray cluster at {address}: {err}") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class WorkerLayout:
+    """How many bundle workers (Serve replicas, Ray Data actors) run, each with how many threads."""
+
+    workers: int
+    threads: int
+
+    @classmethod
+    def fit(cls, ray: Any, workers: int | None, threads: int | None) -> "WorkerLayout":
+        """The layout asked for, completed from the cluster's free CPUs: one-thread workers on each by default.
+        A layout that needs more CPUs than are free is an error (Ray would wait for them forever)."""
+        free = int(ray.available_resources().get("CPU", 0))
+        threads = threads or 1
+        workers = workers or max(1, free // threads)
+        if workers < 1 or threads < 1:
+            raise UserError(f"workers and threads must be at least 1, got {workers} x {threads}")
+        if workers * threads > free:
+            total = int(ray.cluster_resources().get("CPU", 0))
+            raise UserError(f"{workers} workers x {threads} threads need {workers * threads} CPUs, but the Ray "
+                            f"cluster has {free} of its {total} CPUs free; ask for fewer")
+        return cls(workers, threads)
+
+
+def checked_bundle(bundle_dir: Path, options: SearchOptions, batch_size: int) -> Path:
+    """``bundle_dir`` made absolute, after the checks the runtime does before loading it (manifest, checksums,
+    library headers, CPU features) and those of the decoding settings, so that a bad bundle or setting is
+    reported here rather than by every worker."""
+    bundle_dir = Path(bundle_dir).resolve()
+    manifest = read_manifest(bundle_dir)
+    check_bundle(bundle_dir, manifest)
+    check_decoding(options, batch_size, manifest.get("max_rows", DEFAULT_MAX_ROWS))
+    return bundle_dir
+
+
+def pack_bundle(bundle_dir: Path) -> dict[str, bytes]:
+    """The bundle's files by name, to put in Ray's object store: workers on any node unpack them."""
+    return {path.name: path.read_bytes() for path in sorted(Path(bundle_dir).iterdir()) if path.is_file()}
+
+
+def unpack_bundle(files: dict[str, bytes]) -> Path:
+    """A folder holding ``files``: one per bundle and node, named by the manifest's digest, shared by the
+    workers on the node and kept for later runs (written beside it, then renamed into place)."""
+    digest = hashlib.sha256(files[MANIFEST_FILE]).hexdigest()[:20]
+    root = Path(tempfile.gettempdir()) / "int8mt-bundles"
+    final = root / digest
+    if not final.is_dir():
+        staging = root / f".{digest}.partial-{os.getpid()}"
+        staging.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        try:
+            staging.rename(final)
+        except OSError:  # another worker on this node finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def worker_options(threads: int) -> dict[str, Any]:
+    """Ray actor options for a bundle worker: ``threads`` CPUs and TVM's thread pool sized to them."""
+    return {"num_cpus": threads, "runtime_env": {"env_vars": {"TVM_NUM_THREADS": str(threads)}}}

@@ -1,0 +1,11 @@
+"""One local Ray (127.0.0.1, this machine's CPUs) for the serving tests."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    from int8mt.serving.cluster import connect
+
+    ray = connect(None)
+    yield ray
+    ray.shutdown()

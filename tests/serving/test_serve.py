@@ -1,0 +1,83 @@
+"""``int8mt serve`` on a local Ray (127.0.0.1): answers to concurrent requests equal the in-process runtime's,
+bad requests get their status codes, health and the Python handle work."""
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from int8mt.cli import main  # noqa: E402
+from int8mt.runtime.search import SearchOptions  # noqa: E402
+from int8mt.runtime.translator import Translator  # noqa: E402
+from int8mt.serving.cluster import WorkerLayout  # noqa: E402
+from int8mt.serving.server import APP_NAME, ServerSettings, start  # noqa: E402
+from tests.conftest import DATA_DIR  # noqa: E402
+
+SENTENCES = (DATA_DIR / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()[:40]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_bundle):
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ServerSettings(max_batch=8, batch_wait_ms=20, max_request_sentences=16)
+    start(tiny_bundle, WorkerLayout(workers=2, threads=1), settings, "127.0.0.1", port)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def post(url: str, body: bytes, path: str = "/translate", method: str = "POST") -> tuple[int, dict]:
+    request = urllib.request.Request(url + path, data=body if method == "POST" else None, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_concurrent_requests_equal_the_runtime_one_by_one(server, tiny_bundle):
+    requests = [{"text": SENTENCES[i:i + 1 + i % 4], "beam": 1 + i % 3 * 2} for i in range(0, 36, 2)]
+    requests.append({"text": ["", "A dog runs."]})  # default beam; an empty text gives an empty translation
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda r: post(server, json.dumps(r).encode()), requests))
+    translator = Translator(tiny_bundle)
+    for request, (status, answer) in zip(requests, answers):
+        options = SearchOptions(beam_size=request.get("beam", translator.options.beam_size))
+        assert status == 200
+        assert answer["translations"] == [translator.translate([t], options=options)[0] for t in request["text"]]
+    assert answers[-1][1]["translations"][0] == ""
+
+
+@pytest.mark.parametrize("body, path, method, status, says", [
+    (b"{", "/translate", "POST", 400, "not JSON"),
+    (b'{"text": 1}', "/translate", "POST", 400, "string or a list"),
+    (b'{"text": "a", "beam": 0}', "/translate", "POST", 400, "beam size must be at least 1"),
+    (b'{"text": "a", "beam": 5000}', "/translate", "POST", 400, "exceeds the"),
+    (b'{"text": "a", "length_penalty": -1}', "/translate", "POST", 400, "length_penalty"),
+    (json.dumps({"text": ["a"] * 17}).encode(), "/translate", "POST", 413, "at most 16"),
+    (json.dumps({"text": "word " * 100}).encode(), "/translate", "POST", 413, "the model reads at most 64"),
+    (b"x" * (2 << 20), "/translate", "POST", 413, "accepts at most"),
+    (b"", "/translate", "GET", 405, "takes POST"),
+    (b"{}", "/nowhere", "POST", 404, "no route /nowhere"),
+])
+def test_bad_requests_get_their_status(server, body, path, method, status, says):
+    code, answer = post(server, body, path, method)
+    assert (code, says in answer["error"]) == (status, True), answer
+    assert post(server, b'{"text": "A dog."}')[0] == 200  # and the server still serves
+
+
+def test_health_and_python_handle(server, tiny_bundle):
+    from ray import serve
+
+    code, health = post(server, b"", "/health", "GET")
+    assert code == 200 and health["status"] == "ready" and health["bundle"] == tiny_bundle.name
+    handle = serve.get_app_handle(APP_NAME)
+    expected = Translator(tiny_bundle).translate(SENTENCES[:3], options=SearchOptions(beam_size=2))
+    assert handle.translate.remote(SENTENCES[:3], beam=2).result() == expected
