@@ -1,4 +1,5 @@
 """int8mt bench: translation speed and BLEU of a bundle against PyTorch on the same sentences;
+``int8mt bench BUNDLE --serve``: load benchmark of ``int8mt serve``;
 ``int8mt bench kernels``: GOPS of the int8 kernels against PyTorch and this CPU's peak."""
 from __future__ import annotations
 
@@ -20,6 +21,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sentences", type=int, default=1000, help="first N test sentences (default: 1000)")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default: 1,32)")
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    p.add_argument("--serve", action="store_true",
+                   help="load benchmark: `int8mt serve` on a local Ray at --clients concurrent clients, against "
+                        "the runtime in this process with batches of 32")
+    p.add_argument("--clients", default="1,4,16,64", help="--serve: comma-separated client counts (default: 1,4,16,64)")
+    p.add_argument("--request-sentences", default="1,8",
+                   help="--serve: comma-separated sentences per request (default: 1,8)")
+    p.add_argument("--replicas", type=int, default=None, help="--serve: replicas (default: CPUs / --threads)")
+    p.add_argument("--threads", type=int, default=None, help="--serve: threads per replica (default: 1)")
+    p.add_argument("--beam", type=int, default=None, help="beam size of the beam-search row and of --serve (default: decode.beam_size)")
+    p.add_argument("--port", type=int, default=8000, help="--serve: HTTP port on 127.0.0.1 (default: 8000)")
+    p.add_argument("--plot", type=Path, default=None, help="--serve: write a PNG plot here")
     p.add_argument("--target", default=None, help="bench kernels: target preset (default: compile.target)")
     p.add_argument("--db", type=Path, default=None,
                    help="bench kernels: tuning database (default: tune.database; 'shipped' = the package's)")
@@ -34,19 +46,50 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config_path(args))
     if str(args.bundle) == "kernels":
         return _kernels(args, cfg)
-    try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    except ValueError:
-        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    batch_sizes = _counts(args.batch_sizes, "--batch-sizes")
     if args.sentences < 1:
         raise UserError("--sentences must be at least 1")
     sources, refs = read_parallel(cfg.paths.data, "test_2016_flickr", cfg.train.src_lang, cfg.train.tgt_lang)
     sources, refs = sources[: args.sentences], refs[: args.sentences]
+    if args.serve:
+        return _serve(args, cfg, sources)
     model = None if args.no_pytorch else (args.model or cfg.paths.model)
-    rows = bench_translation(args.bundle, model, sources, refs, batch_sizes, cfg.decode.beam_size)
+    rows = bench_translation(args.bundle, model, sources, refs, batch_sizes, args.beam or cfg.decode.beam_size)
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
+    return 0
+
+
+def _counts(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise UserError(f"{flag} must be comma-separated positive integers, got {text!r}")
+    return counts
+
+
+def _serve(args: argparse.Namespace, cfg, sources: list[str]) -> int:
+    from ..serving.cluster import WorkerLayout, checked_bundle, connect, import_ray
+
+    import_ray()
+    from ..interface.bench_serve import bench_serving, format_load_table, plot_load
+    from ..serving.server import ServerSettings
+
+    clients = _counts(args.clients, "--clients")
+    sizes = _counts(args.request_sentences, "--request-sentences")
+    settings = ServerSettings(options=cfg.decode.search_options(beam_size=args.beam),
+                              max_batch=cfg.decode.batch_size)
+    bundle = checked_bundle(args.bundle, settings.options, settings.max_batch)
+    layout = WorkerLayout.fit(connect(None), args.replicas, args.threads)
+    result = bench_serving(bundle, sources, clients, sizes, layout, settings, args.port)
+    print(format_load_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot_load(result, args.plot)
     return 0
 
 
