@@ -35,7 +35,18 @@ CASES = [
      "is not a folder this user can write into"),
     ("quantization flags with fp32", ["compile", "{model}", "--quant", "fp32", "--ranges", "runtime"], 2,
      "need --quant int8 or --quant int6"),
-    ("unreadable input file", ["translate", "{bundle}", "-i", "{tmp}/none.txt"], 2, "cannot read"),
+    ("missing input file", ["translate", "{bundle}", "-i", "{tmp}/none.txt"], 2, "none.txt does not exist"),
+    ("sentences and --input", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "hi"], 2, "not both"),
+    ("output would overwrite the input", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "-o", "{tmp}/in.txt"], 2,
+     "would overwrite the input"),
+    ("folder input without an output folder", ["translate", "{bundle}", "-i", "{tmp}/folder"], 2,
+     "give an output folder"),
+    ("folder input, output a file", ["translate", "{bundle}", "-i", "{tmp}/folder", "-o", "{tmp}/file"], 2,
+     "must be a folder"),
+    ("--workers without --ray", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "--workers", "2"], 2,
+     "use them with --ray"),
+    ("--ray without --output", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "--ray"], 2, "name the output file"),
+    ("--ray without --input", ["translate", "{bundle}", "--ray", "local", "hi"], 2, "--ray translates files"),
     ("input file not UTF-8", ["translate", "{bundle}", "-i", "{tmp}/latin1.txt"], 2, "latin1.txt is not UTF-8 text"),
     ("config not UTF-8", ["translate", "{bundle}", "--config", "{tmp}/latin1.txt", "hi"], 2,
      "latin1.txt is not UTF-8 text"),
@@ -49,6 +60,9 @@ def test_bad_input_is_a_clear_error(case, argv, code, message, tiny_bundle, tiny
     (tmp_path / "nan.yaml").write_text("decode:\n  max_length_a: .nan\n")
     (tmp_path / "unknown.yaml").write_text("decode:\n  beam: 4\n")
     (tmp_path / "latin1.txt").write_bytes("Café au lait.\n".encode("latin-1"))
+    (tmp_path / "in.txt").write_text("A dog.\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.en").write_text("A dog.\n")
     shutil.copytree(tiny_bundle, tmp_path / "bundle-bad-report")
     (tmp_path / "bundle-bad-report" / "report.json").write_text("{half")
     args = [a.format(bundle=tiny_bundle, model=tiny_model_dir, tmp=tmp_path) for a in argv]

@@ -55,3 +55,22 @@ def test_batch_job_refuses_what_cannot_run(ray_local, tiny_bundle, tmp_path, cap
     assert main(["translate", str(tiny_bundle), "-i", str(source), "-o", str(tmp_path / "out.de"), "--ray",
                  *extra]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_interrupted_job_says_how_far_it_got(ray_local, tiny_bundle, tmp_path, monkeypatch, capsys):
+    import int8mt.serving.batch as batch
+
+    class StopAfterFirstBlock(batch.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "tqdm", StopAfterFirstBlock)
+    source = tmp_path / "in.en"
+    source.write_text("\n".join(SENTENCES * 20) + "\n", encoding="utf-8")  # 800 lines: several blocks
+    assert main(["translate", str(tiny_bundle), "-i", str(source), "-o", str(tmp_path / "out.de"), "--ray",
+                 "--workers", "1", "--beam", "1"]) == 130
+    written = (tmp_path / "out.de").read_text(encoding="utf-8").splitlines()
+    assert f"stopped after {len(written)} of 800 lines" in capsys.readouterr().err
+    assert 0 < len(written) < 800
+    assert written == Translator(tiny_bundle, SearchOptions(beam_size=1)).translate(SENTENCES * 20)[:len(written)]

@@ -81,3 +81,38 @@ def test_health_and_python_handle(server, tiny_bundle):
     handle = serve.get_app_handle(APP_NAME)
     expected = Translator(tiny_bundle).translate(SENTENCES[:3], options=SearchOptions(beam_size=2))
     assert handle.translate.remote(SENTENCES[:3], beam=2).result() == expected
+
+
+def test_serve_command_serves_until_interrupted(tiny_bundle, tmp_path):
+    """The command as a user runs it: its own local Ray, ready when /health answers, Ctrl-C stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "int8mt", "serve", str(tiny_bundle), "--port", str(port),
+                                "--replicas", "1", "--beam", "2"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if post(url, b"", "/health", "GET")[0] == 200:
+                    break
+            except (OSError, ValueError):  # not listening yet, or the proxy's plain-text 404 while deploying
+                pass
+            time.sleep(1)
+        status, answer = post(url, json.dumps({"text": SENTENCES[:2]}).encode())
+        assert status == 200
+        expected = Translator(tiny_bundle).translate(SENTENCES[:2], options=SearchOptions(beam_size=2))
+        assert answer["translations"] == expected  # the server's default beam is the command's --beam
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "int8mt serve: " in err and "interrupted" in err
