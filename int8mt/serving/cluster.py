@@ -27,14 +27,13 @@ def import_ray() -> Any:
 
 def connect(address: str | None) -> Any:
     """Ray, connected to the cluster at ``address``, or to a local instance this process starts (``None`` or
-    ``local``) that binds to 127.0.0.1 only and uses this process's CPUs."""
+    ``local``) on the CPUs this process may use, without Ray's dashboard."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
     try:
         if address in (None, LOCAL):
-            ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1")
+            ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
     except ConnectionError as err:
