@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 
 from int8mt.errors import UserError
 from int8mt.runtime.search import SearchOptions
-from int8mt.runtime.translator import DEFAULT_BATCH_SIZE, Translator
+from int8mt.runtime.translator import DEFAULT_BATCH_SIZE, Translator, check_decoding
 
 from .cluster import WorkerLayout, pack_bundle, unpack_bundle, worker_options
 
@@ -140,6 +140,8 @@ class TranslationServer:
                         length_penalty: float | None = None) -> list[str]:
         """The Python handle's entry point: one translation per text (a string counts as one text)."""
         texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise RequestError(400, "text must be a string or a list of strings")
         overrides = {k: v for k, v in (("beam_size", beam), ("length_penalty", length_penalty)) if v is not None}
         return await self._translate(texts, overrides)
 
@@ -156,12 +158,9 @@ class TranslationServer:
     def _options(self, overrides: dict[str, Any]) -> SearchOptions:
         try:
             options = dataclasses.replace(self.settings.options, **overrides)
+            check_decoding(options, self.settings.max_batch, self.translator.bundle.max_rows)
         except UserError as err:
             raise RequestError(400, str(err)) from None
-        max_rows = self.translator.bundle.max_rows
-        if options.beam_size > max_rows:
-            raise RequestError(400, f"beam {options.beam_size} exceeds the {max_rows} rows the bundle decodes "
-                                    "at once; use a smaller beam")
         return options
 
     @serve.batch(max_batch_size=DEFAULT_BATCH_SIZE, batch_wait_timeout_s=0.005)
@@ -169,8 +168,8 @@ class TranslationServer:
         """Sentences gathered from concurrent requests: one runtime call per distinct search setting.
 
         The call runs on the replica's event loop and holds it: requests arriving meanwhile wait whole, then
-        all reach the next batch. (Run in a thread instead, the search holds the GIL between TVM calls and
-        requests reach the batch queue one by one: batches of 1-3 and 0.4x the throughput at 64 clients.)"""
+        all reach the next batch. (Run in a thread instead, the search holds the GIL between TVM calls, so
+        requests crawl into the batch queue one by one and batches stay small: see docs/serving.md.)"""
         return self._translate_grouped(items)
 
     def _translate_grouped(self, items: list[tuple[str, SearchOptions]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""One local Ray (127.0.0.1, this machine's CPUs) for the serving tests."""
+"""One local Ray (this machine's CPUs; servers listen on 127.0.0.1) for the serving tests."""
 import pytest
 
 

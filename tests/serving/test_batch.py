@@ -1,4 +1,4 @@
-"""``int8mt translate --ray`` on a local Ray (127.0.0.1): the batch job keeps every line, in input order, equal
+"""``int8mt translate --ray`` on a local Ray: the batch job keeps every line, in input order, equal
 to the single-process output, and refuses what cannot run."""
 import pytest
 

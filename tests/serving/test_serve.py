@@ -1,4 +1,4 @@
-"""``int8mt serve`` on a local Ray (127.0.0.1): answers to concurrent requests equal the in-process runtime's,
+"""``int8mt serve`` on a local Ray (HTTP on 127.0.0.1): answers to concurrent requests equal the in-process runtime's,
 bad requests get their status codes, health and the Python handle work."""
 import json
 import socket
