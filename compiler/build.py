@@ -20,6 +20,7 @@ from int8mt.targets import TargetPreset
 
 from .frontend import ExportConfig, candidates_per_row
 from .pipeline import CompileOptions, compile_model, tile_chooser
+from .quant_report import untuned_kernels_warning
 
 
 def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir: Path | None = None,
@@ -67,6 +68,9 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     _publish(out_dir, final_dir)
+    warning = untuned_kernels_warning(report.get("kernels", []), preset.name, final_dir)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"wrote {final_dir} ({(final_dir / LIBRARY_FILE).stat().st_size / 1e6:.1f} MB .so) in "
           f"{manifest['compile_seconds']} s", file=sys.stderr)
     return manifest

@@ -33,7 +33,7 @@ from tvm.s_tir import dlight
 
 from int8mt.errors import UserError
 from int8mt.schedules.cpu_generic import CPUGeneric
-from int8mt.schedules.database import TileChooser, TuningDatabase, database_or_shipped
+from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
 from int8mt.schedules.intrin import int8_dot
 from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
@@ -73,13 +73,15 @@ class CompiledModel:
 
 
 def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser:
-    """Tiles for ``preset``'s int8 kernels from ``database``, else the shipped one, else defaults."""
+    """Tiles for ``preset``'s int8 kernels from ``database``; kernels it lacks from the database shipped for
+    the preset, then default tiles."""
     if preset.int8_dot is None:
         raise UserError(f"target preset {preset.name} has no int8 kernels to choose tiles for")
-    folder = database_or_shipped(preset.name, database)
-    if folder is None:
-        print(f"no tuning database shipped for {preset.name}: int8 kernels use default tiles", file=sys.stderr)
-    return TileChooser(TuningDatabase(folder) if folder is not None else None, preset.int8_dot)
+    folder = shipped_database(preset.name)
+    shipped = TuningDatabase(folder) if folder.is_dir() else None
+    if database is None:
+        return TileChooser(shipped, preset.int8_dot)
+    return TileChooser(TuningDatabase(database), preset.int8_dot, fallback=shipped)
 
 
 def import_model(model: Transformer, options: CompileOptions) -> tvm.IRModule:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+
 import tvm
 from tvm import ir, relax
 
@@ -110,16 +112,32 @@ def attention_kernel_calls(mod: tvm.IRModule) -> dict[str, int]:
 
 
 def dense_kernel_report(mod: tvm.IRModule, tiles: TileChooser) -> list[dict]:
-    """Per entry function and weight shape, the int8 dense kernel the module calls: its tiles, dot product,
-    the row bucket they were chosen for and whether a tuning run found them."""
+    """Per entry function and weight shape, the int8 dense kernel the module calls: how often, its tiles, dot
+    product, the row bucket they were chosen for and whether a tuning run found them."""
     rows = {}
     for gv, func in _entry_functions(mod):
         for call in kernel_calls(func, mod, "int8_dense"):
             n, k, chosen, family = dense_attrs(mod[call.args[0]])
             choice = tiles.choice(n, k, gv.name_hint)
             dot = int8_dot(family)
-            rows.setdefault((gv.name_hint, n, k), {
-                "function": gv.name_hint, "n": n, "k": k, "rows_tuned_for": choice.task.rows,
+            row = rows.setdefault((gv.name_hint, n, k), {
+                "function": gv.name_hint, "n": n, "k": k, "calls": 0, "rows_tuned_for": choice.task.rows,
                 "tiles": chosen.to_dict(), "tuned": choice.tuned and choice.tiles == chosen, "dot": family,
                 "block": [dot.lanes, dot.reduce]})
+            row["calls"] += 1
     return list(rows.values())
+
+
+def untuned_kernels_warning(kernels: list[dict], preset: str, bundle: Path) -> str | None:
+    """What a build says when some int8 dense kernels got default tiles: which, their share of the int8
+    multiply-adds, and the commands that tune exactly those; None when every kernel is tuned."""
+    untuned = [k for k in kernels if not k["tuned"]]
+    if not untuned:
+        return None
+    work = sum(k["calls"] * k["n"] * k["k"] for k in kernels)
+    share = sum(k["calls"] * k["n"] * k["k"] for k in untuned) / work
+    shapes = ", ".join(f"{k['n']}x{k['k']} in {k['function']}" for k in untuned)
+    return (f"warning: {len(untuned)} of {len(kernels)} int8 dense kernels have no tuned tiles for {preset} and run "
+            f"with default ones, which are usually slower ({shapes}; {share:.0%} of the int8 multiply-adds). "
+            f"Tune exactly these: int8mt tune {bundle} --target {preset} --untuned-only --db DIR, then compile "
+            "again with --db DIR (kernels DIR lacks keep the shipped tiles)")

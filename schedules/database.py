@@ -196,17 +196,21 @@ class TileChoice:
 
 class TileChooser:
     """``tiles_for(n, k, function)`` for :class:`~int8mt.compiler.passes.PackInt8Dense`: the database's
-    best tiles for the function's row bucket, or the defaults (:meth:`choice` says which)."""
+    best tiles for the function's row bucket, else ``fallback``'s, else the defaults (:meth:`choice` says
+    which)."""
 
-    def __init__(self, database: TuningDatabase | None, family: str) -> None:
-        self.database, self.family = database, family
+    def __init__(self, database: TuningDatabase | None, family: str, fallback: TuningDatabase | None = None) -> None:
+        self.database, self.family, self.fallback = database, family, fallback
         self._choices: dict[tuple[int, int, str], TileChoice] = {}  # the database is read once per kernel
 
     def choice(self, n: int, k: int, function: str) -> TileChoice:
         key = (n, k, function)
         if key not in self._choices:
             task = DenseTask(n, k, ENTRY_ROWS.get(function, ROW_BUCKETS[-1]), self.family)
-            self._choices[key] = TileChoice(task, *chosen_tiles(self.database, task))
+            tiles, tuned = chosen_tiles(self.database, task)
+            if not tuned and self.fallback is not None:
+                tiles, tuned = chosen_tiles(self.fallback, task)
+            self._choices[key] = TileChoice(task, tiles, tuned)
         return self._choices[key]
 
     def __call__(self, n: int, k: int, function: str) -> DenseTiles:

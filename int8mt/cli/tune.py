@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the package for the target)")
     p.add_argument("--bench-shapes", action="store_true",
                    help="also tune every shape of `int8mt bench kernels` (reference and Transformer-base)")
+    p.add_argument("--untuned-only", action="store_true",
+                   help="only the kernels the bundle was built with default tiles for (its compile warning lists them)")
     p.add_argument("--json", type=Path, default=None, help="write the per-kernel rows as JSON here")
     p.set_defaults(run=run)
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     rows = tune(TuneArgs(source=args.source or cfg.paths.model, preset=preset, database=db,
                          trials=args.trials or cfg.tune.trials,
                          budget_minutes=args.budget_minutes or cfg.tune.budget_minutes,
-                         bench_shapes=args.bench_shapes))
+                         bench_shapes=args.bench_shapes, untuned_only=args.untuned_only))
     print(format_rows(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

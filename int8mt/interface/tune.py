@@ -25,19 +25,25 @@ class TuneArgs:
     trials: int
     budget_minutes: float
     bench_shapes: bool = False  # also tune every shape of `int8mt bench kernels`
+    untuned_only: bool = False  # a bundle's kernels that were built with default tiles, not all of them
 
 
-def dense_tasks(source: Path, preset: TargetPreset) -> list[DenseTask]:
-    """The int8 linear kernels of a bundle (from its build report) or of a model directory (through the
-    compile pipeline's first phases, quantized with run-time ranges, which give the same shapes as any
-    other range method), as tasks of ``preset``'s dot product."""
+def dense_tasks(source: Path, preset: TargetPreset, untuned_only: bool = False) -> list[DenseTask]:
+    """The int8 linear kernels of a bundle (from its build report; with ``untuned_only``, those it was built
+    with default tiles for) or of a model directory (through the compile pipeline's first phases, quantized
+    with run-time ranges, which give the same shapes as any other range method), as tasks of ``preset``'s
+    dot product."""
     source, family = Path(source), preset.int8_dot
-    if (source / MANIFEST_FILE).is_file():
+    is_bundle = (source / MANIFEST_FILE).is_file()
+    if untuned_only and not is_bundle:
+        raise UserError(f"--untuned-only picks kernels from a bundle's build report; {source} is not a bundle")
+    if is_bundle:
         report = json.loads((source / REPORT_FILE).read_text()) if (source / REPORT_FILE).is_file() else {}
         if "kernels" not in report:
             raise UserError(f"bundle {source} has no int8 kernels to tune; compile it with --quant int8 for a "
                              "preset with an int8 dot product (int8mt targets), or pass the model directory")
-        return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family) for k in report["kernels"]})
+        return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family) for k in report["kernels"]
+                       if not (untuned_only and k["tuned"])})
     from int8mt.compiler.pipeline import CompileOptions, import_model, integer_graph
     from int8mt.compiler.quant_report import dense_kernel_report
     from int8mt.quant.checkpoint import quantized_model
@@ -60,7 +66,9 @@ def tune(args: TuneArgs) -> list[dict]:
                          "`int8mt targets` lists the presets that have")
     if args.trials < 1 or args.budget_minutes <= 0:
         raise UserError("--trials must be at least 1 and --budget-minutes positive")
-    tasks = dense_tasks(args.source, args.preset)
+    tasks = dense_tasks(args.source, args.preset, args.untuned_only)
+    if not tasks:
+        raise UserError(f"every int8 kernel of {args.source} was built with tuned tiles: nothing to tune")
     if args.bench_shapes:
         tasks = sorted(set(tasks) | set(bench_tasks(args.preset.int8_dot)))
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU

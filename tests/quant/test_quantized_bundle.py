@@ -136,3 +136,25 @@ def test_db_needs_quant_and_must_exist(capsys, tiny_model_dir, tmp_path):
 def test_inspect_rejects_a_non_bundle(capsys, tmp_path):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_build_names_untuned_kernels_and_tune_picks_exactly_them(quantized, tiny_model_dir):
+    from int8mt.compiler.quant_report import untuned_kernels_warning
+    from int8mt.interface.tune import dense_tasks
+
+    tiny_bundle, _ = quantized
+    if tiny_bundle.name != "runtime":
+        pytest.skip("one bundle is enough")
+    kernels = json.loads((tiny_bundle / "report.json").read_text())["kernels"]
+    tuned = {**kernels[0], "tuned": True}
+    warning = untuned_kernels_warning([tuned, *kernels[1:]], HOST_PRESET.name, tiny_bundle)
+    untuned = kernels[1:]
+    assert f"{len(untuned)} of {len(kernels)} int8 dense kernels have no tuned tiles" in warning
+    assert f"{untuned[0]['n']}x{untuned[0]['k']} in {untuned[0]['function']}" in warning
+    assert f"int8mt tune {tiny_bundle} --target {HOST_PRESET.name} --untuned-only" in warning
+    assert untuned_kernels_warning([tuned], HOST_PRESET.name, tiny_bundle) is None
+    assert all(k["calls"] >= 1 for k in kernels)
+    every = dense_tasks(tiny_bundle, HOST_PRESET)
+    assert dense_tasks(tiny_bundle, HOST_PRESET, untuned_only=True) == every  # the tiny shapes are nowhere tuned
+    with pytest.raises(ValueError, match="--untuned-only picks kernels from a bundle"):
+        dense_tasks(tiny_model_dir, HOST_PRESET, untuned_only=True)

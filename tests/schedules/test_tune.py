@@ -30,6 +30,15 @@ def test_untuned_kernels_get_default_tiles(tmp_path):
     assert (choice.task, choice.tuned) == (DenseTask(64, 32, 32, "vnni"), False)
 
 
+def test_kernels_a_database_lacks_take_the_shipped_tiles(tmp_path):
+    avx2 = get_preset("x86-avx2")
+    shipped = TuningDatabase(shipped_database(avx2.name))
+    chooser = TileChooser(TuningDatabase(tmp_path, create=True), avx2.int8_dot, fallback=shipped)
+    choice = chooser.choice(256, 256, "decode_step")  # a reference-model shape the shipped database has
+    assert choice.tuned and choice.tiles == shipped.best(DenseTask(256, 256, 32, avx2.int8_dot))[0]
+    assert not chooser.choice(40, 24, "decode_step").tuned  # in neither: default tiles
+
+
 def test_row_buckets():
     assert [row_bucket(r) for r in (1, 20, 128, 200, 640, 5000)] == [32, 32, 32, 640, 640, 640]
 
