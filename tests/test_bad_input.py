@@ -225,12 +225,14 @@ def test_ctrl_c_during_tuning_says_what_was_kept_and_exits_130(tiny_model_dir, t
     """MetaSchedule hands a Ctrl-C inside its search back as a RuntimeError; the command still exits 130."""
     from int8mt.interface import tune as tune_interface
     from int8mt.schedules import tune as schedules_tune
+    from int8mt.schedules.database import DenseTask
 
     def interrupted(*_args, **_kwargs):
         raise RuntimeError("Traceback (most recent call last): ... KeyboardInterrupt")
 
     monkeypatch.setattr(schedules_tune, "tune", interrupted)
-    monkeypatch.setattr(tune_interface, "dense_tasks", lambda source, preset: [])
+    monkeypatch.setattr(tune_interface, "dense_tasks",
+                        lambda source, preset, untuned_only: [DenseTask(64, 32, 32, preset.int8_dot)])
     assert main(["tune", str(tiny_model_dir), "--db", str(tmp_path / "db"), "--trials", "2"]) == 130
     err = capsys.readouterr().err
     assert "keeps every candidate measured so far" in err and "Traceback" not in err
