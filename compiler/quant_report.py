@@ -137,7 +137,7 @@ def untuned_kernels_warning(kernels: list[dict], preset: str, bundle: Path) -> s
     work = sum(k["calls"] * k["n"] * k["k"] for k in kernels)
     share = sum(k["calls"] * k["n"] * k["k"] for k in untuned) / work
     shapes = ", ".join(f"{k['n']}x{k['k']} in {k['function']}" for k in untuned)
-    return (f"int8mt: warning: {len(untuned)} of {len(kernels)} int8 dense kernels have no tuned tiles for {preset} and run "
-            f"with default ones, which are usually slower ({shapes}; {share:.0%} of the int8 multiply-adds). "
+    return (f"int8mt: warning: {len(untuned)} of {len(kernels)} int8 dense kernels have no tuned tiles for {preset} "
+            f"and run with default ones, which are usually slower ({shapes}; {share:.0%} of the int8 multiply-adds). "
             f"Tune exactly these: int8mt tune {bundle} --target {preset} --untuned-only --db DIR, then compile "
             "again with --db DIR (kernels DIR lacks keep the shipped tiles)")
