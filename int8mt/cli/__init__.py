@@ -9,8 +9,8 @@ from pathlib import Path
 from .. import __version__
 from ..errors import UserError
 
-COMMANDS = ("train", "qat", "compile", "tune", "inspect", "translate", "serve", "evaluate", "bench", "quant-table", "verify",
-            "targets")
+COMMANDS = ("train", "qat", "compile", "tune", "inspect", "translate", "serve", "evaluate", "bench", "quant-table",
+            "verify", "targets")
 
 
 def main(argv: list[str] | None = None) -> int:

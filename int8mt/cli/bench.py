@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--serve: comma-separated sentences per request (default: 1,8)")
     p.add_argument("--replicas", type=int, default=None, help="--serve: replicas (default: CPUs / --threads)")
     p.add_argument("--threads", type=int, default=None, help="--serve: threads per replica (default: 1)")
-    p.add_argument("--beam", type=int, default=None, help="beam size of the beam-search row and of --serve (default: decode.beam_size)")
+    p.add_argument("--beam", type=int, default=None,
+                   help="beam size of the beam-search row and of --serve (default: decode.beam_size)")
     p.add_argument("--port", type=int, default=8000, help="--serve: HTTP port on 127.0.0.1 (default: 8000)")
     p.add_argument("--plot", type=Path, default=None, help="--serve: write a PNG plot here")
     p.add_argument("--target", default=None, help="bench kernels: target preset (default: compile.target)")

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     layout = WorkerLayout.fit(ray, args.replicas, args.threads)
     start(bundle, layout, settings, args.host, args.port)
     print(f"int8mt serve: {bundle.name} on http://{args.host}:{args.port}/translate ({layout.workers} replicas x "
-          f"{layout.threads} threads, batches of up to {settings.max_batch}); Ctrl-C stops", file=sys.stderr, flush=True)
+          f"{layout.threads} threads, batches of up to {settings.max_batch}); Ctrl-C stops",
+          file=sys.stderr, flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -2,9 +2,10 @@
 the runtime directly in one process with batches of 32.
 
 Every client sends requests of ``request_sentences`` sentences (1: the online case; more: paragraphs) over a
-kept-alive connection, each as soon as its previous answer arrives. Clients run in this process on the same machine as the server, so at high client
-counts they take CPU time the server would otherwise have: the figures are a lower bound for a server whose
-clients are elsewhere. The in-process figure is measured before and after the server runs and averaged.
+kept-alive connection, each as soon as its previous answer arrives. Clients run in this process on the
+same machine as the server, so at high client counts they take CPU time the server would otherwise have:
+the figures are a lower bound for a server whose clients are elsewhere. The in-process figure is measured
+before and after the server runs and averaged.
 """
 from __future__ import annotations
 
