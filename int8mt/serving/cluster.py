@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from int8mt.runtime.search import SearchOptions
 from int8mt.runtime.translator import check_decoding
 
 LOCAL = "local"  # --ray / --address value meaning: start a Ray instance inside this command
+CONNECT_TIMEOUT_S = 5.0
 
 
 def import_ray() -> Any:
@@ -29,6 +31,8 @@ def connect(address: str | None) -> Any:
     """Ray, connected to the cluster at ``address``, or to a local instance this process starts (``None`` or
     ``local``) on the CPUs this process may use, without Ray's dashboard."""
     ray = import_ray()
+    if address not in (None, LOCAL, "auto"):
+        _check_reachable(address)
     if ray.is_initialized():
         return ray
     try:
@@ -39,6 +43,18 @@ def connect(address: str | None) -> Any:
     except ConnectionError as err:
         raise UserError(f"cannot connect to a Ray cluster at {address}: {err}") from None
     return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a malformed address, or one where nothing listens, at once (Ray itself retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise UserError(f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
+                        "`ray start --head`, or check the address") from None
 
 
 @dataclass(frozen=True)
