@@ -8,6 +8,7 @@ from . import add_config_argument
 
 if TYPE_CHECKING:
     from ..config import DecodeConfig
+    from ..runtime.search import SearchOptions
     from ..runtime.translator import Translator
 
 
@@ -20,8 +21,13 @@ def add_decode_arguments(p: argparse.ArgumentParser, batch_flag: str = "--batch-
                    help=f"{batch_help} (default: decode.batch_size)")
 
 
+def decode_settings(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> tuple["SearchOptions", int]:
+    """The search options and batch size the flags ask for, ``decode_cfg``'s where they are not given."""
+    options = decode_cfg.search_options(beam_size=args.beam, length_penalty=args.length_penalty)
+    return options, decode_cfg.batch_size if args.batch_size is None else args.batch_size
+
+
 def make_translator(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> "Translator":
     from ..runtime.translator import Translator
 
-    opts = decode_cfg.search_options(beam_size=args.beam, length_penalty=args.length_penalty)
-    return Translator(args.bundle, opts, decode_cfg.batch_size if args.batch_size is None else args.batch_size)
+    return Translator(args.bundle, *decode_settings(args, decode_cfg))

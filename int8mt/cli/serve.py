@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import config_path
-from ._decode_args import add_decode_arguments
+from ._decode_args import add_decode_arguments, decode_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +36,9 @@ def run(args: argparse.Namespace) -> int:
     import_ray()  # a clear error before the server module imports Ray
     from ..serving.server import ServerSettings, start
 
-    settings = ServerSettings(
-        options=cfg.decode.search_options(beam_size=args.beam, length_penalty=args.length_penalty),
-        max_batch=cfg.decode.batch_size if args.batch_size is None else args.batch_size,
-        batch_wait_ms=args.batch_wait_ms, max_request_sentences=args.max_request_sentences)
+    options, max_batch = decode_settings(args, cfg.decode)
+    settings = ServerSettings(options=options, max_batch=max_batch, batch_wait_ms=args.batch_wait_ms,
+                              max_request_sentences=args.max_request_sentences)
     bundle = checked_bundle(args.bundle, settings.options, settings.max_batch)
     ray = connect(args.address)
     layout = WorkerLayout.fit(ray, args.replicas, args.threads)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import UserError, config_path
-from ._decode_args import add_decode_arguments, make_translator
+from ._decode_args import add_decode_arguments, decode_settings, make_translator
 
 STREAM_LINES = 1024  # input lines translated (batched by length) and written out at a time
 
@@ -120,8 +120,7 @@ def _run_on_ray(args: argparse.Namespace, cfg, inputs: list[tuple[list[str], Pat
     from ..serving.batch import Progress, translate_files
     from ..serving.cluster import WorkerLayout, checked_bundle, connect
 
-    options = cfg.decode.search_options(beam_size=args.beam, length_penalty=args.length_penalty)
-    batch_size = cfg.decode.batch_size if args.batch_size is None else args.batch_size
+    options, batch_size = decode_settings(args, cfg.decode)
     bundle = checked_bundle(args.bundle, options, batch_size)
     ray = connect(args.ray)
     layout = WorkerLayout.fit(ray, args.workers, args.threads)

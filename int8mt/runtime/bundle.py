@@ -150,6 +150,11 @@ def read_manifest(bundle_dir: Path) -> dict:
     return manifest
 
 
+def max_rows(manifest: dict) -> int:
+    """Rows (sentences x beams) one call of the bundle's entry points takes."""
+    return manifest.get("max_rows", DEFAULT_MAX_ROWS)
+
+
 def check_bundle(bundle_dir: Path, manifest: dict) -> None:
     """Checksums of the shipped files, the library's ELF headers, then the CPU features the manifest lists."""
     bundle_dir = Path(bundle_dir)
@@ -197,7 +202,7 @@ class Bundle:
         self.max_positions = cfg["max_positions"]
         self.pad_id, self.eos_id, self.start_id = cfg["pad_id"], cfg["eos_id"], cfg["decoder_start_id"]
         self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for static quantization
-        self.max_rows = self.manifest.get("max_rows", DEFAULT_MAX_ROWS)  # rows (sentences x beams) per call
+        self.max_rows = max_rows(self.manifest)
 
     @property
     def tokenizer_file(self) -> Path:

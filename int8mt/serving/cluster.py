@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from int8mt.errors import UserError
-from int8mt.runtime.bundle import DEFAULT_MAX_ROWS, MANIFEST_FILE, check_bundle, read_manifest
+from int8mt.runtime.bundle import MANIFEST_FILE, check_bundle, max_rows, read_manifest
 from int8mt.runtime.search import SearchOptions
 from int8mt.runtime.translator import check_decoding
 
@@ -87,7 +87,7 @@ def checked_bundle(bundle_dir: Path, options: SearchOptions, batch_size: int) ->
     bundle_dir = Path(bundle_dir).resolve()
     manifest = read_manifest(bundle_dir)
     check_bundle(bundle_dir, manifest)
-    check_decoding(options, batch_size, manifest.get("max_rows", DEFAULT_MAX_ROWS))
+    check_decoding(options, batch_size, max_rows(manifest))
     return bundle_dir
 
 
