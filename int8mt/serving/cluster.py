@@ -69,10 +69,12 @@ class WorkerLayout:
         """The layout asked for, completed from the cluster's free CPUs: one-thread workers on each by default.
         A layout that needs more CPUs than are free is an error (Ray would wait for them forever)."""
         free = int(ray.available_resources().get("CPU", 0))
-        threads = threads or 1
-        workers = workers or max(1, free // threads)
-        if workers < 1 or threads < 1:
-            raise UserError(f"workers and threads must be at least 1, got {workers} x {threads}")
+        threads = 1 if threads is None else threads
+        if threads < 1:
+            raise UserError(f"threads per worker must be at least 1, got {threads}")
+        if workers is not None and workers < 1:
+            raise UserError(f"workers must be at least 1, got {workers}")
+        workers = max(1, free // threads) if workers is None else workers
         if workers * threads > free:
             total = int(ray.cluster_resources().get("CPU", 0))
             raise UserError(f"{workers} workers x {threads} threads need {workers * threads} CPUs, but the Ray "

@@ -48,6 +48,8 @@ def test_batch_job_on_a_folder(ray_local, tiny_bundle, tmp_path):
 @pytest.mark.parametrize("extra, says", [
     (["--workers", "3", "--threads", "2"], "need 6 CPUs"),
     (["--beam", "0"], "beam size must be at least 1"),
+    (["--workers", "0"], "workers must be at least 1, got 0"),
+    (["--threads", "0"], "threads per worker must be at least 1, got 0"),
 ])
 def test_batch_job_refuses_what_cannot_run(ray_local, tiny_bundle, tmp_path, capsys, extra, says):
     source = tmp_path / "in.en"
