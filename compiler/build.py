@@ -1,4 +1,4 @@
-"""Build a bundle: ``tvm.compile`` + ``export_library`` to a ``.so``, the tokenizer and a manifest."""
+"""Build a bundle: ``tvm.compile`` + ``export_library`` to a ``.so``, the tokenizer's files and a manifest."""
 from __future__ import annotations
 
 import json
@@ -14,9 +14,9 @@ from int8mt import __version__
 from int8mt.errors import UserError
 from int8mt.model.checkpoint import check_model_dir, load_model_dir
 from int8mt.quant.config import QuantConfig
-from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE,
-                                   TOKENIZER_FILE, sha256)
+from int8mt.runtime.bundle import BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE, sha256
 from int8mt.targets import TargetPreset
+from int8mt.tokenizer import load_tokenizer
 
 from .frontend import ExportConfig, candidates_per_row
 from .pipeline import CompileOptions, compile_model, tile_chooser
@@ -25,16 +25,14 @@ from .quant_report import untuned_kernels_warning
 
 def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir: Path | None = None,
                  qcfg: QuantConfig | None = None, data_dir: Path | None = None, calib_sentences: int = 512,
-                 database: Path | None = None) -> dict:
+                 database: Path | None = None, calib_data: Path | None = None) -> dict:
     """Compile the model in ``model_dir`` for ``preset`` into the bundle ``out_dir``; with ``qcfg``,
-    quantized (ranges per ``qcfg.ranges``; calibration reads ``data_dir``). On presets with an int8
+    quantized (ranges per ``qcfg.ranges``; calibration reads ``calib_data``, else ``data_dir``). On presets with an int8
     dot-product intrinsic, int8 linear layers use the tuned kernels of ``database`` (default: the database
     shipped for the preset; kernels it lacks get default tiles)."""
     check_output_dir(out_dir)
     check_model_dir(model_dir)
-    tokenizer = Path(model_dir) / TOKENIZER_FILE
-    if not tokenizer.is_file():
-        raise UserError(f"{model_dir} has no tokenizer ({TOKENIZER_FILE}); a bundle needs one to translate text")
+    tokenizer = load_tokenizer(model_dir)  # a bundle needs one to translate text; fail before compiling
     tiles = tile_chooser(preset, database) if qcfg is not None and preset.int8_dot is not None else None
     if qcfg is None:
         model = load_model_dir(model_dir)
@@ -42,7 +40,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         from int8mt.quant.checkpoint import quantized_model
 
         print(f"quantizing to {qcfg.name} with {qcfg.ranges} ranges", file=sys.stderr)
-        model = quantized_model(model_dir, qcfg, data_dir, calib_sentences=calib_sentences)
+        model = quantized_model(model_dir, qcfg, data_dir, calib_sentences=calib_sentences, calib_data=calib_data)
     t0 = time.time()
     print(f"compiling for {preset.name} ({json.dumps(preset.target)})", file=sys.stderr)
     compiled = compile_model(model, CompileOptions(preset, qcfg, tiles, dump_dir=dump_dir))
@@ -50,7 +48,8 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     final_dir, out_dir = out_dir, _staging_dir(out_dir)
     library = out_dir / LIBRARY_FILE
     compiled.executable.export_library(str(library))
-    shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILE)
+    for file in tokenizer.files:
+        shutil.copyfile(file, out_dir / file.name)
     manifest = {
         "format": BUNDLE_FORMAT,
         "int8mt_version": __version__,
@@ -62,7 +61,8 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         "cache_dtype": model.cache_dtype_name,
         "top_candidates": candidates_per_row(model),
         "max_rows": ExportConfig().max_batch,  # rows (sentences x beams) one call of an entry point takes
-        "files": {LIBRARY_FILE: sha256(library), TOKENIZER_FILE: sha256(out_dir / TOKENIZER_FILE)},
+        "tokenizer": tokenizer.kind,
+        "files": {LIBRARY_FILE: sha256(library), **{f.name: sha256(out_dir / f.name) for f in tokenizer.files}},
         "compile_seconds": round(time.time() - t0, 1),
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")

@@ -19,6 +19,9 @@ def add_decode_arguments(p: argparse.ArgumentParser, batch_flag: str = "--batch-
     p.add_argument("--length-penalty", type=float, default=None, help="GNMT alpha (default: decode.length_penalty)")
     p.add_argument(batch_flag, dest="batch_size", type=int, default=None,
                    help=f"{batch_help} (default: decode.batch_size)")
+    p.add_argument("--target-lang", default=None, metavar="LANG",
+                   help="target language of a multilingual model, as its >>LANG<< token names it (e.g. fra); "
+                        "a sentence starting with its own >>xx<< token keeps it")
 
 
 def decode_settings(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> tuple["SearchOptions", int]:
@@ -30,4 +33,4 @@ def decode_settings(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> tup
 def make_translator(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> "Translator":
     from ..runtime.translator import Translator
 
-    return Translator(args.bundle, *decode_settings(args, decode_cfg))
+    return Translator(args.bundle, *decode_settings(args, decode_cfg), target_lang=args.target_lang)

@@ -1,4 +1,4 @@
-"""int8mt compile: PyTorch model directory -> bundle (.so, tokenizer, manifest)."""
+"""int8mt compile: a model directory (ours or Hugging Face Marian) -> bundle (.so, tokenizer, manifest)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "computed per row at run time (default: compile.ranges)")
     p.add_argument("--calibration", choices=CALIBRATION_METHODS, default=None,
                    help="clip chosen by calibration (default: compile.calibration)")
-    p.add_argument("--calib-sentences", type=int, default=None, help="training sentences to calibrate on")
+    p.add_argument("--calib-data", type=Path, default=None, metavar="FILE",
+                   help="calibrate on these source-language sentences (one per line; the model's own greedy "
+                        "translations serve as targets); implies --ranges calibrate")
+    p.add_argument("--calib-sentences", type=int, default=None,
+                   help="sentences to calibrate on (default: compile.calib_sentences)")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="matmuls to leave in FP32 (module-name glob such as 'decoder_layers.*.qk'; repeatable)")
     p.add_argument("--integer-softmax", action="store_true",
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(config_path(args))
     quant = QuantRequest(args.quant or cfg.compile.quant, args.ranges, args.calibration, tuple(args.keep_fp32),
-                         args.integer_softmax, args.integer_layer_norm)
+                         args.integer_softmax, args.integer_layer_norm, args.calib_data)
     compile_bundle(args.model or cfg.paths.model, args.target or cfg.compile.target, args.output, quant, cfg.compile,
                    cfg.paths.build, cfg.paths.data, args.calib_sentences, database_path(args.db, cfg.tune.database),
                    args.dump_ir)

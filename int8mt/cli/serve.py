@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     options, max_batch = decode_settings(args, cfg.decode)
     settings = ServerSettings(options=options, max_batch=max_batch, batch_wait_ms=args.batch_wait_ms,
-                              max_request_sentences=args.max_request_sentences)
-    bundle = checked_bundle(args.bundle, settings.options, settings.max_batch)
+                              max_request_sentences=args.max_request_sentences, target_lang=args.target_lang)
+    bundle = checked_bundle(args.bundle, settings.options, settings.max_batch, settings.target_lang)
     ray = connect(args.address)
     layout = WorkerLayout.fit(ray, args.replicas, args.threads)
     start(bundle, layout, settings, args.host, args.port)

@@ -121,12 +121,12 @@ def _run_on_ray(args: argparse.Namespace, cfg, inputs: list[tuple[list[str], Pat
     from ..serving.cluster import WorkerLayout, checked_bundle, connect
 
     options, batch_size = decode_settings(args, cfg.decode)
-    bundle = checked_bundle(args.bundle, options, batch_size)
+    bundle = checked_bundle(args.bundle, options, batch_size, args.target_lang)
     ray = connect(args.ray)
     layout = WorkerLayout.fit(ray, args.workers, args.threads)
     progress = Progress()
     try:
-        translate_files(ray, bundle, inputs, layout, options, batch_size, progress)
+        translate_files(ray, bundle, inputs, layout, options, batch_size, progress, args.target_lang)
     except KeyboardInterrupt:
         print(f"int8mt translate: stopped after {progress.written} of {progress.total} lines; the output holds "
               f"the translations of the first {progress.written} input lines", file=sys.stderr)

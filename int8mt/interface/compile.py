@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from int8mt.config import CompileConfig
 from int8mt.errors import UserError
+from int8mt.quant.checkpoint import learned_dir
 from int8mt.quant.config import QuantConfig, scheme_bits
 from int8mt.targets import get_preset
 
@@ -22,17 +24,29 @@ class QuantRequest:
     keep_fp32: tuple[str, ...] = field(default=())
     integer_softmax: bool = False
     integer_layer_norm: bool = False
+    calib_data: Path | None = None
 
-    def config(self, defaults: CompileConfig) -> QuantConfig | None:
-        """The :class:`QuantConfig` to build with (None for FP32); quantization options with ``fp32`` are
-        an error rather than ignored."""
+    def config(self, defaults: CompileConfig, model_dir: Path) -> QuantConfig | None:
+        """The :class:`QuantConfig` to build ``model_dir`` with (None for FP32); quantization options with
+        ``fp32`` are an error rather than ignored. ``--calib-data`` means calibrated ranges. Without
+        ``--ranges``, a model with no learned ranges of the scheme (no ``qat-int<bits>/``) gets run-time
+        ranges, with a note saying so."""
         bits = scheme_bits(self.scheme)
         if bits is None:
-            if self.ranges or self.calibration or self.keep_fp32 or self.integer_softmax or self.integer_layer_norm:
-                raise UserError("--ranges, --calibration, --keep-fp32, --integer-softmax and --integer-layer-norm "
-                                 "need --quant int8 or --quant int6")
+            if (self.ranges or self.calibration or self.keep_fp32 or self.integer_softmax or self.integer_layer_norm
+                    or self.calib_data):
+                raise UserError("--ranges, --calibration, --calib-data, --keep-fp32, --integer-softmax and "
+                                 "--integer-layer-norm need --quant int8 or --quant int6")
             return None
-        return QuantConfig(bits=bits, ranges=self.ranges or defaults.ranges,
+        ranges = self.ranges or ("calibrate" if self.calib_data else defaults.ranges)
+        if self.calib_data and ranges != "calibrate":
+            raise UserError(f"--calib-data is for --ranges calibrate, not --ranges {ranges}")
+        if self.ranges is None and ranges == "learned" and not learned_dir(model_dir, bits).is_dir():
+            print(f"note: {model_dir} has no learned int{bits} ranges ({learned_dir(model_dir, bits).name}/, "
+                  "from `int8mt qat`); using run-time ranges. For static ones: --calib-data FILE (sentences "
+                  "in the source language) or `int8mt qat`", file=sys.stderr)
+            ranges = "runtime"
+        return QuantConfig(bits=bits, ranges=ranges,
                            calibration=self.calibration or defaults.calibration, percentile=defaults.percentile,
                            keep_fp32=self.keep_fp32, integer_softmax=self.integer_softmax,
                            integer_layer_norm=self.integer_layer_norm)
@@ -44,7 +58,7 @@ def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: Qu
     """Compile ``model_dir`` for the preset ``target`` into ``out_dir`` (default ``build_dir/<preset>``);
     returns the bundle's manifest."""
     preset = get_preset(target)  # a bad name fails before the slow imports
-    qcfg = quant.config(defaults)
+    qcfg = quant.config(defaults, Path(model_dir))
     if qcfg is None and database is not None:
         raise UserError("--db holds tuned int8 kernels; it needs --quant int8 or --quant int6")
     out_dir = Path(out_dir or build_dir / preset.name)
@@ -54,7 +68,7 @@ def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: Qu
     from int8mt.compiler.build import build_bundle
 
     return build_bundle(model_dir, preset, out_dir, dump_dir, qcfg, data_dir,
-                        calib_sentences or defaults.calib_sentences, database)
+                        calib_sentences or defaults.calib_sentences, database, quant.calib_data)
 
 
 def check_writable_dir(path: Path, flag: str) -> None:

@@ -1,4 +1,6 @@
-"""A model directory: ``config.json``, ``model.safetensors`` and the tokenizer ``spm.model``."""
+"""A model directory: ours (``config.json``, ``model.safetensors``, the tokenizer ``spm.model``), or a Hugging
+Face Marian / OPUS-MT one (``config.json`` with ``model_type: marian``, ``model.safetensors`` or
+``pytorch_model.bin``, ``source.spm``, ``target.spm``, ``vocab.json``)."""
 from __future__ import annotations
 
 import json
@@ -24,17 +26,41 @@ def save_model_dir(model: Transformer, out_dir: Path, tokenizer_file: Path | Non
         shutil.copyfile(tokenizer_file, out_dir / TOKENIZER_FILE)
 
 
+def is_marian_dir(model_dir: Path) -> bool:
+    """True for a Hugging Face Marian directory (its ``config.json`` says ``model_type: marian``)."""
+    try:
+        config = json.loads((Path(model_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "marian"
+
+
 def check_model_dir(model_dir: Path) -> None:
-    """Raise a ValueError naming the file if ``model_dir`` lacks the config or the weights."""
+    """Raise a UserError naming the file if ``model_dir`` lacks the config or the weights."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory {model_dir} does not exist")
+    if is_marian_dir(model_dir):
+        from .converters.marian import check_marian_dir
+
+        check_marian_dir(model_dir)
+        return
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (Path(model_dir) / name).is_file():
-            raise UserError(f"{model_dir} is not a model directory: {name} is missing")
+        if not (model_dir / name).is_file():
+            raise UserError(f"{model_dir} is not a model directory: {name} is missing (an int8mt model needs "
+                            f"{CONFIG_FILE} and {WEIGHTS_FILE}; a Hugging Face Marian one a {CONFIG_FILE} with "
+                            "model_type marian)")
 
 
 def load_model_dir(model_dir: Path) -> Transformer:
-    """Load a model directory in eval mode; a missing or damaged file raises a ValueError naming it."""
+    """Load a model directory (ours or Marian) in eval mode; a missing or damaged file raises a UserError
+    naming it."""
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
+    if is_marian_dir(model_dir):
+        from .converters.marian import load_marian
+
+        return load_marian(model_dir)
     cfg = ModelConfig.load(model_dir / CONFIG_FILE)
     model = Transformer(cfg)
     try:

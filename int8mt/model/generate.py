@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..data import iterate_batches, pad_batch
-from ..tokenizer import Tokenizer
+from ..tokenizer import MarianTokenizer, Tokenizer
 from .transformer import Transformer
 
 
@@ -30,14 +30,15 @@ def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int) -> list[l
     return [row[: row.index(cfg.eos_id)] if cfg.eos_id in row else row for row in out.tolist()]
 
 
-def translate_greedy(model: Transformer, tok: Tokenizer, sources: list[str], max_tokens: int,
+def translate_greedy(model: Transformer, tok: Tokenizer | MarianTokenizer, sources: list[str], max_tokens: int,
                      batch_size: int = 64) -> list[str]:
-    """Greedy translations of ``sources`` in batches of similar length (output limit 1.5 * source + 10)."""
+    """Greedy translations of ``sources`` in batches of similar length (output limit 1.5 * source + 10, at most
+    the model's positions)."""
     ids = tok.encode_batch(sources, max_tokens)
     out: list[str] = [""] * len(ids)
     for idx in iterate_batches(ids, batch_size):
-        src = torch.from_numpy(pad_batch([ids[i] for i in idx], tok.pad_id))
-        hyps = greedy_decode(model, src, max_len=int(1.5 * src.shape[1]) + 10)
+        src = torch.from_numpy(pad_batch([ids[i] for i in idx], model.cfg.pad_id))
+        hyps = greedy_decode(model, src, max_len=min(int(1.5 * src.shape[1]) + 10, model.cfg.max_positions))
         for i, h in zip(idx, hyps):
             out[i] = tok.decode(h)
     return out

@@ -4,14 +4,17 @@ squared quantization error)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..data import iterate_batches, pad_batch
+from ..data import iterate_batches, pad_batch, read_lines
+from ..errors import UserError
+from ..model.generate import translate_greedy
 from ..model.transformer import Transformer
-from ..tokenizer import Tokenizer
+from ..tokenizer import MarianTokenizer, Tokenizer
 from .config import QuantConfig
 from .modules import act_quantizers
 
@@ -55,7 +58,7 @@ def _quant_mse(a: Tensor, scale: Tensor, qmax: int) -> Tensor:
 
 
 @torch.no_grad()
-def calibrate(model: Transformer, qcfg: QuantConfig, tok: Tokenizer, sources: list[str], targets: list[str],
+def calibrate(model: Transformer, qcfg: QuantConfig, tok: Tokenizer | MarianTokenizer, sources: list[str], targets: list[str],
               batch_size: int = 32, max_tokens: int = 128) -> dict[str, float]:
     """Set every static activation scale of a prepared ``model`` from teacher-forced passes over the
     sentence pairs; returns {quantizer name: scale}."""
@@ -65,13 +68,14 @@ def calibrate(model: Transformer, qcfg: QuantConfig, tok: Tokenizer, sources: li
     for i, q in enumerate(quantizers.values()):
         q.observer = Observer(seed=i)
     model.eval()
+    pad, start = model.cfg.pad_id, model.cfg.decoder_start_id  # the model's, not the tokenizer's (Marian: none)
     src_ids = tok.encode_batch(sources, max_tokens)
-    tgt_ids = [[tok.bos_id] + t for t in tok.encode_batch(targets, max_tokens - 1)]
+    tgt_ids = [[start] + tok.encode_target(t, max_tokens - 1) for t in targets]
     try:
         for idx in tqdm(list(iterate_batches(src_ids, batch_size)), desc="calibrating", unit="batch",
                         file=sys.stderr, mininterval=2):
-            src = torch.from_numpy(pad_batch([src_ids[i] for i in idx], tok.pad_id))
-            tgt = torch.from_numpy(pad_batch([tgt_ids[i] for i in idx], tok.pad_id))
+            src = torch.from_numpy(pad_batch([src_ids[i] for i in idx], pad))
+            tgt = torch.from_numpy(pad_batch([tgt_ids[i] for i in idx], pad))
             model(src, tgt)
         scales = {}
         for name, q in quantizers.items():
@@ -81,3 +85,15 @@ def calibrate(model: Transformer, qcfg: QuantConfig, tok: Tokenizer, sources: li
         for q in quantizers.values():
             q.observer = None
     return scales
+
+
+def self_translated(model: Transformer, tok: Tokenizer | MarianTokenizer, path: Path,
+                    limit: int) -> tuple[list[str], list[str]]:
+    """Calibration text from a file of source sentences: its first ``limit`` non-empty lines, and the FP32
+    ``model``'s greedy translations of them as the decoder's side (run before the model is prepared)."""
+    sources = [line.strip() for line in read_lines(path) if line.strip()][:limit]
+    if not sources:
+        raise UserError(f"{path} has no sentences to calibrate on")
+    print(f"calibrating on {len(sources)} sentences of {path}, with the model's own translations as targets",
+          file=sys.stderr)
+    return sources, translate_greedy(model, tok, sources, max_tokens=model.cfg.max_positions)

@@ -11,11 +11,11 @@ from safetensors.torch import load_model, save_model
 
 from ..data import read_parallel
 from ..errors import UserError
-from ..model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_model_dir
+from ..model.checkpoint import CONFIG_FILE, is_marian_dir, load_model_dir
 from ..model.config import ModelConfig
 from ..model.transformer import Transformer
-from ..tokenizer import Tokenizer
-from .calibrate import calibrate
+from ..tokenizer import MarianTokenizer, Tokenizer, load_tokenizer
+from .calibrate import calibrate, self_translated
 from .config import QuantConfig
 from .modules import convert, prepare
 
@@ -27,13 +27,16 @@ def learned_dir(model_dir: Path, bits: int) -> Path:
     return Path(model_dir) / f"qat-int{bits}"
 
 
-def save_quantized(model: Transformer, qcfg: QuantConfig, out_dir: Path, tokenizer: Path, record: dict) -> None:
-    """Write a converted model: int8 weights with scales, fixed activation scales, config and record."""
+def save_quantized(model: Transformer, qcfg: QuantConfig, out_dir: Path, tokenizer: Tokenizer | MarianTokenizer,
+                   record: dict) -> None:
+    """Write a converted model: int8 weights with scales, fixed activation scales, config, the tokenizer's
+    files and the record."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
     save_model(model, str(out_dir / QUANT_WEIGHTS_FILE))
-    if Path(tokenizer).resolve() != (out_dir / TOKENIZER_FILE).resolve():
-        shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILE)
+    for file in tokenizer.files:
+        if file.resolve() != (out_dir / file.name).resolve():
+            shutil.copyfile(file, out_dir / file.name)
     meta = {"bits": qcfg.bits, "ranges": qcfg.ranges, "keep_fp32": list(qcfg.keep_fp32), **record}
     (out_dir / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -57,8 +60,9 @@ def load_quantized(qdir: Path) -> tuple[Transformer, QuantConfig]:
 
 
 def quantized_model(model_dir: Path, qcfg: QuantConfig, data_dir: Path, src_lang: str = "en",
-                    tgt_lang: str = "de", calib_sentences: int = 512) -> Transformer:
-    """The converted quantized model of ``model_dir`` with ranges from ``qcfg.ranges``."""
+                    tgt_lang: str = "de", calib_sentences: int = 512, calib_data: Path | None = None) -> Transformer:
+    """The converted quantized model of ``model_dir`` with ranges from ``qcfg.ranges``; calibration reads
+    ``calib_data`` (source sentences), else the training split in ``data_dir``."""
     if qcfg.ranges == "learned":
         qdir = learned_dir(model_dir, qcfg.bits)
         if not qdir.is_dir():
@@ -71,9 +75,17 @@ def quantized_model(model_dir: Path, qcfg: QuantConfig, data_dir: Path, src_lang
                              f"not the requested {qcfg.name} keeping {list(qcfg.keep_fp32)}")
         return model
     model = load_model_dir(model_dir)
-    prepare(model, qcfg)
-    if qcfg.ranges == "calibrate":
+    if qcfg.ranges != "calibrate":
+        prepare(model, qcfg)
+        return convert(model)
+    tok = load_tokenizer(model_dir)
+    if calib_data is not None:
+        sources, targets = self_translated(model, tok, calib_data, calib_sentences)
+    elif is_marian_dir(model_dir):
+        raise UserError("calibration needs sentences in the model's source language: pass --calib-data FILE (one "
+                        "sentence per line), or use --ranges runtime")
+    else:
         sources, targets = read_parallel(data_dir, "train", src_lang, tgt_lang)
-        tok = Tokenizer(Path(model_dir) / TOKENIZER_FILE)
-        calibrate(model, qcfg, tok, sources[:calib_sentences], targets[:calib_sentences])
+    prepare(model, qcfg)
+    calibrate(model, qcfg, tok, sources[:calib_sentences], targets[:calib_sentences])
     return convert(model)

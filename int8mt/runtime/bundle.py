@@ -20,8 +20,9 @@ import numpy as np
 
 from int8mt.errors import UserError
 from int8mt.targets import host_features
+from int8mt.tokenizer import MarianTokenizer, Tokenizer, load_tokenizer
 
-LIBRARY_FILE, MANIFEST_FILE, TOKENIZER_FILE = "model.so", "manifest.json", "spm.model"
+LIBRARY_FILE, MANIFEST_FILE = "model.so", "manifest.json"
 DEFAULT_MAX_ROWS = 1024  # the row bound of bundles whose manifest does not record one
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
 BUNDLE_FORMAT = 1
@@ -41,7 +42,9 @@ MANIFEST_SCHEMA: dict[str, tuple[type, type | None]] = {
     "files": (dict, str),
     "top_candidates": (int, None),
 }
-MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None), "cache_dtype": (str, None)}
+MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None), "cache_dtype": (str, None),
+                                                           "tokenizer": (str, None)}
+TOKENIZER_KINDS = ("sentencepiece", "marian")
 TARGET_SCHEMA: dict[str, tuple[type, type | None]] = {"preset": (str, None), "required_features": (list, str)}
 MODEL_KEYS = ("decoder_layers", "heads", "d_model", "max_positions", "pad_id", "eos_id", "decoder_start_id")
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}  # e_machine of this machine's architecture
@@ -132,7 +135,7 @@ def read_manifest(bundle_dir: Path) -> dict:
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleError(f"bundle {bundle_dir} does not exist; build one with `int8mt compile`")
-    for name in (MANIFEST_FILE, LIBRARY_FILE, TOKENIZER_FILE):
+    for name in (MANIFEST_FILE, LIBRARY_FILE):
         if not (bundle_dir / name).is_file():
             raise BundleError(f"bundle {bundle_dir} is incomplete: {name} is missing; rebuild it with `int8mt compile`")
     where = str(bundle_dir / MANIFEST_FILE)
@@ -141,6 +144,9 @@ def read_manifest(bundle_dir: Path) -> dict:
         if manifest["format"] != BUNDLE_FORMAT:
             raise BundleError(f"bundle format {manifest['format']} is not supported (expected {BUNDLE_FORMAT}); "
                               "rebuild it with this version of int8mt")
+        if tokenizer_kind(manifest) not in TOKENIZER_KINDS:
+            raise BundleError(f"{where}: tokenizer {manifest['tokenizer']!r} is not one this runtime knows "
+                              f"({', '.join(TOKENIZER_KINDS)}); rebuild the bundle with this version of int8mt")
         missing = [name for name in ENTRY_POINTS if name not in manifest["entry_points"]]
         if missing:
             raise BundleError(f"bundle {bundle_dir} lacks the entry points {missing} that this runtime needs; "
@@ -148,6 +154,11 @@ def read_manifest(bundle_dir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{where} is corrupt ({err}); rebuild the bundle") from None
     return manifest
+
+
+def tokenizer_kind(manifest: dict) -> str:
+    """How the bundle tokenizes: ``sentencepiece`` (our ``spm.model``) or ``marian`` (the OPUS-MT files)."""
+    return manifest.get("tokenizer", "sentencepiece")
 
 
 def max_rows(manifest: dict) -> int:
@@ -204,9 +215,9 @@ class Bundle:
         self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for static quantization
         self.max_rows = max_rows(self.manifest)
 
-    @property
-    def tokenizer_file(self) -> Path:
-        return self.path / TOKENIZER_FILE
+    def tokenizer(self) -> Tokenizer | MarianTokenizer:
+        """The bundle's tokenizer (its files were checked against the manifest's checksums)."""
+        return load_tokenizer(self.path, tokenizer_kind(self.manifest))
 
     def tensor(self, array: np.ndarray) -> Any:
         return self._tvm.runtime.tensor(array, self.device)

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from int8mt.data import iterate_batches, pad_batch
 from int8mt.errors import UserError
-from int8mt.tokenizer import Tokenizer
+from int8mt.tokenizer import check_target_lang, starts_with_language_token
 
 from .bundle import Bundle
 from .search import SearchOptions, beam_search
@@ -31,10 +31,12 @@ class Translator:
     (the compiled module's VM is not reentrant), each call's sentences batched together."""
 
     def __init__(self, bundle_dir: Path | str, options: SearchOptions = SearchOptions(),
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, target_lang: str | None = None) -> None:
         self.bundle = Bundle(bundle_dir)
         check_decoding(options, batch_size, self.bundle.max_rows)
-        self.tokenizer = Tokenizer(self.bundle.tokenizer_file)
+        self.tokenizer = self.bundle.tokenizer()
+        check_target_lang(self.tokenizer, target_lang)
+        self.target_lang = target_lang
         self.options = options
         self.batch_size = batch_size
         self._lock = threading.Lock()
@@ -45,17 +47,24 @@ class Translator:
         beam = (options or self.options).beam_size
         return max(1, min(self.batch_size, self.bundle.max_rows // beam))
 
-    def translate(self, sentences: list[str], progress: bool = False,
-                  options: SearchOptions | None = None) -> list[str]:
-        """Translate ``sentences`` with the translator's search options, or ``options`` for this call; empty
-        input lines give empty output lines. An input longer than the model's positions is cut to fit, with a
-        warning on stderr naming it. ``progress`` shows a bar on stderr."""
+    def translate(self, sentences: list[str], progress: bool = False, options: SearchOptions | None = None,
+                  target_lang: str | None = None) -> list[str]:
+        """Translate ``sentences`` with the translator's search options and target language, or ``options`` and
+        ``target_lang`` for this call (models whose vocabulary has ``>>xx<<`` tokens need one; a sentence
+        that starts with such a token keeps it instead); empty input lines give empty output lines. An input longer than the
+        model's positions is cut to fit, with a warning on stderr naming it. ``progress`` shows a bar on
+        stderr."""
         options = options or self.options
         check_decoding(options, self.batch_size, self.bundle.max_rows)
+        target_lang = target_lang or self.target_lang
+        check_target_lang(self.tokenizer, target_lang)
         limit = self.bundle.max_positions
         ids = []
         for number, sentence in enumerate(sentences, 1):
-            full = self.tokenizer.encode(sentence.strip())
+            text = sentence.strip()
+            check_target_lang(self.tokenizer, target_lang, text)
+            own = not text or starts_with_language_token(text)  # a sentence's own >>xx<< token wins
+            full = self.tokenizer.encode(text, target_lang=None if own else target_lang)
             if len(full) > limit:
                 print(f"int8mt: warning: input {number} has {len(full)} tokens; the model reads at most {limit}, "
                       f"so only its first {limit - 1} are translated", file=sys.stderr)

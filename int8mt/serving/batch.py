@@ -33,10 +33,10 @@ def block_lines(total: int, workers: int) -> int:
 class BlockTranslator:
     """A Ray Data worker: loads the bundle once, then translates the ``text`` column of each block."""
 
-    def __init__(self, bundle_files: Any, options: SearchOptions, batch_size: int) -> None:
+    def __init__(self, bundle_files: Any, options: SearchOptions, batch_size: int, target_lang: str | None) -> None:
         import ray
 
-        self.translator = Translator(unpack_bundle(ray.get(bundle_files)), options, batch_size)
+        self.translator = Translator(unpack_bundle(ray.get(bundle_files)), options, batch_size, target_lang)
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         translations = self.translator.translate([str(text) for text in block["text"]])
@@ -52,7 +52,8 @@ class Progress:
 
 
 def translate_files(ray: Any, bundle_dir: Path, inputs: list[tuple[list[str], Path]], layout: WorkerLayout,
-                    options: SearchOptions, batch_size: int, progress: Progress) -> None:
+                    options: SearchOptions, batch_size: int, progress: Progress,
+                    target_lang: str | None = None) -> None:
     """Translate each ``(lines, output file)`` of ``inputs`` on the connected Ray cluster, ``layout.workers``
     workers of ``layout.threads`` threads, and write each output file in input order. ``progress`` counts
     the lines written so far (the caller reports it if the job stops)."""
@@ -73,7 +74,7 @@ def translate_files(ray: Any, bundle_dir: Path, inputs: list[tuple[list[str], Pa
         if blocks:
             dataset = ray.data.from_arrow(blocks).map_batches(
                 BlockTranslator, batch_size=None, batch_format="numpy", concurrency=layout.workers,
-                fn_constructor_args=(ray.put(pack_bundle(bundle_dir)), options, batch_size),
+                fn_constructor_args=(ray.put(pack_bundle(bundle_dir)), options, batch_size, target_lang),
                 **worker_options(layout.threads))
             with tqdm(total=progress.total, desc="translating", unit="line", file=sys.stderr) as bar:
                 for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):

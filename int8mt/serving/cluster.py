@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from int8mt.errors import UserError
-from int8mt.runtime.bundle import MANIFEST_FILE, check_bundle, max_rows, read_manifest
+from int8mt.runtime.bundle import MANIFEST_FILE, check_bundle, max_rows, read_manifest, tokenizer_kind
 from int8mt.runtime.search import SearchOptions
 from int8mt.runtime.translator import check_decoding
+from int8mt.tokenizer import check_target_lang, load_tokenizer
 
 LOCAL = "local"  # --ray / --address value meaning: start a Ray instance inside this command
 CONNECT_TIMEOUT_S = 5.0
@@ -82,14 +83,21 @@ class WorkerLayout:
         return cls(workers, threads)
 
 
-def checked_bundle(bundle_dir: Path, options: SearchOptions, batch_size: int) -> Path:
+def checked_bundle(bundle_dir: Path, options: SearchOptions, batch_size: int, target_lang: str | None = None) -> Path:
     """``bundle_dir`` made absolute, after the checks the runtime does before loading it (manifest, checksums,
     library headers, CPU features) and those of the decoding settings, so that a bad bundle or setting is
-    reported here rather than by every worker."""
+    reported here rather than by every worker. A multilingual model needs ``target_lang`` here (sentences
+    that start with their own ``>>xx<<`` token keep it), so that no batch of the workers fails for want of one."""
     bundle_dir = Path(bundle_dir).resolve()
     manifest = read_manifest(bundle_dir)
     check_bundle(bundle_dir, manifest)
     check_decoding(options, batch_size, max_rows(manifest))
+    tokenizer = load_tokenizer(bundle_dir, tokenizer_kind(manifest))
+    check_target_lang(tokenizer, target_lang)
+    if tokenizer.target_languages and target_lang is None:
+        names = ", ".join(token[2:-2] for token in tokenizer.target_languages)
+        raise UserError(f"{bundle_dir.name} is a multilingual model: pass --target-lang with one of {names} "
+                        "(sentences starting with their own >>xx<< token keep it)")
     return bundle_dir
 
 

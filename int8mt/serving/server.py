@@ -54,6 +54,7 @@ class ServerSettings:
     max_request_sentences: int = 1024
     max_body_bytes: int = 1 << 20
     access_log: bool = False                       # a log line per request in the replicas' logs (costs CPU)
+    target_lang: str | None = None                 # a multilingual model's target language (texts may name theirs)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_request_sentences", "max_body_bytes"):
@@ -107,7 +108,8 @@ class TranslationServer:
 
     def __init__(self, bundle_files: ray.ObjectRef, bundle_name: str, settings: ServerSettings) -> None:
         self.settings = settings
-        self.translator = Translator(unpack_bundle(ray.get(bundle_files)), settings.options, settings.max_batch)
+        self.translator = Translator(unpack_bundle(ray.get(bundle_files)), settings.options, settings.max_batch,
+                                     settings.target_lang)
         manifest = self.translator.bundle.manifest
         self.health = {"status": "ready", "bundle": bundle_name, "target": manifest["target"]["preset"],
                        "max_rows": self.translator.bundle.max_rows}

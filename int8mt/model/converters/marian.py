@@ -48,12 +48,26 @@ def marian_model_config(hf: dict) -> ModelConfig:
     )
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_marian_dir(model_dir: Path) -> None:
+    """``model_dir`` has a config and weights (the tokenizer files are checked where they are read)."""
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not a Marian directory: config.json is missing")
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"{model_dir} has neither model.safetensors nor pytorch_model.bin")
+
+
 def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    if (model_dir / "model.safetensors").is_file():
-        return load_file(str(model_dir / "model.safetensors"))
-    if (model_dir / "pytorch_model.bin").is_file():
-        return torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise UserError(f"{model_dir} has neither model.safetensors nor pytorch_model.bin")
+    check_marian_dir(model_dir)
+    path = next(model_dir / name for name in WEIGHT_FILES if (model_dir / name).is_file())
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (safetensors and torch raise many kinds for a damaged file)
+        raise UserError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
 def _our_name(name: str) -> str | None:
