@@ -117,12 +117,12 @@ TOP_CANDIDATES = 16  # candidates per row for beam search (enough for beams of u
 
 def candidates_per_row(model: Transformer) -> int:
     """How many candidates per row ``top_candidates`` returns for ``model`` (at most its vocabulary)."""
-    return min(TOP_CANDIDATES, model.cfg.vocab_size)
+    return min(TOP_CANDIDATES, model.cfg.output_vocab_size)
 
 
 def _top_candidates(model: Transformer) -> relax.Function:
     rows = tvm.tirx.Var("rows", "int64")
-    logits = relax.Var("logits", relax.TensorType((rows, model.cfg.vocab_size), "float32"))
+    logits = relax.Var("logits", relax.TensorType((rows, model.cfg.output_vocab_size), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("top_candidates", [logits]):
         with bb.dataflow():

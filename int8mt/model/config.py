@@ -27,6 +27,9 @@ class ModelConfig:
     pad_id: int = 0
     eos_id: int = 3
     decoder_start_id: int = 2
+    shared_embeddings: bool = True        # one table for source and target tokens
+    target_vocab_size: int | None = None  # the target side's vocabulary when not shared (None: vocab_size)
+    tied_output: bool = True              # the logits projection is the target embedding table
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -36,9 +39,19 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim", "max_positions"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.shared_embeddings and self.target_vocab_size not in (None, self.vocab_size):
+            raise UserError(f"model config: shared embeddings need one vocabulary, but vocab_size is "
+                            f"{self.vocab_size} and target_vocab_size {self.target_vocab_size}")
+        if self.target_vocab_size is not None and self.target_vocab_size <= 0:
+            raise UserError(f"model config: target_vocab_size must be positive, got {self.target_vocab_size}")
         for name in ("pad_id", "eos_id", "decoder_start_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
+            if not 0 <= getattr(self, name) < min(self.vocab_size, self.output_vocab_size):
                 raise UserError(f"model config: {name}={getattr(self, name)} is outside the vocabulary")
+
+    @property
+    def output_vocab_size(self) -> int:
+        """Target tokens: the rows of the decoder's embedding table and the logits' width."""
+        return self.vocab_size if self.target_vocab_size is None else self.target_vocab_size
 
     @property
     def head_dim(self) -> int:

@@ -114,19 +114,25 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Encoder-decoder with shared (tied) source, target and output embeddings."""
+    """Encoder-decoder. Source, target and output embeddings are one table by default; with
+    ``shared_embeddings`` false the decoder has its own (``decoder_embed_tokens``), and with ``tied_output``
+    false the logits projection has its own weight."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         nn.init.normal_(self.embed_tokens.weight, std=cfg.d_model ** -0.5)
+        if not cfg.shared_embeddings:
+            self.decoder_embed_tokens = nn.Embedding(cfg.output_vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+            nn.init.normal_(self.decoder_embed_tokens.weight, std=cfg.d_model ** -0.5)
         self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
-        self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head = nn.Linear(cfg.d_model, cfg.output_vocab_size)
+        if cfg.tied_output:
+            self.lm_head.weight = self.target_embeddings.weight
         nn.init.zeros_(self.lm_head.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -135,10 +141,16 @@ class Transformer(nn.Module):
         """Additive mask [B, 1, 1, S]: 0 for tokens, -1e9 for padding."""
         return (src == self.cfg.pad_id).to(torch.float32)[:, None, None, :] * NEG_INF
 
-    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """Scaled token embeddings plus the sinusoids of ``positions`` (int64 [T])."""
+    @property
+    def target_embeddings(self) -> nn.Module:
+        """The decoder's token embedding table (the source one when shared)."""
+        return self.embed_tokens if self.cfg.shared_embeddings else self.decoder_embed_tokens
+
+    def embed(self, tokens: Tensor, positions: Tensor, target: bool = False) -> Tensor:
+        """Scaled token embeddings (source, or ``target``) plus the sinusoids of ``positions`` (int64 [T])."""
         pos = torch.index_select(self.positions, 0, positions)
-        return self.dropout(self.embed_tokens(tokens) * self.embed_scale + pos)
+        table = self.target_embeddings if target else self.embed_tokens
+        return self.dropout(table(tokens) * self.embed_scale + pos)
 
     def encode(self, src: Tensor) -> Tensor:
         """Source tokens [B, S] -> encoder output [B, S, D]."""
@@ -184,7 +196,7 @@ class Transformer(nn.Module):
         src_bias = self.source_bias(src)
         t = tgt_in.shape[1]
         causal = torch.triu(torch.full((t, t), NEG_INF, device=src.device), diagonal=1)
-        x = self.embed(tgt_in, torch.arange(t, device=src.device))
+        x = self.embed(tgt_in, torch.arange(t, device=src.device), target=True)
         for layer in self.decoder_layers:
             k, v = layer.self_attn.project_kv(x)
             ck, cv = layer.cross_attn.project_kv(memory)
@@ -201,7 +213,7 @@ class Transformer(nn.Module):
         Returns logits [B, V] and the cache grown to T + 1.
         """
         src_bias = self.source_bias(src)
-        x = self.embed(tokens, step)
+        x = self.embed(tokens, step, target=True)
         new_rows = []
         for i, layer in enumerate(self.decoder_layers):
             k_new, v_new = self._store(layer.self_attn, *layer.self_attn.project_kv(x))

@@ -147,8 +147,9 @@ class IntegerTransformer:
         return Int(acc, qa.scale * qb.scale)
 
     # -- the Transformer -------------------------------------------------------------------------
-    def embed(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        emb, scale = self.model.embed_tokens, np.float32(self.model.embed_scale)
+    def embed(self, tokens: np.ndarray, positions: np.ndarray, target: bool = False) -> np.ndarray:
+        emb = self.model.target_embeddings if target else self.model.embed_tokens
+        scale = np.float32(self.model.embed_scale)
         if isinstance(emb, QEmbedding):
             rows, row_scale = _np(emb.w_q)[tokens].astype(np.float32), _np(emb.w_scale)[tokens] * scale
         else:
@@ -230,7 +231,7 @@ class IntegerTransformer:
                     src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """tokens [B, 1] at position ``step`` -> (logits [B, V], cache grown by one position)."""
         bias = self.source_bias(src)
-        x = self.embed(tokens, np.array([step]))
+        x = self.embed(tokens, np.array([step]), target=True)
         grown = []
         for i, layer in enumerate(self.model.decoder_layers):
             k_new, v_new = self.store(layer.self_attn, *self.project_kv(layer.self_attn, x))

@@ -155,8 +155,10 @@ def prepare(model: Transformer, qcfg: QuantConfig) -> list[str]:
         old = getattr(parent, attr)
         new = QMatMul(qcfg.qmax, dynamic) if isinstance(old, MatMul) else QLinear(old, qcfg.qmax, dynamic)
         setattr(parent, attr, new)
-    if "lm_head" not in kept:  # the embedding shares the logits projection's int8 table
+    if "lm_head" not in kept:  # embeddings in int8; a table tied to the logits projection shares its int8 table
         model.embed_tokens = QEmbedding(model.embed_tokens, qcfg.qmax)
+        if not model.cfg.shared_embeddings:
+            model.decoder_embed_tokens = QEmbedding(model.decoder_embed_tokens, qcfg.qmax)
     return kept
 
 

@@ -90,7 +90,7 @@ def test_quantized_checkpoint_round_trip(tmp_path):
     for q in act_quantizers(model).values():
         q.set_scale(0.02)
     convert(model)
-    save_quantized(model, qcfg, tmp_path / "q", MODEL_DIR / "spm.model", {"note": "test"})
+    save_quantized(model, qcfg, tmp_path / "q", Tokenizer(MODEL_DIR / "spm.model"), {"note": "test"})
     loaded, loaded_cfg = load_quantized(tmp_path / "q")
     assert loaded_cfg.bits == 8 and loaded_cfg.ranges == "learned"
     src = torch.randint(4, 8000, (2, 6))

@@ -1,8 +1,11 @@
 """Load a Hugging Face ``MarianMTModel`` directory (``config.json`` + ``model.safetensors`` or
 ``pytorch_model.bin``) into our Transformer. Reads the files directly: ``transformers`` is not needed.
 
-Supported: shared source/target/output embeddings (``share_encoder_decoder_embeddings``), the same head
-count and FFN size in encoder and decoder, post-norm layers (MarianMT's only layout).
+Supported: shared or separate source/target embeddings (``share_encoder_decoder_embeddings``), a tied or
+separate output projection (``tie_word_embeddings``), ``final_logits_bias``, any vocabulary sizes, both
+``scale_embedding`` settings, relu/gelu/swish, and the same head count and FFN size in encoder and decoder.
+Layers are post-norm, Marian's layout: ``transformers`` runs them so whatever a config's ``normalize_before``
+says, and so do we (its converter refuses pre-norm Marian models).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ _LAYER_RENAMES = (
     (r"\.encoder_attn\.", ".cross_attn."),
     (r"\.(fc[12])\.", r".ffn.\1."),
 )
-_IGNORED = re.compile(r"^(encoder|decoder)\.(embed_positions\.weight|embed_tokens\.weight)$|^lm_head\.weight$")
+_IGNORED = re.compile(r"^(encoder|decoder)\.embed_positions\.weight$")  # sinusoids, computed
 
 
 def marian_model_config(hf: dict) -> ModelConfig:
@@ -34,7 +37,10 @@ def marian_model_config(hf: dict) -> ModelConfig:
             raise UserError(f"unsupported MarianConfig: {what}")
 
     require(hf.get("model_type", "marian") == "marian", f"model_type is {hf.get('model_type')!r}, expected 'marian'")
-    require(hf.get("share_encoder_decoder_embeddings", True), "separate encoder/decoder embeddings")
+    shared = bool(hf.get("share_encoder_decoder_embeddings", True))
+    target_vocab = hf.get("decoder_vocab_size") or hf["vocab_size"]
+    require(not shared or target_vocab == hf["vocab_size"],
+            f"shared embeddings with vocab_size {hf['vocab_size']} but decoder_vocab_size {target_vocab}")
     require(hf["encoder_attention_heads"] == hf["decoder_attention_heads"], "different encoder/decoder head counts")
     require(hf["encoder_ffn_dim"] == hf["decoder_ffn_dim"], "different encoder/decoder FFN sizes")
     act = hf.get("activation_function", "swish")
@@ -44,7 +50,8 @@ def marian_model_config(hf: dict) -> ModelConfig:
         decoder_layers=hf["decoder_layers"], heads=hf["encoder_attention_heads"], ffn_dim=hf["encoder_ffn_dim"],
         activation=_ACTIVATIONS[act], max_positions=hf["max_position_embeddings"], dropout=0.0,
         scale_embedding=hf.get("scale_embedding", True), pad_id=hf["pad_token_id"], eos_id=hf["eos_token_id"],
-        decoder_start_id=hf.get("decoder_start_token_id", hf["pad_token_id"]),
+        decoder_start_id=hf.get("decoder_start_token_id", hf["pad_token_id"]), shared_embeddings=shared,
+        target_vocab_size=None if shared else target_vocab, tied_output=bool(hf.get("tie_word_embeddings", True)),
     )
 
 
@@ -80,26 +87,53 @@ def _our_name(name: str) -> str | None:
     return name
 
 
+def _tables(raw: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our embedding and output tables from the file's names (a tied table is saved under any one of its
+    names, depending on the exporter); the names used are removed from ``raw``."""
+    def take(*names: str) -> torch.Tensor:
+        found = [raw.pop(n) for n in names if n in raw]
+        if not found:
+            raise UserError(f"MarianMT weights lack {' or '.join(names)}")
+        return found[0]
+
+    if cfg.shared_embeddings:
+        names = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+        source = target = take(*names, *(["lm_head.weight"] if cfg.tied_output else []))
+        state = {"embed_tokens.weight": source}
+    else:
+        source, target = take("encoder.embed_tokens.weight"), take("decoder.embed_tokens.weight", "shared.weight")
+        state = {"embed_tokens.weight": source, "decoder_embed_tokens.weight": target}
+    state["lm_head.weight"] = target if cfg.tied_output else take("lm_head.weight")
+    for name in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+        raw.pop(name, None)  # other names of a tied table
+    return state
+
+
 def load_marian(model_dir: Path | str) -> Transformer:
     """Build our Transformer from a MarianMT directory; every weight must find its place."""
     model_dir = Path(model_dir)
     try:
-        hf = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        hf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read {model_dir / 'config.json'}: {err}") from None
-    model = Transformer(marian_model_config(hf))
+    try:
+        model = Transformer(marian_model_config(hf))
+    except KeyError as err:
+        raise UserError(f"{model_dir / 'config.json'} lacks {err}, which a MarianConfig has") from None
     raw = {k.removeprefix("model."): v for k, v in _read_weights(model_dir).items()}
-    # The tied table is saved under one of its names, depending on the exporter.
-    shared = next((raw.pop(k) for k in ("shared.weight", "encoder.embed_tokens.weight", "lm_head.weight") if k in raw),
-                  None)
-    state = {"embed_tokens.weight": shared, "lm_head.weight": shared} if shared is not None else {}
+    state = _tables(raw, model.cfg)
     for hf_name, tensor in raw.items():
         name = _our_name(hf_name)
         if name is not None:
             state[name] = tensor.reshape(-1) if name == "lm_head.bias" else tensor
+    if "lm_head.bias" not in state:  # no final_logits_bias: zeros, as transformers starts it
+        state["lm_head.bias"] = torch.zeros(model.cfg.output_vocab_size)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise UserError(f"MarianMT weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"MarianMT weights do not fit the config: {str(err).splitlines()[-1].strip()}") from None
     return model.eval()
