@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config_path(args))
     quant = QuantRequest(args.quant, args.ranges, integer_softmax=args.integer_softmax,
                          integer_layer_norm=args.integer_layer_norm)
-    request = VerifyRequest(args.model or cfg.paths.model, args.target or cfg.compile.target,
-                            quant.config(cfg.compile), cfg.paths.data, args.sentences, args.steps,
+    model_dir = args.model or cfg.paths.model
+    request = VerifyRequest(model_dir, args.target or cfg.compile.target,
+                            quant.config(cfg.compile, Path(model_dir)), cfg.paths.data, args.sentences, args.steps,
                             database_path(args.db, cfg.tune.database), cfg.compile.calib_sentences,
                             cfg.train.src_lang, cfg.train.tgt_lang)
     result = verify(request)

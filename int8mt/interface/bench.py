@@ -46,9 +46,9 @@ def bench_translation(bundle_dir: Path, model_dir: Path | None, sources: list[st
 
         from int8mt.model.checkpoint import load_model_dir
         from int8mt.model.generate import translate_greedy
-        from int8mt.tokenizer import Tokenizer
+        from int8mt.tokenizer import load_tokenizer
 
-        model, tok = load_model_dir(model_dir), Tokenizer(Path(model_dir) / "spm.model")
+        model, tok = load_model_dir(model_dir), load_tokenizer(model_dir)
         for batch in batch_sizes:
             with torch.inference_mode():
                 rows.append(_timed(f"PyTorch {torch.__version__} eager", "greedy", batch,

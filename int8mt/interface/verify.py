@@ -42,10 +42,10 @@ def verify(request: VerifyRequest) -> VerifyResult:
     from int8mt.compiler.integer_check import GraphMismatch, check_integer_graph, compile_tapped
     from int8mt.compiler.pipeline import tile_chooser
     from int8mt.data import read_parallel
-    from int8mt.model.checkpoint import TOKENIZER_FILE, check_model_dir
+    from int8mt.model.checkpoint import check_model_dir
     from int8mt.quant.checkpoint import quantized_model
     from int8mt.targets import get_preset, missing_features
-    from int8mt.tokenizer import Tokenizer
+    from int8mt.tokenizer import load_tokenizer
 
     preset = get_preset(request.target)
     if missing_features(preset):
@@ -59,7 +59,7 @@ def verify(request: VerifyRequest) -> VerifyResult:
     sources, targets = read_parallel(request.data_dir, "test_2016_flickr", request.src_lang, request.tgt_lang)
     c = model.cfg
     src, tokens = inputs(sources[:request.sentences], targets[:request.sentences],
-                         Tokenizer(Path(request.model_dir) / TOKENIZER_FILE), c.decoder_start_id, c.pad_id,
+                         load_tokenizer(request.model_dir), c.decoder_start_id, c.pad_id,
                          request.steps)
     tiles = tile_chooser(preset, request.database) if preset.int8_dot is not None else None
     vm = compile_tapped(model, preset, tiles, qcfg)

@@ -171,9 +171,12 @@ def check_bundle(bundle_dir: Path, manifest: dict) -> None:
     bundle_dir = Path(bundle_dir)
     for name, expected in manifest["files"].items():
         path = bundle_dir / name
-        if Path(name).name != name or not path.is_file():
+        if Path(name).name != name:
             raise BundleError(f"{bundle_dir / MANIFEST_FILE} lists {name!r}, which is not a file of the bundle; "
                               "rebuild the bundle")
+        if not path.is_file():
+            raise BundleError(f"bundle {bundle_dir} is incomplete: {name} is missing; rebuild it with "
+                              "`int8mt compile`")
         if sha256(path) != expected:
             raise BundleError(f"{path} does not match the checksum in the manifest (corrupt or replaced); "
                               "rebuild the bundle")
