@@ -28,11 +28,16 @@ def read_lines(path: Path) -> list[str]:
         raise UserError(f"{path} is not UTF-8 text") from None
 
 
-def read_parallel(data_dir: Path, split: str, src: str, tgt: str) -> tuple[list[str], list[str]]:
-    sources, targets = read_lines(data_dir / f"{split}.{src}"), read_lines(data_dir / f"{split}.{tgt}")
+def read_aligned(source: Path, target: Path) -> tuple[list[str], list[str]]:
+    """The lines of two line-aligned files; a different line count is an error naming both."""
+    sources, targets = read_lines(source), read_lines(target)
     if len(sources) != len(targets):
-        raise UserError(f"{split}.{src} has {len(sources)} lines but {split}.{tgt} has {len(targets)}")
+        raise UserError(f"{source} has {len(sources)} lines but {target} has {len(targets)}; they must be aligned")
     return sources, targets
+
+
+def read_parallel(data_dir: Path, split: str, src: str, tgt: str) -> tuple[list[str], list[str]]:
+    return read_aligned(data_dir / f"{split}.{src}", data_dir / f"{split}.{tgt}")
 
 
 def length_batches(lengths: list[int], max_tokens: int, shuffle: bool, seed: int = 0) -> list[list[int]]:

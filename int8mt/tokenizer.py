@@ -224,6 +224,9 @@ def _token_name(value: object, default: str) -> str:
     return value if isinstance(value, str) else default
 
 
+TOKENIZER_KINDS = (Tokenizer.kind, MarianTokenizer.kind)  # the manifest's "tokenizer" values
+
+
 def load_tokenizer(folder: Path | str, kind: str | None = None) -> Tokenizer | MarianTokenizer:
     """The tokenizer of a model directory or bundle: ``kind`` ``sentencepiece`` (our ``spm.model``) or
     ``marian`` (the OPUS-MT files); None = whichever the folder has."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data import length_batches, pad_batch, read_lines
+from ..data import length_batches, pad_batch, read_aligned
 from ..errors import UserError
 from ..metrics import corpus_bleu
 from ..model.checkpoint import load_model_dir
@@ -51,10 +51,7 @@ class ParallelText:
 
     @classmethod
     def read(cls, source: Path, target: Path) -> "ParallelText":
-        sources, targets = read_lines(source), read_lines(target)
-        if len(sources) != len(targets):
-            raise UserError(f"{source} has {len(sources)} lines but {target} has {len(targets)}; they must be aligned")
-        pairs = [(s, t) for s, t in zip(sources, targets) if s.strip() and t.strip()]
+        pairs = [(s, t) for s, t in zip(*read_aligned(source, target)) if s.strip() and t.strip()]
         if not pairs:
             raise UserError(f"{source} and {target} have no sentence pairs")
         return cls([s for s, _ in pairs], [t for _, t in pairs])

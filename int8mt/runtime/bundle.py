@@ -20,7 +20,7 @@ import numpy as np
 
 from int8mt.errors import UserError
 from int8mt.targets import host_features
-from int8mt.tokenizer import MarianTokenizer, Tokenizer, load_tokenizer
+from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_tokenizer
 
 LIBRARY_FILE, MANIFEST_FILE = "model.so", "manifest.json"
 DEFAULT_MAX_ROWS = 1024  # the row bound of bundles whose manifest does not record one
@@ -44,7 +44,6 @@ MANIFEST_SCHEMA: dict[str, tuple[type, type | None]] = {
 }
 MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None), "cache_dtype": (str, None),
                                                            "tokenizer": (str, None)}
-TOKENIZER_KINDS = ("sentencepiece", "marian")
 TARGET_SCHEMA: dict[str, tuple[type, type | None]] = {"preset": (str, None), "required_features": (list, str)}
 MODEL_KEYS = ("decoder_layers", "heads", "d_model", "max_positions", "pad_id", "eos_id", "decoder_start_id")
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}  # e_machine of this machine's architecture

@@ -62,7 +62,8 @@ class Translator:
         ids = []
         for number, sentence in enumerate(sentences, 1):
             text = sentence.strip()
-            check_target_lang(self.tokenizer, target_lang, text)
+            if target_lang is None:  # a model with language tokens needs one from the sentence itself
+                check_target_lang(self.tokenizer, None, text)
             own = not text or starts_with_language_token(text)  # a sentence's own >>xx<< token wins
             full = self.tokenizer.encode(text, target_lang=None if own else target_lang)
             if len(full) > limit:

@@ -150,3 +150,35 @@ def test_calibration_options_are_checked(marian_dirs, tmp_path, capsys, args, me
     assert main(["compile", str(marian_dirs["shared"]), "-o", str(tmp_path / "b"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_qat_on_the_users_parallel_text(marian_dirs, tmp_path, capsys):
+    model_dir = marian_dirs["shared"]
+    src, tgt = tmp_path / "my.en", tmp_path / "my.de"
+    src.write_text("\n".join((DATA_DIR / "train.en").read_text().splitlines()[:200]) + "\n")
+    tgt.write_text("\n".join((DATA_DIR / "train.de").read_text().splitlines()[:200]) + "\n")
+    assert main(["qat", str(model_dir)]) == 2
+    assert "pass --train-src FILE and --train-tgt FILE" in capsys.readouterr().err
+    assert main(["qat", str(model_dir), "--train-src", str(src)]) == 2
+    assert "--train-src and --train-tgt go together" in capsys.readouterr().err
+    short = tmp_path / "short.de"
+    short.write_text("Ein Hund.\n")
+    assert main(["qat", str(model_dir), "--train-src", str(src), "--train-tgt", str(short)]) == 2
+    assert "has 200 lines but" in capsys.readouterr().err
+    learned = tmp_path / "learned"
+    assert main(["qat", str(model_dir), "--train-src", str(src), "--train-tgt", str(tgt), "-o", str(learned)]) == 0
+    record = json.loads((learned / "quant.json").read_text())
+    assert record["ranges"] == "learned" and "val_bleu_learned" in record
+    assert {"source.spm", "target.spm", "vocab.json"} <= {p.name for p in learned.iterdir()}
+    (model_dir / "qat-int8").symlink_to(learned)  # where `compile --ranges learned` looks
+    try:
+        bundle = tmp_path / "bundle"
+        assert main(["compile", str(model_dir), "--ranges", "learned", "--target", HOST_PRESET.name, "-o",
+                     str(bundle)]) == 0
+    finally:
+        (model_dir / "qat-int8").unlink()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["quantization"]["ranges"] == "learned" and manifest["cache_dtype"] == "int8"
+    assert manifest["quantization"]["matmuls_int"] == manifest["quantization"]["matmuls"]
+    out = Translator(bundle, SearchOptions(beam_size=1)).translate(SENTENCES[:4])
+    assert len(out) == 4 and any(out)  # a random model may end a sentence at once
