@@ -141,7 +141,8 @@ class MarianTokenizer:
         self.separate = bool(settings.get("separate_vocabs", False))
         self.files = tuple(folder / f for f in (*MARIAN_FILES, *MARIAN_OPTIONAL) if (folder / f).is_file())
         if self.separate and not (folder / "target_vocab.json").is_file():
-            raise UserError(f"{folder / 'tokenizer_config.json'} says separate_vocabs, but target_vocab.json is missing")
+            raise UserError(f"{folder / 'tokenizer_config.json'} says separate_vocabs, but target_vocab.json is "
+                            "missing")
         self._source, self._target = _load_spm(folder / "source.spm"), _load_spm(folder / "target.spm")
         self._vocab = _read_vocab(folder / "vocab.json")
         self._target_vocab = _read_vocab(folder / "target_vocab.json") if self.separate else self._vocab

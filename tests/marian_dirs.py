@@ -37,7 +37,8 @@ def _vocabulary(pieces: list[str], codes: tuple[str, ...]) -> dict[str, int]:
 
 
 def build_marian_dir(out: Path, kind: str = "shared", seed: int = 0, d_model: int = 64, layers: int = 2,
-                     heads: int = 4, ffn_dim: int = 128, pieces: int = 600, init_std: float = 0.4, eos_bias: float = 8.5) -> Path:
+                     heads: int = 4, ffn_dim: int = 128, pieces: int = 600, init_std: float = 0.4,
+                     eos_bias: float = 8.5) -> Path:
     """A MarianMT directory in ``out``. ``kind``: ``shared`` (one vocabulary and embedding, like
     opus-mt-en-de), ``separate`` (separate vocabularies and embeddings, like opus-mt-tc-big) or
     ``multilingual`` (shared, with ``>>xx<<`` target-language tokens, like opus-mt-en-ROMANCE); ``separate``

@@ -58,8 +58,8 @@ def _quant_mse(a: Tensor, scale: Tensor, qmax: int) -> Tensor:
 
 
 @torch.no_grad()
-def calibrate(model: Transformer, qcfg: QuantConfig, tok: Tokenizer | MarianTokenizer, sources: list[str], targets: list[str],
-              batch_size: int = 32, max_tokens: int = 128) -> dict[str, float]:
+def calibrate(model: Transformer, qcfg: QuantConfig, tok: Tokenizer | MarianTokenizer, sources: list[str],
+              targets: list[str], batch_size: int = 32, max_tokens: int = 128) -> dict[str, float]:
     """Set every static activation scale of a prepared ``model`` from teacher-forced passes over the
     sentence pairs; returns {quantizer name: scale}."""
     quantizers = {n: q for n, q in act_quantizers(model).items() if not q.dynamic}

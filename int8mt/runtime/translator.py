@@ -47,13 +47,24 @@ class Translator:
         beam = (options or self.options).beam_size
         return max(1, min(self.batch_size, self.bundle.max_rows // beam))
 
+    def source_ids(self, sentence: str, target_lang: str | None = None) -> list[int]:
+        """The token ids :meth:`translate` feeds the model for ``sentence`` (stripped; the target-language
+        token first where the model has them and the sentence names none; ``</s>`` last), before any cut to
+        the model's positions. ``target_lang`` was checked by the caller (None: the translator's)."""
+        text = sentence.strip()
+        target_lang = target_lang or self.target_lang
+        if target_lang is None:  # a model with language tokens needs one from the sentence itself
+            check_target_lang(self.tokenizer, None, text)
+        own = not text or starts_with_language_token(text)  # a sentence's own >>xx<< token wins
+        return self.tokenizer.encode(text, target_lang=None if own else target_lang)
+
     def translate(self, sentences: list[str], progress: bool = False, options: SearchOptions | None = None,
                   target_lang: str | None = None) -> list[str]:
         """Translate ``sentences`` with the translator's search options and target language, or ``options`` and
-        ``target_lang`` for this call (models whose vocabulary has ``>>xx<<`` tokens need one; a sentence
-        that starts with such a token keeps it instead); empty input lines give empty output lines. An input longer than the
-        model's positions is cut to fit, with a warning on stderr naming it. ``progress`` shows a bar on
-        stderr."""
+        ``target_lang`` for this call (models whose vocabulary has ``>>xx<<`` tokens need one; a sentence that
+        starts with such a token keeps it instead); empty input lines give empty output lines. An input longer
+        than the model's positions is cut to fit, with a warning on stderr naming it. ``progress`` shows a bar
+        on stderr."""
         options = options or self.options
         check_decoding(options, self.batch_size, self.bundle.max_rows)
         target_lang = target_lang or self.target_lang
@@ -61,11 +72,7 @@ class Translator:
         limit = self.bundle.max_positions
         ids = []
         for number, sentence in enumerate(sentences, 1):
-            text = sentence.strip()
-            if target_lang is None:  # a model with language tokens needs one from the sentence itself
-                check_target_lang(self.tokenizer, None, text)
-            own = not text or starts_with_language_token(text)  # a sentence's own >>xx<< token wins
-            full = self.tokenizer.encode(text, target_lang=None if own else target_lang)
+            full = self.source_ids(sentence, target_lang)
             if len(full) > limit:
                 print(f"int8mt: warning: input {number} has {len(full)} tokens; the model reads at most {limit}, "
                       f"so only its first {limit - 1} are translated", file=sys.stderr)

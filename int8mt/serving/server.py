@@ -151,7 +151,10 @@ class TranslationServer:
         options = self._options(overrides)
         limit = self.translator.bundle.max_positions
         for number, text in enumerate(texts, 1):
-            tokens = len(self.translator.tokenizer.encode(text.strip()))
+            try:
+                tokens = len(self.translator.source_ids(text))
+            except UserError as err:
+                raise RequestError(400, f"text {number}: {err}") from None
             if tokens > limit:
                 raise RequestError(413, f"text {number} has {tokens} tokens; the model reads at most {limit}: "
                                         "split it into shorter sentences")

@@ -122,7 +122,10 @@ def test_int8_multilingual_model_through_the_cli(marian_dirs, tmp_path, capsys):
     assert main(["translate", str(bundle), "--target-lang", "fra", "A man is riding a bike.", "",
                  ">>spa<< A dog."]) == 0
     out = capsys.readouterr().out.split("\n")
-    translator = Translator(bundle)
+    translator = Translator(bundle, target_lang="fra")
+    theirs = transformers.MarianTokenizer.from_pretrained(marian_dirs["multilingual"])
+    assert translator.source_ids(" A dog. ") == theirs(">>fra<< A dog.").input_ids  # what serve counts for 413
+    assert translator.source_ids(">>spa<< A dog.") == theirs(">>spa<< A dog.").input_ids
     assert out[:3] == [translator.translate(["A man is riding a bike."], target_lang="fra")[0], "",
                        translator.translate(["A dog."], target_lang="spa")[0]]
 
