@@ -35,6 +35,31 @@ def test_logits_match_transformers(marian_dir):
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
+@pytest.mark.parametrize("variant", [
+    {"scale_embedding": False, "activation_function": "gelu"},
+    {"activation_function": "relu", "normalize_before": True},  # transformers runs Marian post-norm regardless
+    {"share_encoder_decoder_embeddings": False, "tie_word_embeddings": False},
+    {"share_encoder_decoder_embeddings": False, "tie_word_embeddings": True},
+], ids=["unscaled-gelu", "relu-normalize-before", "separate-untied", "separate-tied"])
+def test_config_variants_match_transformers(tmp_path, variant):
+    torch.manual_seed(1)
+    cfg = transformers.MarianConfig(
+        vocab_size=120, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32,
+        pad_token_id=119, eos_token_id=0, decoder_start_token_id=119, **variant)
+    hf = transformers.MarianMTModel(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_marian(tmp_path)
+    assert ours.cfg.shared_embeddings == cfg.share_encoder_decoder_embeddings
+    assert ours.cfg.tied_output == cfg.tie_word_embeddings
+    src = torch.tensor([[5, 17, 33, 8, 0], [9, 4, 0, 119, 119]])
+    tgt = torch.tensor([[119, 12, 40, 7], [119, 3, 66, 2]])
+    with torch.no_grad():
+        expected = hf(input_ids=src, attention_mask=(src != 119).long(), decoder_input_ids=tgt).logits
+        got = ours(src, tgt)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
 def test_incremental_decoding_matches_teacher_forcing(marian_dir):
     ours = load_marian(marian_dir[0])
     src = torch.tensor([[5, 17, 33, 8, 0]])
