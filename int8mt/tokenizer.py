@@ -38,7 +38,8 @@ def _load_spm(path: Path) -> spm.SentencePieceProcessor:
     try:
         sp.load(str(path))
     except (OSError, RuntimeError) as err:
-        raise UserError(f"{path} is not a valid SentencePiece model ({err}); re-create the bundle") from None
+        raise UserError(f"{path} is not a valid SentencePiece model ({err}); restore the file from the model "
+                        "directory, or compile the bundle again") from None
     return sp
 
 
