@@ -134,14 +134,13 @@ def test_int8_multilingual_model_through_the_cli(marian_dirs, tmp_path, capsys):
                        translator.translate(["A dog."], target_lang="spa")[0]]
 
 
-def test_runtime_ranges_are_the_default_without_learned_ones(marian_dirs, tmp_path, capsys):
-    bundle = tmp_path / "bundle"
-    assert main(["compile", str(marian_dirs["separate"]), "--target", HOST_PRESET.name, "-o", str(bundle)]) == 0
-    assert "using run-time ranges" in capsys.readouterr().err
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["quantization"]["ranges"] == "runtime"
-    assert manifest["quantization"]["matmuls_int"] == manifest["quantization"]["matmuls"] > 0
-    assert all(Translator(bundle).translate(SENTENCES[:4]))
+def test_runtime_ranges_are_the_default_without_learned_ones(marian_dirs, capsys):
+    from int8mt.config import CompileConfig
+    from int8mt.interface.compile import QuantRequest
+
+    qcfg = QuantRequest("int8").config(CompileConfig(ranges="learned"), marian_dirs["separate"])
+    assert qcfg.ranges == "runtime" and "using run-time ranges" in capsys.readouterr().err
+    assert QuantRequest("int8", ranges="learned").config(CompileConfig(), marian_dirs["separate"]).ranges == "learned"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -160,7 +159,8 @@ def test_calibration_options_are_checked(marian_dirs, tmp_path, capsys, args, me
 
 
 def test_qat_on_the_users_parallel_text(marian_dirs, tmp_path, capsys):
-    model_dir = marian_dirs["shared"]
+    """On the separate-vocabulary model: targets through their own vocabulary; both embedding tables int8."""
+    model_dir = marian_dirs["separate"]
     src, tgt = tmp_path / "my.en", tmp_path / "my.de"
     src.write_text("\n".join((DATA_DIR / "train.en").read_text().splitlines()[:200]) + "\n")
     tgt.write_text("\n".join((DATA_DIR / "train.de").read_text().splitlines()[:200]) + "\n")
