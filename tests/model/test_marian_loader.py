@@ -24,15 +24,20 @@ def marian_dir(tmp_path_factory):
     return out, model
 
 
-def test_logits_match_transformers(marian_dir):
-    path, hf = marian_dir
-    ours = load_marian(path)
+def _assert_same_logits(ours, hf) -> None:
+    """Teacher-forced logits of a padded batch (pad id 119) agree with the transformers model's."""
     src = torch.tensor([[5, 17, 33, 8, 0], [9, 4, 0, 119, 119]])
     tgt = torch.tensor([[119, 12, 40, 7], [119, 3, 66, 2]])
     with torch.no_grad():
         expected = hf(input_ids=src, attention_mask=(src != 119).long(), decoder_input_ids=tgt).logits
         got = ours(src, tgt)
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_logits_match_transformers(marian_dir):
+    path, hf = marian_dir
+    ours = load_marian(path)
+    _assert_same_logits(ours, hf)
 
 
 @pytest.mark.parametrize("variant", [
@@ -52,12 +57,7 @@ def test_config_variants_match_transformers(tmp_path, variant):
     ours = load_marian(tmp_path)
     assert ours.cfg.shared_embeddings == cfg.share_encoder_decoder_embeddings
     assert ours.cfg.tied_output == cfg.tie_word_embeddings
-    src = torch.tensor([[5, 17, 33, 8, 0], [9, 4, 0, 119, 119]])
-    tgt = torch.tensor([[119, 12, 40, 7], [119, 3, 66, 2]])
-    with torch.no_grad():
-        expected = hf(input_ids=src, attention_mask=(src != 119).long(), decoder_input_ids=tgt).logits
-        got = ours(src, tgt)
-    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    _assert_same_logits(ours, hf)
 
 
 def test_incremental_decoding_matches_teacher_forcing(marian_dir):
