@@ -14,6 +14,7 @@ from int8mt import __version__
 from int8mt.errors import UserError
 from int8mt.model.checkpoint import check_model_dir, load_model_dir
 from int8mt.quant.config import QuantConfig
+from int8mt.runtime.cuda import KERNELS_FILE, source_digest
 from int8mt.runtime.bundle import BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE, sha256
 from int8mt.targets import TargetPreset
 from int8mt.tokenizer import load_tokenizer
@@ -48,6 +49,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     final_dir, out_dir = out_dir, _staging_dir(out_dir)
     library = out_dir / LIBRARY_FILE
     compiled.executable.export_library(str(library))
+    cuda = _write_cuda_kernels(compiled.executable, preset, out_dir) if preset.device == "cuda" else None
     for file in tokenizer.files:
         shutil.copyfile(file, out_dir / file.name)
     manifest = {
@@ -65,6 +67,9 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         "files": {LIBRARY_FILE: sha256(library), **{f.name: sha256(out_dir / f.name) for f in tokenizer.files}},
         "compile_seconds": round(time.time() - t0, 1),
     }
+    if cuda is not None:
+        manifest["cuda"] = cuda
+        manifest["files"][KERNELS_FILE] = sha256(out_dir / KERNELS_FILE)
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     _publish(out_dir, final_dir)
@@ -74,6 +79,18 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     print(f"wrote {final_dir} ({(final_dir / LIBRARY_FILE).stat().st_size / 1e6:.1f} MB .so) in "
           f"{manifest['compile_seconds']} s", file=sys.stderr)
     return manifest
+
+
+def _write_cuda_kernels(executable: tvm.runtime.Executable, preset: TargetPreset, out_dir: Path) -> dict:
+    """The GPU kernels compiled with nvcc into ``out_dir/kernels.fatbin``; the manifest's ``cuda`` record."""
+    from .cuda import compile_fatbin, cuda_source
+
+    source = cuda_source(executable)
+    arch = preset.target["arch"]
+    print(f"compiling {source.count('__global__ void')} GPU kernels for {arch} with nvcc", file=sys.stderr)
+    (out_dir / KERNELS_FILE).write_bytes(compile_fatbin(source, arch))
+    return {"arch": arch, "compute_capability": list(preset.compute_capability),
+            "source_sha256": source_digest(source)}
 
 
 def check_output_dir(out_dir: Path) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import tvm
 from tvm import relax, topi
 from tvm.relax.backend.cpu_generic import pipeline as cpu
+from tvm.relax.backend.cuda import pipeline as cuda
 from tvm.s_tir import dlight
 
 from int8mt.errors import UserError
@@ -209,12 +210,11 @@ def _top_k(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 _DEFAULT_LEGALIZE = {"relax.exp": tvm.ir.Op.get("relax.exp").get_attr("FLegalize")}
 
 
-def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """TVM's CPU legalization (``cpu_generic.legalize_passes``), except that softmax uses ``fast_exp`` and
-    reshapes stay ``R.reshape`` (a view of the same memory at run time): legalized into copy kernels they are
-    turned back into views only where TVM can prove the copy is the identity, which fails for dynamic shapes
-    such as the decoder's growing cache (a copy of the whole cache every step)."""
-    del target  # the same passes for every CPU target, as in cpu_generic.legalize_passes
+def _legalize_passes() -> list[tvm.transform.Pass]:
+    """TVM's legalization (``cpu_generic.legalize_passes``; the CUDA backend's before its schedules), except that
+    softmax uses ``fast_exp`` and reshapes stay ``R.reshape`` (a view of the same memory at run time): legalized
+    into copy kernels they are turned back into views only where TVM can prove the copy is the identity, which
+    fails for dynamic shapes such as the decoder's growing cache (a copy of the whole cache every step)."""
     custom = {"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax, "relax.exp": _fast_exp,
               "relax.topk": _top_k}
     return [relax.transform.LegalizeOps(custom),
@@ -222,19 +222,47 @@ def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
             relax.transform.FuseTIR()]
 
 
+def default_schedules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
+    """Phase 4's dlight rules for ``target``: our CPU rule; on CUDA our int8 tensor-core matmul, then dlight's GPU
+    rules for the rest (float matmuls, reductions such as softmax and layer norm, elementwise kernels)."""
+    if target.kind.name == "llvm":
+        return [CPUGeneric()]
+    from int8mt.schedules.cuda_int8_matmul import CUDAInt8Matmul
+
+    return [CUDAInt8Matmul(), *(_NotApplicableOnError(rule) for rule in (
+        dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction())),
+        dlight.gpu.Fallback()]
+
+
+class _NotApplicableOnError(dlight.ScheduleRule):
+    """A dlight rule that declines a function it fails on (dlight's GEMV analysis asserts on some of our kernels
+    instead of returning None), so that the next rule schedules it."""
+
+    def __init__(self, rule: dlight.ScheduleRule) -> None:
+        self.rule = rule
+
+    def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> object:
+        try:
+            return self.rule.apply(func, target, tunable)
+        except (AssertionError, RuntimeError, ValueError):
+            return None
+
+
 def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> tvm.transform.Pass:
-    """Phases 3-5 as ``tvm.compile``'s ``relax_pipeline`` for ``target`` (an LLVM CPU target)."""
-    if target.kind.name != "llvm":
-        raise UserError(f"target kind {target.kind.name!r} is not supported yet; use a CPU (llvm) preset")
+    """Phases 3-5 as ``tvm.compile``'s ``relax_pipeline`` for ``target`` (an LLVM CPU or a CUDA target)."""
+    backends = {"llvm": cpu, "cuda": cuda}
+    if target.kind.name not in backends:
+        raise UserError(f"target kind {target.kind.name!r} is not supported; use a CPU (llvm) or CUDA preset")
+    backend = backends[target.kind.name]
 
     @tvm.transform.module_pass(opt_level=0, name="int8mt.pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target) + [TakeAsView()] + _legalize_passes(target)
-                + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(CPUGeneric())]
+                backend.library_dispatch_passes(target) + [TakeAsView()] + _legalize_passes()
+                + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
                 + [_phase(4, "scheduled", dump_dir)]
-                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+                + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
                 + [_phase(5, "lowered", dump_dir)]
             )(mod)
 

@@ -1,4 +1,4 @@
-"""int8mt targets: list the target presets and whether this CPU can run them."""
+"""int8mt targets: list the target presets and whether this machine (its CPU, its GPU) can run them."""
 from __future__ import annotations
 
 import argparse
@@ -15,10 +15,25 @@ def run(args: argparse.Namespace) -> int:
 
     name_width = max(len(p.name) for p in PRESETS.values())
     target_width = max(len(json.dumps(p.target)) for p in PRESETS.values())
+    gpu = _visible_gpu() if any(p.device == "cuda" for p in PRESETS.values()) else None
     for preset in PRESETS.values():
         missing = missing_features(preset)
         status = "runs here" if not missing else f"not on this CPU (lacks {', '.join(missing)})"
-        dot = f"int8 dot product {preset.int8_dot}" if preset.int8_dot else "no int8 kernels"
+        if preset.device == "cuda" and not missing:
+            status = ("no CUDA GPU here (compiles here all the same)" if gpu is None else
+                      f"runs on this GPU ({gpu[0]})" if gpu[1] >= preset.compute_capability else
+                      f"not on this GPU ({gpu[0]}, compute capability {gpu[1][0]}.{gpu[1][1]})")
+        dot = (f"int8 dot product {preset.int8_dot}" if preset.int8_dot else
+               "int8 tensor cores (wmma s8)" if preset.device == "cuda" else "no int8 kernels")
         print(f"{preset.name:<{name_width}} {json.dumps(preset.target):<{target_width}} {preset.description}; "
               f"{dot}; {status}")
     return 0
+
+
+def _visible_gpu() -> tuple[str, tuple[int, int]] | None:
+    """This machine's first CUDA GPU: its name and compute capability."""
+    from ..runtime.bundle import _import_tvm_runtime
+    from ..runtime.cuda import visible_gpu
+
+    gpu = visible_gpu(_import_tvm_runtime())
+    return None if gpu is None else (gpu[0].device_name, gpu[1])

@@ -43,7 +43,9 @@ MANIFEST_SCHEMA: dict[str, tuple[type, type | None]] = {
     "top_candidates": (int, None),
 }
 MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None), "cache_dtype": (str, None),
-                                                           "tokenizer": (str, None)}
+                                                           "tokenizer": (str, None), "cuda": (dict, None)}
+CUDA_SCHEMA: dict[str, tuple[type, type | None]] = {"arch": (str, None), "compute_capability": (list, int),
+                                                    "source_sha256": (str, None)}
 TARGET_SCHEMA: dict[str, tuple[type, type | None]] = {"preset": (str, None), "required_features": (list, str)}
 MODEL_KEYS = ("decoder_layers", "heads", "d_model", "max_positions", "pad_id", "eos_id", "decoder_start_id")
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}  # e_machine of this machine's architecture
@@ -72,6 +74,9 @@ def validate_manifest(manifest: object, where: str) -> dict:
     _check_fields(where, manifest, MANIFEST_SCHEMA)
     _check_fields(where, manifest, MANIFEST_OPTIONAL, required=False)
     _check_fields(f"{where} (target)", manifest["target"], TARGET_SCHEMA)
+    if is_cuda(manifest):
+        _check_fields(where, manifest, {"cuda": (dict, None)})
+        _check_fields(f"{where} (cuda)", manifest["cuda"], CUDA_SCHEMA)
     bad = [k for k in MODEL_KEYS if not isinstance(manifest["model"].get(k), int)]
     if bad:
         raise BundleError(f"{where} (model): {', '.join(bad)} must be integers; rebuild the bundle")
@@ -118,6 +123,7 @@ def _import_tvm_runtime() -> Any:
         finally:
             del sys.modules["torch"]
     import tvm.runtime
+    import tvm.runtime.vm  # a runtime-only TVM does not import it with tvm.runtime
 
     return tvm
 
@@ -153,6 +159,12 @@ def read_manifest(bundle_dir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{where} is corrupt ({err}); rebuild the bundle") from None
     return manifest
+
+
+def is_cuda(manifest: dict) -> bool:
+    """The bundle's model runs on an NVIDIA GPU."""
+    target = manifest["target"].get("tvm")
+    return isinstance(target, dict) and target.get("kind") == "cuda"
 
 
 def tokenizer_kind(manifest: dict) -> str:
@@ -191,7 +203,8 @@ def check_bundle(bundle_dir: Path, manifest: dict) -> None:
 
 
 class Bundle:
-    """A loaded bundle: the model's two entry points on the CPU."""
+    """A loaded bundle: the model's entry points on the CPU, or on the GPU for CUDA bundles (then only token ids,
+    each row's candidates and the logits cross to the host)."""
 
     def __init__(self, bundle_dir: Path | str) -> None:
         self.path = Path(bundle_dir)
@@ -199,7 +212,15 @@ class Bundle:
         check_bundle(self.path, self.manifest)
         tvm = _import_tvm_runtime()
         self._tvm = tvm
-        self.device = tvm.cpu()
+        if is_cuda(self.manifest):
+            import tvm_ffi
+
+            from .cuda import cuda_device, register_kernels
+
+            self.device = cuda_device(tvm, self.manifest)
+            register_kernels(self.path, self.manifest, tvm_ffi)
+        else:
+            self.device = tvm.cpu()
         try:
             library = tvm.runtime.load_module(str(self.path / LIBRARY_FILE))
         except Exception as err:  # noqa: BLE001  (TVM raises many kinds; all mean the .so is unusable)
