@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -14,7 +15,7 @@ from int8mt import __version__
 from int8mt.errors import UserError
 from int8mt.model.checkpoint import check_model_dir, load_model_dir
 from int8mt.quant.config import QuantConfig
-from int8mt.runtime.cuda import KERNELS_FILE, source_digest
+from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, source_digest
 from int8mt.runtime.bundle import BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE, sha256
 from int8mt.targets import TargetPreset
 from int8mt.tokenizer import load_tokenizer
@@ -69,7 +70,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     }
     if cuda is not None:
         manifest["cuda"] = cuda
-        manifest["files"][KERNELS_FILE] = sha256(out_dir / KERNELS_FILE)
+        manifest["files"].update({name: sha256(out_dir / name) for name in (KERNELS_FILE, KERNELS_SOURCE_FILE)})
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     _publish(out_dir, final_dir)
@@ -82,13 +83,16 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
 
 
 def _write_cuda_kernels(executable: tvm.runtime.Executable, preset: TargetPreset, out_dir: Path) -> dict:
-    """The GPU kernels compiled with nvcc into ``out_dir/kernels.fatbin``; the manifest's ``cuda`` record."""
+    """The GPU kernels compiled with nvcc into ``out_dir/kernels.fatbin``, their CUDA source beside it (to read or
+    profile them); the manifest's ``cuda`` record."""
     from .cuda import compile_fatbin, cuda_source
 
     source = cuda_source(executable)
     arch = preset.target["arch"]
-    print(f"compiling {source.count('__global__ void')} GPU kernels for {arch} with nvcc", file=sys.stderr)
+    kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)", source))
+    print(f"compiling {len(kernels)} GPU kernels for {arch} with nvcc", file=sys.stderr)
     (out_dir / KERNELS_FILE).write_bytes(compile_fatbin(source, arch))
+    (out_dir / KERNELS_SOURCE_FILE).write_text(source)
     return {"arch": arch, "compute_capability": list(preset.compute_capability),
             "source_sha256": source_digest(source)}
 

@@ -5,17 +5,25 @@ A dlight rule: it takes any PrimFunc whose reduction block is an int8 x int8 -> 
 batched attention products; rows may be dynamic), normalises it to ``C[b, i, j] += A[b, i, k] * B[b, j, k]``,
 pads i/j/k to the tile and schedules:
 
-* a thread block computes ``TILE_M x TILE_N`` outputs with ``WARPS_M x WARPS_N`` warps, each warp
-  ``FRAGS_M x FRAGS_N`` 16x16 fragments; K advances ``TILE_K`` (two fragments) per shared-memory stage;
+* a thread block computes a :class:`MatmulTile` of outputs with ``warps_m x warps_n`` warps, each warp
+  ``frags_m x frags_n`` 16x16 fragments; K advances ``k_frags`` fragments per shared-memory stage;
 * A and B tiles are staged in shared memory with vectorized 4-byte loads, rows padded against bank conflicts;
 * the accumulators go through shared memory to the epilogue, which every thread applies to 4 outputs at once.
 
 TVM's stock int8 rule (``dlight.gpu.MatmulInt8Tensorization``) fails to build in TVM 0.27 (its software
 pipeline loses the wmma fragment info); this schedule uses no software pipeline, so every kernel builds.
-Decoder steps have few rows (sentences x beams): the row tile is kept small (``TILE_M`` = 32) so that they pad
-little, and the column tile fills the GPU instead.
+The default tile, 64 x 64 outputs and 128 of K per stage (4 warps of 2 x 2 fragments), was the fastest of 11
+tried on an H200 (``bench/cuda-sm90-h200-tiles.json``), at 4096^3 and at the model's own shapes; the accumulator
+staging limits tiles to 48 KB of static shared memory. A static K shorter than the tile (attention's head size) is
+not padded beyond whole fragments.
+
+The decoder step's attention products have one query row per head: dlight's matmul analysis finds no row axis
+there, so this rule declines them and they run as dlight GEMV/reduction kernels in int32 arithmetic (exact) on
+CUDA cores; tensor cores would pad that row to 16.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
@@ -26,11 +34,24 @@ from tvm.target import Target
 
 FRAG = 16  # wmma m16n16k16
 WARP = 32
-WARPS_M, WARPS_N = 2, 2
-FRAGS_M, FRAGS_N = 1, 4
-K_FRAGS = 2
-TILE_M, TILE_N, TILE_K = FRAG * WARPS_M * FRAGS_M, FRAG * WARPS_N * FRAGS_N, FRAG * K_FRAGS
 VECTOR = 4  # int8 elements per shared-memory load, int32 outputs per epilogue store
+
+
+@dataclass(frozen=True)
+class MatmulTile:
+    """A thread block's work: ``warps_m x warps_n`` warps of ``frags_m x frags_n`` 16x16 accumulator fragments
+    each; ``k_frags`` fragments of K per shared-memory stage."""
+
+    warps_m: int = 2
+    warps_n: int = 2
+    frags_m: int = 2
+    frags_n: int = 2
+    k_frags: int = 8
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Rows, columns and reduction length of one block's tile."""
+        return FRAG * self.warps_m * self.frags_m, FRAG * self.warps_n * self.frags_n, FRAG * self.k_frags
 
 
 def wmma_s8_intrinsics() -> dict[str, str]:
@@ -53,9 +74,18 @@ def is_int8_matmul(func: tirx.PrimFunc) -> bool:
 class CUDAInt8Matmul(GPUScheduleRule):
     """Tensor-core schedule of int8 x int8 -> int32 matmuls and their fused epilogues (see module doc)."""
 
+    def __init__(self, tile: MatmulTile = MatmulTile()) -> None:
+        self.tile = tile
+
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda" or not is_int8_matmul(func):
             return None
+        try:
+            return self._schedule(func)
+        except (RuntimeError, ValueError):  # a matmul the fragments cannot tile: left to the generic rules
+            return None
+
+    def _schedule(self, func: tirx.PrimFunc) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
         main = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))[0]
         index_maps = get_index_map(sch.get(main))
@@ -69,7 +99,11 @@ class CUDAInt8Matmul(GPUScheduleRule):
         sch.transform_layout(reindex_b, ("write", 0), b_map)
         sch.transform_layout(reindex_c, ("read", 0), c_map)
         sch.transform_block_layout(main, matmul_map)
-        sch.pad_einsum(main, [1, TILE_M, TILE_N, TILE_K])
+        tile = self.tile
+        reduction = sch.get(sch.get_loops(main)[-1]).extent
+        if isinstance(reduction, tirx.IntImm):  # a short static K (attention's head size) is not padded to the tile
+            tile = replace(tile, k_frags=max(1, min(tile.k_frags, -(-reduction.value // FRAG))))
+        sch.pad_einsum(main, [1, *tile.shape])
 
         batch, i, j, k = sch.get_loops(main)
         i, i_frag = sch.split(i, [None, FRAG])
@@ -78,9 +112,9 @@ class CUDAInt8Matmul(GPUScheduleRule):
         sch.reorder(i, j, k, i_frag, j_frag, k_frag)
         inner = main
         outer = sch.blockize(i_frag)
-        i0, i1, i2 = sch.split(i, [None, WARPS_M, FRAGS_M])
-        j0, j1, j2 = sch.split(j, [None, WARPS_N, FRAGS_N])
-        k0, k1 = sch.split(k, [None, K_FRAGS])
+        i0, i1, i2 = sch.split(i, [None, tile.warps_m, tile.frags_m])
+        j0, j1, j2 = sch.split(j, [None, tile.warps_n, tile.frags_n])
+        k0, k1 = sch.split(k, [None, tile.k_frags])
         sch.reorder(i0, j0, i1, j1, k0, k1, i2, j2)
         sch.bind(batch, "blockIdx.z")
         sch.bind(j0, "blockIdx.x")  # columns first: consecutive blocks share the A tile
@@ -92,7 +126,7 @@ class CUDAInt8Matmul(GPUScheduleRule):
             block = sch.cache_read(outer, index, "shared")
             sch.compute_at(block, k0)
             fused = sch.fuse(*sch.get_loops(block)[-2:])
-            _, ty, tx, vec = sch.split(fused, [None, WARPS_M * WARPS_N, WARP, VECTOR])
+            _, ty, tx, vec = sch.split(fused, [None, tile.warps_m * tile.warps_n, WARP, VECTOR])
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
             sch.vectorize(vec)
@@ -114,20 +148,17 @@ class CUDAInt8Matmul(GPUScheduleRule):
         init = sch.decompose_reduction(outer, k0)
 
         intrin = wmma_s8_intrinsics()
-        try:
-            for block, name in ((a_frag, "load_a"), (b_frag, "load_b"), (c_frag, "store")):
-                r, c = sch.get_loops(block)[-2:]
-                r0, r1 = sch.split(r, [None, FRAG])
-                c0, c1 = sch.split(c, [None, FRAG])
-                sch.reorder(r0, c0, r1, c1)
-                if name != "store":
-                    sch.unroll(r0)
-                    sch.unroll(c0)
-                sch.tensorize(r1, intrin[name])
-            sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
-            sch.tensorize(sch.get_loops(inner)[-3], intrin["compute"])
-        except (RuntimeError, ValueError):  # a shape the fragments cannot tile: leave it to the generic rules
-            return None
+        for block, name in ((a_frag, "load_a"), (b_frag, "load_b"), (c_frag, "store")):
+            r, c = sch.get_loops(block)[-2:]
+            r0, r1 = sch.split(r, [None, FRAG])
+            c0, c1 = sch.split(c, [None, FRAG])
+            sch.reorder(r0, c0, r1, c1)
+            if name != "store":
+                sch.unroll(r0)
+                sch.unroll(c0)
+            sch.tensorize(r1, intrin[name])
+        sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
+        sch.tensorize(sch.get_loops(inner)[-3], intrin["compute"])
         auto_inline_consumer_chain(sch, c_shared)
         fused = sch.fuse(*sch.get_loops(c_shared)[-2:])
         _, tx, vec = sch.split(fused, [None, WARP, VECTOR])

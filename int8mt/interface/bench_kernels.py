@@ -179,6 +179,9 @@ def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
 
 def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32)) -> dict:
     """The benchmark table rows and the measured peak (see the module docstring)."""
+    if preset.device == "cuda":
+        raise UserError(f"{preset.name} kernels are benchmarked on a GPU against cuBLASLt INT8 and FP16 with "
+                         "`scripts/cuda_gpu_check.py prepare DIR` here, then `run DIR` there (docs/cuda.md)")
     if preset.int8_dot is None:
         raise UserError(f"the kernel benchmark measures int8 dot-product kernels; preset {preset.name} has none "
                          "(`int8mt targets` lists the presets that have)")

@@ -61,6 +61,9 @@ def dense_tasks(source: Path, preset: TargetPreset, untuned_only: bool = False) 
 def tune(args: TuneArgs) -> list[dict]:
     """Tune every kernel of ``args.source`` (and the benchmark shapes if asked); returns one row per task and
     appends the run to the database's tuning log."""
+    if args.preset.device == "cuda":
+        raise UserError(f"tuning CUDA kernels is not available yet: {args.preset.name} uses the default tensor-core "
+                         "tile (docs/cuda.md); tune a CPU preset")
     if args.preset.int8_dot is None:
         raise UserError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; "
                          "`int8mt targets` lists the presets that have")

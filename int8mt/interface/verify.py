@@ -48,6 +48,10 @@ def verify(request: VerifyRequest) -> VerifyResult:
     from int8mt.tokenizer import load_tokenizer
 
     preset = get_preset(request.target)
+    if preset.device == "cuda":
+        raise UserError(f"verify runs the compiled model on this CPU beside the NumPy integer reference; {preset.name} "
+                         "is a GPU preset: verify a CPU preset, and check CUDA kernels on a GPU with "
+                         "scripts/cuda_gpu_check.py (docs/cuda.md)")
     if missing_features(preset):
         raise UserError(f"this CPU cannot run {preset.name} code (it lacks {', '.join(missing_features(preset))}); "
                          "verify runs what it compiles: pick a preset with `int8mt targets`")

@@ -11,6 +11,7 @@ from typing import Any
 from int8mt.errors import UserError
 
 KERNELS_FILE = "kernels.fatbin"
+KERNELS_SOURCE_FILE = "kernels.cu"  # their CUDA source, informational
 _KERNELS: dict[str, bytes] = {}  # sha256 of a bundle's CUDA source -> its compiled kernels
 
 
