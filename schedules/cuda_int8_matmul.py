@@ -10,8 +10,9 @@ pads i/j/k to the tile and schedules:
 * A and B tiles are staged in shared memory with vectorized 4-byte loads, rows padded against bank conflicts;
 * the accumulators go through shared memory to the epilogue, which every thread applies to 4 outputs at once.
 
-TVM's stock int8 rule (``dlight.gpu.MatmulInt8Tensorization``) fails to build in TVM 0.27 (its software
-pipeline loses the wmma fragment info); this schedule uses no software pipeline, so every kernel builds.
+The fragments are our intrinsics (:mod:`.intrin.cuda_wmma`). TVM's stock int8 rule
+(``dlight.gpu.MatmulInt8Tensorization``) fails to build in TVM 0.27 (its software pipeline loses the wmma
+fragment info); this schedule uses no software pipeline, so every kernel builds.
 The default tile, 64 x 64 outputs and 128 of K per stage (4 warps of 2 x 2 fragments), was the fastest of 11
 tried on an H200 (``bench/cuda-sm90-h200-tiles.json``), at 4096^3 and at the model's own shapes; the accumulator
 staging limits tiles to 48 KB of static shared memory. A static K shorter than the tile (attention's head size) is
@@ -31,6 +32,8 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import (auto_inline_consumer_chain, auto_inline_producers, get_in_out_dtypes,
                                          get_index_map, get_reduction_blocks)
 from tvm.target import Target
+
+from .intrin.cuda_wmma import wmma_s8_intrinsics
 
 FRAG = 16  # wmma m16n16k16
 WARP = 32
@@ -52,14 +55,6 @@ class MatmulTile:
     def shape(self) -> tuple[int, int, int]:
         """Rows, columns and reduction length of one block's tile."""
         return FRAG * self.warps_m * self.frags_m, FRAG * self.warps_n * self.frags_n, FRAG * self.k_frags
-
-
-def wmma_s8_intrinsics() -> dict[str, str]:
-    """The names of TVM's registered wmma s8 intrinsics (shared-memory operands, B transposed)."""
-    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group  # registers them; slow import
-
-    return get_wmma_intrin_group(load_scope="shared", store_scope="shared", in_dtype="int8", out_dtype="int32",
-                                 trans_b=True)
 
 
 def is_int8_matmul(func: tirx.PrimFunc) -> bool:

@@ -212,8 +212,7 @@ class Bundle:
         check_bundle(self.path, self.manifest)
         tvm = _import_tvm_runtime()
         self._tvm = tvm
-        self.on_gpu = is_cuda(self.manifest)  # then only token ids and each row's candidates should cross to the host
-        if self.on_gpu:
+        if is_cuda(self.manifest):
             import tvm_ffi
 
             from .cuda import cuda_device, register_kernels

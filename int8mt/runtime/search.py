@@ -46,8 +46,7 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int]) -> list[
     """Arg-max decoding of each row of ``src`` [B, S], row i stopping after ``max_lens[i]`` tokens;
     returns ids without EOS. Finished rows leave the batch (their cache and cross-attention rows are dropped
     with ``reorder_cache``) once fewer than ``COMPACT_BELOW`` of the rows in flight are unfinished, so a batch
-    does not keep paying for its longest sentence; every row's result is the same as decoded alone. On a GPU the
-    arg-max is the first of the row's candidates, computed on the device."""
+    does not keep paying for its longest sentence; every row's result is the same as decoded alone."""
     batch = src.shape[0]
     src_t = bundle.tensor(src)
     cross = bundle.encode(src)
@@ -57,12 +56,8 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int]) -> list[
     done = np.zeros(batch, bool)
     rows = np.arange(batch)  # the sentence of each row in flight
     for step in range(max(max_lens)):
-        if bundle.on_gpu:  # only each row's best candidate crosses to the host, not its logits
-            _, ids, _, cache = bundle.decode_step_candidates(tokens, step, cache, cross, src_t)
-            nxt = ids[:, 0]
-        else:
-            logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
-            nxt = logits.argmax(-1)
+        logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
+        nxt = logits.argmax(-1)
         for r in np.flatnonzero(~done[rows]):
             i = rows[r]
             if nxt[r] == bundle.eos_id:
