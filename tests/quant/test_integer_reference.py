@@ -34,7 +34,9 @@ def _model(model_dir, qcfg: QuantConfig):
 
 
 @pytest.mark.parametrize("qcfg", [
-    QuantConfig(ranges="calibrate"), QuantConfig(ranges="runtime"), QuantConfig(bits=6, ranges="calibrate"),
+    QuantConfig(ranges="calibrate"),
+    pytest.param(QuantConfig(ranges="runtime"), marks=pytest.mark.extended),
+    pytest.param(QuantConfig(bits=6, ranges="calibrate"), marks=pytest.mark.extended),
     QuantConfig(ranges="calibrate", integer_softmax=True, integer_layer_norm=True),
 ], ids=["int8-calibrate", "int8-runtime", "int6-calibrate", "int8-integer-only"])
 def test_every_matmul_matches_the_integer_reference(qcfg, tiny_model_dir):
@@ -72,7 +74,7 @@ def _decode(vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray, dtype
     return np.stack(logits)
 
 
-@pytest.mark.parametrize("ranges", ["calibrate", "runtime"])
+@pytest.mark.parametrize("ranges", ["calibrate", pytest.param("runtime", marks=pytest.mark.extended)])
 def test_graph_before_the_pass_agrees_with_the_graph_after_it(ranges, tiny_model_dir):
     model = _model(tiny_model_dir, QuantConfig(ranges=ranges))
     dtype = model.cache_dtype_name
