@@ -82,11 +82,10 @@ def _int8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return rng.integers(-128, 128, shape, dtype=np.int8)
 
 
-def _load(tvm, tvm_ffi, folder: Path, name: str, meta: dict):
-    from int8mt.runtime.cuda import _KERNELS, _precompiled_kernels
+def _load(tvm, folder: Path, name: str, meta: dict):
+    from int8mt.runtime.cuda import register_kernels
 
-    _KERNELS[meta[name]["source_sha256"]] = (folder / f"{name}.fatbin").read_bytes()
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", _precompiled_kernels, override=True)
+    register_kernels(meta[name]["source_sha256"], (folder / f"{name}.fatbin").read_bytes())
     return tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(folder / f"{name}.so")), tvm.cuda(0))
 
 
@@ -106,12 +105,11 @@ def _torch_ms(fn, repeat: int = 50) -> float:
 
 def run_kernels(folder: Path, results: dict) -> None:
     import torch
-    import tvm_ffi
 
-    from int8mt.runtime.bundle import _import_tvm_runtime
+    from int8mt.runtime.bundle import import_tvm_runtime
     from int8mt.runtime.cuda import visible_gpu
 
-    tvm = _import_tvm_runtime()
+    tvm = import_tvm_runtime()
     meta = json.loads((folder / "kernels.json").read_text())
     if visible_gpu(tvm) is None:
         raise RuntimeError("no CUDA GPU visible to TVM")
@@ -120,7 +118,7 @@ def run_kernels(folder: Path, results: dict) -> None:
     results["gpu"] = {"name": dev.device_name, "compute_capability": dev.compute_version}
     rows = []
     for name, n, k, m in meta["shapes"]:
-        vm = _load(tvm, tvm_ffi, folder, f"dense_{name}", meta)
+        vm = _load(tvm, folder, f"dense_{name}", meta)
         x, w = _int8(rng, (n, k)), _int8(rng, (m, k))
         row = {"kernel": name, "rows": n, "k": k, "n": m}
         exact = []
@@ -138,7 +136,7 @@ def run_kernels(folder: Path, results: dict) -> None:
         row["int8mt_tops"] = 2 * n * k * m / row["int8mt_ms"] / 1e9
         rows.append(row)
         print(json.dumps(row), flush=True)
-    vm = _load(tvm, tvm_ffi, folder, "attention", meta)
+    vm = _load(tvm, folder, "attention", meta)
     b, h, t, d = ATTENTION
     q, kk, scale = _int8(rng, (b, h, t, d)), _int8(rng, (b, h, t, d)), np.array(0.01, np.float32)
     got = vm["main"](*(tvm.runtime.tensor(a, dev) for a in (q, kk, scale))).numpy()

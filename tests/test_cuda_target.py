@@ -12,15 +12,15 @@ from tvm.script import relax as R
 from int8mt.compiler.cuda import compile_ptx, cuda_source, find_nvcc
 from int8mt.compiler.pipeline import compile_module
 from int8mt.errors import UserError
-from int8mt.runtime.bundle import Bundle, BundleError, _import_tvm_runtime
-from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, GPUError, _precompiled_kernels, visible_gpu
+from int8mt.runtime.bundle import Bundle, BundleError, import_tvm_runtime
+from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, GPUError, precompiled_kernels, visible_gpu
 from int8mt.targets import AUTO, PRESETS, get_preset
 
 from .conftest import edit_manifest
 
 CUDA_PRESETS = [name for name, preset in PRESETS.items() if preset.device == "cuda"]
 WMMA_S8 = "wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32"
-GPU = visible_gpu(_import_tvm_runtime())
+GPU = visible_gpu(import_tvm_runtime())
 needs_gpu = pytest.mark.skipif(GPU is None, reason="no CUDA GPU here")
 
 
@@ -135,7 +135,7 @@ def test_cuda_bundle_manifest_needs_its_cuda_record(cuda_bundle, tmp_path):
 
 def test_kernels_of_another_build_are_refused():
     with pytest.raises(GPUError, match="kernels.fatbin belongs to another build"):
-        _precompiled_kernels("extern \"C\" __global__ void k() {}")
+        precompiled_kernels("extern \"C\" __global__ void k() {}")
 
 
 @needs_gpu

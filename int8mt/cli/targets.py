@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _visible_gpu() -> tuple[str, tuple[int, int]] | None:
     """This machine's first CUDA GPU: its name and compute capability."""
-    from ..runtime.bundle import _import_tvm_runtime
+    from ..runtime.bundle import import_tvm_runtime
     from ..runtime.cuda import visible_gpu
 
-    gpu = visible_gpu(_import_tvm_runtime())
+    gpu = visible_gpu(import_tvm_runtime())
     return None if gpu is None else (gpu[0].device_name, gpu[1])

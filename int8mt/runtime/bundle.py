@@ -109,7 +109,7 @@ def check_elf(library: Path) -> None:
                               "rebuild the bundle")
 
 
-def _import_tvm_runtime() -> Any:
+def import_tvm_runtime() -> Any:
     """Import TVM without letting its FFI layer pull in torch (it tries to, for DLPack interop).
 
     TVM's thread pool would start with one worker per *physical* core it detects (one here, on two
@@ -210,15 +210,13 @@ class Bundle:
         self.path = Path(bundle_dir)
         self.manifest = read_manifest(self.path)
         check_bundle(self.path, self.manifest)
-        tvm = _import_tvm_runtime()
+        tvm = import_tvm_runtime()
         self._tvm = tvm
         if is_cuda(self.manifest):
-            import tvm_ffi
-
-            from .cuda import cuda_device, register_kernels
+            from .cuda import KERNELS_FILE, cuda_device, register_kernels
 
             self.device = cuda_device(tvm, self.manifest)
-            register_kernels(self.path, self.manifest, tvm_ffi)
+            register_kernels(self.manifest["cuda"]["source_sha256"], (self.path / KERNELS_FILE).read_bytes())
         else:
             self.device = tvm.cpu()
         try:

@@ -23,7 +23,7 @@ def source_digest(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
-def _precompiled_kernels(source: str, *_target: Any) -> bytes:
+def precompiled_kernels(source: str, *_target: Any) -> bytes:
     """TVM's ``tvm_callback_cuda_compile`` hook: the kernels compiled for this exact source when the bundle was
     built."""
     try:
@@ -33,10 +33,12 @@ def _precompiled_kernels(source: str, *_target: Any) -> bytes:
                        "build); rebuild the bundle with `int8mt compile`") from None
 
 
-def register_kernels(bundle_dir: Path, manifest: dict, tvm_ffi: Any) -> None:
-    """Make the kernels of the bundle in ``bundle_dir`` what TVM gets when it loads the bundle's CUDA module."""
-    _KERNELS[manifest["cuda"]["source_sha256"]] = (Path(bundle_dir) / KERNELS_FILE).read_bytes()
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", _precompiled_kernels, override=True)
+def register_kernels(source_sha256: str, kernels: bytes) -> None:
+    """Make ``kernels`` (a fatbin) what TVM gets when it loads a CUDA module whose source has ``source_sha256``."""
+    import tvm_ffi
+
+    _KERNELS[source_sha256] = kernels
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", precompiled_kernels, override=True)
 
 
 def _load_cuda_runtime(tvm: Any) -> None:

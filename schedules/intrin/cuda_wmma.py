@@ -7,6 +7,7 @@ module registers hundreds of intrinsics on import (over a minute); these are reg
 """
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.tirx import Buffer, Expr
@@ -22,19 +23,25 @@ def _fragment(buffer: Buffer, stride: Expr) -> Expr:
     return buffer.elem_offset // stride // FRAG * (stride // FRAG) + buffer.elem_offset % stride // FRAG
 
 
-def _load(scope: str, layout: str) -> tuple:
+def _copy_desc(dtype: str, source: str, destination: str, name: str) -> tirx.PrimFunc:
+    """What a fragment load or store computes: a 16x16 copy from the ``source`` scope to the ``destination`` one."""
+
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (FRAG, FRAG), "int8", align=64, offset_factor=FRAG, scope="shared")
-        C = T.match_buffer(c, (FRAG, FRAG), "int8", align=64, offset_factor=FRAG, scope=scope)
+        A = T.match_buffer(a, (FRAG, FRAG), dtype, align=64, offset_factor=FRAG, scope=source)
+        C = T.match_buffer(c, (FRAG, FRAG), dtype, align=64, offset_factor=FRAG, scope=destination)
         with T.sblock("root"):
             T.reads(A[0:FRAG, 0:FRAG])
             T.writes(C[0:FRAG, 0:FRAG])
             for i, j in T.grid(FRAG, FRAG):
-                with T.sblock("load"):
+                with T.sblock(name):
                     vi, vj = T.axis.remap("SS", [i, j])
                     C[vi, vj] = A[vi, vj]
 
+    return desc
+
+
+def _load(scope: str, layout: str) -> tuple:
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle) -> None:
         s1, s0, d1, d0 = T.int32(), T.int32(), T.int32(), T.int32()
@@ -46,7 +53,7 @@ def _load(scope: str, layout: str) -> tuple:
             T.evaluate(T.tvm_load_matrix_sync(C.data, FRAG, FRAG, FRAG, _fragment(C, d1),
                                               A.access_ptr("r", ptr_type="int8"), s1, layout, dtype="void"))
 
-    return desc, impl
+    return _copy_desc("int8", "shared", scope, "load"), impl
 
 
 @T.prim_func(s_tir=True)
@@ -70,19 +77,6 @@ def _fill_impl(c: T.handle) -> None:
         T.reads()
         T.writes(C[0:FRAG, 0:FRAG])
         T.evaluate(T.tvm_fill_fragment(C.data, FRAG, FRAG, FRAG, _fragment(C, d1), T.float32(0), dtype="void"))
-
-
-@T.prim_func(s_tir=True)
-def _store_desc(a: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (FRAG, FRAG), "int32", align=64, offset_factor=FRAG, scope="wmma.accumulator")
-    C = T.match_buffer(c, (FRAG, FRAG), "int32", align=64, offset_factor=FRAG, scope="shared")
-    with T.sblock("root"):
-        T.reads(A[0:FRAG, 0:FRAG])
-        T.writes(C[0:FRAG, 0:FRAG])
-        for i, j in T.grid(FRAG, FRAG):
-            with T.sblock("store"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                C[vi, vj] = A[vi, vj]
 
 
 @T.prim_func(s_tir=True)
@@ -136,5 +130,5 @@ def wmma_s8_intrinsics() -> dict[str, str]:
         TensorIntrin.register(NAMES["load_a"], *_load("wmma.matrix_a", "row_major"))
         TensorIntrin.register(NAMES["load_b"], *_load("wmma.matrix_b", "col_major"))
         TensorIntrin.register(NAMES["compute"], _sync_desc, _sync_impl)
-        TensorIntrin.register(NAMES["store"], _store_desc, _store_impl)
+        TensorIntrin.register(NAMES["store"], _copy_desc("int32", "wmma.accumulator", "shared", "store"), _store_impl)
     return NAMES
