@@ -57,28 +57,24 @@ def cuda_source(executable: tvm.runtime.Executable) -> str:
 def compile_fatbin(source: str, arch: str) -> bytes:
     """``source`` compiled by nvcc for ``arch`` (e.g. ``sm_90``): a fatbin with that architecture's SASS and its
     PTX."""
-    nvcc = find_nvcc()
     number = arch.removeprefix("sm_")
+    return _nvcc(source, "fatbin", ["-gencode", f"arch=compute_{number},code=[sm_{number},compute_{number}]"])
+
+
+def compile_ptx(source: str, arch: str) -> str:
+    """``source`` compiled by nvcc to PTX for ``arch`` (the instructions the tests look for)."""
+    return _nvcc(source, "ptx", [f"-arch={arch}"]).decode()
+
+
+def _nvcc(source: str, output: str, arch_flags: list[str]) -> bytes:
+    """``source`` compiled by nvcc to ``output`` (``fatbin`` or ``ptx``) for the architecture ``arch_flags`` name."""
+    nvcc = find_nvcc()
     with tempfile.TemporaryDirectory(prefix="int8mt-nvcc-") as work:
-        src, out = Path(work) / "kernels.cu", Path(work) / "kernels.fatbin"
+        src, out = Path(work) / "kernels.cu", Path(work) / f"kernels.{output}"
         src.write_text(source)
-        cmd = [str(nvcc), "--fatbin", *NVCC_FLAGS, "-gencode", f"arch=compute_{number},code=[sm_{number},compute_{number}]",
-               "-o", str(out), str(src)]
+        cmd = [str(nvcc), f"--{output}", *NVCC_FLAGS, *arch_flags, "-o", str(out), str(src)]
         env = {**os.environ, "PATH": f"{nvcc.parent}:{os.environ.get('PATH', '')}"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed on the generated CUDA kernels ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
         return out.read_bytes()
-
-
-def compile_ptx(source: str, arch: str) -> str:
-    """``source`` compiled by nvcc to PTX for ``arch`` (the instructions the tests look for)."""
-    nvcc = find_nvcc()
-    with tempfile.TemporaryDirectory(prefix="int8mt-nvcc-") as work:
-        src, out = Path(work) / "kernels.cu", Path(work) / "kernels.ptx"
-        src.write_text(source)
-        cmd = [str(nvcc), "--ptx", *NVCC_FLAGS, f"-arch={arch}", "-o", str(out), str(src)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"nvcc failed on the generated CUDA kernels:\n{proc.stderr[-4000:]}")
-        return out.read_text()

@@ -13,9 +13,10 @@ pads i/j/k to the tile and schedules:
 The fragments are our intrinsics (:mod:`.intrin.cuda_wmma`). TVM's stock int8 rule
 (``dlight.gpu.MatmulInt8Tensorization``) fails to build in TVM 0.27 (its software pipeline loses the wmma
 fragment info); this schedule uses no software pipeline, so every kernel builds.
-The default tile, 64 x 64 outputs and 128 of K per stage (4 warps of 2 x 2 fragments), was the fastest of 11
-tried on an H200 (``bench/cuda-sm90-h200-tiles.json``), at 4096^3 and at the model's own shapes; the accumulator
-staging limits tiles to 48 KB of static shared memory. A static K shorter than the tile (attention's head size) is
+The default tile, 64 x 64 outputs and 128 of K per stage (4 warps of 2 x 2 fragments), was the fastest at 4096^3
+on an H200 of the 8 tiles that fit (``scripts/cuda_gpu_check.py prepare --tiles``, ``bench/cuda-sm90-h200-tiles.json``;
+at the model's 640 x 256 x 1024 all are within the noise of a 6 µs kernel); the accumulator staging limits
+tiles to 48 KB of static shared memory, which 5 of the 13 tried exceed. A static K shorter than the tile (attention's head size) is
 not padded beyond whole fragments.
 
 The decoder step's attention products have one query row per head: dlight's matmul analysis finds no row axis

@@ -2,7 +2,8 @@
 
 ``prepare DIR --target cuda-sm90`` (any machine with the compile extras and nvcc): compiles our int8 tensor-core
 matmul kernels for the preset at the reference model's shapes and at 4096^3, each as a small library with its
-fatbin, into ``DIR``. ``run DIR [--bundle B --sources F]`` (the GPU machine, TVM's
+fatbin, into ``DIR``; with ``--tiles``, also the 4096^3 and FFN-in kernels with every tile of ``TILES``.
+``run DIR [--bundle B --sources F]`` (the GPU machine, TVM's
 runtime only): checks every kernel against NumPy (exact int32), times it against cuBLASLt INT8
 (``torch._int_mm``) and cuBLAS FP16 on the same shapes, and with ``--bundle`` translates ``--sources`` with the
 bundle (greedy and beam 4, batch 32) and with the PyTorch model in FP16 on the GPU; results go to ``--out`` as
@@ -24,32 +25,42 @@ SHAPES = [("qkv", 640, 256, 256), ("ffn_in", 640, 256, 1024), ("ffn_out", 640, 1
           ("step_ffn_in", 128, 256, 1024), ("step_logits", 128, 256, 8000), ("square", 4096, 4096, 4096)]
 DYNAMIC_ROWS = [1, 7, 32, 100, 640]  # rows tried on the dynamic-row kernel (padding to the tile)
 ATTENTION = (32, 4, 20, 64)  # batch, heads, tokens, head size of the batched attention-score kernel
+# Tiles tried against the default (warps_m, warps_n, frags_m, frags_n, k_frags); those whose accumulator staging
+# exceeds 48 KB of shared memory do not compile and are listed as such.
+TILES = [(2, 2, 1, 4, 2), (2, 2, 2, 4, 2), (4, 2, 2, 4, 2), (2, 4, 4, 2, 4), (4, 2, 2, 4, 4), (2, 2, 4, 4, 2),
+         (2, 2, 2, 2, 4), (4, 4, 2, 2, 2), (2, 2, 2, 2, 8), (2, 4, 2, 2, 4), (4, 2, 2, 2, 4), (2, 2, 2, 4, 4),
+         (1, 4, 4, 1, 4)]
+TILE_SHAPES = [("square", 4096, 4096, 4096), ("ffn_in", 640, 256, 1024)]
 
 
-def prepare(out: Path, target: str) -> None:
+def prepare(out: Path, target: str, tiles: bool) -> None:
     import tvm
     from tvm import relax
+    from tvm.s_tir import dlight
     from tvm.script import relax as R
 
     from int8mt.compiler.cuda import compile_fatbin, cuda_source
     from int8mt.compiler.pipeline import compile_module
     from int8mt.runtime.cuda import source_digest
+    from int8mt.schedules.cuda_int8_matmul import CUDAInt8Matmul, MatmulTile
     from int8mt.targets import get_preset
 
     preset = get_preset(target)
     out.mkdir(parents=True, exist_ok=True)
 
-    def build(name: str, func: relax.Function) -> None:
-        mod = tvm.IRModule({"main": func})
-        mod = relax.transform.FuseTransposeMatmul()(mod)
+    def build(name: str, func: relax.Function, tile: MatmulTile | None = None) -> None:
+        mod = relax.transform.FuseTransposeMatmul()(tvm.IRModule({"main": func}))
+        if tile is not None:  # scheduled here with this tile; the pipeline leaves scheduled kernels as they are
+            mod = relax.transform.LegalizeOps()(mod)
+            with tvm.target.Target(preset.target):
+                mod = dlight.ApplyDefaultSchedule(CUDAInt8Matmul(tile))(mod)
         executable = compile_module(mod, preset)
-        executable.export_library(str(out / f"{name}.so"))
         source = cuda_source(executable)
         (out / f"{name}.fatbin").write_bytes(compile_fatbin(source, preset.target["arch"]))
+        executable.export_library(str(out / f"{name}.so"))
         meta[name] = {"source_sha256": source_digest(source)}
 
-    meta: dict = {"target": target, "shapes": SHAPES}
-    for name, n, k, m in SHAPES:
+    def dense(k: int, m: int) -> relax.Function:
         x = relax.Var("x", R.Tensor((tvm.tirx.Var("n", "int64"), k), "int8"))
         w = relax.Var("w", R.Tensor((m, k), "int8"))
         bb = relax.BlockBuilder()
@@ -57,7 +68,21 @@ def prepare(out: Path, target: str) -> None:
             with bb.dataflow():
                 y = bb.emit_output(R.matmul(x, R.permute_dims(w), out_dtype="int32"))
             bb.emit_func_output(y)
-        build(f"dense_{name}", bb.get()["main"])
+        return bb.get()["main"]
+
+    meta: dict = {"target": target, "shapes": SHAPES, "tiles": []}
+    for name, n, k, m in SHAPES:
+        build(f"dense_{name}", dense(k, m))
+    for tile_spec in TILES if tiles else []:
+        tile = MatmulTile(*tile_spec)
+        for shape, n, k, m in TILE_SHAPES:
+            name = f"tile_{shape}_{'x'.join(map(str, tile_spec))}"
+            entry = {"kernel": name, "tile": tile_spec, "block_tile": tile.shape, "rows": n, "k": k, "n": m}
+            try:
+                build(name, dense(k, m), tile)
+            except RuntimeError as err:  # ptxas: more shared memory than a block may use
+                entry["error"] = str(err).splitlines()[-1]
+            meta["tiles"].append(entry)
     b, h, t, d = ATTENTION
     rows, queries, keys = (tvm.tirx.Var(v, "int64") for v in ("b", "s", "t"))
     q = relax.Var("q", R.Tensor((rows, h, queries, d), "int8"))
@@ -144,6 +169,19 @@ def run_kernels(folder: Path, results: dict) -> None:
     rows.append({"kernel": "attention_scores", "exact": bool(np.array_equal(got, want))})
     print(json.dumps(rows[-1]), flush=True)
     results["kernels"] = rows
+    tiles = []
+    for entry in meta.get("tiles", []):
+        row = dict(entry)
+        if "error" not in row:
+            vm = _load(tvm, folder, row["kernel"], meta)
+            x, w = _int8(rng, (row["rows"], row["k"])), _int8(rng, (row["n"], row["k"]))
+            xt, wt = tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev)
+            row["exact"] = bool(np.array_equal(vm["main"](xt, wt).numpy()[:64], _exact_product(x[:64], w.T)))
+            row["ms"] = min(vm.time_evaluator("main", dev, number=20, repeat=3)(xt, wt).results) * 1e3
+            row["tops"] = 2 * row["rows"] * row["k"] * row["n"] / row["ms"] / 1e9
+        tiles.append(row)
+        print(json.dumps(row), flush=True)
+    results["tiles"] = tiles
 
 
 def run_translation(bundle: Path, sources: list[str], model_dir: Path | None, out: Path, results: dict) -> None:
@@ -203,6 +241,7 @@ def main() -> int:
     p = sub.add_parser("prepare")
     p.add_argument("dir", type=Path)
     p.add_argument("--target", default="cuda-sm90")
+    p.add_argument("--tiles", action="store_true", help="also every tile of TILES (the tile search)")
     r = sub.add_parser("run")
     r.add_argument("dir", type=Path)
     r.add_argument("--bundle", type=Path)
@@ -211,7 +250,7 @@ def main() -> int:
     r.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.dir, args.target)
+        prepare(args.dir, args.target, args.tiles)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}

@@ -24,7 +24,12 @@ class TargetPreset:
     @property
     def device(self) -> str:
         """Where the model runs: ``cpu`` or ``cuda``."""
-        return "cuda" if self.target["kind"] == "cuda" else "cpu"
+        return target_device(self.target)
+
+
+def target_device(target: dict) -> str:
+    """Where code for the TVM target dict ``target`` runs: ``cuda`` for CUDA targets, else ``cpu``."""
+    return "cuda" if target.get("kind") == "cuda" else "cpu"
 
 
 # The instruction sets of the x86-64 micro-architecture levels, as Linux's /proc/cpuinfo names them. Each x86

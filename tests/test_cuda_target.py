@@ -74,12 +74,13 @@ def _matmul_module() -> tvm.IRModule:
 def test_int8_matmuls_compile_to_tensor_core_instructions(name):
     preset = get_preset(name)
     source = cuda_source(compile_module(_matmul_module(), preset))
-    kernels = ptx_entries(compile_ptx(source, preset.target["arch"]))
+    ptx = compile_ptx(source, preset.target["arch"])
+    kernels = ptx_entries(ptx)
     matmuls = {k: body for k, body in kernels.items() if "matmul" in k}
     assert len(matmuls) == 3, sorted(kernels)
     for kernel, body in matmuls.items():
         assert WMMA_S8 in body, f"{kernel} does not multiply on int8 tensor cores"
-    assert re.search(r"\.target\s+sm_%s" % preset.target["arch"][3:], compile_ptx(source, preset.target["arch"]))
+    assert re.search(r"\.target\s+sm_%s" % preset.target["arch"][3:], ptx)
 
 
 def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):

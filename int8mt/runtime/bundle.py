@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from int8mt.errors import UserError
-from int8mt.targets import host_features
+from int8mt.targets import host_features, target_device
 from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_tokenizer
 
 LIBRARY_FILE, MANIFEST_FILE = "model.so", "manifest.json"
@@ -164,7 +164,7 @@ def read_manifest(bundle_dir: Path) -> dict:
 def is_cuda(manifest: dict) -> bool:
     """The bundle's model runs on an NVIDIA GPU."""
     target = manifest["target"].get("tvm")
-    return isinstance(target, dict) and target.get("kind") == "cuda"
+    return isinstance(target, dict) and target_device(target) == "cuda"
 
 
 def tokenizer_kind(manifest: dict) -> str:
@@ -203,8 +203,8 @@ def check_bundle(bundle_dir: Path, manifest: dict) -> None:
 
 
 class Bundle:
-    """A loaded bundle: the model's entry points on the CPU, or on the GPU for CUDA bundles (then only token ids,
-    each row's candidates and the logits cross to the host)."""
+    """A loaded bundle: the model's entry points on the CPU, or on the GPU for CUDA bundles (then the key/value
+    caches stay in GPU memory; token ids go up, logits or each row's candidates come back)."""
 
     def __init__(self, bundle_dir: Path | str) -> None:
         self.path = Path(bundle_dir)

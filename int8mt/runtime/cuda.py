@@ -43,8 +43,8 @@ def register_kernels(source_sha256: str, kernels: bytes) -> None:
 
 def _load_cuda_runtime(tvm: Any) -> None:
     """Load TVM's CUDA runtime (``libtvm_runtime_cuda.so``), which a runtime-only TVM does not load by itself.
-    It needs ``libcudart.so.13``: where the system has none, the one NVIDIA's PyPI wheels install (with PyTorch, for
-    instance) is loaded first. Errors are left to the caller's check for a device."""
+    It needs ``libcudart.so.13``: where the system has none, the one NVIDIA's CUDA 13 wheels install (with PyTorch,
+    for instance) is loaded first. Errors are left to the caller's check for a device."""
     library = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
     try:
         ctypes.CDLL(str(library))
@@ -56,7 +56,7 @@ def _load_cuda_runtime(tvm: Any) -> None:
     except ImportError:
         return
     for folder in nvidia.__path__:
-        for cudart in sorted(Path(folder).glob("cu*/lib/libcudart.so.*")) + sorted(Path(folder).glob("cuda_runtime/lib/libcudart.so.*")):
+        for cudart in sorted(Path(folder).glob("cu13/lib/libcudart.so.13*")):
             try:
                 ctypes.CDLL(str(cudart), mode=ctypes.RTLD_GLOBAL)
                 ctypes.CDLL(str(library))
