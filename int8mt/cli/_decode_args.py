@@ -30,7 +30,10 @@ def decode_settings(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> tup
     return options, decode_cfg.batch_size if args.batch_size is None else args.batch_size
 
 
-def make_translator(args: argparse.Namespace, decode_cfg: "DecodeConfig") -> "Translator":
+def make_translator(args: argparse.Namespace, decode_cfg: "DecodeConfig", replicas: int | None = None,
+                    threads: int | None = None) -> "Translator":
+    """The translator the flags ask for: ``replicas`` models sharing the weights (default 1), ``threads`` each."""
     from ..runtime.translator import Translator
 
-    return Translator(args.bundle, *decode_settings(args, decode_cfg), target_lang=args.target_lang)
+    return Translator(args.bundle, *decode_settings(args, decode_cfg), target_lang=args.target_lang,
+                      replicas=1 if replicas is None else replicas, threads=threads)

@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="translate --input on a Ray cluster with Ray Data (ADDRESS, e.g. auto or ray://HEAD:10001; "
                         "alone: a local Ray on this machine's CPUs)")
     p.add_argument("--workers", type=int, default=None,
-                   help="--ray: workers, each loading the bundle once (default: the cluster's CPUs / --threads)")
-    p.add_argument("--threads", type=int, default=None, help="--ray: threads per worker (default: 1)")
+                   help="models translating batches in parallel: in this process, sharing the weights (default: 1); "
+                        "with --ray, Ray workers, each loading the bundle once (default: the cluster's CPUs / --threads)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per worker (default: the CPUs / --workers; with --ray: 1)")
     add_decode_arguments(p)
     p.set_defaults(run=run)
 
@@ -67,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
     from ..data import read_lines, split_lines
 
     cfg = load_config(config_path(args))
-    if args.ray is None and (args.workers is not None or args.threads is not None):
-        raise UserError("--workers and --threads place Ray workers: use them with --ray")
     if args.input is not None:
         if args.text:
             raise UserError("give sentences as arguments or --input, not both")
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             if args.output is None:
                 raise UserError("--ray writes its translations to --output: name the output file or folder")
             return _run_on_ray(args, cfg, [(read_lines(s), t) for s, t in pairs])
-        translator = make_translator(args, cfg.decode)
+        translator = make_translator(args, cfg.decode, args.workers, args.threads)
         for source, target in pairs:
             _translate_to(translator, read_lines(source), target)
         return 0
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             sentences = split_lines(sys.stdin.buffer.read().decode("utf-8"))
         except UnicodeDecodeError as err:
             raise UserError(f"standard input is not UTF-8 text (byte {err.start} of it)") from None
-    _translate_to(make_translator(args, cfg.decode), sentences, args.output)
+    _translate_to(make_translator(args, cfg.decode, args.workers, args.threads), sentences, args.output)
     return 0
 
 

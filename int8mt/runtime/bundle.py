@@ -7,6 +7,7 @@ damaged one, fails with a message instead of SIGILL or SIGBUS.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -128,6 +129,16 @@ def import_tvm_runtime() -> Any:
     return tvm
 
 
+SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
+
+
+def set_thread_count(threads: int) -> None:
+    """Run the compiled kernels that the calling thread launches on ``threads`` threads (TVM keeps one thread
+    pool per calling thread), free to run on any CPU this process may use."""
+    cpus = [str(cpu) for cpu in sorted(os.sched_getaffinity(0))]
+    import_tvm_runtime().get_global_func("runtime.config_threadpool")(SHARE_ALL_CPUS, threads, cpus)
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -223,11 +234,8 @@ class Bundle:
             library = tvm.runtime.load_module(str(self.path / LIBRARY_FILE))
         except Exception as err:  # noqa: BLE001  (TVM raises many kinds; all mean the .so is unusable)
             raise BundleError(f"cannot load {self.path / LIBRARY_FILE}: {str(err).splitlines()[0]}") from None
-        self._vm = tvm.runtime.vm.VirtualMachine(library, self.device)
-        try:
-            self._encode, self._step, self._reorder, self._top = (self._vm[name] for name in ENTRY_POINTS)
-        except AttributeError as err:
-            raise BundleError(f"{self.path / LIBRARY_FILE} does not match its manifest ({err})") from None
+        self._library = library
+        self._open_vm()
         cfg = self.manifest["model"]
         self.layers, self.heads = cfg["decoder_layers"], cfg["heads"]
         self.head_dim = cfg["d_model"] // cfg["heads"]
@@ -235,6 +243,20 @@ class Bundle:
         self.pad_id, self.eos_id, self.start_id = cfg["pad_id"], cfg["eos_id"], cfg["decoder_start_id"]
         self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for static quantization
         self.max_rows = max_rows(self.manifest)
+
+    def _open_vm(self) -> None:
+        self._vm = self._tvm.runtime.vm.VirtualMachine(self._library, self.device)
+        try:
+            self._encode, self._step, self._reorder, self._top = (self._vm[name] for name in ENTRY_POINTS)
+        except AttributeError as err:
+            raise BundleError(f"{self.path / LIBRARY_FILE} does not match its manifest ({err})") from None
+
+    def replica(self) -> "Bundle":
+        """Another handle on the same loaded library and weights with a virtual machine of its own, so that two
+        threads can run the model at once (one virtual machine runs one call at a time)."""
+        other = copy.copy(self)
+        other._open_vm()
+        return other
 
     def tokenizer(self) -> Tokenizer | MarianTokenizer:
         """The bundle's tokenizer (its files were checked against the manifest's checksums)."""

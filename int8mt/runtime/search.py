@@ -17,6 +17,7 @@ class SearchOptions:
     length_penalty: float = 0.6
     max_length_a: float = 1.5
     max_length_b: int = 10
+    min_length: int = 0  # tokens before end of sentence may be chosen (capped by the maximum length)
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -25,8 +26,9 @@ class SearchOptions:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"{name} must be a finite number >= 0, got {value}")
-        if self.max_length_b < 0:
-            raise UserError(f"max_length_b must be >= 0, got {self.max_length_b}")
+        for name in ("max_length_b", "min_length"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def max_lengths(self, src: np.ndarray, pad_id: int, limit: int) -> list[int]:
         """Per-sentence output limits from the unpadded source lengths (so batching never changes a result)."""
@@ -42,9 +44,9 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 COMPACT_BELOW = 0.75  # drop finished rows once fewer than this share of the batch in flight is unfinished
 
 
-def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int]) -> list[list[int]]:
-    """Arg-max decoding of each row of ``src`` [B, S], row i stopping after ``max_lens[i]`` tokens;
-    returns ids without EOS. Finished rows leave the batch (their cache and cross-attention rows are dropped
+def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_length: int = 0) -> list[list[int]]:
+    """Arg-max decoding of each row of ``src`` [B, S], row i stopping after ``max_lens[i]`` tokens and not
+    ending before ``min_length``; returns ids without EOS. Finished rows leave the batch (their cache and cross-attention rows are dropped
     with ``reorder_cache``) once fewer than ``COMPACT_BELOW`` of the rows in flight are unfinished, so a batch
     does not keep paying for its longest sentence; every row's result is the same as decoded alone."""
     batch = src.shape[0]
@@ -57,6 +59,8 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int]) -> list[
     rows = np.arange(batch)  # the sentence of each row in flight
     for step in range(max(max_lens)):
         logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
+        if step < min_length:
+            logits[:, bundle.eos_id] = -np.inf
         nxt = logits.argmax(-1)
         for r in np.flatnonzero(~done[rows]):
             i = rows[r]
@@ -83,13 +87,13 @@ def _penalized(score: float, length: int, alpha: float) -> float:
 
 def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: SearchOptions) -> list[list[int]]:
     """Beam search with ``opts.beam_size`` hypotheses per sentence, row i stopping after ``max_lens[i]``
-    tokens; returns the best ids without EOS. Each sentence is encoded once; its cross-attention keys and
+    tokens and none ending before ``opts.min_length``; returns the best ids without EOS. Each sentence is encoded once; its cross-attention keys and
     values are then repeated on the device for its k hypotheses (``reorder_cache``). Each sentence's 2k best
     continuations are among its rows' 2k best tokens, so for beams up to ``bundle.candidates / 2`` the
     device returns only each row's best candidates and log-sum-exp (``decode_step_candidates``) instead of
     the whole logits, which the host would turn into log-probabilities and partition."""
     if opts.beam_size == 1:
-        return greedy_search(bundle, src, max_lens)
+        return greedy_search(bundle, src, max_lens, opts.min_length)
     batch, k = src.shape[0], opts.beam_size
     sentence_of_row = np.repeat(np.arange(batch), k)
     src_t = bundle.tensor(src[sentence_of_row])
@@ -124,6 +128,8 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
                 score = float(flat[b, idx])
                 if score == -np.inf:
                     break
+                if tok == bundle.eos_id and step < opts.min_length:
+                    continue
                 if tok == bundle.eos_id:
                     prefix = hyps[b][beam]
                     finished[b].append((_penalized(score, len(prefix) + 1, opts.length_penalty), prefix))

@@ -1,8 +1,10 @@
 """Text in, text out: tokenization, batching by length and search over a loaded bundle."""
 from __future__ import annotations
 
+import os
+import queue
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm import tqdm
@@ -11,7 +13,7 @@ from int8mt.data import iterate_batches, pad_batch
 from int8mt.errors import UserError
 from int8mt.tokenizer import check_target_lang, starts_with_language_token
 
-from .bundle import Bundle
+from .bundle import Bundle, set_thread_count
 from .search import SearchOptions, beam_search
 
 DEFAULT_BATCH_SIZE = 32  # sentences per call of the compiled entry points
@@ -27,11 +29,18 @@ def check_decoding(options: SearchOptions, batch_size: int, max_rows: int) -> No
 
 
 class Translator:
-    """Translates text with a bundle. One ``Translator`` may be shared by threads: calls run one at a time
-    (the compiled module's VM is not reentrant), each call's sentences batched together."""
+    """Translates text with a bundle. ``replicas`` virtual machines over the one loaded library (weights in memory
+    once) translate batches in parallel, each on ``threads`` threads (default: ``TVM_NUM_THREADS`` or the CPUs,
+    shared out among the replicas), like CTranslate2's ``inter_threads`` x ``intra_threads``. One
+    ``Translator`` may be shared by threads: each replica runs one batch at a time."""
 
     def __init__(self, bundle_dir: Path | str, options: SearchOptions = SearchOptions(),
-                 batch_size: int = DEFAULT_BATCH_SIZE, target_lang: str | None = None) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, target_lang: str | None = None, replicas: int = 1,
+                 threads: int | None = None) -> None:
+        if replicas < 1:
+            raise UserError(f"replicas must be at least 1, got {replicas}")
+        if threads is not None and threads < 1:
+            raise UserError(f"threads per replica must be at least 1, got {threads}")
         self.bundle = Bundle(bundle_dir)
         check_decoding(options, batch_size, self.bundle.max_rows)
         self.tokenizer = self.bundle.tokenizer()
@@ -39,7 +48,11 @@ class Translator:
         self.target_lang = target_lang
         self.options = options
         self.batch_size = batch_size
-        self._lock = threading.Lock()
+        self.replicas, self.threads = replicas, threads or max(1, int(os.environ["TVM_NUM_THREADS"]) // replicas)
+        self._free: queue.SimpleQueue[Bundle] = queue.SimpleQueue()
+        for replica in range(replicas):
+            self._free.put(self.bundle if replica == 0 else self.bundle.replica())
+        self._pool = ThreadPoolExecutor(replicas, "int8mt-replica", set_thread_count, (self.threads,))
 
     def sentences_per_call(self, options: SearchOptions | None = None) -> int:
         """Sentences in one search: ``batch_size``, fewer where sentences x beams would exceed the bundle's
@@ -81,12 +94,21 @@ class Translator:
         out = [""] * len(sentences)
         todo = [i for i, s in enumerate(sentences) if s.strip()]
         batches = list(iterate_batches([ids[i] for i in todo], self.sentences_per_call(options)))
-        with self._lock:
-            for batch in tqdm(batches, desc="translating", unit="batch", file=sys.stderr, disable=not progress,
-                              leave=False):
-                rows = [todo[j] for j in batch]
-                src = pad_batch([ids[i] for i in rows], self.bundle.pad_id)
-                max_lens = options.max_lengths(src, self.bundle.pad_id, limit)
-                for i, hyp in zip(rows, beam_search(self.bundle, src, max_lens, options)):
+        def search(rows: list[int]) -> list[list[int]]:
+            src = pad_batch([ids[i] for i in rows], self.bundle.pad_id)
+            bundle = self._free.get()
+            try:
+                return beam_search(bundle, src, options.max_lengths(src, self.bundle.pad_id, limit), options)
+            finally:
+                self._free.put(bundle)
+
+        jobs = {self._pool.submit(search, rows): rows for rows in ([todo[j] for j in batch] for batch in batches)}
+        try:
+            for job in tqdm(as_completed(jobs), total=len(jobs), desc="translating", unit="batch", file=sys.stderr,
+                            disable=not progress, leave=False):
+                for i, hyp in zip(jobs[job], job.result()):
                     out[i] = self.tokenizer.decode(hyp)
+        finally:
+            for job in jobs:
+                job.cancel()
         return out

@@ -183,3 +183,32 @@ def test_beam_search_on_device_candidates_equals_beam_search_on_logits(tiny_bund
     max_lens = opts.max_lengths(src, bundle.pad_id, 40)
     assert 2 * beam <= bundle.candidates
     assert beam_search(bundle, src, max_lens, opts) == beam_search(_FullLogits(bundle), src, max_lens, opts)
+
+
+class _EndsAtOnce(_FullLogits):
+    """A bundle whose end-of-sentence logit is always the largest: unconstrained, every output is empty."""
+
+    def decode_step(self, *args):
+        logits, cache = self.bundle.decode_step(*args)
+        logits[:, self.bundle.eos_id] = logits.max() + 10.0
+        return logits, cache
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_min_length_holds_back_the_end_of_sentence(tiny_bundle, beam):
+    """Fixed work, as the CTranslate2 comparison runs it: minimum = maximum = N tokens for every sentence."""
+    bundle = _EndsAtOnce(Bundle(tiny_bundle))
+    src = np.random.default_rng(3).integers(4, 8000, (4, 6))
+    free = SearchOptions(beam_size=beam)
+    assert beam_search(bundle, src, free.max_lengths(src, 0, 40), free) == [[]] * 4
+    fixed = SearchOptions(beam_size=beam, max_length_a=0, max_length_b=7, min_length=7)
+    out = beam_search(bundle, src, fixed.max_lengths(src, 0, 40), fixed)
+    assert [len(o) for o in out] == [7] * 4 and bundle.eos_id not in sum(out, [])
+
+
+def test_replicas_translate_in_parallel_with_the_same_results(tiny_bundle):
+    sentences = [f"A dog number {i} runs after {i % 7} red balls." for i in range(24)] + ["", "Hi"]
+    one = Translator(tiny_bundle, SearchOptions(beam_size=2), batch_size=3)
+    two = Translator(tiny_bundle, SearchOptions(beam_size=2), batch_size=3, replicas=2, threads=1)
+    assert two.replicas == 2 and two.threads == 1 and one.threads >= 1
+    assert two.translate(sentences) == one.translate(sentences)
