@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import tvm  # noqa: F401  (the whole TVM, first: tests compile and run bundles in one process, and the CLI's
+            # commands that only run bundles would otherwise import TVM's runtime library alone)
 
 from int8mt.model.checkpoint import save_model_dir
 from int8mt.model.config import ModelConfig

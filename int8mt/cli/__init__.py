@@ -11,6 +11,7 @@ from ..errors import UserError
 
 COMMANDS = ("train", "qat", "compile", "tune", "inspect", "translate", "serve", "evaluate", "bench", "quant-table",
             "verify", "targets")
+RUNTIME_ONLY = ("translate", "serve", "evaluate")  # commands that run bundles and never compile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # --help, --version, or the error naming the valid commands
     # options and positionals in any order (`translate B --beam 4 "text"`): each command's own parser, intermixed
     args = sub.choices[argv[0]].parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0]))
+    if args.command in RUNTIME_ONLY:
+        from ..runtime.bundle import use_runtime_library
+
+        use_runtime_library()
     try:
         return int(args.run(args) or 0)
     except (UserError, FileNotFoundError) as err:  # anything else is a bug: its traceback is kept

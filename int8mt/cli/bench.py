@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from . import UserError, add_config_argument, config_path, database_path
@@ -16,7 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_argument(p)
     p.add_argument("bundle", type=Path,
                    help="bundle directory from `int8mt compile`, or `kernels` for the int8 kernel benchmark")
-    p.add_argument("--model", type=Path, default=None, help="PyTorch model directory (default: paths.model)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="the model the bundle was compiled from, ours or a Hugging Face Marian one: PyTorch runs it, "
+                        "--against converts it (default: paths.model)")
+    p.add_argument("--against", choices=("ctranslate2",), default=None,
+                   help="ctranslate2: CTranslate2 INT8 on the same weights (--model, converted with its converter), "
+                        "both engines in their best thread layouts, sentences/s and peak memory")
+    p.add_argument("--fixed-tokens", type=int, default=None, metavar="N",
+                   help="--against: every sentence decodes exactly N tokens in both engines (same work whatever "
+                        "the weights; default: translate to the end of sentence and compare BLEU)")
     p.add_argument("--no-pytorch", action="store_true", help="benchmark the bundle only")
     p.add_argument("--sentences", type=int, default=1000, help="first N test sentences (default: 1000)")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default: 1,32)")
@@ -32,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beam", type=int, default=None,
                    help="beam size of the beam-search row and of --serve (default: decode.beam_size)")
     p.add_argument("--port", type=int, default=8000, help="--serve: HTTP port on 127.0.0.1 (default: 8000)")
-    p.add_argument("--plot", type=Path, default=None, help="--serve: write a PNG plot here")
+    p.add_argument("--plot", type=Path, default=None, help="--serve, --against: write a PNG plot here")
     p.add_argument("--target", default=None, help="bench kernels: target preset (default: compile.target)")
     p.add_argument("--db", type=Path, default=None,
                    help="bench kernels: tuning database (default: tune.database; 'shipped' = the package's)")
@@ -43,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..data import read_parallel
     from ..interface.bench import bench_translation, format_table, rows_as_dicts
+    from ..runtime.bundle import use_runtime_library
 
     cfg = load_config(config_path(args))
     if str(args.bundle) == "kernels":
         return _kernels(args, cfg)
+    use_runtime_library()
     batch_sizes = _counts(args.batch_sizes, "--batch-sizes")
     if args.sentences < 1:
         raise UserError("--sentences must be at least 1")
@@ -54,11 +65,50 @@ def run(args: argparse.Namespace) -> int:
     sources, refs = sources[: args.sentences], refs[: args.sentences]
     if args.serve:
         return _serve(args, cfg, sources)
+    if args.against:
+        return _against(args, cfg, sources, refs, batch_sizes)
     model = None if args.no_pytorch else (args.model or cfg.paths.model)
     rows = bench_translation(args.bundle, model, sources, refs, batch_sizes, args.beam or cfg.decode.beam_size)
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
+    return 0
+
+
+def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
+             batch_sizes: tuple[int, ...]) -> int:
+    import tempfile
+
+    from ..interface.bench_ctranslate2 import (Scenario, check_same_model, compare_with_ctranslate2,
+                                               format_comparison, plot_comparison)
+    from ..interface.ctranslate2_model import convert_to_ctranslate2
+    from ..runtime.bundle import read_manifest, tokenizer_kind
+    from ..tokenizer import check_target_lang, load_tokenizer
+
+    if args.fixed_tokens is not None and args.fixed_tokens < 1:
+        raise UserError("--fixed-tokens must be at least 1")
+    model_dir = args.model or cfg.paths.model
+    check_same_model(args.bundle, model_dir)
+    manifest = read_manifest(args.bundle)
+    tokenizer = load_tokenizer(args.bundle, tokenizer_kind(manifest))
+    check_target_lang(tokenizer, None)
+    limit = manifest["model"]["max_positions"]
+    ids = [(lambda full: full if len(full) <= limit else full[:limit - 1] + [tokenizer.eos_id])(tokenizer.encode(s))
+           for s in sources]
+    beam = args.beam or cfg.decode.beam_size
+    scenarios = [Scenario(1, b) for b in batch_sizes] + ([Scenario(beam, max(batch_sizes))] if beam > 1 else [])
+    with tempfile.TemporaryDirectory(prefix="int8mt-ct2-") as tmp:
+        print(f"converting {model_dir} with CTranslate2's converter (int8)", file=sys.stderr)
+        ct2_dir = convert_to_ctranslate2(model_dir, Path(tmp) / "ct2")
+        result = compare_with_ctranslate2(args.bundle, ct2_dir, ids, scenarios, args.fixed_tokens,
+                                          cfg.decode.length_penalty, tokenizer.decode,
+                                          None if args.fixed_tokens else refs)
+    result["model"] = str(model_dir)
+    print(format_comparison(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot_comparison(result, args.plot)
     return 0
 
 

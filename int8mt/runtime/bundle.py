@@ -8,6 +8,7 @@ damaged one, fails with a message instead of SIGILL or SIGBUS.
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import json
 import os
@@ -110,6 +111,20 @@ def check_elf(library: Path) -> None:
                               "rebuild the bundle")
 
 
+def use_runtime_library() -> None:
+    """In a process that only runs bundles, import TVM with its runtime library rather than the whole compiler
+    (about 110 MB less resident memory, a second less to start); the process cannot compile afterwards. A
+    no-op where TVM is already imported or ``TVM_USE_RUNTIME_LIB`` is set; processes started later choose
+    for themselves."""
+    if "tvm" in sys.modules or "TVM_USE_RUNTIME_LIB" in os.environ:
+        return
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    try:
+        import_tvm_runtime()
+    finally:
+        del os.environ["TVM_USE_RUNTIME_LIB"]
+
+
 def import_tvm_runtime() -> Any:
     """Import TVM without letting its FFI layer pull in torch (it tries to, for DLPack interop).
 
@@ -126,9 +141,12 @@ def import_tvm_runtime() -> Any:
     import tvm.runtime
     import tvm.runtime.vm  # a runtime-only TVM does not import it with tvm.runtime
 
+    if tvm.get_global_func(TOP_K_KERNEL, allow_missing=True) is None:  # runtime only: not loaded with it
+        ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime_extra.so"), ctypes.RTLD_GLOBAL)
     return tvm
 
 
+TOP_K_KERNEL = "tvm.contrib.sort.topk"  # the CPU's top candidates, in TVM's libtvm_runtime_extra
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
 

@@ -78,8 +78,6 @@ class Translator:
         starts with such a token keeps it instead); empty input lines give empty output lines. An input longer
         than the model's positions is cut to fit, with a warning on stderr naming it. ``progress`` shows a bar
         on stderr."""
-        options = options or self.options
-        check_decoding(options, self.batch_size, self.bundle.max_rows)
         target_lang = target_lang or self.target_lang
         check_target_lang(self.tokenizer, target_lang)
         limit = self.bundle.max_positions
@@ -91,23 +89,40 @@ class Translator:
                       f"so only its first {limit - 1} are translated", file=sys.stderr)
                 full = full[:limit - 1] + [self.tokenizer.eos_id]
             ids.append(full)
-        out = [""] * len(sentences)
         todo = [i for i, s in enumerate(sentences) if s.strip()]
-        batches = list(iterate_batches([ids[i] for i in todo], self.sentences_per_call(options)))
+        out = [""] * len(sentences)
+        for i, hyp in zip(todo, self.translate_ids([ids[i] for i in todo], options, progress)):
+            out[i] = self.tokenizer.decode(hyp)
+        return out
+
+    def translate_ids(self, sources: list[list[int]], options: SearchOptions | None = None,
+                      progress: bool = False) -> list[list[int]]:
+        """Search on token ids: each source as :meth:`source_ids` gives it (at most the model's positions), each
+        result without end of sentence. Batches of similar length go to the replicas as they come free."""
+        options = options or self.options
+        check_decoding(options, self.batch_size, self.bundle.max_rows)
+        limit = self.bundle.max_positions
+        too_long = [n for n, ids in enumerate(sources, 1) if not 0 < len(ids) <= limit]
+        if too_long:
+            raise UserError(f"source {too_long[0]} has {len(sources[too_long[0] - 1])} tokens; the model reads 1 "
+                            f"to {limit}")
+
         def search(rows: list[int]) -> list[list[int]]:
-            src = pad_batch([ids[i] for i in rows], self.bundle.pad_id)
+            src = pad_batch([sources[i] for i in rows], self.bundle.pad_id)
             bundle = self._free.get()
             try:
                 return beam_search(bundle, src, options.max_lengths(src, self.bundle.pad_id, limit), options)
             finally:
                 self._free.put(bundle)
 
-        jobs = {self._pool.submit(search, rows): rows for rows in ([todo[j] for j in batch] for batch in batches)}
+        out: list[list[int]] = [[] for _ in sources]
+        batches = iterate_batches(sources, self.sentences_per_call(options))
+        jobs = {self._pool.submit(search, rows): rows for rows in batches}
         try:
             for job in tqdm(as_completed(jobs), total=len(jobs), desc="translating", unit="batch", file=sys.stderr,
                             disable=not progress, leave=False):
                 for i, hyp in zip(jobs[job], job.result()):
-                    out[i] = self.tokenizer.decode(hyp)
+                    out[i] = hyp
         finally:
             for job in jobs:
                 job.cancel()

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from int8mt.errors import UserError
+from int8mt.runtime.bundle import use_runtime_library
 from int8mt.runtime.search import SearchOptions
 from int8mt.runtime.translator import Translator
 
@@ -36,6 +37,7 @@ class BlockTranslator:
     def __init__(self, bundle_files: Any, options: SearchOptions, batch_size: int, target_lang: str | None) -> None:
         import ray
 
+        use_runtime_library()
         self.translator = Translator(unpack_bundle(ray.get(bundle_files)), options, batch_size, target_lang)
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

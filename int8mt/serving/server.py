@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from int8mt.errors import UserError
+from int8mt.runtime.bundle import use_runtime_library
 from int8mt.runtime.search import SearchOptions
 from int8mt.runtime.translator import DEFAULT_BATCH_SIZE, Translator, check_decoding
 
@@ -108,6 +109,7 @@ class TranslationServer:
 
     def __init__(self, bundle_files: ray.ObjectRef, bundle_name: str, settings: ServerSettings) -> None:
         self.settings = settings
+        use_runtime_library()
         self.translator = Translator(unpack_bundle(ray.get(bundle_files)), settings.options, settings.max_batch,
                                      settings.target_lang)
         manifest = self.translator.bundle.manifest

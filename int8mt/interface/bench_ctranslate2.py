@@ -1,0 +1,186 @@
+"""``int8mt bench BUNDLE --against ctranslate2``: int8mt against CTranslate2 INT8 on the same weights, each
+engine in its best thread layout, one run, the engines interleaved.
+
+Both engines get the same token ids (the bundle's tokenizer) and return token ids. Every (scenario, engine,
+layout) runs in a fresh process (:mod:`.bench_engine`), so its peak resident memory is its own. Layouts: one
+translator on all CPUs, and one single-threaded translator per CPU sharing the weights (CTranslate2's
+``inter_threads``; int8mt's replicas); CTranslate2 both with its MKL backend and without (``CT2_USE_MKL=0``).
+With ``fixed_tokens`` N every sentence decodes exactly N tokens in both engines (the end of sentence held back
+until then), so both do the same work whatever the weights; otherwise they translate until the end of sentence
+and the outputs are compared (identical share, BLEU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from itertools import zip_longest
+from pathlib import Path
+
+from tqdm import tqdm
+
+from int8mt.errors import UserError
+from int8mt.metrics import corpus_bleu
+
+from .bench_engine import EngineRun
+
+ENGINES = ("ctranslate2", "int8mt")
+MODEL_KEYS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    beam: int
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{'greedy' if self.beam == 1 else f'beam {self.beam}'}, batch {self.batch}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    replicas: int
+    threads: int
+    mkl: bool | None = None  # CTranslate2 only: with its MKL backend or without (CT2_USE_MKL)
+
+    @property
+    def name(self) -> str:
+        backend = "" if self.mkl is None else (", MKL" if self.mkl else ", CT2_USE_MKL=0")
+        return f"{self.replicas} x {self.threads} threads{backend}"
+
+
+def layouts(engine: str, cpus: int) -> list[Layout]:
+    shapes = sorted({(1, cpus), (cpus, 1)})
+    if engine == "int8mt":
+        return [Layout(r, t) for r, t in shapes]
+    return [Layout(r, t, mkl) for r, t in shapes for mkl in (True, False)]
+
+
+def check_same_model(bundle_dir: Path, model_dir: Path) -> None:
+    """The bundle was compiled from a model of ``model_dir``'s shape (a cheap guard against comparing two
+    different models)."""
+    from int8mt.model.checkpoint import CONFIG_FILE, is_marian_dir
+    from int8mt.model.config import ModelConfig
+    from int8mt.runtime.bundle import read_manifest
+
+    if is_marian_dir(model_dir):
+        from int8mt.model.converters.marian import marian_model_config
+
+        cfg = marian_model_config(json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8")))
+    else:
+        cfg = ModelConfig.load(model_dir / CONFIG_FILE)
+    built = read_manifest(bundle_dir)["model"]
+    differ = [k for k in MODEL_KEYS if built.get(k) != getattr(cfg, k)]
+    if differ:
+        raise UserError(f"bundle {bundle_dir} was not compiled from {model_dir}: their {', '.join(differ)} differ; "
+                        f"compile the bundle from that model (`int8mt compile {model_dir}`)")
+
+
+def _run(engine: str, path: Path, layout: Layout, scenario: Scenario, job: dict) -> dict:
+    env = dict(os.environ)
+    if layout.mkl is not None:
+        env["CT2_USE_MKL"] = "1" if layout.mkl else "0"
+    run = EngineRun(engine=engine, path=str(path), replicas=layout.replicas, threads=layout.threads,
+                    beam=scenario.beam, batch=scenario.batch, **job)
+    done = subprocess.run([sys.executable, "-m", "int8mt.interface.bench_engine"], input=json.dumps(asdict(run)),
+                          capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise UserError(f"{engine} ({layout.name}, {scenario.name}) failed:\n{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list[int]], scenarios: list[Scenario],
+                             fixed_tokens: int | None, length_penalty: float, decode, references: list[str] | None,
+                             cpus: int | None = None) -> dict:
+    """Run every scenario with every layout of both engines (alternating engines) and keep each engine's best
+    layout per scenario. ``decode`` turns output ids into text (for BLEU and the identical share)."""
+    import ctranslate2
+
+    cpus = cpus or len(os.sched_getaffinity(0))
+    job = {"length_penalty": length_penalty, "fixed_tokens": fixed_tokens, "sources": sources,
+           "warmup": min(len(sources), max(s.batch for s in scenarios) * cpus)}
+    paths = {"int8mt": bundle_dir, "ctranslate2": ct2_dir}
+    plan = [(s, e, layout) for s in scenarios for pair in zip_longest(*(layouts(e, cpus) for e in ENGINES))
+            for e, layout in zip(ENGINES, pair) if layout is not None]
+    runs = []
+    for scenario, engine, layout in tqdm(plan, desc="bench", unit="run", file=sys.stderr):
+        out = _run(engine, paths[engine], layout, scenario, job)
+        runs.append({"scenario": scenario.name, "engine": engine, "layout": layout.name, "seconds": out["seconds"],
+                     "sentences_per_second": len(sources) / out["seconds"], "peak_rss_mib": out["peak_rss_mib"],
+                     "outputs": out["outputs"]})
+    rows = [_scenario_row(s.name, [r for r in runs if r["scenario"] == s.name], fixed_tokens, decode, references)
+            for s in scenarios]
+    for r in runs:
+        del r["outputs"]
+    return {"machine": f"{cpus} CPUs of {_cpu_name()}", "ctranslate2": ctranslate2.__version__,
+            "bundle": str(bundle_dir), "sentences": len(sources), "fixed_tokens": fixed_tokens,
+            "length_penalty": length_penalty, "rows": rows, "runs": runs}
+
+
+def _scenario_row(name: str, runs: list[dict], fixed_tokens: int | None, decode, references: list[str] | None) -> dict:
+    best = {e: max((r for r in runs if r["engine"] == e), key=lambda r: r["sentences_per_second"]) for e in ENGINES}
+    texts = {e: [decode(ids) for ids in best[e]["outputs"]] for e in ENGINES}
+    row = {"scenario": name, "ratio": best["int8mt"]["sentences_per_second"] / best["ctranslate2"]["sentences_per_second"],
+           "identical": sum(a == b for a, b in zip(*texts.values())) / len(texts["int8mt"])}
+    for e in ENGINES:
+        row[e] = {k: best[e][k] for k in ("layout", "sentences_per_second", "peak_rss_mib")}
+        if fixed_tokens is not None:
+            wrong = sum(len(ids) != fixed_tokens for r in runs if r["engine"] == e for ids in r["outputs"])
+            if wrong:
+                raise UserError(f"{e} decoded other than {fixed_tokens} tokens in {wrong} outputs ({name}): the "
+                                "fixed-work protocol does not hold, so the times are not comparable")
+        if references is not None:
+            row[e]["bleu"] = corpus_bleu(texts[e], references)
+    return row
+
+
+def format_comparison(result: dict) -> str:
+    work = (f"every sentence exactly {result['fixed_tokens']} tokens" if result["fixed_tokens"]
+            else "translation to the end of sentence")
+    lines = [f"{result['machine']}; CTranslate2 {result['ctranslate2']} INT8 against {result['bundle']}; "
+             f"{result['sentences']} sentences, {work}",
+             "| scenario | CTranslate2 INT8 sent/s | int8mt INT8 sent/s | ratio | peak RSS MiB CT2 / int8mt | "
+             "identical | BLEU CT2 / int8mt | best layouts CT2 / int8mt |",
+             "|---|---:|---:|---:|---|---:|---|---|"]
+    for row in result["rows"]:
+        ct2, ours = row["ctranslate2"], row["int8mt"]
+        bleu = f"{ct2['bleu']:.2f} / {ours['bleu']:.2f}" if "bleu" in ours else "-"
+        lines.append(f"| {row['scenario']} | {ct2['sentences_per_second']:.1f} | {ours['sentences_per_second']:.1f} | "
+                     f"{row['ratio']:.2f}x | {ct2['peak_rss_mib']:.0f} / {ours['peak_rss_mib']:.0f} | "
+                     f"{100 * row['identical']:.0f} % | {bleu} | {ct2['layout']} / {ours['layout']} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(result: dict, path: Path) -> None:
+    """Sentences/s and peak resident memory per scenario, the two engines side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["scenario"] for row in result["rows"]]
+    fig, panels = plt.subplots(1, 2, figsize=(11, 4))
+    for panel, key, label in zip(panels, ("sentences_per_second", "peak_rss_mib"), ("sentences/s", "peak RSS (MiB)")):
+        for offset, engine in ((-0.2, "ctranslate2"), (0.2, "int8mt")):
+            values = [row[engine][key] for row in result["rows"]]
+            bars = panel.bar([i + offset for i in range(len(names))], values, width=0.4,
+                             label=f"{'CTranslate2' if engine == 'ctranslate2' else 'int8mt'} INT8")
+            panel.bar_label(bars, fmt="%.0f", fontsize=8)
+        panel.set(xticks=range(len(names)), xticklabels=names, ylabel=label)
+        panel.legend()
+    work = f"{result['fixed_tokens']} tokens per sentence" if result["fixed_tokens"] else "real translation"
+    fig.suptitle(f"{result['machine']}: {work}, best layout per engine", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

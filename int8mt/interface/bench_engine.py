@@ -1,0 +1,106 @@
+"""One timed run of one engine in one thread layout, in a process of its own (so that its peak memory is its
+own and CTranslate2's backend can be chosen before it loads): ``python -m int8mt.interface.bench_engine``
+reads a :class:`EngineRun` as JSON on stdin and writes an :class:`EngineResult` as JSON on stdout."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ENGINES = ("int8mt", "ctranslate2")
+SHARED_VOCABULARY, SOURCE_VOCABULARY, TARGET_VOCABULARY = (
+    "shared_vocabulary.json", "source_vocabulary.json", "target_vocabulary.json")  # a CTranslate2 model's
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    engine: str                 # int8mt (a bundle) or ctranslate2 (a converted model)
+    path: str
+    replicas: int               # translators sharing the weights (CTranslate2's inter_threads)
+    threads: int                # threads each (CTranslate2's intra_threads)
+    beam: int
+    batch: int
+    length_penalty: float
+    fixed_tokens: int | None    # every output exactly this many tokens, or None: stop at end of sentence
+    sources: list[list[int]]    # token ids, end of sentence included
+    warmup: int                 # sentences translated once, untimed, before the timed run
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    seconds: float
+    outputs: list[list[int]]    # token ids, end of sentence excluded
+    peak_rss_mib: float         # the process's peak resident memory: runtime, weights and work
+
+
+def vocabularies(ct2_dir: Path) -> tuple[list[str], list[str]]:
+    """The converted model's source and target tokens in id order (the same ids as the model directory's)."""
+    def read(name: str) -> list[str]:
+        return json.loads((Path(ct2_dir) / name).read_text(encoding="utf-8"))
+
+    if (Path(ct2_dir) / SHARED_VOCABULARY).is_file():
+        shared = read(SHARED_VOCABULARY)
+        return shared, shared
+    try:
+        return read(SOURCE_VOCABULARY), read(TARGET_VOCABULARY)
+    except OSError:
+        raise ValueError(f"{ct2_dir} is not a CTranslate2 model directory (no vocabulary files)") from None
+
+
+def _int8mt(run: EngineRun):
+    from int8mt.runtime.search import SearchOptions
+    from int8mt.runtime.translator import Translator
+
+    fixed = {} if run.fixed_tokens is None else {"max_length_a": 0.0, "max_length_b": run.fixed_tokens,
+                                                 "min_length": run.fixed_tokens}
+    options = SearchOptions(beam_size=run.beam, length_penalty=run.length_penalty, **fixed)
+    translator = Translator(run.path, options, run.batch, replicas=run.replicas, threads=run.threads)
+    return translator.translate_ids
+
+
+def _ctranslate2(run: EngineRun):
+    import ctranslate2
+
+    source_vocab, target_vocab = vocabularies(Path(run.path))
+    target_ids = {token: i for i, token in enumerate(target_vocab)}
+    translator = ctranslate2.Translator(run.path, device="cpu", compute_type="int8", inter_threads=run.replicas,
+                                        intra_threads=run.threads)
+    fixed = {} if run.fixed_tokens is None else {"min_decoding_length": run.fixed_tokens,
+                                                 "max_decoding_length": run.fixed_tokens}
+
+    def translate(sources: list[list[int]]) -> list[list[int]]:
+        tokens = [[source_vocab[i] for i in ids] for ids in sources]
+        results = translator.translate_batch(tokens, max_batch_size=run.batch, beam_size=run.beam,
+                                             length_penalty=run.length_penalty, **fixed)
+        return [[target_ids[t] for t in r.hypotheses[0]] for r in results]
+
+    return translate
+
+
+def run_engine(run: EngineRun) -> EngineResult:
+    """Load the engine, translate the first ``warmup`` sources once, then time all of them."""
+    translate = _int8mt(run) if run.engine == "int8mt" else _ctranslate2(run)
+    translate(run.sources[: run.warmup])
+    start = time.perf_counter()
+    outputs = translate(run.sources)
+    seconds = time.perf_counter() - start
+    return EngineResult(seconds, outputs, peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM``; ``ru_maxrss`` would carry the parent's peak over the
+    ``exec`` that started this process)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+if __name__ == "__main__":
+    from int8mt.runtime.bundle import use_runtime_library
+
+    use_runtime_library()
+    job = EngineRun(**json.load(sys.stdin))
+    json.dump(asdict(run_engine(job)), sys.stdout)
