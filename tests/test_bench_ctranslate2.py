@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from int8mt.cli import main  # noqa: E402
 from int8mt.data import pad_batch  # noqa: E402
-from int8mt.interface.bench_ctranslate2 import Layout, layouts  # noqa: E402
+from int8mt.interface.bench_ctranslate2 import Layout, is_intel_cpu, layouts  # noqa: E402
 from int8mt.interface.bench_engine import vocabularies  # noqa: E402
 from int8mt.interface.ctranslate2_model import convert_to_ctranslate2  # noqa: E402
 from int8mt.model.checkpoint import load_model_dir  # noqa: E402
@@ -72,10 +72,11 @@ def test_ctranslate2_runs_the_same_model(source, tiny_model_dir, tmp_path):
 
 
 def test_layouts_cover_one_translator_and_one_per_cpu():
-    assert layouts("int8mt", 2) == [Layout(1, 2), Layout(2, 1)]
-    assert layouts("ctranslate2", 2) == [Layout(1, 2, True), Layout(1, 2, False), Layout(2, 1, True),
-                                         Layout(2, 1, False)]
-    assert layouts("int8mt", 1) == [Layout(1, 1)]
+    assert layouts("int8mt", 2, True) == [Layout(1, 2), Layout(2, 1)]
+    assert layouts("ctranslate2", 2, True) == [Layout(1, 2, True), Layout(1, 2, False), Layout(2, 1, True),
+                                               Layout(2, 1, False)]
+    assert layouts("ctranslate2", 2, False) == [Layout(1, 2, False), Layout(2, 1, False)]
+    assert layouts("int8mt", 1, False) == [Layout(1, 1)]
 
 
 def test_bench_against_ctranslate2_fixed_work(tiny_model_dir, tiny_bundle, tmp_path, capsys):
@@ -88,7 +89,8 @@ def test_bench_against_ctranslate2_fixed_work(tiny_model_dir, tiny_bundle, tmp_p
     result = json.loads(out.read_text())
     assert [row["scenario"] for row in result["rows"]] == ["greedy, batch 4", "beam 2, batch 4"]
     cpus = len(os.sched_getaffinity(0))
-    assert len(result["runs"]) == 2 * (len(layouts("int8mt", cpus)) + len(layouts("ctranslate2", cpus)))
+    intel = is_intel_cpu()
+    assert len(result["runs"]) == 2 * (len(layouts("int8mt", cpus, intel)) + len(layouts("ctranslate2", cpus, intel)))
     for row in result["rows"]:
         for engine in ("int8mt", "ctranslate2"):
             assert row[engine]["sentences_per_second"] > 0 and 20 < row[engine]["peak_rss_mib"] < 4000

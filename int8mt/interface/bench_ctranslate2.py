@@ -4,7 +4,7 @@ engine in its best thread layout, one run, the engines interleaved.
 Both engines get the same token ids (the bundle's tokenizer) and return token ids. Every (scenario, engine,
 layout) runs in a fresh process (:mod:`.bench_engine`), so its peak resident memory is its own. Layouts: one
 translator on all CPUs, and one single-threaded translator per CPU sharing the weights (CTranslate2's
-``inter_threads``; int8mt's replicas); CTranslate2 both with its MKL backend and without (``CT2_USE_MKL=0``).
+``inter_threads``; int8mt's replicas); CTranslate2 on Intel CPUs both with its MKL backend and without (``CT2_USE_MKL=0``).
 With ``fixed_tokens`` N every sentence decodes exactly N tokens in both engines (the end of sentence held back
 until then), so both do the same work whatever the weights; otherwise they translate until the end of sentence
 and the outputs are compared (identical share, BLEU).
@@ -53,11 +53,17 @@ class Layout:
         return f"{self.replicas} x {self.threads} threads{backend}"
 
 
-def layouts(engine: str, cpus: int) -> list[Layout]:
+def layouts(engine: str, cpus: int, intel: bool) -> list[Layout]:
+    """The thread layouts an engine is tried in; CTranslate2 with MKL only on Intel CPUs (elsewhere it does not
+    pick MKL, which ran at a few sentences/s on an AMD EPYC)."""
     shapes = sorted({(1, cpus), (cpus, 1)})
     if engine == "int8mt":
         return [Layout(r, t) for r, t in shapes]
-    return [Layout(r, t, mkl) for r, t in shapes for mkl in (True, False)]
+    return [Layout(r, t, mkl) for r, t in shapes for mkl in ((True, False) if intel else (False,))]
+
+
+def is_intel_cpu() -> bool:
+    return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
 
 
 def check_same_model(bundle_dir: Path, model_dir: Path) -> None:
@@ -111,7 +117,8 @@ def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list
     job = {"length_penalty": length_penalty, "fixed_tokens": fixed_tokens, "sources": sources,
            "warmup": min(len(sources), max(s.batch for s in scenarios) * cpus)}
     paths = {"int8mt": bundle_dir, "ctranslate2": ct2_dir}
-    plan = [(s, e, layout) for s in scenarios for pair in zip_longest(*(layouts(e, cpus) for e in ENGINES))
+    intel = is_intel_cpu()
+    plan = [(s, e, layout) for s in scenarios for pair in zip_longest(*(layouts(e, cpus, intel) for e in ENGINES))
             for e, layout in zip(ENGINES, pair) if layout is not None]
     runs = []
     for scenario, engine, layout in tqdm(plan, desc="bench", unit="run", file=sys.stderr):

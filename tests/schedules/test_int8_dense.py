@@ -1,6 +1,6 @@
 """The int8 dense kernel of every dot-product family: weight packing, the tiles a tuning trace encodes, and
-every scheduled kernel equal to NumPy's integer matmul for dynamic row counts (tails and padded N/K
-included), and the peak microbenchmark."""
+every scheduled kernel equal to NumPy's integer matmul for dynamic row counts (tails, the few-rows branch and
+padded N/K included), and the peak microbenchmark."""
 import numpy as np
 import pytest
 import tvm
@@ -69,11 +69,21 @@ def test_kernel_equals_numpy_for_any_row_count(n, k, tiles, preset):
     packed, correction = pack_weight(w, dot)
     kernel = scheduled_int8_dense(n, k, tiles or default_tiles(n, k, dot), dot)
     module = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(preset.target)).mod
-    for rows in (1, 3, 8, 9, 25, 37):
+    for rows in (1, 2, 3, 5, 6, 7, 8, 9, 25, 37):  # below and at the few-rows branch's bound (rows tile - 1)
         a = rng.integers(-128, 128, (rows, k), dtype=np.int8)
         out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
         module["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(packed), tvm.runtime.tensor(correction), out)
         np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ w.T.astype(np.int32))
+
+
+@pytest.mark.parametrize("rows,tiles,few", [(None, DenseTiles(8, 2, 4), 7), (None, DenseTiles(2, 2, 4), 1),
+                                            (None, DenseTiles(1, 2, 4), 0), (32, DenseTiles(8, 2, 4), 0)])
+def test_few_rows_branch_only_for_dynamic_rows_and_row_tiles_above_one(rows, tiles, few):
+    """A kernel with dynamic rows and a row tile of r >= 2 computes m < r rows one at a time (its own block
+    pair under ``if m <= r - 1``); static-row kernels (the tuning workloads) keep the single block."""
+    script = scheduled_int8_dense(64, 32, tiles, int8_dot("avx2"), rows).script()
+    assert ('sblock("dense_few_update_o")' in script) == bool(few)
+    assert (f"if m <= T.int64({few}):" in script) == bool(few)
 
 
 @pytest.mark.parametrize("preset", INT8_PRESETS)
