@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import tvm
@@ -248,6 +249,15 @@ class _NotApplicableOnError(dlight.ScheduleRule):
             return None
 
 
+def _library_dispatch_passes(backend: ModuleType, target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """The backend's library dispatch, on a CPU less its sort/scan dispatch: that would hand ``topk`` to TVM's
+    external C++ sort (a full sort of each row, one row after another) instead of our kernel (``_top_k``)."""
+    passes = backend.library_dispatch_passes(target)
+    if target.kind.name == "llvm":
+        passes = [p for p in passes if p.info.name != "DispatchSortScan"]
+    return passes
+
+
 def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> tvm.transform.Pass:
     """Phases 3-5 as ``tvm.compile``'s ``relax_pipeline`` for ``target`` (an LLVM CPU or a CUDA target)."""
     backends = {"llvm": cpu, "cuda": cuda}
@@ -259,7 +269,7 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> t
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential(
-                backend.library_dispatch_passes(target) + [TakeAsView()] + _legalize_passes()
+                _library_dispatch_passes(backend, target) + [TakeAsView()] + _legalize_passes()
                 + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
                 + [_phase(4, "scheduled", dump_dir)]
                 + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
