@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tvm_ffi
 
 from int8mt.errors import UserError
 from int8mt.targets import host_features, target_device
@@ -149,6 +150,8 @@ def import_tvm_runtime() -> Any:
 TOP_K_KERNEL = "tvm.contrib.sort.topk"  # the CPU's top candidates, in TVM's libtvm_runtime_extra
 RELEASE_POOLS_STEPS = 8  # decoder steps between releases of the memory pools (beam 4, batch 32: half the peak
 # memory at the same speed as never releasing; every step cost 6 %)
+TENSOR_ALIGNMENT = 64  # bytes: TVM's kernels assume their buffers start at such an address
+CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
 
@@ -157,6 +160,18 @@ def set_thread_count(threads: int) -> None:
     pool per calling thread), free to run on any CPU this process may use."""
     cpus = [str(cpu) for cpu in sorted(os.sched_getaffinity(0))]
     import_tvm_runtime().get_global_func("runtime.config_threadpool")(SHARE_ALL_CPUS, threads, cpus)
+
+
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """``array``, C-contiguous with its data at a multiple of ``TENSOR_ALIGNMENT`` bytes (copied if need be)."""
+    array = np.ascontiguousarray(array)
+    if array.ctypes.data % TENSOR_ALIGNMENT == 0:
+        return array
+    buffer = np.empty(array.nbytes + TENSOR_ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % TENSOR_ALIGNMENT
+    aligned = buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    aligned[...] = array
+    return aligned
 
 
 def sha256(path: Path) -> str:
@@ -284,7 +299,19 @@ class Bundle:
         return load_tokenizer(self.path, tokenizer_kind(self.manifest))
 
     def tensor(self, array: np.ndarray) -> Any:
-        return self._tvm.runtime.tensor(array, self.device)
+        """``array`` as an input of the entry points: on the CPU the same memory (a DLPack view, 64-byte aligned
+        as TVM's kernels assume; a copy only where NumPy's buffer is not), on a GPU (or empty) a copy in TVM's
+        memory."""
+        if self.device.dlpack_device_type() != CPU_DEVICE_TYPE or array.size == 0:
+            return self._tvm.runtime.tensor(array, self.device)
+        return tvm_ffi.from_dlpack(_aligned(array), require_alignment=TENSOR_ALIGNMENT)
+
+    def host(self, tensor: Any) -> np.ndarray:
+        """An output of the entry points as NumPy: on the CPU a view of its memory (which it keeps alive),
+        from a GPU a copy."""
+        if self.device.dlpack_device_type() != CPU_DEVICE_TYPE:
+            return tensor.numpy()
+        return np.from_dlpack(tensor)
 
     def encode(self, src: np.ndarray) -> Any:
         """src int64 [B, S] -> cross-attention keys/values (a device tensor)."""
@@ -296,7 +323,7 @@ class Bundle:
     def decode_step(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any, src: Any) -> tuple[np.ndarray, Any]:
         """One step: returns logits as numpy [B, V] and the grown cache (device tensor)."""
         logits, grown = self._run_step(tokens, step, cache, cross_kv, src)
-        return logits.numpy(), grown
+        return self.host(logits), grown
 
     def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any,
                                src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
@@ -305,7 +332,7 @@ class Bundle:
         device: log-probabilities are ``values - log_sum_exp``. Then the grown cache."""
         logits, grown = self._run_step(tokens, step, cache, cross_kv, src)
         values, ids, log_sum_exp = self._top(logits)
-        return values.numpy(), ids.numpy(), log_sum_exp.numpy(), grown
+        return self.host(values), self.host(ids), self.host(log_sum_exp), grown
 
     def _run_step(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any, src: Any) -> tuple[Any, Any]:
         """The compiled decoder step: (logits, grown cache), both on the device. Every ``RELEASE_POOLS_STEPS``
