@@ -112,3 +112,10 @@ def test_translate_command_loads_only_the_runtime_library(tiny_bundle):
     done = subprocess.run([sys.executable, "-c", code, str(tiny_bundle)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
+
+
+def test_engine_process_imports_neither_tvm_nor_torch_for_ctranslate2():
+    """CTranslate2's engine process holds only what CTranslate2 needs, so its peak memory is its own."""
+    code = "import sys, int8mt.interface.bench_engine; print(sorted({'tvm', 'torch'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

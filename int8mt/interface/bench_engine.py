@@ -50,6 +50,9 @@ def vocabularies(ct2_dir: Path) -> tuple[list[str], list[str]]:
 
 
 def _int8mt(run: EngineRun):
+    from int8mt.runtime.bundle import use_runtime_library
+
+    use_runtime_library()
     from int8mt.runtime.search import SearchOptions
     from int8mt.runtime.translator import Translator
 
@@ -99,8 +102,5 @@ def peak_rss_mib() -> float:
 
 
 if __name__ == "__main__":
-    from int8mt.runtime.bundle import use_runtime_library
-
-    use_runtime_library()
     job = EngineRun(**json.load(sys.stdin))
     json.dump(asdict(run_engine(job)), sys.stdout)

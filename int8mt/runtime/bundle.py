@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tvm_ffi
 
 from int8mt.errors import UserError
 from int8mt.targets import host_features, target_device
@@ -257,7 +256,9 @@ class Bundle:
         self.manifest = read_manifest(self.path)
         check_bundle(self.path, self.manifest)
         tvm = import_tvm_runtime()
-        self._tvm = tvm
+        import tvm_ffi  # after TVM, which keeps it from importing torch
+
+        self._tvm, self._tvm_ffi = tvm, tvm_ffi
         if is_cuda(self.manifest):
             from .cuda import KERNELS_FILE, cuda_device, register_kernels
 
@@ -304,7 +305,7 @@ class Bundle:
         memory."""
         if self.device.dlpack_device_type() != CPU_DEVICE_TYPE or array.size == 0:
             return self._tvm.runtime.tensor(array, self.device)
-        return tvm_ffi.from_dlpack(_aligned(array), require_alignment=TENSOR_ALIGNMENT)
+        return self._tvm_ffi.from_dlpack(_aligned(array), require_alignment=TENSOR_ALIGNMENT)
 
     def host(self, tensor: Any) -> np.ndarray:
         """An output of the entry points as NumPy: on the CPU a view of its memory (which it keeps alive),
