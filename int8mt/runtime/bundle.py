@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -112,17 +113,39 @@ def check_elf(library: Path) -> None:
 
 
 def use_runtime_library() -> None:
-    """In a process that only runs bundles, import TVM with its runtime library rather than the whole compiler
-    (about 110 MB less resident memory, a second less to start); the process cannot compile afterwards. A
-    no-op where TVM is already imported or ``TVM_USE_RUNTIME_LIB`` is set; processes started later choose
-    for themselves."""
-    if "tvm" in sys.modules or "TVM_USE_RUNTIME_LIB" in os.environ:
-        return
-    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
-    try:
-        import_tvm_runtime()
-    finally:
-        del os.environ["TVM_USE_RUNTIME_LIB"]
+    """In a process that only runs bundles (and the processes it starts), have ``import tvm`` load TVM's runtime
+    library rather than the whole compiler (about 110 MB less resident memory, a second less to start); CPU
+    bundles do not import ``tvm`` at all (:func:`import_tvm_ffi`), CUDA bundles do. A no-op where TVM is
+    already imported or ``TVM_USE_RUNTIME_LIB`` is set."""
+    if "tvm" not in sys.modules:
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+
+
+def import_tvm_ffi() -> Any:
+    """TVM's FFI with TVM's runtime libraries loaded, for CPU bundles: without TVM's Python package, which holds
+    about 40 MB more (``import tvm`` is left to CUDA bundles and the compiler). Like :func:`import_tvm_runtime`,
+    it keeps the FFI from importing torch and sizes TVM's thread pool to the CPUs this process may use."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    if "tvm_ffi" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+        try:
+            import tvm_ffi  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    import tvm_ffi
+
+    for library, defines in (("libtvm_runtime.so", RELEASE_POOLS), ("libtvm_runtime_extra.so", TOP_K_KERNEL)):
+        if tvm_ffi.get_global_func(defines, allow_missing=True) is None:  # not loaded yet
+            ctypes.CDLL(str(_tvm_library_dir() / library), ctypes.RTLD_GLOBAL)
+    return tvm_ffi
+
+
+def _tvm_library_dir() -> Path:
+    """Where the ``apache-tvm`` wheel keeps its shared libraries (found without importing ``tvm``)."""
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:
+        raise BundleError("TVM is not installed: pip install int8mt (it brings apache-tvm)")
+    return Path(spec.origin).parent / "lib"
 
 
 def import_tvm_runtime() -> Any:
@@ -141,12 +164,12 @@ def import_tvm_runtime() -> Any:
     import tvm.runtime
     import tvm.runtime.vm  # a runtime-only TVM does not import it with tvm.runtime
 
-    if tvm.get_global_func(TOP_K_KERNEL, allow_missing=True) is None:  # runtime only: not loaded with it
-        ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime_extra.so"), ctypes.RTLD_GLOBAL)
     return tvm
 
 
-TOP_K_KERNEL = "tvm.contrib.sort.topk"  # the CPU's top candidates, in TVM's libtvm_runtime_extra
+TOP_K_KERNEL = "tvm.contrib.sort.topk"  # top candidates of bundles built before our top-k kernel (runtime_extra)
+RELEASE_POOLS = "vm.builtin.memory_manager.clear"  # in TVM's libtvm_runtime
+POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled
 RELEASE_POOLS_STEPS = 8  # decoder steps between releases of the memory pools (beam 4, batch 32: half the peak
 # memory at the same speed as never releasing; every step cost 6 %)
 TENSOR_ALIGNMENT = 64  # bytes: TVM's kernels assume their buffers start at such an address
@@ -158,7 +181,7 @@ def set_thread_count(threads: int) -> None:
     """Run the compiled kernels that the calling thread launches on ``threads`` threads (TVM keeps one thread
     pool per calling thread), free to run on any CPU this process may use."""
     cpus = [str(cpu) for cpu in sorted(os.sched_getaffinity(0))]
-    import_tvm_runtime().get_global_func("runtime.config_threadpool")(SHARE_ALL_CPUS, threads, cpus)
+    import_tvm_ffi().get_global_func("runtime.config_threadpool")(SHARE_ALL_CPUS, threads, cpus)
 
 
 def _aligned(array: np.ndarray) -> np.ndarray:
@@ -255,23 +278,21 @@ class Bundle:
         self.path = Path(bundle_dir)
         self.manifest = read_manifest(self.path)
         check_bundle(self.path, self.manifest)
-        tvm = import_tvm_runtime()
-        import tvm_ffi  # after TVM, which keeps it from importing torch
-
-        self._tvm, self._tvm_ffi = tvm, tvm_ffi
         if is_cuda(self.manifest):
             from .cuda import KERNELS_FILE, cuda_device, register_kernels
 
-            self.device = cuda_device(tvm, self.manifest)
+            self._tvm = import_tvm_runtime()
+            self.device = cuda_device(self._tvm, self.manifest)
             register_kernels(self.manifest["cuda"]["source_sha256"], (self.path / KERNELS_FILE).read_bytes())
-        else:
-            self.device = tvm.cpu()
+        self._ffi = import_tvm_ffi()
+        if not is_cuda(self.manifest):
+            self._tvm, self.device = None, self._ffi.device("cpu", 0)
         try:
-            library = tvm.runtime.load_module(str(self.path / LIBRARY_FILE))
+            self._library = self._ffi.load_module(self.path / LIBRARY_FILE)
         except Exception as err:  # noqa: BLE001  (TVM raises many kinds; all mean the .so is unusable)
             raise BundleError(f"cannot load {self.path / LIBRARY_FILE}: {str(err).splitlines()[0]}") from None
-        self._library = library
-        self._release_pools = tvm.get_global_func("vm.builtin.memory_manager.clear")
+        self._release_pools = self._ffi.get_global_func(RELEASE_POOLS)
+        self._alloc = self._ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._open_vm()
         cfg = self.manifest["model"]
         self.layers, self.heads = cfg["decoder_layers"], cfg["heads"]
@@ -282,7 +303,14 @@ class Bundle:
         self.max_rows = max_rows(self.manifest)
 
     def _open_vm(self) -> None:
-        self._vm = self._tvm.runtime.vm.VirtualMachine(self._library, self.device)
+        """A virtual machine of the library with pooled allocators on the device (and the CPU, for shapes)."""
+        devices = [self.device] + ([self._ffi.device("cpu", 0)] if self._on_gpu else [])
+        try:
+            self._vm = self._library["vm_load_executable"]()
+            self._vm["vm_initialization"](*(v for d in devices
+                                            for v in (d.dlpack_device_type(), d.index, POOLED_ALLOCATOR)))
+        except Exception as err:  # noqa: BLE001
+            raise BundleError(f"{self.path / LIBRARY_FILE} is not a bundle's library ({str(err).splitlines()[0]})") from None
         try:
             self._encode, self._step, self._reorder, self._top = (self._vm[name] for name in ENTRY_POINTS)
         except AttributeError as err:
@@ -303,16 +331,22 @@ class Bundle:
         """``array`` as an input of the entry points: on the CPU the same memory (a DLPack view, 64-byte aligned
         as TVM's kernels assume; a copy only where NumPy's buffer is not), on a GPU (or empty) a copy in TVM's
         memory."""
-        if self.device.dlpack_device_type() != CPU_DEVICE_TYPE or array.size == 0:
+        if self._on_gpu:
             return self._tvm.runtime.tensor(array, self.device)
-        return self._tvm_ffi.from_dlpack(_aligned(array), require_alignment=TENSOR_ALIGNMENT)
+        if array.size == 0:
+            return self._alloc(self._ffi.Shape(array.shape), self._ffi.dtype(str(array.dtype)), self.device, "global")
+        return self._ffi.from_dlpack(_aligned(array), require_alignment=TENSOR_ALIGNMENT)
 
     def host(self, tensor: Any) -> np.ndarray:
         """An output of the entry points as NumPy: on the CPU a view of its memory (which it keeps alive),
         from a GPU a copy."""
-        if self.device.dlpack_device_type() != CPU_DEVICE_TYPE:
+        if self._on_gpu:
             return tensor.numpy()
         return np.from_dlpack(tensor)
+
+    @property
+    def _on_gpu(self) -> bool:
+        return self.device.dlpack_device_type() != CPU_DEVICE_TYPE
 
     def encode(self, src: np.ndarray) -> Any:
         """src int64 [B, S] -> cross-attention keys/values (a device tensor)."""
