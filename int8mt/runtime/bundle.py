@@ -169,6 +169,7 @@ def import_tvm_runtime() -> Any:
 
 TOP_K_KERNEL = "tvm.contrib.sort.topk"  # top candidates of bundles built before our top-k kernel (runtime_extra)
 RELEASE_POOLS = "vm.builtin.memory_manager.clear"  # in TVM's libtvm_runtime
+MADV_DONTNEED = 4  # Linux madvise advice
 POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled
 RELEASE_POOLS_STEPS = 8  # decoder steps between releases of the memory pools (beam 4, batch 32: half the peak
 # memory at the same speed as never releasing; every step cost 6 %)
@@ -182,6 +183,29 @@ def set_thread_count(threads: int) -> None:
     pool per calling thread), free to run on any CPU this process may use."""
     cpus = [str(cpu) for cpu in sorted(os.sched_getaffinity(0))]
     import_tvm_ffi().get_global_func("runtime.config_threadpool")(SHARE_ALL_CPUS, threads, cpus)
+
+
+def drop_unmodified_pages(library: Path) -> int:
+    """Return to the kernel the resident pages of ``library``'s read-only mappings that were never written (the
+    weights' serialized copy: once loaded into tensors, nothing reads it; a page read again comes back from the
+    file). Mappings with written pages (relocations) are left alone. Returns the bytes released."""
+    try:
+        smaps = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    target, released, region = str(Path(library).resolve()), 0, None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for line in smaps:
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            region = (start, end) if fields[1] == "r--p" and fields[-1] == target else None
+        elif region and fields[:1] == ["Anonymous:"] and fields[1] == "0":
+            if libc.madvise(region[0], region[1] - region[0], MADV_DONTNEED) == 0:
+                released += region[1] - region[0]
+            region = None
+    return released
 
 
 def _aligned(array: np.ndarray) -> np.ndarray:
@@ -294,6 +318,7 @@ class Bundle:
         self._release_pools = self._ffi.get_global_func(RELEASE_POOLS)
         self._alloc = self._ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._open_vm()
+        drop_unmodified_pages(self.path / LIBRARY_FILE)
         cfg = self.manifest["model"]
         self.layers, self.heads = cfg["decoder_layers"], cfg["heads"]
         self.head_dim = cfg["d_model"] // cfg["heads"]

@@ -212,3 +212,14 @@ def test_replicas_translate_in_parallel_with_the_same_results(tiny_bundle):
     two = Translator(tiny_bundle, SearchOptions(beam_size=2), batch_size=3, replicas=2, threads=1)
     assert two.replicas == 2 and two.threads == 1 and one.threads >= 1
     assert two.translate(sentences) == one.translate(sentences)
+
+
+def test_unwritten_library_pages_are_released_and_the_model_still_runs(tiny_bundle):
+    """The weights' serialized copy in the mapped library is given back after loading (read-only pages never
+    written); a page read again comes back from the file."""
+    bundle = Bundle(tiny_bundle)
+    src = np.array([[10, 20, 30, 40, 3], [50, 60, 3, 0, 0]], np.int64)
+    before = greedy_search(bundle, src, [12, 12])
+    assert bundle_mod.drop_unmodified_pages(tiny_bundle / "model.so") > 0
+    assert greedy_search(bundle, src, [12, 12]) == before
+    assert greedy_search(bundle.replica(), src, [12, 12]) == before
