@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import UserError, add_config_argument, config_path, database_path
@@ -104,12 +105,7 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
                                           cfg.decode.length_penalty, tokenizer.decode,
                                           None if args.fixed_tokens else refs)
     result["model"] = str(model_dir)
-    print(format_comparison(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    if args.plot:
-        plot_comparison(result, args.plot)
-    return 0
+    return _report(args, result, format_comparison(result), plot_comparison)
 
 
 def _counts(text: str, flag: str) -> tuple[int, ...]:
@@ -136,11 +132,16 @@ def _serve(args: argparse.Namespace, cfg, sources: list[str]) -> int:
     bundle = checked_bundle(args.bundle, settings.options, settings.max_batch)
     layout = WorkerLayout.fit(connect(None), args.replicas, args.threads)
     result = bench_serving(bundle, sources, clients, sizes, layout, settings, args.port)
-    print(format_load_table(result))
+    return _report(args, result, format_load_table(result), plot_load)
+
+
+def _report(args: argparse.Namespace, result: dict, table: str, plot: Callable[[dict, Path], None]) -> int:
+    """Print the table; write the result to --json and its plot to --plot where asked."""
+    print(table)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
-        plot_load(result, args.plot)
+        plot(result, args.plot)
     return 0
 
 

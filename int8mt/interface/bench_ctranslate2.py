@@ -26,6 +26,7 @@ from int8mt.errors import UserError
 from int8mt.metrics import corpus_bleu
 
 from .bench_engine import EngineRun
+from .plotting import pyplot, save
 
 ENGINES = ("ctranslate2", "int8mt")
 MODEL_KEYS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim")
@@ -171,11 +172,7 @@ def format_comparison(result: dict) -> str:
 
 def plot_comparison(result: dict, path: Path) -> None:
     """Sentences/s and peak resident memory per scenario, the two engines side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [row["scenario"] for row in result["rows"]]
     fig, panels = plt.subplots(1, 2, figsize=(11, 4))
     for panel, key, label in zip(panels, ("sentences_per_second", "peak_rss_mib"), ("sentences/s", "peak RSS (MiB)")):
@@ -188,6 +185,4 @@ def plot_comparison(result: dict, path: Path) -> None:
         panel.legend()
     work = f"{result['fixed_tokens']} tokens per sentence" if result["fixed_tokens"] else "real translation"
     fig.suptitle(f"{result['machine']}: {work}, best layout per engine", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

@@ -25,6 +25,8 @@ from int8mt.runtime.translator import Translator
 from int8mt.serving.cluster import WorkerLayout
 from int8mt.serving.server import ServerSettings, start
 
+from .plotting import pyplot, save
+
 IN_PROCESS_BATCH = 32
 
 
@@ -128,11 +130,7 @@ def format_load_table(result: dict) -> str:
 
 def plot_load(result: dict, path: Path) -> None:
     """Throughput against the in-process line, and p50/p99 latency, by number of clients."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rate = result["in_process_sentences_per_second"]
     sizes = sorted({r["request_sentences"] for r in result["rows"]})
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -149,6 +147,4 @@ def plot_load(result: dict, path: Path) -> None:
     left.legend()
     right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="latency")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

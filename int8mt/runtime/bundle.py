@@ -125,19 +125,26 @@ def import_tvm_ffi() -> Any:
     """TVM's FFI with TVM's runtime libraries loaded, for CPU bundles: without TVM's Python package, which holds
     about 40 MB more (``import tvm`` is left to CUDA bundles and the compiler). Like :func:`import_tvm_runtime`,
     it keeps the FFI from importing torch and sizes TVM's thread pool to the CPUs this process may use."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    if "tvm_ffi" not in sys.modules and "torch" not in sys.modules:
-        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
-        try:
-            import tvm_ffi  # noqa: F401
-        finally:
-            del sys.modules["torch"]
+    _import_without_torch("tvm_ffi")
     import tvm_ffi
 
     for library, defines in (("libtvm_runtime.so", RELEASE_POOLS), ("libtvm_runtime_extra.so", TOP_K_KERNEL)):
         if tvm_ffi.get_global_func(defines, allow_missing=True) is None:  # not loaded yet
             ctypes.CDLL(str(_tvm_library_dir() / library), ctypes.RTLD_GLOBAL)
     return tvm_ffi
+
+
+def _import_without_torch(module: str) -> None:
+    """Import ``module`` (TVM or its FFI) unless its package is imported, with ``import torch`` failing meanwhile
+    (the FFI imports torch where installed, for DLPack interop: start-up time and memory the runtime does not
+    need); first size TVM's thread pool to this process's CPUs unless ``TVM_NUM_THREADS`` is set."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    if module.split(".")[0] not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+        try:
+            importlib.import_module(module)
+        finally:
+            del sys.modules["torch"]
 
 
 def _tvm_library_dir() -> Path:
@@ -154,13 +161,7 @@ def import_tvm_runtime() -> Any:
     TVM's thread pool would start with one worker per *physical* core it detects (one here, on two
     vCPUs, which halves the speed); unless ``TVM_NUM_THREADS`` is set, use every CPU this process may run on.
     """
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    if "tvm" not in sys.modules and "torch" not in sys.modules:
-        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
-        try:
-            import tvm.runtime  # noqa: F401
-        finally:
-            del sys.modules["torch"]
+    _import_without_torch("tvm.runtime")
     import tvm.runtime
     import tvm.runtime.vm  # a runtime-only TVM does not import it with tvm.runtime
 
