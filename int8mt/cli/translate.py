@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "alone: a local Ray on this machine's CPUs)")
     p.add_argument("--workers", type=int, default=None,
                    help="models translating batches in parallel: in this process, sharing the weights (default: 1); "
-                        "with --ray, Ray workers, each loading the bundle once (default: the cluster's CPUs / --threads)")
+                        "with --ray, Ray workers, each loading the bundle once (default: the cluster's CPUs / "
+                        "--threads)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads per worker (default: the CPUs / --workers; with --ray: 1)")
     add_decode_arguments(p)

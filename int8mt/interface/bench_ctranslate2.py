@@ -4,7 +4,8 @@ engine in its best thread layout, one run, the engines interleaved.
 Both engines get the same token ids (the bundle's tokenizer) and return token ids. Every (scenario, engine,
 layout) runs in a fresh process (:mod:`.bench_engine`), so its peak resident memory is its own. Layouts: one
 translator on all CPUs, and one single-threaded translator per CPU sharing the weights (CTranslate2's
-``inter_threads``; int8mt's replicas); CTranslate2 on Intel CPUs both with its MKL backend and without (``CT2_USE_MKL=0``).
+``inter_threads``; int8mt's replicas); CTranslate2 on Intel CPUs both with its MKL backend and without
+(``CT2_USE_MKL=0``).
 With ``fixed_tokens`` N every sentence decodes exactly N tokens in both engines (the end of sentence held back
 until then), so both do the same work whatever the weights; otherwise they translate until the end of sentence
 and the outputs are compared (identical share, BLEU).
@@ -16,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -108,8 +110,8 @@ def _cpu_name() -> str:
 
 
 def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list[int]], scenarios: list[Scenario],
-                             fixed_tokens: int | None, length_penalty: float, decode, references: list[str] | None,
-                             cpus: int | None = None) -> dict:
+                             fixed_tokens: int | None, length_penalty: float, decode: Callable[[list[int]], str],
+                             references: list[str] | None, cpus: int | None = None) -> dict:
     """Run every scenario with every layout of both engines (alternating engines) and keep each engine's best
     layout per scenario. ``decode`` turns output ids into text (for BLEU and the identical share)."""
     import ctranslate2
@@ -136,10 +138,13 @@ def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list
             "length_penalty": length_penalty, "rows": rows, "runs": runs}
 
 
-def _scenario_row(name: str, runs: list[dict], fixed_tokens: int | None, decode, references: list[str] | None) -> dict:
+def _scenario_row(name: str, runs: list[dict], fixed_tokens: int | None, decode: Callable[[list[int]], str],
+                  references: list[str] | None) -> dict:
+    """One table row: each engine's fastest layout; the fixed-work protocol checked on every run's outputs."""
     best = {e: max((r for r in runs if r["engine"] == e), key=lambda r: r["sentences_per_second"]) for e in ENGINES}
     texts = {e: [decode(ids) for ids in best[e]["outputs"]] for e in ENGINES}
-    row = {"scenario": name, "ratio": best["int8mt"]["sentences_per_second"] / best["ctranslate2"]["sentences_per_second"],
+    speed = {e: best[e]["sentences_per_second"] for e in ENGINES}
+    row = {"scenario": name, "ratio": speed["int8mt"] / speed["ctranslate2"],
            "identical": sum(a == b for a, b in zip(*texts.values())) / len(texts["int8mt"])}
     for e in ENGINES:
         row[e] = {k: best[e][k] for k in ("layout", "sentences_per_second", "peak_rss_mib")}

@@ -303,14 +303,14 @@ class Bundle:
         self.path = Path(bundle_dir)
         self.manifest = read_manifest(self.path)
         check_bundle(self.path, self.manifest)
-        if is_cuda(self.manifest):
+        self._ffi = import_tvm_ffi()
+        if is_cuda(self.manifest):  # TVM's Python package finds and checks the GPU and takes our kernels
             from .cuda import KERNELS_FILE, cuda_device, register_kernels
 
             self._tvm = import_tvm_runtime()
             self.device = cuda_device(self._tvm, self.manifest)
             register_kernels(self.manifest["cuda"]["source_sha256"], (self.path / KERNELS_FILE).read_bytes())
-        self._ffi = import_tvm_ffi()
-        if not is_cuda(self.manifest):
+        else:
             self._tvm, self.device = None, self._ffi.device("cpu", 0)
         try:
             self._library = self._ffi.load_module(self.path / LIBRARY_FILE)
@@ -335,8 +335,9 @@ class Bundle:
             self._vm = self._library["vm_load_executable"]()
             self._vm["vm_initialization"](*(v for d in devices
                                             for v in (d.dlpack_device_type(), d.index, POOLED_ALLOCATOR)))
-        except Exception as err:  # noqa: BLE001
-            raise BundleError(f"{self.path / LIBRARY_FILE} is not a bundle's library ({str(err).splitlines()[0]})") from None
+        except Exception as err:  # noqa: BLE001  (as for loading: any error means the library is not a bundle's)
+            raise BundleError(f"{self.path / LIBRARY_FILE} is not a bundle's library "
+                              f"({str(err).splitlines()[0]})") from None
         try:
             self._encode, self._step, self._reorder, self._top = (self._vm[name] for name in ENTRY_POINTS)
         except AttributeError as err:

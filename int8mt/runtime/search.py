@@ -46,9 +46,10 @@ COMPACT_BELOW = 0.75  # drop finished rows once fewer than this share of the bat
 
 def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_length: int = 0) -> list[list[int]]:
     """Arg-max decoding of each row of ``src`` [B, S], row i stopping after ``max_lens[i]`` tokens and not
-    ending before ``min_length``; returns ids without EOS. Finished rows leave the batch (their cache and cross-attention rows are dropped
-    with ``reorder_cache``) once fewer than ``COMPACT_BELOW`` of the rows in flight are unfinished, so a batch
-    does not keep paying for its longest sentence; every row's result is the same as decoded alone."""
+    ending before ``min_length``; returns ids without EOS. Finished rows leave the batch (their cache and
+    cross-attention rows are dropped with ``reorder_cache``) once fewer than ``COMPACT_BELOW`` of the rows in
+    flight are unfinished, so a batch does not keep paying for its longest sentence; every row's result is the
+    same as decoded alone."""
     batch = src.shape[0]
     src_t = bundle.tensor(src)
     cross = bundle.encode(src)
@@ -87,8 +88,9 @@ def _penalized(score: float, length: int, alpha: float) -> float:
 
 def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: SearchOptions) -> list[list[int]]:
     """Beam search with ``opts.beam_size`` hypotheses per sentence, row i stopping after ``max_lens[i]``
-    tokens and none ending before ``opts.min_length``; returns the best ids without EOS. Each sentence is encoded once; its cross-attention keys and
-    values are then repeated on the device for its k hypotheses (``reorder_cache``). Each sentence's 2k best
+    tokens and none ending before ``opts.min_length``; returns the best ids without EOS. Each sentence is
+    encoded once; its cross-attention keys and values are then repeated on the device for its k hypotheses
+    (``reorder_cache``). Each sentence's 2k best
     continuations are among its rows' 2k best tokens, so for beams up to ``bundle.candidates / 2`` the
     device returns only each row's best candidates and log-sum-exp (``decode_step_candidates``) instead of
     the whole logits, which the host would turn into log-probabilities and partition."""
