@@ -46,6 +46,9 @@ CASES = [
     ("zero workers", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "--workers", "0"], 2,
      "replicas must be at least 1"),
     ("zero threads", ["translate", "{bundle}", "--threads", "0", "hi"], 2, "threads per replica must be at least 1"),
+    ("--against with an incomplete Marian config", ["bench", "{bundle}", "--against", "ctranslate2", "--model",
+                                                    "{tmp}/marian-bad", "--sentences", "2"], 2,
+     "marian-bad/config.json lacks 'vocab_size', which a MarianConfig has"),
     ("--ray without --output", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "--ray"], 2, "name the output file"),
     ("Ray address where nothing listens", ["serve", "{bundle}", "--address", "127.0.0.1:9"], 2,
      "no Ray cluster answers at 127.0.0.1:9"),
@@ -67,6 +70,10 @@ def test_bad_input_is_a_clear_error(case, argv, code, message, tiny_bundle, tiny
     (tmp_path / "latin1.txt").write_bytes("Café au lait.\n".encode("latin-1"))
     (tmp_path / "in.txt").write_text("A dog.\n")
     (tmp_path / "folder").mkdir()
+    (tmp_path / "marian-bad").mkdir()
+    (tmp_path / "marian-bad" / "config.json").write_text('{"model_type": "marian"}')
+    for name in ("model.safetensors", "source.spm", "target.spm", "vocab.json"):
+        (tmp_path / "marian-bad" / name).write_text("")
     (tmp_path / "folder" / "a.en").write_text("A dog.\n")
     shutil.copytree(tiny_bundle, tmp_path / "bundle-bad-report")
     (tmp_path / "bundle-bad-report" / "report.json").write_text("{half")

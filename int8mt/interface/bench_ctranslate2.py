@@ -72,16 +72,10 @@ def is_intel_cpu() -> bool:
 def check_same_model(bundle_dir: Path, model_dir: Path) -> None:
     """The bundle was compiled from a model of ``model_dir``'s shape (a cheap guard against comparing two
     different models)."""
-    from int8mt.model.checkpoint import CONFIG_FILE, is_marian_dir
-    from int8mt.model.config import ModelConfig
+    from int8mt.model.checkpoint import model_config
     from int8mt.runtime.bundle import read_manifest
 
-    if is_marian_dir(model_dir):
-        from int8mt.model.converters.marian import marian_model_config
-
-        cfg = marian_model_config(json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8")))
-    else:
-        cfg = ModelConfig.load(model_dir / CONFIG_FILE)
+    cfg = model_config(model_dir)
     built = read_manifest(bundle_dir)["model"]
     differ = [k for k in MODEL_KEYS if built.get(k) != getattr(cfg, k)]
     if differ:

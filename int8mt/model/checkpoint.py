@@ -52,6 +52,18 @@ def check_model_dir(model_dir: Path) -> None:
                             "model_type marian)")
 
 
+def model_config(model_dir: Path) -> ModelConfig:
+    """The architecture of a model directory (ours or Marian), read from its config alone; a missing or damaged
+    file raises a UserError naming it."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    if is_marian_dir(model_dir):
+        from .converters.marian import read_marian_config
+
+        return read_marian_config(model_dir)
+    return ModelConfig.load(model_dir / CONFIG_FILE)
+
+
 def load_model_dir(model_dir: Path) -> Transformer:
     """Load a model directory (ours or Marian) in eval mode; a missing or damaged file raises a UserError
     naming it."""
@@ -61,8 +73,7 @@ def load_model_dir(model_dir: Path) -> Transformer:
         from .converters.marian import load_marian
 
         return load_marian(model_dir)
-    cfg = ModelConfig.load(model_dir / CONFIG_FILE)
-    model = Transformer(cfg)
+    model = Transformer(ModelConfig.load(model_dir / CONFIG_FILE))
     try:
         load_model(model, str(model_dir / WEIGHTS_FILE))
     except (SafetensorError, RuntimeError, OSError) as err:

@@ -109,17 +109,24 @@ def _tables(raw: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
     return state
 
 
-def load_marian(model_dir: Path | str) -> Transformer:
-    """Build our Transformer from a MarianMT directory; every weight must find its place."""
+def read_marian_config(model_dir: Path | str) -> ModelConfig:
+    """Our model config of a MarianMT directory, from its ``config.json``; a missing, unreadable or incomplete
+    file raises a UserError naming it."""
     model_dir = Path(model_dir)
     try:
         hf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read {model_dir / 'config.json'}: {err}") from None
     try:
-        model = Transformer(marian_model_config(hf))
+        return marian_model_config(hf)
     except KeyError as err:
         raise UserError(f"{model_dir / 'config.json'} lacks {err}, which a MarianConfig has") from None
+
+
+def load_marian(model_dir: Path | str) -> Transformer:
+    """Build our Transformer from a MarianMT directory; every weight must find its place."""
+    model_dir = Path(model_dir)
+    model = Transformer(read_marian_config(model_dir))
     raw = {k.removeprefix("model."): v for k, v in _read_weights(model_dir).items()}
     state = _tables(raw, model.cfg)
     for hf_name, tensor in raw.items():
