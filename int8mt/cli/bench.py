@@ -84,6 +84,7 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
                                                format_comparison, plot_comparison)
     from ..interface.ctranslate2_model import convert_to_ctranslate2
     from ..runtime.bundle import read_manifest, tokenizer_kind
+    from ..runtime.translator import fit_to_positions
     from ..tokenizer import check_target_lang, load_tokenizer
 
     if args.fixed_tokens is not None and args.fixed_tokens < 1:
@@ -94,8 +95,7 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
     tokenizer = load_tokenizer(args.bundle, tokenizer_kind(manifest))
     check_target_lang(tokenizer, None)
     limit = manifest["model"]["max_positions"]
-    ids = [(lambda full: full if len(full) <= limit else full[:limit - 1] + [tokenizer.eos_id])(tokenizer.encode(s))
-           for s in sources]
+    ids = [fit_to_positions(tokenizer.encode(s), limit, tokenizer.eos_id) for s in sources]
     beam = args.beam or cfg.decode.beam_size
     scenarios = [Scenario(1, b) for b in batch_sizes] + ([Scenario(beam, max(batch_sizes))] if beam > 1 else [])
     with tempfile.TemporaryDirectory(prefix="int8mt-ct2-") as tmp:

@@ -9,7 +9,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ENGINES = ("int8mt", "ctranslate2")
 SHARED_VOCABULARY, SOURCE_VOCABULARY, TARGET_VOCABULARY = (
     "shared_vocabulary.json", "source_vocabulary.json", "target_vocabulary.json")  # a CTranslate2 model's
 

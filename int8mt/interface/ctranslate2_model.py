@@ -29,7 +29,7 @@ def _import_ctranslate2():
     return ctranslate2
 
 
-def _start_token_loader(ctranslate2):
+def _start_token_loader():
     """CTranslate2's Marian loader for a decoder that starts from its start token's own embedding."""
     from ctranslate2.converters.transformers import BartLoader, MarianMTLoader
 
@@ -64,7 +64,7 @@ def _converter(ctranslate2, marian_dir: Path):
             table = model.get_decoder().embed_tokens.weight
             stock = start == len(tokenizer) - 1 and not bool(torch.count_nonzero(table[start]))
             with torch.no_grad():
-                return (MarianMTLoader() if stock else _start_token_loader(ctranslate2))(model, tokenizer)
+                return (MarianMTLoader() if stock else _start_token_loader())(model, tokenizer)
 
     return MarianConverter()
 

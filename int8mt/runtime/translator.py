@@ -28,6 +28,11 @@ def check_decoding(options: SearchOptions, batch_size: int, max_rows: int) -> No
                         "bundle's entry points take in one call; use a smaller beam")
 
 
+def fit_to_positions(ids: list[int], limit: int, eos_id: int) -> list[int]:
+    """Source ids cut to the model's ``limit`` positions: the first ``limit - 1`` tokens and the end of sentence."""
+    return ids if len(ids) <= limit else ids[:limit - 1] + [eos_id]
+
+
 class Translator:
     """Translates text with a bundle. ``replicas`` virtual machines over the one loaded library (weights in memory
     once) translate batches in parallel, each on ``threads`` threads (default: ``TVM_NUM_THREADS`` or the CPUs,
@@ -87,8 +92,7 @@ class Translator:
             if len(full) > limit:
                 print(f"int8mt: warning: input {number} has {len(full)} tokens; the model reads at most {limit}, "
                       f"so only its first {limit - 1} are translated", file=sys.stderr)
-                full = full[:limit - 1] + [self.tokenizer.eos_id]
-            ids.append(full)
+            ids.append(fit_to_positions(full, limit, self.tokenizer.eos_id))
         todo = [i for i, s in enumerate(sentences) if s.strip()]
         out = [""] * len(sentences)
         for i, hyp in zip(todo, self.translate_ids([ids[i] for i in todo], options, progress)):
