@@ -20,6 +20,7 @@ from int8mt.runtime.bundle import BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MAN
 from int8mt.targets import TargetPreset
 from int8mt.tokenizer import load_tokenizer
 
+from .cross import library_linker
 from .frontend import ExportConfig, candidates_per_row
 from .pipeline import CompileOptions, compile_model, tile_chooser
 from .quant_report import untuned_kernels_warning
@@ -34,6 +35,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     shipped for the preset; kernels it lacks get default tiles)."""
     check_output_dir(out_dir)
     check_model_dir(model_dir)
+    linker = library_linker(preset)  # before compiling: a missing cross compiler is known now
     tokenizer = load_tokenizer(model_dir)  # a bundle needs one to translate text; fail before compiling
     tiles = tile_chooser(preset, database) if qcfg is not None and preset.int8_dot is not None else None
     if qcfg is None:
@@ -49,7 +51,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     report = compiled.report
     final_dir, out_dir = out_dir, _staging_dir(out_dir)
     library = out_dir / LIBRARY_FILE
-    compiled.executable.export_library(str(library))
+    compiled.executable.export_library(str(library), fcompile=linker)
     cuda = _write_cuda_kernels(compiled.executable, preset, out_dir) if preset.device == "cuda" else None
     for file in tokenizer.files:
         shutil.copyfile(file, out_dir / file.name)
@@ -57,7 +59,8 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         "format": BUNDLE_FORMAT,
         "int8mt_version": __version__,
         "tvm_version": tvm.__version__,
-        "target": {"preset": preset.name, "tvm": preset.target, "required_features": list(preset.required_features)},
+        "target": {"preset": preset.name, "tvm": preset.target, "arch": preset.arch,
+                   "required_features": list(preset.required_features)},
         "quantization": _quantization_record(qcfg, report),
         "entry_points": list(ENTRY_POINTS),
         "model": model.cfg.to_dict(),

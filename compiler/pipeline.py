@@ -36,7 +36,7 @@ from tvm.s_tir import dlight
 from int8mt.errors import UserError
 from int8mt.schedules.cpu_generic import CPUGeneric
 from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
-from int8mt.schedules.intrin import int8_dot
+from int8mt.schedules.intrin import batch_dot, int8_dot
 from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
 
@@ -133,8 +133,8 @@ def integer_graph(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
 def int8_kernel_passes(tiles_for: Callable, family: str) -> list[tvm.transform.Pass]:
     """Phase 2's passes for the dot-product ``family``, in order."""
     dot = int8_dot(family)
-    return [PackInt8Dense(tiles_for, dot), FoldDenseBias(), Int8BatchMatmul(dot), ReadKeysAsStored(),
-            GatherPackedRows(dot), FuseDenseEpilogue()]
+    return [PackInt8Dense(tiles_for, dot), FoldDenseBias(), Int8BatchMatmul(batch_dot(family)),
+            ReadKeysAsStored(), GatherPackedRows(dot), FuseDenseEpilogue()]
 
 
 def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:

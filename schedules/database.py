@@ -125,7 +125,7 @@ class TuningDatabase:
         found: dict[DenseTiles, float] = {}
         for record in self.db.get_top_k(self.db.commit_workload(mod), 8 * count):
             secs = [float(s) for s in record.run_secs]
-            found.setdefault(tiles_from_trace(record.trace), sum(secs) / len(secs))
+            found.setdefault(tiles_from_trace(record.trace, task.dot), sum(secs) / len(secs))
         return list(found.items())[:count]
 
     def best(self, task: DenseTask) -> tuple[DenseTiles, float] | None:

@@ -36,7 +36,10 @@ def _extent(name: str, size: int | None) -> tirx.PrimExpr:
 
 def int8_batch_matmul(batch: int | None, rows: int | None, cols: int | None, depth: int | None,
                       dot: Int8Dot) -> tirx.PrimFunc:
-    """The unscheduled kernel for ``A[batch, rows, depth] . B[batch, depth, cols]``; None = dynamic size."""
+    """The unscheduled kernel for ``A[batch, rows, depth] . B[batch, depth, cols]``; None = dynamic size. ``dot``
+    is a one-row dot product (for a preset, :func:`~.intrin.batch_dot`)."""
+    if dot.rows != 1:
+        raise ValueError(f"the batched matmul takes a one-row dot product, not {dot.family!r} (see batch_dot)")
     BT, I, J, R = (_extent(n, s) for n, s in (("b", batch), ("i", rows), ("j", cols), ("r", depth)))
     L, RD = T.int64(dot.lanes), T.int64(dot.reduce)
     JB, RB = (J + L - 1) // L, (R + RD - 1) // RD  # blocks of the intrinsic

@@ -1,5 +1,6 @@
 """The INT8 dense kernel ``C[m, n] = A[m, k] . W[n, k]`` (int8 x int8 -> int32), tensorized with an int8
-dot-product intrinsic of :mod:`.intrin` (AVX-512 VNNI ``vpdpbusd``; AVX-512 BW or AVX2 ``vpmaddwd``).
+dot-product intrinsic of :mod:`.intrin` (AVX-512 VNNI ``vpdpbusd``; AVX-512 BW or AVX2 ``vpmaddwd``; aarch64
+``smmla``, ``sdot``, or NEON's ``smull`` + ``sadalp``).
 
 ``W`` is packed at compile time into the layout the intrinsic reads, ``[N/lanes, K/reduce, lanes, reduce]``
 (``pack_weight``), zero-padded when N or K is not a multiple of the block. ``vpdpbusd`` multiplies
@@ -27,6 +28,11 @@ step of one sentence, or the last sentences of a batch): a one-row tile with hal
 columns, so that one row does not pay for r (the logits projection of a one-sentence step: 6x faster on AVX2).
 The branch is chosen at run time; the tuned tiles apply to the other; kernels with static rows (the tuning
 workloads) have no such branch.
+
+A matrix-multiply intrinsic (``smmla``: 2 rows x 2 columns x 8 bytes per instruction) reads two rows of
+activations at once: the kernel then stages them as ``[rows/2, K/8, 2, 8]`` (each instruction's operand is 16
+contiguous bytes), keeps the accumulators as ``[rows/2, N/2, 2, 2]`` (one register per 2x2 tile) and its row
+tiles are even.
 
 An optional :class:`DenseEpilogue` replaces the final int32 store: the elementwise ops that follow the
 layer (requantization, dequantization with the residual, a change of layout) are computed on each sum
@@ -74,11 +80,17 @@ def padded(n: int, k: int, dot: Int8Dot) -> tuple[int, int]:
     return -(-n // dot.lanes) * dot.lanes, -(-k // dot.reduce) * dot.reduce
 
 
+def row_tiles(dot: Int8Dot) -> tuple[int, ...]:
+    """The register-tile rows the design space offers for ``dot``: multiples of its rows per instruction."""
+    return tuple(r for r in ROW_TILES if r % dot.rows == 0)
+
+
 def default_tiles(n: int, k: int, dot: Int8Dot) -> DenseTiles:
     """Tiles used where the tuning database has no record: 4 rows x a quarter of the vector registers'
-    columns (4 x 64 int32 for AVX-512), 32-byte reduction blocks."""
+    columns (4 x 64 int32 for AVX-512; 16 of aarch64's 32 NEON registers hold accumulators), 32-byte reduction
+    blocks."""
     np_, kp = padded(n, k, dot)
-    return DenseTiles(rows=4, cols=_largest_divisor(np_ // dot.lanes, dot.vector_registers // 8),
+    return DenseTiles(rows=4, cols=_largest_divisor(np_ // dot.lanes, dot.vector_registers // 8 * dot.rows),
                       depth=_largest_divisor(kp // dot.reduce, 32 // dot.reduce))
 
 
@@ -132,7 +144,12 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
     L, R = Tb.int64(dot.lanes), Tb.int64(dot.reduce)
     PAD = Tb.int64(ROW_PAD)
     M = tirx.Var("m", "int64") if rows is None else Tb.int64(rows)
-    staged_dtype, shift = dot.activation, dot.shift
+    staged_dtype, shift, rho = dot.activation, dot.shift, dot.rows
+
+    def tiled(i: tirx.PrimExpr, j: tirx.PrimExpr, block: tirx.PrimExpr) -> list[tirx.PrimExpr]:
+        """Index of row ``i``, column ``j`` in a buffer of ``rho`` x ``block`` tiles (2-D for one-row dots)."""
+        return [i, j] if rho == 1 else [i // rho, j // block, i % rho, j % block]
+
     with IRBuilder() as builder:
         with Tb.prim_func(s_tir=True):
             Tb.func_name("dense")
@@ -149,35 +166,48 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
             C = (Tb.match_buffer(c, (M, N), "int32") if epilogue is None
                  else Tb.match_buffer(c, epilogue.out_shape, epilogue.out_dtype))
             staged_rows = (M + PAD - 1) // PAD * PAD + PAD
-            shifted = Tb.sblock_alloc_buffer((staged_rows, KP), staged_dtype)
-            with Tb.grid(M, KP) as (i, j):
+            shifted = Tb.sblock_alloc_buffer((staged_rows, KP) if rho == 1 else (staged_rows // rho, GK, rho, R),
+                                             staged_dtype)
+            # a matrix-multiply dot computes rows in tiles of rho: every block covers m rounded up to them (equal
+            # regions, which TIR cannot prove of a symbolic m and its quotient by rho); rows >= m are staged as
+            # zeros and never stored
+            computed = M if rho == 1 else (M + rho - 1) // rho * rho
+            with Tb.grid(computed, KP) as (i, j):
                 with Tb.sblock("shift"):
                     vi, vj = Tb.axis.remap("SS", [i, j])
+                    present = vj < K if rho == 1 else Tb.And(vj < K, vi < M)
                     if shift != 0:
-                        staged = Tb.if_then_else(vj < K, Tb.bitwise_xor(Tb.reinterpret("uint8", A[vi, vj]),
-                                                                      Tb.uint8(shift)), Tb.uint8(shift))
+                        staged = Tb.if_then_else(present, Tb.bitwise_xor(Tb.reinterpret("uint8", A[vi, vj]),
+                                                                       Tb.uint8(shift)), Tb.uint8(shift))
                     else:
-                        staged = Tb.if_then_else(vj < K, Tb.Cast(staged_dtype, A[vi, vj]), Tb.Cast(staged_dtype, 0))
-                    Tb.buffer_store(shifted, staged, [vi, vj])
+                        staged = Tb.if_then_else(present, Tb.Cast(staged_dtype, A[vi, vj]), Tb.Cast(staged_dtype, 0))
+                    Tb.buffer_store(shifted, staged, tiled(vi, vj, R))
 
             def product_and_store(suffix: str) -> None:
-                acc = Tb.sblock_alloc_buffer((staged_rows, NP), "int32", scope="local")
-                with Tb.grid(M, NP, KP) as (i, j, r):
+                acc = Tb.sblock_alloc_buffer((staged_rows, NP) if rho == 1 else (staged_rows // rho, GN, rho, L),
+                                             "int32", scope="local")
+                with Tb.grid(computed, NP, KP) as (i, j, r):
                     with Tb.sblock("dense" + suffix):
                         vi, vj, vr = Tb.axis.remap("SSR", [i, j, r])
                         with Tb.init():
-                            Tb.buffer_store(acc, Tb.int32(0), [vi, vj])
-                        product = (Tb.Cast("int32", shifted[vi, vr])
+                            Tb.buffer_store(acc, Tb.int32(0), tiled(vi, vj, L))
+                        product = (Tb.Cast("int32", shifted[tuple(tiled(vi, vr, R))])
                                    * Tb.Cast("int32", w[vj // L, vr // R, vj % L, vr % R]))
-                        Tb.buffer_store(acc, acc[vi, vj] + product, [vi, vj])
-                with Tb.grid(M, N) as (i, j):
+                        Tb.buffer_store(acc, acc[tuple(tiled(vi, vj, L))] + product, tiled(vi, vj, L))
+                with Tb.grid(computed, N) as (i, j):
                     with Tb.sblock("out" + suffix):
                         vi, vj = Tb.axis.remap("SS", [i, j])
+                        total = acc[tuple(tiled(vi, vj, L))] + correction[vj]
                         if epilogue is None:
-                            Tb.buffer_store(C, acc[vi, vj] + correction[vj], [vi, vj])
+                            index, value = [vi, vj], total
                         else:
-                            index, value = epilogue.store(acc[vi, vj] + correction[vj], vi, vj, inputs)
+                            index, value = epilogue.store(total, vi, vj, inputs)
+                        if rho == 1:
                             Tb.buffer_store(C, value, index)
+                        else:
+                            with Tb.If(vi < M):
+                                with Tb.Then():
+                                    Tb.buffer_store(C, value, index)
 
             if few_rows and rows is None:  # each branch a block of its own: there, its "out" is C's only writer
                 with Tb.If(M <= Tb.int64(few_rows)):
@@ -222,7 +252,8 @@ def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None, dot: Int8
     few-rows branch, which gets a one-row tile with as many column registers as half the vector registers."""
     loops = _split_lanes(sch, "dense", dot)
     if tiles is None:
-        rows = sch.sample_categorical(list(ROW_TILES), [1 / len(ROW_TILES)] * len(ROW_TILES))
+        choices = row_tiles(dot)
+        rows = sch.sample_categorical(list(choices), [1 / len(choices)] * len(choices))
         cols = sch.sample_perfect_tile(loops[1], n=2, max_innermost_factor=MAX_COLS)[1]
         depth = sch.sample_perfect_tile(loops[3], n=2, max_innermost_factor=MAX_DEPTH)[1]
         row_split = sch.sample_categorical(list(ROW_SPLITS), [1 / len(ROW_SPLITS)] * len(ROW_SPLITS))
@@ -233,9 +264,11 @@ def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None, dot: Int8
             few = _split_lanes(sch, "dense" + FEW_ROWS_SUFFIX, dot)
             groups = int(sch.get(few[1]).extent)  # padded N / lanes
             cols = _largest_divisor(groups, min(MAX_COLS, dot.vector_registers // 2))
-            _tile(sch, FEW_ROWS_SUFFIX, few, (1, cols, tiles.depth, 1), dot, epilogue)
+            _tile(sch, FEW_ROWS_SUFFIX, few, (dot.rows, cols, tiles.depth, 1), dot, epilogue)
     si, sj = sch.get_loops(sch.get_sblock("shift"))
     sch.parallel(si)
+    if dot.rows > 1:  # staged in [rows/rho, K/reduce, rho, reduce] tiles: contiguous by ``reduce`` bytes
+        sj = sch.split(sj, [None, dot.reduce])[1]
     sch.vectorize(sj)
 
 
@@ -258,30 +291,35 @@ def _tile(sch: s_tir.Schedule, suffix: str, loops: tuple, sizes: tuple, dot: Int
     ip, io = sch.split(io, [row_split, None], disable_predication=True)
     joo, joi = sch.split(jo, [None, cols])
     roo, roi = sch.split(ro, [None, depth])
-    sch.reorder(ip, joo, io, roo, roi, ii, joi, ji, ri)
+    if dot.rows == 1:
+        sch.reorder(ip, joo, io, roo, roi, ii, joi, ji, ri)
+        tensorized = ji
+    else:  # the instruction covers ``rows`` rows of the tile
+        ii, tensorized = sch.split(ii, [None, dot.rows])
+        sch.reorder(ip, joo, io, roo, roi, ii, joi, tensorized, ji, ri)
     # unit loops kept: the trace then has the same loops for every tile size (replay checks it)
     out = sch.get_sblock("out" + suffix)
     sch.reverse_compute_at(out, io, preserve_unit_loops=True)
     sch.parallel(sch.fuse(ip, joo))
     init = sch.decompose_reduction(block, roo)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, dot.intrin)
+    sch.tensorize(tensorized, dot.intrin)
     sch.unroll(ii)
     sch.unroll(joi)
     out_columns = sch.get_loops(out)[-1]
-    if epilogue:
+    if epilogue or dot.rows > 1:  # (accumulator tiles are contiguous by ``lanes`` columns)
         registers, out_columns = sch.split(out_columns, [None, dot.lanes])
         sch.unroll(registers)
     sch.vectorize(out_columns)
 
 
-def tiles_from_trace(trace: s_tir.Trace) -> DenseTiles:
-    """The tile sizes a tuning record's trace chose (the decisions of ``schedule_int8_dense(sch, None)``)."""
+def tiles_from_trace(trace: s_tir.Trace, dot: Int8Dot) -> DenseTiles:
+    """The tile sizes a tuning record's trace chose (the decisions of ``schedule_int8_dense(sch, None, dot)``)."""
     decisions = [trace.decisions[inst] for inst in trace.insts if inst in trace.decisions]
     if len(decisions) != 4:
         raise ValueError(f"not an int8 dense tuning trace ({len(decisions)} decisions)")
     rows, cols, depth, row_split = decisions
-    return DenseTiles(rows=ROW_TILES[int(rows)], cols=int(cols[1]), depth=int(depth[1]),
+    return DenseTiles(rows=row_tiles(dot)[int(rows)], cols=int(cols[1]), depth=int(depth[1]),
                       row_split=ROW_SPLITS[int(row_split)])
 
 
@@ -289,11 +327,11 @@ def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, dot: Int8Dot, rows: 
                          epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
     """The kernel for an [N, K] weight (with ``epilogue``), scheduled with ``tiles`` and marked as scheduled."""
     np_, kp = padded(n, k, dot)
-    if (tiles.rows not in ROW_TILES or tiles.row_split not in ROW_SPLITS or (np_ // dot.lanes) % tiles.cols
+    if (tiles.rows not in row_tiles(dot) or tiles.row_split not in ROW_SPLITS or (np_ // dot.lanes) % tiles.cols
             or (kp // dot.reduce) % tiles.depth):
-        raise ValueError(f"tiles {tiles} do not fit a {n}x{k} weight: rows must be one of {ROW_TILES}, row_split "
+        raise ValueError(f"tiles {tiles} do not fit a {n}x{k} weight: rows must be one of {row_tiles(dot)}, row_split "
                          f"one of {ROW_SPLITS}, cols must divide {np_ // dot.lanes} and depth {kp // dot.reduce}")
-    few_rows = tiles.rows - 1 if rows is None and tiles.rows >= FEW_ROWS_FROM_TILE else 0
+    few_rows = tiles.rows - 1 if rows is None and tiles.rows >= max(FEW_ROWS_FROM_TILE, 2 * dot.rows) else 0
     sch = s_tir.Schedule(int8_dense(n, k, rows, dot, epilogue, few_rows))
     schedule_int8_dense(sch, tiles, dot, epilogue is not None, few_rows > 0)
     record = {"n": n, "k": k, "dot": dot.family, **tiles.to_dict()}

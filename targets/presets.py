@@ -1,10 +1,12 @@
 """Target presets: each name maps to a TVM target dict and the CPU features its code needs; GPU presets also name
-the compute capability their kernels need.
+the compute capability their kernels need. CPU presets are for x86-64 or aarch64 (``arch``); a preset of another
+architecture than this machine's cross-compiles.
 
 Kept free of TVM imports so that the runtime can check a bundle's features before loading its ``.so``.
 """
 from __future__ import annotations
 
+import ctypes
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,27 @@ class TargetPreset:
         """Where the model runs: ``cpu`` or ``cuda``."""
         return target_device(self.target)
 
+    @property
+    def arch(self) -> str:
+        """The CPU architecture of the preset's (host) code: ``x86_64`` or ``aarch64``."""
+        return target_arch(self.target)
+
 
 def target_device(target: dict) -> str:
     """Where code for the TVM target dict ``target`` runs: ``cuda`` for CUDA targets, else ``cpu``."""
     return "cuda" if target.get("kind") == "cuda" else "cpu"
+
+
+def target_arch(target: dict) -> str:
+    """The CPU architecture the TVM target dict ``target`` (or, for a GPU target, its host) compiles for."""
+    triple = target.get("host", target).get("mtriple", "x86_64-linux-gnu")
+    return "aarch64" if triple.startswith(("aarch64", "arm64")) else "x86_64"
+
+
+def host_arch() -> str:
+    """This machine's CPU architecture in :func:`target_arch`'s terms (``platform.machine()`` otherwise)."""
+    machine = platform.machine()
+    return {"AMD64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
 # The instruction sets of the x86-64 micro-architecture levels, as Linux's /proc/cpuinfo names them. Each x86
@@ -37,6 +56,11 @@ def target_device(target: dict) -> str:
 X86_64_V2 = ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")
 X86_64_V3 = (*X86_64_V2, "abm", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave")
 X86_64_V4 = (*X86_64_V3, "avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl")
+
+# aarch64: the kernel's names of the features (Linux ``HWCAP``/``HWCAP2`` bits, as /proc/cpuinfo's "Features" lists
+# them) that every aarch64 preset's code uses: floating point and Advanced SIMD (NEON).
+AARCH64_NEON = ("fp", "asimd")
+AARCH64_HWCAPS = {"fp": (16, 0), "asimd": (16, 1), "asimddp": (16, 20), "i8mm": (26, 13)}  # name: (AT_HWCAP*, bit)
 
 # CUDA presets: (compute capability, the GPUs of that generation). Every preset's int8
 # matmuls run on wmma m16n16k16 s8 tensor-core fragments (sm_72 and newer); CUDA 13 compiles for sm_75 and newer.
@@ -88,6 +112,30 @@ PRESETS: dict[str, TargetPreset] = {
             description="x86-64-v3: AVX2, FMA, BMI1/2 (Intel Haswell, AMD Zen 1 and newer)",
             int8_dot="avx2",
         ),
+        TargetPreset(
+            name="arm-i8mm",
+            target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]},
+            required_features=(*AARCH64_NEON, "asimddp", "i8mm"),
+            description="aarch64 with the int8 matrix multiply (smmla): Neoverse V1/V2/N2 (AWS Graviton 3/4), "
+                        "Cortex-A510/A710/X2 and newer",
+            int8_dot="smmla",
+        ),
+        TargetPreset(
+            name="arm-dotprod",
+            target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]},
+            required_features=(*AARCH64_NEON, "asimddp"),
+            description="aarch64 with the int8 dot product (sdot): Cortex-A76 (Raspberry Pi 5), Neoverse N1 "
+                        "(AWS Graviton 2, Ampere Altra), Cortex-A78AE (Jetson Orin)",
+            int8_dot="sdot",
+        ),
+        TargetPreset(
+            name="arm-neon",
+            target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+            required_features=AARCH64_NEON,
+            description="aarch64 with NEON only (widening multiplies smull/sadalp): Cortex-A72 (Raspberry Pi 4), "
+                        "Cortex-A53/A55, Cortex-A57 (Jetson Nano)",
+            int8_dot="neon",
+        ),
         *(_cuda_preset(*spec) for spec in CUDA_ARCHITECTURES),
     )
 }
@@ -110,7 +158,11 @@ def get_preset(name: str) -> TargetPreset:
 
 
 def host_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """CPU feature flags of this machine (Linux ``/proc/cpuinfo``; empty set where unavailable)."""
+    """CPU feature flags of this machine: on x86-64 Linux's ``/proc/cpuinfo`` flags; on aarch64 the kernel's
+    ``HWCAP`` bits (:data:`AARCH64_HWCAPS`), which emulators report for the emulated CPU while ``/proc/cpuinfo``
+    shows the host's; an empty set where unavailable."""
+    if host_arch() == "aarch64":
+        return aarch64_hwcaps()
     try:
         text = cpuinfo.read_text()
     except OSError:
@@ -121,10 +173,20 @@ def host_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
+def aarch64_hwcaps() -> set[str]:
+    """The :data:`AARCH64_HWCAPS` features ``getauxval`` reports on this (aarch64 Linux) machine."""
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return set()
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return {name for name, (auxv, bit) in AARCH64_HWCAPS.items() if getauxval(auxv) >> bit & 1}
+
+
 def missing_features(preset: TargetPreset, features: set[str] | None = None) -> list[str]:
-    """CPU features ``preset`` needs that this CPU lacks (all of them on a non-x86 machine for x86 presets; for CUDA
-    presets, whose host code is x86-64, a non-x86 machine lacks ``x86_64``)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return list(preset.required_features) or ["x86_64"]
+    """CPU features ``preset`` needs that this CPU lacks: on a machine of another architecture than the preset's,
+    the architecture itself (e.g. ``aarch64``) and all of them (for CUDA presets, the host code's architecture)."""
+    if host_arch() != preset.arch and features is None:
+        return [preset.arch, *preset.required_features]
     have = host_features() if features is None else features
     return [f for f in preset.required_features if f not in have]

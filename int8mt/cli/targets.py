@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..targets import PRESETS, missing_features
+    from ..targets import PRESETS, host_arch, missing_features
 
     name_width = max(len(p.name) for p in PRESETS.values())
     target_width = max(len(json.dumps(p.target)) for p in PRESETS.values())
@@ -19,6 +19,9 @@ def run(args: argparse.Namespace) -> int:
     for preset in PRESETS.values():
         missing = missing_features(preset)
         status = "runs here" if not missing else f"not on this CPU (lacks {', '.join(missing)})"
+        if preset.arch != host_arch():
+            status = (f"{preset.arch} code: cross-compiles here, runs on {preset.arch} CPUs with "
+                      f"{', '.join(preset.required_features)}")
         if preset.device == "cuda" and not missing:
             status = ("no CUDA GPU here (compiles here all the same)" if gpu is None else
                       f"runs on this GPU ({gpu[0]})" if gpu[1] >= preset.compute_capability else

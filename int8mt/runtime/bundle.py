@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import struct
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from int8mt.errors import UserError
-from int8mt.targets import host_features, target_device
+from int8mt.targets import host_arch, host_features, target_device
 from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_tokenizer
 
 LIBRARY_FILE, MANIFEST_FILE = "model.so", "manifest.json"
@@ -50,6 +49,7 @@ MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None
 CUDA_SCHEMA: dict[str, tuple[type, type | None]] = {"arch": (str, None), "compute_capability": (list, int),
                                                     "source_sha256": (str, None)}
 TARGET_SCHEMA: dict[str, tuple[type, type | None]] = {"preset": (str, None), "required_features": (list, str)}
+TARGET_OPTIONAL: dict[str, tuple[type, type | None]] = {"arch": (str, None)}
 MODEL_KEYS = ("decoder_layers", "heads", "d_model", "max_positions", "pad_id", "eos_id", "decoder_start_id")
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}  # e_machine of this machine's architecture
 ELF_HEADERS_READ = 1 << 16  # bytes read from the start of the library: the ELF and program headers
@@ -77,6 +77,7 @@ def validate_manifest(manifest: object, where: str) -> dict:
     _check_fields(where, manifest, MANIFEST_SCHEMA)
     _check_fields(where, manifest, MANIFEST_OPTIONAL, required=False)
     _check_fields(f"{where} (target)", manifest["target"], TARGET_SCHEMA)
+    _check_fields(f"{where} (target)", manifest["target"], TARGET_OPTIONAL, required=False)
     if is_cuda(manifest):
         _check_fields(where, manifest, {"cuda": (dict, None)})
         _check_fields(f"{where} (cuda)", manifest["cuda"], CUDA_SCHEMA)
@@ -95,7 +96,7 @@ def check_elf(library: Path) -> None:
     if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise BundleError(f"{library} is not a 64-bit little-endian ELF shared library; rebuild the bundle")
     machine = struct.unpack_from("<H", data, 18)[0]
-    host = platform.machine()
+    host = host_arch()
     if ELF_MACHINES.get(host) not in (None, machine):
         arch = {v: k for k, v in ELF_MACHINES.items()}.get(machine, f"machine {machine}")
         raise BundleError(f"{library} is code for {arch}, this machine is {host}; compile the bundle for a preset "
@@ -286,8 +287,13 @@ def check_bundle(bundle_dir: Path, manifest: dict) -> None:
                               "rebuild the bundle")
     if LIBRARY_FILE not in manifest["files"]:
         raise BundleError(f"{bundle_dir / MANIFEST_FILE} has no checksum of {LIBRARY_FILE}; rebuild the bundle")
-    check_elf(bundle_dir / LIBRARY_FILE)
     preset = manifest["target"]["preset"]
+    arch = manifest["target"].get("arch", "x86_64")
+    if arch != host_arch():
+        raise BundleError(f"bundle {bundle_dir} was compiled for {arch} (target {preset!r}); this machine is "
+                          f"{host_arch()}: copy it to an {arch} machine, or compile it for a preset of this one "
+                          "(`int8mt targets`)")
+    check_elf(bundle_dir / LIBRARY_FILE)
     missing = [f for f in manifest["target"]["required_features"] if f not in host_features()]
     if missing:
         raise BundleError(f"bundle was built for target {preset!r}, which needs CPU features this CPU lacks "

@@ -2,11 +2,12 @@
 per int8 dot-product family a target preset can name; registering them imports nothing heavy."""
 from __future__ import annotations
 
+from .arm import NEON_DOT, SDOT_DOT, SMMLA_DOT
 from .dot import Int8Dot
 from .x86_vnni import VNNI_DOT
 from .x86_vpmaddwd import AVX2_DOT, AVX512BW_DOT
 
-DOTS: dict[str, Int8Dot] = {d.family: d for d in (VNNI_DOT, AVX512BW_DOT, AVX2_DOT)}
+DOTS: dict[str, Int8Dot] = {d.family: d for d in (VNNI_DOT, AVX512BW_DOT, AVX2_DOT, SMMLA_DOT, SDOT_DOT, NEON_DOT)}
 
 
 def int8_dot(family: str) -> Int8Dot:
@@ -15,3 +16,9 @@ def int8_dot(family: str) -> Int8Dot:
         return DOTS[family]
     except KeyError:
         raise ValueError(f"no int8 dot-product intrinsic {family!r}; known: {', '.join(DOTS)}") from None
+
+
+def batch_dot(family: str) -> Int8Dot:
+    """The intrinsic of the batched (attention) matmuls of presets whose ``int8_dot`` is ``family``."""
+    dot = int8_dot(family)
+    return int8_dot(dot.batch_family) if dot.batch_family else dot

@@ -6,7 +6,7 @@ import pytest
 import tvm
 
 from int8mt.schedules.int8_batch_matmul import scheduled_int8_batch_matmul
-from int8mt.schedules.intrin import int8_dot
+from int8mt.schedules.intrin import batch_dot
 
 from ..conftest import INT8_PRESETS
 
@@ -23,7 +23,7 @@ CASES = [
 @pytest.mark.parametrize("preset", INT8_PRESETS)
 @pytest.mark.parametrize("static,runs", CASES)
 def test_batch_matmul_equals_numpy(static, runs, preset):
-    dot = int8_dot(preset.int8_dot)
+    dot = batch_dot(preset.int8_dot)
     kernel = scheduled_int8_batch_matmul(*static, dot=dot)
     module = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(preset.target)).mod
     rng = np.random.default_rng(len(runs))

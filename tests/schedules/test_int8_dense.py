@@ -6,8 +6,8 @@ import pytest
 import tvm
 from tvm import s_tir
 
-from int8mt.schedules.int8_dense import (ROW_TILES, DenseTiles, default_tiles, int8_dense, pack_weight,
-                                         schedule_int8_dense, scheduled_int8_dense, tiles_from_trace)
+from int8mt.schedules.int8_dense import (DenseTiles, default_tiles, int8_dense, pack_weight,
+                                         row_tiles, schedule_int8_dense, scheduled_int8_dense, tiles_from_trace)
 from int8mt.schedules.intrin import DOTS, int8_dot
 
 from ..conftest import INT8_PRESETS
@@ -32,8 +32,8 @@ def test_pack_weight_for_the_int16_families():
     for n, k in [(0, 0), (17, 4), (19, 3), (9, 1)]:
         assert packed[n // 8, k // 2, n % 8, k % 2] == w[n, k]
     assert pack_weight(w, DOTS["avx512bw"])[0].shape == (2, 3, 16, 2)
-    with pytest.raises(ValueError, match="no int8 dot-product intrinsic 'neon'; known: vnni, avx512bw, avx2"):
-        int8_dot("neon")
+    with pytest.raises(ValueError, match="no int8 dot-product intrinsic .sse2.; known: vnni, avx512bw, avx2, smmla, sdot, neon"):
+        int8_dot("sse2")
 
 
 def test_tiles_that_do_not_divide_the_weight_are_rejected():
@@ -51,8 +51,9 @@ def test_sampled_trace_gives_back_its_tiles(seed, family):
     dot = DOTS[family]
     sch = s_tir.Schedule(int8_dense(256, 1024, 32, dot), seed=seed + 1)
     schedule_int8_dense(sch, None, dot)
-    tiles = tiles_from_trace(sch.trace)
-    assert (256 // dot.lanes) % tiles.cols == 0 and (1024 // dot.reduce) % tiles.depth == 0 and tiles.rows in ROW_TILES
+    tiles = tiles_from_trace(sch.trace, dot)
+    assert (256 // dot.lanes) % tiles.cols == 0 and (1024 // dot.reduce) % tiles.depth == 0
+    assert tiles.rows in row_tiles(dot) and tiles.rows % dot.rows == 0
     replay = s_tir.Schedule(int8_dense(256, 1024, 32, dot))
     schedule_int8_dense(replay, tiles, dot)
     tvm.ir.assert_structural_equal(replay.mod, sch.mod)
