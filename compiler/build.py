@@ -77,7 +77,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     _publish(out_dir, final_dir)
-    warning = untuned_kernels_warning(report.get("kernels", []), preset.name, final_dir)
+    warning = untuned_kernels_warning(report.get("kernels", []), preset.name, final_dir, remote=linker is not None)
     if warning:
         print(warning, file=sys.stderr)
     print(f"wrote {final_dir} ({(final_dir / LIBRARY_FILE).stat().st_size / 1e6:.1f} MB .so) in "

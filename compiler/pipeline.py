@@ -149,6 +149,7 @@ def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:
     if options.quant is not None and options.preset.int8_dot is not None:
         report["kernels"] = dense_kernel_report(mod, options.tiles)
         report["attention_kernels"] = attention_kernel_calls(mod)
+        report["attention_dot"] = batch_dot(options.preset.int8_dot).family
     return CompiledModel(compile_module(mod, options.preset, options.dump_dir), report)
 
 

@@ -128,9 +128,10 @@ def dense_kernel_report(mod: tvm.IRModule, tiles: TileChooser) -> list[dict]:
     return list(rows.values())
 
 
-def untuned_kernels_warning(kernels: list[dict], preset: str, bundle: Path) -> str | None:
+def untuned_kernels_warning(kernels: list[dict], preset: str, bundle: Path, remote: bool = False) -> str | None:
     """What a build says when some int8 dense kernels got default tiles: which, their share of the int8
-    multiply-adds, and the commands that tune exactly those; None when every kernel is tuned."""
+    multiply-adds, and the commands that tune exactly those (``remote``: on a board, through an RPC tracker);
+    None when every kernel is tuned."""
     untuned = [k for k in kernels if not k["tuned"]]
     if not untuned:
         return None
@@ -139,5 +140,6 @@ def untuned_kernels_warning(kernels: list[dict], preset: str, bundle: Path) -> s
     shapes = ", ".join(f"{k['n']}x{k['k']} in {k['function']}" for k in untuned)
     return (f"int8mt: warning: {len(untuned)} of {len(kernels)} int8 dense kernels have no tuned tiles for {preset} "
             f"and run with default ones, which are usually slower ({shapes}; {share:.0%} of the int8 multiply-adds). "
-            f"Tune exactly these: int8mt tune {bundle} --target {preset} --untuned-only --db DIR, then compile "
-            "again with --db DIR (kernels DIR lacks keep the shipped tiles)")
+            f"Tune exactly these: int8mt tune {bundle} --target {preset} --untuned-only --db DIR"
+            f"{' --rpc HOST:PORT:KEY (a board of the target, through a TVM RPC tracker)' if remote else ''}, then "
+            "compile again with --db DIR (kernels DIR lacks keep the shipped tiles)")

@@ -1,18 +1,24 @@
-"""MetaSchedule builder and runner that work in this process.
+"""MetaSchedule builder and runner that work in this process, measuring here or on a board through an RPC
+tracker.
 
 MetaSchedule's ``LocalBuilder`` builds in worker processes, and each worker imports
 ``tvm.s_tir.tensor_intrin`` (~40 s here) inside the 30 s build timeout, so every candidate failed. Our
 candidates need none of those intrinsics, build in ~0.3 s and this machine has two cores, so building in
-the tuning process loses nothing. Built modules stay in memory (no export to ``.so`` and reload); the
-runner checks every candidate against NumPy (a sample of rows, every column) before timing it, so a wrong
-kernel is a failed trial, never a fast record.
+the tuning process loses nothing. Measured here, built modules stay in memory (no export to ``.so`` and
+reload); measured remotely, each is linked into a ``.so`` (with the cross compiler where the board is of
+another architecture), uploaded and loaded there. The runner checks every candidate against NumPy (a sample
+of rows, every column) before timing it, so a wrong kernel is a failed trial, never a fast record.
 """
 from __future__ import annotations
 
 import itertools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import tvm
+import tvm.rpc
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerInput, RunnerResult
@@ -20,24 +26,34 @@ from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerInput
 from .int8_dense import ROW_PAD, pack_weight
 from .intrin import Int8Dot
 
-_built: dict[str, tvm.runtime.Module] = {}  # artifact key -> module, from build to run
+_built: dict[str, tvm.runtime.Module] = {}  # artifact key -> module, from build to run (measured here)
 _keys = itertools.count()
 
 
 @derived_object
 class InProcessBuilder(PyBuilder):
-    """Build each candidate with ``tvm.compile`` in this process; errors become failed results."""
+    """Build each candidate with ``tvm.compile`` in this process; errors become failed results. With
+    ``export_dir`` each is linked into a ``.so`` there (by ``fcompile``, e.g. a cross compiler) for a remote
+    runner; else the module stays in memory."""
+
+    def __init__(self, export_dir: Path | None = None, fcompile: Callable | None = None) -> None:
+        super().__init__()
+        self.export_dir, self.fcompile = export_dir, fcompile
 
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
         results = []
         for inp in build_inputs:
             try:
-                module = tvm.compile(inp.mod, target=inp.target).mod
+                executable = tvm.compile(inp.mod, target=inp.target)
+                key = f"in-process:{next(_keys)}"
+                if self.export_dir is None:
+                    _built[key] = executable.mod
+                else:
+                    key = str(self.export_dir / f"candidate{key.split(':')[1]}.so")
+                    executable.export_library(key, fcompile=self.fcompile)
             except Exception as err:  # noqa: BLE001 - a candidate that does not build is a failed trial
                 results.append(BuilderResult(None, f"{type(err).__name__}: {err}"))
                 continue
-            key = f"in-process:{next(_keys)}"
-            _built[key] = module
             results.append(BuilderResult(key, None))
         return results
 
@@ -57,26 +73,51 @@ class _Done(PyRunnerFuture):
 
 @derived_object
 class CheckedRunner(PyRunner):
-    """Check each int8 dense candidate against NumPy, then time it with ``time_evaluator`` on all threads."""
+    """Check each int8 dense candidate against NumPy, then time it with ``time_evaluator`` on all threads of
+    this machine, or of the server of an RPC ``session`` (:meth:`.rpc.RPCTracker.connect`)."""
 
-    def __init__(self, dot: Int8Dot, number: int = 3, repeat: int = 5, min_repeat_ms: int = 30) -> None:
+    def __init__(self, dot: Int8Dot, number: int = 3, repeat: int = 5, min_repeat_ms: int = 30,
+                 session: tvm.rpc.RPCSession | None = None) -> None:
         super().__init__()
         self.dot, self.number, self.repeat, self.min_repeat_ms = dot, number, repeat, min_repeat_ms
+        self.session = session
+        self.device = self.session.cpu() if self.session is not None else tvm.cpu()
         self._cases: dict[tuple, tuple[list[tvm.runtime.Tensor], np.ndarray, np.ndarray]] = {}
 
     def run(self, runner_inputs: list[RunnerInput]) -> list[_Done]:
         return [_Done(self._run_one(inp)) for inp in runner_inputs]
 
+    def load(self, executable: tvm.runtime.Executable, fcompile: Callable | None = None) -> tvm.runtime.Module:
+        """``executable`` ready to run on the runner's device: here its module; on the remote server, linked
+        (with ``fcompile``), uploaded and loaded there."""
+        if self.session is None:
+            return executable.mod
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"kernel{next(_keys)}.so"
+            executable.export_library(str(path), fcompile=fcompile)
+            return self._remote_module(str(path))
+
+    def _remote_module(self, path: str) -> tvm.runtime.Module:
+        self.session.upload(path)
+        return self.session.load_module(Path(path).name)
+
+    def timer(self, module: tvm.runtime.Module) -> Callable:
+        return module.time_evaluator("main", self.device, number=self.number, repeat=self.repeat,
+                                     min_repeat_ms=self.min_repeat_ms)
+
     def _run_one(self, inp: RunnerInput) -> RunnerResult:
-        module = _built.pop(inp.artifact_path, None)
-        if module is None:
-            return RunnerResult(None, f"no built module for {inp.artifact_path}")
         try:
+            if self.session is None:
+                module = _built.pop(inp.artifact_path, None)
+                if module is None:
+                    return RunnerResult(None, f"no built module for {inp.artifact_path}")
+            else:
+                module = self._remote_module(inp.artifact_path)
+                Path(inp.artifact_path).unlink(missing_ok=True)
             args = self.checked_args(module, tuple(tuple(int(d) for d in info.shape) for info in inp.args_info))
             if args is None:
                 return RunnerResult(None, "wrong result: the kernel disagrees with NumPy")
-            timer = module.time_evaluator("main", tvm.cpu(), number=self.number, repeat=self.repeat,
-                                          min_repeat_ms=self.min_repeat_ms)
+            timer = self.timer(module)
             # the best repeat: interference from other work on the machine only ever slows a run down, and
             # MetaSchedule ranks candidates by the mean of what it gets
             return RunnerResult([min(float(t) for t in timer(*args).results)], None)
@@ -102,7 +143,7 @@ class CheckedRunner(PyRunner):
             rows = np.unique(np.concatenate([np.arange(min(m, ROW_PAD)), np.arange(max(0, m - ROW_PAD), m),
                                              rng.integers(0, m, 8)]))
             expected = (a[rows].astype(np.float64) @ w.T.astype(np.float64)).astype(np.int32)  # exact: |sum| < 2^53
-            args = [tvm.runtime.tensor(x) for x in (a, packed, correction, np.zeros((m, n), np.int32))]
+            args = [tvm.runtime.tensor(x, device=self.device) for x in (a, packed, correction, np.zeros((m, n), np.int32))]
             self._cases[shapes] = (args, rows, expected)
         args, rows, expected = self._cases[shapes]
         args[-1].copyfrom(np.zeros(args[-1].shape, np.int32))

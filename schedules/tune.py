@@ -12,8 +12,14 @@ candidates (``256 x 1024`` at 640 rows: 3x64 tiles, 778 GOPS in a quiet benchmar
 """
 from __future__ import annotations
 
+import sys
+import tempfile
 import time
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import tvm
 from tqdm import tqdm
@@ -23,9 +29,12 @@ from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
 from .database import DenseTask, TuningDatabase
 from .int8_dense import DenseTiles, schedule_int8_dense, scheduled_int8_dense
+from .intrin import Int8Dot
 from .measure import CheckedRunner, InProcessBuilder
+from .rpc import RPCTracker
 
 CONFIRM_CANDIDATES, CONFIRM_ROUNDS = 4, 3
+POPULATION = 64  # the evolutionary search's population per task
 
 
 @dataclass
@@ -80,8 +89,43 @@ class _Progress(PyMeasureCallback):
                 task_scheduler.terminate_task(i)
 
 
+@dataclass
+class Measurement:
+    """Where candidates run: here, or on a server of ``tracker`` (a board), linked with ``fcompile`` (its
+    architecture's cross compiler where it is not this machine's). One session serves tuning and confirmation:
+    a second request to a tracker whose only server is busy would wait for the first to end."""
+
+    tracker: RPCTracker | None = None
+    fcompile: Callable | None = None
+    _session: object = field(default=None, init=False, repr=False)
+
+    def runner(self, dot: Int8Dot) -> CheckedRunner:
+        if self.tracker is not None and self._session is None:
+            self._session = self.tracker.connect()
+        return CheckedRunner(dot, session=self._session)
+
+
+STOCK_INTRINSICS = "tvm.s_tir.tensor_intrin"
+
+
+@contextmanager
+def _without_stock_intrinsics() -> Iterator[None]:
+    """``TuneContext`` imports TVM's stock tensor intrinsics, which register hundreds of them on import (40-90 s
+    here); our design spaces use only ours (:mod:`.intrin`), so the import is answered by an empty module for the
+    while, unless the real one is already there."""
+    if STOCK_INTRINSICS in sys.modules:
+        yield
+        return
+    sys.modules[STOCK_INTRINSICS] = types.ModuleType(STOCK_INTRINSICS)
+    try:
+        yield
+    finally:
+        del sys.modules[STOCK_INTRINSICS]
+
+
 def tune(tasks: list[DenseTask], target: tvm.target.Target, database: TuningDatabase, trials: int,
-         budget_s: float | None = None, trials_per_iter: int = 16, seed: int = 0) -> list[TaskReport]:
+         budget_s: float | None = None, trials_per_iter: int = 16, seed: int = 0,
+         measurement: Measurement | None = None) -> list[TaskReport]:
     """Tune each task up to ``trials`` measured candidates in all (database records count); the tasks are of
     one dot-product family (one target)."""
     families = {task.family for task in tasks}
@@ -89,19 +133,21 @@ def tune(tasks: list[DenseTask], target: tvm.target.Target, database: TuningData
         raise ValueError(f"tasks of several dot-product families ({', '.join(sorted(families))}): "
                          "tune one target at a time")
     reports, contexts = [], []
+    population = min(POPULATION, max(16, 4 * trials))  # a short run need not breed a full population first
     for task in tasks:
         report = TaskReport(task, trials_before=len(database.records(task)))
         reports.append(report)
         if report.trials_before < trials:
-            contexts.append(ms.TuneContext(
-                mod=task.workload(), target=target, task_name=task.name, rand_state=seed, num_threads=2,
-                space_generator=ms.space_generator.ScheduleFn(
-                    lambda sch, dot=task.dot: schedule_int8_dense(sch, None, dot), sch_rules=[], postprocs=[],
-                    mutator_probs={ms.mutator.MutateTileSize(): 1.0}),
-                search_strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=16)))
+            with _without_stock_intrinsics():
+                contexts.append(_context(task, target, seed, population))
     pending = [r for r in reports if r.trials_before < trials]
     deadline = time.time() + budget_s if budget_s else None
-    with tqdm(total=sum(trials - r.trials_before for r in pending), desc="tuning", unit="trial") as bar:
+    if not pending:
+        return reports
+    measurement = measurement or Measurement()
+    runner = measurement.runner(tasks[0].dot)
+    total = sum(trials - r.trials_before for r in pending)
+    with tempfile.TemporaryDirectory() as folder, tqdm(total=total, desc="tuning", unit="trial") as bar:
         for remaining in sorted({trials - r.trials_before for r in pending}, reverse=True):
             group = [i for i, r in enumerate(pending) if trials - r.trials_before == remaining]
             if deadline is not None and time.time() > deadline:
@@ -109,29 +155,45 @@ def tune(tasks: list[DenseTask], target: tvm.target.Target, database: TuningData
             ms.task_scheduler.GradientBased(seed=seed).tune(
                 tasks=[contexts[i] for i in group], task_weights=[1.0] * len(group),
                 max_trials_global=remaining * len(group), max_trials_per_task=remaining,
-                num_trials_per_iter=trials_per_iter, builder=InProcessBuilder(), runner=CheckedRunner(tasks[0].dot),
+                num_trials_per_iter=trials_per_iter, runner=runner,
+                builder=InProcessBuilder(Path(folder) if measurement.tracker else None, measurement.fcompile),
                 measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel(),
                                    _Progress([pending[i] for i in group], bar, deadline)],
                 database=database.db, cost_model=ms.cost_model.XGBModel(num_tuning_cores=2))
     return reports
 
 
+def _context(task: DenseTask, target: tvm.target.Target, seed: int, population: int) -> ms.TuneContext:
+    """MetaSchedule's task for ``task``: our design space, evolutionary search, tile-size mutations only."""
+    return ms.TuneContext(
+        mod=task.workload(), target=target, task_name=task.name, rand_state=seed, num_threads=2,
+        space_generator=ms.space_generator.ScheduleFn(
+            lambda sch, dot=task.dot: schedule_int8_dense(sch, None, dot), sch_rules=[], postprocs=[],
+            mutator_probs={ms.mutator.MutateTileSize(): 1.0}),
+        search_strategy=ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                              init_min_unmeasured=min(16, population)))
+
+
 def confirm(tasks: list[DenseTask], target: tvm.target.Target, database: TuningDatabase,
-            candidates: int = CONFIRM_CANDIDATES, rounds: int = CONFIRM_ROUNDS) -> dict[DenseTask, DenseTiles]:
+            candidates: int = CONFIRM_CANDIDATES, rounds: int = CONFIRM_ROUNDS,
+            measurement: Measurement | None = None) -> dict[DenseTask, DenseTiles]:
     """Re-time the ``candidates`` fastest distinct tiles of every task, ``rounds`` times each in rounds over all
     of them (each time the best of 5 repeats), and record each task's winner (its best time) in the database."""
     timers: list[tuple[DenseTask, DenseTiles, object, list]] = []
+    measurement = measurement or Measurement()
+    runners: dict[str, CheckedRunner] = {}
     for task in tasks:
-        runner = CheckedRunner(task.dot)
+        if task.family not in runners:
+            runners[task.family] = measurement.runner(task.dot)
+        runner = runners[task.family]
         for tiles, _ in database.candidates(task, candidates):
             kernel = scheduled_int8_dense(task.n, task.k, tiles, task.dot, task.rows)
-            module = tvm.compile(tvm.IRModule({"main": kernel}), target=target).mod
+            module = runner.load(tvm.compile(tvm.IRModule({"main": kernel}), target=target), measurement.fcompile)
             args = runner.checked_args(module, ((task.rows, task.k), (), (), (task.rows, task.n)))
             if args is None:
                 raise RuntimeError(f"{task.name} with tiles {tiles} disagrees with NumPy: the database holds a "
                                    "broken record")
-            timers.append((task, tiles, module.time_evaluator("main", tvm.cpu(), number=3, repeat=5,
-                                                              min_repeat_ms=30), args))
+            timers.append((task, tiles, runner.timer(module), args))
     best: dict[DenseTask, tuple[float, DenseTiles]] = {}
     for _ in tqdm(range(rounds), desc="confirming the best tiles", unit="round"):
         for task, tiles, timer, args in timers:

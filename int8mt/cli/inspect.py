@@ -65,6 +65,9 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
         tuned = sum(k["tuned"] for k in kernels)
         lines += ["", f"int8 linear kernels: {kernels[0].get('dot', 'vnni')} dot product, weights packed at compile "
                       f"time; {tuned} of {len(kernels)} tuned"]
+        if not tuned:
+            lines.append("  default tiles sized to the vector registers: no tuning record for these kernels (tune "
+                         "them on the target's hardware, a board through an RPC tracker: int8mt tune --rpc)")
         for k in kernels:
             tiles = tile_label(**k["tiles"], block=k.get("block", (16, 4)))
             lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {tiles:<26} "
@@ -72,6 +75,7 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
                          f"(for {k['rows_tuned_for']} rows)")
     attention = report.get("attention_kernels")
     if attention:
-        lines += ["", "int8 attention matmuls (QK^T, softmax.V) on the batched kernel, operands packed at run time: "
-                  + ", ".join(f"{name} {count}" for name, count in attention.items())]
+        dot = f" ({report['attention_dot']} dot product)" if "attention_dot" in report else ""
+        lines += ["", f"int8 attention matmuls (QK^T, softmax.V) on the batched kernel{dot}, operands packed at run "
+                      "time: " + ", ".join(f"{name} {count}" for name, count in attention.items())]
     return "\n".join(lines)

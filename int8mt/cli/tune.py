@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also tune every shape of `int8mt bench kernels` (reference and Transformer-base)")
     p.add_argument("--untuned-only", action="store_true",
                    help="only the kernels the bundle was built with default tiles for (its compile warning lists them)")
+    p.add_argument("--rpc", metavar="HOST:PORT:KEY", default=None,
+                   help="measure on a board (e.g. aarch64 for the arm-* presets) through a TVM RPC tracker at "
+                        "HOST:PORT, on a server registered with KEY; candidates are cross-compiled here")
     p.add_argument("--json", type=Path, default=None, help="write the per-kernel rows as JSON here")
     p.set_defaults(run=run)
 
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..interface.tune import TuneArgs, format_rows, tune
     from ..schedules.database import shipped_database
+    from ..schedules.rpc import RPCTracker
     from ..targets import get_preset
 
     cfg = load_config(config_path(args))
@@ -41,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     rows = tune(TuneArgs(source=args.source or cfg.paths.model, preset=preset, database=db,
                          trials=args.trials or cfg.tune.trials,
                          budget_minutes=args.budget_minutes or cfg.tune.budget_minutes,
-                         bench_shapes=args.bench_shapes, untuned_only=args.untuned_only))
+                         bench_shapes=args.bench_shapes, untuned_only=args.untuned_only,
+                         rpc=RPCTracker.parse(args.rpc) if args.rpc else None))
     print(format_rows(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -11,8 +11,9 @@ from pathlib import Path
 from int8mt.errors import UserError
 from int8mt.runtime.bundle import MANIFEST_FILE, REPORT_FILE
 from int8mt.schedules.database import DenseTask, bench_tasks
+from int8mt.schedules.rpc import RPCTracker
 from int8mt.schedules.tile_label import tile_label
-from int8mt.targets import TargetPreset
+from int8mt.targets import TargetPreset, host_arch
 
 LOG_FILE = "tuning-log.json"  # per run: what was tuned, trials, failures, best GOPS
 
@@ -26,6 +27,7 @@ class TuneArgs:
     budget_minutes: float
     bench_shapes: bool = False  # also tune every shape of `int8mt bench kernels`
     untuned_only: bool = False  # a bundle's kernels that were built with default tiles, not all of them
+    rpc: RPCTracker | None = None  # measure on a board through this tracker, not here
 
 
 def dense_tasks(source: Path, preset: TargetPreset, untuned_only: bool = False) -> list[DenseTask]:
@@ -69,6 +71,12 @@ def tune(args: TuneArgs) -> list[dict]:
                          "`int8mt targets` lists the presets that have")
     if args.trials < 1 or args.budget_minutes <= 0:
         raise UserError("--trials must be at least 1 and --budget-minutes positive")
+    if args.rpc is None and args.preset.arch != host_arch():
+        raise UserError(f"{args.preset.name} kernels are {args.preset.arch} code, which this {host_arch()} machine "
+                        "cannot run: tune them on a board through a TVM RPC tracker, --rpc HOST:PORT:KEY "
+                        "(docs/targets.md)")
+    if args.rpc is not None:
+        args.rpc.check()  # before the kernels are extracted: a wrong address or key is known at once
     tasks = dense_tasks(args.source, args.preset, args.untuned_only)
     if not tasks:
         raise UserError(f"every int8 kernel of {args.source} was built with tuned tiles: nothing to tune")
@@ -77,18 +85,22 @@ def tune(args: TuneArgs) -> list[dict]:
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU
     import tvm
 
+    from int8mt.compiler.cross import library_linker
     from int8mt.schedules.database import TuningDatabase
-    from int8mt.schedules.tune import confirm
+    from int8mt.schedules.tune import Measurement, confirm
     from int8mt.schedules.tune import tune as tune_tasks
 
     database = TuningDatabase(args.database, create=True)
-    print(f"tuning {len(tasks)} kernels for {args.preset.name}, {args.trials} trials each, database "
-          f"{args.database} (starting MetaSchedule takes ~40 s)", file=sys.stderr)
+    measurement = Measurement(args.rpc, library_linker(args.preset)) if args.rpc else Measurement()
+    where = f" on the board of tracker {args.rpc}" if args.rpc else ""
+    print(f"tuning {len(tasks)} kernels for {args.preset.name}{where}, {args.trials} trials each, database "
+          f"{args.database}", file=sys.stderr)
     t0 = time.time()
     target = tvm.target.Target(args.preset.target)
     try:
-        reports = tune_tasks(tasks, target, database, args.trials, budget_s=args.budget_minutes * 60)
-        confirm(tasks, target, database)
+        reports = tune_tasks(tasks, target, database, args.trials, budget_s=args.budget_minutes * 60,
+                             measurement=measurement)
+        confirm(tasks, target, database, measurement=measurement)
     except (KeyboardInterrupt, RuntimeError) as err:
         # MetaSchedule runs our callbacks from C++, which hands a Ctrl-C back as a RuntimeError naming it
         if isinstance(err, RuntimeError) and "KeyboardInterrupt" not in str(err):
@@ -105,6 +117,7 @@ def tune(args: TuneArgs) -> list[dict]:
     log = args.database / LOG_FILE
     runs = json.loads(log.read_text()) if log.is_file() else []
     runs.append({"source": str(args.source), "preset": args.preset.name, "trials": args.trials,
+                 "measured_on": f"rpc {args.rpc}" if args.rpc else "this machine",
                  "seconds": round(time.time() - t0, 1), "tasks": rows})
     log.write_text(json.dumps(runs, indent=1) + "\n")
     return rows

@@ -272,8 +272,15 @@ def max_rows(manifest: dict) -> int:
 
 
 def check_bundle(bundle_dir: Path, manifest: dict) -> None:
-    """Checksums of the shipped files, the library's ELF headers, then the CPU features the manifest lists."""
+    """The architecture the manifest names, checksums of the shipped files, the library's ELF headers, then the
+    CPU features the manifest lists."""
     bundle_dir = Path(bundle_dir)
+    preset = manifest["target"]["preset"]
+    arch = manifest["target"].get("arch", "x86_64")  # bundles from before ARM presets were all x86-64
+    if arch != host_arch():
+        raise BundleError(f"bundle {bundle_dir} was compiled for {arch} (target {preset!r}); this machine is "
+                          f"{host_arch()}: copy it to an {arch} machine, or compile it for a preset of this one "
+                          "(`int8mt targets`)")
     for name, expected in manifest["files"].items():
         path = bundle_dir / name
         if Path(name).name != name:
@@ -287,12 +294,6 @@ def check_bundle(bundle_dir: Path, manifest: dict) -> None:
                               "rebuild the bundle")
     if LIBRARY_FILE not in manifest["files"]:
         raise BundleError(f"{bundle_dir / MANIFEST_FILE} has no checksum of {LIBRARY_FILE}; rebuild the bundle")
-    preset = manifest["target"]["preset"]
-    arch = manifest["target"].get("arch", "x86_64")
-    if arch != host_arch():
-        raise BundleError(f"bundle {bundle_dir} was compiled for {arch} (target {preset!r}); this machine is "
-                          f"{host_arch()}: copy it to an {arch} machine, or compile it for a preset of this one "
-                          "(`int8mt targets`)")
     check_elf(bundle_dir / LIBRARY_FILE)
     missing = [f for f in manifest["target"]["required_features"] if f not in host_features()]
     if missing:

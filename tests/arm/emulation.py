@@ -40,14 +40,26 @@ def install_int8mt(target: Path) -> Path:
     return target
 
 
-def run_aarch64(args: list[str], cpu: str = "max", pythonpath: list[Path] = (), timeout: float = 600,
-                env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python3.11 ARGS`` on an emulated aarch64 CPU ``cpu`` (a qemu model), TVM's runtime library only."""
+def _command(args: list[str], cpu: str, pythonpath: list[Path]) -> tuple[list[str], dict]:
+    """The command line and environment of ``python3.11 ARGS`` on the emulated CPU ``cpu``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TVM_", "VIRTUAL_ENV"))}
-    environ.update(PYTHONPATH=os.pathsep.join(map(str, [*pythonpath, SITE])), TVM_USE_RUNTIME_LIB="1",
-                   **(env or {}))
-    return subprocess.run([QEMU, "-cpu", cpu, "-L", str(SYSROOT), str(PYTHON), *args], env=environ,
-                          capture_output=True, text=True, timeout=timeout)
+    environ.update(PYTHONPATH=os.pathsep.join(map(str, [*pythonpath, SITE])), TVM_USE_RUNTIME_LIB="1")
+    return [QEMU, "-cpu", cpu, "-L", str(SYSROOT), str(PYTHON), *args], environ
+
+
+def run_aarch64(args: list[str], cpu: str = "max", pythonpath: list[Path] = (),
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python3.11 ARGS`` on an emulated aarch64 CPU ``cpu`` (a qemu model), TVM's runtime library only; run in
+    :data:`ROOT`, so that ``-m int8mt`` finds the installed package, not the repository's sources."""
+    command, environ = _command(args, cpu, pythonpath)
+    return subprocess.run(command, env=environ, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def start_aarch64(args: list[str], cpu: str = "max") -> subprocess.Popen:
+    """:func:`run_aarch64` in the background (a server)."""
+    command, environ = _command(args, cpu, [])
+    return subprocess.Popen(command, env=environ, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def count_instructions(library: Path, mnemonics: tuple[str, ...]) -> dict[str, int]:

@@ -110,6 +110,14 @@ def test_cpu_without_required_features(bundle_copy, monkeypatch):
         Bundle(bundle_copy)
 
 
+def test_bundle_for_another_architecture_is_refused_before_its_library_is_read(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["target"].update({"arch": "aarch64", "preset": "arm-dotprod"}))
+    (bundle_copy / "model.so").write_bytes(b"never opened")  # not even its checksum is compared first
+    with pytest.raises(BundleError, match="compiled for aarch64 \\(target 'arm-dotprod'\\); this machine is x86_64: "
+                                          "copy it to an aarch64 machine"):
+        Bundle(bundle_copy)
+
+
 def test_unsupported_format(bundle_copy):
     edit_manifest(bundle_copy, lambda m: m.update({"format": 99}))
     with pytest.raises(BundleError, match="format 99"):

@@ -1,0 +1,114 @@
+"""The reference model compiled on this x86-64 machine for the ARM presets and run, as a board would run it
+(int8mt installed with pip, TVM's runtime only), on an emulated aarch64 CPU of the preset: with integer softmax
+and layer norm it translates test sentences bit-identically to the x86 bundle, all 67 matmuls in integers on
+the preset's instruction; with the default float softmax and layer norm (``-m extended``) at least 98 of 100
+sentences are identical; a CPU without the preset's instruction is refused before the library is opened."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from int8mt.quant.config import QuantConfig
+from int8mt.schedules.intrin import batch_dot, int8_dot
+from int8mt.targets import get_preset
+
+from ..conftest import DATA_DIR, HOST_PRESET, MODEL_DIR
+from .emulation import CPUS, count_instructions, install_int8mt, needs_emulation, run_aarch64
+from .test_kernels import INSTRUCTIONS
+
+pytestmark = needs_emulation
+SENTENCES = 32
+INTEGER_ONLY = QuantConfig(ranges="learned", integer_softmax=True, integer_layer_norm=True)
+DEFAULT = QuantConfig(ranges="learned")
+# (preset, a qemu CPU without its instruction) for the presets whose reference model runs in the default suite
+PRESETS_RUN = [pytest.param("arm-i8mm", "neoverse-n1", id="arm-i8mm"),
+               pytest.param("arm-dotprod", "cortex-a53", id="arm-dotprod"),
+               pytest.param("arm-neon", None, id="arm-neon", marks=pytest.mark.extended)]
+
+
+def _compile(preset: str, qcfg: QuantConfig, out):
+    from int8mt.compiler.build import build_bundle
+
+    build_bundle(MODEL_DIR, get_preset(preset), out, qcfg=qcfg, data_dir=DATA_DIR)
+    return out
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    """int8mt as ``pip install`` puts it on a board."""
+    return install_int8mt(tmp_path_factory.mktemp("aarch64-site"))
+
+
+def _source(tmp_path_factory, sentences: int):
+    path = tmp_path_factory.mktemp("source") / "test.en"
+    lines = (DATA_DIR / "test_2016_flickr.en").read_text().splitlines()[:sentences]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return _source(tmp_path_factory, SENTENCES)
+
+
+@pytest.fixture(scope="module")
+def x86_translations(tmp_path_factory):
+    """The x86 bundle's translations of a source file, per variant (integer-only, default)."""
+    bundles, cache = {}, {}
+
+    def translations(qcfg: QuantConfig, source) -> list[str]:
+        if qcfg not in bundles:
+            bundles[qcfg] = _compile(HOST_PRESET.name, qcfg, tmp_path_factory.mktemp("x86") / "bundle")
+        if (qcfg, source) not in cache:
+            cache[qcfg, source] = _translate_here(bundles[qcfg], source)
+        return cache[qcfg, source]
+
+    return translations
+
+
+def _translate_here(bundle, source) -> list[str]:
+    done = subprocess.run([sys.executable, "-m", "int8mt", "translate", str(bundle), "-i", str(source)],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
+def _translate_on_board(board, bundle, source, cpu: str) -> subprocess.CompletedProcess:
+    return run_aarch64(["-m", "int8mt", "translate", str(bundle), "-i", str(source)], cpu=cpu, pythonpath=[board])
+
+
+@pytest.mark.parametrize("preset,cpu_without", PRESETS_RUN)
+def test_integer_only_model_on_the_emulated_cpu_is_bit_identical_to_x86(preset, cpu_without, board, source,
+                                                                         x86_translations, tmp_path):
+    bundle = _compile(preset, INTEGER_ONLY, tmp_path / preset)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["target"]["arch"] == "aarch64"
+    assert manifest["quantization"]["matmuls_int"] == manifest["quantization"]["matmuls"] == 67
+    family = get_preset(preset).int8_dot
+    mnemonics = INSTRUCTIONS[family] + INSTRUCTIONS[batch_dot(family).family]
+    counts = count_instructions(bundle / "model.so", mnemonics)
+    assert all(counts[m] > 0 for m in mnemonics), counts
+    assert int8_dot(family).rows == 1 or counts["smmla"] > 0
+
+    done = _translate_on_board(board, bundle, source, CPUS[preset])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == x86_translations(INTEGER_ONLY, source)
+
+    if cpu_without is not None:  # the runtime checks the CPU's features before it opens the library: no SIGILL
+        refused = _translate_on_board(board, bundle, source, cpu_without)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        lacking = get_preset(preset).required_features[-1]
+        assert f"needs CPU features this CPU lacks ({lacking})" in refused.stderr
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("preset", ["arm-i8mm", "arm-dotprod", "arm-neon"])
+def test_default_model_on_the_emulated_cpu_agrees_with_x86(preset, board, x86_translations, tmp_path_factory,
+                                                           tmp_path):
+    source = _source(tmp_path_factory, 100)
+    bundle = _compile(preset, DEFAULT, tmp_path / preset)
+    done = _translate_on_board(board, bundle, source, CPUS[preset])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, x86 = done.stdout.splitlines(), x86_translations(DEFAULT, source)
+    assert len(ours) == len(x86) == 100
+    assert sum(a == b for a, b in zip(ours, x86)) >= 98
