@@ -15,7 +15,7 @@ from int8mt.cli import main as cli
 
 from .emulation import needs_emulation, start_aarch64
 
-pytestmark = needs_emulation
+pytestmark = [needs_emulation, pytest.mark.extended]  # ~1.5 min: outside the default run
 KEY = "emulated-arm"
 
 
@@ -54,19 +54,17 @@ def tracker():
 
 
 def test_tune_over_rpc_records_candidates_that_compile_applies(tracker, tiny_model_dir, tmp_path, capsys):
-    """A bundle built with default tiles, its kernels tuned on the board, the bundle built again with them."""
+    """The model's kernels tuned on the board; a bundle built with the database then has every kernel tuned."""
     db, bundle = tmp_path / "db", tmp_path / "bundle"
-    compile_args = ["compile", str(tiny_model_dir), "--target", "arm-dotprod", "--quant", "int8", "--ranges",
-                    "runtime", "-o", str(bundle)]
-    assert cli(compile_args) == 0
-    assert cli(["tune", str(bundle), "--target", "arm-dotprod", "--untuned-only", "--rpc", f"{tracker}:{KEY}",
-                "--trials", "1", "--db", str(db)]) == 0
+    assert cli(["tune", str(tiny_model_dir), "--target", "arm-dotprod", "--rpc", f"{tracker}:{KEY}", "--trials", "1",
+                "--db", str(db)]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out, out
     log = json.loads((db / "tuning-log.json").read_text())[-1]
     assert log["measured_on"] == f"rpc {tracker}:{KEY}" and log["tasks"] and all(t["trials"] == 1 for t in log["tasks"])
 
-    assert cli([*compile_args, "--db", str(db)]) == 0
+    assert cli(["compile", str(tiny_model_dir), "--target", "arm-dotprod", "--quant", "int8", "--ranges", "runtime",
+                "--db", str(db), "-o", str(bundle)]) == 0
     kernels = json.loads((bundle / "report.json").read_text())["kernels"]
     assert kernels and all(k["tuned"] for k in kernels)
 
