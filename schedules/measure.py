@@ -74,27 +74,28 @@ class _Done(PyRunnerFuture):
 @derived_object
 class CheckedRunner(PyRunner):
     """Check each int8 dense candidate against NumPy, then time it with ``time_evaluator`` on all threads of
-    this machine, or of the server of an RPC ``session`` (:meth:`.rpc.RPCTracker.connect`)."""
+    this machine, or of the server of an RPC ``session`` (:meth:`.rpc.RPCTracker.connect`), to which modules are
+    sent linked by ``fcompile`` (the board's cross compiler; None: this machine's compiler)."""
 
     def __init__(self, dot: Int8Dot, number: int = 3, repeat: int = 5, min_repeat_ms: int = 30,
-                 session: tvm.rpc.RPCSession | None = None) -> None:
+                 session: tvm.rpc.RPCSession | None = None, fcompile: Callable | None = None) -> None:
         super().__init__()
         self.dot, self.number, self.repeat, self.min_repeat_ms = dot, number, repeat, min_repeat_ms
-        self.session = session
+        self.session, self.fcompile = session, fcompile
         self.device = self.session.cpu() if self.session is not None else tvm.cpu()
         self._cases: dict[tuple, tuple[list[tvm.runtime.Tensor], np.ndarray, np.ndarray]] = {}
 
     def run(self, runner_inputs: list[RunnerInput]) -> list[_Done]:
         return [_Done(self._run_one(inp)) for inp in runner_inputs]
 
-    def load(self, executable: tvm.runtime.Executable, fcompile: Callable | None = None) -> tvm.runtime.Module:
-        """``executable`` ready to run on the runner's device: here its module; on the remote server, linked
-        (with ``fcompile``), uploaded and loaded there."""
+    def load(self, executable: tvm.runtime.Executable) -> tvm.runtime.Module:
+        """``executable`` ready to run on the runner's device: here its module; on the remote server, linked,
+        uploaded and loaded there."""
         if self.session is None:
             return executable.mod
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"kernel{next(_keys)}.so"
-            executable.export_library(str(path), fcompile=fcompile)
+            executable.export_library(str(path), fcompile=self.fcompile)
             return self._remote_module(str(path))
 
     def _remote_module(self, path: str) -> tvm.runtime.Module:

@@ -102,7 +102,7 @@ class Measurement:
     def runner(self, dot: Int8Dot) -> CheckedRunner:
         if self.tracker is not None and self._session is None:
             self._session = self.tracker.connect()
-        return CheckedRunner(dot, session=self._session)
+        return CheckedRunner(dot, session=self._session, fcompile=self.fcompile)
 
 
 STOCK_INTRINSICS = "tvm.s_tir.tensor_intrin"
@@ -188,7 +188,7 @@ def confirm(tasks: list[DenseTask], target: tvm.target.Target, database: TuningD
         runner = runners[task.family]
         for tiles, _ in database.candidates(task, candidates):
             kernel = scheduled_int8_dense(task.n, task.k, tiles, task.dot, task.rows)
-            module = runner.load(tvm.compile(tvm.IRModule({"main": kernel}), target=target), measurement.fcompile)
+            module = runner.load(tvm.compile(tvm.IRModule({"main": kernel}), target=target))
             args = runner.checked_args(module, ((task.rows, task.k), (), (), (task.rows, task.n)))
             if args is None:
                 raise RuntimeError(f"{task.name} with tiles {tiles} disagrees with NumPy: the database holds a "

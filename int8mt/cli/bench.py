@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the weights; default: translate to the end of sentence and compare BLEU)")
     p.add_argument("--no-pytorch", action="store_true", help="benchmark the bundle only")
     p.add_argument("--sentences", type=int, default=1000, help="first N test sentences (default: 1000)")
-    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default: 1,32)")
+    p.add_argument("--batch-sizes", default="1,32",
+                   help="comma-separated batch sizes (bench kernels: sentences of 20 tokens; default: 1,32)")
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--serve", action="store_true",
                    help="load benchmark: `int8mt serve` on a local Ray at --clients concurrent clients, against "
@@ -44,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="--serve: HTTP port on 127.0.0.1 (default: 8000)")
     p.add_argument("--plot", type=Path, default=None, help="--serve, --against: write a PNG plot here")
     p.add_argument("--target", default=None, help="bench kernels: target preset (default: compile.target)")
+    p.add_argument("--rpc", metavar="HOST:PORT:KEY", default=None,
+                   help="bench kernels: measure on a board (e.g. aarch64 for the arm-* presets) through a TVM RPC "
+                        "tracker at HOST:PORT, on a server registered with KEY")
     p.add_argument("--db", type=Path, default=None,
                    help="bench kernels: tuning database (default: tune.database; 'shipped' = the package's)")
     p.set_defaults(run=run)
@@ -148,10 +152,13 @@ def _report(args: argparse.Namespace, result: dict, table: str, plot: Callable[[
 def _kernels(args: argparse.Namespace, cfg) -> int:
     from ..interface.bench_kernels import bench_kernels, format_kernel_table
     from ..schedules.database import database_or_shipped
+    from ..schedules.rpc import RPCTracker
     from ..targets import get_preset
 
     preset = get_preset(args.target or cfg.compile.target)
-    result = bench_kernels(preset, database_or_shipped(preset.name, database_path(args.db, cfg.tune.database)))
+    result = bench_kernels(preset, database_or_shipped(preset.name, database_path(args.db, cfg.tune.database)),
+                           sentences=_counts(args.batch_sizes, "--batch-sizes"),
+                           rpc=RPCTracker.parse(args.rpc) if args.rpc else None)
     print(format_kernel_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

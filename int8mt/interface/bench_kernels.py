@@ -19,6 +19,9 @@ peak, same moment" pairs each round's kernel timing with a short peak measuremen
 and reports the median of the 3 ratios: the peak itself swings by up to 2x within seconds here (0.6-1.25
 TOPS in consecutive 3 ms runs, when the host takes time from one of the two vCPUs), so a kernel timed in a
 slow moment against the best peak of the run measures the moment, not the kernel.
+
+With ``rpc`` (a board of another architecture, through a TVM RPC tracker) the kernels are cross-compiled here,
+checked against NumPy and timed on the board: tuned and default schedules only (no PyTorch, no peak there).
 """
 from __future__ import annotations
 
@@ -27,13 +30,18 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from int8mt.errors import UserError
 from int8mt.schedules.database import BENCH_MODELS, DenseTask, linear_shapes, row_bucket
 from int8mt.schedules.tile_label import tile_label
-from int8mt.targets import TargetPreset
+from int8mt.schedules.rpc import RPCTracker
+from int8mt.targets import TargetPreset, host_arch
+
+if TYPE_CHECKING:
+    from int8mt.schedules.measure import CheckedRunner
 
 TOKENS = 20  # tokens per sentence
 ROUNDS, REPEATS, MIN_SECONDS = 3, 3, 0.05
@@ -51,10 +59,10 @@ class KernelRow:
     tuned: bool
     int8mt_tuned: float
     int8mt_default: float
-    torch_int8: float
-    torch_int8_dynamic: float
-    torch_fp32: float
-    peak_share_same_moment: float  # median over rounds of tuned GOPS / the peak measured just before
+    torch_int8: float | None  # PyTorch and the peak: None when measured on a board over RPC
+    torch_int8_dynamic: float | None
+    torch_fp32: float | None
+    peak_share_same_moment: float | None  # median over rounds of tuned GOPS / the peak measured just before
 
 
 def _best_seconds(fn: Callable[[], object]) -> float:
@@ -75,11 +83,9 @@ def _best_seconds(fn: Callable[[], object]) -> float:
 Timer = Callable[[], float]
 
 
-def _tvm_timer(module, args) -> Timer:
-    """Best seconds of REPEATS runs of ``module`` on ``args``, each call."""
-    import tvm
-
-    timer = module.time_evaluator("main", tvm.cpu(), number=1, repeat=REPEATS, min_repeat_ms=int(MIN_SECONDS * 1e3))
+def _tvm_timer(module, args, device) -> Timer:
+    """Best seconds of REPEATS runs of ``module`` on ``args`` on ``device``, each call."""
+    timer = module.time_evaluator("main", device, number=1, repeat=REPEATS, min_repeat_ms=int(MIN_SECONDS * 1e3))
     return lambda: min(timer(*args).results)
 
 
@@ -117,8 +123,10 @@ def _short_peak_timer(dot, target) -> Timer:
     return lambda: 1.0 / measure(3)["gops"]
 
 
-def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) -> tuple[Timer, Timer, str, bool]:
-    """Timers of the tuned kernel and of the default schedule, the tiles used and whether they were tuned."""
+def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str,
+                    where: CheckedRunner) -> tuple[Timer, Timer, str, bool]:
+    """Timers of the tuned kernel and of the default schedule on ``where`` (a :class:`CheckedRunner`: this machine
+    or a board), the tiles used and whether they were tuned."""
     import tvm
     from tvm import te
     from tvm.s_tir import dlight
@@ -132,10 +140,12 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) ->
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
     task = DenseTask(n, k, row_bucket(rows), family)
     tiles, tuned_tiles = chosen_tiles(database, task)
-    tuned = tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, tiles, task.dot, rows)}), target=target).mod
+    kernel = scheduled_int8_dense(n, k, tiles, task.dot, rows)
+    tuned = where.load(tvm.compile(tvm.IRModule({"main": kernel}), target=target))
     packed, correction = pack_weight(w, task.dot)
-    out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
-    tuned_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(packed), tvm.runtime.tensor(correction), out]
+    tensors = [tvm.runtime.tensor(x, device=where.device) for x in (a, packed, correction, np.zeros((rows, n), np.int32))]
+    out = tensors[-1]
+    tuned_args = tensors
     tuned["main"](*tuned_args)
     expected = a.astype(np.float64) @ w.T.astype(np.float64)
     if not np.array_equal(out.numpy(), expected):
@@ -145,10 +155,11 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str) ->
     y = te.compute((rows, n), lambda i, j: te.sum(x[i, r].astype("int32") * wt[j, r].astype("int32"), axis=r))
     with target:
         generic = dlight.ApplyDefaultSchedule(CPUGeneric())(tvm.IRModule({"main": te.create_prim_func([x, wt, y])}))
-    default = tvm.compile(generic, target=target).mod
-    default_args = [tvm.runtime.tensor(a), tvm.runtime.tensor(w), tvm.runtime.tensor(np.zeros((rows, n), np.int32))]
+    default = where.load(tvm.compile(generic, target=target))
+    default_args = [tvm.runtime.tensor(x, device=where.device) for x in (a, w, np.zeros((rows, n), np.int32))]
     label = tile_label(tiles.rows, tiles.cols, tiles.depth, (task.dot.lanes, task.dot.reduce), tiles.row_split)
-    return _tvm_timer(tuned, tuned_args), _tvm_timer(default, default_args), label, tuned_tiles
+    return (_tvm_timer(tuned, tuned_args, where.device), _tvm_timer(default, default_args, where.device), label,
+            tuned_tiles)
 
 
 def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
@@ -177,33 +188,52 @@ def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
     return [timer(lambda: static(qx)), timer(lambda: dynamic(x)), timer(lambda: torch.nn.functional.linear(x, weight))]
 
 
-def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32)) -> dict:
-    """The benchmark table rows and the measured peak (see the module docstring)."""
+def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32),
+                  rpc: RPCTracker | None = None) -> dict:
+    """The benchmark table rows and the measured peak (see the module docstring); with ``rpc``, measured on a
+    board."""
     if preset.device == "cuda":
         raise UserError(f"{preset.name} kernels are benchmarked on a GPU against cuBLASLt INT8 and FP16 with "
                          "`scripts/cuda_gpu_check.py prepare DIR` here, then `run DIR` there (docs/cuda.md)")
     if preset.int8_dot is None:
         raise UserError(f"the kernel benchmark measures int8 dot-product kernels; preset {preset.name} has none "
                          "(`int8mt targets` lists the presets that have)")
+    if rpc is None and preset.arch != host_arch():
+        raise UserError(f"{preset.name} kernels are {preset.arch} code, which this {host_arch()} machine cannot run: "
+                        "benchmark them on a board through a TVM RPC tracker, --rpc HOST:PORT:KEY (docs/targets.md)")
+    if rpc is not None:
+        rpc.check()
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    import torch
     import tvm
     from tqdm import tqdm
 
+    from int8mt.compiler.cross import library_linker
     from int8mt.schedules.database import TuningDatabase
-    from int8mt.schedules.int8_peak import int8_peak_runner
     from int8mt.schedules.intrin import int8_dot
+    from int8mt.schedules.tune import Measurement
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
     target = tvm.target.Target(preset.target)
     database = TuningDatabase(database_dir) if database_dir is not None else None
     dot = int8_dot(preset.int8_dot)
-    measure_peak = int8_peak_runner(dot, target)
-    peak = measure_peak(5)
+    measurement = Measurement(rpc, library_linker(preset)) if rpc else Measurement()
+    where = measurement.runner(dot)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
-    kernels = [_int8mt_kernels(n, k, m, target, database, preset.int8_dot)
+    kernels = [_int8mt_kernels(n, k, m, target, database, preset.int8_dot, where)
                for _, n, k, m in tqdm(cases, desc="compiling int8mt kernels")]
+    if rpc is not None:
+        ours, = _rounds([[[tuned, default] for tuned, default, _, _ in kernels]], f"kernels (int8mt, on {rpc})")
+        rows = [KernelRow(model, n, k, m, tiles, was_tuned,
+                          *(round(2 * n * k * m / 1e9 / min(t), 1) for t in runs), None, None, None, None)
+                for (model, n, k, m), (_, _, tiles, was_tuned), runs in zip(cases, kernels, ours)]
+        return {"peak": None, "measured_on": f"rpc {rpc}", "rows": [asdict(r) for r in rows]}
+    import torch
+
+    from int8mt.schedules.int8_peak import int8_peak_runner
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    measure_peak = int8_peak_runner(dot, target)
+    peak = measure_peak(5)
     short_peak = _short_peak_timer(dot, target)
     ours, theirs = _rounds([[[short_peak, tuned, default] for tuned, default, _, _ in kernels],
                             [_torch_timers(n, k, m) for _, n, k, m in cases]], "kernels (int8mt, PyTorch)")
@@ -217,10 +247,12 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
         rows.append(KernelRow(model, n, k, m, tiles, was_tuned,
                               *(round(gop / min(t), 1) for t in (tuned_runs, default_runs, *torch_runs)),
                               peak_share_same_moment=round(same_moment_share(gop, peak_runs, tuned_runs), 3)))
-    return {"peak": peak, "rows": [asdict(r) for r in rows]}
+    return {"peak": peak, "measured_on": "this machine", "rows": [asdict(r) for r in rows]}
 
 
 def format_kernel_table(result: dict) -> str:
+    if result["peak"] is None:
+        return _format_remote_table(result)
     peak = result["peak"]["gops"]
     header = ("| model | n x k | rows | int8mt tuned GOPS | % of peak | % of peak, same moment | tiles | "
               "int8mt default | PyTorch int8 | PyTorch int8 dynamic | PyTorch FP32 | tuned / PyTorch int8 |")
@@ -233,4 +265,16 @@ def format_kernel_table(result: dict) -> str:
                      f"{r['tiles']}{'' if r['tuned'] else ' (default)'} | "
                      f"{r['int8mt_default']:.0f} | {r['torch_int8']:.0f} | {r['torch_int8_dynamic']:.0f} | "
                      f"{r['torch_fp32']:.0f} | {r['int8mt_tuned'] / r['torch_int8']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _format_remote_table(result: dict) -> str:
+    """The table of a run on a board: our tuned and default kernels only."""
+    lines = [f"int8 kernels measured on {result['measured_on']}", "",
+             "| model | n x k | rows | int8mt tuned GOPS | tiles | int8mt default GOPS | tuned / default |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['n']} x {r['k']} | {r['rows']} | {r['int8mt_tuned']:.1f} | "
+                     f"{r['tiles']}{'' if r['tuned'] else ' (default)'} | {r['int8mt_default']:.1f} | "
+                     f"{r['int8mt_tuned'] / r['int8mt_default']:.2f}x |")
     return "\n".join(lines)

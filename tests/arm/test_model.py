@@ -18,7 +18,7 @@ from .emulation import CPUS, count_instructions, install_int8mt, needs_emulation
 from .test_kernels import INSTRUCTIONS
 
 pytestmark = needs_emulation
-SENTENCES = 32
+SENTENCES = 16
 INTEGER_ONLY = QuantConfig(ranges="learned", integer_softmax=True, integer_layer_norm=True)
 DEFAULT = QuantConfig(ranges="learned")
 # (preset, a qemu CPU without its instruction). The default run takes arm-i8mm, whose model has every kind of

@@ -69,6 +69,13 @@ def test_tune_over_rpc_records_candidates_that_compile_applies(tracker, tiny_mod
     assert kernels and all(k["tuned"] for k in kernels)
 
 
+def test_bench_kernels_over_rpc(tracker, capsys):
+    assert cli(["bench", "kernels", "--target", "arm-dotprod", "--rpc", f"{tracker}:{KEY}", "--batch-sizes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"measured on rpc {tracker}:{KEY}" in out
+    assert out.count("| reference |") == 4 and out.count("| transformer-base |") == 4
+
+
 def test_rpc_errors_name_the_fix(tracker, tiny_model_dir, tmp_path, capsys):
     for rpc, message in [("localhost:9190", "expected HOST:PORT:KEY"),
                          (f"{tracker}:no-such-board", "no server with key 'no-such-board' is registered"),
@@ -78,3 +85,5 @@ def test_rpc_errors_name_the_fix(tracker, tiny_model_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert cli(["tune", str(tiny_model_dir), "--target", "arm-dotprod", "--trials", "1"]) == 2
     assert "tune them on a board through a TVM RPC tracker, --rpc HOST:PORT:KEY" in capsys.readouterr().err
+    assert cli(["bench", "kernels", "--target", "arm-i8mm"]) == 2
+    assert "benchmark them on a board through a TVM RPC tracker" in capsys.readouterr().err
