@@ -109,6 +109,11 @@ def test_integer_only_model_on_the_emulated_cpu_is_bit_identical_to_x86(preset, 
     counts = count_instructions(bundle / "model.so", mnemonics)
     assert all(counts[m] > 0 for m in mnemonics), counts
     assert int8_dot(family).rows == 1 or counts["smmla"] > 0
+    report = subprocess.run([sys.executable, "-m", "int8mt", "inspect", str(bundle)], capture_output=True, text=True,
+                            check=True).stdout  # read on this x86 machine: inspecting opens no library
+    assert "matmuls in INT  67 of 67" in report and f"int8 linear kernels: {family} dot product" in report
+    assert f"batched kernel ({batch_dot(family).family} dot product)" in report
+    assert "default tiles sized to the vector registers" in report
 
     done = _translate_on_board(board, bundle, source, CPUS[preset])
     assert done.returncode == 0, done.stderr[-3000:]
