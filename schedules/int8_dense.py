@@ -32,7 +32,7 @@ workloads) have no such branch.
 A matrix-multiply intrinsic (``smmla``: 2 rows x 2 columns x 8 bytes per instruction) reads two rows of
 activations at once: the kernel then stages them as ``[rows/2, K/8, 2, 8]`` (each instruction's operand is 16
 contiguous bytes), keeps the accumulators as ``[rows/2, N/2, 2, 2]`` (one register per 2x2 tile) and its row
-tiles are even.
+tiles are even (and its few-rows branch, for row tiles of 4 or more, has 2-row tiles).
 
 An optional :class:`DenseEpilogue` replaces the final int32 store: the elementwise ops that follow the
 layer (requantization, dequantization with the residual, a change of layout) are computed on each sum
@@ -249,7 +249,8 @@ def schedule_int8_dense(sch: s_tir.Schedule, tiles: DenseTiles | None, dot: Int8
     ``tiles`` None samples the tile sizes (the tuning design space). With an ``epilogue`` the output loop
     is vectorized one register (``lanes`` columns) at a time, the steps unrolled, so that the stores of a
     changed layout (attention heads) stay contiguous within each register. ``few_rows``: the kernel has a
-    few-rows branch, which gets a one-row tile with as many column registers as half the vector registers."""
+    few-rows branch, which gets a one-row tile (two for ``smmla``) with as many column registers as half the vector
+    registers."""
     loops = _split_lanes(sch, "dense", dot)
     if tiles is None:
         choices = row_tiles(dot)

@@ -143,9 +143,9 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str,
     kernel = scheduled_int8_dense(n, k, tiles, task.dot, rows)
     tuned = where.load(tvm.compile(tvm.IRModule({"main": kernel}), target=target))
     packed, correction = pack_weight(w, task.dot)
-    tensors = [tvm.runtime.tensor(x, device=where.device) for x in (a, packed, correction, np.zeros((rows, n), np.int32))]
-    out = tensors[-1]
-    tuned_args = tensors
+    tuned_args = [tvm.runtime.tensor(x, device=where.device)
+                  for x in (a, packed, correction, np.zeros((rows, n), np.int32))]
+    out = tuned_args[-1]
     tuned["main"](*tuned_args)
     expected = a.astype(np.float64) @ w.T.astype(np.float64)
     if not np.array_equal(out.numpy(), expected):

@@ -37,7 +37,8 @@ def _model(model_dir, qcfg: QuantConfig):
     QuantConfig(ranges="calibrate"),
     pytest.param(QuantConfig(ranges="runtime"), marks=pytest.mark.extended),
     pytest.param(QuantConfig(bits=6, ranges="calibrate"), marks=pytest.mark.extended),
-    QuantConfig(ranges="calibrate", integer_softmax=True, integer_layer_norm=True),
+    pytest.param(QuantConfig(ranges="calibrate", integer_softmax=True, integer_layer_norm=True),
+                 marks=pytest.mark.extended),
 ], ids=["int8-calibrate", "int8-runtime", "int6-calibrate", "int8-integer-only"])
 def test_every_matmul_matches_the_integer_reference(qcfg, tiny_model_dir):
     model = _model(tiny_model_dir, qcfg)
