@@ -9,8 +9,7 @@ from collections.abc import Callable
 import tvm.support.cc
 
 from int8mt.errors import UserError
-from int8mt.targets import TargetPreset
-from int8mt.targets import host_arch
+from int8mt.targets import TargetPreset, host_arch
 
 # architecture -> (the GNU cross compiler that links for it, the Debian packages that bring it and its C library)
 CROSS_COMPILERS = {

@@ -44,12 +44,12 @@ class InProcessBuilder(PyBuilder):
         results = []
         for inp in build_inputs:
             try:
-                executable = tvm.compile(inp.mod, target=inp.target)
-                key = f"in-process:{next(_keys)}"
+                executable, index = tvm.compile(inp.mod, target=inp.target), next(_keys)
                 if self.export_dir is None:
+                    key = f"in-process:{index}"
                     _built[key] = executable.mod
                 else:
-                    key = str(self.export_dir / f"candidate{key.split(':')[1]}.so")
+                    key = str(self.export_dir / f"candidate{index}.so")
                     executable.export_library(key, fcompile=self.fcompile)
             except Exception as err:  # noqa: BLE001 - a candidate that does not build is a failed trial
                 results.append(BuilderResult(None, f"{type(err).__name__}: {err}"))
@@ -144,7 +144,8 @@ class CheckedRunner(PyRunner):
             rows = np.unique(np.concatenate([np.arange(min(m, ROW_PAD)), np.arange(max(0, m - ROW_PAD), m),
                                              rng.integers(0, m, 8)]))
             expected = (a[rows].astype(np.float64) @ w.T.astype(np.float64)).astype(np.int32)  # exact: |sum| < 2^53
-            args = [tvm.runtime.tensor(x, device=self.device) for x in (a, packed, correction, np.zeros((m, n), np.int32))]
+            args = [tvm.runtime.tensor(x, device=self.device)
+                    for x in (a, packed, correction, np.zeros((m, n), np.int32))]
             self._cases[shapes] = (args, rows, expected)
         args, rows, expected = self._cases[shapes]
         args[-1].copyfrom(np.zeros(args[-1].shape, np.int32))

@@ -3,6 +3,7 @@ tracker and the key its servers registered under (``python -m tvm.exec.rpc_serve
 KEY`` on the board)."""
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from int8mt.errors import UserError
@@ -36,8 +37,6 @@ class RPCTracker:
     def check(self):  # -> tvm.rpc.TrackerSession
         """The tracker, once it has answered that a server has this key: a request for a key nobody serves would
         wait forever."""
-        import socket
-
         from tvm import rpc
 
         previous = socket.getdefaulttimeout()

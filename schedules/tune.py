@@ -27,6 +27,9 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
+from int8mt.errors import UserError
+from int8mt.targets import TargetPreset, host_arch
+
 from .database import DenseTask, TuningDatabase
 from .int8_dense import DenseTiles, schedule_int8_dense, scheduled_int8_dense
 from .intrin import Int8Dot
@@ -98,6 +101,21 @@ class Measurement:
     tracker: RPCTracker | None = None
     fcompile: Callable | None = None
     _session: object = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def for_preset(cls, preset: TargetPreset, tracker: RPCTracker | None, doing: str) -> Measurement:
+        """Where ``preset``'s kernels are measured for ``doing`` (e.g. "tune"): here, or on the board of
+        ``tracker``, which must answer now. A preset of another architecture needs a board."""
+        if tracker is None and preset.arch != host_arch():
+            raise UserError(f"{preset.name} kernels are {preset.arch} code, which this {host_arch()} machine cannot "
+                            f"run: {doing} them on a board through a TVM RPC tracker, --rpc HOST:PORT:KEY "
+                            "(docs/targets.md)")
+        if tracker is None:
+            return cls()
+        from int8mt.compiler.cross import library_linker
+
+        tracker.check()
+        return cls(tracker, library_linker(preset))
 
     def runner(self, dot: Int8Dot) -> CheckedRunner:
         if self.tracker is not None and self._session is None:

@@ -38,7 +38,7 @@ from int8mt.errors import UserError
 from int8mt.schedules.database import BENCH_MODELS, DenseTask, linear_shapes, row_bucket
 from int8mt.schedules.tile_label import tile_label
 from int8mt.schedules.rpc import RPCTracker
-from int8mt.targets import TargetPreset, host_arch
+from int8mt.targets import TargetPreset
 
 if TYPE_CHECKING:
     from int8mt.schedules.measure import CheckedRunner
@@ -198,24 +198,19 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     if preset.int8_dot is None:
         raise UserError(f"the kernel benchmark measures int8 dot-product kernels; preset {preset.name} has none "
                          "(`int8mt targets` lists the presets that have)")
-    if rpc is None and preset.arch != host_arch():
-        raise UserError(f"{preset.name} kernels are {preset.arch} code, which this {host_arch()} machine cannot run: "
-                        "benchmark them on a board through a TVM RPC tracker, --rpc HOST:PORT:KEY (docs/targets.md)")
-    if rpc is not None:
-        rpc.check()
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     import tvm
     from tqdm import tqdm
 
-    from int8mt.compiler.cross import library_linker
     from int8mt.schedules.database import TuningDatabase
     from int8mt.schedules.intrin import int8_dot
     from int8mt.schedules.tune import Measurement
 
+    measurement = Measurement.for_preset(preset, rpc, "benchmark")
+
     target = tvm.target.Target(preset.target)
     database = TuningDatabase(database_dir) if database_dir is not None else None
     dot = int8_dot(preset.int8_dot)
-    measurement = Measurement(rpc, library_linker(preset)) if rpc else Measurement()
     where = measurement.runner(dot)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]

@@ -13,7 +13,7 @@ from int8mt.runtime.bundle import MANIFEST_FILE, REPORT_FILE
 from int8mt.schedules.database import DenseTask, bench_tasks
 from int8mt.schedules.rpc import RPCTracker
 from int8mt.schedules.tile_label import tile_label
-from int8mt.targets import TargetPreset, host_arch
+from int8mt.targets import TargetPreset
 
 LOG_FILE = "tuning-log.json"  # per run: what was tuned, trials, failures, best GOPS
 
@@ -71,27 +71,23 @@ def tune(args: TuneArgs) -> list[dict]:
                          "`int8mt targets` lists the presets that have")
     if args.trials < 1 or args.budget_minutes <= 0:
         raise UserError("--trials must be at least 1 and --budget-minutes positive")
-    if args.rpc is None and args.preset.arch != host_arch():
-        raise UserError(f"{args.preset.name} kernels are {args.preset.arch} code, which this {host_arch()} machine "
-                        "cannot run: tune them on a board through a TVM RPC tracker, --rpc HOST:PORT:KEY "
-                        "(docs/targets.md)")
-    if args.rpc is not None:
-        args.rpc.check()  # before the kernels are extracted: a wrong address or key is known at once
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU
+    from int8mt.schedules.tune import Measurement
+
+    # before the kernels are extracted: a wrong address or key is known at once
+    measurement = Measurement.for_preset(args.preset, args.rpc, "tune")
     tasks = dense_tasks(args.source, args.preset, args.untuned_only)
     if not tasks:
         raise UserError(f"every int8 kernel of {args.source} was built with tuned tiles: nothing to tune")
     if args.bench_shapes:
         tasks = sorted(set(tasks) | set(bench_tasks(args.preset.int8_dot)))
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU
     import tvm
 
-    from int8mt.compiler.cross import library_linker
     from int8mt.schedules.database import TuningDatabase
-    from int8mt.schedules.tune import Measurement, confirm
+    from int8mt.schedules.tune import confirm
     from int8mt.schedules.tune import tune as tune_tasks
 
     database = TuningDatabase(args.database, create=True)
-    measurement = Measurement(args.rpc, library_linker(args.preset)) if args.rpc else Measurement()
     where = f" on the board of tracker {args.rpc}" if args.rpc else ""
     print(f"tuning {len(tasks)} kernels for {args.preset.name}{where}, {args.trials} trials each, database "
           f"{args.database}", file=sys.stderr)
