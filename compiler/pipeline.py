@@ -8,10 +8,11 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          quantize/dequantize ops (:mod:`.quant_import`).
 1. ``scale-propagated``  quantized models: :class:`~.passes.ScalePropagation` (integers flow between
                          ops); with ``tap_matmuls``, :class:`~.passes.TapIntMatmuls` (verification).
-2. ``int8-kernels``      quantized models, on presets with an int8 dot product: :class:`~.passes.PackInt8Dense`,
-                         :class:`~.passes.FoldDenseBias`, :class:`~.passes.Int8BatchMatmul`,
-                         :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
-                         :class:`~.passes.FuseDenseEpilogue`; then ``FuseTransposeMatmul``.
+2. ``kernels``           the preset's dense kernels: :class:`~.passes.PackDense` (int8 for quantized models, float32
+                         multiply-adds for FP32 layers), :class:`~.passes.FoldDenseBias`; quantized models:
+                         :class:`~.passes.Int8BatchMatmul`, :class:`~.passes.ReadKeysAsStored`; then
+                         :class:`~.passes.GatherPackedRows`, :class:`~.passes.FuseDenseEpilogue`; quantized
+                         models then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
@@ -36,11 +37,12 @@ from tvm.s_tir import dlight
 from int8mt.errors import UserError
 from int8mt.schedules.cpu_generic import CPUGeneric
 from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
-from int8mt.schedules.intrin import batch_dot, int8_dot
+from int8mt.schedules.int8_dense import default_tiles
+from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
 from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
 
-from .passes import (FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul, PackInt8Dense,
+from .passes import (FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul, PackDense,
                      ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
@@ -109,32 +111,44 @@ def scale_propagated(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule
     return mod
 
 
-def int8_kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
-    """Phase 2 (quantized models): the preset's int8 kernels, then transposed operands read as stored
-    (integer matmuls of activations, and the weights the kernels did not take). FP32 models skip it: under the
-    default schedule a matmul whose constant weight was transposed at compile time is faster than one
-    reading it as stored."""
-    if options.quant is None:
+def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
+    """Phase 2: the preset's dense kernels (int8 for quantized models, float32 multiply-adds for FP32 layers) and,
+    for quantized models, its int8 attention kernels, then transposed operands read as stored (integer matmuls
+    of activations, and the weights the kernels did not take). FP32 models keep the attention products'
+    transposed keys: under the default schedule that is the faster form."""
+    preset = options.preset
+    int8_family = preset.int8_dot if options.quant is not None else None
+    if options.quant is None and preset.float_dot is None:
         return mod
-    print("phase 2: int8-kernels", file=sys.stderr)
+    print("phase 2: kernels", file=sys.stderr)
     options = options.with_tiles()
-    if options.preset.int8_dot is not None:
-        mod = tvm.transform.Sequential(int8_kernel_passes(options.tiles, options.preset.int8_dot))(mod)
-    mod = relax.transform.FuseTransposeMatmul()(mod)
-    _dump(mod, 2, "int8-kernels", options.dump_dir)
+    if int8_family is not None or preset.float_dot is not None:
+        mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, preset.float_dot))(mod)
+    if options.quant is not None:
+        mod = relax.transform.FuseTransposeMatmul()(mod)
+    _dump(mod, 2, "kernels", options.dump_dir)
     return mod
 
 
 def integer_graph(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     """Phases 1 and 2 on an imported module."""
-    return int8_kernels(scale_propagated(mod, options), options)
+    return kernels(scale_propagated(mod, options), options)
 
 
-def int8_kernel_passes(tiles_for: Callable, family: str) -> list[tvm.transform.Pass]:
-    """Phase 2's passes for the dot-product ``family``, in order."""
-    dot = int8_dot(family)
-    return [PackInt8Dense(tiles_for, dot), FoldDenseBias(), Int8BatchMatmul(batch_dot(family)),
-            ReadKeysAsStored(), GatherPackedRows(dot), FuseDenseEpilogue()]
+def kernel_passes(tiles_for: Callable | None, family: str | None,
+                  float_family: str | None = None) -> list[tvm.transform.Pass]:
+    """Phase 2's passes, in order: for the int8 dot-product ``family`` (int8 linear layers with ``tiles_for``'s
+    tiles, attention), for the float32 multiply-add ``float_family`` (FP32 linear layers, default tiles)."""
+    dots = []
+    if family is not None:
+        dots.append((int8_dot(family), tiles_for))
+    if float_family is not None:
+        float_dot = dense_dot(float_family)
+        dots.append((float_dot, lambda n, k, _function: default_tiles(n, k, float_dot)))
+    passes = [PackDense(tiles, dot) for dot, tiles in dots] + [FoldDenseBias()]
+    if family is not None:
+        passes += [Int8BatchMatmul(batch_dot(family)), ReadKeysAsStored()]
+    return passes + [GatherPackedRows(dot) for dot, _ in dots] + [FuseDenseEpilogue()]
 
 
 def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:
@@ -145,7 +159,7 @@ def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:
     mod = scale_propagated(mod, options)
     if options.quant is not None:
         report["after"] = op_report(mod)
-    mod = int8_kernels(mod, options)
+    mod = kernels(mod, options)
     if options.quant is not None and options.preset.int8_dot is not None:
         report["kernels"] = dense_kernel_report(mod, options.tiles)
         report["attention_kernels"] = attention_kernel_calls(mod)

@@ -195,7 +195,7 @@ class TileChoice:
 
 
 class TileChooser:
-    """``tiles_for(n, k, function)`` for :class:`~int8mt.compiler.passes.PackInt8Dense`: the database's
+    """``tiles_for(n, k, function)`` for :class:`~int8mt.compiler.passes.PackDense`: the database's
     best tiles for the function's row bucket, else ``fallback``'s, else the defaults (:meth:`choice` says
     which)."""
 

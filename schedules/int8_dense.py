@@ -99,16 +99,19 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 def pack_weight(w: np.ndarray, dot: Int8Dot) -> tuple[np.ndarray, np.ndarray]:
-    """``w`` [N, K] int8 -> (packed [Np/lanes, Kp/reduce, lanes, reduce] int8, correction [Np] int32 =
-    -shift * row sums)."""
-    if w.dtype != np.int8 or w.ndim != 2:
-        raise ValueError(f"pack_weight takes a 2-D int8 weight, got {w.dtype} {w.shape}")
+    """``w`` [N, K] of ``dot.weight`` (int8; float32 for the multiply-add families) -> (packed [Np/lanes,
+    Kp/reduce, lanes, reduce], correction [Np] of ``dot.accumulator`` = -shift * row sums)."""
+    if w.dtype != np.dtype(dot.weight) or w.ndim != 2:
+        raise ValueError(f"pack_weight takes a 2-D {dot.weight} weight, got {w.dtype} {w.shape}")
     n, k = w.shape
     np_, kp = padded(n, k, dot)
-    full = np.zeros((np_, kp), np.int8)
+    full = np.zeros((np_, kp), w.dtype)
     full[:n, :k] = w
     packed = full.reshape(np_ // dot.lanes, dot.lanes, kp // dot.reduce, dot.reduce).transpose(0, 2, 1, 3)
-    correction = (-dot.shift * full.astype(np.int64).sum(axis=1)).astype(np.int32)
+    if dot.shift == 0:
+        correction = np.zeros(np_, dot.accumulator)
+    else:
+        correction = (-dot.shift * full.astype(np.int64).sum(axis=1)).astype(np.int32)
     return np.ascontiguousarray(packed), correction
 
 
@@ -154,16 +157,16 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
         with Tb.prim_func(s_tir=True):
             Tb.func_name("dense")
             a = Tb.arg("a", Tb.handle())
-            w = Tb.arg("w", Tb.Buffer((GN, GK, L, R), "int8"))
-            correction = Tb.arg("correction", Tb.Buffer((NP,), "int32"))
+            w = Tb.arg("w", Tb.Buffer((GN, GK, L, R), dot.weight))
+            correction = Tb.arg("correction", Tb.Buffer((NP,), dot.accumulator))
             inputs = [Tb.arg(f"in{index}", Tb.Buffer(shape, dtype))
                       for index, (shape, dtype) in enumerate(epilogue.input_specs if epilogue else ())]
             for var in epilogue.shape_vars if epilogue else ():
                 Tb.arg(var.name, var)
             c = Tb.arg("c", Tb.handle())
             Tb.func_attr({"tirx.noalias": True, "global_symbol": "int8mt_int8_dense"})
-            A = Tb.match_buffer(a, (M, K), "int8")
-            C = (Tb.match_buffer(c, (M, N), "int32") if epilogue is None
+            A = Tb.match_buffer(a, (M, K), dot.weight)
+            C = (Tb.match_buffer(c, (M, N), dot.accumulator) if epilogue is None
                  else Tb.match_buffer(c, epilogue.out_shape, epilogue.out_dtype))
             staged_rows = (M + PAD - 1) // PAD * PAD + PAD
             shifted = Tb.sblock_alloc_buffer((staged_rows, KP) if rho == 1 else (staged_rows // rho, GK, rho, R),
@@ -185,14 +188,15 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
 
             def product_and_store(suffix: str) -> None:
                 acc = Tb.sblock_alloc_buffer((staged_rows, NP) if rho == 1 else (staged_rows // rho, GN, rho, L),
-                                             "int32", scope="local")
+                                             dot.accumulator, scope="local")
                 with Tb.grid(computed, NP, KP) as (i, j, r):
                     with Tb.sblock("dense" + suffix):
                         vi, vj, vr = Tb.axis.remap("SSR", [i, j, r])
                         with Tb.init():
-                            Tb.buffer_store(acc, Tb.int32(0), tiled(vi, vj, L))
-                        product = (Tb.Cast("int32", shifted[tuple(tiled(vi, vr, R))])
-                                   * Tb.Cast("int32", w[vj // L, vr // R, vj % L, vr % R]))
+                            Tb.buffer_store(acc, tirx.const(0, dot.accumulator), tiled(vi, vj, L))
+                        staged_a, weight = shifted[tuple(tiled(vi, vr, R))], w[vj // L, vr // R, vj % L, vr % R]
+                        product = (staged_a * weight if dot.accumulator == dot.weight
+                                   else Tb.Cast(dot.accumulator, staged_a) * Tb.Cast(dot.accumulator, weight))
                         Tb.buffer_store(acc, acc[tuple(tiled(vi, vj, L))] + product, tiled(vi, vj, L))
                 with Tb.grid(computed, N) as (i, j):
                     with Tb.sblock("out" + suffix):
@@ -231,10 +235,10 @@ def packed_rows(n: int, k: int, index_dtype: str, dot: Int8Dot) -> tirx.PrimFunc
     rows = tirx.Var("rows", "int64")
 
     @T.prim_func(s_tir=True)
-    def gather(ids: T.handle, w: T.Buffer((GN, GK, L, R), "int8"), out: T.handle):
+    def gather(ids: T.handle, w: T.Buffer((GN, GK, L, R), dot.weight), out: T.handle):
         T.func_attr({"tirx.noalias": True})
         index = T.match_buffer(ids, (rows,), index_dtype)
-        O = T.match_buffer(out, (rows, K), "int8")
+        O = T.match_buffer(out, (rows, K), dot.weight)
         for i, j in T.grid(rows, K):
             with T.sblock("rows"):
                 vi, vj = T.axis.remap("SS", [i, j])
@@ -292,7 +296,11 @@ def _tile(sch: s_tir.Schedule, suffix: str, loops: tuple, sizes: tuple, dot: Int
     ip, io = sch.split(io, [row_split, None], disable_predication=True)
     joo, joi = sch.split(jo, [None, cols])
     roo, roi = sch.split(ro, [None, depth])
-    if dot.rows == 1:
+    if not dot.tensorized:  # float multiply-adds: each step of the reduction broadcasts a value per row
+        sch.reorder(ip, joo, io, roo, roi, ri, ii, joi, ji)
+        sch.vectorize(ji)  # (a reduction block's loop: before its init is split off)
+        tensorized = None
+    elif dot.rows == 1:
         sch.reorder(ip, joo, io, roo, roi, ii, joi, ji, ri)
         tensorized = ji
     else:  # the instruction covers ``rows`` rows of the tile
@@ -304,7 +312,8 @@ def _tile(sch: s_tir.Schedule, suffix: str, loops: tuple, sizes: tuple, dot: Int
     sch.parallel(sch.fuse(ip, joo))
     init = sch.decompose_reduction(block, roo)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(tensorized, dot.intrin)
+    if tensorized is not None:
+        sch.tensorize(tensorized, dot.intrin)
     sch.unroll(ii)
     sch.unroll(joi)
     out_columns = sch.get_loops(out)[-1]
@@ -336,7 +345,12 @@ def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, dot: Int8Dot, rows: 
     sch = s_tir.Schedule(int8_dense(n, k, rows, dot, epilogue, few_rows))
     schedule_int8_dense(sch, tiles, dot, epilogue is not None, few_rows > 0)
     record = {"n": n, "k": k, "dot": dot.family, **tiles.to_dict()}
-    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, KERNEL_ATTR: "int8_dense", DENSE_ATTR: record})
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, KERNEL_ATTR: dense_kind(dot), DENSE_ATTR: record})
+
+
+def dense_kind(dot: Int8Dot) -> str:
+    """The kernel attribute of the dense kernels of ``dot``: ``int8_dense``, or ``float_dense`` (FP32 layers)."""
+    return "int8_dense" if dot.tensorized else "float_dense"
 
 
 def dense_attrs(func: tirx.PrimFunc) -> tuple[int, int, DenseTiles, str] | None:

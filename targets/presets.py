@@ -21,6 +21,7 @@ class TargetPreset:
     required_features: tuple[str, ...]
     description: str
     int8_dot: str | None = None  # the int8 dot-product intrinsic family of the tuned CPU kernels, if any
+    float_dot: str | None = None  # the float32 multiply-add family of the dense kernel of FP32 layers, if any
     compute_capability: tuple[int, int] | None = None  # CUDA presets: the oldest GPU generation they run on
 
     @property
@@ -97,6 +98,7 @@ PRESETS: dict[str, TargetPreset] = {
             required_features=(*X86_64_V4, "avx512_vnni"),
             description="x86-64-v4 with AVX-512 VNNI (Intel Ice Lake / Sapphire Rapids and newer, AMD Zen 4 and newer)",
             int8_dot="vnni",
+            float_dot="fp32-avx512",
         ),
         TargetPreset(
             name="x86-avx512",
@@ -104,6 +106,7 @@ PRESETS: dict[str, TargetPreset] = {
             required_features=X86_64_V4,
             description="x86-64-v4: AVX-512 F/BW/CD/DQ/VL without VNNI (Intel Skylake-SP, Cascade Lake)",
             int8_dot="avx512bw",
+            float_dot="fp32-avx512",
         ),
         TargetPreset(
             name="x86-avx2",
@@ -111,6 +114,7 @@ PRESETS: dict[str, TargetPreset] = {
             required_features=X86_64_V3,
             description="x86-64-v3: AVX2, FMA, BMI1/2 (Intel Haswell, AMD Zen 1 and newer)",
             int8_dot="avx2",
+            float_dot="fp32-avx2",
         ),
         TargetPreset(
             name="arm-i8mm",
@@ -119,6 +123,7 @@ PRESETS: dict[str, TargetPreset] = {
             description="aarch64 with the int8 matrix multiply (smmla): Neoverse V1/V2/N2 (AWS Graviton 3/4), "
                         "Cortex-A510/A710/X2 and newer",
             int8_dot="smmla",
+            float_dot="fp32-neon",
         ),
         TargetPreset(
             name="arm-dotprod",
@@ -127,6 +132,7 @@ PRESETS: dict[str, TargetPreset] = {
             description="aarch64 with the int8 dot product (sdot): Cortex-A76 (Raspberry Pi 5), Neoverse N1 "
                         "(AWS Graviton 2, Ampere Altra), Cortex-A78AE (Jetson Orin)",
             int8_dot="sdot",
+            float_dot="fp32-neon",
         ),
         TargetPreset(
             name="arm-neon",
@@ -135,6 +141,7 @@ PRESETS: dict[str, TargetPreset] = {
             description="aarch64 with NEON only (widening multiplies smull/sadalp): Cortex-A72 (Raspberry Pi 4), "
                         "Cortex-A53/A55, Cortex-A57 (Jetson Nano)",
             int8_dot="neon",
+            float_dot="fp32-neon",
         ),
         *(_cuda_preset(*spec) for spec in CUDA_ARCHITECTURES),
     )

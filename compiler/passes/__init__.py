@@ -4,10 +4,10 @@ from .fuse_dense_epilogue import FuseDenseEpilogue
 from .gather_packed_rows import GatherPackedRows
 from .int8_batch_matmul import Int8BatchMatmul
 from .keys_as_stored import ReadKeysAsStored
-from .pack_int8_dense import PackInt8Dense
+from .pack_dense import PackDense
 from .scale_propagation import ScalePropagation
 from .take_as_view import TakeAsView
 from .tap_int_matmuls import TapIntMatmuls
 
-__all__ = ["ScalePropagation", "TapIntMatmuls", "PackInt8Dense", "FoldDenseBias", "Int8BatchMatmul",
+__all__ = ["ScalePropagation", "TapIntMatmuls", "PackDense", "FoldDenseBias", "Int8BatchMatmul",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "TakeAsView"]

@@ -1,6 +1,6 @@
 """FuseDenseEpilogue: the elementwise ops after an int8 dense kernel, computed in its output loop.
 
-Runs after :class:`.PackInt8Dense` (and :class:`.FoldDenseBias`) have placed the dense kernels. A linear layer's int32 result is
+Runs after :class:`.PackDense` (and :class:`.FoldDenseBias`) have placed the dense kernels. A linear layer's int32 result is
 followed by what Scale Propagation made of its consumer: a requantization to int8 (``astype(int64) *
 multiplier + rounding >> shift``, clip, ``astype(int8)``; a ReLU before it in the FFN), or a
 dequantization plus the residual (``astype(float32) * scale + x``), often through a reshape and
@@ -30,7 +30,8 @@ from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
 from int8mt.schedules.int8_dense import DenseEpilogue, dense_attrs, scheduled_int8_dense
-from int8mt.schedules.intrin import int8_dot
+from int8mt.schedules.intrin import dense_dot
+from int8mt.schedules.kernel_attrs import DENSE_KINDS
 
 from .kernel_calls import is_one, kernel_kind, shape_product
 
@@ -79,10 +80,11 @@ def _scalar(expr: relax.Expr) -> float | int | None:
 
 
 class EpilogueChain:
-    """The ops after one dense kernel whose result has shape ``dense_shape``, as a TIR epilogue."""
+    """The ops after one dense kernel whose result has shape ``dense_shape`` and dtype ``dense_dtype`` (int32
+    sums, or float32 ones for FP32 layers), as a TIR epilogue."""
 
-    def __init__(self, dense_shape: list[tirx.PrimExpr]) -> None:
-        self.dense_shape = dense_shape
+    def __init__(self, dense_shape: list[tirx.PrimExpr], dense_dtype: str = "int32") -> None:
+        self.dense_shape, self.dense_dtype = dense_shape, dense_dtype
         self.steps: list[_Step] = []
         self.operands: list[relax.Expr] = []  # the tensors the epilogue reads, in input order
         self.analyzer = Analyzer()
@@ -103,7 +105,7 @@ class EpilogueChain:
         self.steps.append(_Step(call, result, chain_arg))
         self.operands.extend(operands)
         try:
-            self.element(tirx.Var("i", "int64"), tirx.Var("j", "int64"), tirx.Var("c", "int32"),
+            self.element(tirx.Var("i", "int64"), tirx.Var("j", "int64"), tirx.Var("c", self.dense_dtype),
                          [tirx.decl_buffer(_dims(x), str(x.ty.dtype)) for x in self.operands])
         except _Unfusable:
             self.steps.pop()
@@ -252,9 +254,10 @@ class _EpilogueFuser(PyExprMutator):
             for binding in block.bindings:
                 call = binding.value
                 if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
-                        and kernel_kind(self.builder_.get(), call.args[0]) == "int8_dense"):
+                        and kernel_kind(self.builder_.get(), call.args[0]) in DENSE_KINDS):
                     continue
-                chain, current = EpilogueChain(list(binding.var.ty.shape)), binding.var
+                chain = EpilogueChain(list(binding.var.ty.shape), str(binding.var.ty.dtype))
+                current = binding.var
                 while (isinstance(current, relax.DataflowVar) and uses.get(current) == 1 and current in user
                        and isinstance(user[current].value, relax.Call)
                        and chain.try_append(user[current].value, user[current].var, current)):
@@ -279,7 +282,7 @@ class _EpilogueFuser(PyExprMutator):
     def _kernel(self, dense: ir.GlobalVar, epilogue: DenseEpilogue) -> ir.GlobalVar:
         """The dense kernel ``dense`` with ``epilogue``, one per distinct function."""
         n, k, tiles, family = dense_attrs(self.builder_.get()[dense])
-        func = scheduled_int8_dense(n, k, tiles, int8_dot(family), epilogue=epilogue)
+        func = scheduled_int8_dense(n, k, tiles, dense_dot(family), epilogue=epilogue)
         for seen, gv in self.fused:
             if tvm_ffi.structural_equal(seen, func):
                 return gv

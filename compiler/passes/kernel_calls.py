@@ -17,9 +17,15 @@ def is_int8_matmul(call: relax.Expr) -> bool:
             and str(call.attrs.out_dtype) == "int32" and str(call.args[0].ty.dtype) == "int8")
 
 
-def int8_table(expr: relax.Expr) -> ir.expr.Constant | None:
-    """``expr`` if it is a 2-D int8 constant (a weight or an embedding table)."""
-    if isinstance(expr, ir.expr.Constant) and str(expr.ty.dtype) == "int8" and expr.ty.ndim == 2:
+def is_float_matmul(call: relax.Expr) -> bool:
+    """``matmul(float32, ...)`` with a float32 result: a linear layer (or attention product) of an FP32 layer."""
+    return (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.matmul")
+            and str(call.args[0].ty.dtype) == "float32" and str(call.ty.dtype) == "float32")
+
+
+def weight_table(expr: relax.Expr, dtype: str = "int8") -> ir.expr.Constant | None:
+    """``expr`` if it is a 2-D constant of ``dtype`` (a weight or an embedding table)."""
+    if isinstance(expr, ir.expr.Constant) and str(expr.ty.dtype) == dtype and expr.ty.ndim == 2:
         return expr
     return None
 
@@ -64,10 +70,11 @@ def kernel_calls(func: relax.Function, mod: tvm.IRModule, kind: str) -> list[rel
     return calls
 
 
-def kernel_call(mutator: relax.PyExprMutator, expr: relax.Expr, kind: str) -> relax.Call | None:
-    """The ``call_tir`` of our kernel ``kind`` bound to ``expr``, if it is one."""
+def kernel_call(mutator: relax.PyExprMutator, expr: relax.Expr, kind: str | tuple[str, ...]) -> relax.Call | None:
+    """The ``call_tir`` of our kernel ``kind`` (or of one of the kinds) bound to ``expr``, if it is one."""
     call = bound_call(mutator, expr, "relax.call_tir")
-    if call is None or kernel_kind(mutator.builder_.get(), call.args[0]) != kind:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if call is None or kernel_kind(mutator.builder_.get(), call.args[0]) not in kinds:
         return None
     return call
 

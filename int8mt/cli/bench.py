@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the model the bundle was compiled from, ours or a Hugging Face Marian one: PyTorch runs it, "
                         "--against converts it (default: paths.model)")
     p.add_argument("--against", choices=("ctranslate2",), default=None,
-                   help="ctranslate2: CTranslate2 INT8 on the same weights (--model, converted with its converter), "
-                        "both engines in their best thread layouts, sentences/s and peak memory")
+                   help="ctranslate2: CTranslate2 on the same weights (--model, converted with its converter) at the "
+                        "bundle's precision (INT8, or FP32 for an FP32 bundle), both engines in their best thread layouts, sentences/s and peak memory")
     p.add_argument("--fixed-tokens", type=int, default=None, metavar="N",
                    help="--against: every sentence decodes exactly N tokens in both engines (same work whatever "
                         "the weights; default: translate to the end of sentence and compare BLEU)")
@@ -84,7 +84,7 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
              batch_sizes: tuple[int, ...]) -> int:
     import tempfile
 
-    from ..interface.bench_ctranslate2 import (Scenario, check_same_model, compare_with_ctranslate2,
+    from ..interface.bench_ctranslate2 import (Scenario, check_same_model, compare_with_ctranslate2, compute_type,
                                                format_comparison, plot_comparison)
     from ..interface.ctranslate2_model import convert_to_ctranslate2
     from ..runtime.bundle import read_manifest, tokenizer_kind
@@ -102,12 +102,13 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
     ids = [fit_to_positions(tokenizer.encode(s), limit, tokenizer.eos_id) for s in sources]
     beam = args.beam or cfg.decode.beam_size
     scenarios = [Scenario(1, b) for b in batch_sizes] + ([Scenario(beam, max(batch_sizes))] if beam > 1 else [])
+    precision = compute_type(manifest.get("quantization", {}).get("scheme", "int8"))
     with tempfile.TemporaryDirectory(prefix="int8mt-ct2-") as tmp:
-        print(f"converting {model_dir} with CTranslate2's converter (int8)", file=sys.stderr)
-        ct2_dir = convert_to_ctranslate2(model_dir, Path(tmp) / "ct2")
+        print(f"converting {model_dir} with CTranslate2's converter ({precision})", file=sys.stderr)
+        ct2_dir = convert_to_ctranslate2(model_dir, Path(tmp) / "ct2", precision)
         result = compare_with_ctranslate2(args.bundle, ct2_dir, ids, scenarios, args.fixed_tokens,
                                           cfg.decode.length_penalty, tokenizer.decode,
-                                          None if args.fixed_tokens else refs)
+                                          None if args.fixed_tokens else refs, ct2_compute_type=precision)
     result["model"] = str(model_dir)
     return _report(args, result, format_comparison(result), plot_comparison)
 

@@ -1,5 +1,6 @@
-"""``int8mt bench BUNDLE --against ctranslate2``: int8mt against CTranslate2 INT8 on the same weights, each
-engine in its best thread layout, one run, the engines interleaved.
+"""``int8mt bench BUNDLE --against ctranslate2``: int8mt against CTranslate2 on the same weights at the bundle's
+precision (INT8 against a quantized bundle, FP32 against an FP32 one), each engine in its best thread layout, one
+run, the engines interleaved.
 
 Both engines get the same token ids (the bundle's tokenizer) and return token ids. Every (scenario, engine,
 layout) runs in a fresh process (:mod:`.bench_engine`), so its peak resident memory is its own. Layouts: one
@@ -31,6 +32,16 @@ from .bench_engine import EngineRun
 from .plotting import pyplot, save
 
 ENGINES = ("ctranslate2", "int8mt")
+PRECISIONS = {"fp32": "float32"}  # CTranslate2's compute type per bundle quantization scheme (int8 otherwise)
+
+
+def compute_type(scheme: str) -> str:
+    """CTranslate2's compute type (and converter quantization) for a bundle quantized as ``scheme``."""
+    return PRECISIONS.get(scheme, "int8")
+
+
+def precision_label(result: dict) -> str:
+    return "FP32" if result.get("compute_type") == "float32" else "INT8"
 MODEL_KEYS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim")
 
 
@@ -105,14 +116,15 @@ def _cpu_name() -> str:
 
 def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list[int]], scenarios: list[Scenario],
                              fixed_tokens: int | None, length_penalty: float, decode: Callable[[list[int]], str],
-                             references: list[str] | None, cpus: int | None = None) -> dict:
+                             references: list[str] | None, cpus: int | None = None,
+                             ct2_compute_type: str = "int8") -> dict:
     """Run every scenario with every layout of both engines (alternating engines) and keep each engine's best
     layout per scenario. ``decode`` turns output ids into text (for BLEU and the identical share)."""
     import ctranslate2
 
     cpus = cpus or len(os.sched_getaffinity(0))
     job = {"length_penalty": length_penalty, "fixed_tokens": fixed_tokens, "sources": sources,
-           "warmup": min(len(sources), max(s.batch for s in scenarios) * cpus)}
+           "warmup": min(len(sources), max(s.batch for s in scenarios) * cpus), "compute_type": ct2_compute_type}
     paths = {"int8mt": bundle_dir, "ctranslate2": ct2_dir}
     intel = is_intel_cpu()
     plan = [(s, e, layout) for s in scenarios for pair in zip_longest(*(layouts(e, cpus, intel) for e in ENGINES))
@@ -128,7 +140,7 @@ def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list
     for r in runs:
         del r["outputs"]
     return {"machine": f"{cpus} CPUs of {_cpu_name()}", "ctranslate2": ctranslate2.__version__,
-            "bundle": str(bundle_dir), "sentences": len(sources), "fixed_tokens": fixed_tokens,
+            "compute_type": ct2_compute_type, "bundle": str(bundle_dir), "sentences": len(sources), "fixed_tokens": fixed_tokens,
             "length_penalty": length_penalty, "rows": rows, "runs": runs}
 
 
@@ -155,10 +167,11 @@ def _scenario_row(name: str, runs: list[dict], fixed_tokens: int | None, decode:
 def format_comparison(result: dict) -> str:
     work = (f"every sentence exactly {result['fixed_tokens']} tokens" if result["fixed_tokens"]
             else "translation to the end of sentence")
-    lines = [f"{result['machine']}; CTranslate2 {result['ctranslate2']} INT8 against {result['bundle']}; "
+    precision = precision_label(result)
+    lines = [f"{result['machine']}; CTranslate2 {result['ctranslate2']} {precision} against {result['bundle']}; "
              f"{result['sentences']} sentences, {work}",
-             "| scenario | CTranslate2 INT8 sent/s | int8mt INT8 sent/s | ratio | peak RSS MiB CT2 / int8mt | "
-             "identical | BLEU CT2 / int8mt | best layouts CT2 / int8mt |",
+             f"| scenario | CTranslate2 {precision} sent/s | int8mt {precision} sent/s | ratio | peak RSS MiB CT2 / "
+             "int8mt | identical | BLEU CT2 / int8mt | best layouts CT2 / int8mt |",
              "|---|---:|---:|---:|---|---:|---|---|"]
     for row in result["rows"]:
         ct2, ours = row["ctranslate2"], row["int8mt"]
@@ -172,13 +185,14 @@ def format_comparison(result: dict) -> str:
 def plot_comparison(result: dict, path: Path) -> None:
     """Sentences/s and peak resident memory per scenario, the two engines side by side."""
     plt = pyplot()
+    precision = precision_label(result)
     names = [row["scenario"] for row in result["rows"]]
     fig, panels = plt.subplots(1, 2, figsize=(11, 4))
     for panel, key, label in zip(panels, ("sentences_per_second", "peak_rss_mib"), ("sentences/s", "peak RSS (MiB)")):
         for offset, engine in ((-0.2, "ctranslate2"), (0.2, "int8mt")):
             values = [row[engine][key] for row in result["rows"]]
             bars = panel.bar([i + offset for i in range(len(names))], values, width=0.4,
-                             label=f"{'CTranslate2' if engine == 'ctranslate2' else 'int8mt'} INT8")
+                             label=f"{'CTranslate2' if engine == 'ctranslate2' else 'int8mt'} {precision}")
             panel.bar_label(bars, fmt="%.0f", fontsize=8)
         panel.set(xticks=range(len(names)), xticklabels=names, ylabel=label)
         panel.legend()

@@ -25,6 +25,7 @@ class EngineRun:
     fixed_tokens: int | None    # every output exactly this many tokens, or None: stop at end of sentence
     sources: list[list[int]]    # token ids, end of sentence included
     warmup: int                 # sentences translated once, untimed, before the timed run
+    compute_type: str = "int8"  # CTranslate2's: int8 against a quantized bundle, float32 against an FP32 one
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _ctranslate2(run: EngineRun):
 
     source_vocab, target_vocab = vocabularies(Path(run.path))
     target_ids = {token: i for i, token in enumerate(target_vocab)}
-    translator = ctranslate2.Translator(run.path, device="cpu", compute_type="int8", inter_threads=run.replicas,
+    translator = ctranslate2.Translator(run.path, device="cpu", compute_type=run.compute_type, inter_threads=run.replicas,
                                         intra_threads=run.threads)
     fixed = {} if run.fixed_tokens is None else {"min_decoding_length": run.fixed_tokens,
                                                  "max_decoding_length": run.fixed_tokens}

@@ -31,6 +31,13 @@ class Int8Dot:
     accumulates: bool
     rows: int = 1  # activation rows per instruction
     batch_family: str | None = None  # the family of the batched (attention) matmuls, where not this one
+    weight: str = "int8"  # the dtype of weights and activations
+    accumulator: str = "int32"  # the dtype of the sums
+
+    @property
+    def tensorized(self) -> bool:
+        """Whether the kernel calls ``intrin``; else (float32 multiply-adds) it vectorizes the lanes."""
+        return bool(self.intrin)
 
     @property
     def ops_per_instruction(self) -> int:

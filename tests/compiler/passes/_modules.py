@@ -20,7 +20,7 @@ def tiles_for(dot: Int8Dot = DOT):
 
 
 def dense_kernel(bb: relax.BlockBuilder, n: int, k: int, tiles: DenseTiles, dot: Int8Dot = DOT) -> tvm.ir.GlobalVar:
-    """The dense kernel PackInt8Dense adds for an [n, k] weight, under the name it gives it."""
+    """The dense kernel PackDense adds for an [n, k] weight, under the name it gives it."""
     name = f"int8_dense_n{n}_k{k}_r{tiles.rows}c{tiles.cols}d{tiles.depth}"
     return bb.add_func(scheduled_int8_dense(n, k, tiles, dot).without_attr("global_symbol"), name)
 

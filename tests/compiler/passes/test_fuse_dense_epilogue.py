@@ -1,4 +1,4 @@
-"""FuseDenseEpilogue (after PackInt8Dense and FoldDenseBias): the elementwise
+"""FuseDenseEpilogue (after PackDense and FoldDenseBias): the elementwise
 chains after int8 linear layers (requantization into the heads' layout, ReLU + requantization,
 dequantization + residual) become part of the dense kernel, a result used twice is not fused, and the
 compiled graph equals the unfused one bit for bit and NumPy's integer arithmetic, for dynamic sizes."""
@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from int8mt.compiler.passes import FoldDenseBias, FuseDenseEpilogue, PackInt8Dense
+from int8mt.compiler.passes import FoldDenseBias, FuseDenseEpilogue, PackDense
 from int8mt.compiler.pipeline import relax_pipeline
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.schedules.intrin import int8_dot
@@ -78,7 +78,7 @@ def _expected(x: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
 
 def _packed(preset, fuse: bool) -> tvm.IRModule:
     dot = int8_dot(preset.int8_dot)
-    packed = FoldDenseBias()(PackInt8Dense(lambda n, k, fn: default_tiles(n, k, dot), dot)(_module()))
+    packed = FoldDenseBias()(PackDense(lambda n, k, fn: default_tiles(n, k, dot), dot)(_module()))
     return FuseDenseEpilogue()(packed) if fuse else packed
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from int8mt.compiler.passes import GatherPackedRows, PackInt8Dense
+from int8mt.compiler.passes import GatherPackedRows, PackDense
 from int8mt.schedules.int8_dense import default_tiles, packed_rows
 
 from ._modules import DOT, dense_kernel, function, packed, tiles_for, weight
@@ -44,7 +44,7 @@ def _tied(bb: relax.BlockBuilder, ids: relax.Var) -> relax.Expr:
 
 
 def test_tied_table_shares_the_dense_kernels_packed_constant():
-    after = GatherPackedRows(DOT)(PackInt8Dense(tiles_for(), DOT)(function(relax.BlockBuilder(), [_ids()], _tied)))
+    after = GatherPackedRows(DOT)(PackDense(tiles_for(), DOT)(function(relax.BlockBuilder(), [_ids()], _tied)))
     bb = relax.BlockBuilder()
     dense = dense_kernel(bb, 40, 16, default_tiles(40, 16, DOT))
     rows_kernel = _rows_kernel(bb)

@@ -1,4 +1,4 @@
-"""The int8 kernel phase of the pipeline (``int8_kernel_passes``) on small Relax graphs: linear layers with constant int8 weights become the packed int8
+"""The kernel phase of the pipeline (``kernel_passes``) on small Relax graphs: linear layers with constant int8 weights become the packed int8
 kernel (of each dot-product family), matmuls of two int8 activations (attention) the batched kernel, the
 compiled graphs equal the integer matmuls for dynamic sizes, and other matmuls stay."""
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from int8mt.compiler.pipeline import int8_kernel_passes, relax_pipeline
+from int8mt.compiler.pipeline import kernel_passes, relax_pipeline
 from int8mt.schedules.int8_dense import DenseTiles, default_tiles
 from int8mt.schedules.intrin import int8_dot
 
@@ -18,7 +18,7 @@ VNNI = "vnni"  # rewriting needs no VNNI CPU
 def _kernels(mod: tvm.IRModule, family: str, tiles_for=None) -> tvm.IRModule:
     """Phase 2 on ``mod`` for the dot product ``family`` (default tiles unless ``tiles_for``)."""
     dot = int8_dot(family)
-    passes = int8_kernel_passes(tiles_for or (lambda n, k, fn: default_tiles(n, k, dot)), family)
+    passes = kernel_passes(tiles_for or (lambda n, k, fn: default_tiles(n, k, dot)), family)
     return tvm.transform.Sequential(passes)(mod)
 
 

@@ -1,10 +1,10 @@
-"""PackInt8Dense: a linear layer with a constant int8 weight becomes a call of the packed dense kernel (rows
+"""PackDense: a linear layer with a constant int8 weight becomes a call of the packed dense kernel (rows
 flattened, weight packed at compile time, tiles from ``tiles_for``); other matmuls are left alone."""
 import numpy as np
 import tvm
 from tvm import relax
 
-from int8mt.compiler.passes import PackInt8Dense
+from int8mt.compiler.passes import PackDense
 from int8mt.schedules.int8_dense import default_tiles, dense_attrs
 
 from ._modules import DOT, dense_kernel, function, packed, tiles_for, weight
@@ -33,7 +33,7 @@ def test_linear_layer_becomes_the_packed_kernel():
         return relax.op.reshape(out, [b, t, 32])
 
     expected = function(bb, [x], body)
-    after = PackInt8Dense(tiles_for(), DOT)(before)
+    after = PackDense(tiles_for(), DOT)(before)
     tvm.ir.assert_structural_equal(after, expected)
     n, k, tiles, family = dense_attrs(after[kernel.name_hint])  # what later passes and the report read
     assert (n, k, tiles, family) == (32, 16, default_tiles(32, 16, DOT), "vnni")
@@ -47,7 +47,7 @@ def test_a_kxn_weight_is_packed_transposed():
     kernel = dense_kernel(bb, 32, 16, default_tiles(32, 16, DOT))
     x = relax.Var("x", relax.TensorType([5, 16], "int8"))
     expected = function(bb, [x], lambda bb, x: relax.call_tir(kernel, [x, *packed(W)], relax.TensorType([5, 32], "int32")))
-    tvm.ir.assert_structural_equal(PackInt8Dense(tiles_for(), DOT)(before), expected)
+    tvm.ir.assert_structural_equal(PackDense(tiles_for(), DOT)(before), expected)
 
 
 def test_must_not_fire_on_activations_float_matmuls_or_int8_outputs():
@@ -61,4 +61,4 @@ def test_must_not_fire_on_activations_float_matmuls_or_int8_outputs():
         return relax.Tuple([two_activations, floats])
 
     before = function(relax.BlockBuilder(), [a, b, f], body)
-    tvm.ir.assert_structural_equal(PackInt8Dense(tiles_for(), DOT)(before), before)
+    tvm.ir.assert_structural_equal(PackDense(tiles_for(), DOT)(before), before)

@@ -1,13 +1,17 @@
-"""PackInt8Dense: linear layers with constant int8 weights -> the tuned int8 dense kernel.
+"""PackDense: linear layers with constant weights -> the tuned dense kernel of a dot product.
 
-Runs after :class:`.ScalePropagation`, on targets whose preset names an int8 dot product. It rewrites
+With an int8 dot product it runs after :class:`.ScalePropagation`, on targets whose preset names one, and
+rewrites
 
     matmul(x: int8[..., K], permute_dims(W: const int8[N, K]), out_dtype="int32")   (a linear layer)
     matmul(x: int8[..., K], W: const int8[K, N], out_dtype="int32")
 
 into ``call_tir(int8_dense_NxK, [reshape(x, [M, K]), packed W, correction])``: the weight is packed at
 compile time into the intrinsic's layout (``[N/16, K/4, 16, 4]`` for VNNI) with its correction
-(:mod:`int8mt.schedules.int8_dense`), so inference pays nothing for the layout. Each kernel is scheduled
+(:mod:`int8mt.schedules.int8_dense`), so inference pays nothing for the layout. With a float32 multiply-add
+family (a preset's ``float_dot``) it does the same for the float32 matmuls of FP32 layers (an FP32 model, or
+the layers a quantized one keeps in float), into ``float_dense`` kernels with weights packed ``[N/lanes, K,
+lanes, 1]`` and a zero correction. Each kernel is scheduled
 with the tiles ``tiles_for(n, k, function_name)`` gives (the tuning database, or defaults) and marked as
 scheduled (the default schedule leaves it alone) and with its shape and tiles (``int8mt.dense``), which
 the passes after this one and the build report read. Other matmuls are left alone.
@@ -21,10 +25,11 @@ import tvm
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from int8mt.schedules.int8_dense import DenseTiles, pack_weight, scheduled_int8_dense
+from int8mt.schedules.int8_dense import DenseTiles, dense_kind, pack_weight, scheduled_int8_dense
 from int8mt.schedules.intrin import Int8Dot
 
-from .kernel_calls import KernelTable, bound_call, int8_table, is_int8_matmul, rewrite_functions, shape_product
+from .kernel_calls import (KernelTable, bound_call, is_float_matmul, is_int8_matmul, rewrite_functions,
+                           shape_product, weight_table)
 
 TilesFor = Callable[[int, int, str], DenseTiles]
 
@@ -43,16 +48,17 @@ class _DensePacker(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if not (is_int8_matmul(call) and call.args[0].ty.ndim >= 2):
+        takes = is_int8_matmul(call) if self.dot.tensorized else is_float_matmul(call)
+        if not (takes and call.args[0].ty.ndim >= 2):
             return call
         x, w = call.args
         transposed = bound_call(self, w, "relax.permute_dims")
         table = None
         if transposed is not None and (transposed.attrs.axes is None
                                        or [int(a) for a in transposed.attrs.axes] == [1, 0]):
-            table = int8_table(transposed.args[0])
+            table = weight_table(transposed.args[0], self.dot.weight)
         if table is None:
-            weight = int8_table(self.lookup_binding(w) if isinstance(w, relax.Var) else w)
+            weight = weight_table(self.lookup_binding(w) if isinstance(w, relax.Var) else w, self.dot.weight)
             if weight is None:
                 return call  # not a constant weight
             table = relax.const(np.ascontiguousarray(weight.value.numpy().T))  # a [K, N] weight, used once
@@ -63,9 +69,9 @@ class _DensePacker(PyExprMutator):
         packed, correction = self._pack(table)
         tiles = self.tiles_for(n, k, self.function)
         kernel = self.kernels.get(("dense", n, k, tiles),
-                                  f"int8_dense_n{n}_k{k}_r{tiles.rows}c{tiles.cols}d{tiles.depth}",
+                                  f"{dense_kind(self.dot)}_n{n}_k{k}_r{tiles.rows}c{tiles.cols}d{tiles.depth}",
                                   lambda: scheduled_int8_dense(n, k, tiles, self.dot))
-        out = relax.call_tir(kernel, [flat, packed, correction], relax.TensorType([rows, n], "int32"))
+        out = relax.call_tir(kernel, [flat, packed, correction], relax.TensorType([rows, n], self.dot.accumulator))
         return out if len(lead) == 1 else relax.op.reshape(self.builder_.emit(out), [*lead, n])
 
     def _pack(self, table: ir.expr.Constant) -> tuple[relax.Expr, relax.Expr]:
@@ -76,8 +82,8 @@ class _DensePacker(PyExprMutator):
         return self.packed[table]
 
 
-@tvm.transform.module_pass(opt_level=0, name="int8mt.PackInt8Dense")
-class PackInt8Dense:
+@tvm.transform.module_pass(opt_level=0, name="int8mt.PackDense")
+class PackDense:
     """Linear layers with constant int8 weights -> the packed dense kernel of ``dot`` (see the module
     docstring); ``tiles_for(n, k, function_name)`` gives each kernel's tiles."""
 
