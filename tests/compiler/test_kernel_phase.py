@@ -1,6 +1,7 @@
 """The kernel phase of the pipeline (``kernel_passes``) on small Relax graphs: linear layers with constant int8 weights become the packed int8
 kernel (of each dot-product family), matmuls of two int8 activations (attention) the batched kernel, the
-compiled graphs equal the integer matmuls for dynamic sizes, and other matmuls stay."""
+compiled graphs equal the integer matmuls for dynamic sizes, and other matmuls stay; FP32 linear layers
+become the float kernel with the bias, ReLU and residual in its epilogue."""
 import numpy as np
 import pytest
 import tvm
@@ -10,7 +11,8 @@ from int8mt.compiler.pipeline import kernel_passes, relax_pipeline
 from int8mt.schedules.int8_dense import DenseTiles, default_tiles
 from int8mt.schedules.intrin import int8_dot
 
-from ..conftest import INT8_PRESETS
+from ..conftest import INT8_PRESETS, runnable
+from int8mt.targets import PRESETS
 
 VNNI = "vnni"  # rewriting needs no VNNI CPU
 
@@ -204,3 +206,38 @@ def test_compiled_attention_equals_integer_matmuls(preset):
         p = np.clip((q.astype(np.int32) @ k.astype(np.int32)) >> 6, -128, 127).astype(np.int8)
         out = vm["main"](*(tvm.runtime.tensor(x) for x in (q, k, v))).numpy()
         np.testing.assert_array_equal(out, p.astype(np.int32) @ v.astype(np.int32))
+
+
+def _float_block_module(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> tvm.IRModule:
+    """An FP32 feed-forward block as the importer writes it: x [b, t, d] -> relu(x W1^T + b1) W2^T + b2 + x."""
+    bb = relax.BlockBuilder()
+    b, t = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("t", "int64")
+    x = relax.Var("x", relax.TensorType([b, t, w1.shape[1]], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = x
+            for w, bias, last in ((w1, b1, False), (w2, b2, True)):
+                y = bb.emit(relax.op.matmul(h, bb.emit(relax.op.permute_dims(relax.const(w), [1, 0])),
+                                            out_dtype="float32"))
+                y = bb.emit(relax.op.add(relax.const(bias), y))
+                h = bb.emit(relax.op.add(y, x) if last else relax.op.nn.relu(y))
+            out = bb.emit_output(h)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("preset", [runnable(PRESETS[name]) for name in ("x86-avx512", "x86-avx2")])
+def test_fp32_linear_layers_become_the_float_kernel_with_fused_epilogues(preset):
+    rng = np.random.default_rng(5)
+    d, f = 24, 40
+    w1, b1 = rng.standard_normal((f, d)).astype(np.float32), rng.standard_normal(f).astype(np.float32)
+    w2, b2 = rng.standard_normal((d, f)).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    mod = tvm.transform.Sequential(kernel_passes(None, None, preset.float_dot))(_float_block_module(w1, b1, w2, b2))
+    main = mod["main"].script()
+    assert _count_calls(mod, "float_dense") == 2 and main.count("_to_float32") == 2  # both with an epilogue
+    assert "R.matmul" not in main and "R.add" not in main and "relu" not in main
+    vm = _vm(mod, preset)
+    for lead in ((1, 1), (3, 7), (2, 20)):
+        x = rng.standard_normal((*lead, d)).astype(np.float32)
+        expected = np.maximum(x @ w1.T + b1, 0) @ w2.T + b2 + x
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), expected, rtol=1e-4, atol=1e-4)

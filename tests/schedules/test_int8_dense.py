@@ -1,6 +1,6 @@
 """The int8 dense kernel of every dot-product family: weight packing, the tiles a tuning trace encodes, and
 every scheduled kernel equal to NumPy's integer matmul for dynamic row counts (tails, the few-rows branch and
-padded N/K included), and the peak microbenchmark."""
+padded N/K included), and the peak microbenchmark; the float32 dense kernel of FP32 layers against NumPy."""
 import numpy as np
 import pytest
 import tvm
@@ -8,9 +8,12 @@ from tvm import s_tir
 
 from int8mt.schedules.int8_dense import (DenseTiles, default_tiles, int8_dense, pack_weight,
                                          row_tiles, schedule_int8_dense, scheduled_int8_dense, tiles_from_trace)
-from int8mt.schedules.intrin import DOTS, int8_dot
+from int8mt.schedules.intrin import DOTS, FLOAT_DOTS, dense_dot, int8_dot
+from int8mt.targets import PRESETS
 
-from ..conftest import INT8_PRESETS
+from ..conftest import INT8_PRESETS, runnable
+
+FLOAT_PRESETS = [runnable(PRESETS[name]) for name in ("x86-avx512", "x86-avx2")]  # x86 float families (NEON: tests/arm)
 
 
 def test_pack_weight_layout_and_correction():
@@ -94,3 +97,35 @@ def test_peak_microbenchmark_runs_every_thread(preset):
     dot = int8_dot(preset.int8_dot)
     result = measure_int8_peak(dot, tvm.target.Target(preset.target), iters=1000, repeat=1)
     assert result["threads"] >= 1 and result["gops"] > 0 and result["instruction"] == dot.instruction
+
+
+def test_pack_weight_float():
+    w = np.random.default_rng(0).standard_normal((20, 5)).astype(np.float32)
+    packed, correction = pack_weight(w, FLOAT_DOTS["fp32-avx2"])
+    assert packed.shape == (3, 5, 8, 1) and packed.dtype == np.float32
+    assert correction.dtype == np.float32 and not correction.any()
+    for n, k in [(0, 0), (17, 4), (19, 3), (9, 1)]:
+        assert packed[n // 8, k, n % 8, 0] == w[n, k]
+    assert not packed[2, :, 4:].any()  # N padded with zeros
+    with pytest.raises(ValueError, match="2-D float32 weight"):
+        pack_weight(w.astype(np.int8), FLOAT_DOTS["fp32-avx2"])
+
+
+@pytest.mark.parametrize("preset", FLOAT_PRESETS)
+@pytest.mark.parametrize("n,k,tiles", [(64, 32, None), (100, 30, None), (48, 64, DenseTiles(6, 2, 16, row_split=2)),
+                                       (16, 8, DenseTiles(1, 1, 1))])
+def test_float_kernel_equals_numpy_for_any_row_count(n, k, tiles, preset):
+    """The float32 kernel (vectorized multiply-adds, no intrinsic) with dynamic rows, tails and the few-rows
+    branch; float sums in another order than NumPy's: equal to rounding."""
+    dot = dense_dot(preset.float_dot)
+    rng = np.random.default_rng(n + k)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    packed, correction = pack_weight(w, dot)
+    kernel = scheduled_int8_dense(n, k, tiles or default_tiles(n, k, dot), dot)
+    assert kernel.attrs["int8mt.kernel"] == "float_dense"
+    module = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(preset.target)).mod
+    for rows in (1, 2, 3, 5, 7, 9, 25, 37):
+        a = rng.standard_normal((rows, k)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+        module["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(packed), tvm.runtime.tensor(correction), out)
+        np.testing.assert_allclose(out.numpy(), a @ w.T, rtol=1e-5, atol=1e-5)

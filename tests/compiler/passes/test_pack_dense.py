@@ -1,13 +1,15 @@
 """PackDense: a linear layer with a constant int8 weight becomes a call of the packed dense kernel (rows
-flattened, weight packed at compile time, tiles from ``tiles_for``); other matmuls are left alone."""
+flattened, weight packed at compile time, tiles from ``tiles_for``), and with a float32 multiply-add family a
+float32 linear layer the float kernel; other matmuls are left alone."""
 import numpy as np
 import tvm
 from tvm import relax
 
 from int8mt.compiler.passes import PackDense
+from int8mt.compiler.passes.kernel_calls import kernel_kind
 from int8mt.schedules.int8_dense import default_tiles, dense_attrs
 
-from ._modules import DOT, dense_kernel, function, packed, tiles_for, weight
+from ._modules import DOT, FLOAT_DOT, dense_kernel, float_weight, function, packed, tiles_for, weight
 
 W = weight(32, 16)
 
@@ -62,3 +64,33 @@ def test_must_not_fire_on_activations_float_matmuls_or_int8_outputs():
 
     before = function(relax.BlockBuilder(), [a, b, f], body)
     tvm.ir.assert_structural_equal(PackDense(tiles_for(), DOT)(before), before)
+
+
+def test_float_linear_layer_becomes_the_float_kernel():
+    wf = float_weight(32, 16)
+    x = relax.Var("x", relax.TensorType([5, 16], "float32"))
+    before = function(relax.BlockBuilder(), [x], lambda bb, x: relax.op.matmul(
+        x, bb.emit(relax.op.permute_dims(relax.const(wf), [1, 0])), out_dtype="float32"))
+    bb = relax.BlockBuilder()
+    kernel = dense_kernel(bb, 32, 16, default_tiles(32, 16, FLOAT_DOT), FLOAT_DOT)
+    x = relax.Var("x", relax.TensorType([5, 16], "float32"))
+    expected = function(bb, [x], lambda bb, x: relax.call_tir(kernel, [x, *packed(wf, FLOAT_DOT)],
+                                                               relax.TensorType([5, 32], "float32")))
+    after = PackDense(tiles_for(FLOAT_DOT), FLOAT_DOT)(before)
+    tvm.ir.assert_structural_equal(after, expected)
+    assert kernel_kind(after, after.get_global_var(kernel.name_hint)) == "float_dense"  # not an int8 kernel
+    assert dense_attrs(after[kernel.name_hint])[3] == "fp32-avx2"
+
+
+def test_float_packing_leaves_integer_and_activation_matmuls():
+    a = relax.Var("a", relax.TensorType([4, 16], "int8"))
+    f = relax.Var("f", relax.TensorType([4, 16], "float32"))
+    g = relax.Var("g", relax.TensorType([16, 8], "float32"))
+
+    def body(bb, a, f, g):
+        integers = bb.emit(relax.op.matmul(a, relax.const(np.ascontiguousarray(W.T)), out_dtype="int32"))
+        two_activations = bb.emit(relax.op.matmul(f, g))
+        return relax.Tuple([integers, two_activations])
+
+    before = function(relax.BlockBuilder(), [a, f, g], body)
+    tvm.ir.assert_structural_equal(PackDense(tiles_for(FLOAT_DOT), FLOAT_DOT)(before), before)
