@@ -6,6 +6,7 @@
 * int8mt default: the int8 matmul as legalized by TVM under our default (untuned) CPU schedule;
 * PyTorch int8: ``torch.ao.nn.quantized.Linear`` (fbgemm/oneDNN with VNNI; int8 in, int8 out), and the
   dynamic one (FP32 in and out, activations quantized per call);
+* int8mt FP32: the float32 kernel of FP32 layers (the preset's ``float_dot``, default tiles, weights packed);
 * PyTorch FP32: ``torch.nn.functional.linear``,
 
 next to this CPU's int8 peak for that dot product (:mod:`int8mt.schedules.int8_peak`, on every core). All on
@@ -59,6 +60,7 @@ class KernelRow:
     tuned: bool
     int8mt_tuned: float
     int8mt_default: float
+    int8mt_fp32: float
     torch_int8: float | None  # PyTorch and the peak: None when measured on a board over RPC
     torch_int8_dynamic: float | None
     torch_fp32: float | None
@@ -162,6 +164,26 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str,
             tuned_tiles)
 
 
+def _float_kernel(n: int, k: int, rows: int, target, family: str, where: CheckedRunner) -> Timer:
+    """Timer of the float32 kernel of FP32 layers (default tiles) on ``where``, checked against NumPy."""
+    import tvm
+
+    from int8mt.schedules.int8_dense import default_tiles, pack_weight, scheduled_int8_dense
+    from int8mt.schedules.intrin import dense_dot
+
+    dot = dense_dot(family)
+    rng = np.random.default_rng(0)
+    a, w = rng.standard_normal((rows, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    module = where.load(tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, default_tiles(n, k, dot), dot,
+                                                                              rows)}), target=target))
+    args = [tvm.runtime.tensor(x, device=where.device) for x in (*pack_weight(w, dot), np.zeros((rows, n), np.float32))]
+    args.insert(0, tvm.runtime.tensor(a, device=where.device))
+    module["main"](*args)
+    if not np.allclose(args[-1].numpy(), a @ w.T, rtol=1e-4, atol=1e-3):
+        raise RuntimeError(f"the float32 {n}x{k} kernel disagrees with NumPy")
+    return _tvm_timer(module, args, where.device)
+
+
 def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
     """Timers of PyTorch's static int8, dynamic int8 and FP32 linear on the same shape."""
     import torch
@@ -214,13 +236,15 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     where = measurement.runner(dot)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
-    kernels = [_int8mt_kernels(n, k, m, target, database, preset.int8_dot, where)
+    kernels = [(*_int8mt_kernels(n, k, m, target, database, preset.int8_dot, where),
+                _float_kernel(n, k, m, target, preset.float_dot, where))
                for _, n, k, m in tqdm(cases, desc="compiling int8mt kernels")]
     if rpc is not None:
-        ours, = _rounds([[[tuned, default] for tuned, default, _, _ in kernels]], f"kernels (int8mt, on {rpc})")
+        ours, = _rounds([[[tuned, default, fp32] for tuned, default, _, _, fp32 in kernels]],
+                        f"kernels (int8mt, on {rpc})")
         rows = [KernelRow(model, n, k, m, tiles, was_tuned,
                           *(round(2 * n * k * m / 1e9 / min(t), 1) for t in runs), None, None, None, None)
-                for (model, n, k, m), (_, _, tiles, was_tuned), runs in zip(cases, kernels, ours)]
+                for (model, n, k, m), (_, _, tiles, was_tuned, _), runs in zip(cases, kernels, ours)]
         return {"peak": None, "measured_on": f"rpc {rpc}", "rows": [asdict(r) for r in rows]}
     import torch
 
@@ -230,17 +254,17 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     measure_peak = int8_peak_runner(dot, target)
     peak = measure_peak(5)
     short_peak = _short_peak_timer(dot, target)
-    ours, theirs = _rounds([[[short_peak, tuned, default] for tuned, default, _, _ in kernels],
+    ours, theirs = _rounds([[[short_peak, tuned, default, fp32] for tuned, default, _, _, fp32 in kernels],
                             [_torch_timers(n, k, m) for _, n, k, m in cases]], "kernels (int8mt, PyTorch)")
     # measured again after the rounds: the better of the two, as every other number here is the least
     # disturbed run
     peak = max(peak, measure_peak(5), key=lambda p: p["gops"])
     rows = []
-    for (model, n, k, m), (_, _, tiles, was_tuned), runs, torch_runs in zip(cases, kernels, ours, theirs):
+    for (model, n, k, m), (_, _, tiles, was_tuned, _), runs, torch_runs in zip(cases, kernels, ours, theirs):
         gop = 2 * n * k * m / 1e9
-        peak_runs, tuned_runs, default_runs = runs
+        peak_runs, tuned_runs, default_runs, fp32_runs = runs
         rows.append(KernelRow(model, n, k, m, tiles, was_tuned,
-                              *(round(gop / min(t), 1) for t in (tuned_runs, default_runs, *torch_runs)),
+                              *(round(gop / min(t), 1) for t in (tuned_runs, default_runs, fp32_runs, *torch_runs)),
                               peak_share_same_moment=round(same_moment_share(gop, peak_runs, tuned_runs), 3)))
     return {"peak": peak, "measured_on": "this machine", "rows": [asdict(r) for r in rows]}
 
@@ -250,7 +274,8 @@ def format_kernel_table(result: dict) -> str:
         return _format_remote_table(result)
     peak = result["peak"]["gops"]
     header = ("| model | n x k | rows | int8mt tuned GOPS | % of peak | % of peak, same moment | tiles | "
-              "int8mt default | PyTorch int8 | PyTorch int8 dynamic | PyTorch FP32 | tuned / PyTorch int8 |")
+              "int8mt default | PyTorch int8 | PyTorch int8 dynamic | int8mt FP32 | PyTorch FP32 | "
+              "tuned / PyTorch int8 |")
     instruction = result["peak"]["instruction"].removeprefix("llvm.x86.")
     lines = [f"int8 peak ({instruction} streams, {result['peak']['threads']} threads): {peak:.0f} GOPS", "", header,
              "|" + "---|" * header.count(" | ") + "---|"]
@@ -259,17 +284,18 @@ def format_kernel_table(result: dict) -> str:
                      f"{100 * r['int8mt_tuned'] / peak:.0f} | {100 * r['peak_share_same_moment']:.0f} | "
                      f"{r['tiles']}{'' if r['tuned'] else ' (default)'} | "
                      f"{r['int8mt_default']:.0f} | {r['torch_int8']:.0f} | {r['torch_int8_dynamic']:.0f} | "
-                     f"{r['torch_fp32']:.0f} | {r['int8mt_tuned'] / r['torch_int8']:.2f}x |")
+                     f"{r['int8mt_fp32']:.0f} | {r['torch_fp32']:.0f} | {r['int8mt_tuned'] / r['torch_int8']:.2f}x |")
     return "\n".join(lines)
 
 
 def _format_remote_table(result: dict) -> str:
     """The table of a run on a board: our tuned and default kernels only."""
     lines = [f"int8 kernels measured on {result['measured_on']}", "",
-             "| model | n x k | rows | int8mt tuned GOPS | tiles | int8mt default GOPS | tuned / default |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | n x k | rows | int8mt tuned GOPS | tiles | int8mt default GOPS | tuned / default | "
+             "int8mt FP32 GFLOPS |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['n']} x {r['k']} | {r['rows']} | {r['int8mt_tuned']:.1f} | "
                      f"{r['tiles']}{'' if r['tuned'] else ' (default)'} | {r['int8mt_default']:.1f} | "
-                     f"{r['int8mt_tuned'] / r['int8mt_default']:.2f}x |")
+                     f"{r['int8mt_tuned'] / r['int8mt_default']:.2f}x | {r['int8mt_fp32']:.1f} |")
     return "\n".join(lines)

@@ -173,8 +173,9 @@ TOP_K_KERNEL = "tvm.contrib.sort.topk"  # top candidates of bundles built before
 RELEASE_POOLS = "vm.builtin.memory_manager.clear"  # in TVM's libtvm_runtime
 MADV_DONTNEED = 4  # Linux madvise advice
 POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled
-RELEASE_POOLS_STEPS = 8  # decoder steps between releases of the memory pools (beam 4, batch 32: half the peak
-# memory at the same speed as never releasing; every step cost 6 %)
+RELEASE_POOLS_STEPS = 8  # decoder steps between releases of the memory pools at most (INT8, beam 4, batch 32: half
+# the peak memory at the same speed as never releasing; every step cost 6 %)
+POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of grown caches left in the pools between releases
 TENSOR_ALIGNMENT = 64  # bytes: TVM's kernels assume their buffers start at such an address
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
@@ -334,6 +335,7 @@ class Bundle:
         self.pad_id, self.eos_id, self.start_id = cfg["pad_id"], cfg["eos_id"], cfg["decoder_start_id"]
         self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for static quantization
         self.max_rows = max_rows(self.manifest)
+        self._steps_pooled, self._bytes_pooled = 0, 0  # since the last release of the memory pools
 
     def _open_vm(self) -> None:
         """A virtual machine of the library with pooled allocators on the device (and the CPU, for shapes)."""
@@ -404,14 +406,24 @@ class Bundle:
         return self.host(values), self.host(ids), self.host(log_sum_exp), grown
 
     def _run_step(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any, src: Any) -> tuple[Any, Any]:
-        """The compiled decoder step: (logits, grown cache), both on the device. Every ``RELEASE_POOLS_STEPS``
-        steps the virtual machines' memory pools are released first: TVM's pooled allocator keeps each freed
+        """The compiled decoder step: (logits, grown cache), both on the device. The virtual machines' memory
+        pools are released first at a batch's first step, after ``RELEASE_POOLS_STEPS`` steps, and once the caches
+        the steps grew since the last release reach ``POOL_BUDGET_BYTES``: TVM's pooled allocator keeps each freed
         buffer for reuse at exactly its size, and the cache grows by a position each step, so every step's cache
-        is a size never asked for again and the pools would grow with the square of the output length."""
-        if step % RELEASE_POOLS_STEPS == 0:
+        is a size never asked for again and the pools would grow with the square of the output length (the
+        budget bounds what large float32 caches leave there: FP32, beam 4, batch 32, two replicas peaked at 790
+        MiB with a release every 8 steps, 400 with one every step)."""
+        if step == 0 or self._steps_pooled >= RELEASE_POOLS_STEPS or self._bytes_pooled >= POOL_BUDGET_BYTES:
             self._release_pools()
+            self._steps_pooled, self._bytes_pooled = 0, 0
+        self._steps_pooled += 1
+        self._bytes_pooled += 2 * self._cache_bytes(tokens.shape[0], step + 1)  # the grown cache, each layer's copy
         out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache, cross_kv, src)
         return out[0], out[1]
+
+    def _cache_bytes(self, rows: int, positions: int) -> int:
+        """Bytes of a self-attention cache of ``rows`` rows and ``positions`` positions."""
+        return self.layers * 2 * rows * self.heads * positions * self.head_dim * np.dtype(self.cache_dtype).itemsize
 
     @property
     def candidates(self) -> int:

@@ -90,16 +90,18 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     """Beam search with ``opts.beam_size`` hypotheses per sentence, row i stopping after ``max_lens[i]``
     tokens and none ending before ``opts.min_length``; returns the best ids without EOS. Each sentence is
     encoded once; its cross-attention keys and values are then repeated on the device for its k hypotheses
-    (``reorder_cache``). Each sentence's 2k best
-    continuations are among its rows' 2k best tokens, so for beams up to ``bundle.candidates / 2`` the
-    device returns only each row's best candidates and log-sum-exp (``decode_step_candidates``) instead of
-    the whole logits, which the host would turn into log-probabilities and partition."""
+    (``reorder_cache``). Each sentence's 2k best continuations are among its rows' 2k best tokens, so for beams
+    up to ``bundle.candidates / 2`` the device returns only each row's best candidates and log-sum-exp
+    (``decode_step_candidates``) instead of the whole logits, which the host would turn into log-probabilities
+    and partition. Finished sentences leave the batch (their k rows dropped in the step's cache reorder, their
+    cross-attention rows with ``reorder_cache``) once fewer than ``COMPACT_BELOW`` of the sentences in flight
+    are unfinished, as in greedy search; every sentence's result is the same as decoded alone."""
     if opts.beam_size == 1:
         return greedy_search(bundle, src, max_lens, opts.min_length)
     batch, k = src.shape[0], opts.beam_size
-    sentence_of_row = np.repeat(np.arange(batch), k)
-    src_t = bundle.tensor(src[sentence_of_row])
-    cross = bundle.reorder_cache(bundle.encode(src), sentence_of_row)
+    alive = np.arange(batch)  # the sentences in flight, in row order: sentence alive[i] has rows i*k .. i*k+k-1
+    src_t = bundle.tensor(src[np.repeat(alive, k)])
+    cross = bundle.reorder_cache(bundle.encode(src), np.repeat(alive, k))
     cache: Any = bundle.empty_cache(batch * k)
     scores = np.full((batch, k), -np.inf)
     scores[:, 0] = 0.0
@@ -108,26 +110,26 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     tokens = np.full((batch * k, 1), bundle.start_id, np.int64)
     on_device = 2 * k <= bundle.candidates  # enough per-row candidates for the 2k best of each sentence
     for step in range(max(max_lens)):
+        n = len(alive)
         if on_device:
             values, ids, log_sum_exp, cache = bundle.decode_step_candidates(tokens, step, cache, cross, src_t)
-            log_probs, token_of = values.astype(np.float64) - log_sum_exp[:, None], ids.reshape(batch, -1)
+            log_probs, token_of = values.astype(np.float64) - log_sum_exp[:, None], ids.reshape(n, -1)
         else:
             logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
             log_probs, token_of = _log_softmax(logits.astype(np.float64)), None
         width = log_probs.shape[-1]
-        cand = scores[:, :, None] + log_probs.reshape(batch, k, width)
-        flat = cand.reshape(batch, -1)
+        flat = (scores[alive][:, :, None] + log_probs.reshape(n, k, width)).reshape(n, -1)
         top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]
-        origin = np.arange(batch * k).reshape(batch, k).copy()
-        next_tokens = np.full((batch, k), bundle.pad_id, np.int64)
-        for b in range(batch):
+        origin = np.arange(n * k).reshape(n, k).copy()  # the row each new hypothesis continues
+        next_tokens = np.full((n, k), bundle.pad_id, np.int64)
+        for i, b in enumerate(alive):
             if len(finished[b]) >= k:
                 continue
             new_hyps, new_scores = [], []
-            for idx in top[b][np.argsort(-flat[b, top[b]])]:
+            for idx in top[i][np.argsort(-flat[i, top[i]])]:
                 beam, column = divmod(int(idx), width)
-                tok = column if token_of is None else int(token_of[b, idx])
-                score = float(flat[b, idx])
+                tok = column if token_of is None else int(token_of[i, idx])
+                score = float(flat[i, idx])
                 if score == -np.inf:
                     break
                 if tok == bundle.eos_id and step < opts.min_length:
@@ -138,8 +140,8 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
                 else:
                     new_hyps.append(hyps[b][beam] + [tok])
                     new_scores.append(score)
-                    origin[b, len(new_hyps) - 1] = b * k + beam
-                    next_tokens[b, len(new_hyps) - 1] = tok
+                    origin[i, len(new_hyps) - 1] = i * k + beam
+                    next_tokens[i, len(new_hyps) - 1] = tok
                 if len(new_hyps) == k or len(finished[b]) >= k:
                     break
             hyps[b] = new_hyps + [[] for _ in range(k - len(new_hyps))]
@@ -148,10 +150,16 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
                 finished[b] += [(_penalized(sc, len(h), opts.length_penalty), h)
                                 for sc, h in zip(new_scores, new_hyps)]
                 finished[b] += [(-np.inf, [])] * (k - len(finished[b]))
-        if all(len(f) >= k for f in finished):
+        unfinished = np.flatnonzero([len(finished[b]) < k for b in alive])
+        if len(unfinished) == 0:
             break
+        if len(unfinished) < COMPACT_BELOW * n:  # the finished sentences' rows leave
+            kept_rows = (unfinished[:, None] * k + np.arange(k)).reshape(-1)
+            cross = bundle.reorder_cache(cross, kept_rows)
+            alive, origin, next_tokens = alive[unfinished], origin[unfinished], next_tokens[unfinished]
+            src_t = bundle.tensor(src[np.repeat(alive, k)])
         rows = origin.reshape(-1)
-        if not np.array_equal(rows, np.arange(batch * k)):
+        if not np.array_equal(rows, np.arange(n * k)):
             cache = bundle.reorder_cache(cache, rows)
         tokens = next_tokens.reshape(-1, 1)
     return [max(pool, key=lambda item: item[0])[1] for pool in finished]

@@ -74,6 +74,7 @@ def test_bench_kernels_over_rpc(tracker, capsys):
     out = capsys.readouterr().out
     assert f"measured on rpc {tracker}:{KEY}" in out
     assert out.count("| reference |") == 4 and out.count("| transformer-base |") == 4
+    assert "int8mt FP32 GFLOPS" in out  # the float32 kernel of FP32 layers, timed on the board too
 
 
 def test_rpc_errors_name_the_fix(tracker, tiny_model_dir, tmp_path, capsys):
