@@ -42,7 +42,7 @@ from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
 from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
 
-from .passes import (FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul, PackDense,
+from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul, PackDense,
                      ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
@@ -124,8 +124,7 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     options = options.with_tiles()
     if int8_family is not None or preset.float_dot is not None:
         mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, preset.float_dot))(mod)
-    if options.quant is not None:
-        mod = relax.transform.FuseTransposeMatmul()(mod)
+    mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "kernels", options.dump_dir)
     return mod
 
@@ -145,10 +144,10 @@ def kernel_passes(tiles_for: Callable | None, family: str | None,
     if float_family is not None:
         float_dot = dense_dot(float_family)
         dots.append((float_dot, lambda n, k, _function: default_tiles(n, k, float_dot)))
-    passes = [PackDense(tiles, dot) for dot, tiles in dots] + [FoldDenseBias()]
+    passes = [DropIdentityBroadcast()] + [PackDense(tiles, dot) for dot, tiles in dots] + [FoldDenseBias()]
     if family is not None:
-        passes += [Int8BatchMatmul(batch_dot(family)), ReadKeysAsStored()]
-    return passes + [GatherPackedRows(dot) for dot, _ in dots] + [FuseDenseEpilogue()]
+        passes.append(Int8BatchMatmul(batch_dot(family)))
+    return passes + [ReadKeysAsStored()] + [GatherPackedRows(dot) for dot, _ in dots] + [FuseDenseEpilogue()]
 
 
 def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:

@@ -1,4 +1,5 @@
 """int8mt's own Relax passes, in the order :mod:`int8mt.compiler.pipeline` applies them."""
+from .drop_identity_broadcast import DropIdentityBroadcast
 from .fold_dense_bias import FoldDenseBias
 from .fuse_dense_epilogue import FuseDenseEpilogue
 from .gather_packed_rows import GatherPackedRows
@@ -9,5 +10,5 @@ from .scale_propagation import ScalePropagation
 from .take_as_view import TakeAsView
 from .tap_int_matmuls import TapIntMatmuls
 
-__all__ = ["ScalePropagation", "TapIntMatmuls", "PackDense", "FoldDenseBias", "Int8BatchMatmul",
+__all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast", "PackDense", "FoldDenseBias", "Int8BatchMatmul",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "TakeAsView"]

@@ -1,4 +1,5 @@
-"""ReadKeysAsStored: a decoder step's one-query attention scores read the key cache as stored.
+"""ReadKeysAsStored: a decoder step's one-query attention scores (int8, or float32 in FP32 layers) read the key
+cache as stored.
 
 The importer gives ``matmul(q [..., 1, R], reshape(permute_dims(K, last two axes swapped)))`` for QK^T.
 Legalized as is, the whole key cache is copied transposed at every step. This pass rewrites it to
@@ -12,7 +13,7 @@ from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
-from .kernel_calls import bound_call, is_int8_matmul, is_one, rewrite_functions
+from .kernel_calls import bound_call, is_float_matmul, is_int8_matmul, is_one, rewrite_functions
 
 
 @expr_functor.mutator
@@ -23,7 +24,7 @@ class _KeysReader(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if not is_int8_matmul(call):
+        if not (is_int8_matmul(call) or is_float_matmul(call)):
             return call
         q, b = call.args
         if q.ty.ndim < 2 or not is_one(list(q.ty.shape)[-2]):
@@ -43,7 +44,7 @@ class _KeysReader(PyExprMutator):
         flat = self.builder_.emit(relax.op.reshape(keys, [*lead, j, r]))
         n = len(lead) + 2
         return relax.op.matmul(q, self.builder_.emit(relax.op.permute_dims(flat, [*range(n - 2), n - 1, n - 2])),
-                               out_dtype="int32")
+                               out_dtype=call.attrs.out_dtype)
 
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.ReadKeysAsStored")

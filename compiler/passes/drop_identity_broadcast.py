@@ -1,0 +1,43 @@
+"""DropIdentityBroadcast: ``broadcast_to(x, shape)`` where ``shape`` is provably ``x``'s own shape -> ``x``.
+
+torch.export writes one before each operand of a batched matmul (``expand`` to the shape the operand already
+has). Legalized, each is a copy kernel: in an FP32 decoder step, a copy of every layer's whole key cache (fused
+with its transpose) and value cache per step, and it hides the keys' transpose from :class:`.ReadKeysAsStored`.
+(Scale Propagation drops those of integer values itself.)
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import ir, relax
+from tvm.relax import PyExprMutator, expr_functor
+from tvm.sym.analyzer import Analyzer
+
+from .kernel_calls import rewrite_functions
+
+
+@expr_functor.mutator
+class _BroadcastDropper(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.analyzer = Analyzer()
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        value = binding.value
+        if isinstance(binding.var, relax.DataflowVar) and self._identity(value):
+            self.set_var_remap(binding.var, self.visit_expr(value.args[0]))  # the users read the tensor itself
+            return
+        super().visit_var_binding_(binding)
+
+    def _identity(self, value: relax.Expr) -> bool:
+        if not (isinstance(value, relax.Call) and value.op == ir.Op.get("relax.broadcast_to")):
+            return False
+        have, want = list(value.args[0].ty.shape), list(value.ty.shape)
+        return len(have) == len(want) and all(self.analyzer.can_prove_equal(a, b) for a, b in zip(have, want))
+
+
+@tvm.transform.module_pass(opt_level=0, name="int8mt.DropIdentityBroadcast")
+class DropIdentityBroadcast:
+    """Broadcasts of a tensor to its own shape -> the tensor (see the module docstring)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return relax.transform.DeadCodeElimination()(rewrite_functions(_BroadcastDropper(mod), mod))
