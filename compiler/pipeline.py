@@ -8,11 +8,11 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          quantize/dequantize ops (:mod:`.quant_import`).
 1. ``scale-propagated``  quantized models: :class:`~.passes.ScalePropagation` (integers flow between
                          ops); with ``tap_matmuls``, :class:`~.passes.TapIntMatmuls` (verification).
-2. ``kernels``           the preset's dense kernels: :class:`~.passes.PackDense` (int8 for quantized models, float32
-                         multiply-adds for FP32 layers), :class:`~.passes.FoldDenseBias`; quantized models:
-                         :class:`~.passes.Int8BatchMatmul`, :class:`~.passes.ReadKeysAsStored`; then
-                         :class:`~.passes.GatherPackedRows`, :class:`~.passes.FuseDenseEpilogue`; quantized
-                         models then ``FuseTransposeMatmul``.
+2. ``kernels``           :class:`~.passes.DropIdentityBroadcast`; the preset's dense kernels:
+                         :class:`~.passes.PackDense` (int8 for quantized models, float32 multiply-adds for FP32
+                         layers), :class:`~.passes.FoldDenseBias`; quantized models: :class:`~.passes.Int8BatchMatmul`;
+                         :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
+                         :class:`~.passes.FuseDenseEpilogue`; then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
@@ -113,9 +113,8 @@ def scale_propagated(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule
 
 def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     """Phase 2: the preset's dense kernels (int8 for quantized models, float32 multiply-adds for FP32 layers) and,
-    for quantized models, its int8 attention kernels, then transposed operands read as stored (integer matmuls
-    of activations, and the weights the kernels did not take). FP32 models keep the attention products'
-    transposed keys: under the default schedule that is the faster form."""
+    for quantized models, its int8 attention kernels, then transposed operands read as stored (matmuls of
+    activations, and the weights the kernels did not take)."""
     preset = options.preset
     int8_family = preset.int8_dot if options.quant is not None else None
     if options.quant is None and preset.float_dot is None:
@@ -137,7 +136,8 @@ def integer_graph(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
 def kernel_passes(tiles_for: Callable | None, family: str | None,
                   float_family: str | None = None) -> list[tvm.transform.Pass]:
     """Phase 2's passes, in order: for the int8 dot-product ``family`` (int8 linear layers with ``tiles_for``'s
-    tiles, attention), for the float32 multiply-add ``float_family`` (FP32 linear layers, default tiles)."""
+    tiles, attention), for the float32 multiply-add ``float_family`` (FP32 linear layers, default tiles), and
+    those of every graph (identity broadcasts dropped, one-query products reading the keys as stored)."""
     dots = []
     if family is not None:
         dots.append((int8_dot(family), tiles_for))

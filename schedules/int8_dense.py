@@ -34,6 +34,11 @@ activations at once: the kernel then stages them as ``[rows/2, K/8, 2, 8]`` (eac
 contiguous bytes), keeps the accumulators as ``[rows/2, N/2, 2, 2]`` (one register per 2x2 tile) and its row
 tiles are even (and its few-rows branch, for row tiles of 4 or more, has 2-row tiles).
 
+The same kernel runs the float32 linear layers of FP32 layers with a multiply-add family of
+:mod:`.intrin.float_fma` (``reduce`` 1, no intrinsic: each step of the reduction broadcasts one activation per
+row and the lanes are vectorized into fused multiply-adds; float32 activations staged as they are, correction
+zero); its calls are marked ``float_dense`` instead of ``int8_dense`` (:func:`dense_kind`).
+
 An optional :class:`DenseEpilogue` replaces the final int32 store: the elementwise ops that follow the
 layer (requantization, dequantization with the residual, a change of layout) are computed on each sum
 before it is stored (``compiler/passes/fuse_dense_epilogue.py`` builds them).
