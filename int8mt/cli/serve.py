@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
 from . import config_path
 from ._decode_args import add_decode_arguments, decode_settings
-
-SHUTDOWN_SECONDS = 30
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,19 +50,6 @@ def run(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     finally:
-        _shut_down()
+        from ray import serve
 
-
-def _shut_down() -> None:
-    """Ray Serve's shutdown, waited for at most SHUTDOWN_SECONDS: under load it was seen to retry a call to its
-    already killed controller forever, and the Ctrl-C'd command then never exited. Past that, the local Ray
-    this process started is stopped with it."""
-    import ray
-    from ray import serve
-
-    stopping = threading.Thread(target=serve.shutdown, daemon=True)
-    stopping.start()
-    stopping.join(SHUTDOWN_SECONDS)
-    if stopping.is_alive():
-        print(f"int8mt serve: Ray Serve did not stop within {SHUTDOWN_SECONDS} s; stopping Ray", file=sys.stderr)
-        ray.shutdown()
+        serve.shutdown()

@@ -95,9 +95,12 @@ def test_serve_command_serves_until_interrupted(tiny_bundle, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
+    # Ctrl-C handled as at a terminal even where this test runs with SIGINT ignored (a background job of a
+    # non-interactive shell), which the command would inherit
     process = subprocess.Popen([sys.executable, "-m", "int8mt", "serve", str(tiny_bundle), "--port", str(port),
                                 "--replicas", "1", "--beam", "2"], stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "RAY_ADDRESS": ""})
+                               env={**os.environ, "RAY_ADDRESS": ""},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
