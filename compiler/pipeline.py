@@ -42,8 +42,8 @@ from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
 from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
 
-from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul, PackDense,
-                     ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls)
+from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul,
+                     PackDense, ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:

@@ -10,5 +10,6 @@ from .scale_propagation import ScalePropagation
 from .take_as_view import TakeAsView
 from .tap_int_matmuls import TapIntMatmuls
 
-__all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast", "PackDense", "FoldDenseBias", "Int8BatchMatmul",
+__all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
+           "PackDense", "FoldDenseBias", "Int8BatchMatmul",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "TakeAsView"]

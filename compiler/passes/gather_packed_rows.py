@@ -1,8 +1,8 @@
 """GatherPackedRows: an embedding lookup in an int8 (or, for FP32 layers, float32) table reads the rows from the
 table's packed copy.
 
-``take(W: const int8[N, K], ids, axis=0)`` (of the dot product's weight dtype) becomes a gather kernel over ``W`` packed for the dense kernel
-(:func:`int8mt.schedules.int8_dense.packed_rows`). Where the same function already holds that packed copy
+``take(W: const int8[N, K], ids, axis=0)`` (a table of the dot product's weight dtype) becomes a gather kernel
+over ``W`` packed for the dense kernel (:func:`int8mt.schedules.int8_dense.packed_rows`). Where the same function already holds that packed copy
 (the decoder's tied embedding and logits projection, after :class:`.PackDense`), the gather reads that
 constant, so the table is stored once; the copies of the separately compiled entry points are equal, so
 the ``.so`` keeps one.
@@ -17,7 +17,7 @@ from tvm.relax import PyExprMutator, expr_functor
 from int8mt.schedules.int8_dense import dense_kind, pack_weight, packed_rows
 from int8mt.schedules.intrin import Int8Dot
 
-from .kernel_calls import KernelTable, weight_table, kernel_calls, rewrite_functions, shape_product
+from .kernel_calls import KernelTable, kernel_calls, rewrite_functions, shape_product, weight_table
 
 
 @expr_functor.mutator
@@ -33,7 +33,8 @@ class _Gatherer(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != ir.Op.get("relax.take") or int(call.attrs.axis) != 0 or weight_table(call.args[0], self.dot.weight) is None:
+        if (call.op != ir.Op.get("relax.take") or int(call.attrs.axis) != 0
+                or weight_table(call.args[0], self.dot.weight) is None):
             return call
         table, ids = call.args
         n, k = (int(d) for d in table.ty.shape)

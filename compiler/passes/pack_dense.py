@@ -84,7 +84,7 @@ class _DensePacker(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.PackDense")
 class PackDense:
-    """Linear layers with constant int8 weights -> the packed dense kernel of ``dot`` (see the module
+    """Linear layers with constant weights of ``dot``'s dtype -> its packed dense kernel (see the module
     docstring); ``tiles_for(n, k, function_name)`` gives each kernel's tiles."""
 
     def __init__(self, tiles_for: TilesFor, dot: Int8Dot) -> None:
