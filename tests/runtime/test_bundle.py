@@ -60,6 +60,25 @@ def test_greedy_drops_finished_rows_without_changing_results(tiny_bundle, monkey
     assert together == alone and [len(t) for t in together] == max_lens
 
 
+@pytest.mark.parametrize("on_device", [True, False])
+def test_beam_search_drops_finished_sentences_without_changing_results(tiny_bundle, monkeypatch, on_device):
+    """Sentences that finish early leave the batch (their k rows, cache and cross-attention alike); each result
+    equals the sentence decoded alone, with the device's candidates or with the whole logits."""
+    bundle = Bundle(tiny_bundle)
+    searched = bundle if on_device else _FullLogits(bundle)
+    src = np.random.default_rng(9).integers(4, 8000, (6, 7))
+    src[4:, 5:] = bundle.pad_id
+    max_lens = [1, 2, 2, 9, 12, 5]  # sentences run out of length at different steps: the batch shrinks
+    opts = SearchOptions(beam_size=3)
+    rows = []
+    step = bundle.decode_step_candidates if on_device else bundle.decode_step
+    monkeypatch.setattr(bundle, step.__name__, lambda tokens, *a: rows.append(len(tokens)) or step(tokens, *a))
+    together = beam_search(searched, src, max_lens, opts)
+    assert rows[0] == 6 * 3 and rows[-1] < 6 * 3 and all(r % 3 == 0 for r in rows)  # whole sentences left
+    alone = [beam_search(searched, src[i:i + 1], [n], opts)[0] for i, n in enumerate(max_lens)]
+    assert together == alone
+
+
 @pytest.mark.parametrize("missing", ["model.so", "manifest.json", "spm.model"])
 def test_missing_file(bundle_copy, missing):
     (bundle_copy / missing).unlink()
