@@ -28,6 +28,8 @@ def runnable(preset: TargetPreset) -> pytest.param:
 
 
 INT8_PRESETS = [runnable(p) for p in PRESETS.values() if p.int8_dot]  # every preset with int8 kernels
+# the x86 float32 multiply-add families (NEON: tests/arm)
+FLOAT_PRESETS = [runnable(PRESETS[name]) for name in ("x86-avx512", "x86-avx2")]
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "model" / "ende"
 DATA_DIR = ROOT.parent / "shared" / "data" / "multi30k"

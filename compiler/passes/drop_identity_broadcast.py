@@ -10,17 +10,12 @@ from __future__ import annotations
 import tvm
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
-from tvm.sym.analyzer import Analyzer
 
-from .kernel_calls import rewrite_functions
+from .kernel_calls import rewrite_functions, same_shape
 
 
 @expr_functor.mutator
 class _BroadcastDropper(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
-        super().__init__(mod)
-        self.analyzer = Analyzer()
-
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value = binding.value
         if isinstance(binding.var, relax.DataflowVar) and self._identity(value):
@@ -28,11 +23,10 @@ class _BroadcastDropper(PyExprMutator):
             return
         super().visit_var_binding_(binding)
 
-    def _identity(self, value: relax.Expr) -> bool:
-        if not (isinstance(value, relax.Call) and value.op == ir.Op.get("relax.broadcast_to")):
-            return False
-        have, want = list(value.args[0].ty.shape), list(value.ty.shape)
-        return len(have) == len(want) and all(self.analyzer.can_prove_equal(a, b) for a, b in zip(have, want))
+    @staticmethod
+    def _identity(value: relax.Expr) -> bool:
+        return (isinstance(value, relax.Call) and value.op == ir.Op.get("relax.broadcast_to")
+                and same_shape(list(value.args[0].ty.shape), list(value.ty.shape)))
 
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.DropIdentityBroadcast")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import tvm
 from tvm import ir, relax, tirx
+from tvm.sym.analyzer import Analyzer
 
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 
@@ -33,6 +34,12 @@ def weight_table(expr: relax.Expr, dtype: str = "int8") -> ir.expr.Constant | No
 def is_one(dim: tirx.PrimExpr) -> bool:
     """``dim`` is the static size 1."""
     return isinstance(dim, tirx.IntImm) and int(dim) == 1
+
+
+def same_shape(a: list[tirx.PrimExpr], b: list[tirx.PrimExpr]) -> bool:
+    """Whether two shapes are provably equal (symbolic sizes included)."""
+    analyzer = Analyzer()
+    return len(a) == len(b) and all(analyzer.can_prove_equal(x, y) for x, y in zip(a, b))
 
 
 def shape_product(dims: list[tirx.PrimExpr]) -> tirx.PrimExpr:

@@ -44,13 +44,14 @@ import tvm
 import tvm_ffi
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
-from tvm.sym.analyzer import Analyzer
 
 from int8mt.errors import UserError
 from int8mt.quant import int_layer_norm as iln
 from int8mt.quant.fixed_point import fixed_point
 from int8mt.quant.int_softmax import BIAS_FLOOR, NORM_BITS, PROB_BITS, IntSoftmax
 from int8mt.schedules.int_sqrt import isqrt_kernel
+
+from .kernel_calls import same_shape
 
 Scale = np.ndarray | relax.Expr  # a constant scale, or a run-time one
 
@@ -115,12 +116,6 @@ def _is_int(expr: relax.Expr) -> bool:
 def _static_shape(expr: relax.Expr) -> list[int | None]:
     shape = _ty(expr).shape
     return [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in shape]
-
-
-def _same_dims(a, b) -> bool:
-    """True if two shapes (lists of PrimExpr) are provably equal."""
-    analyzer = Analyzer()
-    return len(a) == len(b) and all(analyzer.can_prove_equal(x, y) for x, y in zip(a, b))
 
 
 def _const(expr: relax.Expr) -> np.ndarray | None:
@@ -415,7 +410,7 @@ class _Propagator(PyExprMutator):
             return None
         terms = []
         for arg, qt in zip(args, (qa, qb)):
-            if not _same_dims(list(_ty(arg).shape), list(_ty(var).shape)) or _const(arg) is not None:
+            if not same_shape(list(_ty(arg).shape), list(_ty(var).shape)) or _const(arg) is not None:
                 return None
             if qt is None:
                 if self._get(arg) is not None or _dtype(arg) != "float32":
@@ -532,10 +527,10 @@ class _Propagator(PyExprMutator):
 
     def _broadcast_to(self, call, args, var):
         qt = self._qt(args[0])
-        same_shape = _same_dims(list(_ty(var).shape), list(_ty(args[0]).shape))
-        if qt is None or qt.clip is not None or not (same_shape or _is_scalar(qt.scale)):
+        same = same_shape(list(_ty(var).shape), list(_ty(args[0]).shape))
+        if qt is None or qt.clip is not None or not (same or _is_scalar(qt.scale)):
             return None
-        data = qt.data if same_shape else self._emit(relax.op.broadcast_to(qt.data, args[1]))
+        data = qt.data if same else self._emit(relax.op.broadcast_to(qt.data, args[1]))
         return self._propagated(QTensor(data, qt.scale))
 
     def _reshape(self, call, args, var):
@@ -572,9 +567,9 @@ class _Propagator(PyExprMutator):
         if len(scale_shape) != len(old):
             return None
         for k in (2, 1):
-            if len(old) <= k or len(new) <= k or not _same_dims(old[-k:], new[-k:]):
+            if len(old) <= k or len(new) <= k or not same_shape(old[-k:], new[-k:]):
                 continue
-            lead_equal = _same_dims(scale_shape[:-k], old[:-k])
+            lead_equal = same_shape(scale_shape[:-k], old[:-k])
             lead_ones = all(isinstance(d, tvm.tirx.IntImm) and int(d) == 1 for d in scale_shape[:-k])
             if not (lead_equal or lead_ones):
                 continue

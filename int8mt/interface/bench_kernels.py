@@ -176,8 +176,8 @@ def _float_kernel(n: int, k: int, rows: int, target, family: str, where: Checked
     a, w = rng.standard_normal((rows, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
     module = where.load(tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, default_tiles(n, k, dot), dot,
                                                                               rows)}), target=target))
-    args = [tvm.runtime.tensor(x, device=where.device) for x in (*pack_weight(w, dot), np.zeros((rows, n), np.float32))]
-    args.insert(0, tvm.runtime.tensor(a, device=where.device))
+    args = [tvm.runtime.tensor(x, device=where.device)
+            for x in (a, *pack_weight(w, dot), np.zeros((rows, n), np.float32))]
     module["main"](*args)
     if not np.allclose(args[-1].numpy(), a @ w.T, rtol=1e-4, atol=1e-3):
         raise RuntimeError(f"the float32 {n}x{k} kernel disagrees with NumPy")

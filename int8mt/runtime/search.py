@@ -100,8 +100,9 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
         return greedy_search(bundle, src, max_lens, opts.min_length)
     batch, k = src.shape[0], opts.beam_size
     alive = np.arange(batch)  # the sentences in flight, in row order: sentence alive[i] has rows i*k .. i*k+k-1
-    src_t = bundle.tensor(src[np.repeat(alive, k)])
-    cross = bundle.reorder_cache(bundle.encode(src), np.repeat(alive, k))
+    sentence_of_row = np.repeat(alive, k)
+    src_t = bundle.tensor(src[sentence_of_row])
+    cross = bundle.reorder_cache(bundle.encode(src), sentence_of_row)
     cache: Any = bundle.empty_cache(batch * k)
     scores = np.full((batch, k), -np.inf)
     scores[:, 0] = 0.0

@@ -11,8 +11,7 @@ from int8mt.compiler.pipeline import kernel_passes, relax_pipeline
 from int8mt.schedules.int8_dense import DenseTiles, default_tiles
 from int8mt.schedules.intrin import int8_dot
 
-from ..conftest import INT8_PRESETS, runnable
-from int8mt.targets import PRESETS
+from ..conftest import FLOAT_PRESETS, INT8_PRESETS
 
 VNNI = "vnni"  # rewriting needs no VNNI CPU
 
@@ -226,7 +225,7 @@ def _float_block_module(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.n
     return bb.get()
 
 
-@pytest.mark.parametrize("preset", [runnable(PRESETS[name]) for name in ("x86-avx512", "x86-avx2")])
+@pytest.mark.parametrize("preset", FLOAT_PRESETS)
 def test_fp32_linear_layers_become_the_float_kernel_with_fused_epilogues(preset):
     rng = np.random.default_rng(5)
     d, f = 24, 40

@@ -9,11 +9,8 @@ from tvm import s_tir
 from int8mt.schedules.int8_dense import (DenseTiles, default_tiles, int8_dense, pack_weight,
                                          row_tiles, schedule_int8_dense, scheduled_int8_dense, tiles_from_trace)
 from int8mt.schedules.intrin import DOTS, FLOAT_DOTS, dense_dot, int8_dot
-from int8mt.targets import PRESETS
 
-from ..conftest import INT8_PRESETS, runnable
-
-FLOAT_PRESETS = [runnable(PRESETS[name]) for name in ("x86-avx512", "x86-avx2")]  # x86 float families (NEON: tests/arm)
+from ..conftest import FLOAT_PRESETS, INT8_PRESETS
 
 
 def test_pack_weight_layout_and_correction():
