@@ -169,7 +169,12 @@ def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:
 def compile_module(mod: tvm.IRModule, preset: TargetPreset, dump_dir: Path | None = None) -> tvm.runtime.Executable:
     """Phases 3-5: a Relax module (after phase 2) compiled for ``preset``."""
     target = tvm.target.Target(preset.target)
-    return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, dump_dir))
+    if target.kind.name != "cuda":
+        return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, dump_dir))
+    outer = tvm.transform.PassContext.current()  # kept, with the pipelined kernels' copies as cp.async
+    with tvm.transform.PassContext(opt_level=outer.opt_level, config={**outer.config, "tirx.use_async_copy": True},
+                                   instruments=list(outer.instruments)):
+        return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, dump_dir))
 
 
 def _dump(mod: tvm.IRModule, index: int, name: str, dump_dir: Path | None) -> None:
@@ -243,8 +248,9 @@ def default_schedules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
     if target.kind.name == "llvm":
         return [CPUGeneric()]
     from int8mt.schedules.cuda_int8_matmul import CUDAInt8Matmul
+    from int8mt.schedules.cuda_tiles import shipped_tiles
 
-    return [CUDAInt8Matmul(), *(_NotApplicableOnError(rule) for rule in (
+    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), *(_NotApplicableOnError(rule) for rule in (
         dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction())),
         dlight.gpu.Fallback()]
 

@@ -7,17 +7,21 @@ pads i/j/k to the tile and schedules:
 
 * a thread block computes a :class:`MatmulTile` of outputs with ``warps_m x warps_n`` warps, each warp
   ``frags_m x frags_n`` 16x16 fragments; K advances ``k_frags`` fragments per shared-memory stage;
-* A and B tiles are staged in shared memory with vectorized 4-byte loads, rows padded against bank conflicts;
-* the accumulators go through shared memory to the epilogue, which every thread applies to 4 outputs at once.
+* A and B tiles are staged in shared memory, rows padded against bank conflicts: on sm_80 and newer with
+  16-byte ``cp.async`` copies in a software pipeline of ``stages`` buffers (the next tiles load while the current
+  ones are multiplied), in dynamic shared memory that the accumulator staging reuses and that may exceed 48 KB;
+* the accumulators go through shared memory to the epilogue, which every thread applies to 4 outputs at once;
+  barriers around each accumulator store guard the reused memory.
 
-The fragments are our intrinsics (:mod:`.intrin.cuda_wmma`). TVM's stock int8 rule
-(``dlight.gpu.MatmulInt8Tensorization``) fails to build in TVM 0.27 (its software pipeline loses the wmma
-fragment info); this schedule uses no software pipeline, so every kernel builds.
-The default tile, 64 x 64 outputs and 128 of K per stage (4 warps of 2 x 2 fragments), was the fastest at 4096^3
-on an H200 of the 8 tiles that fit (``scripts/cuda_gpu_check.py prepare --tiles``, ``bench/cuda-sm90-h200-tiles.json``;
-at the model's 640 x 256 x 1024 all are within the noise of a 6 µs kernel); the accumulator staging limits
-tiles to 48 KB of static shared memory, which 5 of the 13 tried exceed. A static K shorter than the tile (attention's head size) is
-not padded beyond whole fragments.
+Rows padded to the tile read the operand's last row again instead of zeros (their outputs are never written),
+so the copies carry no zero-fill branch. Operands that are not contiguous along K (a key cache stored K-major)
+and K that must be padded (the attention context's keys) take :data:`PORTABLE_TILE`: 4-byte copies, no pipeline.
+The fragments are our intrinsics (:mod:`.intrin.cuda_wmma`); TVM's stock int8 rule
+(``dlight.gpu.MatmulInt8Tensorization``) fails to build in TVM 0.27.
+
+Tiles: the architecture's :func:`default_tile`, or per linear-layer shape the table of a tile search measured on
+a GPU (:mod:`.cuda_tiles`; ``schedules/tuned/cuda-sm90/cuda_tiles.json`` ships one). A static K shorter than the
+tile (attention's head size) is not padded beyond whole fragments.
 
 The decoder step's attention products have one query row per head: dlight's matmul analysis finds no row axis
 there, so this rule declines them and they run as dlight GEMV/reduction kernels in int32 arithmetic (exact) on
@@ -25,8 +29,11 @@ CUDA cores; tensor cores would pad that row to 16.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
@@ -38,24 +45,51 @@ from .intrin.cuda_wmma import wmma_s8_intrinsics
 
 FRAG = 16  # wmma m16n16k16
 WARP = 32
-VECTOR = 4  # int8 elements per shared-memory load, int32 outputs per epilogue store
+VECTOR = 4  # int32 outputs per epilogue store; int8 elements per copy to shared memory where K is padded
+ASYNC_COPY_ARCH = 80  # cp.async (the pipelined copies) needs sm_80 or newer
 
 
 @dataclass(frozen=True)
 class MatmulTile:
     """A thread block's work: ``warps_m x warps_n`` warps of ``frags_m x frags_n`` 16x16 accumulator fragments
-    each; ``k_frags`` fragments of K per shared-memory stage."""
+    each; ``k_frags`` fragments of K per shared-memory stage.
+
+    ``vector``: bytes each thread copies to shared memory at once (4 or 16). ``stages``: shared-memory stages
+    of the software pipeline (1: none, static shared memory; more: the next stages' tiles are fetched with
+    ``cp.async`` while the current one is multiplied, sm_80 and newer, and the tiles and the accumulator staging
+    share one dynamic shared-memory buffer, which may exceed 48 KB).
+    """
 
     warps_m: int = 2
     warps_n: int = 2
     frags_m: int = 2
     frags_n: int = 2
     k_frags: int = 8
+    vector: int = 4
+    stages: int = 1
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """Rows, columns and reduction length of one block's tile."""
         return FRAG * self.warps_m * self.frags_m, FRAG * self.warps_n * self.frags_n, FRAG * self.k_frags
+
+    @property
+    def label(self) -> str:
+        """E.g. ``128x128x64 w2x4 v16 s2``: the block tile, its warps, copy width and stages."""
+        return f"{'x'.join(map(str, self.shape))} w{self.warps_m}x{self.warps_n} v{self.vector} s{self.stages}"
+
+
+PORTABLE_TILE = MatmulTile()  # any int8 matmul, any architecture: strided or padded K, no pipeline
+
+
+def default_tile(arch: str) -> MatmulTile:
+    """The tile of shapes a tuned table lacks: on sm_80 and newer 128 x 128 outputs, 128 of K per stage, two
+    pipelined stages of 16-byte asynchronous copies (the fastest at 4096^3 on an H100, 550 TOPS against the
+    portable tile's 340; at the reference model's small shapes every tile takes 6-8 µs); older GPUs get
+    :data:`PORTABLE_TILE`."""
+    if int(arch.removeprefix("sm_").rstrip("a")) < ASYNC_COPY_ARCH:
+        return PORTABLE_TILE
+    return MatmulTile(frags_m=4, frags_n=4, k_frags=8, vector=16, stages=2)
 
 
 def is_int8_matmul(func: tirx.PrimFunc) -> bool:
@@ -67,21 +101,70 @@ def is_int8_matmul(func: tirx.PrimFunc) -> bool:
     return get_in_out_dtypes(sch.get(blocks[0])) == ("int8", "int32")
 
 
-class CUDAInt8Matmul(GPUScheduleRule):
-    """Tensor-core schedule of int8 x int8 -> int32 matmuls and their fused epilogues (see module doc)."""
+def _contiguous_along_k(block: s_tir.stmt.SBlock) -> bool:
+    """A reindex block (``A'[b, i, k] = A[...]``) reads its operand's innermost axis along K."""
+    store = block.body
+    return (isinstance(store, tirx.BufferStore) and isinstance(store.value, tvm.ir.TensorLoad)
+            and store.value.indices[-1].same_as(store.indices[-1]))
 
-    def __init__(self, tile: MatmulTile = MatmulTile()) -> None:
-        self.tile = tile
+
+def _read_clamped_rows(sch: s_tir.Schedule, block_rv: s_tir.schedule.SBlockRV) -> None:
+    """Make a padding block read its operand's last row again where it would write zeros below its rows.
+
+    A padded row of A (or B) only feeds output rows (columns) that are never written, so any values do; reading a
+    real row drops the zero-fill branch, which lets the copy to shared memory be one 16-byte ``cp.async`` per
+    thread (TVM's CUDA code generator also cannot print a zero vector of 16 int8). Padding along K must stay zero.
+    """
+    block = sch.get(block_rv)
+    store = block.body
+    if not (isinstance(store, tirx.BufferStore) and isinstance(store.value, tvm.ir.Call)
+            and store.value.op.name == "prim.if_then_else" and isinstance(store.value.args[1], tvm.ir.TensorLoad)):
+        return  # not a padding block
+    condition, load, _zero = store.value.args
+    row = store.indices[-2]
+    conjuncts, pending = [], [condition]
+    while pending:
+        term = pending.pop()
+        if isinstance(term, tirx.And):
+            pending += [term.a, term.b]
+        else:
+            conjuncts.append(term)
+    bounds = [term for term in conjuncts if isinstance(term, tirx.LT) and term.a.same_as(row)]
+    if len(bounds) != 1 or not all(isinstance(index, tirx.Var) for index in load.indices):
+        return
+    clamped = tirx.Min(row, bounds[0].b - 1)
+    load = tirx.BufferLoad(load.source, [clamped if index.same_as(row) else index for index in load.indices])
+    kept = [term for term in conjuncts if not term.same_as(bounds[0])]
+    value = load if not kept else tirx.if_then_else(functools.reduce(tirx.And, kept), load, _zero)
+    reads = [tirx.BufferRegion(region.source, [tvm.ir.Range.from_min_extent(clamped, 1) if r.min.same_as(row) else r
+                                                 for r in region.region])
+             if region.source.same_as(load.source) else region for region in block.reads]
+    new_block = s_tir.stmt.SBlock(block.iter_vars, reads, block.writes, block.name_hint,
+                                  tirx.BufferStore(store.buffer, value, store.indices), block.init,
+                                  block.alloc_buffers, block.match_buffers, block.annotations)
+    sch.state.replace(sch.get_sref(block_rv), new_block, {block: new_block})
+
+
+class CUDAInt8Matmul(GPUScheduleRule):
+    """Tensor-core schedule of int8 x int8 -> int32 matmuls and their fused epilogues (see module doc).
+
+    The tile: ``tile`` for every matmul if given; else ``tuned``'s for a linear layer's (K, N) (a tile search's
+    table, :mod:`.cuda_tiles`); else the architecture's :func:`default_tile`.
+    """
+
+    def __init__(self, tile: MatmulTile | None = None,
+                 tuned: Mapping[tuple[int, int], MatmulTile] | None = None) -> None:
+        self.tile, self.tuned = tile, dict(tuned or {})
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda" or not is_int8_matmul(func):
             return None
         try:
-            return self._schedule(func)
+            return self._schedule(func, str(target.arch))
         except (RuntimeError, ValueError):  # a matmul the fragments cannot tile: left to the generic rules
             return None
 
-    def _schedule(self, func: tirx.PrimFunc) -> s_tir.Schedule | None:
+    def _schedule(self, func: tirx.PrimFunc, arch: str) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
         main = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))[0]
         index_maps = get_index_map(sch.get(main))
@@ -95,11 +178,23 @@ class CUDAInt8Matmul(GPUScheduleRule):
         sch.transform_layout(reindex_b, ("write", 0), b_map)
         sch.transform_layout(reindex_c, ("read", 0), c_map)
         sch.transform_block_layout(main, matmul_map)
-        tile = self.tile
+        columns = sch.get(sch.get_loops(main)[2]).extent
         reduction = sch.get(sch.get_loops(main)[-1]).extent
+        tile = self.tile or default_tile(arch)
+        if self.tile is None and isinstance(reduction, tirx.IntImm) and isinstance(columns, tirx.IntImm):
+            tile = self.tuned.get((reduction.value, columns.value), tile)
+        streamed = isinstance(reduction, tirx.IntImm) and all(_contiguous_along_k(sch.get(block))
+                                                               for block in (reindex_a, reindex_b))
+        if not streamed or reduction.value % FRAG:  # 16-byte and asynchronous copies need whole rows of K
+            tile = PORTABLE_TILE
         if isinstance(reduction, tirx.IntImm):  # a short static K (attention's head size) is not padded to the tile
             tile = replace(tile, k_frags=max(1, min(tile.k_frags, -(-reduction.value // FRAG))))
+        if streamed and reduction.value % tile.shape[2]:
+            tile = replace(PORTABLE_TILE, k_frags=tile.k_frags)
         sch.pad_einsum(main, [1, *tile.shape])
+        if tile.vector > VECTOR:
+            for block in sch.get_producers(main):
+                _read_clamped_rows(sch, block)
 
         batch, i, j, k = sch.get_loops(main)
         i, i_frag = sch.split(i, [None, FRAG])
@@ -118,11 +213,13 @@ class CUDAInt8Matmul(GPUScheduleRule):
         warp = sch.fuse(i1, j1)
         sch.bind(warp, "threadIdx.y")
 
+        shared = "shared.dyn" if tile.stages > 1 else "shared"
+
         def stage_in_shared(index: int) -> s_tir.schedule.SBlockRV:
-            block = sch.cache_read(outer, index, "shared")
+            block = sch.cache_read(outer, index, shared)
             sch.compute_at(block, k0)
             fused = sch.fuse(*sch.get_loops(block)[-2:])
-            _, ty, tx, vec = sch.split(fused, [None, tile.warps_m * tile.warps_n, WARP, VECTOR])
+            _, ty, tx, vec = sch.split(fused, [None, tile.warps_m * tile.warps_n, WARP, tile.vector])
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
             sch.vectorize(vec)
@@ -136,14 +233,14 @@ class CUDAInt8Matmul(GPUScheduleRule):
         b_frag = sch.cache_read(outer, 1, "wmma.matrix_b")
         sch.compute_at(a_frag, k1)
         sch.compute_at(b_frag, k1)
-        c_shared = sch.cache_write(outer, 0, "shared")
+        c_shared = sch.cache_write(outer, 0, shared)
         sch.storage_align(c_shared, 0, axis=-2, factor=16, offset=4)
         c_frag = sch.cache_write(outer, 0, "wmma.accumulator")
         sch.reverse_compute_at(c_frag, warp)
         sch.reverse_compute_at(c_shared, warp)
         init = sch.decompose_reduction(outer, k0)
 
-        intrin = wmma_s8_intrinsics()
+        intrin = wmma_s8_intrinsics(shared)
         for block, name in ((a_frag, "load_a"), (b_frag, "load_b"), (c_frag, "store")):
             r, c = sch.get_loops(block)[-2:]
             r0, r1 = sch.split(r, [None, FRAG])
@@ -160,5 +257,9 @@ class CUDAInt8Matmul(GPUScheduleRule):
         _, tx, vec = sch.split(fused, [None, WARP, VECTOR])
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(vec)
+        if tile.stages > 1:
+            sch.annotate(k0, "software_pipeline_stage", [0, 0, tile.stages - 1])
+            sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
+            sch.annotate(k0, "software_pipeline_async_stages", [0])
         return sch
 

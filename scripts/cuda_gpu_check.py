@@ -2,7 +2,8 @@
 
 ``prepare DIR --target cuda-sm90`` (any machine with the compile extras and nvcc): compiles our int8 tensor-core
 matmul kernels for the preset at the reference model's shapes and at 4096^3, each as a small library with its
-fatbin, into ``DIR``; with ``--tiles``, also the 4096^3 and FFN-in kernels with every tile of ``TILES``.
+fatbin, into ``DIR``; with ``--tiles``, also every shape with every tile a search tries (``cuda_tiles.CANDIDATES``).
+``tiles RESULTS --out FOLDER``: the tile table of a ``--tiles`` run (:mod:`int8mt.schedules.cuda_tiles`).
 ``run DIR [--bundle B --sources F]`` (the GPU machine, TVM's
 runtime only): checks every kernel against NumPy (exact int32), times it against cuBLASLt INT8
 (``torch._int_mm``) and cuBLAS FP16 on the same shapes, and with ``--bundle`` translates ``--sources`` with the
@@ -25,64 +26,21 @@ SHAPES = [("qkv", 640, 256, 256), ("ffn_in", 640, 256, 1024), ("ffn_out", 640, 1
           ("step_ffn_in", 128, 256, 1024), ("step_logits", 128, 256, 8000), ("square", 4096, 4096, 4096)]
 DYNAMIC_ROWS = [1, 7, 32, 100, 640]  # rows tried on the dynamic-row kernel (padding to the tile)
 ATTENTION = (32, 4, 20, 64)  # batch, heads, tokens, head size of the batched attention-score kernel
-# Tiles tried against the default (warps_m, warps_n, frags_m, frags_n, k_frags); those whose accumulator staging
-# exceeds 48 KB of shared memory do not compile and are listed as such.
-TILES = [(2, 2, 1, 4, 2), (2, 2, 2, 4, 2), (4, 2, 2, 4, 2), (2, 4, 4, 2, 4), (4, 2, 2, 4, 4), (2, 2, 4, 4, 2),
-         (2, 2, 2, 2, 4), (4, 4, 2, 2, 2), (2, 2, 2, 2, 8), (2, 4, 2, 2, 4), (4, 2, 2, 2, 4), (2, 2, 2, 4, 4),
-         (1, 4, 4, 1, 4)]
-TILE_SHAPES = [("square", 4096, 4096, 4096), ("ffn_in", 640, 256, 1024)]
 
 
-def prepare(out: Path, target: str, tiles: bool) -> None:
+def prepare(out: Path, target: str, tiles: bool, first_tile: int = 0) -> None:
     import tvm
     from tvm import relax
-    from tvm.s_tir import dlight
     from tvm.script import relax as R
 
-    from int8mt.compiler.cuda import compile_fatbin, cuda_source
-    from int8mt.compiler.pipeline import compile_module
-    from int8mt.runtime.cuda import source_digest
-    from int8mt.schedules.cuda_int8_matmul import CUDAInt8Matmul, MatmulTile
+    from int8mt.schedules.cuda_tiles import build_candidates, build_kernel, dense_module
     from int8mt.targets import get_preset
 
     preset = get_preset(target)
     out.mkdir(parents=True, exist_ok=True)
-
-    def build(name: str, func: relax.Function, tile: MatmulTile | None = None) -> None:
-        mod = relax.transform.FuseTransposeMatmul()(tvm.IRModule({"main": func}))
-        if tile is not None:  # scheduled here with this tile; the pipeline leaves scheduled kernels as they are
-            mod = relax.transform.LegalizeOps()(mod)
-            with tvm.target.Target(preset.target):
-                mod = dlight.ApplyDefaultSchedule(CUDAInt8Matmul(tile))(mod)
-        executable = compile_module(mod, preset)
-        source = cuda_source(executable)
-        (out / f"{name}.fatbin").write_bytes(compile_fatbin(source, preset.target["arch"]))
-        executable.export_library(str(out / f"{name}.so"))
-        meta[name] = {"source_sha256": source_digest(source)}
-
-    def dense(k: int, m: int) -> relax.Function:
-        x = relax.Var("x", R.Tensor((tvm.tirx.Var("n", "int64"), k), "int8"))
-        w = relax.Var("w", R.Tensor((m, k), "int8"))
-        bb = relax.BlockBuilder()
-        with bb.function("main", [x, w]):
-            with bb.dataflow():
-                y = bb.emit_output(R.matmul(x, R.permute_dims(w), out_dtype="int32"))
-            bb.emit_func_output(y)
-        return bb.get()["main"]
-
-    meta: dict = {"target": target, "shapes": SHAPES, "tiles": []}
+    meta: dict = {"target": target, "shapes": SHAPES}
     for name, n, k, m in SHAPES:
-        build(f"dense_{name}", dense(k, m))
-    for tile_spec in TILES if tiles else []:
-        tile = MatmulTile(*tile_spec)
-        for shape, n, k, m in TILE_SHAPES:
-            name = f"tile_{shape}_{'x'.join(map(str, tile_spec))}"
-            entry = {"kernel": name, "tile": tile_spec, "block_tile": tile.shape, "rows": n, "k": k, "n": m}
-            try:
-                build(name, dense(k, m), tile)
-            except RuntimeError as err:  # ptxas: more shared memory than a block may use
-                entry["error"] = str(err).splitlines()[-1]
-            meta["tiles"].append(entry)
+        meta[f"dense_{name}"] = build_kernel(dense_module(k, m), preset, out, f"dense_{name}")
     b, h, t, d = ATTENTION
     rows, queries, keys = (tvm.tirx.Var(v, "int64") for v in ("b", "s", "t"))
     q = relax.Var("q", R.Tensor((rows, h, queries, d), "int8"))
@@ -94,24 +52,18 @@ def prepare(out: Path, target: str, tiles: bool) -> None:
             scores = R.matmul(q, R.permute_dims(kv, [0, 1, 3, 2]), out_dtype="int32")
             y = bb.emit_output(R.multiply(R.astype(scores, "float32"), scale))  # a fused dequantization epilogue
         bb.emit_func_output(y)
-    build("attention", bb.get()["main"])
+    meta["attention"] = build_kernel(relax.transform.FuseTransposeMatmul()(bb.get()), preset, out, "attention")
+    probs = relax.Var("p", R.Tensor((rows, h, queries, keys), "int8"))
+    values = relax.Var("v", R.Tensor((rows, h, keys, d), "int8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [probs, values]):
+        with bb.dataflow():  # the attention context: K is the number of keys, padded with zeros
+            y = bb.emit_output(R.matmul(probs, values, out_dtype="int32"))
+        bb.emit_func_output(y)
+    meta["attention_context"] = build_kernel(bb.get(), preset, out, "attention_context")
     (out / "kernels.json").write_text(json.dumps(meta, indent=1))
-
-
-def _exact_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` of int8 operands, exactly (float64 holds every sum of these sizes), as int32."""
-    return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int32)
-
-
-def _int8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    return rng.integers(-128, 128, shape, dtype=np.int8)
-
-
-def _load(tvm, folder: Path, name: str, meta: dict):
-    from int8mt.runtime.cuda import register_kernels
-
-    register_kernels(meta[name]["source_sha256"], (folder / f"{name}.fatbin").read_bytes())
-    return tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(folder / f"{name}.so")), tvm.cuda(0))
+    if tiles:
+        build_candidates(preset, [(n, k, m) for _, n, k, m in SHAPES], out, first_tile)
 
 
 def _torch_ms(fn, repeat: int = 50) -> float:
@@ -133,6 +85,8 @@ def run_kernels(folder: Path, results: dict) -> None:
 
     from int8mt.runtime.bundle import import_tvm_runtime
     from int8mt.runtime.cuda import visible_gpu
+    from int8mt.schedules.cuda_tiles import (CANDIDATES_FILE, exact_product, load_kernel, measure_candidates,
+                                             random_int8)
 
     tvm = import_tvm_runtime()
     meta = json.loads((folder / "kernels.json").read_text())
@@ -143,13 +97,13 @@ def run_kernels(folder: Path, results: dict) -> None:
     results["gpu"] = {"name": dev.device_name, "compute_capability": dev.compute_version}
     rows = []
     for name, n, k, m in meta["shapes"]:
-        vm = _load(tvm, folder, f"dense_{name}", meta)
-        x, w = _int8(rng, (n, k)), _int8(rng, (m, k))
+        vm = load_kernel(tvm, folder, f"dense_{name}", meta[f"dense_{name}"])
+        x, w = random_int8(rng, (n, k)), random_int8(rng, (m, k))
         row = {"kernel": name, "rows": n, "k": k, "n": m}
         exact = []
         for r in ([n] if n == 4096 else DYNAMIC_ROWS + [n]):
             got = vm["main"](tvm.runtime.tensor(x[:r], dev), tvm.runtime.tensor(w, dev)).numpy()
-            exact.append(bool(np.array_equal(got, _exact_product(x[:r], w.T))))
+            exact.append(bool(np.array_equal(got, exact_product(x[:r], w.T))))
         row["exact"] = all(exact)
         xt, wt = tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev)
         timer = vm.time_evaluator("main", dev, number=20, repeat=3)
@@ -161,44 +115,47 @@ def run_kernels(folder: Path, results: dict) -> None:
         row["int8mt_tops"] = 2 * n * k * m / row["int8mt_ms"] / 1e9
         rows.append(row)
         print(json.dumps(row), flush=True)
-    vm = _load(tvm, folder, "attention", meta)
+    vm = load_kernel(tvm, folder, "attention", meta["attention"])
     b, h, t, d = ATTENTION
-    q, kk, scale = _int8(rng, (b, h, t, d)), _int8(rng, (b, h, t, d)), np.array(0.01, np.float32)
+    q, kk, scale = random_int8(rng, (b, h, t, d)), random_int8(rng, (b, h, t, d)), np.array(0.01, np.float32)
     got = vm["main"](*(tvm.runtime.tensor(a, dev) for a in (q, kk, scale))).numpy()
-    want = _exact_product(q, kk.transpose(0, 1, 3, 2)).astype(np.float32) * scale
+    want = exact_product(q, kk.transpose(0, 1, 3, 2)).astype(np.float32) * scale
     rows.append({"kernel": "attention_scores", "exact": bool(np.array_equal(got, want))})
     print(json.dumps(rows[-1]), flush=True)
+    vm = load_kernel(tvm, folder, "attention_context", meta["attention_context"])
+    exact = []
+    for keys in (7, t, 133):
+        p, v = random_int8(rng, (b, h, t, keys)), random_int8(rng, (b, h, keys, d))
+        got = vm["main"](tvm.runtime.tensor(p, dev), tvm.runtime.tensor(v, dev)).numpy()
+        exact.append(bool(np.array_equal(got, exact_product(p, v))))
+    rows.append({"kernel": "attention_context", "exact": all(exact)})
+    print(json.dumps(rows[-1]), flush=True)
     results["kernels"] = rows
-    tiles = []
-    for entry in meta.get("tiles", []):
-        row = dict(entry)
-        if "error" not in row:
-            vm = _load(tvm, folder, row["kernel"], meta)
-            x, w = _int8(rng, (row["rows"], row["k"])), _int8(rng, (row["n"], row["k"]))
-            xt, wt = tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev)
-            row["exact"] = bool(np.array_equal(vm["main"](xt, wt).numpy()[:64], _exact_product(x[:64], w.T)))
-            row["ms"] = min(vm.time_evaluator("main", dev, number=20, repeat=3)(xt, wt).results) * 1e3
-            row["tops"] = 2 * row["rows"] * row["k"] * row["n"] / row["ms"] / 1e9
-        tiles.append(row)
-        print(json.dumps(row), flush=True)
-    results["tiles"] = tiles
+    if (folder / CANDIDATES_FILE).is_file():
+        _, results["tiles"] = measure_candidates(folder, lambda row: print(json.dumps(row), flush=True))
 
 
-def run_translation(bundle: Path, sources: list[str], model_dir: Path | None, out: Path, results: dict) -> None:
+
+def run_translation(bundles: list[Path], sources: list[str], model_dir: Path | None, out: Path,
+                    results: dict) -> None:
     from int8mt.runtime.search import SearchOptions
     from int8mt.runtime.translator import Translator
 
     runs = []
-    for beam in (1, 4):
-        translator = Translator(bundle, SearchOptions(beam_size=beam), batch_size=32)
+    translators = {(bundle, beam): Translator(bundle, SearchOptions(beam_size=beam), batch_size=32)
+                   for bundle in bundles for beam in (1, 4)}
+    for translator in translators.values():
         translator.translate(sources[:64])  # warm-up: every kernel loaded, memory pools grown
-        start = time.perf_counter()
-        hyps = translator.translate(sources)
-        seconds = time.perf_counter() - start
-        (out / f"int8mt-beam{beam}.txt").write_text("\n".join(hyps) + "\n")
-        runs.append({"engine": "int8mt INT8 (GPU)", "beam": beam, "batch": 32, "seconds": seconds,
-                     "sentences_per_s": len(sources) / seconds})
-        print(json.dumps(runs[-1]), flush=True)
+    for round_ in range(2):  # the bundles interleaved, twice
+        for (bundle, beam), translator in translators.items():
+            start = time.perf_counter()
+            hyps = translator.translate(sources)
+            seconds = time.perf_counter() - start
+            if round_ == 0:
+                (out / f"{bundle.name}-beam{beam}.txt").write_text("\n".join(hyps) + "\n")
+            runs.append({"engine": "int8mt INT8 (GPU)", "bundle": bundle.name, "beam": beam, "batch": 32,
+                         "round": round_, "seconds": seconds, "sentences_per_s": len(sources) / seconds})
+            print(json.dumps(runs[-1]), flush=True)
     if model_dir is not None:
         import torch
 
@@ -241,21 +198,31 @@ def main() -> int:
     p = sub.add_parser("prepare")
     p.add_argument("dir", type=Path)
     p.add_argument("--target", default="cuda-sm90")
-    p.add_argument("--tiles", action="store_true", help="also every tile of TILES (the tile search)")
+    p.add_argument("--tiles", action="store_true", help="also every tile a search tries, at every shape")
+    p.add_argument("--first-tile", type=int, default=0, help="with --tiles: start at this candidate")
     r = sub.add_parser("run")
-    r.add_argument("dir", type=Path)
-    r.add_argument("--bundle", type=Path)
+    r.add_argument("dir", type=Path, nargs="?", help="prepared kernels to check (none: translation only)")
+    r.add_argument("--bundle", type=Path, action="append", help="a CUDA bundle to translate with (repeatable)")
     r.add_argument("--sources", type=Path)
     r.add_argument("--model", type=Path, help="model directory: also translate with PyTorch FP16")
     r.add_argument("--out", type=Path, required=True)
+    t = sub.add_parser("tiles", help="write the tile table of a run's tile search")
+    t.add_argument("results", type=Path, help="results.json of `run DIR` on a DIR prepared with --tiles")
+    t.add_argument("--out", type=Path, required=True, help="database folder, e.g. schedules/tuned/cuda-sm90")
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.dir, args.target, args.tiles)
+        prepare(args.dir, args.target, args.tiles, args.first_tile)
+        return 0
+    if args.command == "tiles":
+        from int8mt.schedules.cuda_tiles import write_tiles
+
+        results = json.loads(args.results.read_text())
+        print(f"wrote {write_tiles(args.out, results['tiles'], results['gpu']['name'])}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
-    steps = [lambda: run_kernels(args.dir, results)]
-    if args.bundle is not None:
+    steps = [lambda: run_kernels(args.dir, results)] if args.dir else []
+    if args.bundle:
         sources = args.sources.read_text().splitlines()
         steps.append(lambda: run_translation(args.bundle, sources, args.model, args.out, results))
     failed = 0

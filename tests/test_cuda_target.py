@@ -3,10 +3,12 @@ makes of it), a CUDA bundle of the tiny model and the runtime's refusals. With a
 import json
 import re
 import shutil
+from dataclasses import asdict
 
 import pytest
 import tvm
 from tvm import relax
+from tvm.s_tir import dlight
 from tvm.script import relax as R
 
 from int8mt.compiler.cuda import compile_ptx, cuda_source, find_nvcc
@@ -14,12 +16,15 @@ from int8mt.compiler.pipeline import compile_module
 from int8mt.errors import UserError
 from int8mt.runtime.bundle import Bundle, BundleError, import_tvm_runtime
 from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, GPUError, precompiled_kernels, visible_gpu
+from int8mt.schedules.cuda_int8_matmul import PORTABLE_TILE, CUDAInt8Matmul, MatmulTile
+from int8mt.schedules.cuda_tiles import TILES_FILE, best_tiles, dense_module, load_tiles, shipped_tiles, write_tiles
 from int8mt.targets import AUTO, PRESETS, get_preset
 
 from .conftest import edit_manifest
 
 CUDA_PRESETS = [name for name, preset in PRESETS.items() if preset.device == "cuda"]
 WMMA_S8 = "wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32"
+ASYNC_COPY_16 = re.compile(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 16;")
 GPU = visible_gpu(import_tvm_runtime())
 needs_gpu = pytest.mark.skipif(GPU is None, reason="no CUDA GPU here")
 
@@ -52,10 +57,10 @@ def test_auto_never_picks_a_gpu_preset(monkeypatch):
 
 
 def _matmul_module() -> tvm.IRModule:
-    """A linear layer with dynamic rows and a fused dequantize-and-bias epilogue, and both attention products
-    of an encoder (dynamic batch and length)."""
+    """A linear layer with dynamic rows and a fused dequantize-and-bias epilogue (a shape no shipped tile table
+    has), and both attention products of an encoder (dynamic batch and length)."""
     n, b, s = (tvm.tirx.Var(v, "int64") for v in ("n", "b", "s"))
-    x, w = relax.Var("x", R.Tensor((n, 256), "int8")), relax.Var("w", R.Tensor((1024, 256), "int8"))
+    x, w = relax.Var("x", R.Tensor((n, 512), "int8")), relax.Var("w", R.Tensor((768, 512), "int8"))
     q, k = relax.Var("q", R.Tensor((b, 4, s, 64), "int8")), relax.Var("k", R.Tensor((b, 4, s, 64), "int8"))
     p = relax.Var("p", R.Tensor((b, 4, s, s), "int8"))
     bias = relax.const(0.5, "float32")
@@ -81,6 +86,86 @@ def test_int8_matmuls_compile_to_tensor_core_instructions(name):
     for kernel, body in matmuls.items():
         assert WMMA_S8 in body, f"{kernel} does not multiply on int8 tensor cores"
     assert re.search(r"\.target\s+sm_%s" % preset.target["arch"][3:], ptx)
+    # sm_80 and newer: the linear layer and the attention scores (K = head size, contiguous in both operands)
+    # fetch their tiles with 16-byte cp.async in a pipeline; the context product (K = keys, padded) does not
+    pipelined = {k for k, body in matmuls.items() if ASYNC_COPY_16.search(body)}
+    assert len(pipelined) == (2 if preset.compute_capability >= (8, 0) else 0), sorted(pipelined)
+    # every accumulator store into (possibly reused) shared memory sits between two barriers
+    lines = source.splitlines()
+    stores = [i for i, line in enumerate(lines) if "store_matrix_sync" in line]
+    assert len(stores) >= 3
+    for i in stores:
+        assert lines[i - 1].strip() == lines[i + 1].strip() == "__syncthreads();"
+
+
+def _linear_kernel_ptx(rule: CUDAInt8Matmul, k: int = 512, n: int = 768) -> str:
+    """The PTX of a dynamic-row linear layer scheduled with ``rule`` for cuda-sm90."""
+    preset = get_preset("cuda-sm90")
+    mod = relax.transform.LegalizeOps()(dense_module(k, n))
+    with tvm.target.Target(preset.target):
+        mod = dlight.ApplyDefaultSchedule(rule)(mod)
+    ptx = compile_ptx(cuda_source(compile_module(mod, preset)), preset.target["arch"])
+    (body,) = [body for kernel, body in ptx_entries(ptx).items() if "matmul" in kernel]
+    return body
+
+
+def test_tuned_tile_table_picks_the_tile_of_a_linear_layers_shape():
+    assert ASYNC_COPY_16.search(_linear_kernel_ptx(CUDAInt8Matmul()))  # the sm_90 default tile: pipelined
+    portable = _linear_kernel_ptx(CUDAInt8Matmul(tuned={(512, 768): PORTABLE_TILE}))
+    assert WMMA_S8 in portable and "cp.async" not in portable
+    other_shape = _linear_kernel_ptx(CUDAInt8Matmul(tuned={(256, 768): PORTABLE_TILE}))
+    assert ASYNC_COPY_16.search(other_shape)
+
+
+def test_tile_search_keeps_the_fastest_tile_exact_at_every_row_count(tmp_path):
+    fast, slow = dict(vector=16, stages=2), dict(vector=4)
+    rows = [{"k": 256, "n": 1024, "rows": r, "tile": t, "exact": exact, "ms": ms}
+            for r, t, exact, ms in [(640, fast, True, 0.004), (128, fast, False, 0.003),
+                                    (640, slow, True, 0.006), (128, slow, True, 0.006)]]
+    rows += [{"k": 4096, "n": 4096, "rows": 4096, "tile": fast, "exact": True, "ms": 0.25},
+             {"k": 4096, "n": 4096, "rows": 4096, "tile": slow, "exact": True, "ms": 0.40},
+             {"k": 512, "n": 512, "rows": 640, "tile": fast, "error": "too many resources requested for launch"}]
+    best = best_tiles(rows)
+    assert best[(256, 1024)]["tile"] == asdict(MatmulTile(**slow))  # the faster tile was wrong at 128 rows
+    assert best[(256, 1024)]["us"] == {"640": 6.0, "128": 6.0}
+    assert best[(4096, 4096)]["tile"] == asdict(MatmulTile(**fast)) and (512, 512) not in best
+    write_tiles(tmp_path, rows, "a GPU")
+    assert load_tiles(tmp_path) == {(256, 1024): MatmulTile(**slow), (4096, 4096): MatmulTile(**fast)}
+    (tmp_path / TILES_FILE).write_text("{}")
+    with pytest.raises(UserError, match="is not a CUDA tile table"):
+        load_tiles(tmp_path)
+
+
+def test_shipped_tile_table_loads():
+    tiles = shipped_tiles("sm_90")
+    assert (4096, 4096) in tiles and all(isinstance(t, MatmulTile) for t in tiles.values())
+    assert shipped_tiles("sm_75") == {}
+
+
+@pytest.mark.skipif(GPU is not None, reason="this machine has a GPU")
+def test_tuning_a_cuda_preset_without_a_gpu_says_how_to_tune_elsewhere(tiny_model_dir, tmp_path):
+    from int8mt.interface.tune import TuneArgs, tune
+
+    args = TuneArgs(source=tiny_model_dir, preset=get_preset("cuda-sm90"), database=tmp_path, trials=1,
+                    budget_minutes=1)
+    with pytest.raises(UserError, match=r"no CUDA GPU is visible here.*cuda_gpu_check\.py prepare DIR --tiles"):
+        tune(args)
+
+
+def test_pipelined_tiles_keep_operands_that_are_not_contiguous_along_k_on_the_portable_tile():
+    """A B operand stored K-major ([k, n], as a transposed key cache is) cannot be fetched 16 bytes at a time
+    along K: its matmul is scheduled on the portable tile, without cp.async, at any architecture."""
+    n = tvm.tirx.Var("n", "int64")
+    x, w = relax.Var("x", R.Tensor((n, 256), "int8")), relax.Var("w", R.Tensor((256, 1000), "int8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit_output(R.matmul(x, w, out_dtype="int32"))
+        bb.emit_func_output(y)
+    preset = get_preset("cuda-sm90")
+    ptx = compile_ptx(cuda_source(compile_module(bb.get(), preset)), preset.target["arch"])
+    (body,) = [body for kernel, body in ptx_entries(ptx).items() if "matmul" in kernel]
+    assert WMMA_S8 in body and "cp.async" not in body
 
 
 def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):

@@ -64,8 +64,7 @@ def tune(args: TuneArgs) -> list[dict]:
     """Tune every kernel of ``args.source`` (and the benchmark shapes if asked); returns one row per task and
     appends the run to the database's tuning log."""
     if args.preset.device == "cuda":
-        raise UserError(f"tuning CUDA kernels is not available yet: {args.preset.name} uses the default tensor-core "
-                         "tile (docs/cuda.md); tune a CPU preset")
+        return tune_cuda(args)
     if args.preset.int8_dot is None:
         raise UserError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; "
                          "`int8mt targets` lists the presets that have")
@@ -119,7 +118,46 @@ def tune(args: TuneArgs) -> list[dict]:
     return rows
 
 
+def tune_cuda(args: TuneArgs) -> list[dict]:
+    """The tile search of a CUDA preset on this machine's GPU (:mod:`int8mt.schedules.cuda_tiles`): every
+    candidate tile for every linear layer of the model at an encoder's and a beam-4 step's rows; the best exact
+    tile per shape goes to the database folder's ``cuda_tiles.json``."""
+    import tempfile
+
+    from int8mt.model.checkpoint import model_config
+    from int8mt.runtime.bundle import import_tvm_runtime
+    from int8mt.runtime.cuda import visible_gpu
+    from int8mt.schedules.cuda_tiles import TILE_ROWS, build_candidates, measure_candidates, write_tiles
+    from int8mt.schedules.database import BENCH_MODELS, linear_shapes
+
+    if args.rpc is not None:
+        raise UserError("--rpc measures on a CPU board; a CUDA preset is tuned on a machine with its GPU")
+    gpu = visible_gpu(import_tvm_runtime())
+    if gpu is None:
+        raise UserError(f"tuning {args.preset.name} measures on its GPU, and no CUDA GPU is visible here. Without a "
+                        "GPU where the model compiles: `python scripts/cuda_gpu_check.py prepare DIR --tiles` here, "
+                        "`run DIR --out R` on the GPU machine, then `tiles R/results.json --out DB` (docs/cuda.md)")
+    if gpu[1] < args.preset.compute_capability:
+        raise UserError(f"this GPU (compute capability {gpu[1][0]}.{gpu[1][1]}) cannot run {args.preset.name}'s "
+                        "kernels; tune the preset of this GPU (`int8mt targets`)")
+    if (Path(args.source) / MANIFEST_FILE).is_file():
+        raise UserError(f"{args.source} is a bundle; a CUDA preset is tuned from the model directory")
+    cfg = model_config(Path(args.source))
+    dims = {(cfg.d_model, cfg.ffn_dim, cfg.vocab_size)} | (set(BENCH_MODELS.values()) if args.bench_shapes else set())
+    shapes = sorted({(rows, k, n) for d in dims for n, k in linear_shapes(*d) for rows in TILE_ROWS})
+    t0 = time.time()
+    print(f"tile search for {args.preset.name} on {gpu[0].device_name}: {len(shapes)} shapes", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="int8mt-cuda-tiles-") as work:
+        build_candidates(args.preset, shapes, Path(work))
+        gpu_name, rows = measure_candidates(Path(work))
+    path = write_tiles(args.database, rows, gpu_name)
+    print(f"wrote {path} in {time.time() - t0:.0f} s", file=sys.stderr)
+    return rows
+
+
 def format_rows(rows: list[dict]) -> str:
+    if rows and "label" in rows[0]:  # a CUDA tile search
+        return _format_tile_rows(rows)
     header = "| kernel (n x k, rows) | trials run | build failures | run failures | best GOPS | tiles |"
     lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
@@ -130,4 +168,15 @@ def format_rows(rows: list[dict]) -> str:
     trials = sum(r["trials"] for r in rows)
     failed = sum(r["build_failures"] + r["run_failures"] for r in rows)
     lines.append(f"\n{trials} trials, {failed} failed ({100 * failed / max(trials, 1):.1f} %)")
+    return "\n".join(lines)
+
+
+def _format_tile_rows(rows: list[dict]) -> str:
+    from int8mt.schedules.cuda_tiles import best_tiles
+
+    lines = ["| K x N | best tile | µs at each row count | candidates failed |", "|---|---|---|---|"]
+    for (k, n), entry in sorted(best_tiles(rows).items()):
+        failed = sum(1 for r in rows if (r["k"], r["n"]) == (k, n) and ("error" in r or not r.get("exact")))
+        times = ", ".join(f"{us} at {r}" for r, us in sorted(entry["us"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"| {k} x {n} | {entry['label']} | {times} | {failed} |")
     return "\n".join(lines)

@@ -41,11 +41,11 @@ def _copy_desc(dtype: str, source: str, destination: str, name: str) -> tirx.Pri
     return desc
 
 
-def _load(scope: str, layout: str) -> tuple:
+def _load(shared: str, scope: str, layout: str) -> tuple:
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle) -> None:
         s1, s0, d1, d0 = T.int32(), T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, (FRAG, FRAG), "int8", align=64, offset_factor=FRAG, scope="shared", strides=[s1, s0])
+        A = T.match_buffer(a, (FRAG, FRAG), "int8", align=64, offset_factor=FRAG, scope=shared, strides=[s1, s0])
         C = T.match_buffer(c, (FRAG, FRAG), "int8", align=64, offset_factor=FRAG, scope=scope, strides=[d1, d0])
         with T.sblock("root"):
             T.reads(A[0:FRAG, 0:FRAG])
@@ -53,7 +53,7 @@ def _load(scope: str, layout: str) -> tuple:
             T.evaluate(T.tvm_load_matrix_sync(C.data, FRAG, FRAG, FRAG, _fragment(C, d1),
                                               A.access_ptr("r", ptr_type="int8"), s1, layout, dtype="void"))
 
-    return _copy_desc("int8", "shared", scope, "load"), impl
+    return _copy_desc("int8", shared, scope, "load"), impl
 
 
 @T.prim_func(s_tir=True)
@@ -79,17 +79,27 @@ def _fill_impl(c: T.handle) -> None:
         T.evaluate(T.tvm_fill_fragment(C.data, FRAG, FRAG, FRAG, _fragment(C, d1), T.float32(0), dtype="void"))
 
 
-@T.prim_func(s_tir=True)
-def _store_impl(a: T.handle, c: T.handle) -> None:
-    s1, s0, d1, d0 = T.int32(), T.int32(), T.int32(), T.int32()
-    A = T.match_buffer(a, (FRAG, FRAG), "int32", align=64, offset_factor=FRAG, scope="wmma.accumulator",
-                       strides=[d1, d0])
-    C = T.match_buffer(c, (FRAG, FRAG), "int32", align=64, offset_factor=FRAG, scope="shared", strides=[s1, s0])
-    with T.sblock("root"):
-        T.reads(A[0:FRAG, 0:FRAG])
-        T.writes(C[0:FRAG, 0:FRAG])
-        T.evaluate(T.tvm_store_matrix_sync(A.data, FRAG, FRAG, FRAG, _fragment(A, d1),
-                                           C.access_ptr("w", ptr_type="int32"), s1, "row_major", dtype="void"))
+def _store(shared: str) -> tuple:
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, c: T.handle) -> None:
+        s1, s0, d1, d0 = T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, (FRAG, FRAG), "int32", align=64, offset_factor=FRAG, scope="wmma.accumulator",
+                           strides=[d1, d0])
+        C = T.match_buffer(c, (FRAG, FRAG), "int32", align=64, offset_factor=FRAG, scope=shared, strides=[s1, s0])
+        with T.sblock("root"):
+            T.reads(A[0:FRAG, 0:FRAG])
+            T.writes(C[0:FRAG, 0:FRAG])
+            # The staging may reuse the memory of the A and B tiles (TVM's storage rewrite, or the merged dynamic
+            # shared memory), which other warps may still be reading, and the epilogue reads what every warp
+            # stored. Element addresses, not access pointers: the staging may be an int8 buffer's memory, whose
+            # typed access pointer TVM rejects; the thread-sync pass does not see such writes, so the
+            # barriers are explicit.
+            T.evaluate(T.tvm_storage_sync("shared"))
+            T.evaluate(T.tvm_store_matrix_sync(A.data, FRAG, FRAG, FRAG, _fragment(A, d1),
+                                               T.address_of(C[0, 0]), s1, "row_major", dtype="void"))
+            T.evaluate(T.tvm_storage_sync("shared"))
+
+    return _copy_desc("int32", "wmma.accumulator", shared, "store"), impl
 
 
 @T.prim_func(s_tir=True)
@@ -122,13 +132,15 @@ def _sync_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
                                   C.data, _fragment(C, c1), dtype="void"))
 
 
-def wmma_s8_intrinsics() -> dict[str, str]:
-    """The names of our wmma int8 intrinsics by role (``init``, ``load_a``, ``load_b``, ``compute``, ``store``),
-    registered on first call."""
-    if TensorIntrin.get(NAMES["init"], allow_missing=True) is None:
-        TensorIntrin.register(NAMES["init"], _fill_desc, _fill_impl)
-        TensorIntrin.register(NAMES["load_a"], *_load("wmma.matrix_a", "row_major"))
-        TensorIntrin.register(NAMES["load_b"], *_load("wmma.matrix_b", "col_major"))
-        TensorIntrin.register(NAMES["compute"], _sync_desc, _sync_impl)
-        TensorIntrin.register(NAMES["store"], _copy_desc("int32", "wmma.accumulator", "shared", "store"), _store_impl)
-    return NAMES
+def wmma_s8_intrinsics(shared: str = "shared") -> dict[str, str]:
+    """The names of our wmma int8 intrinsics by role (``init``, ``load_a``, ``load_b``, ``compute``, ``store``)
+    for tiles staged in ``shared`` (``shared`` or ``shared.dyn``), registered on first call."""
+    names = {role: name.replace("_shared", "_" + shared.replace(".", "_")) for role, name in NAMES.items()}
+    if TensorIntrin.get(names["load_a"], allow_missing=True) is None:
+        if TensorIntrin.get(names["init"], allow_missing=True) is None:
+            TensorIntrin.register(names["init"], _fill_desc, _fill_impl)
+            TensorIntrin.register(names["compute"], _sync_desc, _sync_impl)
+        TensorIntrin.register(names["load_a"], *_load(shared, "wmma.matrix_a", "row_major"))
+        TensorIntrin.register(names["load_b"], *_load(shared, "wmma.matrix_b", "col_major"))
+        TensorIntrin.register(names["store"], *_store(shared))
+    return names
