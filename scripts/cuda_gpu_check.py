@@ -66,23 +66,8 @@ def prepare(out: Path, target: str, tiles: bool, first_tile: int = 0) -> None:
         build_candidates(preset, [(n, k, m) for _, n, k, m in SHAPES], out, first_tile)
 
 
-def _torch_ms(fn, repeat: int = 50) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat
-
-
 def run_kernels(folder: Path, results: dict) -> None:
-    import torch
-
+    from int8mt.interface.bench_cuda_kernels import time_dense
     from int8mt.runtime.bundle import import_tvm_runtime
     from int8mt.runtime.cuda import visible_gpu
     from int8mt.schedules.cuda_tiles import (CANDIDATES_FILE, exact_product, load_kernel, measure_candidates,
@@ -99,20 +84,10 @@ def run_kernels(folder: Path, results: dict) -> None:
     for name, n, k, m in meta["shapes"]:
         vm = load_kernel(tvm, folder, f"dense_{name}", meta[f"dense_{name}"])
         x, w = random_int8(rng, (n, k)), random_int8(rng, (m, k))
-        row = {"kernel": name, "rows": n, "k": k, "n": m}
-        exact = []
-        for r in ([n] if n == 4096 else DYNAMIC_ROWS + [n]):
-            got = vm["main"](tvm.runtime.tensor(x[:r], dev), tvm.runtime.tensor(w, dev)).numpy()
-            exact.append(bool(np.array_equal(got, exact_product(x[:r], w.T))))
-        row["exact"] = all(exact)
-        xt, wt = tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev)
-        timer = vm.time_evaluator("main", dev, number=20, repeat=3)
-        row["int8mt_ms"] = min(timer(xt, wt).results) * 1e3
-        tx, tw = torch.from_numpy(x).cuda(), torch.from_numpy(w).cuda()
-        row["cublaslt_int8_ms"] = _torch_ms(lambda: torch._int_mm(tx, tw.t())) if n >= 17 else None
-        hx, hw = tx.half(), tw.half()
-        row["cublas_fp16_ms"] = _torch_ms(lambda: hx @ hw.t())
-        row["int8mt_tops"] = 2 * n * k * m / row["int8mt_ms"] / 1e9
+        row = {"kernel": name, "rows": n, "k": k, "n": m, **time_dense(tvm, vm, x, w)}
+        row["exact"] = row["exact"] and all(  # rows padded to the tile
+            np.array_equal(vm["main"](tvm.runtime.tensor(x[:r], dev), tvm.runtime.tensor(w, dev)).numpy(),
+                           exact_product(x[:r], w.T)) for r in DYNAMIC_ROWS if r < n)
         rows.append(row)
         print(json.dumps(row), flush=True)
     vm = load_kernel(tvm, folder, "attention", meta["attention"])

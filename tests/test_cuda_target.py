@@ -152,6 +152,14 @@ def test_tuning_a_cuda_preset_without_a_gpu_says_how_to_tune_elsewhere(tiny_mode
         tune(args)
 
 
+@pytest.mark.skipif(GPU is not None, reason="this machine has a GPU")
+def test_kernel_benchmark_of_a_cuda_preset_needs_the_gpu():
+    from int8mt.interface.bench_kernels import bench_kernels
+
+    with pytest.raises(UserError, match=r"no CUDA GPU is visible here.*cuda_gpu_check\.py prepare DIR"):
+        bench_kernels(get_preset("cuda-sm90"), None)
+
+
 def test_pipelined_tiles_keep_operands_that_are_not_contiguous_along_k_on_the_portable_tile():
     """A B operand stored K-major ([k, n], as a transposed key cache is) cannot be fetched 16 bytes at a time
     along K: its matmul is scheduled on the portable tile, without cp.async, at any architecture."""

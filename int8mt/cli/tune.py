@@ -9,7 +9,7 @@ from . import add_config_argument, config_path, database_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tune", help="autotune the int8 kernels of a model or bundle (MetaSchedule, XGBoost)")
+    p = sub.add_parser("tune", help="autotune the int8 kernels of a model or bundle (CPU presets: MetaSchedule, XGBoost; CUDA presets: a tile search on the GPU)")
     add_config_argument(p)
     p.add_argument("source", type=Path, nargs="?", default=None,
                    help="model directory or bundle whose kernels to tune (default: paths.model)")

@@ -1,4 +1,4 @@
-"""Kernel benchmark: every linear-layer shape of the reference model and of a Transformer-base-shaped one at
+"""Kernel benchmark (CPU presets; CUDA presets: :mod:`.bench_cuda_kernels`): every linear-layer shape of the reference model and of a Transformer-base-shaped one at
 1 and 32 sentences of 20 tokens, as GOPS of
 
 * int8mt tuned: the int8 kernel of the preset's dot product (VNNI, AVX-512 BW or AVX2) with the database's
@@ -215,8 +215,11 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     """The benchmark table rows and the measured peak (see the module docstring); with ``rpc``, measured on a
     board."""
     if preset.device == "cuda":
-        raise UserError(f"{preset.name} kernels are benchmarked on a GPU against cuBLASLt INT8 and FP16 with "
-                         "`scripts/cuda_gpu_check.py prepare DIR` here, then `run DIR` there (docs/cuda.md)")
+        if rpc is not None:
+            raise UserError("--rpc measures on a CPU board; CUDA kernels are benchmarked on a machine with the GPU")
+        from .bench_cuda_kernels import bench_cuda_kernels
+
+        return bench_cuda_kernels(preset, database_dir, sentences)
     if preset.int8_dot is None:
         raise UserError(f"the kernel benchmark measures int8 dot-product kernels; preset {preset.name} has none "
                          "(`int8mt targets` lists the presets that have)")
@@ -270,6 +273,10 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
 
 
 def format_kernel_table(result: dict) -> str:
+    if "gpu" in result:
+        from .bench_cuda_kernels import format_cuda_kernel_table
+
+        return format_cuda_kernel_table(result)
     if result["peak"] is None:
         return _format_remote_table(result)
     peak = result["peak"]["gops"]
