@@ -12,9 +12,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import tvm
+import tvm_ffi
 
 from int8mt.errors import UserError
 
@@ -41,6 +44,23 @@ def find_nvcc() -> Path:
         if nvcc.is_file() and os.access(nvcc, os.X_OK):
             return nvcc
     raise UserError(f"compiling for a CUDA preset needs the CUDA compiler (nvcc), which was not found; {INSTALL_HINT}")
+
+
+COMPILE_HOOK = "tvm_callback_cuda_compile"  # TVM compiles a CUDA module's source with it when it is registered
+
+
+@contextmanager
+def cuda_kept_as_source() -> Iterator[None]:
+    """Builds inside keep their CUDA modules as source (for :func:`compile_fatbin`): TVM's compile hook is
+    lifted meanwhile, as a process that loaded a bundle registered the bundle's precompiled kernels there."""
+    hook = tvm_ffi.get_global_func(COMPILE_HOOK, allow_missing=True)
+    if hook is not None:
+        tvm_ffi.remove_global_func(COMPILE_HOOK)
+    try:
+        yield
+    finally:
+        if hook is not None:
+            tvm_ffi.register_global_func(COMPILE_HOOK, hook, override=True)
 
 
 def cuda_source(executable: tvm.runtime.Executable) -> str:

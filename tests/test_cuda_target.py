@@ -160,6 +160,22 @@ def test_kernel_benchmark_of_a_cuda_preset_needs_the_gpu():
         bench_kernels(get_preset("cuda-sm90"), None)
 
 
+def test_a_build_after_a_bundle_loaded_keeps_its_cuda_source():
+    """Loading a bundle registers its precompiled kernels as TVM's CUDA compile hook; a later build in the same
+    process (a benchmark, a tile search) must still get CUDA source, and the hook must stay for the bundle."""
+    import tvm_ffi
+
+    from int8mt.runtime.cuda import register_kernels
+
+    register_kernels("0" * 64, b"not a fatbin")
+    try:
+        preset = get_preset("cuda-sm90")
+        assert "__global__" in cuda_source(compile_module(_matmul_module(), preset))
+        assert tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True) is not None
+    finally:
+        tvm_ffi.remove_global_func("tvm_callback_cuda_compile")
+
+
 def test_pipelined_tiles_keep_operands_that_are_not_contiguous_along_k_on_the_portable_tile():
     """A B operand stored K-major ([k, n], as a transposed key cache is) cannot be fetched 16 bytes at a time
     along K: its matmul is scheduled on the portable tile, without cp.async, at any architecture."""
