@@ -8,6 +8,7 @@ bundle ships it beside ``model.so`` and the runtime hands it to TVM at load time
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -46,21 +47,23 @@ def find_nvcc() -> Path:
     raise UserError(f"compiling for a CUDA preset needs the CUDA compiler (nvcc), which was not found; {INSTALL_HINT}")
 
 
-COMPILE_HOOK = "tvm_callback_cuda_compile"  # TVM compiles a CUDA module's source with it when it is registered
+COMPILE_HOOK = "tvm_callback_cuda_compile"  # where TVM's CUDA runtime is enabled, builds compile kernels with it
 
 
 @contextmanager
-def cuda_kept_as_source() -> Iterator[None]:
-    """Builds inside keep their CUDA modules as source (for :func:`compile_fatbin`): TVM's compile hook is
-    lifted meanwhile, as a process that loaded a bundle registered the bundle's precompiled kernels there."""
+def cuda_compiled_here(arch: str) -> Iterator[None]:
+    """Builds inside compile their GPU kernels with :func:`compile_fatbin` for ``arch`` wherever TVM compiles
+    them at build time (a machine with a GPU); elsewhere TVM keeps them as source. The hook in place before (a
+    loaded bundle's precompiled kernels, say) is put back after."""
     hook = tvm_ffi.get_global_func(COMPILE_HOOK, allow_missing=True)
-    if hook is not None:
-        tvm_ffi.remove_global_func(COMPILE_HOOK)
+    tvm_ffi.register_global_func(COMPILE_HOOK, lambda source, *_: compile_fatbin(source, arch), override=True)
     try:
         yield
     finally:
         if hook is not None:
             tvm_ffi.register_global_func(COMPILE_HOOK, hook, override=True)
+        else:
+            tvm_ffi.remove_global_func(COMPILE_HOOK)
 
 
 def cuda_source(executable: tvm.runtime.Executable) -> str:
@@ -74,6 +77,7 @@ def cuda_source(executable: tvm.runtime.Executable) -> str:
     raise ValueError("the executable has no CUDA module")
 
 
+@functools.lru_cache(maxsize=4)  # a build on a GPU machine compiles its kernels, then the bundle asks again
 def compile_fatbin(source: str, arch: str) -> bytes:
     """``source`` compiled by nvcc for ``arch`` (e.g. ``sm_90``): a fatbin with that architecture's SASS and its
     PTX."""

@@ -34,7 +34,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.relax.backend.cuda import pipeline as cuda
 from tvm.s_tir import dlight
 
-from int8mt.compiler.cuda import cuda_kept_as_source
+from int8mt.compiler.cuda import cuda_compiled_here
 from int8mt.errors import UserError
 from int8mt.schedules.cpu_generic import CPUGeneric
 from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
@@ -174,7 +174,7 @@ def compile_module(mod: tvm.IRModule, preset: TargetPreset, dump_dir: Path | Non
         return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, dump_dir))
     outer = tvm.transform.PassContext.current()  # kept, with the pipelined kernels' copies as cp.async
     with tvm.transform.PassContext(opt_level=outer.opt_level, config={**outer.config, "tirx.use_async_copy": True},
-                                   instruments=list(outer.instruments)), cuda_kept_as_source():
+                                   instruments=list(outer.instruments)), cuda_compiled_here(preset.target["arch"]):
         return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, dump_dir))
 
 

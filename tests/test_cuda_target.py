@@ -11,7 +11,7 @@ from tvm import relax
 from tvm.s_tir import dlight
 from tvm.script import relax as R
 
-from int8mt.compiler.cuda import compile_ptx, cuda_source, find_nvcc
+from int8mt.compiler.cuda import compile_ptx, cuda_compiled_here, cuda_source, find_nvcc
 from int8mt.compiler.pipeline import compile_module
 from int8mt.errors import UserError
 from int8mt.runtime.bundle import Bundle, BundleError, import_tvm_runtime
@@ -160,9 +160,10 @@ def test_kernel_benchmark_of_a_cuda_preset_needs_the_gpu():
         bench_kernels(get_preset("cuda-sm90"), None)
 
 
-def test_a_build_after_a_bundle_loaded_keeps_its_cuda_source():
+def test_a_build_after_a_bundle_loaded_compiles_its_own_kernels():
     """Loading a bundle registers its precompiled kernels as TVM's CUDA compile hook; a later build in the same
-    process (a benchmark, a tile search) must still get CUDA source, and the hook must stay for the bundle."""
+    process (a benchmark, a tile search) must still get its CUDA source, compiled by us where TVM compiles at
+    build time, and the hook must stay for the bundle."""
     import tvm_ffi
 
     from int8mt.runtime.cuda import register_kernels
@@ -171,7 +172,11 @@ def test_a_build_after_a_bundle_loaded_keeps_its_cuda_source():
     try:
         preset = get_preset("cuda-sm90")
         assert "__global__" in cuda_source(compile_module(_matmul_module(), preset))
-        assert tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True) is not None
+        with cuda_compiled_here("sm_90"):  # what a build on a GPU machine calls
+            fatbin = tvm_ffi.get_global_func("tvm_callback_cuda_compile")('extern "C" __global__ void k() {}')
+        assert isinstance(fatbin, bytes) and len(fatbin) > 0
+        with pytest.raises(Exception, match="belongs to another build"):  # the bundle's hook is back
+            tvm_ffi.get_global_func("tvm_callback_cuda_compile")("a source no bundle was built from")
     finally:
         tvm_ffi.remove_global_func("tvm_callback_cuda_compile")
 
