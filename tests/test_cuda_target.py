@@ -129,6 +129,11 @@ def test_tile_search_keeps_the_fastest_tile_exact_at_every_row_count(tmp_path):
     assert best[(256, 1024)]["tile"] == asdict(MatmulTile(**slow))  # the faster tile was wrong at 128 rows
     assert best[(256, 1024)]["us"] == {"640": 6.0, "128": 6.0}
     assert best[(4096, 4096)]["tile"] == asdict(MatmulTile(**fast)) and (512, 512) not in best
+    from int8mt.interface.tune import format_rows
+
+    table = format_rows(rows)  # what `int8mt tune --target cuda-*` prints
+    assert "| 256 x 1024 | 64x64x128 w2x2 v4 s1 | 6.0 at 128, 6.0 at 640 | 1 |" in table
+    assert "| 4096 x 4096 | 64x64x128 w2x2 v16 s2 | 250.0 at 4096 | 0 |" in table
     write_tiles(tmp_path, rows, "a GPU")
     assert load_tiles(tmp_path) == {(256, 1024): MatmulTile(**slow), (4096, 4096): MatmulTile(**fast)}
     (tmp_path / TILES_FILE).write_text("{}")

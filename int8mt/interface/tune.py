@@ -156,7 +156,7 @@ def tune_cuda(args: TuneArgs) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    if rows and "label" in rows[0]:  # a CUDA tile search
+    if rows and "tile" in rows[0]:  # a CUDA tile search (a CPU run reports "best_tiles")
         return _format_tile_rows(rows)
     header = "| kernel (n x k, rows) | trials run | build failures | run failures | best GOPS | tiles |"
     lines = [header, "|---|---|---|---|---|---|"]
