@@ -15,15 +15,19 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import asdict, fields
-from typing import Any
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from int8mt.errors import UserError
 
+if TYPE_CHECKING:
+    from int8mt.targets import TargetPreset
+
+    from .cuda_int8_matmul import MatmulTile
+
 TILES_FILE = "cuda_tiles.json"
-SHIPPED = Path(__file__).resolve().parent / "tuned"
 
 # The tiles a search tries (MatmulTile fields): the portable one, 16-byte copies, pipelines of 2-4 stages (dynamic
 # shared memory), then larger block tiles and more warps.
@@ -57,12 +61,7 @@ TILE_ROWS = (128, 640)  # rows a linear layer is tuned at: a beam-4 decoder step
 CHECKED_ROWS = (7, 100)  # rows each candidate is also checked at (padding to the tile), besides its own
 CANDIDATES_FILE = "candidates.json"  # in a folder of built candidates: what each kernel is
 
-TiledShapes = dict  # (K, N) of a linear layer -> its MatmulTile
-
-
-def cuda_preset_name(arch: str) -> str:
-    """The preset of a CUDA architecture: ``sm_90`` -> ``cuda-sm90``."""
-    return "cuda-" + arch.replace("_", "").rstrip("a")
+TiledShapes = dict[tuple[int, int], "MatmulTile"]  # (K, N) of a linear layer -> its tile
 
 
 def best_tiles(measurements: list[dict]) -> dict[tuple[int, int], dict]:
@@ -118,8 +117,30 @@ def load_tiles(folder: Path) -> TiledShapes:
 
 
 def shipped_tiles(arch: str) -> TiledShapes:
-    """The tile table shipped for the preset of ``arch`` (e.g. ``sm_90``); empty where none ships."""
-    return load_tiles(SHIPPED / cuda_preset_name(arch))
+    """The tile table shipped for the CUDA preset of ``arch`` (e.g. ``sm_90``); empty where none ships."""
+    from int8mt.targets import PRESETS
+
+    from .database import shipped_database
+
+    names = [p.name for p in PRESETS.values() if p.device == "cuda" and p.target["arch"] == arch]
+    return load_tiles(shipped_database(names[0])) if names else {}
+
+
+def measuring_gpu(preset: TargetPreset, doing: str, without_gpu: str) -> Any:
+    """This machine's first CUDA GPU (a TVM device) for ``doing`` (e.g. ``tuning cuda-sm90``), which measures
+    on it: a clear error where there is none (``without_gpu`` says what to do instead) or it cannot run the
+    preset's kernels."""
+    from int8mt.runtime.bundle import import_tvm_runtime
+    from int8mt.runtime.cuda import visible_gpu
+
+    gpu = visible_gpu(import_tvm_runtime())
+    if gpu is None:
+        raise UserError(f"{doing} measures on its GPU, and no CUDA GPU is visible here. {without_gpu}")
+    device, have = gpu
+    if have < preset.compute_capability:
+        raise UserError(f"this GPU (compute capability {have[0]}.{have[1]}) cannot run {preset.name}'s kernels; "
+                        "use the preset of this GPU (`int8mt targets`)")
+    return device
 
 
 def dense_module(k: int, n: int) -> Any:

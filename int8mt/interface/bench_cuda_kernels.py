@@ -61,19 +61,15 @@ def time_dense(tvm: Any, vm: Any, x: np.ndarray, w: np.ndarray) -> dict:
 def bench_cuda_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32)) -> dict:
     """The benchmark rows (see the module docstring) on this machine's GPU."""
     from int8mt.runtime.bundle import import_tvm_runtime
-    from int8mt.runtime.cuda import visible_gpu
     from int8mt.schedules.cuda_int8_matmul import default_tile
+    from int8mt.schedules.cuda_tiles import (build_kernel, dense_module, load_kernel, load_tiles, measuring_gpu,
+                                             random_int8)
     from int8mt.schedules.database import BENCH_MODELS, linear_shapes
-    from int8mt.schedules.cuda_tiles import build_kernel, dense_module, load_kernel, load_tiles, random_int8
 
+    device = measuring_gpu(preset, f"benchmarking {preset.name} kernels",
+                           "Where the GPU machine cannot compile: `python scripts/cuda_gpu_check.py prepare DIR` "
+                           "here, then `run DIR --out R` there (docs/cuda.md)")
     tvm = import_tvm_runtime()
-    gpu = visible_gpu(tvm)
-    if gpu is None:
-        raise UserError(f"benchmarking {preset.name} kernels needs its GPU, and no CUDA GPU is visible here; "
-                        "where the GPU machine cannot compile: `python scripts/cuda_gpu_check.py prepare DIR` "
-                        "here, then `run DIR --out R` there (docs/cuda.md)")
-    if gpu[1] < preset.compute_capability:
-        raise UserError(f"this GPU (compute capability {gpu[1][0]}.{gpu[1][1]}) cannot run {preset.name}'s kernels")
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -93,7 +89,7 @@ def bench_cuda_kernels(preset: TargetPreset, database_dir: Path | None, sentence
             if not row["exact"]:
                 raise RuntimeError(f"the int8 kernel for {n} x {k} at {m} rows differs from NumPy")
             rows.append(row)
-    return {"gpu": gpu[0].device_name, "preset": preset.name, "rows": rows}
+    return {"gpu": device.device_name, "preset": preset.name, "rows": rows}
 
 
 def format_cuda_kernel_table(result: dict) -> str:

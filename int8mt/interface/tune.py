@@ -125,28 +125,22 @@ def tune_cuda(args: TuneArgs) -> list[dict]:
     import tempfile
 
     from int8mt.model.checkpoint import model_config
-    from int8mt.runtime.bundle import import_tvm_runtime
-    from int8mt.runtime.cuda import visible_gpu
-    from int8mt.schedules.cuda_tiles import TILE_ROWS, build_candidates, measure_candidates, write_tiles
+    from int8mt.schedules.cuda_tiles import TILE_ROWS, build_candidates, measure_candidates, measuring_gpu, write_tiles
     from int8mt.schedules.database import BENCH_MODELS, linear_shapes
 
     if args.rpc is not None:
         raise UserError("--rpc measures on a CPU board; a CUDA preset is tuned on a machine with its GPU")
-    gpu = visible_gpu(import_tvm_runtime())
-    if gpu is None:
-        raise UserError(f"tuning {args.preset.name} measures on its GPU, and no CUDA GPU is visible here. Without a "
-                        "GPU where the model compiles: `python scripts/cuda_gpu_check.py prepare DIR --tiles` here, "
-                        "`run DIR --out R` on the GPU machine, then `tiles R/results.json --out DB` (docs/cuda.md)")
-    if gpu[1] < args.preset.compute_capability:
-        raise UserError(f"this GPU (compute capability {gpu[1][0]}.{gpu[1][1]}) cannot run {args.preset.name}'s "
-                        "kernels; tune the preset of this GPU (`int8mt targets`)")
+    device = measuring_gpu(args.preset, f"tuning {args.preset.name}",
+                           "Without a GPU where the model compiles: `python scripts/cuda_gpu_check.py prepare DIR "
+                           "--tiles` here, `run DIR --out R` on the GPU machine, then `tiles R/results.json --out DB` "
+                           "(docs/cuda.md)")
     if (Path(args.source) / MANIFEST_FILE).is_file():
         raise UserError(f"{args.source} is a bundle; a CUDA preset is tuned from the model directory")
     cfg = model_config(Path(args.source))
     dims = {(cfg.d_model, cfg.ffn_dim, cfg.vocab_size)} | (set(BENCH_MODELS.values()) if args.bench_shapes else set())
     shapes = sorted({(rows, k, n) for d in dims for n, k in linear_shapes(*d) for rows in TILE_ROWS})
     t0 = time.time()
-    print(f"tile search for {args.preset.name} on {gpu[0].device_name}: {len(shapes)} shapes", file=sys.stderr)
+    print(f"tile search for {args.preset.name} on {device.device_name}: {len(shapes)} shapes", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="int8mt-cuda-tiles-") as work:
         build_candidates(args.preset, shapes, Path(work))
         gpu_name, rows = measure_candidates(Path(work))
