@@ -202,6 +202,21 @@ def test_pipelined_tiles_keep_operands_that_are_not_contiguous_along_k_on_the_po
     assert WMMA_S8 in body and "cp.async" not in body
 
 
+def test_rows_padded_to_the_tile_read_real_rows_spread_over_the_operand():
+    """With 16-byte copies, a row padded to the tile reads row ``i mod rows`` (in 32-bit arithmetic) instead of
+    zeros: no zero-fill branch, and the padded rows' copies spread over the operand's rows instead of all reading
+    the last one."""
+    preset = get_preset("cuda-sm90")
+    mod = relax.transform.LegalizeOps()(dense_module(512, 768))
+    with tvm.target.Target(preset.target):
+        mod = dlight.ApplyDefaultSchedule(CUDAInt8Matmul(MatmulTile(frags_m=4, frags_n=4, vector=16, stages=2)))(mod)
+    source = cuda_source(compile_module(mod, preset))
+    copies = [line for line in source.splitlines() if "cp_async" in line and "x_ptr" in line]
+    assert copies and all("% ((int)rows)" in line and "min(" not in line for line in copies), copies
+    # the weights' 768 columns fill whole tiles: read as they are
+    assert all("% " not in line for line in source.splitlines() if "cp_async" in line and "w_ptr" in line)
+
+
 def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
     import nvidia
 
