@@ -4,10 +4,12 @@ The result is one IRModule with four entry points:
 
 * ``encode(src[B, S] int64) -> cross_kv[L, 2, B, H, S, Dh]``: encoder plus every decoder layer's
   cross-attention keys/values, computed once per batch;
-* ``decode_step(tokens[B, 1] int64, step[1] int64, self_cache[L, 2, B, H, T, Dh], cross_kv, src)
-  -> (logits[B, V], self_cache[L, 2, B, H, T + 1, Dh])``: one token, projections O(1) in the prefix;
-* ``reorder_cache(self_cache, rows[B'] int64) -> self_cache[L, 2, B', H, T, Dh]``: beam search's
-  re-ordering of hypotheses, on the device;
+* ``decode_step(tokens[B, 1] int64, step[1] int64, cache_rows[L, 2, N, H, Dh], history[B, T + 1] int64,
+  cross_kv, src) -> (logits[B, V], k_0, v_0, ..., k_{L-1}, v_{L-1})``: one token, projections O(1) in the
+  prefix; each layer's new key and value ([B, H, 1, Dh]) are for the caller to append to ``cache_rows`` (see
+  :mod:`int8mt.model.transformer`);
+* ``reorder_cache(cross_kv, rows[B'] int64) -> cross_kv[L, 2, B', H, S, Dh]``: the cross-attention keys/values
+  of hypotheses taken in a new order (beams of one sentence, finished sentences dropped), on the device;
 * ``top_candidates(logits[B, V]) -> (values[B, K], ids[B, K] int64, log_sum_exp[B])``: each row's
   ``K = candidates_per_row(model)`` largest logits and the row's log-sum-exp (their log-probabilities are
   ``values - log_sum_exp``): beam search reads these instead of the whole ``[B, V]`` logits.
@@ -43,9 +45,9 @@ class _DecodeStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: Tensor, step: Tensor, self_cache: Tensor, cross_kv: Tensor,
-                src: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.decode_step(tokens, step, self_cache, cross_kv, src)
+    def forward(self, tokens: Tensor, step: Tensor, cache_rows: Tensor, history: Tensor, cross_kv: Tensor,
+                src: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return self.model.decode_step(tokens, step, cache_rows, history, cross_kv, src)
 
 
 @dataclass(frozen=True)
@@ -62,16 +64,18 @@ class ExportConfig:
     def decode_inputs(self, model: Transformer) -> tuple[tuple[Tensor, ...], dict]:
         c = model.cfg
         batch, src_len = self._dims(model)
-        prefix = Dim("prefix", min=0, max=c.max_positions - 1)
+        positions = Dim("positions", min=1, max=c.max_positions)
+        cache_rows = Dim("cache_rows", min=1)
         inputs = (
             torch.full((2, 1), 4, dtype=torch.int64),
             torch.tensor([3], dtype=torch.int64),
-            torch.zeros(c.decoder_layers, 2, 2, c.heads, 3, c.head_dim, dtype=model.cache_dtype),
+            torch.zeros(c.decoder_layers, 2, 7, c.heads, c.head_dim, dtype=model.cache_dtype),
+            torch.tensor([[1, 3, 5, 0], [2, 4, 6, 0]]),
             torch.zeros(c.decoder_layers, 2, 2, c.heads, 5, c.head_dim, dtype=model.cache_dtype),
             torch.full((2, 5), 4, dtype=torch.int64),
         )
-        shapes = {"tokens": {0: batch}, "step": None, "self_cache": {2: batch, 4: prefix},
-                  "cross_kv": {2: batch, 4: src_len}, "src": {0: batch, 1: src_len}}
+        shapes = {"tokens": {0: batch}, "step": None, "cache_rows": {2: cache_rows},
+                  "history": {0: batch, 1: positions}, "cross_kv": {2: batch, 4: src_len}, "src": {0: batch, 1: src_len}}
         return inputs, shapes
 
     def _dims(self, model: Transformer) -> tuple[Dim, Dim]:
@@ -100,9 +104,9 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
 
 def _reorder_cache(model: Transformer) -> relax.Function:
     c = model.cfg
-    batch, prefix, rows = (tvm.tirx.Var(name, "int64") for name in ("batch", "prefix", "rows"))
-    shape = (c.decoder_layers, 2, batch, c.heads, prefix, c.head_dim)
-    cache = relax.Var("self_cache", relax.TensorType(shape, model.cache_dtype_name))
+    batch, src_len, rows = (tvm.tirx.Var(name, "int64") for name in ("batch", "src_len", "rows"))
+    shape = (c.decoder_layers, 2, batch, c.heads, src_len, c.head_dim)
+    cache = relax.Var("cross_kv", relax.TensorType(shape, model.cache_dtype_name))
     index = relax.Var("rows", relax.TensorType((rows,), "int64"))
     bb = relax.BlockBuilder()
     with bb.function("reorder_cache", [cache, index]):

@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 import tvm
 from tvm import relax
 
@@ -61,7 +62,6 @@ def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.nd
     reference gets the compiled graph's inputs (its cross-attention keys/values and cache), so that a
     difference is checked where it arises and does not carry over into later calls."""
     reference = IntegerTransformer(model, qcfg.integer_softmax, qcfg.integer_layer_norm)
-    cfg = model.cfg
     checks = []
 
     def call(name: str, reference_call, *args: np.ndarray):
@@ -73,13 +73,13 @@ def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.nd
 
     cross, _ = call("encode", reference.encode, src)
     cross = cross.numpy()
-    dtype = model.cache_dtype_name
-    cache = np.zeros((cfg.decoder_layers, 2, len(src), cfg.heads, 0, cfg.head_dim), dtype)
+    cache_rows, history = (t.numpy() for t in model.empty_cache(len(src)))
     for step in range(tokens.shape[1]):
         column = np.ascontiguousarray(tokens[:, step:step + 1])
-        (_, cache), _ = call("decode_step", lambda *a: reference.decode_step(column, step, *a[2:]),
-                             column, np.array([step]), cache, cross, src)
-        cache = cache.numpy()
+        (_, *new_kv), _ = call("decode_step", lambda *a: reference.decode_step(column, step, *a[2:]),
+                               column, np.array([step]), cache_rows, history, cross, src)
+        cache_rows, history = (t.numpy() for t in model.append_rows(
+            *(torch.from_numpy(a) for a in (cache_rows, history)), tuple(torch.from_numpy(t.numpy()) for t in new_kv)))
     return checks
 
 

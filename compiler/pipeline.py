@@ -228,15 +228,33 @@ def _top_k(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return relax.call_tir(kernel, [data], list(call.ty.fields))
 
 
-_DEFAULT_LEGALIZE = {"relax.exp": tvm.ir.Op.get("relax.exp").get_attr("FLegalize")}
+INJECTIVE = 2  # TVM's OpPatternKind kInjective
+
+
+def _fusable_gather(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``take`` as TVM legalizes it, marked injective when it gathers along a tensor of indices: TVM's pattern
+    analysis calls any load through an index tensor opaque, which keeps the gather out of fusion. The decoder
+    step's keys and values are such a gather from the cache's rows followed by a ``where`` that takes the new
+    position from the new key (:meth:`int8mt.model.transformer.Transformer.decode_step`): fused, one kernel
+    reads the past keys once and writes them once."""
+    out = _DEFAULT_LEGALIZE["relax.take"](bb, call)
+    if call.args[1].ty.ndim >= 1 and isinstance(out, relax.Call) and out.op == tvm.ir.Op.get("relax.call_tir"):
+        kernel = out.args[0]
+        bb.update_func(kernel, bb.get()[kernel].with_attr("op_pattern", INJECTIVE))
+    return out
+
+
+_DEFAULT_LEGALIZE = {name: tvm.ir.Op.get(name).get_attr("FLegalize") for name in ("relax.exp", "relax.take")}
 
 
 def _legalize_passes() -> list[tvm.transform.Pass]:
     """TVM's legalization (``cpu_generic.legalize_passes``; the CUDA backend's before its schedules), except that
-    softmax uses ``fast_exp`` and reshapes stay ``R.reshape`` (a view of the same memory at run time): legalized
+    softmax uses ``fast_exp``, gathers may fuse with their consumers (:func:`_fusable_gather`) and reshapes
+    stay ``R.reshape`` (a view of the same memory at run time): legalized
     into copy kernels they are turned back into views only where TVM can prove the copy is the identity, which
     fails for dynamic shapes such as the decoder's growing cache (a copy of the whole cache every step)."""
     custom = {"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax, "relax.exp": _fast_exp,
+              "relax.take": _fusable_gather,
               "relax.topk": _top_k}
     return [relax.transform.LegalizeOps(custom),
             relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),

@@ -179,7 +179,7 @@ class _Propagator(PyExprMutator):
         """A bound on the magnitude of the integer tensor ``expr``, if one is known: int8 entry-point
         parameters (caches, see the module docstring) are within 127, a clip within its limits, a quantize of a
         symmetric clip within the clip over the scale, and
-        take/concat/reshape/permute_dims/strided_slice/broadcast_to/astype/max keep a bound."""
+        take/concat/where/reshape/permute_dims/strided_slice/broadcast_to/astype/max keep a bound."""
         if isinstance(expr, relax.Var):
             if expr in self.params:
                 return INT8_MAX if _dtype(expr) == QUANT_DTYPE else None
@@ -199,6 +199,9 @@ class _Propagator(PyExprMutator):
             return None
         if name == "relax.concat" and isinstance(expr.args[0], relax.Tuple):
             bounds = [self._int_bound(f) for f in expr.args[0].fields]
+            return None if None in bounds else max(bounds)
+        if name == "relax.where":  # the decoder step's keys and values: past ones from the cache, the new one
+            bounds = [self._int_bound(a) for a in expr.args[1:]]
             return None if None in bounds else max(bounds)
         if name in ("relax.take", "relax.reshape", "relax.permute_dims", "relax.strided_slice",
                     "relax.broadcast_to", "relax.astype", "relax.max"):

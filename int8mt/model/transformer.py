@@ -2,10 +2,17 @@
 
 Written for ``torch.export``: no data-dependent control flow, and every matrix multiplication is a named
 submodule (``nn.Linear`` for projections, :class:`MatMul` for QK^T and softmax·V) so that quantization can
-find and replace each one. Incremental decoding uses a key/value cache stacked into one tensor per kind:
-``self_cache`` and ``cross_kv`` have shape ``[layers, 2, batch, heads, length, head_dim]``; float32, or int8
-when every decoder attention's QK^T and softmax·V quantize their key/value operand with a fixed scale
-(static ranges: keys and values are then quantized once, when written, instead of at every step).
+find and replace each one.
+
+Incremental decoding keeps two caches. The cross-attention keys/values ``cross_kv`` are one tensor
+``[layers, 2, batch, heads, source_length, head_dim]``. The self-attention cache holds rows that are only
+appended: ``cache_rows[layers, 2, N, heads, head_dim]``, row ``n`` of every layer's keys and values being one
+decoded position of a hypothesis (row 0 holds none), and ``history[batch, T + 1]`` (int64) names the row of each
+position of hypothesis ``b``, the last one (the step's own, not yet written) being 0. A step appends one row per
+hypothesis; reordering beams or dropping finished sentences only reorders ``history``'s rows, and no step
+copies the cache it has. Both caches are float32, or int8 when every decoder attention's QK^T and softmax·V
+quantize their key/value operand with a fixed scale (static ranges: keys and values are then quantized once,
+when written, instead of at every step).
 """
 from __future__ import annotations
 
@@ -204,28 +211,47 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
     # -- incremental decoding --------------------------------------------------------------------
-    def decode_step(self, tokens: Tensor, step: Tensor, self_cache: Tensor, cross_kv: Tensor,
-                    src: Tensor) -> tuple[Tensor, Tensor]:
+    def decode_step(self, tokens: Tensor, step: Tensor, cache_rows: Tensor, history: Tensor, cross_kv: Tensor,
+                    src: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """One decoder step.
 
-        tokens [B, 1] (last output), step [1] (its position), self_cache [L, 2, B, H, T, Dh] (T = step),
-        cross_kv from :meth:`cross_kv`, src [B, S] (for the padding mask).
-        Returns logits [B, V] and the cache grown to T + 1.
+        tokens [B, 1] (last output), step [1] (its position T), cache_rows [L, 2, N, H, Dh] and history
+        [B, T + 1] (see the module docstring), cross_kv from :meth:`cross_kv`, src [B, S] (for the padding mask).
+        Returns logits [B, V] and each layer's new key and value ([B, H, 1, Dh] each: layer 0's key, its value,
+        layer 1's key, ...), to append to ``cache_rows`` (:meth:`append_rows`).
+
+        Each layer's keys (and values) of positions 0..T are one gather from the layer's rows that takes position T
+        from the new key instead (``where``): the compiler makes it one kernel, which reads the past keys once and
+        writes them once, where concatenating the past and the new key would copy them twice.
         """
         src_bias = self.source_bias(src)
         x = self.embed(tokens, step, target=True)
-        new_rows = []
+        # the row of cache_rows[i, 0].reshape(-1, Dh) that holds head h of hypothesis b's position t
+        rows = history[:, None, :] * self.cfg.heads + torch.arange(self.cfg.heads)[None, :, None]
+        is_past = (history > 0)[:, None, :, None]
+        new_kv = []
         for i, layer in enumerate(self.decoder_layers):
             k_new, v_new = self._store(layer.self_attn, *layer.self_attn.project_kv(x))
-            new_rows.append(torch.stack([k_new, v_new]))
-            k = torch.cat([self_cache[i, 0], k_new], dim=2)
-            v = torch.cat([self_cache[i, 1], v_new], dim=2)
+            new_kv += [k_new, v_new]
+            k = torch.where(is_past, cache_rows[i, 0].reshape(-1, cache_rows.shape[-1])[rows], k_new)
+            v = torch.where(is_past, cache_rows[i, 1].reshape(-1, cache_rows.shape[-1])[rows], v_new)
             k, v = self._load(layer.self_attn, k, v)
             cross_k, cross_v = self._load(layer.cross_attn, cross_kv[i, 0], cross_kv[i, 1])
             x = layer(x, k, v, None, cross_k, cross_v, src_bias)
-        # the grown cache in one copy (stacking each layer's grown keys and values would copy it twice more)
-        return self.lm_head(x[:, 0]), torch.cat([self_cache, torch.stack(new_rows)], dim=4)
+        return self.lm_head(x[:, 0]), tuple(new_kv)
 
-    def empty_cache(self, batch: int) -> Tensor:
+    def empty_cache(self, batch: int) -> tuple[Tensor, Tensor]:
+        """``cache_rows`` and ``history`` before the first step of ``batch`` hypotheses: one row, of zeros, that
+        no position names (see :meth:`decode_step`)."""
         c = self.cfg
-        return torch.zeros(c.decoder_layers, 2, batch, c.heads, 0, c.head_dim, dtype=self.cache_dtype)
+        return (torch.zeros(c.decoder_layers, 2, 1, c.heads, c.head_dim, dtype=self.cache_dtype),
+                torch.zeros(batch, 1, dtype=torch.int64))
+
+    @staticmethod
+    def append_rows(cache_rows: Tensor, history: Tensor, new_kv: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """The caches after a step that returned ``new_kv`` (a reference implementation: it copies the rows;
+        the runtime writes them into a preallocated buffer)."""
+        layers, start, batch = cache_rows.shape[0], cache_rows.shape[2], history.shape[0]
+        new_rows = torch.stack(new_kv).reshape(layers, 2, batch, *cache_rows.shape[3:])
+        written = torch.cat([history[:, :-1], torch.arange(start, start + batch)[:, None]], dim=1)
+        return torch.cat([cache_rows, new_rows], dim=2), torch.cat([written, torch.zeros_like(history[:, :1])], dim=1)

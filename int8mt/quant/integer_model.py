@@ -227,23 +227,26 @@ class IntegerTransformer:
         return np.stack([np.stack(self.store(layer.cross_attn, *self.project_kv(layer.cross_attn, x)))
                          for layer in self.model.decoder_layers])
 
-    def decode_step(self, tokens: np.ndarray, step: int, cache: np.ndarray, cross_kv: np.ndarray,
-                    src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """tokens [B, 1] at position ``step`` -> (logits [B, V], cache grown by one position)."""
+    def decode_step(self, tokens: np.ndarray, step: int, cache_rows: np.ndarray, history: np.ndarray,
+                    cross_kv: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """tokens [B, 1] at position ``step``, the self-attention cache as ``cache_rows`` [L, 2, N, H, Dh] and
+        ``history`` [B, T + 1] (see :mod:`int8mt.model.transformer`) -> (logits [B, V], each layer's new key and
+        value)."""
         bias = self.source_bias(src)
         x = self.embed(tokens, np.array([step]), target=True)
-        grown = []
+        past = cache_rows[:, :, history[:, :-1]].transpose(0, 1, 2, 4, 3, 5)  # [L, 2, B, H, T, Dh]
+        new_kv = []
         for i, layer in enumerate(self.model.decoder_layers):
             k_new, v_new = self.store(layer.self_attn, *self.project_kv(layer.self_attn, x))
-            k, v = np.concatenate([cache[i, 0], k_new], 2), np.concatenate([cache[i, 1], v_new], 2)
-            grown.append(np.stack([k, v]))
+            new_kv += [k_new, v_new]
+            k, v = np.concatenate([past[i, 0], k_new], 2), np.concatenate([past[i, 1], v_new], 2)
             k, v = self.load(layer.self_attn, k, v)
             x = self.add_norm(layer.self_attn_layer_norm, x, self.attend(layer.self_attn, x, k, v, None))
             cross_k, cross_v = self.load(layer.cross_attn, cross_kv[i, 0], cross_kv[i, 1])
             attended = self.attend(layer.cross_attn, x, cross_k, cross_v, bias)
             x = self.add_norm(layer.cross_attn_layer_norm, x, attended)
             x = self.add_norm(layer.final_layer_norm, x, self.ffn(layer, x))
-        return to_float(self.linear(self.model.lm_head, _map(x, lambda a: a[:, 0]))), np.stack(grown)
+        return to_float(self.linear(self.model.lm_head, _map(x, lambda a: a[:, 0]))), tuple(new_kv)
 
 
 def _shape(v: Value) -> tuple[int, ...]:

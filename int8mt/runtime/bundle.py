@@ -24,10 +24,12 @@ from int8mt.errors import UserError
 from int8mt.targets import host_arch, host_features, target_device
 from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_tokenizer
 
+from .cache import SelfAttentionCache
+
 LIBRARY_FILE, MANIFEST_FILE = "model.so", "manifest.json"
 DEFAULT_MAX_ROWS = 1024  # the row bound of bundles whose manifest does not record one
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # the entry points' signatures, the decoder step's cache layout included (runtime/cache.py)
 ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
 
 
@@ -388,38 +390,40 @@ class Bundle:
         """src int64 [B, S] -> cross-attention keys/values (a device tensor)."""
         return self._encode(self.tensor(src))
 
-    def empty_cache(self, batch: int) -> Any:
-        return self.tensor(np.zeros((self.layers, 2, batch, self.heads, 0, self.head_dim), self.cache_dtype))
+    def empty_cache(self, batch: int, positions: int) -> SelfAttentionCache:
+        """The self-attention cache of ``batch`` hypotheses, with room for ``positions`` steps."""
+        return SelfAttentionCache(self._ffi, self.device, self.layers, self.heads, self.head_dim, self.cache_dtype,
+                                  batch, min(positions, self.max_positions), on_host=not self._on_gpu)
 
-    def decode_step(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any, src: Any) -> tuple[np.ndarray, Any]:
-        """One step: returns logits as numpy [B, V] and the grown cache (device tensor)."""
-        logits, grown = self._run_step(tokens, step, cache, cross_kv, src)
-        return self.host(logits), grown
+    def decode_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: Any,
+                    src: Any) -> np.ndarray:
+        """One step: appends the step's keys and values to ``cache``; returns logits as numpy [B, V]."""
+        return self.host(self._run_step(tokens, step, cache, cross_kv, src))
 
-    def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any,
-                               src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-        """One step that returns, instead of the logits, each row's ``candidates`` largest logits and their
-        token ids (both [B, candidates], descending) and the row's log-sum-exp ([B]), computed on the
-        device: log-probabilities are ``values - log_sum_exp``. Then the grown cache."""
-        logits, grown = self._run_step(tokens, step, cache, cross_kv, src)
-        values, ids, log_sum_exp = self._top(logits)
-        return self.host(values), self.host(ids), self.host(log_sum_exp), grown
+    def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: Any,
+                               src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step (appending to ``cache``) that returns, instead of the logits, each row's ``candidates``
+        largest logits and their token ids (both [B, candidates], descending) and the row's log-sum-exp ([B]),
+        computed on the device: log-probabilities are ``values - log_sum_exp``."""
+        values, ids, log_sum_exp = self._top(self._run_step(tokens, step, cache, cross_kv, src))
+        return self.host(values), self.host(ids), self.host(log_sum_exp)
 
-    def _run_step(self, tokens: np.ndarray, step: int, cache: Any, cross_kv: Any, src: Any) -> tuple[Any, Any]:
-        """The compiled decoder step: (logits, grown cache), both on the device. The virtual machines' memory
-        pools are released first at a batch's first step, after ``RELEASE_POOLS_STEPS`` steps, and once the caches
-        the steps grew since the last release reach ``POOL_BUDGET_BYTES``: TVM's pooled allocator keeps each freed
-        buffer for reuse at exactly its size, and the cache grows by a position each step, so every step's cache
-        is a size never asked for again and the pools would grow with the square of the output length (the
-        budget bounds what large float32 caches leave there: FP32, beam 4, batch 32, two replicas peaked at 790
-        MiB with a release every 8 steps, 400 with one every step)."""
+    def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: Any, src: Any) -> Any:
+        """The compiled decoder step: appends its cache rows to ``cache`` and returns the logits (on the device).
+        The virtual machines' memory pools are released first at a batch's first step, after
+        ``RELEASE_POOLS_STEPS`` steps, and once the step's per-layer keys and values gathered since the last
+        release reach ``POOL_BUDGET_BYTES``: TVM's pooled allocator keeps each freed buffer for reuse at exactly
+        its size, and those grow by a position each step, so every step's are a size never asked for again and
+        the pools would grow with the square of the output length."""
         if step == 0 or self._steps_pooled >= RELEASE_POOLS_STEPS or self._bytes_pooled >= POOL_BUDGET_BYTES:
             self._release_pools()
             self._steps_pooled, self._bytes_pooled = 0, 0
         self._steps_pooled += 1
-        self._bytes_pooled += 2 * self._cache_bytes(tokens.shape[0], step + 1)  # the grown cache, each layer's copy
-        out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache, cross_kv, src)
-        return out[0], out[1]
+        self._bytes_pooled += self._cache_bytes(tokens.shape[0], step + 1)
+        out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache.rows,
+                         self.tensor(cache.history), cross_kv, src)
+        cache.append([out[i] for i in range(1, len(out))])
+        return out[0]
 
     def _cache_bytes(self, rows: int, positions: int) -> int:
         """Bytes of a self-attention cache of ``rows`` rows and ``positions`` positions."""
@@ -430,7 +434,7 @@ class Bundle:
         """How many candidates per row :meth:`decode_step_candidates` returns."""
         return self.manifest["top_candidates"]
 
-    def reorder_cache(self, cache: Any, rows: np.ndarray) -> Any:
-        """The cache (or the cross-attention keys/values, of the same layout) with its batch rows taken in the
-        order ``rows``: beam search reorders hypotheses, greedy search drops finished sentences."""
-        return self._reorder(cache, self.tensor(rows.astype(np.int64)))
+    def reorder_cross(self, cross_kv: Any, rows: np.ndarray) -> Any:
+        """The cross-attention keys/values with their batch rows taken in the order ``rows`` (on the device):
+        beam search repeats each sentence's for its hypotheses, both searches drop finished sentences'."""
+        return self._reorder(cross_kv, self.tensor(rows.astype(np.int64)))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -46,20 +45,19 @@ COMPACT_BELOW = 0.75  # drop finished rows once fewer than this share of the bat
 
 def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_length: int = 0) -> list[list[int]]:
     """Arg-max decoding of each row of ``src`` [B, S], row i stopping after ``max_lens[i]`` tokens and not
-    ending before ``min_length``; returns ids without EOS. Finished rows leave the batch (their cache and
-    cross-attention rows are dropped with ``reorder_cache``) once fewer than ``COMPACT_BELOW`` of the rows in
-    flight are unfinished, so a batch does not keep paying for its longest sentence; every row's result is the
+    ending before ``min_length``; returns ids without EOS. Finished rows leave the batch (their cache history
+    and cross-attention rows are dropped) once fewer than ``COMPACT_BELOW`` of the rows in flight are unfinished, so a batch does not keep paying for its longest sentence; every row's result is the
     same as decoded alone."""
     batch = src.shape[0]
     src_t = bundle.tensor(src)
     cross = bundle.encode(src)
-    cache = bundle.empty_cache(batch)
+    cache = bundle.empty_cache(batch, max(max_lens))
     tokens = np.full((batch, 1), bundle.start_id, np.int64)
     out = [[] for _ in range(batch)]
     done = np.zeros(batch, bool)
     rows = np.arange(batch)  # the sentence of each row in flight
     for step in range(max(max_lens)):
-        logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
+        logits = bundle.decode_step(tokens, step, cache, cross, src_t)
         if step < min_length:
             logits[:, bundle.eos_id] = -np.inf
         nxt = logits.argmax(-1)
@@ -75,7 +73,8 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_leng
         tokens = nxt[:, None].astype(np.int64)
         keep = np.flatnonzero(~done[rows])
         if len(keep) < COMPACT_BELOW * len(rows):
-            cache, cross = bundle.reorder_cache(cache, keep), bundle.reorder_cache(cross, keep)
+            cache.select(keep)
+            cross = bundle.reorder_cross(cross, keep)
             rows, tokens = rows[keep], tokens[keep]
             src_t = bundle.tensor(src[rows])
     return out
@@ -90,11 +89,11 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     """Beam search with ``opts.beam_size`` hypotheses per sentence, row i stopping after ``max_lens[i]``
     tokens and none ending before ``opts.min_length``; returns the best ids without EOS. Each sentence is
     encoded once; its cross-attention keys and values are then repeated on the device for its k hypotheses
-    (``reorder_cache``). Each sentence's 2k best continuations are among its rows' 2k best tokens, so for beams
+    (``reorder_cross``). Each sentence's 2k best continuations are among its rows' 2k best tokens, so for beams
     up to ``bundle.candidates / 2`` the device returns only each row's best candidates and log-sum-exp
     (``decode_step_candidates``) instead of the whole logits, which the host would turn into log-probabilities
-    and partition. Finished sentences leave the batch (their k rows dropped in the step's cache reorder, their
-    cross-attention rows with ``reorder_cache``) once fewer than ``COMPACT_BELOW`` of the sentences in flight
+    and partition. Reordering hypotheses reorders only the cache's history (on the host). Finished sentences
+    leave the batch (their k rows dropped from the history and the cross-attention keys/values) once fewer than ``COMPACT_BELOW`` of the sentences in flight
     are unfinished, as in greedy search; every sentence's result is the same as decoded alone."""
     if opts.beam_size == 1:
         return greedy_search(bundle, src, max_lens, opts.min_length)
@@ -102,8 +101,8 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     alive = np.arange(batch)  # the sentences in flight, in row order: sentence alive[i] has rows i*k .. i*k+k-1
     sentence_of_row = np.repeat(alive, k)
     src_t = bundle.tensor(src[sentence_of_row])
-    cross = bundle.reorder_cache(bundle.encode(src), sentence_of_row)
-    cache: Any = bundle.empty_cache(batch * k)
+    cross = bundle.reorder_cross(bundle.encode(src), sentence_of_row)
+    cache = bundle.empty_cache(batch * k, max(max_lens))
     scores = np.full((batch, k), -np.inf)
     scores[:, 0] = 0.0
     hyps: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(batch)]
@@ -113,10 +112,10 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     for step in range(max(max_lens)):
         n = len(alive)
         if on_device:
-            values, ids, log_sum_exp, cache = bundle.decode_step_candidates(tokens, step, cache, cross, src_t)
+            values, ids, log_sum_exp = bundle.decode_step_candidates(tokens, step, cache, cross, src_t)
             log_probs, token_of = values.astype(np.float64) - log_sum_exp[:, None], ids.reshape(n, -1)
         else:
-            logits, cache = bundle.decode_step(tokens, step, cache, cross, src_t)
+            logits = bundle.decode_step(tokens, step, cache, cross, src_t)
             log_probs, token_of = _log_softmax(logits.astype(np.float64)), None
         width = log_probs.shape[-1]
         flat = (scores[alive][:, :, None] + log_probs.reshape(n, k, width)).reshape(n, -1)
@@ -156,11 +155,11 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
             break
         if len(unfinished) < COMPACT_BELOW * n:  # the finished sentences' rows leave
             kept_rows = (unfinished[:, None] * k + np.arange(k)).reshape(-1)
-            cross = bundle.reorder_cache(cross, kept_rows)
+            cross = bundle.reorder_cross(cross, kept_rows)
             alive, origin, next_tokens = alive[unfinished], origin[unfinished], next_tokens[unfinished]
             src_t = bundle.tensor(src[np.repeat(alive, k)])
         rows = origin.reshape(-1)
         if not np.array_equal(rows, np.arange(n * k)):
-            cache = bundle.reorder_cache(cache, rows)
+            cache.select(rows)
         tokens = next_tokens.reshape(-1, 1)
     return [max(pool, key=lambda item: item[0])[1] for pool in finished]

@@ -39,19 +39,27 @@ def test_encode_matches_pytorch(vm, tiny_model, batch, length):
 
 @pytest.mark.parametrize("batch,length,steps", [(1, 5, 3), (4, 11, 6), (2, 3, 1)])
 def test_decode_steps_match_pytorch(vm, tiny_model, batch, length, steps):
+    """Teacher forcing through the compiled steps reproduces the model's logits; halfway, the hypotheses are put
+    in a new order by reordering only ``history``'s rows (and the cross-attention rows), as beam search does."""
     src = _src(batch, length, seed=length)
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(4, 8000, (batch, steps), generator=g)
     with torch.no_grad():
         cross = tiny_model.cross_kv(tiny_model.encode(src))
         full = tiny_model(src, tokens)  # teacher forcing: the step outputs must reproduce it
-    cache = tvm.runtime.tensor(tiny_model.empty_cache(batch).numpy())
-    cross_t, src_t = tvm.runtime.tensor(cross.numpy()), tvm.runtime.tensor(src.numpy())
+    cache_rows, history = tiny_model.empty_cache(batch)
+    order = np.arange(batch)
     for t in range(steps):
-        logits, cache = vm["decode_step"](tvm.runtime.tensor(tokens[:, t:t + 1].numpy()),
-                                          tvm.runtime.tensor(np.array([t])), cache, cross_t, src_t)
-        assert cache.shape[4] == t + 1
-        np.testing.assert_allclose(logits.numpy(), full[:, t].numpy(), atol=1e-4, rtol=0)
+        if t == steps // 2:  # e.g. [0, 1, 2, 3] -> [3, 0, 1, 2]
+            order, rows = np.roll(order, 1), np.roll(np.arange(batch), 1)
+            history, cross = history[rows], cross[:, :, rows]
+        logits, *new_kv = vm["decode_step"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (
+            tokens[order, t:t + 1].numpy(), np.array([t]), cache_rows.numpy(), history.numpy(), cross.numpy(),
+            src[order].numpy())))
+        assert len(new_kv) == 2 * tiny_model.cfg.decoder_layers
+        cache_rows, history = tiny_model.append_rows(cache_rows, history,
+                                                     tuple(torch.from_numpy(k.numpy()) for k in new_kv))
+        np.testing.assert_allclose(logits.numpy(), full[order, t].numpy(), atol=1e-4, rtol=0)
 
 
 def test_reorder_cache_takes_rows(vm, tiny_model):

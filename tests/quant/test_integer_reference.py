@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import tvm
 from tvm import relax
 
@@ -13,6 +14,7 @@ from int8mt.compiler.integer_check import check_integer_graph, compile_tapped
 from int8mt.compiler.passes import ScalePropagation
 from int8mt.compiler.pipeline import CompileOptions, integer_graph, relax_pipeline, tile_chooser
 from int8mt.compiler.quant_import import quant_convert_map
+from int8mt.model.transformer import Transformer
 from int8mt.quant.checkpoint import quantized_model
 from int8mt.quant.config import QuantConfig
 
@@ -66,11 +68,15 @@ def _vm(mod: tvm.IRModule) -> relax.VirtualMachine:
 
 def _decode(vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray, dtype: str) -> np.ndarray:
     cross = vm["encode"](tvm.runtime.tensor(src))
-    cache = tvm.runtime.tensor(np.zeros((TINY.decoder_layers, 2, len(src), TINY.heads, 0, TINY.head_dim), dtype))
+    cache_rows = torch.zeros(TINY.decoder_layers, 2, 1, TINY.heads, TINY.head_dim, dtype=getattr(torch, dtype))
+    history = torch.zeros(len(src), 1, dtype=torch.int64)
     logits = []
     for step in range(tokens.shape[1]):
-        out, cache = vm["decode_step"](tvm.runtime.tensor(np.ascontiguousarray(tokens[:, step:step + 1])),
-                                       tvm.runtime.tensor(np.array([step])), cache, cross, tvm.runtime.tensor(src))
+        out, *new_kv = vm["decode_step"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (
+            tokens[:, step:step + 1], np.array([step]), cache_rows.numpy(), history.numpy())),
+            cross, tvm.runtime.tensor(src))
+        cache_rows, history = Transformer.append_rows(cache_rows, history,
+                                                      tuple(torch.from_numpy(k.numpy()) for k in new_kv))
         logits.append(out.numpy())
     return np.stack(logits)
 

@@ -56,14 +56,14 @@ def test_compiled_graph_agrees_with_quantized_pytorch(quantized):
     with torch.no_grad():
         cross = model.cross_kv(model.encode(torch.from_numpy(src)))
         logits, _ = model.decode_step(torch.full((3, 1), TINY.decoder_start_id), torch.tensor([0]),
-                                      model.empty_cache(3), cross, torch.from_numpy(src))
+                                      *model.empty_cache(3), cross, torch.from_numpy(src))
     got_cross = bundle.encode(src)
     # integer requantization (round half up, multiplier-shift) may differ by one step from PyTorch's float
     # rounding now and then; the values agree to a small fraction of their range
     np.testing.assert_allclose(got_cross.numpy(), cross.numpy(), atol=0.05 * float(cross.abs().max()))
-    got, cache = bundle.decode_step(np.full((3, 1), TINY.decoder_start_id), 0, bundle.empty_cache(3), got_cross,
-                                    bundle.tensor(src))
-    assert cache.shape[4] == 1
+    cache = bundle.empty_cache(3, positions=4)
+    got = bundle.decode_step(np.full((3, 1), TINY.decoder_start_id), 0, cache, got_cross, bundle.tensor(src))
+    assert cache.used == 4 and cache.history.tolist() == [[1, 0], [2, 0], [3, 0]]
     np.testing.assert_allclose(got, logits.numpy(), atol=0.05 * float(logits.abs().max()))
     assert np.mean(got.argmax(-1) == logits.numpy().argmax(-1)) >= 2 / 3
 
@@ -98,8 +98,8 @@ def test_other_int8_presets_compute_what_the_host_preset_computes(preset, quanti
     for bundle in (Bundle(out), Bundle(tmp_path / "b")):
         src = _src()
         cross = bundle.encode(src)
-        logits, _ = bundle.decode_step(np.full((3, 1), TINY.decoder_start_id), 0, bundle.empty_cache(3), cross,
-                                       bundle.tensor(src))
+        logits = bundle.decode_step(np.full((3, 1), TINY.decoder_start_id), 0, bundle.empty_cache(3, 1), cross,
+                                    bundle.tensor(src))
         results.append((cross.numpy(), logits))
     (cross, logits), (other_cross, other_logits) = results
     np.testing.assert_allclose(other_cross, cross, rtol=1e-4, atol=1e-4 * float(np.abs(cross).max()))

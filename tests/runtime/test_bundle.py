@@ -156,16 +156,16 @@ def test_bad_search_options():
 
 def _first_step(bundle: Bundle, src: np.ndarray):
     tokens = np.full((len(src), 1), bundle.start_id, np.int64)
-    return tokens, 0, bundle.empty_cache(len(src)), bundle.encode(src), bundle.tensor(src)
+    return tokens, 0, bundle.empty_cache(len(src), 1), bundle.encode(src), bundle.tensor(src)
 
 
 def test_device_candidates_are_the_largest_logits_and_their_log_sum_exp(tiny_bundle):
     bundle = Bundle(tiny_bundle)
     src = np.array([[10, 20, 30, 40, 3], [50, 60, 3, 0, 0]], np.int64)
-    logits, _ = bundle.decode_step(*_first_step(bundle, src))
-    values, ids, log_sum_exp, cache = bundle.decode_step_candidates(*_first_step(bundle, src))
+    logits = bundle.decode_step(*_first_step(bundle, src))
+    values, ids, log_sum_exp = bundle.decode_step_candidates(*_first_step(bundle, src))
     order = np.argsort(-logits, axis=1, kind="stable")[:, :bundle.candidates]
-    assert ids.shape == (2, bundle.candidates) and cache.shape[4] == 1
+    assert ids.shape == (2, bundle.candidates)
     np.testing.assert_array_equal(ids, order)
     np.testing.assert_array_equal(values, np.take_along_axis(logits, order, 1))
     shifted = logits.astype(np.float64) - logits.max(1, keepdims=True)
@@ -191,7 +191,7 @@ def test_beam_search_encodes_each_sentence_once(tiny_bundle, monkeypatch):
     src = np.random.default_rng(7).integers(4, 8000, (3, 6))
     src[1, 4:] = bundle.pad_id
     rows = np.repeat(np.arange(3), 4)
-    np.testing.assert_array_equal(bundle.reorder_cache(bundle.encode(src), rows).numpy(),
+    np.testing.assert_array_equal(bundle.reorder_cross(bundle.encode(src), rows).numpy(),
                                   bundle.encode(src[rows]).numpy())
     encoded = []
     encode = bundle.encode
@@ -216,9 +216,9 @@ class _EndsAtOnce(_FullLogits):
     """A bundle whose end-of-sentence logit is always the largest: unconstrained, every output is empty."""
 
     def decode_step(self, *args):
-        logits, cache = self.bundle.decode_step(*args)
+        logits = self.bundle.decode_step(*args)
         logits[:, self.bundle.eos_id] = logits.max() + 10.0
-        return logits, cache
+        return logits
 
 
 @pytest.mark.parametrize("beam", [1, 3])

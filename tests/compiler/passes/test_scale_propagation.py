@@ -100,21 +100,28 @@ def test_equal_scales_cancel_and_residual_adds_in_integers():
     np.testing.assert_array_equal(total, ref.requantize(acc, np.array(0.025), 0.05, 127))
 
 
-def test_cache_requantized_to_its_own_scale_needs_no_clip():
-    """A decoder step's key cache: the int8 cache (an entry-point parameter, within +-127 by contract) grows by a
-    quantized row, is dequantized and fake-quantized again at the same scale before QK^T. The requantization
-    is the identity: no clip of the whole cache, and the identity broadcast_to is dropped. An int8 tensor of
-    unknown range (an int32 input cast down) keeps its clip."""
-    def build(bb, cache, new_k, q_q, wide):
+@pytest.mark.parametrize("grown_by", ["concat", "gather"])
+def test_cache_requantized_to_its_own_scale_needs_no_clip(grown_by):
+    """A decoder step's keys: the int8 cache (an entry-point parameter, within +-127 by contract) and a quantized
+    new row, joined by concatenation or, as the decoder step does, by a gather of the cache's rows that takes the
+    last position from the new row (``where``). They are dequantized and fake-quantized again at the same scale
+    before QK^T. The requantization is the identity: no clip of the whole cache, and the identity broadcast_to is
+    dropped. An int8 tensor of unknown range (an int32 input cast down) keeps its clip."""
+    def build(bb, cache, new_k, q_q, wide, rows, is_past):
         row = _q(bb, new_k, 0.05)                                                # [H, 1, Dh], clipped
-        keys = bb.emit(relax.op.concat([cache, row], axis=1))                   # [H, S + 1, Dh] int8
+        if grown_by == "concat":
+            keys = bb.emit(relax.op.concat([cache, row], axis=1))               # [H, S + 1, Dh] int8
+        else:
+            keys = bb.emit(relax.op.where(is_past, bb.emit(relax.op.take(bb.emit(relax.op.reshape(cache, (20, 8))),
+                                                                         rows, axis=0)), row))
         kt = bb.emit(relax.op.permute_dims(_dq(bb, keys, 0.05), [0, 2, 1]))
         kt = bb.emit(relax.op.broadcast_to(_dq(bb, _q(bb, kt, 0.05), 0.05), (4, 8, 6)))
         unknown = _dq(bb, bb.emit(relax.op.astype(wide, "int8")), 0.05)
         return relax.Tuple([bb.emit(relax.op.matmul(_dq(bb, q_q, 0.02), kt)), _q(bb, unknown, 0.05)])
 
     mod = _function(build, {"cache": ((4, 5, 8), "int8"), "new_k": ((4, 1, 8), "float32"),
-                            "q_q": ((4, 1, 8), "int8"), "wide": ((3,), "int32")})
+                            "q_q": ((4, 1, 8), "int8"), "wide": ((3,), "int32"), "rows": ((4, 6), "int64"),
+                            "is_past": ((1, 6, 1), "bool")})
     script = ScalePropagation()(mod)["main"].script()
     assert script.count("R.clip(") == 2  # the new row's quantization and the unknown-range requantization
     assert "R.broadcast_to" not in script
@@ -122,11 +129,15 @@ def test_cache_requantized_to_its_own_scale_needs_no_clip():
     new_k = RNG.normal(0, 3, (4, 1, 8)).astype(np.float32)
     q_q = RNG.integers(-127, 128, (4, 1, 8)).astype(np.int8)
     wide = np.array([-128, 127, 300], np.int32)
+    rows = RNG.integers(0, 20, (4, 6))
+    is_past = (np.arange(6) < 5)[None, :, None]
     vm = relax.VirtualMachine(tvm.compile(ScalePropagation()(mod), TARGET, relax_pipeline=relax_pipeline(TARGET)),
                               tvm.cpu())
-    scores, clipped = (t.numpy() for t in vm["main"](*(tvm.runtime.tensor(a) for a in (cache, new_k, q_q, wide))))
+    scores, clipped = (t.numpy() for t in vm["main"](*(tvm.runtime.tensor(a) for a in (cache, new_k, q_q, wide,
+                                                                                        rows, is_past))))
     row = np.clip(np.floor(new_k / np.float32(0.05) + 0.5), -127, 127).astype(np.int8)
-    keys = np.concatenate([cache, row], axis=1).astype(np.int32)
+    keys = (np.concatenate([cache, row], axis=1) if grown_by == "concat"
+            else np.where(is_past, cache.reshape(20, 8)[rows], row)).astype(np.int32)
     expected = (q_q.astype(np.int32) @ keys.transpose(0, 2, 1)).astype(np.float32) * np.float32(0.02 * 0.05)
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
     np.testing.assert_array_equal(clipped, [-127, 127, 44])  # 300 wraps to 44 as int8; -128 is clipped

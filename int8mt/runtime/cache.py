@@ -1,0 +1,90 @@
+"""A batch's self-attention cache on the bundle's device: cache rows that the decoder steps append to in place.
+
+The layout is the model's (:mod:`int8mt.model.transformer`): ``rows[layers, 2, N, heads, head_dim]``, row ``n``
+being one decoded position of a hypothesis (row 0 holds none), and ``history[batch, T + 1]`` naming the row of
+each of a hypothesis's positions (the step's own last, as 0). The rows live in one buffer allocated for the batch's longest output, which the
+decoder step reads whole (rows no position names are never read); a step's new rows are copied into each
+layer's keys and values after the rows already there, so no step copies the cache it has. Each layer's keys
+(and values) are contiguous: a step's gather of them stays within one region of memory, where rows that held
+every layer side by side made each gathered position a different page. Reordering hypotheses (beams) or dropping
+finished ones reorders ``history``'s rows on the host; the device's rows never move.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class SelfAttentionCache:
+    """The cache rows of one batch (a device buffer) and each hypothesis's history (NumPy)."""
+
+    def __init__(self, ffi: Any, device: Any, layers: int, heads: int, head_dim: int, dtype: str, batch: int,
+                 positions: int, on_host: bool) -> None:
+        """Room for ``positions`` steps of ``batch`` hypotheses; more is allocated (and the rows moved) only if
+        the steps outgrow it. ``on_host``: the device is the CPU, where NumPy writes a step's rows in one
+        assignment (a copy per layer through TVM's runtime costs more than the copying itself at small batches)."""
+        self._ffi, self._device, self._on_host = ffi, device, on_host
+        self._create_view = ffi.get_global_func("runtime.TVMTensorCreateView")
+        self._copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+        self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+        self._planes, self._row = 2 * layers, (heads, head_dim)  # (layer, key or value) planes of rows
+        self._dtype = ffi.dtype(dtype)
+        self._row_bytes = heads * head_dim * np.dtype(dtype).itemsize
+        self._buffer = self._allocate(1 + batch * positions)
+        self.used = 1  # rows written: row 0 holds no position (the decoder step reads it and discards it)
+        self.history = np.zeros((batch, 1), np.int64)
+
+    def _allocate(self, rows: int) -> Any:
+        self._capacity = rows
+        shape = (self._planes // 2, 2, rows, *self._row)
+        return self._alloc(self._ffi.Shape(shape), self._dtype, self._device, "global")
+
+    def _grow(self, rows: int) -> None:
+        """A buffer of ``rows`` rows per plane, holding the rows written so far."""
+        old, old_capacity = self._buffer, self._capacity
+        self._buffer = self._allocate(rows)
+        if self._on_host:
+            np.from_dlpack(self._buffer)[:, :, :self.used] = np.from_dlpack(old)[:, :, :self.used]
+            return
+        for plane in range(self._planes):
+            self._copy(self._rows(old, plane, 0, self.used, old_capacity),
+                       self._rows(self._buffer, plane, 0, self.used, self._capacity))
+
+    def _rows(self, tensor: Any, plane: int, start: int, count: int, capacity: int) -> Any:
+        """Rows ``start .. start + count`` of ``plane`` in ``tensor`` (planes of ``capacity`` rows): a view."""
+        return self._create_view(tensor, self._ffi.Shape((count, *self._row)), self._dtype,
+                                 (plane * capacity + start) * self._row_bytes)
+
+    @property
+    def rows(self) -> Any:
+        """The decoder step's ``cache_rows`` input: the whole buffer."""
+        return self._buffer
+
+    def append(self, new_kv: Any) -> None:
+        """Write a step's new keys and values (``[hypotheses, heads, 1, head_dim]`` each: layer 0's key, its value,
+        layer 1's key, ...; hypotheses in the order of ``history``'s rows) after the rows written so far, and put
+        each hypothesis's row in its history."""
+        count = int(new_kv[0].shape[0])
+        if self.used + count > self._capacity:
+            self._grow(max(2 * self._capacity, self.used + count))
+        if self._on_host:
+            rows = np.from_dlpack(self._buffer).reshape(self._planes, self._capacity, *self._row)
+            for plane, new in enumerate(new_kv):
+                rows[plane, self.used:self.used + count] = np.from_dlpack(new)[:, :, 0]
+        else:
+            for plane, new in enumerate(new_kv):
+                self._copy(self._rows(new, 0, 0, count, count),
+                           self._rows(self._buffer, plane, self.used, count, self._capacity))
+        self.history[:, -1] = np.arange(self.used, self.used + count)
+        self.history = np.concatenate([self.history, np.zeros((count, 1), np.int64)], axis=1)
+        self.used += count
+
+    def select(self, hypotheses: np.ndarray) -> None:
+        """Keep the hypotheses ``hypotheses`` (indices of ``history``'s rows, repeats allowed), in that order."""
+        self.history = self.history[hypotheses]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the device buffer."""
+        return self._planes * self._capacity * self._row_bytes

@@ -1,0 +1,45 @@
+"""Phase 3's legalization: a gather along an index tensor fuses with its consumer (the decoder step's keys)."""
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.script import relax as R
+
+from int8mt.compiler.pipeline import _legalize_passes, relax_pipeline
+
+from ..conftest import HOST_PRESET
+
+TARGET = tvm.target.Target(HOST_PRESET.target)
+
+
+def _keys() -> tvm.IRModule:
+    """A layer's keys as the decoder step gathers them: rows of the cache through the hypotheses' histories, the
+    step's own position from the new key."""
+    b, t, n = (tvm.tirx.Var(v, "int64") for v in ("b", "t", "n"))
+    rows = relax.Var("rows", R.Tensor((n, 8), "int8"))
+    index = relax.Var("index", R.Tensor((b, 2, t), "int64"))
+    is_past = relax.Var("is_past", R.Tensor((b, 1, t, 1), "bool"))
+    new = relax.Var("new", R.Tensor((b, 2, 1, 8), "int8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [rows, index, is_past, new]):
+        with bb.dataflow():
+            out = bb.emit_output(R.where(is_past, R.take(rows, index, axis=0), new))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_gather_and_where_are_one_kernel():
+    with TARGET:
+        mod = tvm.transform.Sequential(_legalize_passes())(_keys())
+    kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and "take" in kernels[0] and "where" in kernels[0], kernels
+
+
+def test_fused_gather_computes_the_keys():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(-127, 128, (11, 8)).astype(np.int8)
+    index = rng.integers(0, 11, (3, 2, 5))
+    is_past = (np.arange(5) < 4)[None, None, :, None].repeat(3, axis=0)
+    new = rng.integers(-127, 128, (3, 2, 1, 8)).astype(np.int8)
+    exe = tvm.compile(_keys(), TARGET, relax_pipeline=relax_pipeline(TARGET))
+    got = relax.VirtualMachine(exe, tvm.cpu())["main"](*(tvm.runtime.tensor(a) for a in (rows, index, is_past, new)))
+    np.testing.assert_array_equal(got.numpy(), np.where(is_past, rows[index], new))
