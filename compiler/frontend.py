@@ -75,7 +75,8 @@ class ExportConfig:
             torch.full((2, 5), 4, dtype=torch.int64),
         )
         shapes = {"tokens": {0: batch}, "step": None, "cache_rows": {2: cache_rows},
-                  "history": {0: batch, 1: positions}, "cross_kv": {2: batch, 4: src_len}, "src": {0: batch, 1: src_len}}
+                  "history": {0: batch, 1: positions}, "cross_kv": {2: batch, 4: src_len},
+                  "src": {0: batch, 1: src_len}}
         return inputs, shapes
 
     def _dims(self, model: Transformer) -> tuple[Dim, Dim]:

@@ -78,8 +78,9 @@ def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.nd
         column = np.ascontiguousarray(tokens[:, step:step + 1])
         (_, *new_kv), _ = call("decode_step", lambda *a: reference.decode_step(column, step, *a[2:]),
                                column, np.array([step]), cache_rows, history, cross, src)
-        cache_rows, history = (t.numpy() for t in model.append_rows(
-            *(torch.from_numpy(a) for a in (cache_rows, history)), tuple(torch.from_numpy(t.numpy()) for t in new_kv)))
+        grown = model.append_rows(torch.from_numpy(cache_rows), torch.from_numpy(history),
+                                  tuple(torch.from_numpy(t.numpy()) for t in new_kv))
+        cache_rows, history = (t.numpy() for t in grown)
     return checks
 
 

@@ -250,12 +250,11 @@ _DEFAULT_LEGALIZE = {name: tvm.ir.Op.get(name).get_attr("FLegalize") for name in
 def _legalize_passes() -> list[tvm.transform.Pass]:
     """TVM's legalization (``cpu_generic.legalize_passes``; the CUDA backend's before its schedules), except that
     softmax uses ``fast_exp``, gathers may fuse with their consumers (:func:`_fusable_gather`) and reshapes
-    stay ``R.reshape`` (a view of the same memory at run time): legalized
-    into copy kernels they are turned back into views only where TVM can prove the copy is the identity, which
-    fails for dynamic shapes such as the decoder's growing cache (a copy of the whole cache every step)."""
+    stay ``R.reshape`` (a view of the same memory at run time): legalized into copy kernels they are turned back
+    into views only where TVM can prove the copy is the identity, which fails for dynamic shapes such as the
+    decoder's cache rows (a copy of the whole cache every step)."""
     custom = {"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax, "relax.exp": _fast_exp,
-              "relax.take": _fusable_gather,
-              "relax.topk": _top_k}
+              "relax.take": _fusable_gather, "relax.topk": _top_k}
     return [relax.transform.LegalizeOps(custom),
             relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
             relax.transform.FuseTIR()]

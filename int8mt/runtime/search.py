@@ -46,8 +46,9 @@ COMPACT_BELOW = 0.75  # drop finished rows once fewer than this share of the bat
 def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_length: int = 0) -> list[list[int]]:
     """Arg-max decoding of each row of ``src`` [B, S], row i stopping after ``max_lens[i]`` tokens and not
     ending before ``min_length``; returns ids without EOS. Finished rows leave the batch (their cache history
-    and cross-attention rows are dropped) once fewer than ``COMPACT_BELOW`` of the rows in flight are unfinished, so a batch does not keep paying for its longest sentence; every row's result is the
-    same as decoded alone."""
+    and cross-attention rows are dropped) once fewer than ``COMPACT_BELOW`` of the rows in flight are
+    unfinished, so a batch does not keep paying for its longest sentence; every row's result is the same as
+    decoded alone."""
     batch = src.shape[0]
     src_t = bundle.tensor(src)
     cross = bundle.encode(src)
@@ -93,8 +94,9 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     up to ``bundle.candidates / 2`` the device returns only each row's best candidates and log-sum-exp
     (``decode_step_candidates``) instead of the whole logits, which the host would turn into log-probabilities
     and partition. Reordering hypotheses reorders only the cache's history (on the host). Finished sentences
-    leave the batch (their k rows dropped from the history and the cross-attention keys/values) once fewer than ``COMPACT_BELOW`` of the sentences in flight
-    are unfinished, as in greedy search; every sentence's result is the same as decoded alone."""
+    leave the batch (their k rows dropped from the history and the cross-attention keys/values) once fewer
+    than ``COMPACT_BELOW`` of the sentences in flight are unfinished, as in greedy search; every sentence's
+    result is the same as decoded alone."""
     if opts.beam_size == 1:
         return greedy_search(bundle, src, max_lens, opts.min_length)
     batch, k = src.shape[0], opts.beam_size
