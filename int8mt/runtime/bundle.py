@@ -24,7 +24,7 @@ from int8mt.errors import UserError
 from int8mt.targets import host_arch, host_features, target_device
 from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_tokenizer
 
-from .cache import SelfAttentionCache
+from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty
 
 LIBRARY_FILE, MANIFEST_FILE = "model.so", "manifest.json"
 DEFAULT_MAX_ROWS = 1024  # the row bound of bundles whose manifest does not record one
@@ -178,7 +178,6 @@ POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled
 RELEASE_POOLS_STEPS = 8  # decoder steps between releases of the memory pools at most (INT8, beam 4, batch 32: half
 # the peak memory at the same speed as never releasing; every step cost 6 %)
 POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of grown caches left in the pools between releases
-TENSOR_ALIGNMENT = 64  # bytes: TVM's kernels assume their buffers start at such an address
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
@@ -216,11 +215,9 @@ def drop_unmodified_pages(library: Path) -> int:
 def _aligned(array: np.ndarray) -> np.ndarray:
     """``array``, C-contiguous with its data at a multiple of ``TENSOR_ALIGNMENT`` bytes (copied if need be)."""
     array = np.ascontiguousarray(array)
-    if array.ctypes.data % TENSOR_ALIGNMENT == 0:
+    if array.__array_interface__["data"][0] % TENSOR_ALIGNMENT == 0:
         return array
-    buffer = np.empty(array.nbytes + TENSOR_ALIGNMENT, np.uint8)
-    start = -buffer.ctypes.data % TENSOR_ALIGNMENT
-    aligned = buffer[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    aligned = aligned_empty(array.shape, array.dtype)
     aligned[...] = array
     return aligned
 

@@ -12,9 +12,21 @@ the host; the device's rows never move.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+
+TENSOR_ALIGNMENT = 64  # bytes: TVM's kernels assume their buffers start at such an address
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts at a multiple of ``TENSOR_ALIGNMENT`` bytes (an input
+    of the entry points that needs no copy to become one)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = np.empty(nbytes + TENSOR_ALIGNMENT, np.uint8)
+    start = -buffer.__array_interface__["data"][0] % TENSOR_ALIGNMENT  # (ctypes.data costs microseconds)
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
 class SelfAttentionCache:
@@ -26,6 +38,7 @@ class SelfAttentionCache:
         the steps outgrow it. ``on_host``: the device is the CPU, where NumPy writes a step's rows in one
         assignment (a copy per layer through TVM's runtime costs more than the copying itself at small batches)."""
         self._ffi, self._device, self._on_host = ffi, device, on_host
+        self._host: np.ndarray | None = None  # on the CPU, the buffer's planes as NumPy sees them
         self._create_view = ffi.get_global_func("runtime.TVMTensorCreateView")
         self._copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
         self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
@@ -34,19 +47,23 @@ class SelfAttentionCache:
         self._row_bytes = heads * head_dim * np.dtype(dtype).itemsize
         self._buffer = self._allocate(1 + batch * positions)
         self.used = 1  # rows written: row 0 holds no position (the decoder step reads it and discards it)
-        self.history = np.zeros((batch, 1), np.int64)
+        self.history = aligned_empty((batch, 1), np.int64)  # aligned: the step's input without a copy
+        self.history[:] = 0
 
     def _allocate(self, rows: int) -> Any:
         self._capacity = rows
         shape = (self._planes // 2, 2, rows, *self._row)
-        return self._alloc(self._ffi.Shape(shape), self._dtype, self._device, "global")
+        buffer = self._alloc(self._ffi.Shape(shape), self._dtype, self._device, "global")
+        if self._on_host:
+            self._host = np.from_dlpack(buffer).reshape(self._planes, rows, *self._row)
+        return buffer
 
     def _grow(self, rows: int) -> None:
         """A buffer of ``rows`` rows per plane, holding the rows written so far."""
-        old, old_capacity = self._buffer, self._capacity
+        old, old_capacity, old_host = self._buffer, self._capacity, self._host
         self._buffer = self._allocate(rows)
         if self._on_host:
-            np.from_dlpack(self._buffer)[:, :, :self.used] = np.from_dlpack(old)[:, :, :self.used]
+            self._host[:, :self.used] = old_host[:, :self.used]
             return
         for plane in range(self._planes):
             self._copy(self._rows(old, plane, 0, self.used, old_capacity),
@@ -70,20 +87,25 @@ class SelfAttentionCache:
         if self.used + count > self._capacity:
             self._grow(max(2 * self._capacity, self.used + count))
         if self._on_host:
-            rows = np.from_dlpack(self._buffer).reshape(self._planes, self._capacity, *self._row)
             for plane, new in enumerate(new_kv):
-                rows[plane, self.used:self.used + count] = np.from_dlpack(new)[:, :, 0]
+                self._host[plane, self.used:self.used + count] = np.from_dlpack(new)[:, :, 0]
         else:
             for plane, new in enumerate(new_kv):
                 self._copy(self._rows(new, 0, 0, count, count),
                            self._rows(self._buffer, plane, self.used, count, self._capacity))
-        self.history[:, -1] = np.arange(self.used, self.used + count)
-        self.history = np.concatenate([self.history, np.zeros((count, 1), np.int64)], axis=1)
+        positions = self.history.shape[1]
+        history = aligned_empty((count, positions + 1), np.int64)
+        history[:, :positions - 1] = self.history[:, :-1]
+        history[:, positions - 1] = np.arange(self.used, self.used + count)
+        history[:, positions] = 0
+        self.history = history
         self.used += count
 
     def select(self, hypotheses: np.ndarray) -> None:
         """Keep the hypotheses ``hypotheses`` (indices of ``history``'s rows, repeats allowed), in that order."""
-        self.history = self.history[hypotheses]
+        history = aligned_empty((len(hypotheses), self.history.shape[1]), np.int64)
+        np.take(self.history, hypotheses, axis=0, out=history)
+        self.history = history
 
     @property
     def nbytes(self) -> int:
