@@ -177,7 +177,7 @@ MADV_DONTNEED = 4  # Linux madvise advice
 POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled
 RELEASE_POOLS_STEPS = 8  # decoder steps between releases of the memory pools at most (INT8, beam 4, batch 32: half
 # the peak memory at the same speed as never releasing; every step cost 6 %)
-POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of grown caches left in the pools between releases
+POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of steps' gathered keys and values left in the pools
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 

@@ -35,8 +35,9 @@ class SelfAttentionCache:
     def __init__(self, ffi: Any, device: Any, layers: int, heads: int, head_dim: int, dtype: str, batch: int,
                  positions: int, on_host: bool) -> None:
         """Room for ``positions`` steps of ``batch`` hypotheses; more is allocated (and the rows moved) only if
-        the steps outgrow it. ``on_host``: the device is the CPU, where NumPy writes a step's rows in one
-        assignment (a copy per layer through TVM's runtime costs more than the copying itself at small batches)."""
+        the steps outgrow it. ``on_host``: the device is the CPU, where NumPy writes a step's rows into its view
+        of the buffer (TVM's runtime takes two calls per plane, a view and a copy, which cost more than the copying
+        itself at small batches)."""
         self._ffi, self._device, self._on_host = ffi, device, on_host
         self._host: np.ndarray | None = None  # on the CPU, the buffer's planes as NumPy sees them
         self._create_view = ffi.get_global_func("runtime.TVMTensorCreateView")

@@ -3,8 +3,9 @@
 Five intrinsics: fill an accumulator with zeros, load A (row-major) and B (stored ``[n, k]``, i.e. read
 column-major) from shared memory into fragments, multiply-accumulate ``C[i, j] += A[i, k] * B[j, k]``, and
 store the accumulator to shared memory between two barriers. The loads and the store come in one set per
-shared-memory scope (static ``shared``, or ``shared.dyn`` for pipelined tiles). TVM ships the same family in ``tvm.s_tir.tensor_intrin.cuda``, but that
-module registers hundreds of intrinsics on import (over a minute); these are registered on first use.
+shared-memory scope (static ``shared``, or ``shared.dyn`` for pipelined tiles). TVM ships the same family in
+``tvm.s_tir.tensor_intrin.cuda``, but that module registers hundreds of intrinsics on import (over a minute);
+these are registered on first use.
 """
 from __future__ import annotations
 
