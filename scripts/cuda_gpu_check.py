@@ -4,6 +4,10 @@
 matmul kernels for the preset at the reference model's shapes and at 4096^3, each as a small library with its
 fatbin, into ``DIR``; with ``--tiles``, also every shape with every tile a search tries (``cuda_tiles.CANDIDATES``).
 ``tiles RESULTS --out FOLDER``: the tile table of a ``--tiles`` run (:mod:`int8mt.schedules.cuda_tiles`).
+``prepare-ctranslate2 DIR --bundle B`` (here, with ``int8mt[bench]``): the model ``B`` was compiled from, converted
+with CTranslate2's converter, and the test sentences, into ``DIR``; ``ctranslate2 DIR --bundle B --out R`` (the GPU
+machine, ``ctranslate2`` and TVM's runtime): ``int8mt bench B --against ctranslate2`` on the GPU from them, the
+table printed, the result (BLEU included) in ``R/against-ctranslate2.json``.
 ``run DIR [--bundle B --sources F]`` (the GPU machine, TVM's
 runtime only): checks every kernel against NumPy (exact int32), times it against cuBLASLt INT8
 (``torch._int_mm``) and cuBLAS FP16 on the same shapes, and with ``--bundle`` translates ``--sources`` with the
@@ -19,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (name, rows, reduction, columns): the reference model's linear layers (d 256, FFN 1024, 8000 tokens) at an
 # encoder batch (32 sentences x 20 tokens) and a beam-4 decoder step (32 x 4 rows); then 4096^3.
@@ -167,6 +173,39 @@ def run_translation(bundles: list[Path], sources: list[str], model_dir: Path | N
     results["translation"] = runs
 
 
+def prepare_ctranslate2(folder: Path, bundle: Path, model: Path | None) -> None:
+    from int8mt.config import load_config
+    from int8mt.data import read_parallel
+    from int8mt.interface.bench_ctranslate2 import check_same_model, compute_type
+    from int8mt.interface.ctranslate2_model import convert_to_ctranslate2
+    from int8mt.runtime.bundle import read_manifest
+
+    cfg = load_config(ROOT / "tvm_config.yaml")
+    model = model or cfg.paths.model
+    check_same_model(bundle, model)
+    scheme = read_manifest(bundle).get("quantization", {}).get("scheme", "int8")
+    convert_to_ctranslate2(model, folder / "ct2", compute_type(scheme))
+    sources, refs = read_parallel(cfg.paths.data, "test_2016_flickr", cfg.train.src_lang, cfg.train.tgt_lang)
+    (folder / "sources.txt").write_text("\n".join(sources) + "\n")
+    (folder / "references.txt").write_text("\n".join(refs) + "\n")
+    (folder / "compute_type").write_text(compute_type(scheme))
+
+
+def against_ctranslate2(folder: Path, bundle: Path, out: Path) -> None:
+    from int8mt.config import load_config
+    from int8mt.interface.bench_ctranslate2 import (bundle_source_ids, compare_with_ctranslate2, format_comparison,
+                                                    scenarios)
+
+    cfg = load_config(ROOT / "tvm_config.yaml")
+    ids, decode = bundle_source_ids(bundle, (folder / "sources.txt").read_text().splitlines())
+    refs = (folder / "references.txt").read_text().splitlines()
+    result = compare_with_ctranslate2(bundle, folder / "ct2", ids, scenarios((1, 32), cfg.decode.beam_size), None,
+                                      cfg.decode.length_penalty, decode, refs,
+                                      ct2_compute_type=(folder / "compute_type").read_text(), gpu=True)
+    print(format_comparison(result), flush=True)
+    (out / "against-ctranslate2.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,12 +220,27 @@ def main() -> int:
     r.add_argument("--sources", type=Path)
     r.add_argument("--model", type=Path, help="model directory: also translate with PyTorch FP16")
     r.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("prepare-ctranslate2", help="here: the bundle's model in CTranslate2, and the test sentences")
+    c.add_argument("dir", type=Path)
+    c.add_argument("--bundle", type=Path, required=True)
+    c.add_argument("--model", type=Path, help="the model the bundle was compiled from (default: paths.model)")
+    g = sub.add_parser("ctranslate2", help="GPU machine: the bundle against CTranslate2 on the GPU")
+    g.add_argument("dir", type=Path, help="a folder from prepare-ctranslate2")
+    g.add_argument("--bundle", type=Path, required=True)
+    g.add_argument("--out", type=Path, required=True)
     t = sub.add_parser("tiles", help="write the tile table of a run's tile search")
     t.add_argument("results", type=Path, help="results.json of `run DIR` on a DIR prepared with --tiles")
     t.add_argument("--out", type=Path, required=True, help="database folder, e.g. schedules/tuned/cuda-sm90")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.dir, args.target, args.tiles, args.first_tile)
+        return 0
+    if args.command == "prepare-ctranslate2":
+        prepare_ctranslate2(args.dir, args.bundle, args.model)
+        return 0
+    if args.command == "ctranslate2":
+        args.out.mkdir(parents=True, exist_ok=True)
+        against_ctranslate2(args.dir, args.bundle, args.out)
         return 0
     if args.command == "tiles":
         from int8mt.schedules.cuda_tiles import write_tiles

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from int8mt.cli import main  # noqa: E402
 from int8mt.data import pad_batch  # noqa: E402
-from int8mt.interface.bench_ctranslate2 import Layout, is_intel_cpu, layouts  # noqa: E402
+from int8mt.interface.bench_ctranslate2 import (GPU_COMPUTE_TYPES, Layout, format_comparison,  # noqa: E402
+                                                is_intel_cpu, layouts)
 from int8mt.interface.bench_engine import vocabularies  # noqa: E402
 from int8mt.interface.ctranslate2_model import convert_to_ctranslate2  # noqa: E402
 from int8mt.model.checkpoint import load_model_dir  # noqa: E402
@@ -77,6 +78,27 @@ def test_layouts_cover_one_translator_and_one_per_cpu():
                                                Layout(2, 1, False)]
     assert layouts("ctranslate2", 2, False) == [Layout(1, 2, False), Layout(2, 1, False)]
     assert layouts("int8mt", 1, False) == [Layout(1, 1)]
+
+
+def test_on_a_gpu_each_engine_runs_one_translator_and_ctranslate2_each_int8_compute_type():
+    assert layouts("int8mt", 2, True, GPU_COMPUTE_TYPES["int8"]) == [Layout(1, 1)]
+    gpu = layouts("ctranslate2", 2, True, GPU_COMPUTE_TYPES["int8"])
+    assert [layout.name for layout in gpu] == ["GPU, int8_float16", "GPU, int8_float32"]
+    assert all(layout.mkl is None for layout in gpu)
+
+
+def test_comparison_table_shows_gpu_memory_where_measured():
+    def row(gpu_mib):
+        engine = {"layout": "GPU, int8_float16", "sentences_per_second": 100.0, "peak_rss_mib": 900.0,
+                  "gpu_memory_mib": gpu_mib}
+        return {"scenario": "greedy, batch 32", "ratio": 1.0, "identical": 1.0, "ctranslate2": engine,
+                "int8mt": {**engine, "gpu_memory_mib": None if gpu_mib is None else 2 * gpu_mib}}
+
+    result = {"machine": "NVIDIA H100", "ctranslate2": "4.8.5", "compute_type": "int8", "bundle": "b",
+              "sentences": 10, "fixed_tokens": None, "rows": [row(300.0)]}
+    table = format_comparison(result)
+    assert "GPU MiB after the run CT2 / int8mt" in table and "| 900 / 900 | 300 / 600 |" in table
+    assert "GPU MiB" not in format_comparison({**result, "rows": [row(None)]})
 
 
 def test_bench_against_ctranslate2_fixed_work(tiny_model_dir, tiny_bundle, tmp_path, capsys):

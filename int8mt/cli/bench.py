@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--against converts it (default: paths.model)")
     p.add_argument("--against", choices=("ctranslate2",), default=None,
                    help="ctranslate2: CTranslate2 on the same weights (--model, converted with its converter) at the "
-                        "bundle's precision (INT8, or FP32 for an FP32 bundle), both engines in their best thread layouts, sentences/s and peak memory")
+                        "bundle's precision (INT8, or FP32 for an FP32 bundle), both engines in their best thread layouts "
+                        "(on the GPU for a CUDA bundle), sentences/s and peak memory")
     p.add_argument("--fixed-tokens", type=int, default=None, metavar="N",
                    help="--against: every sentence decodes exactly N tokens in both engines (same work whatever "
                         "the weights; default: translate to the end of sentence and compare BLEU)")
@@ -84,31 +85,26 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
              batch_sizes: tuple[int, ...]) -> int:
     import tempfile
 
-    from ..interface.bench_ctranslate2 import (Scenario, check_same_model, compare_with_ctranslate2, compute_type,
-                                               format_comparison, plot_comparison)
+    from ..interface.bench_ctranslate2 import (bundle_source_ids, check_same_model, compare_with_ctranslate2,
+                                               compute_type, format_comparison, plot_comparison, scenarios)
     from ..interface.ctranslate2_model import convert_to_ctranslate2
-    from ..runtime.bundle import read_manifest, tokenizer_kind
-    from ..runtime.translator import fit_to_positions
-    from ..tokenizer import check_target_lang, load_tokenizer
+    from ..runtime.bundle import is_cuda, read_manifest
 
     if args.fixed_tokens is not None and args.fixed_tokens < 1:
         raise UserError("--fixed-tokens must be at least 1")
     model_dir = args.model or cfg.paths.model
     check_same_model(args.bundle, model_dir)
     manifest = read_manifest(args.bundle)
-    tokenizer = load_tokenizer(args.bundle, tokenizer_kind(manifest))
-    check_target_lang(tokenizer, None)
-    limit = manifest["model"]["max_positions"]
-    ids = [fit_to_positions(tokenizer.encode(s), limit, tokenizer.eos_id) for s in sources]
-    beam = args.beam or cfg.decode.beam_size
-    scenarios = [Scenario(1, b) for b in batch_sizes] + ([Scenario(beam, max(batch_sizes))] if beam > 1 else [])
+    ids, decode = bundle_source_ids(args.bundle, sources)
     precision = compute_type(manifest.get("quantization", {}).get("scheme", "int8"))
     with tempfile.TemporaryDirectory(prefix="int8mt-ct2-") as tmp:
         print(f"converting {model_dir} with CTranslate2's converter ({precision})", file=sys.stderr)
         ct2_dir = convert_to_ctranslate2(model_dir, Path(tmp) / "ct2", precision)
-        result = compare_with_ctranslate2(args.bundle, ct2_dir, ids, scenarios, args.fixed_tokens,
-                                          cfg.decode.length_penalty, tokenizer.decode,
-                                          None if args.fixed_tokens else refs, ct2_compute_type=precision)
+        plan = scenarios(batch_sizes, args.beam or cfg.decode.beam_size)
+        result = compare_with_ctranslate2(args.bundle, ct2_dir, ids, plan, args.fixed_tokens,
+                                          cfg.decode.length_penalty, decode,
+                                          None if args.fixed_tokens else refs, ct2_compute_type=precision,
+                                          gpu=is_cuda(manifest))
     result["model"] = str(model_dir)
     return _report(args, result, format_comparison(result), plot_comparison)
 

@@ -6,7 +6,9 @@ Both engines get the same token ids (the bundle's tokenizer) and return token id
 layout) runs in a fresh process (:mod:`.bench_engine`), so its peak resident memory is its own. Layouts: one
 translator on all CPUs, and one single-threaded translator per CPU sharing the weights (CTranslate2's
 ``inter_threads``; int8mt's replicas); CTranslate2 on Intel CPUs both with its MKL backend and without
-(``CT2_USE_MKL=0``).
+(``CT2_USE_MKL=0``). Against a CUDA bundle both engines run on the GPU, one translator each, CTranslate2 with each
+of its INT8 compute types (``int8_float16``, ``int8_float32``), and the GPU memory each process holds after its
+run is reported beside its peak resident memory.
 With ``fixed_tokens`` N every sentence decodes exactly N tokens in both engines (the end of sentence held back
 until then), so both do the same work whatever the weights; otherwise they translate until the end of sentence
 and the outputs are compared (identical share, BLEU).
@@ -33,6 +35,7 @@ from .plotting import pyplot, save
 
 ENGINES = ("ctranslate2", "int8mt")
 PRECISIONS = {"fp32": "float32"}  # CTranslate2's compute type per bundle quantization scheme (int8 otherwise)
+GPU_COMPUTE_TYPES = {"int8": ("int8_float16", "int8_float32"), "float32": ("float32",)}  # tried on a GPU
 
 
 def compute_type(scheme: str) -> str:
@@ -60,16 +63,22 @@ class Layout:
     replicas: int
     threads: int
     mkl: bool | None = None  # CTranslate2 only: with its MKL backend or without (CT2_USE_MKL)
+    gpu_compute_type: str | None = None  # CTranslate2 on a GPU only: its compute type there
 
     @property
     def name(self) -> str:
+        if self.gpu_compute_type is not None:
+            return f"GPU, {self.gpu_compute_type}"
         backend = "" if self.mkl is None else (", MKL" if self.mkl else ", CT2_USE_MKL=0")
         return f"{self.replicas} x {self.threads} threads{backend}"
 
 
-def layouts(engine: str, cpus: int, intel: bool) -> list[Layout]:
-    """The thread layouts an engine is tried in; CTranslate2 with MKL only on Intel CPUs (elsewhere it does not
-    pick MKL, which ran at a few sentences/s on an AMD EPYC)."""
+def layouts(engine: str, cpus: int, intel: bool, gpu_compute_types: tuple[str, ...] = ()) -> list[Layout]:
+    """The layouts an engine is tried in. On the CPU (no ``gpu_compute_types``): one translator on all CPUs and
+    one per CPU, CTranslate2 with MKL only on Intel CPUs (elsewhere it does not pick MKL, which ran at a few
+    sentences/s on an AMD EPYC). On a GPU: one translator, CTranslate2 with each of ``gpu_compute_types``."""
+    if gpu_compute_types:
+        return [Layout(1, 1)] if engine == "int8mt" else [Layout(1, 1, gpu_compute_type=c) for c in gpu_compute_types]
     shapes = sorted({(1, cpus), (cpus, 1)})
     if engine == "int8mt":
         return [Layout(r, t) for r, t in shapes]
@@ -94,17 +103,49 @@ def check_same_model(bundle_dir: Path, model_dir: Path) -> None:
                         f"compile the bundle from that model (`int8mt compile {model_dir}`)")
 
 
+def scenarios(batch_sizes: tuple[int, ...], beam: int) -> list[Scenario]:
+    """Greedy search at each batch size, then beam search (if ``beam`` > 1) at the largest."""
+    return [Scenario(1, b) for b in batch_sizes] + ([Scenario(beam, max(batch_sizes))] if beam > 1 else [])
+
+
+def bundle_source_ids(bundle_dir: Path, sentences: list[str]) -> tuple[list[list[int]], Callable[[list[int]], str]]:
+    """``sentences`` as the bundle's tokenizer encodes them (cut to its positions), and its decoder."""
+    from int8mt.runtime.bundle import read_manifest, tokenizer_kind
+    from int8mt.runtime.translator import fit_to_positions
+    from int8mt.tokenizer import check_target_lang, load_tokenizer
+
+    manifest = read_manifest(bundle_dir)
+    tokenizer = load_tokenizer(bundle_dir, tokenizer_kind(manifest))
+    check_target_lang(tokenizer, None)
+    limit = manifest["model"]["max_positions"]
+    return [fit_to_positions(tokenizer.encode(s), limit, tokenizer.eos_id) for s in sentences], tokenizer.decode
+
+
 def _run(engine: str, path: Path, layout: Layout, scenario: Scenario, job: dict) -> dict:
     env = dict(os.environ)
     if layout.mkl is not None:
         env["CT2_USE_MKL"] = "1" if layout.mkl else "0"
+    if layout.gpu_compute_type is not None:
+        job = {**job, "compute_type": layout.gpu_compute_type}
     run = EngineRun(engine=engine, path=str(path), replicas=layout.replicas, threads=layout.threads,
                     beam=scenario.beam, batch=scenario.batch, **job)
     done = subprocess.run([sys.executable, "-m", "int8mt.interface.bench_engine"], input=json.dumps(asdict(run)),
                           capture_output=True, text=True, env=env)
     if done.returncode:
-        raise UserError(f"{engine} ({layout.name}, {scenario.name}) failed:\n{done.stderr.strip()[-2000:]}")
+        hint = ("\nCTranslate2 4.x on a GPU loads CUDA 12's cuBLAS: pip install nvidia-cublas-cu12 (or put its "
+                "libcublas.so.12 on LD_LIBRARY_PATH)" if "libcublas" in done.stderr else "")
+        raise UserError(f"{engine} ({layout.name}, {scenario.name}) failed:\n{done.stderr.strip()[-2000:]}{hint}")
     return json.loads(done.stdout)
+
+
+def _gpu_name() -> str:
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "a CUDA GPU"
+    name, driver = (part.strip() for part in names[0].split(","))
+    return f"{name} (driver {driver})"
 
 
 def _cpu_name() -> str:
@@ -117,29 +158,34 @@ def _cpu_name() -> str:
 def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list[int]], scenarios: list[Scenario],
                              fixed_tokens: int | None, length_penalty: float, decode: Callable[[list[int]], str],
                              references: list[str] | None, cpus: int | None = None,
-                             ct2_compute_type: str = "int8") -> dict:
+                             ct2_compute_type: str = "int8", gpu: bool = False) -> dict:
     """Run every scenario with every layout of both engines (alternating engines) and keep each engine's best
-    layout per scenario. ``decode`` turns output ids into text (for BLEU and the identical share)."""
+    layout per scenario. ``decode`` turns output ids into text (for BLEU and the identical share). ``gpu``: the
+    bundle is a CUDA one; both engines run on the GPU."""
     import ctranslate2
 
-    cpus = cpus or len(os.sched_getaffinity(0))
+    cpus = 1 if gpu else cpus or len(os.sched_getaffinity(0))
     job = {"length_penalty": length_penalty, "fixed_tokens": fixed_tokens, "sources": sources,
-           "warmup": min(len(sources), max(s.batch for s in scenarios) * cpus), "compute_type": ct2_compute_type}
+           "warmup": min(len(sources), max(s.batch for s in scenarios) * cpus), "compute_type": ct2_compute_type,
+           "device": "cuda" if gpu else "cpu"}
     paths = {"int8mt": bundle_dir, "ctranslate2": ct2_dir}
     intel = is_intel_cpu()
-    plan = [(s, e, layout) for s in scenarios for pair in zip_longest(*(layouts(e, cpus, intel) for e in ENGINES))
+    gpu_types = GPU_COMPUTE_TYPES[ct2_compute_type] if gpu else ()
+    plan = [(s, e, layout) for s in scenarios
+            for pair in zip_longest(*(layouts(e, cpus, intel, gpu_types) for e in ENGINES))
             for e, layout in zip(ENGINES, pair) if layout is not None]
     runs = []
     for scenario, engine, layout in tqdm(plan, desc="bench", unit="run", file=sys.stderr):
         out = _run(engine, paths[engine], layout, scenario, job)
         runs.append({"scenario": scenario.name, "engine": engine, "layout": layout.name, "seconds": out["seconds"],
                      "sentences_per_second": len(sources) / out["seconds"], "peak_rss_mib": out["peak_rss_mib"],
-                     "outputs": out["outputs"]})
+                     "gpu_memory_mib": out["gpu_memory_mib"], "outputs": out["outputs"]})
     rows = [_scenario_row(s.name, [r for r in runs if r["scenario"] == s.name], fixed_tokens, decode, references)
             for s in scenarios]
     for r in runs:
         del r["outputs"]
-    return {"machine": f"{cpus} CPUs of {_cpu_name()}", "ctranslate2": ctranslate2.__version__,
+    machine = _gpu_name() if gpu else f"{cpus} CPUs of {_cpu_name()}"
+    return {"machine": machine, "ctranslate2": ctranslate2.__version__,
             "compute_type": ct2_compute_type, "bundle": str(bundle_dir), "sentences": len(sources), "fixed_tokens": fixed_tokens,
             "length_penalty": length_penalty, "rows": rows, "runs": runs}
 
@@ -153,7 +199,7 @@ def _scenario_row(name: str, runs: list[dict], fixed_tokens: int | None, decode:
     row = {"scenario": name, "ratio": speed["int8mt"] / speed["ctranslate2"],
            "identical": sum(a == b for a, b in zip(*texts.values())) / len(texts["int8mt"])}
     for e in ENGINES:
-        row[e] = {k: best[e][k] for k in ("layout", "sentences_per_second", "peak_rss_mib")}
+        row[e] = {k: best[e][k] for k in ("layout", "sentences_per_second", "peak_rss_mib", "gpu_memory_mib")}
         if fixed_tokens is not None:
             wrong = sum(len(ids) != fixed_tokens for r in runs if r["engine"] == e for ids in r["outputs"])
             if wrong:
@@ -168,18 +214,25 @@ def format_comparison(result: dict) -> str:
     work = (f"every sentence exactly {result['fixed_tokens']} tokens" if result["fixed_tokens"]
             else "translation to the end of sentence")
     precision = precision_label(result)
+    gpu = any(row["int8mt"].get("gpu_memory_mib") is not None for row in result["rows"])
     lines = [f"{result['machine']}; CTranslate2 {result['ctranslate2']} {precision} against {result['bundle']}; "
              f"{result['sentences']} sentences, {work}",
              f"| scenario | CTranslate2 {precision} sent/s | int8mt {precision} sent/s | ratio | peak RSS MiB CT2 / "
-             "int8mt | identical | BLEU CT2 / int8mt | best layouts CT2 / int8mt |",
-             "|---|---:|---:|---:|---|---:|---|---|"]
+             f"int8mt |{' GPU MiB after the run CT2 / int8mt |' if gpu else ''} identical | BLEU CT2 / int8mt | "
+             "best layouts CT2 / int8mt |",
+             f"|---|---:|---:|---:|---|{'---|' if gpu else ''}---:|---|---|"]
     for row in result["rows"]:
         ct2, ours = row["ctranslate2"], row["int8mt"]
         bleu = f"{ct2['bleu']:.2f} / {ours['bleu']:.2f}" if "bleu" in ours else "-"
+        device = f" {_mib(ct2.get('gpu_memory_mib'))} / {_mib(ours.get('gpu_memory_mib'))} |" if gpu else ""
         lines.append(f"| {row['scenario']} | {ct2['sentences_per_second']:.1f} | {ours['sentences_per_second']:.1f} | "
-                     f"{row['ratio']:.2f}x | {ct2['peak_rss_mib']:.0f} / {ours['peak_rss_mib']:.0f} | "
+                     f"{row['ratio']:.2f}x | {ct2['peak_rss_mib']:.0f} / {ours['peak_rss_mib']:.0f} |{device} "
                      f"{100 * row['identical']:.0f} % | {bleu} | {ct2['layout']} / {ours['layout']} |")
     return "\n".join(lines)
+
+
+def _mib(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}"
 
 
 def plot_comparison(result: dict, path: Path) -> None:

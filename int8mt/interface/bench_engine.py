@@ -4,6 +4,8 @@ reads a :class:`EngineRun` as JSON on stdin and writes an :class:`EngineResult` 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +28,7 @@ class EngineRun:
     sources: list[list[int]]    # token ids, end of sentence included
     warmup: int                 # sentences translated once, untimed, before the timed run
     compute_type: str = "int8"  # CTranslate2's: int8 against a quantized bundle, float32 against an FP32 one
+    device: str = "cpu"         # CTranslate2's device: cuda against a CUDA bundle (which runs on its own device)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class EngineResult:
     seconds: float
     outputs: list[list[int]]    # token ids, end of sentence excluded
     peak_rss_mib: float         # the process's peak resident memory: runtime, weights and work
+    gpu_memory_mib: float | None = None  # on a GPU: the memory this process holds there after the run
 
 
 def vocabularies(ct2_dir: Path) -> tuple[list[str], list[str]]:
@@ -68,7 +72,7 @@ def _ctranslate2(run: EngineRun):
 
     source_vocab, target_vocab = vocabularies(Path(run.path))
     target_ids = {token: i for i, token in enumerate(target_vocab)}
-    translator = ctranslate2.Translator(run.path, device="cpu", compute_type=run.compute_type, inter_threads=run.replicas,
+    translator = ctranslate2.Translator(run.path, device=run.device, compute_type=run.compute_type, inter_threads=run.replicas,
                                         intra_threads=run.threads)
     fixed = {} if run.fixed_tokens is None else {"min_decoding_length": run.fixed_tokens,
                                                  "max_decoding_length": run.fixed_tokens}
@@ -89,7 +93,7 @@ def run_engine(run: EngineRun) -> EngineResult:
     start = time.perf_counter()
     outputs = translate(run.sources)
     seconds = time.perf_counter() - start
-    return EngineResult(seconds, outputs, peak_rss_mib())
+    return EngineResult(seconds, outputs, peak_rss_mib(), gpu_memory_mib() if run.device == "cuda" else None)
 
 
 def peak_rss_mib() -> float:
@@ -99,6 +103,21 @@ def peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+def gpu_memory_mib() -> float | None:
+    """The GPU memory this process holds (``nvidia-smi``'s per-process use: allocator pools included); None where
+    ``nvidia-smi`` cannot say."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for line in listing.splitlines():
+        pid, _, used = line.partition(",")
+        if pid.strip() == str(os.getpid()) and used.strip().isdigit():
+            return float(used)
+    return None
 
 
 if __name__ == "__main__":
