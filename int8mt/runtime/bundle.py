@@ -177,10 +177,11 @@ TOP_K_KERNEL = "tvm.contrib.sort.topk"  # top candidates of bundles built before
 RELEASE_POOLS = "vm.builtin.memory_manager.clear"  # in TVM's libtvm_runtime
 MADV_DONTNEED = 4  # Linux madvise advice
 POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled
-RELEASE_POOLS_SIZES = 8  # step sizes between releases of the memory pools at most (INT8, beam 4, batch 32: half
-# the peak memory at the speed of never releasing; releasing at every step cost 6 %) ...
+RELEASE_POOLS_SIZES = 8  # CPU: new step sizes between releases of the memory pools at most (INT8, beam 4, batch
+# 32: half the peak memory at the speed of never releasing; releasing at every step cost 6 %) ...
 RELEASE_POOLS_MIN_BYTES = 2 << 20  # ... once their keys and values take this many bytes (one sentence: never)
-POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of keys and values of sizes left in the pools
+POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of keys and values of new sizes left in the pools
+GPU_POOL_BUDGET_BYTES = 512 << 20  # a GPU's: releasing means cudaFree, which waits for the device, and cudaMalloc
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
@@ -312,13 +313,14 @@ class PooledSizes:
     buffer for reuse at exactly its size. A step's gathered keys and values (and attention scores) have a size
     per (rows, positions), so steps of sizes not seen before leave new buffers in the pools, which would grow
     with the square of the output length. The pools are released before a new size once the sizes seen since
-    the last release number ``RELEASE_POOLS_SIZES`` and their keys and values take ``RELEASE_POOLS_MIN_BYTES``,
-    or take ``POOL_BUDGET_BYTES``. Steps of sizes seen before (batches of the same size, e.g. one sentence at a
-    time) reuse their buffers: releasing the pools for them would only make every later step, of every
-    replica, allocate again (two replicas at batch 1: 450 against 580 sentences/s). Releasing frees only buffers
-    no call is using."""
+    the last release number ``sizes`` and their keys and values take ``RELEASE_POOLS_MIN_BYTES``, or take
+    ``budget`` (on a GPU only then, with a larger budget). Steps of sizes seen before (batches of the same size,
+    e.g. one sentence at a time) reuse their buffers: releasing the pools for them would only make every later
+    step, of every replica, allocate again (two replicas at batch 1: 450 against 580 sentences/s). Releasing
+    frees only buffers no call is using."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int = POOL_BUDGET_BYTES, sizes: int | None = RELEASE_POOLS_SIZES) -> None:
+        self.budget, self.sizes = budget, sizes
         self._lock = threading.Lock()
         self._sizes: set[tuple[str, int, int]] = set()
         self._bytes = 0
@@ -328,8 +330,8 @@ class PooledSizes:
         with self._lock:
             if size in self._sizes:
                 return
-            if self._bytes >= POOL_BUDGET_BYTES or (len(self._sizes) >= RELEASE_POOLS_SIZES
-                                                    and self._bytes >= RELEASE_POOLS_MIN_BYTES):
+            if self._bytes >= self.budget or (self.sizes is not None and len(self._sizes) >= self.sizes
+                                              and self._bytes >= RELEASE_POOLS_MIN_BYTES):
                 release()
                 self._sizes.clear()
                 self._bytes = 0
@@ -337,7 +339,7 @@ class PooledSizes:
             self._bytes += nbytes
 
 
-_POOLED = PooledSizes()
+_POOLED = {"cpu": PooledSizes(), "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, sizes=None)}  # one per device kind
 
 
 class Bundle:
@@ -446,7 +448,8 @@ class Bundle:
         """The compiled decoder step: appends its cache rows to ``cache`` and returns the logits (on the device).
         Steps of a size not seen before leave new buffers in TVM's memory pools (see :class:`PooledSizes`)."""
         rows, positions = tokens.shape[0], step + 1
-        _POOLED.admit((str(self.path), rows, positions), self._cache_bytes(rows, positions), self._release_pools)
+        pooled = _POOLED["gpu" if self._on_gpu else "cpu"]
+        pooled.admit((str(self.path), rows, positions), self._cache_bytes(rows, positions), self._release_pools)
         out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache.rows,
                          self.tensor(cache.history), cross_kv, src)
         cache.append([out[i] for i in range(1, len(out))])

@@ -30,3 +30,9 @@ def test_new_sizes_release_once_enough_of_them_hold_enough_bytes():
 def test_the_budget_alone_releases_sizes_too_large_to_keep():
     pooled = PooledSizes()
     assert _admit_all(pooled, [(128, 1), (128, 2)], POOL_BUDGET_BYTES) == 1
+
+
+def test_on_a_gpu_only_the_budget_releases_the_pools():
+    pooled = PooledSizes(budget=64 << 20, sizes=None)
+    assert _admit_all(pooled, [(128, t) for t in range(1, 33)], RELEASE_POOLS_MIN_BYTES) == 0  # 64 MB
+    assert _admit_all(pooled, [(128, 33)], RELEASE_POOLS_MIN_BYTES) == 1
