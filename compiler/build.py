@@ -16,12 +16,15 @@ from int8mt.errors import UserError
 from int8mt.model.checkpoint import check_model_dir, load_model_dir
 from int8mt.quant.config import QuantConfig
 from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, source_digest
-from int8mt.runtime.bundle import BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE, sha256
+from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE, WEIGHTS_FILE,
+                                   sha256)
+from int8mt.runtime.cache import TENSOR_ALIGNMENT
 from int8mt.targets import TargetPreset
 from int8mt.tokenizer import load_tokenizer
 
 from .cross import library_linker
 from .frontend import ExportConfig, candidates_per_row
+from .passes import LiftWeights
 from .pipeline import CompileOptions, compile_model, tile_chooser
 from .quant_report import untuned_kernels_warning
 
@@ -53,6 +56,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     library = out_dir / LIBRARY_FILE
     compiled.executable.export_library(str(library), fcompile=linker)
     cuda = _write_cuda_kernels(compiled.executable, preset, out_dir) if preset.device == "cuda" else None
+    weights = _write_weights(compiled.weights, out_dir / WEIGHTS_FILE)
     for file in tokenizer.files:
         shutil.copyfile(file, out_dir / file.name)
     manifest = {
@@ -68,7 +72,9 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         "top_candidates": candidates_per_row(model),
         "max_rows": ExportConfig().max_batch,  # rows (sentences x beams) one call of an entry point takes
         "tokenizer": tokenizer.kind,
-        "files": {LIBRARY_FILE: sha256(library), **{f.name: sha256(out_dir / f.name) for f in tokenizer.files}},
+        "weights": weights,
+        "files": {LIBRARY_FILE: sha256(library), WEIGHTS_FILE: sha256(out_dir / WEIGHTS_FILE),
+                  **{f.name: sha256(out_dir / f.name) for f in tokenizer.files}},
         "compile_seconds": round(time.time() - t0, 1),
     }
     if cuda is not None:
@@ -83,6 +89,19 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     print(f"wrote {final_dir} ({(final_dir / LIBRARY_FILE).stat().st_size / 1e6:.1f} MB .so) in "
           f"{manifest['compile_seconds']} s", file=sys.stderr)
     return manifest
+
+
+def _write_weights(weights: LiftWeights, path: Path) -> dict:
+    """The lifted weights into ``path``, each at a multiple of ``TENSOR_ALIGNMENT`` bytes (so the runtime hands
+    TVM views of the mapped file); the manifest's ``weights`` record: each tensor's dtype, shape and offset, and
+    each entry point's weights (its trailing parameters, in order)."""
+    tensors = []
+    with open(path, "wb") as f:
+        for array in weights.weights:
+            f.write(b"\0" * (-f.tell() % TENSOR_ALIGNMENT))
+            tensors.append({"dtype": str(array.dtype), "shape": list(array.shape), "offset": f.tell()})
+            f.write(array.tobytes())
+    return {"tensors": tensors, "entry_points": {name: weights.uses.get(name, []) for name in ENTRY_POINTS}}
 
 
 def _write_cuda_kernels(executable: tvm.runtime.Executable, preset: TargetPreset, out_dir: Path) -> dict:

@@ -44,7 +44,7 @@ from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul,
-                     PackDense, ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls)
+                     LiftWeights, PackDense, ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class CompileOptions:
 class CompiledModel:
     executable: tvm.runtime.Executable
     report: dict  # op counts before/after Scale Propagation, the int8 kernels and their tiles
+    weights: LiftWeights  # the entry points' weights, their trailing parameters
 
 
 def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser:
@@ -164,18 +165,22 @@ def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:
         report["kernels"] = dense_kernel_report(mod, options.tiles)
         report["attention_kernels"] = attention_kernel_calls(mod)
         report["attention_dot"] = batch_dot(options.preset.int8_dot).family
-    return CompiledModel(compile_module(mod, options.preset, options.dump_dir), report)
+    weights = LiftWeights()
+    return CompiledModel(compile_module(mod, options.preset, options.dump_dir, weights), report, weights)
 
 
-def compile_module(mod: tvm.IRModule, preset: TargetPreset, dump_dir: Path | None = None) -> tvm.runtime.Executable:
-    """Phases 3-5: a Relax module (after phase 2) compiled for ``preset``."""
+def compile_module(mod: tvm.IRModule, preset: TargetPreset, dump_dir: Path | None = None,
+                   weights: LiftWeights | None = None) -> tvm.runtime.Executable:
+    """Phases 3-5: a Relax module (after phase 2) compiled for ``preset``; with ``weights``, the entry points
+    take their weights as trailing parameters (see :class:`LiftWeights`)."""
     target = tvm.target.Target(preset.target)
+    pipeline = relax_pipeline(target, dump_dir, weights)
     if target.kind.name != "cuda":
-        return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, dump_dir))
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
     outer = tvm.transform.PassContext.current()  # kept, with the pipelined kernels' copies as cp.async
     with tvm.transform.PassContext(opt_level=outer.opt_level, config={**outer.config, "tirx.use_async_copy": True},
                                    instruments=list(outer.instruments)), cuda_compiled_here(preset.target["arch"]):
-        return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, dump_dir))
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
 def _dump(mod: tvm.IRModule, index: int, name: str, dump_dir: Path | None) -> None:
@@ -296,8 +301,10 @@ def _library_dispatch_passes(backend: ModuleType, target: tvm.target.Target) -> 
     return passes
 
 
-def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> tvm.transform.Pass:
-    """Phases 3-5 as ``tvm.compile``'s ``relax_pipeline`` for ``target`` (an LLVM CPU or a CUDA target)."""
+def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None,
+                   weights: LiftWeights | None = None) -> tvm.transform.Pass:
+    """Phases 3-5 as ``tvm.compile``'s ``relax_pipeline`` for ``target`` (an LLVM CPU or a CUDA target); with
+    ``weights``, the scheduled graph's weights become the entry points' trailing parameters."""
     backends = {"llvm": cpu, "cuda": cuda}
     if target.kind.name not in backends:
         raise UserError(f"target kind {target.kind.name!r} is not supported; use a CPU (llvm) or CUDA preset")
@@ -309,7 +316,7 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None) -> t
             return tvm.transform.Sequential(
                 _library_dispatch_passes(backend, target) + [TakeAsView()] + _legalize_passes()
                 + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
-                + [_phase(4, "scheduled", dump_dir)]
+                + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])
                 + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
                 + [_phase(5, "lowered", dump_dir)]
             )(mod)

@@ -165,9 +165,24 @@ def _rechecksum(bundle) -> None:
     ("top_candidates", "16", "'top_candidates' must be a int"),
     ("entry_points", [1, 2], "'entry_points' must hold str values"),
     ("max_rows", True, "'max_rows' must be a int"),
+    ("weights", [], "'weights' must be a dict"),
+    ("format", 2, "bundle format 2 is not supported"),
 ])
 def test_wrong_typed_manifest_fields(bundle_copy, field, value, message):
     edit_manifest(bundle_copy, lambda m: m.update({field: value}))
+    with pytest.raises(BundleError, match=message):
+        Bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda w: w["tensors"][0].update(offset=w["tensors"][0]["offset"] + 1), "places a weight at bytes"),
+    (lambda w: w["tensors"][-1].update(shape=[1 << 30]), "places a weight at bytes"),
+    (lambda w: w["entry_points"]["encode"].append(len(w["tensors"])), "names weights it does not list"),
+    (lambda w: w["tensors"][0].pop("dtype"), "has no 'dtype'"),
+])
+def test_weights_the_manifest_misplaces_are_a_clear_error(bundle_copy, edit, message):
+    """Checked before any weight is mapped: read past the file's end, a view would crash with SIGBUS."""
+    edit_manifest(bundle_copy, lambda m: edit(m["weights"]))
     with pytest.raises(BundleError, match=message):
         Bundle(bundle_copy)
 

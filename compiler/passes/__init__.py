@@ -5,6 +5,7 @@ from .fuse_dense_epilogue import FuseDenseEpilogue
 from .gather_packed_rows import GatherPackedRows
 from .int8_batch_matmul import Int8BatchMatmul
 from .keys_as_stored import ReadKeysAsStored
+from .lift_weights import LiftWeights
 from .pack_dense import PackDense
 from .scale_propagation import ScalePropagation
 from .take_as_view import TakeAsView
@@ -12,4 +13,4 @@ from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
-           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "TakeAsView"]
+           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "TakeAsView", "LiftWeights"]

@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import struct
 import sys
@@ -28,10 +29,10 @@ from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_t
 
 from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty
 
-LIBRARY_FILE, MANIFEST_FILE = "model.so", "manifest.json"
+LIBRARY_FILE, MANIFEST_FILE, WEIGHTS_FILE = "model.so", "manifest.json", "weights.bin"
 DEFAULT_MAX_ROWS = 1024  # the row bound of bundles whose manifest does not record one
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
-BUNDLE_FORMAT = 2  # the entry points' signatures, the decoder step's cache layout included (runtime/cache.py)
+BUNDLE_FORMAT = 3  # the entry points' signatures (the decoder step's cache layout, the weights as parameters)
 ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
 
 
@@ -47,11 +48,14 @@ MANIFEST_SCHEMA: dict[str, tuple[type, type | None]] = {
     "model": (dict, None),
     "files": (dict, str),
     "top_candidates": (int, None),
+    "weights": (dict, None),
 }
 MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None), "cache_dtype": (str, None),
                                                            "tokenizer": (str, None), "cuda": (dict, None)}
 CUDA_SCHEMA: dict[str, tuple[type, type | None]] = {"arch": (str, None), "compute_capability": (list, int),
                                                     "source_sha256": (str, None)}
+WEIGHTS_SCHEMA: dict[str, tuple[type, type | None]] = {"tensors": (list, dict), "entry_points": (dict, list)}
+WEIGHT_SCHEMA: dict[str, tuple[type, type | None]] = {"dtype": (str, None), "shape": (list, int), "offset": (int, None)}
 TARGET_SCHEMA: dict[str, tuple[type, type | None]] = {"preset": (str, None), "required_features": (list, str)}
 TARGET_OPTIONAL: dict[str, tuple[type, type | None]] = {"arch": (str, None)}
 MODEL_KEYS = ("decoder_layers", "heads", "d_model", "max_positions", "pad_id", "eos_id", "decoder_start_id")
@@ -78,6 +82,9 @@ def validate_manifest(manifest: object, where: str) -> dict:
     """``manifest`` checked against :data:`MANIFEST_SCHEMA` (types included), else a :class:`BundleError`."""
     if not isinstance(manifest, dict):
         raise BundleError(f"{where} is corrupt (not a JSON object); rebuild the bundle")
+    if isinstance(manifest.get("format"), int) and manifest["format"] != BUNDLE_FORMAT:
+        raise BundleError(f"bundle format {manifest['format']} is not supported (expected {BUNDLE_FORMAT}); "
+                          "rebuild it with this version of int8mt")
     _check_fields(where, manifest, MANIFEST_SCHEMA)
     _check_fields(where, manifest, MANIFEST_OPTIONAL, required=False)
     _check_fields(f"{where} (target)", manifest["target"], TARGET_SCHEMA)
@@ -85,6 +92,9 @@ def validate_manifest(manifest: object, where: str) -> dict:
     if is_cuda(manifest):
         _check_fields(where, manifest, {"cuda": (dict, None)})
         _check_fields(f"{where} (cuda)", manifest["cuda"], CUDA_SCHEMA)
+    _check_fields(f"{where} (weights)", manifest["weights"], WEIGHTS_SCHEMA)
+    for tensor in manifest["weights"]["tensors"]:
+        _check_fields(f"{where} (weights)", tensor, WEIGHT_SCHEMA)
     bad = [k for k in MODEL_KEYS if not isinstance(manifest["model"].get(k), int)]
     if bad:
         raise BundleError(f"{where} (model): {', '.join(bad)} must be integers; rebuild the bundle")
@@ -244,9 +254,6 @@ def read_manifest(bundle_dir: Path) -> dict:
     where = str(bundle_dir / MANIFEST_FILE)
     try:
         manifest = validate_manifest(json.loads((bundle_dir / MANIFEST_FILE).read_text(encoding="utf-8")), where)
-        if manifest["format"] != BUNDLE_FORMAT:
-            raise BundleError(f"bundle format {manifest['format']} is not supported (expected {BUNDLE_FORMAT}); "
-                              "rebuild it with this version of int8mt")
         if tokenizer_kind(manifest) not in TOKENIZER_KINDS:
             raise BundleError(f"{where}: tokenizer {manifest['tokenizer']!r} is not one this runtime knows "
                               f"({', '.join(TOKENIZER_KINDS)}); rebuild the bundle with this version of int8mt")
@@ -304,6 +311,13 @@ def check_bundle(bundle_dir: Path, manifest: dict) -> None:
         raise BundleError(f"bundle was built for target {preset!r}, which needs CPU features this CPU lacks "
                           f"({', '.join(missing)}); compile it for this machine (`int8mt targets` lists the "
                           "presets it runs)")
+
+
+def _with_weights(entry_point: Callable[..., Any], weights: tuple[Any, ...]) -> Callable[..., Any]:
+    """``entry_point`` called with ``weights`` after its own arguments."""
+    if not weights:
+        return entry_point
+    return lambda *args: entry_point(*args, *weights)
 
 
 class PooledSizes:
@@ -365,6 +379,7 @@ class Bundle:
             raise BundleError(f"cannot load {self.path / LIBRARY_FILE}: {str(err).splitlines()[0]}") from None
         self._release_pools = self._ffi.get_global_func(RELEASE_POOLS)
         self._alloc = self._ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+        self._weights = self._map_weights()
         self._open_vm()
         drop_unmodified_pages(self.path / LIBRARY_FILE)
         cfg = self.manifest["model"]
@@ -386,9 +401,30 @@ class Bundle:
             raise BundleError(f"{self.path / LIBRARY_FILE} is not a bundle's library "
                               f"({str(err).splitlines()[0]})") from None
         try:
-            self._encode, self._step, self._reorder, self._top = (self._vm[name] for name in ENTRY_POINTS)
+            self._encode, self._step, self._reorder, self._top = (_with_weights(self._vm[name], self._weights[name])
+                                                                  for name in ENTRY_POINTS)
         except AttributeError as err:
             raise BundleError(f"{self.path / LIBRARY_FILE} does not match its manifest ({err})") from None
+
+    def _map_weights(self) -> dict[str, tuple[Any, ...]]:
+        """Each entry point's weights (its trailing parameters): on the CPU views of ``weights.bin`` mapped
+        copy-on-write (pages read from the file as the kernels touch them, shared with every process that maps
+        it), on a GPU copies in its memory."""
+        record, path = self.manifest["weights"], self.path / WEIGHTS_FILE
+        size = path.stat().st_size
+        mapped = np.memmap(path, np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+        tensors = []
+        for entry in record["tensors"]:
+            dtype, shape, offset = np.dtype(entry["dtype"]), tuple(entry["shape"]), entry["offset"]
+            end = offset + dtype.itemsize * math.prod(shape)
+            if offset % TENSOR_ALIGNMENT or not 0 <= offset <= end <= size:
+                raise BundleError(f"{self.path / MANIFEST_FILE} places a weight at bytes {offset}-{end} of {path} "
+                                  f"({size} bytes, {TENSOR_ALIGNMENT}-byte aligned): rebuild the bundle")
+            tensors.append(self.tensor(mapped[offset:end].view(dtype).reshape(shape)))
+        try:
+            return {name: tuple(tensors[i] for i in record["entry_points"].get(name, [])) for name in ENTRY_POINTS}
+        except (IndexError, TypeError):
+            raise BundleError(f"{self.path / MANIFEST_FILE} names weights it does not list; rebuild the bundle") from None
 
     def replica(self) -> "Bundle":
         """Another handle on the same loaded library and weights with a virtual machine of its own, so that two

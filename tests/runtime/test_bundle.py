@@ -26,7 +26,7 @@ def test_manifest_records_target_and_versions(tiny_bundle):
     assert manifest["target"]["preset"] == HOST_PRESET.name
     assert manifest["target"]["tvm"] == HOST_PRESET.target
     assert manifest["quantization"] == {"scheme": "fp32", "matmuls_int": 0, "matmuls": 45} and manifest["tvm_version"]
-    assert set(manifest["files"]) == {"model.so", "spm.model"}
+    assert set(manifest["files"]) == {"model.so", "weights.bin", "spm.model"}
 
 
 @pytest.mark.parametrize("beam", [1, 3])
