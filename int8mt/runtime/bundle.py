@@ -189,9 +189,11 @@ MADV_DONTNEED = 4  # Linux madvise advice
 POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled
 RELEASE_POOLS_SIZES = 8  # CPU: new step sizes between releases of the memory pools at most (INT8, beam 4, batch
 # 32: half the peak memory at the speed of never releasing; releasing at every step cost 6 %) ...
-RELEASE_POOLS_MIN_BYTES = 2 << 20  # ... once their keys and values take this many bytes (one sentence: never)
+RELEASE_POOLS_MIN_BYTES = 2 << 20  # ... once their keys and values take this many bytes (one sentence at a time:
+# every few hundred steps)
 POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of keys and values of new sizes left in the pools
-GPU_POOL_BUDGET_BYTES = 512 << 20  # a GPU's: releasing means cudaFree, which waits for the device, and cudaMalloc
+GPU_RELEASE_POOLS_SIZES = 64  # a GPU's: releasing means cudaFree, which waits for the device, and cudaMalloc again
+GPU_POOL_BUDGET_BYTES = 512 << 20
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
@@ -324,23 +326,24 @@ class PooledSizes:
     """The decoder-step sizes whose buffers TVM's memory pools may hold, and when to release the pools.
 
     TVM's pooled allocator (one per device and process, shared by every bundle and replica) keeps each freed
-    buffer for reuse at exactly its size. A step's gathered keys and values (and attention scores) have a size
-    per (rows, positions), so steps of sizes not seen before leave new buffers in the pools, which would grow
-    with the square of the output length. The pools are released before a new size once the sizes seen since
-    the last release number ``sizes`` and their keys and values take ``RELEASE_POOLS_MIN_BYTES``, or take
-    ``budget`` (on a GPU only then, with a larger budget). Steps of sizes seen before (batches of the same size,
-    e.g. one sentence at a time) reuse their buffers: releasing the pools for them would only make every later
-    step, of every replica, allocate again (two replicas at batch 1: 450 against 580 sentences/s). Releasing
-    frees only buffers no call is using."""
+    buffer for reuse at exactly its size. A step's buffers have sizes set by its rows, positions, source length
+    and cache capacity, so steps of sizes not seen before leave new buffers in the pools, which would grow
+    without bound (with the square of the output length). The pools are released before a new size once the
+    sizes seen since the last release number ``sizes`` and their keys and values take
+    ``RELEASE_POOLS_MIN_BYTES``, or take ``budget``. Steps of sizes seen before reuse their buffers, and small
+    steps (one sentence at a time) release the pools only every few hundred steps: releasing them at every batch
+    made every later step, of every replica, allocate again (two replicas at batch 1: 450 against 580
+    sentences/s). Releasing frees only buffers no call is using."""
 
     def __init__(self, budget: int = POOL_BUDGET_BYTES, sizes: int | None = RELEASE_POOLS_SIZES) -> None:
         self.budget, self.sizes = budget, sizes
         self._lock = threading.Lock()
-        self._sizes: set[tuple[str, int, int]] = set()
+        self._sizes: set[tuple] = set()
         self._bytes = 0
 
-    def admit(self, size: tuple[str, int, int], nbytes: int, release: Callable[[], None]) -> None:
-        """A step of ``size`` (bundle, rows, positions) whose keys and values take ``nbytes`` is about to run."""
+    def admit(self, size: tuple, nbytes: int, release: Callable[[], None]) -> None:
+        """A step of ``size`` (a hashable key of everything its buffers' sizes depend on) whose keys and values
+        take ``nbytes`` is about to run."""
         with self._lock:
             if size in self._sizes:
                 return
@@ -353,7 +356,7 @@ class PooledSizes:
             self._bytes += nbytes
 
 
-_POOLED = {"cpu": PooledSizes(), "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, sizes=None)}  # one per device kind
+_POOLED = {"cpu": PooledSizes(), "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES)}  # per device
 
 
 class Bundle:
@@ -484,8 +487,8 @@ class Bundle:
         """The compiled decoder step: appends its cache rows to ``cache`` and returns the logits (on the device).
         Steps of a size not seen before leave new buffers in TVM's memory pools (see :class:`PooledSizes`)."""
         rows, positions = tokens.shape[0], step + 1
-        pooled = _POOLED["gpu" if self._on_gpu else "cpu"]
-        pooled.admit((str(self.path), rows, positions), self._cache_bytes(rows, positions), self._release_pools)
+        size = (str(self.path), rows, positions, src.shape[1], cache.rows.shape[2])
+        _POOLED["gpu" if self._on_gpu else "cpu"].admit(size, self._cache_bytes(rows, positions), self._release_pools)
         out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache.rows,
                          self.tensor(cache.history), cross_kv, src)
         cache.append([out[i] for i in range(1, len(out))])

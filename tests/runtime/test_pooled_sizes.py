@@ -1,7 +1,7 @@
 """When the runtime releases TVM's memory pools: never for step sizes seen since the last release, and for new
-sizes only once enough of them hold enough bytes."""
-from int8mt.runtime.bundle import (POOL_BUDGET_BYTES, RELEASE_POOLS_MIN_BYTES, RELEASE_POOLS_SIZES,
-                                   PooledSizes)
+sizes only once enough of them hold enough bytes (more of them on a GPU)."""
+from int8mt.runtime.bundle import (GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES, POOL_BUDGET_BYTES,
+                                   RELEASE_POOLS_MIN_BYTES, RELEASE_POOLS_SIZES, PooledSizes)
 
 
 def _admit_all(pooled: PooledSizes, sizes, nbytes: int) -> int:
@@ -11,10 +11,10 @@ def _admit_all(pooled: PooledSizes, sizes, nbytes: int) -> int:
     return len(releases)
 
 
-def test_one_sentence_at_a_time_never_releases_the_pools():
+def test_sizes_seen_since_the_last_release_never_release_the_pools():
     pooled = PooledSizes()
-    sentences = [range(1, 15), range(1, 9), range(1, 21)] * 50
-    assert _admit_all(pooled, [(1, t) for steps in sentences for t in steps], nbytes=1536) == 0
+    batches = [range(1, 15), range(1, 9), range(1, 21)] * 50
+    assert _admit_all(pooled, [(32, t) for steps in batches for t in steps], nbytes=4096) == 0
 
 
 def test_new_sizes_release_once_enough_of_them_hold_enough_bytes():
@@ -32,7 +32,8 @@ def test_the_budget_alone_releases_sizes_too_large_to_keep():
     assert _admit_all(pooled, [(128, 1), (128, 2)], POOL_BUDGET_BYTES) == 1
 
 
-def test_on_a_gpu_only_the_budget_releases_the_pools():
-    pooled = PooledSizes(budget=64 << 20, sizes=None)
-    assert _admit_all(pooled, [(128, t) for t in range(1, 33)], RELEASE_POOLS_MIN_BYTES) == 0  # 64 MB
-    assert _admit_all(pooled, [(128, 33)], RELEASE_POOLS_MIN_BYTES) == 1
+def test_on_a_gpu_releases_wait_for_more_new_sizes():
+    pooled = PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES)
+    sizes = [(128, t) for t in range(1, GPU_RELEASE_POOLS_SIZES + 2)]
+    assert _admit_all(pooled, sizes[:-1], RELEASE_POOLS_MIN_BYTES) == 0
+    assert _admit_all(pooled, sizes[-1:], RELEASE_POOLS_MIN_BYTES) == 1
