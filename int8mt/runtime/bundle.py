@@ -192,8 +192,8 @@ RELEASE_POOLS_SIZES = 8  # CPU: new step sizes between releases of the memory po
 RELEASE_POOLS_MIN_BYTES = 2 << 20  # ... once their keys and values take this many bytes (one sentence at a time:
 # every few hundred steps)
 POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of keys and values of new sizes left in the pools
-GPU_RELEASE_POOLS_SIZES = 64  # a GPU's: releasing means cudaFree, which waits for the device, and cudaMalloc again
-GPU_POOL_BUDGET_BYTES = 512 << 20
+GPU_POOL_BUDGET_BYTES = 512 << 20  # a GPU's, its only rule (releasing means cudaFree, which waits for the device,
+GPU_STEP_BYTES = 1 << 20  # and cudaMalloc again), each new size counted as at least this (its buffers' pages)
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
@@ -330,13 +330,14 @@ class PooledSizes:
     and cache capacity, so steps of sizes not seen before leave new buffers in the pools, which would grow
     without bound (with the square of the output length). The pools are released before a new size once the
     sizes seen since the last release number ``sizes`` and their keys and values take
-    ``RELEASE_POOLS_MIN_BYTES``, or take ``budget``. Steps of sizes seen before reuse their buffers, and small
-    steps (one sentence at a time) release the pools only every few hundred steps: releasing them at every batch
-    made every later step, of every replica, allocate again (two replicas at batch 1: 450 against 580
-    sentences/s). Releasing frees only buffers no call is using."""
+    ``RELEASE_POOLS_MIN_BYTES``, or take ``budget`` (each counted as at least ``step_bytes``). Steps of sizes
+    seen before reuse their buffers, and small steps (one sentence at a time) release the pools only every few
+    hundred steps: releasing them at every batch made every later step, of every replica, allocate again (two
+    replicas at batch 1: 450 against 580 sentences/s). Releasing frees only buffers no call is using."""
 
-    def __init__(self, budget: int = POOL_BUDGET_BYTES, sizes: int | None = RELEASE_POOLS_SIZES) -> None:
-        self.budget, self.sizes = budget, sizes
+    def __init__(self, budget: int = POOL_BUDGET_BYTES, sizes: int | None = RELEASE_POOLS_SIZES,
+                 step_bytes: int = 0) -> None:
+        self.budget, self.sizes, self.step_bytes = budget, sizes, step_bytes
         self._lock = threading.Lock()
         self._sizes: set[tuple] = set()
         self._bytes = 0
@@ -353,10 +354,10 @@ class PooledSizes:
                 self._sizes.clear()
                 self._bytes = 0
             self._sizes.add(size)
-            self._bytes += nbytes
+            self._bytes += max(nbytes, self.step_bytes)
 
 
-_POOLED = {"cpu": PooledSizes(), "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES)}  # per device
+_POOLED = {"cpu": PooledSizes(), "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, None, GPU_STEP_BYTES)}  # per device
 
 
 class Bundle:

@@ -1,13 +1,13 @@
 """When the runtime releases TVM's memory pools: never for step sizes seen since the last release, and for new
-sizes only once enough of them hold enough bytes (more of them on a GPU)."""
-from int8mt.runtime.bundle import (GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES, POOL_BUDGET_BYTES,
+sizes only once enough of them hold enough bytes (on a GPU, a budget that counts each new size at least as its pages)."""
+from int8mt.runtime.bundle import (GPU_POOL_BUDGET_BYTES, GPU_STEP_BYTES, POOL_BUDGET_BYTES,
                                    RELEASE_POOLS_MIN_BYTES, RELEASE_POOLS_SIZES, PooledSizes)
 
 
 def _admit_all(pooled: PooledSizes, sizes, nbytes: int) -> int:
     releases = []
-    for rows, positions in sizes:
-        pooled.admit(("bundle", rows, positions), nbytes, lambda: releases.append(1))
+    for size in sizes:
+        pooled.admit(("bundle", *size), nbytes, lambda: releases.append(1))
     return len(releases)
 
 
@@ -32,8 +32,8 @@ def test_the_budget_alone_releases_sizes_too_large_to_keep():
     assert _admit_all(pooled, [(128, 1), (128, 2)], POOL_BUDGET_BYTES) == 1
 
 
-def test_on_a_gpu_releases_wait_for_more_new_sizes():
-    pooled = PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES)
-    sizes = [(128, t) for t in range(1, GPU_RELEASE_POOLS_SIZES + 2)]
-    assert _admit_all(pooled, sizes[:-1], RELEASE_POOLS_MIN_BYTES) == 0
-    assert _admit_all(pooled, sizes[-1:], RELEASE_POOLS_MIN_BYTES) == 1
+def test_on_a_gpu_the_budget_releases_counting_each_new_size_at_least_its_pages():
+    pooled = PooledSizes(GPU_POOL_BUDGET_BYTES, None, GPU_STEP_BYTES)
+    steps = GPU_POOL_BUDGET_BYTES // GPU_STEP_BYTES
+    assert _admit_all(pooled, [(1, t, s) for t in range(1, 33) for s in range(1, 17)][:steps], nbytes=1536) == 0
+    assert _admit_all(pooled, [(2, 1, 1)], nbytes=1536) == 1
