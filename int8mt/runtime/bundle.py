@@ -192,8 +192,9 @@ RELEASE_POOLS_SIZES = 8  # CPU: new step sizes between releases of the memory po
 RELEASE_POOLS_MIN_BYTES = 2 << 20  # ... once their keys and values take this many bytes (one sentence at a time:
 # every few hundred steps)
 POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of keys and values of new sizes left in the pools
-GPU_POOL_BUDGET_BYTES = 512 << 20  # a GPU's, its only rule (releasing means cudaFree, which waits for the device,
-GPU_STEP_BYTES = 1 << 20  # and cudaMalloc again), each new size counted as at least this (its buffers' pages)
+GPU_RELEASE_POOLS_SIZES = 64  # a GPU's (releasing means cudaFree, which waits for the device, and cudaMalloc again):
+GPU_STEP_BYTES = 1 << 20  # each new size counted as at least this (on an H200 a new size left ~7 MB in the pools)
+GPU_POOL_BUDGET_BYTES = 512 << 20
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
@@ -357,7 +358,8 @@ class PooledSizes:
             self._bytes += max(nbytes, self.step_bytes)
 
 
-_POOLED = {"cpu": PooledSizes(), "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, None, GPU_STEP_BYTES)}  # per device
+_POOLED = {"cpu": PooledSizes(),  # one per device kind
+           "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES, GPU_STEP_BYTES)}
 
 
 class Bundle:

@@ -1,6 +1,6 @@
 """When the runtime releases TVM's memory pools: never for step sizes seen since the last release, and for new
-sizes only once enough of them hold enough bytes (on a GPU, a budget that counts each new size at least as its pages)."""
-from int8mt.runtime.bundle import (GPU_POOL_BUDGET_BYTES, GPU_STEP_BYTES, POOL_BUDGET_BYTES,
+sizes only once enough of them hold enough bytes (on a GPU more of them, each counted at least as its pages)."""
+from int8mt.runtime.bundle import (GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES, GPU_STEP_BYTES, POOL_BUDGET_BYTES,
                                    RELEASE_POOLS_MIN_BYTES, RELEASE_POOLS_SIZES, PooledSizes)
 
 
@@ -32,8 +32,8 @@ def test_the_budget_alone_releases_sizes_too_large_to_keep():
     assert _admit_all(pooled, [(128, 1), (128, 2)], POOL_BUDGET_BYTES) == 1
 
 
-def test_on_a_gpu_the_budget_releases_counting_each_new_size_at_least_its_pages():
-    pooled = PooledSizes(GPU_POOL_BUDGET_BYTES, None, GPU_STEP_BYTES)
-    steps = GPU_POOL_BUDGET_BYTES // GPU_STEP_BYTES
-    assert _admit_all(pooled, [(1, t, s) for t in range(1, 33) for s in range(1, 17)][:steps], nbytes=1536) == 0
-    assert _admit_all(pooled, [(2, 1, 1)], nbytes=1536) == 1
+def test_on_a_gpu_small_steps_release_after_more_new_sizes_each_counted_at_least_its_pages():
+    pooled = PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES, GPU_STEP_BYTES)
+    sizes = [(1, t, s) for t in range(1, 33) for s in range(1, 17)][: GPU_RELEASE_POOLS_SIZES + 1]
+    assert _admit_all(pooled, sizes[:-1], nbytes=1536) == 0
+    assert _admit_all(pooled, sizes[-1:], nbytes=1536) == 1
