@@ -183,12 +183,12 @@ def prepare_ctranslate2(folder: Path, bundle: Path, model: Path | None) -> None:
     cfg = load_config(ROOT / "tvm_config.yaml")
     model = model or cfg.paths.model
     check_same_model(bundle, model)
-    scheme = read_manifest(bundle).get("quantization", {}).get("scheme", "int8")
-    convert_to_ctranslate2(model, folder / "ct2", compute_type(scheme))
+    precision = compute_type(read_manifest(bundle))
+    convert_to_ctranslate2(model, folder / "ct2", precision)
     sources, refs = read_parallel(cfg.paths.data, "test_2016_flickr", cfg.train.src_lang, cfg.train.tgt_lang)
     (folder / "sources.txt").write_text("\n".join(sources) + "\n")
     (folder / "references.txt").write_text("\n".join(refs) + "\n")
-    (folder / "compute_type").write_text(compute_type(scheme))
+    (folder / "compute_type").write_text(precision)
 
 
 def against_ctranslate2(folder: Path, bundle: Path, out: Path) -> None:

@@ -96,7 +96,7 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
     check_same_model(args.bundle, model_dir)
     manifest = read_manifest(args.bundle)
     ids, decode = bundle_source_ids(args.bundle, sources)
-    precision = compute_type(manifest.get("quantization", {}).get("scheme", "int8"))
+    precision = compute_type(manifest)
     with tempfile.TemporaryDirectory(prefix="int8mt-ct2-") as tmp:
         print(f"converting {model_dir} with CTranslate2's converter ({precision})", file=sys.stderr)
         ct2_dir = convert_to_ctranslate2(model_dir, Path(tmp) / "ct2", precision)

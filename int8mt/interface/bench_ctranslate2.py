@@ -38,9 +38,10 @@ PRECISIONS = {"fp32": "float32"}  # CTranslate2's compute type per bundle quanti
 GPU_COMPUTE_TYPES = {"int8": ("int8_float16", "int8_float32"), "float32": ("float32",)}  # tried on a GPU
 
 
-def compute_type(scheme: str) -> str:
-    """CTranslate2's compute type (and converter quantization) for a bundle quantized as ``scheme``."""
-    return PRECISIONS.get(scheme, "int8")
+def compute_type(manifest: dict) -> str:
+    """CTranslate2's compute type (and converter quantization) for a bundle of ``manifest``: its quantization
+    scheme's precision."""
+    return PRECISIONS.get(manifest.get("quantization", {}).get("scheme", "int8"), "int8")
 
 
 def precision_label(result: dict) -> str:

@@ -386,6 +386,7 @@ class Bundle:
         self._release_pools = self._ffi.get_global_func(RELEASE_POOLS)
         self._alloc = self._ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._weights = self._map_weights()
+        self._pooled = _POOLED["gpu" if self._on_gpu else "cpu"]
         self._open_vm()
         drop_unmodified_pages(self.path / LIBRARY_FILE)
         cfg = self.manifest["model"]
@@ -421,16 +422,21 @@ class Bundle:
         mapped = np.memmap(path, np.uint8, mode="c") if size else np.zeros(0, np.uint8)
         tensors = []
         for entry in record["tensors"]:
-            dtype, shape, offset = np.dtype(entry["dtype"]), tuple(entry["shape"]), entry["offset"]
+            try:
+                dtype = np.dtype(entry["dtype"])
+            except TypeError:
+                raise BundleError(f"{self.path / MANIFEST_FILE} gives a weight the dtype {entry['dtype']!r}, which "
+                                  "NumPy does not know; rebuild the bundle") from None
+            shape, offset = tuple(entry["shape"]), entry["offset"]
             end = offset + dtype.itemsize * math.prod(shape)
-            if offset % TENSOR_ALIGNMENT or not 0 <= offset <= end <= size:
+            if offset % TENSOR_ALIGNMENT or min(shape, default=0) < 0 or not 0 <= offset <= end <= size:
                 raise BundleError(f"{self.path / MANIFEST_FILE} places a weight at bytes {offset}-{end} of {path} "
                                   f"({size} bytes, {TENSOR_ALIGNMENT}-byte aligned): rebuild the bundle")
             tensors.append(self.tensor(mapped[offset:end].view(dtype).reshape(shape)))
-        try:
-            return {name: tuple(tensors[i] for i in record["entry_points"].get(name, [])) for name in ENTRY_POINTS}
-        except (IndexError, TypeError):
-            raise BundleError(f"{self.path / MANIFEST_FILE} names weights it does not list; rebuild the bundle") from None
+        uses = {name: record["entry_points"].get(name, []) for name in ENTRY_POINTS}
+        if not all(isinstance(i, int) and 0 <= i < len(tensors) for indices in uses.values() for i in indices):
+            raise BundleError(f"{self.path / MANIFEST_FILE} names weights it does not list; rebuild the bundle")
+        return {name: tuple(tensors[i] for i in indices) for name, indices in uses.items()}
 
     def replica(self) -> "Bundle":
         """Another handle on the same loaded library and weights with a virtual machine of its own, so that two
@@ -491,7 +497,7 @@ class Bundle:
         Steps of a size not seen before leave new buffers in TVM's memory pools (see :class:`PooledSizes`)."""
         rows, positions = tokens.shape[0], step + 1
         size = (str(self.path), rows, positions, src.shape[1], cache.rows.shape[2])
-        _POOLED["gpu" if self._on_gpu else "cpu"].admit(size, self._cache_bytes(rows, positions), self._release_pools)
+        self._pooled.admit(size, self._cache_bytes(rows, positions), self._release_pools)
         out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache.rows,
                          self.tensor(cache.history), cross_kv, src)
         cache.append([out[i] for i in range(1, len(out))])
