@@ -58,7 +58,8 @@ WEIGHTS_SCHEMA: dict[str, tuple[type, type | None]] = {"tensors": (list, dict), 
 WEIGHT_SCHEMA: dict[str, tuple[type, type | None]] = {"dtype": (str, None), "shape": (list, int), "offset": (int, None)}
 TARGET_SCHEMA: dict[str, tuple[type, type | None]] = {"preset": (str, None), "required_features": (list, str)}
 TARGET_OPTIONAL: dict[str, tuple[type, type | None]] = {"arch": (str, None)}
-MODEL_KEYS = ("decoder_layers", "heads", "d_model", "max_positions", "pad_id", "eos_id", "decoder_start_id")
+MODEL_KEYS = ("decoder_layers", "heads", "d_model", "ffn_dim", "vocab_size", "max_positions", "pad_id", "eos_id",
+              "decoder_start_id")
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}  # e_machine of this machine's architecture
 ELF_HEADERS_READ = 1 << 16  # bytes read from the start of the library: the ELF and program headers
 
@@ -187,14 +188,17 @@ TOP_K_KERNEL = "tvm.contrib.sort.topk"  # top candidates of bundles built before
 RELEASE_POOLS = "vm.builtin.memory_manager.clear"  # in TVM's libtvm_runtime
 MADV_DONTNEED = 4  # Linux madvise advice
 POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled
-RELEASE_POOLS_SIZES = 8  # CPU: new step sizes between releases of the memory pools at most (INT8, beam 4, batch
-# 32: half the peak memory at the speed of never releasing; releasing at every step cost 6 %) ...
-RELEASE_POOLS_MIN_BYTES = 2 << 20  # ... once their keys and values take this many bytes (one sentence at a time:
-# every few hundred steps)
-POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of keys and values of new sizes left in the pools
-GPU_RELEASE_POOLS_SIZES = 64  # a GPU's (releasing means cudaFree, which waits for the device, and cudaMalloc again):
-GPU_STEP_BYTES = 1 << 20  # each new size counted as at least this (on an H200 a new size left ~7 MB in the pools)
-GPU_POOL_BUDGET_BYTES = 512 << 20
+RELEASE_POOLS_SIZES = 8  # CPU: new call sizes between releases of the memory pools at most ...
+RELEASE_POOLS_MIN_BYTES = 2 << 20  # ... once their logits and cross-attention keys and values take this many bytes
+POOL_BUDGET_BYTES = 32 << 20  # and at most this many bytes of them left in the pools
+LOGIT_BYTES = 4  # float32
+RELEASE_AFTER_ENCODER_BYTES = 2 << 20  # CPU: the pools are released after an encoder call whose FFN activations
+# took this many bytes: their pages would stay resident through the decoder's peak (opus-mt shape, beam 4 at
+# batch 32: 295 -> 271 MiB peak); smaller calls, one sentence at a time, keep them (releasing the pools at every
+# sentence held two replicas at 360-400 sentences/s against 430-510)
+ACTIVATION_BYTES = 4  # int32 or float32
+GPU_RELEASE_POOLS_SIZES = 64  # a GPU's (releasing means cudaFree, which waits for the device, and cudaMalloc
+GPU_POOL_BUDGET_BYTES = 64 << 20  # again; the pools hold every buffer of a size there, not only its outputs)
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
@@ -324,42 +328,48 @@ def _with_weights(entry_point: Callable[..., Any], weights: tuple[Any, ...]) -> 
 
 
 class PooledSizes:
-    """The decoder-step sizes whose buffers TVM's memory pools may hold, and when to release the pools.
+    """The call sizes (rows, source length) whose buffers TVM's memory pools may hold, and when to release the pools.
 
     TVM's pooled allocator (one per device and process, shared by every bundle and replica) keeps each freed
-    buffer for reuse at exactly its size. A step's buffers have sizes set by its rows, positions, source length
-    and cache capacity, so steps of sizes not seen before leave new buffers in the pools, which would grow
-    without bound (with the square of the output length). The pools are released before a new size once the
-    sizes seen since the last release number ``sizes`` and their keys and values take
-    ``RELEASE_POOLS_MIN_BYTES``, or take ``budget`` (each counted as at least ``step_bytes``). Steps of sizes
-    seen before reuse their buffers, and small steps (one sentence at a time) release the pools only every few
-    hundred steps: releasing them at every batch made every later step, of every replica, allocate again (two
-    replicas at batch 1: 450 against 580 sentences/s). Releasing frees only buffers no call is using."""
+    buffer for reuse at exactly its size. An entry point's buffers take their size from its rows and source
+    length only: positions are planned at their maximum (:class:`int8mt.compiler.frontend.ExportConfig`), and so
+    are rows and source length in CPU bundles except for the outputs. Calls of sizes not seen before leave new
+    buffers in the pools, which would grow without bound, so the pools are released before a new size once the
+    sizes seen since the last release number ``sizes`` and their logits and cross-attention keys and values take
+    ``RELEASE_POOLS_MIN_BYTES``, or take ``budget``. Releasing at every batch made every later call, of every
+    replica, allocate again (two replicas at batch 1: 450 against 580 sentences/s). Releasing frees only buffers
+    no call is using."""
 
-    def __init__(self, budget: int = POOL_BUDGET_BYTES, sizes: int | None = RELEASE_POOLS_SIZES,
-                 step_bytes: int = 0) -> None:
-        self.budget, self.sizes, self.step_bytes = budget, sizes, step_bytes
+    def __init__(self, budget: int = POOL_BUDGET_BYTES, sizes: int | None = RELEASE_POOLS_SIZES) -> None:
+        self.budget, self.sizes = budget, sizes
         self._lock = threading.Lock()
         self._sizes: set[tuple] = set()
         self._bytes = 0
 
     def admit(self, size: tuple, nbytes: int, release: Callable[[], None]) -> None:
-        """A step of ``size`` (a hashable key of everything its buffers' sizes depend on) whose keys and values
-        take ``nbytes`` is about to run."""
+        """A call of ``size`` (a hashable key of everything its buffers' sizes depend on) whose logits and
+        cross-attention keys and values take ``nbytes`` is about to run."""
         with self._lock:
             if size in self._sizes:
                 return
             if self._bytes >= self.budget or (self.sizes is not None and len(self._sizes) >= self.sizes
                                               and self._bytes >= RELEASE_POOLS_MIN_BYTES):
-                release()
-                self._sizes.clear()
-                self._bytes = 0
+                self._release(release)
             self._sizes.add(size)
-            self._bytes += max(nbytes, self.step_bytes)
+            self._bytes += nbytes
+
+    def release(self, release: Callable[[], None]) -> None:
+        """Release the pools now."""
+        with self._lock:
+            self._release(release)
+
+    def _release(self, release: Callable[[], None]) -> None:
+        release()
+        self._sizes.clear()
+        self._bytes = 0
 
 
-_POOLED = {"cpu": PooledSizes(),  # one per device kind
-           "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES, GPU_STEP_BYTES)}
+_POOLED = {"cpu": PooledSizes(), "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES)}  # one per device
 
 
 class Bundle:
@@ -392,6 +402,8 @@ class Bundle:
         cfg = self.manifest["model"]
         self.layers, self.heads = cfg["decoder_layers"], cfg["heads"]
         self.head_dim = cfg["d_model"] // cfg["heads"]
+        self.vocab_size = cfg.get("target_vocab_size") or cfg["vocab_size"]  # the logits' width
+        self.ffn_dim = cfg["ffn_dim"]
         self.max_positions = cfg["max_positions"]
         self.pad_id, self.eos_id, self.start_id = cfg["pad_id"], cfg["eos_id"], cfg["decoder_start_id"]
         self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for static quantization
@@ -472,7 +484,12 @@ class Bundle:
 
     def encode(self, src: np.ndarray) -> Any:
         """src int64 [B, S] -> cross-attention keys/values (a device tensor)."""
-        return self._encode(self.tensor(src))
+        rows, src_len = src.shape
+        self._admit(rows, src_len)
+        cross_kv = self._encode(self.tensor(src))
+        if not self._on_gpu and rows * src_len * self.ffn_dim * ACTIVATION_BYTES >= RELEASE_AFTER_ENCODER_BYTES:
+            self._pooled.release(self._release_pools)  # the encoder's buffers' pages, out of the decoder's peak
+        return cross_kv
 
     def empty_cache(self, batch: int, positions: int) -> SelfAttentionCache:
         """The self-attention cache of ``batch`` hypotheses, with room for ``positions`` steps."""
@@ -493,19 +510,20 @@ class Bundle:
         return self.host(values), self.host(ids), self.host(log_sum_exp)
 
     def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: Any, src: Any) -> Any:
-        """The compiled decoder step: appends its cache rows to ``cache`` and returns the logits (on the device).
-        Steps of a size not seen before leave new buffers in TVM's memory pools (see :class:`PooledSizes`)."""
-        rows, positions = tokens.shape[0], step + 1
-        size = (str(self.path), rows, positions, src.shape[1], cache.rows.shape[2])
-        self._pooled.admit(size, self._cache_bytes(rows, positions), self._release_pools)
+        """The compiled decoder step: appends its cache rows to ``cache`` and returns the logits (on the device)."""
+        self._admit(tokens.shape[0], src.shape[1])
         out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache.rows,
                          self.tensor(cache.history), cross_kv, src)
         cache.append([out[i] for i in range(1, len(out))])
         return out[0]
 
-    def _cache_bytes(self, rows: int, positions: int) -> int:
-        """Bytes of a self-attention cache of ``rows`` rows and ``positions`` positions."""
-        return self.layers * 2 * rows * self.heads * positions * self.head_dim * np.dtype(self.cache_dtype).itemsize
+    def _admit(self, rows: int, src_len: int) -> None:
+        """A call of ``rows`` rows of ``src_len`` source tokens is about to run: calls of a size not seen before
+        leave new buffers in TVM's memory pools (see :class:`PooledSizes`), the largest its logits and
+        cross-attention keys and values."""
+        cross_token = self.layers * 2 * self.heads * self.head_dim * np.dtype(self.cache_dtype).itemsize
+        nbytes = rows * (self.vocab_size * LOGIT_BYTES + src_len * cross_token)
+        self._pooled.admit((str(self.path), rows, src_len), nbytes, self._release_pools)
 
     @property
     def candidates(self) -> int:
