@@ -92,12 +92,11 @@ def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser:
 
 def import_model(model: Transformer, options: CompileOptions) -> tvm.IRModule:
     """Phase 0: the model's entry points as a Relax module."""
-    from .frontend import ExportConfig, export_to_relax
+    from .frontend import export_to_relax
     from .quant_import import quant_convert_map
 
     print("phase 0: import (torch.export, then Relax)", file=sys.stderr)
-    export_cfg = ExportConfig(bound_rows=options.preset.device == "cpu")
-    mod = export_to_relax(model, export_cfg, quant_convert_map if options.quant is not None else None)
+    mod = export_to_relax(model, convert_map=quant_convert_map if options.quant is not None else None)
     _dump(mod, 0, "import", options.dump_dir)
     return mod
 

@@ -198,7 +198,7 @@ RELEASE_AFTER_ENCODER_BYTES = 2 << 20  # CPU: the pools are released after an en
 # sentence held two replicas at 360-400 sentences/s against 430-510)
 ACTIVATION_BYTES = 4  # int32 or float32
 GPU_RELEASE_POOLS_SIZES = 64  # a GPU's (releasing means cudaFree, which waits for the device, and cudaMalloc
-GPU_POOL_BUDGET_BYTES = 64 << 20  # again; the pools hold every buffer of a size there, not only its outputs)
+GPU_POOL_BUDGET_BYTES = 64 << 20  # again)
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
@@ -332,8 +332,8 @@ class PooledSizes:
 
     TVM's pooled allocator (one per device and process, shared by every bundle and replica) keeps each freed
     buffer for reuse at exactly its size. An entry point's buffers take their size from its rows and source
-    length only: positions are planned at their maximum (:class:`int8mt.compiler.frontend.ExportConfig`), and so
-    are rows and source length in CPU bundles except for the outputs. Calls of sizes not seen before leave new
+    length only: positions are planned at their maximum (:class:`int8mt.compiler.frontend.ExportConfig`), rows
+    and source length at each call's. Calls of sizes not seen before leave new
     buffers in the pools, which would grow without bound, so the pools are released before a new size once the
     sizes seen since the last release number ``sizes`` and their logits and cross-attention keys and values take
     ``RELEASE_POOLS_MIN_BYTES``, or take ``budget``. Releasing at every batch made every later call, of every

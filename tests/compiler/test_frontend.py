@@ -5,7 +5,7 @@ import torch
 import tvm
 from tvm import relax
 
-from int8mt.compiler.frontend import ExportConfig, export_to_relax
+from int8mt.compiler.frontend import export_to_relax
 from int8mt.compiler.pipeline import relax_pipeline
 
 from ..conftest import HOST_PRESET
@@ -69,20 +69,12 @@ def test_reorder_cache_takes_rows(vm, tiny_model):
     np.testing.assert_array_equal(got, cache[:, :, rows])
 
 
-@pytest.mark.parametrize("bound_rows", [True, False])
-def test_positions_always_carry_their_maximum_rows_and_source_length_only_when_asked(tiny_model, bound_rows):
-    """The memory planner sizes buffers by these bounds: a GPU build leaves rows and source length unbounded."""
-    mod = export_to_relax(tiny_model, ExportConfig(max_batch=64, bound_rows=bound_rows))
+def test_only_positions_carry_their_maximum(tiny_model):
+    """The memory planner sizes buffers by these bounds: a step's by the most positions, every buffer by its
+    call's rows and source length."""
+    mod = export_to_relax(tiny_model)
     step = mod["decode_step"]
-    history = step.params[3].ty.shape
-    bounds = {str(k): int(v) for k, v in step.attrs["tir_var_upper_bound"].items()}
-    rows, src_len = str(history[0]), str(step.params[5].ty.shape[1])
-    expected = {str(history[1]): tiny_model.cfg.max_positions}
-    if bound_rows:
-        expected |= {rows: 64, src_len: tiny_model.cfg.max_positions}
-    assert bounds == expected
-    encode = mod["encode"]
-    encode_bounds = encode.attrs["tir_var_upper_bound"] if "tir_var_upper_bound" in encode.attrs else {}
-    rows_var, src_var = (str(d) for d in encode.params[0].ty.shape)
-    assert {str(k): int(v) for k, v in encode_bounds.items()} == (
-        {rows_var: 64, src_var: tiny_model.cfg.max_positions} if bound_rows else {})
+    positions = str(step.params[3].ty.shape[1])  # history [rows, positions]
+    assert {str(k): int(v) for k, v in step.attrs["tir_var_upper_bound"].items()} == {
+        positions: tiny_model.cfg.max_positions}
+    assert "tir_var_upper_bound" not in mod["encode"].attrs
