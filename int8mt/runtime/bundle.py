@@ -333,12 +333,11 @@ class PooledSizes:
     TVM's pooled allocator (one per device and process, shared by every bundle and replica) keeps each freed
     buffer for reuse at exactly its size. An entry point's buffers take their size from its rows and source
     length only: positions are planned at their maximum (:class:`int8mt.compiler.frontend.ExportConfig`), rows
-    and source length at each call's. Calls of sizes not seen before leave new
-    buffers in the pools, which would grow without bound, so the pools are released before a new size once the
-    sizes seen since the last release number ``sizes`` and their logits and cross-attention keys and values take
-    ``RELEASE_POOLS_MIN_BYTES``, or take ``budget``. Releasing at every batch made every later call, of every
-    replica, allocate again (two replicas at batch 1: 450 against 580 sentences/s). Releasing frees only buffers
-    no call is using."""
+    and source length at each call's. Calls of sizes not seen before leave new buffers in the pools, which would
+    grow without bound, so the pools are released before a new size once the sizes seen since the last release
+    number ``sizes`` and their logits and cross-attention keys and values take ``RELEASE_POOLS_MIN_BYTES``, or
+    take ``budget``. Releasing at every batch made every later call, of every replica, allocate again (two
+    replicas at batch 1: 450 against 580 sentences/s). Releasing frees only buffers no call is using."""
 
     def __init__(self, budget: int = POOL_BUDGET_BYTES, sizes: int | None = RELEASE_POOLS_SIZES) -> None:
         self.budget, self.sizes = budget, sizes
