@@ -167,6 +167,7 @@ def _rechecksum(bundle) -> None:
     ("max_rows", True, "'max_rows' must be a int"),
     ("weights", [], "'weights' must be a dict"),
     ("format", 2, "bundle format 2 is not supported"),
+    ("model", {"vocab_size": 8000}, "decoder_layers, heads, d_model, ffn_dim, max_positions"),
 ])
 def test_wrong_typed_manifest_fields(bundle_copy, field, value, message):
     edit_manifest(bundle_copy, lambda m: m.update({field: value}))
@@ -186,6 +187,12 @@ def test_weights_the_manifest_misplaces_are_a_clear_error(bundle_copy, edit, mes
     """Checked before any weight is mapped: read past the file's end, a view would crash with SIGBUS."""
     edit_manifest(bundle_copy, lambda m: edit(m["weights"]))
     with pytest.raises(BundleError, match=message):
+        Bundle(bundle_copy)
+
+
+def test_a_target_vocabulary_size_that_is_not_an_integer_is_a_clear_error(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["model"].update({"target_vocab_size": "8000"}))
+    with pytest.raises(BundleError, match="target_vocab_size must be integers"):
         Bundle(bundle_copy)
 
 

@@ -60,6 +60,7 @@ TARGET_SCHEMA: dict[str, tuple[type, type | None]] = {"preset": (str, None), "re
 TARGET_OPTIONAL: dict[str, tuple[type, type | None]] = {"arch": (str, None)}
 MODEL_KEYS = ("decoder_layers", "heads", "d_model", "ffn_dim", "vocab_size", "max_positions", "pad_id", "eos_id",
               "decoder_start_id")
+MODEL_OPTIONAL_KEYS = ("target_vocab_size",)  # integers where present (and not null)
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}  # e_machine of this machine's architecture
 ELF_HEADERS_READ = 1 << 16  # bytes read from the start of the library: the ELF and program headers
 
@@ -97,6 +98,7 @@ def validate_manifest(manifest: object, where: str) -> dict:
     for tensor in manifest["weights"]["tensors"]:
         _check_fields(f"{where} (weights)", tensor, WEIGHT_SCHEMA)
     bad = [k for k in MODEL_KEYS if not isinstance(manifest["model"].get(k), int)]
+    bad += [k for k in MODEL_OPTIONAL_KEYS if not isinstance(manifest["model"].get(k), (int, type(None)))]
     if bad:
         raise BundleError(f"{where} (model): {', '.join(bad)} must be integers; rebuild the bundle")
     return manifest
@@ -406,6 +408,7 @@ class Bundle:
         self.max_positions = cfg["max_positions"]
         self.pad_id, self.eos_id, self.start_id = cfg["pad_id"], cfg["eos_id"], cfg["decoder_start_id"]
         self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for static quantization
+        self._cross_token_bytes = self.layers * 2 * self.heads * self.head_dim * np.dtype(self.cache_dtype).itemsize
         self.max_rows = max_rows(self.manifest)
 
     def _open_vm(self) -> None:
@@ -520,9 +523,8 @@ class Bundle:
         """A call of ``rows`` rows of ``src_len`` source tokens is about to run: calls of a size not seen before
         leave new buffers in TVM's memory pools (see :class:`PooledSizes`), the largest its logits and
         cross-attention keys and values."""
-        cross_token = self.layers * 2 * self.heads * self.head_dim * np.dtype(self.cache_dtype).itemsize
-        nbytes = rows * (self.vocab_size * LOGIT_BYTES + src_len * cross_token)
-        self._pooled.admit((str(self.path), rows, src_len), nbytes, self._release_pools)
+        nbytes = rows * (self.vocab_size * LOGIT_BYTES + src_len * self._cross_token_bytes)
+        self._pooled.admit((self.path, rows, src_len), nbytes, self._release_pools)
 
     @property
     def candidates(self) -> int:
