@@ -152,7 +152,7 @@ def _quantization_record(qcfg: QuantConfig | None, report: dict) -> dict:
     record = {"scheme": "fp32" if qcfg is None else qcfg.name, "matmuls_int": graph.get("matmul_int", 0),
               "matmuls": matmuls}
     if qcfg is not None:
-        record.update(ranges=qcfg.ranges, keep_fp32=list(qcfg.keep_fp32), integer_softmax=qcfg.integer_softmax,
+        record.update(ranges=qcfg.ranges, keep_fp32=list(qcfg.fp32_patterns), integer_softmax=qcfg.integer_softmax,
                       integer_layer_norm=qcfg.integer_layer_norm,
                       calibration=qcfg.calibration if qcfg.ranges == "calibrate" else None)
     return record

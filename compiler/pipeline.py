@@ -12,7 +12,8 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.PackDense` (int8 for quantized models, float32 multiply-adds for FP32
                          layers), :class:`~.passes.FoldDenseBias`; quantized models: :class:`~.passes.Int8BatchMatmul`;
                          :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
-                         :class:`~.passes.FuseDenseEpilogue`; then ``FuseTransposeMatmul``.
+                         :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.QuantizeRows` (run-time
+                         ranges); then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
@@ -44,7 +45,8 @@ from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul,
-                     LiftWeights, PackDense, ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls)
+                     LiftWeights, PackDense, QuantizeRows, ReadKeysAsStored, ScalePropagation, TakeAsView,
+                     TapIntMatmuls)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -125,6 +127,8 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     options = options.with_tiles()
     if int8_family is not None or preset.float_dot is not None:
         mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, preset.float_dot))(mod)
+    if options.quant is not None and preset.device == "cpu":
+        mod = QuantizeRows()(mod)
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "kernels", options.dump_dir)
     return mod

@@ -66,6 +66,7 @@ class CompileConfig:
     target: str = AUTO               # a preset name, or auto: the best preset this CPU runs
     quant: str = "int8"              # fp32 | int8 | int6
     ranges: str = QuantConfig.ranges
+    runtime_attention: str = QuantConfig.runtime_attention
     calibration: str = QuantConfig.calibration
     percentile: float = QuantConfig.percentile
     calib_sentences: int = 512

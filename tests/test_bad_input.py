@@ -35,6 +35,8 @@ CASES = [
      "is not a folder this user can write into"),
     ("quantization flags with fp32", ["compile", "{model}", "--quant", "fp32", "--ranges", "runtime"], 2,
      "need --quant int8 or --quant int6"),
+    ("--runtime-attention with static ranges", ["compile", "{model}", "--ranges", "calibrate",
+                                                "--runtime-attention", "int8"], 2, "--runtime-attention is for --ranges runtime"),
     ("missing input file", ["translate", "{bundle}", "-i", "{tmp}/none.txt"], 2, "none.txt does not exist"),
     ("sentences and --input", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "hi"], 2, "not both"),
     ("output would overwrite the input", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "-o", "{tmp}/in.txt"], 2,

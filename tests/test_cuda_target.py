@@ -229,12 +229,13 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def cuda_bundle(tiny_model_dir, tmp_path_factory):
-    """The tiny model, INT8 with run-time ranges, compiled for cuda-sm90 (no GPU needed)."""
+    """The tiny model, INT8 with run-time ranges and int8 attention, compiled for cuda-sm90 (no GPU needed)."""
     from int8mt.compiler.build import build_bundle
     from int8mt.quant.config import QuantConfig
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-cuda"
-    build_bundle(tiny_model_dir, get_preset("cuda-sm90"), out, qcfg=QuantConfig(ranges="runtime"))
+    build_bundle(tiny_model_dir, get_preset("cuda-sm90"), out,
+                 qcfg=QuantConfig(ranges="runtime", runtime_attention="int8"))
     return out
 
 
@@ -283,7 +284,7 @@ def test_cuda_bundle_translates_as_the_cpu_bundle(cuda_bundle, tiny_model_dir, t
     from .conftest import HOST_PRESET
 
     cpu = tmp_path / "cpu"
-    build_bundle(tiny_model_dir, HOST_PRESET, cpu, qcfg=QuantConfig(ranges="runtime"))
+    build_bundle(tiny_model_dir, HOST_PRESET, cpu, qcfg=QuantConfig(ranges="runtime", runtime_attention="int8"))
     sentences = ["A man is riding a bike.", "Two dogs play in the snow.", "A woman reads a book in the park."]
     for beam in (1, 4):
         options = SearchOptions(beam_size=beam)

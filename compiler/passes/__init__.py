@@ -7,10 +7,12 @@ from .int8_batch_matmul import Int8BatchMatmul
 from .keys_as_stored import ReadKeysAsStored
 from .lift_weights import LiftWeights
 from .pack_dense import PackDense
+from .quantize_rows import QuantizeRows
 from .scale_propagation import ScalePropagation
 from .take_as_view import TakeAsView
 from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
-           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "TakeAsView", "LiftWeights"]
+           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "QuantizeRows", "TakeAsView",
+           "LiftWeights"]

@@ -12,7 +12,9 @@ chain's output element while still in registers and is stored at its place in th
 A chain follows the result through values used exactly once: ``reshape`` (dimensions split or merged),
 ``permute_dims``, ``astype``, ``clip``, ``nn.relu``, and ``add``/``subtract``/``multiply``/``right_shift``/
 ``left_shift``/``maximum``/``minimum`` with a constant or a tensor computed elsewhere that broadcasts onto
-the chain's value. Each op is written as the TIR expression its legalization (TOPI) produces, so the fused
+the chain's value. Such a tensor that is itself a product used only there (with run-time ranges, the
+dequantization scale: each row's activation scale times each column's weight scale) is computed in the
+epilogue from its two factors instead of being written out whole. Each op is written as the TIR expression its legalization (TOPI) produces, so the fused
 kernel computes the same values bit for bit. The chain ends before the first other op and after a value
 used more than once or outside its dataflow block (so a tapped matmul under ``int8mt verify`` stays
 unfused); a chain of views only is left alone.
@@ -33,7 +35,7 @@ from int8mt.schedules.int8_dense import DenseEpilogue, dense_attrs, scheduled_in
 from int8mt.schedules.intrin import dense_dot
 from int8mt.schedules.kernel_attrs import DENSE_KINDS
 
-from .kernel_calls import is_one, kernel_kind, shape_product
+from .kernel_calls import is_one, kernel_kind, scalar_constant, shape_product
 
 _BINARY: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
     "relax.add": operator.add, "relax.subtract": operator.sub, "relax.multiply": operator.mul,
@@ -53,6 +55,7 @@ class _Step:
     call: relax.Call
     result: relax.Expr  # the value it binds
     chain_arg: int  # which argument of a binary op is the chain's value
+    factors: tuple[relax.Expr, ...] = ()  # a binary op's other operand as the product of these, computed here
 
 
 @dataclass
@@ -72,19 +75,16 @@ def _int(value: int) -> tirx.IntImm:
     return tirx.IntImm("int64", value)
 
 
-def _scalar(expr: relax.Expr) -> float | int | None:
-    """The value of a one-element constant."""
-    if isinstance(expr, ir.expr.Constant) and expr.value.numpy().size == 1:
-        return expr.value.numpy().item()
-    return None
-
-
 class EpilogueChain:
     """The ops after one dense kernel whose result has shape ``dense_shape`` and dtype ``dense_dtype`` (int32
     sums, or float32 ones for FP32 layers), as a TIR epilogue."""
 
-    def __init__(self, dense_shape: list[tirx.PrimExpr], dense_dtype: str = "int32") -> None:
+    def __init__(self, dense_shape: list[tirx.PrimExpr], dense_dtype: str = "int32",
+                 products: dict[relax.Var, relax.Call] | None = None) -> None:
+        """``products``: values bound to a ``multiply`` of two tensors and used once, which a binary op of the
+        chain may compute from their factors."""
         self.dense_shape, self.dense_dtype = dense_shape, dense_dtype
+        self.products = products or {}
         self.steps: list[_Step] = []
         self.operands: list[relax.Expr] = []  # the tensors the epilogue reads, in input order
         self.analyzer = Analyzer()
@@ -93,7 +93,7 @@ class EpilogueChain:
         """Append ``result = call(current, ...)`` if the epilogue can compute it (checked by a dry run)."""
         if not isinstance(call.op, ir.Op) or call.op.name not in _SUPPORTED:
             return False
-        chain_arg, operands = 0, []
+        chain_arg, operands, factors = 0, [], ()
         if call.op.name in _BINARY:
             if sum(arg.same_as(current) for arg in call.args) != 1:
                 return False
@@ -101,8 +101,12 @@ class EpilogueChain:
             other = call.args[1 - chain_arg]
             if tvm.ir.is_prim_expr(other):
                 return False
-            operands = [] if _scalar(other) is not None else [other]
-        self.steps.append(_Step(call, result, chain_arg))
+            product = self.products.get(other)
+            if (product is not None and not any(tvm.ir.is_prim_expr(f) for f in product.args)
+                    and not all(isinstance(f, ir.expr.Constant) for f in product.args)):  # (constants fold)
+                factors = tuple(product.args)
+            operands = [x for x in (factors or (other,)) if scalar_constant(x) is None]
+        self.steps.append(_Step(call, result, chain_arg, factors))
         self.operands.extend(operands)
         try:
             self.element(tirx.Var("i", "int64"), tirx.Var("j", "int64"), tirx.Var("c", self.dense_dtype),
@@ -141,7 +145,11 @@ class EpilogueChain:
             elif name == "relax.nn.relu":  # topi.nn.relu
                 element.value = tirx.max(element.value, tirx.const(0, element.value.ty))
             else:
-                other = self._operand(call.args[1 - step.chain_arg], element, buffers)
+                if step.factors:
+                    first, second = (self._operand(x, element, buffers) for x in step.factors)
+                    other = first * second
+                else:
+                    other = self._operand(call.args[1 - step.chain_arg], element, buffers)
                 pair = (element.value, other) if step.chain_arg == 0 else (other, element.value)
                 element.value = _BINARY[name](*pair)
             result_dims = _dims(step.result)
@@ -155,7 +163,7 @@ class EpilogueChain:
     def _operand(self, other: relax.Expr, element: _Element, buffers) -> tirx.PrimExpr:
         """A binary op's other operand, for ``element``: a scalar constant, or a load of the tensor broadcast
         onto the chain's value (numpy rules)."""
-        scalar = _scalar(other)
+        scalar = scalar_constant(other)
         if scalar is not None:
             return tirx.const(scalar, str(other.ty.dtype))
         shape = _dims(other)
@@ -247,6 +255,9 @@ class _EpilogueFuser(PyExprMutator):
     def run(self, gv: ir.GlobalVar, func: relax.Function) -> None:
         self.chains = {}
         uses = _use_counts(func)
+        products = {b.var: b.value for block in func.body.blocks for b in block.bindings
+                    if isinstance(b.var, relax.DataflowVar) and uses.get(b.var) == 1 and isinstance(b.value, relax.Call)
+                    and b.value.op == ir.Op.get("relax.multiply")}
         for block in func.body.blocks:
             if not isinstance(block, relax.DataflowBlock):
                 continue
@@ -256,7 +267,7 @@ class _EpilogueFuser(PyExprMutator):
                 if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
                         and kernel_kind(self.builder_.get(), call.args[0]) in DENSE_KINDS):
                     continue
-                chain = EpilogueChain(list(binding.var.ty.shape), str(binding.var.ty.dtype))
+                chain = EpilogueChain(list(binding.var.ty.shape), str(binding.var.ty.dtype), products)
                 current = binding.var
                 while (isinstance(current, relax.DataflowVar) and uses.get(current) == 1 and current in user
                        and isinstance(user[current].value, relax.Call)

@@ -31,6 +31,13 @@ def weight_table(expr: relax.Expr, dtype: str = "int8") -> ir.expr.Constant | No
     return None
 
 
+def scalar_constant(expr: relax.Expr) -> float | int | None:
+    """The value of a one-element constant, None for anything else."""
+    if isinstance(expr, ir.expr.Constant) and expr.value.numpy().size == 1:
+        return expr.value.numpy().item()
+    return None
+
+
 def is_one(dim: tirx.PrimExpr) -> bool:
     """``dim`` is the static size 1."""
     return isinstance(dim, tirx.IntImm) and int(dim) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..quant.config import CALIBRATION_METHODS, RANGE_METHODS, SCHEMES
+from ..quant.config import CALIBRATION_METHODS, RANGE_METHODS, RUNTIME_ATTENTION, SCHEMES
 from . import add_config_argument, config_path, database_path
 
 
@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sentences to calibrate on (default: compile.calib_sentences)")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="matmuls to leave in FP32 (module-name glob such as 'decoder_layers.*.qk'; repeatable)")
+    p.add_argument("--runtime-attention", choices=RUNTIME_ATTENTION, default=None,
+                   help="with run-time ranges, the attention matmuls (QK^T, softmax·V) in FP32 or INT8; INT8 "
+                        "re-quantizes the key/value caches at every decoder step (default: "
+                        "compile.runtime_attention)")
     p.add_argument("--integer-softmax", action="store_true",
                    help="attention softmax in integers too (polynomial exp, integer normalisation; needs "
                         "--ranges calibrate or learned)")
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(config_path(args))
     quant = QuantRequest(args.quant or cfg.compile.quant, args.ranges, args.calibration, tuple(args.keep_fp32),
-                         args.integer_softmax, args.integer_layer_norm, args.calib_data)
+                         args.integer_softmax, args.integer_layer_norm, args.calib_data, args.runtime_attention)
     compile_bundle(args.model or cfg.paths.model, args.target or cfg.compile.target, args.output, quant, cfg.compile,
                    cfg.paths.build, cfg.paths.data, args.calib_sentences, database_path(args.db, cfg.tune.database),
                    args.dump_ir)

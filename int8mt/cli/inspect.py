@@ -74,7 +74,9 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
                          f"{'tuned' if k['tuned'] else 'default tiles'} "
                          f"(for {k['rows_tuned_for']} rows)")
     attention = report.get("attention_kernels")
-    if attention:
+    if attention and not any(attention.values()):
+        lines += ["", "attention matmuls (QK^T, softmax.V) in FP32"]
+    elif attention:
         dot = f" ({report['attention_dot']} dot product)" if "attention_dot" in report else ""
         lines += ["", f"int8 attention matmuls (QK^T, softmax.V) on the batched kernel{dot}, operands packed at run "
                       "time: " + ", ".join(f"{name} {count}" for name, count in attention.items())]

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..quant.config import RANGE_METHODS, SCHEMES
+from ..quant.config import RANGE_METHODS, RUNTIME_ATTENTION, SCHEMES
 from . import add_config_argument, config_path, database_path
 
 
@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bit width (default: int8)")
     p.add_argument("--ranges", choices=RANGE_METHODS, default=None,
                    help="activation ranges (default: compile.ranges)")
+    p.add_argument("--runtime-attention", choices=RUNTIME_ATTENTION, default=None,
+                   help="with run-time ranges, the attention matmuls in FP32 or INT8 (default: "
+                        "compile.runtime_attention)")
     p.add_argument("--integer-softmax", action="store_true", help="attention softmax in integers too")
     p.add_argument("--integer-layer-norm", action="store_true", help="residual sums and layer norms in integers too")
     p.add_argument("--sentences", type=int, default=8, help="test sentences, one batch (default: 8)")
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(config_path(args))
     quant = QuantRequest(args.quant, args.ranges, integer_softmax=args.integer_softmax,
-                         integer_layer_norm=args.integer_layer_norm)
+                         integer_layer_norm=args.integer_layer_norm, runtime_attention=args.runtime_attention)
     model_dir = args.model or cfg.paths.model
     request = VerifyRequest(model_dir, args.target or cfg.compile.target,
                             quant.config(cfg.compile, Path(model_dir)), cfg.paths.data, args.sentences, args.steps,

@@ -25,6 +25,7 @@ class QuantRequest:
     integer_softmax: bool = False
     integer_layer_norm: bool = False
     calib_data: Path | None = None
+    runtime_attention: str | None = None
 
     def config(self, defaults: CompileConfig, model_dir: Path) -> QuantConfig | None:
         """The :class:`QuantConfig` to build ``model_dir`` with (None for FP32); quantization options with
@@ -34,9 +35,9 @@ class QuantRequest:
         bits = scheme_bits(self.scheme)
         if bits is None:
             if (self.ranges or self.calibration or self.keep_fp32 or self.integer_softmax or self.integer_layer_norm
-                    or self.calib_data):
-                raise UserError("--ranges, --calibration, --calib-data, --keep-fp32, --integer-softmax and "
-                                 "--integer-layer-norm need --quant int8 or --quant int6")
+                    or self.calib_data or self.runtime_attention):
+                raise UserError("--ranges, --calibration, --calib-data, --keep-fp32, --integer-softmax, "
+                                 "--integer-layer-norm and --runtime-attention need --quant int8 or --quant int6")
             return None
         ranges = self.ranges or ("calibrate" if self.calib_data else defaults.ranges)
         if self.calib_data and ranges != "calibrate":
@@ -46,10 +47,14 @@ class QuantRequest:
                   "from `int8mt qat`); using run-time ranges. For static ones: --calib-data FILE (sentences "
                   "in the source language) or `int8mt qat`", file=sys.stderr)
             ranges = "runtime"
+        if self.runtime_attention and ranges != "runtime":
+            raise UserError(f"--runtime-attention is for --ranges runtime; with --ranges {ranges} the attention "
+                             "matmuls are int8 (leave one in FP32 with --keep-fp32 '*.qk')")
         return QuantConfig(bits=bits, ranges=ranges,
                            calibration=self.calibration or defaults.calibration, percentile=defaults.percentile,
                            keep_fp32=self.keep_fp32, integer_softmax=self.integer_softmax,
-                           integer_layer_norm=self.integer_layer_norm)
+                           integer_layer_norm=self.integer_layer_norm,
+                           runtime_attention=self.runtime_attention or defaults.runtime_attention)
 
 
 def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: QuantRequest, defaults: CompileConfig,

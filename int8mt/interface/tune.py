@@ -53,8 +53,9 @@ def dense_tasks(source: Path, preset: TargetPreset, untuned_only: bool = False) 
     from int8mt.schedules.database import TileChooser
 
     print(f"extracting int8 kernels of {source}", file=sys.stderr)
-    model = quantized_model(source, QuantConfig(ranges="runtime"), None)
-    options = CompileOptions(preset, QuantConfig(ranges="runtime"), TileChooser(None, family))
+    qcfg = QuantConfig(ranges="runtime", runtime_attention="int8")  # every matmul int8: every kernel to tune
+    model = quantized_model(source, qcfg, None)
+    options = CompileOptions(preset, qcfg, TileChooser(None, family))
     mod = integer_graph(import_model(model, options), options)
     return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family)
                    for k in dense_kernel_report(mod, options.tiles)})

@@ -68,7 +68,7 @@ def verify(request: VerifyRequest) -> VerifyResult:
     tiles = tile_chooser(preset, request.database) if preset.int8_dot is not None else None
     vm = compile_tapped(model, preset, tiles, qcfg)
     meta = {"model": str(request.model_dir), "target": preset.name, "scheme": qcfg.name, "ranges": qcfg.ranges,
-            "integer_softmax": qcfg.integer_softmax, "integer_layer_norm": qcfg.integer_layer_norm,
+            "fp32": list(qcfg.fp32_patterns), "integer_softmax": qcfg.integer_softmax, "integer_layer_norm": qcfg.integer_layer_norm,
             "sentences": len(src), "steps": request.steps}
     try:
         checks = check_integer_graph(model, vm, src, tokens, qcfg)

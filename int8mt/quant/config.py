@@ -8,6 +8,8 @@ from int8mt.errors import UserError
 RANGE_METHODS = ("calibrate", "learned", "runtime")
 CALIBRATION_METHODS = ("max", "percentile", "mse")
 SCHEMES = {"fp32": None, "int8": 8, "int6": 6}  # `--quant` names -> bits (None: not quantized)
+RUNTIME_ATTENTION = ("float32", "int8")  # the attention matmuls' precision with run-time ranges
+ATTENTION_MATMULS = ("*.qk", "*.av")  # module-name globs of every attention's QK^T and softmax·V
 
 
 def scheme_bits(scheme: str) -> int | None:
@@ -30,6 +32,7 @@ class QuantConfig:
     keep_fp32: tuple[str, ...] = field(default=())   # fnmatch patterns of matmul names left in FP32
     integer_softmax: bool = False     # attention softmax in integers too (static ranges only)
     integer_layer_norm: bool = False  # residual sums and layer norms in integers too (static ranges only)
+    runtime_attention: str = "float32"  # float32 | int8: QK^T and softmax·V with run-time ranges (see fp32_patterns)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -42,6 +45,9 @@ class QuantConfig:
         if (self.integer_softmax or self.integer_layer_norm) and self.ranges == "runtime":
             raise UserError("the integer softmax and layer norm need constant scales: use --ranges calibrate or "
                              "learned (run-time ranges give every row its own scale)")
+        if self.runtime_attention not in RUNTIME_ATTENTION:
+            raise UserError(f"unknown attention precision {self.runtime_attention!r} for run-time ranges; "
+                             f"use one of {', '.join(RUNTIME_ATTENTION)}")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"percentile must be in (50, 100], not {self.percentile}")
 
@@ -49,6 +55,17 @@ class QuantConfig:
     def qmax(self) -> int:
         """Largest integer magnitude: 127 for INT8, 31 for INT6 (symmetric, so -qmax..qmax)."""
         return 2 ** (self.bits - 1) - 1
+
+    @property
+    def fp32_patterns(self) -> tuple[str, ...]:
+        """Module-name globs of the matmuls left in FP32: ``keep_fp32``, and with run-time ranges and
+        ``runtime_attention`` float32 the attention matmuls. Their right operands (keys, values) are cached over
+        the steps, and a per-channel run-time range of the values changes with every position, so int8 attention
+        re-quantizes the whole float caches at each step: a decoder step at batch 32 took 4.8x a static bundle's
+        time, 2.4x with float attention, at the same BLEU (docs/quantization.md)."""
+        if self.ranges == "runtime" and self.runtime_attention == "float32":
+            return self.keep_fp32 + tuple(p for p in ATTENTION_MATMULS if p not in self.keep_fp32)
+        return self.keep_fp32
 
     @property
     def name(self) -> str:

@@ -147,7 +147,7 @@ def prepare(model: Transformer, qcfg: QuantConfig) -> list[str]:
     dynamic = qcfg.ranges == "runtime"
     kept = []
     for name in matmul_sites(model):
-        if any(fnmatch(name, p) for p in qcfg.keep_fp32):
+        if any(fnmatch(name, p) for p in qcfg.fp32_patterns):
             kept.append(name)
             continue
         parent_name, _, attr = name.rpartition(".")

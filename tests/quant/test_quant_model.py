@@ -7,6 +7,7 @@ from int8mt.model.transformer import Transformer
 from int8mt.quant import ops
 from int8mt.quant.calibrate import Observer, calibrate
 from int8mt.quant.checkpoint import load_quantized, quantized_model, save_quantized
+from int8mt.errors import UserError
 from int8mt.quant.config import QuantConfig
 from int8mt.quant.modules import QEmbedding, QLinear, QMatMul, act_quantizers, convert, matmul_sites, prepare
 from int8mt.tokenizer import Tokenizer
@@ -32,6 +33,17 @@ def test_keep_fp32_patterns_leave_those_matmuls_alone():
     kept = prepare(model, QuantConfig(keep_fp32=("decoder_layers.*.self_attn.qk", "lm_head")))
     assert kept == ["decoder_layers.0.self_attn.qk", "decoder_layers.1.self_attn.qk", "lm_head"]
     assert not isinstance(model.embed_tokens, QEmbedding)  # tied to the FP32 logits projection
+
+
+def test_run_time_ranges_leave_the_attention_matmuls_in_fp32_unless_asked():
+    attention = [n for n in matmul_sites(_tiny()) if n.endswith((".qk", ".av"))]
+    assert len(attention) == 2 * TINY.encoder_layers + 4 * TINY.decoder_layers
+    assert prepare(_tiny(), QuantConfig(ranges="runtime")) == attention
+    assert prepare(_tiny(), QuantConfig(ranges="runtime", runtime_attention="int8")) == []
+    assert prepare(_tiny(), QuantConfig(ranges="calibrate")) == []  # static ranges: int8 caches, int8 attention
+    assert QuantConfig(ranges="runtime", keep_fp32=("*.qk", "lm_head")).fp32_patterns == ("*.qk", "lm_head", "*.av")
+    with pytest.raises(UserError, match="unknown attention precision 'int4'"):
+        QuantConfig(ranges="runtime", runtime_attention="int4")
 
 
 def test_convert_stores_int8_weights_and_ties_the_embedding():

@@ -1,6 +1,7 @@
 """FuseDenseEpilogue (after PackDense and FoldDenseBias): the elementwise
 chains after int8 linear layers (requantization into the heads' layout, ReLU + requantization,
-dequantization + residual) become part of the dense kernel, a result used twice is not fused, and the
+dequantization + residual, dequantization by a run-time scale that is a product of two factors) become part of
+the dense kernel, a result used twice is not fused, and the
 compiled graph equals the unfused one bit for bit and NumPy's integer arithmetic, for dynamic sizes."""
 import numpy as np
 import pytest
@@ -25,13 +26,14 @@ SHIFT = 30
 
 
 def _module() -> tvm.IRModule:
-    """Four linear layers on x [b, t, 64]: Q-like (requantized into [b, 4, t, 16]), K^T-like ([b, 4, 16, t]),
-    FFN-like (ReLU, requantized), residual-like (dequantized + r [b, t, 32]); and a fifth whose int32
-    result has two consumers."""
+    """Five linear layers on x [b, t, 64]: Q-like (requantized into [b, 4, t, 16]), K^T-like ([b, 4, 16, t]),
+    FFN-like (ReLU, requantized), residual-like (dequantized + r [b, t, 32]), run-time-range-like (dequantized
+    by each row's scale s [b, t, 1] times each column's); and a sixth whose int32 result has two consumers."""
     bb = relax.BlockBuilder()
     b, t = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("t", "int64")
     x = relax.Var("x", relax.TensorType([b, t, D], "int8"))
     r = relax.Var("r", relax.TensorType([b, t, NARROW], "float32"))
+    s = relax.Var("s", relax.TensorType([b, t, 1], "float32"))
 
     def linear(w: np.ndarray) -> relax.Expr:
         return bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(relax.const(w), [1, 0])), out_dtype="int32"))
@@ -42,7 +44,7 @@ def _module() -> tvm.IRModule:
                                          relax.const(SHIFT, "int64")))
         return bb.emit(relax.op.astype(bb.emit(relax.op.clip(y, -127, 127)), "int8"))
 
-    with bb.function("main", [x, r]):
+    with bb.function("main", [x, r, s]):
         with bb.dataflow():
             heads = bb.emit(relax.op.reshape(linear(W1), [b, t, HEADS, D // HEADS]))
             q = requantize(bb.emit(relax.op.permute_dims(heads, [0, 2, 1, 3])), relax.const(MULT, "int64"))
@@ -52,10 +54,12 @@ def _module() -> tvm.IRModule:
             ffn = requantize(bb.emit(relax.op.nn.relu(linear(W1))), relax.const(3 << 19, "int64"))
             scaled = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(linear(W2), "float32")), relax.const(SCALE)))
             residual = bb.emit(relax.op.add(r, scaled))
+            row_scaled = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(linear(W2), "float32")),
+                                                   bb.emit(relax.op.multiply(s, relax.const(SCALE)))))
             shared = linear(W2)
             twice = bb.emit(relax.op.add(bb.emit(relax.op.astype(shared, "float32")),
                                          bb.emit(relax.op.astype(bb.emit(relax.op.nn.relu(shared)), "float32"))))
-            out = bb.emit_output(relax.Tuple([q, kt, ffn, residual, twice]))
+            out = bb.emit_output(relax.Tuple([q, kt, ffn, residual, row_scaled, twice]))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -64,7 +68,7 @@ def _requantized(acc: np.ndarray, multiplier) -> np.ndarray:
     return np.clip((acc.astype(np.int64) * multiplier + (1 << (SHIFT - 1))) >> SHIFT, -127, 127).astype(np.int8)
 
 
-def _expected(x: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
+def _expected(x: np.ndarray, r: np.ndarray, s: np.ndarray) -> list[np.ndarray]:
     b, t, _ = x.shape
     y1 = x.astype(np.int32) @ W1.T.astype(np.int32)
     y2 = x.astype(np.int32) @ W2.T.astype(np.int32)
@@ -73,6 +77,7 @@ def _expected(x: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
             _requantized(heads.transpose(0, 2, 3, 1), MULT.transpose(0, 1, 3, 2)),
             _requantized(np.maximum(y1, 0), 3 << 19),
             r + y2.astype(np.float32) * SCALE,
+            y2.astype(np.float32) * (s * SCALE),
             y2.astype(np.float32) + np.maximum(y2, 0).astype(np.float32)]
 
 
@@ -84,8 +89,8 @@ def _packed(preset, fuse: bool) -> tvm.IRModule:
 
 def test_chains_become_epilogues_and_a_shared_result_does_not():
     text = _packed(get_preset("x86-vnni"), True)["main"].script()  # rewriting needs no VNNI CPU
-    assert text.count("R.call_tir(int8_dense") == 5
-    assert text.count("_to_int8") == 3 and text.count("_to_float32") == 1
+    assert text.count("R.call_tir(int8_dense") == 6
+    assert text.count("_to_int8") == 3 and text.count("_to_float32") == 2
     for op in ("R.right_shift", "R.clip", "R.permute_dims", "R.multiply"):
         assert op not in text, op
     assert text.count("R.nn.relu") == 1 and text.count("R.astype") == 2  # the shared result's consumers
@@ -100,8 +105,9 @@ def test_fused_kernels_equal_the_unfused_graph_and_numpy(preset):
     for b, t in ((1, 1), (3, 7), (2, 20)):
         x = RNG.integers(-128, 128, (b, t, D), dtype=np.int8)
         r = RNG.standard_normal((b, t, NARROW)).astype(np.float32)
-        fused, unfused = ([o.numpy() for o in vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(r))] for vm in vms)
-        for got, same, expected in zip(fused, unfused, _expected(x, r)):
+        s = RNG.uniform(1e-3, 1e-2, (b, t, 1)).astype(np.float32)
+        fused, unfused = ([o.numpy() for o in vm["main"](*(tvm.runtime.tensor(a) for a in (x, r, s)))] for vm in vms)
+        for got, same, expected in zip(fused, unfused, _expected(x, r, s)):
             np.testing.assert_array_equal(got, same)
             if got.dtype == np.int8:
                 np.testing.assert_array_equal(got, expected)

@@ -1,0 +1,112 @@
+"""QuantizeRows: a run-time per-row quantization, as its Relax ops spell it, -> one call of our kernel.
+
+:mod:`int8mt.compiler.quant_import` writes ``quantize_dynamic(x)`` along the last axis (every linear layer's input
+with run-time ranges) as
+
+    a = abs(x); m = max(a, axis=-1, keepdims); c = maximum(m, eps); s = divide(c, qmax)
+    q = astype(clip(round(divide(x, s)), -qmax, qmax), int8)
+
+which fuse into three kernels (the reduction, the scale, the quantization). Each is rewritten here into one call
+of :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel` on ``x``, returning ``q`` and ``s``; the same
+values bit for bit. The intermediate values must have no other use
+(``s`` and ``q`` may have any). CPU targets only: the kernel carries a CPU schedule.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import ir, relax
+from tvm.relax import PyExprMutator, expr_functor
+
+from int8mt.schedules.kernel_attrs import KERNEL_ATTR
+from int8mt.schedules.quantize_rows import quantize_rows_kernel
+
+from .kernel_calls import KernelTable, rewrite_functions, scalar_constant
+
+
+def _call(expr: relax.Expr, op: str, bindings: dict[relax.Var, relax.Expr]) -> relax.Call | None:
+    value = bindings.get(expr) if isinstance(expr, relax.Var) else None
+    return value if isinstance(value, relax.Call) and value.op == ir.Op.get(op) else None
+
+
+def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr],
+                       uses: dict[relax.Var, int]) -> tuple[relax.Expr, relax.Var, float, float] | None:
+    """``(x, s, qmax, eps)`` if ``q`` is bound to the per-row quantization of ``x`` with scale ``s`` (see the
+    module docstring), its intermediate values used once each."""
+    cast = _call(q, "relax.astype", bindings)
+    if cast is None or str(cast.attrs.dtype) != "int8":
+        return None
+    chain = [cast]
+    for arg, op in ((0, "relax.clip"), (0, "relax.round"), (0, "relax.divide"), (1, "relax.divide"),
+                    (0, "relax.maximum"), (0, "relax.max"), (0, "relax.abs")):  # each op's input in the last op
+        chain.append(_call(chain[-1].args[arg], op, bindings))
+        if chain[-1] is None:
+            return None
+    _, clip, rounded, divided, scale_call, floor, amax, magnitude = chain
+    x, qmax, eps = divided.args[0], scalar_constant(scale_call.args[1]), scalar_constant(floor.args[1])
+    bounds = [float(b.value) if isinstance(b, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) else None for b in clip.args[1:]]
+    axes = amax.attrs.axis
+    once = (cast.args[0], clip.args[0], rounded.args[0], scale_call.args[0], floor.args[0], amax.args[0])
+    if (not magnitude.args[0].same_as(x) or qmax is None or eps is None or bounds != [-qmax, qmax]
+            or axes is None or [int(a) for a in axes] not in ([-1], [x.ty.ndim - 1]) or not amax.attrs.keepdims
+            or str(x.ty.dtype) != "float32" or not isinstance(x.ty.shape[-1], tvm.tirx.IntImm)
+            or any(uses.get(v, 0) != 1 for v in once)):
+        return None
+    return x, divided.args[1], float(qmax), float(eps)
+
+
+@expr_functor.mutator
+class _RowQuantizer(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.kernels = KernelTable(self.builder_)
+        self.fused: dict[relax.Var, tuple[relax.Expr, float, float]] = {}  # scale var -> (x, qmax, eps)
+        self.quantized: dict[relax.Var, relax.Var] = {}  # q var -> its scale var
+        self.outputs: dict[relax.Var, relax.Expr] = {}  # scale var -> the fused call's result
+
+    def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
+        bindings, uses = {}, {}
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                bindings[binding.var] = binding.value
+                for var in relax.analysis.free_vars(binding.value):
+                    uses[var] = uses.get(var, 0) + 1
+        for var in relax.analysis.free_vars(func.body.body):
+            uses[var] = uses.get(var, 0) + 1
+        self.fused, self.quantized, self.outputs = {}, {}, {}
+        for var in bindings:
+            found = isinstance(var, relax.DataflowVar) and match_row_quantize(var, bindings, uses)
+            if found and not isinstance(found[1], relax.DataflowVar):
+                found = None
+            if found:
+                x, scale, qmax, eps = found
+                self.fused[scale] = (x, qmax, eps)
+                self.quantized[var] = scale
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        var = binding.var
+        if var in self.fused:
+            x, qmax, eps = self.fused[var]
+            self.outputs[var] = self._quantize(self.visit_expr(x), var.ty.shape, qmax, eps)
+            self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(self.outputs[var], 1), var.name))
+        elif var in self.quantized:
+            result = self.outputs[self.quantized[var]]
+            self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(result, 0), var.name))
+        else:
+            super().visit_var_binding_(binding)
+
+    def _quantize(self, x: relax.Expr, scale_shape: relax.ShapeExpr, qmax: float, eps: float) -> relax.Var:
+        rank, columns = x.ty.ndim, int(x.ty.shape[-1])
+        kernel = self.kernels.get(("quantize_rows", rank, columns, qmax, eps), f"quantize_rows_k{columns}",
+                                  lambda: quantize_rows_kernel(rank, columns, qmax, eps).with_attr(KERNEL_ATTR,
+                                                                                                   "quantize_rows"))
+        return self.builder_.emit(relax.call_tir(kernel, [x], [relax.TensorType(x.ty.shape, "int8"),
+                                                               relax.TensorType(scale_shape, "float32")]))
+
+
+@tvm.transform.module_pass(opt_level=0, name="int8mt.QuantizeRows")
+class QuantizeRows:
+    """Every run-time per-row quantization -> one call of our row-quantizing kernel (see the module docstring)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        quantizer = _RowQuantizer(mod)
+        return relax.transform.DeadCodeElimination()(rewrite_functions(quantizer, mod, before=quantizer.find))
