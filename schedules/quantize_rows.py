@@ -10,39 +10,50 @@ even), so the values are the same bit for bit.
 """
 from __future__ import annotations
 
-from tvm import s_tir, te, tirx
+from tvm import tirx
+from tvm.script import tirx as T
 
-VECTOR_LANES = 16  # float32 lanes of the partial maxima and of the quantizing loop (one AVX-512 register)
+OPAQUE = 8  # TVM's OpPatternKind kOpaque: the kernel is fused with nothing
+VECTOR_LANES = 64  # float32 partial maxima: four AVX-512 registers, independent chains of max
 
 
 def quantize_rows_kernel(rank: int, columns: int, qmax: float, eps: float) -> tirx.PrimFunc:
     """``q[..., :] = int8(clip(round(x[..., :] / s[...]), -qmax, qmax))`` with ``s[...] = max(max|x[..., :]|,
     eps) / qmax`` for float32 ``x`` of ``rank`` dimensions, the last of ``columns`` elements and the others of
-    any size; the kernel ``(x, q, s)``, ``s`` of ``x``'s shape with a last dimension of 1."""
+    any size; the kernel ``(x, q, s)``, ``s`` of ``x``'s shape with a last dimension of 1. The rows are read as
+    one flat array (``x``'s leading dimensions fused)."""
     lead = [tirx.Var(f"d{i}", "int64") for i in range(rank - 1)]
-    shape = [*lead, tirx.IntImm("int64", columns)]
-    x = te.placeholder(shape, "float32", "x")
-    k = te.reduce_axis((0, columns), "k")
-    one = tirx.IntImm("int64", 1)
-    amax = te.compute([*lead, one], lambda *i: te.max(te.abs(x[(*i[:-1], k)]), axis=k), "amax")
-    scale = te.compute([*lead, one], lambda *i: te.max(amax[i], tirx.const(eps, "float32"))
-                       / tirx.const(qmax, "float32"), "scale")
-    q = te.compute(shape, lambda *i: tirx.Cast("int8", te.max(te.min(
-        te.nearbyint(x[i] / scale[(*i[:-1], 0)]), tirx.const(qmax, "float32")), tirx.const(-qmax, "float32"))), "q")
-    sch = s_tir.Schedule(te.create_prim_func([x, q, scale]))
-    vector = columns % VECTOR_LANES == 0
-    if vector:  # VECTOR_LANES partial maxima, then their maximum
-        partial = sch.rfactor(sch.split(sch.get_loops(sch.get_sblock("amax"))[-1], [None, VECTOR_LANES])[1], 0)
-    *rows, _ = sch.get_loops(sch.get_sblock("scale"))
-    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
-    sch.parallel(row)
-    sch.compute_at(sch.get_sblock("amax"), row)
-    sch.reverse_compute_at(sch.get_sblock("q"), row)
-    if vector:
-        sch.compute_at(partial, row)
-        lane, chunk = sch.get_loops(partial)[-2:]
-        sch.reorder(chunk, lane)
-        sch.vectorize(lane)
-        sch.vectorize(sch.get_loops(sch.decompose_reduction(partial, chunk))[-1])
-        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("q"))[-1], [None, VECTOR_LANES])[1])
-    return sch.mod["main"].with_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    rows = tirx.IntImm("int64", 1)
+    for dim in lead:
+        rows = rows * dim
+    lanes = VECTOR_LANES if columns % VECTOR_LANES == 0 else 1
+    chunks, x_shape, s_shape = columns // lanes, (*lead, columns), (*lead, 1)
+    low, high, floor = T.float32(-qmax), T.float32(qmax), T.float32(eps)
+
+    @T.prim_func(s_tir=True)
+    def quantize_rows(x: T.handle, q: T.handle, s: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        X = T.match_buffer(x, x_shape, "float32")
+        Q = T.match_buffer(q, x_shape, "int8")
+        S = T.match_buffer(s, s_shape, "float32")
+        with T.sblock("root"):
+            flat_x = T.decl_buffer((rows * columns,), "float32", data=X.data)
+            flat_q = T.decl_buffer((rows * columns,), "int8", data=Q.data)
+            flat_s = T.decl_buffer((rows,), "float32", data=S.data)
+            partial = T.sblock_alloc_buffer((rows, lanes), "float32")  # one allocation per call, not per row
+            for i in T.parallel(rows):
+                for lane in T.vectorized(T.int64(lanes)):
+                    partial[i, lane] = T.min_value("float32")
+                for c in range(T.int64(chunks)):
+                    for lane in T.vectorized(T.int64(lanes)):
+                        partial[i, lane] = T.max(partial[i, lane], T.fabs(flat_x[i * columns + c * lanes + lane]))
+                flat_s[i] = T.min_value("float32")
+                for lane in range(T.int64(lanes)):
+                    flat_s[i] = T.max(flat_s[i], partial[i, lane])
+                row_scale: T.float32 = T.max(flat_s[i], floor) / high
+                flat_s[i] = row_scale
+                for j in range(T.int64(columns)):  # (LLVM vectorizes it: TVM keeps nearbyint scalar)
+                    flat_q[i * columns + j] = T.Cast("int8", T.max(T.min(
+                        T.nearbyint(flat_x[i * columns + j] / row_scale), high), low))
+
+    return quantize_rows
