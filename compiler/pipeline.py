@@ -12,7 +12,8 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.PackDense` (int8 for quantized models, float32 multiply-adds for FP32
                          layers), :class:`~.passes.FoldDenseBias`; quantized models: :class:`~.passes.Int8BatchMatmul`;
                          :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
-                         :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.QuantizeRows` (run-time
+                         :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.LayerNormRows` (with
+                         the quantization after each layer norm) and :class:`~.passes.QuantizeRows` (run-time
                          ranges); then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
@@ -37,7 +38,7 @@ from tvm.s_tir import dlight
 
 from int8mt.compiler.cuda import cuda_compiled_here
 from int8mt.errors import UserError
-from int8mt.schedules.cpu_generic import CPUGeneric
+from int8mt.schedules.cpu_generic import FLOAT_BYTES, CPUGeneric, register_bytes
 from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
@@ -45,7 +46,7 @@ from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul,
-                     LiftWeights, PackDense, QuantizeRows, ReadKeysAsStored, ScalePropagation, TakeAsView,
+                     LayerNormRows, LiftWeights, PackDense, QuantizeRows, ReadKeysAsStored, ScalePropagation, TakeAsView,
                      TapIntMatmuls)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
@@ -127,8 +128,10 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     options = options.with_tiles()
     if int8_family is not None or preset.float_dot is not None:
         mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, preset.float_dot))(mod)
-    if options.quant is not None and preset.device == "cpu":
-        mod = QuantizeRows()(mod)
+    if preset.device == "cpu":
+        mod = LayerNormRows(register_bytes(tvm.target.Target(preset.target)) // FLOAT_BYTES)(mod)
+        if options.quant is not None:
+            mod = QuantizeRows()(mod)
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "kernels", options.dump_dir)
     return mod

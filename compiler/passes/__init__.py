@@ -5,6 +5,7 @@ from .fuse_dense_epilogue import FuseDenseEpilogue
 from .gather_packed_rows import GatherPackedRows
 from .int8_batch_matmul import Int8BatchMatmul
 from .keys_as_stored import ReadKeysAsStored
+from .layer_norm_rows import LayerNormRows
 from .lift_weights import LiftWeights
 from .pack_dense import PackDense
 from .quantize_rows import QuantizeRows
@@ -14,5 +15,5 @@ from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
-           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "QuantizeRows", "TakeAsView",
+           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "LayerNormRows", "QuantizeRows", "TakeAsView",
            "LiftWeights"]

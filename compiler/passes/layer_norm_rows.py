@@ -1,0 +1,155 @@
+"""LayerNormRows: each layer norm over the last axis -> one call of our row kernel, which also quantizes its result
+for the next matmul where that is the result's quantization.
+
+A post-LN Transformer's layer norm feeds both the residual and the next linear layer's quantization, so TVM cannot
+fuse the quantization into the layer norm (its result has two users), and it legalizes the layer norm into five
+parallel loops. Here ``y = layer_norm(x, gamma, beta)`` becomes one call of
+:func:`~int8mt.schedules.layer_norm_rows.layer_norm_rows_kernel`, returning ``y`` and, where the program goes on
+with one of these, its quantization too:
+
+* ``quantize(clip(y, lo, hi), scale)``, a constant scalar scale and zero point 0 (static ranges);
+* the run-time per-row quantization of ``y`` (:mod:`.quantize_rows`), returning the scales as well.
+
+The values are the same bit for bit. The clip, and the quantization's intermediate values, must have no other use.
+CPU targets only: the kernel carries a CPU schedule, with the partial sums of ``lanes`` elements that our CPU
+schedule gives TVM's layer norm on the target (so its sums are added in the same order).
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import ir, relax
+from tvm.relax import PyExprMutator, expr_functor
+
+from int8mt.schedules.kernel_attrs import KERNEL_ATTR
+from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize, layer_norm_rows_kernel
+
+from .kernel_calls import KernelTable, rewrite_functions, scalar_constant
+from .quantize_rows import match_row_quantize
+
+
+def _bindings_and_uses(func: relax.Function) -> tuple[dict[relax.Var, relax.Expr], dict[relax.Var, list[relax.Var]]]:
+    """Each variable's bound value, and the variables bound to values that use it (the result's as None)."""
+    bindings, users = {}, {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            bindings[binding.var] = binding.value
+            for var in relax.analysis.free_vars(binding.value):
+                users.setdefault(var, []).append(binding.var)
+    for var in relax.analysis.free_vars(func.body.body):
+        users.setdefault(var, []).append(None)
+    return bindings, users
+
+
+def _is(value: relax.Expr | None, op: str) -> bool:
+    return isinstance(value, relax.Call) and value.op == ir.Op.get(op)
+
+
+def _static_quantize(y: relax.Var, bindings: dict, users: dict) -> tuple[relax.Var, StaticQuantize] | None:
+    """``(q, its quantization)`` if a user of ``y`` is ``clip`` (used only by) ``quantize`` as described above."""
+    for clipped in users.get(y, []):
+        clip = bindings.get(clipped)
+        if not (_is(clip, "relax.clip") and clip.args[0].same_as(y) and len(users.get(clipped, [])) == 1):
+            continue
+        q = users[clipped][0]
+        quantize = bindings.get(q)
+        if not (_is(quantize, "relax.quantize") and isinstance(q, relax.DataflowVar)
+                and str(quantize.attrs.out_dtype) == "int8"):
+            continue
+        scale, zero = (scalar_constant(a) for a in quantize.args[1:3])
+        bounds = [float(b.value) if isinstance(b, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) else None
+                  for b in clip.args[1:]]
+        if scale is not None and zero == 0 and None not in bounds:
+            return q, StaticQuantize(bounds[0], bounds[1], float(scale))
+    return None
+
+
+def _row_quantizations(bindings: dict, users: dict) -> dict[relax.Var, tuple[relax.Var, relax.Var, RowQuantize]]:
+    """For each variable whose run-time per-row quantization follows: ``(q, s, the quantization)``."""
+    uses = {var: len(found) for var, found in users.items()}
+    found = {}
+    for q in bindings:
+        match = isinstance(q, relax.DataflowVar) and match_row_quantize(q, bindings, uses)
+        if match and isinstance(match[1], relax.DataflowVar):
+            found[match[0]] = (q, match[1], RowQuantize(match[2], match[3]))
+    return found
+
+
+@expr_functor.mutator
+class _LayerNormRewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
+        super().__init__(mod)
+        self.lanes = lanes
+        self.kernels = KernelTable(self.builder_)
+        self.plans: dict[relax.Var, tuple] = {}  # y -> (quantization, q var, s var)
+        self.results: dict[relax.Var, tuple[relax.Expr, int]] = {}  # q or s var -> (kernel call, output index)
+
+    def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
+        bindings, users = _bindings_and_uses(func)
+        self.plans, self.results = {}, {}
+        row_quantizations = _row_quantizations(bindings, users)
+        for y, value in bindings.items():
+            if not (_is(value, "relax.nn.layer_norm") and isinstance(y, relax.DataflowVar) and self._fits(value)):
+                continue
+            row = row_quantizations.get(y)
+            static = None if row is not None else _static_quantize(y, bindings, users)
+            if row is not None:
+                self.plans[y] = (row[2], row[0], row[1])
+            elif static is not None:
+                self.plans[y] = (static[1], static[0], None)
+            else:
+                self.plans[y] = (None, None, None)
+
+    def _fits(self, call: relax.Call) -> bool:
+        x = call.args[0]
+        attrs = call.attrs
+        axes = [int(a) for a in attrs.axes]
+        columns = x.ty.shape[-1] if x.ty.ndim >= 2 else None
+        return (str(x.ty.dtype) == "float32" and columns is not None and isinstance(columns, tvm.tirx.IntImm)
+                and int(columns) % self.lanes == 0 and axes in ([-1], [x.ty.ndim - 1]) and bool(attrs.center)
+                and bool(attrs.scale) and all(a.ty.ndim == 1 for a in call.args[1:3]))
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        var = binding.var
+        if var in self.plans:
+            quantize, q, s = self.plans[var]
+            call = self._call(self.visit_expr(binding.value), var, quantize, q, s)
+            if quantize is None:
+                self.set_var_remap(var, self.builder_.emit(call, var.name))
+                return
+            result = self.builder_.emit(call)
+            self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(result, 0), var.name))
+            self.results[q] = (result, 1)
+            if s is not None:
+                self.results[s] = (result, 2)
+        elif var in self.results:
+            result, index = self.results[var]
+            self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(result, index), var.name))
+        else:
+            super().visit_var_binding_(binding)
+
+    def _call(self, layer_norm: relax.Call, y: relax.Var, quantize, q: relax.Var | None,
+              s: relax.Var | None) -> relax.Call:
+        x, gamma, beta = layer_norm.args
+        rank, columns, eps = x.ty.ndim, int(x.ty.shape[-1]), float(layer_norm.attrs.epsilon)
+        key = ("layer_norm_rows", rank, columns, eps, self.lanes, quantize)
+        kernel = self.kernels.get(key, f"layer_norm_rows_k{columns}", lambda: layer_norm_rows_kernel(
+            rank, columns, eps, self.lanes, quantize).with_attr(KERNEL_ATTR, "layer_norm_rows"))
+        outputs = [relax.TensorType(y.ty.shape, "float32")]
+        if q is not None:
+            outputs.append(relax.TensorType(y.ty.shape, "int8"))
+        if s is not None:
+            outputs.append(relax.TensorType(s.ty.shape, "float32"))
+        return relax.call_tir(kernel, [x, gamma, beta], outputs if len(outputs) > 1 else outputs[0])
+
+
+@tvm.transform.module_pass(opt_level=0, name="int8mt.LayerNormRows")
+class LayerNormRows:
+    """Every layer norm over the last axis -> one call of our row kernel, with the quantization that follows it
+    (see the module docstring); ``lanes``: the float32 lanes of the target's vector registers."""
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _LayerNormRewriter(mod, self.lanes)
+        return relax.transform.DeadCodeElimination()(rewrite_functions(rewriter, mod, before=rewriter.find))

@@ -1,0 +1,88 @@
+"""LayerNormRows: a layer norm becomes one call of our row kernel, which also returns the static or run-time
+quantization that follows it (structure); the kernel computes what TVM's legalized ops compute, bit for bit,
+for every variant and dynamic sizes; a quantization whose clip has another use stays a kernel of its own."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from int8mt.compiler.passes import LayerNormRows
+from int8mt.compiler.pipeline import relax_pipeline
+from int8mt.schedules.cpu_generic import FLOAT_BYTES, register_bytes
+from int8mt.schedules.kernel_attrs import KERNEL_ATTR
+from int8mt.schedules.layer_norm_rows import StaticQuantize, layer_norm_rows_kernel
+
+from ...conftest import HOST_PRESET
+from .test_quantize_rows import _quantize
+
+D = 64
+RNG = np.random.default_rng(5)
+GAMMA = RNG.uniform(0.5, 1.5, D).astype(np.float32)
+BETA = RNG.uniform(-0.5, 0.5, D).astype(np.float32)
+SCALE, BOUND = 0.03, 3.5
+LANES = register_bytes(tvm.target.Target(HOST_PRESET.target)) // FLOAT_BYTES
+
+
+def _module(tail: str) -> tvm.IRModule:
+    """``main(x [b, t, 64])``: ``y = layer_norm(x)``, ``y + 1`` (the residual's use) and, by ``tail``, nothing more
+    (``plain``), ``quantize(clip(y))`` (``static``; ``shared``: the clip used again), or ``y``'s run-time row
+    quantization (``rows``)."""
+    bb = relax.BlockBuilder()
+    b, t = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("t", "int64")
+    x = relax.Var("x", relax.TensorType([b, t, D], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.layer_norm(x, relax.const(GAMMA), relax.const(BETA), axes=[-1]))
+            outputs = [bb.emit(relax.op.add(y, relax.const(1.0, "float32")))]
+            if tail in ("static", "shared"):
+                clipped = bb.emit(relax.op.clip(y, -BOUND, BOUND))
+                outputs.append(bb.emit(relax.op.quantize(clipped, relax.const(SCALE, "float32"),
+                                                         relax.const(0, "int8"), axis=-1, out_dtype="int8")))
+                if tail == "shared":
+                    outputs.append(clipped)
+            elif tail == "rows":
+                q, scale, _ = _quantize(bb, y)
+                outputs += [q, scale]
+            out = bb.emit_output(relax.Tuple(outputs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_structure_layer_norm_and_its_quantization_become_one_call():
+    after = LayerNormRows(16)(_module("static"))
+    bb = relax.BlockBuilder()
+    quantize = StaticQuantize(-BOUND, BOUND, float(np.float32(SCALE)))
+    kernel = bb.add_func(layer_norm_rows_kernel(3, D, 1e-5, 16, quantize).with_attr(KERNEL_ATTR, "layer_norm_rows")
+                         .without_attr("global_symbol"), f"layer_norm_rows_k{D}")
+    b, t = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("t", "int64")
+    x = relax.Var("x", relax.TensorType([b, t, D], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            both = bb.emit(relax.call_tir(kernel, [x, relax.const(GAMMA), relax.const(BETA)], [
+                relax.TensorType([b, t, D], "float32"), relax.TensorType([b, t, D], "int8")]))
+            y = bb.emit(relax.TupleGetItem(both, 0))
+            residual = bb.emit(relax.op.add(y, relax.const(1.0, "float32")))
+            q = bb.emit(relax.TupleGetItem(both, 1))
+            out = bb.emit_output(relax.Tuple([residual, q]))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+
+
+def test_a_clip_with_another_use_stays_a_kernel_of_its_own():
+    text = LayerNormRows(16)(_module("shared")).script()
+    assert "layer_norm_rows_k64" in text and "R.nn.layer_norm" not in text
+    assert "R.quantize" in text and "R.clip" in text
+
+
+@pytest.mark.parametrize("tail", ["plain", "static", "rows"])
+def test_kernel_equals_the_ops_bit_for_bit(tail):
+    target = tvm.target.Target(HOST_PRESET.target)
+    fused = LayerNormRows(LANES)(_module(tail))
+    assert "R.nn.layer_norm" not in fused["main"].script() and "R.quantize" not in fused["main"].script()
+    vms = [relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+           for mod in (fused, _module(tail))]
+    for b, t in ((1, 1), (3, 7), (2, 33)):
+        x = (RNG.standard_normal((b, t, D)) * RNG.uniform(0.1, 10, (b, t, 1))).astype(np.float32)
+        got, expected = ([o.numpy() for o in vm["main"](tvm.runtime.tensor(x))] for vm in vms)
+        for a, e in zip(got, expected):
+            np.testing.assert_array_equal(a, e)
