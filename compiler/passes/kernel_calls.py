@@ -31,6 +31,21 @@ def weight_table(expr: relax.Expr, dtype: str = "int8") -> ir.expr.Constant | No
     return None
 
 
+def bindings_and_users(func: relax.Function) -> tuple[dict[relax.Var, relax.Expr], dict[relax.Var, list]]:
+    """Each variable of ``func`` bound to a value, that value; and for each variable, the variables bound to the
+    values that use it (None for the function's result)."""
+    bindings: dict[relax.Var, relax.Expr] = {}
+    users: dict[relax.Var, list] = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            bindings[binding.var] = binding.value
+            for var in relax.analysis.free_vars(binding.value):
+                users.setdefault(var, []).append(binding.var)
+    for var in relax.analysis.free_vars(func.body.body):
+        users.setdefault(var, []).append(None)
+    return bindings, users
+
+
 def scalar_constant(expr: relax.Expr) -> float | int | None:
     """The value of a one-element constant, None for anything else."""
     if isinstance(expr, ir.expr.Constant) and expr.value.numpy().size == 1:

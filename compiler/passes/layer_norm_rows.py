@@ -23,21 +23,8 @@ from tvm.relax import PyExprMutator, expr_functor
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize, layer_norm_rows_kernel
 
-from .kernel_calls import KernelTable, rewrite_functions, scalar_constant
+from .kernel_calls import KernelTable, bindings_and_users, rewrite_functions, scalar_constant
 from .quantize_rows import match_row_quantize
-
-
-def _bindings_and_uses(func: relax.Function) -> tuple[dict[relax.Var, relax.Expr], dict[relax.Var, list[relax.Var]]]:
-    """Each variable's bound value, and the variables bound to values that use it (the result's as None)."""
-    bindings, users = {}, {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            bindings[binding.var] = binding.value
-            for var in relax.analysis.free_vars(binding.value):
-                users.setdefault(var, []).append(binding.var)
-    for var in relax.analysis.free_vars(func.body.body):
-        users.setdefault(var, []).append(None)
-    return bindings, users
 
 
 def _is(value: relax.Expr | None, op: str) -> bool:
@@ -84,7 +71,7 @@ class _LayerNormRewriter(PyExprMutator):
         self.results: dict[relax.Var, tuple[relax.Expr, int]] = {}  # q or s var -> (kernel call, output index)
 
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
-        bindings, users = _bindings_and_uses(func)
+        bindings, users = bindings_and_users(func)
         self.plans, self.results = {}, {}
         row_quantizations = _row_quantizations(bindings, users)
         for y, value in bindings.items():

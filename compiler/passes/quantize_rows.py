@@ -20,7 +20,7 @@ from tvm.relax import PyExprMutator, expr_functor
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.quantize_rows import quantize_rows_kernel
 
-from .kernel_calls import KernelTable, rewrite_functions, scalar_constant
+from .kernel_calls import KernelTable, bindings_and_users, rewrite_functions, scalar_constant
 
 
 def _call(expr: relax.Expr, op: str, bindings: dict[relax.Var, relax.Expr]) -> relax.Call | None:
@@ -64,14 +64,8 @@ class _RowQuantizer(PyExprMutator):
         self.outputs: dict[relax.Var, relax.Expr] = {}  # scale var -> the fused call's result
 
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
-        bindings, uses = {}, {}
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                bindings[binding.var] = binding.value
-                for var in relax.analysis.free_vars(binding.value):
-                    uses[var] = uses.get(var, 0) + 1
-        for var in relax.analysis.free_vars(func.body.body):
-            uses[var] = uses.get(var, 0) + 1
+        bindings, users = bindings_and_users(func)
+        uses = {var: len(found) for var, found in users.items()}
         self.fused, self.quantized, self.outputs = {}, {}, {}
         for var in bindings:
             found = isinstance(var, relax.DataflowVar) and match_row_quantize(var, bindings, uses)

@@ -62,7 +62,7 @@ class QuantConfig:
         ``runtime_attention`` float32 the attention matmuls. Their right operands (keys, values) are cached over
         the steps, and a per-channel run-time range of the values changes with every position, so int8 attention
         re-quantizes the whole float caches at each step: a decoder step at batch 32 took 4.8x a static bundle's
-        time, 2.4x with float attention, at the same BLEU (docs/quantization.md)."""
+        time, 2.0x with float attention, at the same BLEU (docs/benchmarks.md, "Run-time ranges")."""
         if self.ranges == "runtime" and self.runtime_attention == "float32":
             return self.keep_fp32 + tuple(p for p in ATTENTION_MATMULS if p not in self.keep_fp32)
         return self.keep_fp32
