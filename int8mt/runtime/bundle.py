@@ -192,7 +192,8 @@ MADV_DONTNEED = 4  # Linux madvise advice
 POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled
 RELEASE_POOLS_SIZES = 8  # CPU: new call sizes between releases of the memory pools at most ...
 RELEASE_POOLS_MIN_BYTES = 2 << 20  # ... once their logits and cross-attention keys and values take this many bytes
-POOL_BUDGET_BYTES = 16 << 20  # and at most this many bytes of them left in the pools
+POOL_BUDGET_BYTES = 4 << 20  # and at most this many bytes of them left in the pools (16 MB: beam 4, two replicas,
+# 6-17 MiB more at its peak, no faster)
 LOGIT_BYTES = 4  # float32
 RELEASE_AFTER_ENCODER_BYTES = 2 << 20  # CPU: the pools are released after an encoder call whose FFN activations
 # took this many bytes: their pages would stay resident through the decoder's peak (opus-mt shape, beam 4 at
