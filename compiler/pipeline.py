@@ -12,7 +12,8 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.PackDense` (int8 for quantized models, float32 multiply-adds for FP32
                          layers), :class:`~.passes.FoldDenseBias`; quantized models: :class:`~.passes.Int8BatchMatmul`;
                          :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
-                         :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.LayerNormRows` (with
+                         :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.GatheredAttention`,
+                         :class:`~.passes.LayerNormRows` (with
                          the quantization after each layer norm) and :class:`~.passes.QuantizeRows` (run-time
                          ranges); then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
@@ -45,7 +46,8 @@ from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
 from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
 
-from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul,
+from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, GatheredAttention,
+                     Int8BatchMatmul,
                      LayerNormRows, LiftWeights, PackDense, QuantizeRows, ReadKeysAsStored, ScalePropagation, TakeAsView,
                      TapIntMatmuls)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
@@ -129,7 +131,9 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     if int8_family is not None or preset.float_dot is not None:
         mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, preset.float_dot))(mod)
     if preset.device == "cpu":
-        mod = LayerNormRows(register_bytes(tvm.target.Target(preset.target)) // FLOAT_BYTES)(mod)
+        lanes = register_bytes(tvm.target.Target(preset.target)) // FLOAT_BYTES
+        mod = GatheredAttention(lanes)(mod)
+        mod = LayerNormRows(lanes)(mod)
         if options.quant is not None:
             mod = QuantizeRows()(mod)
     mod = relax.transform.FuseTransposeMatmul()(mod)

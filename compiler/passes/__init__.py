@@ -3,6 +3,7 @@ from .drop_identity_broadcast import DropIdentityBroadcast
 from .fold_dense_bias import FoldDenseBias
 from .fuse_dense_epilogue import FuseDenseEpilogue
 from .gather_packed_rows import GatherPackedRows
+from .gathered_attention import GatheredAttention
 from .int8_batch_matmul import Int8BatchMatmul
 from .keys_as_stored import ReadKeysAsStored
 from .layer_norm_rows import LayerNormRows
@@ -15,5 +16,5 @@ from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
-           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "LayerNormRows", "QuantizeRows", "TakeAsView",
+           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "GatheredAttention", "LayerNormRows", "QuantizeRows", "TakeAsView",
            "LiftWeights"]

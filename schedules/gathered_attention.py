@@ -1,0 +1,97 @@
+"""A decoder step's one-query attention products reading the self-attention cache's rows through the hypotheses'
+histories, without gathering them into a tensor first.
+
+The step's keys (and values) of hypothesis ``b``, head ``h`` are ``rows[index[b, h, t]]`` for its past positions
+``t`` (``past[b, 0, t, 0]``) and its new key ``new[b, h, 0]`` for the last (:mod:`int8mt.runtime.cache`). As Relax
+ops that is a gather and a ``where`` that write ``[batch, heads, positions, head_dim]`` at every step (a quarter of
+a beam-4 decoder step's attention time in FP32), then the product reads it back. Here each product reads each
+row where it is stored:
+
+* :func:`scores_kernel`: ``out[bh, 0, t] = sum_d q[bh, 0, d] * key(b, h, t)[d]`` (QK^T);
+* :func:`context_kernel`: ``out[bh, 0, d] = sum_t p[bh, 0, t] * value(b, h, t)[d]`` (softmax·V);
+
+with ``bh = b * heads + h``, int8 operands summed in int32 (exact) or float32 ones in float32 (QK^T in ``lanes``
+partial sums added up in lane order; softmax·V over the positions in order). One parallel loop over ``bh``.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .quantize_rows import OPAQUE
+
+ACCUMULATOR = {"int8": "int32", "float32": "float32"}  # operand dtype -> sum dtype
+
+
+def _shapes(heads: int, head_dim: int):
+    batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
+    return batch, positions, stored, batch * heads
+
+
+def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc:
+    """QK^T of one query per (hypothesis, head) against its keys read through ``index``: the kernel
+    ``(index [batch, heads, positions] int64, past [batch, 1, positions, 1] bool, q [batch*heads, 1, head_dim],
+    rows [stored, head_dim], new [batch, heads, 1, head_dim], out [batch*heads, 1, positions])``."""
+    batch, positions, stored, pairs = _shapes(heads, head_dim)
+    acc = ACCUMULATOR[dtype]
+    lanes = lanes if head_dim % lanes == 0 else 1
+    chunks = head_dim // lanes
+
+    @T.prim_func(s_tir=True)
+    def gathered_scores(index: T.Buffer((batch, heads, positions), "int64"),
+                        past: T.Buffer((batch, 1, positions, 1), "bool"),
+                        q: T.Buffer((pairs, 1, head_dim), dtype), rows: T.Buffer((stored, head_dim), dtype),
+                        new: T.Buffer((batch, heads, 1, head_dim), dtype),
+                        out: T.Buffer((pairs, 1, positions), acc)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        with T.sblock("root"):
+            partial = T.sblock_alloc_buffer((pairs, lanes), acc)  # one allocation per call
+            for bh in T.parallel(pairs):
+                for t in range(positions):
+                    for lane in T.vectorized(T.int64(lanes)):
+                        partial[bh, lane] = T.Cast(acc, 0)
+                    if past[bh // heads, 0, t, 0]:
+                        for c in range(T.int64(chunks)):
+                            for lane in T.vectorized(T.int64(lanes)):
+                                partial[bh, lane] = partial[bh, lane] + T.Cast(acc, q[bh, 0, c * lanes + lane]) * T.Cast(
+                                    acc, rows[index[bh // heads, bh % heads, t], c * lanes + lane])
+                    else:
+                        for c in range(T.int64(chunks)):
+                            for lane in T.vectorized(T.int64(lanes)):
+                                partial[bh, lane] = partial[bh, lane] + T.Cast(acc, q[bh, 0, c * lanes + lane]) * T.Cast(
+                                    acc, new[bh // heads, bh % heads, 0, c * lanes + lane])
+                    out[bh, 0, t] = T.Cast(acc, 0)
+                    for lane in range(T.int64(lanes)):
+                        out[bh, 0, t] = out[bh, 0, t] + partial[bh, lane]
+
+    return gathered_scores
+
+
+def context_kernel(heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
+    """softmax·V of one query per (hypothesis, head) over its values read through ``index``: the kernel
+    ``(index [batch, heads, positions] int64, past [batch, 1, positions, 1] bool, p [batch*heads, 1, positions],
+    rows [stored, head_dim], new [batch, heads, 1, head_dim], out [batch*heads, 1, head_dim])``."""
+    batch, positions, stored, pairs = _shapes(heads, head_dim)
+    acc = ACCUMULATOR[dtype]
+
+    @T.prim_func(s_tir=True)
+    def gathered_context(index: T.Buffer((batch, heads, positions), "int64"),
+                         past: T.Buffer((batch, 1, positions, 1), "bool"),
+                         p: T.Buffer((pairs, 1, positions), dtype), rows: T.Buffer((stored, head_dim), dtype),
+                         new: T.Buffer((batch, heads, 1, head_dim), dtype),
+                         out: T.Buffer((pairs, 1, head_dim), acc)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        for bh in T.parallel(pairs):
+            for d in T.vectorized(T.int64(head_dim)):
+                out[bh, 0, d] = T.Cast(acc, 0)
+            for t in range(positions):
+                if past[bh // heads, 0, t, 0]:
+                    for d in T.vectorized(T.int64(head_dim)):
+                        out[bh, 0, d] = out[bh, 0, d] + T.Cast(acc, p[bh, 0, t]) * T.Cast(
+                            acc, rows[index[bh // heads, bh % heads, t], d])
+                else:
+                    for d in T.vectorized(T.int64(head_dim)):
+                        out[bh, 0, d] = out[bh, 0, d] + T.Cast(acc, p[bh, 0, t]) * T.Cast(
+                            acc, new[bh // heads, bh % heads, 0, d])
+
+    return gathered_context
