@@ -12,10 +12,10 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.PackDense` (int8 for quantized models, float32 multiply-adds for FP32
                          layers), :class:`~.passes.FoldDenseBias`; quantized models: :class:`~.passes.Int8BatchMatmul`;
                          :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
-                         :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.GatheredAttention`,
-                         :class:`~.passes.LayerNormRows` (with
-                         the quantization after each layer norm) and :class:`~.passes.QuantizeRows` (run-time
-                         ranges); then ``FuseTransposeMatmul``.
+                         :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.OneQueryAttention`,
+                         :class:`~.passes.LayerNormRows` (with the quantization after each layer norm) and
+                         :class:`~.passes.QuantizeRows` (run-time ranges); :class:`~.passes.UnitPermuteAsReshape`;
+                         then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
@@ -46,10 +46,9 @@ from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
 from int8mt.schedules.top_k import top_k_kernel
 from int8mt.targets import TargetPreset
 
-from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, GatheredAttention,
-                     Int8BatchMatmul,
-                     LayerNormRows, LiftWeights, PackDense, QuantizeRows, ReadKeysAsStored, ScalePropagation, TakeAsView,
-                     TapIntMatmuls)
+from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul,
+                     LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeRows, ReadKeysAsStored,
+                     ScalePropagation, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -132,11 +131,11 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
         mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, preset.float_dot))(mod)
     if preset.device == "cpu":
         lanes = register_bytes(tvm.target.Target(preset.target)) // FLOAT_BYTES
-        mod = GatheredAttention(lanes)(mod)
+        mod = OneQueryAttention(lanes)(mod)
         mod = LayerNormRows(lanes)(mod)
         if options.quant is not None:
             mod = QuantizeRows()(mod)
-    mod = relax.transform.FuseTransposeMatmul()(mod)
+    mod = relax.transform.FuseTransposeMatmul()(UnitPermuteAsReshape()(mod))
     _dump(mod, 2, "kernels", options.dump_dir)
     return mod
 

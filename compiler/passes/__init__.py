@@ -3,18 +3,19 @@ from .drop_identity_broadcast import DropIdentityBroadcast
 from .fold_dense_bias import FoldDenseBias
 from .fuse_dense_epilogue import FuseDenseEpilogue
 from .gather_packed_rows import GatherPackedRows
-from .gathered_attention import GatheredAttention
 from .int8_batch_matmul import Int8BatchMatmul
 from .keys_as_stored import ReadKeysAsStored
 from .layer_norm_rows import LayerNormRows
 from .lift_weights import LiftWeights
+from .one_query_attention import OneQueryAttention
 from .pack_dense import PackDense
 from .quantize_rows import QuantizeRows
 from .scale_propagation import ScalePropagation
 from .take_as_view import TakeAsView
+from .unit_permute_as_reshape import UnitPermuteAsReshape
 from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
-           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "GatheredAttention", "LayerNormRows", "QuantizeRows", "TakeAsView",
-           "LiftWeights"]
+           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "LayerNormRows",
+           "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView", "LiftWeights"]

@@ -1,4 +1,4 @@
-"""GatheredAttention: a decoder step's one-query QK^T and softmax·V over ``where(past, take(rows, index), new)``
+"""OneQueryAttention: a decoder step's one-query QK^T and softmax·V over ``where(past, take(rows, index), new)``
 become calls of the kernels that read the rows through the index (structure); their results equal the ops' and
 NumPy's (int8 exactly, float32 within rounding) for dynamic sizes; a gather with another use is left alone."""
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import tvm
 from tvm import relax
 
-from int8mt.compiler.passes import GatheredAttention
+from int8mt.compiler.passes import OneQueryAttention
 from int8mt.compiler.pipeline import relax_pipeline
-from int8mt.schedules.gathered_attention import context_kernel, scores_kernel
+from int8mt.schedules.one_query_attention import context_kernel, scores_kernel
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 
 from ...conftest import HOST_PRESET
@@ -49,7 +49,7 @@ def _module(dtype: str, shared: bool = False) -> tvm.IRModule:
 
 
 def test_structure_both_products_read_the_rows_through_the_index():
-    after = GatheredAttention(16)(_module("int8"))
+    after = OneQueryAttention(16)(_module("int8"))
     bb = relax.BlockBuilder()
     scores_gv = bb.add_func(scores_kernel(H, D, "int8", 16).with_attr(KERNEL_ATTR, "gathered_scores")
                             .without_attr("global_symbol"), "gathered_scores")
@@ -68,16 +68,18 @@ def test_structure_both_products_read_the_rows_through_the_index():
     tvm.ir.assert_structural_equal(after, bb.get())
 
 
-def test_a_gather_with_another_use_is_left_alone():
-    text = GatheredAttention(16)(_module("int8", shared=True)).script()
-    assert "gathered_scores" not in text and "gathered_context" in text  # the values' gather is its own
+def test_a_gather_with_another_use_is_written_and_read_by_the_direct_kernel():
+    text = OneQueryAttention(16)(_module("int8", shared=True)).script()
+    assert "gathered_scores" not in text and "direct_scores" in text and "R.take(rows, index" in text
+    assert "gathered_context" in text  # the values' gather is their own
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["gathered", "direct"])
 @pytest.mark.parametrize("dtype", ["int8", "float32"])
-def test_kernels_equal_the_ops_and_numpy(dtype):
+def test_kernels_equal_the_ops_and_numpy(dtype, shared):
     target = tvm.target.Target(HOST_PRESET.target)
     vms = [relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
-           for mod in (GatheredAttention(16)(_module(dtype)), _module(dtype))]
+           for mod in (OneQueryAttention(16)(_module(dtype, shared)), _module(dtype, shared))]
     make = ((lambda *s: RNG.integers(-127, 128, s).astype(np.int8)) if dtype == "int8"
             else (lambda *s: RNG.standard_normal(s).astype(np.float32)))
     for b, t in ((1, 1), (3, 7), (5, 20)):
@@ -91,7 +93,7 @@ def test_kernels_equal_the_ops_and_numpy(dtype):
         keys = np.where(past, inputs[0][index], inputs[3]).reshape(b * H, t, D).astype(np.float64)
         numpy = [np.einsum("xd,xtd->xt", inputs[4][:, 0].astype(np.float64), keys)[:, None],
                  np.einsum("xt,xtd->xd", inputs[5][:, 0].astype(np.float64), keys)[:, None]]
-        for g, e, n in zip(got, expected, numpy):
+        for g, e, n in zip(got, expected, numpy):  # (with ``shared``, the gathered rows are compared last)
             if dtype == "int8":
                 np.testing.assert_array_equal(g, e)
                 np.testing.assert_array_equal(g, n)

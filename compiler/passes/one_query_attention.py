@@ -1,12 +1,15 @@
-"""GatheredAttention: a decoder step's one-query attention products over the cache's gathered rows -> kernels that
-read the rows through the histories (:mod:`int8mt.schedules.gathered_attention`), the gather never written.
+"""OneQueryAttention: a decoder step's one-query attention products -> our kernels
+(:mod:`int8mt.schedules.one_query_attention`), the self-attention's reading the cache's rows where they are stored.
 
-The model's step (:meth:`int8mt.model.transformer.Transformer.decode_step`) builds each layer's keys and values as
-``w = where(past, take(rows, index, axis=0), new)`` (``[batch, heads, positions, head_dim]``) and multiplies
-``reshape(w, [batch*heads, positions, head_dim])``: after :class:`.ReadKeysAsStored`, QK^T is
-``matmul(q, permute_dims(reshape(w)))`` and softmax·V ``matmul(p, reshape(w))``. Each such product whose gather,
-``where`` and views have no other use becomes one call of the scores or context kernel, int8 (int32 sums, exact)
-or float32 (sums in another order than TVM's kernel: the same within float rounding). CPU targets only.
+After :class:`.ReadKeysAsStored`, QK^T is ``matmul(q [pairs, 1, head_dim], permute_dims(keys [pairs, positions,
+head_dim]))`` and softmax·V ``matmul(p [pairs, 1, positions], values)``, ``pairs`` = hypotheses x heads. The
+model's step (:meth:`int8mt.model.transformer.Transformer.decode_step`) builds the self-attention's keys and
+values as ``reshape(where(past, take(rows, index, axis=0), new))``: a gather that writes every hypothesis's keys
+at every step. A product over such a gather whose gather, ``where`` and views have no other use becomes one call
+of the gathered scores or context kernel, which reads the rows through ``index``; any other one-query product
+(the cross-attention's) one call of the direct kernel. TVM's own kernels for these products were 3-6x slower.
+int8 operands sum in int32 (exact); float32 ones in another order than TVM's kernel (the same within float
+rounding). CPU targets only.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
-from int8mt.schedules.gathered_attention import ACCUMULATOR, context_kernel, scores_kernel
+from int8mt.schedules.one_query_attention import (ACCUMULATOR, context_kernel, direct_context_kernel,
+                                                  direct_scores_kernel, scores_kernel)
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 
 from .kernel_calls import KernelTable, bindings_and_users, is_one, rewrite_functions
@@ -27,7 +31,7 @@ def _call(expr: relax.Expr, op: str, bindings: dict) -> relax.Call | None:
 
 
 @expr_functor.mutator
-class _GatherReader(PyExprMutator):
+class _OneQueryRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
         super().__init__(mod)
         self.lanes = lanes
@@ -75,38 +79,41 @@ class _GatherReader(PyExprMutator):
         if not (isinstance(call.op, ir.Op) and call.op.name == "relax.matmul"):
             return super().visit_call_(call)
         left, right = call.args
-        transposed = _call(right, "relax.permute_dims", self.bindings) if self._once(right) else None
-        if transposed is not None and [int(a) for a in (transposed.attrs.axes or [])] == [0, 2, 1]:
-            found, kind = self._gathered(transposed.args[0]), "scores"
-        else:
-            found, kind = self._gathered(right), "context"
-        if found is None or left.ty.ndim != 3 or not is_one(left.ty.shape[1]):
+        transposed = _call(right, "relax.permute_dims", self.bindings)
+        scores = transposed is not None and [int(a) for a in (transposed.attrs.axes or [])] == [0, 2, 1]
+        operand = transposed.args[0] if scores else right
+        dtype = str(operand.ty.dtype)
+        if not (dtype in ACCUMULATOR and str(left.ty.dtype) == dtype and str(call.ty.dtype) == ACCUMULATOR[dtype]
+                and left.ty.ndim == 3 and operand.ty.ndim == 3 and is_one(left.ty.shape[1])
+                and isinstance(operand.ty.shape[2], tvm.tirx.IntImm)):
             return super().visit_call_(call)
-        index, past, rows, new = found
-        dtype = str(rows.ty.dtype)
-        if str(left.ty.dtype) != dtype or str(call.ty.dtype) != ACCUMULATOR[dtype]:
-            return super().visit_call_(call)
-        heads, head_dim = int(index.ty.shape[1]), int(rows.ty.shape[1])
-        if kind == "scores":
-            kernel = self.kernels.get(("scores", heads, head_dim, dtype, self.lanes), "gathered_scores",
-                                      lambda: scores_kernel(heads, head_dim, dtype, self.lanes).with_attr(
-                                          KERNEL_ATTR, "gathered_scores"))
+        head_dim = int(operand.ty.shape[2])
+        gathered = self._gathered(operand) if (not scores or self._once(right)) else None
+        if gathered is not None:
+            index, past, rows, new = gathered
+            heads = int(index.ty.shape[1])
+            key = ("gathered", scores, heads, head_dim, dtype, self.lanes)
+            make = (lambda: scores_kernel(heads, head_dim, dtype, self.lanes)) if scores else (
+                lambda: context_kernel(heads, head_dim, dtype))
+            args = (index, past, left, rows, new)
         else:
-            kernel = self.kernels.get(("context", heads, head_dim, dtype), "gathered_context",
-                                      lambda: context_kernel(heads, head_dim, dtype).with_attr(
-                                          KERNEL_ATTR, "gathered_context"))
-        args = [self.visit_expr(x) for x in (index, past, left, rows, new)]
-        return relax.call_tir(kernel, args, call.ty)
+            key = ("direct", scores, head_dim, dtype, self.lanes)
+            make = (lambda: direct_scores_kernel(head_dim, dtype, self.lanes)) if scores else (
+                lambda: direct_context_kernel(head_dim, dtype))
+            args = (left, operand)
+        name = f"{key[0]}_{'scores' if scores else 'context'}"
+        kernel = self.kernels.get(key, name, lambda: make().with_attr(KERNEL_ATTR, name))
+        return relax.call_tir(kernel, [self.visit_expr(x) for x in args], call.ty)
 
 
-@tvm.transform.module_pass(opt_level=0, name="int8mt.GatheredAttention")
-class GatheredAttention:
-    """The decoder step's one-query attention products over gathered cache rows -> kernels reading the rows in
-    place (see the module docstring); ``lanes``: the float32 lanes of the target's vector registers."""
+@tvm.transform.module_pass(opt_level=0, name="int8mt.OneQueryAttention")
+class OneQueryAttention:
+    """The decoder step's one-query attention products -> our kernels, the self-attention's reading the cache's
+    rows in place (see the module docstring); ``lanes``: the float32 lanes of the target's vector registers."""
 
     def __init__(self, lanes: int) -> None:
         self.lanes = lanes
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        reader = _GatherReader(mod, self.lanes)
+        reader = _OneQueryRewriter(mod, self.lanes)
         return relax.transform.DeadCodeElimination()(rewrite_functions(reader, mod, before=reader.find))

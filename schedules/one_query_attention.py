@@ -95,3 +95,53 @@ def context_kernel(heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
                             acc, new[bh // heads, bh % heads, 0, d])
 
     return gathered_context
+
+
+def direct_scores_kernel(head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc:
+    """QK^T of one query per (hypothesis, head) against keys stored per pair (the cross-attention's): the kernel
+    ``(q [pairs, 1, head_dim], keys [pairs, positions, head_dim], out [pairs, 1, positions])``, summed as
+    :func:`scores_kernel` sums."""
+    pairs, positions = tirx.Var("pairs", "int64"), tirx.Var("positions", "int64")
+    acc = ACCUMULATOR[dtype]
+    lanes = lanes if head_dim % lanes == 0 else 1
+    chunks = head_dim // lanes
+
+    @T.prim_func(s_tir=True)
+    def direct_scores(q: T.Buffer((pairs, 1, head_dim), dtype), keys: T.Buffer((pairs, positions, head_dim), dtype),
+                      out: T.Buffer((pairs, 1, positions), acc)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        with T.sblock("root"):
+            partial = T.sblock_alloc_buffer((pairs, lanes), acc)
+            for bh in T.parallel(pairs):
+                for t in range(positions):
+                    for lane in T.vectorized(T.int64(lanes)):
+                        partial[bh, lane] = T.Cast(acc, 0)
+                    for c in range(T.int64(chunks)):
+                        for lane in T.vectorized(T.int64(lanes)):
+                            partial[bh, lane] = partial[bh, lane] + T.Cast(acc, q[bh, 0, c * lanes + lane]) * T.Cast(
+                                acc, keys[bh, t, c * lanes + lane])
+                    out[bh, 0, t] = T.Cast(acc, 0)
+                    for lane in range(T.int64(lanes)):
+                        out[bh, 0, t] = out[bh, 0, t] + partial[bh, lane]
+
+    return direct_scores
+
+
+def direct_context_kernel(head_dim: int, dtype: str) -> tirx.PrimFunc:
+    """softmax·V of one query per (hypothesis, head) over values stored per pair: the kernel
+    ``(p [pairs, 1, positions], values [pairs, positions, head_dim], out [pairs, 1, head_dim])``."""
+    pairs, positions = tirx.Var("pairs", "int64"), tirx.Var("positions", "int64")
+    acc = ACCUMULATOR[dtype]
+
+    @T.prim_func(s_tir=True)
+    def direct_context(p: T.Buffer((pairs, 1, positions), dtype),
+                       values: T.Buffer((pairs, positions, head_dim), dtype), out: T.Buffer((pairs, 1, head_dim), acc)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        for bh in T.parallel(pairs):
+            for d in T.vectorized(T.int64(head_dim)):
+                out[bh, 0, d] = T.Cast(acc, 0)
+            for t in range(positions):
+                for d in T.vectorized(T.int64(head_dim)):
+                    out[bh, 0, d] = out[bh, 0, d] + T.Cast(acc, p[bh, 0, t]) * T.Cast(acc, values[bh, t, d])
+
+    return direct_context
