@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .quantize_rows import OPAQUE
+from .quantize_rows import OPAQUE, leading_rows, row_quantizer
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,7 @@ def layer_norm_rows_kernel(rank: int, columns: int, eps: float, lanes: int,
     ``lanes``), with ``gamma`` and ``beta`` of ``columns`` elements: the kernel ``(x, gamma, beta, y)``, with
     ``quantize`` ``(x, gamma, beta, y, q)`` (``q`` int8 of ``x``'s shape) or, for :class:`RowQuantize`,
     ``(x, gamma, beta, y, q, s)`` (``s`` each row's scale, of ``x``'s shape with a last dimension of 1)."""
-    lead = [tirx.Var(f"d{i}", "int64") for i in range(rank - 1)]
-    rows = tirx.IntImm("int64", 1)
-    for dim in lead:
-        rows = rows * dim
+    lead, rows = leading_rows(rank)
     chunks, x_shape, s_shape = columns // lanes, (*lead, columns), (*lead, 1)
     n, epsilon = T.float32(columns), T.float32(eps)
 
@@ -118,7 +115,7 @@ def layer_norm_rows_kernel(rank: int, columns: int, eps: float, lanes: int,
 
         return layer_norm_quantize
 
-    qmax, floor = T.float32(quantize.qmax), T.float32(quantize.eps)
+    quantize_row = row_quantizer(columns, lanes, quantize.qmax, quantize.eps)
 
     @T.prim_func(s_tir=True)
     def layer_norm_quantize_rows(x: T.handle, gamma: T.Buffer((columns,), "float32"),
@@ -137,18 +134,6 @@ def layer_norm_rows_kernel(rank: int, columns: int, eps: float, lanes: int,
             partial = T.sblock_alloc_buffer((rows, lanes), "float32")
             for i in T.parallel(rows):
                 normalize(flat_x, gamma, beta, flat_y, statistics, partial, i)
-                for lane in T.vectorized(T.int64(lanes)):
-                    partial[i, lane] = T.min_value("float32")
-                for c in range(T.int64(chunks)):
-                    for lane in T.vectorized(T.int64(lanes)):
-                        partial[i, lane] = T.max(partial[i, lane], T.fabs(flat_y[i * columns + c * lanes + lane]))
-                flat_s[i] = T.min_value("float32")
-                for lane in range(T.int64(lanes)):
-                    flat_s[i] = T.max(flat_s[i], partial[i, lane])
-                row_scale: T.float32 = T.max(flat_s[i], floor) / qmax
-                flat_s[i] = row_scale
-                for j in range(T.int64(columns)):
-                    flat_q[i * columns + j] = T.Cast("int8", T.max(T.min(
-                        T.nearbyint(flat_y[i * columns + j] / row_scale), qmax), -qmax))
+                quantize_row(flat_y, flat_q, flat_s, partial, i)
 
     return layer_norm_quantize_rows

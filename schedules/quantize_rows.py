@@ -17,18 +17,49 @@ OPAQUE = 8  # TVM's OpPatternKind kOpaque: the kernel is fused with nothing
 VECTOR_LANES = 64  # float32 partial maxima: four AVX-512 registers, independent chains of max
 
 
+def leading_rows(rank: int) -> tuple[list[tirx.Var], tirx.PrimExpr]:
+    """Size variables of the leading dimensions of a tensor of ``rank`` dimensions, and their product (its rows)."""
+    lead = [tirx.Var(f"d{i}", "int64") for i in range(rank - 1)]
+    rows = tirx.IntImm("int64", 1)
+    for dim in lead:
+        rows = rows * dim
+    return lead, rows
+
+
+def row_quantizer(columns: int, lanes: int, qmax: float, eps: float):
+    """A TIR macro ``(values, q, s, partial, i)``: row ``i`` of the flat float32 ``values`` (``columns`` per row)
+    quantized into ``q`` with its scale in ``s[i]``; ``partial`` is a ``[rows, lanes]`` scratch buffer (``lanes``
+    dividing ``columns``)."""
+    chunks, low, high, floor = columns // lanes, T.float32(-qmax), T.float32(qmax), T.float32(eps)
+
+    @T.macro
+    def quantize_row(values, q, s, partial, i):
+        for lane in T.vectorized(T.int64(lanes)):
+            partial[i, lane] = T.min_value("float32")
+        for c in range(T.int64(chunks)):
+            for lane in T.vectorized(T.int64(lanes)):
+                partial[i, lane] = T.max(partial[i, lane], T.fabs(values[i * columns + c * lanes + lane]))
+        s[i] = T.min_value("float32")
+        for lane in range(T.int64(lanes)):
+            s[i] = T.max(s[i], partial[i, lane])
+        row_scale: T.float32 = T.max(s[i], floor) / high
+        s[i] = row_scale
+        for j in range(T.int64(columns)):  # (LLVM vectorizes it: TVM keeps nearbyint scalar)
+            q[i * columns + j] = T.Cast("int8", T.max(T.min(T.nearbyint(values[i * columns + j] / row_scale), high),
+                                                       low))
+
+    return quantize_row
+
+
 def quantize_rows_kernel(rank: int, columns: int, qmax: float, eps: float) -> tirx.PrimFunc:
     """``q[..., :] = int8(clip(round(x[..., :] / s[...]), -qmax, qmax))`` with ``s[...] = max(max|x[..., :]|,
     eps) / qmax`` for float32 ``x`` of ``rank`` dimensions, the last of ``columns`` elements and the others of
     any size; the kernel ``(x, q, s)``, ``s`` of ``x``'s shape with a last dimension of 1. The rows are read as
     one flat array (``x``'s leading dimensions fused)."""
-    lead = [tirx.Var(f"d{i}", "int64") for i in range(rank - 1)]
-    rows = tirx.IntImm("int64", 1)
-    for dim in lead:
-        rows = rows * dim
+    lead, rows = leading_rows(rank)
     lanes = VECTOR_LANES if columns % VECTOR_LANES == 0 else 1
-    chunks, x_shape, s_shape = columns // lanes, (*lead, columns), (*lead, 1)
-    low, high, floor = T.float32(-qmax), T.float32(qmax), T.float32(eps)
+    x_shape, s_shape = (*lead, columns), (*lead, 1)
+    quantize_row = row_quantizer(columns, lanes, qmax, eps)
 
     @T.prim_func(s_tir=True)
     def quantize_rows(x: T.handle, q: T.handle, s: T.handle):
@@ -42,18 +73,6 @@ def quantize_rows_kernel(rank: int, columns: int, qmax: float, eps: float) -> ti
             flat_s = T.decl_buffer((rows,), "float32", data=S.data)
             partial = T.sblock_alloc_buffer((rows, lanes), "float32")  # one allocation per call, not per row
             for i in T.parallel(rows):
-                for lane in T.vectorized(T.int64(lanes)):
-                    partial[i, lane] = T.min_value("float32")
-                for c in range(T.int64(chunks)):
-                    for lane in T.vectorized(T.int64(lanes)):
-                        partial[i, lane] = T.max(partial[i, lane], T.fabs(flat_x[i * columns + c * lanes + lane]))
-                flat_s[i] = T.min_value("float32")
-                for lane in range(T.int64(lanes)):
-                    flat_s[i] = T.max(flat_s[i], partial[i, lane])
-                row_scale: T.float32 = T.max(flat_s[i], floor) / high
-                flat_s[i] = row_scale
-                for j in range(T.int64(columns)):  # (LLVM vectorizes it: TVM keeps nearbyint scalar)
-                    flat_q[i * columns + j] = T.Cast("int8", T.max(T.min(
-                        T.nearbyint(flat_x[i * columns + j] / row_scale), high), low))
+                quantize_row(flat_x, flat_q, flat_s, partial, i)
 
     return quantize_rows

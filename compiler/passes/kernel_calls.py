@@ -46,6 +46,12 @@ def bindings_and_users(func: relax.Function) -> tuple[dict[relax.Var, relax.Expr
     return bindings, users
 
 
+def bound_op_call(expr: relax.Expr, op: str, bindings: dict[relax.Var, relax.Expr]) -> relax.Call | None:
+    """The call of ``op`` that ``bindings`` (from :func:`bindings_and_users`) bind to the variable ``expr``, if any."""
+    value = bindings.get(expr) if isinstance(expr, relax.Var) else None
+    return value if isinstance(value, relax.Call) and value.op == ir.Op.get(op) else None
+
+
 def scalar_constant(expr: relax.Expr) -> float | int | None:
     """The value of a one-element constant, None for anything else."""
     if isinstance(expr, ir.expr.Constant) and expr.value.numpy().size == 1:

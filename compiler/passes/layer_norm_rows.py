@@ -23,23 +23,19 @@ from tvm.relax import PyExprMutator, expr_functor
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize, layer_norm_rows_kernel
 
-from .kernel_calls import KernelTable, bindings_and_users, rewrite_functions, scalar_constant
+from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant
 from .quantize_rows import match_row_quantize
-
-
-def _is(value: relax.Expr | None, op: str) -> bool:
-    return isinstance(value, relax.Call) and value.op == ir.Op.get(op)
 
 
 def _static_quantize(y: relax.Var, bindings: dict, users: dict) -> tuple[relax.Var, StaticQuantize] | None:
     """``(q, its quantization)`` if a user of ``y`` is ``clip`` (used only by) ``quantize`` as described above."""
     for clipped in users.get(y, []):
-        clip = bindings.get(clipped)
-        if not (_is(clip, "relax.clip") and clip.args[0].same_as(y) and len(users.get(clipped, [])) == 1):
+        clip = bound_op_call(clipped, "relax.clip", bindings)
+        if not (clip is not None and clip.args[0].same_as(y) and len(users.get(clipped, [])) == 1):
             continue
         q = users[clipped][0]
-        quantize = bindings.get(q)
-        if not (_is(quantize, "relax.quantize") and isinstance(q, relax.DataflowVar)
+        quantize = bound_op_call(q, "relax.quantize", bindings)
+        if not (quantize is not None and isinstance(q, relax.DataflowVar)
                 and str(quantize.attrs.out_dtype) == "int8"):
             continue
         scale, zero = (scalar_constant(a) for a in quantize.args[1:3])
@@ -75,7 +71,8 @@ class _LayerNormRewriter(PyExprMutator):
         self.plans, self.results = {}, {}
         row_quantizations = _row_quantizations(bindings, users)
         for y, value in bindings.items():
-            if not (_is(value, "relax.nn.layer_norm") and isinstance(y, relax.DataflowVar) and self._fits(value)):
+            if not (bound_op_call(y, "relax.nn.layer_norm", bindings) is not None and isinstance(y, relax.DataflowVar)
+                    and self._fits(value)):
                 continue
             row = row_quantizations.get(y)
             static = None if row is not None else _static_quantize(y, bindings, users)

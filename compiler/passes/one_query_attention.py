@@ -22,12 +22,7 @@ from int8mt.schedules.one_query_attention import (ACCUMULATOR, context_kernel, d
                                                   direct_scores_kernel, scores_kernel)
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 
-from .kernel_calls import KernelTable, bindings_and_users, is_one, rewrite_functions
-
-
-def _call(expr: relax.Expr, op: str, bindings: dict) -> relax.Call | None:
-    value = bindings.get(expr) if isinstance(expr, relax.Var) else None
-    return value if isinstance(value, relax.Call) and value.op == ir.Op.get(op) else None
+from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, is_one, rewrite_functions
 
 
 @expr_functor.mutator
@@ -50,12 +45,12 @@ class _OneQueryRewriter(PyExprMutator):
     def _gathered(self, view: relax.Expr) -> tuple | None:
         """``(index, past, rows, new)`` if ``view`` is ``reshape(where(past, take(rows, index), new))`` of the
         step's layout, each value used once."""
-        reshape = _call(view, "relax.reshape", self.bindings) if self._once(view) else None
-        where = _call(reshape.args[0], "relax.where", self.bindings) if reshape is not None else None
+        reshape = bound_op_call(view, "relax.reshape", self.bindings) if self._once(view) else None
+        where = bound_op_call(reshape.args[0], "relax.where", self.bindings) if reshape is not None else None
         if where is None or not self._once(reshape.args[0]):
             return None
         past, gathered, new = where.args
-        take = _call(gathered, "relax.take", self.bindings) if self._once(gathered) else None
+        take = bound_op_call(gathered, "relax.take", self.bindings) if self._once(gathered) else None
         if take is None or take.attrs.axis is None or int(take.attrs.axis) != 0:
             return None
         rows, index = take.args
@@ -79,7 +74,7 @@ class _OneQueryRewriter(PyExprMutator):
         if not (isinstance(call.op, ir.Op) and call.op.name == "relax.matmul"):
             return super().visit_call_(call)
         left, right = call.args
-        transposed = _call(right, "relax.permute_dims", self.bindings)
+        transposed = bound_op_call(right, "relax.permute_dims", self.bindings)
         scores = transposed is not None and [int(a) for a in (transposed.attrs.axes or [])] == [0, 2, 1]
         operand = transposed.args[0] if scores else right
         dtype = str(operand.ty.dtype)

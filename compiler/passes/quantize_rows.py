@@ -20,25 +20,20 @@ from tvm.relax import PyExprMutator, expr_functor
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.quantize_rows import quantize_rows_kernel
 
-from .kernel_calls import KernelTable, bindings_and_users, rewrite_functions, scalar_constant
-
-
-def _call(expr: relax.Expr, op: str, bindings: dict[relax.Var, relax.Expr]) -> relax.Call | None:
-    value = bindings.get(expr) if isinstance(expr, relax.Var) else None
-    return value if isinstance(value, relax.Call) and value.op == ir.Op.get(op) else None
+from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant
 
 
 def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr],
                        uses: dict[relax.Var, int]) -> tuple[relax.Expr, relax.Var, float, float] | None:
     """``(x, s, qmax, eps)`` if ``q`` is bound to the per-row quantization of ``x`` with scale ``s`` (see the
     module docstring), its intermediate values used once each."""
-    cast = _call(q, "relax.astype", bindings)
+    cast = bound_op_call(q, "relax.astype", bindings)
     if cast is None or str(cast.attrs.dtype) != "int8":
         return None
     chain = [cast]
     for arg, op in ((0, "relax.clip"), (0, "relax.round"), (0, "relax.divide"), (1, "relax.divide"),
                     (0, "relax.maximum"), (0, "relax.max"), (0, "relax.abs")):  # each op's input in the last op
-        chain.append(_call(chain[-1].args[arg], op, bindings))
+        chain.append(bound_op_call(chain[-1].args[arg], op, bindings))
         if chain[-1] is None:
             return None
     _, clip, rounded, divided, scale_call, floor, amax, magnitude = chain
