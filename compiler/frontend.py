@@ -29,6 +29,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
 from int8mt.model.transformer import Transformer
+from int8mt.runtime.bundle import DEFAULT_MAX_ROWS
 
 
 class _Encode(nn.Module):
@@ -60,7 +61,7 @@ class ExportConfig:
     ``max_batch``): at 1024 rows of the longest source the reference model's encoder buffers took 3 GiB, which a
     GPU commits whole and a CPU reserves (opus-mt shape: 3.5 GiB of address space against 0.5, no faster)."""
 
-    max_batch: int = 1024
+    max_batch: int = DEFAULT_MAX_ROWS
 
     def encode_inputs(self, model: Transformer) -> tuple[tuple[Tensor, ...], dict]:
         src = torch.full((2, 5), 4, dtype=torch.int64)

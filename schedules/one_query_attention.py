@@ -23,46 +23,59 @@ from .quantize_rows import OPAQUE
 ACCUMULATOR = {"int8": "int32", "float32": "float32"}  # operand dtype -> sum dtype
 
 
-def _shapes(heads: int, head_dim: int):
-    batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
-    return batch, positions, stored, batch * heads
+def _products(head_dim: int, dtype: str, lanes: int):
+    """TIR macros of one pair's products with one stored row (a flat view ``source`` at ``start``):
+    ``score(out, partial, q, bh, t, source, start)`` writes ``out[bh, 0, t]`` (``lanes`` partial sums, added up in
+    lane order; ``partial`` a ``[pairs, lanes]`` scratch buffer) and ``weigh(out, p, bh, t, source, start)`` adds
+    ``p[bh, 0, t]`` times the row to ``out[bh, 0, :]``."""
+    acc = ACCUMULATOR[dtype]
+    lanes = lanes if head_dim % lanes == 0 else 1
+    chunks = head_dim // lanes
+
+    @T.macro
+    def score(out, partial, q, bh, t, source, start):
+        for lane in T.vectorized(T.int64(lanes)):
+            partial[bh, lane] = T.Cast(acc, 0)
+        for c in range(T.int64(chunks)):
+            for lane in T.vectorized(T.int64(lanes)):
+                partial[bh, lane] = partial[bh, lane] + T.Cast(acc, q[bh, 0, c * lanes + lane]) * T.Cast(
+                    acc, source[start + c * lanes + lane])
+        out[bh, 0, t] = T.Cast(acc, 0)
+        for lane in range(T.int64(lanes)):
+            out[bh, 0, t] = out[bh, 0, t] + partial[bh, lane]
+
+    @T.macro
+    def weigh(out, p, bh, t, source, start):
+        for d in T.vectorized(T.int64(head_dim)):
+            out[bh, 0, d] = out[bh, 0, d] + T.Cast(acc, p[bh, 0, t]) * T.Cast(acc, source[start + d])
+
+    return score, weigh, lanes
 
 
 def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc:
     """QK^T of one query per (hypothesis, head) against its keys read through ``index``: the kernel
     ``(index [batch, heads, positions] int64, past [batch, 1, positions, 1] bool, q [batch*heads, 1, head_dim],
     rows [stored, head_dim], new [batch, heads, 1, head_dim], out [batch*heads, 1, positions])``."""
-    batch, positions, stored, pairs = _shapes(heads, head_dim)
-    acc = ACCUMULATOR[dtype]
-    lanes = lanes if head_dim % lanes == 0 else 1
-    chunks = head_dim // lanes
+    batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
+    pairs, acc = batch * heads, ACCUMULATOR[dtype]
+    score, _, lanes = _products(head_dim, dtype, lanes)
 
     @T.prim_func(s_tir=True)
     def gathered_scores(index: T.Buffer((batch, heads, positions), "int64"),
                         past: T.Buffer((batch, 1, positions, 1), "bool"),
                         q: T.Buffer((pairs, 1, head_dim), dtype), rows: T.Buffer((stored, head_dim), dtype),
-                        new: T.Buffer((batch, heads, 1, head_dim), dtype),
-                        out: T.Buffer((pairs, 1, positions), acc)):
+                        new: T.Buffer((batch, heads, 1, head_dim), dtype), out: T.Buffer((pairs, 1, positions), acc)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
+            flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
+            flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
             partial = T.sblock_alloc_buffer((pairs, lanes), acc)  # one allocation per call
             for bh in T.parallel(pairs):
                 for t in range(positions):
-                    for lane in T.vectorized(T.int64(lanes)):
-                        partial[bh, lane] = T.Cast(acc, 0)
                     if past[bh // heads, 0, t, 0]:
-                        for c in range(T.int64(chunks)):
-                            for lane in T.vectorized(T.int64(lanes)):
-                                partial[bh, lane] = partial[bh, lane] + T.Cast(acc, q[bh, 0, c * lanes + lane]) * T.Cast(
-                                    acc, rows[index[bh // heads, bh % heads, t], c * lanes + lane])
+                        score(out, partial, q, bh, t, flat_rows, index[bh // heads, bh % heads, t] * head_dim)
                     else:
-                        for c in range(T.int64(chunks)):
-                            for lane in T.vectorized(T.int64(lanes)):
-                                partial[bh, lane] = partial[bh, lane] + T.Cast(acc, q[bh, 0, c * lanes + lane]) * T.Cast(
-                                    acc, new[bh // heads, bh % heads, 0, c * lanes + lane])
-                    out[bh, 0, t] = T.Cast(acc, 0)
-                    for lane in range(T.int64(lanes)):
-                        out[bh, 0, t] = out[bh, 0, t] + partial[bh, lane]
+                        score(out, partial, q, bh, t, flat_new, bh * head_dim)
 
     return gathered_scores
 
@@ -70,29 +83,29 @@ def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int) -> tirx.Pri
 def context_kernel(heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
     """softmax·V of one query per (hypothesis, head) over its values read through ``index``: the kernel
     ``(index [batch, heads, positions] int64, past [batch, 1, positions, 1] bool, p [batch*heads, 1, positions],
-    rows [stored, head_dim], new [batch, heads, 1, head_dim], out [batch*heads, 1, head_dim])``."""
-    batch, positions, stored, pairs = _shapes(heads, head_dim)
-    acc = ACCUMULATOR[dtype]
+    rows [stored, head_dim], new [batch, heads, 1, head_dim], out [batch*heads, 1, head_dim])``; the values in
+    order of position."""
+    batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
+    pairs, acc = batch * heads, ACCUMULATOR[dtype]
+    _, weigh, _ = _products(head_dim, dtype, 1)
 
     @T.prim_func(s_tir=True)
     def gathered_context(index: T.Buffer((batch, heads, positions), "int64"),
                          past: T.Buffer((batch, 1, positions, 1), "bool"),
                          p: T.Buffer((pairs, 1, positions), dtype), rows: T.Buffer((stored, head_dim), dtype),
-                         new: T.Buffer((batch, heads, 1, head_dim), dtype),
-                         out: T.Buffer((pairs, 1, head_dim), acc)):
+                         new: T.Buffer((batch, heads, 1, head_dim), dtype), out: T.Buffer((pairs, 1, head_dim), acc)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        for bh in T.parallel(pairs):
-            for d in T.vectorized(T.int64(head_dim)):
-                out[bh, 0, d] = T.Cast(acc, 0)
-            for t in range(positions):
-                if past[bh // heads, 0, t, 0]:
-                    for d in T.vectorized(T.int64(head_dim)):
-                        out[bh, 0, d] = out[bh, 0, d] + T.Cast(acc, p[bh, 0, t]) * T.Cast(
-                            acc, rows[index[bh // heads, bh % heads, t], d])
-                else:
-                    for d in T.vectorized(T.int64(head_dim)):
-                        out[bh, 0, d] = out[bh, 0, d] + T.Cast(acc, p[bh, 0, t]) * T.Cast(
-                            acc, new[bh // heads, bh % heads, 0, d])
+        with T.sblock("root"):
+            flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
+            flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
+            for bh in T.parallel(pairs):
+                for d in T.vectorized(T.int64(head_dim)):
+                    out[bh, 0, d] = T.Cast(acc, 0)
+                for t in range(positions):
+                    if past[bh // heads, 0, t, 0]:
+                        weigh(out, p, bh, t, flat_rows, index[bh // heads, bh % heads, t] * head_dim)
+                    else:
+                        weigh(out, p, bh, t, flat_new, bh * head_dim)
 
     return gathered_context
 
@@ -103,26 +116,18 @@ def direct_scores_kernel(head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc
     :func:`scores_kernel` sums."""
     pairs, positions = tirx.Var("pairs", "int64"), tirx.Var("positions", "int64")
     acc = ACCUMULATOR[dtype]
-    lanes = lanes if head_dim % lanes == 0 else 1
-    chunks = head_dim // lanes
+    score, _, lanes = _products(head_dim, dtype, lanes)
 
     @T.prim_func(s_tir=True)
     def direct_scores(q: T.Buffer((pairs, 1, head_dim), dtype), keys: T.Buffer((pairs, positions, head_dim), dtype),
                       out: T.Buffer((pairs, 1, positions), acc)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
+            flat_keys = T.decl_buffer((pairs * positions * head_dim,), dtype, data=keys.data)
             partial = T.sblock_alloc_buffer((pairs, lanes), acc)
             for bh in T.parallel(pairs):
                 for t in range(positions):
-                    for lane in T.vectorized(T.int64(lanes)):
-                        partial[bh, lane] = T.Cast(acc, 0)
-                    for c in range(T.int64(chunks)):
-                        for lane in T.vectorized(T.int64(lanes)):
-                            partial[bh, lane] = partial[bh, lane] + T.Cast(acc, q[bh, 0, c * lanes + lane]) * T.Cast(
-                                acc, keys[bh, t, c * lanes + lane])
-                    out[bh, 0, t] = T.Cast(acc, 0)
-                    for lane in range(T.int64(lanes)):
-                        out[bh, 0, t] = out[bh, 0, t] + partial[bh, lane]
+                    score(out, partial, q, bh, t, flat_keys, (bh * positions + t) * head_dim)
 
     return direct_scores
 
@@ -132,16 +137,18 @@ def direct_context_kernel(head_dim: int, dtype: str) -> tirx.PrimFunc:
     ``(p [pairs, 1, positions], values [pairs, positions, head_dim], out [pairs, 1, head_dim])``."""
     pairs, positions = tirx.Var("pairs", "int64"), tirx.Var("positions", "int64")
     acc = ACCUMULATOR[dtype]
+    _, weigh, _ = _products(head_dim, dtype, 1)
 
     @T.prim_func(s_tir=True)
     def direct_context(p: T.Buffer((pairs, 1, positions), dtype),
                        values: T.Buffer((pairs, positions, head_dim), dtype), out: T.Buffer((pairs, 1, head_dim), acc)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        for bh in T.parallel(pairs):
-            for d in T.vectorized(T.int64(head_dim)):
-                out[bh, 0, d] = T.Cast(acc, 0)
-            for t in range(positions):
+        with T.sblock("root"):
+            flat_values = T.decl_buffer((pairs * positions * head_dim,), dtype, data=values.data)
+            for bh in T.parallel(pairs):
                 for d in T.vectorized(T.int64(head_dim)):
-                    out[bh, 0, d] = out[bh, 0, d] + T.Cast(acc, p[bh, 0, t]) * T.Cast(acc, values[bh, t, d])
+                    out[bh, 0, d] = T.Cast(acc, 0)
+                for t in range(positions):
+                    weigh(out, p, bh, t, flat_values, (bh * positions + t) * head_dim)
 
     return direct_context

@@ -30,7 +30,7 @@ from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_t
 from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty
 
 LIBRARY_FILE, MANIFEST_FILE, WEIGHTS_FILE = "model.so", "manifest.json", "weights.bin"
-DEFAULT_MAX_ROWS = 1024  # the row bound of bundles whose manifest does not record one
+DEFAULT_MAX_ROWS = 1024  # rows (sentences x beams) per call: what compiling records, and the bound of older bundles
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
 BUNDLE_FORMAT = 3  # the entry points' signatures (the decoder step's cache layout, the weights as parameters)
 ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
