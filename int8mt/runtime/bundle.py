@@ -398,6 +398,7 @@ class Bundle:
         self._release_pools = self._ffi.get_global_func(RELEASE_POOLS)
         self._alloc = self._ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._weights = self._map_weights()
+        self._steps: dict[int, Any] = {}  # position -> the decoder step's input tensor (shared by replicas)
         self._pooled = _POOLED["gpu" if self._on_gpu else "cpu"]
         self._open_vm()
         drop_unmodified_pages(self.path / LIBRARY_FILE)
@@ -515,10 +516,18 @@ class Bundle:
     def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: Any, src: Any) -> Any:
         """The compiled decoder step: appends its cache rows to ``cache`` and returns the logits (on the device)."""
         self._admit(tokens.shape[0], src.shape[1])
-        out = self._step(self.tensor(tokens), self.tensor(np.array([step], np.int64)), cache.rows,
-                         self.tensor(cache.history), cross_kv, src)
-        cache.append([out[i] for i in range(1, len(out))])
+        out = self._step(self.tensor(tokens), self._step_tensor(step), cache.rows, self.tensor(cache.history),
+                         cross_kv, src)
+        cache.append(out[1:])
         return out[0]
+
+    def _step_tensor(self, step: int) -> Any:
+        """The decoder step's ``step`` input (its position) as a tensor, made once per position and bundle (a
+        conversion and, on a GPU, an allocation and a copy at every step otherwise)."""
+        tensor = self._steps.get(step)
+        if tensor is None:
+            tensor = self._steps[step] = self.tensor(np.array([step], np.int64))
+        return tensor
 
     def _admit(self, rows: int, src_len: int) -> None:
         """A call of ``rows`` rows of ``src_len`` source tokens is about to run: calls of a size not seen before

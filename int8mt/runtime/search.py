@@ -8,6 +8,7 @@ import numpy as np
 
 from int8mt.errors import UserError
 from .bundle import Bundle
+from .cache import aligned_empty
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_leng
                 done[i] = len(out[i]) >= max_lens[i]
         if done.all():
             break
-        tokens = nxt[:, None].astype(np.int64)
+        tokens = aligned_empty((len(nxt), 1), np.int64)  # an input without a copy
+        tokens[:, 0] = nxt
         keep = np.flatnonzero(~done[rows])
         if len(keep) < COMPACT_BELOW * len(rows):
             cache.select(keep)
@@ -123,7 +125,8 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
         flat = (scores[alive][:, :, None] + log_probs.reshape(n, k, width)).reshape(n, -1)
         top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]
         origin = np.arange(n * k).reshape(n, k).copy()  # the row each new hypothesis continues
-        next_tokens = np.full((n, k), bundle.pad_id, np.int64)
+        next_tokens = aligned_empty((n, k), np.int64)  # (an input without a copy)
+        next_tokens[:] = bundle.pad_id
         for i, b in enumerate(alive):
             if len(finished[b]) >= k:
                 continue
