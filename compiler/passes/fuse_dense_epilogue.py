@@ -14,8 +14,8 @@ A chain follows the result through values used exactly once: ``reshape`` (dimens
 ``left_shift``/``maximum``/``minimum`` with a constant or a tensor computed elsewhere that broadcasts onto
 the chain's value. Such a tensor that is itself a product used only there (with run-time ranges, the
 dequantization scale: each row's activation scale times each column's weight scale) is computed in the
-epilogue from its two factors instead of being written out whole. Each op is written as the TIR expression its legalization (TOPI) produces, so the fused
-kernel computes the same values bit for bit. The chain ends before the first other op and after a value
+epilogue from its two factors instead of being written out whole. Each op is written as the TIR expression
+its legalization (TOPI) produces, so the fused kernel computes the same values bit for bit. The chain ends before the first other op and after a value
 used more than once or outside its dataflow block (so a tapped matmul under ``int8mt verify`` stays
 unfused); a chain of views only is left alone.
 """
@@ -35,7 +35,7 @@ from int8mt.schedules.int8_dense import DenseEpilogue, dense_attrs, scheduled_in
 from int8mt.schedules.intrin import dense_dot
 from int8mt.schedules.kernel_attrs import DENSE_KINDS
 
-from .kernel_calls import is_one, kernel_kind, scalar_constant, shape_product
+from .kernel_calls import bindings_and_users, is_one, kernel_kind, scalar_constant, shape_product, use_counts
 
 _BINARY: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
     "relax.add": operator.add, "relax.subtract": operator.sub, "relax.multiply": operator.mul,
@@ -228,21 +228,6 @@ class EpilogueChain:
                              shape_vars=tuple(shape_vars[name] for name in sorted(shape_vars)), store=store)
 
 
-def _use_counts(func: relax.Function) -> dict[relax.Var, int]:
-    """How many bindings (and the function's result) use each variable."""
-    counts: dict[relax.Var, int] = {}
-
-    def count(expr: relax.Expr) -> None:
-        for var in relax.analysis.free_vars(expr):
-            counts[var] = counts.get(var, 0) + 1
-
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            count(binding.value)
-    count(func.body.body)
-    return counts
-
-
 @expr_functor.mutator
 class _EpilogueFuser(PyExprMutator):
     """Finds each function's chains (:meth:`run`), then rebinds each chain's output to the fused call."""
@@ -254,7 +239,7 @@ class _EpilogueFuser(PyExprMutator):
 
     def run(self, gv: ir.GlobalVar, func: relax.Function) -> None:
         self.chains = {}
-        uses = _use_counts(func)
+        uses = use_counts(bindings_and_users(func)[1])
         products = {b.var: b.value for block in func.body.blocks for b in block.bindings
                     if isinstance(b.var, relax.DataflowVar) and uses.get(b.var) == 1 and isinstance(b.value, relax.Call)
                     and b.value.op == ir.Op.get("relax.multiply")}

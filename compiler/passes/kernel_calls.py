@@ -46,6 +46,11 @@ def bindings_and_users(func: relax.Function) -> tuple[dict[relax.Var, relax.Expr
     return bindings, users
 
 
+def use_counts(users: dict[relax.Var, list]) -> dict[relax.Var, int]:
+    """How many bindings (and the function's result) use each variable, from :func:`bindings_and_users`."""
+    return {var: len(found) for var, found in users.items()}
+
+
 def bound_op_call(expr: relax.Expr, op: str, bindings: dict[relax.Var, relax.Expr]) -> relax.Call | None:
     """The call of ``op`` that ``bindings`` (from :func:`bindings_and_users`) bind to the variable ``expr``, if any."""
     value = bindings.get(expr) if isinstance(expr, relax.Var) else None

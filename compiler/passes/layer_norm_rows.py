@@ -23,7 +23,8 @@ from tvm.relax import PyExprMutator, expr_functor
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize, layer_norm_rows_kernel
 
-from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant
+from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant,
+                           use_counts)
 from .quantize_rows import match_row_quantize
 
 
@@ -48,7 +49,7 @@ def _static_quantize(y: relax.Var, bindings: dict, users: dict) -> tuple[relax.V
 
 def _row_quantizations(bindings: dict, users: dict) -> dict[relax.Var, tuple[relax.Var, relax.Var, RowQuantize]]:
     """For each variable whose run-time per-row quantization follows: ``(q, s, the quantization)``."""
-    uses = {var: len(found) for var, found in users.items()}
+    uses = use_counts(users)
     found = {}
     for q in bindings:
         match = isinstance(q, relax.DataflowVar) and match_row_quantize(q, bindings, uses)

@@ -22,7 +22,7 @@ from int8mt.schedules.one_query_attention import (ACCUMULATOR, context_kernel, d
                                                   direct_scores_kernel, scores_kernel)
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 
-from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, is_one, rewrite_functions
+from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, is_one, rewrite_functions, use_counts
 
 
 @expr_functor.mutator
@@ -37,7 +37,7 @@ class _OneQueryRewriter(PyExprMutator):
 
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
         self.bindings, users = bindings_and_users(func)
-        self.uses = {var: len(found) for var, found in users.items()}
+        self.uses = use_counts(users)
 
     def _once(self, var: relax.Expr) -> bool:
         return isinstance(var, relax.DataflowVar) and self.uses.get(var) == 1

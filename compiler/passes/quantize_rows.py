@@ -20,7 +20,8 @@ from tvm.relax import PyExprMutator, expr_functor
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.quantize_rows import quantize_rows_kernel
 
-from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant
+from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant,
+                           use_counts)
 
 
 def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr],
@@ -60,7 +61,7 @@ class _RowQuantizer(PyExprMutator):
 
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
         bindings, users = bindings_and_users(func)
-        uses = {var: len(found) for var, found in users.items()}
+        uses = use_counts(users)
         self.fused, self.quantized, self.outputs = {}, {}, {}
         for var in bindings:
             found = isinstance(var, relax.DataflowVar) and match_row_quantize(var, bindings, uses)
