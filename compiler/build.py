@@ -69,6 +69,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         "entry_points": list(ENTRY_POINTS),
         "model": model.cfg.to_dict(),
         "cache_dtype": model.cache_dtype_name,
+        "cache_scales": model.cache_scales,
         "top_candidates": candidates_per_row(model),
         "max_rows": ExportConfig().max_batch,  # rows (sentences x beams) one call of an entry point takes
         "tokenizer": tokenizer.kind,

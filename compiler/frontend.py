@@ -14,7 +14,11 @@ The result is one IRModule with four entry points:
   ``K = candidates_per_row(model)`` largest logits and the row's log-sum-exp (their log-probabilities are
   ``values - log_sum_exp``): beam search reads these instead of the whole ``[B, V]`` logits.
 
-Both caches have the model's ``cache_dtype``: int8 for statically quantized models, else float32.
+Both caches have the model's ``cache_dtype``: int8 for quantized attention, else float32. With run-time ranges
+(``model.cache_scales``) each cache is two tensors, the int8 keys/values and their scales (``[..., 1]`` in place
+of ``Dh``): ``encode`` returns both, ``decode_step`` takes ``cache_rows, cache_scales`` and ``cross_kv,
+cross_scales`` and returns the new scales after the new keys and values, and ``reorder_cache`` takes and returns
+both.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ class _Encode(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, src: Tensor) -> Tensor:
+    def forward(self, src: Tensor) -> tuple[Tensor, ...]:
         return self.model.cross_kv(self.model.encode(src))
 
 
@@ -46,9 +50,9 @@ class _DecodeStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: Tensor, step: Tensor, cache_rows: Tensor, history: Tensor, cross_kv: Tensor,
-                src: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return self.model.decode_step(tokens, step, cache_rows, history, cross_kv, src)
+    def forward(self, tokens: Tensor, step: Tensor, cache: tuple[Tensor, ...], history: Tensor,
+                cross: tuple[Tensor, ...], src: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return self.model.decode_step(tokens, step, cache, history, cross, src)
 
 
 @dataclass(frozen=True)
@@ -73,16 +77,16 @@ class ExportConfig:
         batch, src_len = self._dims()
         positions = Dim("positions", min=1, max=c.max_positions)
         cache_rows = Dim("cache_rows", min=1)
-        inputs = (
-            torch.full((2, 1), 4, dtype=torch.int64),
-            torch.tensor([3], dtype=torch.int64),
-            torch.zeros(c.decoder_layers, 2, 7, c.heads, c.head_dim, dtype=model.cache_dtype),
-            torch.tensor([[1, 3, 5, 0], [2, 4, 6, 0]]),
-            torch.zeros(c.decoder_layers, 2, 2, c.heads, 5, c.head_dim, dtype=model.cache_dtype),
-            torch.full((2, 5), 4, dtype=torch.int64),
-        )
-        shapes = {"tokens": {0: batch}, "step": None, "cache_rows": {2: cache_rows},
-                  "history": {0: batch, 1: positions}, "cross_kv": {2: batch, 4: src_len},
+        parts = 2 if model.cache_scales else 1
+        widths = (c.head_dim, 1)[:parts]  # the keys/values' last axis, then their scales'
+        cache = tuple(torch.zeros(c.decoder_layers, 2, 7, c.heads, w, dtype=d)
+                      for w, d in zip(widths, (model.cache_dtype, torch.float32)))
+        cross = tuple(torch.zeros(c.decoder_layers, 2, 2, c.heads, 5, w, dtype=d)
+                      for w, d in zip(widths, (model.cache_dtype, torch.float32)))
+        inputs = (torch.full((2, 1), 4, dtype=torch.int64), torch.tensor([3], dtype=torch.int64), cache,
+                  torch.tensor([[1, 3, 5, 0], [2, 4, 6, 0]]), cross, torch.full((2, 5), 4, dtype=torch.int64))
+        shapes = {"tokens": {0: batch}, "step": None, "cache": ({2: cache_rows},) * parts,
+                  "history": {0: batch, 1: positions}, "cross": ({2: batch, 4: src_len},) * parts,
                   "src": {0: batch, 1: src_len}}
         return inputs, shapes
 
@@ -113,13 +117,15 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
 def _reorder_cache(model: Transformer) -> relax.Function:
     c = model.cfg
     batch, src_len, rows = (tvm.tirx.Var(name, "int64") for name in ("batch", "src_len", "rows"))
-    shape = (c.decoder_layers, 2, batch, c.heads, src_len, c.head_dim)
-    cache = relax.Var("cross_kv", relax.TensorType(shape, model.cache_dtype_name))
+    parts = [("cross_kv", c.head_dim, model.cache_dtype_name)] + [("cross_scales", 1, "float32")] * model.cache_scales
+    caches = [relax.Var(name, relax.TensorType((c.decoder_layers, 2, batch, c.heads, src_len, width), dtype))
+              for name, width, dtype in parts]
     index = relax.Var("rows", relax.TensorType((rows,), "int64"))
     bb = relax.BlockBuilder()
-    with bb.function("reorder_cache", [cache, index]):
+    with bb.function("reorder_cache", [*caches, index]):
         with bb.dataflow():
-            out = bb.emit_output(relax.op.take(cache, index, axis=2))
+            taken = [bb.emit(relax.op.take(cache, index, axis=2)) for cache in caches]
+            out = bb.emit_output(taken[0] if len(taken) == 1 else relax.Tuple(taken))
         bb.emit_func_output(out)
     return bb.get()["reorder_cache"]
 

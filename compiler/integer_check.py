@@ -71,17 +71,27 @@ def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.nd
         checks.extend(_compare(name, reference.records, [t.numpy() for t in taps]))
         return out, expected
 
-    cross, _ = call("encode", reference.encode, src)
-    cross = cross.numpy()
-    cache_rows, history = (t.numpy() for t in model.empty_cache(len(src)))
+    cross = _arrays(call("encode", reference.encode, src)[0])
+    cache, history = model.empty_cache(len(src))
+    cache, parts = tuple(c.numpy() for c in cache), len(cache)
     for step in range(tokens.shape[1]):
         column = np.ascontiguousarray(tokens[:, step:step + 1])
-        (_, *new_kv), _ = call("decode_step", lambda *a: reference.decode_step(column, step, *a[2:]),
-                               column, np.array([step]), cache_rows, history, cross, src)
-        grown = model.append_rows(torch.from_numpy(cache_rows), torch.from_numpy(history),
-                                  tuple(torch.from_numpy(t.numpy()) for t in new_kv))
-        cache_rows, history = (t.numpy() for t in grown)
+
+        def reference_step(*args: np.ndarray):
+            *cache_in, history_in = args[2:3 + parts]
+            return reference.decode_step(column, step, tuple(cache_in), history_in, args[3 + parts:-1], args[-1])
+
+        (_, *new_kv), _ = call("decode_step", reference_step, column, np.array([step]), *cache, history.numpy(),
+                               *cross, src)
+        cache, history = model.append_rows(tuple(map(torch.from_numpy, cache)), history,
+                                           tuple(torch.from_numpy(t.numpy()) for t in new_kv))
+        cache = tuple(c.numpy() for c in cache)
     return checks
+
+
+def _arrays(out) -> tuple[np.ndarray, ...]:
+    """An entry point's result (a tensor, or a tuple of them) as NumPy arrays."""
+    return (out.numpy(),) if hasattr(out, "numpy") else tuple(t.numpy() for t in out)
 
 
 def _compare(function: str, records: list[MatmulRecord], taps: list[np.ndarray]) -> list[MatmulCheck]:

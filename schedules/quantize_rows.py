@@ -26,17 +26,26 @@ def leading_rows(rank: int) -> tuple[list[tirx.Var], tirx.PrimExpr]:
     return lead, rows
 
 
-def row_quantizer(columns: int, lanes: int, qmax: float, eps: float):
+def row_lanes(columns: int | None) -> int:
+    """The partial maxima of a row of ``columns`` elements (None: any number): ``VECTOR_LANES``, or fewer for short
+    rows (a row of 64 took twice as long with 64 lanes, whose horizontal maximum is 63 scalar steps)."""
+    return next((lanes for lanes in (VECTOR_LANES, 16, 8) if columns and columns % lanes == 0
+                 and columns >= 4 * lanes), 1)
+
+
+def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: float):
     """A TIR macro ``(values, q, s, partial, i)``: row ``i`` of the flat float32 ``values`` (``columns`` per row)
     quantized into ``q`` with its scale in ``s[i]``; ``partial`` is a ``[rows, lanes]`` scratch buffer (``lanes``
     dividing ``columns``)."""
-    chunks, low, high, floor = columns // lanes, T.float32(-qmax), T.float32(qmax), T.float32(eps)
+    low, high, floor = T.float32(-qmax), T.float32(qmax), T.float32(eps)
+    chunks = T.int64(columns // lanes) if isinstance(columns, int) else columns // lanes
+    width = T.int64(columns) if isinstance(columns, int) else columns
 
     @T.macro
     def quantize_row(values, q, s, partial, i):
         for lane in T.vectorized(T.int64(lanes)):
             partial[i, lane] = T.min_value("float32")
-        for c in range(T.int64(chunks)):
+        for c in range(chunks):
             for lane in T.vectorized(T.int64(lanes)):
                 partial[i, lane] = T.max(partial[i, lane], T.fabs(values[i * columns + c * lanes + lane]))
         s[i] = T.min_value("float32")
@@ -44,20 +53,21 @@ def row_quantizer(columns: int, lanes: int, qmax: float, eps: float):
             s[i] = T.max(s[i], partial[i, lane])
         row_scale: T.float32 = T.max(s[i], floor) / high
         s[i] = row_scale
-        for j in range(T.int64(columns)):  # (LLVM vectorizes it: TVM keeps nearbyint scalar)
+        for j in range(width):  # (LLVM vectorizes it: TVM keeps nearbyint scalar)
             q[i * columns + j] = T.Cast("int8", T.max(T.min(T.nearbyint(values[i * columns + j] / row_scale), high),
                                                        low))
 
     return quantize_row
 
 
-def quantize_rows_kernel(rank: int, columns: int, qmax: float, eps: float) -> tirx.PrimFunc:
+def quantize_rows_kernel(rank: int, columns: int | None, qmax: float, eps: float) -> tirx.PrimFunc:
     """``q[..., :] = int8(clip(round(x[..., :] / s[...]), -qmax, qmax))`` with ``s[...] = max(max|x[..., :]|,
-    eps) / qmax`` for float32 ``x`` of ``rank`` dimensions, the last of ``columns`` elements and the others of
-    any size; the kernel ``(x, q, s)``, ``s`` of ``x``'s shape with a last dimension of 1. The rows are read as
-    one flat array (``x``'s leading dimensions fused)."""
+    eps) / qmax`` for float32 ``x`` of ``rank`` dimensions, the last of ``columns`` elements (None: any number)
+    and the others of any size; the kernel ``(x, q, s)``, ``s`` of ``x``'s shape with a last dimension of 1. The
+    rows are read as one flat array (``x``'s leading dimensions fused)."""
     lead, rows = leading_rows(rank)
-    lanes = VECTOR_LANES if columns % VECTOR_LANES == 0 else 1
+    lanes = row_lanes(columns)
+    columns = tirx.Var("columns", "int64") if columns is None else columns
     x_shape, s_shape = (*lead, columns), (*lead, 1)
     quantize_row = row_quantizer(columns, lanes, qmax, eps)
 

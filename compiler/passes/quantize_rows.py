@@ -44,7 +44,7 @@ def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr],
     once = (cast.args[0], clip.args[0], rounded.args[0], scale_call.args[0], floor.args[0], amax.args[0])
     if (not magnitude.args[0].same_as(x) or qmax is None or eps is None or bounds != [-qmax, qmax]
             or axes is None or [int(a) for a in axes] not in ([-1], [x.ty.ndim - 1]) or not amax.attrs.keepdims
-            or str(x.ty.dtype) != "float32" or not isinstance(x.ty.shape[-1], tvm.tirx.IntImm)
+            or str(x.ty.dtype) != "float32"
             or any(uses.get(v, 0) != 1 for v in once)):
         return None
     return x, divided.args[1], float(qmax), float(eps)
@@ -85,8 +85,10 @@ class _RowQuantizer(PyExprMutator):
             super().visit_var_binding_(binding)
 
     def _quantize(self, x: relax.Expr, scale_shape: relax.ShapeExpr, qmax: float, eps: float) -> relax.Var:
-        rank, columns = x.ty.ndim, int(x.ty.shape[-1])
-        kernel = self.kernels.get(("quantize_rows", rank, columns, qmax, eps), f"quantize_rows_k{columns}",
+        rank, last = x.ty.ndim, x.ty.shape[-1]
+        columns = int(last) if isinstance(last, tvm.tirx.IntImm) else None  # None: rows of any length
+        kernel = self.kernels.get(("quantize_rows", rank, columns, qmax, eps),
+                                  f"quantize_rows_k{columns or 'n'}",
                                   lambda: quantize_rows_kernel(rank, columns, qmax, eps).with_attr(KERNEL_ATTR,
                                                                                                    "quantize_rows"))
         return self.builder_.emit(relax.call_tir(kernel, [x], [relax.TensorType(x.ty.shape, "int8"),

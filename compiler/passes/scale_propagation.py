@@ -7,7 +7,9 @@ time constant: per tensor, or per channel for weights) or a Relax expression (ru
 
 * ``dequantize(q, s)`` and ``astype(q:int, float32) * s``  -> (q, s)
 * ``matmul((a, sa), (b, sb))`` -> ``matmul(a, b, out_dtype=int32)`` with scale ``sa * sb`` when neither
-  scale varies along the reduction axis (int8 x int8 -> int32)
+  scale varies along the reduction axis (int8 x int8 -> int32); a scale of 1 (softmax·V's values with
+  run-time ranges, their scales folded into the probabilities) leaves the other, and two run-time scales are
+  multiplied into the float value one after the other (one fused kernel instead of their product's and its own)
 * ``add((acc, s), bias)`` -> bias folded into int32 (``round(bias / s)``); ``add((a, sa), (b, sb))`` with
   constant per-tensor scales -> integer addition after aligning both to the finer scale
 * ``quantize(clip((x, s)), s')`` -> requantization by an integer multiplier and shift (no float math);
@@ -76,6 +78,7 @@ class QTensor:
     scale: Scale
     clip: float | None = None  # a symmetric float clip applied to the value, pending a quantize
     requantized: "_Requantized | None" = None  # ``data`` is a requantization of this integer tensor
+    factors: tuple[relax.Expr, relax.Expr] | None = None  # a run-time ``scale`` as two factors (see ``_float``)
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,11 @@ class _Propagator(PyExprMutator):
 
     def _float(self, qt: QTensor) -> relax.Expr:
         """The float value of ``qt`` (its dequantization); dead unless a float consumer uses it."""
-        value = relax.op.multiply(relax.op.astype(qt.data, "float32"), self._scale_expr(qt.scale))
+        value = relax.op.astype(qt.data, "float32")
+        if qt.factors is not None:  # both full-size multiplies: they fuse with the cast into one kernel
+            value = relax.op.multiply(self._emit(relax.op.multiply(value, qt.factors[0])), qt.factors[1])
+        else:
+            value = relax.op.multiply(value, self._scale_expr(qt.scale))
         if qt.clip is not None:
             value = relax.op.clip(self._emit(value), -qt.clip, qt.clip)
         return value
@@ -287,7 +294,7 @@ class _Propagator(PyExprMutator):
                 c = float(const.reshape(()))
                 scale = (info.scale * c if isinstance(info.scale, np.ndarray)
                          else self._emit(relax.op.multiply(info.scale, relax.const(c, "float32"))))
-                return self._propagated(replace(info, scale=scale, clip=None))
+                return self._propagated(replace(info, scale=scale, clip=None, factors=None))
         return None
 
     def _clip(self, call, args, var):
@@ -326,10 +333,13 @@ class _Propagator(PyExprMutator):
         self.made["matmul_int"].append(acc)
         rank = _ty(var).ndim
         if isinstance(a.scale, np.ndarray) and isinstance(b.scale, np.ndarray):
-            scale = _expand(a.scale, rank) * _expand(b.scale, rank)
-        else:
-            scale = self._emit(relax.op.multiply(self._scale_expr(a.scale), self._scale_expr(b.scale)))
-        return self._propagated(QTensor(acc, scale))
+            return self._propagated(QTensor(acc, _expand(a.scale, rank) * _expand(b.scale, rank)))
+        if isinstance(b.scale, np.ndarray) and np.all(b.scale == 1.0):  # softmax·V's values, scales folded into a
+            return self._propagated(QTensor(acc, a.scale))
+        factors = (a.scale, b.scale) if not isinstance(a.scale, np.ndarray) and not isinstance(
+            b.scale, np.ndarray) else None  # two run-time scales (QK^T): multiplied into the float value one by one
+        scale = self._emit(relax.op.multiply(self._scale_expr(a.scale), self._scale_expr(b.scale)))
+        return self._propagated(QTensor(acc, scale, factors=factors))
 
     @staticmethod
     def _flat_along(scale: Scale, rank: int, axis: int) -> bool:
@@ -563,10 +573,19 @@ class _Propagator(PyExprMutator):
 
     def _reshape_rows(self, qt: QTensor, shape: relax.Expr, var: relax.Var):
         """Reshape with a run-time scale (same rank as the data) that only merges or splits leading
-        dimensions: the scale's trailing dimensions stay, its leading ones follow the data's."""
+        dimensions: the scale's trailing dimensions stay, its leading ones follow the data's (and so do its
+        factors')."""
         if not isinstance(shape, relax.ShapeExpr):
             return None
-        old, new, scale_shape = (list(_ty(e).shape) for e in (qt.data, var, qt.scale))
+        old, new = list(_ty(qt.data).shape), list(_ty(var).shape)
+        scales = [self._reshaped_scale(scale, old, new, shape) for scale in (qt.scale, *(qt.factors or ()))]
+        if any(scale is None for scale in scales):
+            return None
+        return self._propagated(QTensor(self._emit(relax.op.reshape(qt.data, shape)), scales[0],
+                                        factors=tuple(scales[1:]) or None))
+
+    def _reshaped_scale(self, scale: relax.Expr, old: list, new: list, shape: relax.ShapeExpr) -> relax.Expr | None:
+        scale_shape = list(_ty(scale).shape)
         if len(scale_shape) != len(old):
             return None
         for k in (2, 1):
@@ -577,8 +596,7 @@ class _Propagator(PyExprMutator):
             if not (lead_equal or lead_ones):
                 continue
             lead = list(shape.values)[:-k] if lead_equal else [1] * (len(new) - k)
-            scale = self._emit(relax.op.reshape(qt.scale, relax.ShapeExpr([*lead, *scale_shape[-k:]])))
-            return self._propagated(QTensor(self._emit(relax.op.reshape(qt.data, shape)), scale))
+            return self._emit(relax.op.reshape(scale, relax.ShapeExpr([*lead, *scale_shape[-k:]])))
         return None
 
     def _concat(self, call, args, var):

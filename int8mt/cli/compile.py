@@ -32,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="matmuls to leave in FP32 (module-name glob such as 'decoder_layers.*.qk'; repeatable)")
     p.add_argument("--runtime-attention", choices=RUNTIME_ATTENTION, default=None,
                    help="with run-time ranges, the attention matmuls (QK^T, softmax·V) in FP32 or INT8; INT8 "
-                        "re-quantizes the key/value caches at every decoder step (default: "
-                        "compile.runtime_attention)")
+                        "keeps the key/value caches in int8 with a scale per position (less memory; faster with "
+                        "beams, slower at batch 1) (default: compile.runtime_attention)")
     p.add_argument("--integer-softmax", action="store_true",
                    help="attention softmax in integers too (polynomial exp, integer normalisation; needs "
                         "--ranges calibrate or learned)")

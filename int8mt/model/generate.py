@@ -14,13 +14,13 @@ def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int) -> list[l
     cfg = model.cfg
     batch = src.shape[0]
     cross = model.cross_kv(model.encode(src))
-    cache_rows, history = model.empty_cache(batch)
+    cache, history = model.empty_cache(batch)
     tokens = torch.full((batch, 1), cfg.decoder_start_id, dtype=torch.int64)
     out = torch.zeros((batch, 0), dtype=torch.int64)
     done = torch.zeros(batch, dtype=torch.bool)
     for step in range(max_len):
-        logits, new_kv = model.decode_step(tokens, torch.tensor([step]), cache_rows, history, cross, src)
-        cache_rows, history = model.append_rows(cache_rows, history, new_kv)
+        logits, new_kv = model.decode_step(tokens, torch.tensor([step]), cache, history, cross, src)
+        cache, history = model.append_rows(cache, history, new_kv)
         nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)
         out = torch.cat([out, nxt[:, None]], 1)

@@ -59,10 +59,10 @@ class QuantConfig:
     @property
     def fp32_patterns(self) -> tuple[str, ...]:
         """Module-name globs of the matmuls left in FP32: ``keep_fp32``, and with run-time ranges and
-        ``runtime_attention`` float32 the attention matmuls. Their right operands (keys, values) are cached over
-        the steps, and a per-channel run-time range of the values changes with every position, so int8 attention
-        re-quantizes the whole float caches at each step: a decoder step at batch 32 took 4.8x a static bundle's
-        time, 2.0x with float attention, at the same BLEU (docs/benchmarks.md, "Run-time ranges")."""
+        ``runtime_attention`` float32 the attention matmuls. Int8 attention quantizes each key and value once, per
+        position, into int8 caches with a scale per position (:class:`~int8mt.quant.modules.QMatMul`): a quarter
+        of the cache memory and the same BLEU, but more kernel calls per decoder step, which cost more than the
+        float products at batch 1 (docs/benchmarks.md, "Run-time ranges")."""
         if self.ranges == "runtime" and self.runtime_attention == "float32":
             return self.keep_fp32 + tuple(p for p in ATTENTION_MATMULS if p not in self.keep_fp32)
         return self.keep_fp32

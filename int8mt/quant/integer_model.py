@@ -105,10 +105,7 @@ class IntegerTransformer:
     def quantize(self, quant: ActQuant, v: Value) -> Int:
         qmax = quant.qmax
         if quant.dynamic:
-            x = to_float(v)
-            amax = np.abs(x).max(axis=quant.dim, keepdims=True)
-            scale = np.maximum(amax, np.float32(EPS)) / np.float32(qmax)
-            return Int(np.clip(np.round(x / scale), -qmax, qmax).astype(np.int8), scale)
+            return _quantize_dynamic(to_float(v), qmax, quant.dim)
         s = float(quant.scale)
         if isinstance(v, Int) and v.static:
             return Int(ref.requantize(v.data, v.scale, s, qmax), np.float64(s).reshape((1,) * v.data.ndim))
@@ -141,7 +138,15 @@ class IntegerTransformer:
     def matmul(self, module: nn.Module, a: Value, b: Value) -> Value:
         if not isinstance(module, QMatMul):
             return np.matmul(to_float(a), to_float(b))
-        qa, qb = self.quantize(module.a_act, a), self.quantize(module.b_act, b)
+        if module.b_act.dynamic:  # b per position (as cached, or quantized here); V's scales folded into a
+            qb = b if isinstance(b, Int) and not b.static else self.quantize(module.b_act, b)
+            scale = np.take(qb.scale, [0], axis=module.b_act.dim)  # one per position (a cached one is broadcast)
+            if module.b_act.dim == -1:
+                a, scale = to_float(a) * np.swapaxes(scale, -1, -2), np.ones((1,) * qb.data.ndim, np.float32)
+            qb = Int(qb.data, scale)
+        else:
+            qb = self.quantize(module.b_act, b)
+        qa = self.quantize(module.a_act, a)
         acc = np.matmul(qa.data.astype(np.int32), qb.data.astype(np.int32))
         self._record(module, qa.data, qb.data, acc, weight=False)
         return Int(acc, qa.scale * qb.scale)
@@ -204,49 +209,74 @@ class IntegerTransformer:
     def int8_cache(self) -> bool:
         return self.model.cache_dtype == torch.int8
 
-    def store(self, attn: Attention, k: Value, v: Value) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values as a cache holds them: int8 with the QK^T / softmax·V operand scales, or float32."""
+    def store(self, attn: Attention, k: Value, v: Value) -> tuple[Value, Value]:
+        """Keys and values as a cache holds them: int8 with the QK^T / softmax·V operand scales, int8 with a
+        scale per position (run-time ranges), or float32."""
+        if self.model.cache_scales:
+            return (_quantize_dynamic(to_float(k), attn.qk.b_act.qmax, -1),
+                    _quantize_dynamic(to_float(v), attn.av.b_act.qmax, -1))
         if self.int8_cache:
             return self.quantize(attn.qk.b_act, k).data, self.quantize(attn.av.b_act, v).data
         return to_float(k), to_float(v)
 
-    def load(self, attn: Attention, k: np.ndarray, v: np.ndarray) -> tuple[Value, Value]:
-        if k.dtype != np.int8:
+    def load(self, attn: Attention, k: Value, v: Value) -> tuple[Value, Value]:
+        if isinstance(k, Int) or k.dtype != np.int8:
             return k, v
         return (Int(k, np.float64(float(attn.qk.b_act.scale)).reshape((1,) * k.ndim)),
                 Int(v, np.float64(float(attn.av.b_act.scale)).reshape((1,) * v.ndim)))
 
-    def encode(self, src: np.ndarray) -> np.ndarray:
-        """Source ids [B, S] -> cross-attention keys/values [L, 2, B, H, S, Dh] (the model's cache dtype)."""
+    def encode(self, src: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Source ids [B, S] -> the cross-attention cache: keys/values [L, 2, B, H, S, Dh] in the model's cache
+        dtype (and their scales [L, 2, B, H, S, 1])."""
         bias = self.source_bias(src)
         x = self.embed(src, np.arange(src.shape[1]))
         for layer in self.model.encoder_layers:
             k, v = self.project_kv(layer.self_attn, x)
             x = self.add_norm(layer.self_attn_layer_norm, x, self.attend(layer.self_attn, x, k, v, bias))
             x = self.add_norm(layer.final_layer_norm, x, self.ffn(layer, x))
-        return np.stack([np.stack(self.store(layer.cross_attn, *self.project_kv(layer.cross_attn, x)))
-                         for layer in self.model.decoder_layers])
+        stored = [[_parts(c) for c in self.store(layer.cross_attn, *self.project_kv(layer.cross_attn, x))]
+                  for layer in self.model.decoder_layers]
+        return tuple(np.stack([np.stack([k[p], v[p]]) for k, v in stored]) for p in range(len(stored[0][0])))
 
-    def decode_step(self, tokens: np.ndarray, step: int, cache_rows: np.ndarray, history: np.ndarray,
-                    cross_kv: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """tokens [B, 1] at position ``step``, the self-attention cache as ``cache_rows`` [L, 2, N, H, Dh] and
-        ``history`` [B, T + 1] (see :mod:`int8mt.model.transformer`) -> (logits [B, V], each layer's new key and
-        value)."""
+    def decode_step(self, tokens: np.ndarray, step: int, cache: tuple[np.ndarray, ...], history: np.ndarray,
+                    cross: tuple[np.ndarray, ...], src: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """tokens [B, 1] at position ``step``, the self-attention ``cache`` (rows [L, 2, N, H, Dh], and their scales)
+        and ``history`` [B, T + 1] (see :mod:`int8mt.model.transformer`) -> (logits [B, V], each layer's new key and
+        value, then their scales)."""
         bias = self.source_bias(src)
         x = self.embed(tokens, np.array([step]), target=True)
-        past = cache_rows[:, :, history[:, :-1]].transpose(0, 1, 2, 4, 3, 5)  # [L, 2, B, H, T, Dh]
+        past = [c[:, :, history[:, :-1]].transpose(0, 1, 2, 4, 3, 5) for c in cache]  # [L, 2, B, H, T, Dh]
         new_kv = []
         for i, layer in enumerate(self.model.decoder_layers):
-            k_new, v_new = self.store(layer.self_attn, *self.project_kv(layer.self_attn, x))
-            new_kv += [k_new, v_new]
-            k, v = np.concatenate([past[i, 0], k_new], 2), np.concatenate([past[i, 1], v_new], 2)
+            stored = self.store(layer.self_attn, *self.project_kv(layer.self_attn, x))
+            new_kv += stored
+            k, v = (_cached([np.concatenate([p[i, j], n], 2) for p, n in zip(past, _parts(new))])
+                    for j, new in enumerate(stored))
             k, v = self.load(layer.self_attn, k, v)
             x = self.add_norm(layer.self_attn_layer_norm, x, self.attend(layer.self_attn, x, k, v, None))
-            cross_k, cross_v = self.load(layer.cross_attn, cross_kv[i, 0], cross_kv[i, 1])
+            cross_k, cross_v = self.load(layer.cross_attn, *(_cached([c[i, j] for c in cross]) for j in (0, 1)))
             attended = self.attend(layer.cross_attn, x, cross_k, cross_v, bias)
             x = self.add_norm(layer.cross_attn_layer_norm, x, attended)
             x = self.add_norm(layer.final_layer_norm, x, self.ffn(layer, x))
-        return to_float(self.linear(self.model.lm_head, _map(x, lambda a: a[:, 0]))), tuple(new_kv)
+        logits = to_float(self.linear(self.model.lm_head, _map(x, lambda a: a[:, 0])))
+        return logits, tuple(part for parts in zip(*map(_parts, new_kv)) for part in parts)
+
+
+def _quantize_dynamic(x: np.ndarray, qmax: int, dim: int) -> Int:
+    """Run-time quantization: one scale per slice along ``dim`` (float32, as :func:`.ops.quantize_dynamic`)."""
+    amax = np.abs(x).max(axis=dim, keepdims=True)
+    scale = np.maximum(amax, np.float32(EPS)) / np.float32(qmax)
+    return Int(np.clip(np.round(x / scale), -qmax, qmax).astype(np.int8), scale)
+
+
+def _parts(v: Value) -> tuple[np.ndarray, ...]:
+    """A cached key or value as its cache's tensors: float32 or int8 values, or int8 values and their scales."""
+    return (v.data, v.scale) if isinstance(v, Int) else (v,)
+
+
+def _cached(parts: list[np.ndarray]) -> Value:
+    """The inverse of :func:`_parts`."""
+    return Int(*parts) if len(parts) == 2 else parts[0]
 
 
 def _shape(v: Value) -> tuple[int, ...]:

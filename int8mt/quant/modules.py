@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.transformer import MatMul, Transformer
+from ..model.transformer import MatMul, Quantized, Transformer
 from . import ops
 from .config import QuantConfig
 
@@ -112,28 +112,63 @@ class QEmbedding(_QuantWeight):
 
 
 class QMatMul(nn.Module):
-    """``a @ b`` between two activations, both quantized (QK^T and softmax·V)."""
+    """``a @ b`` between two activations, both quantized (QK^T and softmax·V).
 
-    def __init__(self, qmax: int, dynamic: bool) -> None:
+    With run-time ranges ``a`` is quantized per row and ``b`` per position (the columns of QK^T's K^T, the rows of
+    softmax·V's V), so that a key or value is quantized once, when a cache stores it (:meth:`store`), and never
+    again. V's scales vary along the reduction axis: they are folded into ``a``, whose row is then quantized,
+    ``sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t``, and the product takes the int8 values alone.
+    """
+
+    def __init__(self, qmax: int, dynamic: bool, right_positions: int) -> None:
         super().__init__()
         self.a_act = ActQuant(qmax, dynamic, dim=-1)
-        self.b_act = ActQuant(qmax, dynamic, dim=-2)
+        # run-time ranges: one scale per position of b, from its largest magnitude over the head's features
+        self.b_act = ActQuant(qmax, dynamic, dim=-2 if right_positions == -1 else -1)
+        if dynamic:
+            self.register_buffer("unit", torch.ones(()), persistent=False)  # the scale of V's folded values
 
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return torch.matmul(self.a_act(a), self.b_act(b))
+    def forward(self, a: Tensor, b: Tensor | Quantized) -> Tensor:
+        if not self.b_act.dynamic:
+            return torch.matmul(self.a_act(a), self.b_act(b))
+        if not isinstance(b, Quantized):
+            b = self._quantize(b, self.b_act.dim)
+        if self.b_act.dim == -1:  # V's scales, one per row: folded into the probabilities
+            a, b = a * b.scale.transpose(-1, -2), Quantized(b.q, self.unit)
+        return torch.matmul(self.a_act(a), self._dequantize(b))
+
+    def _quantize(self, x: Tensor, dim: int) -> Quantized:
+        qmax = self.b_act.qmax
+        scale = ops.dynamic_scale(x, qmax, dim)
+        if self.training:  # integers in float32 with a straight-through gradient
+            return Quantized(ops.fake_quant(x, scale.detach(), qmax) / scale.detach(), scale.detach())
+        return Quantized(*ops.quantize_dynamic(x, qmax, dim))
+
+    def _dequantize(self, b: Quantized) -> Tensor:
+        return b.q * b.scale if self.training else ops.dequantize(b.q, b.scale)
 
     @property
     def stores_int8(self) -> bool:
-        """True if the right operand has a fixed per-tensor scale (converted, static ranges): a key/value cache
-        can then hold it as int8, quantized once when written instead of at every read."""
-        return not self.b_act.dynamic and hasattr(self.b_act, "scale")
+        """True if a key/value cache can hold the right operand as int8, quantized once when written instead of
+        at every read: it has a fixed per-tensor scale (converted, static ranges) or one per position (run-time
+        ranges, :attr:`stores_scales`)."""
+        return self.b_act.dynamic or hasattr(self.b_act, "scale")
 
-    def store(self, x: Tensor) -> Tensor:
-        """``x`` (a key or value tensor) as the right operand's int8 (requires :attr:`stores_int8`)."""
+    @property
+    def stores_scales(self) -> bool:
+        """True if a cache holds a scale per position and head next to the int8 keys or values."""
+        return self.b_act.dynamic
+
+    def store(self, x: Tensor) -> Tensor | Quantized:
+        """``x`` (keys or values, ``[..., positions, head_dim]``) as a cache holds it: int8 with the right
+        operand's fixed scale, or per position with its scales (requires :attr:`stores_int8`)."""
+        if self.b_act.dynamic:
+            return self._quantize(x, -1)
         return ops.quantize(x, self.b_act.scale, self.b_act.qmax)
 
     def load(self, q: Tensor) -> Tensor:
-        """The float value of a stored int8 operand; the right operand's quantizer gives ``q`` back exactly."""
+        """The float value of an int8 operand stored with a fixed scale; the right operand's quantizer gives ``q``
+        back exactly."""
         return ops.dequantize(q, self.b_act.scale)
 
 
@@ -153,7 +188,8 @@ def prepare(model: Transformer, qcfg: QuantConfig) -> list[str]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
-        new = QMatMul(qcfg.qmax, dynamic) if isinstance(old, MatMul) else QLinear(old, qcfg.qmax, dynamic)
+        new = (QMatMul(qcfg.qmax, dynamic, old.right_positions) if isinstance(old, MatMul)
+               else QLinear(old, qcfg.qmax, dynamic))
         setattr(parent, attr, new)
     if "lm_head" not in kept:  # embeddings in int8; a table tied to the logits projection shares its int8 table
         model.embed_tokens = QEmbedding(model.embed_tokens, qcfg.qmax)

@@ -17,7 +17,7 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ MANIFEST_SCHEMA: dict[str, tuple[type, type | None]] = {
     "weights": (dict, None),
 }
 MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None), "cache_dtype": (str, None),
-                                                           "tokenizer": (str, None), "cuda": (dict, None)}
+                                                           "cache_scales": (bool, None), "tokenizer": (str, None), "cuda": (dict, None)}
 CUDA_SCHEMA: dict[str, tuple[type, type | None]] = {"arch": (str, None), "compute_capability": (list, int),
                                                     "source_sha256": (str, None)}
 WEIGHTS_SCHEMA: dict[str, tuple[type, type | None]] = {"tensors": (list, dict), "entry_points": (dict, list)}
@@ -195,6 +195,7 @@ RELEASE_POOLS_MIN_BYTES = 2 << 20  # ... once their logits and cross-attention k
 POOL_BUDGET_BYTES = 4 << 20  # and at most this many bytes of them left in the pools (16 MB: beam 4, two replicas,
 # 6-17 MiB more at its peak, no faster)
 LOGIT_BYTES = 4  # float32
+SCALE_BYTES = 4  # a cached key's or value's float32 scale
 RELEASE_AFTER_ENCODER_BYTES = 2 << 20  # CPU: the pools are released after an encoder call whose FFN activations
 # took this many bytes: their pages would stay resident through the decoder's peak (opus-mt shape, beam 4 at
 # batch 32: 295 -> 271 MiB peak); smaller calls, one sentence at a time, keep them (releasing the pools at every
@@ -323,6 +324,11 @@ def check_bundle(bundle_dir: Path, manifest: dict) -> None:
                           "presets it runs)")
 
 
+def _parts(out: Any) -> tuple[Any, ...]:
+    """A cache entry point's result as a tuple: the keys/values alone, or with their scales."""
+    return tuple(out) if isinstance(out, Sequence) else (out,)
+
+
 def _with_weights(entry_point: Callable[..., Any], weights: tuple[Any, ...]) -> Callable[..., Any]:
     """``entry_point`` called with ``weights`` after its own arguments."""
     if not weights:
@@ -409,8 +415,10 @@ class Bundle:
         self.ffn_dim = cfg["ffn_dim"]
         self.max_positions = cfg["max_positions"]
         self.pad_id, self.eos_id, self.start_id = cfg["pad_id"], cfg["eos_id"], cfg["decoder_start_id"]
-        self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for static quantization
-        self._cross_token_bytes = self.layers * 2 * self.heads * self.head_dim * np.dtype(self.cache_dtype).itemsize
+        self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for quantized attention
+        self.cache_scales = self.manifest.get("cache_scales", False)  # int8 with a scale per position (run-time)
+        self._cross_token_bytes = self.layers * 2 * self.heads * (
+            self.head_dim * np.dtype(self.cache_dtype).itemsize + SCALE_BYTES * self.cache_scales)
         self.max_rows = max_rows(self.manifest)
 
     def _open_vm(self) -> None:
@@ -486,11 +494,11 @@ class Bundle:
     def _on_gpu(self) -> bool:
         return self.device.dlpack_device_type() != CPU_DEVICE_TYPE
 
-    def encode(self, src: np.ndarray) -> Any:
-        """src int64 [B, S] -> cross-attention keys/values (a device tensor)."""
+    def encode(self, src: np.ndarray) -> tuple[Any, ...]:
+        """src int64 [B, S] -> the cross-attention cache: keys/values (and their scales), device tensors."""
         rows, src_len = src.shape
         self._admit(rows, src_len)
-        cross_kv = self._encode(self.tensor(src))
+        cross_kv = _parts(self._encode(self.tensor(src)))
         if not self._on_gpu and rows * src_len * self.ffn_dim * ACTIVATION_BYTES >= RELEASE_AFTER_ENCODER_BYTES:
             self._pooled.release(self._release_pools)  # the encoder's buffers' pages, out of the decoder's peak
         return cross_kv
@@ -498,14 +506,15 @@ class Bundle:
     def empty_cache(self, batch: int, positions: int) -> SelfAttentionCache:
         """The self-attention cache of ``batch`` hypotheses, with room for ``positions`` steps."""
         return SelfAttentionCache(self._ffi, self.device, self.layers, self.heads, self.head_dim, self.cache_dtype,
+                                  self.cache_scales,
                                   batch, min(positions, self.max_positions), on_host=not self._on_gpu)
 
-    def decode_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: Any,
+    def decode_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                     src: Any) -> np.ndarray:
         """One step: appends the step's keys and values to ``cache``; returns logits as numpy [B, V]."""
         return self.host(self._run_step(tokens, step, cache, cross_kv, src))
 
-    def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: Any,
+    def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                                src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One step (appending to ``cache``) that returns, instead of the logits, each row's ``candidates``
         largest logits and their token ids (both [B, candidates], descending) and the row's log-sum-exp ([B]),
@@ -513,11 +522,11 @@ class Bundle:
         values, ids, log_sum_exp = self._top(self._run_step(tokens, step, cache, cross_kv, src))
         return self.host(values), self.host(ids), self.host(log_sum_exp)
 
-    def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: Any, src: Any) -> Any:
+    def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...], src: Any) -> Any:
         """The compiled decoder step: appends its cache rows to ``cache`` and returns the logits (on the device)."""
         self._admit(tokens.shape[0], src.shape[1])
-        out = self._step(self.tensor(tokens), self._step_tensor(step), cache.rows, self.tensor(cache.history),
-                         cross_kv, src)
+        out = self._step(self.tensor(tokens), self._step_tensor(step), *cache.inputs, self.tensor(cache.history),
+                         *cross_kv, src)
         cache.append(out[1:])
         return out[0]
 
@@ -541,7 +550,7 @@ class Bundle:
         """How many candidates per row :meth:`decode_step_candidates` returns."""
         return self.manifest["top_candidates"]
 
-    def reorder_cross(self, cross_kv: Any, rows: np.ndarray) -> Any:
+    def reorder_cross(self, cross_kv: tuple[Any, ...], rows: np.ndarray) -> tuple[Any, ...]:
         """The cross-attention keys/values with their batch rows taken in the order ``rows`` (on the device):
         beam search repeats each sentence's for its hypotheses, both searches drop finished sentences'."""
-        return self._reorder(cross_kv, self.tensor(rows.astype(np.int64)))
+        return _parts(self._reorder(*cross_kv, self.tensor(rows.astype(np.int64))))

@@ -8,7 +8,8 @@ new rows are copied into each layer's keys and values after the rows already the
 it has. Each layer's keys (and values) are contiguous: a step's gather of them stays within one region of memory
 (with every layer's keys and values of a position side by side, each gathered position was another page and the
 gathers ran 2-4x slower). Reordering hypotheses (beams) or dropping finished ones reorders ``history``'s rows on
-the host; the device's rows never move.
+the host; the device's rows never move. With run-time ranges a second buffer of the same layout holds each row's
+float32 scales (``[..., heads, 1]``), written and read with the rows.
 """
 from __future__ import annotations
 
@@ -30,70 +31,76 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
 
 
 class SelfAttentionCache:
-    """The cache rows of one batch (a device buffer) and each hypothesis's history (NumPy)."""
+    """The cache rows of one batch (a device buffer, and one of their scales with run-time ranges) and each
+    hypothesis's history (NumPy)."""
 
-    def __init__(self, ffi: Any, device: Any, layers: int, heads: int, head_dim: int, dtype: str, batch: int,
-                 positions: int, on_host: bool) -> None:
+    def __init__(self, ffi: Any, device: Any, layers: int, heads: int, head_dim: int, dtype: str, scales: bool,
+                 batch: int, positions: int, on_host: bool) -> None:
         """Room for ``positions`` steps of ``batch`` hypotheses; more is allocated (and the rows moved) only if
-        the steps outgrow it. ``on_host``: the device is the CPU, where NumPy writes a step's rows into its view
-        of the buffer (TVM's runtime takes two calls per plane, a view and a copy, which cost more than the copying
-        itself at small batches)."""
+        the steps outgrow it. ``scales``: rows of ``dtype`` int8 carry a float32 scale per head. ``on_host``: the
+        device is the CPU, where NumPy writes a step's rows into its view of the buffer (TVM's runtime takes two
+        calls per plane, a view and a copy, which cost more than the copying itself at small batches)."""
         self._ffi, self._device, self._on_host = ffi, device, on_host
-        self._host: np.ndarray | None = None  # on the CPU, the buffer's planes as NumPy sees them
         self._create_view = ffi.get_global_func("runtime.TVMTensorCreateView")
         self._copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
         self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
-        self._planes, self._row = 2 * layers, (heads, head_dim)  # (layer, key or value) planes of rows
-        self._dtype = ffi.dtype(dtype)
-        self._row_bytes = heads * head_dim * np.dtype(dtype).itemsize
-        self._buffer = self._allocate(1 + batch * positions)
+        self._layers, self._planes = layers, 2 * layers  # (layer, key or value) planes of rows
+        # each buffer's row shape and dtype: the keys/values, then their scales
+        self._parts = [((heads, head_dim), dtype)] + [((heads, 1), "float32")] * scales
+        self._buffers: list[Any] = []
+        self._host: list[np.ndarray] = []  # on the CPU, each buffer's planes as NumPy sees them
+        self._allocate(1 + batch * positions)
         self.used = 1  # rows written: row 0 holds no position (the decoder step reads it and discards it)
         self.history = aligned_empty((batch, 1), np.int64)  # aligned: the step's input without a copy
         self.history[:] = 0
 
-    def _allocate(self, rows: int) -> Any:
+    def _allocate(self, rows: int) -> None:
         self._capacity = rows
-        shape = (self._planes // 2, 2, rows, *self._row)
-        buffer = self._alloc(self._ffi.Shape(shape), self._dtype, self._device, "global")
+        self._buffers = [self._alloc(self._ffi.Shape((self._layers, 2, rows, *row)), self._ffi.dtype(dtype),
+                                     self._device, "global") for row, dtype in self._parts]
         if self._on_host:
-            self._host = np.from_dlpack(buffer).reshape(self._planes, rows, *self._row)
-        return buffer
+            self._host = [np.from_dlpack(b).reshape(self._planes, rows, *row)
+                          for b, (row, _) in zip(self._buffers, self._parts)]
 
     def _grow(self, rows: int) -> None:
-        """A buffer of ``rows`` rows per plane, holding the rows written so far."""
-        old, old_capacity, old_host = self._buffer, self._capacity, self._host
-        self._buffer = self._allocate(rows)
-        if self._on_host:
-            self._host[:, :self.used] = old_host[:, :self.used]
-            return
-        for plane in range(self._planes):
-            self._copy(self._rows(old, plane, 0, self.used, old_capacity),
-                       self._rows(self._buffer, plane, 0, self.used, self._capacity))
+        """Buffers of ``rows`` rows per plane, holding the rows written so far."""
+        old, old_capacity, old_host = self._buffers, self._capacity, self._host
+        self._allocate(rows)
+        for part, buffer in enumerate(self._buffers):
+            if self._on_host:
+                self._host[part][:, :self.used] = old_host[part][:, :self.used]
+                continue
+            for plane in range(self._planes):
+                self._copy(self._rows(old[part], part, plane, 0, self.used, old_capacity),
+                           self._rows(buffer, part, plane, 0, self.used, self._capacity))
 
-    def _rows(self, tensor: Any, plane: int, start: int, count: int, capacity: int) -> Any:
-        """Rows ``start .. start + count`` of ``plane`` in ``tensor`` (planes of ``capacity`` rows): a view."""
-        return self._create_view(tensor, self._ffi.Shape((count, *self._row)), self._dtype,
-                                 (plane * capacity + start) * self._row_bytes)
+    def _rows(self, tensor: Any, part: int, plane: int, start: int, count: int, capacity: int) -> Any:
+        """Rows ``start .. start + count`` of ``plane`` in ``tensor`` (a buffer of part ``part``, planes of
+        ``capacity`` rows): a view."""
+        row, dtype = self._parts[part]
+        row_bytes = math.prod(row) * np.dtype(dtype).itemsize
+        return self._create_view(tensor, self._ffi.Shape((count, *row)), self._ffi.dtype(dtype),
+                                 (plane * capacity + start) * row_bytes)
 
     @property
-    def rows(self) -> Any:
-        """The decoder step's ``cache_rows`` input: the whole buffer."""
-        return self._buffer
+    def inputs(self) -> tuple[Any, ...]:
+        """The decoder step's cache inputs: the whole buffers (rows, and their scales)."""
+        return tuple(self._buffers)
 
-    def append(self, new_kv: Any) -> None:
+    def append(self, new: Any) -> None:
         """Write a step's new keys and values (``[hypotheses, heads, 1, head_dim]`` each: layer 0's key, its value,
-        layer 1's key, ...; hypotheses in the order of ``history``'s rows) after the rows written so far, and put
-        each hypothesis's row in its history."""
-        count = int(new_kv[0].shape[0])
+        layer 1's key, ...; then their scales in the same order; hypotheses in the order of ``history``'s rows)
+        after the rows written so far, and put each hypothesis's row in its history."""
+        count = int(new[0].shape[0])
         if self.used + count > self._capacity:
             self._grow(max(2 * self._capacity, self.used + count))
-        if self._on_host:
-            for plane, new in enumerate(new_kv):
-                self._host[plane, self.used:self.used + count] = np.from_dlpack(new)[:, :, 0]
-        else:
-            for plane, new in enumerate(new_kv):
-                self._copy(self._rows(new, 0, 0, count, count),
-                           self._rows(self._buffer, plane, self.used, count, self._capacity))
+        for index, tensor in enumerate(new):
+            part, plane = divmod(index, self._planes)
+            if self._on_host:
+                self._host[part][plane, self.used:self.used + count] = np.from_dlpack(tensor)[:, :, 0]
+            else:
+                self._copy(self._rows(tensor, part, 0, 0, count, count),
+                           self._rows(self._buffers[part], part, plane, self.used, count, self._capacity))
         positions = self.history.shape[1]
         history = aligned_empty((count, positions + 1), np.int64)
         history[:, :positions - 1] = self.history[:, :-1]
@@ -110,5 +117,6 @@ class SelfAttentionCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the device buffer."""
-        return self._planes * self._capacity * self._row_bytes
+        """Bytes of the device buffers."""
+        return sum(self._planes * self._capacity * math.prod(row) * np.dtype(dtype).itemsize
+                   for row, dtype in self._parts)

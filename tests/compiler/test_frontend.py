@@ -32,7 +32,7 @@ def _src(batch: int, length: int, seed: int) -> torch.Tensor:
 def test_encode_matches_pytorch(vm, tiny_model, batch, length):
     src = _src(batch, length, seed=batch * 100 + length)
     with torch.no_grad():
-        expected = tiny_model.cross_kv(tiny_model.encode(src)).numpy()
+        (expected,) = (c.numpy() for c in tiny_model.cross_kv(tiny_model.encode(src)))
     got = vm["encode"](tvm.runtime.tensor(src.numpy())).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
@@ -47,7 +47,8 @@ def test_decode_steps_match_pytorch(vm, tiny_model, batch, length, steps):
     with torch.no_grad():
         cross = tiny_model.cross_kv(tiny_model.encode(src))
         full = tiny_model(src, tokens)  # teacher forcing: the step outputs must reproduce it
-    cache_rows, history = tiny_model.empty_cache(batch)
+    (cache_rows,), history = tiny_model.empty_cache(batch)
+    (cross,) = cross
     order = np.arange(batch)
     for t in range(steps):
         if t == steps // 2:  # e.g. [0, 1, 2, 3] -> [3, 0, 1, 2]
@@ -57,8 +58,8 @@ def test_decode_steps_match_pytorch(vm, tiny_model, batch, length, steps):
             tokens[order, t:t + 1].numpy(), np.array([t]), cache_rows.numpy(), history.numpy(), cross.numpy(),
             src[order].numpy())))
         assert len(new_kv) == 2 * tiny_model.cfg.decoder_layers
-        cache_rows, history = tiny_model.append_rows(cache_rows, history,
-                                                     tuple(torch.from_numpy(k.numpy()) for k in new_kv))
+        (cache_rows,), history = tiny_model.append_rows((cache_rows,), history,
+                                                        tuple(torch.from_numpy(k.numpy()) for k in new_kv))
         np.testing.assert_allclose(logits.numpy(), full[order, t].numpy(), atol=1e-4, rtol=0)
 
 

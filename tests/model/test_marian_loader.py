@@ -66,10 +66,10 @@ def test_incremental_decoding_matches_teacher_forcing(marian_dir):
     tgt = torch.tensor([[119, 12, 40, 7]])
     with torch.no_grad():
         full = ours(src, tgt)
-        (cache_rows, history), cross = ours.empty_cache(1), ours.cross_kv(ours.encode(src))
+        (cache, history), cross = ours.empty_cache(1), ours.cross_kv(ours.encode(src))
         for t in range(tgt.shape[1]):
-            logits, new_kv = ours.decode_step(tgt[:, t:t + 1], torch.tensor([t]), cache_rows, history, cross, src)
-            cache_rows, history = ours.append_rows(cache_rows, history, new_kv)
+            logits, new_kv = ours.decode_step(tgt[:, t:t + 1], torch.tensor([t]), cache, history, cross, src)
+            cache, history = ours.append_rows(cache, history, new_kv)
             assert torch.allclose(logits, full[:, t], atol=1e-5)
 
 

@@ -66,17 +66,16 @@ def _vm(mod: tvm.IRModule) -> relax.VirtualMachine:
     return relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
 
 
-def _decode(vm: relax.VirtualMachine, src: np.ndarray, tokens: np.ndarray, dtype: str) -> np.ndarray:
+def _decode(vm: relax.VirtualMachine, model: Transformer, src: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     cross = vm["encode"](tvm.runtime.tensor(src))
-    cache_rows = torch.zeros(TINY.decoder_layers, 2, 1, TINY.heads, TINY.head_dim, dtype=getattr(torch, dtype))
-    history = torch.zeros(len(src), 1, dtype=torch.int64)
+    cross = (cross,) if hasattr(cross, "numpy") else tuple(cross)
+    cache, history = model.empty_cache(len(src))
     logits = []
     for step in range(tokens.shape[1]):
         out, *new_kv = vm["decode_step"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (
-            tokens[:, step:step + 1], np.array([step]), cache_rows.numpy(), history.numpy())),
-            cross, tvm.runtime.tensor(src))
-        cache_rows, history = Transformer.append_rows(cache_rows, history,
-                                                      tuple(torch.from_numpy(k.numpy()) for k in new_kv))
+            tokens[:, step:step + 1], np.array([step]), *(c.numpy() for c in cache), history.numpy())),
+            *cross, tvm.runtime.tensor(src))
+        cache, history = Transformer.append_rows(cache, history, tuple(torch.from_numpy(k.numpy()) for k in new_kv))
         logits.append(out.numpy())
     return np.stack(logits)
 
@@ -88,9 +87,9 @@ def test_graph_before_the_pass_agrees_with_the_graph_after_it(ranges, tiny_model
     dtype = model.cache_dtype_name
     assert dtype == ("float32" if ranges == "runtime" else "int8")  # static scales: int8 caches
     imported = export_to_relax(model, convert_map=quant_convert_map)
-    before = _decode(_vm(imported), *_inputs(), dtype)  # quantize/dequantize round trips, float matmuls
+    before = _decode(_vm(imported), model, *_inputs())  # quantize/dequantize round trips, float matmuls
     integer = integer_graph(imported, CompileOptions(HOST_PRESET, QuantConfig(ranges=ranges)))
-    after = _decode(_vm(integer), *_inputs(), dtype)
+    after = _decode(_vm(integer), model, *_inputs())
     # float requantization (round half to even) against integer multiply-shift (half up), and biases
     # rounded onto the accumulator's grid: a step here and there, a small fraction of the range
     np.testing.assert_allclose(after, before, atol=0.05 * float(np.abs(before).max()))

@@ -46,6 +46,38 @@ def test_run_time_ranges_leave_the_attention_matmuls_in_fp32_unless_asked():
         QuantConfig(ranges="runtime", runtime_attention="int4")
 
 
+def test_run_time_int8_attention_quantizes_keys_and_values_per_position():
+    """QK^T's K^T per column and softmax·V's V per row, V's scales folded into the probabilities: a key or value
+    quantized when a cache stores it gives the product it gives unstored, and the product is close to FP32's."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8) * torch.rand(1, 1, 6, 1) * 4
+    p = torch.softmax(torch.randn(2, 4, 3, 6), -1)
+    qk, av = (QMatMul(127, dynamic=True, right_positions=axis).eval() for axis in (-1, -2))
+    stored_k, stored_v = qk.store(k), av.store(v)
+    assert stored_k.q.dtype == torch.int8 and stored_k.scale.shape == stored_v.scale.shape == (2, 4, 6, 1)
+    torch.testing.assert_close(qk(q, stored_k.transpose(2, 3)), qk(q, k.transpose(2, 3)), rtol=0, atol=0)
+    torch.testing.assert_close(av(p, stored_v), av(p, v), rtol=0, atol=0)
+    torch.testing.assert_close(av(p, v), p @ v, rtol=0, atol=0.02 * float(v.abs().max()))
+    torch.testing.assert_close(qk(q, k.transpose(2, 3)), q @ k.transpose(2, 3), rtol=0, atol=0.1)
+
+
+def test_incremental_decoding_with_int8_caches_and_scales_matches_teacher_forcing():
+    model = _tiny()
+    prepare(model, QuantConfig(ranges="runtime", runtime_attention="int8"))
+    convert(model)
+    assert model.cache_dtype == torch.int8 and model.cache_scales
+    src, tgt = torch.tensor([[5, 17, 33, 8, 3]]), torch.tensor([[2, 119, 12, 40, 7]])
+    with torch.no_grad():
+        full = model(src, tgt)
+        (cache, history), cross = model.empty_cache(1), model.cross_kv(model.encode(src))
+        assert [c.dtype for c in cross] == [torch.int8, torch.float32] and cross[1].shape[-1] == 1
+        for t in range(tgt.shape[1]):
+            logits, new_kv = model.decode_step(tgt[:, t:t + 1], torch.tensor([t]), cache, history, cross, src)
+            assert len(new_kv) == 4 * TINY.decoder_layers  # keys and values, then their scales
+            cache, history = model.append_rows(cache, history, new_kv)
+            torch.testing.assert_close(logits, full[:, t], rtol=0, atol=1e-4)
+
+
 def test_convert_stores_int8_weights_and_ties_the_embedding():
     model = _tiny()
     prepare(model, QuantConfig(bits=6, ranges="runtime"))

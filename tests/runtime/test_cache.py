@@ -14,32 +14,33 @@ def on_host(request) -> bool:
     return request.param
 
 
-def _cache(batch: int, positions: int, on_host: bool) -> tuple[SelfAttentionCache, object]:
+def _cache(batch: int, positions: int, on_host: bool, scales: bool = False) -> tuple[SelfAttentionCache, object]:
     ffi = import_tvm_ffi()
-    cache = SelfAttentionCache(ffi, ffi.device("cpu", 0), LAYERS, HEADS, HEAD_DIM, "int8", batch, positions, on_host)
+    cache = SelfAttentionCache(ffi, ffi.device("cpu", 0), LAYERS, HEADS, HEAD_DIM, "int8", scales, batch, positions,
+                               on_host)
     return cache, ffi
 
 
-def _step_kv(count: int, first: int) -> list[np.ndarray]:
-    """A step's new keys and values ([count, heads, 1, head_dim] per layer and kind): distinct values per layer,
-    kind and hypothesis."""
+def _step_kv(count: int, first: int, width: int = HEAD_DIM, dtype: str = "int8") -> list[np.ndarray]:
+    """A step's new keys and values ([count, heads, 1, width] per layer and kind; ``width`` 1 for their scales):
+    distinct values per layer, kind and hypothesis."""
     rows = (first + np.arange(count)).reshape(count, 1, 1, 1)
-    return [np.broadcast_to(50 * plane + rows, (count, HEADS, 1, HEAD_DIM)).astype(np.int8)
-            for plane in range(2 * LAYERS)]
+    return [np.broadcast_to(50 * plane + rows, (count, HEADS, 1, width)).astype(dtype) for plane in range(2 * LAYERS)]
 
 
-def _as_rows(steps: list[list[np.ndarray]]) -> np.ndarray:
-    """The rows [layers, 2, N, heads, head_dim] that ``steps`` write, in order."""
-    return np.concatenate([np.stack(kv)[:, :, :, 0].reshape(LAYERS, 2, -1, HEADS, HEAD_DIM) for kv in steps], axis=2)
+def _as_rows(steps: list[list[np.ndarray]], width: int = HEAD_DIM) -> np.ndarray:
+    """The rows [layers, 2, N, heads, width] that ``steps`` write, in order."""
+    return np.concatenate([np.stack(kv)[:, :, :, 0].reshape(LAYERS, 2, -1, HEADS, width) for kv in steps], axis=2)
 
 
 def _append(cache: SelfAttentionCache, ffi, kv: list[np.ndarray]) -> None:
     cache.append([ffi.from_dlpack(np.ascontiguousarray(a)) for a in kv])
 
 
-def _written(cache: SelfAttentionCache) -> np.ndarray:
-    """The rows written so far (row 0, which holds no position, left out)."""
-    return np.from_dlpack(cache.rows)[:, :, 1:cache.used]
+def _written(cache: SelfAttentionCache, part: int = 0) -> np.ndarray:
+    """The rows written so far (row 0, which holds no position, left out): the keys/values, or (``part`` 1) their
+    scales."""
+    return np.from_dlpack(cache.inputs[part])[:, :, 1:cache.used]
 
 
 def test_steps_append_rows_and_history_names_each_hypothesis_row(on_host):
@@ -69,3 +70,15 @@ def test_outgrowing_the_buffer_keeps_the_rows(on_host):
         _append(cache, ffi, kv)
     assert cache.nbytes > before and cache.history.shape == (2, 6)
     np.testing.assert_array_equal(_written(cache), _as_rows(steps))
+
+
+def test_scales_are_written_and_kept_with_their_rows(on_host):
+    """With run-time ranges a second buffer holds each row's scales: a step's new keys and values come first, then
+    their scales in the same order."""
+    cache, ffi = _cache(batch=2, positions=1, on_host=on_host, scales=True)
+    steps = [(_step_kv(2, 10 * step), _step_kv(2, 10 * step + 1, width=1, dtype="float32")) for step in range(4)]
+    for kv, scales in steps:
+        _append(cache, ffi, kv + scales)
+    assert len(cache.inputs) == 2 and cache.history.tolist() == [[1, 3, 5, 7, 0], [2, 4, 6, 8, 0]]
+    np.testing.assert_array_equal(_written(cache), _as_rows([kv for kv, _ in steps]))
+    np.testing.assert_array_equal(_written(cache, 1), _as_rows([scales for _, scales in steps], width=1))
