@@ -18,7 +18,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .quantize_rows import OPAQUE
+from .quantize_rows import OPAQUE, row_lanes, row_quantizer
 
 ACCUMULATOR = {"int8": "int32", "float32": "float32"}  # operand dtype -> sum dtype
 
@@ -152,3 +152,176 @@ def direct_context_kernel(head_dim: int, dtype: str) -> tirx.PrimFunc:
                     weigh(out, p, bh, t, flat_values, (bh * positions + t) * head_dim)
 
     return direct_context
+
+
+def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: float, lanes: int) -> tirx.PrimFunc:
+    """QK^T with run-time ranges, from the float queries to the float scores: each pair's query quantized per row
+    (as :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel`), its int32 products with the int8 keys, and
+    ``float(product) * query_scale * key_scale[t]`` (the dequantization's order). ``heads`` given: the
+    self-attention's keys and their scales read through ``index`` (the kernel ``(index, past, x [batch, heads, 1,
+    head_dim], rows, new, scale_rows [stored, 1], new_scale [batch, heads, 1, 1], out [batch, heads, 1,
+    positions])``); None: keys stored per pair (``(x, keys [batch, heads, positions, head_dim], key_scale [batch,
+    heads, 1, positions], out)``)."""
+    batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
+    count = heads if heads is not None else tirx.Var("heads", "int64")
+    pairs = batch * count
+    quantize_row = row_quantizer(head_dim, row_lanes(head_dim), qmax, eps)
+    lanes = lanes if head_dim % lanes == 0 else 1
+    chunks = head_dim // lanes
+    q_shape, s_shape = (batch, count, 1, head_dim), (batch, count, 1, positions)
+
+    @T.macro
+    def score(out, partial, q, scale, key_scale, bh, t, source, start):  # key_scale: that of position t
+        for lane in T.vectorized(T.int64(lanes)):
+            partial[bh, lane] = 0
+        for c in range(T.int64(chunks)):
+            for lane in T.vectorized(T.int64(lanes)):
+                partial[bh, lane] = partial[bh, lane] + T.Cast("int32", q[bh * head_dim + c * lanes + lane]) * T.Cast(
+                    "int32", source[start + c * lanes + lane])
+        for lane in range(T.int64(1), T.int64(lanes)):  # int32: exact in any order
+            partial[bh, 0] = partial[bh, 0] + partial[bh, lane]
+        out[bh * positions + t] = T.Cast("float32", partial[bh, 0]) * scale[bh] * key_scale
+
+    if heads is not None:
+        @T.prim_func(s_tir=True)
+        def quantized_gathered_scores(index: T.Buffer((batch, heads, positions), "int64"),
+                                      past: T.Buffer((batch, 1, positions, 1), "bool"),
+                                      x: T.Buffer(q_shape, "float32"), rows: T.Buffer((stored, head_dim), "int8"),
+                                      new: T.Buffer((batch, heads, 1, head_dim), "int8"),
+                                      scale_rows: T.Buffer((stored, 1), "float32"),
+                                      new_scale: T.Buffer((batch, heads, 1, 1), "float32"),
+                                      out: T.Buffer(s_shape, "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_x = T.decl_buffer((pairs * head_dim,), "float32", data=x.data)
+                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
+                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
+                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
+                flat_out = T.decl_buffer((pairs * positions,), "float32", data=out.data)
+                q = T.sblock_alloc_buffer((pairs * head_dim,), "int8")
+                scale = T.sblock_alloc_buffer((pairs,), "float32")
+                maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
+                partial = T.sblock_alloc_buffer((pairs, lanes), "int32")
+                for bh in T.parallel(pairs):
+                    quantize_row(flat_x, q, scale, maxima, bh)
+                    for t in range(positions):
+                        if past[bh // heads, 0, t, 0]:
+                            row = index[bh // heads, bh % heads, t]
+                            score(flat_out, partial, q, scale, scale_rows[row, 0], bh, t, flat_rows, row * head_dim)
+                        else:
+                            score(flat_out, partial, q, scale, flat_new_scale[bh], bh, t, flat_new, bh * head_dim)
+
+        return quantized_gathered_scores
+
+    @T.prim_func(s_tir=True)
+    def quantized_direct_scores(x: T.Buffer(q_shape, "float32"),
+                                keys: T.Buffer((batch, count, positions, head_dim), "int8"),
+                                key_scale: T.Buffer(s_shape, "float32"), out: T.Buffer(s_shape, "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        with T.sblock("root"):
+            flat_x = T.decl_buffer((pairs * head_dim,), "float32", data=x.data)
+            flat_keys = T.decl_buffer((pairs * positions * head_dim,), "int8", data=keys.data)
+            flat_scale = T.decl_buffer((pairs * positions,), "float32", data=key_scale.data)
+            flat_out = T.decl_buffer((pairs * positions,), "float32", data=out.data)
+            q = T.sblock_alloc_buffer((pairs * head_dim,), "int8")
+            scale = T.sblock_alloc_buffer((pairs,), "float32")
+            maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
+            partial = T.sblock_alloc_buffer((pairs, lanes), "int32")
+            for bh in T.parallel(pairs):
+                quantize_row(flat_x, q, scale, maxima, bh)
+                for t in range(positions):
+                    score(flat_out, partial, q, scale, flat_scale[bh * positions + t], bh, t, flat_keys,
+                          (bh * positions + t) * head_dim)
+
+    return quantized_direct_scores
+
+
+def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps: float) -> tirx.PrimFunc:
+    """softmax·V with run-time ranges, from the float probabilities (times the values' scales) to the float
+    context: each pair's row of probabilities quantized per row, its int32 products with the int8 values
+    summed over the positions in order, and ``float(sum) * row_scale``. ``heads`` given: the values and their
+    scales read through ``index``, the probabilities before the scales are folded in (the kernel ``(index, past,
+    p [batch, heads, 1, positions], rows, new, scale_rows [stored, 1], new_scale [batch, heads, 1, 1], out
+    [batch, heads, 1, head_dim])``); None: stored per pair, the scales folded in (``(p, values [batch, heads,
+    positions, head_dim], out)``)."""
+    batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
+    count = heads if heads is not None else tirx.Var("heads", "int64")
+    pairs = batch * count
+    quantize_row = row_quantizer(positions, 1, qmax, eps)
+    p_shape, out_shape = (batch, count, 1, positions), (batch, count, 1, head_dim)
+
+    @T.macro
+    def weigh(total, p, bh, t, source, start):
+        for d in T.vectorized(T.int64(head_dim)):
+            total[bh, d] = total[bh, d] + T.Cast("int32", p[bh * positions + t]) * T.Cast("int32", source[start + d])
+
+    @T.macro
+    def fold(folded, p, scale_rows, new_scale, index, past, bh):  # p[t] * the scale of value t, as the graph's multiply
+        for t in range(positions):
+            if past[bh // heads, 0, t, 0]:
+                folded[bh * positions + t] = p[bh * positions + t] * scale_rows[index[bh // heads, bh % heads, t], 0]
+            else:
+                folded[bh * positions + t] = p[bh * positions + t] * new_scale[bh]
+
+    @T.macro
+    def dequantize(out, total, scale, bh):
+        for d in T.vectorized(T.int64(head_dim)):
+            out[bh * head_dim + d] = T.Cast("float32", total[bh, d]) * scale[bh]
+
+    if heads is not None:
+        @T.prim_func(s_tir=True)
+        def quantized_gathered_context(index: T.Buffer((batch, heads, positions), "int64"),
+                                       past: T.Buffer((batch, 1, positions, 1), "bool"),
+                                       x: T.Buffer(p_shape, "float32"), rows: T.Buffer((stored, head_dim), "int8"),
+                                       new: T.Buffer((batch, heads, 1, head_dim), "int8"),
+                                       scale_rows: T.Buffer((stored, 1), "float32"),
+                                       new_scale: T.Buffer((batch, heads, 1, 1), "float32"),
+                                       out: T.Buffer(out_shape, "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
+                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
+                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
+                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
+                flat_out = T.decl_buffer((pairs * head_dim,), "float32", data=out.data)
+                folded = T.sblock_alloc_buffer((pairs * positions,), "float32")
+                p = T.sblock_alloc_buffer((pairs * positions,), "int8")
+                scale = T.sblock_alloc_buffer((pairs,), "float32")
+                maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
+                total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
+                for bh in T.parallel(pairs):
+                    fold(folded, flat_x, scale_rows, flat_new_scale, index, past, bh)
+                    quantize_row(folded, p, scale, maxima, bh)
+                    for d in T.vectorized(T.int64(head_dim)):
+                        total[bh, d] = 0
+                    for t in range(positions):
+                        if past[bh // heads, 0, t, 0]:
+                            weigh(total, p, bh, t, flat_rows, index[bh // heads, bh % heads, t] * head_dim)
+                        else:
+                            weigh(total, p, bh, t, flat_new, bh * head_dim)
+                    dequantize(flat_out, total, scale, bh)
+
+        return quantized_gathered_context
+
+    @T.prim_func(s_tir=True)
+    def quantized_direct_context(x: T.Buffer(p_shape, "float32"),
+                                 values: T.Buffer((batch, count, positions, head_dim), "int8"),
+                                 out: T.Buffer(out_shape, "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        with T.sblock("root"):
+            flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
+            flat_values = T.decl_buffer((pairs * positions * head_dim,), "int8", data=values.data)
+            flat_out = T.decl_buffer((pairs * head_dim,), "float32", data=out.data)
+            p = T.sblock_alloc_buffer((pairs * positions,), "int8")
+            scale = T.sblock_alloc_buffer((pairs,), "float32")
+            maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
+            total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
+            for bh in T.parallel(pairs):
+                quantize_row(flat_x, p, scale, maxima, bh)
+                for d in T.vectorized(T.int64(head_dim)):
+                    total[bh, d] = 0
+                for t in range(positions):
+                    weigh(total, p, bh, t, flat_values, (bh * positions + t) * head_dim)
+                dequantize(flat_out, total, scale, bh)
+
+    return quantized_direct_context

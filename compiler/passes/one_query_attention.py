@@ -9,7 +9,14 @@ at every step. A product over such a gather whose gather, ``where`` and views ha
 of the gathered scores or context kernel, which reads the rows through ``index``; any other one-query product
 (the cross-attention's) one call of the direct kernel. TVM's own kernels for these products were 3-6x slower.
 int8 operands sum in int32 (exact); float32 ones in another order than TVM's kernel (the same within float
-rounding). CPU targets only.
+rounding).
+
+With run-time ranges each product is also the quantization of its left operand before it and the dequantization
+after it (:class:`~int8mt.quant.modules.QMatMul`): the query's ``quantize_dynamic`` and ``astype(scores) *
+query_scale * key_scale``, or the probabilities' ``quantize_dynamic`` (the values' scales folded in) and
+``astype(context) * row_scale`` (read through the heads' permutation). Where those values have no other use, the
+product with both is one call of a quantizing kernel, which takes the float operand and gives the float result
+(the same values bit for bit; five kernels per product otherwise). CPU targets only.
 """
 from __future__ import annotations
 
@@ -19,10 +26,14 @@ from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
 from int8mt.schedules.one_query_attention import (ACCUMULATOR, context_kernel, direct_context_kernel,
-                                                  direct_scores_kernel, scores_kernel)
+                                                  direct_scores_kernel, quantized_context_kernel,
+                                                  quantized_scores_kernel, scores_kernel)
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 
 from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, is_one, rewrite_functions, use_counts
+from .quantize_rows import match_row_quantize
+
+HEADS_FIRST = [0, 2, 1, 3]  # [batch, heads, 1, head_dim] <-> [batch, 1, heads, head_dim]
 
 
 @expr_functor.mutator
@@ -36,8 +47,13 @@ class _OneQueryRewriter(PyExprMutator):
         self.uses: dict = {}
 
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
-        self.bindings, users = bindings_and_users(func)
-        self.uses = use_counts(users)
+        self.bindings, self.users = bindings_and_users(func)
+        self.uses = use_counts(self.users)
+        self.fused = {}  # result variable -> (kernel key, name, maker, arguments, heads' permutation after)
+        self.absorbed = set()  # products inside a fused call
+        for var, value in self.bindings.items():
+            if isinstance(value, relax.Call) and isinstance(value.op, ir.Op) and value.op.name == "relax.matmul":
+                self._fuse_quantized(var, value)
 
     def _once(self, var: relax.Expr) -> bool:
         return isinstance(var, relax.DataflowVar) and self.uses.get(var) == 1
@@ -69,6 +85,130 @@ class _OneQueryRewriter(PyExprMutator):
 
     def _same(self, a: list, b: list) -> bool:
         return len(a) == len(b) and all(self.analyzer.can_prove_equal(x, y) for x, y in zip(a, b))
+
+    # -- run-time ranges: the product with its operand's quantization and its result's dequantization -------------
+    def _user(self, var: relax.Var, op: str) -> relax.Var | None:
+        """The one variable that uses ``var``, if ``var`` has no other use and that variable is bound to ``op``."""
+        found = self.users.get(var, [])
+        if len(found) != 1 or found[0] is None or not self._once(var):
+            return None
+        return found[0] if bound_op_call(found[0], op, self.bindings) is not None else None
+
+    def _view_of(self, expr: relax.Expr, source: relax.Var) -> bool:
+        """True if ``expr`` is ``source`` through reshapes only."""
+        while not expr.same_as(source):
+            reshape = bound_op_call(expr, "relax.reshape", self.bindings)
+            if reshape is None:
+                return False
+            expr = reshape.args[0]
+        return True
+
+    def _gathered_scales(self, expr: relax.Expr, index: relax.Expr, past: relax.Expr) -> tuple | None:
+        """``(scale_rows, new_scale)`` if ``expr`` is, through reshapes, the self-attention's per-position scales
+        gathered as its keys or values are (``permute_dims(where(past, take(scale_rows, index), new_scale))``, the
+        positions last)."""
+        while (reshape := bound_op_call(expr, "relax.reshape", self.bindings)) is not None:
+            expr = reshape.args[0]
+        permute = bound_op_call(expr, "relax.permute_dims", self.bindings)
+        where = bound_op_call(permute.args[0], "relax.where", self.bindings) if permute is not None else None
+        if where is None or [int(a) for a in (permute.attrs.axes or [])] != [0, 1, 3, 2]:
+            return None
+        take = bound_op_call(where.args[1], "relax.take", self.bindings)
+        if (take is None or not where.args[0].same_as(past) or not take.args[1].same_as(index)
+                or take.attrs.axis is None or int(take.attrs.axis) != 0):
+            return None
+        scale_rows, new_scale = take.args[0], where.args[2]
+        if scale_rows.ty.ndim != 2 or not is_one(scale_rows.ty.shape[1]) or new_scale.ty.ndim != 4:
+            return None
+        return scale_rows, new_scale
+
+    def _quantized_left(self, left: relax.Expr) -> tuple | None:
+        """``(x, scale, qmax, eps)`` if ``left`` is a reshape of ``x``'s run-time row quantization, used once."""
+        reshape = bound_op_call(left, "relax.reshape", self.bindings) if self._once(left) else None
+        if reshape is None or not self._once(reshape.args[0]):
+            return None
+        found = match_row_quantize(reshape.args[0], self.bindings, self.uses)
+        if not found or found[0].ty.ndim != 4 or not is_one(found[0].ty.shape[2]):
+            return None
+        return found
+
+    def _fuse_quantized(self, var: relax.Var, call: relax.Call) -> None:
+        left, right = call.args
+        transposed = bound_op_call(right, "relax.permute_dims", self.bindings)
+        scores = transposed is not None and [int(a) for a in (transposed.attrs.axes or [])] == [0, 2, 1]
+        operand = transposed.args[0] if scores else right
+        found = self._quantized_left(left)
+        if (found is None or str(operand.ty.dtype) != "int8" or operand.ty.ndim != 3
+                or not isinstance(operand.ty.shape[2], tvm.tirx.IntImm) or (scores and not self._once(right))):
+            return
+        x, scale, qmax, eps = found
+        head_dim = int(operand.ty.shape[2])
+        chain = [var]
+        steps = ("relax.reshape", "relax.astype", "relax.multiply", "relax.multiply") if scores else (
+            "relax.reshape", "relax.permute_dims", "relax.astype", "relax.multiply")
+        for op in steps:
+            chain.append(self._user(chain[-1], op))
+            if chain[-1] is None:
+                return
+        calls = [self.bindings[v] for v in chain[1:]]
+        if scores:
+            _, cast, first, second = calls
+            if not (str(cast.attrs.dtype) == "float32" and first.args[0].same_as(chain[2])
+                    and self._view_of(first.args[1], scale) and second.args[0].same_as(chain[3])
+                    and self._same(list(second.args[1].ty.shape), list(chain[4].ty.shape))):
+                return
+            key_scale, permuted = second.args[1], False
+        else:
+            _, permute, cast, product = calls
+            factor = bound_op_call(product.args[1], "relax.permute_dims", self.bindings)
+            if not (str(cast.attrs.dtype) == "float32" and [int(a) for a in permute.attrs.axes] == HEADS_FIRST
+                    and product.args[0].same_as(chain[3]) and factor is not None
+                    and [int(a) for a in factor.attrs.axes] == HEADS_FIRST and self._view_of(factor.args[0], scale)):
+                return
+            key_scale, permuted = None, True
+        gathered = self._gathered(operand)
+        heads = int(gathered[0].ty.shape[1]) if gathered is not None else None
+        if gathered is None:  # stored per pair: the [pairs, positions, head_dim] operand is a view of [B, H, ...]
+            source = bound_op_call(operand, "relax.reshape", self.bindings)
+            if source is None or source.args[0].ty.ndim != 4:
+                return
+            sources = (source.args[0],)
+        else:
+            index, past, rows, new = gathered
+            if not scores:  # the probabilities before the values' scales are folded in
+                folded = bound_op_call(x, "relax.multiply", self.bindings)
+                if folded is None:
+                    return
+                x, key_scale = folded.args
+            scales = self._gathered_scales(key_scale, index, past)
+            if scales is None:
+                return
+            sources = (rows, new, *scales)
+        kind = "scores" if scores else "context"
+        key = ("quantized", kind, heads, head_dim, qmax, eps, self.lanes)
+        make = (lambda: quantized_scores_kernel(heads, head_dim, qmax, eps, self.lanes)) if scores else (
+            lambda: quantized_context_kernel(heads, head_dim, qmax, eps))
+        name = f"quantized_{'gathered' if heads else 'direct'}_{kind}"
+        if gathered is not None:
+            args = (index, past, x, *sources)
+        else:
+            args = (x, *sources) + ((key_scale,) if scores else ())
+        shape = list(x.ty.shape)[:3] + [list(chain[-1].ty.shape)[3] if scores else head_dim]
+        self.fused[chain[-1]] = (key, name, make, args, relax.TensorType(shape, "float32"), permuted)
+        self.absorbed.update(chain[:-1])
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        fused = self.fused.get(binding.var)
+        if fused is None:
+            if binding.var not in self.absorbed:  # (the product and the views and casts after it: the call's)
+                super().visit_var_binding_(binding)
+            return
+        key, name, make, args, out_type, permuted = fused
+        kernel = self.kernels.get(key, name, lambda: make().with_attr(KERNEL_ATTR, name))
+        out = relax.call_tir(kernel, [self.visit_expr(a) for a in args], out_type)
+        if permuted:
+            out = relax.op.permute_dims(self.builder_.emit(out), HEADS_FIRST)
+        self.set_var_remap(binding.var, self.builder_.emit(out, binding.var.name))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         if not (isinstance(call.op, ir.Op) and call.op.name == "relax.matmul"):

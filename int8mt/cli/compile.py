@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-fp32", action="append", default=[], metavar="PATTERN",
                    help="matmuls to leave in FP32 (module-name glob such as 'decoder_layers.*.qk'; repeatable)")
     p.add_argument("--runtime-attention", choices=RUNTIME_ATTENTION, default=None,
-                   help="with run-time ranges, the attention matmuls (QK^T, softmax·V) in FP32 or INT8; INT8 "
-                        "keeps the key/value caches in int8 with a scale per position (less memory; faster with "
-                        "beams, slower at batch 1) (default: compile.runtime_attention)")
+                   help="with run-time ranges, the attention matmuls (QK^T, softmax·V) in INT8, with int8 key/value "
+                        "caches and a scale per position, or in FP32 with float32 caches (4x the bytes; faster at "
+                        "batch 1 on small models) (default: compile.runtime_attention)")
     p.add_argument("--integer-softmax", action="store_true",
                    help="attention softmax in integers too (polynomial exp, integer normalisation; needs "
                         "--ranges calibrate or learned)")

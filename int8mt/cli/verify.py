@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranges", choices=RANGE_METHODS, default=None,
                    help="activation ranges (default: compile.ranges)")
     p.add_argument("--runtime-attention", choices=RUNTIME_ATTENTION, default=None,
-                   help="with run-time ranges, the attention matmuls in FP32 or INT8 (default: "
+                   help="with run-time ranges, the attention matmuls in INT8 or FP32 (default: "
                         "compile.runtime_attention)")
     p.add_argument("--integer-softmax", action="store_true", help="attention softmax in integers too")
     p.add_argument("--integer-layer-norm", action="store_true", help="residual sums and layer norms in integers too")

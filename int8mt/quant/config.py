@@ -8,7 +8,7 @@ from int8mt.errors import UserError
 RANGE_METHODS = ("calibrate", "learned", "runtime")
 CALIBRATION_METHODS = ("max", "percentile", "mse")
 SCHEMES = {"fp32": None, "int8": 8, "int6": 6}  # `--quant` names -> bits (None: not quantized)
-RUNTIME_ATTENTION = ("float32", "int8")  # the attention matmuls' precision with run-time ranges
+RUNTIME_ATTENTION = ("int8", "float32")  # the attention matmuls' precision with run-time ranges
 ATTENTION_MATMULS = ("*.qk", "*.av")  # module-name globs of every attention's QK^T and softmax·V
 
 
@@ -32,7 +32,7 @@ class QuantConfig:
     keep_fp32: tuple[str, ...] = field(default=())   # fnmatch patterns of matmul names left in FP32
     integer_softmax: bool = False     # attention softmax in integers too (static ranges only)
     integer_layer_norm: bool = False  # residual sums and layer norms in integers too (static ranges only)
-    runtime_attention: str = "float32"  # float32 | int8: QK^T and softmax·V with run-time ranges (see fp32_patterns)
+    runtime_attention: str = "int8"  # int8 | float32: QK^T and softmax·V with run-time ranges (see fp32_patterns)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -59,10 +59,10 @@ class QuantConfig:
     @property
     def fp32_patterns(self) -> tuple[str, ...]:
         """Module-name globs of the matmuls left in FP32: ``keep_fp32``, and with run-time ranges and
-        ``runtime_attention`` float32 the attention matmuls. Int8 attention quantizes each key and value once, per
-        position, into int8 caches with a scale per position (:class:`~int8mt.quant.modules.QMatMul`): a quarter
-        of the cache memory and the same BLEU, but more kernel calls per decoder step, which cost more than the
-        float products at batch 1 (docs/benchmarks.md, "Run-time ranges")."""
+        ``runtime_attention`` float32 the attention matmuls. Int8 attention (the default) quantizes each key and
+        value once, per position, into int8 caches with a scale per position
+        (:class:`~int8mt.quant.modules.QMatMul`): a quarter of the float caches' bytes at the same BLEU, as fast or
+        faster with beams, slower at batch 1 on a small model (docs/benchmarks.md, "Run-time ranges")."""
         if self.ranges == "runtime" and self.runtime_attention == "float32":
             return self.keep_fp32 + tuple(p for p in ATTENTION_MATMULS if p not in self.keep_fp32)
         return self.keep_fp32

@@ -37,7 +37,7 @@ def _model(model_dir, qcfg: QuantConfig):
 
 @pytest.mark.parametrize("qcfg", [
     QuantConfig(ranges="calibrate"),
-    pytest.param(QuantConfig(ranges="runtime", runtime_attention="int8"), marks=pytest.mark.extended),
+    pytest.param(QuantConfig(ranges="runtime"), marks=pytest.mark.extended),
     pytest.param(QuantConfig(bits=6, ranges="calibrate"), marks=pytest.mark.extended),
     pytest.param(QuantConfig(ranges="calibrate", integer_softmax=True, integer_layer_norm=True),
                  marks=pytest.mark.extended),
@@ -85,7 +85,7 @@ def _decode(vm: relax.VirtualMachine, model: Transformer, src: np.ndarray, token
 def test_graph_before_the_pass_agrees_with_the_graph_after_it(ranges, tiny_model_dir):
     model = _model(tiny_model_dir, QuantConfig(ranges=ranges))
     dtype = model.cache_dtype_name
-    assert dtype == ("float32" if ranges == "runtime" else "int8")  # static scales: int8 caches
+    assert dtype == "int8" and model.cache_scales == (ranges == "runtime")  # run-time: a scale per position
     imported = export_to_relax(model, convert_map=quant_convert_map)
     before = _decode(_vm(imported), model, *_inputs())  # quantize/dequantize round trips, float matmuls
     integer = integer_graph(imported, CompileOptions(HOST_PRESET, QuantConfig(ranges=ranges)))
@@ -99,7 +99,7 @@ def test_graph_before_the_pass_agrees_with_the_graph_after_it(ranges, tiny_model
 def test_verify_command_reports_every_matmul(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "verify.json"
     assert main(["verify", str(tiny_model_dir), "--target", HOST_PRESET.name, "--ranges", "runtime",
-                 "--runtime-attention", "int8", "--sentences", "3", "--steps", "2", "--json", str(out)]) == 0
+                 "--sentences", "3", "--steps", "2", "--json", str(out)]) == 0
     total = PER_CALL["encode"] + 2 * PER_CALL["decode_step"]
     assert f"{total} of {total} matmul results are exactly" in capsys.readouterr().out
     report = json.loads(out.read_text())

@@ -35,13 +35,14 @@ def test_keep_fp32_patterns_leave_those_matmuls_alone():
     assert not isinstance(model.embed_tokens, QEmbedding)  # tied to the FP32 logits projection
 
 
-def test_run_time_ranges_leave_the_attention_matmuls_in_fp32_unless_asked():
+def test_run_time_ranges_leave_the_attention_matmuls_in_fp32_only_if_asked():
     attention = [n for n in matmul_sites(_tiny()) if n.endswith((".qk", ".av"))]
     assert len(attention) == 2 * TINY.encoder_layers + 4 * TINY.decoder_layers
-    assert prepare(_tiny(), QuantConfig(ranges="runtime")) == attention
-    assert prepare(_tiny(), QuantConfig(ranges="runtime", runtime_attention="int8")) == []
+    assert prepare(_tiny(), QuantConfig(ranges="runtime", runtime_attention="float32")) == attention
+    assert prepare(_tiny(), QuantConfig(ranges="runtime")) == []
     assert prepare(_tiny(), QuantConfig(ranges="calibrate")) == []  # static ranges: int8 caches, int8 attention
-    assert QuantConfig(ranges="runtime", keep_fp32=("*.qk", "lm_head")).fp32_patterns == ("*.qk", "lm_head", "*.av")
+    assert QuantConfig(ranges="runtime", runtime_attention="float32",
+                       keep_fp32=("*.qk", "lm_head")).fp32_patterns == ("*.qk", "lm_head", "*.av")
     with pytest.raises(UserError, match="unknown attention precision 'int4'"):
         QuantConfig(ranges="runtime", runtime_attention="int4")
 
@@ -63,7 +64,7 @@ def test_run_time_int8_attention_quantizes_keys_and_values_per_position():
 
 def test_incremental_decoding_with_int8_caches_and_scales_matches_teacher_forcing():
     model = _tiny()
-    prepare(model, QuantConfig(ranges="runtime", runtime_attention="int8"))
+    prepare(model, QuantConfig(ranges="runtime"))
     convert(model)
     assert model.cache_dtype == torch.int8 and model.cache_scales
     src, tgt = torch.tensor([[5, 17, 33, 8, 3]]), torch.tensor([[2, 119, 12, 40, 7]])

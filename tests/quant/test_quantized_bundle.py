@@ -17,8 +17,8 @@ MATMULS = 8 * TINY.encoder_layers + 14 * TINY.decoder_layers + 1
 ATTENTION_MATMULS = 2 * TINY.encoder_layers + 4 * TINY.decoder_layers  # QK^T and softmax·V per attention
 
 
-QCFGS = {"calibrate": QuantConfig(ranges="calibrate"), "runtime": QuantConfig(ranges="runtime"),
-         "runtime-int8": QuantConfig(ranges="runtime", runtime_attention="int8")}  # int8 caches with scales
+QCFGS = {"calibrate": QuantConfig(ranges="calibrate"), "runtime": QuantConfig(ranges="runtime"),  # int8 caches
+         "runtime-fp32": QuantConfig(ranges="runtime", runtime_attention="float32")}  # float32 attention, caches
 
 
 @pytest.fixture(scope="module", params=list(QCFGS))
@@ -40,10 +40,10 @@ def _src() -> np.ndarray:
 
 
 def test_every_matmul_is_integer(quantized):
-    """Every matmul, or with run-time ranges every linear layer (the attention stays FP32 by default)."""
+    """Every matmul, or with run-time ranges and FP32 attention every linear layer."""
     out, _ = quantized
     q = json.loads((out / "manifest.json").read_text())["quantization"]
-    float_matmuls = ATTENTION_MATMULS if out.name == "runtime" else 0
+    float_matmuls = ATTENTION_MATMULS if out.name == "runtime-fp32" else 0
     assert q["matmuls"] == MATMULS and q["matmuls_int"] == MATMULS - float_matmuls
     assert q["keep_fp32"] == (["*.qk", "*.av"] if float_matmuls else [])
     report = json.loads((out / "report.json").read_text())
@@ -87,7 +87,7 @@ def test_linear_layers_run_the_int8_kernel(quantized):
     sites = {(k["function"], k["n"], k["k"]) for k in report["kernels"]}
     assert sites == {("encode", 32, 32), ("encode", 64, 32), ("encode", 32, 64), ("decode_step", 32, 32),
                      ("decode_step", 64, 32), ("decode_step", 32, 64), ("decode_step", TINY.vocab_size, 32)}
-    float_matmuls = ATTENTION_MATMULS if out.name == "runtime" else 0
+    float_matmuls = ATTENTION_MATMULS if out.name == "runtime-fp32" else 0
     assert report["after"]["total"]["matmul_int"] == MATMULS - float_matmuls  # LINEARS of them became kernels
     assert LINEARS < MATMULS
 
@@ -121,7 +121,7 @@ def test_inspect_prints_the_report(quantized, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "layer_norm" in text and "softmax" in text
-    if out.name == "runtime":
+    if out.name == "runtime-fp32":
         integer = MATMULS - ATTENTION_MATMULS
         assert f"matmuls in INT  {integer} of {MATMULS}  (kept FP32: *.qk, *.av)" in text
         assert "attention matmuls (QK^T, softmax.V) in FP32" in text

@@ -1,6 +1,8 @@
 """OneQueryAttention: a decoder step's one-query QK^T and softmax·V over ``where(past, take(rows, index), new)``
 become calls of the kernels that read the rows through the index (structure); their results equal the ops' and
-NumPy's (int8 exactly, float32 within rounding) for dynamic sizes; a gather with another use is left alone."""
+NumPy's (int8 exactly, float32 within rounding) for dynamic sizes; a gather with another use is left alone. With
+run-time ranges, each product with its operand's quantization and its result's dequantization is one call, bit for
+bit the ops'."""
 import numpy as np
 import pytest
 import tvm
@@ -8,6 +10,7 @@ from tvm import relax
 
 from int8mt.compiler.passes import OneQueryAttention
 from int8mt.compiler.pipeline import relax_pipeline
+from int8mt.quant.ops import EPS
 from int8mt.schedules.one_query_attention import context_kernel, scores_kernel
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 
@@ -100,3 +103,100 @@ def test_kernels_equal_the_ops_and_numpy(dtype, shared):
             else:
                 np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
                 np.testing.assert_allclose(g, n, rtol=1e-4, atol=1e-4)
+
+
+def _row_quantized(bb: relax.BlockBuilder, x: relax.Expr) -> tuple[relax.Var, relax.Var]:
+    """``x``'s run-time quantization per row, one op per binding as the importer writes it."""
+    amax = bb.emit(relax.op.max(bb.emit(relax.op.abs(x)), axis=[-1], keepdims=True))
+    scale = bb.emit(relax.op.divide(bb.emit(relax.op.maximum(amax, relax.const(EPS, "float32"))),
+                                    relax.const(127.0, "float32")))
+    rounded = bb.emit(relax.op.round(bb.emit(relax.op.divide(x, scale))))
+    return bb.emit(relax.op.astype(bb.emit(relax.op.clip(rounded, -127, 127)), "int8")), scale
+
+
+def _runtime_module(gathered: bool) -> tvm.IRModule:
+    """A step's QK^T and softmax·V with run-time ranges as Scale Propagation leaves them: the query and the
+    probabilities (times the values' scales) quantized per row, int8 products, their dequantization; the keys and
+    values gathered from the cache's rows with their per-position scales (``gathered``) or stored per pair."""
+    b, t, n = (tvm.tirx.Var(name, "int64") for name in ("b", "t", "n"))
+    query = relax.Var("query", relax.TensorType([b, H, 1, D], "float32"))
+    probs = relax.Var("probs", relax.TensorType([b, H, 1, t], "float32"))
+    if gathered:
+        params = [relax.Var("rows", relax.TensorType([n, D], "int8")),
+                  relax.Var("scale_rows", relax.TensorType([n, 1], "float32")),
+                  relax.Var("index", relax.TensorType([b, H, t], "int64")),
+                  relax.Var("past", relax.TensorType([b, 1, t, 1], "bool")),
+                  relax.Var("new", relax.TensorType([b, H, 1, D], "int8")),
+                  relax.Var("new_scale", relax.TensorType([b, H, 1, 1], "float32")), query, probs]
+    else:
+        params = [relax.Var("keys", relax.TensorType([b, H, t, D], "int8")),
+                  relax.Var("scales", relax.TensorType([b, H, t, 1], "float32")), query, probs]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            def stored(data: bool) -> relax.Var:  # keys or values [b, H, t, D], or their scales [b, H, t, 1]
+                if not gathered:
+                    return params[0] if data else params[1]
+                rows, scale_rows, index, past, new, new_scale = params[:6]
+                source, own = (rows, new) if data else (scale_rows, new_scale)
+                return bb.emit(relax.op.where(past, bb.emit(relax.op.take(source, index, axis=0)), own))
+
+            def pairs(x: relax.Expr, last, middle=1) -> relax.Var:
+                return bb.emit(relax.op.reshape(x, [b * H, middle, last]))
+
+            def heads(x: relax.Expr, last) -> relax.Var:
+                return bb.emit(relax.op.reshape(x, [b, H, 1, last]))
+
+            q, q_scale = _row_quantized(bb, query)
+            keys = bb.emit(relax.op.permute_dims(pairs(stored(True), D, t), [0, 2, 1]))
+            key_scale = pairs(bb.emit(relax.op.permute_dims(stored(False), [0, 1, 3, 2])), t)
+            product = bb.emit(relax.op.matmul(pairs(q, D), keys, out_dtype="int32"))
+            dequantized = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(heads(product, t), "float32")),
+                                                    heads(pairs(q_scale, 1), 1)))
+            scores = bb.emit(relax.op.multiply(dequantized, heads(key_scale, t)))
+            folded = bb.emit(relax.op.multiply(probs, bb.emit(relax.op.permute_dims(stored(False), [0, 1, 3, 2]))))
+            p, p_scale = _row_quantized(bb, folded)
+            product = bb.emit(relax.op.matmul(pairs(p, t), pairs(stored(True), D, t), out_dtype="int32"))
+            permuted = bb.emit(relax.op.permute_dims(heads(product, D), [0, 2, 1, 3]))
+            context = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(permuted, "float32")), bb.emit(
+                relax.op.permute_dims(heads(pairs(p_scale, 1), 1), [0, 2, 1, 3]))))
+            out = bb.emit_output(relax.Tuple([scores, context]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "direct"])
+def test_run_time_ranges_each_product_with_its_quantization_is_one_call(gathered):
+    """Each product, its left operand's row quantization and its result's dequantization (and for the gathered
+    values, the folding of their scales) become one call; the results are the ops' bit for bit."""
+    before = _runtime_module(gathered)
+    after = OneQueryAttention(16)(before)
+    kind = "gathered" if gathered else "direct"
+    calls = [c.args[0].name_hint for c in _calls(after["main"]) if isinstance(c.op, tvm.ir.Op)
+             and c.op.name == "relax.call_tir"]
+    assert calls == [f"quantized_{kind}_scores", f"quantized_{kind}_context"]
+    target = tvm.target.Target(HOST_PRESET.target)
+    vms = [relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+           for mod in (after, before)]
+    for b, t in ((1, 1), (3, 7), (5, 20)):
+        if gathered:
+            stored = 1 + b * t
+            hist = RNG.integers(1, stored, (b, t))
+            hist[:, -1] = 0
+            index = (hist[:, None, :] * H + np.arange(H)[None, :, None]).astype(np.int64)
+            inputs = [RNG.integers(-127, 128, (stored * H, D)).astype(np.int8),
+                      RNG.uniform(0.01, 0.1, (stored * H, 1)).astype(np.float32), index, (hist > 0)[:, None, :, None],
+                      RNG.integers(-127, 128, (b, H, 1, D)).astype(np.int8),
+                      RNG.uniform(0.01, 0.1, (b, H, 1, 1)).astype(np.float32)]
+        else:
+            inputs = [RNG.integers(-127, 128, (b, H, t, D)).astype(np.int8),
+                      RNG.uniform(0.01, 0.1, (b, H, t, 1)).astype(np.float32)]
+        probs = RNG.uniform(0, 1, (b, H, 1, t)).astype(np.float32)
+        inputs += [RNG.standard_normal((b, H, 1, D)).astype(np.float32), probs / probs.sum(-1, keepdims=True)]
+        got, expected = ([o.numpy() for o in vm["main"](*(tvm.runtime.tensor(x) for x in inputs))] for vm in vms)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(g, e)
+
+
+def _calls(func: relax.Function) -> list[relax.Call]:
+    return [b.value for block in func.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]
