@@ -132,7 +132,39 @@ class _OneQueryRewriter(PyExprMutator):
             return None
         return found
 
+    def _dequantization(self, product: relax.Var, scores: bool, scale: relax.Var) -> tuple | None:
+        """``(chain, factor)``: the bindings from ``product`` to its float value, each used once by the next, if
+        they dequantize it with the left operand's row ``scale`` (views of it); ``factor`` the keys' scales
+        (scores: ``astype(reshape(product)) * scale * factor``; context: ``astype(permute_dims(reshape(product)))
+        * permute_dims(scale)``, the heads' permutation before the heads merge)."""
+        chain = [product]
+        steps = ("relax.reshape", "relax.astype", "relax.multiply", "relax.multiply") if scores else (
+            "relax.reshape", "relax.permute_dims", "relax.astype", "relax.multiply")
+        for op in steps:
+            chain.append(self._user(chain[-1], op))
+            if chain[-1] is None:
+                return None
+        calls = [self.bindings[v] for v in chain[1:]]
+        if str(calls[1 if scores else 2].attrs.dtype) != "float32":  # the astype
+            return None
+        if scores:
+            _, _, first, second = calls
+            if (first.args[0].same_as(chain[2]) and self._view_of(first.args[1], scale)
+                    and second.args[0].same_as(chain[3])
+                    and self._same(list(second.args[1].ty.shape), list(chain[4].ty.shape))):
+                return chain, second.args[1]
+            return None
+        _, permute, _, last = calls
+        factor = bound_op_call(last.args[1], "relax.permute_dims", self.bindings)
+        if ([int(a) for a in permute.attrs.axes] == HEADS_FIRST and last.args[0].same_as(chain[3])
+                and factor is not None and [int(a) for a in factor.attrs.axes] == HEADS_FIRST
+                and self._view_of(factor.args[0], scale)):
+            return chain, None
+        return None
+
     def _fuse_quantized(self, var: relax.Var, call: relax.Call) -> None:
+        """Record the fused call that replaces the product ``var`` with its quantization and dequantization, if
+        the graph has them (see the module docstring)."""
         left, right = call.args
         transposed = bound_op_call(right, "relax.permute_dims", self.bindings)
         scores = transposed is not None and [int(a) for a in (transposed.attrs.axes or [])] == [0, 2, 1]
@@ -142,37 +174,17 @@ class _OneQueryRewriter(PyExprMutator):
                 or not isinstance(operand.ty.shape[2], tvm.tirx.IntImm) or (scores and not self._once(right))):
             return
         x, scale, qmax, eps = found
+        dequantized = self._dequantization(var, scores, scale)
+        if dequantized is None:
+            return
+        chain, key_scale = dequantized
         head_dim = int(operand.ty.shape[2])
-        chain = [var]
-        steps = ("relax.reshape", "relax.astype", "relax.multiply", "relax.multiply") if scores else (
-            "relax.reshape", "relax.permute_dims", "relax.astype", "relax.multiply")
-        for op in steps:
-            chain.append(self._user(chain[-1], op))
-            if chain[-1] is None:
-                return
-        calls = [self.bindings[v] for v in chain[1:]]
-        if scores:
-            _, cast, first, second = calls
-            if not (str(cast.attrs.dtype) == "float32" and first.args[0].same_as(chain[2])
-                    and self._view_of(first.args[1], scale) and second.args[0].same_as(chain[3])
-                    and self._same(list(second.args[1].ty.shape), list(chain[4].ty.shape))):
-                return
-            key_scale, permuted = second.args[1], False
-        else:
-            _, permute, cast, product = calls
-            factor = bound_op_call(product.args[1], "relax.permute_dims", self.bindings)
-            if not (str(cast.attrs.dtype) == "float32" and [int(a) for a in permute.attrs.axes] == HEADS_FIRST
-                    and product.args[0].same_as(chain[3]) and factor is not None
-                    and [int(a) for a in factor.attrs.axes] == HEADS_FIRST and self._view_of(factor.args[0], scale)):
-                return
-            key_scale, permuted = None, True
         gathered = self._gathered(operand)
-        heads = int(gathered[0].ty.shape[1]) if gathered is not None else None
         if gathered is None:  # stored per pair: the [pairs, positions, head_dim] operand is a view of [B, H, ...]
             source = bound_op_call(operand, "relax.reshape", self.bindings)
             if source is None or source.args[0].ty.ndim != 4:
                 return
-            sources = (source.args[0],)
+            heads, args = None, (x, source.args[0], *([key_scale] if scores else []))
         else:
             index, past, rows, new = gathered
             if not scores:  # the probabilities before the values' scales are folded in
@@ -183,18 +195,14 @@ class _OneQueryRewriter(PyExprMutator):
             scales = self._gathered_scales(key_scale, index, past)
             if scales is None:
                 return
-            sources = (rows, new, *scales)
+            heads, args = int(index.ty.shape[1]), (index, past, x, rows, new, *scales)
         kind = "scores" if scores else "context"
         key = ("quantized", kind, heads, head_dim, qmax, eps, self.lanes)
         make = (lambda: quantized_scores_kernel(heads, head_dim, qmax, eps, self.lanes)) if scores else (
             lambda: quantized_context_kernel(heads, head_dim, qmax, eps))
         name = f"quantized_{'gathered' if heads else 'direct'}_{kind}"
-        if gathered is not None:
-            args = (index, past, x, *sources)
-        else:
-            args = (x, *sources) + ((key_scale,) if scores else ())
         shape = list(x.ty.shape)[:3] + [list(chain[-1].ty.shape)[3] if scores else head_dim]
-        self.fused[chain[-1]] = (key, name, make, args, relax.TensorType(shape, "float32"), permuted)
+        self.fused[chain[-1]] = (key, name, make, args, relax.TensorType(shape, "float32"), not scores)
         self.absorbed.update(chain[:-1])
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
