@@ -21,6 +21,7 @@ pytestmark = needs_emulation
 SENTENCES = 16
 INTEGER_ONLY = QuantConfig(ranges="learned", integer_softmax=True, integer_layer_norm=True)
 DEFAULT = QuantConfig(ranges="learned")
+RUNTIME = QuantConfig(ranges="runtime")
 # (preset, a qemu CPU without its instruction). The default run takes arm-i8mm, whose model has every kind of
 # ARM kernel (smmla linear layers with their epilogues, sdot attention); every preset's kernels are tested in
 # test_kernels.py.
@@ -137,3 +138,15 @@ def test_default_model_on_the_emulated_cpu_agrees_with_x86(preset, board, x86_tr
     ours = done.stdout.splitlines()
     assert len(ours) == len(x86) == 100
     assert sum(a == b for a, b in zip(ours, x86)) >= 98
+
+
+def test_run_time_ranges_model_on_the_emulated_cpu_agrees_with_x86(board, source, x86_translations, tmp_path):
+    """Run-time ranges: int8 caches with per-position scales and the quantizing one-query attention kernels, on
+    aarch64 (float ops such as the layer norm may round differently there: nearly all sentences equal)."""
+    bundle, x86 = _compile_with_x86("arm-i8mm", RUNTIME, tmp_path / "arm-i8mm", x86_translations, source)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["cache_dtype"] == "int8" and manifest["cache_scales"]
+    done = _translate_on_board(board, bundle, source, CPUS["arm-i8mm"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = done.stdout.splitlines()
+    assert len(ours) == len(x86) == SENTENCES and sum(a == b for a, b in zip(ours, x86)) >= SENTENCES - 1
