@@ -97,6 +97,14 @@ def test_corrupt_manifest(bundle_copy):
         Bundle(bundle_copy)
 
 
+def test_format_3_bundles_still_load(bundle_copy):
+    """Format 4 added per-position cache scales (run-time ranges); a format-3 bundle has none, and its entry points
+    are those of format 4 without them."""
+    edit_manifest(bundle_copy, lambda m: m.update({"format": 3}))
+    bundle = Bundle(bundle_copy)
+    assert not bundle.cache_scales and bundle.decode_step(*_first_step(bundle, np.array([[10, 20, 3]]))).shape[0] == 1
+
+
 def test_corrupt_library_is_caught_before_loading(bundle_copy):
     with open(bundle_copy / "model.so", "r+b") as f:
         f.seek(4096)
