@@ -4,9 +4,9 @@ The result is one IRModule with four entry points:
 
 * ``encode(src[B, S] int64) -> cross_kv[L, 2, B, H, S, Dh]``: encoder plus every decoder layer's
   cross-attention keys/values, computed once per batch;
-* ``decode_step(tokens[B, 1] int64, step[1] int64, cache_rows[L, 2, N, H, Dh], history[B, T + 1] int64,
-  cross_kv, src) -> (logits[B, V], k_0, v_0, ..., k_{L-1}, v_{L-1})``: one token, projections O(1) in the
-  prefix; each layer's new key and value ([B, H, 1, Dh]) are for the caller to append to ``cache_rows`` (see
+* ``decode_step(tokens[B, 1] int64, step[1] int64, cache_0[L, 2, N, H, Dh], history[B, T + 1] int64,
+  cross_0, src) -> (logits[B, V], k_0, v_0, ..., k_{L-1}, v_{L-1})``: one token, projections O(1) in the
+  prefix; each layer's new key and value ([B, H, 1, Dh]) are for the caller to append to the cache's rows (see
   :mod:`int8mt.model.transformer`);
 * ``reorder_cache(cross_kv, rows[B'] int64) -> cross_kv[L, 2, B', H, S, Dh]``: the cross-attention keys/values
   of hypotheses taken in a new order (beams of one sentence, finished sentences dropped), on the device;
@@ -16,9 +16,8 @@ The result is one IRModule with four entry points:
 
 Both caches have the model's ``cache_dtype``: int8 for quantized attention, else float32. With run-time ranges
 (``model.cache_scales``) each cache is two tensors, the int8 keys/values and their scales (``[..., 1]`` in place
-of ``Dh``): ``encode`` returns both, ``decode_step`` takes ``cache_rows, cache_scales`` and ``cross_kv,
-cross_scales`` and returns the new scales after the new keys and values, and ``reorder_cache`` takes and returns
-both.
+of ``Dh``): ``encode`` returns both, ``decode_step`` takes ``cache_0, cache_1`` and ``cross_0, cross_1`` and
+returns the new scales after the new keys and values, and ``reorder_cache`` takes and returns both.
 """
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ MANIFEST_SCHEMA: dict[str, tuple[type, type | None]] = {
     "weights": (dict, None),
 }
 MANIFEST_OPTIONAL: dict[str, tuple[type, type | None]] = {"max_rows": (int, None), "cache_dtype": (str, None),
-                                                           "cache_scales": (bool, None), "tokenizer": (str, None), "cuda": (dict, None)}
+                                                           "cache_scales": (bool, None), "tokenizer": (str, None),
+                                                           "cuda": (dict, None)}
 CUDA_SCHEMA: dict[str, tuple[type, type | None]] = {"arch": (str, None), "compute_capability": (list, int),
                                                     "source_sha256": (str, None)}
 WEIGHTS_SCHEMA: dict[str, tuple[type, type | None]] = {"tensors": (list, dict), "entry_points": (dict, list)}
@@ -507,23 +508,23 @@ class Bundle:
     def empty_cache(self, batch: int, positions: int) -> SelfAttentionCache:
         """The self-attention cache of ``batch`` hypotheses, with room for ``positions`` steps."""
         return SelfAttentionCache(self._ffi, self.device, self.layers, self.heads, self.head_dim, self.cache_dtype,
-                                  self.cache_scales,
-                                  batch, min(positions, self.max_positions), on_host=not self._on_gpu)
+                                  self.cache_scales, batch, min(positions, self.max_positions), on_host=not self._on_gpu)
 
     def decode_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                     src: Any) -> np.ndarray:
         """One step: appends the step's keys and values to ``cache``; returns logits as numpy [B, V]."""
         return self.host(self._run_step(tokens, step, cache, cross_kv, src))
 
-    def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
-                               src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache,
+                               cross_kv: tuple[Any, ...], src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One step (appending to ``cache``) that returns, instead of the logits, each row's ``candidates``
         largest logits and their token ids (both [B, candidates], descending) and the row's log-sum-exp ([B]),
         computed on the device: log-probabilities are ``values - log_sum_exp``."""
         values, ids, log_sum_exp = self._top(self._run_step(tokens, step, cache, cross_kv, src))
         return self.host(values), self.host(ids), self.host(log_sum_exp)
 
-    def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...], src: Any) -> Any:
+    def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
+                  src: Any) -> Any:
         """The compiled decoder step: appends its cache rows to ``cache`` and returns the logits (on the device)."""
         self._admit(tokens.shape[0], src.shape[1])
         out = self._step(self.tensor(tokens), self._step_tensor(step), *cache.inputs, self.tensor(cache.history),

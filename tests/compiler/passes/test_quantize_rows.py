@@ -1,7 +1,7 @@
 """QuantizeRows: a run-time per-row quantization, as quant_import writes it, becomes one call of our kernel
-(structure), computes the same int8 values and scales bit for bit as the ops it replaces (rows of any length,
-dynamic sizes, all-zero rows, halves that round to even), and is left alone where an intermediate value has
-another use."""
+(structure), computes the same int8 values and scales bit for bit as the ops it replaces (rows of any length, a
+length known only at run time, dynamic sizes, all-zero rows, halves that round to even), and is left alone where an
+intermediate value has another use."""
 import numpy as np
 import pytest
 import tvm
@@ -29,11 +29,13 @@ def _quantize(bb: relax.BlockBuilder, x: relax.Expr, *, leak: bool = False) -> t
     return q, scale, [magnitude] if leak else []
 
 
-def _module(columns: int, leak: bool = False) -> tvm.IRModule:
-    """``main(x [b, t, columns])``: the per-row quantization of ``x``, and ``x + 1`` (another use of ``x``)."""
+def _module(columns: int | None, leak: bool = False) -> tvm.IRModule:
+    """``main(x [b, t, columns])``: the per-row quantization of ``x``, and ``x + 1`` (another use of ``x``);
+    ``columns`` None: rows of any length."""
     bb = relax.BlockBuilder()
     b, t = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("t", "int64")
-    x = relax.Var("x", relax.TensorType([b, t, columns], "float32"))
+    width = tvm.tirx.Var("n", "int64") if columns is None else columns
+    x = relax.Var("x", relax.TensorType([b, t, width], "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             q, scale, extra = _quantize(bb, x, leak=leak)
@@ -67,14 +69,14 @@ def test_an_intermediate_with_another_use_is_left_alone():
     tvm.ir.assert_structural_equal(QuantizeRows()(before), before)
 
 
-@pytest.mark.parametrize("columns", [256, 40])  # whole vector registers, and a serial loop
+@pytest.mark.parametrize("columns", [256, 64, 40, None])  # 64 lanes, 16 lanes, a serial loop, any length
 def test_kernel_equals_the_ops_bit_for_bit(columns):
     target = tvm.target.Target(HOST_PRESET.target)
     vms = [relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
            for mod in (QuantizeRows()(_module(columns)), _module(columns))]
     assert "quantize_rows" in QuantizeRows()(_module(columns)).script()
     for b, t in ((1, 1), (3, 7), (2, 33)):
-        x = (RNG.standard_normal((b, t, columns)) * RNG.uniform(1e-3, 1e3, (b, t, 1))).astype(np.float32)
+        x = (RNG.standard_normal((b, t, columns or 19)) * RNG.uniform(1e-3, 1e3, (b, t, 1))).astype(np.float32)
         x[0, 0] = 0.0  # an all-zero row: the scale's floor
         x[-1, -1, :4] = [127.0, 0.5, -1.5, 2.5]  # a scale of exactly 1: halves round to even
         x[-1, -1, 4:] = 0.25
