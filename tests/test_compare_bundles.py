@@ -1,0 +1,31 @@
+"""scripts/compare_bundles.py: every bundle runs every scenario in every round, each in a process of its own; the
+same bundle twice gives the same outputs (equal digests), and bad scenarios are refused by name."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import DATA_DIR
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_bundles.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+
+
+def test_runs_every_bundle_in_every_scenario_and_round(tiny_bundle, tmp_path):
+    out = tmp_path / "runs.json"
+    done = _run(str(tiny_bundle), str(tiny_bundle), "--rounds", "2", "--scenario", "1:2:4", "--scenario", "2:2:4",
+                "--sources", str(DATA_DIR / "test_2016_flickr.en"), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 2 * 2 * 2 and all(r["sentences"] == 4 and r["sent_per_s"] > 0 for r in runs)
+    for beam in (1, 2):
+        assert len({r["digest"] for r in runs if r["beam"] == beam}) == 1  # one bundle: the same translations
+    assert done.stdout.count(str(tiny_bundle)) == 4  # a line per bundle and scenario
+
+
+def test_refuses_a_malformed_scenario(tiny_bundle):
+    done = _run(str(tiny_bundle), "--scenario", "4:32")
+    assert done.returncode == 2 and "a scenario is beam:batch:sentences" in done.stderr
