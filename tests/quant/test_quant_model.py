@@ -1,5 +1,4 @@
 """PyTorch side of quantization: which matmuls are quantized, calibration, conversion, checkpoints."""
-import numpy as np
 import pytest
 import torch
 
