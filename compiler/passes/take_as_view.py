@@ -7,8 +7,7 @@ attention reads it. A ``take`` of a constant index along the first axis is a con
 source, so this pass turns it into ``memory.view`` at that byte offset, followed by ``ensure_zero_offset``
 (our kernels take tensors whose ``byte_offset`` is 0; the data pointer moves instead: no copy).
 
-A slice of such a slice is one view of the parameter at the sum of the offsets. Only slices of function
-parameters (and slices of such slices) become views: a parameter's memory is
+Only slices of function parameters (and slices of such slices) become views: a parameter's memory is
 owned by the caller for the whole call, whereas the memory planner may reuse an intermediate tensor's
 storage once it sees no more direct uses of it.
 """
@@ -42,21 +41,9 @@ class _Viewer(PyExprMutator):
         block = tvm.DataType(str(data.ty.dtype)).bits // 8
         for dim in shape[1:]:
             block = block * dim
-        offset, outer = block * i, self._view(data)
-        if outer is not None:  # a slice of a slice: one view of the parameter (one call at run time, not two)
-            data, offset = outer.args[0], outer.args[3] + offset
         view = self.builder_.emit(relax.op.memory.view(data, relax.ShapeExpr(shape[1:]),
-                                                       relative_byte_offset=relax.prim_value(offset)))
+                                                       relative_byte_offset=relax.prim_value(block * i)))
         return relax.op.memory.ensure_zero_offset(view)
-
-    def _view(self, expr: relax.Expr) -> relax.Call | None:
-        """The ``memory.view`` of a parameter that ``expr`` is (through ``ensure_zero_offset``), if it is one."""
-        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-        if isinstance(bound, relax.Call) and bound.op == ir.Op.get("relax.memory.ensure_zero_offset"):
-            view = self.lookup_binding(bound.args[0])
-            if isinstance(view, relax.Call) and view.args[0] in self.params:
-                return view
-        return None
 
     def _caller_owned(self, expr: relax.Expr) -> bool:
         """``expr`` is a parameter, or a view made here of one."""
@@ -78,4 +65,4 @@ class TakeAsView:
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 viewer.run(gv, func)
-        return relax.transform.DeadCodeElimination()(viewer.builder_.get())  # the outer views nothing reads
+        return viewer.builder_.get()
