@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from int8mt.config import load_config  # noqa: E402
+from int8mt.errors import UserError  # noqa: E402
 from int8mt.interface.bench_ctranslate2 import Layout, Scenario, _run, bundle_source_ids  # noqa: E402
 
 LENGTH_PENALTY = 0.6
@@ -47,14 +48,24 @@ def main() -> None:
     p.add_argument("--sources", type=Path, default=None, help="one sentence per line")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
+    try:
+        runs = _compare(a)
+    except (UserError, OSError) as err:  # a bundle that is not one, a missing source file: named, no traceback
+        p.error(str(err))
+    _report(a, runs)
+
+
+def _compare(a: argparse.Namespace) -> list[dict]:
+    """Every bundle in every scenario, round after round; a dict per run."""
     config = Path("tvm_config.yaml")
     sources = a.sources or Path(load_config(config if config.is_file() else None).paths.data) / "test_2016_flickr.en"
     sentences = sources.read_text(encoding="utf-8").splitlines()
     layout = Layout(a.replicas, a.threads)
+    encoded = {count: bundle_source_ids(a.bundles[0], sentences[:count])[0] for _, _, count in a.scenario}
     runs = []
     for round_ in range(a.rounds):
         for beam, batch, count in a.scenario:
-            ids, _ = bundle_source_ids(a.bundles[0], sentences[:count])
+            ids = encoded[count]
             job = {"length_penalty": LENGTH_PENALTY, "fixed_tokens": a.fixed_tokens, "sources": ids,
                    "warmup": min(len(ids), 2 * batch), "device": "cpu"}
             for bundle in a.bundles:
@@ -63,6 +74,12 @@ def main() -> None:
                              "sentences": len(ids), "sent_per_s": len(ids) / result["seconds"],
                              "peak_rss_mib": result["peak_rss_mib"],
                              "digest": hashlib.sha1(json.dumps(result["outputs"]).encode()).hexdigest()[:8]})
+    return runs
+
+
+def _report(a: argparse.Namespace, runs: list[dict]) -> None:
+    """The runs as a table (sent/s per round, peak RSS, output digests), and as JSON with ``--json``."""
+    layout = Layout(a.replicas, a.threads)
     print(f"{a.rounds} rounds, {layout.name}; beam:batch:sentences, sent/s per round | peak RSS MiB | outputs")
     for beam, batch, count in a.scenario:
         for bundle in a.bundles:

@@ -1,5 +1,5 @@
 """scripts/compare_bundles.py: every bundle runs every scenario in every round, each in a process of its own; the
-same bundle twice gives the same outputs (equal digests), and bad scenarios are refused by name."""
+same bundle twice gives the same outputs (equal digests), and bad scenarios and bundles are refused by name."""
 import json
 import subprocess
 import sys
@@ -26,6 +26,8 @@ def test_runs_every_bundle_in_every_scenario_and_round(tiny_bundle, tmp_path):
     assert done.stdout.count(str(tiny_bundle)) == 4  # a line per bundle and scenario
 
 
-def test_refuses_a_malformed_scenario(tiny_bundle):
+def test_refuses_a_malformed_scenario_and_a_missing_bundle(tiny_bundle, tmp_path):
     done = _run(str(tiny_bundle), "--scenario", "4:32")
     assert done.returncode == 2 and "a scenario is beam:batch:sentences" in done.stderr
+    done = _run(str(tmp_path / "none"), "--scenario", "1:1:1")
+    assert done.returncode == 2 and "none does not exist" in done.stderr and "Traceback" not in done.stderr
