@@ -45,8 +45,9 @@ class SelfAttentionCache:
         self._copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
         self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._layers, self._planes = layers, 2 * layers  # (layer, key or value) planes of rows
-        # each buffer's row shape and dtype: the keys/values, then their scales
-        self._parts = [((heads, head_dim), dtype)] + [((heads, 1), "float32")] * scales
+        # each buffer's row shape, dtype and row bytes: the keys/values, then their scales
+        self._parts = [(row, ffi.dtype(kind), math.prod(row) * np.dtype(kind).itemsize)
+                       for row, kind in [((heads, head_dim), dtype)] + [((heads, 1), "float32")] * scales]
         self._buffers: list[Any] = []
         self._host: list[np.ndarray] = []  # on the CPU, each buffer's planes as NumPy sees them
         self._allocate(1 + batch * positions)
@@ -56,11 +57,11 @@ class SelfAttentionCache:
 
     def _allocate(self, rows: int) -> None:
         self._capacity = rows
-        self._buffers = [self._alloc(self._ffi.Shape((self._layers, 2, rows, *row)), self._ffi.dtype(dtype),
-                                     self._device, "global") for row, dtype in self._parts]
+        self._buffers = [self._alloc(self._ffi.Shape((self._layers, 2, rows, *row)), dtype, self._device, "global")
+                         for row, dtype, _ in self._parts]
         if self._on_host:
             self._host = [np.from_dlpack(b).reshape(self._planes, rows, *row)
-                          for b, (row, _) in zip(self._buffers, self._parts)]
+                          for b, (row, _, _) in zip(self._buffers, self._parts)]
 
     def _grow(self, rows: int) -> None:
         """Buffers of ``rows`` rows per plane, holding the rows written so far."""
@@ -77,10 +78,8 @@ class SelfAttentionCache:
     def _rows(self, tensor: Any, part: int, plane: int, start: int, count: int, capacity: int) -> Any:
         """Rows ``start .. start + count`` of ``plane`` in ``tensor`` (a buffer of part ``part``, planes of
         ``capacity`` rows): a view."""
-        row, dtype = self._parts[part]
-        row_bytes = math.prod(row) * np.dtype(dtype).itemsize
-        return self._create_view(tensor, self._ffi.Shape((count, *row)), self._ffi.dtype(dtype),
-                                 (plane * capacity + start) * row_bytes)
+        row, dtype, row_bytes = self._parts[part]
+        return self._create_view(tensor, self._ffi.Shape((count, *row)), dtype, (plane * capacity + start) * row_bytes)
 
     @property
     def inputs(self) -> tuple[Any, ...]:
@@ -118,5 +117,4 @@ class SelfAttentionCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the device buffers."""
-        return sum(self._planes * self._capacity * math.prod(row) * np.dtype(dtype).itemsize
-                   for row, dtype in self._parts)
+        return sum(self._planes * self._capacity * row_bytes for _, _, row_bytes in self._parts)
