@@ -4,8 +4,8 @@ The layout is the model's (:mod:`int8mt.model.transformer`): ``rows[layers, 2, N
 being one decoded position of a hypothesis (row 0 holds none), and ``history[batch, T + 1]`` naming the row of
 each of a hypothesis's positions (the step's own last, as 0). The rows live in one buffer allocated for the
 batch's longest output, which the decoder step reads whole (rows no position names are never read); a step's
-new rows are copied into each layer's keys and values after the rows already there, so no step copies the cache
-it has. Each layer's keys (and values) are contiguous: a step's gather of them stays within one region of memory
+new rows are written into each layer's keys and values after the rows already there (by the bundle's
+``append_cache`` kernel), so no step copies the cache it has. Each layer's keys (and values) are contiguous: a step's gather of them stays within one region of memory
 (with every layer's keys and values of a position side by side, each gathered position was another page and the
 gathers ran 2-4x slower). Reordering hypotheses (beams) or dropping finished ones reorders ``history``'s rows on
 the host; the device's rows never move. With run-time ranges a second buffer of the same layout holds each row's
@@ -14,7 +14,7 @@ float32 scales (``[..., heads, 1]``), written and read with the rows.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,12 +35,13 @@ class SelfAttentionCache:
     hypothesis's history (NumPy)."""
 
     def __init__(self, ffi: Any, device: Any, layers: int, heads: int, head_dim: int, dtype: str, scales: bool,
-                 batch: int, positions: int, on_host: bool) -> None:
+                 batch: int, positions: int, append_rows: Callable[..., Any]) -> None:
         """Room for ``positions`` steps of ``batch`` hypotheses; more is allocated (and the rows moved) only if
-        the steps outgrow it. ``scales``: rows of ``dtype`` int8 carry a float32 scale per head. ``on_host``: the
-        device is the CPU, where NumPy writes a step's rows into its view of the buffer (TVM's runtime takes two
-        calls per plane, a view and a copy, which cost more than the copying itself at small batches)."""
-        self._ffi, self._device, self._on_host = ffi, device, on_host
+        the steps outgrow it. ``scales``: rows of ``dtype`` int8 carry a float32 scale per head.
+        ``append_rows``: the bundle's ``append_cache`` entry point, which writes a step's rows into the buffers
+        in one call (on a GPU, a view and a copy per plane took 18-36 calls through Python per step; on the CPU
+        it is as fast as NumPy writing into its views of the buffers)."""
+        self._ffi, self._device, self._append_rows = ffi, device, append_rows
         self._create_view = ffi.get_global_func("runtime.TVMTensorCreateView")
         self._copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
         self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
@@ -49,7 +50,6 @@ class SelfAttentionCache:
         self._parts = [(row, ffi.dtype(kind), math.prod(row) * np.dtype(kind).itemsize)
                        for row, kind in [((heads, head_dim), dtype)] + [((heads, 1), "float32")] * scales]
         self._buffers: list[Any] = []
-        self._host: list[np.ndarray] = []  # on the CPU, each buffer's planes as NumPy sees them
         self._allocate(1 + batch * positions)
         self.used = 1  # rows written: row 0 holds no position (the decoder step reads it and discards it)
         self.history = aligned_empty((batch, 1), np.int64)  # aligned: the step's input without a copy
@@ -59,18 +59,12 @@ class SelfAttentionCache:
         self._capacity = rows
         self._buffers = [self._alloc(self._ffi.Shape((self._layers, 2, rows, *row)), dtype, self._device, "global")
                          for row, dtype, _ in self._parts]
-        if self._on_host:
-            self._host = [np.from_dlpack(b).reshape(self._planes, rows, *row)
-                          for b, (row, _, _) in zip(self._buffers, self._parts)]
 
     def _grow(self, rows: int) -> None:
         """Buffers of ``rows`` rows per plane, holding the rows written so far."""
-        old, old_capacity, old_host = self._buffers, self._capacity, self._host
+        old, old_capacity = self._buffers, self._capacity
         self._allocate(rows)
         for part, buffer in enumerate(self._buffers):
-            if self._on_host:
-                self._host[part][:, :self.used] = old_host[part][:, :self.used]
-                continue
             for plane in range(self._planes):
                 self._copy(self._rows(old[part], part, plane, 0, self.used, old_capacity),
                            self._rows(buffer, part, plane, 0, self.used, self._capacity))
@@ -93,13 +87,7 @@ class SelfAttentionCache:
         count = int(new[0].shape[0])
         if self.used + count > self._capacity:
             self._grow(max(2 * self._capacity, self.used + count))
-        for index, tensor in enumerate(new):
-            part, plane = divmod(index, self._planes)
-            if self._on_host:
-                self._host[part][plane, self.used:self.used + count] = np.from_dlpack(tensor)[:, :, 0]
-            else:
-                self._copy(self._rows(tensor, part, 0, 0, count, count),
-                           self._rows(self._buffers[part], part, plane, self.used, count, self._capacity))
+        self._append_rows(*self._buffers, *new, self._ffi.Shape((self.used,)))
         positions = self.history.shape[1]
         history = aligned_empty((count, positions + 1), np.int64)
         history[:, :positions - 1] = self.history[:, :-1]

@@ -4,8 +4,11 @@ import pytest
 import torch
 import tvm
 from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
 
-from int8mt.compiler.frontend import export_to_relax
+from int8mt.compiler.frontend import append_cache_module, export_to_relax
 from int8mt.compiler.pipeline import relax_pipeline
 
 from ..conftest import HOST_PRESET
@@ -16,7 +19,8 @@ TARGET = tvm.target.Target(HOST_PRESET.target)
 @pytest.fixture(scope="module")
 def vm(tiny_model):
     mod = export_to_relax(tiny_model)
-    assert {gv.name_hint for gv in mod.get_global_vars()} == {"encode", "decode_step", "reorder_cache", "top_candidates"}
+    entry_points = {gv.name_hint for gv, func in mod.functions_items() if isinstance(func, relax.Function)}
+    assert entry_points == {"encode", "decode_step", "append_cache", "reorder_cache", "top_candidates"}
     return relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
 
 
@@ -79,3 +83,35 @@ def test_only_positions_carry_their_maximum(tiny_model):
     assert {str(k): int(v) for k, v in step.attrs["tir_var_upper_bound"].items()} == {
         positions: tiny_model.cfg.max_positions}
     assert "tir_var_upper_bound" not in mod["encode"].attrs
+
+
+def test_append_cache_writes_every_plane_in_place_in_one_kernel():
+    """A step's new keys and values (one tensor per layer and kind) go to rows ``used ..`` of each plane of the
+    cache, in place: one kernel, whichever the plane (here one layer of two heads of 4)."""
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True, s_tir=True)
+        def append_rows(cache_handle: T.handle, new_0_handle: T.handle, new_1_handle: T.handle, used: T.int64):
+            T.func_attr({"tirx.noalias": True})
+            kernel_rows, kernel_count = T.int64(), T.int64()  # the kernel's own variables
+            cache = T.match_buffer(cache_handle, (T.int64(1), T.int64(2), kernel_rows, T.int64(2), T.int64(4)), "int8")
+            new_0 = T.match_buffer(new_0_handle, (kernel_count, T.int64(2), T.int64(1), T.int64(4)), "int8")
+            new_1 = T.match_buffer(new_1_handle, (kernel_count, T.int64(2), T.int64(1), T.int64(4)), "int8")
+            for p, i, h, w in T.grid(T.int64(2), kernel_count, T.int64(2), T.int64(4)):
+                with T.sblock("append"):
+                    vp, vi, vh, vw = T.axis.remap("SSSS", [p, i, h, w])
+                    cache[vp // T.int64(2), vp % T.int64(2), used + vi, vh, vw] = T.if_then_else(
+                        vp == T.int64(0), new_0[vi, vh, T.int64(0), vw], new_1[vi, vh, T.int64(0), vw])
+
+        @R.function
+        def append_cache(cache: R.Tensor((1, 2, "rows", 2, 4), dtype="int8"),
+                         new_cache_0: R.Tensor(("count", 2, 1, 4), dtype="int8"),
+                         new_cache_1: R.Tensor(("count", 2, 1, 4), dtype="int8"),
+                         rows_used: R.Shape(["used"])) -> R.Tensor((1, 2, "rows", 2, 4), dtype="int8"):
+            rows, used = T.int64(), T.int64()
+            cls = Expected
+            written = R.call_tir_inplace(cls.append_rows, (cache, new_cache_0, new_cache_1, R.prim_value(used)),
+                                         out_ty=R.Tensor((1, 2, rows, 2, 4), dtype="int8"), inplace_indices=[0])
+            return written
+
+    tvm.ir.assert_structural_equal(append_cache_module(1, 2, 4, "int8", False), Expected)

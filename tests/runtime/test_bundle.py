@@ -97,12 +97,11 @@ def test_corrupt_manifest(bundle_copy):
         Bundle(bundle_copy)
 
 
-def test_format_3_bundles_still_load(bundle_copy):
-    """Format 4 added per-position cache scales (run-time ranges); a format-3 bundle has none, and its entry points
-    are those of format 4 without them."""
-    edit_manifest(bundle_copy, lambda m: m.update({"format": 3}))
-    bundle = Bundle(bundle_copy)
-    assert not bundle.cache_scales and bundle.decode_step(*_first_step(bundle, np.array([[10, 20, 3]]))).shape[0] == 1
+def test_bundles_of_an_earlier_format_are_refused_with_a_rebuild_message(bundle_copy):
+    """Format 5 added the ``append_cache`` entry point, which format-4 bundles lack."""
+    edit_manifest(bundle_copy, lambda m: m.update({"format": 4}))
+    with pytest.raises(BundleError, match="bundle format 4 is not supported .this runtime reads 5.; rebuild it"):
+        Bundle(bundle_copy)
 
 
 def test_corrupt_library_is_caught_before_loading(bundle_copy):

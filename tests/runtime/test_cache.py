@@ -1,4 +1,6 @@
 """The runtime's self-attention cache: rows appended in place, history reordered on the host."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -8,16 +10,22 @@ from int8mt.runtime.cache import SelfAttentionCache
 LAYERS, HEADS, HEAD_DIM = 2, 3, 4
 
 
-@pytest.fixture(params=[True, False], ids=["numpy", "tvm-copies"])
-def on_host(request) -> bool:
-    """Rows written by NumPy (the CPU) or by TVM's copies into views (how a GPU's are; run on the CPU here)."""
-    return request.param
+@functools.cache
+def _append_kernel(scales: bool):
+    """The ``append_cache`` entry point of a bundle of these dimensions, compiled for this CPU."""
+    import tvm
+    from tvm import relax
+
+    from int8mt.compiler.frontend import append_cache_module
+
+    executable = tvm.compile(append_cache_module(LAYERS, HEADS, HEAD_DIM, "int8", scales), target="llvm")
+    return relax.VirtualMachine(executable, tvm.cpu())["append_cache"]
 
 
-def _cache(batch: int, positions: int, on_host: bool, scales: bool = False) -> tuple[SelfAttentionCache, object]:
+def _cache(batch: int, positions: int, scales: bool = False) -> tuple[SelfAttentionCache, object]:
     ffi = import_tvm_ffi()
     cache = SelfAttentionCache(ffi, ffi.device("cpu", 0), LAYERS, HEADS, HEAD_DIM, "int8", scales, batch, positions,
-                               on_host)
+                               _append_kernel(scales))
     return cache, ffi
 
 
@@ -43,8 +51,8 @@ def _written(cache: SelfAttentionCache, part: int = 0) -> np.ndarray:
     return np.from_dlpack(cache.inputs[part])[:, :, 1:cache.used]
 
 
-def test_steps_append_rows_and_history_names_each_hypothesis_row(on_host):
-    cache, ffi = _cache(batch=3, positions=2, on_host=on_host)
+def test_steps_append_rows_and_history_names_each_hypothesis_row():
+    cache, ffi = _cache(batch=3, positions=2)
     steps = [_step_kv(3, 0), _step_kv(3, 10)]
     for kv in steps:
         _append(cache, ffi, kv)
@@ -52,8 +60,8 @@ def test_steps_append_rows_and_history_names_each_hypothesis_row(on_host):
     np.testing.assert_array_equal(_written(cache), _as_rows(steps))
 
 
-def test_reordering_hypotheses_moves_no_rows(on_host):
-    cache, ffi = _cache(batch=3, positions=4, on_host=on_host)
+def test_reordering_hypotheses_moves_no_rows():
+    cache, ffi = _cache(batch=3, positions=4)
     _append(cache, ffi, _step_kv(3, 0))
     cache.select(np.array([2, 2, 0]))  # beams: hypothesis 2 continued twice, hypothesis 1 dropped
     _append(cache, ffi, _step_kv(3, 10))
@@ -62,8 +70,8 @@ def test_reordering_hypotheses_moves_no_rows(on_host):
     assert cache.used == 7
 
 
-def test_outgrowing_the_buffer_keeps_the_rows(on_host):
-    cache, ffi = _cache(batch=2, positions=1, on_host=on_host)
+def test_outgrowing_the_buffer_keeps_the_rows():
+    cache, ffi = _cache(batch=2, positions=1)
     before = cache.nbytes
     steps = [_step_kv(2, 10 * step) for step in range(5)]
     for kv in steps:
@@ -72,10 +80,10 @@ def test_outgrowing_the_buffer_keeps_the_rows(on_host):
     np.testing.assert_array_equal(_written(cache), _as_rows(steps))
 
 
-def test_scales_are_written_and_kept_with_their_rows(on_host):
+def test_scales_are_written_and_kept_with_their_rows():
     """With run-time ranges a second buffer holds each row's scales: a step's new keys and values come first, then
     their scales in the same order."""
-    cache, ffi = _cache(batch=2, positions=1, on_host=on_host, scales=True)
+    cache, ffi = _cache(batch=2, positions=1, scales=True)
     steps = [(_step_kv(2, 10 * step), _step_kv(2, 10 * step + 1, width=1, dtype="float32")) for step in range(4)]
     for kv, scales in steps:
         _append(cache, ffi, kv + scales)

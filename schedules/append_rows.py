@@ -1,0 +1,37 @@
+"""A decoder step's new keys and values written into the self-attention cache's rows, in place, by one kernel.
+
+The cache (:mod:`int8mt.runtime.cache`) is ``[layers, 2, rows, heads, width]``; a step returns each layer's new
+key and value as ``[count, heads, 1, width]``. On a GPU, writing them with the runtime's copies took a view of
+each destination and a copy per plane (18-36 calls per step through Python); this kernel writes every plane in
+one call of the ``append_cache`` entry point (:func:`int8mt.compiler.frontend.export_to_relax`).
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+
+
+def append_rows_kernel(planes: int, heads: int, width: int, dtype: str) -> tirx.PrimFunc:
+    """``cache[p // 2, p % 2, used + i] = new_p[i, :, 0]`` for the ``planes`` new tensors ``new_p`` (layer 0's
+    key, its value, layer 1's key, ...), all ``count`` rows; ``rows``, ``count`` and ``used`` are dynamic.
+    Written as TVMScript text because its parameter list depends on ``planes``."""
+    value = f"new_{planes - 1}[vi, vh, T.int64(0), vw]"
+    for plane in reversed(range(planes - 1)):
+        value = f"T.if_then_else(vp == T.int64({plane}), new_{plane}[vi, vh, T.int64(0), vw], {value})"
+    params = "".join(f", new_{plane}_handle: T.handle" for plane in range(planes))
+    new_shape = f"(count, T.int64({heads}), T.int64(1), T.int64({width}))"
+    matches = "".join(f"\n    new_{plane} = T.match_buffer(new_{plane}_handle, {new_shape}, \"{dtype}\")"
+                      for plane in range(planes))
+    source = f"""
+@T.prim_func(s_tir=True, private=True)
+def append_rows(cache_handle: T.handle{params}, used: T.int64):
+    T.func_attr({{"tirx.noalias": True}})
+    rows, count = T.int64(), T.int64()
+    cache = T.match_buffer(cache_handle, (T.int64({planes // 2}), T.int64(2), rows, T.int64({heads}),
+                                          T.int64({width})), "{dtype}"){matches}
+    for p, i, h, w in T.grid(T.int64({planes}), count, T.int64({heads}), T.int64({width})):
+        with T.sblock("append"):
+            vp, vi, vh, vw = T.axis.remap("SSSS", [p, i, h, w])
+            cache[vp // T.int64(2), vp % T.int64(2), used + vi, vh, vw] = {value}
+"""
+    return tvm.script.from_source(source)
