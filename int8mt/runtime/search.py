@@ -98,7 +98,8 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     and partition. Reordering hypotheses reorders only the cache's history (on the host). Finished sentences
     leave the batch (their k rows dropped from the history and the cross-attention keys/values) once fewer
     than ``COMPACT_BELOW`` of the sentences in flight are unfinished, as in greedy search; every sentence's
-    result is the same as decoded alone."""
+    result is the same as decoded alone. The hypotheses' bookkeeping is vectorized over sentences
+    (:func:`_select`); only finished hypotheses are handled one by one."""
     if opts.beam_size == 1:
         return greedy_search(bundle, src, max_lens, opts.min_length)
     batch, k = src.shape[0], opts.beam_size
@@ -109,8 +110,10 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     cache = bundle.empty_cache(batch * k, max(max_lens))
     scores = np.full((batch, k), -np.inf)
     scores[:, 0] = 0.0
-    hyps: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(batch)]
+    tokens_so_far = np.zeros((batch * k, 0), np.int64)  # each row's hypothesis (all have the step's length)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    finished_count = np.zeros(batch, np.int64)
+    max_len = np.asarray(max_lens)
     tokens = np.full((batch * k, 1), bundle.start_id, np.int64)
     on_device = 2 * k <= bundle.candidates  # enough per-row candidates for the 2k best of each sentence
     for step in range(max(max_lens)):
@@ -124,43 +127,39 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
         width = log_probs.shape[-1]
         flat = (scores[alive][:, :, None] + log_probs.reshape(n, k, width)).reshape(n, -1)
         top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]
-        origin = np.arange(n * k).reshape(n, k).copy()  # the row each new hypothesis continues
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(flat, top, 1), axis=1), 1)  # best first
+        beam, column = np.divmod(top, width)
+        chosen = _select(np.take_along_axis(flat, top, 1), column if token_of is None else
+                         np.take_along_axis(token_of, top, 1), finished_count[alive], k, bundle.eos_id,
+                         step < opts.min_length)
+        new_scores, origin = chosen.new_scores, np.arange(n * k).reshape(n, k)  # the row each hypothesis continues
         next_tokens = aligned_empty((n, k), np.int64)  # (an input without a copy)
         next_tokens[:] = bundle.pad_id
-        for i, b in enumerate(alive):
-            if len(finished[b]) >= k:
-                continue
-            new_hyps, new_scores = [], []
-            for idx in top[i][np.argsort(-flat[i, top[i]])]:
-                beam, column = divmod(int(idx), width)
-                tok = column if token_of is None else int(token_of[i, idx])
-                score = float(flat[i, idx])
-                if score == -np.inf:
-                    break
-                if tok == bundle.eos_id and step < opts.min_length:
-                    continue
-                if tok == bundle.eos_id:
-                    prefix = hyps[b][beam]
-                    finished[b].append((_penalized(score, len(prefix) + 1, opts.length_penalty), prefix))
-                else:
-                    new_hyps.append(hyps[b][beam] + [tok])
-                    new_scores.append(score)
-                    origin[i, len(new_hyps) - 1] = i * k + beam
-                    next_tokens[i, len(new_hyps) - 1] = tok
-                if len(new_hyps) == k or len(finished[b]) >= k:
-                    break
-            hyps[b] = new_hyps + [[] for _ in range(k - len(new_hyps))]
-            scores[b] = new_scores + [-np.inf] * (k - len(new_scores))
-            if step + 1 >= max_lens[b]:  # out of length: the live hypotheses end here
-                finished[b] += [(_penalized(sc, len(h), opts.length_penalty), h)
-                                for sc, h in zip(new_scores, new_hyps)]
-                finished[b] += [(-np.inf, [])] * (k - len(finished[b]))
-        unfinished = np.flatnonzero([len(finished[b]) < k for b in alive])
+        sentence, slot = np.nonzero(chosen.new_slot >= 0)
+        where = chosen.new_slot[sentence, slot]
+        origin[sentence, where] = sentence * k + beam[sentence, slot]
+        next_tokens[sentence, where] = chosen.tokens[sentence, slot]
+        for i, c in zip(*np.nonzero(chosen.ended)):  # hypotheses ending here, best first
+            b = alive[i]
+            finished[b].append((_penalized(float(chosen.scores[i, c]), step + 1, opts.length_penalty),
+                                tokens_so_far[i * k + beam[i, c]].tolist()))
+        active = chosen.active
+        scores[alive[active]] = new_scores[active]
+        tokens_so_far = np.concatenate([tokens_so_far[origin.reshape(-1)], next_tokens.reshape(-1, 1)], 1)
+        for i in np.flatnonzero(active & (step + 1 >= max_len[alive])):  # out of length: live hypotheses end here
+            b = alive[i]
+            live = np.flatnonzero(new_scores[i] > -np.inf)
+            finished[b] += [(_penalized(float(new_scores[i, j]), step + 1, opts.length_penalty),
+                             tokens_so_far[i * k + j].tolist()) for j in live]
+            finished[b] += [(-np.inf, [])] * (k - len(finished[b]))
+        finished_count[alive] = [len(finished[b]) for b in alive]
+        unfinished = np.flatnonzero(finished_count[alive] < k)
         if len(unfinished) == 0:
             break
         if len(unfinished) < COMPACT_BELOW * n:  # the finished sentences' rows leave
             kept_rows = (unfinished[:, None] * k + np.arange(k)).reshape(-1)
             cross = bundle.reorder_cross(cross, kept_rows)
+            tokens_so_far = tokens_so_far[kept_rows]
             alive, origin, next_tokens = alive[unfinished], origin[unfinished], next_tokens[unfinished]
             src_t = bundle.tensor(src[np.repeat(alive, k)])
         rows = origin.reshape(-1)
@@ -168,3 +167,32 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
             cache.select(rows)
         tokens = next_tokens.reshape(-1, 1)
     return [max(pool, key=lambda item: item[0])[1] for pool in finished]
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """One step's choice among each sentence's candidates (``[sentences, 2k]``, best first)."""
+    scores: np.ndarray      # the candidates' scores
+    tokens: np.ndarray      # their tokens
+    new_slot: np.ndarray    # the hypothesis slot a candidate continues into, or -1 (not taken, or ended)
+    ended: np.ndarray       # the candidate ends its hypothesis (end of sentence) and joins the finished ones
+    new_scores: np.ndarray  # [sentences, k]: each slot's score (-inf where no candidate filled it)
+    active: np.ndarray      # [sentences]: the sentence was still searching at this step
+
+
+def _select(scores: np.ndarray, tokens: np.ndarray, finished: np.ndarray, k: int, eos_id: int,
+            eos_banned: bool) -> _Selection:
+    """Each sentence takes its candidates in order until k continue or k hypotheses have finished (counting the
+    ``finished`` before this step), stopping at the first impossible one (-inf); an end of sentence finishes its
+    hypothesis, or is passed over while ``eos_banned``. Sentences that had k finished hypotheses take none."""
+    possible = np.logical_and.accumulate(scores > -np.inf, axis=1)
+    eos = tokens == eos_id
+    continues, ends = possible & ~eos, possible & eos & (not eos_banned)
+    continued, ended = np.cumsum(continues, 1), finished[:, None] + np.cumsum(ends, 1)
+    stop = (continued == k) | (ended >= k)  # after this candidate (if it was taken)
+    taken = ((np.cumsum(stop, 1) - stop) == 0) & (finished < k)[:, None]  # nothing stopped the sentence before
+    new_slot = np.where(continues & taken, continued - 1, -1)
+    new_scores = np.full((len(scores), k), -np.inf)
+    sentence, candidate = np.nonzero(new_slot >= 0)
+    new_scores[sentence, new_slot[sentence, candidate]] = scores[sentence, candidate]
+    return _Selection(scores, tokens, new_slot, ends & taken, new_scores, finished < k)
