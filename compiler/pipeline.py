@@ -43,7 +43,7 @@ from int8mt.schedules.cpu_generic import FLOAT_BYTES, CPUGeneric, register_bytes
 from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
-from int8mt.schedules.top_k import top_k_kernel
+from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul,
@@ -242,14 +242,16 @@ def _fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 def _top_k(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """The ``k`` largest entries along the last axis of a 2-D tensor (both results, descending) with our
-    kernel (:mod:`int8mt.schedules.top_k`: rows in parallel, no sort). TVM has no legalization of its own
-    for ``topk``; the graphs we build use only this form."""
+    kernels (:mod:`int8mt.schedules.top_k`: no sort; the CPU's or, for a CUDA target, the GPU's). TVM has no
+    legalization of its own for ``topk``; the graphs we build use only this form."""
     attrs, data = call.attrs, call.args[0]
     if not (data.ty.ndim == 2 and int(attrs.axis) in (-1, 1) and bool(attrs.largest) and attrs.ret_type == "both"
             and str(data.ty.dtype) in ("float32", "float64")):
         raise ValueError(f"topk is compiled only for the largest entries of a 2-D float tensor along its last axis "
                          f"(values and indices); got {call}")
-    kernel = bb.add_func(top_k_kernel(int(attrs.k), str(data.ty.dtype), str(attrs.dtype)), "top_k")
+    target = tvm.target.Target.current()
+    make = top_k_gpu_kernel if target is not None and target.kind.name == "cuda" else top_k_kernel
+    kernel = bb.add_func(make(int(attrs.k), str(data.ty.dtype), str(attrs.dtype)), "top_k")
     return relax.call_tir(kernel, [data], list(call.ty.fields))
 
 
@@ -314,12 +316,10 @@ class _NotApplicableOnError(dlight.ScheduleRule):
 
 
 def _library_dispatch_passes(backend: ModuleType, target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """The backend's library dispatch, on a CPU less its sort/scan dispatch: that would hand ``topk`` to TVM's
-    external C++ sort (a full sort of each row, one row after another) instead of our kernel (``_top_k``)."""
-    passes = backend.library_dispatch_passes(target)
-    if target.kind.name == "llvm":
-        passes = [p for p in passes if p.info.name != "DispatchSortScan"]
-    return passes
+    """The backend's library dispatch less its sort/scan dispatch: that would hand ``topk`` to TVM's sorts (on
+    a CPU an external C++ sort of each row, one row after another; on a GPU a full sort of each row) instead of
+    our kernels (``_top_k``)."""
+    return [p for p in backend.library_dispatch_passes(target) if p.info.name != "DispatchSortScan"]
 
 
 def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None,

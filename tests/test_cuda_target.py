@@ -255,6 +255,18 @@ def test_cuda_bundle_has_every_matmul_in_integers_on_tensor_cores(cuda_bundle):
     assert len(on_tensor_cores) >= 2  # the encoder's and decoder's prefix attention; one-row decoder steps run GEMV
 
 
+def test_cuda_bundle_takes_candidates_and_appends_cache_rows_with_one_kernel_each(cuda_bundle):
+    """Beam search's candidates come from our top-k kernel (a thread block per row, lists merged in shared
+    memory), not TVM's sort of each whole row; a step's keys and values go into the cache with one kernel per
+    cache buffer (the int8 keys and values, and their scales with run-time ranges)."""
+    manifest = json.loads((cuda_bundle / "manifest.json").read_text())
+    kernels = ptx_entries(compile_ptx((cuda_bundle / KERNELS_SOURCE_FILE).read_text(), "sm_90"))
+    top_k = [k for k in kernels if k.startswith("top_k")]
+    assert len(top_k) == 1 and ".shared" in kernels[top_k[0]] and "bar.sync" in kernels[top_k[0]]
+    assert not [k for k in kernels if "sort" in k or k.startswith("topk")]
+    assert len([k for k in kernels if k.startswith("append_rows")]) == 1 + manifest.get("cache_scales", False)
+
+
 @pytest.mark.skipif(GPU is not None, reason="this machine has a GPU")
 def test_cuda_bundle_without_a_gpu_is_refused_with_a_message(cuda_bundle):
     with pytest.raises(GPUError, match=r"needs an NVIDIA GPU of compute capability 9\.0 or newer; no CUDA GPU"):

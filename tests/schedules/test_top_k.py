@@ -1,11 +1,14 @@
-"""The top-k kernel: each row's k largest entries and their indices, descending, equal to a stable NumPy
+"""The top-k kernels: each row's k largest entries and their indices, descending, equal to a stable NumPy
 sort for dynamic sizes (rows, lengths that are not multiples of its 16-entry blocks, fewer entries than k),
-ties in index order; -inf and NaN are never selected (the slots left are -inf at index -1)."""
+ties in index order; -inf and NaN are never selected (the slots left are -inf at index -1). The GPU kernel is
+compared with the CPU one where a GPU is visible."""
 import numpy as np
 import pytest
 import tvm
 
-from int8mt.schedules.top_k import top_k_kernel
+from int8mt.runtime.bundle import import_tvm_runtime
+from int8mt.runtime.cuda import visible_gpu
+from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 
 from ..conftest import HOST_PRESET
 
@@ -40,3 +43,27 @@ def test_top_k_equals_a_stable_sort(top_k, rows, n, k):
 def test_row_of_only_nan_and_minus_inf_selects_nothing(top_k):
     values, ids = _run(top_k[8], np.array([[np.nan, -np.inf, np.nan]], np.float32), 8)
     assert (values == -np.inf).all() and (ids == -1).all()
+
+
+def test_gpu_kernel_keeps_at_most_what_fits_shared_memory():
+    with pytest.raises(ValueError, match="at most 32 entries per row"):
+        top_k_gpu_kernel(33)
+
+
+@pytest.mark.skipif(visible_gpu(import_tvm_runtime()) is None, reason="no CUDA GPU here")
+@pytest.mark.parametrize("rows,n", [(1, 8000), (5, 37), (128, 8000), (3, 5)])
+def test_gpu_kernel_equals_a_stable_sort(rows, n):
+    from int8mt.targets import get_preset
+
+    target = tvm.target.Target(get_preset("cuda-sm90").target)
+    kernel = tvm.compile(tvm.IRModule({"main": top_k_gpu_kernel(16)}), target=target)["main"]
+    rng = np.random.default_rng(rows + n)
+    x = rng.integers(-50, 50, (rows, n)).astype(np.float32)
+    x[0, :2] = [np.nan, -np.inf]
+    dev = tvm.cuda(0)
+    values, ids = (tvm.runtime.tensor(np.zeros((rows, 16), dtype), dev) for dtype in (np.float32, np.int64))
+    kernel(tvm.runtime.tensor(x, dev), values, ids)
+    cpu_values, cpu_ids = _run(tvm.compile(tvm.IRModule({"main": top_k_kernel(16)}),
+                                           target=tvm.target.Target(HOST_PRESET.target))["main"], x, 16)
+    np.testing.assert_array_equal(ids.numpy(), cpu_ids)
+    np.testing.assert_array_equal(values.numpy(), cpu_values)
