@@ -5,11 +5,12 @@ being one decoded position of a hypothesis (row 0 holds none), and ``history[bat
 each of a hypothesis's positions (the step's own last, as 0). The rows live in one buffer allocated for the
 batch's longest output, which the decoder step reads whole (rows no position names are never read); a step's
 new rows are written into each layer's keys and values after the rows already there (by the bundle's
-``append_cache`` kernel), so no step copies the cache it has. Each layer's keys (and values) are contiguous: a step's gather of them stays within one region of memory
-(with every layer's keys and values of a position side by side, each gathered position was another page and the
-gathers ran 2-4x slower). Reordering hypotheses (beams) or dropping finished ones reorders ``history``'s rows on
-the host; the device's rows never move. With run-time ranges a second buffer of the same layout holds each row's
-float32 scales (``[..., heads, 1]``), written and read with the rows.
+``append_cache`` kernel), so no step copies the cache it has. Each layer's keys (and values) are contiguous: a
+step's gather of them stays within one region of memory (with every layer's keys and values of a position side
+by side, each gathered position was another page and the gathers ran 2-4x slower). Reordering hypotheses (beams)
+or dropping finished ones reorders ``history``'s rows on the host; the device's rows never move. With run-time
+ranges a second buffer of the same layout holds each row's float32 scales (``[..., heads, 1]``), written and read
+with the rows.
 """
 from __future__ import annotations
 
