@@ -31,3 +31,23 @@ def test_refuses_a_malformed_scenario_and_a_missing_bundle(tiny_bundle, tmp_path
     assert done.returncode == 2 and "a scenario is beam:batch:sentences" in done.stderr
     done = _run(str(tmp_path / "none"), "--scenario", "1:1:1")
     assert done.returncode == 2 and "none does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_each_round_starts_one_bundle_later_and_a_revision_brings_its_own_runtime(tiny_bundle, tmp_path):
+    """``PATH@REVISION`` runs with the runtime of that revision of this repository (here HEAD, whose runtime
+    reads the bundle this checkout built: the same translations); the rounds alternate the order."""
+    out = tmp_path / "runs.json"
+    done = _run(f"{tiny_bundle}@HEAD", str(tiny_bundle), "--rounds", "2", "--scenario", "1:2:4",
+                "--sources", str(DATA_DIR / "test_2016_flickr.en"), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["bundle"] for r in runs] == [f"{tiny_bundle}@HEAD", str(tiny_bundle), str(tiny_bundle),
+                                           f"{tiny_bundle}@HEAD"]
+    assert len({r["digest"] for r in runs}) == 1
+
+
+def test_refuses_a_revision_that_is_not_one(tiny_bundle):
+    done = _run(f"{tiny_bundle}@no-such-revision", "--scenario", "1:1:1",
+                "--sources", str(DATA_DIR / "test_2016_flickr.en"))
+    assert done.returncode == 2 and "cannot take the runtime of revision 'no-such-revision'" in done.stderr
+    assert "Traceback" not in done.stderr

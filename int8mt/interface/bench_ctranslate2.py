@@ -122,8 +122,11 @@ def bundle_source_ids(bundle_dir: Path, sentences: list[str]) -> tuple[list[list
     return [fit_to_positions(tokenizer.encode(s), limit, tokenizer.eos_id) for s in sentences], tokenizer.decode
 
 
-def _run(engine: str, path: Path, layout: Layout, scenario: Scenario, job: dict) -> dict:
+def _run(engine: str, path: Path, layout: Layout, scenario: Scenario, job: dict, runtime: str | None = None) -> dict:
+    """One run in a process of its own; ``runtime``: a folder whose ``int8mt`` package it uses instead of this one."""
     env = dict(os.environ)
+    if runtime is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [runtime, env.get("PYTHONPATH")]))
     if layout.mkl is not None:
         env["CT2_USE_MKL"] = "1" if layout.mkl else "0"
     if layout.gpu_compute_type is not None:
