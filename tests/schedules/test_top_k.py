@@ -52,17 +52,24 @@ def test_gpu_kernel_keeps_at_most_what_fits_shared_memory():
 
 @pytest.mark.skipif(visible_gpu(import_tvm_runtime()) is None, reason="no CUDA GPU here")
 @pytest.mark.parametrize("rows,n", [(1, 8000), (5, 37), (128, 8000), (3, 5)])
-def test_gpu_kernel_equals_a_stable_sort(rows, n):
+def test_gpu_kernel_equals_a_stable_sort(rows, n, tmp_path):
+    """Through the pipeline, as a bundle's ``topk`` is compiled for a CUDA preset (our nvcc, our kernels)."""
+    from tvm import relax
+
+    from int8mt.schedules.cuda_tiles import build_kernel, load_kernel
     from int8mt.targets import get_preset
 
-    target = tvm.target.Target(get_preset("cuda-sm90").target)
-    kernel = tvm.compile(tvm.IRModule({"main": top_k_gpu_kernel(16)}), target=target)["main"]
+    x = relax.Var("x", relax.TensorType((tvm.tirx.Var("rows", "int64"), tvm.tirx.Var("n", "int64")), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            top = bb.emit_output(relax.op.topk(x, k=16, axis=-1, ret_type="both", largest=True, dtype="int64"))
+        bb.emit_func_output(top)
+    vm = load_kernel(tvm, tmp_path, "top_k", build_kernel(bb.get(), get_preset("cuda-sm90"), tmp_path, "top_k"))
     rng = np.random.default_rng(rows + n)
     x = rng.integers(-50, 50, (rows, n)).astype(np.float32)
     x[0, :2] = [np.nan, -np.inf]
-    dev = tvm.cuda(0)
-    values, ids = (tvm.runtime.tensor(np.zeros((rows, 16), dtype), dev) for dtype in (np.float32, np.int64))
-    kernel(tvm.runtime.tensor(x, dev), values, ids)
+    values, ids = vm["main"](tvm.runtime.tensor(x, tvm.cuda(0)))
     cpu_values, cpu_ids = _run(tvm.compile(tvm.IRModule({"main": top_k_kernel(16)}),
                                            target=tvm.target.Target(HOST_PRESET.target))["main"], x, 16)
     np.testing.assert_array_equal(ids.numpy(), cpu_ids)
