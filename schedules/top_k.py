@@ -115,7 +115,7 @@ def top_k_gpu_kernel(k: int, dtype: str = "float32", index_dtype: str = "int64")
             head_v = T.decl_buffer((2,), dtype, scope="local")
             head_i = T.decl_buffer((2,), index_dtype, scope="local")
             mine = T.Cast("int64", t)
-            for s in range(K):
+            for s in range(K):  # this thread's k best of entries mine, mine + GPU_THREADS, ..., in index order
                 best[s] = lowest
                 where[s] = T.Cast(index_dtype, -1)
             for c in range((n + NT - 1 - mine) // NT):
@@ -134,7 +134,7 @@ def top_k_gpu_kernel(k: int, dtype: str = "float32", index_dtype: str = "int64")
             for s in range(K):
                 lists_v[mine * K + s] = best[s]
                 lists_i[mine * K + s] = where[s]
-            for level in T.unroll(levels):
+            for level in T.unroll(levels):  # list mine takes the k best of itself and list mine + stride
                 T.tvm_storage_sync("shared")
                 stride = T.int64(GPU_THREADS // 2) >> level
                 if mine < stride:
@@ -160,7 +160,7 @@ def top_k_gpu_kernel(k: int, dtype: str = "float32", index_dtype: str = "int64")
                         lists_v[mine * K + s] = best[s]
                         lists_i[mine * K + s] = where[s]
             T.tvm_storage_sync("shared")
-            if mine < K:
+            if mine < K:  # list 0 holds the row's k best
                 V[row, mine] = lists_v[mine]
                 I[row, mine] = lists_i[mine]
     return top_k_gpu
