@@ -32,8 +32,8 @@ from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty
 LIBRARY_FILE, MANIFEST_FILE, WEIGHTS_FILE = "model.so", "manifest.json", "weights.bin"
 DEFAULT_MAX_ROWS = 1024  # rows (sentences x beams) per call: what compiling records, and the bound of older bundles
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
-BUNDLE_FORMAT = 5  # the entry points and their signatures (the decoder step's cache layout, the weights as parameters)
-READABLE_FORMATS = (BUNDLE_FORMAT,)  # 5: ``append_cache``; 4: caches may carry per-position scales; 3 never
+BUNDLE_FORMAT = 5  # the entry points (ENTRY_POINTS) and their signatures: the decoder step's cache layout, caches
+#                   with per-position scales (manifest ``cache_scales``), the weights as parameters
 ENTRY_POINTS = ("encode", "decode_step", "append_cache", "reorder_cache", "top_candidates")
 
 
@@ -86,9 +86,9 @@ def validate_manifest(manifest: object, where: str) -> dict:
     """``manifest`` checked against :data:`MANIFEST_SCHEMA` (types included), else a :class:`BundleError`."""
     if not isinstance(manifest, dict):
         raise BundleError(f"{where} is corrupt (not a JSON object); rebuild the bundle")
-    if isinstance(manifest.get("format"), int) and manifest["format"] not in READABLE_FORMATS:
+    if isinstance(manifest.get("format"), int) and manifest["format"] != BUNDLE_FORMAT:
         raise BundleError(f"bundle format {manifest['format']} is not supported (this runtime reads "
-                          f"{' and '.join(map(str, READABLE_FORMATS))}); rebuild it with this version of int8mt")
+                          f"{BUNDLE_FORMAT}); rebuild it with this version of int8mt")
     _check_fields(where, manifest, MANIFEST_SCHEMA)
     _check_fields(where, manifest, MANIFEST_OPTIONAL, required=False)
     _check_fields(f"{where} (target)", manifest["target"], TARGET_SCHEMA)
