@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from int8mt.errors import UserError  # noqa: E402
 from int8mt.interface.bench_ctranslate2 import Layout, Scenario, _run, bundle_source_ids  # noqa: E402
 
 LENGTH_PENALTY = 0.6
-PACKAGES = {"int8mt": "int8mt", "compiler": "int8mt/compiler", "schedules": "int8mt/schedules",
-            "targets": "int8mt/targets"}  # the repository's folders -> where pyproject.toml installs them
+# the repository's folders -> where pyproject.toml installs them (int8mt first: the others go inside it)
+PACKAGES = {folder: package.replace(".", "/") for package, folder in sorted(
+    tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].items())}
 
 
 @dataclass(frozen=True)
