@@ -154,14 +154,20 @@ def direct_context_kernel(head_dim: int, dtype: str) -> tirx.PrimFunc:
     return direct_context
 
 
-def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: float, lanes: int) -> tirx.PrimFunc:
+def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: float, lanes: int,
+                            new_range: tuple[float, float] | None = None) -> tirx.PrimFunc:
     """QK^T with run-time ranges, from the float queries to the float scores: each pair's query quantized per row
     (as :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel`), its int32 products with the int8 keys, and
     ``float(product) * query_scale * key_scale[t]`` (the dequantization's order). ``heads`` given: the
     self-attention's keys and their scales read through ``index`` (the kernel ``(index, past, x [batch, heads, 1,
     head_dim], rows, new, scale_rows [stored, 1], new_scale [batch, heads, 1, 1], out [batch, heads, 1,
     positions])``); None: keys stored per pair (``(x, keys [batch, heads, positions, head_dim], key_scale [batch,
-    heads, 1, positions], out)``)."""
+    heads, 1, positions], out)``).
+
+    ``new_range`` ``(qmax, eps)`` (self-attention only): the new keys come as floats and each pair quantizes its
+    own per row first (as :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel`), giving them to the cache
+    too: ``(index, past, x, rows, new_x [batch, heads, 1, head_dim] float32, scale_rows, out, new [.., head_dim]
+    int8, new_scale [.., 1])``."""
     batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
     count = heads if heads is not None else tirx.Var("heads", "int64")
     pairs = batch * count
@@ -181,6 +187,46 @@ def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: 
         for lane in range(T.int64(1), T.int64(lanes)):  # int32: exact in any order
             partial[bh, 0] = partial[bh, 0] + partial[bh, lane]
         out[bh * positions + t] = T.Cast("float32", partial[bh, 0]) * scale[bh] * key_scale
+
+    @T.macro
+    def gathered_scores(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out, q, scale,
+                        maxima, partial, bh):
+        quantize_row(flat_x, q, scale, maxima, bh)
+        for t in range(positions):
+            if past[bh // heads, 0, t, 0]:
+                row = index[bh // heads, bh % heads, t]
+                score(flat_out, partial, q, scale, scale_rows[row, 0], bh, t, flat_rows, row * head_dim)
+            else:
+                score(flat_out, partial, q, scale, flat_new_scale[bh], bh, t, flat_new, bh * head_dim)
+
+    if heads is not None and new_range is not None:
+        quantize_new = row_quantizer(head_dim, row_lanes(head_dim), *new_range)
+
+        @T.prim_func(s_tir=True)
+        def quantized_gathered_scores_quantizing_new(
+                index: T.Buffer((batch, heads, positions), "int64"), past: T.Buffer((batch, 1, positions, 1), "bool"),
+                x: T.Buffer(q_shape, "float32"), rows: T.Buffer((stored, head_dim), "int8"),
+                new_x: T.Buffer((batch, heads, 1, head_dim), "float32"), scale_rows: T.Buffer((stored, 1), "float32"),
+                out: T.Buffer(s_shape, "float32"), new: T.Buffer((batch, heads, 1, head_dim), "int8"),
+                new_scale: T.Buffer((batch, heads, 1, 1), "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_x = T.decl_buffer((pairs * head_dim,), "float32", data=x.data)
+                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
+                flat_new_x = T.decl_buffer((pairs * head_dim,), "float32", data=new_x.data)
+                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
+                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
+                flat_out = T.decl_buffer((pairs * positions,), "float32", data=out.data)
+                q = T.sblock_alloc_buffer((pairs * head_dim,), "int8")
+                scale = T.sblock_alloc_buffer((pairs,), "float32")
+                maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
+                partial = T.sblock_alloc_buffer((pairs, lanes), "int32")
+                for bh in T.parallel(pairs):
+                    quantize_new(flat_new_x, flat_new, flat_new_scale, maxima, bh)
+                    gathered_scores(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out,
+                                    q, scale, maxima, partial, bh)
+
+        return quantized_gathered_scores_quantizing_new
 
     if heads is not None:
         @T.prim_func(s_tir=True)
@@ -203,13 +249,8 @@ def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: 
                 maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
                 partial = T.sblock_alloc_buffer((pairs, lanes), "int32")
                 for bh in T.parallel(pairs):
-                    quantize_row(flat_x, q, scale, maxima, bh)
-                    for t in range(positions):
-                        if past[bh // heads, 0, t, 0]:
-                            row = index[bh // heads, bh % heads, t]
-                            score(flat_out, partial, q, scale, scale_rows[row, 0], bh, t, flat_rows, row * head_dim)
-                        else:
-                            score(flat_out, partial, q, scale, flat_new_scale[bh], bh, t, flat_new, bh * head_dim)
+                    gathered_scores(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out,
+                                    q, scale, maxima, partial, bh)
 
         return quantized_gathered_scores
 
@@ -236,14 +277,19 @@ def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: 
     return quantized_direct_scores
 
 
-def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps: float) -> tirx.PrimFunc:
+def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps: float,
+                             new_range: tuple[float, float] | None = None) -> tirx.PrimFunc:
     """softmax·V with run-time ranges, from the float probabilities (times the values' scales) to the float
     context: each pair's row of probabilities quantized per row, its int32 products with the int8 values
     summed over the positions in order, and ``float(sum) * row_scale``. ``heads`` given: the values and their
     scales read through ``index``, the probabilities before the scales are folded in (the kernel ``(index, past,
     p [batch, heads, 1, positions], rows, new, scale_rows [stored, 1], new_scale [batch, heads, 1, 1], out
     [batch, heads, 1, head_dim])``); None: stored per pair, the scales folded in (``(p, values [batch, heads,
-    positions, head_dim], out)``)."""
+    positions, head_dim], out)``).
+
+    ``new_range`` ``(qmax, eps)``: the new values come as floats, each pair quantizing its own first, as
+    :func:`quantized_scores_kernel` does the new keys (``(index, past, p, rows, new_x, scale_rows, out, new,
+    new_scale)``)."""
     batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
     count = heads if heads is not None else tirx.Var("heads", "int64")
     pairs = batch * count
@@ -268,6 +314,51 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
         for d in T.vectorized(T.int64(head_dim)):
             out[bh * head_dim + d] = T.Cast("float32", total[bh, d]) * scale[bh]
 
+    @T.macro
+    def gathered_context(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out, folded, p,
+                         scale, maxima, total, bh):
+        fold(folded, flat_x, scale_rows, flat_new_scale, index, past, bh)
+        quantize_row(folded, p, scale, maxima, bh)
+        for d in T.vectorized(T.int64(head_dim)):
+            total[bh, d] = 0
+        for t in range(positions):
+            if past[bh // heads, 0, t, 0]:
+                weigh(total, p, bh, t, flat_rows, index[bh // heads, bh % heads, t] * head_dim)
+            else:
+                weigh(total, p, bh, t, flat_new, bh * head_dim)
+        dequantize(flat_out, total, scale, bh)
+
+    if heads is not None and new_range is not None:
+        quantize_new = row_quantizer(head_dim, row_lanes(head_dim), *new_range)
+
+        @T.prim_func(s_tir=True)
+        def quantized_gathered_context_quantizing_new(
+                index: T.Buffer((batch, heads, positions), "int64"), past: T.Buffer((batch, 1, positions, 1), "bool"),
+                x: T.Buffer(p_shape, "float32"), rows: T.Buffer((stored, head_dim), "int8"),
+                new_x: T.Buffer((batch, heads, 1, head_dim), "float32"), scale_rows: T.Buffer((stored, 1), "float32"),
+                out: T.Buffer(out_shape, "float32"), new: T.Buffer((batch, heads, 1, head_dim), "int8"),
+                new_scale: T.Buffer((batch, heads, 1, 1), "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
+                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
+                flat_new_x = T.decl_buffer((pairs * head_dim,), "float32", data=new_x.data)
+                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
+                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
+                flat_out = T.decl_buffer((pairs * head_dim,), "float32", data=out.data)
+                folded = T.sblock_alloc_buffer((pairs * positions,), "float32")
+                p = T.sblock_alloc_buffer((pairs * positions,), "int8")
+                scale = T.sblock_alloc_buffer((pairs,), "float32")
+                maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
+                new_maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
+                total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
+                for bh in T.parallel(pairs):
+                    quantize_new(flat_new_x, flat_new, flat_new_scale, new_maxima, bh)
+                    gathered_context(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out,
+                                     folded, p, scale, maxima, total, bh)
+
+        return quantized_gathered_context_quantizing_new
+
     if heads is not None:
         @T.prim_func(s_tir=True)
         def quantized_gathered_context(index: T.Buffer((batch, heads, positions), "int64"),
@@ -290,16 +381,8 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
                 maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
                 total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
                 for bh in T.parallel(pairs):
-                    fold(folded, flat_x, scale_rows, flat_new_scale, index, past, bh)
-                    quantize_row(folded, p, scale, maxima, bh)
-                    for d in T.vectorized(T.int64(head_dim)):
-                        total[bh, d] = 0
-                    for t in range(positions):
-                        if past[bh // heads, 0, t, 0]:
-                            weigh(total, p, bh, t, flat_rows, index[bh // heads, bh % heads, t] * head_dim)
-                        else:
-                            weigh(total, p, bh, t, flat_new, bh * head_dim)
-                    dequantize(flat_out, total, scale, bh)
+                    gathered_context(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out,
+                                     folded, p, scale, maxima, total, bh)
 
         return quantized_gathered_context
 

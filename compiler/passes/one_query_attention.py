@@ -49,8 +49,9 @@ class _OneQueryRewriter(PyExprMutator):
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
         self.bindings, self.users = bindings_and_users(func)
         self.uses = use_counts(self.users)
-        self.fused = {}  # result variable -> (kernel key, name, maker, arguments, heads' permutation after)
+        self.fused = {}  # result variable -> (kernel key, name, maker, arguments, result types, heads' permutation)
         self.absorbed = set()  # products inside a fused call
+        self.new_outputs = {}  # result variable -> the new keys' (values') variables its call also gives
         for var, value in self.bindings.items():
             if isinstance(value, relax.Call) and isinstance(value.op, ir.Op) and value.op.name == "relax.matmul":
                 self._fuse_quantized(var, value)
@@ -185,6 +186,7 @@ class _OneQueryRewriter(PyExprMutator):
             if source is None or source.args[0].ty.ndim != 4:
                 return
             heads, args = None, (x, source.args[0], *([key_scale] if scores else []))
+            new_quantization = None
         else:
             index, past, rows, new = gathered
             if not scores:  # the probabilities before the values' scales are folded in
@@ -196,14 +198,34 @@ class _OneQueryRewriter(PyExprMutator):
             if scales is None:
                 return
             heads, args = int(index.ty.shape[1]), (index, past, x, rows, new, *scales)
+            new_quantization = self._new_quantization(new, scales[1])
         kind = "scores" if scores else "context"
-        key = ("quantized", kind, heads, head_dim, qmax, eps, self.lanes)
-        make = (lambda: quantized_scores_kernel(heads, head_dim, qmax, eps, self.lanes)) if scores else (
-            lambda: quantized_context_kernel(heads, head_dim, qmax, eps))
-        name = f"quantized_{'gathered' if heads else 'direct'}_{kind}"
+        new_range = None
+        if heads is not None and new_quantization is not None:
+            new_x, new_range = new_quantization
+            args = (index, past, x, rows, new_x, scales[0])
+        key = ("quantized", kind, heads, head_dim, qmax, eps, self.lanes, new_range)
+        make = (lambda: quantized_scores_kernel(heads, head_dim, qmax, eps, self.lanes, new_range)) if scores else (
+            lambda: quantized_context_kernel(heads, head_dim, qmax, eps, new_range))
+        name = f"quantized_{'gathered' if heads else 'direct'}_{kind}{'_quantizing_new' if new_range else ''}"
         shape = list(x.ty.shape)[:3] + [list(chain[-1].ty.shape)[3] if scores else head_dim]
-        self.fused[chain[-1]] = (key, name, make, args, relax.TensorType(shape, "float32"), not scores)
+        out_types = [relax.TensorType(shape, "float32")]
+        if new_range is not None:
+            out_types += [new.ty, scales[1].ty]
+            self.new_outputs[chain[-1]] = (new, scales[1])
+        self.fused[chain[-1]] = (key, name, make, args, out_types, not scores)
         self.absorbed.update(chain[:-1])
+
+    def _new_quantization(self, new: relax.Expr, new_scale: relax.Expr) -> tuple | None:
+        """``(x, (qmax, eps))`` if the self-attention's new keys (or values) ``new`` are ``x``'s run-time row
+        quantization with the scale ``new_scale``: the fused kernel then quantizes them, each pair its own row,
+        and gives both to the uses after it (the cache's outputs). Uses before it keep the quantization's ops,
+        which dead-code elimination removes when the fused call replaced them all (the gathers)."""
+        found = match_row_quantize(new, self.bindings, self.uses)
+        if not found or not found[1].same_as(new_scale) or not self._same(list(found[0].ty.shape), list(new.ty.shape)):
+            return None
+        x, _, qmax, eps = found
+        return x, (qmax, eps)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         fused = self.fused.get(binding.var)
@@ -211,9 +233,15 @@ class _OneQueryRewriter(PyExprMutator):
             if binding.var not in self.absorbed:  # (the product and the views and casts after it: the call's)
                 super().visit_var_binding_(binding)
             return
-        key, name, make, args, out_type, permuted = fused
+        key, name, make, args, out_types, permuted = fused
         kernel = self.kernels.get(key, name, lambda: make().with_attr(KERNEL_ATTR, name))
-        out = relax.call_tir(kernel, [self.visit_expr(a) for a in args], out_type)
+        out = relax.call_tir(kernel, [self.visit_expr(a) for a in args], out_types[0] if len(out_types) == 1 else
+                             out_types)
+        if len(out_types) > 1:
+            results = self.builder_.emit(out)
+            for i, var in enumerate(self.new_outputs[binding.var], start=1):
+                self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(results, i), var.name))
+            out = relax.TupleGetItem(results, 0)
         if permuted:
             out = relax.op.permute_dims(self.builder_.emit(out), HEADS_FIRST)
         self.set_var_remap(binding.var, self.builder_.emit(out, binding.var.name))

@@ -114,14 +114,23 @@ def _row_quantized(bb: relax.BlockBuilder, x: relax.Expr) -> tuple[relax.Var, re
     return bb.emit(relax.op.astype(bb.emit(relax.op.clip(rounded, -127, 127)), "int8")), scale
 
 
-def _runtime_module(gathered: bool) -> tvm.IRModule:
+def _runtime_module(gathered: bool, new_from_floats: bool = False) -> tvm.IRModule:
     """A step's QK^T and softmax·V with run-time ranges as Scale Propagation leaves them: the query and the
     probabilities (times the values' scales) quantized per row, int8 products, their dequantization; the keys and
-    values gathered from the cache's rows with their per-position scales (``gathered``) or stored per pair."""
+    values gathered from the cache's rows with their per-position scales (``gathered``) or stored per pair.
+    ``new_from_floats`` (gathered): the new key and value come as floats, are quantized per row (per head) in the
+    step as the model's are, and are returned with their scales (for the cache) after the two results."""
     b, t, n = (tvm.tirx.Var(name, "int64") for name in ("b", "t", "n"))
     query = relax.Var("query", relax.TensorType([b, H, 1, D], "float32"))
     probs = relax.Var("probs", relax.TensorType([b, H, 1, t], "float32"))
-    if gathered:
+    if gathered and new_from_floats:
+        params = [relax.Var("rows", relax.TensorType([n, D], "int8")),
+                  relax.Var("scale_rows", relax.TensorType([n, 1], "float32")),
+                  relax.Var("index", relax.TensorType([b, H, t], "int64")),
+                  relax.Var("past", relax.TensorType([b, 1, t, 1], "bool")),
+                  relax.Var("new_key", relax.TensorType([b, H, 1, D], "float32")),
+                  relax.Var("new_value", relax.TensorType([b, H, 1, D], "float32")), query, probs]
+    elif gathered:
         params = [relax.Var("rows", relax.TensorType([n, D], "int8")),
                   relax.Var("scale_rows", relax.TensorType([n, 1], "float32")),
                   relax.Var("index", relax.TensorType([b, H, t], "int64")),
@@ -134,11 +143,15 @@ def _runtime_module(gathered: bool) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     with bb.function("main", params):
         with bb.dataflow():
-            def stored(data: bool) -> relax.Var:  # keys or values [b, H, t, D], or their scales [b, H, t, 1]
+            new = {"key": params[4:6], "value": params[4:6]}  # each one's new int8 row and scale, if gathered
+            if new_from_floats:
+                new = {"key": _row_quantized(bb, params[4]), "value": _row_quantized(bb, params[5])}
+
+            def stored(data: bool, of: str = "key") -> relax.Var:  # keys or values [b, H, t, D], or their scales
                 if not gathered:
                     return params[0] if data else params[1]
-                rows, scale_rows, index, past, new, new_scale = params[:6]
-                source, own = (rows, new) if data else (scale_rows, new_scale)
+                rows, scale_rows, index, past = params[:4]
+                source, own = (rows, new[of][0]) if data else (scale_rows, new[of][1])
                 return bb.emit(relax.op.where(past, bb.emit(relax.op.take(source, index, axis=0)), own))
 
             def pairs(x: relax.Expr, last, middle=1) -> relax.Var:
@@ -154,27 +167,35 @@ def _runtime_module(gathered: bool) -> tvm.IRModule:
             dequantized = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(heads(product, t), "float32")),
                                                     heads(pairs(q_scale, 1), 1)))
             scores = bb.emit(relax.op.multiply(dequantized, heads(key_scale, t)))
-            folded = bb.emit(relax.op.multiply(probs, bb.emit(relax.op.permute_dims(stored(False), [0, 1, 3, 2]))))
+            folded = bb.emit(relax.op.multiply(probs, bb.emit(relax.op.permute_dims(stored(False, "value"),
+                                                                                     [0, 1, 3, 2]))))
             p, p_scale = _row_quantized(bb, folded)
-            product = bb.emit(relax.op.matmul(pairs(p, t), pairs(stored(True), D, t), out_dtype="int32"))
+            product = bb.emit(relax.op.matmul(pairs(p, t), pairs(stored(True, "value"), D, t), out_dtype="int32"))
             permuted = bb.emit(relax.op.permute_dims(heads(product, D), [0, 2, 1, 3]))
             context = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(permuted, "float32")), bb.emit(
                 relax.op.permute_dims(heads(pairs(p_scale, 1), 1), [0, 2, 1, 3]))))
-            out = bb.emit_output(relax.Tuple([scores, context]))
+            cache = [*new["key"], *new["value"]] if new_from_floats else []
+            out = bb.emit_output(relax.Tuple([scores, context, *cache]))
         bb.emit_func_output(out)
     return bb.get()
 
 
-@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "direct"])
-def test_run_time_ranges_each_product_with_its_quantization_is_one_call(gathered):
+@pytest.mark.parametrize("gathered, new_from_floats", [(True, False), (True, True), (False, False)],
+                         ids=["gathered", "gathered-quantizing-new", "direct"])
+def test_run_time_ranges_each_product_with_its_quantization_is_one_call(gathered, new_from_floats):
     """Each product, its left operand's row quantization and its result's dequantization (and for the gathered
-    values, the folding of their scales) become one call; the results are the ops' bit for bit."""
-    before = _runtime_module(gathered)
+    values, the folding of their scales) become one call; a new key or value quantized in the step is quantized
+    by its product's call, which also returns it and its scale for the cache; the results are the ops' bit for
+    bit."""
+    before = _runtime_module(gathered, new_from_floats)
     after = OneQueryAttention(16)(before)
     kind = "gathered" if gathered else "direct"
+    suffix = "_quantizing_new" if new_from_floats else ""
     calls = [c.args[0].name_hint for c in _calls(after["main"]) if isinstance(c.op, tvm.ir.Op)
              and c.op.name == "relax.call_tir"]
-    assert calls == [f"quantized_{kind}_scores", f"quantized_{kind}_context"]
+    assert calls == [f"quantized_{kind}_scores{suffix}", f"quantized_{kind}_context{suffix}"]
+    left = {c.op.name for c in _calls(after["main"]) if isinstance(c.op, tvm.ir.Op)}
+    assert not left & {"relax.abs", "relax.max", "relax.divide", "relax.round", "relax.astype", "relax.where"}
     target = tvm.target.Target(HOST_PRESET.target)
     vms = [relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
            for mod in (after, before)]
@@ -186,8 +207,9 @@ def test_run_time_ranges_each_product_with_its_quantization_is_one_call(gathered
             index = (hist[:, None, :] * H + np.arange(H)[None, :, None]).astype(np.int64)
             inputs = [RNG.integers(-127, 128, (stored * H, D)).astype(np.int8),
                       RNG.uniform(0.01, 0.1, (stored * H, 1)).astype(np.float32), index, (hist > 0)[:, None, :, None],
-                      RNG.integers(-127, 128, (b, H, 1, D)).astype(np.int8),
-                      RNG.uniform(0.01, 0.1, (b, H, 1, 1)).astype(np.float32)]
+                      *([RNG.standard_normal((b, H, 1, D)).astype(np.float32) for _ in "kv"] if new_from_floats else
+                        [RNG.integers(-127, 128, (b, H, 1, D)).astype(np.int8),
+                         RNG.uniform(0.01, 0.1, (b, H, 1, 1)).astype(np.float32)])]
         else:
             inputs = [RNG.integers(-127, 128, (b, H, t, D)).astype(np.int8),
                       RNG.uniform(0.01, 0.1, (b, H, t, 1)).astype(np.float32)]
