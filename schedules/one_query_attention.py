@@ -278,7 +278,8 @@ def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: 
 
 
 def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps: float,
-                             new_range: tuple[float, float] | None = None) -> tirx.PrimFunc:
+                             new_range: tuple[float, float] | None = None,
+                             row_range: tuple[float, float] | None = None) -> tirx.PrimFunc:
     """softmax·V with run-time ranges, from the float probabilities (times the values' scales) to the float
     context: each pair's row of probabilities quantized per row, its int32 products with the int8 values
     summed over the positions in order, and ``float(sum) * row_scale``. ``heads`` given: the values and their
@@ -287,14 +288,20 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
     [batch, heads, 1, head_dim])``); None: stored per pair, the scales folded in (``(p, values [batch, heads,
     positions, head_dim], out)``).
 
-    ``new_range`` ``(qmax, eps)``: the new values come as floats, each pair quantizing its own first, as
-    :func:`quantized_scores_kernel` does the new keys (``(index, past, p, rows, new_x, scale_rows, out, new,
-    new_scale)``)."""
+    ``new_range`` ``(qmax, eps)`` (``heads`` given): the new values come as floats, each pair quantizing its own
+    first, as :func:`quantized_scores_kernel` does the new keys (``(index, past, p, rows, new_x, scale_rows, out,
+    new, new_scale)``).
+
+    ``row_range`` ``(qmax, eps)`` (with ``new_range`` if ``heads`` is given): the context is not returned but
+    quantized per row of the heads side by side (the output projection's run-time quantization, as
+    :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel`): ``out`` becomes ``q [batch, 1, heads *
+    head_dim]`` int8 and ``s [batch, 1, 1]``; the batch rows run in parallel, each its heads in turn."""
     batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
     count = heads if heads is not None else tirx.Var("heads", "int64")
     pairs = batch * count
     quantize_row = row_quantizer(positions, 1, qmax, eps)
     p_shape, out_shape = (batch, count, 1, positions), (batch, count, 1, head_dim)
+    row_shape, row_scale_shape = (batch, 1, count * head_dim), (batch, 1, 1)
 
     @T.macro
     def weigh(total, p, bh, t, source, start):
@@ -328,9 +335,59 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
                 weigh(total, p, bh, t, flat_new, bh * head_dim)
         dequantize(flat_out, total, scale, bh)
 
-    if heads is not None and new_range is not None:
+    @T.macro
+    def direct_context(flat_x, flat_values, flat_out, p, scale, maxima, total, bh):
+        quantize_row(flat_x, p, scale, maxima, bh)
+        for d in T.vectorized(T.int64(head_dim)):
+            total[bh, d] = 0
+        for t in range(positions):
+            weigh(total, p, bh, t, flat_values, (bh * positions + t) * head_dim)
+        dequantize(flat_out, total, scale, bh)
+
+    if row_range is not None:
+        if heads is not None and new_range is None:
+            raise ValueError("a gathered context quantized per row also quantizes the new values (new_range)")
+        quantize_out_row = row_quantizer(count * head_dim, row_lanes(head_dim), *row_range)
+    if new_range is not None:
+        if heads is None:
+            raise ValueError("new values are quantized only by the gathered context (heads given)")
         quantize_new = row_quantizer(head_dim, row_lanes(head_dim), *new_range)
 
+    if heads is not None and row_range is not None:
+        @T.prim_func(s_tir=True)
+        def quantized_gathered_context_quantizing_rows(
+                index: T.Buffer((batch, heads, positions), "int64"), past: T.Buffer((batch, 1, positions, 1), "bool"),
+                x: T.Buffer(p_shape, "float32"), rows: T.Buffer((stored, head_dim), "int8"),
+                new_x: T.Buffer((batch, heads, 1, head_dim), "float32"), scale_rows: T.Buffer((stored, 1), "float32"),
+                q: T.Buffer(row_shape, "int8"), s: T.Buffer(row_scale_shape, "float32"),
+                new: T.Buffer((batch, heads, 1, head_dim), "int8"), new_scale: T.Buffer((batch, heads, 1, 1), "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
+                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
+                flat_new_x = T.decl_buffer((pairs * head_dim,), "float32", data=new_x.data)
+                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
+                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
+                flat_q = T.decl_buffer((pairs * head_dim,), "int8", data=q.data)
+                flat_s = T.decl_buffer((batch,), "float32", data=s.data)
+                context = T.sblock_alloc_buffer((pairs * head_dim,), "float32")
+                folded = T.sblock_alloc_buffer((pairs * positions,), "float32")
+                p = T.sblock_alloc_buffer((pairs * positions,), "int8")
+                scale = T.sblock_alloc_buffer((pairs,), "float32")
+                maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
+                new_maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
+                row_maxima = T.sblock_alloc_buffer((batch, row_lanes(head_dim)), "float32")
+                total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
+                for b in T.parallel(batch):
+                    for h in range(heads):
+                        quantize_new(flat_new_x, flat_new, flat_new_scale, new_maxima, b * heads + h)
+                        gathered_context(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale,
+                                         context, folded, p, scale, maxima, total, b * heads + h)
+                    quantize_out_row(context, flat_q, flat_s, row_maxima, b)
+
+        return quantized_gathered_context_quantizing_rows
+
+    if heads is not None and new_range is not None:
         @T.prim_func(s_tir=True)
         def quantized_gathered_context_quantizing_new(
                 index: T.Buffer((batch, heads, positions), "int64"), past: T.Buffer((batch, 1, positions, 1), "bool"),
@@ -386,6 +443,31 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
 
         return quantized_gathered_context
 
+    if row_range is not None:
+        @T.prim_func(s_tir=True)
+        def quantized_direct_context_quantizing_rows(x: T.Buffer(p_shape, "float32"),
+                                                     values: T.Buffer((batch, count, positions, head_dim), "int8"),
+                                                     q: T.Buffer(row_shape, "int8"),
+                                                     s: T.Buffer(row_scale_shape, "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
+                flat_values = T.decl_buffer((pairs * positions * head_dim,), "int8", data=values.data)
+                flat_q = T.decl_buffer((pairs * head_dim,), "int8", data=q.data)
+                flat_s = T.decl_buffer((batch,), "float32", data=s.data)
+                context = T.sblock_alloc_buffer((pairs * head_dim,), "float32")
+                p = T.sblock_alloc_buffer((pairs * positions,), "int8")
+                scale = T.sblock_alloc_buffer((pairs,), "float32")
+                maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
+                row_maxima = T.sblock_alloc_buffer((batch, row_lanes(head_dim)), "float32")
+                total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
+                for b in T.parallel(batch):
+                    for h in range(count):
+                        direct_context(flat_x, flat_values, context, p, scale, maxima, total, b * count + h)
+                    quantize_out_row(context, flat_q, flat_s, row_maxima, b)
+
+        return quantized_direct_context_quantizing_rows
+
     @T.prim_func(s_tir=True)
     def quantized_direct_context(x: T.Buffer(p_shape, "float32"),
                                  values: T.Buffer((batch, count, positions, head_dim), "int8"),
@@ -400,11 +482,6 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
             maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
             total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
             for bh in T.parallel(pairs):
-                quantize_row(flat_x, p, scale, maxima, bh)
-                for d in T.vectorized(T.int64(head_dim)):
-                    total[bh, d] = 0
-                for t in range(positions):
-                    weigh(total, p, bh, t, flat_values, (bh * positions + t) * head_dim)
-                dequantize(flat_out, total, scale, bh)
+                direct_context(flat_x, flat_values, flat_out, p, scale, maxima, total, bh)
 
     return quantized_direct_context

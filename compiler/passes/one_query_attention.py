@@ -49,9 +49,9 @@ class _OneQueryRewriter(PyExprMutator):
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
         self.bindings, self.users = bindings_and_users(func)
         self.uses = use_counts(self.users)
-        self.fused = {}  # result variable -> (kernel key, name, maker, arguments, result types, heads' permutation)
-        self.absorbed = set()  # products inside a fused call
-        self.new_outputs = {}  # result variable -> the new keys' (values') variables its call also gives
+        self.fused = {}  # product's last variable -> (kernel key, name, maker, arguments, [(variable, type)] the
+        #                   call gives, whether its first result is permuted heads-first)
+        self.absorbed = set()  # bindings a fused call replaces
         for var, value in self.bindings.items():
             if isinstance(value, relax.Call) and isinstance(value.op, ir.Op) and value.op.name == "relax.matmul":
                 self._fuse_quantized(var, value)
@@ -204,17 +204,54 @@ class _OneQueryRewriter(PyExprMutator):
         if heads is not None and new_quantization is not None:
             new_x, new_range = new_quantization
             args = (index, past, x, rows, new_x, scales[0])
-        key = ("quantized", kind, heads, head_dim, qmax, eps, self.lanes, new_range)
-        make = (lambda: quantized_scores_kernel(heads, head_dim, qmax, eps, self.lanes, new_range)) if scores else (
-            lambda: quantized_context_kernel(heads, head_dim, qmax, eps, new_range))
-        name = f"quantized_{'gathered' if heads else 'direct'}_{kind}{'_quantizing_new' if new_range else ''}"
         shape = list(x.ty.shape)[:3] + [list(chain[-1].ty.shape)[3] if scores else head_dim]
-        out_types = [relax.TensorType(shape, "float32")]
+        results = [(chain[-1], relax.TensorType(shape, "float32"))]
+        row = None if scores or (heads is not None and new_range is None) else self._row_quantization(chain[-1])
+        if row is not None:
+            q, row_scale, row_range, bindings = row
+            results = [(q, q.ty), (row_scale, row_scale.ty)]
+            self.absorbed.update(bindings)
         if new_range is not None:
-            out_types += [new.ty, scales[1].ty]
-            self.new_outputs[chain[-1]] = (new, scales[1])
-        self.fused[chain[-1]] = (key, name, make, args, out_types, not scores)
+            results += [(new, new.ty), (scales[1], scales[1].ty)]
+        row_range = row[2] if row is not None else None
+        key = ("quantized", kind, heads, head_dim, qmax, eps, self.lanes, new_range, row_range)
+        make = (lambda: quantized_scores_kernel(heads, head_dim, qmax, eps, self.lanes, new_range)) if scores else (
+            lambda: quantized_context_kernel(heads, head_dim, qmax, eps, new_range, row_range))
+        suffix = "_quantizing_rows" if row_range else "_quantizing_new" if new_range else ""
+        name = f"quantized_{'gathered' if heads else 'direct'}_{kind}{suffix}"
+        self.fused[chain[-1]] = (key, name, make, args, results, not scores and row is None)
         self.absorbed.update(chain[:-1])
+
+    def _row_quantization(self, context: relax.Var) -> tuple | None:
+        """``(q, s, (qmax, eps), bindings)`` if the heads-first ``context`` [batch, 1, heads, head_dim] is, merged
+        into rows of the heads side by side, quantized per row and used for nothing else (the output projection's
+        input with run-time ranges): ``q`` and ``s`` the quantized rows and their scales, ``bindings`` those of
+        the merge and the quantization."""
+        merged = self._user(context, "relax.reshape")
+        if merged is None or merged.ty.ndim != 3 or not self._same(
+                [merged.ty.shape[0], merged.ty.shape[2]], [context.ty.shape[0], context.ty.shape[2] * context.ty.shape[3]]):
+            return None
+        users = self.users.get(merged, [])
+        divided = [u for u in users if u is not None and bound_op_call(u, "relax.divide", self.bindings) is not None]
+        if len(users) != 2 or len(divided) != 1:
+            return None
+        q = divided[0]
+        for op in ("relax.round", "relax.clip", "relax.astype"):
+            q = self._user(q, op)
+            if q is None:
+                return None
+        found = match_row_quantize(q, self.bindings, self.uses)
+        if not found or not found[0].same_as(merged):
+            return None
+        _, scale, qmax, eps = found
+        bindings, pending = [], [q]
+        while pending:  # the quantization's bindings, from q back to the merge
+            var = pending.pop()
+            if var not in bindings and var in self.bindings:
+                bindings.append(var)
+                if not var.same_as(merged):
+                    pending.extend(relax.analysis.free_vars(self.bindings[var]))
+        return q, scale, (qmax, eps), bindings
 
     def _new_quantization(self, new: relax.Expr, new_scale: relax.Expr) -> tuple | None:
         """``(x, (qmax, eps))`` if the self-attention's new keys (or values) ``new`` are ``x``'s run-time row
@@ -233,18 +270,20 @@ class _OneQueryRewriter(PyExprMutator):
             if binding.var not in self.absorbed:  # (the product and the views and casts after it: the call's)
                 super().visit_var_binding_(binding)
             return
-        key, name, make, args, out_types, permuted = fused
+        key, name, make, args, results, permuted = fused
         kernel = self.kernels.get(key, name, lambda: make().with_attr(KERNEL_ATTR, name))
-        out = relax.call_tir(kernel, [self.visit_expr(a) for a in args], out_types[0] if len(out_types) == 1 else
-                             out_types)
-        if len(out_types) > 1:
-            results = self.builder_.emit(out)
-            for i, var in enumerate(self.new_outputs[binding.var], start=1):
-                self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(results, i), var.name))
-            out = relax.TupleGetItem(results, 0)
-        if permuted:
-            out = relax.op.permute_dims(self.builder_.emit(out), HEADS_FIRST)
-        self.set_var_remap(binding.var, self.builder_.emit(out, binding.var.name))
+        out = relax.call_tir(kernel, [self.visit_expr(a) for a in args], [ty for _, ty in results] if len(results) > 1
+                             else results[0][1])
+        if len(results) == 1:
+            out = relax.op.permute_dims(self.builder_.emit(out), HEADS_FIRST) if permuted else out
+            self.set_var_remap(binding.var, self.builder_.emit(out, binding.var.name))
+            return
+        out = self.builder_.emit(out)
+        for i, (var, _) in enumerate(results):
+            item = relax.TupleGetItem(out, i)
+            if i == 0 and permuted:
+                item = relax.op.permute_dims(self.builder_.emit(item), HEADS_FIRST)
+            self.set_var_remap(var, self.builder_.emit(item, var.name))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         if not (isinstance(call.op, ir.Op) and call.op.name == "relax.matmul"):

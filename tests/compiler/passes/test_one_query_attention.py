@@ -114,12 +114,14 @@ def _row_quantized(bb: relax.BlockBuilder, x: relax.Expr) -> tuple[relax.Var, re
     return bb.emit(relax.op.astype(bb.emit(relax.op.clip(rounded, -127, 127)), "int8")), scale
 
 
-def _runtime_module(gathered: bool, new_from_floats: bool = False) -> tvm.IRModule:
+def _runtime_module(gathered: bool, new_from_floats: bool = False, rows: bool = False) -> tvm.IRModule:
     """A step's QK^T and softmax·V with run-time ranges as Scale Propagation leaves them: the query and the
     probabilities (times the values' scales) quantized per row, int8 products, their dequantization; the keys and
     values gathered from the cache's rows with their per-position scales (``gathered``) or stored per pair.
     ``new_from_floats`` (gathered): the new key and value come as floats, are quantized per row (per head) in the
-    step as the model's are, and are returned with their scales (for the cache) after the two results."""
+    step as the model's are, and are returned with their scales (for the cache) after the two results. ``rows``:
+    the context's heads are merged into rows and quantized per row (the output projection's input), the rows and
+    their scales returned instead of the context."""
     b, t, n = (tvm.tirx.Var(name, "int64") for name in ("b", "t", "n"))
     query = relax.Var("query", relax.TensorType([b, H, 1, D], "float32"))
     probs = relax.Var("probs", relax.TensorType([b, H, 1, t], "float32"))
@@ -175,25 +177,30 @@ def _runtime_module(gathered: bool, new_from_floats: bool = False) -> tvm.IRModu
             context = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(permuted, "float32")), bb.emit(
                 relax.op.permute_dims(heads(pairs(p_scale, 1), 1), [0, 2, 1, 3]))))
             cache = [*new["key"], *new["value"]] if new_from_floats else []
-            out = bb.emit_output(relax.Tuple([scores, context, *cache]))
+            merged = _row_quantized(bb, bb.emit(relax.op.reshape(context, [b, 1, H * D]))) if rows else [context]
+            out = bb.emit_output(relax.Tuple([scores, *merged, *cache]))
         bb.emit_func_output(out)
     return bb.get()
 
 
-@pytest.mark.parametrize("gathered, new_from_floats", [(True, False), (True, True), (False, False)],
-                         ids=["gathered", "gathered-quantizing-new", "direct"])
-def test_run_time_ranges_each_product_with_its_quantization_is_one_call(gathered, new_from_floats):
+@pytest.mark.parametrize("gathered, new_from_floats, rows",
+                         [(True, False, False), (True, True, False), (True, True, True), (False, False, False),
+                          (False, False, True)],
+                         ids=["gathered", "gathered-quantizing-new", "gathered-quantizing-rows", "direct",
+                              "direct-quantizing-rows"])
+def test_run_time_ranges_each_product_with_its_quantization_is_one_call(gathered, new_from_floats, rows):
     """Each product, its left operand's row quantization and its result's dequantization (and for the gathered
     values, the folding of their scales) become one call; a new key or value quantized in the step is quantized
-    by its product's call, which also returns it and its scale for the cache; the results are the ops' bit for
-    bit."""
-    before = _runtime_module(gathered, new_from_floats)
+    by its product's call, which also returns it and its scale for the cache; a context quantized per row of
+    merged heads is quantized by its call; the results are the ops' bit for bit."""
+    before = _runtime_module(gathered, new_from_floats, rows)
     after = OneQueryAttention(16)(before)
     kind = "gathered" if gathered else "direct"
-    suffix = "_quantizing_new" if new_from_floats else ""
+    new_suffix = "_quantizing_new" if new_from_floats else ""
     calls = [c.args[0].name_hint for c in _calls(after["main"]) if isinstance(c.op, tvm.ir.Op)
              and c.op.name == "relax.call_tir"]
-    assert calls == [f"quantized_{kind}_scores{suffix}", f"quantized_{kind}_context{suffix}"]
+    assert calls == [f"quantized_{kind}_scores{new_suffix}",
+                     f"quantized_{kind}_context{'_quantizing_rows' if rows else new_suffix}"]
     left = {c.op.name for c in _calls(after["main"]) if isinstance(c.op, tvm.ir.Op)}
     assert not left & {"relax.abs", "relax.max", "relax.divide", "relax.round", "relax.astype", "relax.where"}
     target = tvm.target.Target(HOST_PRESET.target)
