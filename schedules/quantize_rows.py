@@ -51,7 +51,7 @@ def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: fl
         s[i] = T.min_value("float32")
         for lane in range(T.int64(lanes)):
             s[i] = T.max(s[i], partial[i, lane])
-        row_scale: T.float32 = T.max(s[i], floor) / high
+        row_scale: T.let = T.max(s[i], floor) / high
         s[i] = row_scale
         for j in range(width):  # (LLVM vectorizes it: TVM keeps nearbyint scalar)
             q[i * columns + j] = T.Cast("int8", T.max(T.min(T.nearbyint(values[i * columns + j] / row_scale), high),

@@ -44,7 +44,7 @@ def _sdot_4x4(
     with T.sblock("root"):
         T.reads(C[_0:_4], A[_0:_4], B[_0:_4, _0:_4])
         T.writes(C[_0:_4])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([_0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+        a: T.let = T.reinterpret(T.broadcast(T.reinterpret(A.vload([_0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
         C[T.ramp(_0, T.int64(1), 4)] = T.call_llvm_pure_intrin(
             "int32x4", SDOT_DOT.instruction, C.vload([_0], dtype="int32x4"), B.vload([_0, _0], dtype="int8x16"), a)
 
@@ -72,8 +72,8 @@ def _smull_4x2(
     with T.sblock("root"):
         T.reads(C[_0:_4], A[_0:_2], B[_0:_4, _0:_2])
         T.writes(C[_0:_4])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([_0], "int8x2"), dtype="int16"), 4), dtype="int8x8")
-        products = T.call_llvm_pure_intrin("int16x8", NEON_DOT.instruction, a, B.vload([_0, _0], dtype="int8x8"))
+        a: T.let = T.reinterpret(T.broadcast(T.reinterpret(A.vload([_0], "int8x2"), dtype="int16"), 4), dtype="int8x8")
+        products: T.let = T.call_llvm_pure_intrin("int16x8", NEON_DOT.instruction, a, B.vload([_0, _0], dtype="int8x8"))
         C[T.ramp(_0, T.int64(1), 4)] = C.vload([_0], dtype="int32x4") + T.call_llvm_pure_intrin(
             "int32x4", PAIRWISE_ADD, products)
 

@@ -30,7 +30,7 @@ def dot_16x4_vnni(
     with T.sblock("root"):
         T.reads(C[_0:_16], A[_0:_4], B[_0:_16, _0:_4])
         T.writes(C[_0:_16])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([_0], "uint8x4"), dtype="int32"), 16), dtype="int8x64")
+        a: T.let = T.reinterpret(T.broadcast(T.reinterpret(A.vload([_0], "uint8x4"), dtype="int32"), 16), dtype="int8x64")
         C[T.ramp(_0, T.int64(1), 16)] = T.call_llvm_pure_intrin(
             "int32x16", "llvm.x86.avx512.vpdpbusd.512",
             C.vload([_0], dtype="int32x16"), a, B.vload([_0, _0], dtype="int8x64"))

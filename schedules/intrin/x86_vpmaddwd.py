@@ -39,7 +39,7 @@ def _vpmaddwd(dot: Int8Dot) -> tirx.PrimFunc:
         with T.sblock("root"):
             T.reads(C[_0:L], A[_0:_2], B[_0:L, _0:_2])
             T.writes(C[_0:L])
-            pair = T.reinterpret(A.vload([_0], "int16x2"), dtype="int32")
+            pair: T.let = T.reinterpret(A.vload([_0], "int16x2"), dtype="int32")
             C[T.ramp(_0, T.int64(1), dot.lanes)] = C.vload([_0], dtype=acc) + T.call_llvm_pure_intrin(
                 acc, dot.instruction, T.reinterpret(T.broadcast(pair, dot.lanes), dtype=dot.operand),
                 T.cast(B.vload([_0, _0], dtype=weights), dot.operand))
