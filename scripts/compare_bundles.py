@@ -131,7 +131,7 @@ def _compare(a: argparse.Namespace) -> list[dict]:
 def _record(round_: int, entry: Entry, beam: int, batch: int, ids: list, result: dict) -> dict:
     return {"round": round_, "bundle": entry.name, "beam": beam, "batch": batch,
             "sentences": len(ids), "sent_per_s": len(ids) / result["seconds"], "peak_rss_mib": result["peak_rss_mib"],
-            "digest": hashlib.sha1(json.dumps(result["outputs"]).encode()).hexdigest()[:8]}
+            "digest": hashlib.sha1(json.dumps(result["outputs"]).encode()).hexdigest()[:8], "runtime": result.get("runtime")}
 
 
 def _report(a: argparse.Namespace, runs: list[dict]) -> None:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import int8mt
+
 from .conftest import DATA_DIR
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_bundles.py"
@@ -44,6 +46,9 @@ def test_each_round_starts_one_bundle_later_and_a_revision_brings_its_own_runtim
     assert [r["bundle"] for r in runs] == [f"{tiny_bundle}@HEAD", str(tiny_bundle), str(tiny_bundle),
                                            f"{tiny_bundle}@HEAD"]
     assert len({r["digest"] for r in runs}) == 1
+    checkout = str(Path(int8mt.__file__).parent)
+    assert [r["runtime"] == checkout for r in runs] == [False, True, True, False]  # (even with an editable install)
+    assert all(Path(r["runtime"], "runtime", "bundle.py").is_file() for r in runs)
 
 
 def test_refuses_a_revision_that_is_not_one(tiny_bundle):

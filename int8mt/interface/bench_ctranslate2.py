@@ -122,19 +122,27 @@ def bundle_source_ids(bundle_dir: Path, sentences: list[str]) -> tuple[list[list
     return [fit_to_positions(tokenizer.encode(s), limit, tokenizer.eos_id) for s in sentences], tokenizer.decode
 
 
+# bench_engine run with the int8mt package of the folder given first: that folder first on sys.path, and any import
+# hook that would find int8mt before sys.path is searched (an editable install's) left out
+_ENGINE_FROM_FOLDER = (
+    "import importlib.machinery, runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "sys.meta_path[:] = [f for f in sys.meta_path if f is importlib.machinery.PathFinder "
+    "or getattr(f, 'find_spec', None) is None or f.find_spec('int8mt', None) is None]; "
+    "runpy.run_module('int8mt.interface.bench_engine', run_name='__main__')")
+
+
 def _run(engine: str, path: Path, layout: Layout, scenario: Scenario, job: dict, runtime: str | None = None) -> dict:
     """One run in a process of its own; ``runtime``: a folder whose ``int8mt`` package it uses instead of this one."""
     env = dict(os.environ)
-    if runtime is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [runtime, env.get("PYTHONPATH")]))
     if layout.mkl is not None:
         env["CT2_USE_MKL"] = "1" if layout.mkl else "0"
     if layout.gpu_compute_type is not None:
         job = {**job, "compute_type": layout.gpu_compute_type}
     run = EngineRun(engine=engine, path=str(path), replicas=layout.replicas, threads=layout.threads,
                     beam=scenario.beam, batch=scenario.batch, **job)
-    done = subprocess.run([sys.executable, "-m", "int8mt.interface.bench_engine"], input=json.dumps(asdict(run)),
-                          capture_output=True, text=True, env=env)
+    command = ["-m", "int8mt.interface.bench_engine"] if runtime is None else ["-c", _ENGINE_FROM_FOLDER, runtime]
+    done = subprocess.run([sys.executable, *command], input=json.dumps(asdict(run)), capture_output=True, text=True,
+                          env=env)
     if done.returncode:
         hint = ("\nCTranslate2 4.x on a GPU loads CUDA 12's cuBLAS: pip install nvidia-cublas-cu12 (or put its "
                 "libcublas.so.12 on LD_LIBRARY_PATH)" if "libcublas" in done.stderr else "")

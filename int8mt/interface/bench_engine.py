@@ -37,6 +37,7 @@ class EngineResult:
     outputs: list[list[int]]    # token ids, end of sentence excluded
     peak_rss_mib: float         # the process's peak resident memory: runtime, weights and work
     gpu_memory_mib: float | None = None  # on a GPU: the memory this process holds there after the run
+    runtime: str | None = None  # int8mt: the folder of the int8mt package that ran
 
 
 def vocabularies(ct2_dir: Path) -> tuple[list[str], list[str]]:
@@ -93,7 +94,8 @@ def run_engine(run: EngineRun) -> EngineResult:
     start = time.perf_counter()
     outputs = translate(run.sources)
     seconds = time.perf_counter() - start
-    return EngineResult(seconds, outputs, peak_rss_mib(), gpu_memory_mib() if run.device == "cuda" else None)
+    runtime = str(Path(sys.modules["int8mt"].__file__).parent) if run.engine == "int8mt" else None
+    return EngineResult(seconds, outputs, peak_rss_mib(), gpu_memory_mib() if run.device == "cuda" else None, runtime)
 
 
 def peak_rss_mib() -> float:
