@@ -188,20 +188,35 @@ def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: 
             partial[bh, 0] = partial[bh, 0] + partial[bh, lane]
         out[bh * positions + t] = T.Cast("float32", partial[bh, 0]) * scale[bh] * key_scale
 
+    quantize_new = row_quantizer(head_dim, row_lanes(head_dim), *(new_range or (qmax, eps)))
+
     @T.macro
-    def gathered_scores(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out, q, scale,
-                        maxima, partial, bh):
-        quantize_row(flat_x, q, scale, maxima, bh)
-        for t in range(positions):
-            if past[bh // heads, 0, t, 0]:
-                row: T.let = index[bh // heads, bh % heads, t]
-                score(flat_out, partial, q, scale, scale_rows[row, 0], bh, t, flat_rows, row * head_dim)
-            else:
-                score(flat_out, partial, q, scale, flat_new_scale[bh], bh, t, flat_new, bh * head_dim)
+    def gathered_scores(index, past, x, rows, new_x, new, scale_rows, new_scale, out, quantizing_new):
+        """The gathered kernel's body; ``quantizing_new`` (a Python bool): each pair first quantizes its new key
+        from ``new_x`` into ``new`` and ``new_scale`` (else ``new_x`` is unused)."""
+        with T.sblock("root"):
+            flat_x = T.decl_buffer((pairs * head_dim,), "float32", data=x.data)
+            flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
+            flat_new_x = T.decl_buffer((pairs * head_dim,), "float32", data=new_x.data)
+            flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
+            flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
+            flat_out = T.decl_buffer((pairs * positions,), "float32", data=out.data)
+            q = T.sblock_alloc_buffer((pairs * head_dim,), "int8")
+            scale = T.decl_buffer((pairs,), "float32")
+            maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
+            partial = T.sblock_alloc_buffer((pairs, lanes), "int32")
+            for bh in T.parallel(pairs):
+                if quantizing_new:
+                    quantize_new(flat_new_x, flat_new, flat_new_scale, maxima, bh)
+                quantize_row(flat_x, q, scale, maxima, bh)
+                for t in range(positions):
+                    if past[bh // heads, 0, t, 0]:
+                        row: T.let = index[bh // heads, bh % heads, t]
+                        score(flat_out, partial, q, scale, scale_rows[row, 0], bh, t, flat_rows, row * head_dim)
+                    else:
+                        score(flat_out, partial, q, scale, flat_new_scale[bh], bh, t, flat_new, bh * head_dim)
 
     if heads is not None and new_range is not None:
-        quantize_new = row_quantizer(head_dim, row_lanes(head_dim), *new_range)
-
         @T.prim_func(s_tir=True)
         def quantized_gathered_scores_quantizing_new(
                 index: T.Buffer((batch, heads, positions), "int64"), past: T.Buffer((batch, 1, positions, 1), "bool"),
@@ -210,21 +225,7 @@ def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: 
                 out: T.Buffer(s_shape, "float32"), new: T.Buffer((batch, heads, 1, head_dim), "int8"),
                 new_scale: T.Buffer((batch, heads, 1, 1), "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                flat_x = T.decl_buffer((pairs * head_dim,), "float32", data=x.data)
-                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
-                flat_new_x = T.decl_buffer((pairs * head_dim,), "float32", data=new_x.data)
-                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
-                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
-                flat_out = T.decl_buffer((pairs * positions,), "float32", data=out.data)
-                q = T.sblock_alloc_buffer((pairs * head_dim,), "int8")
-                scale = T.decl_buffer((pairs,), "float32")
-                maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
-                partial = T.sblock_alloc_buffer((pairs, lanes), "int32")
-                for bh in T.parallel(pairs):
-                    quantize_new(flat_new_x, flat_new, flat_new_scale, maxima, bh)
-                    gathered_scores(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out,
-                                    q, scale, maxima, partial, bh)
+            gathered_scores(index, past, x, rows, new_x, new, scale_rows, new_scale, out, True)
 
         return quantized_gathered_scores_quantizing_new
 
@@ -238,19 +239,7 @@ def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: 
                                       new_scale: T.Buffer((batch, heads, 1, 1), "float32"),
                                       out: T.Buffer(s_shape, "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                flat_x = T.decl_buffer((pairs * head_dim,), "float32", data=x.data)
-                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
-                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
-                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
-                flat_out = T.decl_buffer((pairs * positions,), "float32", data=out.data)
-                q = T.sblock_alloc_buffer((pairs * head_dim,), "int8")
-                scale = T.decl_buffer((pairs,), "float32")
-                maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
-                partial = T.sblock_alloc_buffer((pairs, lanes), "int32")
-                for bh in T.parallel(pairs):
-                    gathered_scores(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out,
-                                    q, scale, maxima, partial, bh)
+            gathered_scores(index, past, x, rows, x, new, scale_rows, new_scale, out, False)
 
         return quantized_gathered_scores
 
@@ -344,102 +333,112 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
             weigh(total, p, bh, t, flat_values, (bh * positions + t) * head_dim)
         dequantize(flat_out, total, scale, bh)
 
-    if row_range is not None:
-        if heads is not None and new_range is None:
-            raise ValueError("a gathered context quantized per row also quantizes the new values (new_range)")
-        quantize_out_row = row_quantizer(count * head_dim, row_lanes(head_dim), *row_range)
-    if new_range is not None:
-        if heads is None:
-            raise ValueError("new values are quantized only by the gathered context (heads given)")
-        quantize_new = row_quantizer(head_dim, row_lanes(head_dim), *new_range)
+    if row_range is not None and heads is not None and new_range is None:
+        raise ValueError("a gathered context quantized per row also quantizes the new values (new_range)")
+    if new_range is not None and heads is None:
+        raise ValueError("new values are quantized only by the gathered context (heads given)")
+    quantize_out_row = row_quantizer(count * head_dim, row_lanes(head_dim), *(row_range or (qmax, eps)))
+    quantize_new = row_quantizer(head_dim, row_lanes(head_dim), *(new_range or (qmax, eps)))
 
-    if heads is not None and row_range is not None:
-        @T.prim_func(s_tir=True)
-        def quantized_gathered_context_quantizing_rows(
-                index: T.Buffer((batch, heads, positions), "int64"), past: T.Buffer((batch, 1, positions, 1), "bool"),
-                x: T.Buffer(p_shape, "float32"), rows: T.Buffer((stored, head_dim), "int8"),
-                new_x: T.Buffer((batch, heads, 1, head_dim), "float32"), scale_rows: T.Buffer((stored, 1), "float32"),
-                q: T.Buffer(row_shape, "int8"), s: T.Buffer(row_scale_shape, "float32"),
-                new: T.Buffer((batch, heads, 1, head_dim), "int8"), new_scale: T.Buffer((batch, heads, 1, 1), "float32")):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
-                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
-                flat_new_x = T.decl_buffer((pairs * head_dim,), "float32", data=new_x.data)
-                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
-                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
-                flat_q = T.decl_buffer((pairs * head_dim,), "int8", data=q.data)
-                flat_s = T.decl_buffer((batch,), "float32", data=s.data)
+    @T.macro
+    def quantize_heads_row(context, q, s, row_maxima, b):  # batch row b of the context, its heads side by side
+        flat_q = T.decl_buffer((pairs * head_dim,), "int8", data=q.data)
+        flat_s = T.decl_buffer((batch,), "float32", data=s.data)
+        quantize_out_row(context, flat_q, flat_s, row_maxima, b)
+
+    @T.macro
+    def gathered_body(index, past, x, rows, new_x, new, scale_rows, new_scale, out, q, s, quantizing_new,
+                      quantizing_rows):
+        """The gathered kernel's body; ``quantizing_new`` and ``quantizing_rows`` (Python bools) as the kernel's
+        ``new_range`` and ``row_range``; the buffers a variant lacks are None (``new_x``: unused without)."""
+        with T.sblock("root"):
+            flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
+            flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
+            flat_new_x = T.decl_buffer((pairs * head_dim,), "float32", data=new_x.data)
+            flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
+            flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
+            folded = T.decl_buffer((pairs * positions,), "float32")
+            p = T.decl_buffer((pairs * positions,), "int8")
+            scale = T.decl_buffer((pairs,), "float32")
+            maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
+            new_maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
+            total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
+            if quantizing_rows:
                 context = T.decl_buffer((pairs * head_dim,), "float32")
-                folded = T.decl_buffer((pairs * positions,), "float32")
-                p = T.decl_buffer((pairs * positions,), "int8")
-                scale = T.decl_buffer((pairs,), "float32")
-                maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
-                new_maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
                 row_maxima = T.sblock_alloc_buffer((batch, row_lanes(head_dim)), "float32")
-                total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
                 for b in T.parallel(batch):
                     for h in range(heads):
                         quantize_new(flat_new_x, flat_new, flat_new_scale, new_maxima, b * heads + h)
                         gathered_context(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale,
                                          context, folded, p, scale, maxima, total, b * heads + h)
-                    quantize_out_row(context, flat_q, flat_s, row_maxima, b)
+                    quantize_heads_row(context, q, s, row_maxima, b)
+            else:
+                flat_out = T.decl_buffer((pairs * head_dim,), "float32", data=out.data)
+                for bh in T.parallel(pairs):
+                    if quantizing_new:
+                        quantize_new(flat_new_x, flat_new, flat_new_scale, new_maxima, bh)
+                    gathered_context(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out,
+                                     folded, p, scale, maxima, total, bh)
+
+    @T.macro
+    def direct_body(x, values, out, q, s, quantizing_rows):
+        """The direct kernel's body; ``quantizing_rows`` (a Python bool) as the kernel's ``row_range``."""
+        with T.sblock("root"):
+            flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
+            flat_values = T.decl_buffer((pairs * positions * head_dim,), "int8", data=values.data)
+            p = T.decl_buffer((pairs * positions,), "int8")
+            scale = T.decl_buffer((pairs,), "float32")
+            maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
+            total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
+            if quantizing_rows:
+                context = T.decl_buffer((pairs * head_dim,), "float32")
+                row_maxima = T.sblock_alloc_buffer((batch, row_lanes(head_dim)), "float32")
+                for b in T.parallel(batch):
+                    for h in range(count):
+                        direct_context(flat_x, flat_values, context, p, scale, maxima, total, b * count + h)
+                    quantize_heads_row(context, q, s, row_maxima, b)
+            else:
+                flat_out = T.decl_buffer((pairs * head_dim,), "float32", data=out.data)
+                for bh in T.parallel(pairs):
+                    direct_context(flat_x, flat_values, flat_out, p, scale, maxima, total, bh)
+
+    gathered = (batch, heads, positions), (batch, 1, positions, 1), (stored, head_dim), (stored, 1)
+    new_shape, new_scale_shape = (batch, count, 1, head_dim), (batch, count, 1, 1)
+    if heads is not None and row_range is not None:
+        @T.prim_func(s_tir=True)
+        def quantized_gathered_context_quantizing_rows(
+                index: T.Buffer(gathered[0], "int64"), past: T.Buffer(gathered[1], "bool"),
+                x: T.Buffer(p_shape, "float32"), rows: T.Buffer(gathered[2], "int8"),
+                new_x: T.Buffer(new_shape, "float32"), scale_rows: T.Buffer(gathered[3], "float32"),
+                q: T.Buffer(row_shape, "int8"), s: T.Buffer(row_scale_shape, "float32"),
+                new: T.Buffer(new_shape, "int8"), new_scale: T.Buffer(new_scale_shape, "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            gathered_body(index, past, x, rows, new_x, new, scale_rows, new_scale, None, q, s, True, True)
 
         return quantized_gathered_context_quantizing_rows
 
     if heads is not None and new_range is not None:
         @T.prim_func(s_tir=True)
         def quantized_gathered_context_quantizing_new(
-                index: T.Buffer((batch, heads, positions), "int64"), past: T.Buffer((batch, 1, positions, 1), "bool"),
-                x: T.Buffer(p_shape, "float32"), rows: T.Buffer((stored, head_dim), "int8"),
-                new_x: T.Buffer((batch, heads, 1, head_dim), "float32"), scale_rows: T.Buffer((stored, 1), "float32"),
-                out: T.Buffer(out_shape, "float32"), new: T.Buffer((batch, heads, 1, head_dim), "int8"),
-                new_scale: T.Buffer((batch, heads, 1, 1), "float32")):
+                index: T.Buffer(gathered[0], "int64"), past: T.Buffer(gathered[1], "bool"),
+                x: T.Buffer(p_shape, "float32"), rows: T.Buffer(gathered[2], "int8"),
+                new_x: T.Buffer(new_shape, "float32"), scale_rows: T.Buffer(gathered[3], "float32"),
+                out: T.Buffer(out_shape, "float32"), new: T.Buffer(new_shape, "int8"),
+                new_scale: T.Buffer(new_scale_shape, "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
-                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
-                flat_new_x = T.decl_buffer((pairs * head_dim,), "float32", data=new_x.data)
-                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
-                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
-                flat_out = T.decl_buffer((pairs * head_dim,), "float32", data=out.data)
-                folded = T.decl_buffer((pairs * positions,), "float32")
-                p = T.decl_buffer((pairs * positions,), "int8")
-                scale = T.decl_buffer((pairs,), "float32")
-                maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
-                new_maxima = T.sblock_alloc_buffer((pairs, row_lanes(head_dim)), "float32")
-                total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
-                for bh in T.parallel(pairs):
-                    quantize_new(flat_new_x, flat_new, flat_new_scale, new_maxima, bh)
-                    gathered_context(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out,
-                                     folded, p, scale, maxima, total, bh)
+            gathered_body(index, past, x, rows, new_x, new, scale_rows, new_scale, out, None, None, True, False)
 
         return quantized_gathered_context_quantizing_new
 
     if heads is not None:
         @T.prim_func(s_tir=True)
-        def quantized_gathered_context(index: T.Buffer((batch, heads, positions), "int64"),
-                                       past: T.Buffer((batch, 1, positions, 1), "bool"),
-                                       x: T.Buffer(p_shape, "float32"), rows: T.Buffer((stored, head_dim), "int8"),
-                                       new: T.Buffer((batch, heads, 1, head_dim), "int8"),
-                                       scale_rows: T.Buffer((stored, 1), "float32"),
-                                       new_scale: T.Buffer((batch, heads, 1, 1), "float32"),
+        def quantized_gathered_context(index: T.Buffer(gathered[0], "int64"), past: T.Buffer(gathered[1], "bool"),
+                                       x: T.Buffer(p_shape, "float32"), rows: T.Buffer(gathered[2], "int8"),
+                                       new: T.Buffer(new_shape, "int8"), scale_rows: T.Buffer(gathered[3], "float32"),
+                                       new_scale: T.Buffer(new_scale_shape, "float32"),
                                        out: T.Buffer(out_shape, "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
-                flat_rows = T.decl_buffer((stored * head_dim,), "int8", data=rows.data)
-                flat_new = T.decl_buffer((pairs * head_dim,), "int8", data=new.data)
-                flat_new_scale = T.decl_buffer((pairs,), "float32", data=new_scale.data)
-                flat_out = T.decl_buffer((pairs * head_dim,), "float32", data=out.data)
-                folded = T.decl_buffer((pairs * positions,), "float32")
-                p = T.decl_buffer((pairs * positions,), "int8")
-                scale = T.decl_buffer((pairs,), "float32")
-                maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
-                total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
-                for bh in T.parallel(pairs):
-                    gathered_context(index, past, flat_x, flat_rows, flat_new, scale_rows, flat_new_scale, flat_out,
-                                     folded, p, scale, maxima, total, bh)
+            gathered_body(index, past, x, rows, out, new, scale_rows, new_scale, out, None, None, False, False)
 
         return quantized_gathered_context
 
@@ -450,21 +449,7 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
                                                      q: T.Buffer(row_shape, "int8"),
                                                      s: T.Buffer(row_scale_shape, "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
-                flat_values = T.decl_buffer((pairs * positions * head_dim,), "int8", data=values.data)
-                flat_q = T.decl_buffer((pairs * head_dim,), "int8", data=q.data)
-                flat_s = T.decl_buffer((batch,), "float32", data=s.data)
-                context = T.decl_buffer((pairs * head_dim,), "float32")
-                p = T.decl_buffer((pairs * positions,), "int8")
-                scale = T.decl_buffer((pairs,), "float32")
-                maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
-                row_maxima = T.sblock_alloc_buffer((batch, row_lanes(head_dim)), "float32")
-                total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
-                for b in T.parallel(batch):
-                    for h in range(count):
-                        direct_context(flat_x, flat_values, context, p, scale, maxima, total, b * count + h)
-                    quantize_out_row(context, flat_q, flat_s, row_maxima, b)
+            direct_body(x, values, None, q, s, True)
 
         return quantized_direct_context_quantizing_rows
 
@@ -473,15 +458,6 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
                                  values: T.Buffer((batch, count, positions, head_dim), "int8"),
                                  out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        with T.sblock("root"):
-            flat_x = T.decl_buffer((pairs * positions,), "float32", data=x.data)
-            flat_values = T.decl_buffer((pairs * positions * head_dim,), "int8", data=values.data)
-            flat_out = T.decl_buffer((pairs * head_dim,), "float32", data=out.data)
-            p = T.decl_buffer((pairs * positions,), "int8")
-            scale = T.decl_buffer((pairs,), "float32")
-            maxima = T.sblock_alloc_buffer((pairs, 1), "float32")
-            total = T.sblock_alloc_buffer((pairs, head_dim), "int32")
-            for bh in T.parallel(pairs):
-                direct_context(flat_x, flat_values, flat_out, p, scale, maxima, total, bh)
+        direct_body(x, values, out, None, None, False)
 
     return quantized_direct_context
