@@ -16,7 +16,11 @@ after it (:class:`~int8mt.quant.modules.QMatMul`): the query's ``quantize_dynami
 query_scale * key_scale``, or the probabilities' ``quantize_dynamic`` (the values' scales folded in) and
 ``astype(context) * row_scale`` (read through the heads' permutation). Where those values have no other use, the
 product with both is one call of a quantizing kernel, which takes the float operand and gives the float result
-(the same values bit for bit; five kernels per product otherwise). CPU targets only.
+(the same values bit for bit; five kernels per product otherwise). That call also quantizes, where the graph does
+so with no other use in between, the self-attention's new key or value (``quantize_dynamic`` per head: each pair
+its own row, returned with its scale for the cache) and the context's rows for the output projection (the heads
+merged side by side, quantized per row: the kernel then returns those rows and their scales instead of the
+context). CPU targets only.
 """
 from __future__ import annotations
 
@@ -228,8 +232,9 @@ class _OneQueryRewriter(PyExprMutator):
         input with run-time ranges): ``q`` and ``s`` the quantized rows and their scales, ``bindings`` those of
         the merge and the quantization."""
         merged = self._user(context, "relax.reshape")
+        batch, _, heads, head_dim = context.ty.shape
         if merged is None or merged.ty.ndim != 3 or not self._same(
-                [merged.ty.shape[0], merged.ty.shape[2]], [context.ty.shape[0], context.ty.shape[2] * context.ty.shape[3]]):
+                [merged.ty.shape[0], merged.ty.shape[2]], [batch, heads * head_dim]):
             return None
         users = self.users.get(merged, [])
         divided = [u for u in users if u is not None and bound_op_call(u, "relax.divide", self.bindings) is not None]
