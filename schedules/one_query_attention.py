@@ -402,14 +402,15 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
                 for bh in T.parallel(pairs):
                     direct_context(flat_x, flat_values, flat_out, p, scale, maxima, total, bh)
 
-    gathered = (batch, heads, positions), (batch, 1, positions, 1), (stored, head_dim), (stored, 1)
+    index_shape, past_shape, rows_shape, scale_rows_shape = ((batch, heads, positions), (batch, 1, positions, 1),
+                                                             (stored, head_dim), (stored, 1))
     new_shape, new_scale_shape = (batch, count, 1, head_dim), (batch, count, 1, 1)
     if heads is not None and row_range is not None:
         @T.prim_func(s_tir=True)
         def quantized_gathered_context_quantizing_rows(
-                index: T.Buffer(gathered[0], "int64"), past: T.Buffer(gathered[1], "bool"),
-                x: T.Buffer(p_shape, "float32"), rows: T.Buffer(gathered[2], "int8"),
-                new_x: T.Buffer(new_shape, "float32"), scale_rows: T.Buffer(gathered[3], "float32"),
+                index: T.Buffer(index_shape, "int64"), past: T.Buffer(past_shape, "bool"),
+                x: T.Buffer(p_shape, "float32"), rows: T.Buffer(rows_shape, "int8"),
+                new_x: T.Buffer(new_shape, "float32"), scale_rows: T.Buffer(scale_rows_shape, "float32"),
                 q: T.Buffer(row_shape, "int8"), s: T.Buffer(row_scale_shape, "float32"),
                 new: T.Buffer(new_shape, "int8"), new_scale: T.Buffer(new_scale_shape, "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
@@ -420,9 +421,9 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
     if heads is not None and new_range is not None:
         @T.prim_func(s_tir=True)
         def quantized_gathered_context_quantizing_new(
-                index: T.Buffer(gathered[0], "int64"), past: T.Buffer(gathered[1], "bool"),
-                x: T.Buffer(p_shape, "float32"), rows: T.Buffer(gathered[2], "int8"),
-                new_x: T.Buffer(new_shape, "float32"), scale_rows: T.Buffer(gathered[3], "float32"),
+                index: T.Buffer(index_shape, "int64"), past: T.Buffer(past_shape, "bool"),
+                x: T.Buffer(p_shape, "float32"), rows: T.Buffer(rows_shape, "int8"),
+                new_x: T.Buffer(new_shape, "float32"), scale_rows: T.Buffer(scale_rows_shape, "float32"),
                 out: T.Buffer(out_shape, "float32"), new: T.Buffer(new_shape, "int8"),
                 new_scale: T.Buffer(new_scale_shape, "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
@@ -432,9 +433,10 @@ def quantized_context_kernel(heads: int | None, head_dim: int, qmax: float, eps:
 
     if heads is not None:
         @T.prim_func(s_tir=True)
-        def quantized_gathered_context(index: T.Buffer(gathered[0], "int64"), past: T.Buffer(gathered[1], "bool"),
-                                       x: T.Buffer(p_shape, "float32"), rows: T.Buffer(gathered[2], "int8"),
-                                       new: T.Buffer(new_shape, "int8"), scale_rows: T.Buffer(gathered[3], "float32"),
+        def quantized_gathered_context(index: T.Buffer(index_shape, "int64"), past: T.Buffer(past_shape, "bool"),
+                                       x: T.Buffer(p_shape, "float32"), rows: T.Buffer(rows_shape, "int8"),
+                                       new: T.Buffer(new_shape, "int8"),
+                                       scale_rows: T.Buffer(scale_rows_shape, "float32"),
                                        new_scale: T.Buffer(new_scale_shape, "float32"),
                                        out: T.Buffer(out_shape, "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
