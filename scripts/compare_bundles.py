@@ -60,7 +60,8 @@ def _entry(text: str) -> Entry:
 
 
 def _runtime(revision: str, into: Path) -> Path:
-    """The packages of git revision ``revision`` laid out as installed, under ``into``: a PYTHONPATH entry."""
+    """The packages of git revision ``revision`` laid out as installed, under ``into``: the folder an engine process
+    imports ``int8mt`` from (``_run``'s ``runtime``)."""
     done = subprocess.run(["git", "-C", str(ROOT), "archive", revision, *PACKAGES, ":(exclude)schedules/tuned"],
                           capture_output=True)
     if done.returncode:
@@ -131,7 +132,8 @@ def _compare(a: argparse.Namespace) -> list[dict]:
 def _record(round_: int, entry: Entry, beam: int, batch: int, ids: list, result: dict) -> dict:
     return {"round": round_, "bundle": entry.name, "beam": beam, "batch": batch,
             "sentences": len(ids), "sent_per_s": len(ids) / result["seconds"], "peak_rss_mib": result["peak_rss_mib"],
-            "digest": hashlib.sha1(json.dumps(result["outputs"]).encode()).hexdigest()[:8], "runtime": result.get("runtime")}
+            "digest": hashlib.sha1(json.dumps(result["outputs"]).encode()).hexdigest()[:8],
+            "runtime": result.get("runtime")}  # (runtimes of older revisions do not say)
 
 
 def _report(a: argparse.Namespace, runs: list[dict]) -> None:
