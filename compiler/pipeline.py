@@ -21,6 +21,10 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
                          every kernel not scheduled yet.
 5. ``lowered``           dataflow lowering, memory planning and VM finalisation.
+
+On CPUs the entry points' virtual-machine code is compiled to native code (``exec_mode="compiled"``) instead of
+interpreted: a decoder step runs some 800 shape, allocation and kernel calls, and at batch 1 their dispatch was
+about a sixth of the step (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -186,7 +190,7 @@ def compile_module(mod: tvm.IRModule, preset: TargetPreset, dump_dir: Path | Non
     target = tvm.target.Target(preset.target)
     pipeline = relax_pipeline(target, dump_dir, weights)
     if target.kind.name != "cuda":
-        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        return relax.build(mod, target=target, relax_pipeline=pipeline, exec_mode="compiled")
     outer = tvm.transform.PassContext.current()  # kept, with the pipelined kernels' copies as cp.async
     with tvm.transform.PassContext(opt_level=outer.opt_level, config={**outer.config, "tirx.use_async_copy": True},
                                    instruments=list(outer.instruments)), cuda_compiled_here(preset.target["arch"]):
