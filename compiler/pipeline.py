@@ -12,7 +12,8 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.PackDense` (int8 for quantized models, float32 multiply-adds for FP32
                          layers), :class:`~.passes.FoldDenseBias`; quantized models: :class:`~.passes.Int8BatchMatmul`;
                          :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
-                         :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.OneQueryAttention`,
+                         :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.OneQueryAttention` and
+                         :class:`~.passes.FuseAttentionEpilogue`,
                          :class:`~.passes.LayerNormRows` (with the quantization after each layer norm) and
                          :class:`~.passes.QuantizeRows` (run-time ranges); :class:`~.passes.UnitPermuteAsReshape`;
                          then ``FuseTransposeMatmul``.
@@ -50,9 +51,9 @@ from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
 from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 from int8mt.targets import TargetPreset
 
-from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseDenseEpilogue, GatherPackedRows, Int8BatchMatmul,
-                     LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeRows, ReadKeysAsStored,
-                     ScalePropagation, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape)
+from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue, GatherPackedRows,
+                     Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeRows,
+                     ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
         mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, preset.float_dot))(mod)
     if preset.device == "cpu":
         lanes = register_bytes(tvm.target.Target(preset.target)) // FLOAT_BYTES
-        mod = OneQueryAttention(lanes)(mod)
+        mod = FuseAttentionEpilogue()(OneQueryAttention(lanes)(mod))
         mod = LayerNormRows(lanes)(mod)
         if options.quant is not None:
             mod = QuantizeRows()(mod)

@@ -12,12 +12,19 @@ row where it is stored:
 
 with ``bh = b * heads + h``, int8 operands summed in int32 (exact) or float32 ones in float32 (QK^T in ``lanes``
 partial sums added up in lane order; softmax·V over the positions in order). One parallel loop over ``bh``.
+
+With an ``epilogue`` (:class:`~int8mt.schedules.int8_dense.DenseEpilogue`, built by
+:class:`~int8mt.compiler.passes.FuseAttentionEpilogue` from the elementwise ops after the product: the scores'
+dequantization, the context's requantization) a kernel stores, instead of each sum ``out[bh, 0, x]``, the
+epilogue's value of it at the epilogue's place (``store(sum, bh, x, [])``); the epilogues here read no other
+tensor.
 """
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .int8_dense import DenseEpilogue
 from .quantize_rows import OPAQUE, row_lanes, row_quantizer
 
 ACCUMULATOR = {"int8": "int32", "float32": "float32"}  # operand dtype -> sum dtype
@@ -52,62 +59,132 @@ def _products(head_dim: int, dtype: str, lanes: int):
     return score, weigh, lanes
 
 
-def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc:
+def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int,
+                  epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
     """QK^T of one query per (hypothesis, head) against its keys read through ``index``: the kernel
     ``(index [batch, heads, positions] int64, past [batch, 1, positions, 1] bool, q [batch*heads, 1, head_dim],
-    rows [stored, head_dim], new [batch, heads, 1, head_dim], out [batch*heads, 1, positions])``."""
+    rows [stored, head_dim], new [batch, heads, 1, head_dim], out [batch*heads, 1, positions])``; with an
+    ``epilogue``, ``out`` is its output."""
     batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
     pairs, acc = batch * heads, ACCUMULATOR[dtype]
     score, _, lanes = _products(head_dim, dtype, lanes)
 
+    @T.macro
+    def scores(index, past, q, flat_rows, flat_new, target, partial, bh, t, at):
+        """Pair ``bh``'s score of position ``t`` into ``target[bh, 0, at]``."""
+        if past[bh // heads, 0, t, 0]:
+            score(target, partial, q, bh, at, flat_rows, index[bh // heads, bh % heads, t] * head_dim)
+        else:
+            score(target, partial, q, bh, at, flat_new, bh * head_dim)
+
+    if epilogue is None:
+        @T.prim_func(s_tir=True)
+        def gathered_scores(index: T.Buffer((batch, heads, positions), "int64"),
+                            past: T.Buffer((batch, 1, positions, 1), "bool"),
+                            q: T.Buffer((pairs, 1, head_dim), dtype), rows: T.Buffer((stored, head_dim), dtype),
+                            new: T.Buffer((batch, heads, 1, head_dim), dtype), out: T.Buffer((pairs, 1, positions), acc)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
+                flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
+                partial = T.sblock_alloc_buffer((pairs, lanes), acc)  # one allocation per call
+                for bh in T.parallel(pairs):
+                    for t in range(positions):
+                        scores(index, past, q, flat_rows, flat_new, out, partial, bh, t, t)
+
+        return gathered_scores
+
+    store = epilogue.store
+
     @T.prim_func(s_tir=True)
-    def gathered_scores(index: T.Buffer((batch, heads, positions), "int64"),
-                        past: T.Buffer((batch, 1, positions, 1), "bool"),
-                        q: T.Buffer((pairs, 1, head_dim), dtype), rows: T.Buffer((stored, head_dim), dtype),
-                        new: T.Buffer((batch, heads, 1, head_dim), dtype), out: T.Buffer((pairs, 1, positions), acc)):
+    def gathered_scores_epilogue(index: T.Buffer((batch, heads, positions), "int64"),
+                                 past: T.Buffer((batch, 1, positions, 1), "bool"),
+                                 q: T.Buffer((pairs, 1, head_dim), dtype), rows: T.Buffer((stored, head_dim), dtype),
+                                 new: T.Buffer((batch, heads, 1, head_dim), dtype),
+                                 out: T.Buffer(epilogue.out_shape, epilogue.out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
             flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
-            partial = T.sblock_alloc_buffer((pairs, lanes), acc)  # one allocation per call
+            partial = T.sblock_alloc_buffer((pairs, lanes), acc)
+            total = T.sblock_alloc_buffer((pairs, 1, 1), acc)
             for bh in T.parallel(pairs):
                 for t in range(positions):
-                    if past[bh // heads, 0, t, 0]:
-                        score(out, partial, q, bh, t, flat_rows, index[bh // heads, bh % heads, t] * head_dim)
-                    else:
-                        score(out, partial, q, bh, t, flat_new, bh * head_dim)
+                    scores(index, past, q, flat_rows, flat_new, total, partial, bh, t, 0)
+                    place, value = T.meta_var(store(total[bh, 0, 0], bh, t, []))
+                    T.buffer_store(out, value, place)
 
-    return gathered_scores
+    return gathered_scores_epilogue
 
 
-def context_kernel(heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
+def context_kernel(heads: int, head_dim: int, dtype: str, epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
     """softmax·V of one query per (hypothesis, head) over its values read through ``index``: the kernel
     ``(index [batch, heads, positions] int64, past [batch, 1, positions, 1] bool, p [batch*heads, 1, positions],
     rows [stored, head_dim], new [batch, heads, 1, head_dim], out [batch*heads, 1, head_dim])``; the values in
-    order of position."""
+    order of position. With an ``epilogue``, ``out`` is its output."""
     batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
     pairs, acc = batch * heads, ACCUMULATOR[dtype]
     _, weigh, _ = _products(head_dim, dtype, 1)
 
+    @T.macro
+    def context(index, past, p, flat_rows, flat_new, total, bh):
+        """Pair ``bh``'s context into ``total[bh, 0, :]``."""
+        for d in T.vectorized(T.int64(head_dim)):
+            total[bh, 0, d] = T.Cast(acc, 0)
+        for t in range(positions):
+            if past[bh // heads, 0, t, 0]:
+                weigh(total, p, bh, t, flat_rows, index[bh // heads, bh % heads, t] * head_dim)
+            else:
+                weigh(total, p, bh, t, flat_new, bh * head_dim)
+
+    if epilogue is None:
+        @T.prim_func(s_tir=True)
+        def gathered_context(index: T.Buffer((batch, heads, positions), "int64"),
+                             past: T.Buffer((batch, 1, positions, 1), "bool"),
+                             p: T.Buffer((pairs, 1, positions), dtype), rows: T.Buffer((stored, head_dim), dtype),
+                             new: T.Buffer((batch, heads, 1, head_dim), dtype),
+                             out: T.Buffer((pairs, 1, head_dim), acc)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
+                flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
+                for bh in T.parallel(pairs):
+                    context(index, past, p, flat_rows, flat_new, out, bh)
+
+        return gathered_context
+
+    finish = _epilogue_store(epilogue, head_dim)
+
     @T.prim_func(s_tir=True)
-    def gathered_context(index: T.Buffer((batch, heads, positions), "int64"),
-                         past: T.Buffer((batch, 1, positions, 1), "bool"),
-                         p: T.Buffer((pairs, 1, positions), dtype), rows: T.Buffer((stored, head_dim), dtype),
-                         new: T.Buffer((batch, heads, 1, head_dim), dtype), out: T.Buffer((pairs, 1, head_dim), acc)):
+    def gathered_context_epilogue(index: T.Buffer((batch, heads, positions), "int64"),
+                                  past: T.Buffer((batch, 1, positions, 1), "bool"),
+                                  p: T.Buffer((pairs, 1, positions), dtype), rows: T.Buffer((stored, head_dim), dtype),
+                                  new: T.Buffer((batch, heads, 1, head_dim), dtype),
+                                  out: T.Buffer(epilogue.out_shape, epilogue.out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
             flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
+            total = T.sblock_alloc_buffer((pairs, 1, head_dim), acc)  # one allocation per call
             for bh in T.parallel(pairs):
-                for d in T.vectorized(T.int64(head_dim)):
-                    out[bh, 0, d] = T.Cast(acc, 0)
-                for t in range(positions):
-                    if past[bh // heads, 0, t, 0]:
-                        weigh(out, p, bh, t, flat_rows, index[bh // heads, bh % heads, t] * head_dim)
-                    else:
-                        weigh(out, p, bh, t, flat_new, bh * head_dim)
+                context(index, past, p, flat_rows, flat_new, total, bh)
+                finish(out, total, bh)
 
-    return gathered_context
+    return gathered_context_epilogue
+
+
+def _epilogue_store(epilogue: DenseEpilogue, head_dim: int):
+    """A TIR macro ``finish(out, total, bh)``: ``epilogue``'s values of pair ``bh``'s sums ``total[bh, 0, :]`` into
+    ``out``."""
+    store = epilogue.store
+
+    @T.macro
+    def finish(out, total, bh):
+        for d in T.vectorized(T.int64(head_dim)):
+            place, value = T.meta_var(store(total[bh, 0, d], bh, d, []))
+            T.buffer_store(out, value, place)
+
+    return finish
 
 
 def direct_scores_kernel(head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc:
@@ -132,26 +209,49 @@ def direct_scores_kernel(head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc
     return direct_scores
 
 
-def direct_context_kernel(head_dim: int, dtype: str) -> tirx.PrimFunc:
+def direct_context_kernel(head_dim: int, dtype: str, epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
     """softmax·V of one query per (hypothesis, head) over values stored per pair: the kernel
-    ``(p [pairs, 1, positions], values [pairs, positions, head_dim], out [pairs, 1, head_dim])``."""
+    ``(p [pairs, 1, positions], values [pairs, positions, head_dim], out [pairs, 1, head_dim])``; with an
+    ``epilogue``, ``out`` is its output."""
     pairs, positions = tirx.Var("pairs", "int64"), tirx.Var("positions", "int64")
     acc = ACCUMULATOR[dtype]
     _, weigh, _ = _products(head_dim, dtype, 1)
 
+    @T.macro
+    def context(p, flat_values, total, bh):
+        for d in T.vectorized(T.int64(head_dim)):
+            total[bh, 0, d] = T.Cast(acc, 0)
+        for t in range(positions):
+            weigh(total, p, bh, t, flat_values, (bh * positions + t) * head_dim)
+
+    if epilogue is None:
+        @T.prim_func(s_tir=True)
+        def direct_context(p: T.Buffer((pairs, 1, positions), dtype),
+                           values: T.Buffer((pairs, positions, head_dim), dtype),
+                           out: T.Buffer((pairs, 1, head_dim), acc)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_values = T.decl_buffer((pairs * positions * head_dim,), dtype, data=values.data)
+                for bh in T.parallel(pairs):
+                    context(p, flat_values, out, bh)
+
+        return direct_context
+
+    finish = _epilogue_store(epilogue, head_dim)
+
     @T.prim_func(s_tir=True)
-    def direct_context(p: T.Buffer((pairs, 1, positions), dtype),
-                       values: T.Buffer((pairs, positions, head_dim), dtype), out: T.Buffer((pairs, 1, head_dim), acc)):
+    def direct_context_epilogue(p: T.Buffer((pairs, 1, positions), dtype),
+                                values: T.Buffer((pairs, positions, head_dim), dtype),
+                                out: T.Buffer(epilogue.out_shape, epilogue.out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             flat_values = T.decl_buffer((pairs * positions * head_dim,), dtype, data=values.data)
+            total = T.sblock_alloc_buffer((pairs, 1, head_dim), acc)
             for bh in T.parallel(pairs):
-                for d in T.vectorized(T.int64(head_dim)):
-                    out[bh, 0, d] = T.Cast(acc, 0)
-                for t in range(positions):
-                    weigh(out, p, bh, t, flat_values, (bh * positions + t) * head_dim)
+                context(p, flat_values, total, bh)
+                finish(out, total, bh)
 
-    return direct_context
+    return direct_context_epilogue
 
 
 def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: float, lanes: int,

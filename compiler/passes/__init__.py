@@ -1,6 +1,7 @@
 """int8mt's own Relax passes, in the order :mod:`int8mt.compiler.pipeline` applies them."""
 from .drop_identity_broadcast import DropIdentityBroadcast
 from .fold_dense_bias import FoldDenseBias
+from .fuse_attention_epilogue import FuseAttentionEpilogue
 from .fuse_dense_epilogue import FuseDenseEpilogue
 from .gather_packed_rows import GatherPackedRows
 from .int8_batch_matmul import Int8BatchMatmul
@@ -17,5 +18,5 @@ from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
-           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "LayerNormRows",
+           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue", "LayerNormRows",
            "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView", "LiftWeights"]

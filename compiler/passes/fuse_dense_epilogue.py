@@ -228,14 +228,41 @@ class EpilogueChain:
                              shape_vars=tuple(shape_vars[name] for name in sorted(shape_vars)), store=store)
 
 
-@expr_functor.mutator
-class _EpilogueFuser(PyExprMutator):
-    """Finds each function's chains (:meth:`run`), then rebinds each chain's output to the fused call."""
+class DenseKernels:
+    """What :class:`EpilogueFuser` fuses and how: here the dense kernels (``DENSE_KINDS``), rebuilt with the
+    chain as their epilogue; another such class names other kernels."""
 
-    def __init__(self, mod: tvm.IRModule) -> None:
+    def chain_for(self, mod: tvm.IRModule, call: relax.Call, result: relax.Var,
+                  products: dict[relax.Var, relax.Call]) -> EpilogueChain | None:
+        """An empty chain after ``call`` (bound to ``result``) if it calls a kernel fused here."""
+        if kernel_kind(mod, call.args[0]) not in DENSE_KINDS:
+            return None
+        return EpilogueChain(list(result.ty.shape), str(result.ty.dtype), products)
+
+    def accepts(self, call: relax.Call, chain: EpilogueChain) -> bool:
+        """Whether the kernel of ``call`` takes the complete ``chain`` as its epilogue."""
+        return chain.computes
+
+    def kernel(self, mod: tvm.IRModule, call: relax.Call,
+               chain: EpilogueChain) -> tuple[tvm.tirx.PrimFunc, str, list[relax.Expr], list[tirx.PrimExpr]]:
+        """The kernel of ``call`` with ``chain`` as its epilogue, its name, and its tensor and scalar arguments."""
+        epilogue = chain.epilogue()
+        n, k, tiles, family = dense_attrs(mod[call.args[0]])
+        func = scheduled_int8_dense(n, k, tiles, dense_dot(family), epilogue=epilogue)
+        return (func, f"{call.args[0].name_hint}_to_{epilogue.out_dtype}", [*call.args[1].fields, *chain.operands],
+                list(epilogue.shape_vars))
+
+
+@expr_functor.mutator
+class EpilogueFuser(PyExprMutator):
+    """Finds each function's chains after the kernels ``kernels`` fuses (:meth:`run`), then rebinds each chain's
+    output to the fused call."""
+
+    def __init__(self, mod: tvm.IRModule, kernels: DenseKernels) -> None:
         super().__init__(mod)
+        self.kernels = kernels
         self.fused: list[tuple[tvm.tirx.PrimFunc, ir.GlobalVar]] = []
-        self.chains: dict[relax.Var, tuple[relax.Call, EpilogueChain]] = {}  # chain output -> (dense call, chain)
+        self.chains: dict[relax.Var, tuple[relax.Call, EpilogueChain]] = {}  # chain output -> (kernel call, chain)
 
     def run(self, gv: ir.GlobalVar, func: relax.Function) -> None:
         self.chains = {}
@@ -249,16 +276,17 @@ class _EpilogueFuser(PyExprMutator):
             user = {var: b for b in block.bindings for var in relax.analysis.free_vars(b.value)}
             for binding in block.bindings:
                 call = binding.value
-                if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
-                        and kernel_kind(self.builder_.get(), call.args[0]) in DENSE_KINDS):
+                if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")):
                     continue
-                chain = EpilogueChain(list(binding.var.ty.shape), str(binding.var.ty.dtype), products)
+                chain = self.kernels.chain_for(self.builder_.get(), call, binding.var, products)
+                if chain is None:
+                    continue
                 current = binding.var
                 while (isinstance(current, relax.DataflowVar) and uses.get(current) == 1 and current in user
                        and isinstance(user[current].value, relax.Call)
                        and chain.try_append(user[current].value, user[current].var, current)):
                     current = user[current].var
-                if chain.computes:
+                if self.kernels.accepts(call, chain):
                     self.chains[chain.output] = (call, chain)
         if self.chains:
             self.builder_.update_func(gv, self.visit_expr(func))
@@ -267,23 +295,19 @@ class _EpilogueFuser(PyExprMutator):
         if binding.var not in self.chains:
             super().visit_var_binding_(binding)
             return
-        dense, chain = self.chains[binding.var]
-        epilogue = chain.epilogue()
-        kernel = self._kernel(dense.args[0], epilogue)
-        args = [self.visit_expr(x) for x in (*dense.args[1].fields, *chain.operands)]
-        fused = relax.call_tir(kernel, [*args, *epilogue.shape_vars], binding.var.ty)
+        call, chain = self.chains[binding.var]
+        func, name, args, scalars = self.kernels.kernel(self.builder_.get(), call, chain)
+        fused = relax.call_tir(self._added(func, name), [*(self.visit_expr(x) for x in args), *scalars],
+                               binding.var.ty)
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(fused, binding.var.name))
 
-    def _kernel(self, dense: ir.GlobalVar, epilogue: DenseEpilogue) -> ir.GlobalVar:
-        """The dense kernel ``dense`` with ``epilogue``, one per distinct function."""
-        n, k, tiles, family = dense_attrs(self.builder_.get()[dense])
-        func = scheduled_int8_dense(n, k, tiles, dense_dot(family), epilogue=epilogue)
+    def _added(self, func: tvm.tirx.PrimFunc, name: str) -> ir.GlobalVar:
+        """``func`` in the module (named ``name`` and a count), or the function equal to it added before."""
         for seen, gv in self.fused:
             if tvm_ffi.structural_equal(seen, func):
                 return gv
-        name = f"{dense.name_hint}_to_{epilogue.out_dtype}_{len(self.fused)}"
-        gv = self.builder_.add_func(func.without_attr("global_symbol"), name)
+        gv = self.builder_.add_func(func.without_attr("global_symbol"), f"{name}_{len(self.fused)}")
         self.fused.append((func, gv))
         return gv
 
@@ -294,7 +318,7 @@ class FuseDenseEpilogue:
     chain as its epilogue, in every Relax function (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        fuser = _EpilogueFuser(mod)
+        fuser = EpilogueFuser(mod, DenseKernels())
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 fuser.run(gv, func)

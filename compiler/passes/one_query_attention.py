@@ -32,7 +32,7 @@ from tvm.sym.analyzer import Analyzer
 from int8mt.schedules.one_query_attention import (ACCUMULATOR, context_kernel, direct_context_kernel,
                                                   direct_scores_kernel, quantized_context_kernel,
                                                   quantized_scores_kernel, scores_kernel)
-from int8mt.schedules.kernel_attrs import KERNEL_ATTR
+from int8mt.schedules.kernel_attrs import ATTENTION_ATTR, KERNEL_ATTR
 
 from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, is_one, rewrite_functions, use_counts
 from .quantize_rows import match_row_quantize
@@ -308,16 +308,19 @@ class _OneQueryRewriter(PyExprMutator):
             index, past, rows, new = gathered
             heads = int(index.ty.shape[1])
             key = ("gathered", scores, heads, head_dim, dtype, self.lanes)
+            attrs = {"heads": heads}
             make = (lambda: scores_kernel(heads, head_dim, dtype, self.lanes)) if scores else (
                 lambda: context_kernel(heads, head_dim, dtype))
             args = (index, past, left, rows, new)
         else:
             key = ("direct", scores, head_dim, dtype, self.lanes)
+            attrs = {}
             make = (lambda: direct_scores_kernel(head_dim, dtype, self.lanes)) if scores else (
                 lambda: direct_context_kernel(head_dim, dtype))
             args = (left, operand)
         name = f"{key[0]}_{'scores' if scores else 'context'}"
-        kernel = self.kernels.get(key, name, lambda: make().with_attr(KERNEL_ATTR, name))
+        attrs.update(head_dim=head_dim, dtype=dtype, lanes=self.lanes)  # what FuseAttentionEpilogue rebuilds it from
+        kernel = self.kernels.get(key, name, lambda: make().with_attr(KERNEL_ATTR, name).with_attr(ATTENTION_ATTR, attrs))
         return relax.call_tir(kernel, [self.visit_expr(x) for x in args], call.ty)
 
 

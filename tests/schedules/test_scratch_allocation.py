@@ -12,16 +12,24 @@ import pytest
 import tvm
 
 from int8mt.quant.ops import EPS
-from int8mt.schedules.int8_dense import DenseTiles, scheduled_int8_dense
+from int8mt.schedules.int8_dense import DenseEpilogue, DenseTiles, scheduled_int8_dense
 from int8mt.schedules.intrin import int8_dot
 from int8mt.schedules.layer_norm_rows import RowQuantize, layer_norm_rows_kernel
-from int8mt.schedules.one_query_attention import quantized_context_kernel, quantized_scores_kernel
+from int8mt.schedules.one_query_attention import (context_kernel, direct_context_kernel, quantized_context_kernel,
+                                                  quantized_scores_kernel, scores_kernel)
 from int8mt.schedules.quantize_rows import quantize_rows_kernel
 from int8mt.targets import get_preset
 
 VNNI = get_preset("x86-vnni")
 RANGE = (127.0, EPS)
 INT32 = (0, 32)  # the workspace call's dtype code and bits of an int32 buffer
+BATCH, POSITIONS = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("t", "int64")
+# epilogues as FuseAttentionEpilogue builds them: the scores dequantized into [b, 4, 1, t], the context
+# requantized into rows [b, 4 * 64]
+DEQUANTIZED = DenseEpilogue((BATCH, 4, 1, POSITIONS), "float32", (), (BATCH, POSITIONS),
+                            lambda c, i, j, _: ([i // 4, i % 4, 0, j], tvm.tirx.Cast("float32", c) * 0.01))
+REQUANTIZED = DenseEpilogue((BATCH, 256), "int8", (), (BATCH,), lambda c, i, j, _: (
+    [i // 4, i % 4 * 64 + j], tvm.tirx.Cast("int8", tvm.tirx.max(tvm.tirx.min(c >> 4, 127), -127))))
 
 
 def _allocations_per_iteration(func: tvm.tirx.PrimFunc) -> list[tuple[int, int, int]]:
@@ -52,9 +60,13 @@ def _allocations_per_iteration(func: tvm.tirx.PrimFunc) -> list[tuple[int, int, 
     lambda: quantized_context_kernel(4, 64, *RANGE, RANGE, RANGE),
     lambda: quantized_context_kernel(None, 64, *RANGE),
     lambda: quantized_context_kernel(None, 64, *RANGE, None, RANGE),
+    lambda: scores_kernel(4, 64, "int8", 16, DEQUANTIZED),
+    lambda: context_kernel(4, 64, "int8", REQUANTIZED),
+    lambda: direct_context_kernel(64, "int8", REQUANTIZED),
 ], ids=["quantize-rows", "quantize-rows-any-length", "layer-norm-quantize-rows", "gathered-scores",
         "gathered-scores-quantizing-new", "direct-scores", "gathered-context", "gathered-context-quantizing-new",
-        "gathered-context-quantizing-rows", "direct-context", "direct-context-quantizing-rows"])
+        "gathered-context-quantizing-rows", "direct-context", "direct-context-quantizing-rows",
+        "gathered-scores-dequantized", "gathered-context-requantized", "direct-context-requantized"])
 def test_row_kernels_allocate_nothing_per_row(make):
     assert _allocations_per_iteration(make()) == []
 

@@ -12,7 +12,7 @@ from int8mt.compiler.passes import OneQueryAttention
 from int8mt.compiler.pipeline import relax_pipeline
 from int8mt.quant.ops import EPS
 from int8mt.schedules.one_query_attention import context_kernel, scores_kernel
-from int8mt.schedules.kernel_attrs import KERNEL_ATTR
+from int8mt.schedules.kernel_attrs import ATTENTION_ATTR, KERNEL_ATTR
 
 from ...conftest import HOST_PRESET
 
@@ -54,10 +54,11 @@ def _module(dtype: str, shared: bool = False) -> tvm.IRModule:
 def test_structure_both_products_read_the_rows_through_the_index():
     after = OneQueryAttention(16)(_module("int8"))
     bb = relax.BlockBuilder()
+    attrs = {"heads": H, "head_dim": D, "dtype": "int8", "lanes": 16}
     scores_gv = bb.add_func(scores_kernel(H, D, "int8", 16).with_attr(KERNEL_ATTR, "gathered_scores")
-                            .without_attr("global_symbol"), "gathered_scores")
+                            .with_attr(ATTENTION_ATTR, attrs).without_attr("global_symbol"), "gathered_scores")
     context_gv = bb.add_func(context_kernel(H, D, "int8").with_attr(KERNEL_ATTR, "gathered_context")
-                             .without_attr("global_symbol"), "gathered_context")
+                             .with_attr(ATTENTION_ATTR, attrs).without_attr("global_symbol"), "gathered_context")
     b, t, _, params = _vars("int8")
     rows, index, past, new, q, p = params
     with bb.function("main", params):

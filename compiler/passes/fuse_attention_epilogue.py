@@ -1,0 +1,75 @@
+"""FuseAttentionEpilogue: the elementwise ops after a one-query attention product, computed in its kernel.
+
+Runs after :class:`.OneQueryAttention`. With static ranges a product's int32 sums are followed by what Scale
+Propagation made of its consumer, as after a linear layer: the scores' dequantization (``astype(float32) *
+scale`` after a reshape into ``[batch, heads, 1, positions]``), the context's requantization for the output
+projection (``astype(int64) * multiplier + rounding >> shift``, clip, ``astype(int8)``, through the views that
+merge the heads). Unfused, each is a kernel of its own and, at a small batch, the virtual machine's allocations
+and views around it cost as much as its work. Here such a chain (found as :class:`.FuseDenseEpilogue` finds a
+dense kernel's, each op written as the TIR its legalization produces: the same values bit for bit) becomes the
+gathered scores, gathered context or direct context kernel's epilogue
+(:mod:`int8mt.schedules.one_query_attention`). Chains that read another tensor (the cross-attention's mask
+added to its scores) are left alone, as are products of run-time ranges (their kernels quantize and dequantize
+already).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import ir, relax, tirx
+
+from int8mt.schedules.int8_dense import DenseEpilogue
+from int8mt.schedules.kernel_attrs import ATTENTION_ATTR, KERNEL_ATTR
+from int8mt.schedules.one_query_attention import context_kernel, direct_context_kernel, scores_kernel
+
+from .fuse_dense_epilogue import DenseKernels, EpilogueChain, EpilogueFuser
+from .kernel_calls import kernel_kind
+
+_KERNELS: dict[str, Callable[[dict, DenseEpilogue], tirx.PrimFunc]] = {
+    "gathered_scores": lambda a, e: scores_kernel(a["heads"], a["head_dim"], a["dtype"], a["lanes"], e),
+    "gathered_context": lambda a, e: context_kernel(a["heads"], a["head_dim"], a["dtype"], e),
+    "direct_context": lambda a, e: direct_context_kernel(a["head_dim"], a["dtype"], e),
+}
+
+
+class _AttentionKernels(DenseKernels):
+    def chain_for(self, mod: tvm.IRModule, call: relax.Call, result: relax.Var,
+                  products: dict[relax.Var, relax.Call]) -> EpilogueChain | None:
+        if kernel_kind(mod, call.args[0]) not in _KERNELS:
+            return None
+        pairs, _, width = result.ty.shape  # [pairs, 1, positions or head_dim]: the sums as rows of a matrix
+        return EpilogueChain([pairs, width], str(result.ty.dtype))
+
+    def accepts(self, call: relax.Call, chain: EpilogueChain) -> bool:
+        """A chain that computes, reads no other tensor, and whose output's shape names every size its
+        positions depend on (the kernel learns them from that buffer)."""
+        if not chain.computes or chain.operands:
+            return False
+        out_dims = list(chain.output.ty.shape)
+        named = {dim.name for dim in out_dims if isinstance(dim, tirx.Var)}
+        plain = all(isinstance(dim, (tirx.IntImm, tirx.Var)) for dim in out_dims)
+        return plain and all(var.name in named for var in chain.epilogue().shape_vars)
+
+    def kernel(self, mod: tvm.IRModule, call: relax.Call,
+               chain: EpilogueChain) -> tuple[tirx.PrimFunc, str, list[relax.Expr], list[tirx.PrimExpr]]:
+        func = mod[call.args[0]]
+        kind = str(func.attrs[KERNEL_ATTR])
+        attrs = {key: value if isinstance(value, str) else int(value)
+                 for key, value in func.attrs[ATTENTION_ATTR].items()}
+        fused = _KERNELS[kind](attrs, chain.epilogue()).with_attr(KERNEL_ATTR, kind).with_attr(ATTENTION_ATTR, attrs)
+        return fused, f"{call.args[0].name_hint}_to_{chain.output.ty.dtype}", list(call.args[1].fields), []
+
+
+@tvm.transform.module_pass(opt_level=0, name="int8mt.FuseAttentionEpilogue")
+class FuseAttentionEpilogue:
+    """Every gathered scores, gathered context or direct context kernel call followed by a chain of elementwise
+    ops that reads no other tensor -> one call of that kernel with the chain as its epilogue (see the module
+    docstring)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        fuser = EpilogueFuser(mod, _AttentionKernels())
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                fuser.run(gv, func)
+        return relax.transform.DeadCodeElimination()(fuser.builder_.get())
