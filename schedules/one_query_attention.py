@@ -16,8 +16,8 @@ partial sums added up in lane order; softmax·V over the positions in order). On
 With an ``epilogue`` (:class:`~int8mt.schedules.int8_dense.DenseEpilogue`, built by
 :class:`~int8mt.compiler.passes.FuseAttentionEpilogue` from the elementwise ops after the product: the scores'
 dequantization, the context's requantization) a kernel stores, instead of each sum ``out[bh, 0, x]``, the
-epilogue's value of it at the epilogue's place (``store(sum, bh, x, [])``); the epilogues here read no other
-tensor.
+epilogue's value of it at the epilogue's place (``store(sum, bh, x, inputs)``); only the direct scores' epilogue
+reads another tensor (the cross-attention's mask).
 """
 from __future__ import annotations
 
@@ -187,26 +187,49 @@ def _epilogue_store(epilogue: DenseEpilogue, head_dim: int):
     return finish
 
 
-def direct_scores_kernel(head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc:
+def direct_scores_kernel(head_dim: int, dtype: str, lanes: int, epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
     """QK^T of one query per (hypothesis, head) against keys stored per pair (the cross-attention's): the kernel
     ``(q [pairs, 1, head_dim], keys [pairs, positions, head_dim], out [pairs, 1, positions])``, summed as
-    :func:`scores_kernel` sums."""
+    :func:`scores_kernel` sums. With an ``epilogue``, ``out`` is its output, after the one tensor it reads (the
+    mask added to the scores): ``(q, keys, mask, out)``."""
     pairs, positions = tirx.Var("pairs", "int64"), tirx.Var("positions", "int64")
     acc = ACCUMULATOR[dtype]
     score, _, lanes = _products(head_dim, dtype, lanes)
 
+    if epilogue is None:
+        @T.prim_func(s_tir=True)
+        def direct_scores(q: T.Buffer((pairs, 1, head_dim), dtype),
+                          keys: T.Buffer((pairs, positions, head_dim), dtype), out: T.Buffer((pairs, 1, positions), acc)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+            with T.sblock("root"):
+                flat_keys = T.decl_buffer((pairs * positions * head_dim,), dtype, data=keys.data)
+                partial = T.sblock_alloc_buffer((pairs, lanes), acc)
+                for bh in T.parallel(pairs):
+                    for t in range(positions):
+                        score(out, partial, q, bh, t, flat_keys, (bh * positions + t) * head_dim)
+
+        return direct_scores
+
+    (mask_shape, mask_dtype), = epilogue.input_specs
+    store = epilogue.store
+
     @T.prim_func(s_tir=True)
-    def direct_scores(q: T.Buffer((pairs, 1, head_dim), dtype), keys: T.Buffer((pairs, positions, head_dim), dtype),
-                      out: T.Buffer((pairs, 1, positions), acc)):
+    def direct_scores_epilogue(q: T.Buffer((pairs, 1, head_dim), dtype),
+                               keys: T.Buffer((pairs, positions, head_dim), dtype),
+                               mask: T.Buffer(mask_shape, mask_dtype),
+                               out: T.Buffer(epilogue.out_shape, epilogue.out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             flat_keys = T.decl_buffer((pairs * positions * head_dim,), dtype, data=keys.data)
             partial = T.sblock_alloc_buffer((pairs, lanes), acc)
+            total = T.sblock_alloc_buffer((pairs, 1, 1), acc)
             for bh in T.parallel(pairs):
                 for t in range(positions):
-                    score(out, partial, q, bh, t, flat_keys, (bh * positions + t) * head_dim)
+                    score(total, partial, q, bh, 0, flat_keys, (bh * positions + t) * head_dim)
+                    place, value = T.meta_var(store(total[bh, 0, 0], bh, t, [mask]))
+                    T.buffer_store(out, value, place)
 
-    return direct_scores
+    return direct_scores_epilogue
 
 
 def direct_context_kernel(head_dim: int, dtype: str, epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:

@@ -239,7 +239,7 @@ class DenseKernels:
             return None
         return EpilogueChain(list(result.ty.shape), str(result.ty.dtype), products)
 
-    def accepts(self, call: relax.Call, chain: EpilogueChain) -> bool:
+    def accepts(self, mod: tvm.IRModule, call: relax.Call, chain: EpilogueChain) -> bool:
         """Whether the kernel of ``call`` takes the complete ``chain`` as its epilogue."""
         return chain.computes
 
@@ -286,7 +286,7 @@ class EpilogueFuser(PyExprMutator):
                        and isinstance(user[current].value, relax.Call)
                        and chain.try_append(user[current].value, user[current].var, current)):
                     current = user[current].var
-                if self.kernels.accepts(call, chain):
+                if self.kernels.accepts(self.builder_.get(), call, chain):
                     self.chains[chain.output] = (call, chain)
         if self.chains:
             self.builder_.update_func(gv, self.visit_expr(func))
