@@ -21,7 +21,8 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
                          every kernel not scheduled yet.
-5. ``lowered``           dataflow lowering, memory planning and VM finalisation.
+5. ``lowered``           dataflow lowering, memory planning and VM finalisation (with lifted weights, their checks
+                         left to ``check_weights``: :func:`~.passes.drop_weight_checks`).
 
 On CPUs the entry points' virtual-machine code is compiled to native code (``exec_mode="compiled"``) instead of
 interpreted: a decoder step runs some 800 shape, allocation and kernel calls, and at batch 1 their dispatch was
@@ -53,7 +54,8 @@ from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue, GatherPackedRows,
                      Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeRows,
-                     ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape)
+                     ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape,
+                     drop_weight_checks)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -344,7 +346,7 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None,
                 + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
                 + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])
                 + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
-                + [_phase(5, "lowered", dump_dir)]
+                + ([drop_weight_checks] if weights is not None else []) + [_phase(5, "lowered", dump_dir)]
             )(mod)
 
     return _pipeline

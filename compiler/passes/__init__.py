@@ -7,7 +7,7 @@ from .gather_packed_rows import GatherPackedRows
 from .int8_batch_matmul import Int8BatchMatmul
 from .keys_as_stored import ReadKeysAsStored
 from .layer_norm_rows import LayerNormRows
-from .lift_weights import LiftWeights
+from .lift_weights import LiftWeights, drop_weight_checks
 from .one_query_attention import OneQueryAttention
 from .pack_dense import PackDense
 from .quantize_rows import QuantizeRows
@@ -18,5 +18,5 @@ from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
-           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue", "LayerNormRows",
-           "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView", "LiftWeights"]
+           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue",
+           "LayerNormRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView", "LiftWeights", "drop_weight_checks"]

@@ -10,6 +10,13 @@ Each entry point ``f(x...)`` becomes ``f(x..., w_i, w_j, ...)``: the constants o
 in the order of :attr:`LiftWeights.weights` (one entry per distinct value, shared by every entry point that
 uses it: a shared vocabulary's embedding, packed alike for the encoder and the decoder, is kept once); :attr:`LiftWeights.uses` maps each entry point to its weights' indices. Run it once the graph is final
 (after fusion and scheduling), so that no pass still needs the constants' values.
+
+The virtual machine checks every parameter's dtype and shape at every call (two builtin calls per parameter: for a
+decoder step of the reference model, 82 calls for its 41 weights). Weights are the same at every call, so each
+entry point is marked with how many of its parameters are weights (``WEIGHT_PARAMS_ATTR``) and
+:func:`drop_weight_checks` removes their checks once the virtual machine's code is lowered; the module gets an
+entry point ``check_weights(w_0, w_1, ...)`` taking all of them, which does only those checks and which the
+runtime calls once, when it loads the weights.
 """
 from __future__ import annotations
 
@@ -21,7 +28,11 @@ from tvm import relax
 from tvm.ir import GenericConst
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from int8mt.runtime.bundle import CHECK_WEIGHTS
+
 MIN_WEIGHT_BYTES = 4096  # smaller constants (scales, shapes) stay in the library
+WEIGHT_PARAMS_ATTR = "int8mt.weight_params"  # an entry point's number of weight parameters (its last ones)
+_CHECKS = ("vm.builtin.check_tensor_info", "vm.builtin.match_shape")
 
 
 @mutator
@@ -72,6 +83,36 @@ class LiftWeights:
             body = lifting.visit_expr(func.body)
             indices = sorted(lifting.params)
             self.uses[gvar.name_hint] = indices
-            mod[gvar] = relax.Function(list(func.params) + [lifting.params[i] for i in indices], body, func.ret_ty,
-                                       func.is_pure, func.attrs, func.span)
-        return mod
+            lifted = relax.Function(list(func.params) + [lifting.params[i] for i in indices], body, func.ret_ty,
+                                    func.is_pure, func.attrs, func.span)
+            mod[gvar] = lifted.with_attr(WEIGHT_PARAMS_ATTR, len(indices)) if indices else lifted
+        if not self.weights:
+            return mod
+        builder = relax.BlockBuilder(mod)
+        with builder.function(CHECK_WEIGHTS, [relax.Var(f"weight{i}", relax.TensorType(w.shape, str(w.dtype)))
+                                              for i, w in enumerate(self.weights)]):
+            builder.emit_func_output(relax.Tuple([]))
+        return builder.get()
+
+
+@tvm.transform.module_pass(opt_level=0, name="int8mt.DropWeightChecks")
+def drop_weight_checks(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """After ``VMShapeLower``: the dtype and shape checks of each entry point's weight parameters (its last
+    ``WEIGHT_PARAMS_ATTR`` ones, of static shapes) removed; :data:`CHECK_WEIGHTS` keeps them (see the module doc)."""
+    for gvar, func in list(mod.functions.items()):
+        count = int((func.attrs or {}).get(WEIGHT_PARAMS_ATTR, 0)) if isinstance(func, relax.Function) else 0
+        if not count:
+            continue
+        weights = {p for p in func.params[len(func.params) - count:]
+                   if all(isinstance(d, tvm.tirx.IntImm) for d in p.ty.shape)}
+        blocks = [type(block)([b for b in block.bindings if not _checks(b.value, weights)])
+                  for block in func.body.blocks]
+        mod[gvar] = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty, func.is_pure,
+                                   func.attrs, func.span)
+    return mod
+
+
+def _checks(value: relax.Expr, params: set[relax.Var]) -> bool:
+    """Whether ``value`` is the virtual machine's dtype or shape check of one of ``params``."""
+    return (isinstance(value, relax.Call) and isinstance(value.op, relax.ExternFunc)
+            and str(value.op.global_symbol) in _CHECKS and value.args[0] in params)

@@ -32,9 +32,12 @@ from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty
 LIBRARY_FILE, MANIFEST_FILE, WEIGHTS_FILE = "model.so", "manifest.json", "weights.bin"
 DEFAULT_MAX_ROWS = 1024  # rows (sentences x beams) per call: what compiling records, and the bound of older bundles
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
-BUNDLE_FORMAT = 5  # the entry points (ENTRY_POINTS) and their signatures: the decoder step's cache layout, caches
-#                   with per-position scales (manifest ``cache_scales``), the weights as parameters
+BUNDLE_FORMAT = 6  # the entry points (ENTRY_POINTS) and their signatures: the decoder step's cache layout, caches
+#                   with per-position scales (manifest ``cache_scales``), the weights as parameters, checked once
+#                   by CHECK_WEIGHTS
 ENTRY_POINTS = ("encode", "decode_step", "append_cache", "reorder_cache", "top_candidates")
+CHECK_WEIGHTS = "check_weights"  # the library's check of all the weights' dtypes and shapes, which the entry
+#                                   points leave out (compiler/passes/lift_weights.py)
 
 
 class BundleError(UserError):
@@ -407,10 +410,11 @@ class Bundle:
         self._alloc = self._ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._create_view = self._ffi.get_global_func("runtime.TVMTensorCreateView")
         self._copy = self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")
-        self._weights = self._map_weights()
+        weights, self._weights = self._map_weights()
         self._steps: dict[int, Any] = {}  # position -> the decoder step's input tensor (shared by replicas)
         self._pooled = _POOLED["gpu" if self._on_gpu else "cpu"]
         self._open_vm()
+        self._check_weights(weights)
         drop_unmodified_pages(self.path / LIBRARY_FILE)
         cfg = self.manifest["model"]
         self.layers, self.heads = cfg["decoder_layers"], cfg["heads"]
@@ -442,10 +446,10 @@ class Bundle:
             raise BundleError(f"{self.path / LIBRARY_FILE} does not match its manifest ({err})") from None
         self._staging: dict[str, Any] = {}  # on a GPU: input name -> the device buffer its steps' values go to
 
-    def _map_weights(self) -> dict[str, tuple[Any, ...]]:
-        """Each entry point's weights (its trailing parameters): on the CPU views of ``weights.bin`` mapped
-        copy-on-write (pages read from the file as the kernels touch them, shared with every process that maps
-        it), on a GPU copies in its memory."""
+    def _map_weights(self) -> tuple[list[Any], dict[str, tuple[Any, ...]]]:
+        """All the weights, and each entry point's (its trailing parameters): on the CPU views of ``weights.bin``
+        mapped copy-on-write (pages read from the file as the kernels touch them, shared with every process that
+        maps it), on a GPU copies in its memory."""
         record, path = self.manifest["weights"], self.path / WEIGHTS_FILE
         size = path.stat().st_size
         mapped = np.memmap(path, np.uint8, mode="c") if size else np.zeros(0, np.uint8)
@@ -465,7 +469,17 @@ class Bundle:
         uses = {name: record["entry_points"].get(name, []) for name in ENTRY_POINTS}
         if not all(isinstance(i, int) and 0 <= i < len(tensors) for indices in uses.values() for i in indices):
             raise BundleError(f"{self.path / MANIFEST_FILE} names weights it does not list; rebuild the bundle")
-        return {name: tuple(tensors[i] for i in indices) for name, indices in uses.items()}
+        return tensors, {name: tuple(tensors[i] for i in indices) for name, indices in uses.items()}
+
+    def _check_weights(self, weights: list[Any]) -> None:
+        """The library's check of the weights' dtypes and shapes (its entry points leave it out), once."""
+        if not weights:
+            return
+        try:
+            self._vm[CHECK_WEIGHTS](*weights)
+        except Exception as err:  # noqa: BLE001  (TVM's check raises its own error kinds)
+            raise BundleError(f"the weights of {self.path / MANIFEST_FILE} do not match {self.path / LIBRARY_FILE} "
+                              f"({str(err).splitlines()[0]}); rebuild the bundle") from None
 
     def replica(self) -> "Bundle":
         """Another handle on the same loaded library and weights with a virtual machine of its own, so that two

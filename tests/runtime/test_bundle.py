@@ -98,9 +98,21 @@ def test_corrupt_manifest(bundle_copy):
 
 
 def test_bundles_of_an_earlier_format_are_refused_with_a_rebuild_message(bundle_copy):
-    """Format 5 added the ``append_cache`` entry point, which format-4 bundles lack."""
-    edit_manifest(bundle_copy, lambda m: m.update({"format": 4}))
-    with pytest.raises(BundleError, match="bundle format 4 is not supported .this runtime reads 5.; rebuild it"):
+    """Format 6 added the ``check_weights`` entry point (its entry points check no weights), which format-5
+    bundles lack."""
+    edit_manifest(bundle_copy, lambda m: m.update({"format": 5}))
+    with pytest.raises(BundleError, match="bundle format 5 is not supported .this runtime reads 6.; rebuild it"):
+        Bundle(bundle_copy)
+
+
+def test_weights_that_do_not_match_the_library_are_refused_at_load(bundle_copy):
+    """The entry points do not check their weights at each call; the library checks them all once, at load."""
+    def reshape_first(manifest: dict) -> None:
+        tensor = manifest["weights"]["tensors"][0]
+        tensor["shape"] = [1, *tensor["shape"][:-1], tensor["shape"][-1] // 2]  # fewer elements: inside the file
+
+    edit_manifest(bundle_copy, reshape_first)
+    with pytest.raises(BundleError, match="weights of .* do not match .*model.so .*; rebuild the bundle"):
         Bundle(bundle_copy)
 
 

@@ -1,6 +1,8 @@
 """LiftWeights: large constants become trailing parameters of the entry points (one value per distinct constant,
-shared between functions), small ones stay; results are unchanged when the lifted values are passed back."""
+shared between functions), small ones stay; results are unchanged when the lifted values are passed back. The
+lowered entry points check no weight; ``check_weights`` checks them all."""
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 from tvm.script import ir as I
@@ -46,6 +48,7 @@ def test_large_constants_become_trailing_parameters_shared_by_the_functions():
         @R.function
         def first(x: R.Tensor(("n", 32), "float32"), weight0: R.Tensor((32, 64), "float32")) -> R.Tensor(("n", 64), "float32"):
             n = T.int64()
+            R.func_attr({"int8mt.weight_params": 1})
             with R.dataflow():
                 lv = R.matmul(x, weight0)
                 gv = R.add(lv, R.const(B))
@@ -54,10 +57,15 @@ def test_large_constants_become_trailing_parameters_shared_by_the_functions():
 
         @R.function
         def second(y: R.Tensor((2, 32), "float32"), weight0: R.Tensor((32, 64), "float32")) -> R.Tensor((2, 64), "float32"):
+            R.func_attr({"int8mt.weight_params": 1})
             with R.dataflow():
                 gv = R.matmul(y, weight0)
                 R.output(gv)
             return gv
+
+        @R.function
+        def check_weights(weight0: R.Tensor((32, 64), "float32")) -> R.Tuple:
+            return R.tuple()
 
     tvm.ir.assert_structural_equal(mod, Expected)
 
@@ -82,3 +90,23 @@ def test_equal_values_are_lifted_once():
     lift = LiftWeights()
     mod = lift(bb.get())
     assert len(lift.weights) == 1 and lift.uses == {"main": [0]} and len(mod["main"].params) == 2
+
+
+def test_lowered_entry_points_check_no_weight_and_check_weights_checks_them():
+    lift = LiftWeights()
+    lowered = relax_pipeline(TARGET, weights=lift)(_module())
+
+    def checked(name: str) -> list[str]:  # the parameters whose dtype and shape the function checks
+        func = lowered[name]
+        return [b.value.args[0].name for block in func.body.blocks for b in block.bindings
+                if isinstance(b.value, relax.Call) and isinstance(b.value.op, relax.ExternFunc)
+                and str(b.value.op.global_symbol) in ("vm.builtin.check_tensor_info", "vm.builtin.match_shape")
+                and b.value.args[0] in func.params]
+
+    assert checked("first") == ["x", "x"] and checked("second") == ["y", "y"]
+    assert checked("check_weights") == ["weight0", "weight0"]
+    vm = relax.VirtualMachine(tvm.compile(_module(), TARGET, relax_pipeline=relax_pipeline(TARGET, weights=LiftWeights())),
+                              tvm.cpu())
+    vm["check_weights"](tvm.runtime.tensor(W))
+    with pytest.raises(Exception, match="ErrorContext.*weight0"):
+        vm["check_weights"](tvm.runtime.tensor(W[:, :32].copy()))
