@@ -168,8 +168,8 @@ def _rechecksum(bundle) -> None:
     ("entry_points", [1, 2], "'entry_points' must hold str values"),
     ("max_rows", True, "'max_rows' must be a int"),
     ("weights", [], "'weights' must be a dict"),
-    ("format", 4, "bundle format 4 is not supported .this runtime reads 5."),
-    ("format", 6, "bundle format 6 is not supported"),
+    ("format", 5, "bundle format 5 is not supported .this runtime reads 6."),
+    ("format", 7, "bundle format 7 is not supported"),
     ("model", {"vocab_size": 8000}, "decoder_layers, heads, d_model, ffn_dim, max_positions"),
 ])
 def test_wrong_typed_manifest_fields(bundle_copy, field, value, message):
