@@ -160,8 +160,10 @@ def import_tvm_ffi() -> Any:
 def _import_without_torch(module: str) -> None:
     """Import ``module`` (TVM or its FFI) unless its package is imported, with ``import torch`` failing meanwhile
     (the FFI imports torch where installed, for DLPack interop: start-up time and memory the runtime does not
-    need); first size TVM's thread pool to this process's CPUs unless ``TVM_NUM_THREADS`` is set."""
+    need); first size TVM's thread pool to this process's CPUs unless ``TVM_NUM_THREADS`` is set, and its
+    workers' spinning to ``POOL_SPIN_COUNT`` unless ``TVM_THREAD_POOL_SPIN_COUNT`` is."""
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(POOL_SPIN_COUNT))
     if module.split(".")[0] not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
         try:
@@ -191,6 +193,11 @@ def import_tvm_runtime() -> Any:
     return tvm
 
 
+POOL_SPIN_COUNT = 10000  # yields of an idle worker of a TVM thread pool before it sleeps (TVM's default: 300000).
+# Each thread that runs kernels has a pool, whose workers start by spinning; a one-thread replica's worker is never
+# given work, and its 300000 yields took the CPUs from the replicas for the first second or more (two one-thread
+# replicas at batch 32, greedy: 1790-1830 sentences/s, against 3250-3530 with 10000; beam 4 and batch 1 likewise).
+# Between the kernels of a two-thread translator, 10000 yields are plenty (as fast as 300000; 0 halved its speed).
 TOP_K_KERNEL = "tvm.contrib.sort.topk"  # top candidates of bundles built before our top-k kernel (runtime_extra)
 RELEASE_POOLS = "vm.builtin.memory_manager.clear"  # in TVM's libtvm_runtime
 MADV_DONTNEED = 4  # Linux madvise advice

@@ -269,3 +269,20 @@ def test_unwritten_library_pages_are_released_and_the_model_still_runs(tiny_bund
     assert bundle_mod.drop_unmodified_pages(tiny_bundle / "model.so") > 0
     assert greedy_search(bundle, src, [12, 12]) == before
     assert greedy_search(bundle.replica(), src, [12, 12]) == before
+
+
+def test_thread_pool_workers_spin_briefly_unless_told_otherwise(tiny_bundle):
+    """Loading a bundle sets TVM's pool workers' spin count (an idle one-thread replica's worker spun for a second
+    or more at TVM's default), and keeps one the user set."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import os; from int8mt.runtime.bundle import Bundle; Bundle({str(tiny_bundle)!r}); "
+            "print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert default.stdout.strip() == str(bundle_mod.POOL_SPIN_COUNT), default.stderr[-2000:]
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**env, "TVM_THREAD_POOL_SPIN_COUNT": "5"})
+    assert chosen.stdout.strip() == "5", chosen.stderr[-2000:]
