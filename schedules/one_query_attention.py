@@ -82,7 +82,8 @@ def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int,
         def gathered_scores(index: T.Buffer((batch, heads, positions), "int64"),
                             past: T.Buffer((batch, 1, positions, 1), "bool"),
                             q: T.Buffer((pairs, 1, head_dim), dtype), rows: T.Buffer((stored, head_dim), dtype),
-                            new: T.Buffer((batch, heads, 1, head_dim), dtype), out: T.Buffer((pairs, 1, positions), acc)):
+                            new: T.Buffer((batch, heads, 1, head_dim), dtype),
+                            out: T.Buffer((pairs, 1, positions), acc)):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
             with T.sblock("root"):
                 flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
@@ -199,7 +200,8 @@ def direct_scores_kernel(head_dim: int, dtype: str, lanes: int, epilogue: DenseE
     if epilogue is None:
         @T.prim_func(s_tir=True)
         def direct_scores(q: T.Buffer((pairs, 1, head_dim), dtype),
-                          keys: T.Buffer((pairs, positions, head_dim), dtype), out: T.Buffer((pairs, 1, positions), acc)):
+                          keys: T.Buffer((pairs, positions, head_dim), dtype),
+                          out: T.Buffer((pairs, 1, positions), acc)):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
             with T.sblock("root"):
                 flat_keys = T.decl_buffer((pairs * positions * head_dim,), dtype, data=keys.data)

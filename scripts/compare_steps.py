@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     for path, values in zip(args.bundles, times):
         print(f"{str(path):40s} best {min(values):8.1f}  median {statistics.median(values):8.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("bundles", "json")},
-                                         "bundles": [str(p) for p in args.bundles], "step_us": times}, indent=1))
+        settings = {k: v for k, v in vars(args).items() if k not in ("bundles", "json")}
+        args.json.write_text(json.dumps({"settings": settings, "bundles": [str(p) for p in args.bundles],
+                                         "step_us": times}, indent=1))
     return 0
 
 

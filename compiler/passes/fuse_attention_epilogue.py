@@ -16,14 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
-from tvm import ir, relax, tirx
+from tvm import relax, tirx
 
 from int8mt.schedules.int8_dense import DenseEpilogue
 from int8mt.schedules.kernel_attrs import ATTENTION_ATTR, KERNEL_ATTR
 from int8mt.schedules.one_query_attention import (context_kernel, direct_context_kernel, direct_scores_kernel,
                                                   scores_kernel)
 
-from .fuse_dense_epilogue import DenseKernels, EpilogueChain, EpilogueFuser
+from .fuse_dense_epilogue import DenseKernels, EpilogueChain, fuse_epilogues
 from .kernel_calls import kernel_kind
 
 _KERNELS: dict[str, Callable[[dict, DenseEpilogue], tirx.PrimFunc]] = {
@@ -72,8 +72,4 @@ class FuseAttentionEpilogue:
     of that kernel with the chain as its epilogue (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        fuser = EpilogueFuser(mod, _AttentionKernels())
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                fuser.run(gv, func)
-        return relax.transform.DeadCodeElimination()(fuser.builder_.get())
+        return fuse_epilogues(mod, _AttentionKernels())

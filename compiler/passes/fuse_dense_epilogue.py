@@ -318,8 +318,14 @@ class FuseDenseEpilogue:
     chain as its epilogue, in every Relax function (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        fuser = EpilogueFuser(mod, DenseKernels())
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                fuser.run(gv, func)
-        return relax.transform.DeadCodeElimination()(fuser.builder_.get())
+        return fuse_epilogues(mod, DenseKernels())
+
+
+def fuse_epilogues(mod: tvm.IRModule, kernels: DenseKernels) -> tvm.IRModule:
+    """``mod`` with the chains after the kernels ``kernels`` fuses in every Relax function fused into them (the
+    unfused kernels and ops left dead are removed)."""
+    fuser = EpilogueFuser(mod, kernels)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            fuser.run(gv, func)
+    return relax.transform.DeadCodeElimination()(fuser.builder_.get())

@@ -320,7 +320,8 @@ class _OneQueryRewriter(PyExprMutator):
             args = (left, operand)
         name = f"{key[0]}_{'scores' if scores else 'context'}"
         attrs.update(head_dim=head_dim, dtype=dtype, lanes=self.lanes)  # what FuseAttentionEpilogue rebuilds it from
-        kernel = self.kernels.get(key, name, lambda: make().with_attr(KERNEL_ATTR, name).with_attr(ATTENTION_ATTR, attrs))
+        kernel = self.kernels.get(key, name,
+                                  lambda: make().with_attr(KERNEL_ATTR, name).with_attr(ATTENTION_ATTR, attrs))
         return relax.call_tir(kernel, [self.visit_expr(x) for x in args], call.ty)
 
 

@@ -105,8 +105,8 @@ def test_lowered_entry_points_check_no_weight_and_check_weights_checks_them():
 
     assert checked("first") == ["x", "x"] and checked("second") == ["y", "y"]
     assert checked("check_weights") == ["weight0", "weight0"]
-    vm = relax.VirtualMachine(tvm.compile(_module(), TARGET, relax_pipeline=relax_pipeline(TARGET, weights=LiftWeights())),
-                              tvm.cpu())
+    executable = tvm.compile(_module(), TARGET, relax_pipeline=relax_pipeline(TARGET, weights=LiftWeights()))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
     vm["check_weights"](tvm.runtime.tensor(W))
     with pytest.raises(Exception, match="ErrorContext.*weight0"):
         vm["check_weights"](tvm.runtime.tensor(W[:, :32].copy()))
