@@ -59,6 +59,24 @@ def _products(head_dim: int, dtype: str, lanes: int):
     return score, weigh, lanes
 
 
+def _epilogue_store(epilogue: DenseEpilogue):
+    """A TIR macro ``finish(out, value, bh, x, inputs)``: ``epilogue``'s value of the sum ``value`` of pair ``bh``
+    at ``x`` (a position or a column), stored at its place in ``out``; ``inputs``: the buffers it reads."""
+    store = epilogue.store
+
+    @T.macro
+    def finish(out, value, bh, x, inputs):
+        place, stored = T.meta_var(store(value, bh, x, inputs))
+        T.buffer_store(out, stored, place)
+
+    return finish
+
+
+def _out_spec(epilogue: DenseEpilogue | None, pairs: tirx.PrimExpr, width, acc: str) -> tuple[tuple, str]:
+    """The shape and dtype of a kernel's output: its sums ``[pairs, 1, width]``, or ``epilogue``'s output."""
+    return ((pairs, 1, width), acc) if epilogue is None else (epilogue.out_shape, epilogue.out_dtype)
+
+
 def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int,
                   epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
     """QK^T of one query per (hypothesis, head) against its keys read through ``index``: the kernel
@@ -68,6 +86,8 @@ def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int,
     batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
     pairs, acc = batch * heads, ACCUMULATOR[dtype]
     score, _, lanes = _products(head_dim, dtype, lanes)
+    out_shape, out_dtype = _out_spec(epilogue, pairs, positions, acc)
+    finish = _epilogue_store(epilogue) if epilogue is not None else None
 
     @T.macro
     def scores(index, past, q, flat_rows, flat_new, target, partial, bh, t, at):
@@ -77,45 +97,28 @@ def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int,
         else:
             score(target, partial, q, bh, at, flat_new, bh * head_dim)
 
-    if epilogue is None:
-        @T.prim_func(s_tir=True)
-        def gathered_scores(index: T.Buffer((batch, heads, positions), "int64"),
-                            past: T.Buffer((batch, 1, positions, 1), "bool"),
-                            q: T.Buffer((pairs, 1, head_dim), dtype), rows: T.Buffer((stored, head_dim), dtype),
-                            new: T.Buffer((batch, heads, 1, head_dim), dtype),
-                            out: T.Buffer((pairs, 1, positions), acc)):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
-                flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
-                partial = T.sblock_alloc_buffer((pairs, lanes), acc)  # one allocation per call
-                for bh in T.parallel(pairs):
-                    for t in range(positions):
-                        scores(index, past, q, flat_rows, flat_new, out, partial, bh, t, t)
-
-        return gathered_scores
-
-    store = epilogue.store
-
     @T.prim_func(s_tir=True)
-    def gathered_scores_epilogue(index: T.Buffer((batch, heads, positions), "int64"),
-                                 past: T.Buffer((batch, 1, positions, 1), "bool"),
-                                 q: T.Buffer((pairs, 1, head_dim), dtype), rows: T.Buffer((stored, head_dim), dtype),
-                                 new: T.Buffer((batch, heads, 1, head_dim), dtype),
-                                 out: T.Buffer(epilogue.out_shape, epilogue.out_dtype)):
+    def gathered_scores(index: T.Buffer((batch, heads, positions), "int64"),
+                        past: T.Buffer((batch, 1, positions, 1), "bool"),
+                        q: T.Buffer((pairs, 1, head_dim), dtype), rows: T.Buffer((stored, head_dim), dtype),
+                        new: T.Buffer((batch, heads, 1, head_dim), dtype), out: T.Buffer(out_shape, out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
             flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
-            partial = T.sblock_alloc_buffer((pairs, lanes), acc)
-            total = T.sblock_alloc_buffer((pairs, 1, 1), acc)
-            for bh in T.parallel(pairs):
-                for t in range(positions):
-                    scores(index, past, q, flat_rows, flat_new, total, partial, bh, t, 0)
-                    place, value = T.meta_var(store(total[bh, 0, 0], bh, t, []))
-                    T.buffer_store(out, value, place)
+            partial = T.sblock_alloc_buffer((pairs, lanes), acc)  # one allocation per call
+            if finish is None:  # (Python values: decided as the kernel is parsed)
+                for bh in T.parallel(pairs):
+                    for t in range(positions):
+                        scores(index, past, q, flat_rows, flat_new, out, partial, bh, t, t)
+            else:
+                total = T.sblock_alloc_buffer((pairs, 1, 1), acc)
+                for bh in T.parallel(pairs):
+                    for t in range(positions):
+                        scores(index, past, q, flat_rows, flat_new, total, partial, bh, t, 0)
+                        finish(out, total[bh, 0, 0], bh, t, [])
 
-    return gathered_scores_epilogue
+    return gathered_scores
 
 
 def context_kernel(heads: int, head_dim: int, dtype: str, epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
@@ -126,6 +129,8 @@ def context_kernel(heads: int, head_dim: int, dtype: str, epilogue: DenseEpilogu
     batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
     pairs, acc = batch * heads, ACCUMULATOR[dtype]
     _, weigh, _ = _products(head_dim, dtype, 1)
+    out_shape, out_dtype = _out_spec(epilogue, pairs, head_dim, acc)
+    finish = _epilogue_store(epilogue) if epilogue is not None else None
 
     @T.macro
     def context(index, past, p, flat_rows, flat_new, total, bh):
@@ -138,54 +143,26 @@ def context_kernel(heads: int, head_dim: int, dtype: str, epilogue: DenseEpilogu
             else:
                 weigh(total, p, bh, t, flat_new, bh * head_dim)
 
-    if epilogue is None:
-        @T.prim_func(s_tir=True)
-        def gathered_context(index: T.Buffer((batch, heads, positions), "int64"),
-                             past: T.Buffer((batch, 1, positions, 1), "bool"),
-                             p: T.Buffer((pairs, 1, positions), dtype), rows: T.Buffer((stored, head_dim), dtype),
-                             new: T.Buffer((batch, heads, 1, head_dim), dtype),
-                             out: T.Buffer((pairs, 1, head_dim), acc)):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
-                flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
-                for bh in T.parallel(pairs):
-                    context(index, past, p, flat_rows, flat_new, out, bh)
-
-        return gathered_context
-
-    finish = _epilogue_store(epilogue, head_dim)
-
     @T.prim_func(s_tir=True)
-    def gathered_context_epilogue(index: T.Buffer((batch, heads, positions), "int64"),
-                                  past: T.Buffer((batch, 1, positions, 1), "bool"),
-                                  p: T.Buffer((pairs, 1, positions), dtype), rows: T.Buffer((stored, head_dim), dtype),
-                                  new: T.Buffer((batch, heads, 1, head_dim), dtype),
-                                  out: T.Buffer(epilogue.out_shape, epilogue.out_dtype)):
+    def gathered_context(index: T.Buffer((batch, heads, positions), "int64"),
+                         past: T.Buffer((batch, 1, positions, 1), "bool"),
+                         p: T.Buffer((pairs, 1, positions), dtype), rows: T.Buffer((stored, head_dim), dtype),
+                         new: T.Buffer((batch, heads, 1, head_dim), dtype), out: T.Buffer(out_shape, out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
             flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
-            total = T.sblock_alloc_buffer((pairs, 1, head_dim), acc)  # one allocation per call
-            for bh in T.parallel(pairs):
-                context(index, past, p, flat_rows, flat_new, total, bh)
-                finish(out, total, bh)
+            if finish is None:
+                for bh in T.parallel(pairs):
+                    context(index, past, p, flat_rows, flat_new, out, bh)
+            else:
+                total = T.sblock_alloc_buffer((pairs, 1, head_dim), acc)  # one allocation per call
+                for bh in T.parallel(pairs):
+                    context(index, past, p, flat_rows, flat_new, total, bh)
+                    for d in T.vectorized(T.int64(head_dim)):
+                        finish(out, total[bh, 0, d], bh, d, [])
 
-    return gathered_context_epilogue
-
-
-def _epilogue_store(epilogue: DenseEpilogue, head_dim: int):
-    """A TIR macro ``finish(out, total, bh)``: ``epilogue``'s values of pair ``bh``'s sums ``total[bh, 0, :]`` into
-    ``out``."""
-    store = epilogue.store
-
-    @T.macro
-    def finish(out, total, bh):
-        for d in T.vectorized(T.int64(head_dim)):
-            place, value = T.meta_var(store(total[bh, 0, d], bh, d, []))
-            T.buffer_store(out, value, place)
-
-    return finish
+    return gathered_context
 
 
 def direct_scores_kernel(head_dim: int, dtype: str, lanes: int, epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
@@ -212,8 +189,8 @@ def direct_scores_kernel(head_dim: int, dtype: str, lanes: int, epilogue: DenseE
 
         return direct_scores
 
-    (mask_shape, mask_dtype), = epilogue.input_specs
-    store = epilogue.store
+    (mask_shape, mask_dtype), = epilogue.input_specs  # (an extra parameter: a kernel of its own)
+    finish = _epilogue_store(epilogue)
 
     @T.prim_func(s_tir=True)
     def direct_scores_epilogue(q: T.Buffer((pairs, 1, head_dim), dtype),
@@ -228,8 +205,7 @@ def direct_scores_kernel(head_dim: int, dtype: str, lanes: int, epilogue: DenseE
             for bh in T.parallel(pairs):
                 for t in range(positions):
                     score(total, partial, q, bh, 0, flat_keys, (bh * positions + t) * head_dim)
-                    place, value = T.meta_var(store(total[bh, 0, 0], bh, t, [mask]))
-                    T.buffer_store(out, value, place)
+                    finish(out, total[bh, 0, 0], bh, t, [mask])
 
     return direct_scores_epilogue
 
@@ -241,6 +217,8 @@ def direct_context_kernel(head_dim: int, dtype: str, epilogue: DenseEpilogue | N
     pairs, positions = tirx.Var("pairs", "int64"), tirx.Var("positions", "int64")
     acc = ACCUMULATOR[dtype]
     _, weigh, _ = _products(head_dim, dtype, 1)
+    out_shape, out_dtype = _out_spec(epilogue, pairs, head_dim, acc)
+    finish = _epilogue_store(epilogue) if epilogue is not None else None
 
     @T.macro
     def context(p, flat_values, total, bh):
@@ -249,34 +227,23 @@ def direct_context_kernel(head_dim: int, dtype: str, epilogue: DenseEpilogue | N
         for t in range(positions):
             weigh(total, p, bh, t, flat_values, (bh * positions + t) * head_dim)
 
-    if epilogue is None:
-        @T.prim_func(s_tir=True)
-        def direct_context(p: T.Buffer((pairs, 1, positions), dtype),
-                           values: T.Buffer((pairs, positions, head_dim), dtype),
-                           out: T.Buffer((pairs, 1, head_dim), acc)):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                flat_values = T.decl_buffer((pairs * positions * head_dim,), dtype, data=values.data)
-                for bh in T.parallel(pairs):
-                    context(p, flat_values, out, bh)
-
-        return direct_context
-
-    finish = _epilogue_store(epilogue, head_dim)
-
     @T.prim_func(s_tir=True)
-    def direct_context_epilogue(p: T.Buffer((pairs, 1, positions), dtype),
-                                values: T.Buffer((pairs, positions, head_dim), dtype),
-                                out: T.Buffer(epilogue.out_shape, epilogue.out_dtype)):
+    def direct_context(p: T.Buffer((pairs, 1, positions), dtype),
+                       values: T.Buffer((pairs, positions, head_dim), dtype), out: T.Buffer(out_shape, out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             flat_values = T.decl_buffer((pairs * positions * head_dim,), dtype, data=values.data)
-            total = T.sblock_alloc_buffer((pairs, 1, head_dim), acc)
-            for bh in T.parallel(pairs):
-                context(p, flat_values, total, bh)
-                finish(out, total, bh)
+            if finish is None:
+                for bh in T.parallel(pairs):
+                    context(p, flat_values, out, bh)
+            else:
+                total = T.sblock_alloc_buffer((pairs, 1, head_dim), acc)
+                for bh in T.parallel(pairs):
+                    context(p, flat_values, total, bh)
+                    for d in T.vectorized(T.int64(head_dim)):
+                        finish(out, total[bh, 0, d], bh, d, [])
 
-    return direct_context_epilogue
+    return direct_context
 
 
 def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: float, lanes: int,
