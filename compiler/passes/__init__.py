@@ -14,9 +14,11 @@ from .quantize_rows import QuantizeRows
 from .scale_propagation import ScalePropagation
 from .take_as_view import TakeAsView
 from .unit_permute_as_reshape import UnitPermuteAsReshape
+from .unit_reshape_into_kernels import UnitReshapeIntoKernels
 from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue",
-           "LayerNormRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView", "LiftWeights", "drop_weight_checks"]
+           "LayerNormRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView", "UnitReshapeIntoKernels",
+           "LiftWeights", "drop_weight_checks"]

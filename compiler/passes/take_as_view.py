@@ -9,7 +9,9 @@ source, so this pass turns it into ``memory.view`` at that byte offset, followed
 
 Only slices of function parameters (and slices of such slices) become views: a parameter's memory is
 owned by the caller for the whole call, whereas the memory planner may reuse an intermediate tensor's
-storage once it sees no more direct uses of it.
+storage once it sees no more direct uses of it. A slice of a slice, and a reshape of a slice, are views of
+the parameter itself (the offsets added up), not views of views: each view is a run-time call, and a
+decoder step takes four slices per layer.
 """
 from __future__ import annotations
 
@@ -30,10 +32,16 @@ class _Viewer(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != ir.Op.get("relax.take") or int(call.attrs.axis) != 0 or not self._caller_owned(call.args[0]):
+        if call.op == ir.Op.get("relax.reshape"):  # of a view made here: that view in the new shape
+            source = self._parameter_slice(call.args[0])
+            if source is None or call.args[0] in self.params:
+                return call
+            return self._view(*source, list(call.ty.shape))
+        if call.op != ir.Op.get("relax.take") or int(call.attrs.axis) != 0:
             return call
+        source = self._parameter_slice(call.args[0])
         data, index = call.args
-        if not isinstance(index, ir.expr.Constant) or index.ty.ndim != 0:
+        if source is None or not isinstance(index, ir.expr.Constant) or index.ty.ndim != 0:
             return call
         i, shape = int(index.value.numpy()), list(data.ty.shape)
         if not isinstance(shape[0], tvm.tirx.IntImm) or not 0 <= i < int(shape[0]):
@@ -41,19 +49,24 @@ class _Viewer(PyExprMutator):
         block = tvm.DataType(str(data.ty.dtype)).bits // 8
         for dim in shape[1:]:
             block = block * dim
-        view = self.builder_.emit(relax.op.memory.view(data, relax.ShapeExpr(shape[1:]),
-                                                       relative_byte_offset=relax.prim_value(block * i)))
+        parameter, offset = source
+        return self._view(parameter, offset + block * i, shape[1:])
+
+    def _view(self, parameter: relax.Var, offset: tvm.tirx.PrimExpr, shape: list) -> relax.Expr:
+        view = self.builder_.emit(relax.op.memory.view(parameter, relax.ShapeExpr(shape),
+                                                       relative_byte_offset=relax.prim_value(offset)))
         return relax.op.memory.ensure_zero_offset(view)
 
-    def _caller_owned(self, expr: relax.Expr) -> bool:
-        """``expr`` is a parameter, or a view made here of one."""
+    def _parameter_slice(self, expr: relax.Expr) -> tuple[relax.Var, tvm.tirx.PrimExpr] | None:
+        """``expr`` as (a parameter, the byte offset into it) if it is a parameter or a view made here of one."""
         if expr in self.params:
-            return True
+            return expr, tvm.tirx.IntImm("int64", 0)
         bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
         if isinstance(bound, relax.Call) and bound.op == ir.Op.get("relax.memory.ensure_zero_offset"):
             view = self.lookup_binding(bound.args[0])
-            return isinstance(view, relax.Call) and self._caller_owned(view.args[0])
-        return False
+            if isinstance(view, relax.Call) and view.args[0] in self.params:
+                return view.args[0], view.args[3]
+        return None
 
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.TakeAsView")
@@ -65,4 +78,4 @@ class TakeAsView:
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 viewer.run(gv, func)
-        return viewer.builder_.get()
+        return relax.transform.DeadCodeElimination()(viewer.builder_.get())
