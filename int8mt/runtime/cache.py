@@ -14,6 +14,7 @@ with the rows.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -29,6 +30,12 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
     buffer = np.empty(nbytes + TENSOR_ALIGNMENT, np.uint8)
     start = -buffer.__array_interface__["data"][0] % TENSOR_ALIGNMENT  # (ctypes.data costs microseconds)
     return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
+@functools.lru_cache(maxsize=2048)  # a few hundred KiB
+def _rows_used(ffi: Any, used: int) -> Any:
+    """``append_cache``'s ``used`` argument (a shape), made once per value: making one costs a microsecond."""
+    return ffi.Shape((used,))
 
 
 class SelfAttentionCache:
@@ -53,7 +60,8 @@ class SelfAttentionCache:
         self._buffers: list[Any] = []
         self._allocate(1 + batch * positions)
         self.used = 1  # rows written: row 0 holds no position (the decoder step reads it and discards it)
-        self.history = aligned_empty((batch, 1), np.int64)  # aligned: the step's input without a copy
+        self._history_memory = [np.empty(0, np.int64)] * 2  # the history alternates between two aligned buffers
+        self.history = self._new_history(batch, 1)
         self.history[:] = 0
 
     def _allocate(self, rows: int) -> None:
@@ -85,12 +93,12 @@ class SelfAttentionCache:
         """Write a step's new keys and values (``[hypotheses, heads, 1, head_dim]`` each: layer 0's key, its value,
         layer 1's key, ...; then their scales in the same order; hypotheses in the order of ``history``'s rows)
         after the rows written so far, and put each hypothesis's row in its history."""
-        count = int(new[0].shape[0])
+        count = len(self.history)  # the step's hypotheses
         if self.used + count > self._capacity:
             self._grow(max(2 * self._capacity, self.used + count))
-        self._append_rows(*self._buffers, *new, self._ffi.Shape((self.used,)))
+        self._append_rows(*self._buffers, *new, _rows_used(self._ffi, self.used))
         positions = self.history.shape[1]
-        history = aligned_empty((count, positions + 1), np.int64)
+        history = self._new_history(count, positions + 1)
         history[:, :positions - 1] = self.history[:, :-1]
         history[:, positions - 1] = np.arange(self.used, self.used + count)
         history[:, positions] = 0
@@ -99,9 +107,18 @@ class SelfAttentionCache:
 
     def select(self, hypotheses: np.ndarray) -> None:
         """Keep the hypotheses ``hypotheses`` (indices of ``history``'s rows, repeats allowed), in that order."""
-        history = aligned_empty((len(hypotheses), self.history.shape[1]), np.int64)
+        history = self._new_history(len(hypotheses), self.history.shape[1])
         np.take(self.history, hypotheses, axis=0, out=history)
         self.history = history
+
+    def _new_history(self, rows: int, columns: int) -> np.ndarray:
+        """An aligned [rows, columns] array for the next history (the step's input without a copy), in the buffer the
+        current one is not in: a fresh aligned array per step cost microseconds at batch 1."""
+        memory = self._history_memory.pop(0)
+        if memory.size < rows * columns:
+            memory = aligned_empty((max(rows * columns, 2 * memory.size),), np.int64)
+        self._history_memory.append(memory)
+        return memory[:rows * columns].reshape(rows, columns)
 
     @property
     def nbytes(self) -> int:

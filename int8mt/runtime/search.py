@@ -54,32 +54,37 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_leng
     src_t = bundle.tensor(src)
     cross = bundle.encode(src)
     cache = bundle.empty_cache(batch, max(max_lens))
-    tokens = np.full((batch, 1), bundle.start_id, np.int64)
-    out = [[] for _ in range(batch)]
-    done = np.zeros(batch, bool)
-    rows = np.arange(batch)  # the sentence of each row in flight
+    token_memory = aligned_empty((batch, 1), np.int64)  # each step's tokens: an input without a copy
+    tokens = token_memory
+    tokens[:] = bundle.start_id
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    rows = list(range(batch))  # the sentence of each row in flight
+    unfinished = batch
     for step in range(max(max_lens)):
         logits = bundle.decode_step(tokens, step, cache, cross, src_t)
         if step < min_length:
             logits[:, bundle.eos_id] = -np.inf
         nxt = logits.argmax(-1)
-        for r in np.flatnonzero(~done[rows]):
-            i = rows[r]
-            if nxt[r] == bundle.eos_id:
+        for i, token in zip(rows, nxt.tolist()):  # Python ints: NumPy's per-element calls cost µs per step
+            if done[i]:
+                continue
+            if token == bundle.eos_id:
                 done[i] = True
             else:
-                out[i].append(int(nxt[r]))
+                out[i].append(token)
                 done[i] = len(out[i]) >= max_lens[i]
-        if done.all():
+            unfinished -= done[i]
+        if not unfinished:
             break
-        tokens = aligned_empty((len(nxt), 1), np.int64)  # an input without a copy
-        tokens[:, 0] = nxt
-        keep = np.flatnonzero(~done[rows])
-        if len(keep) < COMPACT_BELOW * len(rows):
+        if unfinished < COMPACT_BELOW * len(rows):
+            keep = np.array([r for r, i in enumerate(rows) if not done[i]])
             cache.select(keep)
             cross = bundle.reorder_cross(cross, keep)
-            rows, tokens = rows[keep], tokens[keep]
+            rows, nxt = [rows[r] for r in keep], nxt[keep]
             src_t = bundle.tensor(src[rows])
+        tokens = token_memory[:len(nxt)]  # (the step has read the last ones)
+        tokens[:, 0] = nxt
     return out
 
 

@@ -8,6 +8,7 @@ import torch
 from int8mt.model.generate import greedy_decode
 from int8mt.runtime import bundle as bundle_mod
 from int8mt.runtime.bundle import Bundle, BundleError
+from int8mt.runtime.cache import TENSOR_ALIGNMENT, aligned_empty
 from int8mt.runtime.search import SearchOptions, beam_search, greedy_search
 from int8mt.runtime.translator import Translator
 
@@ -19,6 +20,22 @@ def test_round_trip_matches_pytorch_greedy(tiny_bundle, tiny_model):
     src = np.array([[10, 20, 30, 40, 3], [50, 60, 3, 0, 0]], np.int64)
     expected = greedy_decode(tiny_model, torch.from_numpy(src), max_len=12)
     assert greedy_search(bundle, src, [12, 12]) == expected
+
+
+def test_inputs_are_aligned_contiguous_views_or_copies(tiny_bundle):
+    """An aligned contiguous array becomes an input without a copy; an unaligned, strided or read-only one is copied
+    into an aligned contiguous one (TVM's kernels assume both), with the same values."""
+    bundle = Bundle(tiny_bundle)
+    memory = aligned_empty((25,), np.int64)
+    memory[:] = np.arange(25)
+    aligned, unaligned = memory[:24].reshape(4, 6), memory[1:].reshape(4, 6)
+    read_only = aligned.copy()
+    read_only.flags.writeable = False
+    for array, shared in ((aligned, True), (unaligned, False), (aligned[:, ::2], False), (read_only, False)):
+        tensor = bundle.tensor(array)
+        assert tensor.data_ptr() % TENSOR_ALIGNMENT == 0 and tensor.is_contiguous()
+        assert (tensor.data_ptr() == array.__array_interface__["data"][0]) == shared
+        np.testing.assert_array_equal(np.from_dlpack(tensor), array)
 
 
 def test_manifest_records_target_and_versions(tiny_bundle):

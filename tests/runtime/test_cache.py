@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from int8mt.runtime.bundle import import_tvm_ffi
-from int8mt.runtime.cache import SelfAttentionCache
+from int8mt.runtime.cache import TENSOR_ALIGNMENT, SelfAttentionCache
 
 LAYERS, HEADS, HEAD_DIM = 2, 3, 4
 
@@ -67,6 +67,7 @@ def test_reordering_hypotheses_moves_no_rows():
     _append(cache, ffi, _step_kv(3, 10))
     cache.select(np.array([1]))  # a sentence finished: one hypothesis left
     assert cache.history.tolist() == [[3, 5, 0]] and cache.history.flags.c_contiguous
+    assert cache.history.__array_interface__["data"][0] % TENSOR_ALIGNMENT == 0  # the step's input without a copy
     assert cache.used == 7
 
 
