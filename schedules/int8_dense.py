@@ -127,8 +127,8 @@ class DenseEpilogue:
 
     ``store(c, i, j, inputs)`` returns the output indices and the value for the int32 sum ``c`` of row ``i``,
     column ``j``; ``inputs`` are the kernel's buffers for ``input_specs`` (shape, dtype), extra tensors it
-    reads (per-column constants, the residual). ``shape_vars`` are the symbolic sizes those shapes use,
-    passed as scalar arguments."""
+    reads (per-column constants, the residual). ``shape_vars`` are the symbolic sizes those shapes (and the
+    store) use that the kernel cannot learn from its buffers' shapes, passed as scalar arguments."""
 
     out_shape: tuple
     out_dtype: str

@@ -218,6 +218,8 @@ class EpilogueChain:
         """The epilogue for :func:`~int8mt.schedules.int8_dense.int8_dense`."""
         shapes = [self.dense_shape, *(_dims(x) for x in self.operands), *(_dims(s.result) for s in self.steps)]
         shape_vars = {v.name: v for shape in shapes for dim in shape for v in tirx.analysis.undefined_vars(dim)}
+        for name in _bound_by_buffers([*(_dims(x) for x in self.operands), _dims(self.output)]):
+            shape_vars.pop(name, None)  # (the kernel learns it from a buffer: no argument, no VM call to box it)
 
         def store(value, i, j, inputs):
             element = self.element(i, j, value, inputs)
@@ -226,6 +228,18 @@ class EpilogueChain:
         return DenseEpilogue(out_shape=tuple(_dims(self.output)), out_dtype=str(self.output.ty.dtype),
                              input_specs=tuple((tuple(_dims(x)), str(x.ty.dtype)) for x in self.operands),
                              shape_vars=tuple(shape_vars[name] for name in sorted(shape_vars)), store=store)
+
+
+def _bound_by_buffers(shapes: list[list[tirx.PrimExpr]]) -> set[str]:
+    """The size variables a kernel whose buffers have ``shapes`` (in parameter order) learns from them: those whose
+    first mention is a dimension of their own (TVM binds it there; a product mentioning it first could not be
+    checked)."""
+    mentioned, bound = set(), set()
+    for dim in (dim for shape in shapes for dim in shape):
+        if isinstance(dim, tirx.Var) and dim.name not in mentioned:
+            bound.add(dim.name)
+        mentioned.update(v.name for v in tirx.analysis.undefined_vars(dim))
+    return bound
 
 
 class DenseKernels:
