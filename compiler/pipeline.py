@@ -14,7 +14,8 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.ReadKeysAsStored`, :class:`~.passes.GatherPackedRows`,
                          :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.OneQueryAttention` and
                          :class:`~.passes.FuseAttentionEpilogue`,
-                         :class:`~.passes.LayerNormRows` (with the quantization after each layer norm) and
+                         :class:`~.passes.LayerNormRows` (with the quantization after each layer norm),
+                         :class:`~.passes.SoftmaxRows` (with the static quantization after a softmax) and
                          :class:`~.passes.QuantizeRows` (run-time ranges); :class:`~.passes.UnitPermuteAsReshape`;
                          then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
@@ -55,7 +56,7 @@ from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue, GatherPackedRows,
                      Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeRows,
-                     ReadKeysAsStored, ScalePropagation, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape,
+                     ReadKeysAsStored, ScalePropagation, SoftmaxRows, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape,
                      UnitReshapeIntoKernels, drop_weight_checks)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
@@ -142,7 +143,7 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
         mod = FuseAttentionEpilogue()(OneQueryAttention(lanes)(mod))
         mod = LayerNormRows(lanes)(mod)
         if options.quant is not None:
-            mod = QuantizeRows()(mod)
+            mod = QuantizeRows()(SoftmaxRows(lanes)(mod))
     mod = relax.transform.FuseTransposeMatmul()(UnitPermuteAsReshape()(mod))
     _dump(mod, 2, "kernels", options.dump_dir)
     return mod

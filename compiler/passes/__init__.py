@@ -12,6 +12,7 @@ from .one_query_attention import OneQueryAttention
 from .pack_dense import PackDense
 from .quantize_rows import QuantizeRows
 from .scale_propagation import ScalePropagation
+from .softmax_rows import SoftmaxRows
 from .take_as_view import TakeAsView
 from .unit_permute_as_reshape import UnitPermuteAsReshape
 from .unit_reshape_into_kernels import UnitReshapeIntoKernels
@@ -20,5 +21,5 @@ from .tap_int_matmuls import TapIntMatmuls
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue",
-           "LayerNormRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView", "UnitReshapeIntoKernels",
-           "LiftWeights", "drop_weight_checks"]
+           "LayerNormRows", "SoftmaxRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView",
+           "UnitReshapeIntoKernels", "LiftWeights", "drop_weight_checks"]

@@ -21,30 +21,10 @@ from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
-from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize, layer_norm_rows_kernel
+from int8mt.schedules.layer_norm_rows import RowQuantize, layer_norm_rows_kernel
 
-from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant,
-                           use_counts)
-from .quantize_rows import match_row_quantize
-
-
-def _static_quantize(y: relax.Var, bindings: dict, users: dict) -> tuple[relax.Var, StaticQuantize] | None:
-    """``(q, its quantization)`` if a user of ``y`` is ``clip`` (used only by) ``quantize`` as described above."""
-    for clipped in users.get(y, []):
-        clip = bound_op_call(clipped, "relax.clip", bindings)
-        if not (clip is not None and clip.args[0].same_as(y) and len(users.get(clipped, [])) == 1):
-            continue
-        q = users[clipped][0]
-        quantize = bound_op_call(q, "relax.quantize", bindings)
-        if not (quantize is not None and isinstance(q, relax.DataflowVar)
-                and str(quantize.attrs.out_dtype) == "int8"):
-            continue
-        scale, zero = (scalar_constant(a) for a in quantize.args[1:3])
-        bounds = [float(b.value) if isinstance(b, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) else None
-                  for b in clip.args[1:]]
-        if scale is not None and zero == 0 and None not in bounds:
-            return q, StaticQuantize(bounds[0], bounds[1], float(scale))
-    return None
+from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, rewrite_functions, use_counts
+from .quantize_rows import match_row_quantize, match_static_quantize
 
 
 def _row_quantizations(bindings: dict, users: dict) -> dict[relax.Var, tuple[relax.Var, relax.Var, RowQuantize]]:
@@ -76,7 +56,7 @@ class _LayerNormRewriter(PyExprMutator):
                     and self._fits(value)):
                 continue
             row = row_quantizations.get(y)
-            static = None if row is not None else _static_quantize(y, bindings, users)
+            static = None if row is not None else match_static_quantize(y, bindings, users)
             if row is not None:
                 self.plans[y] = (row[2], row[0], row[1])
             elif static is not None:

@@ -10,6 +10,9 @@ which fuse into three kernels (the reduction, the scale, the quantization). Each
 of :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel` on ``x``, returning ``q`` and ``s``; the same
 values bit for bit. The intermediate values must have no other use
 (``s`` and ``q`` may have any). CPU targets only: the kernel carries a CPU schedule.
+
+Also here, for the passes whose kernels quantize their results as the graph does next: the matchers of a run-time
+row quantization (:func:`match_row_quantize`) and of a static one (:func:`match_static_quantize`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
+from int8mt.schedules.layer_norm_rows import StaticQuantize
 from int8mt.schedules.quantize_rows import quantize_rows_kernel
 
 from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant,
@@ -48,6 +52,26 @@ def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr],
             or any(uses.get(v, 0) != 1 for v in once)):
         return None
     return x, divided.args[1], float(qmax), float(eps)
+
+
+def match_static_quantize(y: relax.Var, bindings: dict, users: dict) -> tuple[relax.Var, StaticQuantize] | None:
+    """``(q, its quantization)`` if a user of ``y`` is ``clip(y, lo, hi)``, used only by ``q = quantize(.., scale)``
+    to int8 with a constant scalar scale and zero point 0 (static ranges)."""
+    for clipped in users.get(y, []):
+        clip = bound_op_call(clipped, "relax.clip", bindings)
+        if not (clip is not None and clip.args[0].same_as(y) and len(users.get(clipped, [])) == 1):
+            continue
+        q = users[clipped][0]
+        quantize = bound_op_call(q, "relax.quantize", bindings)
+        if not (quantize is not None and isinstance(q, relax.DataflowVar)
+                and str(quantize.attrs.out_dtype) == "int8"):
+            continue
+        scale, zero = (scalar_constant(a) for a in quantize.args[1:3])
+        bounds = [float(b.value) if isinstance(b, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) else None
+                  for b in clip.args[1:]]
+        if scale is not None and zero == 0 and None not in bounds:
+            return q, StaticQuantize(bounds[0], bounds[1], float(scale))
+    return None
 
 
 @expr_functor.mutator
