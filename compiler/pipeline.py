@@ -15,7 +15,7 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.FuseDenseEpilogue`; on CPUs :class:`~.passes.OneQueryAttention` and
                          :class:`~.passes.FuseAttentionEpilogue`,
                          :class:`~.passes.LayerNormRows` (with the quantization after each layer norm),
-                         :class:`~.passes.SoftmaxRows` (with the static quantization after a softmax) and
+                         :class:`~.passes.SoftmaxRows` (with the quantization or scaling after a softmax) and
                          :class:`~.passes.QuantizeRows` (run-time ranges); :class:`~.passes.UnitPermuteAsReshape`;
                          then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,

@@ -14,8 +14,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .layer_norm_rows import StaticQuantize
-from .quantize_rows import OPAQUE, leading_rows
+from .layer_norm_rows import RowQuantize, StaticQuantize
+from .quantize_rows import OPAQUE, leading_rows, row_quantizer
 
 LOWEST = -340282346638528859811704183484516925440.0  # float32's lowest value: TOPI's initial maximum
 GROUP = 4  # rows whose sums are added side by side (one row's is a chain of dependent additions)
@@ -34,14 +34,22 @@ def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return T.max(power * (poly * f * f + f + T.float32(1.0)), x)
 
 
-def softmax_rows_kernel(rank: int, lanes: int, quantize: StaticQuantize) -> tirx.PrimFunc:
-    """``q = quantize(clip(softmax(x, axis=-1), lo, hi), scale)`` (int8, zero point 0) for float32 ``x`` of
-    ``rank`` dimensions of any size: the kernel ``(x, q)``, ``lanes`` the float32 lanes of a vector register."""
+def softmax_rows_kernel(rank: int, lanes: int, result: StaticQuantize | RowQuantize | None,
+                        scaled: bool = False) -> tirx.PrimFunc:
+    """The softmax over the last axis of float32 ``x`` of ``rank`` (>= 2) dimensions of any size, ``lanes`` the
+    float32 lanes of a vector register. ``result``: :class:`StaticQuantize` ``q = quantize(clip(y, lo, hi),
+    scale)`` (int8, zero point 0), the kernel ``(x, q)``; None the probabilities ``y``, ``(x, y)``. ``scaled``: the
+    probabilities times ``m`` of ``x``'s shape with 1 in place of its second-to-last size (each position's
+    factor, shared by the queries of a row block: the values' run-time scales), ``(x, m, y)``, or with
+    :class:`RowQuantize` the run-time quantization of each row of those, ``(x, m, q, s)`` (``s`` each row's
+    scale)."""
+    if isinstance(result, RowQuantize) and not scaled or isinstance(result, StaticQuantize) and scaled:
+        raise ValueError("a softmax kernel quantizes statically its probabilities, or at run time scaled ones")
     lead, rows = leading_rows(rank)
     columns = tirx.Var("columns", "int64")
-    shape = (*lead, columns)
+    shape, factor_shape, scale_shape = (*lead, columns), (*lead[:-1], 1, columns), (*lead, 1)
+    queries = lead[-1]  # rows that share one row of factors
     chunks = columns // lanes
-    lo, hi, scale = T.float32(quantize.lo), T.float32(quantize.hi), T.float32(quantize.scale)
 
     @T.macro
     def exponentials(x, e, maxima, partial, i):
@@ -64,37 +72,89 @@ def softmax_rows_kernel(rank: int, lanes: int, quantize: StaticQuantize) -> tirx
             e[i * columns + j] = fast_exp(x[i * columns + j] - maxima[i])
 
     @T.macro
-    def probability(q, e, total, at):
-        """The quantized probability of the exponential ``e[at]`` of a row whose exponentials sum to ``total``."""
-        q[at] = T.Cast("int8", T.max(T.min(T.round(T.max(T.min(e[at] / total, hi), lo) / scale), T.float32(127)),
-                                     T.float32(-128)))
+    def store(out, e, m, total, i, j):
+        """Element ``j`` of row ``i``: its probability (the exponential over the row's ``total``), times its factor
+        in ``m`` (None: none), as ``result`` has it (a row quantization: the scaled probability, into ``out``)."""
+        if isinstance(result, StaticQuantize):
+            out[i * columns + j] = T.Cast("int8", T.max(T.min(T.round(T.max(T.min(
+                e[i * columns + j] / total, T.float32(result.hi)), T.float32(result.lo)) / T.float32(result.scale)),
+                T.float32(127)), T.float32(-128)))
+        elif m is None:
+            out[i * columns + j] = e[i * columns + j] / total
+        else:
+            out[i * columns + j] = e[i * columns + j] / total * m[i // queries * columns + j]
 
-    @T.prim_func(s_tir=True)
-    def softmax_quantize(x: T.handle, q: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
-        X = T.match_buffer(x, shape, "float32")
-        Q = T.match_buffer(q, shape, "int8")
-        with T.sblock("root"):
-            flat_x = T.decl_buffer((rows * columns,), "float32", data=X.data)
-            flat_q = T.decl_buffer((rows * columns,), "int8", data=Q.data)
-            e = T.sblock_alloc_buffer((rows * columns,), "float32")
-            maxima = T.sblock_alloc_buffer((rows,), "float32")
-            partial = T.sblock_alloc_buffer((rows, lanes), "float32")
-            for group in T.parallel((rows + GROUP - 1) // GROUP):
-                for g in range(T.int64(GROUP)):  # the last group repeats its last row where rows run out
-                    exponentials(flat_x, e, maxima, partial, T.min(group * GROUP + g, rows - 1))
-                sums = T.decl_buffer((GROUP,), "float32", scope="local")
+    row_range = (result.qmax, result.eps) if isinstance(result, RowQuantize) else (1, 1)  # (1, 1): unused
+    quantize_row = row_quantizer(columns, 1, *row_range)
+
+    @T.macro
+    def body(x, m, out, q, s):
+        """The kernel's body over flat views of its buffers (``m``, ``q``, ``s`` None where it lacks them), in its
+        root block."""
+        e = T.sblock_alloc_buffer((rows * columns,), "float32")
+        maxima = T.sblock_alloc_buffer((rows,), "float32")
+        partial = T.sblock_alloc_buffer((rows, lanes), "float32")
+        row_partial = T.sblock_alloc_buffer((rows, 1), "float32")
+        for group in T.parallel((rows + GROUP - 1) // GROUP):
+            for g in range(T.int64(GROUP)):  # the last group repeats its last row where rows run out
+                exponentials(x, e, maxima, partial, T.min(group * GROUP + g, rows - 1))
+            sums = T.decl_buffer((GROUP,), "float32", scope="local")
+            for g in T.unroll(T.int64(GROUP)):
+                sums[g] = T.float32(0)
+            for j in range(columns):  # each row's in TOPI's order; GROUP rows' sums side by side
                 for g in T.unroll(T.int64(GROUP)):
-                    sums[g] = T.float32(0)
-                for j in range(columns):  # each row's in TOPI's order; GROUP rows' sums side by side
-                    for g in T.unroll(T.int64(GROUP)):
-                        sums[g] = sums[g] + e[T.min(group * GROUP + g, rows - 1) * columns + j]
-                for g in range(T.int64(GROUP)):
-                    row: T.let = T.min(group * GROUP + g, rows - 1)
+                    sums[g] = sums[g] + e[T.min(group * GROUP + g, rows - 1) * columns + j]
+            for g in range(T.int64(GROUP)):
+                if group * GROUP + g < rows:
                     for c in range(chunks):
                         for lane in T.vectorized(T.int64(lanes)):
-                            probability(flat_q, e, sums[g], row * columns + c * lanes + lane)
+                            store(out, e, m, sums[g], group * GROUP + g, c * lanes + lane)
                     for j in range(chunks * lanes, columns):
-                        probability(flat_q, e, sums[g], row * columns + j)
+                        store(out, e, m, sums[g], group * GROUP + g, j)
+                    if q is not None:
+                        quantize_row(out, q, s, row_partial, group * GROUP + g)
 
-    return softmax_quantize
+    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
+    flat, factors = (rows * columns,), (rows // queries * columns,)
+    if isinstance(result, StaticQuantize):
+        @T.prim_func(s_tir=True)
+        def softmax_quantize(x: T.Buffer(shape, "float32"), q: T.Buffer(shape, "int8")):
+            T.func_attr(attrs)
+            with T.sblock("root"):
+                body(T.decl_buffer(flat, "float32", data=x.data), None, T.decl_buffer(flat, "int8", data=q.data),
+                     None, None)
+
+        return softmax_quantize
+
+    if isinstance(result, RowQuantize):
+        @T.prim_func(s_tir=True)
+        def softmax_scale_quantize_rows(x: T.Buffer(shape, "float32"), m: T.Buffer(factor_shape, "float32"),
+                                        q: T.Buffer(shape, "int8"), s: T.Buffer(scale_shape, "float32")):
+            T.func_attr(attrs)
+            with T.sblock("root"):
+                scaled_rows = T.sblock_alloc_buffer(flat, "float32")
+                body(T.decl_buffer(flat, "float32", data=x.data), T.decl_buffer(factors, "float32", data=m.data),
+                     scaled_rows, T.decl_buffer(flat, "int8", data=q.data),
+                     T.decl_buffer((rows,), "float32", data=s.data))
+
+        return softmax_scale_quantize_rows
+
+    if scaled:
+        @T.prim_func(s_tir=True)
+        def softmax_scale(x: T.Buffer(shape, "float32"), m: T.Buffer(factor_shape, "float32"),
+                          y: T.Buffer(shape, "float32")):
+            T.func_attr(attrs)
+            with T.sblock("root"):
+                body(T.decl_buffer(flat, "float32", data=x.data), T.decl_buffer(factors, "float32", data=m.data),
+                     T.decl_buffer(flat, "float32", data=y.data), None, None)
+
+        return softmax_scale
+
+    @T.prim_func(s_tir=True)
+    def softmax(x: T.Buffer(shape, "float32"), y: T.Buffer(shape, "float32")):
+        T.func_attr(attrs)
+        with T.sblock("root"):
+            body(T.decl_buffer(flat, "float32", data=x.data), None, T.decl_buffer(flat, "float32", data=y.data),
+                 None, None)
+
+    return softmax

@@ -89,7 +89,8 @@ class _Rewriter(PyExprMutator):
                 args[i] = source
         if not sources:
             return call
-        key = (call.args[0], tuple((i, _unit_pattern(source)) for i, (_, source) in sources.items()))
+        key = (call.args[0], tuple((i, _unit_pattern(used), _unit_pattern(source))
+                                   for i, (used, source) in sources.items()))
         variant = _kernel_reading(func, sources)
         if variant is None:
             return call
