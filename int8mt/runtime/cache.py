@@ -32,10 +32,19 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
     return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
-@functools.lru_cache(maxsize=2048)  # a few hundred KiB
-def _rows_used(ffi: Any, used: int) -> Any:
-    """``append_cache``'s ``used`` argument (a shape), made once per value: making one costs a microsecond."""
+CACHED_SHAPES = 256  # ``used`` values below this get their shape made once (small batches, where a µs counts)
+
+
+@functools.lru_cache(maxsize=CACHED_SHAPES)
+def _cached_shape(ffi: Any, used: int) -> Any:
     return ffi.Shape((used,))
+
+
+def _rows_used(ffi: Any, used: int) -> Any:
+    """``append_cache``'s ``used`` argument (a shape): made once per value below ``CACHED_SHAPES`` (making one costs
+    a microsecond, a tenth of a batch-1 step's host work); larger values are made each time (keeping thousands of
+    them raised the peak memory of greedy batch 32 by 7 MiB)."""
+    return _cached_shape(ffi, used) if used < CACHED_SHAPES else ffi.Shape((used,))
 
 
 class SelfAttentionCache:
