@@ -1,13 +1,15 @@
-"""Softmax over each row's last axis, and the static quantization after it, as one kernel.
+"""Softmax over each row's last axis, and what the attention does with the probabilities next, as one kernel.
 
-Legalized (TOPI's ``fast_softmax``) and fused with the quantization of the attention probabilities after it, the
-softmax is three loop nests that our default CPU schedule runs scalar over rows of dynamic length (the scores of
-a source sentence, or of the positions decoded so far): the row's maximum, the sum of the exponentials, and the
-probabilities, which compute every exponential a second time. In the encoder at batch 32 that was some 15 % of
-``encode``. Here, for each row in parallel, the maximum is taken over vector-wide partial maxima (exact in any
-order), the exponentials are computed once in whole vectors and kept, their sum is added up in the order TOPI's
-loop adds them, and the probabilities are divided and quantized from the kept values: the same arithmetic
-(:func:`fast_exp` is TOPI's, operation for operation), so the same values bit for bit.
+Legalized (TOPI's ``fast_softmax``) and fused with the ops after it (the static quantization of the attention
+probabilities, or their product with the values' run-time scales), the softmax is three loop nests that our
+default CPU schedule runs scalar over rows of dynamic length (the scores of a source sentence, or of the positions
+decoded so far): the row's maximum, the sum of the exponentials, and the probabilities, which compute every
+exponential a second time. In the encoder at batch 32 that was some 15 % of ``encode``. Here, for each row in
+parallel, the maximum is taken over vector-wide partial maxima (exact in any order), the exponentials are
+computed once in whole vectors and kept, their sum is added up in the order TOPI's loop adds them (the sums of
+``GROUP`` rows side by side, each a chain of dependent additions), and the probabilities are divided, scaled and
+quantized from the kept values: the same arithmetic (:func:`fast_exp` is TOPI's, operation for operation), so
+the same values bit for bit.
 """
 from __future__ import annotations
 
@@ -116,16 +118,6 @@ def softmax_rows_kernel(rank: int, lanes: int, result: StaticQuantize | RowQuant
 
     attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE}
     flat, factors = (rows * columns,), (rows // queries * columns,)
-    if isinstance(result, StaticQuantize):
-        @T.prim_func(s_tir=True)
-        def softmax_quantize(x: T.Buffer(shape, "float32"), q: T.Buffer(shape, "int8")):
-            T.func_attr(attrs)
-            with T.sblock("root"):
-                body(T.decl_buffer(flat, "float32", data=x.data), None, T.decl_buffer(flat, "int8", data=q.data),
-                     None, None)
-
-        return softmax_quantize
-
     if isinstance(result, RowQuantize):
         @T.prim_func(s_tir=True)
         def softmax_scale_quantize_rows(x: T.Buffer(shape, "float32"), m: T.Buffer(factor_shape, "float32"),
@@ -150,11 +142,13 @@ def softmax_rows_kernel(rank: int, lanes: int, result: StaticQuantize | RowQuant
 
         return softmax_scale
 
+    out_dtype = "int8" if isinstance(result, StaticQuantize) else "float32"
+
     @T.prim_func(s_tir=True)
-    def softmax(x: T.Buffer(shape, "float32"), y: T.Buffer(shape, "float32")):
+    def softmax(x: T.Buffer(shape, "float32"), y: T.Buffer(shape, out_dtype)):
         T.func_attr(attrs)
         with T.sblock("root"):
-            body(T.decl_buffer(flat, "float32", data=x.data), None, T.decl_buffer(flat, "float32", data=y.data),
+            body(T.decl_buffer(flat, "float32", data=x.data), None, T.decl_buffer(flat, out_dtype, data=y.data),
                  None, None)
 
     return softmax
