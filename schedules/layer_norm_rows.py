@@ -30,6 +30,11 @@ class StaticQuantize:
     hi: float
     scale: float
 
+    def of(self, y: tirx.PrimExpr) -> tirx.PrimExpr:
+        """The quantized value of the float32 ``y``, as TVM's ``clip`` and ``quantize`` legalize it."""
+        clipped = T.max(T.min(y, T.float32(self.hi)), T.float32(self.lo))
+        return T.Cast("int8", T.max(T.min(T.round(clipped / T.float32(self.scale)), T.float32(127)), T.float32(-128)))
+
 
 @dataclass(frozen=True)
 class RowQuantize:
@@ -92,8 +97,6 @@ def layer_norm_rows_kernel(rank: int, columns: int, eps: float, lanes: int,
         return layer_norm_rows
 
     if isinstance(quantize, StaticQuantize):
-        lo, hi, scale = T.float32(quantize.lo), T.float32(quantize.hi), T.float32(quantize.scale)
-
         @T.prim_func(s_tir=True)
         def layer_norm_quantize(x: T.handle, gamma: T.Buffer((columns,), "float32"),
                                 beta: T.Buffer((columns,), "float32"), y: T.handle, q: T.handle):
@@ -110,8 +113,7 @@ def layer_norm_rows_kernel(rank: int, columns: int, eps: float, lanes: int,
                 for i in T.parallel(rows):
                     normalize(flat_x, gamma, beta, flat_y, statistics, partial, i)
                     for j in range(T.int64(columns)):
-                        flat_q[i * columns + j] = T.Cast("int8", T.max(T.min(T.round(
-                            T.max(T.min(flat_y[i * columns + j], hi), lo) / scale), T.float32(127)), T.float32(-128)))
+                        flat_q[i * columns + j] = quantize.of(flat_y[i * columns + j])
 
         return layer_norm_quantize
 

@@ -78,25 +78,21 @@ def softmax_rows_kernel(rank: int, lanes: int, result: StaticQuantize | RowQuant
         """Element ``j`` of row ``i``: its probability (the exponential over the row's ``total``), times its factor
         in ``m`` (None: none), as ``result`` has it (a row quantization: the scaled probability, into ``out``)."""
         if isinstance(result, StaticQuantize):
-            out[i * columns + j] = T.Cast("int8", T.max(T.min(T.round(T.max(T.min(
-                e[i * columns + j] / total, T.float32(result.hi)), T.float32(result.lo)) / T.float32(result.scale)),
-                T.float32(127)), T.float32(-128)))
+            out[i * columns + j] = result.of(e[i * columns + j] / total)
         elif m is None:
             out[i * columns + j] = e[i * columns + j] / total
         else:
             out[i * columns + j] = e[i * columns + j] / total * m[i // queries * columns + j]
 
-    row_range = (result.qmax, result.eps) if isinstance(result, RowQuantize) else (1, 1)  # (1, 1): unused
-    quantize_row = row_quantizer(columns, 1, *row_range)
+    quantize_row = row_quantizer(columns, 1, result.qmax, result.eps) if isinstance(result, RowQuantize) else None
 
     @T.macro
-    def body(x, m, out, q, s):
-        """The kernel's body over flat views of its buffers (``m``, ``q``, ``s`` None where it lacks them), in its
-        root block."""
+    def body(x, m, out, q, s, row_partial):
+        """The kernel's body over flat views of its buffers (``m``, ``q``, ``s`` None where it lacks them; then also
+        the row quantization's scratch ``row_partial``), in its root block."""
         e = T.sblock_alloc_buffer((rows * columns,), "float32")
         maxima = T.sblock_alloc_buffer((rows,), "float32")
         partial = T.sblock_alloc_buffer((rows, lanes), "float32")
-        row_partial = T.sblock_alloc_buffer((rows, 1), "float32")
         for group in T.parallel((rows + GROUP - 1) // GROUP):
             for g in range(T.int64(GROUP)):  # the last group repeats its last row where rows run out
                 exponentials(x, e, maxima, partial, T.min(group * GROUP + g, rows - 1))
@@ -125,9 +121,10 @@ def softmax_rows_kernel(rank: int, lanes: int, result: StaticQuantize | RowQuant
             T.func_attr(attrs)
             with T.sblock("root"):
                 scaled_rows = T.sblock_alloc_buffer(flat, "float32")
+                row_partial = T.sblock_alloc_buffer((rows, 1), "float32")
                 body(T.decl_buffer(flat, "float32", data=x.data), T.decl_buffer(factors, "float32", data=m.data),
                      scaled_rows, T.decl_buffer(flat, "int8", data=q.data),
-                     T.decl_buffer((rows,), "float32", data=s.data))
+                     T.decl_buffer((rows,), "float32", data=s.data), row_partial)
 
         return softmax_scale_quantize_rows
 
@@ -138,7 +135,7 @@ def softmax_rows_kernel(rank: int, lanes: int, result: StaticQuantize | RowQuant
             T.func_attr(attrs)
             with T.sblock("root"):
                 body(T.decl_buffer(flat, "float32", data=x.data), T.decl_buffer(factors, "float32", data=m.data),
-                     T.decl_buffer(flat, "float32", data=y.data), None, None)
+                     T.decl_buffer(flat, "float32", data=y.data), None, None, None)
 
         return softmax_scale
 
@@ -149,6 +146,6 @@ def softmax_rows_kernel(rank: int, lanes: int, result: StaticQuantize | RowQuant
         T.func_attr(attrs)
         with T.sblock("root"):
             body(T.decl_buffer(flat, "float32", data=x.data), None, T.decl_buffer(flat, out_dtype, data=y.data),
-                 None, None)
+                 None, None, None)
 
     return softmax

@@ -21,21 +21,10 @@ from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
-from int8mt.schedules.layer_norm_rows import RowQuantize, layer_norm_rows_kernel
+from int8mt.schedules.layer_norm_rows import layer_norm_rows_kernel
 
-from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, rewrite_functions, use_counts
-from .quantize_rows import match_row_quantize, match_static_quantize
-
-
-def _row_quantizations(bindings: dict, users: dict) -> dict[relax.Var, tuple[relax.Var, relax.Var, RowQuantize]]:
-    """For each variable whose run-time per-row quantization follows: ``(q, s, the quantization)``."""
-    uses = use_counts(users)
-    found = {}
-    for q in bindings:
-        match = isinstance(q, relax.DataflowVar) and match_row_quantize(q, bindings, uses)
-        if match and isinstance(match[1], relax.DataflowVar):
-            found[match[0]] = (q, match[1], RowQuantize(match[2], match[3]))
-    return found
+from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, rewrite_functions
+from .quantize_rows import match_static_quantize, row_quantizations
 
 
 @expr_functor.mutator
@@ -50,12 +39,12 @@ class _LayerNormRewriter(PyExprMutator):
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
         bindings, users = bindings_and_users(func)
         self.plans, self.results = {}, {}
-        row_quantizations = _row_quantizations(bindings, users)
+        quantized = row_quantizations(bindings, users)
         for y, value in bindings.items():
             if not (bound_op_call(y, "relax.nn.layer_norm", bindings) is not None and isinstance(y, relax.DataflowVar)
                     and self._fits(value)):
                 continue
-            row = row_quantizations.get(y)
+            row = quantized.get(y)
             static = None if row is not None else match_static_quantize(y, bindings, users)
             if row is not None:
                 self.plans[y] = (row[2], row[0], row[1])

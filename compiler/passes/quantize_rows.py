@@ -12,7 +12,8 @@ values bit for bit. The intermediate values must have no other use
 (``s`` and ``q`` may have any). CPU targets only: the kernel carries a CPU schedule.
 
 Also here, for the passes whose kernels quantize their results as the graph does next: the matchers of a run-time
-row quantization (:func:`match_row_quantize`) and of a static one (:func:`match_static_quantize`).
+row quantization (:func:`match_row_quantize`, :func:`row_quantizations`) and of a static one
+(:func:`match_static_quantize`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
-from int8mt.schedules.layer_norm_rows import StaticQuantize
+from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.quantize_rows import quantize_rows_kernel
 
 from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant,
@@ -72,6 +73,18 @@ def match_static_quantize(y: relax.Var, bindings: dict, users: dict) -> tuple[re
         if scale is not None and zero == 0 and None not in bounds:
             return q, StaticQuantize(bounds[0], bounds[1], float(scale))
     return None
+
+
+def row_quantizations(bindings: dict, users: dict) -> dict[relax.Var, tuple[relax.Var, relax.Var, RowQuantize]]:
+    """For each variable whose run-time per-row quantization follows (``q`` and ``s`` dataflow variables): ``(q, s,
+    the quantization)``."""
+    uses = use_counts(users)
+    found = {}
+    for q in bindings:
+        match = isinstance(q, relax.DataflowVar) and match_row_quantize(q, bindings, uses)
+        if match and isinstance(match[1], relax.DataflowVar):
+            found[match[0]] = (q, match[1], RowQuantize(match[2], match[3]))
+    return found
 
 
 @expr_functor.mutator

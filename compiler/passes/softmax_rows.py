@@ -27,7 +27,7 @@ from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.softmax_rows import softmax_rows_kernel
 
 from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, rewrite_functions, same_shape, use_counts
-from .quantize_rows import match_row_quantize, match_static_quantize
+from .quantize_rows import match_static_quantize, row_quantizations
 
 
 @expr_functor.mutator
@@ -37,17 +37,13 @@ class _SoftmaxRewriter(PyExprMutator):
         self.lanes = lanes
         self.kernels = KernelTable(self.builder_)
         self.plans: dict[relax.Var, _Plan] = {}  # each variable a kernel call gives -> its plan
-        self.calls: dict[int, relax.Expr] = {}  # id of a plan -> its call, once emitted
+        self.calls: dict[_Plan, relax.Expr] = {}  # a plan -> its call, once emitted
 
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
         bindings, users = bindings_and_users(func)
         self.plans, self.calls = {}, {}
         uses = use_counts(users)
-        quantized = {}  # a variable quantized per row at run time -> (q, the match)
-        for q in bindings:
-            match = isinstance(q, relax.DataflowVar) and match_row_quantize(q, bindings, uses)
-            if match:
-                quantized[match[0]] = (q, match)
+        quantized = row_quantizations(bindings, users)
         for y in bindings:
             softmax = bound_op_call(y, "relax.nn.softmax", bindings)
             if softmax is None or not self._fits(softmax):
@@ -59,9 +55,10 @@ class _SoftmaxRewriter(PyExprMutator):
                 self._plan(_Plan(x, None, static[1], [static[0]]))
             elif product is not None:
                 z, m = product
-                q, match = quantized.get(z, (None, None))
-                if match is not None and uses.get(z) == 2 and isinstance(match[1], relax.DataflowVar):
-                    self._plan(_Plan(x, m, RowQuantize(match[2], match[3]), [q, match[1]]))  # (z: the chain's only)
+                row = quantized.get(z)
+                if row is not None and uses.get(z) == 2:  # (z used by the quantization only)
+                    q, s, quantization = row
+                    self._plan(_Plan(x, m, quantization, [q, s]))
                 else:
                     self._plan(_Plan(x, m, None, [z]))
             else:
@@ -99,9 +96,9 @@ class _SoftmaxRewriter(PyExprMutator):
         if len(plan.results) == 1:
             self.set_var_remap(binding.var, self.builder_.emit(self._call(plan), binding.var.name))
             return
-        if id(plan) not in self.calls:  # (at the first of its results: the scale comes before the quantized rows)
-            self.calls[id(plan)] = self.builder_.emit(self._call(plan))
-        item = relax.TupleGetItem(self.calls[id(plan)], plan.results.index(binding.var))
+        if plan not in self.calls:  # (at the first of its results: the scale comes before the quantized rows)
+            self.calls[plan] = self.builder_.emit(self._call(plan))
+        item = relax.TupleGetItem(self.calls[plan], plan.results.index(binding.var))
         self.set_var_remap(binding.var, self.builder_.emit(item, binding.var.name))
 
     def _call(self, plan: _Plan) -> relax.Call:
@@ -114,7 +111,7 @@ class _SoftmaxRewriter(PyExprMutator):
         return relax.call_tir(kernel, args, outputs if len(outputs) > 1 else outputs[0])
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False)  # (compared and hashed by identity: one plan, one call)
 class _Plan:
     """A softmax of ``x`` as one kernel call: times ``m`` (or None), giving ``result`` (``StaticQuantize``,
     ``RowQuantize`` or None: probabilities) as the variables ``results`` (the quantization's ``q`` and ``s``)."""
