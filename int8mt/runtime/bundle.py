@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import hashlib
 import importlib.util
 import json
 import math
@@ -19,6 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -147,8 +147,9 @@ def use_runtime_library() -> None:
 def import_tvm_ffi() -> Any:
     """TVM's FFI with TVM's runtime libraries loaded, for CPU bundles: without TVM's Python package, which holds
     about 40 MB more (``import tvm`` is left to CUDA bundles and the compiler). Like :func:`import_tvm_runtime`,
-    it keeps the FFI from importing torch and sizes TVM's thread pool to the CPUs this process may use."""
-    _import_without_torch("tvm_ffi")
+    it sizes TVM's thread pool to the CPUs this process may use and keeps the FFI from importing torch, and also
+    OpenSSL and ml_dtypes (``UNUSED_BY_CPU_RUNTIME``)."""
+    _import_without("tvm_ffi", UNUSED_BY_CPU_RUNTIME)
     import tvm_ffi
 
     for library, defines in (("libtvm_runtime.so", RELEASE_POOLS), ("libtvm_runtime_extra.so", TOP_K_KERNEL)):
@@ -157,19 +158,27 @@ def import_tvm_ffi() -> Any:
     return tvm_ffi
 
 
-def _import_without_torch(module: str) -> None:
-    """Import ``module`` (TVM or its FFI) unless its package is imported, with ``import torch`` failing meanwhile
-    (the FFI imports torch where installed, for DLPack interop: start-up time and memory the runtime does not
-    need); first size TVM's thread pool to this process's CPUs unless ``TVM_NUM_THREADS`` is set, and its
-    workers' spinning to ``POOL_SPIN_COUNT`` unless ``TVM_THREAD_POOL_SPIN_COUNT`` is."""
+def _import_without(module: str, blocked: tuple[str, ...] = ("torch",)) -> None:
+    """Import ``module`` (TVM or its FFI) unless its package or torch is imported, with imports of the ``blocked``
+    modules failing meanwhile (start-up time and memory the runtime does not need); first size TVM's thread pool to this process's CPUs unless ``TVM_NUM_THREADS`` is set,
+    and its workers' spinning to ``POOL_SPIN_COUNT`` unless ``TVM_THREAD_POOL_SPIN_COUNT`` is."""
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(POOL_SPIN_COUNT))
     if module.split(".")[0] not in sys.modules and "torch" not in sys.modules:
-        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
-        try:
-            importlib.import_module(module)
-        finally:
-            del sys.modules["torch"]
+        _import_blocking(module, blocked)
+
+
+def _import_blocking(module: str, blocked: tuple[str, ...]) -> ModuleType:
+    """``import module`` with ``import`` of each of ``blocked`` not yet imported raising ImportError meanwhile
+    (the libraries that fall back without them then do so for the life of the process)."""
+    unset = [name for name in blocked if name not in sys.modules]
+    for name in unset:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` raise ImportError
+    try:
+        return importlib.import_module(module)
+    finally:
+        for name in unset:
+            del sys.modules[name]
 
 
 def _tvm_library_dir() -> Path:
@@ -186,7 +195,7 @@ def import_tvm_runtime() -> Any:
     TVM's thread pool would start with one worker per *physical* core it detects (one here, on two
     vCPUs, which halves the speed); unless ``TVM_NUM_THREADS`` is set, use every CPU this process may run on.
     """
-    _import_without_torch("tvm.runtime")
+    _import_without("tvm.runtime")
     import tvm.runtime
     import tvm.runtime.vm  # a runtime-only TVM does not import it with tvm.runtime
 
@@ -198,6 +207,8 @@ POOL_SPIN_COUNT = 10000  # yields of an idle worker of a TVM thread pool before 
 # given work, and its 300000 yields took the CPUs from the replicas for the first second or more (two one-thread
 # replicas at batch 32, greedy: 1790-1830 sentences/s, against 3250-3530 with 10000; beam 4 and batch 1 likewise).
 # Between the kernels of a two-thread translator, 10000 yields are plenty (as fast as 300000; 0 halved its speed).
+UNUSED_BY_CPU_RUNTIME = ("torch", "_hashlib", "ml_dtypes")  # modules TVM's FFI imports if it can: torch (DLPack
+# interop), OpenSSL's hashes (3.8 MiB resident) and ml_dtypes (NumPy types for bfloat16 and float8; 2 MiB)
 TOP_K_KERNEL = "tvm.contrib.sort.topk"  # top candidates of bundles built before our top-k kernel (runtime_extra)
 RELEASE_POOLS = "vm.builtin.memory_manager.clear"  # in TVM's libtvm_runtime
 MADV_DONTNEED = 4  # Linux madvise advice
@@ -261,7 +272,10 @@ def _aligned(array: np.ndarray) -> np.ndarray:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    """The SHA-256 of the file at ``path``, by Python's own SHA-256 unless ``hashlib`` is imported already (OpenSSL's,
+    which ``hashlib`` loads, holds 3.8 MiB resident; Python's hashes 350 MB/s against its 1.9 GB/s: 20 ms longer
+    to load the reference bundle)."""
+    digest = _import_blocking("hashlib", ("_hashlib",)).sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)

@@ -1,6 +1,7 @@
 """Text in, text out: tokenization, batching by length and search over a loaded bundle."""
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import sys
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 from int8mt.data import iterate_batches, pad_batch
 from int8mt.errors import UserError
-from int8mt.tokenizer import check_target_lang, starts_with_language_token
+from int8mt.tokenizer import MarianTokenizer, Tokenizer, check_target_lang, starts_with_language_token
 
 from .bundle import Bundle, set_thread_count
 from .search import SearchOptions, beam_search
@@ -48,8 +49,8 @@ class Translator:
             raise UserError(f"threads per replica must be at least 1, got {threads}")
         self.bundle = Bundle(bundle_dir)
         check_decoding(options, batch_size, self.bundle.max_rows)
-        self.tokenizer = self.bundle.tokenizer()
-        check_target_lang(self.tokenizer, target_lang)
+        if target_lang is not None:
+            check_target_lang(self.tokenizer, target_lang)
         self.target_lang = target_lang
         self.options = options
         self.batch_size = batch_size
@@ -58,6 +59,11 @@ class Translator:
         for replica in range(replicas):
             self._free.put(self.bundle if replica == 0 else self.bundle.replica())
         self._pool = ThreadPoolExecutor(replicas, "int8mt-replica", set_thread_count, (self.threads,))
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer | MarianTokenizer:
+        """The bundle's tokenizer, loaded when first needed (translating token ids needs none: 2.4 MiB less)."""
+        return self.bundle.tokenizer()
 
     def sentences_per_call(self, options: SearchOptions | None = None) -> int:
         """Sentences in one search: ``batch_size``, fewer where sentences x beams would exceed the bundle's

@@ -154,8 +154,9 @@ def test_tokenizer_that_is_not_a_sentencepiece_model(bundle_copy):
 
     (bundle_copy / "spm.model").write_bytes(b"garbage")
     edit_manifest(bundle_copy, lambda m: m["files"].update({"spm.model": sha256(bundle_copy / "spm.model")}))
+    translator = Translator(bundle_copy)  # (token ids need no tokenizer: it is loaded for text)
     with pytest.raises(ValueError, match="spm.model is not a valid SentencePiece model"):
-        Translator(bundle_copy)
+        translator.translate(["A dog."])
 
 
 def test_cpu_without_required_features(bundle_copy, monkeypatch):
@@ -303,3 +304,21 @@ def test_thread_pool_workers_spin_briefly_unless_told_otherwise(tiny_bundle):
     chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**env, "TVM_THREAD_POOL_SPIN_COUNT": "5"})
     assert chosen.stdout.strip() == "5", chosen.stderr[-2000:]
+
+
+def test_a_process_translating_token_ids_loads_no_library_it_does_not_use(tiny_bundle):
+    """A CPU bundle's runtime imports neither torch nor OpenSSL's hashes nor ml_dtypes (TVM's FFI would), nor
+    the tokenizer when it is given token ids (together 9.5 MiB of a 69 MiB process); its checksums are
+    hashlib's all the same."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = (f"import sys; from int8mt.runtime.translator import Translator; t = Translator({str(tiny_bundle)!r}); "
+            "t.translate_ids([[5, 6, 2]]); "
+            "print(sorted(m for m in ('torch', '_hashlib', 'ml_dtypes', 'sentencepiece') if sys.modules.get(m))); "
+            f"from int8mt.runtime.bundle import sha256; print(sha256(__import__('pathlib').Path({str(tiny_bundle / 'model.so')!r})))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    loaded, digest = run.stdout.splitlines()
+    assert loaded == "[]", run.stderr[-2000:]
+    assert digest == hashlib.sha256((tiny_bundle / "model.so").read_bytes()).hexdigest()
