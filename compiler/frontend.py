@@ -1,15 +1,14 @@
 """PyTorch -> Relax: ``torch.export`` with dynamic batch and lengths, then ``from_exported_program``.
 
-The result is one IRModule with five entry points:
+The result is one IRModule with four entry points:
 
 * ``encode(src[B, S] int64) -> cross_kv[L, 2, B, H, S, Dh]``: encoder plus every decoder layer's
   cross-attention keys/values, computed once per batch;
 * ``decode_step(tokens[B, 1] int64, step[1] int64, cache_0[L, 2, N, H, Dh], history[B, T + 1] int64,
-  cross_0, src) -> (logits[B, V], k_0, v_0, ..., k_{L-1}, v_{L-1})``: one token, projections O(1) in the
-  prefix; each layer's new key and value ([B, H, 1, Dh]) are for the caller to append to the cache's rows (see
-  :mod:`int8mt.model.transformer`);
-* ``append_cache(cache_0, k_0, v_0, ..., used) -> cache_0``: the step's new keys and values written into the cache
-  buffer after its first ``used`` rows, in place (one kernel: :mod:`int8mt.schedules.append_rows`);
+  cross_0, src, rows_used) -> (logits[B, V], cache_0)``: one token, projections O(1) in the prefix; each layer's
+  new key and value ([B, H, 1, Dh]) written into the cache's rows after its first ``used`` (``rows_used`` is the
+  shape ``[used]``), in place, by one kernel (:mod:`int8mt.schedules.append_rows`; see
+  :mod:`int8mt.model.transformer` for the layout, :func:`appending_step`);
 * ``reorder_cache(cross_kv, rows[B'] int64) -> cross_kv[L, 2, B', H, S, Dh]``: the cross-attention keys/values
   of hypotheses taken in a new order (beams of one sentence, finished sentences dropped), on the device;
 * ``top_candidates(logits[B, V]) -> (values[B, K], ids[B, K] int64, log_sum_exp[B])``: each row's
@@ -18,9 +17,8 @@ The result is one IRModule with five entry points:
 
 Both caches have the model's ``cache_dtype``: int8 for quantized attention, else float32. With run-time ranges
 (``model.cache_scales``) each cache is two tensors, the int8 keys/values and their scales (``[..., 1]`` in place
-of ``Dh``): ``encode`` returns both, ``decode_step`` takes ``cache_0, cache_1`` and ``cross_0, cross_1`` and
-returns the new scales after the new keys and values, and ``append_cache`` and ``reorder_cache`` take (the new
-scales after the new keys and values) and return both.
+of ``Dh``): ``encode`` returns both, ``decode_step`` takes ``cache_0, cache_1`` and ``cross_0, cross_1``, writes
+the new scales into ``cache_1`` and returns both, and ``reorder_cache`` takes both and returns both.
 """
 from __future__ import annotations
 
@@ -116,28 +114,37 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
     functions["top_candidates"] = _top_candidates(model)
     mod = tvm.IRModule({relax.GlobalVar(name): fn for name, fn in functions.items()})
     c = model.cfg
-    mod.update(append_cache_module(c.decoder_layers, c.heads, c.head_dim, model.cache_dtype_name, model.cache_scales))
-    return mod
+    return appending_step(mod, c.decoder_layers, c.heads, c.head_dim, model.cache_dtype_name, model.cache_scales)
 
 
-def append_cache_module(layers: int, heads: int, head_dim: int, dtype: str, scales: bool) -> tvm.IRModule:
-    """The ``append_cache`` entry point (and its kernels) of a decoder with ``layers`` layers of ``heads`` heads of
-    ``head_dim``, its cache of ``dtype`` (with a float32 scale per row and head where ``scales``)."""
-    rows, count, used = (tvm.tirx.Var(name, "int64") for name in ("rows", "count", "used"))
-    parts = [("cache", head_dim, dtype)] + [("scales", 1, "float32")] * scales
-    caches = [relax.Var(name, relax.TensorType((layers, 2, rows, heads, width), kind)) for name, width, kind in parts]
-    new = [[relax.Var(f"new_{name}_{p}", relax.TensorType((count, heads, 1, width), kind)) for p in range(2 * layers)]
-           for name, width, kind in parts]
+def appending_step(mod: tvm.IRModule, layers: int, heads: int, head_dim: int, dtype: str,
+                   scales: bool) -> tvm.IRModule:
+    """``mod`` with its ``decode_step`` writing the step's new keys and values (and their scales) into the cache
+    after its first ``rows_used`` rows, in place (one kernel per cache tensor:
+    :mod:`int8mt.schedules.append_rows`), and returning the logits and the cache tensors: ``decode_step(tokens,
+    step, cache_0, .., history, cross_0, .., src, rows_used)``. The exported step returns the new rows instead."""
+    step_var = mod.get_global_var("decode_step")
+    step = mod[step_var]
+    body, rows = step.body, step.body.body  # rows: (logits, layer 0's new key, its value, ..., then the scales)
+    used = tvm.tirx.Var("used", "int64")
     at = relax.Var("rows_used", relax.ShapeType([used]))
-    bb = relax.BlockBuilder()
-    with bb.function("append_cache", [*caches, *(v for part in new for v in part), at]):
-        written = []
-        for cache, part_new, (_, width, kind) in zip(caches, new, parts):
-            kernel = bb.add_func(append_rows_kernel(2 * layers, heads, width, kind), "append_rows")
-            args = relax.Tuple([cache, *part_new, relax.prim_value(used)])
-            written.append(bb.emit(relax.op.call_tir_inplace(kernel, args, 0, cache.ty)))
-        bb.emit_func_output(written[0] if len(written) == 1 else relax.Tuple(written))
-    return bb.get()
+    parts = [(head_dim, dtype)] + [(1, "float32")] * scales
+    caches = step.params[2:2 + len(parts)]
+    planes = 2 * layers
+    bb = relax.BlockBuilder(mod)
+    bindings, written = [], []
+    for index, (cache, (width, kind)) in enumerate(zip(caches, parts)):
+        kernel = bb.add_func(append_rows_kernel(planes, heads, width, kind), "append_rows")
+        new = [relax.TupleGetItem(rows, 1 + index * planes + p) for p in range(planes)]
+        written.append(relax.Var(f"{cache.name}_written", cache.ty))
+        bindings.append(relax.VarBinding(written[-1], relax.op.call_tir_inplace(
+            kernel, relax.Tuple([cache, *new, relax.prim_value(used)]), 0, cache.ty)))
+    out = relax.Tuple([relax.TupleGetItem(rows, 0), *written])
+    ret = relax.TupleType([rows.ty.fields[0], *(c.ty for c in caches)])
+    mod = bb.get()
+    mod[step_var] = relax.Function([*step.params, at], relax.SeqExpr([*body.blocks, relax.BindingBlock(bindings)], out),
+                                   ret, step.is_pure, step.attrs)
+    return relax.transform.Normalize()(mod)
 
 
 def _reorder_cache(model: Transformer) -> relax.Function:

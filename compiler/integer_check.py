@@ -13,8 +13,8 @@ import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from int8mt.model.transformer import Transformer
@@ -64,10 +64,10 @@ def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.nd
     reference = IntegerTransformer(model, qcfg.integer_softmax, qcfg.integer_layer_norm)
     checks = []
 
-    def call(name: str, reference_call, *args: np.ndarray):
+    def call(name: str, reference_call, *args: np.ndarray, shape: tuple[int, ...] = ()):
         reference.records.clear()
         expected = reference_call(*args)
-        out, taps = vm[name](*(tvm.runtime.tensor(a) for a in args))
+        out, taps = vm[name](*(tvm.runtime.tensor(a) for a in args), *([tvm_ffi.Shape(shape)] if shape else []))
         checks.extend(_compare(name, reference.records, [t.numpy() for t in taps]))
         return out, expected
 
@@ -76,16 +76,17 @@ def check_integer_graph(model: Transformer, vm: relax.VirtualMachine, src: np.nd
     cache, parts = tuple(c.numpy() for c in cache), len(cache)
     for step in range(tokens.shape[1]):
         column = np.ascontiguousarray(tokens[:, step:step + 1])
+        used = cache[0].shape[2]
+        room = tuple(np.concatenate([c, np.zeros((*c.shape[:2], len(src), *c.shape[3:]), c.dtype)], axis=2)
+                     for c in cache)  # the step writes its rows after the ``used`` first
 
         def reference_step(*args: np.ndarray):
             *cache_in, history_in = args[2:3 + parts]
             return reference.decode_step(column, step, tuple(cache_in), history_in, args[3 + parts:-1], args[-1])
 
-        (_, *new_kv), _ = call("decode_step", reference_step, column, np.array([step]), *cache, history.numpy(),
-                               *cross, src)
-        cache, history = model.append_rows(tuple(map(torch.from_numpy, cache)), history,
-                                           tuple(torch.from_numpy(t.numpy()) for t in new_kv))
-        cache = tuple(c.numpy() for c in cache)
+        (_, *written), _ = call("decode_step", reference_step, column, np.array([step]), *room, history.numpy(),
+                                *cross, src, shape=(used,))
+        cache, history = tuple(t.numpy() for t in written), model.next_history(history, used)
     return checks
 
 

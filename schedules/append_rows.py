@@ -1,9 +1,11 @@
 """A decoder step's new keys and values written into the self-attention cache's rows, in place, by one kernel.
 
-The cache (:mod:`int8mt.runtime.cache`) is ``[layers, 2, rows, heads, width]``; a step returns each layer's new
-key and value as ``[count, heads, 1, width]``. On a GPU, writing them with the runtime's copies took a view of
-each destination and a copy per plane (18-36 calls per step through Python); this kernel writes every plane in
-one call of the ``append_cache`` entry point (:func:`int8mt.compiler.frontend.export_to_relax`).
+The cache (:mod:`int8mt.runtime.cache`) is ``[layers, 2, rows, heads, width]``; a step computes each layer's new
+key and value as ``[count, heads, 1, width]``, and this kernel, called at the end of the ``decode_step`` entry
+point (:func:`int8mt.compiler.frontend.appending_step`), writes every plane. On a GPU, writing them with the
+runtime's copies took a view of each destination and a copy per plane (18-36 calls per step through Python); a
+separate entry point for this kernel cost a call from Python and the step's 12 outputs (about 5 µs of a 125 µs
+step at batch 1 on the CPU).
 """
 from __future__ import annotations
 

@@ -295,8 +295,13 @@ class Transformer(nn.Module):
         planes = 2 * layers
         grown = tuple(torch.cat([c, torch.stack(new_kv[k * planes:(k + 1) * planes]).reshape(
             layers, 2, batch, *c.shape[3:])], dim=2) for k, c in enumerate(cache))
-        written = torch.cat([history[:, :-1], torch.arange(start, start + batch)[:, None]], dim=1)
-        return grown, torch.cat([written, torch.zeros_like(history[:, :1])], dim=1)
+        return grown, Transformer.next_history(history, start)
+
+    @staticmethod
+    def next_history(history: Tensor, start: int) -> Tensor:
+        """``history`` after a step whose rows were written from row ``start`` on (one per hypothesis, in order)."""
+        written = torch.cat([history[:, :-1], torch.arange(start, start + len(history))[:, None]], dim=1)
+        return torch.cat([written, torch.zeros_like(history[:, :1])], dim=1)
 
 
 def _parts(cached: Cached) -> tuple[Tensor, ...]:

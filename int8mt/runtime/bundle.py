@@ -32,10 +32,10 @@ from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty
 LIBRARY_FILE, MANIFEST_FILE, WEIGHTS_FILE = "model.so", "manifest.json", "weights.bin"
 DEFAULT_MAX_ROWS = 1024  # rows (sentences x beams) per call: what compiling records, and the bound of older bundles
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
-BUNDLE_FORMAT = 6  # the entry points (ENTRY_POINTS) and their signatures: the decoder step's cache layout, caches
-#                   with per-position scales (manifest ``cache_scales``), the weights as parameters, checked once
-#                   by CHECK_WEIGHTS
-ENTRY_POINTS = ("encode", "decode_step", "append_cache", "reorder_cache", "top_candidates")
+BUNDLE_FORMAT = 7  # the entry points (ENTRY_POINTS) and their signatures: the decoder step's cache layout, caches
+#                   with per-position scales (manifest ``cache_scales``), the step writing its rows into the cache,
+#                   the weights as parameters, checked once by CHECK_WEIGHTS
+ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
 CHECK_WEIGHTS = "check_weights"  # the library's check of all the weights' dtypes and shapes, which the entry
 #                                   points leave out (compiler/passes/lift_weights.py)
 
@@ -462,7 +462,7 @@ class Bundle:
             raise BundleError(f"{self.path / LIBRARY_FILE} is not a bundle's library "
                               f"({str(err).splitlines()[0]})") from None
         try:
-            self._encode, self._step, self._append, self._reorder, self._top = (
+            self._encode, self._step, self._reorder, self._top = (
                 _with_weights(self._vm[name], self._weights[name]) for name in ENTRY_POINTS)
         except AttributeError as err:
             raise BundleError(f"{self.path / LIBRARY_FILE} does not match its manifest ({err})") from None
@@ -551,7 +551,7 @@ class Bundle:
     def empty_cache(self, batch: int, positions: int) -> SelfAttentionCache:
         """The self-attention cache of ``batch`` hypotheses, with room for ``positions`` steps."""
         return SelfAttentionCache(self._ffi, self.device, self.layers, self.heads, self.head_dim, self.cache_dtype,
-                                  self.cache_scales, batch, min(positions, self.max_positions), self._append)
+                                  self.cache_scales, batch, min(positions, self.max_positions))
 
     def decode_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                     src: Any) -> np.ndarray:
@@ -568,11 +568,12 @@ class Bundle:
 
     def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                   src: Any) -> Any:
-        """The compiled decoder step: appends its cache rows to ``cache`` and returns the logits (on the device)."""
+        """The compiled decoder step: writes its rows into ``cache`` and returns the logits (on the device)."""
         self._admit(tokens.shape[0], src.shape[1])
+        rows_used = cache.reserve_step()
         out = self._step(self._staged("tokens", tokens), self._step_tensor(step), *cache.inputs,
-                         self._staged("history", cache.history), *cross_kv, src)
-        cache.append(out[1:])
+                         self._staged("history", cache.history), *cross_kv, src, rows_used)
+        cache.record_step()
         return out[0]
 
     def _staged(self, name: str, array: np.ndarray) -> Any:

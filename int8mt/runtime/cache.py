@@ -3,9 +3,9 @@
 The layout is the model's (:mod:`int8mt.model.transformer`): ``rows[layers, 2, N, heads, head_dim]``, row ``n``
 being one decoded position of a hypothesis (row 0 holds none), and ``history[batch, T + 1]`` naming the row of
 each of a hypothesis's positions (the step's own last, as 0). The rows live in one buffer allocated for the
-batch's longest output, which the decoder step reads whole (rows no position names are never read); a step's
-new rows are written into each layer's keys and values after the rows already there (by the bundle's
-``append_cache`` kernel), so no step copies the cache it has. Each layer's keys (and values) are contiguous: a
+batch's longest output, which the decoder step reads whole (rows no position names are never read); the step
+writes its new rows into each layer's keys and values after the rows already there (its ``rows_used`` input),
+so no step copies the cache it has. Each layer's keys (and values) are contiguous: a
 step's gather of them stays within one region of memory (with every layer's keys and values of a position side
 by side, each gathered position was another page and the gathers ran 2-4x slower). Reordering hypotheses (beams)
 or dropping finished ones reorders ``history``'s rows on the host; the device's rows never move. With run-time
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def _cached_shape(ffi: Any, used: int) -> Any:
 
 
 def _rows_used(ffi: Any, used: int) -> Any:
-    """``append_cache``'s ``used`` argument (a shape): made once per value below ``CACHED_SHAPES`` (making one costs
+    """The decoder step's ``rows_used`` argument (a shape): made once per value below ``CACHED_SHAPES`` (making one costs
     a microsecond, a tenth of a batch-1 step's host work); larger values are made each time (keeping thousands of
     them raised the peak memory of greedy batch 32 by 7 MiB)."""
     return _cached_shape(ffi, used) if used < CACHED_SHAPES else ffi.Shape((used,))
@@ -52,13 +52,10 @@ class SelfAttentionCache:
     hypothesis's history (NumPy)."""
 
     def __init__(self, ffi: Any, device: Any, layers: int, heads: int, head_dim: int, dtype: str, scales: bool,
-                 batch: int, positions: int, append_rows: Callable[..., Any]) -> None:
+                 batch: int, positions: int) -> None:
         """Room for ``positions`` steps of ``batch`` hypotheses; more is allocated (and the rows moved) only if
-        the steps outgrow it. ``scales``: rows of ``dtype`` int8 carry a float32 scale per head.
-        ``append_rows``: the bundle's ``append_cache`` entry point, which writes a step's rows into the buffers
-        in one call (on a GPU, a view and a copy per plane took 18-36 calls through Python per step; on the CPU
-        it is as fast as NumPy writing into its views of the buffers)."""
-        self._ffi, self._device, self._append_rows = ffi, device, append_rows
+        the steps outgrow it. ``scales``: rows of ``dtype`` int8 carry a float32 scale per head."""
+        self._ffi, self._device = ffi, device
         self._create_view = ffi.get_global_func("runtime.TVMTensorCreateView")
         self._copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
         self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
@@ -98,14 +95,18 @@ class SelfAttentionCache:
         """The decoder step's cache inputs: the whole buffers (rows, and their scales)."""
         return tuple(self._buffers)
 
-    def append(self, new: Any) -> None:
-        """Write a step's new keys and values (``[hypotheses, heads, 1, head_dim]`` each: layer 0's key, its value,
-        layer 1's key, ...; then their scales in the same order; hypotheses in the order of ``history``'s rows)
-        after the rows written so far, and put each hypothesis's row in its history."""
+    def reserve_step(self) -> Any:
+        """Before a step: room for its rows (one per hypothesis, in the order of ``history``'s rows), the buffers
+        grown if need be; returns the step's ``rows_used`` input (it writes its rows after the rows written so
+        far)."""
         count = len(self.history)  # the step's hypotheses
         if self.used + count > self._capacity:
             self._grow(max(2 * self._capacity, self.used + count))
-        self._append_rows(*self._buffers, *new, _rows_used(self._ffi, self.used))
+        return _rows_used(self._ffi, self.used)
+
+    def record_step(self) -> None:
+        """After a step: each hypothesis's new row in its history."""
+        count = len(self.history)
         positions = self.history.shape[1]
         history = self._new_history(count, positions + 1)
         history[:, :positions - 1] = self.history[:, :-1]

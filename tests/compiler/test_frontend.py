@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 import torch
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from int8mt.compiler.frontend import append_cache_module, export_to_relax
+from int8mt.compiler.frontend import appending_step, export_to_relax
 from int8mt.compiler.pipeline import relax_pipeline
 
 from ..conftest import HOST_PRESET
@@ -20,7 +21,7 @@ TARGET = tvm.target.Target(HOST_PRESET.target)
 def vm(tiny_model):
     mod = export_to_relax(tiny_model)
     entry_points = {gv.name_hint for gv, func in mod.functions_items() if isinstance(func, relax.Function)}
-    assert entry_points == {"encode", "decode_step", "append_cache", "reorder_cache", "top_candidates"}
+    assert entry_points == {"encode", "decode_step", "reorder_cache", "top_candidates"}
     return relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
 
 
@@ -43,28 +44,37 @@ def test_encode_matches_pytorch(vm, tiny_model, batch, length):
 
 @pytest.mark.parametrize("batch,length,steps", [(1, 5, 3), (4, 11, 6), (2, 3, 1)])
 def test_decode_steps_match_pytorch(vm, tiny_model, batch, length, steps):
-    """Teacher forcing through the compiled steps reproduces the model's logits; halfway, the hypotheses are put
-    in a new order by reordering only ``history``'s rows (and the cross-attention rows), as beam search does."""
+    """Teacher forcing through the compiled steps reproduces the model's logits, and each step writes its keys and
+    values into the cache's rows after the ``rows_used`` first, in place, as the model's ``append_rows`` appends
+    them; halfway, the hypotheses are put in a new order by reordering only ``history``'s rows (and the
+    cross-attention rows), as beam search does."""
     src = _src(batch, length, seed=length)
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(4, 8000, (batch, steps), generator=g)
     with torch.no_grad():
         cross = tiny_model.cross_kv(tiny_model.encode(src))
         full = tiny_model(src, tokens)  # teacher forcing: the step outputs must reproduce it
-    (cache_rows,), history = tiny_model.empty_cache(batch)
-    (cross,) = cross
+    expected_cache, history = tiny_model.empty_cache(batch)
+    (expected_rows,) = expected_cache
+    rows = np.zeros((*expected_rows.shape[:2], 1 + batch * steps + 3, *expected_rows.shape[3:]), np.float32)
+    buffer = tvm.runtime.tensor(rows)  # room for every step's rows and more, written in place
     order = np.arange(batch)
     for t in range(steps):
         if t == steps // 2:  # e.g. [0, 1, 2, 3] -> [3, 0, 1, 2]
-            order, rows = np.roll(order, 1), np.roll(np.arange(batch), 1)
-            history, cross = history[rows], cross[:, :, rows]
-        logits, *new_kv = vm["decode_step"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (
-            tokens[order, t:t + 1].numpy(), np.array([t]), cache_rows.numpy(), history.numpy(), cross.numpy(),
-            src[order].numpy())))
-        assert len(new_kv) == 2 * tiny_model.cfg.decoder_layers
-        (cache_rows,), history = tiny_model.append_rows((cache_rows,), history,
-                                                        tuple(torch.from_numpy(k.numpy()) for k in new_kv))
+            order, reordered = np.roll(order, 1), np.roll(np.arange(batch), 1)
+            history, cross = history[reordered], tuple(c[:, :, reordered] for c in cross)
+        used = expected_rows.shape[2]
+        inputs = (tokens[order, t:t + 1], torch.tensor([t]), (expected_rows,), history, cross, src[order])
+        logits, written = vm["decode_step"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (
+            inputs[0].numpy(), inputs[1].numpy())), buffer, tvm.runtime.tensor(history.numpy()),
+            tvm.runtime.tensor(cross[0].numpy()), tvm.runtime.tensor(src[order].numpy()), tvm_ffi.Shape((used,)))
+        with torch.no_grad():
+            _, new_kv = tiny_model.decode_step(*inputs)
+        (expected_rows,), history = tiny_model.append_rows((expected_rows,), history, new_kv)
         np.testing.assert_allclose(logits.numpy(), full[order, t].numpy(), atol=1e-4, rtol=0)
+        assert written.same_as(buffer) or written.data_ptr() == buffer.data_ptr()
+        np.testing.assert_allclose(buffer.numpy()[:, :, :used + batch], expected_rows.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(buffer.numpy()[:, :, used + batch:], 0)  # nothing past the step's rows
 
 
 def test_reorder_cache_takes_rows(vm, tiny_model):
@@ -85,9 +95,27 @@ def test_only_positions_carry_their_maximum(tiny_model):
     assert "tir_var_upper_bound" not in mod["encode"].attrs
 
 
-def test_append_cache_writes_every_plane_in_place_in_one_kernel():
-    """A step's new keys and values (one tensor per layer and kind) go to rows ``used ..`` of each plane of the
-    cache, in place: one kernel, whichever the plane (here one layer of two heads of 4)."""
+def test_the_step_writes_every_plane_of_its_rows_in_place_in_one_kernel():
+    """``appending_step``: the exported step's new keys and values (one tensor per layer and kind) go to rows
+    ``used ..`` of each plane of the cache, in place, in one kernel whichever the plane, and the step returns the
+    logits and the cache (here one layer of two heads of 4)."""
+    @I.ir_module
+    class Before:
+        @R.function
+        def decode_step(tokens: R.Tensor(("batch", 1), dtype="int64"), step: R.Tensor((1,), dtype="int64"),
+                        cache_0: R.Tensor((1, 2, "rows", 2, 4), dtype="int8"),
+                        history: R.Tensor(("batch", "positions"), dtype="int64"),
+                        cross_0: R.Tensor((1, 2, "batch", 2, "src_len", 4), dtype="int8"),
+                        src: R.Tensor(("batch", "src_len"), dtype="int64")):
+            batch = T.int64()
+            with R.dataflow():
+                k = R.zeros(R.shape([batch, 2, 1, 4]), dtype="int8")
+                v = R.ones(R.shape([batch, 2, 1, 4]), dtype="int8")
+                logits = R.astype(tokens, dtype="float32")
+                gv = (logits, k, v)
+                R.output(gv)
+            return gv
+
     @I.ir_module
     class Expected:
         @T.prim_func(private=True, s_tir=True)
@@ -104,14 +132,21 @@ def test_append_cache_writes_every_plane_in_place_in_one_kernel():
                         vp == T.int64(0), new_0[vi, vh, T.int64(0), vw], new_1[vi, vh, T.int64(0), vw])
 
         @R.function
-        def append_cache(cache: R.Tensor((1, 2, "rows", 2, 4), dtype="int8"),
-                         new_cache_0: R.Tensor(("count", 2, 1, 4), dtype="int8"),
-                         new_cache_1: R.Tensor(("count", 2, 1, 4), dtype="int8"),
-                         rows_used: R.Shape(["used"])) -> R.Tensor((1, 2, "rows", 2, 4), dtype="int8"):
-            rows, used = T.int64(), T.int64()
+        def decode_step(tokens: R.Tensor(("batch", 1), dtype="int64"), step: R.Tensor((1,), dtype="int64"),
+                        cache_0: R.Tensor((1, 2, "rows", 2, 4), dtype="int8"),
+                        history: R.Tensor(("batch", "positions"), dtype="int64"),
+                        cross_0: R.Tensor((1, 2, "batch", 2, "src_len", 4), dtype="int8"),
+                        src: R.Tensor(("batch", "src_len"), dtype="int64"), rows_used: R.Shape(["used"])):
+            batch, rows, used = T.int64(), T.int64(), T.int64()
             cls = Expected
-            written = R.call_tir_inplace(cls.append_rows, (cache, new_cache_0, new_cache_1, R.prim_value(used)),
+            with R.dataflow():
+                k = R.zeros(R.shape([batch, 2, 1, 4]), dtype="int8")
+                v = R.ones(R.shape([batch, 2, 1, 4]), dtype="int8")
+                logits = R.astype(tokens, dtype="float32")
+                gv = (logits, k, v)
+                R.output(gv)
+            written = R.call_tir_inplace(cls.append_rows, (cache_0, gv[1], gv[2], R.prim_value(used)),
                                          out_ty=R.Tensor((1, 2, rows, 2, 4), dtype="int8"), inplace_indices=[0])
-            return written
+            return (gv[0], written)
 
-    tvm.ir.assert_structural_equal(append_cache_module(1, 2, 4, "int8", False), Expected)
+    tvm.ir.assert_structural_equal(appending_step(Before, 1, 2, 4, "int8", False), Expected)

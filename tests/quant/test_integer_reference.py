@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from int8mt.cli import main
@@ -70,12 +70,16 @@ def _decode(vm: relax.VirtualMachine, model: Transformer, src: np.ndarray, token
     cross = vm["encode"](tvm.runtime.tensor(src))
     cross = (cross,) if hasattr(cross, "numpy") else tuple(cross)
     cache, history = model.empty_cache(len(src))
+    rows = len(src) * tokens.shape[1]  # room for every step's rows, written in place after the ``used`` first
+    cache = tuple(tvm.runtime.tensor(np.concatenate([c.numpy(), np.zeros((*c.shape[:2], rows, *c.shape[3:]),
+                                                                         c.numpy().dtype)], axis=2)) for c in cache)
     logits = []
     for step in range(tokens.shape[1]):
-        out, *new_kv = vm["decode_step"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (
-            tokens[:, step:step + 1], np.array([step]), *(c.numpy() for c in cache), history.numpy())),
-            *cross, tvm.runtime.tensor(src))
-        cache, history = Transformer.append_rows(cache, history, tuple(torch.from_numpy(k.numpy()) for k in new_kv))
+        used = 1 + step * len(src)
+        out, *_ = vm["decode_step"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in (
+            tokens[:, step:step + 1], np.array([step]))), *cache, tvm.runtime.tensor(history.numpy()),
+            *cross, tvm.runtime.tensor(src), tvm_ffi.Shape((used,)))
+        history = Transformer.next_history(history, used)
         logits.append(out.numpy())
     return np.stack(logits)
 

@@ -115,10 +115,9 @@ def test_corrupt_manifest(bundle_copy):
 
 
 def test_bundles_of_an_earlier_format_are_refused_with_a_rebuild_message(bundle_copy):
-    """Format 6 added the ``check_weights`` entry point (its entry points check no weights), which format-5
-    bundles lack."""
-    edit_manifest(bundle_copy, lambda m: m.update({"format": 5}))
-    with pytest.raises(BundleError, match="bundle format 5 is not supported .this runtime reads 6.; rebuild it"):
+    """Format 7's decoder step writes its rows into the cache (format 6's returned them for ``append_cache``)."""
+    edit_manifest(bundle_copy, lambda m: m.update({"format": 6}))
+    with pytest.raises(BundleError, match="bundle format 6 is not supported .this runtime reads 7.; rebuild it"):
         Bundle(bundle_copy)
 
 

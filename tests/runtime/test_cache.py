@@ -1,5 +1,4 @@
-"""The runtime's self-attention cache: rows appended in place, history reordered on the host."""
-import functools
+"""The runtime's self-attention cache: room for each step's rows, their history, reordered on the host."""
 
 import numpy as np
 import pytest
@@ -10,23 +9,9 @@ from int8mt.runtime.cache import TENSOR_ALIGNMENT, SelfAttentionCache
 LAYERS, HEADS, HEAD_DIM = 2, 3, 4
 
 
-@functools.cache
-def _append_kernel(scales: bool):
-    """The ``append_cache`` entry point of a bundle of these dimensions, compiled for this CPU."""
-    import tvm
-    from tvm import relax
-
-    from int8mt.compiler.frontend import append_cache_module
-
-    executable = tvm.compile(append_cache_module(LAYERS, HEADS, HEAD_DIM, "int8", scales), target="llvm")
-    return relax.VirtualMachine(executable, tvm.cpu())["append_cache"]
-
-
-def _cache(batch: int, positions: int, scales: bool = False) -> tuple[SelfAttentionCache, object]:
+def _cache(batch: int, positions: int, scales: bool = False) -> SelfAttentionCache:
     ffi = import_tvm_ffi()
-    cache = SelfAttentionCache(ffi, ffi.device("cpu", 0), LAYERS, HEADS, HEAD_DIM, "int8", scales, batch, positions,
-                               _append_kernel(scales))
-    return cache, ffi
+    return SelfAttentionCache(ffi, ffi.device("cpu", 0), LAYERS, HEADS, HEAD_DIM, "int8", scales, batch, positions)
 
 
 def _step_kv(count: int, first: int, width: int = HEAD_DIM, dtype: str = "int8") -> list[np.ndarray]:
@@ -41,8 +26,16 @@ def _as_rows(steps: list[list[np.ndarray]], width: int = HEAD_DIM) -> np.ndarray
     return np.concatenate([np.stack(kv)[:, :, :, 0].reshape(LAYERS, 2, -1, HEADS, width) for kv in steps], axis=2)
 
 
-def _append(cache: SelfAttentionCache, ffi, kv: list[np.ndarray]) -> None:
-    cache.append([ffi.from_dlpack(np.ascontiguousarray(a)) for a in kv])
+def _step(cache: SelfAttentionCache, kv: list[np.ndarray]) -> None:
+    """One decoder step's part in the cache: room for its rows, its keys and values (then their scales) written
+    where the compiled step writes them (after the ``rows_used`` first rows of each plane), its rows recorded."""
+    (used,) = cache.reserve_step()
+    count = len(kv[0])
+    for part, buffer in enumerate(cache.inputs):
+        planes = kv[part * 2 * LAYERS:(part + 1) * 2 * LAYERS]
+        np.from_dlpack(buffer)[:, :, used:used + count] = np.stack(planes)[:, :, :, 0].reshape(
+            LAYERS, 2, count, HEADS, -1)
+    cache.record_step()
 
 
 def _written(cache: SelfAttentionCache, part: int = 0) -> np.ndarray:
@@ -51,20 +44,20 @@ def _written(cache: SelfAttentionCache, part: int = 0) -> np.ndarray:
     return np.from_dlpack(cache.inputs[part])[:, :, 1:cache.used]
 
 
-def test_steps_append_rows_and_history_names_each_hypothesis_row():
-    cache, ffi = _cache(batch=3, positions=2)
+def test_steps_write_after_the_rows_used_and_history_names_each_hypothesis_row():
+    cache = _cache(batch=3, positions=2)
     steps = [_step_kv(3, 0), _step_kv(3, 10)]
     for kv in steps:
-        _append(cache, ffi, kv)
+        _step(cache, kv)
     assert cache.used == 7 and cache.history.tolist() == [[1, 4, 0], [2, 5, 0], [3, 6, 0]]
     np.testing.assert_array_equal(_written(cache), _as_rows(steps))
 
 
 def test_reordering_hypotheses_moves_no_rows():
-    cache, ffi = _cache(batch=3, positions=4)
-    _append(cache, ffi, _step_kv(3, 0))
+    cache = _cache(batch=3, positions=4)
+    _step(cache, _step_kv(3, 0))
     cache.select(np.array([2, 2, 0]))  # beams: hypothesis 2 continued twice, hypothesis 1 dropped
-    _append(cache, ffi, _step_kv(3, 10))
+    _step(cache, _step_kv(3, 10))
     cache.select(np.array([1]))  # a sentence finished: one hypothesis left
     assert cache.history.tolist() == [[3, 5, 0]] and cache.history.flags.c_contiguous
     assert cache.history.__array_interface__["data"][0] % TENSOR_ALIGNMENT == 0  # the step's input without a copy
@@ -72,11 +65,11 @@ def test_reordering_hypotheses_moves_no_rows():
 
 
 def test_outgrowing_the_buffer_keeps_the_rows():
-    cache, ffi = _cache(batch=2, positions=1)
+    cache = _cache(batch=2, positions=1)
     before = cache.nbytes
     steps = [_step_kv(2, 10 * step) for step in range(5)]
     for kv in steps:
-        _append(cache, ffi, kv)
+        _step(cache, kv)
     assert cache.nbytes > before and cache.history.shape == (2, 6)
     np.testing.assert_array_equal(_written(cache), _as_rows(steps))
 
@@ -84,10 +77,10 @@ def test_outgrowing_the_buffer_keeps_the_rows():
 def test_scales_are_written_and_kept_with_their_rows():
     """With run-time ranges a second buffer holds each row's scales: a step's new keys and values come first, then
     their scales in the same order."""
-    cache, ffi = _cache(batch=2, positions=1, scales=True)
+    cache = _cache(batch=2, positions=1, scales=True)
     steps = [(_step_kv(2, 10 * step), _step_kv(2, 10 * step + 1, width=1, dtype="float32")) for step in range(4)]
     for kv, scales in steps:
-        _append(cache, ffi, kv + scales)
+        _step(cache, kv + scales)
     assert len(cache.inputs) == 2 and cache.history.tolist() == [[1, 3, 5, 7, 0], [2, 4, 6, 8, 0]]
     np.testing.assert_array_equal(_written(cache), _as_rows([kv for kv, _ in steps]))
     np.testing.assert_array_equal(_written(cache, 1), _as_rows([scales for _, scales in steps], width=1))
