@@ -22,7 +22,8 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
                          every kernel not scheduled yet; on CPUs :class:`~.passes.UnitReshapeIntoKernels` (kernels
-                         read the tensors behind reshapes that only add or drop axes of size 1).
+                         read the tensors behind reshapes that only add or drop axes of size 1) and
+                         :class:`~.passes.ViewsIntoKernels` (the parameters behind views, at their offsets).
 5. ``lowered``           dataflow lowering, memory planning and VM finalisation (with lifted weights, their checks
                          left to ``check_weights``: :func:`~.passes.drop_weight_checks`).
 
@@ -57,7 +58,7 @@ from int8mt.targets import TargetPreset
 from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue, GatherPackedRows,
                      Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeRows,
                      ReadKeysAsStored, ScalePropagation, SoftmaxRows, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape,
-                     UnitReshapeIntoKernels, drop_weight_checks)
+                     UnitReshapeIntoKernels, ViewsIntoKernels, drop_weight_checks)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -346,7 +347,7 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None,
             return tvm.transform.Sequential(
                 _library_dispatch_passes(backend, target) + [TakeAsView()] + _legalize_passes()
                 + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
-                + ([UnitReshapeIntoKernels()] if target.kind.name == "llvm" else [])
+                + ([UnitReshapeIntoKernels(), ViewsIntoKernels()] if target.kind.name == "llvm" else [])
                 + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])
                 + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
                 + ([drop_weight_checks] if weights is not None else []) + [_phase(5, "lowered", dump_dir)]

@@ -16,10 +16,11 @@ from .softmax_rows import SoftmaxRows
 from .take_as_view import TakeAsView
 from .unit_permute_as_reshape import UnitPermuteAsReshape
 from .unit_reshape_into_kernels import UnitReshapeIntoKernels
+from .views_into_kernels import ViewsIntoKernels
 from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue",
            "LayerNormRows", "SoftmaxRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView",
-           "UnitReshapeIntoKernels", "LiftWeights", "drop_weight_checks"]
+           "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "drop_weight_checks"]

@@ -1,12 +1,12 @@
 """What int8mt's kernel passes share: recognising int8 matmuls and weight tables, finding the call bound to a
-variable, telling our kernels' calls apart by their ``int8mt.kernel`` attribute, and adding each kernel
-to the module once."""
+variable, telling our kernels' calls apart by their ``int8mt.kernel`` attribute, adding each kernel to the
+module once, and kernel variants' statements before their bodies."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import tvm
-from tvm import ir, relax, tirx
+from tvm import ir, relax, s_tir, tirx
 from tvm.sym.analyzer import Analyzer
 
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
@@ -132,6 +132,18 @@ class KernelTable:
         if key not in self.kernels:
             self.kernels[key] = self.builder.add_func(make().without_attr("global_symbol"), name)
         return self.kernels[key]
+
+
+def declared_first(body: tirx.Stmt, statements: list[tirx.Stmt]) -> tirx.Stmt:
+    """``body`` after ``statements`` (declarations, bindings); inside its root block if it is one (a scheduled
+    kernel's body stays a block, as TVM's analyses of scheduled kernels expect)."""
+    if not isinstance(body, s_tir.SBlockRealize):
+        return tirx.SeqStmt([*statements, body])
+    root = body.block
+    block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint,
+                         tirx.SeqStmt([*statements, root.body]), root.init, root.alloc_buffers, root.match_buffers,
+                         root.annotations, root.span)
+    return s_tir.SBlockRealize(body.iter_values, body.predicate, block, body.span)
 
 
 def rewrite_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule, before=None) -> tvm.IRModule:

@@ -17,7 +17,7 @@ import tvm
 from tvm import ir, relax, s_tir, tirx
 from tvm.relax import PyExprMutator, expr_functor
 
-from .kernel_calls import KernelTable, is_one, rewrite_functions, same_shape
+from .kernel_calls import KernelTable, declared_first, is_one, rewrite_functions, same_shape
 
 
 def _unit_pattern(shape: list[tirx.PrimExpr]) -> tuple[bool, ...]:
@@ -52,20 +52,8 @@ def _kernel_reading(func: tirx.PrimFunc, sources: dict[int, tuple[list, list]]) 
             return None
         params[index] = new
         declarations.append(tirx.DeclBuffer(old, data=new.data))
-    variant = tirx.PrimFunc(params, _declared_first(func.body, declarations), func.ret_type, func.attrs, func.span)
+    variant = tirx.PrimFunc(params, declared_first(func.body, declarations), func.ret_type, func.attrs, func.span)
     return s_tir.renew_defs(variant)  # its own variables, not the original's
-
-
-def _declared_first(body: tirx.Stmt, declarations: list[tirx.DeclBuffer]) -> tirx.Stmt:
-    """``body`` after ``declarations``; inside its root block if it is one (a scheduled kernel's body stays a
-    block, as TVM's analyses of scheduled kernels expect)."""
-    if not isinstance(body, s_tir.SBlockRealize):
-        return tirx.SeqStmt([*declarations, body])
-    root = body.block
-    block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint,
-                         tirx.SeqStmt([*declarations, root.body]), root.init, root.alloc_buffers, root.match_buffers,
-                         root.annotations, root.span)
-    return s_tir.SBlockRealize(body.iter_values, body.predicate, block, body.span)
 
 
 @expr_functor.mutator

@@ -1,0 +1,124 @@
+"""ViewsIntoKernels: a kernel reads the parameter a view was taken of, at the view's offset.
+
+:class:`~.TakeAsView` makes each layer's slice of a stacked cache a view of the entry point's parameter: no copy,
+yet each view is a few VM calls at every step (the offset computed, a shape and a tensor built, the offset
+checked, two frees): a decoder step takes 12 such views (static ranges) or 24 (run-time ranges, whose caches carry
+their scales), 60-120 VM calls of some 500-700 at batch 1.
+
+A kernel can take the parameter itself: its parameter is declared in the parameter's shape, and the buffer its
+body reads is declared over the same memory at the view's offset (the kernel's variables for the view's sizes
+bound from the parameter's). One kernel variant per way it is called; the views no longer used are removed.
+CPU targets (it runs after scheduling, on our kernels and the default schedules alike).
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import ir, relax, s_tir, tirx
+from tvm.relax import PyExprMutator, expr_functor
+from tvm.sym.analyzer import Analyzer
+
+from .kernel_calls import KernelTable, declared_first, rewrite_functions, shape_product
+
+
+def _source_buffer(shape: list[tirx.PrimExpr], dtype: str, name: str) -> tuple[tirx.Buffer, dict] | None:
+    """A buffer in the Relax ``shape`` with a kernel variable per symbolic size, and the map from the Relax
+    variables to the kernel's; None if a size is neither a constant nor a variable."""
+    names, dims = {}, []
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, tirx.IntImm):
+            dims.append(dim)
+        elif isinstance(dim, tirx.Var):
+            dims.append(names.setdefault(dim, tirx.Var(f"{name}_{axis}", dim.ty)))
+        else:
+            return None
+    return tirx.decl_buffer(dims, dtype, name, layout=None), names
+
+
+def _free_vars(expr: tirx.PrimExpr) -> set[tirx.Var]:
+    return set(tirx.analysis.undefined_vars(expr))
+
+
+def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var, list, tirx.PrimExpr]]
+                          ) -> tirx.PrimFunc | None:
+    """``func`` with parameter ``i`` declared as the whole parameter ``views[i][0]`` and its old buffer (called with
+    the shape ``views[i][1]``) declared over that memory ``views[i][2]`` bytes on; None where it cannot be."""
+    params, statements = list(func.params), []
+    defined = {v for i, p in enumerate(params) if i not in views and isinstance(p.ty, tirx.BufferType)
+               for dim in p.shape for v in _free_vars(dim)}  # sizes other parameters define
+    for index, (source, used, offset) in views.items():
+        old = params[index]
+        if not isinstance(old.ty, tirx.BufferType) or len(old.strides) or len(old.shape) != len(used):
+            return None
+        made = _source_buffer(list(source.ty.shape), str(old.dtype), f"{old.name}_source")
+        if made is None or not all(_free_vars(e) <= set(made[1]) for e in [offset, *used]):
+            return None
+        new, names = made
+        analyzer = Analyzer()  # the view's sizes and offset in the kernel's variables for the parameter's sizes
+        for relax_var, kernel_var in names.items():
+            analyzer.bind(relax_var, kernel_var)
+        for dim, size in zip(old.shape, used):  # the kernel's sizes of the view, from the parameter's
+            if isinstance(dim, tirx.Var) and dim not in defined:
+                statements.append(tirx.Bind(dim, analyzer.simplify(size)))
+                defined.add(dim)
+        start = analyzer.simplify(tirx.floordiv(offset, tvm.DataType(str(old.dtype)).bits // 8))
+        flat = tirx.decl_buffer([shape_product(list(new.shape))], old.dtype, f"{old.name}_flat", data=new.data,
+                                layout=None)
+        statements += [tirx.DeclBuffer(flat, data=new.data),
+                       tirx.DeclBuffer(old, data=tirx.address_of(tirx.BufferLoad(flat, [start])))]
+        params[index] = new
+    variant = tirx.PrimFunc(params, declared_first(func.body, statements), func.ret_type, func.attrs, func.span)
+    return s_tir.renew_defs(variant)  # its own variables, not the original's
+
+
+@expr_functor.mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.kernels = KernelTable(self.builder_)
+        self.params: set[relax.Var] = set()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op != ir.Op.get("relax.call_tir") or not isinstance(call.args[1], relax.Tuple):
+            return call
+        func = self.builder_.get().functions.get(call.args[0])
+        if not isinstance(func, tirx.PrimFunc):
+            return call
+        args, views = list(call.args[1].fields), {}
+        for i, arg in enumerate(args):
+            view = self._view(arg)
+            if view is not None:
+                views[i] = view
+                args[i] = view[0]
+        if not views:
+            return call
+        variant = _kernel_reading_views(func, views)
+        if variant is None:
+            return call
+        key = (call.args[0], tuple((i, str(offset)) for i, (_, _, offset) in views.items()))
+        callee = self.kernels.get(key, call.args[0].name_hint, lambda: variant)
+        return relax.Call(call.op, [callee, relax.Tuple(args), *call.args[2:]], call.attrs, call.ty_args)
+
+    def _view(self, expr: relax.Expr) -> tuple[relax.Var, list, tirx.PrimExpr] | None:
+        """``(parameter, the view's shape, its byte offset)`` if ``expr`` is ``ensure_zero_offset`` of a view of a
+        function parameter."""
+        zero = self._bound(expr, "relax.memory.ensure_zero_offset")
+        view = None if zero is None else self._bound(zero.args[0], "relax.memory.view")
+        if view is None or view.args[0] not in self.params or isinstance(view.args[3], relax.Var) or not isinstance(
+                view.args[3].ty, tvm.ir.PrimType):  # an offset the kernel can compute, from the parameter's sizes
+            return None
+        return view.args[0], list(expr.ty.shape), view.args[3]
+
+    def _bound(self, expr: relax.Expr, op: str) -> relax.Call | None:
+        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        return bound if isinstance(bound, relax.Call) and bound.op == ir.Op.get(op) else None
+
+
+@tvm.transform.module_pass(opt_level=0, name="int8mt.ViewsIntoKernels")
+class ViewsIntoKernels:
+    """Kernels read the parameters that views were taken of (see the module docstring)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _Rewriter(mod)
+        mod = rewrite_functions(rewriter, mod, before=lambda _gv, func: setattr(rewriter, "params", set(func.params)))
+        return relax.transform.DeadCodeElimination()(mod)
