@@ -43,8 +43,9 @@ def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var,
     """``func`` with parameter ``i`` declared as the whole parameter ``views[i][0]`` and its old buffer (called with
     the shape ``views[i][1]``) declared over that memory ``views[i][2]`` bytes on; None where it cannot be."""
     params, statements = list(func.params), []
-    defined = {v for i, p in enumerate(params) if i not in views and isinstance(p.ty, tirx.BufferType)
-               for dim in p.shape for v in _free_vars(dim)}  # sizes other parameters define
+    others = [p for i, p in enumerate(params) if i not in views and isinstance(p.ty, tirx.BufferType)]
+    defined = {dim for p in others for dim in p.shape if isinstance(dim, tirx.Var)}  # sizes other parameters define
+    mentioned = {v for p in others for dim in p.shape for v in _free_vars(dim)}  # (``s + 1`` defines no ``s``)
     for index, (source, used, offset) in views.items():
         old = params[index]
         if not isinstance(old.ty, tirx.BufferType) or len(old.strides) or len(old.shape) != len(used):
@@ -57,6 +58,8 @@ def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var,
         for relax_var, kernel_var in names.items():
             analyzer.bind(relax_var, kernel_var)
         for dim, size in zip(old.shape, used):  # the kernel's sizes of the view, from the parameter's
+            if isinstance(dim, tirx.Var) and dim in mentioned - defined:
+                return None
             if isinstance(dim, tirx.Var) and dim not in defined:
                 statements.append(tirx.Bind(dim, analyzer.simplify(size)))
                 defined.add(dim)
