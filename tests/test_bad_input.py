@@ -168,7 +168,7 @@ def _rechecksum(bundle) -> None:
     ("entry_points", [1, 2], "'entry_points' must hold str values"),
     ("max_rows", True, "'max_rows' must be a int"),
     ("weights", [], "'weights' must be a dict"),
-    ("format", 5, "bundle format 5 is not supported .this runtime reads 6."),
+    ("format", 5, "bundle format 5 is not supported .this runtime reads 7."),
     ("format", 7, "bundle format 7 is not supported"),
     ("model", {"vocab_size": 8000}, "decoder_layers, heads, d_model, ffn_dim, max_positions"),
 ])
