@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from int8mt.cli import main
-from int8mt.runtime.bundle import Bundle, BundleError, sha256
+from int8mt.runtime.bundle import BUNDLE_FORMAT, Bundle, BundleError, sha256
 from int8mt.runtime.search import SearchOptions
 from int8mt.runtime.translator import Translator
 
@@ -168,8 +168,9 @@ def _rechecksum(bundle) -> None:
     ("entry_points", [1, 2], "'entry_points' must hold str values"),
     ("max_rows", True, "'max_rows' must be a int"),
     ("weights", [], "'weights' must be a dict"),
-    ("format", 5, "bundle format 5 is not supported .this runtime reads 7."),
-    ("format", 7, "bundle format 7 is not supported"),
+    ("format", BUNDLE_FORMAT - 1,
+     f"bundle format {BUNDLE_FORMAT - 1} is not supported .this runtime reads {BUNDLE_FORMAT}.; rebuild it"),
+    ("format", BUNDLE_FORMAT + 1, f"bundle format {BUNDLE_FORMAT + 1} is not supported"),
     ("model", {"vocab_size": 8000}, "decoder_layers, heads, d_model, ffn_dim, max_positions"),
 ])
 def test_wrong_typed_manifest_fields(bundle_copy, field, value, message):
