@@ -94,6 +94,35 @@ def test_a_view_of_a_computed_tensor_stays():
     tvm.ir.assert_structural_equal(ViewsIntoKernels()(Computed), Computed)
 
 
+def test_a_kernel_that_learns_the_views_size_only_in_an_expression_keeps_the_view():
+    """A size of the view that another parameter mentions only in an expression (a concatenation's ``m + 1``) is
+    defined by the view's own buffer, which binding it from the parameter would define twice: the view stays."""
+    @I.ir_module
+    class Grown:
+        @T.prim_func(private=True, s_tir=True)
+        def grow(x_handle: T.handle, y_handle: T.handle):
+            m = T.int64()
+            x = T.match_buffer(x_handle, (m, T.int64(4)), "float32")
+            y = T.match_buffer(y_handle, (m + T.int64(1), T.int64(4)), "float32")
+            for i, j in T.grid(m + T.int64(1), T.int64(4)):
+                with T.sblock("grow"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    y[vi, vj] = T.if_then_else(vi < m, x[vi, vj], T.float32(0))
+
+        @R.function
+        def main(cache: R.Tensor((3, "n", 4), "float32")):
+            n = T.int64()
+            cls = Grown
+            with R.dataflow():
+                plane = R.memory.view(cache, R.shape([n, 4]), relative_byte_offset=R.prim_value(n * 16))
+                rows = R.memory.ensure_zero_offset(plane)
+                gv = R.call_tir(cls.grow, (rows,), out_ty=R.Tensor((n + 1, 4), "float32"))
+                R.output(gv)
+            return gv
+
+    tvm.ir.assert_structural_equal(ViewsIntoKernels()(Grown), Grown)
+
+
 def test_values_are_the_same():
     """The kernel reading the parameter at the offset sums the same plane as the view did (TVM's own pipeline for
     the module as it was, ours, which applies the pass, for it rewritten)."""
