@@ -4,6 +4,7 @@ module once, and kernel variants' statements before their bodies."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import tvm
 from tvm import ir, relax, s_tir, tirx
@@ -144,6 +145,31 @@ def declared_first(body: tirx.Stmt, statements: list[tirx.Stmt]) -> tirx.Stmt:
                          tirx.SeqStmt([*statements, root.body]), root.init, root.alloc_buffers, root.match_buffers,
                          root.annotations, root.span)
     return s_tir.SBlockRealize(body.iter_values, body.predicate, block, body.span)
+
+
+def with_kernel_variant(call: relax.Call, mod: tvm.IRModule, kernels: KernelTable,
+                        argument: Callable[[relax.Expr], tuple[relax.Expr, Any] | None],
+                        variant: Callable[[tirx.PrimFunc, dict[int, Any]], tirx.PrimFunc | None],
+                        key: Callable[[dict[int, Any]], tuple]) -> relax.Expr:
+    """``call``, a ``call_tir`` of a kernel of ``mod``, calling a variant of the kernel that takes some arguments
+    from elsewhere: ``argument(arg)`` gives an argument's replacement and what the variant needs to know of it (or
+    None), ``variant(kernel, {index: that})`` the variant (None where it cannot be made), added once per
+    ``key({index: that})``. ``call`` itself where no argument is replaced or no variant made."""
+    if call.op != ir.Op.get("relax.call_tir") or not isinstance(call.args[1], relax.Tuple):
+        return call
+    func = mod.functions.get(call.args[0])
+    if not isinstance(func, tirx.PrimFunc):
+        return call
+    args, found = list(call.args[1].fields), {}
+    for i, arg in enumerate(args):
+        replaced = argument(arg)
+        if replaced is not None:
+            args[i], found[i] = replaced
+    made = variant(func, found) if found else None
+    if made is None:
+        return call
+    callee = kernels.get((call.args[0], key(found)), call.args[0].name_hint, lambda: made)
+    return relax.Call(call.op, [callee, relax.Tuple(args), *call.args[2:]], call.attrs, call.ty_args)
 
 
 def rewrite_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule, before=None) -> tvm.IRModule:

@@ -17,7 +17,7 @@ import tvm
 from tvm import ir, relax, s_tir, tirx
 from tvm.relax import PyExprMutator, expr_functor
 
-from .kernel_calls import KernelTable, declared_first, is_one, rewrite_functions, same_shape
+from .kernel_calls import KernelTable, declared_first, is_one, rewrite_functions, same_shape, with_kernel_variant
 
 
 def _unit_pattern(shape: list[tirx.PrimExpr]) -> tuple[bool, ...]:
@@ -63,27 +63,15 @@ class _Rewriter(PyExprMutator):
         self.kernels = KernelTable(self.builder_)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if call.op != ir.Op.get("relax.call_tir") or not isinstance(call.args[1], relax.Tuple):
-            return call
-        func = self.builder_.get().functions.get(call.args[0])
-        if not isinstance(func, tirx.PrimFunc):
-            return call
-        args, sources = list(call.args[1].fields), {}
-        for i, arg in enumerate(args):
-            source = self._unit_source(arg)
-            if source is not None:
-                sources[i] = (list(arg.ty.shape), list(source.ty.shape))
-                args[i] = source
-        if not sources:
-            return call
-        key = (call.args[0], tuple((i, _unit_pattern(used), _unit_pattern(source))
-                                   for i, (used, source) in sources.items()))
-        variant = _kernel_reading(func, sources)
-        if variant is None:
-            return call
-        callee = self.kernels.get(key, call.args[0].name_hint, lambda: variant)
-        return relax.Call(call.op, [callee, relax.Tuple(args), *call.args[2:]], call.attrs, call.ty_args)
+        return with_kernel_variant(super().visit_call_(call), self.builder_.get(), self.kernels, self._argument,
+                                   _kernel_reading, lambda found: tuple(
+                                       (i, _unit_pattern(used), _unit_pattern(source))
+                                       for i, (used, source) in found.items()))
+
+    def _argument(self, arg: relax.Expr) -> tuple[relax.Var, tuple[list, list]] | None:
+        """The tensor behind ``arg``'s unit-axis reshapes, and both shapes."""
+        source = self._unit_source(arg)
+        return None if source is None else (source, (list(arg.ty.shape), list(source.ty.shape)))
 
     def _unit_source(self, expr: relax.Expr) -> relax.Var | None:
         """The farthest tensor back along a chain of reshapes bound to ``expr`` whose sizes other than 1 are

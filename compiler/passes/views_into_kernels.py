@@ -17,7 +17,7 @@ from tvm import ir, relax, s_tir, tirx
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
-from .kernel_calls import KernelTable, declared_first, rewrite_functions, shape_product
+from .kernel_calls import KernelTable, declared_first, rewrite_functions, shape_product, with_kernel_variant
 
 
 def _source_buffer(shape: list[tirx.PrimExpr], dtype: str, name: str) -> tuple[tirx.Buffer, dict] | None:
@@ -81,26 +81,10 @@ class _Rewriter(PyExprMutator):
         self.params: set[relax.Var] = set()
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if call.op != ir.Op.get("relax.call_tir") or not isinstance(call.args[1], relax.Tuple):
-            return call
-        func = self.builder_.get().functions.get(call.args[0])
-        if not isinstance(func, tirx.PrimFunc):
-            return call
-        args, views = list(call.args[1].fields), {}
-        for i, arg in enumerate(args):
-            view = self._view(arg)
-            if view is not None:
-                views[i] = view
-                args[i] = view[0]
-        if not views:
-            return call
-        variant = _kernel_reading_views(func, views)
-        if variant is None:
-            return call
-        key = (call.args[0], tuple((i, str(offset)) for i, (_, _, offset) in views.items()))
-        callee = self.kernels.get(key, call.args[0].name_hint, lambda: variant)
-        return relax.Call(call.op, [callee, relax.Tuple(args), *call.args[2:]], call.attrs, call.ty_args)
+        return with_kernel_variant(super().visit_call_(call), self.builder_.get(), self.kernels,
+                                   lambda arg: None if (view := self._view(arg)) is None else (view[0], view),
+                                   _kernel_reading_views,
+                                   lambda found: tuple((i, str(offset)) for i, (_, _, offset) in found.items()))
 
     def _view(self, expr: relax.Expr) -> tuple[relax.Var, list, tirx.PrimExpr] | None:
         """``(parameter, the view's shape, its byte offset)`` if ``expr`` is ``ensure_zero_offset`` of a view of a

@@ -160,8 +160,9 @@ def import_tvm_ffi() -> Any:
 
 def _import_without(module: str, blocked: tuple[str, ...] = ("torch",)) -> None:
     """Import ``module`` (TVM or its FFI) unless its package or torch is imported, with imports of the ``blocked``
-    modules failing meanwhile (start-up time and memory the runtime does not need); first size TVM's thread pool to this process's CPUs unless ``TVM_NUM_THREADS`` is set,
-    and its workers' spinning to ``POOL_SPIN_COUNT`` unless ``TVM_THREAD_POOL_SPIN_COUNT`` is."""
+    modules failing meanwhile (start-up time and memory the runtime does not need); first size TVM's thread pool
+    to this process's CPUs unless ``TVM_NUM_THREADS`` is set, and its workers' spinning to ``POOL_SPIN_COUNT``
+    unless ``TVM_THREAD_POOL_SPIN_COUNT`` is."""
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(POOL_SPIN_COUNT))
     if module.split(".")[0] not in sys.modules and "torch" not in sys.modules:

@@ -41,9 +41,9 @@ def _cached_shape(ffi: Any, used: int) -> Any:
 
 
 def _rows_used(ffi: Any, used: int) -> Any:
-    """The decoder step's ``rows_used`` argument (a shape): made once per value below ``CACHED_SHAPES`` (making one costs
-    a microsecond, a tenth of a batch-1 step's host work); larger values are made each time (keeping thousands of
-    them raised the peak memory of greedy batch 32 by 7 MiB)."""
+    """The decoder step's ``rows_used`` argument (a shape): made once per value below ``CACHED_SHAPES`` (making one
+    costs a microsecond, a tenth of a batch-1 step's host work); larger values are made each time (keeping
+    thousands of them raised the peak memory of greedy batch 32 by 7 MiB)."""
     return _cached_shape(ffi, used) if used < CACHED_SHAPES else ffi.Shape((used,))
 
 

@@ -1,7 +1,6 @@
 """The runtime's self-attention cache: room for each step's rows, their history, reordered on the host."""
 
 import numpy as np
-import pytest
 
 from int8mt.runtime.bundle import import_tvm_ffi
 from int8mt.runtime.cache import TENSOR_ALIGNMENT, SelfAttentionCache
