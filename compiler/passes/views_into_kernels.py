@@ -1,14 +1,20 @@
-"""ViewsIntoKernels: a kernel reads the parameter a view was taken of, at the view's offset.
+"""ViewsIntoKernels: a kernel reads the tensor a view or a reshape was taken of, at the view's offset.
 
 :class:`~.TakeAsView` makes each layer's slice of a stacked cache a view of the entry point's parameter: no copy,
 yet each view is a few VM calls at every step (the offset computed, a shape and a tensor built, the offset
-checked, two frees): a decoder step takes 12 such views (static ranges) or 24 (run-time ranges, whose caches carry
-their scales), 60-120 VM calls of some 500-700 at batch 1.
+checked, two frees): a decoder step took 12 such views (static ranges) or 24 (run-time ranges, whose caches carry
+their scales), 60-120 VM calls of some 500-700 at batch 1. A reshape that merges axes (the encoder's ``[batch,
+length, width]`` rows to ``[batch * length, width]`` for a dense kernel: 34 per call of it) is one too; those
+that only add or drop axes of size 1 are :class:`~.UnitReshapeIntoKernels`'.
 
-A kernel can take the parameter itself: its parameter is declared in the parameter's shape, and the buffer its
-body reads is declared over the same memory at the view's offset (the kernel's variables for the view's sizes
-bound from the parameter's). One kernel variant per way it is called; the views no longer used are removed.
-CPU targets (it runs after scheduling, on our kernels and the default schedules alike).
+A kernel can take the tensor itself: its parameter is declared in the tensor's shape, and the buffer its body
+reads is declared over the same memory at the view's offset (the kernel's variables for the view's sizes bound
+from the tensor's, before its root block, whose buffers may use them). One kernel variant per way it is called;
+the views and reshapes no longer used are removed. Only views of parameters (the memory planner may reuse a
+computed tensor's storage once it sees no direct use of it, and a view hides the use); a reshape's source is used
+directly, so any tensor. A size of the view that another parameter mentions only in an expression (``s + 1``)
+keeps the view: binding it would define it twice. CPU targets (it runs after scheduling, on our kernels and the
+default schedules alike).
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var,
                           ) -> tirx.PrimFunc | None:
     """``func`` with parameter ``i`` declared as the whole parameter ``views[i][0]`` and its old buffer (called with
     the shape ``views[i][1]``) declared over that memory ``views[i][2]`` bytes on; None where it cannot be."""
-    params, statements = list(func.params), []
+    params, bindings, statements = list(func.params), [], []
     others = [p for i, p in enumerate(params) if i not in views and isinstance(p.ty, tirx.BufferType)]
     defined = {dim for p in others for dim in p.shape if isinstance(dim, tirx.Var)}  # sizes other parameters define
     mentioned = {v for p in others for dim in p.shape for v in _free_vars(dim)}  # (``s + 1`` defines no ``s``)
@@ -61,15 +67,20 @@ def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var,
             if isinstance(dim, tirx.Var) and dim in mentioned - defined:
                 return None
             if isinstance(dim, tirx.Var) and dim not in defined:
-                statements.append(tirx.Bind(dim, analyzer.simplify(size)))
+                bindings.append(tirx.Bind(dim, analyzer.simplify(size)))
                 defined.add(dim)
         start = analyzer.simplify(tirx.floordiv(offset, tvm.DataType(str(old.dtype)).bits // 8))
-        flat = tirx.decl_buffer([shape_product(list(new.shape))], old.dtype, f"{old.name}_flat", data=new.data,
-                                layout=None)
-        statements += [tirx.DeclBuffer(flat, data=new.data),
-                       tirx.DeclBuffer(old, data=tirx.address_of(tirx.BufferLoad(flat, [start])))]
+        if isinstance(start, tirx.IntImm) and start.value == 0:  # a reshape
+            statements.append(tirx.DeclBuffer(old, data=new.data))
+        else:
+            flat = tirx.decl_buffer([shape_product(list(new.shape))], old.dtype, f"{old.name}_flat", data=new.data,
+                                    layout=None)
+            statements += [tirx.DeclBuffer(flat, data=new.data),
+                           tirx.DeclBuffer(old, data=tirx.address_of(tirx.BufferLoad(flat, [start])))]
         params[index] = new
-    variant = tirx.PrimFunc(params, declared_first(func.body, statements), func.ret_type, func.attrs, func.span)
+    body = declared_first(func.body, statements)  # the sizes bound before the root block, whose buffers use them
+    variant = tirx.PrimFunc(params, tirx.SeqStmt([*bindings, body]) if bindings else body, func.ret_type, func.attrs,
+                            func.span)
     return s_tir.renew_defs(variant)  # its own variables, not the original's
 
 
@@ -84,11 +95,18 @@ class _Rewriter(PyExprMutator):
         return with_kernel_variant(super().visit_call_(call), self.builder_.get(), self.kernels,
                                    lambda arg: None if (view := self._view(arg)) is None else (view[0], view),
                                    _kernel_reading_views,
-                                   lambda found: tuple((i, str(offset)) for i, (_, _, offset) in found.items()))
+                                   lambda found: tuple((i, str(source.ty.shape), str(used), str(offset))
+                                                       for i, (source, used, offset) in found.items()))
 
     def _view(self, expr: relax.Expr) -> tuple[relax.Var, list, tirx.PrimExpr] | None:
-        """``(parameter, the view's shape, its byte offset)`` if ``expr`` is ``ensure_zero_offset`` of a view of a
-        function parameter."""
+        """``(tensor, the view's shape, its byte offset)`` if ``expr`` is ``ensure_zero_offset`` of a view of a
+        function parameter, or a reshape of a tensor (offset 0)."""
+        reshape = self._bound(expr, "relax.reshape")
+        if reshape is not None:
+            source = reshape.args[0]
+            if isinstance(source, relax.Var) and isinstance(source.ty, relax.TensorType) and source.ty.shape is not None:
+                return source, list(expr.ty.shape), tirx.const(0, "int64")
+            return None
         zero = self._bound(expr, "relax.memory.ensure_zero_offset")
         view = None if zero is None else self._bound(zero.args[0], "relax.memory.view")
         if view is None or view.args[0] not in self.params or isinstance(view.args[3], relax.Var) or not isinstance(

@@ -1,7 +1,7 @@
 """ViewsIntoKernels: a kernel called with a view of a function parameter (a layer's plane of a stacked cache, as
-TakeAsView makes them) reads the parameter itself at the view's offset (structure: the parameter in its own
-shape, the kernel's size of the view bound from the parameter's, its old buffer declared at the offset; a view
-of anything but a parameter left alone), and the values are the same."""
+TakeAsView makes them) or with a reshape of any tensor reads that tensor itself at the view's offset (structure:
+the tensor in its own shape, the kernel's size of the view bound from the tensor's, its old buffer declared at the
+offset; a view of anything but a parameter left alone), and the values are the same."""
 import numpy as np
 import tvm
 from tvm import relax
@@ -65,6 +65,53 @@ def test_structure_kernels_read_the_parameter_behind_a_view():
     tvm.ir.assert_structural_equal(ViewsIntoKernels()(Before), Expected)
 
 
+@I.ir_module
+class Merged:
+    @T.prim_func(private=True, s_tir=True)
+    def column_sums(x_handle: T.handle, y: T.Buffer((4,), "float32")):
+        m = T.int64()
+        x = T.match_buffer(x_handle, (m, T.int64(4)), "float32")
+        for j in range(T.int64(4)):
+            y[j] = T.float32(0)
+            for i in range(m):
+                y[j] = y[j] + x[i, j]
+
+    @R.function
+    def main(x: R.Tensor((2, "n", 4), "float32")):
+        n = T.int64()
+        cls = Merged
+        with R.dataflow():
+            rows = R.reshape(x, R.shape([2 * n, 4]))
+            gv = R.call_tir(cls.column_sums, (rows,), out_ty=R.Tensor((4,), "float32"))
+            R.output(gv)
+        return gv
+
+
+def test_structure_kernels_read_the_tensor_behind_a_reshape_that_merges_axes():
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True, s_tir=True)
+        def column_sums1(x_handle: T.handle, y: T.Buffer((4,), "float32")):
+            k = T.int64()
+            x_source = T.match_buffer(x_handle, (T.int64(2), k, T.int64(4)), "float32")
+            m: T.let[T.int64] = k * T.int64(2)
+            x = T.decl_buffer((m, T.int64(4)), data=x_source.data)
+            for j in range(T.int64(4)):
+                y[j] = T.float32(0)
+                for i in range(m):
+                    y[j] = y[j] + x[i, j]
+
+        @R.function
+        def main(x: R.Tensor((2, "n", 4), "float32")):
+            cls = Expected
+            with R.dataflow():
+                gv = R.call_tir(cls.column_sums1, (x,), out_ty=R.Tensor((4,), "float32"))
+                R.output(gv)
+            return gv
+
+    tvm.ir.assert_structural_equal(ViewsIntoKernels()(Merged), Expected)
+
+
 def test_a_view_of_a_computed_tensor_stays():
     """The memory planner may reuse a computed tensor's storage once it sees no direct use of it: only the caller's
     parameters are read through their views."""
@@ -124,12 +171,13 @@ def test_a_kernel_that_learns_the_views_size_only_in_an_expression_keeps_the_vie
 
 
 def test_values_are_the_same():
-    """The kernel reading the parameter at the offset sums the same plane as the view did (TVM's own pipeline for
-    the module as it was, ours, which applies the pass, for it rewritten)."""
+    """The kernel reading the tensor (at the offset) sums the same rows as through the view or reshape (TVM's own
+    pipeline for the modules as they were, ours, which applies the pass, for them rewritten)."""
     target = tvm.target.Target(HOST_PRESET.target)
     rng = np.random.default_rng(0)
-    for mod, pipeline in ((Before, "default"), (ViewsIntoKernels()(Before), relax_pipeline(target))):
-        vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=pipeline), tvm.cpu())
-        for n in (1, 5):
-            cache = rng.standard_normal((3, n, 4)).astype(np.float32)
-            np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(cache)).numpy(), cache[1].sum(0), rtol=1e-6)
+    for before, expected in ((Before, lambda c: c[1].sum(0)), (Merged, lambda x: x.reshape(-1, 4).sum(0))):
+        for mod, pipeline in ((before, "default"), (ViewsIntoKernels()(before), relax_pipeline(target))):
+            vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=pipeline), tvm.cpu())
+            for n in (1, 5):
+                x = rng.standard_normal((3 if before is Before else 2, n, 4)).astype(np.float32)
+                np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), expected(x), rtol=1e-5)
