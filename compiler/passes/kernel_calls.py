@@ -1,6 +1,6 @@
 """What int8mt's kernel passes share: recognising int8 matmuls and weight tables, finding the call bound to a
 variable, telling our kernels' calls apart by their ``int8mt.kernel`` attribute, adding each kernel to the
-module once, and kernel variants' statements before their bodies."""
+module once, and building kernel variants."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -135,16 +135,24 @@ class KernelTable:
         return self.kernels[key]
 
 
-def declared_first(body: tirx.Stmt, statements: list[tirx.Stmt]) -> tirx.Stmt:
-    """``body`` after ``statements`` (declarations, bindings); inside its root block if it is one (a scheduled
-    kernel's body stays a block, as TVM's analyses of scheduled kernels expect)."""
-    if not isinstance(body, s_tir.SBlockRealize):
-        return tirx.SeqStmt([*statements, body])
-    root = body.block
-    block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint,
-                         tirx.SeqStmt([*statements, root.body]), root.init, root.alloc_buffers, root.match_buffers,
-                         root.annotations, root.span)
-    return s_tir.SBlockRealize(body.iter_values, body.predicate, block, body.span)
+def kernel_variant(func: tirx.PrimFunc, params: list, statements: list[tirx.Stmt],
+                   bindings: list[tirx.Stmt] | None = None) -> tirx.PrimFunc:
+    """``func`` with the parameters ``params``, its body after ``statements`` (declarations) and those after
+    ``bindings``, with variables of its own (not the original's). A scheduled kernel's body stays its root block
+    (as TVM's analyses of scheduled kernels expect), the statements inside it, the bindings before it (its
+    buffers may use them)."""
+    body = func.body
+    if isinstance(body, s_tir.SBlockRealize):
+        root = body.block
+        block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint,
+                             tirx.SeqStmt([*statements, root.body]), root.init, root.alloc_buffers,
+                             root.match_buffers, root.annotations, root.span)
+        body = s_tir.SBlockRealize(body.iter_values, body.predicate, block, body.span)
+    else:
+        body = tirx.SeqStmt([*statements, body])
+    if bindings:
+        body = tirx.SeqStmt([*bindings, body])
+    return s_tir.renew_defs(tirx.PrimFunc(params, body, func.ret_type, func.attrs, func.span))
 
 
 def with_kernel_variant(call: relax.Call, mod: tvm.IRModule, kernels: KernelTable,

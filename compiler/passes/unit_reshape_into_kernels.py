@@ -14,10 +14,10 @@ is called; the reshapes no longer used, and the kernels no longer called, are re
 from __future__ import annotations
 
 import tvm
-from tvm import ir, relax, s_tir, tirx
+from tvm import ir, relax, tirx
 from tvm.relax import PyExprMutator, expr_functor
 
-from .kernel_calls import KernelTable, declared_first, is_one, rewrite_functions, same_shape, with_kernel_variant
+from .kernel_calls import KernelTable, is_one, kernel_variant, rewrite_functions, same_shape, with_kernel_variant
 
 
 def _unit_pattern(shape: list[tirx.PrimExpr]) -> tuple[bool, ...]:
@@ -52,8 +52,7 @@ def _kernel_reading(func: tirx.PrimFunc, sources: dict[int, tuple[list, list]]) 
             return None
         params[index] = new
         declarations.append(tirx.DeclBuffer(old, data=new.data))
-    variant = tirx.PrimFunc(params, declared_first(func.body, declarations), func.ret_type, func.attrs, func.span)
-    return s_tir.renew_defs(variant)  # its own variables, not the original's
+    return kernel_variant(func, params, declarations)
 
 
 @expr_functor.mutator

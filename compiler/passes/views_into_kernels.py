@@ -19,11 +19,11 @@ default schedules alike).
 from __future__ import annotations
 
 import tvm
-from tvm import ir, relax, s_tir, tirx
+from tvm import ir, relax, tirx
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
-from .kernel_calls import KernelTable, declared_first, rewrite_functions, shape_product, with_kernel_variant
+from .kernel_calls import KernelTable, kernel_variant, rewrite_functions, shape_product, with_kernel_variant
 
 
 def _source_buffer(shape: list[tirx.PrimExpr], dtype: str, name: str) -> tuple[tirx.Buffer, dict] | None:
@@ -78,10 +78,7 @@ def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var,
             statements += [tirx.DeclBuffer(flat, data=new.data),
                            tirx.DeclBuffer(old, data=tirx.address_of(tirx.BufferLoad(flat, [start])))]
         params[index] = new
-    body = declared_first(func.body, statements)  # the sizes bound before the root block, whose buffers use them
-    variant = tirx.PrimFunc(params, tirx.SeqStmt([*bindings, body]) if bindings else body, func.ret_type, func.attrs,
-                            func.span)
-    return s_tir.renew_defs(variant)  # its own variables, not the original's
+    return kernel_variant(func, params, statements, bindings)
 
 
 @expr_functor.mutator
