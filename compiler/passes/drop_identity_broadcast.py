@@ -34,4 +34,4 @@ class DropIdentityBroadcast:
     """Broadcasts of a tensor to its own shape -> the tensor (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return relax.transform.DeadCodeElimination()(rewrite_functions(_BroadcastDropper(mod), mod))
+        return rewrite_functions(_BroadcastDropper(mod), mod)

@@ -45,4 +45,4 @@ class FoldDenseBias:
     """Constant biases after dense kernels -> the kernels' corrections (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return relax.transform.DeadCodeElimination()(rewrite_functions(_BiasFolder(mod), mod))
+        return rewrite_functions(_BiasFolder(mod), mod)

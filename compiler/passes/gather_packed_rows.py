@@ -68,4 +68,4 @@ class GatherPackedRows:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         gatherer = _Gatherer(mod, self.dot)
-        return relax.transform.DeadCodeElimination()(rewrite_functions(gatherer, mod, gatherer.start))
+        return rewrite_functions(gatherer, mod, gatherer.start)

@@ -180,11 +180,14 @@ def with_kernel_variant(call: relax.Call, mod: tvm.IRModule, kernels: KernelTabl
     return relax.Call(call.op, [callee, relax.Tuple(args), *call.args[2:]], call.attrs, call.ty_args)
 
 
-def rewrite_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule, before=None) -> tvm.IRModule:
-    """Every Relax function of ``mod`` rewritten by ``mutator`` (``before(gv, func)`` first, if given)."""
+def rewrite_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule, before=None,
+                      drop_dead: bool = True) -> tvm.IRModule:
+    """Every Relax function of ``mod`` rewritten by ``mutator`` (``before(gv, func)`` first, if given), then, with
+    ``drop_dead``, the bindings and kernels the rewrite left unused removed."""
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             if before is not None:
                 before(gv, func)
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return mutator.builder_.get()
+    mod = mutator.builder_.get()
+    return relax.transform.DeadCodeElimination()(mod) if drop_dead else mod

@@ -53,4 +53,4 @@ class ReadKeysAsStored:
     docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return relax.transform.DeadCodeElimination()(rewrite_functions(_KeysReader(mod), mod))
+        return rewrite_functions(_KeysReader(mod), mod)

@@ -106,4 +106,4 @@ class LayerNormRows:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _LayerNormRewriter(mod, self.lanes)
-        return relax.transform.DeadCodeElimination()(rewrite_functions(rewriter, mod, before=rewriter.find))
+        return rewrite_functions(rewriter, mod, before=rewriter.find)

@@ -335,4 +335,4 @@ class OneQueryAttention:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         reader = _OneQueryRewriter(mod, self.lanes)
-        return relax.transform.DeadCodeElimination()(rewrite_functions(reader, mod, before=reader.find))
+        return rewrite_functions(reader, mod, before=reader.find)

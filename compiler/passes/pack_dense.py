@@ -92,4 +92,4 @@ class PackDense:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         packer = _DensePacker(mod, self.tiles_for, self.dot)
-        return relax.transform.DeadCodeElimination()(rewrite_functions(packer, mod, packer.start))
+        return rewrite_functions(packer, mod, packer.start)

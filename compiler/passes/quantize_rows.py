@@ -138,4 +138,4 @@ class QuantizeRows:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         quantizer = _RowQuantizer(mod)
-        return relax.transform.DeadCodeElimination()(rewrite_functions(quantizer, mod, before=quantizer.find))
+        return rewrite_functions(quantizer, mod, before=quantizer.find)

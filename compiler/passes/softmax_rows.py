@@ -132,4 +132,4 @@ class SoftmaxRows:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _SoftmaxRewriter(mod, self.lanes)
-        return relax.transform.DeadCodeElimination()(rewrite_functions(rewriter, mod, before=rewriter.find))
+        return rewrite_functions(rewriter, mod, before=rewriter.find)

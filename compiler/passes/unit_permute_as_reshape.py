@@ -37,4 +37,4 @@ class UnitPermuteAsReshape:
     """Permutations that move only axes of size 1 -> reshapes (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return rewrite_functions(_UnitPermuteRewriter(mod), mod)
+        return rewrite_functions(_UnitPermuteRewriter(mod), mod, drop_dead=False)

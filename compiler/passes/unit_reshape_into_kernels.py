@@ -94,5 +94,4 @@ class UnitReshapeIntoKernels:
     """Kernels read the tensors that unit-axis reshapes were taken of (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        mod = rewrite_functions(_Rewriter(mod), mod)
-        return relax.transform.DeadCodeElimination()(mod)
+        return rewrite_functions(_Rewriter(mod), mod)

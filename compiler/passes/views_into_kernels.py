@@ -122,5 +122,4 @@ class ViewsIntoKernels:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Rewriter(mod)
-        mod = rewrite_functions(rewriter, mod, before=lambda _gv, func: setattr(rewriter, "params", set(func.params)))
-        return relax.transform.DeadCodeElimination()(mod)
+        return rewrite_functions(rewriter, mod, before=lambda _gv, func: setattr(rewriter, "params", set(func.params)))
