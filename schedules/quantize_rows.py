@@ -15,6 +15,7 @@ from tvm.script import tirx as T
 
 OPAQUE = 8  # TVM's OpPatternKind kOpaque: the kernel is fused with nothing
 VECTOR_LANES = 64  # float32 partial maxima: four AVX-512 registers, independent chains of max
+ANY_ROW_LANES = 8  # partial maxima of a row of any length (a decoder step's positions: tens), the rest one by one
 
 
 def leading_rows(rank: int) -> tuple[list[tirx.Var], tirx.PrimExpr]:
@@ -28,18 +29,29 @@ def leading_rows(rank: int) -> tuple[list[tirx.Var], tirx.PrimExpr]:
 
 def row_lanes(columns: int | None) -> int:
     """The partial maxima of a row of ``columns`` elements (None: any number): ``VECTOR_LANES``, or fewer for short
-    rows (a row of 64 took twice as long with 64 lanes, whose horizontal maximum is 63 scalar steps)."""
-    return next((lanes for lanes in (VECTOR_LANES, 16, 8) if columns and columns % lanes == 0
-                 and columns >= 4 * lanes), 1)
+    rows or rows they do not divide; ``ANY_ROW_LANES`` for rows of any length."""
+    if columns is None:
+        return ANY_ROW_LANES
+    return next((lanes for lanes in (VECTOR_LANES, 16, 8) if columns % lanes == 0 and columns >= 4 * lanes), 1)
 
 
 def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: float):
     """A TIR macro ``(values, q, s, partial, i)``: row ``i`` of the flat float32 ``values`` (``columns`` per row)
-    quantized into ``q`` with its scale in ``s[i]``; ``partial`` is a ``[rows, lanes]`` scratch buffer (``lanes``
-    dividing ``columns``)."""
+    quantized into ``q`` with its scale in ``s[i]``; ``partial`` is a ``[rows, lanes]`` scratch buffer. ``lanes``
+    (a power of two) partial maxima run over the row's whole chunks of ``lanes``, the rest of the row goes into the
+    first; then they fold in halves (the maximum is the same in any order, and a chain of scalar steps as long as
+    ``lanes`` took as long as the rest of a 256-element row)."""
+    if lanes & (lanes - 1) or lanes > VECTOR_LANES:
+        raise ValueError(f"a row quantizer's lanes are a power of two up to {VECTOR_LANES}, got {lanes}")
     low, high, floor = T.float32(-qmax), T.float32(qmax), T.float32(eps)
     chunks = T.int64(columns // lanes) if isinstance(columns, int) else columns // lanes
     width = T.int64(columns) if isinstance(columns, int) else columns
+
+    @T.macro
+    def fold_half(partial, i, half):  # lanes [0, half) take the maximum of themselves and [half, 2 * half)
+        if lanes > half:
+            for lane in T.vectorized(T.int64(half)):
+                partial[i, lane] = T.max(partial[i, lane], partial[i, lane + half])
 
     @T.macro
     def quantize_row(values, q, s, partial, i):
@@ -48,9 +60,15 @@ def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: fl
         for c in range(chunks):
             for lane in T.vectorized(T.int64(lanes)):
                 partial[i, lane] = T.max(partial[i, lane], T.fabs(values[i * columns + c * lanes + lane]))
-        s[i] = T.min_value("float32")
-        for lane in range(T.int64(lanes)):
-            s[i] = T.max(s[i], partial[i, lane])
+        for j in range(width - chunks * lanes):
+            partial[i, 0] = T.max(partial[i, 0], T.fabs(values[i * columns + chunks * lanes + j]))
+        fold_half(partial, i, 32)
+        fold_half(partial, i, 16)
+        fold_half(partial, i, 8)
+        fold_half(partial, i, 4)
+        fold_half(partial, i, 2)
+        fold_half(partial, i, 1)
+        s[i] = partial[i, 0]
         row_scale: T.let = T.max(s[i], floor) / high
         s[i] = row_scale
         for j in range(width):  # (LLVM vectorizes it: TVM keeps nearbyint scalar)

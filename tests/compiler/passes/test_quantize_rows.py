@@ -69,14 +69,16 @@ def test_an_intermediate_with_another_use_is_left_alone():
     tvm.ir.assert_structural_equal(QuantizeRows()(before), before)
 
 
-@pytest.mark.parametrize("columns", [256, 64, 40, None])  # 64 lanes, 16 lanes, a serial loop, any length
+@pytest.mark.parametrize("columns", [256, 64, 40, None])  # 64 lanes, 16, 8, any length
 def test_kernel_equals_the_ops_bit_for_bit(columns):
     target = tvm.target.Target(HOST_PRESET.target)
     vms = [relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
            for mod in (QuantizeRows()(_module(columns)), _module(columns))]
     assert "quantize_rows" in QuantizeRows()(_module(columns)).script()
-    for b, t in ((1, 1), (3, 7), (2, 33)):
-        x = (RNG.standard_normal((b, t, columns or 19)) * RNG.uniform(1e-3, 1e3, (b, t, 1))).astype(np.float32)
+    # any length: 8 partial maxima, the rest of a row (here its largest value) one by one; shorter rows all so
+    for (b, t), width in zip(((1, 1), (3, 7), (2, 33), (2, 5)), (19, 19, 16, 5) if columns is None else [columns] * 4):
+        x = (RNG.standard_normal((b, t, width)) * RNG.uniform(1e-3, 1e3, (b, t, 1))).astype(np.float32)
+        x[-1, 0, -1] = 1e4  # the largest magnitude of its row, in its last element
         x[0, 0] = 0.0  # an all-zero row: the scale's floor
         x[-1, -1, :4] = [127.0, 0.5, -1.5, 2.5]  # a scale of exactly 1: halves round to even
         x[-1, -1, 4:] = 0.25
