@@ -10,7 +10,7 @@ from tvm import relax
 from int8mt.compiler.passes import QuantizeRows
 from int8mt.compiler.pipeline import relax_pipeline
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
-from int8mt.schedules.quantize_rows import quantize_rows_kernel
+from int8mt.schedules.quantize_rows import quantize_rows_kernel, row_quantizer
 
 from ...conftest import HOST_PRESET
 
@@ -88,3 +88,9 @@ def test_kernel_equals_the_ops_bit_for_bit(columns):
         np.testing.assert_array_equal(fused[0][-1, -1, :4], [127, 0, -2, 2])
         if b * t > 1:
             np.testing.assert_array_equal(fused[1][0, 0], [np.float32(EPS) / np.float32(QMAX)])
+
+
+@pytest.mark.parametrize("lanes", [12, 128])
+def test_row_quantizer_lanes_must_fold_in_halves(lanes):
+    with pytest.raises(ValueError, match="power of two up to 64"):
+        row_quantizer(256, lanes, QMAX, EPS)
