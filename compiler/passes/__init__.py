@@ -12,6 +12,7 @@ from .one_query_attention import OneQueryAttention
 from .pack_dense import PackDense
 from .quantize_rows import QuantizeRows
 from .reuse_shapes import ReuseShapes
+from .reuse_tensors import ReuseTensors
 from .scale_propagation import ScalePropagation
 from .softmax_rows import SoftmaxRows
 from .take_as_view import TakeAsView
@@ -24,4 +25,5 @@ __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue",
            "LayerNormRows", "SoftmaxRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView",
-           "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "ReuseShapes", "drop_weight_checks"]
+           "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "ReuseShapes", "ReuseTensors",
+           "drop_weight_checks"]
