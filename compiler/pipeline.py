@@ -57,8 +57,8 @@ from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue, GatherPackedRows,
                      Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeRows,
-                     ReadKeysAsStored, ReuseShapes, ReuseTensors, ScalePropagation, SoftmaxRows, TakeAsView, TapIntMatmuls,
-                     UnitPermuteAsReshape, UnitReshapeIntoKernels, ViewsIntoKernels, drop_weight_checks)
+                     ReadKeysAsStored, ReuseShapes, ReuseTensors, ScalePropagation, SoftmaxRows, TakeAsView,
+                     TapIntMatmuls, UnitPermuteAsReshape, UnitReshapeIntoKernels, ViewsIntoKernels, drop_weight_checks)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -349,7 +349,8 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None,
                 + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
                 + ([UnitReshapeIntoKernels(), ViewsIntoKernels()] if target.kind.name == "llvm" else [])
                 + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])
-                + backend.dataflow_lower_passes(target) + backend.finalize_passes(target) + [ReuseShapes(), ReuseTensors()]
+                + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+                + [ReuseShapes(), ReuseTensors()]
                 + ([drop_weight_checks] if weights is not None else []) + [_phase(5, "lowered", dump_dir)]
             )(mod)
 
