@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from int8mt.errors import UserError
-    from int8mt.runtime.bundle import Bundle, use_runtime_library
+    from int8mt.runtime.bundle import Bundle, set_thread_count, use_runtime_library
 
     use_runtime_library()
+    set_thread_count(args.threads)  # as a translator's replica does (TVM then reads no environment per launch)
     try:
         bundles = [Bundle(path) for path in args.bundles]
     except UserError as err:
