@@ -3,8 +3,8 @@
 
 After TVM's memory planning each intermediate tensor is a ``vm.alloc_tensor`` of a planned storage, and
 ``KillAfterLastUse`` drops it after its last use. Tensors of the same shape whose lives follow one another share
-their storage, so the function makes the same tensor object (the same memory, shape and dtype) again and again: a
-decoder step of the reference model made 77 tensors per call, 35 of them different. Here the later allocations
+their storage, so the function makes the same tensor object (the same memory, shape and dtype) again and again:
+77 tensors per call of the reference model's decoder step, 35 of them different. Here the later allocations
 of one such chain take the first tensor, and the kills between them go (the last one's kill stays). The planner
 never gives two live tensors the same storage and offset, so each earlier one is dead when the next is
 allocated. Only the function body's own bindings are rewritten (not those in branches). Run after ``ReuseShapes``
