@@ -55,10 +55,11 @@ from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
 from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 from int8mt.targets import TargetPreset
 
-from .passes import (DropIdentityBroadcast, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue, GatherPackedRows,
-                     Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeRows,
-                     ReadKeysAsStored, ReuseShapes, ReuseTensors, ScalePropagation, SoftmaxRows, TakeAsView,
-                     TapIntMatmuls, UnitPermuteAsReshape, UnitReshapeIntoKernels, ViewsIntoKernels, drop_weight_checks)
+from .passes import (DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue,
+                     GatherPackedRows, Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense,
+                     QuantizeRows, ReadKeysAsStored, ReuseShapes, ReuseTensors, ScalePropagation, SoftmaxRows,
+                     TakeAsView, TapIntMatmuls, UnitPermuteAsReshape, UnitReshapeIntoKernels, ViewsIntoKernels,
+                     drop_weight_checks)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -350,7 +351,7 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None,
                 + ([UnitReshapeIntoKernels(), ViewsIntoKernels()] if target.kind.name == "llvm" else [])
                 + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])
                 + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
-                + [ReuseShapes(), ReuseTensors()]
+                + [ReuseShapes(), ReuseTensors(), DropUnusedTuples()]
                 + ([drop_weight_checks] if weights is not None else []) + [_phase(5, "lowered", dump_dir)]
             )(mod)
 

@@ -13,6 +13,7 @@ from .pack_dense import PackDense
 from .quantize_rows import QuantizeRows
 from .reuse_shapes import ReuseShapes
 from .reuse_tensors import ReuseTensors
+from .drop_unused_tuples import DropUnusedTuples
 from .scale_propagation import ScalePropagation
 from .softmax_rows import SoftmaxRows
 from .take_as_view import TakeAsView
@@ -26,4 +27,4 @@ __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue",
            "LayerNormRows", "SoftmaxRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView",
            "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "ReuseShapes", "ReuseTensors",
-           "drop_weight_checks"]
+           "DropUnusedTuples", "drop_weight_checks"]

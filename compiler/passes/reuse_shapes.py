@@ -2,9 +2,10 @@
 
 TVM's ``VMShapeLower`` writes one ``make_shape`` (a new shape object from the function's shape heap, at run time)
 for each allocation whose size or shape is known only at run time: each storage's byte count and each tensor's
-shape: 96 per call of the reference model's decoder step, 21 of them different (``encode``: 113 and 31). The shape heap's slots are written once, when their size variables are first matched, and before any
-``make_shape`` that reads them, so a later call with the same arguments makes the same shape. Calls inside a
-branch reuse the shapes made before the branch, not those of another branch. Run after ``VMShapeLower``.
+shape: 96 per call of the reference model's decoder step, 21 of them different (``encode``: 113 and 31). The
+shape heap's slots are written once, when their size variables are first matched, and before any ``make_shape``
+that reads them, so a later call with the same arguments makes the same shape. Calls inside a branch reuse the
+shapes made before the branch, not those of another branch. Run after ``VMShapeLower``.
 """
 from __future__ import annotations
 
