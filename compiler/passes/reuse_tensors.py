@@ -72,17 +72,15 @@ class _TensorReuser(PyExprMutator):
         if head is not None and not head.same_as(binding.var):
             self.set_var_remap(binding.var, head)  # the same tensor as before
             return
+        if self._early_kill(binding.value):
+            return
         super().visit_var_binding_(binding)
 
-    def visit_binding_block_(self, block: relax.BindingBlock) -> relax.BindingBlock:
-        kept = [binding for binding in block.bindings if not self._early_kill(binding)]
-        return super().visit_binding_block_(relax.BindingBlock(kept, block.span))
-
-    def _early_kill(self, binding: relax.Binding) -> bool:
-        """``binding`` kills a tensor that a later allocation of its chain makes again."""
-        if not (isinstance(binding, relax.VarBinding) and _op_name(binding.value) == KILL_OBJECT):
+    def _early_kill(self, value: relax.Expr) -> bool:
+        """``value`` kills a tensor that a later allocation of its chain makes again."""
+        if _op_name(value) != KILL_OBJECT:
             return False
-        killed = binding.value.args[0]
+        killed = value.args[0]
         return killed in self.chain and killed not in self.last
 
 

@@ -2,8 +2,8 @@
 
 :class:`~.TakeAsView` makes each layer's slice of a stacked cache a view of the entry point's parameter: no copy,
 yet each view is a few VM calls at every step (the offset computed, a shape and a tensor built, the offset
-checked, two frees): a decoder step took 12 such views (static ranges) or 24 (run-time ranges, whose caches carry
-their scales), 60-120 VM calls of some 500-700 at batch 1. A reshape that merges axes (the encoder's ``[batch,
+checked, two frees): a decoder step has 12 such views (static ranges) or 24 (run-time ranges, whose caches carry
+their scales), 60-120 VM calls of some 500-700 at batch 1 without this pass. A reshape that merges axes (the encoder's ``[batch,
 length, width]`` rows to ``[batch * length, width]`` for a dense kernel: 34 per call of it) is one too; those
 that only add or drop axes of size 1 are :class:`~.UnitReshapeIntoKernels`'.
 
