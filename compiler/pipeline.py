@@ -53,7 +53,7 @@ from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_datab
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
 from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
-from int8mt.targets import TargetPreset
+from int8mt.targets import PRESETS, TargetPreset
 
 from .passes import (DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue,
                      GatherPackedRows, Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense,
@@ -95,14 +95,15 @@ class CompiledModel:
 
 def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser:
     """Tiles for ``preset``'s int8 kernels from ``database``; kernels it lacks from the database shipped for
-    the preset, then default tiles."""
+    the preset (or for the preset it takes its tiles from), then default tiles."""
     if preset.int8_dot is None:
         raise UserError(f"target preset {preset.name} has no int8 kernels to choose tiles for")
-    folder = shipped_database(preset.name)
+    tuned = PRESETS[preset.tiles_from] if preset.tiles_from else preset
+    folder = shipped_database(tuned.name)
     shipped = TuningDatabase(folder) if folder.is_dir() else None
     if database is None:
-        return TileChooser(shipped, preset.int8_dot)
-    return TileChooser(TuningDatabase(database), preset.int8_dot, fallback=shipped)
+        return TileChooser(shipped, tuned.int8_dot)
+    return TileChooser(TuningDatabase(database), tuned.int8_dot, fallback=shipped)
 
 
 def import_model(model: Transformer, options: CompileOptions) -> tvm.IRModule:

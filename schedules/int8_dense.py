@@ -54,6 +54,8 @@ from tvm.script import tirx as T
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as Tb
 
+from .amx_dense import MIN_ROWS as AMX_MIN_ROWS
+from .amx_dense import amx_product_and_store
 from .intrin import Int8Dot
 from .kernel_attrs import DENSE_ATTR, KERNEL_ATTR
 
@@ -81,8 +83,8 @@ class DenseTiles:
 
 
 def padded(n: int, k: int, dot: Int8Dot) -> tuple[int, int]:
-    """N and K rounded up to the intrinsic's ``lanes`` x ``reduce`` block."""
-    return -(-n // dot.lanes) * dot.lanes, -(-k // dot.reduce) * dot.reduce
+    """N and K rounded up to the intrinsic's ``lanes`` x ``reduce`` block (K to whole tiles for AMX)."""
+    return -(-n // dot.lanes) * dot.lanes, -(-k // dot.k_multiple) * dot.k_multiple
 
 
 def row_tiles(dot: Int8Dot) -> tuple[int, ...]:
@@ -173,23 +175,36 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
             A = Tb.match_buffer(a, (M, K), dot.weight)
             C = (Tb.match_buffer(c, (M, N), dot.accumulator) if epilogue is None
                  else Tb.match_buffer(c, epilogue.out_shape, epilogue.out_dtype))
-            staged_rows = (M + PAD - 1) // PAD * PAD + PAD
-            shifted = Tb.sblock_alloc_buffer((staged_rows, KP) if rho == 1 else (staged_rows // rho, GK, rho, R),
-                                             staged_dtype)
-            # a matrix-multiply dot computes rows in tiles of rho: every block covers m rounded up to them (equal
-            # regions, which TIR cannot prove of a symbolic m and its quotient by rho); rows >= m are staged as
-            # zeros and never stored
+            amx = dot.amx_tiles and (rows is None or rows >= AMX_MIN_ROWS)
+
+            def amx_part() -> None:
+                def store(total: tirx.PrimExpr, i: tirx.PrimExpr, j: tirx.PrimExpr) -> None:
+                    index, value = ([i, j], total) if epilogue is None else epilogue.store(total, i, j, inputs)
+                    Tb.buffer_store(C, value, index)
+
+                amx_product_and_store(A, w, correction, C, M, n, k, np_, kp, dot, store)
+
+            # the dot-product branches of an AMX kernel stage fewer than AMX_MIN_ROWS rows
+            staged_rows = ((Tb.min(M, Tb.int64(AMX_MIN_ROWS - 1)) if amx else M) + PAD - 1) // PAD * PAD + PAD
+            shifted = None if amx and rows is not None else Tb.sblock_alloc_buffer(
+                (staged_rows, KP) if rho == 1 else (staged_rows // rho, GK, rho, R), staged_dtype)
             computed = M if rho == 1 else (M + rho - 1) // rho * rho
-            with Tb.grid(computed, KP) as (i, j):
-                with Tb.sblock("shift"):
-                    vi, vj = Tb.axis.remap("SS", [i, j])
-                    present = vj < K if rho == 1 else Tb.And(vj < K, vi < M)
-                    if shift != 0:
-                        staged = Tb.if_then_else(present, Tb.bitwise_xor(Tb.reinterpret("uint8", A[vi, vj]),
-                                                                       Tb.uint8(shift)), Tb.uint8(shift))
-                    else:
-                        staged = Tb.if_then_else(present, Tb.Cast(staged_dtype, A[vi, vj]), Tb.Cast(staged_dtype, 0))
-                    Tb.buffer_store(shifted, staged, tiled(vi, vj, R))
+
+            def stage() -> None:
+                # a matrix-multiply dot computes rows in tiles of rho: every block covers m rounded up to them (equal
+                # regions, which TIR cannot prove of a symbolic m and its quotient by rho); rows >= m are staged as
+                # zeros and never stored
+                with Tb.grid(computed, KP) as (i, j):
+                    with Tb.sblock("shift"):
+                        vi, vj = Tb.axis.remap("SS", [i, j])
+                        present = vj < K if rho == 1 else Tb.And(vj < K, vi < M)
+                        if shift != 0:
+                            staged = Tb.if_then_else(present, Tb.bitwise_xor(Tb.reinterpret("uint8", A[vi, vj]),
+                                                                           Tb.uint8(shift)), Tb.uint8(shift))
+                        else:
+                            staged = Tb.if_then_else(present, Tb.Cast(staged_dtype, A[vi, vj]),
+                                                     Tb.Cast(staged_dtype, 0))
+                        Tb.buffer_store(shifted, staged, tiled(vi, vj, R))
 
             def product_and_store(suffix: str) -> None:
                 acc = Tb.sblock_alloc_buffer((staged_rows, NP) if rho == 1 else (staged_rows // rho, GN, rho, L),
@@ -218,16 +233,30 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
                                 with Tb.Then():
                                     Tb.buffer_store(C, value, index)
 
-            if few_rows and rows is None:  # each branch a block of its own: there, its "out" is C's only writer
-                with Tb.If(M <= Tb.int64(few_rows)):
+            def dot_product_branches() -> None:
+                stage()
+                if few_rows and rows is None:  # each branch a block of its own: there, its "out" is C's only writer
+                    with Tb.If(M <= Tb.int64(few_rows)):
+                        with Tb.Then():
+                            with Tb.sblock("branch" + FEW_ROWS_SUFFIX):
+                                product_and_store(FEW_ROWS_SUFFIX)
+                        with Tb.Else():
+                            with Tb.sblock("branch"):
+                                product_and_store("")
+                else:
+                    product_and_store("")
+
+            if amx and rows is not None:  # a static row count of whole AMX tiles: nothing else
+                amx_part()
+            elif amx:  # each branch a block of its own (see above)
+                with Tb.If(M >= Tb.int64(AMX_MIN_ROWS)):
                     with Tb.Then():
-                        with Tb.sblock("branch" + FEW_ROWS_SUFFIX):
-                            product_and_store(FEW_ROWS_SUFFIX)
+                        amx_part()
                     with Tb.Else():
-                        with Tb.sblock("branch"):
-                            product_and_store("")
+                        with Tb.sblock("branch_dot"):
+                            dot_product_branches()
             else:
-                product_and_store("")
+                dot_product_branches()
     return builder.get()
 
 
@@ -348,7 +377,8 @@ def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, dot: Int8Dot, rows: 
                          f"one of {ROW_SPLITS}, cols must divide {np_ // dot.lanes} and depth {kp // dot.reduce}")
     few_rows = tiles.rows - 1 if rows is None and tiles.rows >= max(FEW_ROWS_FROM_TILE, 2 * dot.rows) else 0
     sch = s_tir.Schedule(int8_dense(n, k, rows, dot, epilogue, few_rows))
-    schedule_int8_dense(sch, tiles, dot, epilogue is not None, few_rows > 0)
+    if not (dot.amx_tiles and rows is not None and rows >= AMX_MIN_ROWS):  # (AMX tiles only: loops written out)
+        schedule_int8_dense(sch, tiles, dot, epilogue is not None, few_rows > 0)
     record = {"n": n, "k": k, "dot": dot.family, **tiles.to_dict()}
     return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, KERNEL_ATTR: dense_kind(dot), DENSE_ATTR: record})
 

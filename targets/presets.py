@@ -23,6 +23,7 @@ class TargetPreset:
     int8_dot: str | None = None  # the int8 dot-product intrinsic family of the tuned CPU kernels, if any
     float_dot: str | None = None  # the float32 multiply-add family of the dense kernel of FP32 layers, if any
     compute_capability: tuple[int, int] | None = None  # CUDA presets: the oldest GPU generation they run on
+    tiles_from: str | None = None  # the preset whose tuned tiles its dense kernels use, if not its own
 
     @property
     def device(self) -> str:
@@ -58,6 +59,8 @@ X86_64_V2 = ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")
 X86_64_V3 = (*X86_64_V2, "abm", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave")
 X86_64_V4 = (*X86_64_V3, "avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl")
 
+AMX_FEATURES = ("amx_tile", "amx_int8")  # the tile unit and its int8 multiply (``tdpbusd``)
+
 # aarch64: the kernel's names of the features (Linux ``HWCAP``/``HWCAP2`` bits, as /proc/cpuinfo's "Features" lists
 # them) that every aarch64 preset's code uses: floating point and Advanced SIMD (NEON).
 AARCH64_NEON = ("fp", "asimd")
@@ -92,6 +95,16 @@ def _cuda_preset(capability: tuple[int, int], gpus: str) -> TargetPreset:
 PRESETS: dict[str, TargetPreset] = {
     p.name: p
     for p in (
+        TargetPreset(
+            name="x86-amx",
+            target={"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni", "+amx-tile", "+amx-int8"]},
+            required_features=(*X86_64_V4, "avx512_vnni", *AMX_FEATURES),
+            description="x86-64-v4 with AVX-512 VNNI and AMX int8 tiles (Intel Sapphire Rapids, Emerald Rapids, "
+                        "Granite Rapids and newer)",
+            int8_dot="amx",
+            float_dot="fp32-avx512",
+            tiles_from="x86-vnni",  # AMX blocks are fixed; fewer than 16 rows run x86-vnni's tuned kernel
+        ),
         TargetPreset(
             name="x86-vnni",
             target={"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]},
@@ -152,10 +165,12 @@ AUTO = "auto"
 
 
 def get_preset(name: str) -> TargetPreset:
-    """The preset called ``name``; ``auto`` picks the first CPU preset this CPU can run."""
+    """The preset called ``name``; ``auto`` picks the first CPU preset this CPU (and, for AMX, its operating
+    system) can run."""
     if name == AUTO:
         for preset in PRESETS.values():
-            if preset.device == "cpu" and not missing_features(preset):
+            if preset.device == "cpu" and not missing_features(preset) and (not needs_amx(preset)
+                                                                           or amx_permission() is None):
                 return preset
         raise UserError(f"no target preset fits this CPU; known presets: {', '.join(PRESETS)}")
     try:
@@ -197,3 +212,31 @@ def missing_features(preset: TargetPreset, features: set[str] | None = None) -> 
         return [preset.arch, *preset.required_features]
     have = host_features() if features is None else features
     return [f for f in preset.required_features if f not in have]
+
+
+def needs_amx(preset: TargetPreset) -> bool:
+    """Whether ``preset``'s code uses AMX tiles (so a process must be granted them before running it)."""
+    return set(AMX_FEATURES) <= set(preset.required_features)
+
+
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64
+_amx_refusal: list[str | None] = []  # the answer of the one request per process
+
+
+def amx_permission() -> str | None:
+    """Ask Linux once per process for the AMX tile data state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)``; without it the first tile instruction kills the process with SIGILL). None when granted,
+    else why not (Linux before 5.16, a kernel or hypervisor that does not offer it, another OS)."""
+    if not _amx_refusal:
+        _amx_refusal.append(_request_amx())
+    return _amx_refusal[0]
+
+
+def _request_amx() -> str | None:
+    if host_arch() != "x86_64" or platform.system() != "Linux":
+        return f"AMX tiles are granted by Linux on x86-64; this is {platform.system()} on {host_arch()}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        errno = ctypes.get_errno()
+        return f"Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: errno {errno}; it needs 5.16+)"
+    return None

@@ -13,7 +13,7 @@ import tvm  # noqa: F401  (the whole TVM, first: tests compile and run bundles i
 from int8mt.model.checkpoint import save_model_dir
 from int8mt.model.config import ModelConfig
 from int8mt.model.transformer import Transformer
-from int8mt.targets import PRESETS, TargetPreset, get_preset, missing_features
+from int8mt.targets import PRESETS, TargetPreset, amx_permission, get_preset, missing_features, needs_amx
 
 HOST_PRESET = get_preset("auto")  # the best preset this CPU runs: tests execute what they compile
 VNNI = get_preset("x86-vnni")
@@ -21,10 +21,13 @@ needs_vnni = pytest.mark.skipif(bool(missing_features(VNNI)), reason="this CPU h
 
 
 def runnable(preset: TargetPreset) -> pytest.param:
-    """``preset`` as a test parameter, skipped where this CPU cannot run its code."""
+    """``preset`` as a test parameter, skipped where this CPU (or, for AMX, its operating system) cannot run its
+    code; AMX presets get the process its tile permission."""
     missing = missing_features(preset)
-    return pytest.param(preset, id=preset.name,
-                        marks=pytest.mark.skipif(bool(missing), reason=f"this CPU lacks {', '.join(missing)}"))
+    reason = f"this CPU lacks {', '.join(missing)}" if missing else None
+    if reason is None and needs_amx(preset):
+        reason = amx_permission()
+    return pytest.param(preset, id=preset.name, marks=pytest.mark.skipif(reason is not None, reason=reason or ""))
 
 
 INT8_PRESETS = [runnable(p) for p in PRESETS.values() if p.int8_dot]  # every preset with int8 kernels

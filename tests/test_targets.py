@@ -19,10 +19,12 @@ LLVM_TO_CPUINFO = {
 
 
 def test_presets_are_cpu_targets_with_features():
-    assert {"x86-vnni", "x86-avx512", "x86-avx2", "arm-i8mm", "arm-dotprod", "arm-neon"} <= set(PRESETS)
+    assert {"x86-amx", "x86-vnni", "x86-avx512", "x86-avx2", "arm-i8mm", "arm-dotprod", "arm-neon"} <= set(PRESETS)
     assert get_preset("x86-vnni").target == {"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}
     assert "avx512_vnni" in get_preset("x86-vnni").required_features
-    assert [get_preset(name).int8_dot for name in ("x86-vnni", "x86-avx512", "x86-avx2")] == ["vnni", "avx512bw", "avx2"]
+    assert ([get_preset(name).int8_dot for name in ("x86-amx", "x86-vnni", "x86-avx512", "x86-avx2")]
+            == ["amx", "vnni", "avx512bw", "avx2"])
+    assert {"amx_tile", "amx_int8", "avx512_vnni"} <= set(get_preset("x86-amx").required_features)
     assert all(p.int8_dot in DOTS for p in PRESETS.values() if p.int8_dot)
     assert [get_preset(name).int8_dot for name in ("arm-i8mm", "arm-dotprod", "arm-neon")] == ["smmla", "sdot", "neon"]
     assert {p.arch for p in PRESETS.values()} == {"x86_64", "aarch64"}
@@ -42,7 +44,8 @@ def test_required_features_are_exactly_what_the_target_compiles_for(name):
 
 
 def test_unknown_preset_lists_known_names():
-    with pytest.raises(ValueError, match="known presets: auto, x86-vnni, x86-avx512, x86-avx2, arm-i8mm, arm-dotprod"):
+    with pytest.raises(ValueError,
+                       match="known presets: auto, x86-amx, x86-vnni, x86-avx512, x86-avx2, arm-i8mm, arm-dotprod"):
         get_preset("x86-sse2")
 
 
@@ -57,6 +60,7 @@ def test_auto_picks_the_first_preset_whose_features_the_cpu_has(monkeypatch, arc
     from int8mt.targets import presets
 
     monkeypatch.setattr(presets, "host_arch", lambda: arch)
+    monkeypatch.setattr(presets, "amx_permission", lambda: None)
     names = [name for name in CPU_PRESETS if PRESETS[name].arch == arch]
     assert names
     for name in names:
@@ -65,6 +69,15 @@ def test_auto_picks_the_first_preset_whose_features_the_cpu_has(monkeypatch, arc
     monkeypatch.setattr(presets, "host_features", lambda: {"sse2"})
     with pytest.raises(ValueError, match="no target preset fits this CPU"):
         get_preset(AUTO)
+
+
+def test_auto_passes_over_amx_where_linux_refuses_the_tiles(monkeypatch):
+    from int8mt.targets import presets
+
+    monkeypatch.setattr(presets, "host_arch", lambda: "x86_64")
+    monkeypatch.setattr(presets, "host_features", lambda: set(PRESETS["x86-amx"].required_features))
+    monkeypatch.setattr(presets, "amx_permission", lambda: "Linux refused the AMX tile state")
+    assert get_preset(AUTO).name == "x86-vnni"
 
 
 def test_a_preset_of_another_architecture_lacks_the_architecture(monkeypatch):

@@ -69,6 +69,10 @@ def tune(args: TuneArgs) -> list[dict]:
     if args.preset.int8_dot is None:
         raise UserError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; "
                          "`int8mt targets` lists the presets that have")
+    if args.preset.tiles_from:
+        raise UserError(f"{args.preset.name}'s kernels take their tiles from {args.preset.tiles_from}'s database "
+                         f"(what they tile is its kernel): tune with --target {args.preset.tiles_from}, then compile "
+                         f"for {args.preset.name} with --db DIR")
     if args.trials < 1 or args.budget_minutes <= 0:
         raise UserError("--trials must be at least 1 and --budget-minutes positive")
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU

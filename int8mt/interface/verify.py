@@ -44,7 +44,7 @@ def verify(request: VerifyRequest) -> VerifyResult:
     from int8mt.data import read_parallel
     from int8mt.model.checkpoint import check_model_dir
     from int8mt.quant.checkpoint import quantized_model
-    from int8mt.targets import get_preset, missing_features
+    from int8mt.targets import amx_permission, get_preset, missing_features, needs_amx
     from int8mt.tokenizer import load_tokenizer
 
     preset = get_preset(request.target)
@@ -55,6 +55,8 @@ def verify(request: VerifyRequest) -> VerifyResult:
     if missing_features(preset):
         raise UserError(f"this CPU cannot run {preset.name} code (it lacks {', '.join(missing_features(preset))}); "
                          "verify runs what it compiles: pick a preset with `int8mt targets`")
+    if needs_amx(preset) and amx_permission() is not None:
+        raise UserError(f"{preset.name} code uses AMX tiles, but {amx_permission()}; verify x86-vnni instead")
     if request.sentences < 1 or request.steps < 1:
         raise UserError("--sentences and --steps must be at least 1")
     check_model_dir(request.model_dir)

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from int8mt.errors import UserError
-from int8mt.targets import host_arch, host_features, target_device
+from int8mt.targets import amx_permission, host_arch, host_features, target_device
+from int8mt.targets.presets import AMX_FEATURES
 from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_tokenizer
 
 from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty
@@ -350,6 +351,11 @@ def check_bundle(bundle_dir: Path, manifest: dict) -> None:
         raise BundleError(f"bundle was built for target {preset!r}, which needs CPU features this CPU lacks "
                           f"({', '.join(missing)}); compile it for this machine (`int8mt targets` lists the "
                           "presets it runs)")
+    if set(AMX_FEATURES) <= set(manifest["target"]["required_features"]):
+        refusal = amx_permission()
+        if refusal is not None:
+            raise BundleError(f"bundle was built for target {preset!r}, whose kernels use AMX tiles, but {refusal}; "
+                              "compile it for x86-vnni (same outputs, without AMX)")
 
 
 def _parts(out: Any) -> tuple[Any, ...]:

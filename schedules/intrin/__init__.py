@@ -6,10 +6,12 @@ from __future__ import annotations
 from .arm import NEON_DOT, SDOT_DOT, SMMLA_DOT
 from .dot import Int8Dot
 from .float_fma import FLOAT_AVX2, FLOAT_AVX512, FLOAT_NEON
+from .x86_amx import AMX_DOT
 from .x86_vnni import VNNI_DOT
 from .x86_vpmaddwd import AVX2_DOT, AVX512BW_DOT
 
-DOTS: dict[str, Int8Dot] = {d.family: d for d in (VNNI_DOT, AVX512BW_DOT, AVX2_DOT, SMMLA_DOT, SDOT_DOT, NEON_DOT)}
+DOTS: dict[str, Int8Dot] = {d.family: d for d in (AMX_DOT, VNNI_DOT, AVX512BW_DOT, AVX2_DOT, SMMLA_DOT, SDOT_DOT,
+                                                  NEON_DOT)}
 FLOAT_DOTS: dict[str, Int8Dot] = {d.family: d for d in (FLOAT_AVX512, FLOAT_AVX2, FLOAT_NEON)}
 
 

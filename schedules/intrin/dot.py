@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+AMX_TILE_BYTES = 64  # bytes per row of an AMX tile: an activation tile's K, four weight rows of 16 columns
+
 
 @dataclass(frozen=True)
 class Int8Dot:
@@ -33,6 +35,7 @@ class Int8Dot:
     batch_family: str | None = None  # the family of the batched (attention) matmuls, where not this one
     weight: str = "int8"  # the dtype of weights and activations
     accumulator: str = "int32"  # the dtype of the sums
+    amx_tiles: bool = False  # x86 AMX: kernels run rows in 16-row tiles on the tile unit (``.x86_amx``)
 
     @property
     def tensorized(self) -> bool:
@@ -43,6 +46,11 @@ class Int8Dot:
     def ops_per_instruction(self) -> int:
         """Integer ops (a multiply and an add per product) of one instruction."""
         return 2 * self.lanes * self.reduce
+
+    @property
+    def k_multiple(self) -> int:
+        """What the packed weights' K is padded to: the reduction of one instruction, or of one AMX tile."""
+        return AMX_TILE_BYTES if self.amx_tiles else self.reduce
 
     @property
     def shift(self) -> int:

@@ -1,0 +1,128 @@
+"""The AMX part of the int8 dense kernel (:func:`~int8mt.schedules.int8_dense.int8_dense` for a dot product with
+``amx_tiles``): ``C[m, n] = A[m, k] . W[n, k]`` for 16 rows and more on AMX tiles.
+
+The activations are staged shifted to uint8 (as for VNNI) in the tile layout ``[tiles, K/64, 16, 64]``, so that
+each 16 x 64 activation tile is 1 KB of contiguous bytes like the weights' tiles (loading them with a row stride
+of K ran ~25 % slower). The output is cut into blocks of ``ROW_TILES`` x ``col_tiles`` 16 x 16 tiles (2 x 2: four
+accumulators, two activation and two weight tiles, all eight tile registers); blocks run in parallel, row-block
+major (a thread's consecutive blocks share their activations). Each thread configures the tiles once (a
+``pragma_parallel_launch_point`` region: the configuration is per thread) and releases them at the end. A block
+zeroes its accumulators, walks K one tile at a time, stores the int32 tiles to a stack buffer and applies the
+epilogue (or the correction alone) to the rows below m, 16 columns at a time.
+
+Written as loops in one opaque block: the schedule of the VNNI branches does not touch it, and the tile
+registers, which instructions name by immediates, come out of unrolled loops.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import tirx as Tb
+
+from .intrin.dot import AMX_TILE_BYTES, Int8Dot
+from .intrin.x86_amx import CONFIG_BYTES, TILE_REGISTERS, TILE_ROWS, stride, tile_call, tile_id
+
+ROW_TILES = 2  # 16-row tiles per block
+MIN_ROWS = TILE_ROWS  # kernels with fewer rows run the VNNI dot product
+
+
+def col_tiles(np_: int) -> int:
+    """16-column tiles per block: 2 where they divide the padded columns, else 1."""
+    return 2 if np_ // TILE_ROWS % 2 == 0 else 1
+
+
+def amx_product_and_store(A: tirx.Buffer, w: tirx.Buffer, correction: tirx.Buffer, C: tirx.Buffer,
+                          M: tirx.PrimExpr, n: int, k: int, np_: int, kp: int, dot: Int8Dot, store) -> None:
+    """Emit (into the current IR builder frame) the block ``amx``: staging, tiles, epilogue. ``store(total, i, j)``
+    stores the int32 sum (correction added) of row ``i``, column ``j``."""
+    ct = col_tiles(np_)
+    a_tiles, b_tiles = ROW_TILES, ct  # registers: accumulators 0.., then activation, then weight tiles
+    assert a_tiles * b_tiles + a_tiles + b_tiles <= TILE_REGISTERS
+    block_rows, block_cols = ROW_TILES * TILE_ROWS, ct * TILE_ROWS
+    i64 = Tb.int64
+    row_blocks = (M + block_rows - 1) // block_rows
+    col_blocks = np_ // block_cols
+    k_tiles = kp // AMX_TILE_BYTES
+    with Tb.sblock("amx"):
+        Tb.reads(A[0:M, 0:k], w[0:np_ // dot.lanes, 0:kp // dot.reduce, 0:dot.lanes, 0:dot.reduce],
+                 correction[0:np_])
+        Tb.writes(C[tuple(slice(0, d) for d in C.shape)])
+        staged = Tb.alloc_buffer((row_blocks * ROW_TILES, i64(k_tiles), i64(TILE_ROWS), i64(AMX_TILE_BYTES)), "uint8")
+        with Tb.parallel(i64(0), row_blocks * ROW_TILES) as t:
+            with Tb.serial(i64(0), i64(k_tiles)) as kt:
+                with Tb.serial(i64(0), i64(TILE_ROWS)) as r:
+                    with Tb.vectorized(i64(0), i64(AMX_TILE_BYTES)) as b:
+                        row, col = t * TILE_ROWS + r, kt * AMX_TILE_BYTES + b
+                        present = Tb.And(row < M, col < k) if k % AMX_TILE_BYTES else row < M
+                        # (both sides may be computed for a vector: the load is clamped into A)
+                        loaded = Tb.reinterpret("uint8", A[Tb.min(row, M - 1), Tb.min(col, k - 1)])
+                        value = Tb.if_then_else(present, Tb.bitwise_xor(loaded, Tb.uint8(dot.shift)),
+                                                Tb.uint8(dot.shift))
+                        Tb.buffer_store(staged, value, [t, kt, r, b])
+        with Tb.attr(0, "pragma_parallel_launch_point", 1):
+            # (the storage planner may give the threads one configuration buffer: they write the same bytes)
+            config = Tb.alloc_buffer((CONFIG_BYTES,), "uint8", scope="local")
+            with Tb.serial(0, CONFIG_BYTES) as b:
+                Tb.buffer_store(config, Tb.uint8(0), [b])
+            Tb.buffer_store(config, Tb.uint8(1), [0])  # palette 1
+            for tile in range(TILE_REGISTERS):
+                Tb.buffer_store(config, Tb.uint8(AMX_TILE_BYTES), [16 + 2 * tile])
+                Tb.buffer_store(config, Tb.uint8(TILE_ROWS), [48 + tile])
+            Tb.evaluate(tile_call("ldtilecfg", Tb.address_of(config[0])))
+            with Tb.parallel(i64(0), row_blocks * col_blocks) as item:
+                # (allocated in the parallel loop, each thread's own: TVM's storage planner hoists allocations
+                # out of a launch point's region to the function, where the threads would share them)
+                sums = Tb.alloc_buffer((block_rows, block_cols), "int32", scope="local")
+                rb, cb = item // col_blocks, item % col_blocks
+                for acc in range(a_tiles * b_tiles):
+                    Tb.evaluate(tile_call("tilezero", tile_id(acc)))
+                with Tb.serial(i64(0), i64(k_tiles)) as kt:
+                    for r in range(a_tiles):
+                        Tb.evaluate(tile_call("tileloadd64", tile_id(a_tiles * b_tiles + r),
+                                              Tb.address_of(staged[rb * ROW_TILES + r, kt, 0, 0]),
+                                              stride(AMX_TILE_BYTES)))
+                    for c in range(b_tiles):
+                        Tb.evaluate(tile_call("tileloadd64", tile_id(a_tiles * b_tiles + a_tiles + c),
+                                              Tb.address_of(w[cb * b_tiles + c, kt * (AMX_TILE_BYTES // dot.reduce),
+                                                              0, 0]),
+                                              stride(AMX_TILE_BYTES)))
+                    for r in range(a_tiles):
+                        for c in range(b_tiles):
+                            Tb.evaluate(tile_call("tdpbusd", tile_id(r * b_tiles + c), tile_id(a_tiles * b_tiles + r),
+                                                  tile_id(a_tiles * b_tiles + a_tiles + c)))
+                for r in range(a_tiles):
+                    for c in range(b_tiles):
+                        Tb.evaluate(tile_call("tilestored64", tile_id(r * b_tiles + c),
+                                              Tb.address_of(sums[r * TILE_ROWS, c * TILE_ROWS]),
+                                              stride(block_cols * 4)))
+                with Tb.serial(i64(0), i64(block_rows)) as r:
+                    row = rb * block_rows + r
+                    with Tb.If(row < M):
+                        with Tb.Then():
+                            for c in range(b_tiles):
+                                _store_columns(sums, correction, row, r, cb * block_cols + c * TILE_ROWS,
+                                               c * TILE_ROWS, n, store)
+            Tb.evaluate(tile_call("tilerelease"))
+
+
+def _store_columns(sums: tirx.Buffer, correction: tirx.Buffer, row, r, first: tirx.PrimExpr, offset: int, n: int,
+                   store) -> None:
+    """Store 16 columns from ``first`` of ``row`` (``sums`` row ``r`` from column ``offset``): one vector, or
+    column by column below ``n`` where the tile reaches into the padding."""
+    i64 = Tb.int64
+
+    def emit(j, lane):
+        store(sums[r, offset + lane] + correction[j], row, j)
+
+    if n % TILE_ROWS == 0:
+        with Tb.vectorized(i64(0), i64(TILE_ROWS)) as lane:
+            emit(first + lane, lane)
+        return
+    with Tb.If(first + TILE_ROWS <= n):
+        with Tb.Then():
+            with Tb.vectorized(i64(0), i64(TILE_ROWS)) as lane:
+                emit(first + lane, lane)
+        with Tb.Else():
+            with Tb.serial(i64(0), i64(TILE_ROWS)) as lane:
+                with Tb.If(first + lane < n):
+                    with Tb.Then():
+                        emit(first + lane, lane)
