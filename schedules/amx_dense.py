@@ -1,5 +1,5 @@
 """The AMX part of the int8 dense kernel (:func:`~int8mt.schedules.int8_dense.int8_dense` for a dot product with
-``amx_tiles``): ``C[m, n] = A[m, k] . W[n, k]`` for 16 rows and more on AMX tiles.
+``amx_tiles``): ``C[m, n] = A[m, k] . W[n, k]`` for ``MIN_ROWS`` rows and more on AMX tiles.
 
 The activations are staged shifted to uint8 (as for VNNI) in the tile layout ``[tiles, K/64, 16, 64]``, so that
 each 16 x 64 activation tile is 1 KB of contiguous bytes like the weights' tiles (loading them with a row stride
@@ -22,7 +22,9 @@ from .intrin.dot import AMX_TILE_BYTES, Int8Dot
 from .intrin.x86_amx import CONFIG_BYTES, TILE_REGISTERS, TILE_ROWS, stride, tile_call, tile_id
 
 ROW_TILES = 2  # 16-row tiles per block
-MIN_ROWS = TILE_ROWS  # kernels with fewer rows run the VNNI dot product
+# kernels with fewer rows run the VNNI dot product: from 8 rows a block of tiles (half of one tile's rows) took less
+# time than the VNNI kernel at the reference model's shapes, on one thread and on two (both sharing one tile unit)
+MIN_ROWS = 8
 
 
 def col_tiles(np_: int) -> int:

@@ -39,6 +39,10 @@ The same kernel runs the float32 linear layers of FP32 layers with a multiply-ad
 row and the lanes are vectorized into fused multiply-adds; float32 activations staged as they are, correction
 zero); its calls are marked ``float_dense`` instead of ``int8_dense`` (:func:`dense_kind`).
 
+A dot product with ``amx_tiles`` (x86-amx) computes ``AMX_MIN_ROWS`` rows and more on AMX tiles
+(:mod:`.amx_dense`, an opaque block of its own under ``if m >= AMX_MIN_ROWS``) and fewer with VNNI as above; both
+read the same packed weights, K padded to whole tiles (64 bytes).
+
 An optional :class:`DenseEpilogue` replaces the final int32 store: the elementwise ops that follow the
 layer (requantization, dequantization with the residual, a change of layout) are computed on each sum
 before it is stored (``compiler/passes/fuse_dense_epilogue.py`` builds them).
@@ -246,7 +250,7 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
                 else:
                     product_and_store("")
 
-            if amx and rows is not None:  # a static row count of whole AMX tiles: nothing else
+            if amx and rows is not None:  # a static row count that tiles take: nothing else
                 amx_part()
             elif amx:  # each branch a block of its own (see above)
                 with Tb.If(M >= Tb.int64(AMX_MIN_ROWS)):

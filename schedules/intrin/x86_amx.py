@@ -2,7 +2,7 @@
 of unsigned activation bytes by a 16 x 64 tile of signed weight bytes (16 columns x 4 bytes per row: exactly
 the VNNI packing ``[N/16, K/4, 16, 4]``) into a 16 x 16 int32 tile, 16K multiply-adds per instruction.
 
-The kernel (:mod:`int8mt.schedules.amx_dense`) computes 16 rows and more on tiles and fewer with the VNNI
+The kernel (:mod:`int8mt.schedules.amx_dense`) computes 8 rows and more on tiles and fewer with the VNNI
 dot product (one row of a 16-row tile would waste the rest), so the family shares VNNI's intrinsic, its
 activation shift and its weight correction; K is padded to whole tiles (64 bytes). The attention's
 batched matmuls (few rows per head) keep VNNI.

@@ -95,7 +95,7 @@ def test_linear_layers_run_the_int8_kernel(quantized):
 @pytest.mark.parametrize("preset", [p for p in INT8_PRESETS if p.values[0].name != HOST_PRESET.name])
 def test_other_int8_presets_compute_what_the_host_preset_computes(preset, quantized, tiny_model_dir, tmp_path):
     """Every other preset's kernels in a whole model give the host preset's results: the integer kernels are
-    exact; float ops may round differently under another -mcpu. 20 rows: AMX kernels take 16 and more."""
+    exact; float ops may round differently under another -mcpu. 20 rows: AMX kernels run tiles from 8."""
     from int8mt.compiler.build import build_bundle
 
     out, _ = quantized

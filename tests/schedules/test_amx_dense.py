@@ -42,14 +42,14 @@ def test_rows_from_a_tile_run_on_tiles_fewer_on_vnni(rows, tiles, dot_product):
 @pytest.mark.parametrize("preset", [runnable(AMX)])
 @pytest.mark.parametrize("n,k", [(64, 64), (100, 30), (48, 200), (512, 256)])
 def test_kernel_equals_numpy_around_the_tile_sizes(n, k, preset):
-    """Odd numbers of 16-column tiles (one per block), K padded to 64, rows around 16 and 32 (blocks of two
+    """Odd numbers of 16-column tiles (one per block), K padded to 64, rows around 8, 16 and 32 (blocks of two
     16-row tiles), all on every thread of the pool."""
     rng = np.random.default_rng(n * k)
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
     packed, correction = pack_weight(w, DOT)
     kernel = scheduled_int8_dense(n, k, default_tiles(n, k, DOT), DOT)
     module = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(preset.target)).mod
-    for rows in (1, 15, 16, 17, 31, 32, 33, 64, 100, 257):
+    for rows in (1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 100, 257):
         a = rng.integers(-128, 128, (rows, k), dtype=np.int8)
         out = tvm.runtime.tensor(np.zeros((rows, n), np.int32))
         module["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(packed), tvm.runtime.tensor(correction), out)
