@@ -19,7 +19,7 @@ from tvm import tirx
 from tvm.script.ir_builder import tirx as Tb
 
 from .intrin.dot import AMX_TILE_BYTES, Int8Dot
-from .intrin.x86_amx import CONFIG_BYTES, TILE_REGISTERS, TILE_ROWS, stride, tile_call, tile_id
+from .intrin.x86_amx import TILE_REGISTERS, TILE_ROWS, configure_tiles, stride, tile_call, tile_id
 
 ROW_TILES = 2  # 16-row tiles per block
 # kernels with fewer rows run the VNNI dot product: from 8 rows a block of tiles (half of one tile's rows) took less
@@ -61,15 +61,7 @@ def amx_product_and_store(A: tirx.Buffer, w: tirx.Buffer, correction: tirx.Buffe
                                                 Tb.uint8(dot.shift))
                         Tb.buffer_store(staged, value, [t, kt, r, b])
         with Tb.attr(0, "pragma_parallel_launch_point", 1):
-            # (the storage planner may give the threads one configuration buffer: they write the same bytes)
-            config = Tb.alloc_buffer((CONFIG_BYTES,), "uint8", scope="local")
-            with Tb.serial(0, CONFIG_BYTES) as b:
-                Tb.buffer_store(config, Tb.uint8(0), [b])
-            Tb.buffer_store(config, Tb.uint8(1), [0])  # palette 1
-            for tile in range(TILE_REGISTERS):
-                Tb.buffer_store(config, Tb.uint8(AMX_TILE_BYTES), [16 + 2 * tile])
-                Tb.buffer_store(config, Tb.uint8(TILE_ROWS), [48 + tile])
-            Tb.evaluate(tile_call("ldtilecfg", Tb.address_of(config[0])))
+            configure_tiles()  # (the storage planner may give the threads one buffer for it: they write the same bytes)
             with Tb.parallel(i64(0), row_blocks * col_blocks) as item:
                 # (allocated in the parallel loop, each thread's own: TVM's storage planner hoists allocations
                 # out of a launch point's region to the function, where the threads would share them)

@@ -6,6 +6,7 @@
 * int8mt default: the int8 matmul as legalized by TVM under our default (untuned) CPU schedule;
 * PyTorch int8: ``torch.ao.nn.quantized.Linear`` (fbgemm/oneDNN with VNNI; int8 in, int8 out), and the
   dynamic one (FP32 in and out, activations quantized per call);
+* oneDNN int8: ``torch._int_mm`` (int8 x int8 -> int32 like ours; oneDNN's GEMM, on AMX where the CPU has it);
 * int8mt FP32: the float32 kernel of FP32 layers (the preset's ``float_dot``, default tiles, weights packed);
 * PyTorch FP32: ``torch.nn.functional.linear``,
 
@@ -39,9 +40,10 @@ from int8mt.errors import UserError
 from int8mt.schedules.database import BENCH_MODELS, DenseTask, linear_shapes, row_bucket
 from int8mt.schedules.tile_label import tile_label
 from int8mt.schedules.rpc import RPCTracker
-from int8mt.targets import TargetPreset
+from int8mt.targets import PRESETS, TargetPreset, amx_permission, needs_amx
 
 if TYPE_CHECKING:
+    from int8mt.schedules.intrin import Int8Dot
     from int8mt.schedules.measure import CheckedRunner
 
 TOKENS = 20  # tokens per sentence
@@ -64,6 +66,7 @@ class KernelRow:
     torch_int8: float | None  # PyTorch and the peak: None when measured on a board over RPC
     torch_int8_dynamic: float | None
     torch_fp32: float | None
+    onednn_int_mm: float | None
     peak_share_same_moment: float | None  # median over rounds of tuned GOPS / the peak measured just before
 
 
@@ -125,26 +128,30 @@ def _short_peak_timer(dot, target) -> Timer:
     return lambda: 1.0 / measure(3)["gops"]
 
 
-def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str,
+def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str, dot: Int8Dot,
                     where: CheckedRunner) -> tuple[Timer, Timer, str, bool]:
-    """Timers of the tuned kernel and of the default schedule on ``where`` (a :class:`CheckedRunner`: this machine
-    or a board), the tiles used and whether they were tuned."""
+    """Timers of the kernel of ``dot`` with ``database``'s tiles for ``family`` (the preset's, or those of the
+    preset it takes its tiles from) and of the default schedule on ``where`` (a :class:`CheckedRunner`: this
+    machine or a board), the tiles used and whether they were tuned."""
     import tvm
     from tvm import te
     from tvm.s_tir import dlight
 
     from int8mt.schedules.cpu_generic import CPUGeneric
     from int8mt.schedules.database import chosen_tiles
-    from int8mt.schedules.int8_dense import pack_weight, scheduled_int8_dense
+    from int8mt.schedules.amx_dense import MIN_ROWS as AMX_MIN_ROWS
+    from int8mt.schedules.amx_dense import ROW_TILES as AMX_ROW_TILES
+    from int8mt.schedules.amx_dense import col_tiles
+    from int8mt.schedules.int8_dense import pack_weight, padded, scheduled_int8_dense
 
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, (rows, k), dtype=np.int8)
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
     task = DenseTask(n, k, row_bucket(rows), family)
     tiles, tuned_tiles = chosen_tiles(database, task)
-    kernel = scheduled_int8_dense(n, k, tiles, task.dot, rows)
+    kernel = scheduled_int8_dense(n, k, tiles, dot, rows)
     tuned = where.load(tvm.compile(tvm.IRModule({"main": kernel}), target=target))
-    packed, correction = pack_weight(w, task.dot)
+    packed, correction = pack_weight(w, dot)
     tuned_args = [tvm.runtime.tensor(x, device=where.device)
                   for x in (a, packed, correction, np.zeros((rows, n), np.int32))]
     out = tuned_args[-1]
@@ -159,7 +166,9 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str,
         generic = dlight.ApplyDefaultSchedule(CPUGeneric())(tvm.IRModule({"main": te.create_prim_func([x, wt, y])}))
     default = where.load(tvm.compile(generic, target=target))
     default_args = [tvm.runtime.tensor(x, device=where.device) for x in (a, w, np.zeros((rows, n), np.int32))]
-    label = tile_label(tiles.rows, tiles.cols, tiles.depth, (task.dot.lanes, task.dot.reduce), tiles.row_split)
+    label = tile_label(tiles.rows, tiles.cols, tiles.depth, (dot.lanes, dot.reduce), tiles.row_split)
+    if dot.amx_tiles and rows >= AMX_MIN_ROWS:
+        label = f"AMX {AMX_ROW_TILES}x{col_tiles(padded(n, k, dot)[0])} tiles"
     return (_tvm_timer(tuned, tuned_args, where.device), _tvm_timer(default, default_args, where.device), label,
             tuned_tiles)
 
@@ -185,7 +194,7 @@ def _float_kernel(n: int, k: int, rows: int, target, family: str, where: Checked
 
 
 def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
-    """Timers of PyTorch's static int8, dynamic int8 and FP32 linear on the same shape."""
+    """Timers of PyTorch's static int8, dynamic int8 and FP32 linear and of oneDNN's int8 GEMM on the same shape."""
     import torch
     from torch.ao.nn.quantized import Linear as QLinear
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -207,7 +216,10 @@ def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
                 return _best_seconds(fn)
         return run
 
-    return [timer(lambda: static(qx)), timer(lambda: dynamic(x)), timer(lambda: torch.nn.functional.linear(x, weight))]
+    a8 = torch.randint(-128, 128, (rows, k), dtype=torch.int8)
+    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8).t()  # [k, n], as our packed weights: laid out once
+    return [timer(lambda: static(qx)), timer(lambda: dynamic(x)), timer(lambda: torch.nn.functional.linear(x, weight)),
+            timer(lambda: torch._int_mm(a8, w8))]
 
 
 def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32),
@@ -223,6 +235,8 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     if preset.int8_dot is None:
         raise UserError(f"the kernel benchmark measures int8 dot-product kernels; preset {preset.name} has none "
                          "(`int8mt targets` lists the presets that have)")
+    if rpc is None and needs_amx(preset) and amx_permission() is not None:
+        raise UserError(f"{preset.name} kernels use AMX tiles, but {amx_permission()}; benchmark x86-vnni instead")
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     import tvm
     from tqdm import tqdm
@@ -239,14 +253,15 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     where = measurement.runner(dot)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
-    kernels = [(*_int8mt_kernels(n, k, m, target, database, preset.int8_dot, where),
+    tiles_family = PRESETS[preset.tiles_from].int8_dot if preset.tiles_from else preset.int8_dot
+    kernels = [(*_int8mt_kernels(n, k, m, target, database, tiles_family, dot, where),
                 _float_kernel(n, k, m, target, preset.float_dot, where))
                for _, n, k, m in tqdm(cases, desc="compiling int8mt kernels")]
     if rpc is not None:
         ours, = _rounds([[[tuned, default, fp32] for tuned, default, _, _, fp32 in kernels]],
                         f"kernels (int8mt, on {rpc})")
         rows = [KernelRow(model, n, k, m, tiles, was_tuned,
-                          *(round(2 * n * k * m / 1e9 / min(t), 1) for t in runs), None, None, None, None)
+                          *(round(2 * n * k * m / 1e9 / min(t), 1) for t in runs), None, None, None, None, None)
                 for (model, n, k, m), (_, _, tiles, was_tuned, _), runs in zip(cases, kernels, ours)]
         return {"peak": None, "measured_on": f"rpc {rpc}", "rows": [asdict(r) for r in rows]}
     import torch
@@ -281,8 +296,8 @@ def format_kernel_table(result: dict) -> str:
         return _format_remote_table(result)
     peak = result["peak"]["gops"]
     header = ("| model | n x k | rows | int8mt tuned GOPS | % of peak | % of peak, same moment | tiles | "
-              "int8mt default | PyTorch int8 | PyTorch int8 dynamic | int8mt FP32 | PyTorch FP32 | "
-              "tuned / PyTorch int8 |")
+              "int8mt default | PyTorch int8 | PyTorch int8 dynamic | oneDNN int8 (`_int_mm`) | int8mt FP32 | "
+              "PyTorch FP32 | tuned / PyTorch int8 | tuned / oneDNN |")
     instruction = result["peak"]["instruction"].removeprefix("llvm.x86.")
     lines = [f"int8 peak ({instruction} streams, {result['peak']['threads']} threads): {peak:.0f} GOPS", "", header,
              "|" + "---|" * header.count(" | ") + "---|"]
@@ -291,7 +306,8 @@ def format_kernel_table(result: dict) -> str:
                      f"{100 * r['int8mt_tuned'] / peak:.0f} | {100 * r['peak_share_same_moment']:.0f} | "
                      f"{r['tiles']}{'' if r['tuned'] else ' (default)'} | "
                      f"{r['int8mt_default']:.0f} | {r['torch_int8']:.0f} | {r['torch_int8_dynamic']:.0f} | "
-                     f"{r['int8mt_fp32']:.0f} | {r['torch_fp32']:.0f} | {r['int8mt_tuned'] / r['torch_int8']:.2f}x |")
+                     f"{r['onednn_int_mm']:.0f} | {r['int8mt_fp32']:.0f} | {r['torch_fp32']:.0f} | "
+                     f"{r['int8mt_tuned'] / r['torch_int8']:.2f}x | {r['int8mt_tuned'] / r['onednn_int_mm']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tvm import tirx
+from tvm.script.ir_builder import tirx as Tb
 
+from .dot import AMX_TILE_BYTES
 from .x86_vnni import VNNI_DOT
 
 AMX_DOT = replace(VNNI_DOT, family="amx", amx_tiles=True, batch_family="vnni")
@@ -35,3 +37,16 @@ def tile_id(tile: int) -> tirx.PrimExpr:
 
 def stride(nbytes: int) -> tirx.PrimExpr:
     return tirx.const(nbytes, "int64")
+
+
+def configure_tiles() -> None:
+    """Emit (into the current IR builder frame) ``ldtilecfg`` of palette 1 with every tile 16 rows of 64 bytes,
+    from a configuration buffer allocated here (the configuration is per thread: emit it in each thread)."""
+    config = Tb.alloc_buffer((CONFIG_BYTES,), "uint8", scope="local")
+    with Tb.serial(0, CONFIG_BYTES) as b:
+        Tb.buffer_store(config, Tb.uint8(0), [b])
+    Tb.buffer_store(config, Tb.uint8(1), [0])  # palette 1
+    for tile in range(TILE_REGISTERS):
+        Tb.buffer_store(config, Tb.uint8(AMX_TILE_BYTES), [16 + 2 * tile])  # bytes per row
+        Tb.buffer_store(config, Tb.uint8(TILE_ROWS), [48 + tile])
+    Tb.evaluate(tile_call("ldtilecfg", Tb.address_of(config[0])))

@@ -89,11 +89,12 @@ def test_few_rows_branch_only_for_dynamic_rows_and_row_tiles_above_one(rows, til
 
 @pytest.mark.parametrize("preset", INT8_PRESETS)
 def test_peak_microbenchmark_runs_every_thread(preset):
-    from int8mt.schedules.int8_peak import measure_int8_peak
+    from int8mt.schedules.int8_peak import AMX_INSTRUCTION, measure_int8_peak
 
     dot = int8_dot(preset.int8_dot)
     result = measure_int8_peak(dot, tvm.target.Target(preset.target), iters=1000, repeat=1)
-    assert result["threads"] >= 1 and result["gops"] > 0 and result["instruction"] == dot.instruction
+    assert result["threads"] >= 1 and result["gops"] > 0
+    assert result["instruction"] == (AMX_INSTRUCTION if dot.amx_tiles else dot.instruction)
 
 
 def test_pack_weight_float():

@@ -124,11 +124,12 @@ def test_kernel_table_shows_both_shares_of_the_peak():
 
     share = same_moment_share(1.0, [1e-3, 2e-3, 1e-3], [2e-3, 2e-3, 4e-3])
     assert share == 0.5
-    row = KernelRow("reference", 256, 256, 640, "4x64 depth 8", True, 500.0, 25.0, 120.0, 250.0, 200.0, 100.0, share)
+    row = KernelRow("reference", 256, 256, 640, "4x64 depth 8", True, 500.0, 25.0, 120.0, 250.0, 200.0, 100.0, 400.0,
+                    share)
     result = {"peak": {"gops": 1000.0, "threads": 2, "instruction": "llvm.x86.avx512.vpdpbusd.512"},
               "rows": [row.__dict__]}
-    assert "| reference | 256 x 256 | 640 | 500 | 50 | 50 | 4x64 depth 8 | 25 | 250 | 200 | 120 | 100 | 2.00x |" in (
-        format_kernel_table(result))
+    assert ("| reference | 256 x 256 | 640 | 500 | 50 | 50 | 4x64 depth 8 | 25 | 250 | 200 | 400 | 120 | 100 | 2.00x "
+            "| 1.25x |") in format_kernel_table(result)
 
 
 @needs_vnni
