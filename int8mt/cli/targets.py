@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..targets import PRESETS, host_arch, missing_features
+    from ..targets import PRESETS, amx_permission, host_arch, missing_features, needs_amx
 
     name_width = max(len(p.name) for p in PRESETS.values())
     target_width = max(len(json.dumps(p.target)) for p in PRESETS.values())
@@ -19,6 +19,8 @@ def run(args: argparse.Namespace) -> int:
     for preset in PRESETS.values():
         missing = missing_features(preset)
         status = "runs here" if not missing else f"not on this CPU (lacks {', '.join(missing)})"
+        if not missing and needs_amx(preset) and amx_permission() is not None:
+            status = f"not here: {amx_permission()}"
         if preset.arch != host_arch():
             status = (f"{preset.arch} code: cross-compiles here, runs on {preset.arch} CPUs with "
                       f"{', '.join(preset.required_features)}")

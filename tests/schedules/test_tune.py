@@ -153,6 +153,17 @@ def test_tune_cli_on_a_model(capsys, tiny_model_dir, tmp_path):
     assert len(log) == 1 and len(log[0]["tasks"]) == 7
 
 
+@needs_vnni
+def test_tuning_x86_amx_tunes_the_vnni_kernel_it_takes_its_tiles_from(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    from int8mt.interface import tune as tune_interface
+
+    tuned_for = []
+    monkeypatch.setattr(tune_interface, "dense_tasks",
+                        lambda source, preset, untuned_only: tuned_for.append(preset.name) or [])
+    assert main(["tune", str(tiny_model_dir), "--target", "x86-amx", "--db", str(tmp_path)]) != 0  # no tasks
+    assert tuned_for == ["x86-vnni"] and "x86-amx takes its tiles from x86-vnni" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("preset", ["x86-vnni", "x86-avx512", "x86-avx2"])
 def test_shipped_database_matches_the_kernels_workloads(preset):
     """The shipped records are keyed by the kernel's structure: a change to ``int8_dense`` that alters it
