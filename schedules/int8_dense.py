@@ -252,7 +252,7 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
 
             if amx and rows is not None:  # a static row count that tiles take: nothing else
                 amx_part()
-            elif amx:  # each branch a block of its own (see above)
+            elif amx:  # each branch a block of its own, as the few-rows branches
                 with Tb.If(M >= Tb.int64(AMX_MIN_ROWS)):
                     with Tb.Then():
                         amx_part()
