@@ -40,8 +40,9 @@ row and the lanes are vectorized into fused multiply-adds; float32 activations s
 zero); its calls are marked ``float_dense`` instead of ``int8_dense`` (:func:`dense_kind`).
 
 A dot product with ``amx_tiles`` (x86-amx) computes ``AMX_MIN_ROWS`` rows and more on AMX tiles
-(:mod:`.amx_dense`, an opaque block of its own under ``if m >= AMX_MIN_ROWS``) and fewer with VNNI as above; both
-read the same packed weights, K padded to whole tiles (64 bytes).
+(:mod:`.amx_dense`: an opaque block of blocks of one row tile up to ``AMX_ONE_TILE_ROWS`` rows, of
+``AMX_ROW_TILES`` above, each under its ``if``) and fewer with VNNI as above; both read the same packed weights, K
+padded to whole tiles (64 bytes).
 
 An optional :class:`DenseEpilogue` replaces the final int32 store: the elementwise ops that follow the
 layer (requantization, dequantization with the residual, a change of layout) are computed on each sum
@@ -59,7 +60,9 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as Tb
 
 from .amx_dense import MIN_ROWS as AMX_MIN_ROWS
-from .amx_dense import amx_product_and_store
+from .amx_dense import ONE_TILE_ROWS as AMX_ONE_TILE_ROWS
+from .amx_dense import ROW_TILES as AMX_ROW_TILES
+from .amx_dense import amx_product_and_store, block_row_tiles
 from .intrin import Int8Dot
 from .kernel_attrs import DENSE_ATTR, KERNEL_ATTR
 
@@ -181,12 +184,12 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
                  else Tb.match_buffer(c, epilogue.out_shape, epilogue.out_dtype))
             amx = dot.amx_tiles and (rows is None or rows >= AMX_MIN_ROWS)
 
-            def amx_part() -> None:
+            def amx_part(row_tiles: int) -> None:
                 def store(total: tirx.PrimExpr, i: tirx.PrimExpr, j: tirx.PrimExpr) -> None:
                     index, value = ([i, j], total) if epilogue is None else epilogue.store(total, i, j, inputs)
                     Tb.buffer_store(C, value, index)
 
-                amx_product_and_store(A, w, correction, C, M, n, k, np_, kp, dot, store)
+                amx_product_and_store(A, w, correction, C, M, n, k, np_, kp, dot, store, row_tiles)
 
             # the dot-product branches of an AMX kernel stage fewer than AMX_MIN_ROWS rows
             staged_rows = ((Tb.min(M, Tb.int64(AMX_MIN_ROWS - 1)) if amx else M) + PAD - 1) // PAD * PAD + PAD
@@ -251,14 +254,18 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
                     product_and_store("")
 
             if amx and rows is not None:  # a static row count that tiles take: nothing else
-                amx_part()
+                amx_part(block_row_tiles(rows))
             elif amx:  # each branch a block of its own, as the few-rows branches
-                with Tb.If(M >= Tb.int64(AMX_MIN_ROWS)):
+                with Tb.If(M > Tb.int64(AMX_ONE_TILE_ROWS)):
                     with Tb.Then():
-                        amx_part()
+                        amx_part(AMX_ROW_TILES)
                     with Tb.Else():
-                        with Tb.sblock("branch_dot"):
-                            dot_product_branches()
+                        with Tb.If(M >= Tb.int64(AMX_MIN_ROWS)):
+                            with Tb.Then():
+                                amx_part(1)
+                            with Tb.Else():
+                                with Tb.sblock("branch_dot"):
+                                    dot_product_branches()
             else:
                 dot_product_branches()
     return builder.get()

@@ -140,8 +140,7 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str, do
     from int8mt.schedules.cpu_generic import CPUGeneric
     from int8mt.schedules.database import chosen_tiles
     from int8mt.schedules.amx_dense import MIN_ROWS as AMX_MIN_ROWS
-    from int8mt.schedules.amx_dense import ROW_TILES as AMX_ROW_TILES
-    from int8mt.schedules.amx_dense import col_tiles
+    from int8mt.schedules.amx_dense import block_row_tiles, col_tiles
     from int8mt.schedules.int8_dense import pack_weight, padded, scheduled_int8_dense
 
     rng = np.random.default_rng(0)
@@ -168,7 +167,7 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str, do
     default_args = [tvm.runtime.tensor(x, device=where.device) for x in (a, w, np.zeros((rows, n), np.int32))]
     label = tile_label(tiles.rows, tiles.cols, tiles.depth, (dot.lanes, dot.reduce), tiles.row_split)
     if dot.amx_tiles and rows >= AMX_MIN_ROWS:
-        label = f"AMX {AMX_ROW_TILES}x{col_tiles(padded(n, k, dot)[0])} tiles"
+        label = f"AMX {block_row_tiles(rows)}x{col_tiles(padded(n, k, dot)[0])} tiles"
     return (_tvm_timer(tuned, tuned_args, where.device), _tvm_timer(default, default_args, where.device), label,
             tuned_tiles)
 
