@@ -4,11 +4,12 @@
 The activations are staged shifted to uint8 (as for VNNI) in the tile layout ``[tiles, K/64, 16, 64]``, so that
 each 16 x 64 activation tile is 1 KB of contiguous bytes like the weights' tiles (loading them with a row stride
 of K ran ~25 % slower). The output is cut into blocks of ``ROW_TILES`` x ``col_tiles`` 16 x 16 tiles (2 x 2: four
-accumulators, two activation and two weight tiles, all eight tile registers); blocks run in parallel, row-block
-major (a thread's consecutive blocks share their activations). Each thread configures the tiles once (a
-``pragma_parallel_launch_point`` region: the configuration is per thread) and releases them at the end. A block
-zeroes its accumulators, walks K one tile at a time, stores the int32 tiles to a stack buffer and applies the
-epilogue (or the correction alone) to the rows below m, 16 columns at a time.
+accumulators, two activation and two weight tiles, all eight tile registers), or of one row tile up to
+``ONE_TILE_ROWS`` rows; blocks run in parallel, row-block major (a thread's consecutive blocks share their
+activations). Each thread configures the tiles once (a ``pragma_parallel_launch_point`` region: the configuration
+is per thread) and releases them at the end. A block zeroes its accumulators, walks K one tile at a time, stores
+the int32 tiles to a buffer of its own and applies the epilogue (or the correction alone) to the rows below m, 16
+columns at a time.
 
 Written as loops in one opaque block: the schedule of the VNNI branches does not touch it, and the tile
 registers, which instructions name by immediates, come out of unrolled loops.
@@ -23,8 +24,8 @@ from .intrin.x86_amx import TILE_REGISTERS, TILE_ROWS, configure_tiles, stride, 
 
 ROW_TILES = 2  # 16-row tiles per block
 ONE_TILE_ROWS = TILE_ROWS  # up to this many rows a block is one row tile: 25-40 % faster at 8-16 rows
-# kernels with fewer rows run the VNNI dot product: from 8 rows a block of tiles (half of one tile's rows) took less
-# time than the VNNI kernel at the reference model's shapes, on one thread and on two (both sharing one tile unit)
+# kernels with fewer rows run the VNNI dot product: from 8 rows tiles took less time than the VNNI kernel at the
+# reference model's shapes on one thread and on two; from one row they were faster alone, slower in the model
 MIN_ROWS = 8
 
 
