@@ -7,6 +7,7 @@ Kept free of TVM imports so that the runtime can check a bundle's features befor
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,19 +221,13 @@ def needs_amx(preset: TargetPreset) -> bool:
 
 
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64
-_amx_refusal: list[str | None] = []  # the answer of the one request per process
 
 
+@functools.cache  # one request per process
 def amx_permission() -> str | None:
     """Ask Linux once per process for the AMX tile data state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
     XFEATURE_XTILEDATA)``; without it the first tile instruction kills the process with SIGILL). None when granted,
     else why not (Linux before 5.16, a kernel or hypervisor that does not offer it, another OS)."""
-    if not _amx_refusal:
-        _amx_refusal.append(_request_amx())
-    return _amx_refusal[0]
-
-
-def _request_amx() -> str | None:
     if host_arch() != "x86_64" or platform.system() != "Linux":
         return f"AMX tiles are granted by Linux on x86-64; this is {platform.system()} on {host_arch()}"
     libc = ctypes.CDLL(None, use_errno=True)
