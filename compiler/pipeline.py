@@ -53,7 +53,7 @@ from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_datab
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
 from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
-from int8mt.targets import PRESETS, TargetPreset
+from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue,
                      GatherPackedRows, Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense,
@@ -98,7 +98,7 @@ def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser:
     the preset (or for the preset it takes its tiles from), then default tiles."""
     if preset.int8_dot is None:
         raise UserError(f"target preset {preset.name} has no int8 kernels to choose tiles for")
-    tuned = PRESETS[preset.tiles_from] if preset.tiles_from else preset
+    tuned = preset.tuned_preset
     folder = shipped_database(tuned.name)
     shipped = TuningDatabase(folder) if folder.is_dir() else None
     if database is None:

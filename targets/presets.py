@@ -32,6 +32,11 @@ class TargetPreset:
         return target_device(self.target)
 
     @property
+    def tuned_preset(self) -> "TargetPreset":
+        """The preset whose tuning database (and tiles) this one's kernels use: ``tiles_from``, else itself."""
+        return PRESETS[self.tiles_from] if self.tiles_from else self
+
+    @property
     def arch(self) -> str:
         """The CPU architecture of the preset's (host) code: ``x86_64`` or ``aarch64``."""
         return target_arch(self.target)

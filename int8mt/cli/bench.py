@@ -153,7 +153,7 @@ def _kernels(args: argparse.Namespace, cfg) -> int:
     from ..targets import get_preset
 
     preset = get_preset(args.target or cfg.compile.target)
-    database = database_or_shipped(preset.tiles_from or preset.name, database_path(args.db, cfg.tune.database))
+    database = database_or_shipped(preset.tuned_preset.name, database_path(args.db, cfg.tune.database))
     result = bench_kernels(preset, database,
                            sentences=_counts(args.batch_sizes, "--batch-sizes"),
                            rpc=RPCTracker.parse(args.rpc) if args.rpc else None)

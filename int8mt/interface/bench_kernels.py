@@ -40,7 +40,7 @@ from int8mt.errors import UserError
 from int8mt.schedules.database import BENCH_MODELS, DenseTask, linear_shapes, row_bucket
 from int8mt.schedules.tile_label import tile_label
 from int8mt.schedules.rpc import RPCTracker
-from int8mt.targets import PRESETS, TargetPreset, amx_permission, needs_amx
+from int8mt.targets import TargetPreset, amx_permission, needs_amx
 
 if TYPE_CHECKING:
     from int8mt.schedules.intrin import Int8Dot
@@ -252,8 +252,7 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     where = measurement.runner(dot)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
-    tiles_family = PRESETS[preset.tiles_from].int8_dot if preset.tiles_from else preset.int8_dot
-    kernels = [(*_int8mt_kernels(n, k, m, target, database, tiles_family, dot, where),
+    kernels = [(*_int8mt_kernels(n, k, m, target, database, preset.tuned_preset.int8_dot, dot, where),
                 _float_kernel(n, k, m, target, preset.float_dot, where))
                for _, n, k, m in tqdm(cases, desc="compiling int8mt kernels")]
     if rpc is not None:

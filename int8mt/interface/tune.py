@@ -13,7 +13,7 @@ from int8mt.runtime.bundle import MANIFEST_FILE, REPORT_FILE
 from int8mt.schedules.database import DenseTask, bench_tasks
 from int8mt.schedules.rpc import RPCTracker
 from int8mt.schedules.tile_label import tile_label
-from int8mt.targets import PRESETS, TargetPreset
+from int8mt.targets import TargetPreset
 
 LOG_FILE = "tuning-log.json"  # per run: what was tuned, trials, failures, best GOPS
 
@@ -72,7 +72,7 @@ def tune(args: TuneArgs) -> list[dict]:
     if args.preset.tiles_from:  # what its tiles tile is that preset's kernel: tune that one
         print(f"{args.preset.name} takes its tiles from {args.preset.tiles_from}: tuning {args.preset.tiles_from}'s "
               f"kernels (compile for either with --db {args.database})", file=sys.stderr)
-        args = replace(args, preset=PRESETS[args.preset.tiles_from])
+        args = replace(args, preset=args.preset.tuned_preset)
     if args.trials < 1 or args.budget_minutes <= 0:
         raise UserError("--trials must be at least 1 and --budget-minutes positive")
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU
