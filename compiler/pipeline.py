@@ -49,6 +49,7 @@ from tvm.s_tir import dlight
 from int8mt.compiler.cuda import cuda_compiled_here
 from int8mt.errors import UserError
 from int8mt.schedules.cpu_generic import FLOAT_BYTES, CPUGeneric, register_bytes
+from int8mt.schedules.amx_blocks import load_blocks
 from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
@@ -95,15 +96,18 @@ class CompiledModel:
 
 def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser:
     """Tiles for ``preset``'s int8 kernels from ``database``; kernels it lacks from the database shipped for
-    the preset (or for the preset it takes its tiles from), then default tiles."""
+    the preset (or for the preset it takes its tiles from), then default tiles; AMX blocks likewise."""
     if preset.int8_dot is None:
         raise UserError(f"target preset {preset.name} has no int8 kernels to choose tiles for")
     tuned = preset.tuned_preset
     folder = shipped_database(tuned.name)
     shipped = TuningDatabase(folder) if folder.is_dir() else None
+    # AMX kernels: the blocks searched into ``database`` and, for layers it lacks, those shipped for the preset
+    amx_blocks = ({**load_blocks(shipped_database(preset.name)), **load_blocks(database)}
+                  if int8_dot(preset.int8_dot).amx_tiles else None)
     if database is None:
-        return TileChooser(shipped, tuned.int8_dot)
-    return TileChooser(TuningDatabase(database), tuned.int8_dot, fallback=shipped)
+        return TileChooser(shipped, tuned.int8_dot, amx_blocks=amx_blocks)
+    return TileChooser(TuningDatabase(database), tuned.int8_dot, fallback=shipped, amx_blocks=amx_blocks)
 
 
 def import_model(model: Transformer, options: CompileOptions) -> tvm.IRModule:

@@ -3,56 +3,98 @@
 
 The activations are staged shifted to uint8 (as for VNNI) in the tile layout ``[tiles, K/64, 16, 64]``, so that
 each 16 x 64 activation tile is 1 KB of contiguous bytes like the weights' tiles (loading them with a row stride
-of K ran ~25 % slower). The output is cut into blocks of ``ROW_TILES`` x ``col_tiles`` 16 x 16 tiles (2 x 2: four
-accumulators, two activation and two weight tiles, all eight tile registers), or of one row tile up to
-``ONE_TILE_ROWS`` rows; blocks run in parallel, row-block major (a thread's consecutive blocks share their
-activations). Each thread configures the tiles once (a ``pragma_parallel_launch_point`` region: the configuration
-is per thread) and releases them at the end. A block zeroes its accumulators, walks K one tile at a time, stores
-the int32 tiles to a buffer of its own and applies the epilogue (or the correction alone) to the rows below m, 16
-columns at a time.
+of K ran ~25 % slower). The output is cut into blocks of :class:`AmxBlock` ``row_tiles`` x ``col_tiles`` 16 x 16
+tiles (2 x 2: four accumulators, two activation and two weight tiles, all eight tile registers); up to
+``ONE_TILE_ROWS`` rows a block is one row tile. Blocks run in parallel, row-block major (a thread's consecutive
+blocks share their activations) or column-block major (their weights). Each thread configures the tiles once (a
+``pragma_parallel_launch_point`` region: the configuration is per thread) and releases them at the end. A block
+zeroes its accumulators, walks K one tile at a time, stores the int32 tiles to a buffer of its own and applies the
+epilogue (or the correction alone) to the rows below m, 16 columns at a time.
+
+The block is the AMX kernel's tuning knob: :data:`BLOCKS` is its design space, searched per linear layer by
+``int8mt tune`` (:mod:`.amx_blocks`); :func:`default_block` applies where nothing was searched.
 
 Written as loops in one opaque block: the schedule of the VNNI branches does not touch it, and the tile
 registers, which instructions name by immediates, come out of unrolled loops.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import tirx
 from tvm.script.ir_builder import tirx as Tb
 
 from .intrin.dot import AMX_TILE_BYTES, Int8Dot
 from .intrin.x86_amx import TILE_REGISTERS, TILE_ROWS, configure_tiles, stride, tile_call, tile_id
+from .tile_label import amx_block_label
 
-ROW_TILES = 2  # 16-row tiles per block
 ONE_TILE_ROWS = TILE_ROWS  # up to this many rows a block is one row tile: 25-40 % faster at 8-16 rows
 # kernels with fewer rows run the VNNI dot product: from 8 rows tiles took less time than the VNNI kernel at the
 # reference model's shapes on one thread and on two; from one row they were faster alone, slower in the model
 MIN_ROWS = 8
 
 
-def col_tiles(np_: int) -> int:
-    """16-column tiles per block: 2 where they divide the padded columns, else 1."""
-    return 2 if np_ // TILE_ROWS % 2 == 0 else 1
+@dataclass(frozen=True)
+class AmxBlock:
+    """The output block one thread computes at a time, ``row_tiles`` x ``col_tiles`` tiles of 16 x 16 int32, and
+    the order of the blocks: row-block major (consecutive blocks share activation tiles) or ``by_columns``."""
+
+    row_tiles: int = 2
+    col_tiles: int = 2
+    by_columns: bool = False
+
+    def __post_init__(self) -> None:
+        if min(self.row_tiles, self.col_tiles) < 1 or self.registers > TILE_REGISTERS:
+            raise ValueError(f"an AMX block of {self.row_tiles} x {self.col_tiles} tiles needs {self.registers} "
+                             f"tile registers (accumulators, activations, weights); there are {TILE_REGISTERS}")
+
+    @property
+    def registers(self) -> int:
+        return self.row_tiles * self.col_tiles + self.row_tiles + self.col_tiles
+
+    @property
+    def label(self) -> str:
+        return amx_block_label(**self.to_dict())
+
+    def fits(self, np_: int) -> bool:
+        """Whether its column tiles divide ``np_`` (padded) columns."""
+        return np_ // TILE_ROWS % self.col_tiles == 0
+
+    def to_dict(self) -> dict:
+        return {"row_tiles": self.row_tiles, "col_tiles": self.col_tiles, "by_columns": self.by_columns}
 
 
-def block_row_tiles(rows: int) -> int:
-    """Row tiles per block for a static row count."""
-    return 1 if rows <= ONE_TILE_ROWS else ROW_TILES
+# The design space: every block that fits the eight tile registers (1 x 3 and 3 x 1 use seven), in both orders.
+BLOCKS = tuple(AmxBlock(r, c, by_columns) for r, c in ((2, 2), (1, 2), (2, 1), (1, 1), (1, 3), (3, 1))
+               for by_columns in (False, True))
+
+
+def default_block(np_: int) -> AmxBlock:
+    """The block of a kernel nothing was searched for: 2 x 2 tiles (2 x 1 where the column tiles are odd)."""
+    return AmxBlock(2, 2 if np_ // TILE_ROWS % 2 == 0 else 1)
+
+
+def one_tile_block(np_: int) -> AmxBlock:
+    """The block of ``ONE_TILE_ROWS`` rows or fewer: one row tile, 2 column tiles (1 where they are odd)."""
+    return AmxBlock(1, 2 if np_ // TILE_ROWS % 2 == 0 else 1)
 
 
 def amx_product_and_store(A: tirx.Buffer, w: tirx.Buffer, correction: tirx.Buffer, C: tirx.Buffer,
                           M: tirx.PrimExpr, n: int, k: int, np_: int, kp: int, dot: Int8Dot, store,
-                          row_tiles: int = ROW_TILES) -> None:
-    """Emit (into the current IR builder frame) the block ``amx`` of blocks of ``row_tiles`` row tiles: staging,
-    tiles, epilogue. ``store(total, i, j)`` stores the int32 sum (correction added) of row ``i``, column ``j``."""
-    ct = col_tiles(np_)
-    a_tiles, b_tiles = row_tiles, ct  # registers: accumulators 0.., then activation, then weight tiles
-    assert a_tiles * b_tiles + a_tiles + b_tiles <= TILE_REGISTERS
-    block_rows, block_cols = row_tiles * TILE_ROWS, ct * TILE_ROWS
+                          block: AmxBlock, name: str = "amx") -> None:
+    """Emit (into the current IR builder frame) the block ``name`` computing C in blocks of ``block``'s tiles:
+    staging, tiles, epilogue. ``store(total, i, j)`` stores the int32 sum (correction added) of row ``i``, column
+    ``j``."""
+    if not block.fits(np_):
+        raise ValueError(f"{block.label}: {block.col_tiles} column tiles do not divide {np_} columns")
+    row_tiles = block.row_tiles
+    a_tiles, b_tiles = row_tiles, block.col_tiles  # registers: accumulators 0.., then activation, then weight tiles
+    block_rows, block_cols = row_tiles * TILE_ROWS, b_tiles * TILE_ROWS
     i64 = Tb.int64
     row_blocks = (M + block_rows - 1) // block_rows
     col_blocks = np_ // block_cols
     k_tiles = kp // AMX_TILE_BYTES
-    with Tb.sblock("amx" if row_tiles == ROW_TILES else f"amx_{row_tiles}"):
+    with Tb.sblock(name):
         Tb.reads(A[0:M, 0:k], w[0:np_ // dot.lanes, 0:kp // dot.reduce, 0:dot.lanes, 0:dot.reduce],
                  correction[0:np_])
         Tb.writes(C[tuple(slice(0, d) for d in C.shape)])
@@ -74,7 +116,8 @@ def amx_product_and_store(A: tirx.Buffer, w: tirx.Buffer, correction: tirx.Buffe
                 # (allocated in the parallel loop, each thread's own: TVM's storage planner hoists allocations
                 # out of a launch point's region to the function, where the threads would share them)
                 sums = Tb.alloc_buffer((block_rows, block_cols), "int32", scope="local")
-                rb, cb = item // col_blocks, item % col_blocks
+                rb, cb = ((item % row_blocks, item // row_blocks) if block.by_columns
+                          else (item // col_blocks, item % col_blocks))
                 for acc in range(a_tiles * b_tiles):
                     Tb.evaluate(tile_call("tilezero", tile_id(acc)))
                 with Tb.serial(i64(0), i64(k_tiles)) as kt:

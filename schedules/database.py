@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tvm
@@ -23,6 +23,7 @@ from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
 
 from int8mt.errors import UserError
 
+from .amx_dense import AmxBlock
 from .int8_dense import DenseTiles, default_tiles, int8_dense, tiles_from_trace
 from .intrin import Int8Dot, int8_dot
 
@@ -197,21 +198,29 @@ class TileChoice:
 class TileChooser:
     """``tiles_for(n, k, function)`` for :class:`~int8mt.compiler.passes.PackDense`: the database's
     best tiles for the function's row bucket, else ``fallback``'s, else the defaults (:meth:`choice` says
-    which)."""
+    which); for AMX kernels (``amx_blocks`` given: their block table) with the table's block for that bucket, else
+    the default block (then not tuned)."""
 
-    def __init__(self, database: TuningDatabase | None, family: str, fallback: TuningDatabase | None = None) -> None:
-        self.database, self.family, self.fallback = database, family, fallback
-        self._choices: dict[tuple[int, int, str], TileChoice] = {}  # the database is read once per kernel
+    def __init__(self, database: TuningDatabase | None, family: str, fallback: TuningDatabase | None = None,
+                 amx_blocks: dict[tuple[int, int, int], AmxBlock] | None = None) -> None:
+        self.database, self.family, self.fallback, self.amx_blocks = database, family, fallback, amx_blocks
+        self._choices: dict[DenseTask, TileChoice] = {}  # the database is read once per kernel
 
     def choice(self, n: int, k: int, function: str) -> TileChoice:
-        key = (n, k, function)
-        if key not in self._choices:
-            task = DenseTask(n, k, ENTRY_ROWS.get(function, ROW_BUCKETS[-1]), self.family)
+        """The tiles of the ``n`` x ``k`` kernel of entry function ``function`` (tuned for its row bucket)."""
+        return self.task_choice(DenseTask(n, k, ENTRY_ROWS.get(function, ROW_BUCKETS[-1]), self.family))
+
+    def task_choice(self, task: DenseTask) -> TileChoice:
+        """The tiles of ``task`` (of this chooser's family)."""
+        if task not in self._choices:
             tiles, tuned = chosen_tiles(self.database, task)
             if not tuned and self.fallback is not None:
                 tiles, tuned = chosen_tiles(self.fallback, task)
-            self._choices[key] = TileChoice(task, tiles, tuned)
-        return self._choices[key]
+            if self.amx_blocks is not None:
+                block = self.amx_blocks.get((task.n, task.k, task.rows))
+                tiles, tuned = replace(tiles, amx=block), tuned and block is not None
+            self._choices[task] = TileChoice(task, tiles, tuned)
+        return self._choices[task]
 
     def __call__(self, n: int, k: int, function: str) -> DenseTiles:
         return self.choice(n, k, function).tiles

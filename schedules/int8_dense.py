@@ -40,9 +40,9 @@ row and the lanes are vectorized into fused multiply-adds; float32 activations s
 zero); its calls are marked ``float_dense`` instead of ``int8_dense`` (:func:`dense_kind`).
 
 A dot product with ``amx_tiles`` (x86-amx) computes ``AMX_MIN_ROWS`` rows and more on AMX tiles
-(:mod:`.amx_dense`: an opaque block of blocks of one row tile up to ``AMX_ONE_TILE_ROWS`` rows, of
-``AMX_ROW_TILES`` above, each under its ``if``) and fewer with VNNI as above; both read the same packed weights, K
-padded to whole tiles (64 bytes).
+(:mod:`.amx_dense`: an opaque block of blocks of one row tile up to ``AMX_ONE_TILE_ROWS`` rows, of the tiles'
+:class:`~.amx_dense.AmxBlock` above, each under its ``if``) and fewer with VNNI as above; both read the same
+packed weights, K padded to whole tiles (64 bytes).
 
 An optional :class:`DenseEpilogue` replaces the final int32 store: the elementwise ops that follow the
 layer (requantization, dequantization with the residual, a change of layout) are computed on each sum
@@ -61,8 +61,7 @@ from tvm.script.ir_builder import tirx as Tb
 
 from .amx_dense import MIN_ROWS as AMX_MIN_ROWS
 from .amx_dense import ONE_TILE_ROWS as AMX_ONE_TILE_ROWS
-from .amx_dense import ROW_TILES as AMX_ROW_TILES
-from .amx_dense import amx_product_and_store, block_row_tiles
+from .amx_dense import AmxBlock, amx_product_and_store, default_block, one_tile_block
 from .intrin import Int8Dot
 from .kernel_attrs import DENSE_ATTR, KERNEL_ATTR
 
@@ -78,15 +77,26 @@ FEW_ROWS_FROM_TILE = 2  # kernels with dynamic rows and a row tile of 2 or more 
 @dataclass(frozen=True)
 class DenseTiles:
     """Tile sizes of one kernel: ``rows`` x ``cols``*lanes accumulators, ``depth``*reduce bytes per inner block,
-    rows cut into ``row_split`` parallel parts."""
+    rows cut into ``row_split`` parallel parts; for AMX tiles, the block of more than ``AMX_ONE_TILE_ROWS`` rows
+    (None: :func:`~.amx_dense.default_block`)."""
 
     rows: int
     cols: int
     depth: int
     row_split: int = 1
+    amx: AmxBlock | None = None
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "cols": self.cols, "depth": self.depth, "row_split": self.row_split}
+        tiles = {"rows": self.rows, "cols": self.cols, "depth": self.depth, "row_split": self.row_split}
+        return tiles if self.amx is None else {**tiles, "amx": self.amx.to_dict()}
+
+    @classmethod
+    def from_dict(cls, tiles: dict) -> DenseTiles:
+        """From :meth:`to_dict`'s dict (or a kernel attribute's map of it)."""
+        amx = tiles.get("amx")
+        return cls(*(int(tiles[f]) for f in ("rows", "cols", "depth", "row_split")),
+                   amx=None if amx is None else AmxBlock(int(amx["row_tiles"]), int(amx["col_tiles"]),
+                                                         bool(amx["by_columns"])))
 
 
 def padded(n: int, k: int, dot: Int8Dot) -> tuple[int, int]:
@@ -147,12 +157,13 @@ class DenseEpilogue:
 
 
 def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEpilogue | None = None,
-               few_rows: int = 0) -> tirx.PrimFunc:
+               few_rows: int = 0, amx_block: AmxBlock | None = None) -> tirx.PrimFunc:
     """The unscheduled kernel for an [N, K] weight; ``rows`` None makes the row count dynamic. Parameters:
     ``A [m, K]``, packed weight, correction, the epilogue's inputs and shape variables, the output
     (``C [m, N]`` int32 without an epilogue). With ``few_rows`` (dynamic rows only) the product is computed
     by a second block pair (``dense_few``, ``out_few``) when ``m <= few_rows``, scheduled one row at a time so
-    that a one-sentence decoder step does not pay for a whole register tile of rows. (Built with TVMScript's
+    that a one-sentence decoder step does not pay for a whole register tile of rows. ``amx_block``: the AMX
+    tiles' block above ``AMX_ONE_TILE_ROWS`` rows (default :func:`~.amx_dense.default_block`). (Built with TVMScript's
     IR builder, which takes a varying number of parameters; without an epilogue the function is the tuning
     database's workload.)"""
     np_, kp = padded(n, k, dot)
@@ -183,13 +194,14 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
             C = (Tb.match_buffer(c, (M, N), dot.accumulator) if epilogue is None
                  else Tb.match_buffer(c, epilogue.out_shape, epilogue.out_dtype))
             amx = dot.amx_tiles and (rows is None or rows >= AMX_MIN_ROWS)
+            many_rows_block = amx_block or default_block(np_)
 
-            def amx_part(row_tiles: int) -> None:
+            def amx_part(block: AmxBlock, name: str) -> None:
                 def store(total: tirx.PrimExpr, i: tirx.PrimExpr, j: tirx.PrimExpr) -> None:
                     index, value = ([i, j], total) if epilogue is None else epilogue.store(total, i, j, inputs)
                     Tb.buffer_store(C, value, index)
 
-                amx_product_and_store(A, w, correction, C, M, n, k, np_, kp, dot, store, row_tiles)
+                amx_product_and_store(A, w, correction, C, M, n, k, np_, kp, dot, store, block, name)
 
             # the dot-product branches of an AMX kernel stage fewer than AMX_MIN_ROWS rows
             staged_rows = ((Tb.min(M, Tb.int64(AMX_MIN_ROWS - 1)) if amx else M) + PAD - 1) // PAD * PAD + PAD
@@ -254,15 +266,15 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
                     product_and_store("")
 
             if amx and rows is not None:  # a static row count that tiles take: nothing else
-                amx_part(block_row_tiles(rows))
+                amx_part(many_rows_block if rows > AMX_ONE_TILE_ROWS else one_tile_block(np_), "amx")
             elif amx:  # each branch a block of its own, as the few-rows branches
                 with Tb.If(M > Tb.int64(AMX_ONE_TILE_ROWS)):
                     with Tb.Then():
-                        amx_part(AMX_ROW_TILES)
+                        amx_part(many_rows_block, "amx")
                     with Tb.Else():
                         with Tb.If(M >= Tb.int64(AMX_MIN_ROWS)):
                             with Tb.Then():
-                                amx_part(1)
+                                amx_part(one_tile_block(np_), "amx_one_tile")
                             with Tb.Else():
                                 with Tb.sblock("branch_dot"):
                                     dot_product_branches()
@@ -387,7 +399,7 @@ def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, dot: Int8Dot, rows: 
         raise ValueError(f"tiles {tiles} do not fit a {n}x{k} weight: rows must be one of {row_tiles(dot)}, row_split "
                          f"one of {ROW_SPLITS}, cols must divide {np_ // dot.lanes} and depth {kp // dot.reduce}")
     few_rows = tiles.rows - 1 if rows is None and tiles.rows >= max(FEW_ROWS_FROM_TILE, 2 * dot.rows) else 0
-    sch = s_tir.Schedule(int8_dense(n, k, rows, dot, epilogue, few_rows))
+    sch = s_tir.Schedule(int8_dense(n, k, rows, dot, epilogue, few_rows, tiles.amx if dot.amx_tiles else None))
     if not (dot.amx_tiles and rows is not None and rows >= AMX_MIN_ROWS):  # (AMX tiles only: loops written out)
         schedule_int8_dense(sch, tiles, dot, epilogue is not None, few_rows > 0)
     record = {"n": n, "k": k, "dot": dot.family, **tiles.to_dict()}
@@ -404,5 +416,4 @@ def dense_attrs(func: tirx.PrimFunc) -> tuple[int, int, DenseTiles, str] | None:
     record = func.attrs.get(DENSE_ATTR) if func.attrs is not None else None
     if record is None:
         return None
-    tiles = DenseTiles(*(int(record[f]) for f in ("rows", "cols", "depth", "row_split")))
-    return int(record["n"]), int(record["k"]), tiles, str(record["dot"])
+    return int(record["n"]), int(record["k"]), DenseTiles.from_dict(record), str(record["dot"])

@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 
-def tile_label(rows: int, cols: int, depth: int, block: tuple[int, int], row_split: int = 1) -> str:
+def tile_label(rows: int, cols: int, depth: int, block: tuple[int, int], row_split: int = 1,
+               amx: dict | None = None) -> str:
     """``rows x output columns depth K`` of a tile whose ``cols`` and ``depth`` count the dot product's
     ``block`` = (lanes, reduce), e.g. ``4x64 depth 16`` for 4 x 4 VNNI blocks and a depth of 4; ``, rows/2``
-    when the rows are cut in two parallel parts."""
+    when the rows are cut in two parallel parts; then the AMX block's :func:`amx_block_label`, if any."""
     lanes, reduce = block
-    return f"{rows}x{cols * lanes} depth {depth * reduce}" + (f", rows/{row_split}" if row_split > 1 else "")
+    label = f"{rows}x{cols * lanes} depth {depth * reduce}" + (f", rows/{row_split}" if row_split > 1 else "")
+    return label if amx is None else f"{label}; {amx_block_label(**amx)}"
+
+
+def amx_block_label(row_tiles: int, col_tiles: int, by_columns: bool) -> str:
+    """``AMX 2x2 tiles`` (``, by columns`` where blocks run column-block major)."""
+    return f"AMX {row_tiles}x{col_tiles} tiles" + (", by columns" if by_columns else "")

@@ -201,6 +201,17 @@ def host_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
+def host_cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """This machine's CPU model as Linux names it (e.g. ``Intel(R) Xeon(R) Processor``), else the architecture."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def aarch64_hwcaps() -> set[str]:
     """The :data:`AARCH64_HWCAPS` features ``getauxval`` reports on this (aarch64 Linux) machine."""
     try:

@@ -148,13 +148,11 @@ def _report(args: argparse.Namespace, result: dict, table: str, plot: Callable[[
 
 def _kernels(args: argparse.Namespace, cfg) -> int:
     from ..interface.bench_kernels import bench_kernels, format_kernel_table
-    from ..schedules.database import database_or_shipped
     from ..schedules.rpc import RPCTracker
     from ..targets import get_preset
 
     preset = get_preset(args.target or cfg.compile.target)
-    database = database_or_shipped(preset.tuned_preset.name, database_path(args.db, cfg.tune.database))
-    result = bench_kernels(preset, database,
+    result = bench_kernels(preset, database_path(args.db, cfg.tune.database),
                            sentences=_counts(args.batch_sizes, "--batch-sizes"),
                            rpc=RPCTracker.parse(args.rpc) if args.rpc else None)
     print(format_kernel_table(result))

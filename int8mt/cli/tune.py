@@ -35,14 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..interface.tune import TuneArgs, format_rows, tune
-    from ..schedules.database import shipped_database
     from ..schedules.rpc import RPCTracker
     from ..targets import get_preset
 
     cfg = load_config(config_path(args))
     preset = get_preset(args.target or cfg.compile.target)
-    db = database_path(args.db, cfg.tune.database) or shipped_database(preset.name)
-    rows = tune(TuneArgs(source=args.source or cfg.paths.model, preset=preset, database=db,
+    rows = tune(TuneArgs(source=args.source or cfg.paths.model, preset=preset,
+                         database=database_path(args.db, cfg.tune.database),
                          trials=args.trials or cfg.tune.trials,
                          budget_minutes=args.budget_minutes or cfg.tune.budget_minutes,
                          bench_shapes=args.bench_shapes, untuned_only=args.untuned_only,

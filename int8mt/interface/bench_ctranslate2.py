@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from int8mt.errors import UserError
 from int8mt.metrics import corpus_bleu
+from int8mt.targets import host_cpu_name
 
 from .bench_engine import EngineRun
 from .plotting import pyplot, save
@@ -160,13 +160,6 @@ def _gpu_name() -> str:
     return f"{name} (driver {driver})"
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list[int]], scenarios: list[Scenario],
                              fixed_tokens: int | None, length_penalty: float, decode: Callable[[list[int]], str],
                              references: list[str] | None, cpus: int | None = None,
@@ -196,7 +189,7 @@ def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list
             for s in scenarios]
     for r in runs:
         del r["outputs"]
-    machine = _gpu_name() if gpu else f"{cpus} CPUs of {_cpu_name()}"
+    machine = _gpu_name() if gpu else f"{cpus} CPUs of {host_cpu_name()}"
     return {"machine": machine, "ctranslate2": ctranslate2.__version__,
             "compute_type": ct2_compute_type, "bundle": str(bundle_dir), "sentences": len(sources), "fixed_tokens": fixed_tokens,
             "length_penalty": length_penalty, "rows": rows, "runs": runs}

@@ -37,12 +37,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from int8mt.errors import UserError
-from int8mt.schedules.database import BENCH_MODELS, DenseTask, linear_shapes, row_bucket
+from int8mt.schedules.database import BENCH_MODELS, DenseTask, database_or_shipped, linear_shapes, row_bucket
 from int8mt.schedules.tile_label import tile_label
 from int8mt.schedules.rpc import RPCTracker
 from int8mt.targets import TargetPreset, amx_permission, needs_amx
 
 if TYPE_CHECKING:
+    from int8mt.schedules.database import TileChooser
     from int8mt.schedules.intrin import Int8Dot
     from int8mt.schedules.measure import CheckedRunner
 
@@ -128,27 +129,25 @@ def _short_peak_timer(dot, target) -> Timer:
     return lambda: 1.0 / measure(3)["gops"]
 
 
-def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str, dot: Int8Dot,
+def _int8mt_kernels(n: int, k: int, rows: int, target, tiles: TileChooser, dot: Int8Dot,
                     where: CheckedRunner) -> tuple[Timer, Timer, str, bool]:
-    """Timers of the kernel of ``dot`` with ``database``'s tiles for ``family`` (the preset's, or those of the
-    preset it takes its tiles from) and of the default schedule on ``where`` (a :class:`CheckedRunner`: this
-    machine or a board), the tiles used and whether they were tuned."""
+    """Timers of the kernel of ``dot`` with the tiles ``tiles`` chooses for it (the preset's, or those of the
+    preset it takes its tiles from, and AMX blocks) and of the default schedule on ``where`` (a
+    :class:`CheckedRunner`: this machine or a board), the tiles used and whether they were tuned."""
     import tvm
     from tvm import te
     from tvm.s_tir import dlight
 
-    from int8mt.schedules.cpu_generic import CPUGeneric
-    from int8mt.schedules.database import chosen_tiles
     from int8mt.schedules.amx_dense import MIN_ROWS as AMX_MIN_ROWS
-    from int8mt.schedules.amx_dense import block_row_tiles, col_tiles
+    from int8mt.schedules.amx_dense import ONE_TILE_ROWS, default_block, one_tile_block
+    from int8mt.schedules.cpu_generic import CPUGeneric
     from int8mt.schedules.int8_dense import pack_weight, padded, scheduled_int8_dense
 
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, (rows, k), dtype=np.int8)
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    task = DenseTask(n, k, row_bucket(rows), family)
-    tiles, tuned_tiles = chosen_tiles(database, task)
-    kernel = scheduled_int8_dense(n, k, tiles, dot, rows)
+    choice = tiles.task_choice(DenseTask(n, k, row_bucket(rows), tiles.family))
+    kernel = scheduled_int8_dense(n, k, choice.tiles, dot, rows)
     tuned = where.load(tvm.compile(tvm.IRModule({"main": kernel}), target=target))
     packed, correction = pack_weight(w, dot)
     tuned_args = [tvm.runtime.tensor(x, device=where.device)
@@ -165,11 +164,13 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, database, family: str, do
         generic = dlight.ApplyDefaultSchedule(CPUGeneric())(tvm.IRModule({"main": te.create_prim_func([x, wt, y])}))
     default = where.load(tvm.compile(generic, target=target))
     default_args = [tvm.runtime.tensor(x, device=where.device) for x in (a, w, np.zeros((rows, n), np.int32))]
-    label = tile_label(tiles.rows, tiles.cols, tiles.depth, (dot.lanes, dot.reduce), tiles.row_split)
-    if dot.amx_tiles and rows >= AMX_MIN_ROWS:
-        label = f"AMX {block_row_tiles(rows)}x{col_tiles(padded(n, k, dot)[0])} tiles"
+    chosen = choice.tiles
+    label = tile_label(chosen.rows, chosen.cols, chosen.depth, (dot.lanes, dot.reduce), chosen.row_split)
+    if dot.amx_tiles and rows >= AMX_MIN_ROWS:  # static rows: only the AMX block runs
+        np_ = padded(n, k, dot)[0]
+        label = (chosen.amx or default_block(np_) if rows > ONE_TILE_ROWS else one_tile_block(np_)).label
     return (_tvm_timer(tuned, tuned_args, where.device), _tvm_timer(default, default_args, where.device), label,
-            tuned_tiles)
+            choice.tuned)
 
 
 def _float_kernel(n: int, k: int, rows: int, target, family: str, where: CheckedRunner) -> Timer:
@@ -223,14 +224,14 @@ def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
 
 def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32),
                   rpc: RPCTracker | None = None) -> dict:
-    """The benchmark table rows and the measured peak (see the module docstring); with ``rpc``, measured on a
-    board."""
+    """The benchmark table rows and the measured peak (see the module docstring), with the tiles of
+    ``database_dir`` (None: those shipped for the preset); with ``rpc``, measured on a board."""
     if preset.device == "cuda":
         if rpc is not None:
             raise UserError("--rpc measures on a CPU board; CUDA kernels are benchmarked on a machine with the GPU")
         from .bench_cuda_kernels import bench_cuda_kernels
 
-        return bench_cuda_kernels(preset, database_dir, sentences)
+        return bench_cuda_kernels(preset, database_or_shipped(preset.name, database_dir), sentences)
     if preset.int8_dot is None:
         raise UserError(f"the kernel benchmark measures int8 dot-product kernels; preset {preset.name} has none "
                          "(`int8mt targets` lists the presets that have)")
@@ -240,19 +241,19 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     import tvm
     from tqdm import tqdm
 
-    from int8mt.schedules.database import TuningDatabase
+    from int8mt.compiler.pipeline import tile_chooser
     from int8mt.schedules.intrin import int8_dot
     from int8mt.schedules.tune import Measurement
 
     measurement = Measurement.for_preset(preset, rpc, "benchmark")
 
     target = tvm.target.Target(preset.target)
-    database = TuningDatabase(database_dir) if database_dir is not None else None
+    tiles = tile_chooser(preset, database_dir)
     dot = int8_dot(preset.int8_dot)
     where = measurement.runner(dot)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
-    kernels = [(*_int8mt_kernels(n, k, m, target, database, preset.tuned_preset.int8_dot, dot, where),
+    kernels = [(*_int8mt_kernels(n, k, m, target, tiles, dot, where),
                 _float_kernel(n, k, m, target, preset.float_dot, where))
                for _, n, k, m in tqdm(cases, desc="compiling int8mt kernels")]
     if rpc is not None:

@@ -5,15 +5,15 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from int8mt.errors import UserError
 from int8mt.runtime.bundle import MANIFEST_FILE, REPORT_FILE
-from int8mt.schedules.database import DenseTask, bench_tasks
+from int8mt.schedules.database import DenseTask, bench_tasks, shipped_database
 from int8mt.schedules.rpc import RPCTracker
 from int8mt.schedules.tile_label import tile_label
-from int8mt.targets import TargetPreset
+from int8mt.targets import TargetPreset, amx_permission, missing_features
 
 LOG_FILE = "tuning-log.json"  # per run: what was tuned, trials, failures, best GOPS
 
@@ -22,7 +22,7 @@ LOG_FILE = "tuning-log.json"  # per run: what was tuned, trials, failures, best 
 class TuneArgs:
     source: Path  # a model directory or a bundle
     preset: TargetPreset
-    database: Path
+    database: Path | None  # None: the folders shipped in the package
     trials: int
     budget_minutes: float
     bench_shapes: bool = False  # also tune every shape of `int8mt bench kernels`
@@ -63,64 +63,108 @@ def dense_tasks(source: Path, preset: TargetPreset, untuned_only: bool = False) 
 
 def tune(args: TuneArgs) -> list[dict]:
     """Tune every kernel of ``args.source`` (and the benchmark shapes if asked); returns one row per task and
-    appends the run to the database's tuning log."""
+    appends the run to the database's tuning log. A preset that takes its tiles from another (x86-amx: the VNNI
+    kernel of its few-rows branch) tunes that one's kernels; AMX kernels then get their block search."""
     if args.preset.device == "cuda":
         return tune_cuda(args)
     if args.preset.int8_dot is None:
         raise UserError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; "
                          "`int8mt targets` lists the presets that have")
-    if args.preset.tiles_from:  # what its tiles tile is that preset's kernel: tune that one
-        print(f"{args.preset.name} takes its tiles from {args.preset.tiles_from}: tuning {args.preset.tiles_from}'s "
-              f"kernels (compile for either with --db {args.database})", file=sys.stderr)
-        args = replace(args, preset=args.preset.tuned_preset)
     if args.trials < 1 or args.budget_minutes <= 0:
         raise UserError("--trials must be at least 1 and --budget-minutes positive")
+    preset, tuned = args.preset, args.preset.tuned_preset
+    folder = args.database or shipped_database(tuned.name)
+    if preset.tiles_from:  # what its tiles tile is that preset's kernel: tune that one
+        print(f"{preset.name} takes its tiles from {tuned.name}: tuning {tuned.name}'s kernels into {folder}",
+              file=sys.stderr)
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure on every CPU
     from int8mt.schedules.tune import Measurement
 
-    # before the kernels are extracted: a wrong address or key is known at once
-    measurement = Measurement.for_preset(args.preset, args.rpc, "tune")
-    tasks = dense_tasks(args.source, args.preset, args.untuned_only)
+    # before the kernels are extracted: a wrong address or key, or AMX tiles Linux refuses, are known at once
+    measurement = Measurement.for_preset(tuned, args.rpc, "tune")
+    amx = _amx_blocks_measurement(preset, args.rpc)
+    tasks = dense_tasks(args.source, tuned, args.untuned_only)
     if not tasks:
         raise UserError(f"every int8 kernel of {args.source} was built with tuned tiles: nothing to tune")
     if args.bench_shapes:
-        tasks = sorted(set(tasks) | set(bench_tasks(args.preset.int8_dot)))
+        tasks = sorted(set(tasks) | set(bench_tasks(tuned.int8_dot)))
     import tvm
 
     from int8mt.schedules.database import TuningDatabase
     from int8mt.schedules.tune import confirm
     from int8mt.schedules.tune import tune as tune_tasks
 
-    database = TuningDatabase(args.database, create=True)
+    database = TuningDatabase(folder, create=True)
     where = f" on the board of tracker {args.rpc}" if args.rpc else ""
-    print(f"tuning {len(tasks)} kernels for {args.preset.name}{where}, {args.trials} trials each, database "
-          f"{args.database}", file=sys.stderr)
+    print(f"tuning {len(tasks)} kernels for {tuned.name}{where}, {args.trials} trials each, database {folder}",
+          file=sys.stderr)
     t0 = time.time()
-    target = tvm.target.Target(args.preset.target)
+    target = tvm.target.Target(tuned.target)
     try:
         reports = tune_tasks(tasks, target, database, args.trials, budget_s=args.budget_minutes * 60,
                              measurement=measurement)
         confirm(tasks, target, database, measurement=measurement)
+        blocks = _search_amx_blocks(tasks, preset, args.database, amx) if amx is not None else {}
     except (KeyboardInterrupt, RuntimeError) as err:
         # MetaSchedule runs our callbacks from C++, which hands a Ctrl-C back as a RuntimeError naming it
         if isinstance(err, RuntimeError) and "KeyboardInterrupt" not in str(err):
             raise
-        print(f"interrupted: {args.database} keeps every candidate measured so far; the same command resumes "
+        print(f"interrupted: {folder} keeps every candidate measured so far; the same command resumes "
               "from there", file=sys.stderr)
         raise KeyboardInterrupt from None
     rows = []
     for report in reports:
         best = database.best(report.task)
+        block = blocks.get((report.task.n, report.task.k, report.task.rows))
         rows.append({**report.to_dict(), "block": [report.task.dot.lanes, report.task.dot.reduce],
                      "best_tiles": best[0].to_dict() if best else None,
-                     "best_gops_all_runs": report.task.ops / best[1] / 1e9 if best else None})
-    log = args.database / LOG_FILE
+                     "best_gops_all_runs": report.task.ops / best[1] / 1e9 if best else None,
+                     **({"amx_block": block.to_dict()} if block is not None else {})})
+    log = folder / LOG_FILE
     runs = json.loads(log.read_text()) if log.is_file() else []
-    runs.append({"source": str(args.source), "preset": args.preset.name, "trials": args.trials,
+    runs.append({"source": str(args.source), "preset": preset.name, "trials": args.trials,
                  "measured_on": f"rpc {args.rpc}" if args.rpc else "this machine",
                  "seconds": round(time.time() - t0, 1), "tasks": rows})
     log.write_text(json.dumps(runs, indent=1) + "\n")
     return rows
+
+
+def _amx_blocks_measurement(preset: TargetPreset, rpc: RPCTracker | None):
+    """The runner that times ``preset``'s AMX blocks on this machine, or None where its kernels have no AMX tiles;
+    a clear error where this machine cannot run them."""
+    from int8mt.schedules.intrin import int8_dot
+
+    dot = int8_dot(preset.int8_dot)
+    if not dot.amx_tiles:
+        return None
+    if rpc is not None:
+        raise UserError(f"{preset.name}'s AMX blocks are timed on this machine; tune on the AMX machine itself, "
+                        "without --rpc")
+    missing = missing_features(preset)
+    refused = amx_permission() if not missing else None
+    if missing or refused:
+        raise UserError(f"tuning {preset.name} times its AMX kernels, which this machine cannot run "
+                        f"({'it lacks ' + ', '.join(missing) if missing else refused}); tune on a CPU with AMX")
+    from int8mt.schedules.tune import Measurement
+
+    return Measurement().runner(dot)
+
+
+def _search_amx_blocks(tasks: list[DenseTask], preset: TargetPreset, database: Path | None, runner) -> dict:
+    """Every AMX block of every task's layer above ``ONE_TILE_ROWS`` rows, timed (:mod:`~int8mt.schedules.amx_blocks`);
+    the fastest per layer into the block table of ``database`` (None: the one shipped for ``preset``). Returns
+    ``{(n, k, rows): block}``."""
+    import tvm
+
+    from int8mt.schedules.amx_blocks import best_block, search_blocks, write_blocks
+    from int8mt.schedules.amx_dense import ONE_TILE_ROWS
+
+    amx_tasks = sorted({DenseTask(t.n, t.k, t.rows, preset.int8_dot) for t in tasks if t.rows > ONE_TILE_ROWS})
+    seconds = search_blocks(amx_tasks, tvm.target.Target(preset.target), runner,
+                            log=lambda line: print(line, file=sys.stderr))
+    path = write_blocks(database or shipped_database(preset.name), seconds)
+    print(f"AMX blocks of {len(amx_tasks)} kernels into {path}", file=sys.stderr)
+    return {(t.n, t.k, t.rows): best_block(times) for t, times in seconds.items()}
 
 
 def tune_cuda(args: TuneArgs) -> list[dict]:
@@ -149,7 +193,7 @@ def tune_cuda(args: TuneArgs) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="int8mt-cuda-tiles-") as work:
         build_candidates(args.preset, shapes, Path(work))
         gpu_name, rows = measure_candidates(Path(work))
-    path = write_tiles(args.database, rows, gpu_name)
+    path = write_tiles(args.database or shipped_database(args.preset.name), rows, gpu_name)
     print(f"wrote {path} in {time.time() - t0:.0f} s", file=sys.stderr)
     return rows
 
@@ -160,7 +204,8 @@ def format_rows(rows: list[dict]) -> str:
     header = "| kernel (n x k, rows) | trials run | build failures | run failures | best GOPS | tiles |"
     lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
-        tiles = tile_label(**r["best_tiles"], block=r["block"]) if r["best_tiles"] else "-"
+        tiles = (tile_label(**r["best_tiles"], block=r["block"], amx=r.get("amx_block")) if r["best_tiles"]
+                 else "-")
         gops = f"{r['best_gops_all_runs']:.0f}" if r["best_gops_all_runs"] else "-"
         lines.append(f"| {r['n']} x {r['k']}, {r['rows']} | {r['trials']} (had {r['trials_before']}) | "
                      f"{r['build_failures']} | {r['run_failures']} | {gops} | {tiles} |")

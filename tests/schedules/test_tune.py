@@ -158,10 +158,21 @@ def test_tuning_x86_amx_tunes_the_vnni_kernel_it_takes_its_tiles_from(capsys, ti
     from int8mt.interface import tune as tune_interface
 
     tuned_for = []
+    monkeypatch.setattr(tune_interface, "_amx_blocks_measurement", lambda preset, rpc: None)  # (any CPU)
     monkeypatch.setattr(tune_interface, "dense_tasks",
                         lambda source, preset, untuned_only: tuned_for.append(preset.name) or [])
     assert main(["tune", str(tiny_model_dir), "--target", "x86-amx", "--db", str(tmp_path)]) != 0  # no tasks
     assert tuned_for == ["x86-vnni"] and "x86-amx takes its tiles from x86-vnni" in capsys.readouterr().err
+
+
+def test_tuning_x86_amx_where_the_cpu_has_no_amx_is_a_clear_error(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    from int8mt.interface import tune as tune_interface
+
+    monkeypatch.setattr(tune_interface, "missing_features", lambda preset: ["amx_tile", "amx_int8"])
+    assert main(["tune", str(tiny_model_dir), "--target", "x86-amx", "--db", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "times its AMX kernels, which this machine cannot run (it lacks amx_tile, amx_int8)" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("preset", ["x86-vnni", "x86-avx512", "x86-avx2"])
