@@ -387,6 +387,7 @@ class PooledSizes:
         self._lock = threading.Lock()
         self._sizes: set[tuple] = set()
         self._bytes = 0
+        self.releases = 0  # how often the pools were released (a size admitted since is still admitted)
 
     def admit(self, size: tuple, nbytes: int, release: Callable[[], None]) -> None:
         """A call of ``size`` (a hashable key of everything its buffers' sizes depend on) whose logits and
@@ -409,6 +410,7 @@ class PooledSizes:
         release()
         self._sizes.clear()
         self._bytes = 0
+        self.releases += 1
 
 
 _POOLED = {"cpu": PooledSizes(), "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES)}  # one per device
@@ -431,6 +433,7 @@ class Bundle:
             register_kernels(self.manifest["cuda"]["source_sha256"], (self.path / KERNELS_FILE).read_bytes())
         else:
             self._tvm, self.device = None, self._ffi.device("cpu", 0)
+        self._on_gpu = self.device.dlpack_device_type() != CPU_DEVICE_TYPE  # (an FFI call: asked once)
         try:
             self._library = self._ffi.load_module(self.path / LIBRARY_FILE)
         except Exception as err:  # noqa: BLE001  (TVM raises many kinds; all mean the .so is unusable)
@@ -442,6 +445,7 @@ class Bundle:
         weights, self._weights = self._map_weights()
         self._steps: dict[int, Any] = {}  # position -> the decoder step's input tensor (shared by replicas)
         self._pooled = _POOLED["gpu" if self._on_gpu else "cpu"]
+        self._admitted: tuple = ()  # the last call size admitted, and the pools' releases then
         self._open_vm()
         self._check_weights(weights)
         drop_unmodified_pages(self.path / LIBRARY_FILE)
@@ -542,10 +546,6 @@ class Bundle:
             return tensor.numpy()
         return np.from_dlpack(tensor)
 
-    @property
-    def _on_gpu(self) -> bool:
-        return self.device.dlpack_device_type() != CPU_DEVICE_TYPE
-
     def encode(self, src: np.ndarray) -> tuple[Any, ...]:
         """src int64 [B, S] -> the cross-attention cache: keys/values (and their scales), device tensors."""
         rows, src_len = src.shape
@@ -610,8 +610,11 @@ class Bundle:
         """A call of ``rows`` rows of ``src_len`` source tokens is about to run: calls of a size not seen before
         leave new buffers in TVM's memory pools (see :class:`PooledSizes`), the largest its logits and
         cross-attention keys and values."""
+        if self._admitted == (rows, src_len, self._pooled.releases):  # a decoder's steps: admitted at the first
+            return
         nbytes = rows * (self.vocab_size * LOGIT_BYTES + src_len * self._cross_token_bytes)
         self._pooled.admit((self.path, rows, src_len), nbytes, self._release_pools)
+        self._admitted = (rows, src_len, self._pooled.releases)
 
     @property
     def candidates(self) -> int:

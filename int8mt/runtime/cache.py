@@ -105,9 +105,16 @@ class SelfAttentionCache:
         return _rows_used(self._ffi, self.used)
 
     def record_step(self) -> None:
-        """After a step: each hypothesis's new row in its history."""
-        count = len(self.history)
-        positions = self.history.shape[1]
+        """After a step: each hypothesis's new row in its history (one hypothesis's grows in place: a batch-1 step's
+        host work runs with the caches the step's weights went through, where each NumPy call costs microseconds)."""
+        count, positions = self.history.shape
+        memory = self._history_memory[-1]  # (the one ``history`` starts)
+        if count == 1 and memory.size > positions:
+            memory[positions - 1] = self.used
+            memory[positions] = 0
+            self.history = memory[:positions + 1].reshape(1, positions + 1)
+            self.used += 1
+            return
         history = self._new_history(count, positions + 1)
         history[:, :positions - 1] = self.history[:, :-1]
         history[:, positions - 1] = np.arange(self.used, self.used + count)

@@ -46,7 +46,8 @@ def test_on_a_gpu_the_pools_release_after_more_new_sizes():
 
 def test_a_bundle_keys_its_calls_by_rows_and_source_length(tiny_bundle, monkeypatch):
     """Steps of one batch differ only in position, which the bundle plans at its maximum: they are one size, and
-    so is the batch's encoder call; a batch of other rows is another."""
+    so is the batch's encoder call, admitted once (the bundle asks again only for another size, or after the pools
+    were released); a batch of other rows is another."""
     from int8mt.runtime.search import SearchOptions
     from int8mt.runtime.translator import Translator
 
@@ -59,7 +60,12 @@ def test_a_bundle_keys_its_calls_by_rows_and_source_length(tiny_bundle, monkeypa
     per_token = bundle.layers * 2 * bundle.heads * bundle.head_dim * np.dtype(bundle.cache_dtype).itemsize
     per_row = 4 * bundle.vocab_size + 4 * per_token  # float32 logits, keys and values of 4 source tokens
     assert {size[1:]: nbytes for size, nbytes in admitted} == {(2, 4): 2 * per_row, (1, 4): per_row}
-    assert len(admitted) == 2 * (1 + 6)  # each batch: its encoder call and six steps
+    assert len(admitted) == 2  # each batch once: its encoder call (its six steps are the same size)
+    released = bundle._pooled.releases
+    bundle._pooled.release(lambda: None)  # (another replica's release): the next call of that size asks again
+    assert bundle._pooled.releases == released + 1
+    bundle._admit(1, 4)
+    assert len(admitted) == 3
 
 
 def test_a_cpu_bundle_releases_the_pools_after_an_encoder_call_with_large_activations(tiny_bundle, monkeypatch):
