@@ -110,9 +110,11 @@ def amx_product_and_store(A: tirx.Buffer, w: tirx.Buffer, correction: tirx.Buffe
                         value = Tb.if_then_else(present, Tb.bitwise_xor(loaded, Tb.uint8(dot.shift)),
                                                 Tb.uint8(dot.shift))
                         Tb.buffer_store(staged, value, [t, kt, r, b])
-        with Tb.attr(0, "pragma_parallel_launch_point", 1):
+        # one block in all (static rows): no parallel loop, which TVM would drop and then find none in the launch point
+        single = isinstance(M, tirx.IntImm) and -(-M.value // block_rows) * col_blocks == 1
+        with Tb.attr(0, "pragma_parallel_launch_point", 1) if not single else Tb.serial(i64(0), i64(1)):
             configure_tiles()  # (the storage planner may give the threads one buffer for it: they write the same bytes)
-            with Tb.parallel(i64(0), row_blocks * col_blocks) as item:
+            with (Tb.serial if single else Tb.parallel)(i64(0), row_blocks * col_blocks) as item:
                 # (allocated in the parallel loop, each thread's own: TVM's storage planner hoists allocations
                 # out of a launch point's region to the function, where the threads would share them)
                 sums = Tb.alloc_buffer((block_rows, block_cols), "int32", scope="local")

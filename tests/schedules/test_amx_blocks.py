@@ -62,6 +62,15 @@ def test_every_block_equals_numpy(n, k, preset):
             np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ w.T.astype(np.int32), err_msg=block.label)
 
 
+@pytest.mark.parametrize("rows,n,block", [(32, 32, AmxBlock(2, 2)), (12, 32, AmxBlock(2, 2)), (48, 16, AmxBlock(3, 1))])
+def test_a_kernel_of_one_block_compiles(rows, n, block):
+    """Static rows whose whole output is one block (a tuning task of a small model) have no parallel loop, which
+    TVM would otherwise drop from the tiles' launch point and then fail to compile."""
+    kernel = scheduled_int8_dense(n, 64, replace(default_tiles(n, 64, DOT), amx=block), DOT, rows)
+    asm = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(AMX.target)).mod.inspect_source("asm")
+    assert "tdpbusd" in asm and "ldtilecfg" in asm
+
+
 def test_best_block_is_least_relative_time_over_thread_counts():
     one, two, three = AmxBlock(2, 2), AmxBlock(1, 2), AmxBlock(1, 1)
     # fastest on one thread (1.0 + 1.5), fastest on two (1.1 + 1.0), good at both (1.02 + 1.02)
@@ -109,3 +118,15 @@ def test_shipped_blocks_cover_the_reference_models_layers():
     choice = tile_chooser(AMX, None).choice(1024, 256, "decode_step")
     assert choice.tuned and choice.tiles.amx == table[(1024, 256, 32)]
     assert default_block(1024) == AmxBlock(2, 2) and default_block(48) == AmxBlock(2, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [runnable(AMX)])
+def test_tune_cli_searches_the_blocks_of_every_kernel(capsys, tiny_model_dir, tmp_path, preset):
+    from int8mt.cli import main
+
+    assert main(["tune", str(tiny_model_dir), "--target", "x86-amx", "--trials", "2", "--db", str(tmp_path)]) == 0
+    table = load_blocks(tmp_path)
+    log = json.loads((tmp_path / "tuning-log.json").read_text())[0]
+    assert len(table) == len(log["tasks"]) == 7 and all("amx_block" in task for task in log["tasks"])
+    assert "AMX" in capsys.readouterr().out  # the table names each kernel's block
