@@ -1,9 +1,10 @@
 """The AMX block search and the table it leaves: which :class:`~.amx_dense.AmxBlock` each linear layer's AMX
-kernel uses above ``ONE_TILE_ROWS`` rows.
+kernel uses above ``ONE_TILE_ROWS`` rows, up to ``SMALL_ROWS`` and above (:func:`~.amx_dense.block_rows`: searched
+at 32 rows, and at 128 for a decoder step's kernels or 640 for an encoder's).
 
 The blocks are few (:data:`~.amx_dense.BLOCKS`: six shapes that fit the eight tile registers, two orders), so the
-search measures every one that fits a layer rather than sampling: each is compiled at the layer's row bucket (the
-tuning task's rows), checked against NumPy and timed in rounds over all layers and blocks, the order reversed
+search measures every one that fits a layer rather than sampling: each is compiled at each of the layer's row
+counts, checked against NumPy and timed in rounds over all layers and blocks, the order reversed
 every other round, each time the best of its repeats (as :func:`.tune.confirm` re-times the VNNI tiles). Each is
 timed on one thread (a translator of one-thread replicas, the fastest layout on 2 vCPUs) and on all of them (one
 replica): the best block differs (the reference model's 256 x 1024 layer at 32 rows: 2 x 2 tiles on one thread, 1
@@ -53,7 +54,8 @@ def search_blocks(tasks: list[DenseTask], target: tvm.target.Target, runner, rou
         if not task.dot.amx_tiles or task.rows <= ONE_TILE_ROWS:
             raise ValueError(f"{task.name}: AMX blocks are searched for AMX kernels of more than {ONE_TILE_ROWS} rows")
         for block in candidate_blocks(task):
-            tiles = replace(default_tiles(task.n, task.k, task.dot), amx=block)  # (static rows: only the block runs)
+            # (static rows: only this block runs, whichever of the two it is for)
+            tiles = replace(default_tiles(task.n, task.k, task.dot), amx=block, amx_small=block)
             kernel = scheduled_int8_dense(task.n, task.k, tiles, task.dot, task.rows)
             module = runner.load(tvm.compile(tvm.IRModule({"main": kernel}), target=target))
             args = runner.checked_args(module, ((task.rows, task.k), (), (), (task.rows, task.n)))

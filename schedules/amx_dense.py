@@ -12,7 +12,8 @@ zeroes its accumulators, walks K one tile at a time, stores the int32 tiles to a
 epilogue (or the correction alone) to the rows below m, 16 columns at a time.
 
 The block is the AMX kernel's tuning knob: :data:`BLOCKS` is its design space, searched per linear layer by
-``int8mt tune`` (:mod:`.amx_blocks`); :func:`default_block` applies where nothing was searched.
+``int8mt tune`` (:mod:`.amx_blocks`) at two row counts, one for up to ``SMALL_ROWS`` rows and one above;
+:func:`default_block` applies where nothing was searched.
 
 Written as loops in one opaque block: the schedule of the VNNI branches does not touch it, and the tile
 registers, which instructions name by immediates, come out of unrolled loops.
@@ -32,6 +33,12 @@ ONE_TILE_ROWS = TILE_ROWS  # up to this many rows a block is one row tile: 25-40
 # kernels with fewer rows run the VNNI dot product: from 8 rows tiles took less time than the VNNI kernel at the
 # reference model's shapes on one thread and on two; from one row they were faster alone, slower in the model
 MIN_ROWS = 8
+# Blocks above ONE_TILE_ROWS: up to SMALL_ROWS rows (a greedy decoder step of 32 sentences, an encoder call of one or
+# two) the block searched at SMALL_BLOCK_ROWS rows, above it the one searched at the entry point's many rows (a
+# beam-4 step of 32 sentences, an encoder call of 32): 1 x 2 tiles that won at 32 rows on two threads lost at 128
+SMALL_ROWS = 64
+SMALL_BLOCK_ROWS = 32
+BEAM_STEP_ROWS = 128  # where a decoder step's block above SMALL_ROWS is searched (an encoder's: at its 640 rows)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,12 @@ BLOCKS = tuple(AmxBlock(r, c, by_columns) for r, c in ((2, 2), (1, 2), (2, 1), (
 def default_block(np_: int) -> AmxBlock:
     """The block of a kernel nothing was searched for: 2 x 2 tiles (2 x 1 where the column tiles are odd)."""
     return AmxBlock(2, 2 if np_ // TILE_ROWS % 2 == 0 else 1)
+
+
+def block_rows(bucket: int) -> tuple[int, int]:
+    """The row counts at which the blocks of a kernel tuned for ``bucket`` rows are searched: its block up to
+    ``SMALL_ROWS`` rows, and above."""
+    return SMALL_BLOCK_ROWS, bucket if bucket > SMALL_ROWS else BEAM_STEP_ROWS
 
 
 def one_tile_block(np_: int) -> AmxBlock:

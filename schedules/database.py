@@ -23,7 +23,7 @@ from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
 
 from int8mt.errors import UserError
 
-from .amx_dense import AmxBlock
+from .amx_dense import AmxBlock, block_rows
 from .int8_dense import DenseTiles, default_tiles, int8_dense, tiles_from_trace
 from .intrin import Int8Dot, int8_dot
 
@@ -198,8 +198,8 @@ class TileChoice:
 class TileChooser:
     """``tiles_for(n, k, function)`` for :class:`~int8mt.compiler.passes.PackDense`: the database's
     best tiles for the function's row bucket, else ``fallback``'s, else the defaults (:meth:`choice` says
-    which); for AMX kernels (``amx_blocks`` given: their block table) with the table's block for that bucket, else
-    the default block (then not tuned)."""
+    which); for AMX kernels (``amx_blocks`` given: their block table) with the table's blocks for that bucket
+    (:func:`~.amx_dense.block_rows`), else the default block (then not tuned)."""
 
     def __init__(self, database: TuningDatabase | None, family: str, fallback: TuningDatabase | None = None,
                  amx_blocks: dict[tuple[int, int, int], AmxBlock] | None = None) -> None:
@@ -217,8 +217,9 @@ class TileChooser:
             if not tuned and self.fallback is not None:
                 tiles, tuned = chosen_tiles(self.fallback, task)
             if self.amx_blocks is not None:
-                block = self.amx_blocks.get((task.n, task.k, task.rows))
-                tiles, tuned = replace(tiles, amx=block), tuned and block is not None
+                small, large = (self.amx_blocks.get((task.n, task.k, rows)) for rows in block_rows(task.rows))
+                tiles = replace(tiles, amx=large, amx_small=small)
+                tuned = tuned and small is not None and large is not None
             self._choices[task] = TileChoice(task, tiles, tuned)
         return self._choices[task]
 

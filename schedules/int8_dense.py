@@ -41,7 +41,8 @@ zero); its calls are marked ``float_dense`` instead of ``int8_dense`` (:func:`de
 
 A dot product with ``amx_tiles`` (x86-amx) computes ``AMX_MIN_ROWS`` rows and more on AMX tiles
 (:mod:`.amx_dense`: an opaque block of blocks of one row tile up to ``AMX_ONE_TILE_ROWS`` rows, of the tiles'
-:class:`~.amx_dense.AmxBlock` above, each under its ``if``) and fewer with VNNI as above; both read the same
+:class:`~.amx_dense.AmxBlock` for up to ``AMX_SMALL_ROWS`` rows and of another above, each under its ``if``) and
+fewer with VNNI as above; both read the same
 packed weights, K padded to whole tiles (64 bytes).
 
 An optional :class:`DenseEpilogue` replaces the final int32 store: the elementwise ops that follow the
@@ -61,6 +62,7 @@ from tvm.script.ir_builder import tirx as Tb
 
 from .amx_dense import MIN_ROWS as AMX_MIN_ROWS
 from .amx_dense import ONE_TILE_ROWS as AMX_ONE_TILE_ROWS
+from .amx_dense import SMALL_ROWS as AMX_SMALL_ROWS
 from .amx_dense import AmxBlock, amx_product_and_store, default_block, one_tile_block
 from .intrin import Int8Dot
 from .kernel_attrs import DENSE_ATTR, KERNEL_ATTR
@@ -77,26 +79,32 @@ FEW_ROWS_FROM_TILE = 2  # kernels with dynamic rows and a row tile of 2 or more 
 @dataclass(frozen=True)
 class DenseTiles:
     """Tile sizes of one kernel: ``rows`` x ``cols``*lanes accumulators, ``depth``*reduce bytes per inner block,
-    rows cut into ``row_split`` parallel parts; for AMX tiles, the block of more than ``AMX_ONE_TILE_ROWS`` rows
-    (None: :func:`~.amx_dense.default_block`)."""
+    rows cut into ``row_split`` parallel parts; for AMX tiles, the blocks of more than ``AMX_ONE_TILE_ROWS`` rows
+    up to ``AMX_SMALL_ROWS`` (``amx_small``) and of more (``amx``) (None: :func:`~.amx_dense.default_block`)."""
 
     rows: int
     cols: int
     depth: int
     row_split: int = 1
     amx: AmxBlock | None = None
+    amx_small: AmxBlock | None = None
 
     def to_dict(self) -> dict:
         tiles = {"rows": self.rows, "cols": self.cols, "depth": self.depth, "row_split": self.row_split}
-        return tiles if self.amx is None else {**tiles, "amx": self.amx.to_dict()}
+        blocks = {name: block.to_dict() for name, block in (("amx", self.amx), ("amx_small", self.amx_small))
+                  if block is not None}
+        return {**tiles, **blocks}
 
     @classmethod
     def from_dict(cls, tiles: dict) -> DenseTiles:
         """From :meth:`to_dict`'s dict (or a kernel attribute's map of it)."""
-        amx = tiles.get("amx")
-        return cls(*(int(tiles[f]) for f in ("rows", "cols", "depth", "row_split")),
-                   amx=None if amx is None else AmxBlock(int(amx["row_tiles"]), int(amx["col_tiles"]),
-                                                         bool(amx["by_columns"])))
+        def block(name: str) -> AmxBlock | None:
+            found = tiles.get(name)
+            return None if found is None else AmxBlock(int(found["row_tiles"]), int(found["col_tiles"]),
+                                                       bool(found["by_columns"]))
+
+        return cls(*(int(tiles[f]) for f in ("rows", "cols", "depth", "row_split")), amx=block("amx"),
+                   amx_small=block("amx_small"))
 
 
 def padded(n: int, k: int, dot: Int8Dot) -> tuple[int, int]:
@@ -157,13 +165,14 @@ class DenseEpilogue:
 
 
 def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEpilogue | None = None,
-               few_rows: int = 0, amx_block: AmxBlock | None = None) -> tirx.PrimFunc:
+               few_rows: int = 0, amx_blocks: tuple[AmxBlock | None, AmxBlock | None] = (None, None)
+               ) -> tirx.PrimFunc:
     """The unscheduled kernel for an [N, K] weight; ``rows`` None makes the row count dynamic. Parameters:
     ``A [m, K]``, packed weight, correction, the epilogue's inputs and shape variables, the output
     (``C [m, N]`` int32 without an epilogue). With ``few_rows`` (dynamic rows only) the product is computed
     by a second block pair (``dense_few``, ``out_few``) when ``m <= few_rows``, scheduled one row at a time so
-    that a one-sentence decoder step does not pay for a whole register tile of rows. ``amx_block``: the AMX
-    tiles' block above ``AMX_ONE_TILE_ROWS`` rows (default :func:`~.amx_dense.default_block`). (Built with TVMScript's
+    that a one-sentence decoder step does not pay for a whole register tile of rows. ``amx_blocks``: the AMX
+    tiles' blocks up to ``AMX_SMALL_ROWS`` rows and above (default :func:`~.amx_dense.default_block`). (Built with TVMScript's
     IR builder, which takes a varying number of parameters; without an epilogue the function is the tuning
     database's workload.)"""
     np_, kp = padded(n, k, dot)
@@ -194,7 +203,7 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
             C = (Tb.match_buffer(c, (M, N), dot.accumulator) if epilogue is None
                  else Tb.match_buffer(c, epilogue.out_shape, epilogue.out_dtype))
             amx = dot.amx_tiles and (rows is None or rows >= AMX_MIN_ROWS)
-            many_rows_block = amx_block or default_block(np_)
+            small_block, large_block = (block or default_block(np_) for block in amx_blocks)
 
             def amx_part(block: AmxBlock, name: str) -> None:
                 def store(total: tirx.PrimExpr, i: tirx.PrimExpr, j: tirx.PrimExpr) -> None:
@@ -266,18 +275,23 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
                     product_and_store("")
 
             if amx and rows is not None:  # a static row count that tiles take: nothing else
-                amx_part(many_rows_block if rows > AMX_ONE_TILE_ROWS else one_tile_block(np_), "amx")
+                amx_part(large_block if rows > AMX_SMALL_ROWS else small_block if rows > AMX_ONE_TILE_ROWS
+                         else one_tile_block(np_), "amx")
             elif amx:  # each branch a block of its own, as the few-rows branches
-                with Tb.If(M > Tb.int64(AMX_ONE_TILE_ROWS)):
+                with Tb.If(M > Tb.int64(AMX_SMALL_ROWS)):
                     with Tb.Then():
-                        amx_part(many_rows_block, "amx")
+                        amx_part(large_block, "amx")
                     with Tb.Else():
-                        with Tb.If(M >= Tb.int64(AMX_MIN_ROWS)):
+                        with Tb.If(M > Tb.int64(AMX_ONE_TILE_ROWS)):
                             with Tb.Then():
-                                amx_part(one_tile_block(np_), "amx_one_tile")
+                                amx_part(small_block, "amx_small")
                             with Tb.Else():
-                                with Tb.sblock("branch_dot"):
-                                    dot_product_branches()
+                                with Tb.If(M >= Tb.int64(AMX_MIN_ROWS)):
+                                    with Tb.Then():
+                                        amx_part(one_tile_block(np_), "amx_one_tile")
+                                    with Tb.Else():
+                                        with Tb.sblock("branch_dot"):
+                                            dot_product_branches()
             else:
                 dot_product_branches()
     return builder.get()
@@ -399,7 +413,8 @@ def scheduled_int8_dense(n: int, k: int, tiles: DenseTiles, dot: Int8Dot, rows: 
         raise ValueError(f"tiles {tiles} do not fit a {n}x{k} weight: rows must be one of {row_tiles(dot)}, row_split "
                          f"one of {ROW_SPLITS}, cols must divide {np_ // dot.lanes} and depth {kp // dot.reduce}")
     few_rows = tiles.rows - 1 if rows is None and tiles.rows >= max(FEW_ROWS_FROM_TILE, 2 * dot.rows) else 0
-    sch = s_tir.Schedule(int8_dense(n, k, rows, dot, epilogue, few_rows, tiles.amx if dot.amx_tiles else None))
+    blocks = (tiles.amx_small, tiles.amx) if dot.amx_tiles else (None, None)
+    sch = s_tir.Schedule(int8_dense(n, k, rows, dot, epilogue, few_rows, blocks))
     if not (dot.amx_tiles and rows is not None and rows >= AMX_MIN_ROWS):  # (AMX tiles only: loops written out)
         schedule_int8_dense(sch, tiles, dot, epilogue is not None, few_rows > 0)
     record = {"n": n, "k": k, "dot": dot.family, **tiles.to_dict()}

@@ -70,7 +70,7 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
                          "them on the target's hardware, a board through an RPC tracker: int8mt tune --rpc)")
         for k in kernels:
             tiles = tile_label(**k["tiles"], block=k.get("block", (16, 4)))
-            lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {tiles:<42} "
+            lines.append(f"  {k['function']:<12} {k['n']:>6} x {k['k']:<5} tiles {tiles:<28} "
                          f"{'tuned' if k['tuned'] else 'default tiles'} "
                          f"(for {k['rows_tuned_for']} rows)")
     attention = report.get("attention_kernels")

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from int8mt.errors import UserError
@@ -115,11 +115,11 @@ def tune(args: TuneArgs) -> list[dict]:
     rows = []
     for report in reports:
         best = database.best(report.task)
-        block = blocks.get((report.task.n, report.task.k, report.task.rows))
+        amx = blocks.get((report.task.n, report.task.k, report.task.rows))
+        tiles = best[0] if best and amx is None else replace(best[0], amx_small=amx[0], amx=amx[1]) if best else None
         rows.append({**report.to_dict(), "block": [report.task.dot.lanes, report.task.dot.reduce],
-                     "best_tiles": best[0].to_dict() if best else None,
-                     "best_gops_all_runs": report.task.ops / best[1] / 1e9 if best else None,
-                     **({"amx_block": block.to_dict()} if block is not None else {})})
+                     "best_tiles": tiles.to_dict() if tiles else None,
+                     "best_gops_all_runs": report.task.ops / best[1] / 1e9 if best else None})
     log = folder / LOG_FILE
     runs = json.loads(log.read_text()) if log.is_file() else []
     runs.append({"source": str(args.source), "preset": preset.name, "trials": args.trials,
@@ -151,20 +151,21 @@ def _amx_blocks_measurement(preset: TargetPreset, rpc: RPCTracker | None):
 
 
 def _search_amx_blocks(tasks: list[DenseTask], preset: TargetPreset, database: Path | None, runner) -> dict:
-    """Every AMX block of every task's layer above ``ONE_TILE_ROWS`` rows, timed (:mod:`~int8mt.schedules.amx_blocks`);
-    the fastest per layer into the block table of ``database`` (None: the one shipped for ``preset``). Returns
-    ``{(n, k, rows): block}``."""
+    """Every AMX block of every task's layer at the row counts of its two blocks, timed
+    (:mod:`~int8mt.schedules.amx_blocks`); the best per layer and row count into the block table of ``database``
+    (None: the one shipped for ``preset``). Returns ``{(n, k, rows of a task): (small block, large block)}``."""
     import tvm
 
     from int8mt.schedules.amx_blocks import best_block, search_blocks, write_blocks
-    from int8mt.schedules.amx_dense import ONE_TILE_ROWS
+    from int8mt.schedules.amx_dense import block_rows
 
-    amx_tasks = sorted({DenseTask(t.n, t.k, t.rows, preset.int8_dot) for t in tasks if t.rows > ONE_TILE_ROWS})
+    amx_tasks = sorted({DenseTask(t.n, t.k, rows, preset.int8_dot) for t in tasks for rows in block_rows(t.rows)})
     seconds = search_blocks(amx_tasks, tvm.target.Target(preset.target), runner,
                             log=lambda line: print(line, file=sys.stderr))
     path = write_blocks(database or shipped_database(preset.name), seconds)
     print(f"AMX blocks of {len(amx_tasks)} kernels into {path}", file=sys.stderr)
-    return {(t.n, t.k, t.rows): best_block(times) for t, times in seconds.items()}
+    best = {(t.n, t.k, t.rows): best_block(times) for t, times in seconds.items()}
+    return {(t.n, t.k, t.rows): tuple(best[(t.n, t.k, rows)] for rows in block_rows(t.rows)) for t in tasks}
 
 
 def tune_cuda(args: TuneArgs) -> list[dict]:
@@ -204,8 +205,7 @@ def format_rows(rows: list[dict]) -> str:
     header = "| kernel (n x k, rows) | trials run | build failures | run failures | best GOPS | tiles |"
     lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
-        tiles = (tile_label(**r["best_tiles"], block=r["block"], amx=r.get("amx_block")) if r["best_tiles"]
-                 else "-")
+        tiles = tile_label(**r["best_tiles"], block=r["block"]) if r["best_tiles"] else "-"
         gops = f"{r['best_gops_all_runs']:.0f}" if r["best_gops_all_runs"] else "-"
         lines.append(f"| {r['n']} x {r['k']}, {r['rows']} | {r['trials']} (had {r['trials_before']}) | "
                      f"{r['build_failures']} | {r['run_failures']} | {gops} | {tiles} |")
