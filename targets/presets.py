@@ -109,7 +109,7 @@ PRESETS: dict[str, TargetPreset] = {
                         "Granite Rapids and newer)",
             int8_dot="amx",
             float_dot="fp32-avx512",
-            tiles_from="x86-vnni",  # AMX blocks are fixed; fewer than 16 rows run x86-vnni's tuned kernel
+            tiles_from="x86-vnni",  # fewer than 8 rows run x86-vnni's tuned kernel; AMX blocks: their own table
         ),
         TargetPreset(
             name="x86-vnni",
