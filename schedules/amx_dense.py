@@ -20,6 +20,7 @@ registers, which instructions name by immediates, come out of unrolled loops.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -88,8 +89,16 @@ def block_rows(bucket: int) -> tuple[int, int]:
 
 
 def one_tile_block(np_: int) -> AmxBlock:
-    """The block of ``ONE_TILE_ROWS`` rows or fewer: one row tile, 2 column tiles (1 where they are odd)."""
-    return AmxBlock(1, 2 if np_ // TILE_ROWS % 2 == 0 else 1)
+    """The block of ``ONE_TILE_ROWS`` rows or fewer: one row tile of the default block's column tiles."""
+    return AmxBlock(1, default_block(np_).col_tiles)
+
+
+def static_rows_block(small: AmxBlock | None, large: AmxBlock | None, np_: int, rows: int) -> AmxBlock:
+    """The block that computes a static count of ``rows`` rows (at least ``MIN_ROWS``) for a kernel whose blocks
+    up to ``SMALL_ROWS`` rows and above are ``small`` and ``large`` (None: the default)."""
+    if rows <= ONE_TILE_ROWS:
+        return one_tile_block(np_)
+    return (large if rows > SMALL_ROWS else small) or default_block(np_)
 
 
 def amx_product_and_store(A: tirx.Buffer, w: tirx.Buffer, correction: tirx.Buffer, C: tirx.Buffer,
@@ -125,7 +134,7 @@ def amx_product_and_store(A: tirx.Buffer, w: tirx.Buffer, correction: tirx.Buffe
                         Tb.buffer_store(staged, value, [t, kt, r, b])
         # one block in all (static rows): no parallel loop, which TVM would drop and then find none in the launch point
         single = isinstance(M, tirx.IntImm) and -(-M.value // block_rows) * col_blocks == 1
-        with Tb.attr(0, "pragma_parallel_launch_point", 1) if not single else Tb.serial(i64(0), i64(1)):
+        with Tb.attr(0, "pragma_parallel_launch_point", 1) if not single else nullcontext():
             configure_tiles()  # (the storage planner may give the threads one buffer for it: they write the same bytes)
             with (Tb.serial if single else Tb.parallel)(i64(0), row_blocks * col_blocks) as item:
                 # (allocated in the parallel loop, each thread's own: TVM's storage planner hoists allocations

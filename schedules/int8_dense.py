@@ -63,7 +63,7 @@ from tvm.script.ir_builder import tirx as Tb
 from .amx_dense import MIN_ROWS as AMX_MIN_ROWS
 from .amx_dense import ONE_TILE_ROWS as AMX_ONE_TILE_ROWS
 from .amx_dense import SMALL_ROWS as AMX_SMALL_ROWS
-from .amx_dense import AmxBlock, amx_product_and_store, default_block, one_tile_block
+from .amx_dense import AmxBlock, amx_product_and_store, default_block, one_tile_block, static_rows_block
 from .intrin import Int8Dot
 from .kernel_attrs import DENSE_ATTR, KERNEL_ATTR
 
@@ -275,8 +275,7 @@ def int8_dense(n: int, k: int, rows: int | None, dot: Int8Dot, epilogue: DenseEp
                     product_and_store("")
 
             if amx and rows is not None:  # a static row count that tiles take: nothing else
-                amx_part(large_block if rows > AMX_SMALL_ROWS else small_block if rows > AMX_ONE_TILE_ROWS
-                         else one_tile_block(np_), "amx")
+                amx_part(static_rows_block(*amx_blocks, np_, rows), "amx")
             elif amx:  # each branch a block of its own, as the few-rows branches
                 with Tb.If(M > Tb.int64(AMX_SMALL_ROWS)):
                     with Tb.Then():

@@ -139,7 +139,7 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, tiles: TileChooser, dot: 
     from tvm.s_tir import dlight
 
     from int8mt.schedules.amx_dense import MIN_ROWS as AMX_MIN_ROWS
-    from int8mt.schedules.amx_dense import ONE_TILE_ROWS, SMALL_ROWS, default_block, one_tile_block
+    from int8mt.schedules.amx_dense import static_rows_block
     from int8mt.schedules.cpu_generic import CPUGeneric
     from int8mt.schedules.int8_dense import pack_weight, padded, scheduled_int8_dense
 
@@ -167,9 +167,7 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, tiles: TileChooser, dot: 
     chosen = choice.tiles
     label = tile_label(chosen.rows, chosen.cols, chosen.depth, (dot.lanes, dot.reduce), chosen.row_split)
     if dot.amx_tiles and rows >= AMX_MIN_ROWS:  # static rows: only the AMX block runs
-        np_ = padded(n, k, dot)[0]
-        block = (chosen.amx if rows > SMALL_ROWS else chosen.amx_small) or default_block(np_)
-        label = (block if rows > ONE_TILE_ROWS else one_tile_block(np_)).label
+        label = static_rows_block(chosen.amx_small, chosen.amx, padded(n, k, dot)[0], rows).label
     return (_tvm_timer(tuned, tuned_args, where.device), _tvm_timer(default, default_args, where.device), label,
             choice.tuned)
 

@@ -115,8 +115,10 @@ def tune(args: TuneArgs) -> list[dict]:
     rows = []
     for report in reports:
         best = database.best(report.task)
+        tiles = best[0] if best else None
         amx = blocks.get((report.task.n, report.task.k, report.task.rows))
-        tiles = best[0] if best and amx is None else replace(best[0], amx_small=amx[0], amx=amx[1]) if best else None
+        if tiles is not None and amx is not None:
+            tiles = replace(tiles, amx_small=amx[0], amx=amx[1])
         rows.append({**report.to_dict(), "block": [report.task.dot.lanes, report.task.dot.reduce],
                      "best_tiles": tiles.to_dict() if tiles else None,
                      "best_gops_all_runs": report.task.ops / best[1] / 1e9 if best else None})
