@@ -34,13 +34,14 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
                  database: Path | None = None, calib_data: Path | None = None) -> dict:
     """Compile the model in ``model_dir`` for ``preset`` into the bundle ``out_dir``; with ``qcfg``,
     quantized (ranges per ``qcfg.ranges``; calibration reads ``calib_data``, else ``data_dir``). On presets with an int8
-    dot-product intrinsic, int8 linear layers use the tuned kernels of ``database`` (default: the database
-    shipped for the preset; kernels it lacks get default tiles)."""
+    dot-product intrinsic, int8 linear layers use the tuned kernels of ``database``, and FP32 linear layers its
+    float32 ones (default: the database shipped for the preset; kernels it lacks get default tiles)."""
     check_output_dir(out_dir)
     check_model_dir(model_dir)
     linker = library_linker(preset)  # before compiling: a missing cross compiler is known now
     tokenizer = load_tokenizer(model_dir)  # a bundle needs one to translate text; fail before compiling
     tiles = tile_chooser(preset, database) if qcfg is not None and preset.int8_dot is not None else None
+    float_tiles = tile_chooser(preset, database, float_layers=True) if preset.float_dot is not None else None
     if qcfg is None:
         model = load_model_dir(model_dir)
     else:
@@ -50,7 +51,8 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         model = quantized_model(model_dir, qcfg, data_dir, calib_sentences=calib_sentences, calib_data=calib_data)
     t0 = time.time()
     print(f"compiling for {preset.name} ({json.dumps(preset.target)})", file=sys.stderr)
-    compiled = compile_model(model, CompileOptions(preset, qcfg, tiles, dump_dir=dump_dir))
+    compiled = compile_model(model, CompileOptions(preset, qcfg, tiles, dump_dir=dump_dir,
+                                                      float_tiles=float_tiles))
     report = compiled.report
     final_dir, out_dir = out_dir, _staging_dir(out_dir)
     library = out_dir / LIBRARY_FILE
@@ -84,9 +86,10 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     _publish(out_dir, final_dir)
-    warning = untuned_kernels_warning(report.get("kernels", []), preset.name, final_dir, remote=linker is not None)
-    if warning:
-        print(warning, file=sys.stderr)
+    for kind, key in (("int8", "kernels"), ("float32", "float_kernels")):
+        warning = untuned_kernels_warning(report.get(key, []), preset.name, final_dir, linker is not None, kind)
+        if warning:
+            print(warning, file=sys.stderr)
     print(f"wrote {final_dir} ({(final_dir / LIBRARY_FILE).stat().st_size / 1e6:.1f} MB .so) in "
           f"{manifest['compile_seconds']} s", file=sys.stderr)
     return manifest

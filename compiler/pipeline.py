@@ -71,43 +71,52 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class CompileOptions:
     """What to compile for: the target ``preset``; ``quant`` None for FP32; ``tiles`` for the int8 dense
-    kernels (default: :func:`tile_chooser` with the shipped database); ``tap_matmuls`` returns every integer
-    matmul's operands and result beside each output (``int8mt verify``); ``dump_dir`` gets each phase's IR."""
+    kernels and ``float_tiles`` for the float32 ones of FP32 layers (default: :func:`tile_chooser` with the shipped
+    database); ``tap_matmuls`` returns every integer matmul's operands and result beside each output (``int8mt
+    verify``); ``dump_dir`` gets each phase's IR."""
 
     preset: TargetPreset
     quant: QuantConfig | None = None
     tiles: TileChooser | None = None
     tap_matmuls: bool = False
     dump_dir: Path | None = None
+    float_tiles: TileChooser | None = None
 
     def with_tiles(self) -> CompileOptions:
-        """These options with ``tiles`` set where int8 kernels need them (the shipped database if None)."""
-        if self.tiles is not None or self.quant is None or self.preset.int8_dot is None:
-            return self
-        return replace(self, tiles=tile_chooser(self.preset, None))
+        """These options with ``tiles`` and ``float_tiles`` set where the preset's kernels need them (the shipped
+        database where None)."""
+        options = self
+        if options.tiles is None and options.quant is not None and options.preset.int8_dot is not None:
+            options = replace(options, tiles=tile_chooser(options.preset, None))
+        if options.float_tiles is None and options.preset.float_dot is not None:
+            options = replace(options, float_tiles=tile_chooser(options.preset, None, float_layers=True))
+        return options
 
 
 @dataclass
 class CompiledModel:
     executable: tvm.runtime.Executable
-    report: dict  # op counts before/after Scale Propagation, the int8 kernels and their tiles
+    report: dict  # op counts before/after Scale Propagation, the dense kernels and their tiles
     weights: LiftWeights  # the entry points' weights, their trailing parameters
 
 
-def tile_chooser(preset: TargetPreset, database: Path | None) -> TileChooser:
-    """Tiles for ``preset``'s int8 kernels from ``database``; kernels it lacks from the database shipped for
-    the preset (or for the preset it takes its tiles from), then default tiles; AMX blocks likewise."""
-    if preset.int8_dot is None:
-        raise UserError(f"target preset {preset.name} has no int8 kernels to choose tiles for")
+def tile_chooser(preset: TargetPreset, database: Path | None, float_layers: bool = False) -> TileChooser:
+    """Tiles for ``preset``'s int8 kernels (``float_layers``: its float32 kernels of FP32 layers) from
+    ``database``; kernels it lacks from the database shipped for the preset (or for the preset it takes its tiles
+    from), then default tiles; AMX blocks likewise."""
+    if (preset.float_dot if float_layers else preset.int8_dot) is None:
+        raise UserError(f"target preset {preset.name} has no {'float32' if float_layers else 'int8'} dense kernels "
+                         "to choose tiles for")
     tuned = preset.tuned_preset
+    family = tuned.float_dot if float_layers else tuned.int8_dot
     folder = shipped_database(tuned.name)
     shipped = TuningDatabase(folder) if folder.is_dir() else None
     # AMX kernels: the blocks searched into ``database`` and, for layers it lacks, those shipped for the preset
     amx_blocks = ({**load_blocks(shipped_database(preset.name)), **load_blocks(database)}
-                  if int8_dot(preset.int8_dot).amx_tiles else None)
+                  if not float_layers and int8_dot(preset.int8_dot).amx_tiles else None)
     if database is None:
-        return TileChooser(shipped, tuned.int8_dot, amx_blocks=amx_blocks)
-    return TileChooser(TuningDatabase(database), tuned.int8_dot, fallback=shipped, amx_blocks=amx_blocks)
+        return TileChooser(shipped, family, amx_blocks=amx_blocks)
+    return TileChooser(TuningDatabase(database), family, fallback=shipped, amx_blocks=amx_blocks)
 
 
 def import_model(model: Transformer, options: CompileOptions) -> tvm.IRModule:
@@ -144,7 +153,8 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     print("phase 2: kernels", file=sys.stderr)
     options = options.with_tiles()
     if int8_family is not None or preset.float_dot is not None:
-        mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, preset.float_dot))(mod)
+        mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, options.float_tiles,
+                                                     preset.float_dot))(mod)
     if preset.device == "cpu":
         lanes = register_bytes(tvm.target.Target(preset.target)) // FLOAT_BYTES
         mod = FuseAttentionEpilogue()(OneQueryAttention(lanes)(mod))
@@ -161,17 +171,18 @@ def integer_graph(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     return kernels(scale_propagated(mod, options), options)
 
 
-def kernel_passes(tiles_for: Callable | None, family: str | None,
+def kernel_passes(tiles_for: Callable | None, family: str | None, float_tiles_for: Callable | None = None,
                   float_family: str | None = None) -> list[tvm.transform.Pass]:
     """Phase 2's passes, in order: for the int8 dot-product ``family`` (int8 linear layers with ``tiles_for``'s
-    tiles, attention), for the float32 multiply-add ``float_family`` (FP32 linear layers, default tiles), and
-    those of every graph (identity broadcasts dropped, one-query products reading the keys as stored)."""
+    tiles, attention), for the float32 multiply-add ``float_family`` (FP32 linear layers with
+    ``float_tiles_for``'s tiles, default ones where None), and those of every graph (identity broadcasts dropped,
+    one-query products reading the keys as stored)."""
     dots = []
     if family is not None:
         dots.append((int8_dot(family), tiles_for))
     if float_family is not None:
         float_dot = dense_dot(float_family)
-        dots.append((float_dot, lambda n, k, _function: default_tiles(n, k, float_dot)))
+        dots.append((float_dot, float_tiles_for or (lambda n, k, _function: default_tiles(n, k, float_dot))))
     passes = [DropIdentityBroadcast()] + [PackDense(tiles, dot) for dot, tiles in dots] + [FoldDenseBias()]
     if family is not None:
         passes.append(Int8BatchMatmul(batch_dot(family)))
@@ -191,6 +202,8 @@ def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:
         report["kernels"] = dense_kernel_report(mod, options.tiles)
         report["attention_kernels"] = attention_kernel_calls(mod)
         report["attention_dot"] = batch_dot(options.preset.int8_dot).family
+    if options.float_tiles is not None:
+        report["float_kernels"] = dense_kernel_report(mod, options.float_tiles)
     weights = LiftWeights()
     return CompiledModel(compile_module(mod, options.preset, options.dump_dir, weights), report, weights)
 

@@ -10,8 +10,8 @@ import tvm
 from tvm import ir, relax
 
 from int8mt.schedules.database import TileChooser
-from int8mt.schedules.int8_dense import dense_attrs
-from int8mt.schedules.intrin import int8_dot
+from int8mt.schedules.int8_dense import dense_attrs, dense_kind
+from int8mt.schedules.intrin import dense_dot
 
 from .passes.kernel_calls import kernel_calls
 from .passes.scale_propagation import REWRITES_ATTR
@@ -112,14 +112,16 @@ def attention_kernel_calls(mod: tvm.IRModule) -> dict[str, int]:
 
 
 def dense_kernel_report(mod: tvm.IRModule, tiles: TileChooser) -> list[dict]:
-    """Per entry function and weight shape, the int8 dense kernel the module calls: how often, its tiles, dot
-    product, the row bucket they were chosen for and whether a tuning run found them."""
+    """Per entry function and weight shape, the dense kernel of ``tiles``' kind (int8, or float32 for FP32 layers)
+    the module calls: how often, its tiles, dot product, the row bucket they were chosen for and whether a tuning
+    run found them."""
     rows = {}
+    kind = dense_kind(dense_dot(tiles.family))
     for gv, func in _entry_functions(mod):
-        for call in kernel_calls(func, mod, "int8_dense"):
+        for call in kernel_calls(func, mod, kind):
             n, k, chosen, family = dense_attrs(mod[call.args[0]])
             choice = tiles.choice(n, k, gv.name_hint)
-            dot = int8_dot(family)
+            dot = dense_dot(family)
             row = rows.setdefault((gv.name_hint, n, k), {
                 "function": gv.name_hint, "n": n, "k": k, "calls": 0, "rows_tuned_for": choice.task.rows,
                 "tiles": chosen.to_dict(), "tuned": choice.tuned and choice.tiles == chosen, "dot": family,
@@ -128,18 +130,19 @@ def dense_kernel_report(mod: tvm.IRModule, tiles: TileChooser) -> list[dict]:
     return list(rows.values())
 
 
-def untuned_kernels_warning(kernels: list[dict], preset: str, bundle: Path, remote: bool = False) -> str | None:
-    """What a build says when some int8 dense kernels got default tiles: which, their share of the int8
-    multiply-adds, and the commands that tune exactly those (``remote``: on a board, through an RPC tracker);
-    None when every kernel is tuned."""
+def untuned_kernels_warning(kernels: list[dict], preset: str, bundle: Path, remote: bool = False,
+                            kind: str = "int8") -> str | None:
+    """What a build says when some of its ``kind`` (int8 or float32) dense kernels got default tiles: which, their
+    share of those multiply-adds, and the commands that tune exactly those (``remote``: on a board, through an RPC
+    tracker); None when every kernel is tuned."""
     untuned = [k for k in kernels if not k["tuned"]]
     if not untuned:
         return None
     work = sum(k["calls"] * k["n"] * k["k"] for k in kernels)
     share = sum(k["calls"] * k["n"] * k["k"] for k in untuned) / work
     shapes = ", ".join(f"{k['n']}x{k['k']} in {k['function']}" for k in untuned)
-    return (f"int8mt: warning: {len(untuned)} of {len(kernels)} int8 dense kernels have no tuned tiles for {preset} "
-            f"and run with default ones, which are usually slower ({shapes}; {share:.0%} of the int8 multiply-adds). "
-            f"Tune exactly these: int8mt tune {bundle} --target {preset} --untuned-only --db DIR"
+    return (f"int8mt: warning: {len(untuned)} of {len(kernels)} {kind} dense kernels have no tuned tiles for {preset} "
+            f"and run with default ones, which are usually slower ({shapes}; {share:.0%} of the {kind} "
+            f"multiply-adds). Tune exactly these: int8mt tune {bundle} --target {preset} --untuned-only --db DIR"
             f"{' --rpc HOST:PORT:KEY (a board of the target, through a TVM RPC tracker)' if remote else ''}, then "
             "compile again with --db DIR (kernels DIR lacks keep the shipped tiles)")

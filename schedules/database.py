@@ -1,6 +1,7 @@
 """Tuning tasks and the tuning database of one target.
 
-A task is one int8 dense kernel shape (``n`` x ``k`` weight) at a representative row count: kernels run
+A task is one dense kernel shape (``n`` x ``k`` weight; int8, or float32 for FP32 linear layers) at a
+representative row count: kernels run
 with any number of rows, but MetaSchedule measures static shapes, so each kernel is tuned at the row
 bucket its call site lives in and the tiles found apply to every row count (``ENTRY_ROWS``).
 
@@ -24,8 +25,8 @@ from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
 from int8mt.errors import UserError
 
 from .amx_dense import AmxBlock, block_rows
-from .int8_dense import DenseTiles, default_tiles, int8_dense, tiles_from_trace
-from .intrin import Int8Dot, int8_dot
+from .int8_dense import DenseTiles, default_tiles, dense_kind, int8_dense, tiles_from_trace
+from .intrin import Int8Dot, dense_dot
 
 ROW_BUCKETS = (32, 640)  # rows a decoder step (32 sentences) and an encoder call (32 x 20 tokens) see
 ENTRY_ROWS = {"encode": 640, "decode_step": 32}  # the row bucket of each entry point's matmuls
@@ -71,7 +72,8 @@ def row_bucket(rows: int) -> int:
 
 @dataclass(frozen=True, order=True)
 class DenseTask:
-    """One kernel to tune: an ``n`` x ``k`` int8 weight applied to ``rows`` rows with the ``family`` dot product."""
+    """One kernel to tune: an ``n`` x ``k`` weight applied to ``rows`` rows with the ``family`` dot product (an
+    int8 one, or a float32 multiply-add)."""
 
     n: int
     k: int
@@ -80,11 +82,11 @@ class DenseTask:
 
     @property
     def dot(self) -> Int8Dot:
-        return int8_dot(self.family)
+        return dense_dot(self.family)
 
     @property
     def name(self) -> str:
-        return f"int8_dense_n{self.n}_k{self.k}_m{self.rows}"
+        return f"{dense_kind(self.dot)}_n{self.n}_k{self.k}_m{self.rows}"
 
     @property
     def ops(self) -> int:

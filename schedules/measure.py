@@ -28,6 +28,7 @@ from .intrin import Int8Dot
 
 _built: dict[str, tvm.runtime.Module] = {}  # artifact key -> module, from build to run (measured here)
 _keys = itertools.count()
+FLOAT_CHECK_RANGE = (-4, 4)  # float32 kernels are checked on integers in [-4, 4): products <= 16, exact sums
 
 
 @derived_object
@@ -73,7 +74,7 @@ class _Done(PyRunnerFuture):
 
 @derived_object
 class CheckedRunner(PyRunner):
-    """Check each int8 dense candidate against NumPy, then time it with ``time_evaluator`` on all threads of
+    """Check each dense candidate (int8, or float32 for FP32 layers) against NumPy, then time it with ``time_evaluator`` on all threads of
     this machine, or of the server of an RPC ``session`` (:meth:`.rpc.RPCTracker.connect`), to which modules are
     sent linked by ``fcompile`` (the board's cross compiler; None: this machine's compiler)."""
 
@@ -127,26 +128,29 @@ class CheckedRunner(PyRunner):
 
     def checked_args(self, module: tvm.runtime.Module, shapes: tuple[tuple[int, ...], ...]
                      ) -> list[tvm.runtime.Tensor] | None:
-        """Inputs of ``shapes`` for the dense kernel ``module`` once its result on them equals NumPy's, else None."""
+        """Inputs of ``shapes`` for the dense kernel ``module`` once its result on them equals NumPy's (exactly),
+        else None."""
         args, rows, expected = self._case(shapes)
         module["main"](*args)
         return args if np.array_equal(args[-1].numpy()[rows], expected) else None
 
     def _case(self, shapes: tuple[tuple[int, ...], ...]) -> tuple[list[tvm.runtime.Tensor], np.ndarray, np.ndarray]:
         """Random inputs for the kernel's argument shapes (made once per shape), rows to check (the first and
-        last ROW_PAD and a random sample) and their exact int32 result."""
+        last ROW_PAD and a random sample) and their exact result: int8 operands, or for a float32 kernel small
+        integers (``FLOAT_CHECK_RANGE``), whose float32 sums are exact in any order."""
         if shapes not in self._cases:
             (m, k), _, _, (_, n) = shapes
             rng = np.random.default_rng(0)
-            a = rng.integers(-128, 128, (m, k), dtype=np.int8)
-            w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+            low, high = (-128, 128) if self.dot.tensorized else FLOAT_CHECK_RANGE
+            a, w = (rng.integers(low, high, shape).astype(self.dot.weight) for shape in ((m, k), (n, k)))
             packed, correction = pack_weight(w, self.dot)
             rows = np.unique(np.concatenate([np.arange(min(m, ROW_PAD)), np.arange(max(0, m - ROW_PAD), m),
                                              rng.integers(0, m, 8)]))
-            expected = (a[rows].astype(np.float64) @ w.T.astype(np.float64)).astype(np.int32)  # exact: |sum| < 2^53
+            # exact: |sum| < 2^53 (int8), <= 2^24 (float32 of FLOAT_CHECK_RANGE: K up to 2^20)
+            expected = (a[rows].astype(np.float64) @ w.T.astype(np.float64)).astype(self.dot.accumulator)
             args = [tvm.runtime.tensor(x, device=self.device)
-                    for x in (a, packed, correction, np.zeros((m, n), np.int32))]
+                    for x in (a, packed, correction, np.zeros((m, n), self.dot.accumulator))]
             self._cases[shapes] = (args, rows, expected)
         args, rows, expected = self._cases[shapes]
-        args[-1].copyfrom(np.zeros(args[-1].shape, np.int32))
+        args[-1].copyfrom(np.zeros(args[-1].shape, self.dot.accumulator))
         return args, rows, expected

@@ -272,7 +272,7 @@ def test_ctrl_c_during_tuning_says_what_was_kept_and_exits_130(tiny_model_dir, t
 
     monkeypatch.setattr(schedules_tune, "tune", interrupted)
     monkeypatch.setattr(tune_interface, "dense_tasks",
-                        lambda source, preset, untuned_only: [DenseTask(64, 32, 32, preset.int8_dot)])
+                        lambda source, preset, *_: [DenseTask(64, 32, 32, preset.int8_dot)])
     assert main(["tune", str(tiny_model_dir), "--db", str(tmp_path / "db"), "--trials", "2"]) == 130
     err = capsys.readouterr().err
     assert "keeps every candidate measured so far" in err and "Traceback" not in err

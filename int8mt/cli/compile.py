@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="residual sums and layer norms in integers too (integer square root; needs --ranges "
                         "calibrate or learned)")
     p.add_argument("--db", type=Path, default=None,
-                   help="tuning database for the int8 kernels (default: tune.database; 'shipped' = the one in "
+                   help="tuning database for the dense kernels, int8 and FP32 layers' float32 ones (default: tune.database; 'shipped' = the one in "
                         "the package for the target)")
     p.set_defaults(run=run)
 

@@ -60,11 +60,12 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
               "per entry point: " + "; ".join(
                   f"{name} {f.get('matmul_int', 0)} int / {f.get('matmul_float', 0)} float matmuls"
                   for name, f in final["functions"].items())]
-    kernels = report.get("kernels")
-    if kernels:
+    for kind, kernels in (("int8", report.get("kernels")), ("float32", report.get("float_kernels"))):
+        if not kernels:
+            continue
         tuned = sum(k["tuned"] for k in kernels)
-        lines += ["", f"int8 linear kernels: {kernels[0].get('dot', 'vnni')} dot product, weights packed at compile "
-                      f"time; {tuned} of {len(kernels)} tuned"]
+        lines += ["", f"{kind} linear kernels: {kernels[0].get('dot', 'vnni')} dot product, weights packed at "
+                      f"compile time; {tuned} of {len(kernels)} tuned"]
         if not tuned:
             lines.append("  default tiles sized to the vector registers: no tuning record for these kernels (tune "
                          "them on the target's hardware, a board through an RPC tracker: int8mt tune --rpc)")

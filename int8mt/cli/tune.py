@@ -1,4 +1,5 @@
-"""int8mt tune: tune the int8 kernels of a model or bundle for a target preset into a tuning database."""
+"""int8mt tune: tune the dense kernels (int8; float32 of FP32 layers) of a model or bundle for a target preset into a
+tuning database."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the package for the target)")
     p.add_argument("--bench-shapes", action="store_true",
                    help="also tune every shape of `int8mt bench kernels` (reference and Transformer-base)")
+    p.add_argument("--fp32", action="store_true",
+                   help="a model directory's kernels as an FP32 bundle has them (float32; `compile --quant fp32`), "
+                        "not its int8 ones (a bundle's own kernels are tuned, whichever they are)")
     p.add_argument("--untuned-only", action="store_true",
                    help="only the kernels the bundle was built with default tiles for (its compile warning lists them)")
     p.add_argument("--rpc", metavar="HOST:PORT:KEY", default=None,
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                          database=database_path(args.db, cfg.tune.database),
                          trials=args.trials or cfg.tune.trials,
                          budget_minutes=args.budget_minutes or cfg.tune.budget_minutes,
-                         bench_shapes=args.bench_shapes, untuned_only=args.untuned_only,
+                         bench_shapes=args.bench_shapes, untuned_only=args.untuned_only, fp32=args.fp32,
                          rpc=RPCTracker.parse(args.rpc) if args.rpc else None))
     print(format_rows(rows))
     if args.json:

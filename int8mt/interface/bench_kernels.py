@@ -7,7 +7,7 @@
 * PyTorch int8: ``torch.ao.nn.quantized.Linear`` (fbgemm/oneDNN with VNNI; int8 in, int8 out), and the
   dynamic one (FP32 in and out, activations quantized per call);
 * oneDNN int8: ``torch._int_mm`` (int8 x int8 -> int32 like ours; oneDNN's GEMM, on AMX where the CPU has it);
-* int8mt FP32: the float32 kernel of FP32 layers (the preset's ``float_dot``, default tiles, weights packed);
+* int8mt FP32: the float32 kernel of FP32 layers (the preset's ``float_dot``, the database's tiles, weights packed);
 * PyTorch FP32: ``torch.nn.functional.linear``,
 
 next to this CPU's int8 peak for that dot product (:mod:`int8mt.schedules.int8_peak`, on every core). All on
@@ -172,18 +172,20 @@ def _int8mt_kernels(n: int, k: int, rows: int, target, tiles: TileChooser, dot: 
             choice.tuned)
 
 
-def _float_kernel(n: int, k: int, rows: int, target, family: str, where: CheckedRunner) -> Timer:
-    """Timer of the float32 kernel of FP32 layers (default tiles) on ``where``, checked against NumPy."""
+def _float_kernel(n: int, k: int, rows: int, target, tiles: TileChooser, where: CheckedRunner) -> Timer:
+    """Timer of the float32 kernel of FP32 layers (``tiles``' for its row bucket) on ``where``, checked against
+    NumPy."""
     import tvm
 
-    from int8mt.schedules.int8_dense import default_tiles, pack_weight, scheduled_int8_dense
+    from int8mt.schedules.int8_dense import pack_weight, scheduled_int8_dense
     from int8mt.schedules.intrin import dense_dot
 
-    dot = dense_dot(family)
+    dot = dense_dot(tiles.family)
+    chosen = tiles.task_choice(DenseTask(n, k, row_bucket(rows), tiles.family)).tiles
     rng = np.random.default_rng(0)
     a, w = rng.standard_normal((rows, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
-    module = where.load(tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, default_tiles(n, k, dot), dot,
-                                                                              rows)}), target=target))
+    module = where.load(tvm.compile(tvm.IRModule({"main": scheduled_int8_dense(n, k, chosen, dot, rows)}),
+                                    target=target))
     args = [tvm.runtime.tensor(x, device=where.device)
             for x in (a, *pack_weight(w, dot), np.zeros((rows, n), np.float32))]
     module["main"](*args)
@@ -248,12 +250,13 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
 
     target = tvm.target.Target(preset.target)
     tiles = tile_chooser(preset, database_dir)
+    float_tiles = tile_chooser(preset, database_dir, float_layers=True)
     dot = int8_dot(preset.int8_dot)
     where = measurement.runner(dot)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences]
     kernels = [(*_int8mt_kernels(n, k, m, target, tiles, dot, where),
-                _float_kernel(n, k, m, target, preset.float_dot, where))
+                _float_kernel(n, k, m, target, float_tiles, where))
                for _, n, k, m in tqdm(cases, desc="compiling int8mt kernels")]
     if rpc is not None:
         ours, = _rounds([[[tuned, default, fp32] for tuned, default, _, _, fp32 in kernels]],

@@ -64,8 +64,9 @@ def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: Qu
     returns the bundle's manifest."""
     preset = get_preset(target)  # a bad name fails before the slow imports
     qcfg = quant.config(defaults, Path(model_dir))
-    if qcfg is None and database is not None:
-        raise UserError("--db holds tuned int8 kernels; it needs --quant int8 or --quant int6")
+    if qcfg is None and database is not None and preset.float_dot is None:
+        raise UserError(f"--db holds tuned dense kernels; FP32 layers on {preset.name} do not run ours, so it needs "
+                         "--quant int8 or --quant int6")
     out_dir = Path(out_dir or build_dir / preset.name)
     check_writable_dir(out_dir, "-o")
     if dump_dir is not None:

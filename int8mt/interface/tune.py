@@ -28,37 +28,50 @@ class TuneArgs:
     bench_shapes: bool = False  # also tune every shape of `int8mt bench kernels`
     untuned_only: bool = False  # a bundle's kernels that were built with default tiles, not all of them
     rpc: RPCTracker | None = None  # measure on a board through this tracker, not here
+    fp32: bool = False  # a model directory's FP32 linear layers (float32 kernels), not its int8 ones
 
 
-def dense_tasks(source: Path, preset: TargetPreset, untuned_only: bool = False) -> list[DenseTask]:
-    """The int8 linear kernels of a bundle (from its build report; with ``untuned_only``, those it was built
-    with default tiles for) or of a model directory (through the compile pipeline's first phases, quantized
-    with run-time ranges, which give the same shapes as any other range method), as tasks of ``preset``'s
-    dot product."""
-    source, family = Path(source), preset.int8_dot
+REPORT_KERNELS = ("kernels", "float_kernels")  # a build report's int8 and float32 dense kernels
+
+
+def dense_tasks(source: Path, preset: TargetPreset, untuned_only: bool = False, fp32: bool = False
+                ) -> list[DenseTask]:
+    """The dense kernels of a bundle (from its build report: int8 ones and the float32 ones of FP32 layers; with
+    ``untuned_only``, those it was built with default tiles for) or of a model directory (through the compile
+    pipeline's first phases: quantized with run-time ranges, which give the same shapes as any other range
+    method; ``fp32``: compiled as FP32), as tasks of ``preset``'s dot products."""
+    source = Path(source)
     is_bundle = (source / MANIFEST_FILE).is_file()
     if untuned_only and not is_bundle:
         raise UserError(f"--untuned-only picks kernels from a bundle's build report; {source} is not a bundle")
     if is_bundle:
+        if fp32:
+            raise UserError(f"{source} is a bundle: its own kernels are tuned, int8 and float32 alike; --fp32 picks "
+                             "the FP32 layers of a model directory")
         report = json.loads((source / REPORT_FILE).read_text()) if (source / REPORT_FILE).is_file() else {}
-        if "kernels" not in report:
-            raise UserError(f"bundle {source} has no int8 kernels to tune; compile it with --quant int8 for a "
-                             "preset with an int8 dot product (int8mt targets), or pass the model directory")
-        return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family) for k in report["kernels"]
-                       if not (untuned_only and k["tuned"])})
+        families = dict(zip(REPORT_KERNELS, (preset.int8_dot, preset.float_dot)))
+        tasks = {DenseTask(k["n"], k["k"], k["rows_tuned_for"], families[key]) for key in REPORT_KERNELS
+                 for k in report.get(key, ()) if families[key] is not None and not (untuned_only and k["tuned"])}
+        if not any(report.get(key) for key in REPORT_KERNELS):
+            raise UserError(f"bundle {source} has no dense kernels of our own to tune; compile it for a CPU preset "
+                             "(int8mt targets), or pass the model directory")
+        return sorted(tasks)
     from int8mt.compiler.pipeline import CompileOptions, import_model, integer_graph
     from int8mt.compiler.quant_report import dense_kernel_report
+    from int8mt.model.checkpoint import load_model_dir
     from int8mt.quant.checkpoint import quantized_model
     from int8mt.quant.config import QuantConfig
     from int8mt.schedules.database import TileChooser
 
-    print(f"extracting int8 kernels of {source}", file=sys.stderr)
-    qcfg = QuantConfig(ranges="runtime", runtime_attention="int8")  # every matmul int8: every kernel to tune
-    model = quantized_model(source, qcfg, None)
-    options = CompileOptions(preset, qcfg, TileChooser(None, family))
+    family = preset.float_dot if fp32 else preset.int8_dot
+    print(f"extracting {'float32' if fp32 else 'int8'} kernels of {source}", file=sys.stderr)
+    qcfg = None if fp32 else QuantConfig(ranges="runtime", runtime_attention="int8")  # every matmul int8
+    model = load_model_dir(source) if fp32 else quantized_model(source, qcfg, None)
+    chooser = TileChooser(None, family)
+    options = (CompileOptions(preset, None, float_tiles=chooser) if fp32
+               else CompileOptions(preset, qcfg, chooser, float_tiles=TileChooser(None, preset.float_dot)))
     mod = integer_graph(import_model(model, options), options)
-    return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family)
-                   for k in dense_kernel_report(mod, options.tiles)})
+    return sorted({DenseTask(k["n"], k["k"], k["rows_tuned_for"], family) for k in dense_kernel_report(mod, chooser)})
 
 
 def tune(args: TuneArgs) -> list[dict]:
@@ -67,9 +80,10 @@ def tune(args: TuneArgs) -> list[dict]:
     kernel of its few-rows branch) tunes that one's kernels; AMX kernels then get their block search."""
     if args.preset.device == "cuda":
         return tune_cuda(args)
-    if args.preset.int8_dot is None:
-        raise UserError(f"target preset {args.preset.name} has no int8 dot-product kernels to tune; "
-                         "`int8mt targets` lists the presets that have")
+    family = args.preset.float_dot if args.fp32 else args.preset.int8_dot
+    if family is None:
+        raise UserError(f"target preset {args.preset.name} has no {'float32 dense' if args.fp32 else 'int8 dot-product'} "
+                         "kernels to tune; `int8mt targets` lists the presets that have")
     if args.trials < 1 or args.budget_minutes <= 0:
         raise UserError("--trials must be at least 1 and --budget-minutes positive")
     preset, tuned = args.preset, args.preset.tuned_preset
@@ -82,12 +96,12 @@ def tune(args: TuneArgs) -> list[dict]:
 
     # before the kernels are extracted: a wrong address or key, or AMX tiles Linux refuses, are known at once
     measurement = Measurement.for_preset(tuned, args.rpc, "tune")
-    amx = _amx_blocks_measurement(preset, args.rpc)
-    tasks = dense_tasks(args.source, tuned, args.untuned_only)
+    amx = None if args.fp32 else _amx_blocks_measurement(preset, args.rpc)
+    tasks = dense_tasks(args.source, tuned, args.untuned_only, args.fp32)
     if not tasks:
-        raise UserError(f"every int8 kernel of {args.source} was built with tuned tiles: nothing to tune")
+        raise UserError(f"every dense kernel of {args.source} was built with tuned tiles: nothing to tune")
     if args.bench_shapes:
-        tasks = sorted(set(tasks) | set(bench_tasks(tuned.int8_dot)))
+        tasks = sorted(set(tasks) | {b for f in {t.family for t in tasks} for b in bench_tasks(f)})
     import tvm
 
     from int8mt.schedules.database import TuningDatabase
@@ -100,11 +114,15 @@ def tune(args: TuneArgs) -> list[dict]:
           file=sys.stderr)
     t0 = time.time()
     target = tvm.target.Target(tuned.target)
+    deadline = time.time() + args.budget_minutes * 60
     try:
-        reports = tune_tasks(tasks, target, database, args.trials, budget_s=args.budget_minutes * 60,
-                             measurement=measurement)
+        reports = []
+        for group in sorted({t.family for t in tasks}):  # one dot product per tuning run
+            reports += tune_tasks([t for t in tasks if t.family == group], target, database, args.trials,
+                                  budget_s=max(deadline - time.time(), 1), measurement=measurement)
         confirm(tasks, target, database, measurement=measurement)
-        blocks = _search_amx_blocks(tasks, preset, args.database, amx) if amx is not None else {}
+        int8_tasks = [t for t in tasks if t.family == tuned.int8_dot]
+        blocks = _search_amx_blocks(int8_tasks, preset, args.database, amx) if amx is not None and int8_tasks else {}
     except (KeyboardInterrupt, RuntimeError) as err:
         # MetaSchedule runs our callbacks from C++, which hands a Ctrl-C back as a RuntimeError naming it
         if isinstance(err, RuntimeError) and "KeyboardInterrupt" not in str(err):

@@ -231,7 +231,7 @@ def test_fp32_linear_layers_become_the_float_kernel_with_fused_epilogues(preset)
     d, f = 24, 40
     w1, b1 = rng.standard_normal((f, d)).astype(np.float32), rng.standard_normal(f).astype(np.float32)
     w2, b2 = rng.standard_normal((d, f)).astype(np.float32), rng.standard_normal(d).astype(np.float32)
-    mod = tvm.transform.Sequential(kernel_passes(None, None, preset.float_dot))(_float_block_module(w1, b1, w2, b2))
+    mod = tvm.transform.Sequential(kernel_passes(None, None, float_family=preset.float_dot))(_float_block_module(w1, b1, w2, b2))
     main = mod["main"].script()
     assert _count_calls(mod, "float_dense") == 2 and main.count("_to_float32") == 2  # both with an epilogue
     assert "R.matmul" not in main and "R.add" not in main and "relu" not in main

@@ -139,9 +139,13 @@ def test_quantization_flags_need_quant(capsys, tiny_model_dir, tmp_path):
     assert "need --quant int8 or --quant int6" in capsys.readouterr().err
 
 
-def test_db_needs_quant_and_must_exist(capsys, tiny_model_dir, tmp_path):
-    assert main(["compile", str(tiny_model_dir), "--quant", "fp32", "--db", str(tmp_path), "-o", str(tmp_path / "b")]) == 2
-    assert "--db holds tuned int8 kernels; it needs --quant" in capsys.readouterr().err
+def test_db_must_exist_and_needs_kernels_of_ours(capsys, tiny_model_dir, tmp_path):
+    args = ["compile", str(tiny_model_dir), "--quant", "fp32", "--db", str(tmp_path / "x"), "-o", str(tmp_path / "b")]
+    assert main(args) == 2  # FP32 layers use the database's float32 kernels
+    assert "no tuning database in" in capsys.readouterr().err
+    args = ["compile", str(tiny_model_dir), "--quant", "fp32", "--target", "cuda-sm80", "--db", str(tmp_path)]
+    assert main(args + ["-o", str(tmp_path / "b")]) == 2
+    assert "FP32 layers on cuda-sm80 do not run ours, so it needs --quant" in capsys.readouterr().err
     if HOST_PRESET.int8_dot:
         args = ["compile", str(tiny_model_dir), "--quant", "int8", "--ranges", "runtime", "--db", str(tmp_path / "x")]
         assert main(args + ["-o", str(tmp_path / "b")]) == 2

@@ -3,12 +3,13 @@ resumes instead of starting over, the confirmation rounds pick one of the best c
 picks the database's tiles."""
 import json
 
+import numpy as np
 import pytest
 import tvm
 
 from int8mt.cli import main
-from int8mt.schedules.database import (BENCH_MODELS, ROW_BUCKETS, DenseTask, TileChooser, TuningDatabase, linear_shapes,
-                                       row_bucket, shipped_database)
+from int8mt.schedules.database import (BENCH_MODELS, ROW_BUCKETS, DenseTask, TileChooser, TuningDatabase, bench_tasks,
+                                       linear_shapes, row_bucket, shipped_database)
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.schedules.intrin import int8_dot
 from int8mt.targets import get_preset, missing_features
@@ -138,9 +139,12 @@ def test_bench_kernels_with_a_missing_database_is_a_clear_error(capsys, tmp_path
     assert "no tuning database in" in capsys.readouterr().err
 
 
-def test_tuning_an_fp32_bundle_is_a_clear_error(capsys, tiny_bundle):
-    assert main(["tune", str(tiny_bundle), "--target", "x86-vnni"]) == 2
-    assert "has no int8 kernels to tune" in capsys.readouterr().err
+def test_tuning_a_bundle_without_kernels_of_ours_is_a_clear_error(capsys, bundle_copy):
+    report = json.loads((bundle_copy / "report.json").read_text())
+    del report["float_kernels"]  # as a bundle of a preset whose FP32 layers run TVM's default schedule
+    (bundle_copy / "report.json").write_text(json.dumps(report))
+    assert main(["tune", str(bundle_copy), "--target", "x86-vnni", "--db", str(bundle_copy.parent / "db")]) == 2
+    assert "has no dense kernels of our own to tune" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -160,7 +164,7 @@ def test_tuning_x86_amx_tunes_the_vnni_kernel_it_takes_its_tiles_from(capsys, ti
     tuned_for = []
     monkeypatch.setattr(tune_interface, "_amx_blocks_measurement", lambda preset, rpc: None)  # (any CPU)
     monkeypatch.setattr(tune_interface, "dense_tasks",
-                        lambda source, preset, untuned_only: tuned_for.append(preset.name) or [])
+                        lambda source, preset, *_: tuned_for.append(preset.name) or [])
     assert main(["tune", str(tiny_model_dir), "--target", "x86-amx", "--db", str(tmp_path)]) != 0  # no tasks
     assert tuned_for == ["x86-vnni"] and "x86-amx takes its tiles from x86-vnni" in capsys.readouterr().err
 
@@ -184,3 +188,86 @@ def test_shipped_database_matches_the_kernels_workloads(preset):
     for n, k in linear_shapes(*BENCH_MODELS["reference"]):
         for rows in ROW_BUCKETS:
             assert database.records(DenseTask(n, k, rows, family)), (preset, n, k, rows)
+
+
+def test_x86_vnni_ships_tuned_float_kernels():
+    """x86-vnni's database (x86-amx's too) holds the FP32 layers' float32 kernels of both benchmark models."""
+    preset = get_preset("x86-vnni")
+    database = TuningDatabase(shipped_database(preset.name))
+    for task in bench_tasks(preset.float_dot):
+        assert database.records(task) and task.name in database.confirmed(), task
+
+
+FLOAT_PRESET = HOST_PRESET.tuned_preset  # whose database holds the host preset's tiles, float32 ones included
+
+
+def test_float_kernels_are_tuned_checked_and_chosen_beside_int8_ones(tmp_path):
+    """FP32 layers' float32 kernels go through the same tuner: each candidate checked exactly (small integers),
+    the best tiles chosen for them; an int8 kernel of the same shape in the same database stays untuned."""
+    from int8mt.schedules.tune import tune
+
+    task = DenseTask(64, 32, 32, FLOAT_PRESET.float_dot)
+    assert task.name == "float_dense_n64_k32_m32"
+    database = TuningDatabase(tmp_path, create=True)
+    [report] = tune([task], tvm.target.Target(FLOAT_PRESET.target), database, trials=4, trials_per_iter=4)
+    assert (report.trials, report.build_failures, report.run_failures) == (4, 0, 0)
+    tiles, _ = TuningDatabase(tmp_path).best(task)
+    choice = TileChooser(TuningDatabase(tmp_path), task.family).choice(64, 32, "decode_step")
+    assert choice.tuned and choice.tiles == tiles
+    if FLOAT_PRESET.int8_dot:
+        assert not TileChooser(TuningDatabase(tmp_path), FLOAT_PRESET.int8_dot).choice(64, 32, "decode_step").tuned
+
+
+def test_the_checked_runner_fails_a_wrong_float_kernel():
+    """A float32 candidate whose result differs from NumPy's is a failed trial, never a record."""
+    from tvm import te
+
+    from int8mt.schedules.int8_dense import pack_weight, scheduled_int8_dense
+    from int8mt.schedules.intrin import dense_dot
+    from int8mt.schedules.measure import CheckedRunner
+
+    dot = dense_dot(FLOAT_PRESET.float_dot)
+    m, n, k = 32, 64, 48
+    packed, correction = (np.zeros(x.shape, x.dtype) for x in pack_weight(np.zeros((n, k), np.float32), dot))
+    a, w, c = (te.placeholder(shape, "float32") for shape in ((m, k), packed.shape, correction.shape))
+    first_column = te.compute((m, n), lambda i, j: a[i, 0] * w[j // dot.lanes, 0, j % dot.lanes, 0])
+    wrong = te.create_prim_func([a, w, c, first_column])
+    right = scheduled_int8_dense(n, k, default_tiles(n, k, dot), dot, m)
+    runner = CheckedRunner(dot)
+    shapes = ((m, k), packed.shape, correction.shape, (m, n))
+    target = tvm.target.Target(FLOAT_PRESET.target)
+    for func, passes in ((right, True), (wrong, False)):
+        module = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).mod
+        assert (runner.checked_args(module, shapes) is not None) == passes
+
+
+def test_fp32_bundles_report_their_float_kernels_for_tuning(tiny_bundle, tiny_model_dir):
+    """An FP32 bundle's build report lists its float32 kernels; `int8mt tune` takes them from it, and from a model
+    directory with --fp32 (the same kernels)."""
+    from int8mt.interface.tune import dense_tasks
+
+    kernels = json.loads((tiny_bundle / "report.json").read_text())["float_kernels"]
+    assert kernels and {k["dot"] for k in kernels} == {HOST_PRESET.float_dot}
+    from_bundle = dense_tasks(tiny_bundle, FLOAT_PRESET)
+    assert {(t.n, t.k, t.rows, t.family) for t in from_bundle} == {
+        (k["n"], k["k"], k["rows_tuned_for"], FLOAT_PRESET.float_dot) for k in kernels}
+    assert dense_tasks(tiny_model_dir, FLOAT_PRESET, fp32=True) == from_bundle
+    with pytest.raises(ValueError, match="is a bundle: its own kernels are tuned"):
+        dense_tasks(tiny_bundle, FLOAT_PRESET, fp32=True)
+
+
+@pytest.mark.slow
+def test_an_fp32_bundle_compiles_with_the_databases_float_tiles(tiny_bundle, tiny_model_dir, tmp_path):
+    """Tiles tuned for one float32 kernel into a database reach the FP32 bundle compiled with it (--db)."""
+    from int8mt.schedules.tune import tune
+
+    kernel = json.loads((tiny_bundle / "report.json").read_text())["float_kernels"][0]
+    task = DenseTask(kernel["n"], kernel["k"], kernel["rows_tuned_for"], FLOAT_PRESET.float_dot)
+    tune([task], tvm.target.Target(FLOAT_PRESET.target), TuningDatabase(tmp_path / "db", create=True), trials=4,
+         trials_per_iter=4)
+    tiles, _ = TuningDatabase(tmp_path / "db").best(task)
+    args = ["compile", str(tiny_model_dir), "--quant", "fp32", "--db", str(tmp_path / "db"), "-o", str(tmp_path / "b")]
+    assert main(args) == 0
+    built = json.loads((tmp_path / "b" / "report.json").read_text())["float_kernels"]
+    same = [k for k in built if (k["function"], k["n"], k["k"]) == (kernel["function"], kernel["n"], kernel["k"])]
+    assert same[0]["tuned"] and same[0]["tiles"] == tiles.to_dict()
