@@ -157,6 +157,15 @@ def test_tuning_a_cuda_preset_without_a_gpu_says_how_to_tune_elsewhere(tiny_mode
         tune(args)
 
 
+def test_tuning_a_cuda_presets_fp32_layers_is_refused(tiny_model_dir, tmp_path):
+    from int8mt.interface.tune import TuneArgs, tune
+
+    args = TuneArgs(source=tiny_model_dir, preset=get_preset("cuda-sm90"), database=tmp_path, trials=1,
+                    budget_minutes=1, fp32=True)
+    with pytest.raises(UserError, match="runs FP32 layers with TVM's GPU schedules, not kernels of ours"):
+        tune(args)
+
+
 @pytest.mark.skipif(GPU is not None, reason="this machine has a GPU")
 def test_kernel_benchmark_of_a_cuda_preset_needs_the_gpu():
     from int8mt.interface.bench_kernels import bench_kernels

@@ -79,6 +79,9 @@ def tune(args: TuneArgs) -> list[dict]:
     appends the run to the database's tuning log. A preset that takes its tiles from another (x86-amx: the VNNI
     kernel of its few-rows branch) tunes that one's kernels; AMX kernels then get their block search."""
     if args.preset.device == "cuda":
+        if args.fp32:
+            raise UserError(f"{args.preset.name} runs FP32 layers with TVM's GPU schedules, not kernels of ours: "
+                             "there is nothing to tune with --fp32; tune its int8 kernels without it")
         return tune_cuda(args)
     family = args.preset.float_dot if args.fp32 else args.preset.int8_dot
     if family is None:
