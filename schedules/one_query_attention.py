@@ -11,7 +11,8 @@ row where it is stored:
 * :func:`context_kernel`: ``out[bh, 0, d] = sum_t p[bh, 0, t] * value(b, h, t)[d]`` (softmax·V);
 
 with ``bh = b * heads + h``, int8 operands summed in int32 (exact) or float32 ones in float32 (QK^T in ``lanes``
-partial sums added up in halves, :func:`lane_folder`; softmax·V over the positions in order). One parallel loop over ``bh``.
+partial sums added up in halves, :func:`~.quantize_rows.lane_folder`; softmax·V over the positions in order). One
+parallel loop over ``bh``.
 
 With an ``epilogue`` (:class:`~int8mt.schedules.int8_dense.DenseEpilogue`, built by
 :class:`~int8mt.compiler.passes.FuseAttentionEpilogue` from the elementwise ops after the product: the scores'
@@ -21,39 +22,15 @@ reads another tensor (the cross-attention's mask).
 """
 from __future__ import annotations
 
+import operator
+
 from tvm import tirx
 from tvm.script import tirx as T
 
 from .int8_dense import DenseEpilogue
-from .quantize_rows import OPAQUE, row_lanes, row_quantizer
+from .quantize_rows import OPAQUE, lane_folder, row_lanes, row_quantizer
 
 ACCUMULATOR = {"int8": "int32", "float32": "float32"}  # operand dtype -> sum dtype
-MAX_FOLDED_LANES = 64  # partial sums of a score: at most four AVX-512 registers
-
-
-def lane_folder(lanes: int):
-    """A TIR macro ``fold(partial, i)``: the ``lanes`` partial sums ``partial[i, :]`` (a power of two) added up in
-    halves, vector by vector (lane ``j`` takes lane ``j + half``), into ``partial[i, 0]``. Four vector additions for
-    16 lanes where adding them one by one is a chain of 15 dependent scalar ones (float32: ~60 cycles per score)."""
-    if lanes & (lanes - 1) or lanes > MAX_FOLDED_LANES:
-        raise ValueError(f"partial sums fold in halves: a power of two up to {MAX_FOLDED_LANES} lanes, got {lanes}")
-
-    @T.macro
-    def fold_half(partial, i, half):
-        if lanes > half:
-            for lane in T.vectorized(T.int64(half)):
-                partial[i, lane] = partial[i, lane] + partial[i, lane + half]
-
-    @T.macro
-    def fold(partial, i):
-        fold_half(partial, i, 32)
-        fold_half(partial, i, 16)
-        fold_half(partial, i, 8)
-        fold_half(partial, i, 4)
-        fold_half(partial, i, 2)
-        fold_half(partial, i, 1)
-
-    return fold
 
 
 def _products(head_dim: int, dtype: str, lanes: int):
@@ -65,7 +42,7 @@ def _products(head_dim: int, dtype: str, lanes: int):
     lanes = lanes if head_dim % lanes == 0 else 1
     chunks = head_dim // lanes
 
-    fold = lane_folder(lanes)
+    fold = lane_folder(lanes, operator.add)
 
     @T.macro
     def score(out, partial, q, bh, t, source, start):
@@ -293,7 +270,7 @@ def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: 
     quantize_row = row_quantizer(head_dim, row_lanes(head_dim), qmax, eps)
     lanes = lanes if head_dim % lanes == 0 else 1
     chunks = head_dim // lanes
-    fold = lane_folder(lanes)
+    fold = lane_folder(lanes, operator.add)
     q_shape, s_shape = (batch, count, 1, head_dim), (batch, count, 1, positions)
 
     @T.macro

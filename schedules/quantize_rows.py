@@ -10,6 +10,8 @@ even), so the values are the same bit for bit.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -35,23 +37,42 @@ def row_lanes(columns: int | None) -> int:
     return next((lanes for lanes in (VECTOR_LANES, 16, 8) if columns % lanes == 0 and columns >= 4 * lanes), 1)
 
 
+def lane_folder(lanes: int, combine: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]):
+    """A TIR macro ``fold(partial, i)``: the ``lanes`` partial results ``partial[i, :]`` (a power of two up to
+    ``VECTOR_LANES``) combined in halves, vector by vector (lane ``j`` takes ``combine(lane j, lane j + half)``),
+    into ``partial[i, 0]``: four vector steps for 16 lanes, where combining them one by one is a chain of 15
+    dependent scalar ones."""
+    if lanes & (lanes - 1) or lanes > VECTOR_LANES:
+        raise ValueError(f"partial results fold in halves: a power of two up to {VECTOR_LANES} lanes, got {lanes}")
+
+    @T.macro
+    def fold_half(partial, i, half):
+        if lanes > half:
+            for lane in T.vectorized(T.int64(half)):
+                partial[i, lane] = combine(partial[i, lane], partial[i, lane + half])
+
+    @T.macro
+    def fold(partial, i):
+        fold_half(partial, i, 32)
+        fold_half(partial, i, 16)
+        fold_half(partial, i, 8)
+        fold_half(partial, i, 4)
+        fold_half(partial, i, 2)
+        fold_half(partial, i, 1)
+
+    return fold
+
+
 def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: float):
     """A TIR macro ``(values, q, s, partial, i)``: row ``i`` of the flat float32 ``values`` (``columns`` per row)
     quantized into ``q`` with its scale in ``s[i]``; ``partial`` is a ``[rows, lanes]`` scratch buffer. ``lanes``
     (a power of two) partial maxima run over the row's whole chunks of ``lanes``, the rest of the row goes into the
     first; then they fold in halves (the maximum is the same in any order, and a chain of scalar steps as long as
     ``lanes`` took as long as the rest of a 256-element row)."""
-    if lanes & (lanes - 1) or lanes > VECTOR_LANES:
-        raise ValueError(f"a row quantizer's lanes are a power of two up to {VECTOR_LANES}, got {lanes}")
     low, high, floor = T.float32(-qmax), T.float32(qmax), T.float32(eps)
     chunks = T.int64(columns // lanes) if isinstance(columns, int) else columns // lanes
     width = T.int64(columns) if isinstance(columns, int) else columns
-
-    @T.macro
-    def fold_half(partial, i, half):  # lanes [0, half) take the maximum of themselves and [half, 2 * half)
-        if lanes > half:
-            for lane in T.vectorized(T.int64(half)):
-                partial[i, lane] = T.max(partial[i, lane], partial[i, lane + half])
+    fold = lane_folder(lanes, T.max)
 
     @T.macro
     def quantize_row(values, q, s, partial, i):
@@ -62,12 +83,7 @@ def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: fl
                 partial[i, lane] = T.max(partial[i, lane], T.fabs(values[i * columns + c * lanes + lane]))
         for j in range(width - chunks * lanes):
             partial[i, 0] = T.max(partial[i, 0], T.fabs(values[i * columns + chunks * lanes + j]))
-        fold_half(partial, i, 32)
-        fold_half(partial, i, 16)
-        fold_half(partial, i, 8)
-        fold_half(partial, i, 4)
-        fold_half(partial, i, 2)
-        fold_half(partial, i, 1)
+        fold(partial, i)
         s[i] = partial[i, 0]
         row_scale: T.let = T.max(s[i], floor) / high
         s[i] = row_scale
