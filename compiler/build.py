@@ -25,7 +25,7 @@ from int8mt.tokenizer import load_tokenizer
 from .cross import library_linker
 from .frontend import ExportConfig, candidates_per_row
 from .passes import LiftWeights
-from .pipeline import CompileOptions, compile_model, tile_chooser
+from .pipeline import CompileOptions, compile_model, tile_choosers
 from .quant_report import untuned_kernels_warning
 
 
@@ -40,8 +40,8 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
     check_model_dir(model_dir)
     linker = library_linker(preset)  # before compiling: a missing cross compiler is known now
     tokenizer = load_tokenizer(model_dir)  # a bundle needs one to translate text; fail before compiling
-    tiles = tile_chooser(preset, database) if qcfg is not None and preset.int8_dot is not None else None
-    float_tiles = tile_chooser(preset, database, float_layers=True) if preset.float_dot is not None else None
+    tiles, float_tiles = tile_choosers(preset, database)
+    tiles = tiles if qcfg is not None else None
     if qcfg is None:
         model = load_model_dir(model_dir)
     else:

@@ -47,9 +47,10 @@ class MatmulCheck:
 
 
 def compile_tapped(model: Transformer, preset: TargetPreset, tiles: TileChooser | None,
-                   qcfg: QuantConfig) -> relax.VirtualMachine:
-    """The quantized ``model`` compiled for ``preset`` with every integer matmul tapped."""
-    options = CompileOptions(preset, qcfg, tiles, tap_matmuls=True)
+                   float_tiles: TileChooser | None, qcfg: QuantConfig) -> relax.VirtualMachine:
+    """The quantized ``model`` compiled for ``preset`` (``tiles`` and ``float_tiles`` as
+    :func:`~.pipeline.tile_choosers` gives them) with every integer matmul tapped."""
+    options = CompileOptions(preset, qcfg, tiles, tap_matmuls=True, float_tiles=float_tiles)
     mod = integer_graph(import_model(model, options), options)
     print(f"compiling the tapped integer graph for {preset.name}", file=sys.stderr)
     return relax.VirtualMachine(compile_module(mod, preset), tvm.cpu())

@@ -71,8 +71,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class CompileOptions:
     """What to compile for: the target ``preset``; ``quant`` None for FP32; ``tiles`` for the int8 dense
-    kernels and ``float_tiles`` for the float32 ones of FP32 layers (default: :func:`tile_chooser` with the shipped
-    database); ``tap_matmuls`` returns every integer matmul's operands and result beside each output (``int8mt
+    kernels and ``float_tiles`` for the float32 ones of FP32 layers (default: :func:`tile_choosers` with the
+    shipped database); ``tap_matmuls`` returns every integer matmul's operands and result beside each output (``int8mt
     verify``); ``dump_dir`` gets each phase's IR."""
 
     preset: TargetPreset
@@ -85,12 +85,11 @@ class CompileOptions:
     def with_tiles(self) -> CompileOptions:
         """These options with ``tiles`` and ``float_tiles`` set where the preset's kernels need them (the shipped
         database where None)."""
-        options = self
-        if options.tiles is None and options.quant is not None and options.preset.int8_dot is not None:
-            options = replace(options, tiles=tile_chooser(options.preset, None))
-        if options.float_tiles is None and options.preset.float_dot is not None:
-            options = replace(options, float_tiles=tile_chooser(options.preset, None, float_layers=True))
-        return options
+        wants_int8 = self.tiles is None and self.quant is not None and self.preset.int8_dot is not None
+        if not wants_int8 and (self.float_tiles is not None or self.preset.float_dot is None):
+            return self
+        tiles, float_tiles = tile_choosers(self.preset, None)
+        return replace(self, tiles=tiles if wants_int8 else self.tiles, float_tiles=self.float_tiles or float_tiles)
 
 
 @dataclass
@@ -100,23 +99,25 @@ class CompiledModel:
     weights: LiftWeights  # the entry points' weights, their trailing parameters
 
 
-def tile_chooser(preset: TargetPreset, database: Path | None, float_layers: bool = False) -> TileChooser:
-    """Tiles for ``preset``'s int8 kernels (``float_layers``: its float32 kernels of FP32 layers) from
-    ``database``; kernels it lacks from the database shipped for the preset (or for the preset it takes its tiles
-    from), then default tiles; AMX blocks likewise."""
-    if (preset.float_dot if float_layers else preset.int8_dot) is None:
-        raise UserError(f"target preset {preset.name} has no {'float32' if float_layers else 'int8'} dense kernels "
-                         "to choose tiles for")
+def tile_choosers(preset: TargetPreset, database: Path | None) -> tuple[TileChooser | None, TileChooser | None]:
+    """Tiles for ``preset``'s int8 kernels and for its float32 kernels of FP32 layers (None where it has no such
+    kernels) from ``database``; kernels it lacks from the database shipped for the preset (or for the preset it
+    takes its tiles from), then default tiles; AMX blocks likewise. Each database is read once for both."""
+    if preset.int8_dot is None and preset.float_dot is None:  # (CUDA presets: their own tile table)
+        return None, None
     tuned = preset.tuned_preset
-    family = tuned.float_dot if float_layers else tuned.int8_dot
     folder = shipped_database(tuned.name)
     shipped = TuningDatabase(folder) if folder.is_dir() else None
-    # AMX kernels: the blocks searched into ``database`` and, for layers it lacks, those shipped for the preset
-    amx_blocks = ({**load_blocks(shipped_database(preset.name)), **load_blocks(database)}
-                  if not float_layers and int8_dot(preset.int8_dot).amx_tiles else None)
-    if database is None:
-        return TileChooser(shipped, family, amx_blocks=amx_blocks)
-    return TileChooser(TuningDatabase(database), family, fallback=shipped, amx_blocks=amx_blocks)
+    primary, fallback = (TuningDatabase(database), shipped) if database is not None else (shipped, None)
+    tiles = float_tiles = None
+    if preset.int8_dot is not None:
+        # AMX kernels: the blocks searched into ``database`` and, for layers it lacks, those shipped for the preset
+        amx_blocks = ({**load_blocks(shipped_database(preset.name)), **load_blocks(database)}
+                      if int8_dot(preset.int8_dot).amx_tiles else None)
+        tiles = TileChooser(primary, tuned.int8_dot, fallback=fallback, amx_blocks=amx_blocks)
+    if preset.float_dot is not None:
+        float_tiles = TileChooser(primary, tuned.float_dot, fallback=fallback)
+    return tiles, float_tiles
 
 
 def import_model(model: Transformer, options: CompileOptions) -> tvm.IRModule:

@@ -74,8 +74,8 @@ class _Done(PyRunnerFuture):
 
 @derived_object
 class CheckedRunner(PyRunner):
-    """Check each dense candidate (int8, or float32 for FP32 layers) against NumPy, then time it with ``time_evaluator`` on all threads of
-    this machine, or of the server of an RPC ``session`` (:meth:`.rpc.RPCTracker.connect`), to which modules are
+    """Check each dense candidate (int8, or float32 for FP32 layers) against NumPy, then time it with
+    ``time_evaluator`` on all threads of this machine, or of the server of an RPC ``session`` (:meth:`.rpc.RPCTracker.connect`), to which modules are
     sent linked by ``fcompile`` (the board's cross compiler; None: this machine's compiler)."""
 
     def __init__(self, dot: Int8Dot, number: int = 3, repeat: int = 5, min_repeat_ms: int = 30,

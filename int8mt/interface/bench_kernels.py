@@ -242,15 +242,14 @@ def bench_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tu
     import tvm
     from tqdm import tqdm
 
-    from int8mt.compiler.pipeline import tile_chooser
+    from int8mt.compiler.pipeline import tile_choosers
     from int8mt.schedules.intrin import int8_dot
     from int8mt.schedules.tune import Measurement
 
     measurement = Measurement.for_preset(preset, rpc, "benchmark")
 
     target = tvm.target.Target(preset.target)
-    tiles = tile_chooser(preset, database_dir)
-    float_tiles = tile_chooser(preset, database_dir, float_layers=True)
+    tiles, float_tiles = tile_choosers(preset, database_dir)
     dot = int8_dot(preset.int8_dot)
     where = measurement.runner(dot)
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)

@@ -83,10 +83,10 @@ def tune(args: TuneArgs) -> list[dict]:
             raise UserError(f"{args.preset.name} runs FP32 layers with TVM's GPU schedules, not kernels of ours: "
                              "there is nothing to tune with --fp32; tune its int8 kernels without it")
         return tune_cuda(args)
-    family = args.preset.float_dot if args.fp32 else args.preset.int8_dot
-    if family is None:
-        raise UserError(f"target preset {args.preset.name} has no {'float32 dense' if args.fp32 else 'int8 dot-product'} "
-                         "kernels to tune; `int8mt targets` lists the presets that have")
+    if (args.preset.float_dot if args.fp32 else args.preset.int8_dot) is None:
+        kind = "float32 dense" if args.fp32 else "int8 dot-product"
+        raise UserError(f"target preset {args.preset.name} has no {kind} kernels to tune; `int8mt targets` lists "
+                         "the presets that have")
     if args.trials < 1 or args.budget_minutes <= 0:
         raise UserError("--trials must be at least 1 and --budget-minutes positive")
     preset, tuned = args.preset, args.preset.tuned_preset

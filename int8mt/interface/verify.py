@@ -40,7 +40,7 @@ def verify(request: VerifyRequest) -> VerifyResult:
     """Compile the quantized model with every integer matmul tapped and compare each with the NumPy integer
     reference on one batch of test sentences (encode, then ``steps`` decoder steps)."""
     from int8mt.compiler.integer_check import GraphMismatch, check_integer_graph, compile_tapped
-    from int8mt.compiler.pipeline import tile_chooser
+    from int8mt.compiler.pipeline import tile_choosers
     from int8mt.data import read_parallel
     from int8mt.model.checkpoint import check_model_dir
     from int8mt.quant.checkpoint import quantized_model
@@ -67,8 +67,7 @@ def verify(request: VerifyRequest) -> VerifyResult:
     src, tokens = inputs(sources[:request.sentences], targets[:request.sentences],
                          load_tokenizer(request.model_dir), c.decoder_start_id, c.pad_id,
                          request.steps)
-    tiles = tile_chooser(preset, request.database) if preset.int8_dot is not None else None
-    vm = compile_tapped(model, preset, tiles, qcfg)
+    vm = compile_tapped(model, preset, *tile_choosers(preset, request.database), qcfg)
     meta = {"model": str(request.model_dir), "target": preset.name, "scheme": qcfg.name, "ranges": qcfg.ranges,
             "fp32": list(qcfg.fp32_patterns), "integer_softmax": qcfg.integer_softmax, "integer_layer_norm": qcfg.integer_layer_norm,
             "sentences": len(src), "steps": request.steps}

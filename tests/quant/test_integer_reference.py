@@ -12,7 +12,7 @@ from int8mt.cli import main
 from int8mt.compiler.frontend import export_to_relax
 from int8mt.compiler.integer_check import check_integer_graph, compile_tapped
 from int8mt.compiler.passes import ScalePropagation
-from int8mt.compiler.pipeline import CompileOptions, integer_graph, relax_pipeline, tile_chooser
+from int8mt.compiler.pipeline import CompileOptions, integer_graph, relax_pipeline, tile_choosers
 from int8mt.compiler.quant_import import quant_convert_map
 from int8mt.model.transformer import Transformer
 from int8mt.quant.checkpoint import quantized_model
@@ -44,7 +44,7 @@ def _model(model_dir, qcfg: QuantConfig):
 ], ids=["int8-calibrate", "int8-runtime", "int6-calibrate", "int8-integer-only"])
 def test_every_matmul_matches_the_integer_reference(qcfg, tiny_model_dir):
     model = _model(tiny_model_dir, qcfg)
-    vm = compile_tapped(model, HOST_PRESET, tile_chooser(HOST_PRESET, None), qcfg)
+    vm = compile_tapped(model, HOST_PRESET, *tile_choosers(HOST_PRESET, None), qcfg)
     checks = check_integer_graph(model, vm, *_inputs(), qcfg)
     assert len(checks) == PER_CALL["encode"] + STEPS * PER_CALL["decode_step"]
     # the kernels and the integer ops around them: every int32 result is exactly its operands' product

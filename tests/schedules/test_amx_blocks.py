@@ -115,13 +115,13 @@ def test_tile_chooser_takes_the_table_blocks_for_the_row_bucket(tmp_path):
 
 
 def test_shipped_blocks_cover_the_reference_models_layers():
-    from int8mt.compiler.pipeline import tile_chooser
+    from int8mt.compiler.pipeline import tile_choosers
 
     table = load_blocks(shipped_database(AMX.name))
     for n, k in linear_shapes(*BENCH_MODELS["reference"]):
         for rows in {r for bucket in ROW_BUCKETS for r in block_rows(bucket)}:
             assert table[(n, k, rows)] in candidate_blocks(DenseTask(n, k, rows, "amx")), (n, k, rows)
-    choice = tile_chooser(AMX, None).choice(1024, 256, "decode_step")
+    choice = tile_choosers(AMX, None)[0].choice(1024, 256, "decode_step")
     assert choice.tuned and (choice.tiles.amx_small, choice.tiles.amx) == (table[(1024, 256, 32)],
                                                                            table[(1024, 256, 128)])
     assert default_block(1024) == AmxBlock(2, 2) and default_block(48) == AmxBlock(2, 1)
