@@ -442,6 +442,7 @@ class Bundle:
         self._alloc = self._ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._create_view = self._ffi.get_global_func("runtime.TVMTensorCreateView")
         self._copy = self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+        self._item = self._ffi.get_global_func("ffi.ArrayGetItem")  # (one call: an Array's ``[i]`` makes three)
         weights, self._weights = self._map_weights()
         self._steps: dict[int, Any] = {}  # position -> the decoder step's input tensor (shared by replicas)
         self._pooled = _POOLED["gpu" if self._on_gpu else "cpu"]
@@ -581,7 +582,7 @@ class Bundle:
         out = self._step(self._staged("tokens", tokens), self._step_tensor(step), *cache.inputs,
                          self._staged("history", cache.history), *cross_kv, src, rows_used)
         cache.record_step()
-        return out[0]
+        return self._item(out, 0)
 
     def _staged(self, name: str, array: np.ndarray) -> Any:
         """The decoder step's input ``name`` holding ``array``: on a GPU a view of a device buffer kept for that

@@ -66,7 +66,8 @@ class SelfAttentionCache:
         self._buffers: list[Any] = []
         self._allocate(1 + batch * positions)
         self.used = 1  # rows written: row 0 holds no position (the decoder step reads it and discards it)
-        self._history_memory = [np.empty(0, np.int64)] * 2  # the history alternates between two aligned buffers
+        # the history alternates between two aligned buffers, each with room for ``positions`` steps
+        self._history_memory = [aligned_empty((batch * (positions + 1),), np.int64) for _ in range(2)]
         self.history = self._new_history(batch, 1)
         self.history[:] = 0
 
@@ -105,8 +106,9 @@ class SelfAttentionCache:
         return _rows_used(self._ffi, self.used)
 
     def record_step(self) -> None:
-        """After a step: each hypothesis's new row in its history (one hypothesis's grows in place: a batch-1 step's
-        host work runs with the caches the step's weights went through, where each NumPy call costs microseconds)."""
+        """After a step: each hypothesis's new row in its history (one hypothesis's grows in place, within the room
+        made for ``positions`` steps: a batch-1 step's host work runs with the caches the step's weights went
+        through, where each NumPy call costs microseconds)."""
         count, positions = self.history.shape
         memory = self._history_memory[-1]  # (the one ``history`` starts)
         if count == 1 and memory.size > positions:

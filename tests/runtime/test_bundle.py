@@ -277,6 +277,25 @@ def test_replicas_translate_in_parallel_with_the_same_results(tiny_bundle):
     assert two.translate(sentences) == one.translate(sentences)
 
 
+def test_one_replica_translates_in_the_calling_thread_and_more_on_their_own(tiny_bundle, monkeypatch):
+    import threading
+
+    from int8mt.runtime import translator as translator_mod
+
+    searched_on = []
+    search = translator_mod.beam_search
+    monkeypatch.setattr(translator_mod, "beam_search",
+                        lambda *args: searched_on.append(threading.current_thread()) or search(*args))
+    sentences = [f"A dog number {i} runs." for i in range(6)]
+    one = Translator(tiny_bundle, SearchOptions(beam_size=1), batch_size=2, threads=1)
+    expected = one.translate(sentences)
+    assert searched_on == [threading.current_thread()] * 3
+    searched_on.clear()
+    two = Translator(tiny_bundle, SearchOptions(beam_size=1), batch_size=2, replicas=2, threads=1)
+    assert two.translate(sentences) == expected
+    assert len(searched_on) == 3 and threading.current_thread() not in searched_on
+
+
 def test_unwritten_library_pages_are_released_and_the_model_still_runs(tiny_bundle):
     """The weights' serialized copy in the mapped library is given back after loading (read-only pages never
     written); a page read again comes back from the file."""
