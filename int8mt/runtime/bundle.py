@@ -443,6 +443,7 @@ class Bundle:
         self._create_view = self._ffi.get_global_func("runtime.TVMTensorCreateView")
         self._copy = self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")
         self._item = self._ffi.get_global_func("ffi.ArrayGetItem")  # (one call: an Array's ``[i]`` makes three)
+        self._item.release_gil = False  # (each call: a chance for another replica's thread to take the GIL)
         weights, self._weights = self._map_weights()
         self._steps: dict[int, Any] = {}  # position -> the decoder step's input tensor (shared by replicas)
         self._pooled = _POOLED["gpu" if self._on_gpu else "cpu"]

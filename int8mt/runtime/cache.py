@@ -47,6 +47,24 @@ def _rows_used(ffi: Any, used: int) -> Any:
     return _cached_shape(ffi, used) if used < CACHED_SHAPES else ffi.Shape((used,))
 
 
+HISTORY_ALIGNMENT = TENSOR_ALIGNMENT // 8  # int64 elements
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_functions(ffi: Any) -> tuple[Any, Any, Any]:
+    """TVM's functions that make a view of a tensor, copy one and allocate one (looked up once: a new cache per
+    sentence at batch 1 looked them up each time)."""
+    return tuple(ffi.get_global_func(f"runtime.TVMTensor{name}")
+                 for name in ("CreateView", "CopyFromTo", "AllocWithScope"))  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=CACHED_SHAPES)
+def _row_parts(ffi: Any, heads: int, head_dim: int, dtype: str, scales: bool) -> list[tuple[tuple, Any, int]]:
+    """Each cache buffer's row shape, TVM dtype and row bytes: the keys/values, then (``scales``) their scales."""
+    return [(row, ffi.dtype(kind), math.prod(row) * np.dtype(kind).itemsize)
+            for row, kind in [((heads, head_dim), dtype)] + [((heads, 1), "float32")] * scales]
+
+
 class SelfAttentionCache:
     """The cache rows of one batch (a device buffer, and one of their scales with run-time ranges) and each
     hypothesis's history (NumPy)."""
@@ -56,18 +74,16 @@ class SelfAttentionCache:
         """Room for ``positions`` steps of ``batch`` hypotheses; more is allocated (and the rows moved) only if
         the steps outgrow it. ``scales``: rows of ``dtype`` int8 carry a float32 scale per head."""
         self._ffi, self._device = ffi, device
-        self._create_view = ffi.get_global_func("runtime.TVMTensorCreateView")
-        self._copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
-        self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+        self._create_view, self._copy, self._alloc = _tensor_functions(ffi)
         self._layers, self._planes = layers, 2 * layers  # (layer, key or value) planes of rows
-        # each buffer's row shape, dtype and row bytes: the keys/values, then their scales
-        self._parts = [(row, ffi.dtype(kind), math.prod(row) * np.dtype(kind).itemsize)
-                       for row, kind in [((heads, head_dim), dtype)] + [((heads, 1), "float32")] * scales]
+        self._parts = _row_parts(ffi, heads, head_dim, dtype, scales)
         self._buffers: list[Any] = []
         self._allocate(1 + batch * positions)
         self.used = 1  # rows written: row 0 holds no position (the decoder step reads it and discards it)
-        # the history alternates between two aligned buffers, each with room for ``positions`` steps
-        self._history_memory = [aligned_empty((batch * (positions + 1),), np.int64) for _ in range(2)]
+        # the history alternates between two aligned buffers (one allocation), each with room for ``positions`` steps
+        room = -(-batch * (positions + 1) // HISTORY_ALIGNMENT) * HISTORY_ALIGNMENT
+        memory = aligned_empty((2 * room,), np.int64)
+        self._history_memory = [memory[:room], memory[room:]]
         self.history = self._new_history(batch, 1)
         self.history[:] = 0
 
