@@ -292,8 +292,15 @@ def test_one_replica_translates_in_the_calling_thread_and_more_on_their_own(tiny
     assert searched_on == [threading.current_thread()] * 3
     searched_on.clear()
     two = Translator(tiny_bundle, SearchOptions(beam_size=1), batch_size=2, replicas=2, threads=1)
-    assert two.translate(sentences) == expected
+    assert two.translate(sentences, progress=True) == expected
     assert len(searched_on) == 3 and threading.current_thread() not in searched_on
+
+    def failing(*args):
+        raise RuntimeError("search failed")
+
+    monkeypatch.setattr(translator_mod, "beam_search", failing)
+    with pytest.raises(RuntimeError, match="search failed"):
+        two.translate(sentences)
 
 
 def test_unwritten_library_pages_are_released_and_the_model_still_runs(tiny_bundle):
