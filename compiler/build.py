@@ -16,8 +16,8 @@ from int8mt.errors import UserError
 from int8mt.model.checkpoint import check_model_dir, load_model_dir
 from int8mt.quant.config import QuantConfig
 from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, source_digest
-from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, LIBRARY_FILE, MANIFEST_FILE, REPORT_FILE, WEIGHTS_FILE,
-                                   sha256)
+from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, GREEDY_ENTRY_POINT, LIBRARY_FILE, MANIFEST_FILE,
+                                   REPORT_FILE, WEIGHTS_FILE, sha256)
 from int8mt.runtime.cache import TENSOR_ALIGNMENT
 from int8mt.targets import TargetPreset
 from int8mt.tokenizer import load_tokenizer
@@ -68,7 +68,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         "target": {"preset": preset.name, "tvm": preset.target, "arch": preset.arch,
                    "required_features": list(preset.required_features)},
         "quantization": _quantization_record(qcfg, report),
-        "entry_points": list(ENTRY_POINTS),
+        "entry_points": list(entry_points(compiled.weights)),
         "model": model.cfg.to_dict(),
         "cache_dtype": model.cache_dtype_name,
         "cache_scales": model.cache_scales,
@@ -105,7 +105,12 @@ def _write_weights(weights: LiftWeights, path: Path) -> dict:
             f.write(b"\0" * (-f.tell() % TENSOR_ALIGNMENT))
             tensors.append({"dtype": str(array.dtype), "shape": list(array.shape), "offset": f.tell()})
             f.write(array.tobytes())
-    return {"tensors": tensors, "entry_points": {name: weights.uses.get(name, []) for name in ENTRY_POINTS}}
+    return {"tensors": tensors, "entry_points": {name: weights.uses.get(name, []) for name in entry_points(weights)}}
+
+
+def entry_points(weights: LiftWeights) -> tuple[str, ...]:
+    """The library's entry points: those every bundle has, and the greedy loop where the pipeline added it."""
+    return ENTRY_POINTS + tuple(name for name in (GREEDY_ENTRY_POINT,) if name in weights.uses)
 
 
 def _write_cuda_kernels(executable: tvm.runtime.Executable, preset: TargetPreset, out_dir: Path) -> dict:

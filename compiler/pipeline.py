@@ -24,8 +24,9 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          every kernel not scheduled yet; on CPUs :class:`~.passes.UnitReshapeIntoKernels` (kernels
                          read the tensors behind reshapes that only add or drop axes of size 1) and
                          :class:`~.passes.ViewsIntoKernels` (the parameters behind views, at their offsets).
-5. ``lowered``           dataflow lowering, memory planning and VM finalisation (with lifted weights, their checks
-                         left to ``check_weights``: :func:`~.passes.drop_weight_checks`).
+5. ``lowered``           :class:`~.passes.LiftWeights`, on CPUs :class:`~.passes.GreedyLoop` (one sentence's greedy
+                         search in one call); dataflow lowering, memory planning and VM finalisation (the weights'
+                         checks left to ``check_weights``: :func:`~.passes.drop_weight_checks`).
 
 On CPUs the entry points' virtual-machine code is compiled to native code (``exec_mode="compiled"``) instead of
 interpreted: a decoder step runs some 800 shape, allocation and kernel calls, and at batch 1 their dispatch was
@@ -57,7 +58,7 @@ from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue,
-                     GatherPackedRows, Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense,
+                     GatherPackedRows, GreedyLoop, Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense,
                      QuantizeRows, ReadKeysAsStored, ReuseShapes, ReuseTensors, ScalePropagation, SoftmaxRows,
                      TakeAsView, TapIntMatmuls, UnitPermuteAsReshape, UnitReshapeIntoKernels, ViewsIntoKernels,
                      drop_weight_checks)
@@ -206,15 +207,17 @@ def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:
     if options.float_tiles is not None:
         report["float_kernels"] = dense_kernel_report(mod, options.float_tiles)
     weights = LiftWeights()
-    return CompiledModel(compile_module(mod, options.preset, options.dump_dir, weights), report, weights)
+    greedy = GreedyLoop(model.cfg.decoder_start_id, model.cfg.eos_id, weights)
+    return CompiledModel(compile_module(mod, options.preset, options.dump_dir, weights, greedy), report, weights)
 
 
 def compile_module(mod: tvm.IRModule, preset: TargetPreset, dump_dir: Path | None = None,
-                   weights: LiftWeights | None = None) -> tvm.runtime.Executable:
+                   weights: LiftWeights | None = None, greedy: GreedyLoop | None = None) -> tvm.runtime.Executable:
     """Phases 3-5: a Relax module (after phase 2) compiled for ``preset``; with ``weights``, the entry points
-    take their weights as trailing parameters (see :class:`LiftWeights`)."""
+    take their weights as trailing parameters (see :class:`LiftWeights`); with ``greedy`` (built on ``weights``), a
+    CPU library gets the greedy decoding loop (see :class:`GreedyLoop`)."""
     target = tvm.target.Target(preset.target)
-    pipeline = relax_pipeline(target, dump_dir, weights)
+    pipeline = relax_pipeline(target, dump_dir, weights, greedy)
     if target.kind.name != "cuda":
         return relax.build(mod, target=target, relax_pipeline=pipeline, exec_mode="compiled")
     outer = tvm.transform.PassContext.current()  # kept, with the pipelined kernels' copies as cp.async
@@ -352,10 +355,11 @@ def _library_dispatch_passes(backend: ModuleType, target: tvm.target.Target) -> 
     return [p for p in backend.library_dispatch_passes(target) if p.info.name != "DispatchSortScan"]
 
 
-def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None,
-                   weights: LiftWeights | None = None) -> tvm.transform.Pass:
+def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None, weights: LiftWeights | None = None,
+                   greedy: GreedyLoop | None = None) -> tvm.transform.Pass:
     """Phases 3-5 as ``tvm.compile``'s ``relax_pipeline`` for ``target`` (an LLVM CPU or a CUDA target); with
-    ``weights``, the scheduled graph's weights become the entry points' trailing parameters."""
+    ``weights``, the scheduled graph's weights become the entry points' trailing parameters, then on a CPU
+    ``greedy`` adds its entry point."""
     backends = {"llvm": cpu, "cuda": cuda}
     if target.kind.name not in backends:
         raise UserError(f"target kind {target.kind.name!r} is not supported; use a CPU (llvm) or CUDA preset")
@@ -369,6 +373,7 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None,
                 + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
                 + ([UnitReshapeIntoKernels(), ViewsIntoKernels()] if target.kind.name == "llvm" else [])
                 + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])
+                + ([greedy] if greedy is not None and weights is not None and target.kind.name == "llvm" else [])
                 + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
                 + [ReuseShapes(), ReuseTensors(), DropUnusedTuples()]
                 + ([drop_weight_checks] if weights is not None else []) + [_phase(5, "lowered", dump_dir)]

@@ -184,6 +184,7 @@ def test_wrong_typed_manifest_fields(bundle_copy, field, value, message):
     (lambda w: w["tensors"][-1].update(shape=[1 << 30]), "places a weight at bytes"),
     (lambda w: w["entry_points"]["encode"].append(len(w["tensors"])), "names weights it does not list"),
     (lambda w: w["entry_points"]["encode"].append(-1), "names weights it does not list"),
+    (lambda w: w["entry_points"]["greedy_decode"].pop(), "gives greedy_decode other weights than decode_step"),
     (lambda w: w["tensors"][0].update(dtype="no such type"), "which NumPy does not know"),
     (lambda w: w["tensors"][0].pop("dtype"), "has no 'dtype'"),
 ])

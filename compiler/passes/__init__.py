@@ -4,6 +4,7 @@ from .fold_dense_bias import FoldDenseBias
 from .fuse_attention_epilogue import FuseAttentionEpilogue
 from .fuse_dense_epilogue import FuseDenseEpilogue
 from .gather_packed_rows import GatherPackedRows
+from .greedy_loop import GreedyLoop
 from .int8_batch_matmul import Int8BatchMatmul
 from .keys_as_stored import ReadKeysAsStored
 from .layer_norm_rows import LayerNormRows
@@ -26,5 +27,5 @@ __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue",
            "LayerNormRows", "SoftmaxRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView",
-           "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "ReuseShapes", "ReuseTensors",
+           "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes", "ReuseTensors",
            "DropUnusedTuples", "drop_weight_checks"]

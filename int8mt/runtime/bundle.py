@@ -37,6 +37,7 @@ BUNDLE_FORMAT = 7  # the entry points (ENTRY_POINTS) and their signatures: the d
 #                   with per-position scales (manifest ``cache_scales``), the step writing its rows into the cache,
 #                   the weights as parameters, checked once by CHECK_WEIGHTS
 ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
+GREEDY_ENTRY_POINT = "greedy_decode"  # CPU bundles: one sentence's greedy search in one call (optional: older lack it)
 CHECK_WEIGHTS = "check_weights"  # the library's check of all the weights' dtypes and shapes, which the entry
 #                                   points leave out (compiler/passes/lift_weights.py)
 
@@ -477,6 +478,8 @@ class Bundle:
         try:
             self._encode, self._step, self._reorder, self._top = (
                 _with_weights(self._vm[name], self._weights[name]) for name in ENTRY_POINTS)
+            self._greedy = _with_weights(self._vm[GREEDY_ENTRY_POINT], self._weights[GREEDY_ENTRY_POINT]) \
+                if GREEDY_ENTRY_POINT in self._weights and not self._on_gpu else None
         except AttributeError as err:
             raise BundleError(f"{self.path / LIBRARY_FILE} does not match its manifest ({err})") from None
         self._staging: dict[str, Any] = {}  # on a GPU: input name -> the device buffer its steps' values go to
@@ -502,6 +505,11 @@ class Bundle:
                                   f"({size} bytes, {TENSOR_ALIGNMENT}-byte aligned): rebuild the bundle")
             tensors.append(self.tensor(mapped[offset:end].view(dtype).reshape(shape)))
         uses = {name: record["entry_points"].get(name, []) for name in ENTRY_POINTS}
+        if GREEDY_ENTRY_POINT in self.manifest["entry_points"]:  # (the decoder step's weights, passed through)
+            uses[GREEDY_ENTRY_POINT] = record["entry_points"].get(GREEDY_ENTRY_POINT, [])
+            if uses[GREEDY_ENTRY_POINT] != uses["decode_step"]:
+                raise BundleError(f"{self.path / MANIFEST_FILE} gives {GREEDY_ENTRY_POINT} other weights than "
+                                  "decode_step; rebuild the bundle")
         if not all(isinstance(i, int) and 0 <= i < len(tensors) for indices in uses.values() for i in indices):
             raise BundleError(f"{self.path / MANIFEST_FILE} names weights it does not list; rebuild the bundle")
         return tensors, {name: tuple(tensors[i] for i in indices) for name, indices in uses.items()}
@@ -561,6 +569,25 @@ class Bundle:
         """The self-attention cache of ``batch`` hypotheses, with room for ``positions`` steps."""
         return SelfAttentionCache(self._ffi, self.device, self.layers, self.heads, self.head_dim, self.cache_dtype,
                                   self.cache_scales, batch, min(positions, self.max_positions))
+
+    @property
+    def decodes_greedily(self) -> bool:
+        """Whether the library has the greedy loop (:meth:`greedy_decode`): CPU bundles of this version."""
+        return self._greedy is not None
+
+    def greedy_decode(self, src: np.ndarray, max_length: int, min_length: int = 0) -> list[int]:
+        """One sentence's greedy search (``src`` [1, S]) in one call of the library
+        (:class:`int8mt.compiler.passes.GreedyLoop`): its tokens without the end of sentence, at most
+        ``max_length``, none ending it before ``min_length``; the same as the host's steps would give."""
+        self._admit(1, src.shape[1])
+        src_t = self.tensor(src)
+        cache = self.empty_cache(1, max_length)
+        ids = aligned_empty((max_length,), np.int64)
+        limits = aligned_empty((2,), np.int64)
+        limits[:] = max_length, min_length
+        count = self._greedy(*cache.inputs, *self.encode(src), src_t, self.tensor(ids), self.tensor(limits))
+        tokens = ids[:int(self.host(count)[0])].tolist()
+        return tokens[:-1] if tokens and tokens[-1] == self.eos_id else tokens
 
     def decode_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                     src: Any) -> np.ndarray:

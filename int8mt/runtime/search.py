@@ -49,8 +49,11 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_leng
     ending before ``min_length``; returns ids without EOS. Finished rows leave the batch (their cache history
     and cross-attention rows are dropped) once fewer than ``COMPACT_BELOW`` of the rows in flight are
     unfinished, so a batch does not keep paying for its longest sentence; every row's result is the same as
-    decoded alone."""
+    decoded alone. One sentence decodes in one call of the library where it has the loop
+    (:meth:`Bundle.greedy_decode`: the same tokens without the host's work between steps)."""
     batch = src.shape[0]
+    if batch == 1 and bundle.decodes_greedily:
+        return [bundle.greedy_decode(src, max_lens[0], min_length)]
     src_t = bundle.tensor(src)
     cross = bundle.encode(src)
     cache = bundle.empty_cache(batch, max(max_lens))

@@ -77,6 +77,31 @@ def test_greedy_drops_finished_rows_without_changing_results(tiny_bundle, monkey
     assert together == alone and [len(t) for t in together] == max_lens
 
 
+def test_one_sentence_decodes_greedily_in_one_call_with_the_host_loop_s_tokens(tiny_bundle, bundle_copy, monkeypatch):
+    """The library's greedy loop gives each sentence the tokens of the host's steps (the maximum length cutting it,
+    or the minimum keeping the end of sentence out), without a decoder step from the host; a bundle whose manifest
+    lacks the loop (built before it) decodes on the host, alike."""
+    bundle = Bundle(tiny_bundle)
+    assert bundle.decodes_greedily
+    rng = np.random.default_rng(7)
+    sources = [rng.integers(4, 8000, (1, n)) for n in (3, 9, 20)]
+    cases = [(src, max_len, min_len) for src in sources for max_len, min_len in ((12, 0), (1, 0), (30, 30), (6, 9))]
+    on_device = []
+    monkeypatch.setattr(bundle, "decode_step", lambda *a: pytest.fail("a host step"))
+    for src, max_len, min_len in cases:
+        on_device.append(greedy_search(bundle, src, [max_len], min_len)[0])
+    monkeypatch.undo()
+    edit_manifest(bundle_copy, lambda m: (m["entry_points"].remove("greedy_decode"),
+                                          m["weights"]["entry_points"].pop("greedy_decode")))
+    older = Bundle(bundle_copy)
+    assert not older.decodes_greedily
+    on_host = [greedy_search(older, src, [max_len], min_len)[0] for src, max_len, min_len in cases]
+    assert on_device == on_host
+    for tokens, (_, max_len, min_len) in zip(on_device, cases):
+        assert len(tokens) <= max_len and (len(tokens) == max_len or min_len < max_len)
+        assert bundle.eos_id not in tokens
+
+
 @pytest.mark.parametrize("on_device", [True, False])
 def test_beam_search_drops_finished_sentences_without_changing_results(tiny_bundle, monkeypatch, on_device):
     """Sentences that finish early leave the batch (their k rows, cache and cross-attention alike); each result
