@@ -63,11 +63,11 @@ class GreedyLoop:
         step = mod[step_var]
         if not isinstance(step_var.ty, relax.FuncType):  # (replaced by LiftWeights, its global has no type to call by)
             relax.expr._update_type(step_var, step.ty)
-        count = int((step.attrs or {}).get(WEIGHT_PARAMS_ATTR, 0))
+        weight_count = int((step.attrs or {}).get(WEIGHT_PARAMS_ATTR, 0))
         names = [p.name for p in step.params]
         caches = [step.params[i] for i, n in enumerate(names) if n.startswith("cache_")]
         crosses = [step.params[i] for i, n in enumerate(names) if n.startswith("cross_")]
-        src, weights = step.params[names.index("src")], step.params[len(names) - count:]
+        src, weights = step.params[names.index("src")], step.params[len(names) - weight_count:]
         batch = step.params[names.index("tokens")].ty.shape[0]
         vocab = int(step.ret_ty.fields[0].shape[1])
 
@@ -76,20 +76,21 @@ class GreedyLoop:
             ("next_token", next_token_kernel(vocab, self.eos_id)), ("record_token", record_token_kernel()),
             ("stop_here", stop_kernel(self.eos_id)), ("advance", advance_kernel()),
             ("start", start_kernel(self.start_id)))}
-        room = tirx.Var("room", "int64")
-        state = [relax.TensorType([1, 1], "int64"), relax.TensorType([1], "int64"), relax.TensorType([], "bool"),
-                 relax.TensorType([1, room + 1], "int64")]  # token, step, stop, history buffer
-        ids_type, limits_type = relax.TensorType([room], "int64"), relax.TensorType([2], "int64")
-        attrs = {"relax.force_pure": True, WEIGHT_PARAMS_ATTR: count}
+        attrs = {"relax.force_pure": True, WEIGHT_PARAMS_ATTR: weight_count}
 
         def signature() -> tuple[list[relax.Var], dict[str, list[relax.Var]]]:
-            """The loop's parameters (its own symbolic dimensions), and by role."""
+            """The loop's parameters (with symbolic dimensions of their own), and by role: its state (token,
+            position, stop flag, history buffer), the step's caches, cross-attention caches, source and weights, the
+            ids and limits, and the history's width."""
             own = _fresh([*caches, *crosses, src, *weights], batch)
-            width = tirx.Var("width", "int64")
-            parts = {"state": [relax.Var(n, t) for n, t in zip(("token", "step", "stop", "history"), state)],
+            room, width = tirx.Var("room", "int64"), tirx.Var("width", "int64")
+            state = [("token", [1, 1], "int64"), ("step", [1], "int64"), ("stop", [], "bool"),
+                     ("history", [1, room + 1], "int64")]
+            parts = {"state": [relax.Var(n, relax.TensorType(shape, dtype)) for n, shape, dtype in state],
                      "caches": own[:len(caches)], "crosses": own[len(caches):len(caches) + len(crosses)],
                      "src": [own[len(caches) + len(crosses)]], "weights": own[len(caches) + len(crosses) + 1:],
-                     "io": [relax.Var("ids", ids_type), relax.Var("limits", limits_type)],
+                     "io": [relax.Var("ids", relax.TensorType([room], "int64")),
+                            relax.Var("limits", relax.TensorType([2], "int64"))],
                      "width": [relax.Var("width", relax.ShapeType([width]))]}
             order = ("state", "caches", "crosses", "src", "io", "width", "weights")
             return [v for part in order for v in parts[part]], parts
@@ -98,7 +99,7 @@ class GreedyLoop:
         token, position, stop, history = parts["state"]
         ids, limits = parts["io"]
         width = parts["width"][0].ty.values[0]
-        loop_var = bb.add_func(relax.Function(params, relax.SeqExpr([], position), state[1], True), LOOP)  # (named)
+        loop_var = bb.add_func(relax.Function(params, relax.SeqExpr([], position), position.ty, True), LOOP)  # (named)
         with bb.function(f"{LOOP}_body", params, attrs, private=True):
             view = bb.emit(relax.op.memory.view(history, relax.ShapeExpr([1, width])))
             out = bb.emit(relax.Call(step_var, [token, position, *parts["caches"], view, *parts["crosses"],
@@ -115,7 +116,7 @@ class GreedyLoop:
             advanced = bb.emit(relax.op.call_tir_inplace(kernel["advance"], relax.Tuple(
                 [position, history, relax.prim_value(width)]), [0, 1], [position.ty, history.ty]))
             position, history = (bb.emit(relax.TupleGetItem(advanced, i)) for i in range(2))
-            rest = relax.Var("rest", state[1])
+            rest = relax.Var("rest", position.ty)
             more = relax.Call(loop_var, [token, position, stop, history, *written, *parts["crosses"], *parts["src"],
                                          ids, limits, relax.ShapeExpr([width + 1]), *parts["weights"]])
             result = bb.emit(relax.If(stop, relax.SeqExpr([], position),
@@ -127,7 +128,7 @@ class GreedyLoop:
         ids, limits = parts["io"]
         entry = [*parts["caches"], *parts["crosses"], *parts["src"], ids, limits, *parts["weights"]]
         with bb.function(GREEDY_ENTRY_POINT, entry, {**attrs, "global_symbol": GREEDY_ENTRY_POINT}):
-            start = bb.emit(relax.call_tir(kernel["start"], [ids], [t for t in state]))
+            start = bb.emit(relax.call_tir(kernel["start"], [ids], [v.ty for v in parts["state"]]))
             result = bb.emit(relax.Call(loop_var, [*(bb.emit(relax.TupleGetItem(start, i)) for i in range(4)),
                                                    *parts["caches"], *parts["crosses"], *parts["src"], ids, limits,
                                                    relax.ShapeExpr([1]), *parts["weights"]]))

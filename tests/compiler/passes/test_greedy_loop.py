@@ -72,6 +72,7 @@ def greedy_vm() -> relax.VirtualMachine:
     weights.uses["decode_step"] = [0]
     mod = GreedyLoop(START, EOS, weights)(StandInStep)
     assert weights.uses[GREEDY_ENTRY_POINT] == [0]
+    relax.analysis.well_formed(mod)  # (raises where the module is not well formed)
     return relax.VirtualMachine(relax.build(mod, tvm.target.Target(HOST_PRESET.target), exec_mode="compiled"),
                                 tvm.cpu())
 
