@@ -37,7 +37,8 @@ BUNDLE_FORMAT = 7  # the entry points (ENTRY_POINTS) and their signatures: the d
 #                   with per-position scales (manifest ``cache_scales``), the step writing its rows into the cache,
 #                   the weights as parameters, checked once by CHECK_WEIGHTS
 ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
-GREEDY_ENTRY_POINT = "greedy_decode"  # CPU bundles: one sentence's greedy search in one call (optional: older lack it)
+GREEDY_ENTRY_POINT = "greedy_decode"  # CPU bundles: one sentence's greedy search in one call (where the
+#                                        manifest lists it; otherwise the host runs the steps)
 CHECK_WEIGHTS = "check_weights"  # the library's check of all the weights' dtypes and shapes, which the entry
 #                                   points leave out (compiler/passes/lift_weights.py)
 
@@ -572,7 +573,7 @@ class Bundle:
 
     @property
     def decodes_greedily(self) -> bool:
-        """Whether the library has the greedy loop (:meth:`greedy_decode`): CPU bundles of this version."""
+        """Whether the library has the greedy loop (:meth:`greedy_decode`; CPU bundles whose manifest lists it)."""
         return self._greedy is not None
 
     def greedy_decode(self, src: np.ndarray, max_length: int, min_length: int = 0) -> list[int]:
