@@ -1,4 +1,4 @@
-"""The small kernels of a greedy decoding loop on the device (:class:`int8mt.compiler.passes.GreedyLoop`): one
+"""The small kernels of the greedy decoding loop in the library (:class:`int8mt.compiler.passes.GreedyLoop`): one
 sentence's next token, its record, the stop test and the next step's inputs.
 
 :func:`next_token_kernel` is NumPy's ``argmax`` of a row of logits (the first of equal maxima; rows without NaN),
