@@ -18,7 +18,7 @@ from .bundle import Bundle, set_thread_count
 from .search import SearchOptions, beam_search
 
 DEFAULT_BATCH_SIZE = 32  # sentences per call of the compiled entry points
-_CALLER = threading.local()  # ``threads``: the thread count a one-replica translator gave this thread's kernels
+_CALLER = threading.local()  # ``threads``: the thread count a translator gave this (calling) thread's kernels
 
 
 def check_decoding(options: SearchOptions, batch_size: int, max_rows: int) -> None:
@@ -38,8 +38,8 @@ def fit_to_positions(ids: list[int], limit: int, eos_id: int) -> list[int]:
 class Translator:
     """Translates text with a bundle. ``replicas`` virtual machines over the one loaded library (weights in memory
     once) translate batches in parallel, each on ``threads`` threads (default: ``TVM_NUM_THREADS`` or the CPUs,
-    shared out among the replicas), like CTranslate2's ``inter_threads`` x ``intra_threads``. One replica
-    translates in the calling thread (whose kernels then run on ``threads`` threads); more run on threads of
+    shared out among the replicas), like CTranslate2's ``inter_threads`` x ``intra_threads``. The first replica
+    translates in the calling thread (whose kernels then run on ``threads`` threads), the others on threads of
     their own. One ``Translator`` may be shared by threads: each replica runs one batch at a time."""
 
     def __init__(self, bundle_dir: Path | str, options: SearchOptions = SearchOptions(),
@@ -60,8 +60,8 @@ class Translator:
         self._free: queue.SimpleQueue[Bundle] = queue.SimpleQueue()
         for replica in range(replicas):
             self._free.put(self.bundle if replica == 0 else self.bundle.replica())
-        self._pool = ThreadPoolExecutor(replicas, "int8mt-replica", set_thread_count, (self.threads,)) \
-            if replicas > 1 else None
+        self._pool = ThreadPoolExecutor(replicas - 1, "int8mt-replica", set_thread_count, (self.threads,)) \
+            if replicas > 1 else None  # (the calling thread is the first replica's)
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer | MarianTokenizer:
@@ -148,17 +148,13 @@ class Translator:
         return out
 
     def _search_all(self, search: Callable[[list[int]], None], batches: list[list[int]]) -> None:
-        """``search`` every batch. One replica searches in the calling thread (handing each batch to a thread of
-        its own cost 6 % at batch 1: two thread switches per sentence); more search on their threads, each taking
-        the next batch as it comes free, while the calling thread waits for them all (waking it at each batch
-        cost 6-9 % at batch 1 with two replicas). An error stops the batches not started."""
-        if self._pool is None:
-            if getattr(_CALLER, "threads", None) != self.threads:  # (TVM keeps a thread pool per calling thread)
-                set_thread_count(self.threads)
-                _CALLER.threads = self.threads
-            for rows in batches:
-                search(rows)
-            return
+        """``search`` every batch, each replica taking the next batch as it comes free: the first in the calling
+        thread, the others on threads of their own (handing every batch to another thread cost 6 % at batch 1 with
+        one replica, two thread switches per sentence; waking the calling thread at each finished batch 6-9 %
+        with two). An error stops the batches not started."""
+        if getattr(_CALLER, "threads", None) != self.threads:  # (TVM keeps a thread pool per calling thread)
+            set_thread_count(self.threads)
+            _CALLER.threads = self.threads
         pending, lock, stop = iter(batches), threading.Lock(), threading.Event()
 
         def work() -> None:
@@ -169,8 +165,9 @@ class Translator:
                     return
                 search(rows)
 
-        jobs = [self._pool.submit(work) for _ in range(self.replicas)]
+        jobs = [self._pool.submit(work) for _ in range(self.replicas - 1)] if self._pool is not None else []
         try:
+            work()
             for job in jobs:
                 job.result()
         finally:

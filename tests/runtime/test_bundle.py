@@ -302,23 +302,33 @@ def test_replicas_translate_in_parallel_with_the_same_results(tiny_bundle):
     assert two.translate(sentences) == one.translate(sentences)
 
 
-def test_one_replica_translates_in_the_calling_thread_and_more_on_their_own(tiny_bundle, monkeypatch):
+def test_the_first_replica_translates_in_the_calling_thread_and_the_others_on_their_own(tiny_bundle, monkeypatch):
     import threading
 
     from int8mt.runtime import translator as translator_mod
 
     searched_on = []
     search = translator_mod.beam_search
-    monkeypatch.setattr(translator_mod, "beam_search",
-                        lambda *args: searched_on.append(threading.current_thread()) or search(*args))
+    both_busy = threading.Barrier(2, timeout=60)
+
+    def searched(*args):
+        searched_on.append(threading.current_thread())
+        if replicas == 2 and len(searched_on) <= 2:  # the first two batches run at once, one per replica
+            both_busy.wait()
+        return search(*args)
+
+    monkeypatch.setattr(translator_mod, "beam_search", searched)
     sentences = [f"A dog number {i} runs." for i in range(6)]
+    replicas = 1
     one = Translator(tiny_bundle, SearchOptions(beam_size=1), batch_size=2, threads=1)
     expected = one.translate(sentences)
     assert searched_on == [threading.current_thread()] * 3
     searched_on.clear()
+    replicas = 2
     two = Translator(tiny_bundle, SearchOptions(beam_size=1), batch_size=2, replicas=2, threads=1)
     assert two.translate(sentences, progress=True) == expected
-    assert len(searched_on) == 3 and threading.current_thread() not in searched_on
+    assert len(searched_on) == 3 and len(set(searched_on)) == 2 and threading.current_thread() in searched_on
+    assert all(t.name.startswith("int8mt-replica") for t in searched_on if t is not threading.current_thread())
 
     def failing(*args):
         raise RuntimeError("search failed")
