@@ -28,7 +28,7 @@ from int8mt.targets import amx_permission, host_arch, host_features, target_devi
 from int8mt.targets.presets import AMX_FEATURES
 from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_tokenizer
 
-from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty
+from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty, tensor_functions
 
 LIBRARY_FILE, MANIFEST_FILE, WEIGHTS_FILE = "model.so", "manifest.json", "weights.bin"
 DEFAULT_MAX_ROWS = 1024  # rows (sentences x beams) per call: what compiling records, and the bound of older bundles
@@ -441,9 +441,7 @@ class Bundle:
         except Exception as err:  # noqa: BLE001  (TVM raises many kinds; all mean the .so is unusable)
             raise BundleError(f"cannot load {self.path / LIBRARY_FILE}: {str(err).splitlines()[0]}") from None
         self._release_pools = self._ffi.get_global_func(RELEASE_POOLS)
-        self._alloc = self._ffi.get_global_func("runtime.TVMTensorAllocWithScope")
-        self._create_view = self._ffi.get_global_func("runtime.TVMTensorCreateView")
-        self._copy = self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+        self._create_view, self._copy, self._alloc = tensor_functions(self._ffi)
         self._item = self._ffi.get_global_func("ffi.ArrayGetItem")  # (one call: an Array's ``[i]`` makes three)
         self._item.release_gil = False  # (each call: a chance for another replica's thread to take the GIL)
         weights, self._weights = self._map_weights()
@@ -580,13 +578,13 @@ class Bundle:
         """One sentence's greedy search (``src`` [1, S]) in one call of the library
         (:class:`int8mt.compiler.passes.GreedyLoop`): its tokens without the end of sentence, at most
         ``max_length``, none ending it before ``min_length``; the same as the host's steps would give."""
-        self._admit(1, src.shape[1])
         src_t = self.tensor(src)
         cache = self.empty_cache(1, max_length)
         ids = aligned_empty((max_length,), np.int64)
         limits = aligned_empty((2,), np.int64)
         limits[:] = max_length, min_length
-        count = self._greedy(*cache.inputs, *self.encode(src), src_t, self.tensor(ids), self.tensor(limits))
+        cross_kv = self.encode(src)  # (which admits the loop's call size too: one row of this source length)
+        count = self._greedy(*cache.inputs, *cross_kv, src_t, self.tensor(ids), self.tensor(limits))
         tokens = ids[:int(self.host(count)[0])].tolist()
         return tokens[:-1] if tokens and tokens[-1] == self.eos_id else tokens
 

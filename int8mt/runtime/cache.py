@@ -51,9 +51,9 @@ HISTORY_ALIGNMENT = TENSOR_ALIGNMENT // 8  # int64 elements
 
 
 @functools.lru_cache(maxsize=None)
-def _tensor_functions(ffi: Any) -> tuple[Any, Any, Any]:
-    """TVM's functions that make a view of a tensor, copy one and allocate one (looked up once: a new cache per
-    sentence at batch 1 looked them up each time)."""
+def tensor_functions(ffi: Any) -> tuple[Any, Any, Any]:
+    """TVM's functions that make a view of a tensor, copy one and allocate one, looked up once per process (for
+    bundles and for every new cache: one per sentence at batch 1)."""
     return tuple(ffi.get_global_func(f"runtime.TVMTensor{name}")
                  for name in ("CreateView", "CopyFromTo", "AllocWithScope"))  # type: ignore[return-value]
 
@@ -74,7 +74,7 @@ class SelfAttentionCache:
         """Room for ``positions`` steps of ``batch`` hypotheses; more is allocated (and the rows moved) only if
         the steps outgrow it. ``scales``: rows of ``dtype`` int8 carry a float32 scale per head."""
         self._ffi, self._device = ffi, device
-        self._create_view, self._copy, self._alloc = _tensor_functions(ffi)
+        self._create_view, self._copy, self._alloc = tensor_functions(ffi)
         self._layers, self._planes = layers, 2 * layers  # (layer, key or value) planes of rows
         self._parts = _row_parts(ffi, heads, head_dim, dtype, scales)
         self._buffers: list[Any] = []
