@@ -4,9 +4,10 @@ With run-time ranges every linear layer's input is quantized per row (:func:`int
 As Relax ops that is a reduction (``max(abs(x))``), the scale (``maximum(.., eps) / qmax``) and the quantization
 (``astype(clip(round(x / scale)))``): three kernels after fusion, the row read twice from memory and the scale
 written and read back. Here, for each row in parallel, one loop finds the magnitude (``VECTOR_LANES`` partial
-maxima, combined at the end) and a second, while the row is still in cache, writes the int8 values. The
-arithmetic is the ops' own (TOPI's ``clip`` is ``max(min(x, hi), lo)``, ``round`` is ``nearbyint``, half to
-even), so the values are the same bit for bit.
+maxima, combined at the end) and a second, while the row is still in cache, writes the int8 values
+(:func:`quantized_value`), ``QUANTIZE_LANES`` at a time. The values are the ops' own bit for bit: the quotient is
+the division's (correctly rounded, as Markstein's correction of the reciprocal's product gives it), rounded half
+to even as ``round`` (``nearbyint``) does, and clipped to ``-qmax..qmax``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from tvm.script import tirx as T
 OPAQUE = 8  # TVM's OpPatternKind kOpaque: the kernel is fused with nothing
 VECTOR_LANES = 64  # float32 partial maxima: four AVX-512 registers, independent chains of max
 ANY_ROW_LANES = 8  # partial maxima of a row of any length (a decoder step's positions: tens), the rest one by one
+# values quantized per vector: one AVX-512 register (LLVM's own vectorization of the loop took 256-bit ones, half
+# the speed: a 1024-value row 285 -> 132 ns, with the quantization below)
+QUANTIZE_LANES = 16
 
 
 def leading_rows(rank: int) -> tuple[list[tirx.Var], tirx.PrimExpr]:
@@ -63,14 +67,36 @@ def lane_folder(lanes: int, combine: Callable[[tirx.PrimExpr, tirx.PrimExpr], ti
     return fold
 
 
+def _fma(a: tirx.PrimExpr, b: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``a * b + c`` rounded once (LLVM's ``fma``: TVM's ``T.fma`` is ``fmuladd``, which may round twice)."""
+    return T.call_llvm_pure_intrin("float32", "llvm.fma", a, b, c)
+
+
+def quantized_value(x: tirx.PrimExpr, scale: tirx.PrimExpr, inverse: tirx.PrimExpr, qmax: float) -> tirx.PrimExpr:
+    """``int8(clip(round(x / scale), -qmax, qmax))`` for float32 ``x``, ``inverse`` being ``1 / scale``: the same
+    value as the ops compute, in multiplications. ``p = x * inverse`` is within an ulp of the quotient, and
+    Markstein's correction ``p + (x - p * scale) * inverse`` (two ``fma``, the residual exact) is the quotient
+    correctly rounded, i.e. ``x / scale`` (Markstein's theorem on division with an FMA, in Muller et al.,
+    *Handbook of Floating-Point Arithmetic*: it needs ``inverse`` rounded to nearest and no underflow, which
+    scales of at least ``eps / qmax`` keep). ``lrint`` rounds it half to even as ``nearbyint`` does and converts
+    it in one instruction (``vcvtps2dq``); the clip then runs on integers, hence ``qmax`` a whole number."""
+    product: T.let = x * inverse
+    quotient: T.let = _fma(_fma(-product, scale, x), inverse, product)
+    bound = T.int32(int(qmax))
+    return T.Cast("int8", T.max(T.min(T.call_llvm_pure_intrin("int32", "llvm.lrint", quotient), bound), -bound))
+
+
 def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: float):
     """A TIR macro ``(values, q, s, partial, i)``: row ``i`` of the flat float32 ``values`` (``columns`` per row)
     quantized into ``q`` with its scale in ``s[i]``; ``partial`` is a ``[rows, lanes]`` scratch buffer. ``lanes``
     (a power of two) partial maxima run over the row's whole chunks of ``lanes``, the rest of the row goes into the
     first; then they fold in halves (the maximum is the same in any order, and a chain of scalar steps as long as
     ``lanes`` took as long as the rest of a 256-element row)."""
-    low, high, floor = T.float32(-qmax), T.float32(qmax), T.float32(eps)
+    if qmax != int(qmax):
+        raise ValueError(f"the row quantization clips to whole numbers, got qmax={qmax}")
+    high, floor = T.float32(qmax), T.float32(eps)
     chunks = T.int64(columns // lanes) if isinstance(columns, int) else columns // lanes
+    vectors = T.int64(columns // QUANTIZE_LANES) if isinstance(columns, int) else columns // QUANTIZE_LANES
     width = T.int64(columns) if isinstance(columns, int) else columns
     fold = lane_folder(lanes, T.max)
 
@@ -87,9 +113,14 @@ def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: fl
         s[i] = partial[i, 0]
         row_scale: T.let = T.max(s[i], floor) / high
         s[i] = row_scale
-        for j in range(width):  # (LLVM vectorizes it: TVM keeps nearbyint scalar)
-            q[i * columns + j] = T.Cast("int8", T.max(T.min(T.nearbyint(values[i * columns + j] / row_scale), high),
-                                                       low))
+        inverse: T.let = T.float32(1) / row_scale
+        for c in range(vectors):
+            for lane in T.vectorized(T.int64(QUANTIZE_LANES)):
+                q[i * columns + c * QUANTIZE_LANES + lane] = quantized_value(
+                    values[i * columns + c * QUANTIZE_LANES + lane], row_scale, inverse, qmax)
+        for j in range(width - vectors * QUANTIZE_LANES):
+            q[i * columns + vectors * QUANTIZE_LANES + j] = quantized_value(
+                values[i * columns + vectors * QUANTIZE_LANES + j], row_scale, inverse, qmax)
 
     return quantize_row
 

@@ -94,3 +94,43 @@ def test_kernel_equals_the_ops_bit_for_bit(columns):
 def test_row_quantizer_lanes_must_fold_in_halves(lanes):
     with pytest.raises(ValueError, match="power of two up to 64"):
         row_quantizer(256, lanes, QMAX, EPS)
+
+
+def _near_halves(rows: int, columns: int, qmax: float, rng: np.random.Generator) -> np.ndarray:
+    """Rows whose quotients by their scales lie on and within a few ulps of every half-integer up to ``qmax``
+    (where a quotient one ulp off would round the other way), each row's scale from its first value, set over
+    magnitudes from 1e-30 to 1e30 (and below the scale's floor)."""
+    magnitude = (10.0 ** rng.uniform(-30, 30, rows)).astype(np.float32)
+    magnitude[:8] = np.float32(EPS) * rng.uniform(0.01, 1, 8).astype(np.float32)  # below the floor
+    scale = np.maximum(magnitude, np.float32(EPS)) / np.float32(qmax)
+    halves = rng.integers(-int(qmax), int(qmax), (rows, columns)).astype(np.float32) + np.float32(0.5)
+    x = (halves * scale[:, None]).astype(np.float32)
+    toward = np.where(rng.random(x.shape) < 0.5, np.float32(np.inf), np.float32(-np.inf))
+    for _ in range(3):  # up to three ulps away: quotients just below and above the half
+        x = np.where(rng.random(x.shape) < 0.3, np.nextafter(x, toward), x)
+    x[:, 1::7] = rng.standard_normal((rows, len(range(1, columns, 7)))) * magnitude[:, None] / 2
+    x[:, 0] = magnitude * rng.choice([-1, 1], rows)
+    return np.clip(x, -magnitude[:, None], magnitude[:, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("qmax", [127.0, 31.0])  # int8, int6
+def test_reciprocal_quotient_rounds_as_the_division(qmax):
+    """The kernel multiplies by the scale's reciprocal with a correction (no division): every value equals
+    NumPy's ``clip(round(x / scale))`` on quotients at and next to half-integers, over 60 decades of scales."""
+    rng = np.random.default_rng(int(qmax))
+    kernel = quantize_rows_kernel(2, 1024, qmax, float(np.float32(EPS))).with_attr("global_symbol", "main")
+    quantize = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(HOST_PRESET.target))["main"]
+    for _ in range(3):
+        x = _near_halves(2048, 1024, qmax, rng)
+        q, s = tvm.runtime.tensor(np.zeros(x.shape, np.int8)), tvm.runtime.tensor(np.zeros((len(x), 1), np.float32))
+        quantize(tvm.runtime.tensor(x), q, s)
+        scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), np.float32(EPS)) / np.float32(qmax)
+        np.testing.assert_array_equal(s.numpy(), scale)
+        expected = np.clip(np.round(x / scale), -qmax, qmax).astype(np.int8)
+        np.testing.assert_array_equal(q.numpy(), expected)
+        assert (np.abs(x / scale - np.trunc(x / scale)) == 0.5).mean() > 0.1  # ties hit, not only near misses
+
+
+def test_row_quantizer_clips_to_whole_numbers():
+    with pytest.raises(ValueError, match="whole numbers"):
+        quantize_rows_kernel(2, 64, 127.5, EPS)
