@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .quantize_rows import OPAQUE, leading_rows, row_quantizer
+from .quantize_rows import MIN_SCALE, OPAQUE, leading_rows, quantized_value, row_quantizer
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,13 @@ class StaticQuantize:
     scale: float
 
     def of(self, y: tirx.PrimExpr) -> tirx.PrimExpr:
-        """The quantized value of the float32 ``y``, as TVM's ``clip`` and ``quantize`` legalize it."""
+        """The quantized value of the float32 ``y``, as TVM's ``clip`` and ``quantize`` legalize it: the quotient
+        from the scale's reciprocal (:func:`~.quantize_rows.quantized_value`) where the scale and the clip allow
+        it, else divided."""
         clipped = T.max(T.min(y, T.float32(self.hi)), T.float32(self.lo))
+        scale = np.float32(self.scale)
+        if scale >= MIN_SCALE and max(abs(self.lo), abs(self.hi)) / scale < 2.0 ** 30:
+            return quantized_value(clipped, T.float32(float(scale)), T.float32(float(np.float32(1) / scale)), -128, 127)
         return T.Cast("int8", T.max(T.min(T.round(clipped / T.float32(self.scale)), T.float32(127)), T.float32(-128)))
 
 

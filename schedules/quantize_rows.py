@@ -22,6 +22,7 @@ ANY_ROW_LANES = 8  # partial maxima of a row of any length (a decoder step's pos
 # values quantized per vector: one AVX-512 register (LLVM's own vectorization of the loop took 256-bit ones, half
 # the speed: a 1024-value row 285 -> 132 ns, with the quantization below)
 QUANTIZE_LANES = 16
+MIN_SCALE = 2.0 ** -100  # below it the reciprocal's correction could underflow (see quantized_value)
 
 
 def leading_rows(rank: int) -> tuple[list[tirx.Var], tirx.PrimExpr]:
@@ -72,18 +73,19 @@ def _fma(a: tirx.PrimExpr, b: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
     return T.call_llvm_pure_intrin("float32", "llvm.fma", a, b, c)
 
 
-def quantized_value(x: tirx.PrimExpr, scale: tirx.PrimExpr, inverse: tirx.PrimExpr, qmax: float) -> tirx.PrimExpr:
-    """``int8(clip(round(x / scale), -qmax, qmax))`` for float32 ``x``, ``inverse`` being ``1 / scale``: the same
-    value as the ops compute, in multiplications. ``p = x * inverse`` is within an ulp of the quotient, and
+def quantized_value(x: tirx.PrimExpr, scale: tirx.PrimExpr, inverse: tirx.PrimExpr, low: int,
+                    high: int) -> tirx.PrimExpr:
+    """``int8(clip(round(x / scale), low, high))`` for float32 ``x``, ``inverse`` being ``1 / scale`` rounded to
+    nearest: the ops' value, in multiplications. ``p = x * inverse`` is within an ulp of the quotient, and
     Markstein's correction ``p + (x - p * scale) * inverse`` (two ``fma``, the residual exact) is the quotient
     correctly rounded, i.e. ``x / scale`` (Markstein's theorem on division with an FMA, in Muller et al.,
-    *Handbook of Floating-Point Arithmetic*: it needs ``inverse`` rounded to nearest and no underflow, which
-    scales of at least ``eps / qmax`` keep). ``lrint`` rounds it half to even as ``nearbyint`` does and converts
-    it in one instruction (``vcvtps2dq``); the clip then runs on integers, hence ``qmax`` a whole number."""
+    *Handbook of Floating-Point Arithmetic*; it needs no underflow: scales of at least ``MIN_SCALE``). ``lrint``
+    rounds that half to even as ``nearbyint`` does and converts it in one instruction (``vcvtps2dq``); the clip
+    then runs on integers, so the quotient must stay within int32 (within the callers' clip of ``x``)."""
     product: T.let = x * inverse
     quotient: T.let = _fma(_fma(-product, scale, x), inverse, product)
-    bound = T.int32(int(qmax))
-    return T.Cast("int8", T.max(T.min(T.call_llvm_pure_intrin("int32", "llvm.lrint", quotient), bound), -bound))
+    return T.Cast("int8", T.max(T.min(T.call_llvm_pure_intrin("int32", "llvm.lrint", quotient), T.int32(high)),
+                                T.int32(low)))
 
 
 def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: float):
@@ -92,8 +94,9 @@ def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: fl
     (a power of two) partial maxima run over the row's whole chunks of ``lanes``, the rest of the row goes into the
     first; then they fold in halves (the maximum is the same in any order, and a chain of scalar steps as long as
     ``lanes`` took as long as the rest of a 256-element row)."""
-    if qmax != int(qmax):
-        raise ValueError(f"the row quantization clips to whole numbers, got qmax={qmax}")
+    if qmax != int(qmax) or eps / qmax < MIN_SCALE:
+        raise ValueError(f"the row quantization clips to whole numbers and its scales are at least {MIN_SCALE}: "
+                         f"got qmax={qmax}, eps={eps}")
     high, floor = T.float32(qmax), T.float32(eps)
     chunks = T.int64(columns // lanes) if isinstance(columns, int) else columns // lanes
     vectors = T.int64(columns // QUANTIZE_LANES) if isinstance(columns, int) else columns // QUANTIZE_LANES
@@ -117,10 +120,10 @@ def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: fl
         for c in range(vectors):
             for lane in T.vectorized(T.int64(QUANTIZE_LANES)):
                 q[i * columns + c * QUANTIZE_LANES + lane] = quantized_value(
-                    values[i * columns + c * QUANTIZE_LANES + lane], row_scale, inverse, qmax)
+                    values[i * columns + c * QUANTIZE_LANES + lane], row_scale, inverse, -int(qmax), int(qmax))
         for j in range(width - vectors * QUANTIZE_LANES):
             q[i * columns + vectors * QUANTIZE_LANES + j] = quantized_value(
-                values[i * columns + vectors * QUANTIZE_LANES + j], row_scale, inverse, qmax)
+                values[i * columns + vectors * QUANTIZE_LANES + j], row_scale, inverse, -int(qmax), int(qmax))
 
     return quantize_row
 

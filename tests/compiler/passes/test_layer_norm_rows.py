@@ -86,3 +86,43 @@ def test_kernel_equals_the_ops_bit_for_bit(tail):
         got, expected = ([o.numpy() for o in vm["main"](tvm.runtime.tensor(x))] for vm in vms)
         for a, e in zip(got, expected):
             np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("scale", [0.03, 0.0137, 3.3e-7, 41.5])
+def test_static_quantization_rounds_as_the_op_at_halves(scale):
+    """``StaticQuantize`` divides by multiplying with the scale's reciprocal (corrected): its values equal TVM's
+    own ``quantize(clip(..))`` on quotients at and next to every half-integer, and where the clip cuts."""
+    from tvm.script import tirx as T
+
+    rng = np.random.default_rng(11)
+    bound = np.float32(120 * scale)
+    quantize = StaticQuantize(-float(bound), float(bound), scale)
+    halves = np.arange(-130, 130, dtype=np.float32) + np.float32(0.5)
+    x = np.repeat(halves * np.float32(scale), 64)
+    steps = rng.integers(-3, 4, x.shape)  # up to three ulps either side
+    for _ in range(3):
+        x = np.where(steps > 0, np.nextafter(x, np.float32(np.inf)), np.where(steps < 0, np.nextafter(
+            x, np.float32(-np.inf)), x)).astype(np.float32)
+        steps -= np.sign(steps)
+    n = len(x)
+
+    @T.prim_func(s_tir=True)
+    def kernel(a: T.Buffer((n,), "float32"), q: T.Buffer((n,), "int8")):
+        for i in range(n):
+            with T.sblock("q"):
+                v = T.axis.spatial(n, i)
+                q[v] = quantize.of(a[v])
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType([n], "float32"))
+    with bb.function("main", [xv]):
+        clipped = bb.emit(relax.op.clip(xv, -float(bound), float(bound)))
+        bb.emit_func_output(bb.emit(relax.op.quantize(clipped, relax.const(scale, "float32"), relax.const(0, "int8"),
+                                                      axis=-1, out_dtype="int8")))
+    target = tvm.target.Target(HOST_PRESET.target)
+    ops = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    ours = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target)["main"]
+    q = tvm.runtime.tensor(np.zeros(n, np.int8))
+    ours(tvm.runtime.tensor(x), q)
+    np.testing.assert_array_equal(q.numpy(), ops["main"](tvm.runtime.tensor(x)).numpy())
+    assert len(np.unique(q.numpy())) > 200
