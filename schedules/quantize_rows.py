@@ -154,3 +154,62 @@ def quantize_rows_kernel(rank: int, columns: int | None, qmax: float, eps: float
                 quantize_row(flat_x, flat_q, flat_s, partial, i)
 
     return quantize_rows
+
+
+def quantize_columns_kernel(rank: int, rows: int, qmax: float, eps: float) -> tirx.PrimFunc:
+    """The quantization of each column instead: ``q[..., r, c] = int8(clip(round(x[..., r, c] / s[..., 0, c]),
+    -qmax, qmax))`` with ``s[..., 0, c] = max(max_r |x[..., r, c]|, eps) / qmax``, for float32 ``x`` of ``rank``
+    dimensions, ``rows`` in the one before last, any number of columns in the last (a head's keys transposed for
+    their product with the queries, one scale per key). Each matrix in parallel: the maxima of all its columns
+    side by side (vectors across the contiguous columns), then the int8 values row by row."""
+    if qmax != int(qmax) or eps / qmax < MIN_SCALE:
+        raise ValueError(f"the column quantization clips to whole numbers and its scales are at least {MIN_SCALE}: "
+                         f"got qmax={qmax}, eps={eps}")
+    lead, matrices = leading_rows(rank - 1)
+    columns = tirx.Var("columns", "int64")
+    x_shape, s_shape = (*lead, rows, columns), (*lead, 1, columns)
+    high, floor = T.float32(qmax), T.float32(eps)
+
+    @T.macro
+    def quantize_column(x, q, s, inverse, m, c):
+        """Column ``c`` of matrix ``m`` (flat views), inside a vectorized loop or not."""
+        s[m * columns + c] = T.min_value("float32")
+        for r in range(T.int64(rows)):
+            s[m * columns + c] = T.max(s[m * columns + c], T.fabs(x[(m * rows + r) * columns + c]))
+        s[m * columns + c] = T.max(s[m * columns + c], floor) / high
+        inverse[m * columns + c] = T.float32(1) / s[m * columns + c]
+        for r in range(T.int64(rows)):
+            q[(m * rows + r) * columns + c] = quantized_value(x[(m * rows + r) * columns + c], s[m * columns + c],
+                                                             inverse[m * columns + c], -int(qmax), int(qmax))
+
+    @T.macro
+    def in_vectors(x, q, s, inverse, m, lanes):
+        """All columns of matrix ``m``, ``lanes`` at a time (at least ``lanes``); the last vector overlaps the one
+        before where they do not divide the columns, computing the same values again."""
+        for v in range((columns + lanes - 1) // lanes):
+            for lane in T.vectorized(T.int64(lanes)):
+                quantize_column(x, q, s, inverse, m, T.min(v * lanes, columns - lanes) + lane)
+
+    @T.prim_func(s_tir=True)
+    def quantize_columns(x: T.handle, q: T.handle, s: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
+        X = T.match_buffer(x, x_shape, "float32")
+        Q = T.match_buffer(q, x_shape, "int8")
+        S = T.match_buffer(s, s_shape, "float32")
+        with T.sblock("root"):
+            flat_x = T.decl_buffer((matrices * rows * columns,), "float32", data=X.data)
+            flat_q = T.decl_buffer((matrices * rows * columns,), "int8", data=Q.data)
+            flat_s = T.decl_buffer((matrices * columns,), "float32", data=S.data)
+            inverse = T.sblock_alloc_buffer((matrices * columns,), "float32")
+            for m in T.parallel(matrices):
+                if columns >= QUANTIZE_LANES:
+                    in_vectors(flat_x, flat_q, flat_s, inverse, m, QUANTIZE_LANES)
+                elif columns >= 8:
+                    in_vectors(flat_x, flat_q, flat_s, inverse, m, 8)
+                elif columns >= 4:
+                    in_vectors(flat_x, flat_q, flat_s, inverse, m, 4)
+                else:
+                    for c in range(columns):
+                        quantize_column(flat_x, flat_q, flat_s, inverse, m, c)
+
+    return quantize_columns

@@ -8,7 +8,9 @@ with run-time ranges) as
 
 which fuse into three kernels (the reduction, the scale, the quantization). Each is rewritten here into one call
 of :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel` on ``x``, returning ``q`` and ``s``; the same
-values bit for bit. The intermediate values must have no other use
+values bit for bit. The same along the axis before the last (the keys transposed for the encoder's attention, one
+scale per key; a static size along it) -> :func:`~int8mt.schedules.quantize_rows.quantize_columns_kernel`.
+The intermediate values must have no other use
 (``s`` and ``q`` may have any). CPU targets only: the kernel carries a CPU schedule.
 
 Also here, for the passes whose kernels quantize their results as the graph does next: the matchers of a run-time
@@ -23,16 +25,17 @@ from tvm.relax import PyExprMutator, expr_functor
 
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
-from int8mt.schedules.quantize_rows import quantize_rows_kernel
+from int8mt.schedules.quantize_rows import quantize_columns_kernel, quantize_rows_kernel
 
 from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant,
                            use_counts)
 
 
-def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr],
-                       uses: dict[relax.Var, int]) -> tuple[relax.Expr, relax.Var, float, float] | None:
+def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr], uses: dict[relax.Var, int],
+                       axis: int = -1) -> tuple[relax.Expr, relax.Var, float, float] | None:
     """``(x, s, qmax, eps)`` if ``q`` is bound to the per-row quantization of ``x`` with scale ``s`` (see the
-    module docstring), its intermediate values used once each."""
+    module docstring; ``axis`` -2: along the axis before the last, one scale per column), its intermediate values
+    used once each."""
     cast = bound_op_call(q, "relax.astype", bindings)
     if cast is None or str(cast.attrs.dtype) != "int8":
         return None
@@ -48,7 +51,7 @@ def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr],
     axes = amax.attrs.axis
     once = (cast.args[0], clip.args[0], rounded.args[0], scale_call.args[0], floor.args[0], amax.args[0])
     if (not magnitude.args[0].same_as(x) or qmax is None or eps is None or bounds != [-qmax, qmax]
-            or axes is None or [int(a) for a in axes] not in ([-1], [x.ty.ndim - 1]) or not amax.attrs.keepdims
+            or axes is None or [int(a) for a in axes] not in ([axis], [x.ty.ndim + axis]) or not amax.attrs.keepdims
             or str(x.ty.dtype) != "float32"
             or any(uses.get(v, 0) != 1 for v in once)):
         return None
@@ -92,7 +95,7 @@ class _RowQuantizer(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.kernels = KernelTable(self.builder_)
-        self.fused: dict[relax.Var, tuple[relax.Expr, float, float]] = {}  # scale var -> (x, qmax, eps)
+        self.fused: dict[relax.Var, tuple[relax.Expr, float, float, int]] = {}  # scale var -> (x, qmax, eps, axis)
         self.quantized: dict[relax.Var, relax.Var] = {}  # q var -> its scale var
         self.outputs: dict[relax.Var, relax.Expr] = {}  # scale var -> the fused call's result
 
@@ -101,19 +104,20 @@ class _RowQuantizer(PyExprMutator):
         uses = use_counts(users)
         self.fused, self.quantized, self.outputs = {}, {}, {}
         for var in bindings:
-            found = isinstance(var, relax.DataflowVar) and match_row_quantize(var, bindings, uses)
-            if found and not isinstance(found[1], relax.DataflowVar):
-                found = None
-            if found:
-                x, scale, qmax, eps = found
-                self.fused[scale] = (x, qmax, eps)
-                self.quantized[var] = scale
+            for axis in (-1, -2):
+                found = isinstance(var, relax.DataflowVar) and match_row_quantize(var, bindings, uses, axis)
+                if found and isinstance(found[1], relax.DataflowVar) and (
+                        axis == -1 or isinstance(found[0].ty.shape[-2], tvm.tirx.IntImm)):
+                    x, scale, qmax, eps = found
+                    self.fused[scale] = (x, qmax, eps, axis)
+                    self.quantized[var] = scale
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         var = binding.var
         if var in self.fused:
-            x, qmax, eps = self.fused[var]
-            self.outputs[var] = self._quantize(self.visit_expr(x), var.ty.shape, qmax, eps)
+            x, qmax, eps, axis = self.fused[var]
+            quantize = self._quantize if axis == -1 else self._quantize_columns
+            self.outputs[var] = quantize(self.visit_expr(x), var.ty.shape, qmax, eps)
             self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(self.outputs[var], 1), var.name))
         elif var in self.quantized:
             result = self.outputs[self.quantized[var]]
@@ -128,6 +132,16 @@ class _RowQuantizer(PyExprMutator):
                                   f"quantize_rows_k{columns or 'n'}",
                                   lambda: quantize_rows_kernel(rank, columns, qmax, eps).with_attr(KERNEL_ATTR,
                                                                                                    "quantize_rows"))
+        return self._call(kernel, x, scale_shape)
+
+    def _quantize_columns(self, x: relax.Expr, scale_shape: relax.ShapeExpr, qmax: float, eps: float) -> relax.Var:
+        rank, rows = x.ty.ndim, int(x.ty.shape[-2])
+        kernel = self.kernels.get(("quantize_columns", rank, rows, qmax, eps), f"quantize_columns_r{rows}",
+                                  lambda: quantize_columns_kernel(rank, rows, qmax, eps).with_attr(KERNEL_ATTR,
+                                                                                                   "quantize_columns"))
+        return self._call(kernel, x, scale_shape)
+
+    def _call(self, kernel: ir.GlobalVar, x: relax.Expr, scale_shape: relax.ShapeExpr) -> relax.Var:
         return self.builder_.emit(relax.call_tir(kernel, [x], [relax.TensorType(x.ty.shape, "int8"),
                                                                relax.TensorType(scale_shape, "float32")]))
 

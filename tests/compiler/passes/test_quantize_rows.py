@@ -1,7 +1,8 @@
 """QuantizeRows: a run-time per-row quantization, as quant_import writes it, becomes one call of our kernel
 (structure), computes the same int8 values and scales bit for bit as the ops it replaces (rows of any length, a
 length known only at run time, dynamic sizes, all-zero rows, halves that round to even), and is left alone where an
-intermediate value has another use."""
+intermediate value has another use; the same for a quantization of each column (the keys transposed), and the
+reciprocal's quotient against NumPy's division where rounding is closest."""
 import numpy as np
 import pytest
 import tvm
@@ -10,7 +11,7 @@ from tvm import relax
 from int8mt.compiler.passes import QuantizeRows
 from int8mt.compiler.pipeline import relax_pipeline
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
-from int8mt.schedules.quantize_rows import quantize_rows_kernel, row_quantizer
+from int8mt.schedules.quantize_rows import quantize_columns_kernel, quantize_rows_kernel, row_quantizer
 
 from ...conftest import HOST_PRESET
 
@@ -18,10 +19,11 @@ QMAX, EPS = 127.0, 1e-8
 RNG = np.random.default_rng(3)
 
 
-def _quantize(bb: relax.BlockBuilder, x: relax.Expr, *, leak: bool = False) -> tuple[relax.Expr, relax.Expr, list]:
-    """quant_import's ops for ``quantize_dynamic(x, 127, -1)``: (q, scale, [the magnitudes too if ``leak``])."""
+def _quantize(bb: relax.BlockBuilder, x: relax.Expr, *, leak: bool = False,
+              axis: int = -1) -> tuple[relax.Expr, relax.Expr, list]:
+    """quant_import's ops for ``quantize_dynamic(x, 127, axis)``: (q, scale, [the magnitudes too if ``leak``])."""
     magnitude = bb.emit(relax.op.abs(x))
-    amax = bb.emit(relax.op.max(magnitude, axis=[-1], keepdims=True))
+    amax = bb.emit(relax.op.max(magnitude, axis=[axis], keepdims=True))
     scale = bb.emit(relax.op.divide(bb.emit(relax.op.maximum(amax, relax.const(EPS, "float32"))),
                                     relax.const(QMAX, "float32")))
     rounded = bb.emit(relax.op.round(bb.emit(relax.op.divide(x, scale))))
@@ -134,3 +136,51 @@ def test_reciprocal_quotient_rounds_as_the_division(qmax):
 def test_row_quantizer_clips_to_whole_numbers():
     with pytest.raises(ValueError, match="whole numbers"):
         quantize_rows_kernel(2, 64, 127.5, EPS)
+
+
+def _columns_module(rows: int) -> tvm.IRModule:
+    """``main(x [b, h, rows, n])``: the quantization of each column of ``x`` (the keys transposed)."""
+    bb = relax.BlockBuilder()
+    b, n = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([b, 4, rows, n], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q, scale, _ = _quantize(bb, x, axis=-2)
+            out = bb.emit_output(relax.Tuple([q, scale]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_structure_a_column_quantization_becomes_one_kernel_call():
+    after = QuantizeRows()(_columns_module(64))
+    bb = relax.BlockBuilder()
+    kernel = bb.add_func(quantize_columns_kernel(4, 64, QMAX, float(np.float32(EPS)))
+                         .with_attr(KERNEL_ATTR, "quantize_columns").without_attr("global_symbol"), "quantize_columns_r64")
+    b, n = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([b, 4, 64, n], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            both = bb.emit(relax.call_tir(kernel, [x], [relax.TensorType([b, 4, 64, n], "int8"),
+                                                       relax.TensorType([b, 4, 1, n], "float32")]))
+            scale = bb.emit(relax.TupleGetItem(both, 1))
+            q = bb.emit(relax.TupleGetItem(both, 0))
+            out = bb.emit_output(relax.Tuple([q, scale]))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+
+
+def test_column_kernel_equals_the_ops_bit_for_bit():
+    """Every column count the kernel splits differently: vectors of 16, 8 or 4 (the last overlapping the one
+    before) and single columns."""
+    target = tvm.target.Target(HOST_PRESET.target)
+    vms = [relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+           for mod in (QuantizeRows()(_columns_module(64)), _columns_module(64))]
+    for n in (1, 3, 4, 7, 8, 12, 16, 17, 35):
+        x = (RNG.standard_normal((3, 4, 64, n)) * RNG.uniform(1e-3, 1e3, (3, 4, 1, n))).astype(np.float32)
+        x[0, 0, :, 0] = 0.0  # an all-zero column: the scale's floor
+        x[-1, -1, :4, -1] = [127.0, 0.5, -1.5, 2.5]  # a scale of exactly 1: halves round to even
+        x[-1, -1, 4:, -1] = 0.25
+        fused, unfused = ([o.numpy() for o in vm["main"](tvm.runtime.tensor(x))] for vm in vms)
+        for got, expected in zip(fused, unfused):
+            np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(fused[0][-1, -1, :4, -1], [127, 0, -2, 2])
