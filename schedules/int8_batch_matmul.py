@@ -23,15 +23,12 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
+from .amx_batch_matmul import amx_batch_matmul, extent
 from .intrin import Int8Dot
 from .kernel_attrs import KERNEL_ATTR
 
 ROWS = 4  # register-tile rows (accumulator chains: rows x one vector)
 ROW_PAD = 8  # spare staged rows (>= ROWS - 1)
-
-
-def _extent(name: str, size: int | None) -> tirx.PrimExpr:
-    return tirx.Var(name, "int64") if size is None else T.int64(size)
 
 
 def int8_batch_matmul(batch: int | None, rows: int | None, cols: int | None, depth: int | None,
@@ -40,7 +37,7 @@ def int8_batch_matmul(batch: int | None, rows: int | None, cols: int | None, dep
     is a one-row dot product (for a preset, :func:`~.intrin.batch_dot`)."""
     if dot.rows != 1:
         raise ValueError(f"the batched matmul takes a one-row dot product, not {dot.family!r} (see batch_dot)")
-    BT, I, J, R = (_extent(n, s) for n, s in (("b", batch), ("i", rows), ("j", cols), ("r", depth)))
+    BT, I, J, R = (extent(n, s) for n, s in (("b", batch), ("i", rows), ("j", cols), ("r", depth)))
     L, RD = T.int64(dot.lanes), T.int64(dot.reduce)
     JB, RB = (J + L - 1) // L, (R + RD - 1) // RD  # blocks of the intrinsic
     PAD = T.int64(ROW_PAD)
@@ -98,7 +95,11 @@ def int8_batch_matmul(batch: int | None, rows: int | None, cols: int | None, dep
 
 def scheduled_int8_batch_matmul(batch: int | None, rows: int | None, cols: int | None, depth: int | None,
                                 dot: Int8Dot) -> tirx.PrimFunc:
-    """The kernel for those sizes, scheduled (see the module docstring) and marked as scheduled."""
+    """The kernel for those sizes, scheduled (see the module docstring) and marked as scheduled; for a dot product
+    on AMX tiles, the tile kernel of :mod:`.amx_batch_matmul`."""
+    if dot.amx_tiles:
+        return amx_batch_matmul(batch, rows, cols, depth).with_attrs({"tirx.is_scheduled": True,
+                                                                       KERNEL_ATTR: "int8_batch_matmul"})
     sch = s_tir.Schedule(int8_batch_matmul(batch, rows, cols, depth, dot))
     tile_rows = min(ROWS, rows) if rows is not None else ROWS
     block = sch.get_sblock("matmul")

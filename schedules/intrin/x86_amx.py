@@ -4,8 +4,8 @@ the VNNI packing ``[N/16, K/4, 16, 4]``) into a 16 x 16 int32 tile, 16K multiply
 
 The kernel (:mod:`int8mt.schedules.amx_dense`) computes 8 rows and more on tiles and fewer with the VNNI
 dot product (one row of a 16-row tile would waste the rest), so the family shares VNNI's intrinsic, its
-activation shift and its weight correction; K is padded to whole tiles (64 bytes). The attention's
-batched matmuls (few rows per head) keep VNNI.
+activation shift and its weight correction; K is padded to whole tiles (64 bytes). The attention's batched
+matmuls run on tiles too (:mod:`int8mt.schedules.amx_batch_matmul`, ``tdpbssd``: both operands signed).
 
 These are LLVM's intrinsics; tile registers are named by immediates, so loops over them are unrolled.
 """
@@ -19,7 +19,7 @@ from tvm.script.ir_builder import tirx as Tb
 from .dot import AMX_TILE_BYTES
 from .x86_vnni import VNNI_DOT
 
-AMX_DOT = replace(VNNI_DOT, family="amx", amx_tiles=True, batch_family="vnni")
+AMX_DOT = replace(VNNI_DOT, family="amx", amx_tiles=True)
 
 TILE_REGISTERS = 8  # tmm0-tmm7
 TILE_ROWS = 16  # rows of every tile the kernel configures (bytes per row: AMX_TILE_BYTES)
