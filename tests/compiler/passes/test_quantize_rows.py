@@ -77,8 +77,10 @@ def test_kernel_equals_the_ops_bit_for_bit(columns):
     vms = [relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
            for mod in (QuantizeRows()(_module(columns)), _module(columns))]
     assert "quantize_rows" in QuantizeRows()(_module(columns)).script()
-    # any length: 8 partial maxima, the rest of a row (here its largest value) one by one; shorter rows all so
-    for (b, t), width in zip(((1, 1), (3, 7), (2, 33), (2, 5)), (19, 19, 16, 5) if columns is None else [columns] * 4):
+    # any length: 8 partial maxima, the rest of a row (here its largest value) one by one; shorter rows all so;
+    # the int8 values in vectors of 16 and the rest one by one
+    for (b, t), width in zip(((1, 1), (3, 7), (2, 33), (2, 5), (2, 3)),
+                             (19, 19, 16, 5, 11) if columns is None else [columns] * 5):
         x = (RNG.standard_normal((b, t, width)) * RNG.uniform(1e-3, 1e3, (b, t, 1))).astype(np.float32)
         x[-1, 0, -1] = 1e4  # the largest magnitude of its row, in its last element
         x[0, 0] = 0.0  # an all-zero row: the scale's floor
