@@ -36,6 +36,10 @@ def amx_batch_matmul(batch: int | None, rows: int | None, cols: int | None, dept
         return T.if_then_else(row < R, T.Cast("int32", T.reinterpret("uint8", B[n, T.min(row, R - 1), col])),
                               T.int32(0)) << T.int32(shift)
 
+    def load(tile, first):
+        """``tileloadd`` of tile register ``tile`` from a 1 KB tile of the staged or packed buffer."""
+        return tile_call("tileloadd64", T.uint8(tile), T.address_of(first), T.int64(AMX_TILE_BYTES))
+
     @T.prim_func(s_tir=True)
     def batch_matmul(a: T.handle, b: T.handle, c: T.handle):
         T.func_attr({"tirx.noalias": True, "global_symbol": "int8mt_amx_batch_matmul"})
@@ -87,8 +91,8 @@ def amx_batch_matmul(batch: int | None, rows: int | None, cols: int | None, dept
                 for it, jt in T.grid(IT, JT):
                     T.evaluate(tile_call("tilezero", T.uint8(0)))
                     for kt in range(KT):
-                        T.evaluate(tile_call("tileloadd64", T.uint8(1), T.address_of(staged[n, it, kt, 0, 0]), T.int64(64)))
-                        T.evaluate(tile_call("tileloadd64", T.uint8(2), T.address_of(packed[n, jt, kt, 0, 0]), T.int64(64)))
+                        T.evaluate(load(1, staged[n, it, kt, 0, 0]))
+                        T.evaluate(load(2, packed[n, jt, kt, 0, 0]))
                         T.evaluate(tile_call("tdpbssd", T.uint8(0), T.uint8(1), T.uint8(2)))
                     T.evaluate(tile_call("tilestored64", T.uint8(0), T.address_of(sums[n, 0, 0]), T.int64(64)))
                     if (it + 1) * 16 <= I and (jt + 1) * 16 <= J:

@@ -39,7 +39,8 @@ class StaticQuantize:
         clipped = T.max(T.min(y, T.float32(self.hi)), T.float32(self.lo))
         scale = np.float32(self.scale)
         if scale >= MIN_SCALE and max(abs(self.lo), abs(self.hi)) / scale < 2.0 ** 30:
-            return quantized_value(clipped, T.float32(float(scale)), T.float32(float(np.float32(1) / scale)), -128, 127)
+            inverse = np.float32(1) / scale  # (rounded to nearest, as quantized_value needs)
+            return quantized_value(clipped, T.float32(float(scale)), T.float32(float(inverse)), -128, 127)
         return T.Cast("int8", T.max(T.min(T.round(clipped / T.float32(self.scale)), T.float32(127)), T.float32(-128)))
 
 

@@ -1,12 +1,15 @@
 """The batched int8 matmul of attention (operands packed at run time), for every dot-product family this CPU
 runs: equal to NumPy's integer batched matmul for static and dynamic sizes, tails of the intrinsic's blocks
-(keys not a multiple of 16, reductions not a multiple of 4) and a single query row (a decoder step)."""
+(keys not a multiple of 16, reductions not a multiple of 4) and a single query row (a decoder step); x86-amx's
+kernel compiles to tile code on any x86 machine."""
 import numpy as np
 import pytest
 import tvm
 
 from int8mt.schedules.int8_batch_matmul import scheduled_int8_batch_matmul
 from int8mt.schedules.intrin import batch_dot
+
+from int8mt.targets import get_preset
 
 from ..conftest import INT8_PRESETS
 
@@ -33,3 +36,14 @@ def test_batch_matmul_equals_numpy(static, runs, preset):
         out = tvm.runtime.tensor(np.zeros((batch, rows, cols), np.int32))
         module["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
         np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ b.astype(np.int32))
+
+
+def test_amx_kernel_compiles_to_signed_tile_products():
+    """x86-amx's batched kernel multiplies signed bytes on tiles (``tdpbssd``), no VNNI shift (running it needs
+    AMX: the cases above, on such a CPU)."""
+    amx = get_preset("x86-amx")
+    kernel = scheduled_int8_batch_matmul(None, None, None, 64, batch_dot(amx.int8_dot))
+    asm = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target(amx.target)).mod.inspect_source("asm")
+    for instruction in ("ldtilecfg", "tilezero", "tileloadd", "tdpbssd", "tilestored", "tilerelease"):
+        assert instruction in asm, instruction
+    assert "vpdpbusd" not in asm

@@ -156,8 +156,8 @@ def _columns_module(rows: int) -> tvm.IRModule:
 def test_structure_a_column_quantization_becomes_one_kernel_call():
     after = QuantizeRows()(_columns_module(64))
     bb = relax.BlockBuilder()
-    kernel = bb.add_func(quantize_columns_kernel(4, 64, QMAX, float(np.float32(EPS)))
-                         .with_attr(KERNEL_ATTR, "quantize_columns").without_attr("global_symbol"), "quantize_columns_r64")
+    kernel = quantize_columns_kernel(4, 64, QMAX, float(np.float32(EPS))).with_attr(KERNEL_ATTR, "quantize_columns")
+    kernel = bb.add_func(kernel.without_attr("global_symbol"), "quantize_columns_r64")
     b, n = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType([b, 4, 64, n], "float32"))
     with bb.function("main", [x]):
