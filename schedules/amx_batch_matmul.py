@@ -31,8 +31,12 @@ def amx_batch_matmul(batch: int | None, rows: int | None, cols: int | None, dept
     BT, I, J, R = (extent(n, s) for n, s in (("b", batch), ("i", rows), ("j", cols), ("r", depth)))
     IT, JT, KT = (I + TILE_ROWS - 1) // TILE_ROWS, (J + TILE_ROWS - 1) // TILE_ROWS, (R + WORD_ROWS - 1) // WORD_ROWS
 
-    def word_byte(B, n, row, col, shift):
-        """Byte ``B[n, row, col]`` at bit ``shift`` of an int32 word, 0 past the last row."""
+    def word(B, n, row, col):
+        """The int32 word of ``B[n, row:row + 4, col]`` (byte k from row ``row + k``), rows past the last 0."""
+        return (byte_at(B, n, row, col, 0) | byte_at(B, n, row + 1, col, 8) | byte_at(B, n, row + 2, col, 16)
+                | byte_at(B, n, row + 3, col, 24))
+
+    def byte_at(B, n, row, col, shift):
         return T.if_then_else(row < R, T.Cast("int32", T.reinterpret("uint8", B[n, T.min(row, R - 1), col])),
                               T.int32(0)) << T.int32(shift)
 
@@ -67,20 +71,11 @@ def amx_batch_matmul(batch: int | None, rows: int | None, cols: int | None, dept
                 for jt, kt, r4 in T.grid(JT, KT, 16):
                     if (jt + 1) * 16 <= J:
                         for jl in T.vectorized(T.int64(16)):
-                            packed[n, jt, kt, r4, jl] = (
-                                word_byte(B, n, kt * 64 + r4 * 4, jt * 16 + jl, 0)
-                                | word_byte(B, n, kt * 64 + r4 * 4 + 1, jt * 16 + jl, 8)
-                                | word_byte(B, n, kt * 64 + r4 * 4 + 2, jt * 16 + jl, 16)
-                                | word_byte(B, n, kt * 64 + r4 * 4 + 3, jt * 16 + jl, 24))
+                            packed[n, jt, kt, r4, jl] = word(B, n, kt * 64 + r4 * 4, jt * 16 + jl)
                     else:
                         for jl in range(T.int64(16)):
-                            packed[n, jt, kt, r4, jl] = T.int32(0)
-                            if jt * 16 + jl < J:
-                                packed[n, jt, kt, r4, jl] = (
-                                    word_byte(B, n, kt * 64 + r4 * 4, jt * 16 + jl, 0)
-                                    | word_byte(B, n, kt * 64 + r4 * 4 + 1, jt * 16 + jl, 8)
-                                    | word_byte(B, n, kt * 64 + r4 * 4 + 2, jt * 16 + jl, 16)
-                                    | word_byte(B, n, kt * 64 + r4 * 4 + 3, jt * 16 + jl, 24))
+                            packed[n, jt, kt, r4, jl] = T.if_then_else(
+                                jt * 16 + jl < J, word(B, n, kt * 64 + r4 * 4, T.min(jt * 16 + jl, J - 1)), T.int32(0))
                 for q in range(T.int64(CONFIG_BYTES)):
                     config[n, q] = T.uint8(0)
                 config[n, 0] = T.uint8(1)  # palette 1; three tiles of 16 rows of 64 bytes

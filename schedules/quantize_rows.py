@@ -88,15 +88,21 @@ def quantized_value(x: tirx.PrimExpr, scale: tirx.PrimExpr, inverse: tirx.PrimEx
                                 T.int32(low)))
 
 
+def check_range(what: str, qmax: float, eps: float) -> None:
+    """A run-time quantization :func:`quantized_value` can compute: ``qmax`` a whole number (the clip runs on
+    integers), its smallest scale ``eps / qmax`` at least ``MIN_SCALE``."""
+    if qmax != int(qmax) or eps / qmax < MIN_SCALE:
+        raise ValueError(f"the {what} quantization clips to whole numbers and its scales are at least {MIN_SCALE}: "
+                         f"got qmax={qmax}, eps={eps}")
+
+
 def row_quantizer(columns: int | tirx.PrimExpr, lanes: int, qmax: float, eps: float):
     """A TIR macro ``(values, q, s, partial, i)``: row ``i`` of the flat float32 ``values`` (``columns`` per row)
     quantized into ``q`` with its scale in ``s[i]``; ``partial`` is a ``[rows, lanes]`` scratch buffer. ``lanes``
     (a power of two) partial maxima run over the row's whole chunks of ``lanes``, the rest of the row goes into the
     first; then they fold in halves (the maximum is the same in any order, and a chain of scalar steps as long as
     ``lanes`` took as long as the rest of a 256-element row)."""
-    if qmax != int(qmax) or eps / qmax < MIN_SCALE:
-        raise ValueError(f"the row quantization clips to whole numbers and its scales are at least {MIN_SCALE}: "
-                         f"got qmax={qmax}, eps={eps}")
+    check_range("row", qmax, eps)
     high, floor = T.float32(qmax), T.float32(eps)
     chunks = T.int64(columns // lanes) if isinstance(columns, int) else columns // lanes
     vectors = T.int64(columns // QUANTIZE_LANES) if isinstance(columns, int) else columns // QUANTIZE_LANES
@@ -162,9 +168,7 @@ def quantize_columns_kernel(rank: int, rows: int, qmax: float, eps: float) -> ti
     dimensions, ``rows`` in the one before last, any number of columns in the last (a head's keys transposed for
     their product with the queries, one scale per key). Each matrix in parallel: the maxima of all its columns
     side by side (vectors across the contiguous columns), then the int8 values row by row."""
-    if qmax != int(qmax) or eps / qmax < MIN_SCALE:
-        raise ValueError(f"the column quantization clips to whole numbers and its scales are at least {MIN_SCALE}: "
-                         f"got qmax={qmax}, eps={eps}")
+    check_range("column", qmax, eps)
     lead, matrices = leading_rows(rank - 1)
     columns = tirx.Var("columns", "int64")
     x_shape, s_shape = (*lead, rows, columns), (*lead, 1, columns)
