@@ -18,7 +18,7 @@ from int8mt.quant.config import QuantConfig
 from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, source_digest
 from int8mt.runtime.bundle import (BUNDLE_FORMAT, ENTRY_POINTS, GREEDY_ENTRY_POINT, LIBRARY_FILE, MANIFEST_FILE,
                                    REPORT_FILE, WEIGHTS_FILE, sha256)
-from int8mt.runtime.cache import TENSOR_ALIGNMENT
+from int8mt.runtime.tensors import TENSOR_ALIGNMENT
 from int8mt.targets import TargetPreset
 from int8mt.tokenizer import load_tokenizer
 

@@ -15,7 +15,7 @@ import yaml
 from .errors import UserError
 from .model.config import ModelConfig
 from .quant.config import QuantConfig
-from .runtime.search import SearchOptions
+from .runtime.options import SearchOptions
 from .runtime.translator import DEFAULT_BATCH_SIZE
 from .targets import AUTO
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterator
 
 from int8mt.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def split_lines(text: str) -> list[str]:
@@ -59,6 +60,9 @@ def length_batches(lengths: list[int], max_tokens: int, shuffle: bool, seed: int
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> np.ndarray:
+    """``seqs`` as one int64 array [len(seqs), longest], padded with ``pad_id``."""
+    import numpy as np  # (here: the runtime's one-sentence path imports no NumPy, see int8mt.runtime.tensors)
+
     out = np.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=np.int64)
     for row, s in zip(out, seqs):
         row[: len(s)] = s

@@ -119,7 +119,7 @@ def run_kernels(folder: Path, results: dict) -> None:
 
 def run_translation(bundles: list[Path], sources: list[str], model_dir: Path | None, out: Path,
                     results: dict) -> None:
-    from int8mt.runtime.search import SearchOptions
+    from int8mt.runtime.options import SearchOptions
     from int8mt.runtime.translator import Translator
 
     runs = []

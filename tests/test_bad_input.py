@@ -11,7 +11,7 @@ import pytest
 
 from int8mt.cli import main
 from int8mt.runtime.bundle import BUNDLE_FORMAT, Bundle, BundleError, sha256
-from int8mt.runtime.search import SearchOptions
+from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import Translator
 
 from .conftest import edit_manifest
@@ -185,7 +185,7 @@ def test_wrong_typed_manifest_fields(bundle_copy, field, value, message):
     (lambda w: w["entry_points"]["encode"].append(len(w["tensors"])), "names weights it does not list"),
     (lambda w: w["entry_points"]["encode"].append(-1), "names weights it does not list"),
     (lambda w: w["entry_points"]["greedy_decode"].pop(), "gives greedy_decode other weights than decode_step"),
-    (lambda w: w["tensors"][0].update(dtype="no such type"), "which NumPy does not know"),
+    (lambda w: w["tensors"][0].update(dtype="no such type"), "which TVM does not know"),
     (lambda w: w["tensors"][0].pop("dtype"), "has no 'dtype'"),
 ])
 def test_weights_the_manifest_misplaces_are_a_clear_error(bundle_copy, edit, message):

@@ -299,7 +299,7 @@ def test_kernels_of_another_build_are_refused():
 def test_cuda_bundle_translates_as_the_cpu_bundle(cuda_bundle, tiny_model_dir, tmp_path):
     from int8mt.compiler.build import build_bundle
     from int8mt.quant.config import QuantConfig
-    from int8mt.runtime.search import SearchOptions
+    from int8mt.runtime.options import SearchOptions
     from int8mt.runtime.translator import Translator
 
     from .conftest import HOST_PRESET

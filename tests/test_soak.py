@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from int8mt.runtime.search import SearchOptions
+from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import Translator
 
 REQUESTS = [

@@ -8,7 +8,7 @@ from . import add_config_argument
 
 if TYPE_CHECKING:
     from ..config import DecodeConfig
-    from ..runtime.search import SearchOptions
+    from ..runtime.options import SearchOptions
     from ..runtime.translator import Translator
 
 

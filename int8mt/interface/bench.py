@@ -31,7 +31,7 @@ def _timed(backend: str, search: str, batch: int, translate: Callable[[], list[s
 def bench_translation(bundle_dir: Path, model_dir: Path | None, sources: list[str], references: list[str],
                       batch_sizes: tuple[int, ...] = (1, 32), beam_size: int = 4) -> list[BenchRow]:
     """Greedy at each batch size for both backends, plus the bundle's beam search at the largest batch."""
-    from int8mt.runtime.search import SearchOptions
+    from int8mt.runtime.options import SearchOptions
     from int8mt.runtime.translator import Translator
 
     runs = [(1, batch) for batch in batch_sizes] + [(beam_size, max(batch_sizes))]

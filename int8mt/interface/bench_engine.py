@@ -58,7 +58,7 @@ def _int8mt(run: EngineRun):
     from int8mt.runtime.bundle import use_runtime_library
 
     use_runtime_library()
-    from int8mt.runtime.search import SearchOptions
+    from int8mt.runtime.options import SearchOptions
     from int8mt.runtime.translator import Translator
 
     fixed = {} if run.fixed_tokens is None else {"max_length_a": 0.0, "max_length_b": run.fixed_tokens,

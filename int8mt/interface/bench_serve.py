@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from int8mt.runtime.search import SearchOptions
+from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import Translator
 from int8mt.serving.cluster import WorkerLayout
 from int8mt.serving.server import ServerSettings, start

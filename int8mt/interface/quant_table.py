@@ -26,7 +26,7 @@ def quant_table(model_dir: Path, data_dir: Path, target: str, build_dir: Path, s
                 references: list[str], bits: tuple[int, ...] = (8, 6), beam_size: int = 4) -> list[QuantRow]:
     from int8mt.compiler.build import build_bundle
     from int8mt.targets import get_preset
-    from int8mt.runtime.search import SearchOptions
+    from int8mt.runtime.options import SearchOptions
     from int8mt.runtime.translator import Translator
 
     from .evaluate import evaluate

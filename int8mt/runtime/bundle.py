@@ -19,16 +19,18 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from int8mt.errors import UserError
 from int8mt.targets import amx_permission, host_arch, host_features, target_device
 from int8mt.targets.presets import AMX_FEATURES
 from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_tokenizer
 
-from .cache import TENSOR_ALIGNMENT, SelfAttentionCache, aligned_empty, tensor_functions
+from .cache import CacheRows, SelfAttentionCache, aligned_empty
+from .tensors import CPU_DEVICE_TYPE, TENSOR_ALIGNMENT, MappedFile, read_int64, tensor_functions, write_int64
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LIBRARY_FILE, MANIFEST_FILE, WEIGHTS_FILE = "model.so", "manifest.json", "weights.bin"
 DEFAULT_MAX_ROWS = 1024  # rows (sentences x beams) per call: what compiling records, and the bound of older bundles
@@ -151,7 +153,7 @@ def import_tvm_ffi() -> Any:
     """TVM's FFI with TVM's runtime libraries loaded, for CPU bundles: without TVM's Python package, which holds
     about 40 MB more (``import tvm`` is left to CUDA bundles and the compiler). Like :func:`import_tvm_runtime`,
     it sizes TVM's thread pool to the CPUs this process may use and keeps the FFI from importing torch, and also
-    OpenSSL and ml_dtypes (``UNUSED_BY_CPU_RUNTIME``)."""
+    OpenSSL, ml_dtypes and NumPy (``UNUSED_BY_CPU_RUNTIME``)."""
     _import_without("tvm_ffi", UNUSED_BY_CPU_RUNTIME)
     import tvm_ffi
 
@@ -211,8 +213,11 @@ POOL_SPIN_COUNT = 10000  # yields of an idle worker of a TVM thread pool before 
 # given work, and its 300000 yields took the CPUs from the replicas for the first second or more (two one-thread
 # replicas at batch 32, greedy: 1790-1830 sentences/s, against 3250-3530 with 10000; beam 4 and batch 1 likewise).
 # Between the kernels of a two-thread translator, 10000 yields are plenty (as fast as 300000; 0 halved its speed).
-UNUSED_BY_CPU_RUNTIME = ("torch", "_hashlib", "ml_dtypes")  # modules TVM's FFI imports if it can: torch (DLPack
-# interop), OpenSSL's hashes (3.8 MiB resident) and ml_dtypes (NumPy types for bfloat16 and float8; 2 MiB)
+UNUSED_BY_CPU_RUNTIME = ("torch", "_hashlib", "ml_dtypes", "numpy")  # modules TVM's FFI imports if it can: torch
+# (DLPack interop), OpenSSL's hashes (3.8 MiB resident), ml_dtypes (NumPy types for bfloat16 and float8; 2 MiB) and
+# NumPy (11 MiB; for its dtype objects as arguments: ours pass dtypes as strings, and arrays through DLPack either
+# way). A process that loads a CPU bundle and translates one sentence at a time never imports NumPy
+# (:mod:`int8mt.runtime.tensors`); the searches that need it import it later.
 TOP_K_KERNEL = "tvm.contrib.sort.topk"  # top candidates of bundles built before our top-k kernel (runtime_extra)
 RELEASE_POOLS = "vm.builtin.memory_manager.clear"  # in TVM's libtvm_runtime
 MADV_DONTNEED = 4  # Linux madvise advice
@@ -230,7 +235,6 @@ RELEASE_AFTER_ENCODER_BYTES = 2 << 20  # CPU: the pools are released after an en
 ACTIVATION_BYTES = 4  # int32 or float32
 GPU_RELEASE_POOLS_SIZES = 64  # a GPU's (releasing means cudaFree, which waits for the device, and cudaMalloc
 GPU_POOL_BUDGET_BYTES = 64 << 20  # again)
-CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
 SHARE_ALL_CPUS = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: a pool's threads may run on any listed CPU
 
 
@@ -267,7 +271,8 @@ def drop_unmodified_pages(library: Path) -> int:
 def _aligned(array: np.ndarray) -> np.ndarray:
     """``array``, C-contiguous, writable and with its data at a multiple of ``TENSOR_ALIGNMENT`` bytes (copied if
     need be)."""
-    array = np.ascontiguousarray(array)
+    if not array.flags.c_contiguous:
+        array = array.copy()
     if array.__array_interface__["data"][0] % TENSOR_ALIGNMENT == 0 and array.flags.writeable:
         return array
     aligned = aligned_empty(array.shape, array.dtype)
@@ -461,7 +466,7 @@ class Bundle:
         self.cache_dtype = self.manifest.get("cache_dtype", "float32")  # int8 for quantized attention
         self.cache_scales = self.manifest.get("cache_scales", False)  # int8 with a scale per position (run-time)
         self._cross_token_bytes = self.layers * 2 * self.heads * (
-            self.head_dim * np.dtype(self.cache_dtype).itemsize + SCALE_BYTES * self.cache_scales)
+            self.head_dim * self._ffi.dtype(self.cache_dtype).itemsize + SCALE_BYTES * self.cache_scales)
         self.max_rows = max_rows(self.manifest)
 
     def _open_vm(self) -> None:
@@ -485,24 +490,24 @@ class Bundle:
 
     def _map_weights(self) -> tuple[list[Any], dict[str, tuple[Any, ...]]]:
         """All the weights, and each entry point's (its trailing parameters): on the CPU views of ``weights.bin``
-        mapped copy-on-write (pages read from the file as the kernels touch them, shared with every process that
-        maps it), on a GPU copies in its memory."""
+        mapped copy-on-write (:class:`int8mt.runtime.tensors.MappedFile`: pages read from the file as the kernels
+        touch them, shared with every process that maps it), on a GPU copies in its memory."""
         record, path = self.manifest["weights"], self.path / WEIGHTS_FILE
         size = path.stat().st_size
-        mapped = np.memmap(path, np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+        mapped = MappedFile(path) if size else None
         tensors = []
         for entry in record["tensors"]:
             try:
-                dtype = np.dtype(entry["dtype"])
-            except TypeError:
+                dtype = self._ffi.dtype(entry["dtype"])
+            except ValueError:
                 raise BundleError(f"{self.path / MANIFEST_FILE} gives a weight the dtype {entry['dtype']!r}, which "
-                                  "NumPy does not know; rebuild the bundle") from None
+                                  "TVM does not know; rebuild the bundle") from None
             shape, offset = tuple(entry["shape"]), entry["offset"]
             end = offset + dtype.itemsize * math.prod(shape)
             if offset % TENSOR_ALIGNMENT or min(shape, default=0) < 0 or not 0 <= offset <= end <= size:
                 raise BundleError(f"{self.path / MANIFEST_FILE} places a weight at bytes {offset}-{end} of {path} "
                                   f"({size} bytes, {TENSOR_ALIGNMENT}-byte aligned): rebuild the bundle")
-            tensors.append(self.tensor(mapped[offset:end].view(dtype).reshape(shape)))
+            tensors.append(self._weight(mapped, shape, dtype, offset, end - offset))
         uses = {name: record["entry_points"].get(name, []) for name in ENTRY_POINTS}
         if GREEDY_ENTRY_POINT in self.manifest["entry_points"]:  # (the decoder step's weights, passed through)
             uses[GREEDY_ENTRY_POINT] = record["entry_points"].get(GREEDY_ENTRY_POINT, [])
@@ -512,6 +517,18 @@ class Bundle:
         if not all(isinstance(i, int) and 0 <= i < len(tensors) for indices in uses.values() for i in indices):
             raise BundleError(f"{self.path / MANIFEST_FILE} names weights it does not list; rebuild the bundle")
         return tensors, {name: tuple(tensors[i] for i in indices) for name, indices in uses.items()}
+
+    def _weight(self, mapped: MappedFile | None, shape: tuple[int, ...], dtype: Any, offset: int, nbytes: int) -> Any:
+        """The weight at ``offset`` of the weights file: on the CPU its mapped bytes, on a GPU a copy in its
+        memory."""
+        if nbytes == 0:
+            return self._alloc(self._ffi.Shape(shape), dtype, self.device, "global")
+        mapped_weight = mapped.tensor(self._ffi, shape, dtype, offset)
+        if not self._on_gpu:
+            return mapped_weight
+        weight = self._alloc(self._ffi.Shape(shape), dtype, self.device, "global")
+        self._copy(mapped_weight, weight)
+        return weight
 
     def _check_weights(self, weights: list[Any]) -> None:
         """The library's check of the weights' dtypes and shapes (its entry points leave it out), once."""
@@ -551,15 +568,21 @@ class Bundle:
     def host(self, tensor: Any) -> np.ndarray:
         """An output of the entry points as NumPy: on the CPU a view of its memory (which it keeps alive),
         from a GPU a copy."""
+        import numpy as np  # (here: :data:`UNUSED_BY_CPU_RUNTIME`)
+
         if self._on_gpu:
             return tensor.numpy()
         return np.from_dlpack(tensor)
 
     def encode(self, src: np.ndarray) -> tuple[Any, ...]:
         """src int64 [B, S] -> the cross-attention cache: keys/values (and their scales), device tensors."""
+        return self._encoded(self.tensor(src))
+
+    def _encoded(self, src: Any) -> tuple[Any, ...]:
+        """:meth:`encode` of ``src``, a tensor."""
         rows, src_len = src.shape
         self._admit(rows, src_len)
-        cross_kv = _parts(self._encode(self.tensor(src)))
+        cross_kv = _parts(self._encode(src))
         if not self._on_gpu and rows * src_len * self.ffn_dim * ACTIVATION_BYTES >= RELEASE_AFTER_ENCODER_BYTES:
             self._pooled.release(self._release_pools)  # the encoder's buffers' pages, out of the decoder's peak
         return cross_kv
@@ -574,19 +597,29 @@ class Bundle:
         """Whether the library has the greedy loop (:meth:`greedy_decode`; CPU bundles whose manifest lists it)."""
         return self._greedy is not None
 
-    def greedy_decode(self, src: np.ndarray, max_length: int, min_length: int = 0) -> list[int]:
-        """One sentence's greedy search (``src`` [1, S]) in one call of the library
+    def greedy_decode(self, src: Sequence[int], max_length: int, min_length: int = 0) -> list[int]:
+        """One sentence's greedy search (``src``: its token ids) in one call of the library
         (:class:`int8mt.compiler.passes.GreedyLoop`): its tokens without the end of sentence, at most
-        ``max_length``, none ending it before ``min_length``; the same as the host's steps would give."""
-        src_t = self.tensor(src)
-        cache = self.empty_cache(1, max_length)
-        ids = aligned_empty((max_length,), np.int64)
-        limits = aligned_empty((2,), np.int64)
-        limits[:] = max_length, min_length
-        cross_kv = self.encode(src)  # (which admits the loop's call size too: one row of this source length)
-        count = self._greedy(*cache.inputs, *cross_kv, src_t, self.tensor(ids), self.tensor(limits))
-        tokens = ids[:int(self.host(count)[0])].tolist()
+        ``max_length``, none ending it before ``min_length``; the same as the host's steps would give. Without
+        NumPy (:mod:`int8mt.runtime.tensors`)."""
+        src_t = self._int64((1, len(src)), src)
+        cache = CacheRows(self._ffi, self.device, self.layers, self.heads, self.head_dim, self.cache_dtype,
+                          self.cache_scales, 1 + min(max_length, self.max_positions))
+        ids = self._alloc(self._ffi.Shape((max_length,)), self._ffi.dtype("int64"), self.device, "global")
+        cross_kv = self._encoded(src_t)  # (which admits the loop's call size too: one row of this source length)
+        count = self._greedy(*cache.inputs, *cross_kv, src_t, ids, self._int64((2,), (max_length, min_length)))
+        tokens = read_int64(ids, read_int64(count, 1)[0])
         return tokens[:-1] if tokens and tokens[-1] == self.eos_id else tokens
+
+    def _int64(self, shape: tuple[int, ...], values: Sequence[int]) -> Any:
+        """A new int64 tensor of ``shape`` holding ``values`` (in order), on the device."""
+        host = write_int64(self._alloc(self._ffi.Shape(shape), self._ffi.dtype("int64"), self._ffi.device("cpu", 0),
+                                       "global"), values)
+        if not self._on_gpu:
+            return host
+        tensor = self._alloc(self._ffi.Shape(shape), self._ffi.dtype("int64"), self.device, "global")
+        self._copy(host, tensor)
+        return tensor
 
     def decode_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                     src: Any) -> np.ndarray:
@@ -623,7 +656,7 @@ class Bundle:
             buffer = self._staging[name] = self._alloc(self._ffi.Shape((size,)), self._ffi.dtype("uint8"),
                                                        self.device, "global")
         view = self._create_view(buffer, self._ffi.Shape(array.shape), self._ffi.dtype(str(array.dtype)), 0)
-        self._copy(self._ffi.from_dlpack(np.ascontiguousarray(array)), view)
+        self._copy(self._ffi.from_dlpack(array if array.flags.c_contiguous else array.copy()), view)
         return view
 
     def _step_tensor(self, step: int) -> Any:
@@ -631,7 +664,7 @@ class Bundle:
         conversion and, on a GPU, an allocation and a copy at every step otherwise)."""
         tensor = self._steps.get(step)
         if tensor is None:
-            tensor = self._steps[step] = self.tensor(np.array([step], np.int64))
+            tensor = self._steps[step] = self._int64((1,), (step,))
         return tensor
 
     def _admit(self, rows: int, src_len: int) -> None:
@@ -652,4 +685,4 @@ class Bundle:
     def reorder_cross(self, cross_kv: tuple[Any, ...], rows: np.ndarray) -> tuple[Any, ...]:
         """The cross-attention keys/values with their batch rows taken in the order ``rows`` (on the device):
         beam search repeats each sentence's for its hypotheses, both searches drop finished sentences'."""
-        return _parts(self._reorder(*cross_kv, self.tensor(rows.astype(np.int64))))
+        return _parts(self._reorder(*cross_kv, self.tensor(rows.astype("int64"))))

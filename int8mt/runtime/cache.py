@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from .tensors import TENSOR_ALIGNMENT, tensor_functions
 
-TENSOR_ALIGNMENT = 64  # bytes: TVM's kernels assume their buffers start at such an address
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
     """An uninitialized C-contiguous array whose data starts at a multiple of ``TENSOR_ALIGNMENT`` bytes (an input
     of the entry points that needs no copy to become one)."""
+    import numpy as np  # (here: loading a bundle imports no NumPy, see :mod:`int8mt.runtime.tensors`)
+
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     buffer = np.empty(nbytes + TENSOR_ALIGNMENT, np.uint8)
     start = -buffer.__array_interface__["data"][0] % TENSOR_ALIGNMENT  # (ctypes.data costs microseconds)
@@ -50,42 +53,28 @@ def _rows_used(ffi: Any, used: int) -> Any:
 HISTORY_ALIGNMENT = TENSOR_ALIGNMENT // 8  # int64 elements
 
 
-@functools.lru_cache(maxsize=None)
-def tensor_functions(ffi: Any) -> tuple[Any, Any, Any]:
-    """TVM's functions that make a view of a tensor, copy one and allocate one, looked up once per process (for
-    bundles and for every new cache: one per sentence at batch 1)."""
-    return tuple(ffi.get_global_func(f"runtime.TVMTensor{name}")
-                 for name in ("CreateView", "CopyFromTo", "AllocWithScope"))  # type: ignore[return-value]
-
-
 @functools.lru_cache(maxsize=CACHED_SHAPES)
 def _row_parts(ffi: Any, heads: int, head_dim: int, dtype: str, scales: bool) -> list[tuple[tuple, Any, int]]:
     """Each cache buffer's row shape, TVM dtype and row bytes: the keys/values, then (``scales``) their scales."""
-    return [(row, ffi.dtype(kind), math.prod(row) * np.dtype(kind).itemsize)
+    return [(row, ffi.dtype(kind), math.prod(row) * ffi.dtype(kind).itemsize)
             for row, kind in [((heads, head_dim), dtype)] + [((heads, 1), "float32")] * scales]
 
 
-class SelfAttentionCache:
-    """The cache rows of one batch (a device buffer, and one of their scales with run-time ranges) and each
-    hypothesis's history (NumPy)."""
+class CacheRows:
+    """The cache rows of one batch on the device: a buffer of keys and values, and one of their scales with
+    run-time ranges."""
 
     def __init__(self, ffi: Any, device: Any, layers: int, heads: int, head_dim: int, dtype: str, scales: bool,
-                 batch: int, positions: int) -> None:
-        """Room for ``positions`` steps of ``batch`` hypotheses; more is allocated (and the rows moved) only if
-        the steps outgrow it. ``scales``: rows of ``dtype`` int8 carry a float32 scale per head."""
+                 rows: int) -> None:
+        """Room for ``rows`` rows (row 0 included); ``scales``: rows of ``dtype`` int8 carry a float32 scale per
+        head."""
         self._ffi, self._device = ffi, device
         self._create_view, self._copy, self._alloc = tensor_functions(ffi)
         self._layers, self._planes = layers, 2 * layers  # (layer, key or value) planes of rows
         self._parts = _row_parts(ffi, heads, head_dim, dtype, scales)
         self._buffers: list[Any] = []
-        self._allocate(1 + batch * positions)
+        self._allocate(rows)
         self.used = 1  # rows written: row 0 holds no position (the decoder step reads it and discards it)
-        # the history alternates between two aligned buffers (one allocation), each with room for ``positions`` steps
-        room = -(-batch * (positions + 1) // HISTORY_ALIGNMENT) * HISTORY_ALIGNMENT
-        memory = aligned_empty((2 * room,), np.int64)
-        self._history_memory = [memory[:room], memory[room:]]
-        self.history = self._new_history(batch, 1)
-        self.history[:] = 0
 
     def _allocate(self, rows: int) -> None:
         self._capacity = rows
@@ -112,6 +101,27 @@ class SelfAttentionCache:
         """The decoder step's cache inputs: the whole buffers (rows, and their scales)."""
         return tuple(self._buffers)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the device buffers."""
+        return sum(self._planes * self._capacity * row_bytes for _, _, row_bytes in self._parts)
+
+
+class SelfAttentionCache(CacheRows):
+    """The cache rows of one batch (:class:`CacheRows`) and each hypothesis's history (NumPy)."""
+
+    def __init__(self, ffi: Any, device: Any, layers: int, heads: int, head_dim: int, dtype: str, scales: bool,
+                 batch: int, positions: int) -> None:
+        """Room for ``positions`` steps of ``batch`` hypotheses; more is allocated (and the rows moved) only if
+        the steps outgrow it."""
+        super().__init__(ffi, device, layers, heads, head_dim, dtype, scales, 1 + batch * positions)
+        # the history alternates between two aligned buffers (one allocation), each with room for ``positions`` steps
+        room = -(-batch * (positions + 1) // HISTORY_ALIGNMENT) * HISTORY_ALIGNMENT
+        memory = aligned_empty((2 * room,), "int64")
+        self._history_memory = [memory[:room], memory[room:]]
+        self.history = self._new_history(batch, 1)
+        self.history[:] = 0
+
     def reserve_step(self) -> Any:
         """Before a step: room for its rows (one per hypothesis, in the order of ``history``'s rows), the buffers
         grown if need be; returns the step's ``rows_used`` input (it writes its rows after the rows written so
@@ -133,6 +143,8 @@ class SelfAttentionCache:
             self.history = memory[:positions + 1].reshape(1, positions + 1)
             self.used += 1
             return
+        import numpy as np  # (as in :func:`aligned_empty`)
+
         history = self._new_history(count, positions + 1)
         history[:, :positions - 1] = self.history[:, :-1]
         history[:, positions - 1] = np.arange(self.used, self.used + count)
@@ -143,7 +155,7 @@ class SelfAttentionCache:
     def select(self, hypotheses: np.ndarray) -> None:
         """Keep the hypotheses ``hypotheses`` (indices of ``history``'s rows, repeats allowed), in that order."""
         history = self._new_history(len(hypotheses), self.history.shape[1])
-        np.take(self.history, hypotheses, axis=0, out=history)
+        self.history.take(hypotheses, axis=0, out=history)
         self.history = history
 
     def _new_history(self, rows: int, columns: int) -> np.ndarray:
@@ -151,11 +163,7 @@ class SelfAttentionCache:
         current one is not in: a fresh aligned array per step cost microseconds at batch 1."""
         memory = self._history_memory.pop(0)
         if memory.size < rows * columns:
-            memory = aligned_empty((max(rows * columns, 2 * memory.size),), np.int64)
+            memory = aligned_empty((max(rows * columns, 2 * memory.size),), "int64")
         self._history_memory.append(memory)
         return memory[:rows * columns].reshape(rows, columns)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the device buffers."""
-        return sum(self._planes * self._capacity * row_bytes for _, _, row_bytes in self._parts)

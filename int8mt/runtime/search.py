@@ -1,39 +1,13 @@
 """Greedy and beam search in NumPy over a compiled decoder step."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from int8mt.errors import UserError
 from .bundle import Bundle
 from .cache import aligned_empty
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    beam_size: int = 4
-    length_penalty: float = 0.6
-    max_length_a: float = 1.5
-    max_length_b: int = 10
-    min_length: int = 0  # tokens before end of sentence may be chosen (capped by the maximum length)
-
-    def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise UserError(f"beam size must be at least 1, got {self.beam_size}")
-        for name in ("length_penalty", "max_length_a"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise UserError(f"{name} must be a finite number >= 0, got {value}")
-        for name in ("max_length_b", "min_length"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-    def max_lengths(self, src: np.ndarray, pad_id: int, limit: int) -> list[int]:
-        """Per-sentence output limits from the unpadded source lengths (so batching never changes a result)."""
-        lengths = (src != pad_id).sum(1)
-        return [max(1, min(int(self.max_length_a * n) + self.max_length_b, limit)) for n in lengths]
+from .options import SearchOptions
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -53,7 +27,7 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_leng
     (:meth:`Bundle.greedy_decode`: the same tokens without the host's work between steps)."""
     batch = src.shape[0]
     if batch == 1 and bundle.decodes_greedily:
-        return [bundle.greedy_decode(src, max_lens[0], min_length)]
+        return [bundle.greedy_decode(src[0].tolist(), max_lens[0], min_length)]
     src_t = bundle.tensor(src)
     cross = bundle.encode(src)
     cache = bundle.empty_cache(batch, max(max_lens))

@@ -15,7 +15,7 @@ from int8mt.errors import UserError
 from int8mt.tokenizer import MarianTokenizer, Tokenizer, check_target_lang, starts_with_language_token
 
 from .bundle import Bundle, set_thread_count
-from .search import SearchOptions, beam_search
+from .options import SearchOptions
 
 DEFAULT_BATCH_SIZE = 32  # sentences per call of the compiled entry points
 _CALLER = threading.local()  # ``threads``: the thread count a translator gave this (calling) thread's kernels
@@ -33,6 +33,17 @@ def check_decoding(options: SearchOptions, batch_size: int, max_rows: int) -> No
 def fit_to_positions(ids: list[int], limit: int, eos_id: int) -> list[int]:
     """Source ids cut to the model's ``limit`` positions: the first ``limit - 1`` tokens and the end of sentence."""
     return ids if len(ids) <= limit else ids[:limit - 1] + [eos_id]
+
+
+def _search(bundle: Bundle, sources: list[list[int]], options: SearchOptions) -> list[list[int]]:
+    """``options``' search of ``sources`` (token ids, each at most the model's positions). One sentence's greedy
+    search runs the library's greedy loop without NumPy (:mod:`int8mt.runtime.tensors`); the others import it."""
+    max_lens = [options.max_length(len(ids), bundle.max_positions) for ids in sources]
+    if len(sources) == 1 and options.beam_size == 1 and bundle.decodes_greedily:
+        return [bundle.greedy_decode(sources[0], max_lens[0], options.min_length)]
+    from .search import beam_search
+
+    return beam_search(bundle, pad_batch(sources, bundle.pad_id), max_lens, options)
 
 
 class Translator:
@@ -129,10 +140,9 @@ class Translator:
             bar = tqdm(total=len(batches), desc="translating", unit="batch", file=sys.stderr, leave=False)
 
         def search(rows: list[int]) -> None:
-            src = pad_batch([sources[i] for i in rows], self.bundle.pad_id)
             bundle = self._free.get()
             try:
-                hyps = beam_search(bundle, src, options.max_lengths(src, self.bundle.pad_id, limit), options)
+                hyps = _search(bundle, [sources[i] for i in rows], options)
             finally:
                 self._free.put(bundle)
             for i, hyp in zip(rows, hyps):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from int8mt.errors import UserError
 from int8mt.runtime.bundle import use_runtime_library
-from int8mt.runtime.search import SearchOptions
+from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import Translator
 
 from .cluster import WorkerLayout, pack_bundle, unpack_bundle, worker_options

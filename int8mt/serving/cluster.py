@@ -12,7 +12,7 @@ from typing import Any
 
 from int8mt.errors import UserError
 from int8mt.runtime.bundle import MANIFEST_FILE, check_bundle, max_rows, read_manifest, tokenizer_kind
-from int8mt.runtime.search import SearchOptions
+from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import check_decoding
 from int8mt.tokenizer import check_target_lang, load_tokenizer
 

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 
 from int8mt.errors import UserError
 from int8mt.runtime.bundle import use_runtime_library
-from int8mt.runtime.search import SearchOptions
+from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import DEFAULT_BATCH_SIZE, Translator, check_decoding
 
 from .cluster import WorkerLayout, pack_bundle, unpack_bundle, worker_options

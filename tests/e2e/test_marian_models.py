@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from int8mt.cli import main  # noqa: E402
 from int8mt.data import pad_batch  # noqa: E402
-from int8mt.runtime.search import SearchOptions, beam_search  # noqa: E402
+from int8mt.runtime.options import SearchOptions  # noqa: E402
+from int8mt.runtime.search import beam_search  # noqa: E402
 from int8mt.runtime.translator import Translator  # noqa: E402
 from int8mt.tokenizer import MarianTokenizer  # noqa: E402
 

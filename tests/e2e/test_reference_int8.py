@@ -10,7 +10,7 @@ from int8mt.metrics import corpus_bleu
 from int8mt.model.generate import translate_greedy
 from int8mt.quant.checkpoint import learned_dir, load_quantized
 from int8mt.quant.config import QuantConfig
-from int8mt.runtime.search import SearchOptions
+from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import Translator
 
 from ..conftest import DATA_DIR, HOST_PRESET, MODEL_DIR

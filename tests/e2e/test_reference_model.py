@@ -55,7 +55,7 @@ def test_compiled_greedy_equals_pytorch_greedy(reference_bundle):
 
 def test_compiled_bleu_equals_pytorch_bleu_on_the_test_set(reference_bundle):
     from int8mt.model.generate import translate_greedy
-    from int8mt.runtime.search import SearchOptions
+    from int8mt.runtime.options import SearchOptions
     from int8mt.runtime.translator import Translator
     from int8mt.metrics import corpus_bleu as bleu
 

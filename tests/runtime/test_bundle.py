@@ -8,8 +8,10 @@ import torch
 from int8mt.model.generate import greedy_decode
 from int8mt.runtime import bundle as bundle_mod
 from int8mt.runtime.bundle import Bundle, BundleError
-from int8mt.runtime.cache import TENSOR_ALIGNMENT, aligned_empty
-from int8mt.runtime.search import SearchOptions, beam_search, greedy_search
+from int8mt.runtime.cache import aligned_empty
+from int8mt.runtime.tensors import TENSOR_ALIGNMENT
+from int8mt.runtime.options import SearchOptions
+from int8mt.runtime.search import beam_search, greedy_search
 from int8mt.runtime.translator import Translator
 
 from ..conftest import HOST_PRESET, edit_manifest
@@ -308,7 +310,7 @@ def test_the_first_replica_translates_in_the_calling_thread_and_the_others_on_th
     from int8mt.runtime import translator as translator_mod
 
     searched_on = []
-    search = translator_mod.beam_search
+    search = translator_mod._search
     both_busy = threading.Barrier(2, timeout=60)
 
     def searched(*args):
@@ -317,7 +319,7 @@ def test_the_first_replica_translates_in_the_calling_thread_and_the_others_on_th
             both_busy.wait()
         return search(*args)
 
-    monkeypatch.setattr(translator_mod, "beam_search", searched)
+    monkeypatch.setattr(translator_mod, "_search", searched)
     sentences = [f"A dog number {i} runs." for i in range(6)]
     replicas = 1
     one = Translator(tiny_bundle, SearchOptions(beam_size=1), batch_size=2, threads=1)
@@ -333,7 +335,7 @@ def test_the_first_replica_translates_in_the_calling_thread_and_the_others_on_th
     def failing(*args):
         raise RuntimeError("search failed")
 
-    monkeypatch.setattr(translator_mod, "beam_search", failing)
+    monkeypatch.setattr(translator_mod, "_search", failing)
     with pytest.raises(RuntimeError, match="search failed"):
         two.translate(sentences)
 
@@ -382,3 +384,27 @@ def test_a_process_translating_token_ids_loads_no_library_it_does_not_use(tiny_b
     loaded, digest = run.stdout.splitlines()
     assert loaded == "[]", run.stderr[-2000:]
     assert digest == hashlib.sha256((tiny_bundle / "model.so").read_bytes()).hexdigest()
+
+
+def test_one_sentence_at_a_time_translates_without_numpy_and_a_later_search_imports_it(tiny_bundle):
+    """A process that loads a CPU bundle and translates one sentence at a time (the library's greedy loop) never
+    imports NumPy (11 MiB resident; TVM's FFI would import it); batches and beams import it later and work with the
+    FFI imported without it. Both give this process's results (NumPy and the FFI imported in either order)."""
+    import json
+    import subprocess
+    import sys
+
+    sources = [[5, 6, 2], [7, 8, 9, 10, 3], [11, 3]]
+    code = (f"import json, sys; from int8mt.runtime.options import SearchOptions; "
+            f"from int8mt.runtime.translator import Translator; t = Translator({str(tiny_bundle)!r}, "
+            f"SearchOptions(beam_size=1), batch_size=1); greedy = t.translate_ids({sources}); "
+            "numpy = 'numpy' in sys.modules; "
+            f"beam = t.translate_ids({sources}, SearchOptions(beam_size=3)); t.batch_size = 3; "
+            f"batch = t.translate_ids({sources}); print(json.dumps([numpy, greedy, beam, batch]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    numpy_imported, greedy, beam, batch = json.loads(run.stdout)
+    assert not numpy_imported
+    here = Translator(tiny_bundle, SearchOptions(beam_size=1), batch_size=1)
+    assert greedy == batch == here.translate_ids(sources)
+    assert beam == here.translate_ids(sources, SearchOptions(beam_size=3))

@@ -3,7 +3,8 @@
 import numpy as np
 
 from int8mt.runtime.bundle import import_tvm_ffi
-from int8mt.runtime.cache import TENSOR_ALIGNMENT, SelfAttentionCache
+from int8mt.runtime.cache import SelfAttentionCache
+from int8mt.runtime.tensors import TENSOR_ALIGNMENT
 
 LAYERS, HEADS, HEAD_DIM = 2, 3, 4
 

@@ -48,7 +48,7 @@ def test_a_bundle_keys_its_calls_by_rows_and_source_length(tiny_bundle, monkeypa
     """Steps of one batch differ only in position, which the bundle plans at its maximum: they are one size, and
     so is the batch's encoder call, admitted once (the bundle asks again only for another size, or after the pools
     were released); a batch of other rows is another."""
-    from int8mt.runtime.search import SearchOptions
+    from int8mt.runtime.options import SearchOptions
     from int8mt.runtime.translator import Translator
 
     admitted = []

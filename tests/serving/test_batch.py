@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("ray.data")
 
 from int8mt.cli import main  # noqa: E402
-from int8mt.runtime.search import SearchOptions  # noqa: E402
+from int8mt.runtime.options import SearchOptions  # noqa: E402
 from int8mt.runtime.translator import Translator  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
 

@@ -1,0 +1,97 @@
+"""TVM tensors on the host without NumPy: a mapped file's regions as tensors, int64 tensors written from and read
+into Python lists, and TVM's functions that view, copy and allocate tensors.
+
+Loading a CPU bundle and translating one sentence at a time with its greedy loop need nothing more, so a process
+that does only that never imports NumPy (11 MiB resident with TVM's FFI); the searches that batch sentences or
+keep beams import it (:mod:`int8mt.runtime.search`).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TENSOR_ALIGNMENT = 64  # bytes: TVM's kernels assume their buffers start at such an address
+CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
+
+
+@functools.lru_cache(maxsize=None)
+def tensor_functions(ffi: Any) -> tuple[Any, Any, Any]:
+    """TVM's functions that make a view of a tensor, copy one and allocate one, looked up once per process (for
+    bundles and for every new cache: one per sentence at batch 1)."""
+    return tuple(ffi.get_global_func(f"runtime.TVMTensor{name}")
+                 for name in ("CreateView", "CopyFromTo", "AllocWithScope"))  # type: ignore[return-value]
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
+                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    pass
+
+
+_Deleter = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
+_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter)]
+
+_EXPORTED: dict[int, tuple[Any, ...]] = {}  # address of an exported DLManagedTensor -> what it needs alive
+_EXPORTED_LOCK = threading.Lock()
+
+
+@_Deleter
+def _release(managed: Any, exported: dict = _EXPORTED, lock: threading.Lock = _EXPORTED_LOCK,
+             address: Any = ctypes.addressof) -> None:
+    """DLPack's deleter of :class:`MappedFile`'s tensors: TVM calls it when the last reference to one is gone."""
+    with lock:
+        exported.pop(address(managed.contents), None)
+
+
+_capsule = ctypes.pythonapi.PyCapsule_New
+_capsule.restype, _capsule.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+
+
+class MappedFile:
+    """A file (not empty) mapped copy-on-write, whose regions become CPU tensors without a copy: pages are read
+    from the file as kernels touch them and shared with every process that maps it. The mapping lives as long as
+    a tensor of it does."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._data = (ctypes.c_char * len(mapping)).from_buffer(mapping)  # (which keeps ``mapping`` open)
+
+    def tensor(self, ffi: Any, shape: tuple[int, ...], dtype: Any, offset: int) -> Any:
+        """The ``dtype`` (a TVM dtype) tensor of ``shape`` at byte ``offset`` (which the caller checked lies in
+        the file; TVM's kernels want their data pointer there, not a byte offset from the mapping's)."""
+        dims = (ctypes.c_int64 * len(shape))(*shape)
+        managed = _DLManagedTensor(_DLTensor(ctypes.addressof(self._data) + offset, _DLDevice(CPU_DEVICE_TYPE, 0),
+                                             len(shape), _DLDataType(dtype.type_code, dtype.bits, dtype.lanes),
+                                             dims, None, 0), None, _release)
+        with _EXPORTED_LOCK:
+            _EXPORTED[ctypes.addressof(managed)] = (managed, dims, self._data)
+        return ffi.from_dlpack(_capsule(ctypes.addressof(managed), b"dltensor", None))
+
+
+def write_int64(tensor: Any, values: Sequence[int]) -> Any:
+    """``values`` written into the first elements of ``tensor`` (int64, on the CPU); returns ``tensor``."""
+    (ctypes.c_int64 * len(values)).from_address(tensor.data_ptr())[:] = values
+    return tensor
+
+
+def read_int64(tensor: Any, count: int) -> list[int]:
+    """The first ``count`` elements of ``tensor`` (int64, on the CPU)."""
+    return (ctypes.c_int64 * count).from_address(tensor.data_ptr())[:]
