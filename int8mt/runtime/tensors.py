@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,16 +47,14 @@ class _DLManagedTensor(ctypes.Structure):
 _Deleter = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
 _DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter)]
 
-_EXPORTED: dict[int, tuple[Any, ...]] = {}  # address of an exported DLManagedTensor -> what it needs alive
-_EXPORTED_LOCK = threading.Lock()
+_EXPORTED: dict[int, tuple[Any, ...]] = {}  # address of an exported DLManagedTensor -> what it needs alive (one
+# dict operation each, atomic under the GIL: a lock could deadlock when a garbage collection inside it frees a tensor)
 
 
 @_Deleter
-def _release(managed: Any, exported: dict = _EXPORTED, lock: threading.Lock = _EXPORTED_LOCK,
-             address: Any = ctypes.addressof) -> None:
+def _release(managed: Any, exported: dict = _EXPORTED, address: Any = ctypes.addressof) -> None:
     """DLPack's deleter of :class:`MappedFile`'s tensors: TVM calls it when the last reference to one is gone."""
-    with lock:
-        exported.pop(address(managed.contents), None)
+    exported.pop(address(managed.contents), None)
 
 
 _capsule = ctypes.pythonapi.PyCapsule_New
@@ -81,8 +78,7 @@ class MappedFile:
         managed = _DLManagedTensor(_DLTensor(ctypes.addressof(self._data) + offset, _DLDevice(CPU_DEVICE_TYPE, 0),
                                              len(shape), _DLDataType(dtype.type_code, dtype.bits, dtype.lanes),
                                              dims, None, 0), None, _release)
-        with _EXPORTED_LOCK:
-            _EXPORTED[ctypes.addressof(managed)] = (managed, dims, self._data)
+        _EXPORTED[ctypes.addressof(managed)] = (managed, dims, self._data)
         return ffi.from_dlpack(_capsule(ctypes.addressof(managed), b"dltensor", None))
 
 
