@@ -53,7 +53,7 @@ from int8mt.schedules.cpu_generic import FLOAT_BYTES, CPUGeneric, register_bytes
 from int8mt.schedules.amx_blocks import load_blocks
 from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
 from int8mt.schedules.int8_dense import default_tiles
-from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot
+from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot, pair_dot
 from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 from int8mt.targets import TargetPreset
 
@@ -158,8 +158,9 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
         mod = tvm.transform.Sequential(kernel_passes(options.tiles, int8_family, options.float_tiles,
                                                      preset.float_dot))(mod)
     if preset.device == "cpu":
-        lanes = register_bytes(tvm.target.Target(preset.target)) // FLOAT_BYTES
-        mod = FuseAttentionEpilogue()(OneQueryAttention(lanes)(mod))
+        target = tvm.target.Target(preset.target)
+        lanes, pair = register_bytes(target) // FLOAT_BYTES, pair_dot(target)
+        mod = FuseAttentionEpilogue()(OneQueryAttention(lanes, pair.family if pair else None)(mod))
         mod = LayerNormRows(lanes)(mod)
         if options.quant is not None:
             mod = QuantizeRows()(SoftmaxRows(lanes)(mod))

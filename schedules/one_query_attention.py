@@ -28,30 +28,61 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .int8_dense import DenseEpilogue
+from .intrin import int8_dot
 from .quantize_rows import OPAQUE, lane_folder, row_lanes, row_quantizer
 
 ACCUMULATOR = {"int8": "int32", "float32": "float32"}  # operand dtype -> sum dtype
 
 
-def _products(head_dim: int, dtype: str, lanes: int):
+def _row_dot(head_dim: int, acc: str, lanes: int, pair: str | None):
+    """A TIR macro ``dot(partial, bh, q, source, start)``: the products of pair ``bh``'s query (``q`` flat, its
+    ``head_dim`` values at ``bh * head_dim``) with one stored row (a flat ``source`` at ``start``) summed into the
+    ``lanes`` partial sums ``partial[bh, :]`` (in ``acc``), for :func:`~.quantize_rows.lane_folder` to add up.
+    With ``pair`` (a family of
+    :func:`~.intrin.pair_dot`), int8 rows go ``2 * lanes`` values at a time through one multiply-add of
+    int16 pairs into int32 (``vpmaddwd``: exact), instead of ``lanes`` widened to int32 and multiplied
+    (``vpmulld``, two micro-operations on one port: the scores' bound)."""
+    dot = int8_dot(pair) if pair is not None else None
+    if dot is None or acc != "int32" or dot.lanes != lanes or head_dim % (2 * lanes):
+        @T.macro
+        def widened(partial, bh, q, source, start):
+            for lane in T.vectorized(T.int64(lanes)):
+                partial[bh, lane] = T.Cast(acc, 0)
+            for c in range(T.int64(head_dim // lanes)):
+                for lane in T.vectorized(T.int64(lanes)):
+                    partial[bh, lane] = partial[bh, lane] + T.Cast(acc, q[bh * head_dim + c * lanes + lane]) * T.Cast(
+                        acc, source[start + c * lanes + lane])
+
+        return widened
+
+    width, vector = 2 * lanes, f"int32x{lanes}"
+
+    @T.macro
+    def pairwise(partial, bh, q, source, start):
+        for lane in T.vectorized(T.int64(lanes)):
+            partial[bh, lane] = 0
+        for c in range(T.int64(head_dim // width)):
+            partial[bh, T.ramp(T.int64(0), T.int64(1), lanes)] = partial[
+                bh, T.ramp(T.int64(0), T.int64(1), lanes)] + T.call_llvm_pure_intrin(
+                vector, dot.instruction, T.Cast(dot.operand, q[T.ramp(bh * head_dim + c * width, T.int64(1), width)]),
+                T.Cast(dot.operand, source[T.ramp(start + c * width, T.int64(1), width)]))
+
+    return pairwise
+
+
+def _products(head_dim: int, dtype: str, lanes: int, pair: str | None = None):
     """TIR macros of one pair's products with one stored row (a flat view ``source`` at ``start``):
-    ``score(out, partial, q, bh, t, source, start)`` writes ``out[bh, 0, t]`` (``lanes`` partial sums, added up in
-    halves; ``partial`` a ``[pairs, lanes]`` scratch buffer) and ``weigh(out, p, bh, t, source, start)`` adds
-    ``p[bh, 0, t]`` times the row to ``out[bh, 0, :]``."""
+    ``score(out, partial, q, bh, t, source, start)`` writes ``out[bh, 0, t]`` (``q`` flat; ``lanes`` partial sums,
+    added up in halves; ``partial`` a ``[pairs, lanes]`` scratch buffer; ``pair`` as :func:`_row_dot`) and
+    ``weigh(out, p, bh, t, source, start)`` adds ``p[bh, 0, t]`` times the row to ``out[bh, 0, :]``."""
     acc = ACCUMULATOR[dtype]
     lanes = lanes if head_dim % lanes == 0 else 1
-    chunks = head_dim // lanes
-
+    dot = _row_dot(head_dim, acc, lanes, pair)
     fold = lane_folder(lanes, operator.add)
 
     @T.macro
     def score(out, partial, q, bh, t, source, start):
-        for lane in T.vectorized(T.int64(lanes)):
-            partial[bh, lane] = T.Cast(acc, 0)
-        for c in range(T.int64(chunks)):
-            for lane in T.vectorized(T.int64(lanes)):
-                partial[bh, lane] = partial[bh, lane] + T.Cast(acc, q[bh, 0, c * lanes + lane]) * T.Cast(
-                    acc, source[start + c * lanes + lane])
+        dot(partial, bh, q, source, start)
         fold(partial, bh)
         out[bh, 0, t] = partial[bh, 0]
 
@@ -81,15 +112,15 @@ def _out_spec(epilogue: DenseEpilogue | None, pairs: tirx.PrimExpr, width, acc: 
     return ((pairs, 1, width), acc) if epilogue is None else (epilogue.out_shape, epilogue.out_dtype)
 
 
-def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int,
-                  epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
+def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int, epilogue: DenseEpilogue | None = None,
+                  pair: str | None = None) -> tirx.PrimFunc:
     """QK^T of one query per (hypothesis, head) against its keys read through ``index``: the kernel
     ``(index [batch, heads, positions] int64, past [batch, 1, positions, 1] bool, q [batch*heads, 1, head_dim],
     rows [stored, head_dim], new [batch, heads, 1, head_dim], out [batch*heads, 1, positions])``; with an
-    ``epilogue``, ``out`` is its output."""
+    ``epilogue``, ``out`` is its output. ``pair``: as :func:`_row_dot`."""
     batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
     pairs, acc = batch * heads, ACCUMULATOR[dtype]
-    score, _, lanes = _products(head_dim, dtype, lanes)
+    score, _, lanes = _products(head_dim, dtype, lanes, pair)
     out_shape, out_dtype = _out_spec(epilogue, pairs, positions, acc)
     finish = _epilogue_store(epilogue) if epilogue is not None else None
 
@@ -108,18 +139,19 @@ def scores_kernel(heads: int, head_dim: int, dtype: str, lanes: int,
                         new: T.Buffer((batch, heads, 1, head_dim), dtype), out: T.Buffer(out_shape, out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
+            flat_q = T.decl_buffer((pairs * head_dim,), dtype, data=q.data)
             flat_rows = T.decl_buffer((stored * head_dim,), dtype, data=rows.data)
             flat_new = T.decl_buffer((pairs * head_dim,), dtype, data=new.data)
             partial = T.sblock_alloc_buffer((pairs, lanes), acc)  # one allocation per call
             if finish is None:  # (Python values: decided as the kernel is parsed)
                 for bh in T.parallel(pairs):
                     for t in range(positions):
-                        scores(index, past, q, flat_rows, flat_new, out, partial, bh, t, t)
+                        scores(index, past, flat_q, flat_rows, flat_new, out, partial, bh, t, t)
             else:
                 total = T.sblock_alloc_buffer((pairs, 1, 1), acc)
                 for bh in T.parallel(pairs):
                     for t in range(positions):
-                        scores(index, past, q, flat_rows, flat_new, total, partial, bh, t, 0)
+                        scores(index, past, flat_q, flat_rows, flat_new, total, partial, bh, t, 0)
                         finish(out, total[bh, 0, 0], bh, t, [])
 
     return gathered_scores
@@ -169,14 +201,15 @@ def context_kernel(heads: int, head_dim: int, dtype: str, epilogue: DenseEpilogu
     return gathered_context
 
 
-def direct_scores_kernel(head_dim: int, dtype: str, lanes: int, epilogue: DenseEpilogue | None = None) -> tirx.PrimFunc:
+def direct_scores_kernel(head_dim: int, dtype: str, lanes: int, epilogue: DenseEpilogue | None = None,
+                         pair: str | None = None) -> tirx.PrimFunc:
     """QK^T of one query per (hypothesis, head) against keys stored per pair (the cross-attention's): the kernel
     ``(q [pairs, 1, head_dim], keys [pairs, positions, head_dim], out [pairs, 1, positions])``, summed as
     :func:`scores_kernel` sums. With an ``epilogue``, ``out`` is its output, after the one tensor it reads (the
     mask added to the scores): ``(q, keys, mask, out)``."""
     pairs, positions = tirx.Var("pairs", "int64"), tirx.Var("positions", "int64")
     acc = ACCUMULATOR[dtype]
-    score, _, lanes = _products(head_dim, dtype, lanes)
+    score, _, lanes = _products(head_dim, dtype, lanes, pair)
 
     if epilogue is None:
         @T.prim_func(s_tir=True)
@@ -185,11 +218,12 @@ def direct_scores_kernel(head_dim: int, dtype: str, lanes: int, epilogue: DenseE
                           out: T.Buffer((pairs, 1, positions), acc)):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
             with T.sblock("root"):
+                flat_q = T.decl_buffer((pairs * head_dim,), dtype, data=q.data)
                 flat_keys = T.decl_buffer((pairs * positions * head_dim,), dtype, data=keys.data)
                 partial = T.sblock_alloc_buffer((pairs, lanes), acc)
                 for bh in T.parallel(pairs):
                     for t in range(positions):
-                        score(out, partial, q, bh, t, flat_keys, (bh * positions + t) * head_dim)
+                        score(out, partial, flat_q, bh, t, flat_keys, (bh * positions + t) * head_dim)
 
         return direct_scores
 
@@ -203,12 +237,13 @@ def direct_scores_kernel(head_dim: int, dtype: str, lanes: int, epilogue: DenseE
                                out: T.Buffer(epilogue.out_shape, epilogue.out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
+            flat_q = T.decl_buffer((pairs * head_dim,), dtype, data=q.data)
             flat_keys = T.decl_buffer((pairs * positions * head_dim,), dtype, data=keys.data)
             partial = T.sblock_alloc_buffer((pairs, lanes), acc)
             total = T.sblock_alloc_buffer((pairs, 1, 1), acc)
             for bh in T.parallel(pairs):
                 for t in range(positions):
-                    score(total, partial, q, bh, 0, flat_keys, (bh * positions + t) * head_dim)
+                    score(total, partial, flat_q, bh, 0, flat_keys, (bh * positions + t) * head_dim)
                     finish(out, total[bh, 0, 0], bh, t, [mask])
 
     return direct_scores_epilogue
@@ -251,7 +286,7 @@ def direct_context_kernel(head_dim: int, dtype: str, epilogue: DenseEpilogue | N
 
 
 def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: float, lanes: int,
-                            new_range: tuple[float, float] | None = None) -> tirx.PrimFunc:
+                            new_range: tuple[float, float] | None = None, pair: str | None = None) -> tirx.PrimFunc:
     """QK^T with run-time ranges, from the float queries to the float scores: each pair's query quantized per row
     (as :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel`), its int32 products with the int8 keys, and
     ``float(product) * query_scale * key_scale[t]`` (the dequantization's order). ``heads`` given: the
@@ -263,24 +298,19 @@ def quantized_scores_kernel(heads: int | None, head_dim: int, qmax: float, eps: 
     ``new_range`` ``(qmax, eps)`` (self-attention only): the new keys come as floats and each pair quantizes its
     own per row first (as :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel`), giving them to the cache
     too: ``(index, past, x, rows, new_x [batch, heads, 1, head_dim] float32, scale_rows, out, new [.., head_dim]
-    int8, new_scale [.., 1])``."""
+    int8, new_scale [.., 1])``. ``pair``: as :func:`_row_dot`."""
     batch, positions, stored = (tirx.Var(name, "int64") for name in ("batch", "positions", "stored"))
     count = heads if heads is not None else tirx.Var("heads", "int64")
     pairs = batch * count
     quantize_row = row_quantizer(head_dim, row_lanes(head_dim), qmax, eps)
     lanes = lanes if head_dim % lanes == 0 else 1
-    chunks = head_dim // lanes
+    dot = _row_dot(head_dim, "int32", lanes, pair)
     fold = lane_folder(lanes, operator.add)
     q_shape, s_shape = (batch, count, 1, head_dim), (batch, count, 1, positions)
 
     @T.macro
     def score(out, partial, q, scale, key_scale, bh, t, source, start):  # key_scale: that of position t
-        for lane in T.vectorized(T.int64(lanes)):
-            partial[bh, lane] = 0
-        for c in range(T.int64(chunks)):
-            for lane in T.vectorized(T.int64(lanes)):
-                partial[bh, lane] = partial[bh, lane] + T.Cast("int32", q[bh * head_dim + c * lanes + lane]) * T.Cast(
-                    "int32", source[start + c * lanes + lane])
+        dot(partial, bh, q, source, start)
         fold(partial, bh)
         out[bh * positions + t] = T.Cast("float32", partial[bh, 0]) * scale[bh] * key_scale
 

@@ -27,10 +27,11 @@ from .fuse_dense_epilogue import DenseKernels, EpilogueChain, fuse_epilogues
 from .kernel_calls import kernel_kind
 
 _KERNELS: dict[str, Callable[[dict, DenseEpilogue], tirx.PrimFunc]] = {
-    "gathered_scores": lambda a, e: scores_kernel(a["heads"], a["head_dim"], a["dtype"], a["lanes"], e),
+    "gathered_scores": lambda a, e: scores_kernel(a["heads"], a["head_dim"], a["dtype"], a["lanes"], e,
+                                                  a["pair"] or None),
     "gathered_context": lambda a, e: context_kernel(a["heads"], a["head_dim"], a["dtype"], e),
     "direct_context": lambda a, e: direct_context_kernel(a["head_dim"], a["dtype"], e),
-    "direct_scores": lambda a, e: direct_scores_kernel(a["head_dim"], a["dtype"], a["lanes"], e),
+    "direct_scores": lambda a, e: direct_scores_kernel(a["head_dim"], a["dtype"], a["lanes"], e, a["pair"] or None),
 }
 _READS_A_TENSOR = ("direct_scores",)  # kernels whose epilogue may read one more tensor (the mask)
 

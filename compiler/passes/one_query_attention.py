@@ -42,9 +42,9 @@ HEADS_FIRST = [0, 2, 1, 3]  # [batch, heads, 1, head_dim] <-> [batch, 1, heads, 
 
 @expr_functor.mutator
 class _OneQueryRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
+    def __init__(self, mod: tvm.IRModule, lanes: int, pair: str | None) -> None:
         super().__init__(mod)
-        self.lanes = lanes
+        self.lanes, self.pair = lanes, pair
         self.kernels = KernelTable(self.builder_)
         self.analyzer = Analyzer()
         self.bindings: dict = {}
@@ -218,8 +218,8 @@ class _OneQueryRewriter(PyExprMutator):
         if new_range is not None:
             results += [(new, new.ty), (scales[1], scales[1].ty)]
         row_range = row[2] if row is not None else None
-        key = ("quantized", kind, heads, head_dim, qmax, eps, self.lanes, new_range, row_range)
-        make = (lambda: quantized_scores_kernel(heads, head_dim, qmax, eps, self.lanes, new_range)) if scores else (
+        key = ("quantized", kind, heads, head_dim, qmax, eps, self.lanes, self.pair, new_range, row_range)
+        make = (lambda: quantized_scores_kernel(heads, head_dim, qmax, eps, self.lanes, new_range, self.pair)) if scores else (
             lambda: quantized_context_kernel(heads, head_dim, qmax, eps, new_range, row_range))
         suffix = "_quantizing_rows" if row_range else "_quantizing_new" if new_range else ""
         name = f"quantized_{'gathered' if heads else 'direct'}_{kind}{suffix}"
@@ -307,19 +307,20 @@ class _OneQueryRewriter(PyExprMutator):
         if gathered is not None:
             index, past, rows, new = gathered
             heads = int(index.ty.shape[1])
-            key = ("gathered", scores, heads, head_dim, dtype, self.lanes)
+            key = ("gathered", scores, heads, head_dim, dtype, self.lanes, self.pair)
             attrs = {"heads": heads}
-            make = (lambda: scores_kernel(heads, head_dim, dtype, self.lanes)) if scores else (
+            make = (lambda: scores_kernel(heads, head_dim, dtype, self.lanes, pair=self.pair)) if scores else (
                 lambda: context_kernel(heads, head_dim, dtype))
             args = (index, past, left, rows, new)
         else:
-            key = ("direct", scores, head_dim, dtype, self.lanes)
+            key = ("direct", scores, head_dim, dtype, self.lanes, self.pair)
             attrs = {}
-            make = (lambda: direct_scores_kernel(head_dim, dtype, self.lanes)) if scores else (
+            make = (lambda: direct_scores_kernel(head_dim, dtype, self.lanes, pair=self.pair)) if scores else (
                 lambda: direct_context_kernel(head_dim, dtype))
             args = (left, operand)
         name = f"{key[0]}_{'scores' if scores else 'context'}"
-        attrs.update(head_dim=head_dim, dtype=dtype, lanes=self.lanes)  # what FuseAttentionEpilogue rebuilds it from
+        attrs.update(head_dim=head_dim, dtype=dtype, lanes=self.lanes, pair=self.pair or "")  # what
+        # FuseAttentionEpilogue rebuilds it from
         kernel = self.kernels.get(key, name,
                                   lambda: make().with_attr(KERNEL_ATTR, name).with_attr(ATTENTION_ATTR, attrs))
         return relax.call_tir(kernel, [self.visit_expr(x) for x in args], call.ty)
@@ -328,11 +329,13 @@ class _OneQueryRewriter(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="int8mt.OneQueryAttention")
 class OneQueryAttention:
     """The decoder step's one-query attention products -> our kernels, the self-attention's reading the cache's
-    rows in place (see the module docstring); ``lanes``: the float32 lanes of the target's vector registers."""
+    rows in place (see the module docstring); ``lanes``: the float32 lanes of the target's vector registers;
+    ``pair``: the family of the target's multiply-add of int16 pairs (:func:`int8mt.schedules.intrin.pair_dot`)
+    for the int8 scores, None to widen to int32."""
 
-    def __init__(self, lanes: int) -> None:
-        self.lanes = lanes
+    def __init__(self, lanes: int, pair: str | None = None) -> None:
+        self.lanes, self.pair = lanes, pair
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        reader = _OneQueryRewriter(mod, self.lanes)
+        reader = _OneQueryRewriter(mod, self.lanes, self.pair)
         return rewrite_functions(reader, mod, before=reader.find)

@@ -4,6 +4,9 @@ of FP32 layers; registering them imports nothing heavy."""
 from __future__ import annotations
 
 from .arm import NEON_DOT, SDOT_DOT, SMMLA_DOT
+from tvm.target import Target
+from tvm.target.codegen import target_has_features
+
 from .dot import Int8Dot
 from .float_fma import FLOAT_AVX2, FLOAT_AVX512, FLOAT_NEON
 from .x86_amx import AMX_DOT
@@ -35,3 +38,12 @@ def batch_dot(family: str) -> Int8Dot:
     """The intrinsic of the batched (attention) matmuls of presets whose ``int8_dot`` is ``family``."""
     dot = int8_dot(family)
     return int8_dot(dot.batch_family) if dot.batch_family else dot
+
+
+def pair_dot(target: Target) -> Int8Dot | None:
+    """The multiply-add of int16 pairs into int32 (``vpmaddwd``) of ``target``'s widest vectors: AVX-512 BW's or
+    AVX2's, for the one-query attention's int8 dot products; None on other CPUs."""
+    if target.kind.name != "llvm":
+        return None
+    return next((dot for feature, dot in (("avx512bw", AVX512BW_DOT), ("avx2", AVX2_DOT))
+                 if target_has_features(feature, target)), None)

@@ -1,8 +1,10 @@
 """OneQueryAttention: a decoder step's one-query QK^T and softmax·V over ``where(past, take(rows, index), new)``
 become calls of the kernels that read the rows through the index (structure); their results equal the ops' and
-NumPy's (int8 exactly, float32 within rounding) for dynamic sizes; a gather with another use is left alone. With
-run-time ranges, each product with its operand's quantization and its result's dequantization is one call, bit for
-bit the ops'."""
+NumPy's (int8 exactly, float32 within rounding) for dynamic sizes, int8 scores also through the x86 multiply-add of
+int16 pairs; a gather with another use is left alone. With run-time ranges, each product with its operand's
+quantization and its result's dequantization is one call, bit for bit the ops'."""
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -11,12 +13,15 @@ from tvm import relax
 from int8mt.compiler.passes import OneQueryAttention
 from int8mt.compiler.pipeline import relax_pipeline
 from int8mt.quant.ops import EPS
-from int8mt.schedules.one_query_attention import context_kernel, scores_kernel
+from int8mt.schedules.intrin import pair_dot
+from int8mt.schedules.one_query_attention import context_kernel, quantized_scores_kernel, scores_kernel
 from int8mt.schedules.kernel_attrs import ATTENTION_ATTR, KERNEL_ATTR
+from int8mt.targets import get_preset
 
 from ...conftest import HOST_PRESET
 
-H, D = 4, 16
+H, D = 4, 64
+HOST_PAIR = getattr(pair_dot(tvm.target.Target(HOST_PRESET.target)), "family", None)  # what the pipeline passes
 ACC = {"int8": "int32", "float32": "float32"}
 RNG = np.random.default_rng(11)
 
@@ -52,10 +57,10 @@ def _module(dtype: str, shared: bool = False) -> tvm.IRModule:
 
 
 def test_structure_both_products_read_the_rows_through_the_index():
-    after = OneQueryAttention(16)(_module("int8"))
+    after = OneQueryAttention(16, "avx512bw")(_module("int8"))
     bb = relax.BlockBuilder()
-    attrs = {"heads": H, "head_dim": D, "dtype": "int8", "lanes": 16}
-    scores_gv = bb.add_func(scores_kernel(H, D, "int8", 16).with_attr(KERNEL_ATTR, "gathered_scores")
+    attrs = {"heads": H, "head_dim": D, "dtype": "int8", "lanes": 16, "pair": "avx512bw"}
+    scores_gv = bb.add_func(scores_kernel(H, D, "int8", 16, pair="avx512bw").with_attr(KERNEL_ATTR, "gathered_scores")
                             .with_attr(ATTENTION_ATTR, attrs).without_attr("global_symbol"), "gathered_scores")
     context_gv = bb.add_func(context_kernel(H, D, "int8").with_attr(KERNEL_ATTR, "gathered_context")
                              .with_attr(ATTENTION_ATTR, attrs).without_attr("global_symbol"), "gathered_context")
@@ -79,11 +84,12 @@ def test_a_gather_with_another_use_is_written_and_read_by_the_direct_kernel():
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["gathered", "direct"])
-@pytest.mark.parametrize("dtype", ["int8", "float32"])
-def test_kernels_equal_the_ops_and_numpy(dtype, shared):
+@pytest.mark.parametrize("dtype, pair", [("int8", None), ("float32", None)] + [("int8", HOST_PAIR)] * bool(HOST_PAIR),
+                         ids=lambda x: x or "widened")
+def test_kernels_equal_the_ops_and_numpy(dtype, pair, shared):
     target = tvm.target.Target(HOST_PRESET.target)
     vms = [relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
-           for mod in (OneQueryAttention(16)(_module(dtype, shared)), _module(dtype, shared))]
+           for mod in (OneQueryAttention(16, pair)(_module(dtype, shared)), _module(dtype, shared))]
     make = ((lambda *s: RNG.integers(-127, 128, s).astype(np.int8)) if dtype == "int8"
             else (lambda *s: RNG.standard_normal(s).astype(np.float32)))
     for b, t in ((1, 1), (3, 7), (5, 20)):
@@ -195,7 +201,7 @@ def test_run_time_ranges_each_product_with_its_quantization_is_one_call(gathered
     by its product's call, which also returns it and its scale for the cache; a context quantized per row of
     merged heads is quantized by its call; the results are the ops' bit for bit."""
     before = _runtime_module(gathered, new_from_floats, rows)
-    after = OneQueryAttention(16)(before)
+    after = OneQueryAttention(16, HOST_PAIR)(before)
     kind = "gathered" if gathered else "direct"
     new_suffix = "_quantizing_new" if new_from_floats else ""
     calls = [c.args[0].name_hint for c in _calls(after["main"]) if isinstance(c.op, tvm.ir.Op)
@@ -230,3 +236,16 @@ def test_run_time_ranges_each_product_with_its_quantization_is_one_call(gathered
 
 def _calls(func: relax.Function) -> list[relax.Call]:
     return [b.value for block in func.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]
+
+
+@pytest.mark.parametrize("preset, register", [("x86-avx512", "zmm"), ("x86-avx2", "ymm")])
+def test_int8_scores_multiply_add_int16_pairs_on_x86(preset, register):
+    """On x86 the int8 scores' products are one ``vpmaddwd`` per 2 x lanes values (the preset's widest vectors),
+    not values widened to int32 and multiplied (``vpmulld``); machine code only, so any x86 machine checks it."""
+    target = tvm.target.Target(get_preset(preset).target)
+    pair = pair_dot(target)
+    lanes = 16 if register == "zmm" else 8
+    for kernel in (scores_kernel(H, D, "int8", lanes, pair=pair.family),
+                   quantized_scores_kernel(None, D, 127.0, EPS, lanes, pair=pair.family)):
+        code = tvm.compile(tvm.IRModule({"main": kernel}), target=target).mod.inspect_source("asm")
+        assert re.search(rf"vpmaddwd\s+[^\n]*%{register}", code) and "vpmulld" not in code
