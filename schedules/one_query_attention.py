@@ -38,10 +38,9 @@ def _row_dot(head_dim: int, acc: str, lanes: int, pair: str | None):
     """A TIR macro ``dot(partial, bh, q, source, start)``: the products of pair ``bh``'s query (``q`` flat, its
     ``head_dim`` values at ``bh * head_dim``) with one stored row (a flat ``source`` at ``start``) summed into the
     ``lanes`` partial sums ``partial[bh, :]`` (in ``acc``), for :func:`~.quantize_rows.lane_folder` to add up.
-    With ``pair`` (a family of
-    :func:`~.intrin.pair_dot`), int8 rows go ``2 * lanes`` values at a time through one multiply-add of
-    int16 pairs into int32 (``vpmaddwd``: exact), instead of ``lanes`` widened to int32 and multiplied
-    (``vpmulld``, two micro-operations on one port: the scores' bound)."""
+    With ``pair`` (a family of :func:`~.intrin.pair_dot`), int8 rows go ``2 * lanes`` values at a time through one
+    multiply-add of int16 pairs into int32 (``vpmaddwd``: exact), instead of ``lanes`` widened to int32 and
+    multiplied (``vpmulld``, two micro-operations on one port: the scores' bound)."""
     dot = int8_dot(pair) if pair is not None else None
     if dot is None or acc != "int32" or dot.lanes != lanes or head_dim % (2 * lanes):
         @T.macro
