@@ -17,7 +17,8 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.LayerNormRows` (with the quantization after each layer norm),
                          :class:`~.passes.SoftmaxRows` (with the quantization or scaling after a softmax) and
                          :class:`~.passes.QuantizeRows` (run-time ranges); :class:`~.passes.UnitPermuteAsReshape`;
-                         then ``FuseTransposeMatmul``.
+                         on GPUs :class:`~.passes.ReshapesAfterElementwise` (a linear layer's requantization or
+                         dequantization fuses with its matmul); then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
@@ -58,10 +59,10 @@ from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue,
-                     GatherPackedRows, GreedyLoop, Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention, PackDense,
-                     QuantizeRows, ReadKeysAsStored, ReuseShapes, ReuseTensors, ScalePropagation, SoftmaxRows,
-                     TakeAsView, TapIntMatmuls, UnitPermuteAsReshape, UnitReshapeIntoKernels, ViewsIntoKernels,
-                     drop_weight_checks)
+                     GatherPackedRows, GreedyLoop, Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention,
+                     PackDense, QuantizeRows, ReadKeysAsStored, ReshapesAfterElementwise, ReuseShapes, ReuseTensors,
+                     ScalePropagation, SoftmaxRows, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape,
+                     UnitReshapeIntoKernels, ViewsIntoKernels, drop_weight_checks)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -164,7 +165,10 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
         mod = LayerNormRows(lanes)(mod)
         if options.quant is not None:
             mod = QuantizeRows()(SoftmaxRows(lanes)(mod))
-    mod = relax.transform.FuseTransposeMatmul()(UnitPermuteAsReshape()(mod))
+    mod = UnitPermuteAsReshape()(mod)
+    if preset.device != "cpu":
+        mod = ReshapesAfterElementwise()(mod)
+    mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "kernels", options.dump_dir)
     return mod
 

@@ -12,6 +12,7 @@ from .lift_weights import LiftWeights, drop_weight_checks
 from .one_query_attention import OneQueryAttention
 from .pack_dense import PackDense
 from .quantize_rows import QuantizeRows
+from .reshapes_after_elementwise import ReshapesAfterElementwise
 from .reuse_shapes import ReuseShapes
 from .reuse_tensors import ReuseTensors
 from .drop_unused_tuples import DropUnusedTuples
@@ -26,6 +27,6 @@ from .tap_int_matmuls import TapIntMatmuls
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
            "PackDense", "FoldDenseBias", "Int8BatchMatmul",
            "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue",
-           "LayerNormRows", "SoftmaxRows", "QuantizeRows", "UnitPermuteAsReshape", "TakeAsView",
-           "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes", "ReuseTensors",
-           "DropUnusedTuples", "drop_weight_checks"]
+           "LayerNormRows", "SoftmaxRows", "QuantizeRows", "UnitPermuteAsReshape", "ReshapesAfterElementwise",
+           "TakeAsView", "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes",
+           "ReuseTensors", "DropUnusedTuples", "drop_weight_checks"]
