@@ -262,6 +262,9 @@ def test_cuda_bundle_has_every_matmul_in_integers_on_tensor_cores(cuda_bundle):
         assert WMMA_S8 in kernels[kernel], kernel
     on_tensor_cores = [k for k in attention if WMMA_S8 in kernels[k]]
     assert len(on_tensor_cores) >= 2  # the encoder's and decoder's prefix attention; one-row decoder steps run GEMV
+    # a linear layer's dequantization (or requantization) is its kernel's epilogue, not a kernel that starts by
+    # converting the int32 result (ReshapesAfterElementwise: the reshapes into the heads' layout kept them apart)
+    assert not [k for k in kernels if re.match(r"fused_(relu\d*_)?cast\d+_multiply", k)]
 
 
 def test_cuda_bundle_takes_candidates_and_appends_cache_rows_with_one_kernel_each(cuda_bundle):
