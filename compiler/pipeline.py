@@ -17,8 +17,9 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.LayerNormRows` (with the quantization after each layer norm),
                          :class:`~.passes.SoftmaxRows` (with the quantization or scaling after a softmax) and
                          :class:`~.passes.QuantizeRows` (run-time ranges); :class:`~.passes.UnitPermuteAsReshape`;
-                         on GPUs :class:`~.passes.ReshapesAfterElementwise` (a linear layer's requantization or
-                         dequantization fuses with its matmul); then ``FuseTransposeMatmul``.
+                         on GPUs :class:`~.passes.ReadKeysAsStored` and :class:`~.passes.ReshapesAfterElementwise`
+                         (a linear layer's requantization or dequantization fuses with its matmul); then
+                         ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
@@ -167,7 +168,7 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
             mod = QuantizeRows()(SoftmaxRows(lanes)(mod))
     mod = UnitPermuteAsReshape()(mod)
     if preset.device != "cpu":
-        mod = ReshapesAfterElementwise()(mod)
+        mod = ReshapesAfterElementwise()(ReadKeysAsStored()(mod))
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "kernels", options.dump_dir)
     return mod

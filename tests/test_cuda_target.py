@@ -5,6 +5,7 @@ import re
 import shutil
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import tvm
 from tvm import relax
@@ -243,9 +244,17 @@ def cuda_bundle(tiny_model_dir, tmp_path_factory):
     from int8mt.quant.config import QuantConfig
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-cuda"
-    build_bundle(tiny_model_dir, get_preset("cuda-sm90"), out,
+    build_bundle(tiny_model_dir, get_preset("cuda-sm90"), out, dump_dir=out.parent / "ir",
                  qcfg=QuantConfig(ranges="runtime", runtime_attention="int8"))
     return out
+
+
+def linear_layer_kernels(bundle) -> set[str]:
+    """The kernels (PTX entry names) of the bundle's linear layers: the matmuls its build's phase 3 calls with a
+    weight, a constant, as the second operand."""
+    legalized = (bundle.parent / "ir" / "phase3-legalized.py").read_text()
+    return {f"{name}_kernel" for name in re.findall(r'R\.call_tir\(cls\.(\w*matmul\w*), \(\w+, metadata\[',
+                                                        legalized)}
 
 
 def test_cuda_bundle_has_every_matmul_in_integers_on_tensor_cores(cuda_bundle):
@@ -255,7 +264,8 @@ def test_cuda_bundle_has_every_matmul_in_integers_on_tensor_cores(cuda_bundle):
     quant = manifest["quantization"]
     assert quant["matmuls_int"] == quant["matmuls"] > 0
     kernels = ptx_entries(compile_ptx((cuda_bundle / KERNELS_SOURCE_FILE).read_text(), "sm_90"))
-    linear = [k for k in kernels if "NT_matmul" in k]
+    linear = linear_layer_kernels(cuda_bundle)
+    assert linear <= set(kernels)
     attention = [k for k in kernels if re.fullmatch(r"(fused_)?matmul\d*(_\w+)?_kernel", k)]
     assert linear and attention
     for kernel in linear:  # every linear layer, the output projection included
@@ -313,3 +323,52 @@ def test_cuda_bundle_translates_as_the_cpu_bundle(cuda_bundle, tiny_model_dir, t
     for beam in (1, 4):
         options = SearchOptions(beam_size=beam)
         assert Translator(cuda_bundle, options).translate(sentences) == Translator(cpu, options).translate(sentences)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("ranges", ["calibrate", "runtime"])
+def test_the_kernel_phase_of_a_gpu_preset_computes_the_same_on_this_cpu(tiny_model_dir, ranges):
+    """The tiny model's integer graph after phase 2 for cuda-sm90 (keys read as stored, reshapes after the
+    elementwise ops) and before it, both compiled for this CPU: the encoder's output and a decoder step's logits and
+    cache rows are the same (integers exactly; floats within a rounding, as a multiply and an add fused into one
+    kernel may become one fused multiply-add)."""
+    from int8mt.compiler.pipeline import CompileOptions, import_model, kernels, scale_propagated
+    from int8mt.quant.checkpoint import quantized_model
+    from int8mt.quant.config import QuantConfig
+
+    from .conftest import DATA_DIR, HOST_PRESET, TINY
+
+    qcfg = QuantConfig(ranges=ranges, runtime_attention="int8") if ranges == "runtime" else QuantConfig(ranges=ranges)
+    options = CompileOptions(get_preset("cuda-sm90"), qcfg)
+    model = quantized_model(tiny_model_dir, qcfg, DATA_DIR, calib_sentences=16)
+    graph = scale_propagated(import_model(model, options), options)
+    rows, length, cache_rows = 4, 7, 8
+    rng = np.random.default_rng(5)
+    src = rng.integers(4, TINY.vocab_size, (rows, length))
+    step_inputs = {"tokens": rng.integers(4, TINY.vocab_size, (rows, 1)), "step": np.array([2]),
+                   "history": rng.integers(0, cache_rows, (rows, 3)), "src": src}
+    outputs = []
+    for mod in (relax.transform.FuseTransposeMatmul()(graph), kernels(graph, options)):
+        vm = relax.VirtualMachine(compile_module(mod, HOST_PRESET), tvm.cpu())
+        cross = vm["encode"](tvm.runtime.tensor(src))
+        cross = [cross] if isinstance(cross, tvm.runtime.Tensor) else list(cross)
+        cache_rng, inputs = np.random.default_rng(6), []  # the same cache contents for both
+        for param in mod["decode_step"].params:
+            name = str(param)
+            if name.startswith("cross_"):
+                inputs.append(cross[int(name.removeprefix("cross_"))])
+            elif name.startswith("cache_"):  # int8 rows, or their float32 scales
+                shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else cache_rows for d in param.ty.shape]
+                values = (cache_rng.integers(-127, 128, shape) if str(param.ty.dtype) == "int8"
+                          else cache_rng.uniform(0.01, 0.1, shape))
+                inputs.append(tvm.runtime.tensor(values.astype(str(param.ty.dtype))))
+            elif name == "rows_used":
+                inputs.append(tvm.runtime.ShapeTuple([rows]))
+            else:
+                inputs.append(tvm.runtime.tensor(step_inputs[name].astype("int64")))
+        outputs.append([x.numpy() for x in (*cross, *vm["decode_step"](*inputs))])
+    for before, after in zip(*outputs):
+        if before.dtype == np.float32:
+            np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(after, before)

@@ -1,8 +1,7 @@
 """ReshapesAfterElementwise: the requantization after a linear layer's reshape into the heads' layout runs before
 the reshape (its per-channel constants reshaped with it), so that it sits next to the matmul; of two reshaped
 operands the one used only there carries the chain; an operand broadcast over part of a merged dimension, or one
-that grows the result, keeps its op after the reshape; the values are the same, for these modules and (extended)
-for a model's whole graph as phase 2 makes it for a GPU preset."""
+that grows the result, keeps its op after the reshape; the values are the same (a whole model's graph: tests/test_cuda_target.py)."""
 import numpy as np
 import pytest
 import tvm
@@ -143,52 +142,3 @@ def test_values_are_the_same():
     np.testing.assert_allclose(_run(ReshapesAfterElementwise()(_residual_module()), x, r),
                                _run(_residual_module(), x, r), rtol=1e-6, atol=1e-6)
 
-
-@pytest.mark.extended
-@pytest.mark.parametrize("ranges", ["calibrate", "runtime"])
-def test_a_models_graph_for_a_gpu_computes_the_same_with_the_pass(tiny_model_dir, ranges):
-    """The tiny model's integer graph as phase 2 makes it for cuda-sm90, compiled for this CPU with and without the
-    pass: the encoder's output and a decoder step's logits and cache rows are the same (integers exactly; floats
-    within a rounding, as a multiply and an add fused into one kernel may become one fused multiply-add)."""
-    from int8mt.compiler.pipeline import CompileOptions, compile_module, import_model, scale_propagated
-    from int8mt.compiler.passes import UnitPermuteAsReshape
-    from int8mt.quant.checkpoint import quantized_model
-    from int8mt.quant.config import QuantConfig
-    from int8mt.targets import get_preset
-
-    from ...conftest import DATA_DIR, TINY
-
-    qcfg = QuantConfig(ranges=ranges, runtime_attention="int8") if ranges == "runtime" else QuantConfig(ranges=ranges)
-    options = CompileOptions(get_preset("cuda-sm90"), qcfg)
-    model = quantized_model(tiny_model_dir, qcfg, DATA_DIR, calib_sentences=16)
-    graph = UnitPermuteAsReshape()(scale_propagated(import_model(model, options), options))
-    rows, length, cache_rows = 4, 7, 8
-    rng = np.random.default_rng(5)
-    src = rng.integers(4, TINY.vocab_size, (rows, length))
-    step_inputs = {"tokens": rng.integers(4, TINY.vocab_size, (rows, 1)), "step": np.array([2]),
-                   "history": rng.integers(0, cache_rows, (rows, 3)), "src": src}
-    outputs = []
-    for mod in (graph, ReshapesAfterElementwise()(graph)):
-        vm = relax.VirtualMachine(compile_module(relax.transform.FuseTransposeMatmul()(mod), HOST_PRESET), tvm.cpu())
-        cross = vm["encode"](tvm.runtime.tensor(src))
-        cross = [cross] if isinstance(cross, tvm.runtime.Tensor) else list(cross)
-        cache_rng, inputs = np.random.default_rng(6), []  # the same cache contents for both
-        for param in mod["decode_step"].params:
-            name = str(param)
-            if name.startswith("cross_"):
-                inputs.append(cross[int(name.removeprefix("cross_"))])
-            elif name.startswith("cache_"):  # int8 rows, or their float32 scales
-                shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else cache_rows for d in param.ty.shape]
-                values = (cache_rng.integers(-127, 128, shape) if str(param.ty.dtype) == "int8"
-                          else cache_rng.uniform(0.01, 0.1, shape))
-                inputs.append(tvm.runtime.tensor(values.astype(str(param.ty.dtype))))
-            elif name == "rows_used":
-                inputs.append(tvm.runtime.ShapeTuple([rows]))
-            else:
-                inputs.append(tvm.runtime.tensor(step_inputs[name].astype("int64")))
-        outputs.append([x.numpy() for x in (*cross, *vm["decode_step"](*inputs))])
-    for before, after in zip(*outputs):
-        if before.dtype == np.float32:
-            np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
-        else:
-            np.testing.assert_array_equal(after, before)
