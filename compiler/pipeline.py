@@ -168,6 +168,8 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
             mod = QuantizeRows()(SoftmaxRows(lanes)(mod))
     mod = UnitPermuteAsReshape()(mod)
     if preset.device != "cpu":
+        if options.quant is not None:
+            mod = QuantizeRows(graph_ops=True)(mod)
         mod = ReshapesAfterElementwise()(ReadKeysAsStored()(mod))
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "kernels", options.dump_dir)
@@ -328,16 +330,18 @@ def _legalize_passes() -> list[tvm.transform.Pass]:
 
 
 def default_schedules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
-    """Phase 4's dlight rules for ``target``: our CPU rule; on CUDA our int8 tensor-core matmul, then dlight's GPU
-    rules for the rest (float matmuls, reductions such as softmax and layer norm, elementwise kernels)."""
+    """Phase 4's dlight rules for ``target``: our CPU rule; on CUDA our int8 tensor-core matmul and row quantization,
+    then dlight's GPU rules for the rest (float matmuls, reductions such as softmax and layer norm, elementwise
+    kernels)."""
     if target.kind.name == "llvm":
         return [CPUGeneric()]
     from int8mt.schedules.cuda_int8_matmul import CUDAInt8Matmul
+    from int8mt.schedules.cuda_quantize_rows import CUDAQuantizeRows
     from int8mt.schedules.cuda_tiles import shipped_tiles
 
-    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), *(_NotApplicableOnError(rule) for rule in (
-        dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction())),
-        dlight.gpu.Fallback()]
+    fallible = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction())
+    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), CUDAQuantizeRows(),
+            *(_NotApplicableOnError(rule) for rule in fallible), dlight.gpu.Fallback()]
 
 
 class _NotApplicableOnError(dlight.ScheduleRule):

@@ -18,6 +18,7 @@ from int8mt.errors import UserError
 from int8mt.runtime.bundle import Bundle, BundleError, import_tvm_runtime
 from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, GPUError, precompiled_kernels, visible_gpu
 from int8mt.schedules.cuda_int8_matmul import PORTABLE_TILE, CUDAInt8Matmul, MatmulTile
+from int8mt.schedules.cuda_quantize_rows import CUDAQuantizeRows, quantize_rows_function
 from int8mt.schedules.cuda_tiles import TILES_FILE, best_tiles, dense_module, load_tiles, shipped_tiles, write_tiles
 from int8mt.targets import AUTO, PRESETS, get_preset
 
@@ -97,6 +98,26 @@ def test_int8_matmuls_compile_to_tensor_core_instructions(name):
     assert len(stores) >= 3
     for i in stores:
         assert lines[i - 1].strip() == lines[i + 1].strip() == "__syncthreads();"
+
+
+@pytest.mark.parametrize("rank,columns", [(2, 256), (3, 1024), (3, 32), (4, None)])
+def test_a_run_time_row_quantization_is_one_kernel_sharing_the_scale_behind_a_barrier(rank, columns):
+    """CUDAQuantizeRows: a thread block per row reduces the magnitudes across its threads (warp shuffles), and the
+    scale, which one thread computes into shared memory, is read by all after a barrier (never from global memory
+    without one)."""
+    preset = get_preset("cuda-sm90")
+    func = quantize_rows_function(rank, columns, 127.0, 1e-8).with_attr("global_symbol", "quantize_rows")
+    with tvm.target.Target(preset.target):
+        mod = dlight.ApplyDefaultSchedule(CUDAQuantizeRows())(tvm.IRModule({"quantize_rows": func}))
+    with cuda_compiled_here(preset.target["arch"]):
+        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
+    kernels = ptx_entries(compile_ptx(source, preset.target["arch"]))
+    assert list(kernels) == ["quantize_rows_kernel"]
+    body = source[source.index("{", source.index("quantize_rows_kernel(")):]
+    assert "__shfl_down_sync" in body
+    divide = body.index("nearbyintf(")
+    scale = body.rindex("compute_red_shared_ptr[0] = (max(", 0, divide)  # the scale, into shared memory
+    assert "__syncthreads();" in body[scale:divide]
 
 
 def _linear_kernel_ptx(rule: CUDAInt8Matmul, k: int = 512, n: int = 768) -> str:
@@ -287,6 +308,17 @@ def test_cuda_bundle_takes_candidates_and_appends_cache_rows_with_one_kernel_eac
     assert len(top_k) == 1 and ".shared" in kernels[top_k[0]] and "bar.sync" in kernels[top_k[0]]
     assert not [k for k in kernels if "sort" in k or k.startswith("topk")]
     assert len([k for k in kernels if k.startswith("append_rows")]) == 1 + manifest.get("cache_scales", False)
+
+
+def test_cuda_bundle_quantizes_each_row_at_run_time_in_one_kernel(cuda_bundle):
+    """Run-time ranges: each row quantization of the decoder step (every one along the last axis) is one call of
+    the row-quantizing kernel, not a magnitude reduction, a scale and a quantization of their own."""
+    legalized = (cuda_bundle.parent / "ir" / "phase3-legalized.py").read_text()
+    step = legalized[legalized.index("def decode_step("):]
+    step = step[:step.index("    @R.function") if "    @R.function" in step else len(step)]
+    calls = re.findall(r"R\.call_tir\(cls\.(\w+),", step)
+    assert "quantize_rows" in calls
+    assert not [k for k in calls if re.match(r"fused_tir_abs\d*_max|fused_maximum\d*_divide", k)]
 
 
 @pytest.mark.skipif(GPU is not None, reason="this machine has a GPU")

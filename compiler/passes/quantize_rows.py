@@ -11,7 +11,9 @@ of :func:`~int8mt.schedules.quantize_rows.quantize_rows_kernel` on ``x``, return
 values bit for bit. The same along the axis before the last (the keys transposed for the encoder's attention, one
 scale per key; a static size along it) -> :func:`~int8mt.schedules.quantize_rows.quantize_columns_kernel`.
 The intermediate values must have no other use
-(``s`` and ``q`` may have any). CPU targets only: the kernel carries a CPU schedule.
+(``s`` and ``q`` may have any). The kernels carry CPU schedules; for GPU targets (``graph_ops``) each row
+quantization becomes one unscheduled function of the same ops instead
+(:func:`~int8mt.schedules.cuda_quantize_rows.quantize_rows_function`, one kernel once scheduled).
 
 Also here, for the passes whose kernels quantize their results as the graph does next: the matchers of a run-time
 row quantization (:func:`match_row_quantize`, :func:`row_quantizations`) and of a static one
@@ -23,6 +25,7 @@ import tvm
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
+from int8mt.schedules.cuda_quantize_rows import quantize_rows_function
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.quantize_rows import quantize_columns_kernel, quantize_rows_kernel
@@ -92,8 +95,9 @@ def row_quantizations(bindings: dict, users: dict) -> dict[relax.Var, tuple[rela
 
 @expr_functor.mutator
 class _RowQuantizer(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
+    def __init__(self, mod: tvm.IRModule, graph_ops: bool) -> None:
         super().__init__(mod)
+        self.graph_ops = graph_ops
         self.kernels = KernelTable(self.builder_)
         self.fused: dict[relax.Var, tuple[relax.Expr, float, float, int]] = {}  # scale var -> (x, qmax, eps, axis)
         self.quantized: dict[relax.Var, relax.Var] = {}  # q var -> its scale var
@@ -104,7 +108,7 @@ class _RowQuantizer(PyExprMutator):
         uses = use_counts(users)
         self.fused, self.quantized, self.outputs = {}, {}, {}
         for var in bindings:
-            for axis in (-1, -2):
+            for axis in (-1,) if self.graph_ops else (-1, -2):
                 found = isinstance(var, relax.DataflowVar) and match_row_quantize(var, bindings, uses, axis)
                 if found and isinstance(found[1], relax.DataflowVar) and (
                         axis == -1 or isinstance(found[0].ty.shape[-2], tvm.tirx.IntImm)):
@@ -128,6 +132,10 @@ class _RowQuantizer(PyExprMutator):
     def _quantize(self, x: relax.Expr, scale_shape: relax.ShapeExpr, qmax: float, eps: float) -> relax.Var:
         rank, last = x.ty.ndim, x.ty.shape[-1]
         columns = int(last) if isinstance(last, tvm.tirx.IntImm) else None  # None: rows of any length
+        if self.graph_ops:
+            kernel = self.kernels.get(("quantize_rows_function", rank, columns, qmax, eps), "quantize_rows",
+                                      lambda: quantize_rows_function(rank, columns, qmax, eps))
+            return self._call(kernel, x, scale_shape)
         kernel = self.kernels.get(("quantize_rows", rank, columns, qmax, eps),
                                   f"quantize_rows_k{columns or 'n'}",
                                   lambda: quantize_rows_kernel(rank, columns, qmax, eps).with_attr(KERNEL_ATTR,
@@ -148,8 +156,12 @@ class _RowQuantizer(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.QuantizeRows")
 class QuantizeRows:
-    """Every run-time per-row quantization -> one call of our row-quantizing kernel (see the module docstring)."""
+    """Every run-time per-row quantization -> one call of our row-quantizing kernel, or with ``graph_ops`` of one
+    unscheduled function of its ops (see the module docstring)."""
+
+    def __init__(self, graph_ops: bool = False) -> None:
+        self.graph_ops = graph_ops
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        quantizer = _RowQuantizer(mod)
+        quantizer = _RowQuantizer(mod, self.graph_ops)
         return rewrite_functions(quantizer, mod, before=quantizer.find)
