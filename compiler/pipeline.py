@@ -17,9 +17,11 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.LayerNormRows` (with the quantization after each layer norm),
                          :class:`~.passes.SoftmaxRows` (with the quantization or scaling after a softmax) and
                          :class:`~.passes.QuantizeRows` (run-time ranges); :class:`~.passes.UnitPermuteAsReshape`;
-                         on GPUs :class:`~.passes.ReadKeysAsStored` and :class:`~.passes.ReshapesAfterElementwise`
-                         (a linear layer's requantization or dequantization fuses with its matmul); then
-                         ``FuseTransposeMatmul``.
+                         on GPUs, for quantized models, :class:`~.passes.QuantizeRows` with the graph's ops (each
+                         run-time row quantization one kernel) and :class:`~.passes.QuantizeOnce` (a tensor's
+                         static quantizations one kernel), then :class:`~.passes.ReadKeysAsStored` and
+                         :class:`~.passes.ReshapesAfterElementwise` (a linear layer's requantization or
+                         dequantization fuses with its matmul); then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
@@ -61,8 +63,8 @@ from int8mt.targets import TargetPreset
 
 from .passes import (DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue,
                      GatherPackedRows, GreedyLoop, Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention,
-                     PackDense, QuantizeRows, ReadKeysAsStored, ReshapesAfterElementwise, ReuseShapes, ReuseTensors,
-                     ScalePropagation, SoftmaxRows, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape,
+                     PackDense, QuantizeOnce, QuantizeRows, ReadKeysAsStored, ReshapesAfterElementwise, ReuseShapes,
+                     ReuseTensors, ScalePropagation, SoftmaxRows, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape,
                      UnitReshapeIntoKernels, ViewsIntoKernels, drop_weight_checks)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
@@ -169,7 +171,7 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     mod = UnitPermuteAsReshape()(mod)
     if preset.device != "cpu":
         if options.quant is not None:
-            mod = QuantizeRows(graph_ops=True)(mod)
+            mod = QuantizeOnce()(QuantizeRows(graph_ops=True)(mod))
         mod = ReshapesAfterElementwise()(ReadKeysAsStored()(mod))
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "kernels", options.dump_dir)
@@ -336,7 +338,7 @@ def default_schedules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
     if target.kind.name == "llvm":
         return [CPUGeneric()]
     from int8mt.schedules.cuda_int8_matmul import CUDAInt8Matmul
-    from int8mt.schedules.cuda_quantize_rows import CUDAQuantizeRows
+    from int8mt.schedules.cuda_quantize import CUDAQuantizeRows
     from int8mt.schedules.cuda_tiles import shipped_tiles
 
     fallible = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction())

@@ -18,7 +18,7 @@ from int8mt.errors import UserError
 from int8mt.runtime.bundle import Bundle, BundleError, import_tvm_runtime
 from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, GPUError, precompiled_kernels, visible_gpu
 from int8mt.schedules.cuda_int8_matmul import PORTABLE_TILE, CUDAInt8Matmul, MatmulTile
-from int8mt.schedules.cuda_quantize_rows import CUDAQuantizeRows, quantize_rows_function
+from int8mt.schedules.cuda_quantize import CUDAQuantizeRows, quantize_rows_function
 from int8mt.schedules.cuda_tiles import TILES_FILE, best_tiles, dense_module, load_tiles, shipped_tiles, write_tiles
 from int8mt.targets import AUTO, PRESETS, get_preset
 

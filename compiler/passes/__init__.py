@@ -11,6 +11,7 @@ from .layer_norm_rows import LayerNormRows
 from .lift_weights import LiftWeights, drop_weight_checks
 from .one_query_attention import OneQueryAttention
 from .pack_dense import PackDense
+from .quantize_once import QuantizeOnce
 from .quantize_rows import QuantizeRows
 from .reshapes_after_elementwise import ReshapesAfterElementwise
 from .reuse_shapes import ReuseShapes
@@ -24,9 +25,9 @@ from .unit_reshape_into_kernels import UnitReshapeIntoKernels
 from .views_into_kernels import ViewsIntoKernels
 from .tap_int_matmuls import TapIntMatmuls
 
-__all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast",
-           "PackDense", "FoldDenseBias", "Int8BatchMatmul",
-           "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention", "FuseAttentionEpilogue",
-           "LayerNormRows", "SoftmaxRows", "QuantizeRows", "UnitPermuteAsReshape", "ReshapesAfterElementwise",
-           "TakeAsView", "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes",
-           "ReuseTensors", "DropUnusedTuples", "drop_weight_checks"]
+__all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast", "PackDense", "FoldDenseBias",
+           "Int8BatchMatmul", "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention",
+           "FuseAttentionEpilogue", "LayerNormRows", "SoftmaxRows", "QuantizeRows", "QuantizeOnce",
+           "UnitPermuteAsReshape", "ReshapesAfterElementwise", "TakeAsView", "UnitReshapeIntoKernels",
+           "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes", "ReuseTensors", "DropUnusedTuples",
+           "drop_weight_checks"]

@@ -13,7 +13,7 @@ scale per key; a static size along it) -> :func:`~int8mt.schedules.quantize_rows
 The intermediate values must have no other use
 (``s`` and ``q`` may have any). The kernels carry CPU schedules; for GPU targets (``graph_ops``) each row
 quantization becomes one unscheduled function of the same ops instead
-(:func:`~int8mt.schedules.cuda_quantize_rows.quantize_rows_function`, one kernel once scheduled).
+(:func:`~int8mt.schedules.cuda_quantize.quantize_rows_function`, one kernel once scheduled).
 
 Also here, for the passes whose kernels quantize their results as the graph does next: the matchers of a run-time
 row quantization (:func:`match_row_quantize`, :func:`row_quantizations`) and of a static one
@@ -21,11 +21,13 @@ row quantization (:func:`match_row_quantize`, :func:`row_quantizations`) and of 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import tvm
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from int8mt.schedules.cuda_quantize_rows import quantize_rows_function
+from int8mt.schedules.cuda_quantize import quantize_rows_function
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.quantize_rows import quantize_columns_kernel, quantize_rows_kernel
@@ -64,6 +66,11 @@ def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr], uses
 def match_static_quantize(y: relax.Var, bindings: dict, users: dict) -> tuple[relax.Var, StaticQuantize] | None:
     """``(q, its quantization)`` if a user of ``y`` is ``clip(y, lo, hi)``, used only by ``q = quantize(.., scale)``
     to int8 with a constant scalar scale and zero point 0 (static ranges)."""
+    return next(static_quantizations(y, bindings, users), None)
+
+
+def static_quantizations(y: relax.Var, bindings: dict, users: dict) -> Iterator[tuple[relax.Var, StaticQuantize]]:
+    """Each ``(q, its quantization)`` of ``y`` as :func:`match_static_quantize` finds one."""
     for clipped in users.get(y, []):
         clip = bound_op_call(clipped, "relax.clip", bindings)
         if not (clip is not None and clip.args[0].same_as(y) and len(users.get(clipped, [])) == 1):
@@ -77,8 +84,7 @@ def match_static_quantize(y: relax.Var, bindings: dict, users: dict) -> tuple[re
         bounds = [float(b.value) if isinstance(b, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) else None
                   for b in clip.args[1:]]
         if scale is not None and zero == 0 and None not in bounds:
-            return q, StaticQuantize(bounds[0], bounds[1], float(scale))
-    return None
+            yield q, StaticQuantize(bounds[0], bounds[1], float(scale))
 
 
 def row_quantizations(bindings: dict, users: dict) -> dict[relax.Var, tuple[relax.Var, relax.Var, RowQuantize]]:

@@ -1,19 +1,25 @@
-"""Run-time quantization of each row in one GPU kernel: the row's largest magnitude, its scale and its int8 values.
+"""Quantization kernels for GPUs, written with the very ops the graph legalizes to (any target computes the graph's
+values), so that phase 4 schedules each as one kernel.
 
-With run-time ranges every linear layer's input is quantized per row. As TVM fuses the graph's ops that is three
-kernels on a GPU (the reduction, the scale, the quantization; dlight schedules each), some 40 launches per decoder
-step of the reference model. :func:`quantize_rows_function` is the three as one function, written with the very TOPI
-ops they legalize to (any target computes the graph's values); :class:`CUDAQuantizeRows` schedules it as one kernel:
-a thread block per row, its threads reducing the magnitudes across the block, then each thread quantizing its
-columns with the scale the block shares. On other targets the function takes their default schedule.
+* Run-time ranges quantize every linear layer's input per row: a reduction (the row's largest magnitude), the
+  scale and the int8 values, three kernels as TVM fuses the graph's ops on a GPU, some 40 launches per decoder
+  step of the reference model. :func:`quantize_rows_function` is the three as one function; :class:`CUDAQuantizeRows`
+  schedules it: a thread block per row, its threads reducing the magnitudes across the block, then each thread
+  quantizing its columns with the scale the block shares.
+* Static ranges quantize one tensor several times (a layer norm's output for the queries, keys and values, each
+  with its own range): :func:`static_quantizations_function` computes them all in one loop over the tensor,
+  which dlight's default GPU schedule makes one kernel.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from tvm import s_tir, te, tirx, topi
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
 from .kernel_attrs import KERNEL_ATTR
+from .layer_norm_rows import StaticQuantize
 from .quantize_rows import OPAQUE
 
 KERNEL = "quantize_rows_graph"
@@ -32,6 +38,26 @@ def quantize_rows_function(rank: int, columns: int | None, qmax: float, eps: flo
     q = topi.cast(topi.clip(topi.round(topi.divide(x, scale)), -qmax, qmax), "int8")
     s = te.compute(scale.shape, lambda *i: scale(*i), name="scale_out")  # the output: the kernel keeps `scale`
     return te.create_prim_func([x, q, s]).with_attrs({KERNEL_ATTR: KERNEL, "op_pattern": OPAQUE})
+
+
+def static_quantizations_function(rank: int, columns: int | None,
+                                  quantizations: Sequence[StaticQuantize]) -> tirx.PrimFunc:
+    """``(x, q_0, q_1, ...)``: ``q_i = quantize(clip(x, lo_i, hi_i), scale_i)`` (zero point 0, int8) for float32
+    ``x`` of ``rank`` dimensions, the last of ``columns`` elements (None: any number), as TVM legalizes ``clip``
+    and ``quantize``; unscheduled, one loop nest."""
+    lead = [tirx.Var(f"d{i}", "int64") for i in range(rank - 1)]
+    x = te.placeholder((*lead, columns if columns is not None else tirx.Var("columns", "int64")), "float32", "x")
+
+    def quantized(*index: tirx.PrimExpr) -> list[tirx.PrimExpr]:
+        values = []
+        for q in quantizations:
+            clipped = te.max(te.min(x(*index), tirx.const(q.hi, "float32")), tirx.const(q.lo, "float32"))
+            rounded = te.round(clipped / tirx.const(q.scale, "float32")) + tirx.IntImm("int8", 0)
+            values.append(te.max(te.min(rounded, tirx.max_value("int8")), tirx.min_value("int8")).astype("int8"))
+        return values
+
+    outputs = te.compute(x.shape, quantized, name="quantized")
+    return te.create_prim_func([x, *outputs]).with_attr("op_pattern", OPAQUE)
 
 
 class CUDAQuantizeRows(GPUScheduleRule):
