@@ -1,7 +1,10 @@
 """ReshapesAfterElementwise: the requantization after a linear layer's reshape into the heads' layout runs before
 the reshape (its per-channel constants reshaped with it), so that it sits next to the matmul; of two reshaped
 operands the one used only there carries the chain; an operand broadcast over part of a merged dimension, or one
-that grows the result, keeps its op after the reshape; the values are the same (a whole model's graph: tests/test_cuda_target.py)."""
+that grows the result, keeps its op after the reshape; the values are the same (a whole model's graph:
+tests/test_cuda_target.py)."""
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import tvm
@@ -20,95 +23,71 @@ SCALE = RNG.uniform(1e-4, 1e-3, (1, 1, D)).astype(np.float32)
 SHIFT = 30
 
 
+B, T = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("t", "int64")
+
+
 def _requantize(bb: relax.BlockBuilder, y: relax.Expr, multiplier: relax.Expr) -> relax.Expr:
     y = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(y, "int64")), multiplier))
     y = bb.emit(relax.op.right_shift(y, relax.const(SHIFT, "int64")))
     return bb.emit(relax.op.astype(bb.emit(relax.op.clip(y, -127, 127)), "int8"))
 
 
-def _heads_module() -> tvm.IRModule:
-    """x [b, 64] int32 -> reshape [b, 1, 64] -> [b, 4, 1, 16] (the heads) -> requantized per channel."""
+def _main(params: dict[str, tuple[list, str]], body: Callable[..., relax.Expr]) -> tvm.IRModule:
+    """``main`` of the tensors ``params`` (name -> shape, dtype) returning what ``body(bb, *params)`` emits."""
     bb = relax.BlockBuilder()
-    b = tvm.tirx.Var("b", "int64")
-    x = relax.Var("x", relax.TensorType([b, D], "int32"))
-    with bb.function("main", [x]):
+    args = [relax.Var(name, relax.TensorType(shape, dtype)) for name, (shape, dtype) in params.items()]
+    with bb.function("main", args):
         with bb.dataflow():
-            rows = bb.emit(relax.op.reshape(x, [b, 1, D]))
-            heads = bb.emit(relax.op.reshape(rows, [b, HEADS, 1, HEAD_DIM]))
-            out = bb.emit_output(_requantize(bb, heads, relax.const(MULT, "int64")))
+            result = body(bb, *args)
+            out = bb.emit_output(result if isinstance(result, relax.Var) else bb.emit(result))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def _heads_module() -> tvm.IRModule:
+    """x [b, 64] int32 -> reshape [b, 1, 64] -> [b, 4, 1, 16] (the heads) -> requantized per channel."""
+    def body(bb, x):
+        heads = bb.emit(relax.op.reshape(bb.emit(relax.op.reshape(x, [B, 1, D])), [B, HEADS, 1, HEAD_DIM]))
+        return _requantize(bb, heads, relax.const(MULT, "int64"))
+
+    return _main({"x": ([B, D], "int32")}, body)
 
 
 def _heads_expected() -> tvm.IRModule:
-    bb = relax.BlockBuilder()
-    b = tvm.tirx.Var("b", "int64")
-    x = relax.Var("x", relax.TensorType([b, D], "int32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = _requantize(bb, x, relax.const(MULT.reshape(1, D), "int64"))
-            out = bb.emit_output(bb.emit(relax.op.reshape(y, [b, HEADS, 1, HEAD_DIM])))
-        bb.emit_func_output(out)
-    return bb.get()
+    return _main({"x": ([B, D], "int32")}, lambda bb, x: relax.op.reshape(
+        _requantize(bb, x, relax.const(MULT.reshape(1, D), "int64")), [B, HEADS, 1, HEAD_DIM]))
 
 
 def _residual_module() -> tvm.IRModule:
     """r [b, 64] float32 viewed as [b, 1, 64] (used twice) + the dequantized x [b, 64] viewed likewise."""
-    bb = relax.BlockBuilder()
-    b = tvm.tirx.Var("b", "int64")
-    x = relax.Var("x", relax.TensorType([b, D], "int32"))
-    r = relax.Var("r", relax.TensorType([b, D], "float32"))
-    with bb.function("main", [x, r]):
-        with bb.dataflow():
-            residual = bb.emit(relax.op.reshape(r, [b, 1, D]))
-            scaled = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(bb.emit(relax.op.reshape(x, [b, 1, D])),
-                                                                          "float32")), relax.const(SCALE)))
-            total = bb.emit(relax.op.add(residual, scaled))
-            out = bb.emit_output(bb.emit(relax.op.subtract(total, residual)))
-        bb.emit_func_output(out)
-    return bb.get()
+    def body(bb, x, r):
+        residual = bb.emit(relax.op.reshape(r, [B, 1, D]))
+        viewed = bb.emit(relax.op.reshape(x, [B, 1, D]))
+        scaled = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(viewed, "float32")), relax.const(SCALE)))
+        return relax.op.subtract(bb.emit(relax.op.add(residual, scaled)), residual)
+
+    return _main({"x": ([B, D], "int32"), "r": ([B, D], "float32")}, body)
 
 
 def _residual_expected() -> tvm.IRModule:
-    bb = relax.BlockBuilder()
-    b = tvm.tirx.Var("b", "int64")
-    x = relax.Var("x", relax.TensorType([b, D], "int32"))
-    r = relax.Var("r", relax.TensorType([b, D], "float32"))
-    with bb.function("main", [x, r]):
-        with bb.dataflow():
-            scaled = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(x, "float32")),
-                                               relax.const(SCALE.reshape(1, D))))
-            total = bb.emit(relax.op.add(r, scaled))
-            out = bb.emit_output(bb.emit(relax.op.reshape(bb.emit(relax.op.subtract(total, r)), [b, 1, D])))
-        bb.emit_func_output(out)
-    return bb.get()
+    def body(bb, x, r):
+        scaled = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(x, "float32")), relax.const(SCALE.reshape(1, D))))
+        return relax.op.reshape(bb.emit(relax.op.subtract(bb.emit(relax.op.add(r, scaled)), r)), [B, 1, D])
+
+    return _main({"x": ([B, D], "int32"), "r": ([B, D], "float32")}, body)
 
 
 def _masked_scores_module() -> tvm.IRModule:
     """Attention scores [b * 4, 1, t] viewed as [b, 4, 1, t] plus a mask [b, 1, 1, t]: the mask is broadcast over
     the heads, part of the merged b * 4 dimension, so the add cannot run before the reshape."""
-    bb = relax.BlockBuilder()
-    b, t = tvm.tirx.Var("b", "int64"), tvm.tirx.Var("t", "int64")
-    scores = relax.Var("scores", relax.TensorType([b * HEADS, 1, t], "float32"))
-    mask = relax.Var("mask", relax.TensorType([b, 1, 1, t], "float32"))
-    with bb.function("main", [scores, mask]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.add(bb.emit(relax.op.reshape(scores, [b, HEADS, 1, t])), mask))
-        bb.emit_func_output(out)
-    return bb.get()
+    return _main({"scores": ([B * HEADS, 1, T], "float32"), "mask": ([B, 1, 1, T], "float32")},
+                 lambda bb, scores, mask: relax.op.add(bb.emit(relax.op.reshape(scores, [B, HEADS, 1, T])), mask))
 
 
 def _growing_module() -> tvm.IRModule:
     """x [b, 64] viewed as [b, 1, 64] times y [b, 3, 64]: the result is larger than x."""
-    bb = relax.BlockBuilder()
-    b = tvm.tirx.Var("b", "int64")
-    x = relax.Var("x", relax.TensorType([b, D], "float32"))
-    y = relax.Var("y", relax.TensorType([b, 3, D], "float32"))
-    with bb.function("main", [x, y]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.multiply(bb.emit(relax.op.reshape(x, [b, 1, D])), y))
-        bb.emit_func_output(out)
-    return bb.get()
+    return _main({"x": ([B, D], "float32"), "y": ([B, 3, D], "float32")},
+                 lambda bb, x, y: relax.op.multiply(bb.emit(relax.op.reshape(x, [B, 1, D])), y))
 
 
 def test_structure_a_requantization_into_the_heads_runs_before_the_reshapes():
