@@ -54,6 +54,8 @@ def operand_in_source_layout(operand: relax.Expr, source: list[tirx.PrimExpr], t
                              analyzer: Analyzer) -> list[tirx.PrimExpr] | None:
     """The shape ``operand``, which broadcasts onto ``target``, takes to broadcast the same way onto ``source``
     (the same tensor before a reshape to ``target``), or None where no reshape of it does."""
+    if not isinstance(operand.ty, relax.TensorType) or operand.ty.shape is None:
+        return None
     dims = list(operand.ty.shape)
     if len(dims) > len(target):
         return None
@@ -103,8 +105,9 @@ class _ReshapeSinker(PyExprMutator):
         return found
 
     def _moved(self, original: relax.Expr) -> relax.Call | None:
-        """The (original) ``call`` computed on the tensor before the reshapes of an operand, or None. Of two reshaped
-        operands, one used only here goes first: it continues a chain that may fuse with its producer."""
+        """The call ``original`` (as bound in the function being rewritten) computed on the tensor before the
+        reshapes of an operand, or None. Of two reshaped operands, one used only here goes first: it continues a
+        chain that may fuse with its producer."""
         if not (isinstance(original, relax.Call) and isinstance(original.op, ir.Op) and _elementwise(original)):
             return None
         call = self.visit_expr(original)
@@ -145,9 +148,10 @@ class _ReshapeSinker(PyExprMutator):
 
 def _elementwise(call: relax.Call) -> bool:
     """Whether ``call`` computes each element from the same element of its operands (broadcast): the ops of
-    :data:`UNARY` and :data:`BINARY`, and ``quantize`` with one scale and zero point."""
+    :data:`UNARY` and :data:`BINARY`, and ``quantize`` with one scale and zero point (along the last axis, which
+    stays the last whatever the rank)."""
     if call.op.name == "relax.quantize":
-        return all(scalar_constant(x) is not None for x in call.args[1:])
+        return int(call.attrs.axis) == -1 and all(scalar_constant(x) is not None for x in call.args[1:])
     return call.op.name in (*UNARY, *BINARY)
 
 
