@@ -3,9 +3,9 @@
 With static ranges a layer norm's output is quantized for the queries, the keys and the values, each with its own
 range (``quantize(clip(y, lo, hi), scale)``, see :func:`.quantize_rows.match_static_quantize`), and the encoder's
 output once per decoder layer for its keys and values. Each is a kernel of its own after fusion (the tensor has
-other users, so none fuses with its producer) that reads the whole tensor. Here every such group of two or more
-becomes one call of :func:`~int8mt.schedules.cuda_quantize.static_quantizations_function`: one kernel on a GPU,
-reading the tensor once. CPU presets quantize inside their layer norm kernels instead (:class:`.LayerNormRows`).
+other users, so none fuses with its producer) that reads the whole tensor. Here every such group of two or more (in
+one dataflow block) becomes one call of :func:`~int8mt.schedules.cuda_quantize.static_quantizations_function`: one
+kernel on a GPU, reading the tensor once. CPU presets quantize inside their layer norm kernels instead (:class:`.LayerNormRows`).
 """
 from __future__ import annotations
 
@@ -29,11 +29,13 @@ class _Quantizer(PyExprMutator):
 
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
         bindings, users = bindings_and_users(func)
+        block_of = {b.var: i for i, block in enumerate(func.body.blocks) for b in block.bindings}
         self.groups, self.results = {}, {}
         for y in list(users):
             if not (isinstance(y.ty, relax.TensorType) and str(y.ty.dtype) == "float32" and y.ty.shape is not None):
                 continue
             group = list(static_quantizations(y, bindings, users))
+            group = [(q, quantization) for q, quantization in group if block_of[q] == block_of[group[0][0]]]
             if len(group) > 1:
                 for q, _ in group:
                     self.groups[q] = (y, group)
