@@ -5,7 +5,8 @@ range (``quantize(clip(y, lo, hi), scale)``, see :func:`.quantize_rows.match_sta
 output once per decoder layer for its keys and values. Each is a kernel of its own after fusion (the tensor has
 other users, so none fuses with its producer) that reads the whole tensor. Here every such group of two or more (in
 one dataflow block) becomes one call of :func:`~int8mt.schedules.cuda_quantize.static_quantizations_function`: one
-kernel on a GPU, reading the tensor once. CPU presets quantize inside their layer norm kernels instead (:class:`.LayerNormRows`).
+kernel on a GPU, reading the tensor once. CPU presets quantize inside their layer norm kernels instead
+(:class:`.LayerNormRows`).
 """
 from __future__ import annotations
 
