@@ -360,10 +360,10 @@ def test_cuda_bundle_translates_as_the_cpu_bundle(cuda_bundle, tiny_model_dir, t
 @pytest.mark.extended
 @pytest.mark.parametrize("ranges", ["calibrate", "runtime"])
 def test_the_kernel_phase_of_a_gpu_preset_computes_the_same_on_this_cpu(tiny_model_dir, ranges):
-    """The tiny model's integer graph after phase 2 for cuda-sm90 (keys read as stored, reshapes after the
-    elementwise ops) and before it, both compiled for this CPU: the encoder's output and a decoder step's logits and
-    cache rows are the same (integers exactly; floats within a rounding, as a multiply and an add fused into one
-    kernel may become one fused multiply-add)."""
+    """The tiny model's integer graph after phase 2 for cuda-sm90 (run-time row quantizations as one function each,
+    keys read as stored, reshapes after the elementwise ops) and before it, both compiled for this CPU: the
+    encoder's output and a decoder step's logits and cache rows are the same (integers exactly; floats within a
+    rounding, as a multiply and an add fused into one kernel may become one fused multiply-add)."""
     from int8mt.compiler.pipeline import CompileOptions, import_model, kernels, scale_propagated
     from int8mt.quant.checkpoint import quantized_model
     from int8mt.quant.config import QuantConfig
