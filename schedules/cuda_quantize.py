@@ -20,19 +20,24 @@ from tvm.target import Target
 
 from .kernel_attrs import KERNEL_ATTR
 from .layer_norm_rows import StaticQuantize
-from .quantize_rows import OPAQUE
+from .quantize_rows import OPAQUE, leading_rows
 
 KERNEL = "quantize_rows_graph"
 WARP = 32
 MAX_THREADS = 256  # threads per row
 
 
+def _rows(rank: int, columns: int | None) -> te.Tensor:
+    """A float32 input of ``rank`` dimensions of any size, the last of ``columns`` elements (None: any number)."""
+    lead, _ = leading_rows(rank)
+    return te.placeholder((*lead, columns if columns is not None else tirx.Var("columns", "int64")), "float32", "x")
+
+
 def quantize_rows_function(rank: int, columns: int | None, qmax: float, eps: float) -> tirx.PrimFunc:
     """``(x, q, s)``: ``s[..., 0] = max(max|x[..., :]|, eps) / qmax``, ``q = int8(clip(round(x / s), -qmax,
     qmax))`` for float32 ``x`` of ``rank`` dimensions, the last of ``columns`` elements (None: any number), as the
     graph's ops compute them; unscheduled."""
-    lead = [tirx.Var(f"d{i}", "int64") for i in range(rank - 1)]
-    x = te.placeholder((*lead, columns if columns is not None else tirx.Var("columns", "int64")), "float32", "x")
+    x = _rows(rank, columns)
     magnitude = topi.max(topi.abs(x), axis=-1, keepdims=True)
     scale = topi.divide(topi.maximum(magnitude, tirx.const(eps, "float32")), tirx.const(qmax, "float32"))
     q = topi.cast(topi.clip(topi.round(topi.divide(x, scale)), -qmax, qmax), "int8")
@@ -45,8 +50,7 @@ def static_quantizations_function(rank: int, columns: int | None,
     """``(x, q_0, q_1, ...)``: ``q_i = quantize(clip(x, lo_i, hi_i), scale_i)`` (zero point 0, int8) for float32
     ``x`` of ``rank`` dimensions, the last of ``columns`` elements (None: any number), as TVM legalizes ``clip``
     and ``quantize``; unscheduled, one loop nest."""
-    lead = [tirx.Var(f"d{i}", "int64") for i in range(rank - 1)]
-    x = te.placeholder((*lead, columns if columns is not None else tirx.Var("columns", "int64")), "float32", "x")
+    x = _rows(rank, columns)
 
     def quantized(*index: tirx.PrimExpr) -> list[tirx.PrimExpr]:
         values = []
