@@ -17,9 +17,10 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.LayerNormRows` (with the quantization after each layer norm),
                          :class:`~.passes.SoftmaxRows` (with the quantization or scaling after a softmax) and
                          :class:`~.passes.QuantizeRows` (run-time ranges); :class:`~.passes.UnitPermuteAsReshape`;
-                         on GPUs, for quantized models, :class:`~.passes.QuantizeRows` with the graph's ops (each
-                         run-time row quantization one kernel) and :class:`~.passes.QuantizeOnce` (a tensor's
-                         static quantizations one kernel), then :class:`~.passes.ReadKeysAsStored` and
+                         on GPUs, for quantized models, :class:`~.passes.LayerNormRows` with the graph's ops (a
+                         layer norm and the quantizations of its result one kernel), :class:`~.passes.QuantizeRows`
+                         with the graph's ops (each run-time row quantization one kernel) and
+                         :class:`~.passes.QuantizeOnce` (a tensor's static quantizations one kernel), then :class:`~.passes.ReadKeysAsStored` and
                          :class:`~.passes.ReshapesAfterElementwise` (a linear layer's requantization or
                          dequantization fuses with its matmul); then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
@@ -171,7 +172,7 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     mod = UnitPermuteAsReshape()(mod)
     if preset.device != "cpu":
         if options.quant is not None:
-            mod = QuantizeOnce()(QuantizeRows(graph_ops=True)(mod))
+            mod = QuantizeOnce()(QuantizeRows(graph_ops=True)(LayerNormRows(lanes=None)(mod)))
         mod = ReshapesAfterElementwise()(ReadKeysAsStored()(mod))
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "kernels", options.dump_dir)
@@ -332,17 +333,17 @@ def _legalize_passes() -> list[tvm.transform.Pass]:
 
 
 def default_schedules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
-    """Phase 4's dlight rules for ``target``: our CPU rule; on CUDA our int8 tensor-core matmul and row quantization,
-    then dlight's GPU rules for the rest (float matmuls, reductions such as softmax and layer norm, elementwise
-    kernels)."""
+    """Phase 4's dlight rules for ``target``: our CPU rule; on CUDA our int8 tensor-core matmul and row kernels (layer
+    norms with their quantizations, row quantizations), then dlight's GPU rules for the rest (float matmuls,
+    reductions such as softmax and other layer norms, elementwise kernels)."""
     if target.kind.name == "llvm":
         return [CPUGeneric()]
     from int8mt.schedules.cuda_int8_matmul import CUDAInt8Matmul
-    from int8mt.schedules.cuda_quantize import CUDAQuantizeRows
+    from int8mt.schedules.cuda_rows import CUDARows
     from int8mt.schedules.cuda_tiles import shipped_tiles
 
     fallible = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction())
-    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), CUDAQuantizeRows(),
+    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), CUDARows(),
             *(_NotApplicableOnError(rule) for rule in fallible), dlight.gpu.Fallback()]
 
 

@@ -18,7 +18,8 @@ from int8mt.errors import UserError
 from int8mt.runtime.bundle import Bundle, BundleError, import_tvm_runtime
 from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, GPUError, precompiled_kernels, visible_gpu
 from int8mt.schedules.cuda_int8_matmul import PORTABLE_TILE, CUDAInt8Matmul, MatmulTile
-from int8mt.schedules.cuda_quantize import CUDAQuantizeRows, quantize_rows_function
+from int8mt.schedules.cuda_rows import CUDARows, layer_norm_rows_function, quantize_rows_function
+from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.cuda_tiles import TILES_FILE, best_tiles, dense_module, load_tiles, shipped_tiles, write_tiles
 from int8mt.targets import AUTO, PRESETS, get_preset
 
@@ -102,13 +103,13 @@ def test_int8_matmuls_compile_to_tensor_core_instructions(name):
 
 @pytest.mark.parametrize("rank,columns", [(2, 256), (3, 1024), (3, 32), (4, None)])
 def test_a_run_time_row_quantization_is_one_kernel_sharing_the_scale_behind_a_barrier(rank, columns):
-    """CUDAQuantizeRows: a thread block per row reduces the magnitudes across its threads (warp shuffles), and the
+    """CUDARows: a thread block per row reduces the magnitudes across its threads (warp shuffles), and the
     scale, which one thread computes into shared memory, is read by all after a barrier (never from global memory
     without one)."""
     preset = get_preset("cuda-sm90")
     func = quantize_rows_function(rank, columns, 127.0, 1e-8).with_attr("global_symbol", "quantize_rows")
     with tvm.target.Target(preset.target):
-        mod = dlight.ApplyDefaultSchedule(CUDAQuantizeRows())(tvm.IRModule({"quantize_rows": func}))
+        mod = dlight.ApplyDefaultSchedule(CUDARows())(tvm.IRModule({"quantize_rows": func}))
     with cuda_compiled_here(preset.target["arch"]):
         source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
     kernels = ptx_entries(compile_ptx(source, preset.target["arch"]))
@@ -118,6 +119,53 @@ def test_a_run_time_row_quantization_is_one_kernel_sharing_the_scale_behind_a_ba
     divide = body.index("nearbyintf(")
     scale = body.rindex("compute_red_shared_ptr[0] = (max(", 0, divide)  # the scale, into shared memory
     assert "__syncthreads();" in body[scale:divide]
+
+
+def _barrier_before_each_read_of_a_row_value(body: str) -> int:
+    """Asserts that every value of the row one thread stores into shared memory (``if (threadIdx.x == 0 ...) {
+    v[0] = ...; }``) is read by the block's other threads only after a barrier; returns how many such stores."""
+    lines = [line.strip() for line in body.splitlines()]
+    thread_0 = [bool(re.match(r"if \(+\(int\)threadIdx\.x\) == 0\)", line)) for line in lines]
+    stores = 0
+    for i, line in enumerate(lines):
+        store = re.match(r"(\w+_shared_ptr(?:_\d+)?)\[0\] = ", line)
+        if not (store and thread_0[i - 1]):
+            continue
+        stores += 1
+        value = store.group(1) + "[0]"
+        j = next((j for j in range(i + 1, len(lines)) if value in lines[j] and not thread_0[j - 1]), None)
+        if j is not None:
+            assert "__syncthreads();" in lines[i + 1:j], (line, lines[j])
+    return stores
+
+
+@pytest.mark.parametrize("quantize,rank,columns", [
+    ((StaticQuantize(-3.0, 3.0, 0.025), StaticQuantize(-1.5, 1.5, 0.0125)), 3, 256),
+    ((StaticQuantize(-3.0, 3.0, 0.025),), 2, 96),
+    (RowQuantize(127.0, 1e-8), 3, 1024),
+    (RowQuantize(127.0, 1e-8), 4, 512)])
+def test_a_layer_norm_and_its_quantizations_are_one_kernel_keeping_the_row_in_shared_memory(quantize, rank, columns):
+    """CUDARows on a layer norm with its quantizations: one kernel, a thread block per row; its sums (and the
+    magnitudes of run-time ranges) reduced across the threads, the normalized row kept in shared memory, and every
+    value of the row that one thread computes (mean, variance, scale) read by the others after a barrier."""
+    preset = get_preset("cuda-sm90")
+    func = layer_norm_rows_function(rank, columns, 1e-5, quantize).with_attr("global_symbol", "layer_norm_rows")
+    with tvm.target.Target(preset.target):
+        mod = dlight.ApplyDefaultSchedule(CUDARows())(tvm.IRModule({"layer_norm_rows": func}))
+    with cuda_compiled_here(preset.target["arch"]):
+        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
+    kernels = ptx_entries(compile_ptx(source, preset.target["arch"]))
+    assert list(kernels) == ["layer_norm_rows_kernel"]
+    body = source[source.index("{", source.index("layer_norm_rows_kernel(")):]
+    reductions = 3 if isinstance(quantize, RowQuantize) else 2
+    assert "__shfl_down_sync" in body
+    assert len(re.findall(r"__shared__ alignas\(\d+\) float red_result_ptr(_\d+)?\[1\];", body)) == reductions
+    assert re.search(r"__shared__ alignas\(\d+\) float \w+\[%d\];" % columns, body)  # the normalized row
+    assert _barrier_before_each_read_of_a_row_value(body) >= reductions + 1
+    stores = re.findall(r"(\w+)_ptr\[[^]]*\] = ", body)
+    outputs = 1 + (2 if isinstance(quantize, RowQuantize) else len(quantize))
+    assert len({name for name in stores if not name.startswith(("red_", "in_thread", "t0", "mask", "x_", "T_"))
+                and "shared" not in name}) == outputs, stores
 
 
 def _linear_kernel_ptx(rule: CUDAInt8Matmul, k: int = 512, n: int = 768) -> str:
@@ -310,15 +358,28 @@ def test_cuda_bundle_takes_candidates_and_appends_cache_rows_with_one_kernel_eac
     assert len([k for k in kernels if k.startswith("append_rows")]) == 1 + manifest.get("cache_scales", False)
 
 
+def _legalized_step(bundle) -> str:
+    """The decoder step of ``bundle``'s build after phase 3."""
+    legalized = (bundle.parent / "ir" / "phase3-legalized.py").read_text()
+    step = legalized[legalized.index("def decode_step("):]
+    return step[:step.index("    @R.function") if "    @R.function" in step else len(step)]
+
+
 def test_cuda_bundle_quantizes_each_row_at_run_time_in_one_kernel(cuda_bundle):
     """Run-time ranges: each row quantization of the decoder step (every one along the last axis) is one call of
     the row-quantizing kernel, not a magnitude reduction, a scale and a quantization of their own."""
-    legalized = (cuda_bundle.parent / "ir" / "phase3-legalized.py").read_text()
-    step = legalized[legalized.index("def decode_step("):]
-    step = step[:step.index("    @R.function") if "    @R.function" in step else len(step)]
-    calls = re.findall(r"R\.call_tir\(cls\.(\w+),", step)
+    calls = re.findall(r"R\.call_tir\(cls\.(\w+),", _legalized_step(cuda_bundle))
     assert "quantize_rows" in calls
     assert not [k for k in calls if re.match(r"fused_tir_abs\d*_max|fused_maximum\d*_divide", k)]
+
+
+def test_cuda_bundle_quantizes_a_layer_norms_result_in_the_layer_norms_kernel(cuda_bundle):
+    """Each layer norm of the decoder step whose result the next linear layer quantizes is one call returning the
+    quantization too: no quantization kernel reads a layer norm's result."""
+    step = _legalized_step(cuda_bundle)
+    assert "R.call_tir(cls.layer_norm_rows, " in step
+    for y in re.findall(r"(\w+) = R\.call_tir\(cls\.layer_norm\d*, ", step):
+        assert not re.search(rf"R\.call_tir\(cls\.\w*quantize\w*, \({y}[,)]", step), y
 
 
 @pytest.mark.skipif(GPU is not None, reason="this machine has a GPU")

@@ -1,12 +1,13 @@
 """QuantizeOnce: the static quantizations of one tensor -> one call computing them all (GPU targets).
 
-With static ranges a layer norm's output is quantized for the queries, the keys and the values, each with its own
-range (``quantize(clip(y, lo, hi), scale)``, see :func:`.quantize_rows.match_static_quantize`), and the encoder's
-output once per decoder layer for its keys and values. Each is a kernel of its own after fusion (the tensor has
-other users, so none fuses with its producer) that reads the whole tensor. Here every such group of two or more (in
-one dataflow block) becomes one call of :func:`~int8mt.schedules.cuda_quantize.static_quantizations_function`: one
-kernel on a GPU, reading the tensor once. CPU presets quantize inside their layer norm kernels instead
-(:class:`.LayerNormRows`).
+With static ranges the embeddings (with their positions) are quantized for the first layer's queries, keys and
+values, each with its own range (``quantize(clip(y, lo, hi), scale)``, see
+:func:`.quantize_rows.match_static_quantize`). Each is a kernel of its own after fusion (the tensor has other
+users, so none fuses with its producer) that reads the whole tensor. Here every such group of two or more (in one
+dataflow block) becomes one call of :func:`~int8mt.schedules.cuda_rows.static_quantizations_function`: one kernel
+on a GPU, reading the tensor once. The quantizations of a layer norm's result (the other layers' inputs, the
+encoder's output for every decoder layer's keys and values) are the layer norm's kernel's
+(:class:`.LayerNormRows`, which runs first).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tvm
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from int8mt.schedules.cuda_quantize import static_quantizations_function
+from int8mt.schedules.cuda_rows import static_quantizations_function
 
 from .kernel_calls import KernelTable, bindings_and_users, rewrite_functions
 from .quantize_rows import static_quantizations

@@ -13,7 +13,7 @@ scale per key; a static size along it) -> :func:`~int8mt.schedules.quantize_rows
 The intermediate values must have no other use
 (``s`` and ``q`` may have any). The kernels carry CPU schedules; for GPU targets (``graph_ops``) each row
 quantization becomes one unscheduled function of the same ops instead
-(:func:`~int8mt.schedules.cuda_quantize.quantize_rows_function`, one kernel once scheduled).
+(:func:`~int8mt.schedules.cuda_rows.quantize_rows_function`, one kernel once scheduled).
 
 Also here, for the passes whose kernels quantize their results as the graph does next: the matchers of a run-time
 row quantization (:func:`match_row_quantize`, :func:`row_quantizations`) and of a static one
@@ -27,7 +27,7 @@ import tvm
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from int8mt.schedules.cuda_quantize import quantize_rows_function
+from int8mt.schedules.cuda_rows import quantize_rows_function
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.quantize_rows import quantize_columns_kernel, quantize_rows_kernel

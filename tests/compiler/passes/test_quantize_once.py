@@ -6,7 +6,7 @@ from tvm import relax
 
 from int8mt.compiler.passes import QuantizeOnce
 from int8mt.compiler.pipeline import relax_pipeline
-from int8mt.schedules.cuda_quantize import static_quantizations_function
+from int8mt.schedules.cuda_rows import static_quantizations_function
 from int8mt.schedules.layer_norm_rows import StaticQuantize
 
 from ...conftest import HOST_PRESET
