@@ -12,9 +12,14 @@ CUDAInt8Matmul` applies it as the tile is written out). CPU presets fuse such ch
 An op moves when its other operand ``y`` (a constant or a tensor) is reshaped to ``x``'s layout as a view: the
 dimensions of ``x`` and of the reshaped shape fall into groups of equal size products (dimensions split or merged),
 and ``y`` must either span each group whole or be broadcast over all of it. A constant ``y'`` is computed here; a
-tensor becomes a reshape of it. Chains of reshapes are looked through to their first input.
+tensor becomes a reshape of it. A tensor broadcast over part of a group (the attention mask ``[batch, 1, 1, keys]``
+added to the scores ``[batch * heads, 1, keys]`` viewed as ``[batch, heads, 1, keys]``) is first broadcast over
+that part (``broadcast_to``, once per block for all the ops that add it, fused into its producer's kernel).
+Chains of reshapes are looked through to their first input.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import tvm
 from tvm import ir, relax, tirx
@@ -74,15 +79,37 @@ def operand_in_source_layout(operand: relax.Expr, source: list[tirx.PrimExpr], t
     return shape
 
 
+def spanned_in_part(operand: relax.Expr, source: list[tirx.PrimExpr], target: list[tirx.PrimExpr],
+                    analyzer: Analyzer) -> list[tirx.PrimExpr] | None:
+    """The shape of ``operand`` (a tensor that broadcasts onto ``target``) broadcast over each group of
+    :func:`size_groups` it spans only in part, or None where it spans none in part (or the sizes do not group)."""
+    if not isinstance(operand.ty, relax.TensorType) or operand.ty.shape is None or operand.ty.ndim > len(target):
+        return None
+    dims = [tirx.IntImm("int64", 1)] * (len(target) - operand.ty.ndim) + list(operand.ty.shape)
+    groups = size_groups(source, target, analyzer)
+    if groups is None:
+        return None
+    partial = [axes for _, axes in groups if len({is_one(dims[k]) for k in axes}) > 1]
+    for axes in partial:
+        for k in axes:
+            dims[k] = target[k]
+    return dims if partial else None
+
+
 @expr_functor.mutator
 class _ReshapeSinker(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.analyzer = Analyzer()
         self.uses: dict[relax.Var, int] = {}
+        self.made: dict[tuple[str, relax.Expr], list[relax.Var]] = {}  # (op, tensor) -> its results in this block
 
     def count_uses(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
         self.uses = use_counts(bindings_and_users(func)[1])
+
+    def visit_dataflow_block_(self, block: relax.DataflowBlock) -> relax.BindingBlock:
+        self.made = {}
+        return super().visit_dataflow_block_(block)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         moved = self._moved(binding.value) if self.builder_.current_block_is_dataflow() else None
@@ -123,12 +150,25 @@ class _ReshapeSinker(PyExprMutator):
             args[position] = source
             if operands == 2:
                 other = args[1 - position]
+                if not isinstance(other, ir.expr.Constant):
+                    broadcast = spanned_in_part(other, source_shape, target_shape, self.analyzer)
+                    other = other if broadcast is None else self._once(relax.op.broadcast_to, other, broadcast)
                 shape = operand_in_source_layout(other, source_shape, target_shape, self.analyzer)
                 args[1 - position] = None if shape is None else self._reshaped(other, shape)
                 if args[1 - position] is None:
                     continue
             return relax.Call(call.op, args, call.attrs, call.ty_args)
         return None
+
+    def _once(self, op: Callable[[relax.Expr, list], relax.Expr], operand: relax.Expr,
+              shape: list[tirx.PrimExpr]) -> relax.Var:
+        """``op(operand, shape)`` (a broadcast or a reshape), bound once in the current block."""
+        made = self.made.setdefault((op.__name__, operand), [])
+        found = next((var for var in made if same_shape(list(var.ty.shape), shape)), None)
+        if found is None:
+            found = self.builder_.emit(op(operand, shape))
+            made.append(found)
+        return found
 
     def _reshaped(self, operand: relax.Expr, shape: list[tirx.PrimExpr]) -> relax.Expr | None:
         """``operand`` reshaped to ``shape``: a new constant for a constant (None if ``shape`` is not static), the
@@ -143,7 +183,7 @@ class _ReshapeSinker(PyExprMutator):
             return relax.const(operand.value.numpy().reshape([int(d) for d in shape]), str(operand.ty.dtype))
         if same_shape(shape, list(operand.ty.shape)):
             return operand
-        return self.builder_.emit(relax.op.reshape(operand, shape))
+        return self._once(relax.op.reshape, operand, shape)
 
 
 def _elementwise(call: relax.Call) -> bool:

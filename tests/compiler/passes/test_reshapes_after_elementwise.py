@@ -1,8 +1,8 @@
 """ReshapesAfterElementwise: the requantization after a linear layer's reshape into the heads' layout runs before
 the reshape (its per-channel constants reshaped with it), so that it sits next to the matmul; of two reshaped
-operands the one used only there carries the chain; an operand broadcast over part of a merged dimension, or one
-that grows the result, keeps its op after the reshape; the values are the same (a whole model's graph:
-tests/test_cuda_target.py)."""
+operands the one used only there carries the chain; a tensor broadcast over part of a merged dimension (the
+attention mask over the heads) is broadcast over it once for all its uses; an operand that grows the result keeps
+its op after the reshape; the values are the same (a whole model's graph: tests/test_cuda_target.py)."""
 from collections.abc import Callable
 
 import numpy as np
@@ -78,10 +78,26 @@ def _residual_expected() -> tvm.IRModule:
 
 
 def _masked_scores_module() -> tvm.IRModule:
-    """Attention scores [b * 4, 1, t] viewed as [b, 4, 1, t] plus a mask [b, 1, 1, t]: the mask is broadcast over
-    the heads, part of the merged b * 4 dimension, so the add cannot run before the reshape."""
-    return _main({"scores": ([B * HEADS, 1, T], "float32"), "mask": ([B, 1, 1, T], "float32")},
-                 lambda bb, scores, mask: relax.op.add(bb.emit(relax.op.reshape(scores, [B, HEADS, 1, T])), mask))
+    """Two layers' attention scores [b * 4, 1, t] viewed as [b, 4, 1, t] plus one mask [b, 1, 1, t] each: the mask
+    is broadcast over the heads, part of the merged b * 4 dimension."""
+    def body(bb, first, second, mask):
+        return relax.Tuple([bb.emit(relax.op.add(bb.emit(relax.op.reshape(scores, [B, HEADS, 1, T])), mask))
+                            for scores in (first, second)])
+
+    return _main(_MASKED_PARAMS, body)
+
+
+def _masked_scores_expected() -> tvm.IRModule:
+    def body(bb, first, second, mask):
+        heads = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(mask, [B, HEADS, 1, T])), [B * HEADS, 1, T]))
+        return relax.Tuple([bb.emit(relax.op.reshape(bb.emit(relax.op.add(scores, heads)), [B, HEADS, 1, T]))
+                            for scores in (first, second)])
+
+    return _main(_MASKED_PARAMS, body)
+
+
+_MASKED_PARAMS = {"first": ([B * HEADS, 1, T], "float32"), "second": ([B * HEADS, 1, T], "float32"),
+                  "mask": ([B, 1, 1, T], "float32")}
 
 
 def _growing_module() -> tvm.IRModule:
@@ -98,16 +114,20 @@ def test_structure_the_operand_used_once_carries_the_chain():
     tvm.ir.assert_structural_equal(ReshapesAfterElementwise()(_residual_module()), _residual_expected())
 
 
-@pytest.mark.parametrize("make", [_masked_scores_module, _growing_module], ids=["partial-broadcast", "growing"])
-def test_ops_that_do_not_commute_with_the_reshape_stay(make):
-    before = make()
+def test_structure_a_mask_over_part_of_a_merged_dimension_is_broadcast_once_for_every_add():
+    tvm.ir.assert_structural_equal(ReshapesAfterElementwise()(_masked_scores_module()), _masked_scores_expected())
+
+
+def test_an_operand_that_grows_the_result_keeps_its_op_after_the_reshape():
+    before = _growing_module()
     tvm.ir.assert_structural_equal(ReshapesAfterElementwise()(before), before)
 
 
-def _run(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
+def _run(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray | list[np.ndarray]:
     target = tvm.target.Target(HOST_PRESET.target)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
-    return vm["main"](*(tvm.runtime.tensor(x) for x in inputs)).numpy()
+    result = vm["main"](*(tvm.runtime.tensor(x) for x in inputs))
+    return result.numpy() if isinstance(result, tvm.runtime.Tensor) else [x.numpy() for x in result]
 
 
 def test_values_are_the_same():
@@ -121,3 +141,8 @@ def test_values_are_the_same():
     np.testing.assert_allclose(_run(ReshapesAfterElementwise()(_residual_module()), x, r),
                                _run(_residual_module(), x, r), rtol=1e-6, atol=1e-6)
 
+    scores = [RNG.standard_normal((5 * HEADS, 1, 9)).astype(np.float32) for _ in range(2)]
+    mask = (RNG.integers(0, 2, (5, 1, 1, 9)) * -1e9).astype(np.float32)
+    masked = _run(ReshapesAfterElementwise()(_masked_scores_module()), *scores, mask)
+    for got, x in zip(masked, scores):
+        np.testing.assert_array_equal(got, x.reshape(5, HEADS, 1, 9) + mask)
