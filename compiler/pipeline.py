@@ -25,10 +25,10 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          dequantization fuses with its matmul); then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
-4. ``scheduled``         the default CPU schedule (:class:`~int8mt.schedules.cpu_generic.CPUGeneric`) for
-                         every kernel not scheduled yet; on CPUs :class:`~.passes.UnitReshapeIntoKernels` (kernels
-                         read the tensors behind reshapes that only add or drop axes of size 1) and
-                         :class:`~.passes.ViewsIntoKernels` (the parameters behind views, at their offsets).
+4. ``scheduled``         the preset's schedules for every kernel not scheduled yet (:func:`default_schedules`);
+                         :class:`~.passes.UnitReshapeIntoKernels` (kernels read the tensors behind reshapes that only
+                         add or drop axes of size 1) and :class:`~.passes.ViewsIntoKernels` (the parameters behind
+                         views, at their offsets).
 5. ``lowered``           :class:`~.passes.LiftWeights`, on CPUs :class:`~.passes.GreedyLoop` (one sentence's greedy
                          search in one call); dataflow lowering, memory planning and VM finalisation (the weights'
                          checks left to ``check_weights``: :func:`~.passes.drop_weight_checks`).
@@ -384,7 +384,7 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None, weig
             return tvm.transform.Sequential(
                 _library_dispatch_passes(backend, target) + [TakeAsView()] + _legalize_passes()
                 + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
-                + ([UnitReshapeIntoKernels(), ViewsIntoKernels()] if target.kind.name == "llvm" else [])
+                + [UnitReshapeIntoKernels(), ViewsIntoKernels()]
                 + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])
                 + ([greedy] if greedy is not None and weights is not None and target.kind.name == "llvm" else [])
                 + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)

@@ -319,11 +319,11 @@ def cuda_bundle(tiny_model_dir, tmp_path_factory):
 
 
 def linear_layer_kernels(bundle) -> set[str]:
-    """The kernels (PTX entry names) of the bundle's linear layers: the matmuls its build's phase 3 calls with a
+    """The kernels (PTX entry names) of the bundle's linear layers: the matmuls its build's phase 4 calls with a
     weight, a constant, as the second operand."""
-    legalized = (bundle.parent / "ir" / "phase3-legalized.py").read_text()
+    scheduled = (bundle.parent / "ir" / "phase4-scheduled.py").read_text()
     return {f"{name}_kernel" for name in re.findall(r'R\.call_tir\(cls\.(\w*matmul\w*), \(\w+, metadata\[',
-                                                        legalized)}
+                                                        scheduled)}
 
 
 def test_cuda_bundle_has_every_matmul_in_integers_on_tensor_cores(cuda_bundle):
@@ -380,6 +380,39 @@ def test_cuda_bundle_quantizes_a_layer_norms_result_in_the_layer_norms_kernel(cu
     assert "R.call_tir(cls.layer_norm_rows, " in step
     for y in re.findall(r"(\w+) = R\.call_tir\(cls\.layer_norm\d*, ", step):
         assert not re.search(rf"R\.call_tir\(cls\.\w*quantize\w*, \({y}[,)]", step), y
+
+
+def test_cuda_bundle_kernels_read_cache_planes_and_reshaped_tensors_where_they_are_stored(cuda_bundle):
+    """ViewsIntoKernels and UnitReshapeIntoKernels on CUDA presets: a decoder step passes its kernels the stacked
+    caches themselves (no view per layer: an offset computed, a tensor made, its offset checked) and the tensors
+    behind reshapes that add or drop axes of size 1."""
+    lowered = (cuda_bundle.parent / "ir" / "phase5-lowered.py").read_text()
+    step = lowered[lowered.index("def decode_step("):]
+    step = step[:step.index("    @R.function") if "    @R.function" in step else len(step)]
+    assert "cls." in step
+    assert "ensure_zero_offset" not in step and "compute_symbolic_expr" not in step
+    assert step.count("vm.builtin.reshape") < step.count("cls.") / 2
+
+
+def test_a_kernel_on_a_cache_plane_gets_the_planes_address_from_the_host():
+    """A kernel reading one plane of a stacked parameter, compiled for a GPU: the host passes the kernel the
+    parameter's address plus the plane's offset (plane 3 of ``[3, 2, b, 4, t, 64]`` int8: ``768 * b * t`` bytes)."""
+    @tvm.script.ir_module
+    class Plane:
+        @R.function
+        def main(cache: R.Tensor((3, 2, "b", 4, "t", 64), "int8"), x: R.Tensor(("b", 4, "t", 64), "int8")):
+            with R.dataflow():
+                keys = R.take(R.take(cache, R.const(1, "int64"), axis=0), R.const(1, "int64"), axis=0)
+                y = R.add(keys, x)
+                R.output(y)
+            return y
+
+    host = compile_module(Plane, get_preset("cuda-sm90")).mod.imports[0].inspect_source("ll")
+    offset = re.search(r"(%\w+) = mul i64 (%\w+), 768\b", host)
+    assert offset, "the plane's offset"
+    assert re.search(r"getelementptr inbounds i8, ptr %\w+, i64 " + offset.group(1) + r"\b", host)
+    product = re.search(offset.group(2) + r" = mul i64 %(\w+), %(\w+)", host)
+    assert product and {"keys_source_2", "keys_source_4"} == set(product.groups())  # the parameter's b and t
 
 
 @pytest.mark.skipif(GPU is not None, reason="this machine has a GPU")

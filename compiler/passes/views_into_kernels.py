@@ -13,8 +13,8 @@ from the tensor's, before its root block, whose buffers may use them). One kerne
 the views and reshapes no longer used are removed. Only views of parameters (the memory planner may reuse a
 computed tensor's storage once it sees no direct use of it, and a view hides the use); a reshape's source is used
 directly, so any tensor. A size of the view that another parameter mentions only in an expression (``s + 1``)
-keeps the view: binding it would define it twice. CPU targets (it runs after scheduling, on our kernels and the
-default schedules alike).
+keeps the view: binding it would define it twice. It runs after scheduling, on our kernels and the default
+schedules alike; on a GPU the host computes the offset pointer and passes it to the kernel as its buffer.
 """
 from __future__ import annotations
 
