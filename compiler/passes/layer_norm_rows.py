@@ -15,7 +15,9 @@ of ``lanes`` elements that our CPU schedule gives TVM's layer norm on the target
 order): the values are the same bit for bit. For GPU targets (``lanes`` None) it is of
 :func:`~int8mt.schedules.cuda_rows.layer_norm_rows_function`, the graph's own ops as one function (phase 4
 schedules it as one kernel), with every static quantization of ``y`` (the queries', keys' and values' inputs
-each have their own range); layer norms with no quantization after them stay as they are.
+each have their own range), also where ``y``'s only use is a ``take`` along an axis of size 1 (the decoder step's
+one position before the output projection) that is quantized: its quantizations are the call's, reshaped. Layer
+norms with no quantization after them stay as they are.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from int8mt.schedules.cuda_rows import layer_norm_rows_function
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.layer_norm_rows import layer_norm_rows_kernel
 
-from .kernel_calls import KernelTable, bindings_and_users, bound_op_call, rewrite_functions
+from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, is_one, rewrite_functions, same_shape,
+                           scalar_constant)
 from .quantize_rows import match_static_quantize, row_quantizations, static_quantizations
 
 
@@ -48,11 +51,12 @@ class _LayerNormRewriter(PyExprMutator):
             if not (bound_op_call(y, "relax.nn.layer_norm", bindings) is not None and isinstance(y, relax.DataflowVar)
                     and self._fits(value)):
                 continue
-            row = quantized.get(y)
+            quantized_value = y if self.lanes is not None else _unit_take(y, bindings, users)
+            row = quantized.get(quantized_value)
             if row is not None:
                 self.plans[y] = (row[2], [row[0]], row[1])
             elif self.lanes is None:
-                static = list(static_quantizations(y, bindings, users))
+                static = list(static_quantizations(quantized_value, bindings, users))
                 if static:
                     self.plans[y] = (tuple(quantization for _, quantization in static), [q for q, _ in static], None)
             else:
@@ -84,7 +88,11 @@ class _LayerNormRewriter(PyExprMutator):
                 self.results[s] = (result, 2)
         elif var in self.results:
             result, index = self.results[var]
-            self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(result, index), var.name))
+            value = relax.TupleGetItem(result, index)
+            shape = result.ty.fields[index].shape
+            if not same_shape(list(shape), list(var.ty.shape)):  # through a take of an axis of size 1
+                value = relax.op.reshape(self.builder_.emit(value), var.ty.shape)
+            self.set_var_remap(var, self.builder_.emit(value, var.name))
         else:
             super().visit_var_binding_(binding)
 
@@ -101,8 +109,19 @@ class _LayerNormRewriter(PyExprMutator):
                 rank, columns, eps, self.lanes, quantize).with_attr(KERNEL_ATTR, "layer_norm_rows"))
         outputs = [relax.TensorType(y.ty.shape, "float32")] + [relax.TensorType(y.ty.shape, "int8") for _ in qs]
         if s is not None:
-            outputs.append(relax.TensorType(s.ty.shape, "float32"))
+            outputs.append(relax.TensorType([*list(y.ty.shape)[:-1], 1], "float32"))
         return relax.call_tir(kernel, [x, gamma, beta], outputs if len(outputs) > 1 else outputs[0])
+
+
+def _unit_take(y: relax.Var, bindings: dict, users: dict) -> relax.Var:
+    """``y``'s only user where that is ``take(y, 0 or -1, axis)`` along an axis of size 1 (the same elements), else
+    ``y``."""
+    used = users.get(y, [])
+    take = bound_op_call(used[0], "relax.take", bindings) if len(used) == 1 else None
+    if take is None or not take.args[0].same_as(y) or scalar_constant(take.args[1]) not in (0, -1):
+        return y
+    axis = int(take.attrs.axis) if take.attrs.axis is not None else None
+    return used[0] if axis is not None and is_one(y.ty.shape[axis]) else y
 
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.LayerNormRows")

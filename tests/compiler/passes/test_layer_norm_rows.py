@@ -2,7 +2,7 @@
 quantization that follows it (structure); the kernel computes what TVM's legalized ops compute, bit for bit,
 for every variant and dynamic sizes; a quantization whose clip has another use stays a kernel of its own. For GPU
 targets: one call of the graph's ops with every static quantization of the result (or its row quantization),
-their values the ops' own."""
+also through a take of an axis of size 1, their values the ops' own."""
 import numpy as np
 import pytest
 import tvm
@@ -184,3 +184,61 @@ def test_gpu_function_returns_the_layer_norm_and_its_quantizations(tail):
         for q, (bound, scale) in zip(got[1:], ((BOUND, SCALE), (SECOND_BOUND, SECOND_SCALE))):
             expected_q = np.clip(np.round(np.clip(y, -bound, bound) / np.float32(scale)), -128, 127)
             np.testing.assert_array_equal(q, expected_q.astype(np.int8))
+
+
+def _taken_module(tail: str) -> tvm.IRModule:
+    """``main(x [b, 1, 64])``: ``z = take(layer_norm(x), 0, axis=1)`` (a decoder step's one position) and ``z``
+    quantized: ``static`` or per row (``rows``)."""
+    bb = relax.BlockBuilder()
+    b = tvm.tirx.Var("b", "int64")
+    x = relax.Var("x", relax.TensorType([b, 1, D], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.layer_norm(x, relax.const(GAMMA), relax.const(BETA), axes=[-1]))
+            z = bb.emit(relax.op.take(y, relax.const(0, "int64"), axis=1))
+            if tail == "static":
+                outputs = [z, bb.emit(relax.op.quantize(bb.emit(relax.op.clip(z, -BOUND, BOUND)),
+                                                        relax.const(SCALE, "float32"), relax.const(0, "int8"),
+                                                        axis=-1, out_dtype="int8"))]
+            else:
+                q, scale, _ = _quantize(bb, z)
+                outputs = [z, q, scale]
+            out = bb.emit_output(relax.Tuple(outputs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_structure_for_a_gpu_a_quantized_take_of_the_one_position_joins_the_layer_norm():
+    after = relax.transform.DeadCodeElimination()(LayerNormRows(lanes=None)(_taken_module("static")))
+    bb = relax.BlockBuilder()
+    quantize = (StaticQuantize(-BOUND, BOUND, float(np.float32(SCALE))),)
+    kernel = bb.add_func(layer_norm_rows_function(3, D, 1e-5, quantize).without_attr("global_symbol"),
+                         "layer_norm_rows")
+    b = tvm.tirx.Var("b", "int64")
+    x = relax.Var("x", relax.TensorType([b, 1, D], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            call = bb.emit(relax.call_tir(kernel, [x, relax.const(GAMMA), relax.const(BETA)], [
+                relax.TensorType([b, 1, D], "float32"), relax.TensorType([b, 1, D], "int8")]))
+            z = bb.emit(relax.op.take(bb.emit(relax.TupleGetItem(call, 0)), relax.const(0, "int64"), axis=1))
+            q = bb.emit(relax.op.reshape(bb.emit(relax.TupleGetItem(call, 1)), [b, D]))
+            out = bb.emit_output(relax.Tuple([z, q]))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+
+
+@pytest.mark.parametrize("tail", ["static", "rows"])
+def test_gpu_function_quantizes_through_the_take_as_the_ops(tail):
+    target = tvm.target.Target(HOST_PRESET.target)
+    fused = LayerNormRows(lanes=None)(_taken_module(tail))
+    assert "R.nn.layer_norm" not in fused["main"].script()
+    vm = relax.VirtualMachine(tvm.compile(fused, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    x = (RNG.standard_normal((3, 1, D)) * RNG.uniform(0.1, 10, (3, 1, 1))).astype(np.float32)
+    z, *quantized = (o.numpy() for o in vm["main"](tvm.runtime.tensor(x)))
+    if tail == "rows":
+        scale = np.maximum(np.abs(z).max(-1, keepdims=True), np.float32(EPS)) / np.float32(QMAX)
+        np.testing.assert_array_equal(quantized[1], scale)
+        np.testing.assert_array_equal(quantized[0], np.clip(np.round(z / scale), -QMAX, QMAX).astype(np.int8))
+    else:
+        expected = np.clip(np.round(np.clip(z, -BOUND, BOUND) / np.float32(SCALE)), -128, 127).astype(np.int8)
+        np.testing.assert_array_equal(quantized[0], expected)
