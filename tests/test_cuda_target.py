@@ -101,20 +101,24 @@ def test_int8_matmuls_compile_to_tensor_core_instructions(name):
         assert lines[i - 1].strip() == lines[i + 1].strip() == "__syncthreads();"
 
 
+def _row_kernel_body(func: tvm.tirx.PrimFunc, name: str) -> str:
+    """The CUDA source of the body of row function ``func`` scheduled by CUDARows for cuda-sm90, after checking
+    that it compiles to one kernel."""
+    preset = get_preset("cuda-sm90")
+    with tvm.target.Target(preset.target):
+        mod = dlight.ApplyDefaultSchedule(CUDARows())(tvm.IRModule({name: func.with_attr("global_symbol", name)}))
+    with cuda_compiled_here(preset.target["arch"]):
+        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
+    assert list(ptx_entries(compile_ptx(source, preset.target["arch"]))) == [f"{name}_kernel"]
+    return source[source.index("{", source.index(f"{name}_kernel(")):]
+
+
 @pytest.mark.parametrize("rank,columns", [(2, 256), (3, 1024), (3, 32), (4, None)])
 def test_a_run_time_row_quantization_is_one_kernel_sharing_the_scale_behind_a_barrier(rank, columns):
     """CUDARows: a thread block per row reduces the magnitudes across its threads (warp shuffles), and the
     scale, which one thread computes into shared memory, is read by all after a barrier (never from global memory
     without one)."""
-    preset = get_preset("cuda-sm90")
-    func = quantize_rows_function(rank, columns, 127.0, 1e-8).with_attr("global_symbol", "quantize_rows")
-    with tvm.target.Target(preset.target):
-        mod = dlight.ApplyDefaultSchedule(CUDARows())(tvm.IRModule({"quantize_rows": func}))
-    with cuda_compiled_here(preset.target["arch"]):
-        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
-    kernels = ptx_entries(compile_ptx(source, preset.target["arch"]))
-    assert list(kernels) == ["quantize_rows_kernel"]
-    body = source[source.index("{", source.index("quantize_rows_kernel(")):]
+    body = _row_kernel_body(quantize_rows_function(rank, columns, 127.0, 1e-8), "quantize_rows")
     assert "__shfl_down_sync" in body
     divide = body.index("nearbyintf(")
     scale = body.rindex("compute_red_shared_ptr[0] = (max(", 0, divide)  # the scale, into shared memory
@@ -148,15 +152,7 @@ def test_a_layer_norm_and_its_quantizations_are_one_kernel_keeping_the_row_in_sh
     """CUDARows on a layer norm with its quantizations: one kernel, a thread block per row; its sums (and the
     magnitudes of run-time ranges) reduced across the threads, the normalized row kept in shared memory, and every
     value of the row that one thread computes (mean, variance, scale) read by the others after a barrier."""
-    preset = get_preset("cuda-sm90")
-    func = layer_norm_rows_function(rank, columns, 1e-5, quantize).with_attr("global_symbol", "layer_norm_rows")
-    with tvm.target.Target(preset.target):
-        mod = dlight.ApplyDefaultSchedule(CUDARows())(tvm.IRModule({"layer_norm_rows": func}))
-    with cuda_compiled_here(preset.target["arch"]):
-        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
-    kernels = ptx_entries(compile_ptx(source, preset.target["arch"]))
-    assert list(kernels) == ["layer_norm_rows_kernel"]
-    body = source[source.index("{", source.index("layer_norm_rows_kernel(")):]
+    body = _row_kernel_body(layer_norm_rows_function(rank, columns, 1e-5, quantize), "layer_norm_rows")
     reductions = 3 if isinstance(quantize, RowQuantize) else 2
     assert "__shfl_down_sync" in body
     assert len(re.findall(r"__shared__ alignas\(\d+\) float red_result_ptr(_\d+)?\[1\];", body)) == reductions
