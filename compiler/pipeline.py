@@ -20,9 +20,10 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          on GPUs, for quantized models, :class:`~.passes.LayerNormRows` with the graph's ops (a
                          layer norm and the quantizations of its result one kernel), :class:`~.passes.QuantizeRows`
                          with the graph's ops (each run-time row quantization one kernel) and
-                         :class:`~.passes.QuantizeOnce` (a tensor's static quantizations one kernel), then :class:`~.passes.ReadKeysAsStored` and
-                         :class:`~.passes.ReshapesAfterElementwise` (a linear layer's requantization or
-                         dequantization fuses with its matmul); then ``FuseTransposeMatmul``.
+                         :class:`~.passes.QuantizeOnce` (a tensor's static quantizations one kernel), then
+                         :class:`~.passes.ReadKeysAsStored` and :class:`~.passes.ReshapesAfterElementwise` (a linear
+                         layer's requantization or dequantization fuses with its matmul, a mask add with its scores);
+                         then ``FuseTransposeMatmul``.
 3. ``legalized``         library dispatch, :class:`~.passes.TakeAsView`, ops -> TIR (fast softmax and exp,
                          our top-k), constant folding, operator fusion.
 4. ``scheduled``         the preset's schedules for every kernel not scheduled yet (:func:`default_schedules`);

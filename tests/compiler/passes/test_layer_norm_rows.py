@@ -13,7 +13,7 @@ from int8mt.compiler.pipeline import relax_pipeline
 from int8mt.schedules.cpu_generic import FLOAT_BYTES, register_bytes
 from int8mt.schedules.cuda_rows import layer_norm_rows_function
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
-from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize, layer_norm_rows_kernel
+from int8mt.schedules.layer_norm_rows import StaticQuantize, layer_norm_rows_kernel
 
 from ...conftest import HOST_PRESET
 from .test_quantize_rows import EPS, QMAX, _quantize

@@ -6,7 +6,6 @@ its op after the reshape; the values are the same (a whole model's graph: tests/
 from collections.abc import Callable
 
 import numpy as np
-import pytest
 import tvm
 from tvm import relax
 
