@@ -55,17 +55,20 @@ def size_groups(source: list[tirx.PrimExpr], target: list[tirx.PrimExpr],
     return groups if a == len(old) and b == len(new) else None
 
 
+def _aligned_dims(operand: relax.Expr, target: list[tirx.PrimExpr]) -> list[tirx.PrimExpr] | None:
+    """The sizes of ``operand`` with sizes of 1 before them up to ``target``'s rank (as it broadcasts onto it), or
+    None where it is no tensor of known shape of at most that rank."""
+    if not isinstance(operand.ty, relax.TensorType) or operand.ty.shape is None or operand.ty.ndim > len(target):
+        return None
+    return [tirx.IntImm("int64", 1)] * (len(target) - operand.ty.ndim) + list(operand.ty.shape)
+
+
 def operand_in_source_layout(operand: relax.Expr, source: list[tirx.PrimExpr], target: list[tirx.PrimExpr],
                              analyzer: Analyzer) -> list[tirx.PrimExpr] | None:
     """The shape ``operand``, which broadcasts onto ``target``, takes to broadcast the same way onto ``source``
     (the same tensor before a reshape to ``target``), or None where no reshape of it does."""
-    if not isinstance(operand.ty, relax.TensorType) or operand.ty.shape is None:
-        return None
-    dims = list(operand.ty.shape)
-    if len(dims) > len(target):
-        return None
-    dims = [tirx.IntImm("int64", 1)] * (len(target) - len(dims)) + dims
-    groups = size_groups(source, target, analyzer)
+    dims = _aligned_dims(operand, target)
+    groups = None if dims is None else size_groups(source, target, analyzer)
     if groups is None:
         return None
     shape: list[tirx.PrimExpr] = [tirx.IntImm("int64", 1)] * len(source)
@@ -83,10 +86,8 @@ def spanned_in_part(operand: relax.Expr, source: list[tirx.PrimExpr], target: li
                     analyzer: Analyzer) -> list[tirx.PrimExpr] | None:
     """The shape of ``operand`` (a tensor that broadcasts onto ``target``) broadcast over each group of
     :func:`size_groups` it spans only in part, or None where it spans none in part (or the sizes do not group)."""
-    if not isinstance(operand.ty, relax.TensorType) or operand.ty.shape is None or operand.ty.ndim > len(target):
-        return None
-    dims = [tirx.IntImm("int64", 1)] * (len(target) - operand.ty.ndim) + list(operand.ty.shape)
-    groups = size_groups(source, target, analyzer)
+    dims = _aligned_dims(operand, target)
+    groups = None if dims is None else size_groups(source, target, analyzer)
     if groups is None:
         return None
     partial = [axes for _, axes in groups if len({is_one(dims[k]) for k in axes}) > 1]
