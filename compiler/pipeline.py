@@ -48,7 +48,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import tvm
-from tvm import relax, topi
+from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.relax.backend.cuda import pipeline as cuda
 from tvm.s_tir import dlight
@@ -60,14 +60,15 @@ from int8mt.schedules.amx_blocks import load_blocks
 from int8mt.schedules.database import TileChooser, TuningDatabase, shipped_database
 from int8mt.schedules.int8_dense import default_tiles
 from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot, pair_dot
-from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 from int8mt.targets import TargetPreset
 
-from .passes import (DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias, FuseAttentionEpilogue, FuseDenseEpilogue,
-                     GatherPackedRows, GreedyLoop, Int8BatchMatmul, LayerNormRows, LiftWeights, OneQueryAttention,
-                     PackDense, QuantizeOnce, QuantizeRows, ReadKeysAsStored, ReshapesAfterElementwise, ReuseShapes,
-                     ReuseTensors, ScalePropagation, SoftmaxRows, TakeAsView, TapIntMatmuls, UnitPermuteAsReshape,
-                     UnitReshapeIntoKernels, ViewsIntoKernels, drop_weight_checks)
+from .legalize import legalize_passes
+from .passes import (AttentionRows, DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias, FuseAttentionEpilogue,
+                     FuseDenseEpilogue, GatherPackedRows, GreedyLoop, Int8BatchMatmul, LayerNormRows, LiftWeights,
+                     OneQueryAttention, PackDense, QuantizeOnce, QuantizeRows, ReadKeysAsStored,
+                     ReshapesAfterElementwise, ReuseShapes, ReuseTensors, ScalePropagation, SoftmaxRows, TakeAsView,
+                     TapIntMatmuls, UnitPermuteAsReshape, UnitReshapeIntoKernels, ViewsIntoKernels,
+                     drop_weight_checks)
 from .quant_report import attention_kernel_calls, dense_kernel_report, op_report
 
 if TYPE_CHECKING:
@@ -175,6 +176,8 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
         if options.quant is not None:
             mod = QuantizeOnce()(QuantizeRows(graph_ops=True)(LayerNormRows(lanes=None)(mod)))
         mod = ReshapesAfterElementwise()(ReadKeysAsStored()(mod))
+        if options.quant is not None:
+            mod = AttentionRows()(mod)
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(mod, 2, "kernels", options.dump_dir)
     return mod
@@ -256,95 +259,19 @@ def _phase(index: int, name: str, dump_dir: Path | None) -> tvm.transform.Pass:
     return _mark
 
 
-def _keep_reshape(_bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    return call
-
-
-def _fast_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """Softmax with TOPI's ``fast_exp`` (range reduction and a polynomial: plain arithmetic, within ~5e-7 of
-    the probabilities here) instead of a call to the C library's ``expf`` per element: the short rows of attention
-    scores are dominated by the exponentials."""
-    return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis))
-
-
-def _fast_exp(bb: relax.BlockBuilder, call: relax.Expr) -> relax.Expr:
-    """``exp`` of float32 with TOPI's ``fast_exp`` (arithmetic that vectorizes; the log-sum-exp of
-    ``top_candidates``), other dtypes as TVM legalizes them."""
-    if str(call.ty.dtype) == "float32":
-        return bb.call_te(topi.fast_exp, call.args[0])
-    return _DEFAULT_LEGALIZE["relax.exp"](bb, call)
-
-
-def _fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """``sigmoid`` of float32 as ``1 / (1 + fast_exp(-x))`` (swish, the FFN activation of OPUS-MT models: with the
-    C library's ``expf`` per element it took 60 µs of a 2.7 ms decoder step per layer at batch 32), other dtypes
-    as TVM legalizes them."""
-    if str(call.ty.dtype) != "float32":
-        return _DEFAULT_LEGALIZE["relax.sigmoid"](bb, call)
-    return bb.call_te(lambda x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))), call.args[0],
-                      primfunc_name_hint="fast_sigmoid")
-
-
-def _top_k(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """The ``k`` largest entries along the last axis of a 2-D tensor (both results, descending) with our
-    kernels (:mod:`int8mt.schedules.top_k`: no sort; the CPU's or, for a CUDA target, the GPU's). TVM has no
-    legalization of its own for ``topk``; the graphs we build use only this form."""
-    attrs, data = call.attrs, call.args[0]
-    if not (data.ty.ndim == 2 and int(attrs.axis) in (-1, 1) and bool(attrs.largest) and attrs.ret_type == "both"
-            and str(data.ty.dtype) in ("float32", "float64")):
-        raise ValueError(f"topk is compiled only for the largest entries of a 2-D float tensor along its last axis "
-                         f"(values and indices); got {call}")
-    target = tvm.target.Target.current()
-    make = top_k_gpu_kernel if target is not None and target.kind.name == "cuda" else top_k_kernel
-    kernel = bb.add_func(make(int(attrs.k), str(data.ty.dtype), str(attrs.dtype)), "top_k")
-    return relax.call_tir(kernel, [data], list(call.ty.fields))
-
-
-INJECTIVE = 2  # TVM's OpPatternKind kInjective
-
-
-def _fusable_gather(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """``take`` as TVM legalizes it, marked injective when it gathers along a tensor of indices: TVM's pattern
-    analysis calls any load through an index tensor opaque, which keeps the gather out of fusion. The decoder
-    step's keys and values are such a gather from the cache's rows followed by a ``where`` that takes the new
-    position from the new key (:meth:`int8mt.model.transformer.Transformer.decode_step`): fused, one kernel
-    reads the past keys once and writes them once."""
-    out = _DEFAULT_LEGALIZE["relax.take"](bb, call)
-    if call.args[1].ty.ndim >= 1 and isinstance(out, relax.Call) and out.op == tvm.ir.Op.get("relax.call_tir"):
-        kernel = out.args[0]
-        bb.update_func(kernel, bb.get()[kernel].with_attr("op_pattern", INJECTIVE))
-    return out
-
-
-_DEFAULT_LEGALIZE = {name: tvm.ir.Op.get(name).get_attr("FLegalize")
-                     for name in ("relax.exp", "relax.sigmoid", "relax.take")}
-
-
-def _legalize_passes() -> list[tvm.transform.Pass]:
-    """TVM's legalization (``cpu_generic.legalize_passes``; the CUDA backend's before its schedules), except that
-    softmax and sigmoid use ``fast_exp``, gathers may fuse with their consumers (:func:`_fusable_gather`) and reshapes
-    stay ``R.reshape`` (a view of the same memory at run time): legalized into copy kernels they are turned back
-    into views only where TVM can prove the copy is the identity, which fails for dynamic shapes such as the
-    decoder's cache rows (a copy of the whole cache every step)."""
-    custom = {"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax, "relax.exp": _fast_exp,
-              "relax.sigmoid": _fast_sigmoid, "relax.take": _fusable_gather, "relax.topk": _top_k}
-    return [relax.transform.LegalizeOps(custom),
-            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
-            relax.transform.FuseTIR()]
-
-
 def default_schedules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
     """Phase 4's dlight rules for ``target``: our CPU rule; on CUDA our int8 tensor-core matmul and row kernels (layer
     norms with their quantizations, row quantizations), then dlight's GPU rules for the rest (float matmuls,
     reductions such as softmax and other layer norms, elementwise kernels)."""
     if target.kind.name == "llvm":
         return [CPUGeneric()]
+    from int8mt.schedules.cuda_attention_rows import CUDAAttentionRows
     from int8mt.schedules.cuda_int8_matmul import CUDAInt8Matmul
     from int8mt.schedules.cuda_rows import CUDARows
     from int8mt.schedules.cuda_tiles import shipped_tiles
 
     fallible = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction())
-    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), CUDARows(),
+    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), CUDARows(), CUDAAttentionRows(),
             *(_NotApplicableOnError(rule) for rule in fallible), dlight.gpu.Fallback()]
 
 
@@ -365,7 +292,7 @@ class _NotApplicableOnError(dlight.ScheduleRule):
 def _library_dispatch_passes(backend: ModuleType, target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """The backend's library dispatch less its sort/scan dispatch: that would hand ``topk`` to TVM's sorts (on
     a CPU an external C++ sort of each row, one row after another; on a GPU a full sort of each row) instead of
-    our kernels (``_top_k``)."""
+    our kernels (:func:`.legalize.legalize_map`)."""
     return [p for p in backend.library_dispatch_passes(target) if p.info.name != "DispatchSortScan"]
 
 
@@ -383,7 +310,7 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None, weig
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential(
-                _library_dispatch_passes(backend, target) + [TakeAsView()] + _legalize_passes()
+                _library_dispatch_passes(backend, target) + [TakeAsView()] + legalize_passes()
                 + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
                 + [UnitReshapeIntoKernels(), ViewsIntoKernels()]
                 + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])

@@ -13,10 +13,12 @@ from tvm.s_tir import dlight
 from tvm.script import relax as R
 
 from int8mt.compiler.cuda import compile_ptx, cuda_compiled_here, cuda_source, find_nvcc
+from int8mt.compiler.passes import AttentionRows
 from int8mt.compiler.pipeline import compile_module
 from int8mt.errors import UserError
 from int8mt.runtime.bundle import Bundle, BundleError, import_tvm_runtime
 from int8mt.runtime.cuda import KERNELS_FILE, KERNELS_SOURCE_FILE, GPUError, precompiled_kernels, visible_gpu
+from int8mt.schedules.cuda_attention_rows import CUDAAttentionRows
 from int8mt.schedules.cuda_int8_matmul import PORTABLE_TILE, CUDAInt8Matmul, MatmulTile
 from int8mt.schedules.cuda_rows import CUDARows, layer_norm_rows_function, quantize_rows_function
 from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
@@ -101,12 +103,13 @@ def test_int8_matmuls_compile_to_tensor_core_instructions(name):
         assert lines[i - 1].strip() == lines[i + 1].strip() == "__syncthreads();"
 
 
-def _row_kernel_body(func: tvm.tirx.PrimFunc, name: str) -> str:
-    """The CUDA source of the body of row function ``func`` scheduled by CUDARows for cuda-sm90, after checking
-    that it compiles to one kernel."""
+def _row_kernel_body(func: tvm.tirx.PrimFunc, name: str, rule: dlight.ScheduleRule | None = None) -> str:
+    """The CUDA source of the body of row function ``func`` scheduled by ``rule`` (default CUDARows) for
+    cuda-sm90, after checking that it compiles to one kernel."""
     preset = get_preset("cuda-sm90")
     with tvm.target.Target(preset.target):
-        mod = dlight.ApplyDefaultSchedule(CUDARows())(tvm.IRModule({name: func.with_attr("global_symbol", name)}))
+        mod = dlight.ApplyDefaultSchedule(rule or CUDARows())(tvm.IRModule({name: func.with_attr("global_symbol",
+                                                                                                name)}))
     with cuda_compiled_here(preset.target["arch"]):
         source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
     assert list(ptx_entries(compile_ptx(source, preset.target["arch"]))) == [f"{name}_kernel"]
@@ -162,6 +165,28 @@ def test_a_layer_norm_and_its_quantizations_are_one_kernel_keeping_the_row_in_sh
     outputs = 1 + (2 if isinstance(quantize, RowQuantize) else len(quantize))
     assert len({name for name in stores if not name.startswith(("red_", "in_thread", "t0", "mask", "x_", "T_"))
                 and "shared" not in name}) == outputs, stores
+
+
+@pytest.mark.parametrize("attention", ["self", "cross"])
+def test_an_attention_of_a_decoder_step_is_one_kernel_staging_each_chunk_of_probabilities(attention):
+    """CUDAAttentionRows on AttentionRows' function: one kernel, a thread block per hypothesis and head; the scores
+    in dynamic shared memory, their maximum and sum across the block (warp shuffles); each chunk of quantized
+    probabilities stored into a fixed shared buffer between two barriers (the previous chunk's reads done, this
+    chunk's stores seen) before the context's threads read it; the self-attention reads the rows through the
+    index."""
+    from .compiler.passes._modules import cross_attention_module, self_attention_module
+
+    mod = AttentionRows()(self_attention_module() if attention == "self" else cross_attention_module())
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    body = _row_kernel_body(func, "attention_rows", CUDAAttentionRows())
+    assert "extern __shared__" in body and body.count("__shfl_down_sync") >= 2
+    gathers = re.findall(r"\w+_ptr\[\(*\w+_ptr\[", body)  # a read at an index another tensor holds
+    assert len(gathers) == (2 if attention == "self" else 0)  # the keys' and the values' rows
+    (chunk,) = re.findall(r"__shared__ alignas\(\d+\) signed char (\w+)\[64\];", body)
+    store = body.index(f"{chunk}[((int64_t)threadIdx.x)] = ")
+    loop = body.rindex("for (", 0, store)
+    read = body.index(f"{chunk}[", store + 1)
+    assert "__syncthreads();" in body[loop:store] and "__syncthreads();" in body[store:read]
 
 
 def _linear_kernel_ptx(rule: CUDAInt8Matmul, k: int = 512, n: int = 768) -> str:

@@ -1,4 +1,5 @@
 """int8mt's own Relax passes, in the order :mod:`int8mt.compiler.pipeline` applies them."""
+from .attention_rows import AttentionRows
 from .drop_identity_broadcast import DropIdentityBroadcast
 from .fold_dense_bias import FoldDenseBias
 from .fuse_attention_epilogue import FuseAttentionEpilogue
@@ -28,6 +29,6 @@ from .tap_int_matmuls import TapIntMatmuls
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast", "PackDense", "FoldDenseBias",
            "Int8BatchMatmul", "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention",
            "FuseAttentionEpilogue", "LayerNormRows", "SoftmaxRows", "QuantizeRows", "QuantizeOnce",
-           "UnitPermuteAsReshape", "ReshapesAfterElementwise", "TakeAsView", "UnitReshapeIntoKernels",
+           "UnitPermuteAsReshape", "ReshapesAfterElementwise", "AttentionRows", "TakeAsView", "UnitReshapeIntoKernels",
            "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes", "ReuseTensors", "DropUnusedTuples",
            "drop_weight_checks"]

@@ -1,6 +1,6 @@
 """ReshapesAfterElementwise: ``op(reshape(x), y)`` -> ``reshape(op(x, y'), ...)`` for elementwise ops.
 
-Reshapes stay views at run time (``R.reshape``, see :func:`int8mt.compiler.pipeline._legalize_passes`), and TVM's
+Reshapes stay views at run time (``R.reshape``, see :func:`int8mt.compiler.legalize.legalize_map`), and TVM's
 operator fusion does not fuse across them: a linear layer's int32 result goes through reshapes into the attention
 heads' layout before its requantization, so the matmul and the requantization are two kernels, and the int32
 result makes a round trip through memory between them. On GPUs each kernel is also a launch the host issues per

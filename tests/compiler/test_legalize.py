@@ -4,7 +4,8 @@ import tvm
 from tvm import relax
 from tvm.script import relax as R
 
-from int8mt.compiler.pipeline import _legalize_passes, relax_pipeline
+from int8mt.compiler.legalize import legalize_passes
+from int8mt.compiler.pipeline import relax_pipeline
 
 from ..conftest import HOST_PRESET
 
@@ -29,7 +30,7 @@ def _keys() -> tvm.IRModule:
 
 def test_gather_and_where_are_one_kernel():
     with TARGET:
-        mod = tvm.transform.Sequential(_legalize_passes())(_keys())
+        mod = tvm.transform.Sequential(legalize_passes())(_keys())
     kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(kernels) == 1 and "take" in kernels[0] and "where" in kernels[0], kernels
 

@@ -1,8 +1,9 @@
-"""Small Relax modules the kernel passes' tests share (built with the BlockBuilder, since the Expected side
-holds our scheduled kernels and packed constants)."""
+"""Small Relax modules the kernel passes' tests share (built with the BlockBuilder where the Expected side holds
+our scheduled kernels and packed constants)."""
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.script import ir as I, relax as R, tirx as T
 
 from int8mt.schedules.int8_dense import DenseTiles, default_tiles, dense_kind, pack_weight, scheduled_int8_dense
 from int8mt.schedules.intrin import Int8Dot, dense_dot, int8_dot
@@ -46,3 +47,66 @@ def function(bb: relax.BlockBuilder, params: list[relax.Var], body) -> tvm.IRMod
             out = bb.emit_output(body(bb, *params))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def self_attention_module(softmax_used_twice: bool = False) -> tvm.IRModule:
+    """A static-range self-attention of a decoder step as the model's graph has it after phase 2's GPU passes: 2
+    heads of 8, keys and values gathered from rows and the step's own, scaled scores, softmax, quantized
+    probabilities, the context requantized and merged into [b, 1, 16]."""
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(q: R.Tensor(("b", 2, 1, 8), "int8"), rows_k: R.Tensor(("r", 8), "int8"),
+                 rows_v: R.Tensor(("r", 8), "int8"), index: R.Tensor(("b", 2, "t"), "int64"),
+                 past: R.Tensor(("b", 1, "t", 1), "bool"), new_k: R.Tensor(("b", 2, 1, 8), "int8"),
+                 new_v: R.Tensor(("b", 2, 1, 8), "int8")):
+            b, t = T.int64(), T.int64()
+            with R.dataflow():
+                keys = R.where(past, R.take(rows_k, index, axis=0), new_k)
+                values = R.where(past, R.take(rows_v, index, axis=0), new_v)
+                q3 = R.reshape(q, R.shape([b * 2, 1, 8]))
+                k3 = R.reshape(keys, R.shape([b * 2, t, 8]))
+                s = R.matmul(q3, R.permute_dims(k3, [0, 2, 1]), out_dtype="int32")
+                f = R.multiply(R.astype(s, "float32"), R.const(0.0001, "float32"))
+                f4 = R.reshape(f, R.shape([b, 2, 1, t]))
+                p = R.nn.softmax(f4, axis=-1)
+                pq = R.quantize(R.clip(p, -1.0, 1.0), R.const(0.0078125, "float32"), R.const(0, "int8"),
+                                out_dtype="int8", axis=-1)
+                p3 = R.reshape(pq, R.shape([b * 2, 1, t]))
+                v3 = R.reshape(values, R.shape([b * 2, t, 8]))
+                c = R.matmul(p3, v3, out_dtype="int32")
+                o = R.astype(R.clip(R.right_shift(R.multiply(R.astype(c, "int64"), R.const(3, "int64")),
+                                                  R.const(4, "int64")), -127, 127), "int8")
+                out = R.reshape(o, R.shape([b, 1, 16]))
+                R.output(out, p)
+            return (out, p) if softmax_used_twice else out
+
+    return Module
+
+
+def cross_attention_module() -> tvm.IRModule:
+    """A cross-attention of a decoder step: keys and values as stored (no gather), the mask broadcast over the
+    heads and added to the scores before the softmax."""
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(q: R.Tensor(("b", 2, 1, 8), "int8"), keys: R.Tensor(("b", 2, "s", 8), "int8"),
+                 values: R.Tensor(("b", 2, "s", 8), "int8"), mask: R.Tensor(("b", 1, 1, "s"), "float32")):
+            b, s = T.int64(), T.int64()
+            with R.dataflow():
+                q3 = R.reshape(q, R.shape([b * 2, 1, 8]))
+                k3 = R.reshape(keys, R.shape([b * 2, s, 8]))
+                scores = R.matmul(q3, R.permute_dims(k3, [0, 2, 1]), out_dtype="int32")
+                heads_mask = R.broadcast_to(mask, R.shape([b, 2, 1, s]))
+                flat_mask = R.reshape(heads_mask, R.shape([b * 2, 1, s]))
+                f = R.add(R.multiply(R.astype(scores, "float32"), R.const(0.0001, "float32")), flat_mask)
+                p = R.nn.softmax(R.reshape(f, R.shape([b, 2, 1, s])), axis=-1)
+                pq = R.reshape(R.quantize(p, R.const(0.0078125, "float32"), R.const(0, "int8"), out_dtype="int8",
+                                          axis=-1), R.shape([b * 2, 1, s]))
+                c = R.matmul(pq, R.reshape(values, R.shape([b * 2, s, 8])), out_dtype="int32")
+                o = R.astype(R.clip(R.right_shift(R.astype(c, "int64"), R.const(2, "int64")), -127, 127), "int8")
+                out = R.reshape(o, R.shape([b, 1, 16]))
+                R.output(out)
+            return out
+
+    return Module

@@ -1,0 +1,93 @@
+"""How the pipeline legalizes Relax ops into TIR (phase 3): TVM's legalization with our choices for softmax,
+exp, sigmoid, gathers, top-k and reshapes. Also used where a pass turns a part of the graph into one function of
+the ops' own TIR (:class:`~.passes.AttentionRows`), so that it computes what the graph would."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import relax, topi
+
+from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
+
+
+def _keep_reshape(_bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return call
+
+
+def _fast_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """Softmax with TOPI's ``fast_exp`` (range reduction and a polynomial: plain arithmetic, within ~5e-7 of
+    the probabilities here) instead of a call to the C library's ``expf`` per element: the short rows of attention
+    scores are dominated by the exponentials."""
+    return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis))
+
+
+def _fast_exp(bb: relax.BlockBuilder, call: relax.Expr) -> relax.Expr:
+    """``exp`` of float32 with TOPI's ``fast_exp`` (arithmetic that vectorizes; the log-sum-exp of
+    ``top_candidates``), other dtypes as TVM legalizes them."""
+    if str(call.ty.dtype) == "float32":
+        return bb.call_te(topi.fast_exp, call.args[0])
+    return _DEFAULT_LEGALIZE["relax.exp"](bb, call)
+
+
+def _fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``sigmoid`` of float32 as ``1 / (1 + fast_exp(-x))`` (swish, the FFN activation of OPUS-MT models: with the
+    C library's ``expf`` per element it took 60 µs of a 2.7 ms decoder step per layer at batch 32), other dtypes
+    as TVM legalizes them."""
+    if str(call.ty.dtype) != "float32":
+        return _DEFAULT_LEGALIZE["relax.sigmoid"](bb, call)
+    return bb.call_te(lambda x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))), call.args[0],
+                      primfunc_name_hint="fast_sigmoid")
+
+
+def _top_k(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """The ``k`` largest entries along the last axis of a 2-D tensor (both results, descending) with our
+    kernels (:mod:`int8mt.schedules.top_k`: no sort; the CPU's or, for a CUDA target, the GPU's). TVM has no
+    legalization of its own for ``topk``; the graphs we build use only this form."""
+    attrs, data = call.attrs, call.args[0]
+    if not (data.ty.ndim == 2 and int(attrs.axis) in (-1, 1) and bool(attrs.largest) and attrs.ret_type == "both"
+            and str(data.ty.dtype) in ("float32", "float64")):
+        raise ValueError(f"topk is compiled only for the largest entries of a 2-D float tensor along its last axis "
+                         f"(values and indices); got {call}")
+    target = tvm.target.Target.current()
+    make = top_k_gpu_kernel if target is not None and target.kind.name == "cuda" else top_k_kernel
+    kernel = bb.add_func(make(int(attrs.k), str(data.ty.dtype), str(attrs.dtype)), "top_k")
+    return relax.call_tir(kernel, [data], list(call.ty.fields))
+
+
+INJECTIVE = 2  # TVM's OpPatternKind kInjective
+
+
+def _fusable_gather(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``take`` as TVM legalizes it, marked injective when it gathers along a tensor of indices: TVM's pattern
+    analysis calls any load through an index tensor opaque, which keeps the gather out of fusion. The decoder
+    step's keys and values are such a gather from the cache's rows followed by a ``where`` that takes the new
+    position from the new key (:meth:`int8mt.model.transformer.Transformer.decode_step`): fused, one kernel
+    reads the past keys once and writes them once."""
+    out = _DEFAULT_LEGALIZE["relax.take"](bb, call)
+    if call.args[1].ty.ndim >= 1 and isinstance(out, relax.Call) and out.op == tvm.ir.Op.get("relax.call_tir"):
+        kernel = out.args[0]
+        bb.update_func(kernel, bb.get()[kernel].with_attr("op_pattern", INJECTIVE))
+    return out
+
+
+_DEFAULT_LEGALIZE = {name: tvm.ir.Op.get(name).get_attr("FLegalize")
+                     for name in ("relax.exp", "relax.sigmoid", "relax.take")}
+
+
+def legalize_map() -> dict[str, Callable]:
+    """Our legalizations, where they differ from TVM's: softmax and sigmoid use ``fast_exp``, gathers may fuse
+    with their consumers (:func:`_fusable_gather`), ``topk`` is our kernel and reshapes stay ``R.reshape`` (a view
+    of the same memory at run time): legalized into copy kernels they are turned back into views only where TVM
+    can prove the copy is the identity, which fails for dynamic shapes such as the decoder's cache rows (a copy of
+    the whole cache every step)."""
+    return {"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax, "relax.exp": _fast_exp,
+            "relax.sigmoid": _fast_sigmoid, "relax.take": _fusable_gather, "relax.topk": _top_k}
+
+
+def legalize_passes() -> list[tvm.transform.Pass]:
+    """TVM's legalization (``cpu_generic.legalize_passes``; the CUDA backend's before its schedules) with
+    :func:`legalize_map`, then constant folding and operator fusion."""
+    return [relax.transform.LegalizeOps(legalize_map()),
+            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR()]

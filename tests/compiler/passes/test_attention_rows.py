@@ -1,0 +1,121 @@
+"""AttentionRows: a decoder step's one-query attention (the self-attention's keys and values gathered from the
+cache's rows, the cross-attention's with a mask) -> one call of one function of the graph's own ops in the heads'
+layout; chains it cannot take stay; the values are the same (the GPU schedule: tests/test_cuda_target.py; a whole
+model's graph: ``test_the_kernel_phase_of_a_gpu_preset_computes_the_same_on_this_cpu``)."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I, relax as R, tirx as T
+
+from int8mt.compiler.legalize import legalize_map
+from int8mt.compiler.passes import AttentionRows
+from int8mt.compiler.pipeline import relax_pipeline
+from int8mt.schedules.cuda_attention_rows import ATTENTION_ROWS
+from int8mt.schedules.kernel_attrs import KERNEL_ATTR
+from int8mt.schedules.quantize_rows import OPAQUE
+
+from ...conftest import HOST_PRESET
+from ._modules import cross_attention_module, self_attention_module
+
+
+def _self_attention_expected() -> tvm.IRModule:
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def attention_rows(q: R.Tensor(("b", 2, 1, 8), "int8"), past: R.Tensor(("b", 1, "t", 1), "bool"),
+                           rows_k: R.Tensor(("r", 8), "int8"), index: R.Tensor(("b", 2, "t"), "int64"),
+                           new_k: R.Tensor(("b", 2, 1, 8), "int8"), rows_v: R.Tensor(("r", 8), "int8"),
+                           new_v: R.Tensor(("b", 2, 1, 8), "int8")):
+            R.func_attr({"Primitive": True})
+            with R.dataflow():
+                keys = R.where(past, R.take(rows_k, index, axis=0), new_k)
+                s = R.matmul(q, R.permute_dims(keys, [0, 1, 3, 2]), out_dtype="int32")
+                f = R.multiply(R.astype(s, "float32"), R.const(0.0001, "float32"))
+                p = R.nn.softmax(f, axis=-1)
+                pq = R.quantize(R.clip(p, -1.0, 1.0), R.const(0.0078125, "float32"), R.const(0, "int8"),
+                                out_dtype="int8", axis=-1)
+                values = R.where(past, R.take(rows_v, index, axis=0), new_v)
+                c = R.matmul(pq, values, out_dtype="int32")
+                o = R.astype(R.clip(R.right_shift(R.multiply(R.astype(c, "int64"), R.const(3, "int64")),
+                                                  R.const(4, "int64")), -127, 127), "int8")
+                R.output(o)
+            return o
+
+        @R.function
+        def main(q: R.Tensor(("b", 2, 1, 8), "int8"), rows_k: R.Tensor(("r", 8), "int8"),
+                 rows_v: R.Tensor(("r", 8), "int8"), index: R.Tensor(("b", 2, "t"), "int64"),
+                 past: R.Tensor(("b", 1, "t", 1), "bool"), new_k: R.Tensor(("b", 2, 1, 8), "int8"),
+                 new_v: R.Tensor(("b", 2, 1, 8), "int8")):
+            b = T.int64()
+            cls = Expected
+            with R.dataflow():
+                o4 = cls.attention_rows(q, past, rows_k, index, new_k, rows_v, new_v)
+                o = R.reshape(o4, R.shape([b * 2, 1, 8]))
+                out = R.reshape(o, R.shape([b, 1, 16]))
+                R.output(out)
+            return out
+
+    # the primitive function as the pipeline legalizes it, fused into the one PrimFunc the call takes
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(legalize_map()), relax.transform.FuseTIR()])(Expected)
+    gv = mod.get_global_var("attention_rows")
+    mod[gv] = mod[gv].with_attrs({KERNEL_ATTR: ATTENTION_ROWS, "op_pattern": OPAQUE})
+    return mod
+
+
+def test_a_self_attention_with_its_gathers_becomes_one_function_in_the_heads_layout():
+    after = AttentionRows()(self_attention_module())
+    tvm.ir.assert_structural_equal(after, _self_attention_expected())
+
+
+def _attention_calls(mod: tvm.IRModule) -> list[relax.Call]:
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if (
+        isinstance(e, relax.Call) and e.op == tvm.ir.Op.get("relax.call_tir")
+        and mod[e.args[0]].attrs.get(KERNEL_ATTR) == ATTENTION_ROWS) else None)
+    return calls
+
+
+def test_a_cross_attention_takes_the_mask_in_the_heads_layout():
+    after = AttentionRows()(cross_attention_module())
+    (call,) = _attention_calls(after)
+    q, keys, values, _ = after["main"].params
+    q_, keys_, heads_mask, values_ = call.args[1].fields
+    assert (q_, keys_, values_) == (q, keys, values)  # as stored: no reshape, no gather
+    assert [int(d) for d in list(heads_mask.ty.shape)[1:3]] == [2, 1]  # the mask broadcast over the heads
+    ops = []
+    relax.analysis.post_order_visit(after["main"], lambda e: ops.append(e.op.name) if (
+        isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)) else None)
+    assert "relax.nn.softmax" not in ops and "relax.matmul" not in ops
+
+
+def test_an_attention_whose_probabilities_are_used_elsewhere_stays():
+    before = self_attention_module(softmax_used_twice=True)
+    tvm.ir.assert_structural_equal(AttentionRows()(before), before)
+
+
+def _run(mod: tvm.IRModule, *inputs: np.ndarray) -> list[np.ndarray]:
+    target = tvm.target.Target(HOST_PRESET.target)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    out = vm["main"](*(tvm.runtime.tensor(x) for x in inputs))
+    return [x.numpy() for x in (out if isinstance(out, (list, tuple, tvm.ir.Array)) else [out])]
+
+
+@pytest.mark.parametrize("batch,positions", [(3, 5), (2, 70)])
+def test_the_function_computes_what_the_graph_computes(batch, positions):
+    """Both attentions before and after the pass, compiled for this CPU: the same int8 context rows (positions
+    past one chunk of the GPU kernel's threads too)."""
+    rng = np.random.default_rng(positions)
+    rows = 11
+    index = rng.integers(0, rows * 2, (batch, 2, positions))
+    past = rng.random((batch, 1, positions, 1)) < 0.8
+    inputs = [rng.integers(-127, 128, (batch, 2, 1, 8)).astype("int8"),
+              *(rng.integers(-127, 128, (rows * 2, 8)).astype("int8") for _ in range(2)), index, past,
+              *(rng.integers(-127, 128, (batch, 2, 1, 8)).astype("int8") for _ in range(2))]
+    np.testing.assert_array_equal(_run(AttentionRows()(self_attention_module()), *inputs),
+                                  _run(self_attention_module(), *inputs))
+    keys, values = (rng.integers(-127, 128, (batch, 2, positions, 8)).astype("int8") for _ in range(2))
+    mask = np.where(rng.random((batch, 1, 1, positions)) < 0.2, -1e9, 0.0).astype("float32")
+    after = _run(AttentionRows()(cross_attention_module()), inputs[0], keys, values, mask)
+    np.testing.assert_array_equal(after, _run(cross_attention_module(), inputs[0], keys, values, mask))
+    assert np.abs(after[0]).max() > 0
