@@ -30,6 +30,7 @@ from .quantize_rows import OPAQUE, leading_rows
 QUANTIZE_ROWS = "quantize_rows_graph"
 LAYER_NORM_ROWS = "layer_norm_rows_graph"
 ROW_KERNELS = (QUANTIZE_ROWS, LAYER_NORM_ROWS)
+ROW_QUANTIZE_ATTR = "int8mt.row_quantize"  # a row quantization function's qmax and eps
 WARP = 32
 MAX_THREADS = 256  # threads per row
 
@@ -68,10 +69,11 @@ def _static_quantizations(x: te.Tensor, quantizations: Sequence[StaticQuantize])
 def quantize_rows_function(rank: int, columns: int | None, qmax: float, eps: float) -> tirx.PrimFunc:
     """``(x, q, s)``: ``s[..., 0] = max(max|x[..., :]|, eps) / qmax``, ``q = int8(clip(round(x / s), -qmax,
     qmax))`` for float32 ``x`` of ``rank`` dimensions, the last of ``columns`` elements (None: any number), as the
-    graph's ops compute them; unscheduled."""
+    graph's ops compute them; unscheduled (its ``qmax`` and ``eps`` in :data:`ROW_QUANTIZE_ATTR`)."""
     x = _rows(rank, columns)
     outputs = _row_quantization(x, RowQuantize(qmax, eps))
-    return te.create_prim_func([x, *outputs]).with_attrs({KERNEL_ATTR: QUANTIZE_ROWS, "op_pattern": OPAQUE})
+    return te.create_prim_func([x, *outputs]).with_attrs({KERNEL_ATTR: QUANTIZE_ROWS, "op_pattern": OPAQUE,
+                                                          ROW_QUANTIZE_ATTR: {"qmax": qmax, "eps": eps}})
 
 
 def static_quantizations_function(rank: int, columns: int | None,

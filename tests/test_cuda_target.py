@@ -394,6 +394,17 @@ def test_cuda_bundle_quantizes_each_row_at_run_time_in_one_kernel(cuda_bundle):
     assert not [k for k in calls if re.match(r"fused_tir_abs\d*_max|fused_maximum\d*_divide", k)]
 
 
+def test_cuda_bundle_computes_each_attention_of_a_decoder_step_in_one_kernel(cuda_bundle):
+    """Run-time ranges: each of the decoder step's attentions (self and cross, per layer) is one call of an
+    attention function, with its scales, gathers, softmax and the probabilities' row quantization inside: no
+    softmax, gather or attention product kernel of its own."""
+    from .conftest import TINY
+
+    calls = re.findall(r"R\.call_tir\(cls\.(\w+),", _legalized_step(cuda_bundle))
+    assert len([c for c in calls if c.startswith("attention_rows")]) == 2 * TINY.decoder_layers
+    assert not [c for c in calls if "softmax" in c or "take" in c and "where" in c or re.match(r"(fused_)?matmul", c)]
+
+
 def test_cuda_bundle_quantizes_a_layer_norms_result_in_the_layer_norms_kernel(cuda_bundle):
     """Each layer norm of the decoder step whose result the next linear layer quantizes is one call returning the
     quantization too: no quantization kernel reads a layer norm's result."""

@@ -1,28 +1,36 @@
 """AttentionRows: each one-query attention of a decoder step, from its scores product through its context's
-requantization, -> one call of one function of the graph's own ops, which GPU presets schedule as one kernel (a
-thread block per hypothesis and head: :class:`~int8mt.schedules.cuda_attention_rows.CUDAAttentionRows`).
+requantization (or dequantization), -> one call of one function of the graph's own ops, which GPU presets schedule
+as one kernel (a thread block per hypothesis and head: :class:`~int8mt.schedules.cuda_attention_rows.
+CUDAAttentionRows`).
 
 After :class:`.ReadKeysAsStored` and :class:`.ReshapesAfterElementwise` a layer's attention in the decoder step is
 ``matmul(q, permute_dims(keys))`` (int8, ``q`` ``[pairs, 1, head_dim]``, ``pairs`` = hypotheses x heads), the
 scores' dequantization and mask, a softmax along the positions, the probabilities' quantization and ``matmul(p,
 values)`` with its requantization: five kernels as TVM fuses them on a GPU, seven for the self-attention, whose keys
-and values are each gathered from the cache's rows first (``where(past, take(rows, index), new)``). The chain
-becomes one function, matched as:
+and values are each gathered from the cache's rows first (``where(past, take(rows, index), new)``); with run-time
+ranges also the keys' and values' scales, each gathered, and the probabilities' row quantization. The attention
+becomes one function: from the scores product of int8 operands (``q`` and the keys reshaping ``[batch, heads, ...]``
+tensors), every later op that uses its values and is one of
 
-* the scores product of int8 operands, ``q`` and the keys reshapes of ``[batch, heads, ...]`` tensors;
-* then, each value used once, ops along the positions: ``astype``, ``clip``, ``quantize`` with a scalar scale and
-  zero point, ``softmax`` along the last axis, elementwise ops with a scalar constant or with a tensor of the
-  scores' shape or broadcast over heads (the mask), and reshapes between ``[pairs, 1, positions]`` and ``[batch,
-  heads, 1, positions]``;
-* the context product of those probabilities and values that reshape a ``[batch, heads, positions, head_dim]``
-  tensor, then elementwise ops with scalar constants (its requantization), each value used once.
+* ``astype``, ``clip``, ``quantize`` with a scalar scale and zero point, ``softmax`` along the last axis;
+* elementwise ops whose other operand is a scalar constant, a value of the attention or a tensor of the heads'
+  layout (``[batch, heads or 1, ...]``, or ``[pairs, ...]`` reshaping one: the mask, the query's scales, the
+  keys' and values' scales);
+* a reshape within the heads' layout (between ``[pairs, x, y]`` and ``[batch, heads, x, y]``, or moving an axis of
+  size 1: ``[..., 1, positions]`` and ``[..., positions, 1]``);
+* our row quantization (:data:`~int8mt.schedules.cuda_rows.QUANTIZE_ROWS`) of a value in the heads' layout, and
+  the parts of its result;
+* the context product, of a value of the attention and values reshaping a ``[batch, heads, positions, head_dim]``
+  tensor, once;
 
-The function computes in the heads' layout ``[batch, heads, 1, ...]`` (the graph's reshapes between the two layouts
-are views, dropped) and takes the keys and values behind their reshapes, and, where a gather and its ``where``
-have no other use, the gather's operands: the kernel reads the rows where the cache stores them. It is built from
-the ops as the pipeline legalizes them (:func:`~int8mt.compiler.legalize.legalize_map`), fused by TVM into one
-PrimFunc: it computes what the graph computes (a softmax's sum in another order: the same within float rounding).
-Its result is reshaped back to the graph's layout (a view). GPU presets, quantized models, static ranges.
+as long as exactly one of these values, after the context product, is used by anything else: the attention's
+result. The function computes in the heads' layout ``[batch, heads, x, y]``: the graph's reshapes between the two
+layouts are views, dropped; moves of an axis of size 1 become ``permute_dims``. It takes tensors behind their
+reshapes and, where a gather and its ``where`` (or a ``broadcast_to``) have no other use, the gather's operands
+(the broadcast's input): the kernel reads the rows where the cache stores them. It is built from the ops as the
+pipeline legalizes them (:func:`~int8mt.compiler.legalize.legalize_map`), fused by TVM into one PrimFunc: it
+computes what the graph computes (a softmax's sum in another order: the same within float rounding). Its result is
+reshaped back to the graph's layout (a view). GPU presets, quantized models.
 """
 from __future__ import annotations
 
@@ -35,157 +43,170 @@ from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
 from int8mt.schedules.cuda_attention_rows import ATTENTION_ROWS
+from int8mt.schedules.cuda_rows import QUANTIZE_ROWS, ROW_QUANTIZE_ATTR
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.quantize_rows import OPAQUE
 
 from ..legalize import legalize_map
-from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, is_int8_matmul, is_one,
+from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, is_int8_matmul, is_one, kernel_kind,
                            rewrite_functions, scalar_constant)
-
 
 UNARY = ("relax.astype", "relax.clip")  # (a clip's other arguments are bounds)
 BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.right_shift", "relax.left_shift",
           "relax.maximum", "relax.minimum")
+SWAP_LAST = [0, 1, 3, 2]
 
 
 @dataclass
 class _Attention:
-    """One matched attention: its bindings in order (the last one its result), the product sources in the heads'
-    layout, and the gathers absorbed with them."""
+    """One matched attention: its bindings in order (the last one its result) and its context product."""
     batch: tirx.PrimExpr
     heads: tirx.PrimExpr
-    chain: list[relax.Var] = field(default_factory=list)
+    members: list[relax.Var] = field(default_factory=list)
     context: relax.Var | None = None
-    absorbed: set[relax.Var] = field(default_factory=set)
 
 
 @expr_functor.mutator
 class _AttentionRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
+        self.mod = mod
         self.kernels = KernelTable(self.builder_)
         self.analyzer = Analyzer()
         self.found: dict[relax.Var, _Attention] = {}  # the result's variable -> its attention
 
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
-        self.bindings, users = bindings_and_users(func)
-        self.users = users
+        self.bindings, self.users = bindings_and_users(func)
+        self.order = {var: i for i, var in enumerate(self.bindings)}
         self.found = {}
         for var, value in self.bindings.items():
             attention = self._match(var, value) if is_int8_matmul(value) else None
             if attention is not None:
-                self.found[attention.chain[-1]] = attention
+                self.found[attention.members[-1]] = attention
+
+    # shapes in the heads' layout
+
+    def lift(self, shape: list, attention: _Attention) -> list | None:
+        """``shape`` in the heads' layout: ``[batch, heads, x, y]`` for ``[pairs, x, y]``; itself for ``[batch,
+        heads or 1, x, y]``; None for anything else."""
+        equal = self.analyzer.can_prove_equal
+        if len(shape) == 3 and equal(shape[0], attention.batch * attention.heads):
+            return [attention.batch, attention.heads, *shape[1:]]
+        if len(shape) == 4 and equal(shape[0], attention.batch) and (is_one(shape[1])
+                                                                     or equal(shape[1], attention.heads)):
+            return list(shape)
+        return None
+
+    def arrangement(self, source: list, target: list) -> str | None:
+        """How a tensor of lifted shape ``source`` is one of lifted shape ``target`` (its last two axes): "same",
+        "swapped" (an axis of size 1 moved), or None."""
+        equal = self.analyzer.can_prove_equal
+        if all(equal(a, b) for a, b in zip(source, target)):
+            return "same"
+        if (all(equal(a, b) for a, b in zip(source[:2], target[:2])) and equal(source[2], target[3])
+                and equal(source[3], target[2]) and (is_one(source[2]) or is_one(source[3]))):
+            return "swapped"
+        return None
+
+    def heads_source(self, expr: relax.Expr, attention: _Attention, same: bool = False) -> relax.Expr | None:
+        """The tensor of the heads' layout ``expr`` is: itself if it is one, else the one it reshapes (as it is,
+        or with an axis of size 1 moved; with ``same`` only as it is)."""
+        if not isinstance(expr, relax.Var) or expr.ty.ndim not in (3, 4):
+            return None
+        wanted = self.lift(list(expr.ty.shape), attention)
+        if wanted is None:
+            return None
+        if expr.ty.ndim == 4:
+            return expr
+        reshape = bound_op_call(expr, "relax.reshape", self.bindings)
+        source = reshape.args[0] if reshape is not None else None
+        if source is None or source.ty.ndim != 4 or self.lift(list(source.ty.shape), attention) is None:
+            return None
+        arranged = self.arrangement(list(source.ty.shape), wanted)
+        return source if arranged == "same" or (arranged == "swapped" and not same) else None
+
+    def _operand(self, expr: relax.Expr, target: list, attention: _Attention, members: set) -> bool:
+        """Whether ``expr`` can be an elementwise op's operand in the function, against a value of lifted shape
+        ``target``: a scalar constant, a value of the attention, or a tensor of the heads' layout that broadcasts
+        onto it (possibly with its last two axes swapped)."""
+        if scalar_constant(expr) is not None or expr in members:
+            return True
+        wanted = self.lift(list(expr.ty.shape), attention) if self.heads_source(expr, attention) is not None else None
+        return wanted is not None and all(is_one(s) or self.analyzer.can_prove_equal(s, t)
+                                          for s, t in zip(wanted, target))
 
     # matching
 
-    def _heads_first(self, expr: relax.Expr, positions: tirx.PrimExpr | None = None) -> relax.Expr | None:
-        """The ``[batch, heads, rows, columns]`` tensor that ``expr`` ``[batch * heads, rows, columns]`` reshapes
-        (the heads' layout), if it is such a reshape."""
-        reshape = bound_op_call(expr, "relax.reshape", self.bindings)
-        if reshape is None or reshape.args[0].ty.ndim != 4 or expr.ty.ndim != 3:
-            return None
-        source, flat = list(reshape.args[0].ty.shape), list(expr.ty.shape)
-        if not (self.analyzer.can_prove_equal(source[0] * source[1], flat[0])
-                and all(self.analyzer.can_prove_equal(a, b) for a, b in zip(source[2:], flat[1:]))):
-            return None
-        return reshape.args[0]
-
-    def _single_use(self, var: relax.Expr) -> bool:
-        return isinstance(var, relax.Var) and len(self.users.get(var, [])) == 1 and self.users[var][0] is not None
+    def _single_user(self, var: relax.Expr) -> relax.Var | None:
+        used = self.users.get(var, []) if isinstance(var, relax.Var) else []
+        return used[0] if len(used) == 1 else None
 
     def _match(self, scores: relax.Var, call: relax.Call) -> _Attention | None:
         q, transposed = call.args
         keys_t = bound_op_call(transposed, "relax.permute_dims", self.bindings)
-        if (keys_t is None or q.ty.ndim != 3 or not is_one(q.ty.shape[1]) or not self._single_use(transposed)
+        if (keys_t is None or self._single_user(transposed) is None or q.ty.ndim != 3 or not is_one(q.ty.shape[1])
                 or [int(a) for a in keys_t.attrs.axes] != [0, 2, 1]):
             return None
-        q4, keys4 = self._heads_first(q), self._heads_first(keys_t.args[0])
-        if q4 is None or keys4 is None:
+        keys = keys_t.args[0]
+        reshape = bound_op_call(keys, "relax.reshape", self.bindings)
+        if reshape is None or reshape.args[0].ty.ndim != 4:
             return None
-        attention = _Attention(batch=keys4.ty.shape[0], heads=keys4.ty.shape[1], chain=[scores])
-        current = scores
-        while self._single_use(current):
-            following = self.users[current][0]
-            value = self.bindings[following]
-            if attention.context is None and is_int8_matmul(value) and value.args[0].same_as(current):
-                if self._heads_first(value.args[1]) is None:
-                    return None
-                attention.context = following
-            elif not self._along_positions(value, current, attention):
-                break
-            attention.chain.append(following)
-            current = following
-        if attention.context is None:
+        attention = _Attention(batch=reshape.args[0].ty.shape[0], heads=reshape.args[0].ty.shape[1],
+                               members=[scores])
+        if any(self.heads_source(x, attention, same=True) is None for x in (q, keys)):
             return None
-        for product in (scores, attention.context):
-            operand = (keys_t.args[0] if product is scores else self.bindings[product].args[1])
-            self._absorb_gather(self._heads_first(operand), attention)
+        members = {scores}
+        for var in list(self.bindings)[self.order[scores] + 1:]:
+            value = self.bindings[var]
+            if not any(v in members for v in relax.analysis.free_vars(value)):
+                continue
+            if self._joins(var, value, attention, members):
+                members.add(var)
+                attention.members.append(var)
+        used_outside = [v for v in attention.members if any(u not in members for u in self.users.get(v, []))]
+        if (attention.context is None or used_outside != [attention.members[-1]]
+                or self.order[used_outside[0]] <= self.order[attention.context]):
+            return None
         return attention
 
-    def _along_positions(self, value: relax.Expr, current: relax.Var, attention: _Attention) -> bool:
-        """Whether ``value`` (which uses ``current``) is an op of the chain (see the module docstring)."""
-        if not isinstance(value, relax.Call) or not isinstance(value.op, ir.Op):
+    def _joins(self, var: relax.Var, value: relax.Expr, attention: _Attention, members: set) -> bool:
+        """Whether ``var``'s binding joins the attention (see the module docstring); notes its context product."""
+        if isinstance(value, relax.TupleGetItem):
+            return value.tuple_value in members
+        if not isinstance(value, relax.Call):
             return False
-        name, before_context = value.op.name, attention.context is None
-        if name in UNARY:
-            return value.args[0].same_as(current)
-        if name == "relax.quantize":
-            return (value.args[0].same_as(current) and scalar_constant(value.args[1]) is not None
-                    and scalar_constant(value.args[2]) is not None)
-        if name == "relax.nn.softmax":
-            return before_context and int(value.attrs.axis) in (-1, current.ty.ndim - 1)
-        if name == "relax.reshape":
-            return before_context and self._same_heads_layout(value.ty.shape, current.ty.shape, attention)
-        if name in BINARY:
-            others = [a for a in value.args if not a.same_as(current)]
-            if len(others) != 1 or len(value.args) != 2:
+        if value.op == ir.Op.get("relax.call_tir"):
+            return (kernel_kind(self.mod, value.args[0]) == QUANTIZE_ROWS
+                    and ROW_QUANTIZE_ATTR in self.mod[value.args[0]].attrs
+                    and all(a in members and a.ty.ndim == 4 for a in value.args[1].fields))
+        if not isinstance(value.op, ir.Op):
+            return False
+        name, x = value.op.name, value.args[0]
+        target = self.lift(list(var.ty.shape), attention) if var.ty.ndim in (3, 4) else None
+        if target is None:
+            return False
+        if is_int8_matmul(value):
+            if attention.context is not None or x not in members:
                 return False
-            if scalar_constant(others[0]) is not None:
-                return True
-            return before_context and self._row_operand(others[0], attention) is not None
+            values = self.heads_source(value.args[1], attention, same=True)
+            if values is None or value.args[1].ty.ndim != 3:
+                return False
+            attention.context = var
+            return True
+        if x not in members and name not in BINARY:
+            return False
+        if name in UNARY:
+            return True
+        if name == "relax.quantize":
+            return scalar_constant(value.args[1]) is not None and scalar_constant(value.args[2]) is not None
+        if name == "relax.nn.softmax":
+            return int(value.attrs.axis) in (-1, var.ty.ndim - 1) and not is_one(target[3])
+        if name == "relax.reshape":
+            source = self.lift(list(x.ty.shape), attention)
+            return source is not None and self.arrangement(source, target) is not None
+        if name in BINARY and len(value.args) == 2:
+            return all(self._operand(a, target, attention, members) for a in value.args)
         return False
-
-    def _same_heads_layout(self, a: list, b: list, attention: _Attention) -> bool:
-        """Whether shapes ``a`` and ``b`` are both ``[pairs, 1, n]`` or ``[batch, heads, 1, n]`` of one ``n``."""
-        lifted = [self._lift(list(s), attention) for s in (a, b)]
-        return None not in lifted and all(self.analyzer.can_prove_equal(x, y) for x, y in zip(*lifted))
-
-    def _lift(self, shape: list, attention: _Attention) -> list | None:
-        """``shape`` in the heads' layout ``[batch, heads, 1, n]``, from ``[pairs, 1, n]`` or itself."""
-        pairs = attention.batch * attention.heads
-        if len(shape) == 3 and self.analyzer.can_prove_equal(shape[0], pairs) and is_one(shape[1]):
-            return [attention.batch, attention.heads, shape[1], shape[2]]
-        if (len(shape) == 4 and self.analyzer.can_prove_equal(shape[0], attention.batch)
-                and self.analyzer.can_prove_equal(shape[1], attention.heads) and is_one(shape[2])):
-            return shape
-        return None
-
-    def _row_operand(self, operand: relax.Expr, attention: _Attention) -> relax.Expr | None:
-        """A tensor operand of an op of the chain in the heads' layout: itself if it is ``[batch, heads or 1, 1,
-        n]``, the tensor it reshapes if it is ``[pairs, 1, n]``; None for anything else."""
-        if not isinstance(operand, relax.Var) or operand.ty.ndim not in (3, 4):
-            return None
-        if operand.ty.ndim == 3:
-            reshape = bound_op_call(operand, "relax.reshape", self.bindings)
-            if reshape is None or self._lift(list(operand.ty.shape), attention) is None:
-                return None
-            operand = reshape.args[0]
-        shape = list(operand.ty.shape) if operand.ty.ndim == 4 else None
-        if (shape is None or not self.analyzer.can_prove_equal(shape[0], attention.batch) or not is_one(shape[2])
-                or not (is_one(shape[1]) or self.analyzer.can_prove_equal(shape[1], attention.heads))):
-            return None
-        return operand
-
-    def _absorb_gather(self, source: relax.Expr, attention: _Attention) -> None:
-        """Marks ``source`` absorbed where it is ``where(c, take(rows, index, axis=0), new)`` (or the ``take``
-        alone) used only by the chain's reshape, and its ``take`` used only by it."""
-        where = bound_op_call(source, "relax.where", self.bindings)
-        gathered = where.args[1] if where is not None else source
-        take = bound_op_call(gathered, "relax.take", self.bindings)
-        if (take is None or take.args[1].ty.ndim != 3 or int(take.attrs.axis) != 0 or not self._single_use(source)
-                or (where is not None and not self._single_use(gathered))):
-            return
-        attention.absorbed.update({source, gathered} if where is not None else {source})
 
     # rewriting
 
@@ -196,20 +217,20 @@ class _AttentionRewriter(PyExprMutator):
             return
         kernel, args, out_ty = self._kernel(attention)
         out = self.builder_.emit(relax.call_tir(kernel, [self.visit_expr(a) for a in args], out_ty))
-        self.set_var_remap(binding.var, self.builder_.emit(relax.op.reshape(out, binding.var.ty.shape),
-                                                           binding.var.name))
+        if list(out_ty.shape) != list(binding.var.ty.shape):
+            out = self.builder_.emit(relax.op.reshape(out, binding.var.ty.shape))
+        self.set_var_remap(binding.var, out)
 
     def _kernel(self, attention: _Attention) -> tuple[ir.GlobalVar, list[relax.Expr], relax.TensorType]:
         """The attention's function as a PrimFunc of the module (once per distinct function), the outer
         arguments of its call, and its result's type."""
         builder = _FunctionBuilder(self, attention)
-        func, args = builder.build()
-        prim, call = _fused(func)
-        outer = dict(zip(builder.params, args))
-        arguments = [outer.get(a, a) for a in call.args[1].fields]
+        module, outer = builder.build()
+        prim, call = _fused(module)
+        by_param = dict(zip(builder.params, outer))
         kernel = self.kernels.get(("attention_rows", tvm_ffi.structural_hash(prim)), "attention_rows",
                                   lambda: prim.with_attrs({KERNEL_ATTR: ATTENTION_ROWS, "op_pattern": OPAQUE}))
-        return kernel, arguments, call.ty_args[0]
+        return kernel, [by_param.get(a, a) for a in call.args[1].fields], call.ty_args[0]
 
 
 class _FunctionBuilder:
@@ -220,28 +241,31 @@ class _FunctionBuilder:
         self.bindings = rewriter.bindings
         self.params: list[relax.Var] = []
         self.outer: list[relax.Expr] = []
-        self.values: dict[relax.Var, relax.Expr] = {}  # outer variable -> its value in the function
+        self.values: dict[relax.Var, relax.Expr] = {}  # the graph's variable -> its value in the function
 
-    def build(self) -> tuple[relax.Function, list[relax.Expr]]:
-        bb = relax.BlockBuilder()
-        self.bb = bb
-        chain = self.attention.chain
+    def build(self) -> tuple[tvm.IRModule, list[relax.Expr]]:
+        """A module of the primitive function ``attention_rows`` (and the PrimFuncs it calls), and the graph's
+        values its parameters take."""
+        bb = self.bb = relax.BlockBuilder()
         with bb.function("attention_rows", attrs={"Primitive": True}, private=True):
             with bb.dataflow():
-                for var in chain:
+                for var in self.attention.members:
                     self.values[var] = self._emit(var, self.bindings[var])
-                out = bb.emit_output(self.values[chain[-1]])
-            # sizes that only appear inside others (the cache's rows: ``[rows * heads, head_dim]``) are passed as
-            # a shape, so that the PrimFunc takes them
-            tensors = [p for p in self.params if isinstance(p.ty, relax.TensorType)]
-            defined = {d for p in tensors for d in p.ty.shape if isinstance(d, tirx.Var)}
-            inside = {v for p in tensors for d in p.ty.shape for v in tirx.analysis.undefined_vars(d)} - defined
-            if inside:
-                sizes = sorted(inside, key=lambda v: v.name)
-                self.params.append(relax.Var("sizes", relax.ShapeType(sizes)))
-                self.outer.append(relax.ShapeExpr(sizes))
+                out = bb.emit_output(self.values[self.attention.members[-1]])
+            self._sizes()
             bb.emit_func_output(out, self.params)
-        return bb.get()["attention_rows"], self.outer
+        return bb.get(), self.outer
+
+    def _sizes(self) -> None:
+        """Sizes that appear only inside others (the cache's rows: ``[rows * heads, head_dim]``) as a shape
+        parameter, so that the PrimFunc takes them."""
+        tensors = [p for p in self.params if isinstance(p.ty, relax.TensorType)]
+        defined = {d for p in tensors for d in p.ty.shape if isinstance(d, tirx.Var)}
+        inside = {v for p in tensors for d in p.ty.shape for v in tirx.analysis.undefined_vars(d)} - defined
+        if inside:
+            sizes = sorted(inside, key=lambda v: v.name)
+            self.params.append(relax.Var("sizes", relax.ShapeType(sizes)))
+            self.outer.append(relax.ShapeExpr(sizes))
 
     def _param(self, expr: relax.Expr) -> relax.Var:
         for param, outer in zip(self.params, self.outer):
@@ -252,62 +276,105 @@ class _FunctionBuilder:
         self.outer.append(expr)
         return param
 
-    def _source(self, operand: relax.Expr) -> relax.Expr:
-        """A product's operand in the heads' layout: the gather emitted here where absorbed, else a parameter."""
-        source = self.rewriter._heads_first(operand)
-        if source in self.attention.absorbed:
-            return self._gathered(source)
+    def _tensor(self, source: relax.Expr) -> relax.Expr:
+        """A tensor of the heads' layout the function reads: emitted here where it is a gather (``where(c,
+        take(rows, index, axis=0), new)`` or the ``take``) used only there, its input where it is a ``broadcast_to``
+        used only there (the op broadcasts it), else a parameter."""
+        value = self.bindings.get(source) if isinstance(source, relax.Var) else None
+        if value is None or self.rewriter._single_user(source) is None:
+            return self._param(source)
+        where = bound_op_call(source, "relax.where", self.bindings)
+        gathered = where.args[1] if where is not None else source
+        take = bound_op_call(gathered, "relax.take", self.bindings)
+        if take is not None and take.args[1].ty.ndim == 3 and int(take.attrs.axis) == 0 and (
+                where is None or self.rewriter._single_user(gathered) is not None):
+            rows, index = (self._param(a) for a in take.args[:2])
+            taken = self.bb.emit(relax.op.take(rows, index, axis=0, mode=str(take.attrs.mode)))
+            if where is None:
+                return taken
+            return self.bb.emit(relax.op.where(self._param(where.args[0]), taken, self._param(where.args[2])))
+        broadcast = bound_op_call(source, "relax.broadcast_to", self.bindings)
+        if broadcast is not None and broadcast.args[0].ty.ndim == source.ty.ndim:
+            return self._param(broadcast.args[0])
         return self._param(source)
 
-    def _gathered(self, var: relax.Var) -> relax.Expr:
-        value = self.bindings[var]
-        args = [self._gathered(a) if a in self.attention.absorbed else self._param(a) for a in value.args]
-        return self.bb.emit(relax.Call(value.op, args, value.attrs))
-
-    def _emit(self, var: relax.Var, value: relax.Call) -> relax.Expr:
-        name = value.op.name
-        if var.same_as(self.attention.chain[0]):
-            keys_t = self.bindings[value.args[1]]
-            q = self._param(self.rewriter._heads_first(value.args[0]))
-            keys = relax.op.permute_dims(self._source(keys_t.args[0]), [0, 1, 3, 2])
-            return self.bb.emit(relax.op.matmul(q, keys, out_dtype="int32"))
-        if var.same_as(self.attention.context):
-            probabilities = self.values[value.args[0]]
-            return self.bb.emit(relax.op.matmul(probabilities, self._source(value.args[1]), out_dtype="int32"))
-        args = [self._operand(a) for a in value.args]
-        if name == "relax.reshape":
-            return args[0]
-        if name == "relax.nn.softmax":
-            return self.bb.emit(relax.op.nn.softmax(args[0], axis=-1))
-        if name == "relax.quantize":
-            return self.bb.emit(relax.op.quantize(args[0], args[1], args[2], axis=-1,
-                                                  out_dtype=str(value.attrs.out_dtype)))
-        return self.bb.emit(relax.Call(value.op, args, value.attrs))
-
-    def _operand(self, arg: relax.Expr) -> relax.Expr:
-        if isinstance(arg, relax.Var) and arg in self.values:
+    def _operand(self, arg: relax.Expr, target: list) -> relax.Expr:
+        """``arg`` as an elementwise op's operand in the function (see ``_AttentionRewriter._operand``)."""
+        if arg in self.values:
             return self.values[arg]
-        if isinstance(arg, relax.Var):
-            return self._param(self.rewriter._row_operand(arg, self.attention))
-        return arg
+        if scalar_constant(arg) is not None:
+            return arg
+        rewriter, attention = self.rewriter, self.attention
+        source = rewriter.heads_source(arg, attention)
+        tensor = self._tensor(source)
+        wanted = rewriter.lift(list(arg.ty.shape), attention)
+        if rewriter.arrangement(list(source.ty.shape), wanted) == "swapped":
+            return self.bb.emit(relax.op.permute_dims(tensor, SWAP_LAST))
+        return tensor
+
+    def _emit(self, var: relax.Var, value: relax.Expr) -> relax.Expr:
+        bb, rewriter, attention = self.bb, self.rewriter, self.attention
+        if isinstance(value, relax.TupleGetItem):
+            return bb.emit(relax.TupleGetItem(self.values[value.tuple_value], value.index))
+        if value.op == ir.Op.get("relax.call_tir"):
+            return bb.emit(_row_quantization(bb, self.values[value.args[1].fields[0]],
+                                             rewriter.mod[value.args[0]].attrs[ROW_QUANTIZE_ATTR]))
+        if var.same_as(attention.members[0]):
+            q, keys_t = value.args[0], self.bindings[value.args[1]]
+            keys = keys_t.args[0]
+            q4 = self._tensor(rewriter.heads_source(q, attention))
+            keys4 = self._tensor(rewriter.heads_source(keys, attention))
+            return bb.emit(relax.op.matmul(q4, relax.op.permute_dims(keys4, SWAP_LAST), out_dtype="int32"))
+        if var.same_as(attention.context):
+            values = value.args[1]
+            values4 = self._tensor(rewriter.heads_source(values, attention))
+            return bb.emit(relax.op.matmul(self.values[value.args[0]], values4, out_dtype="int32"))
+        name, target = value.op.name, rewriter.lift(list(var.ty.shape), attention)
+        if name == "relax.reshape":
+            x = self.values[value.args[0]]
+            source = rewriter.lift(list(value.args[0].ty.shape), attention)
+            swapped = rewriter.arrangement(source, target) == "swapped"
+            return bb.emit(relax.op.permute_dims(x, SWAP_LAST)) if swapped else x
+        args = [self._operand(a, target) if isinstance(a.ty, relax.TensorType) else a  # (not a clip's bounds)
+                for a in value.args]
+        if name == "relax.nn.softmax":
+            return bb.emit(relax.op.nn.softmax(args[0], axis=-1))
+        if name == "relax.quantize":
+            return bb.emit(relax.op.quantize(args[0], args[1], args[2], axis=-1, out_dtype=str(value.attrs.out_dtype)))
+        return bb.emit(relax.Call(value.op, args, value.attrs))
 
 
-def _fused(func: relax.Function) -> tuple[tirx.PrimFunc, relax.Call]:
-    """``func`` (a primitive function of Relax ops) legalized as the pipeline does and fused into one PrimFunc; the
-    PrimFunc and the ``call_tir`` of it that calls ``func``'s parameters."""
+def _row_quantization(bb: relax.BlockBuilder, x: relax.Expr, attrs: dict) -> relax.Tuple:
+    """``(q, s)``: the per-row quantization of ``x`` in the graph's own ops (what the row quantization function
+    computes, :func:`~int8mt.schedules.cuda_rows.quantize_rows_function`)."""
+    qmax, eps = float(attrs["qmax"]), float(attrs["eps"])
+    magnitude = bb.emit(relax.op.max(bb.emit(relax.op.abs(x)), axis=-1, keepdims=True))
+    scale = bb.emit(relax.op.divide(bb.emit(relax.op.maximum(magnitude, relax.const(eps, "float32"))),
+                                    relax.const(qmax, "float32")))
+    rounded = bb.emit(relax.op.round(bb.emit(relax.op.divide(x, scale))))
+    q = bb.emit(relax.op.astype(bb.emit(relax.op.clip(rounded, -qmax, qmax)), "int8"))
+    return relax.Tuple([q, scale])
+
+
+def _fused(module: tvm.IRModule) -> tuple[tirx.PrimFunc, relax.Call]:
+    """``module``'s primitive function ``attention_rows`` (Relax ops and calls of the module's PrimFuncs)
+    legalized as the pipeline does and fused into one PrimFunc; the PrimFunc and the ``call_tir`` of it on the
+    function's parameters."""
+    inner = module.get_global_var("attention_rows")
+    func = module[inner]
     params = [relax.Var(p.name, p.ty) for p in func.params]
-    bb = relax.BlockBuilder()
-    inner = bb.add_func(func, "attention_rows")
+    bb = relax.BlockBuilder(module)
     with bb.function("main", params):
         with bb.dataflow():
             out = bb.emit_output(relax.Call(inner, params))
         bb.emit_func_output(out)
-    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(legalize_map()), relax.transform.FuseTIR()])(bb.get())
-    call = mod["main"].body.blocks[0].bindings[-1].value
-    prim = mod[call.args[0]]
-    mapping = {p: outer for p, outer in zip(params, func.params)}
-    args = [mapping.get(a, a) for a in call.args[1].fields]
-    return prim, relax.Call(call.op, [call.args[0], relax.Tuple(args), *call.args[2:]], call.attrs, call.ty_args)
+    fused = tvm.transform.Sequential([relax.transform.LegalizeOps(legalize_map()), relax.transform.FuseTIR()])(
+        bb.get())
+    call = fused["main"].body.blocks[0].bindings[-1].value
+    by_param = dict(zip(params, func.params))
+    args = [by_param.get(a, a) for a in call.args[1].fields]
+    return fused[call.args[0]], relax.Call(call.op, [call.args[0], relax.Tuple(args), *call.args[2:]], call.attrs,
+                                           call.ty_args)
 
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.AttentionRows")

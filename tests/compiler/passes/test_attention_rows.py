@@ -16,15 +16,15 @@ from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.quantize_rows import OPAQUE
 
 from ...conftest import HOST_PRESET
-from ._modules import cross_attention_module, self_attention_module
+from ._modules import cross_attention_module, runtime_self_attention_module, self_attention_module
 
 
 def _self_attention_expected() -> tvm.IRModule:
     @I.ir_module
     class Expected:
         @R.function(private=True)
-        def attention_rows(q: R.Tensor(("b", 2, 1, 8), "int8"), past: R.Tensor(("b", 1, "t", 1), "bool"),
-                           rows_k: R.Tensor(("r", 8), "int8"), index: R.Tensor(("b", 2, "t"), "int64"),
+        def attention_rows(q: R.Tensor(("b", 2, 1, 8), "int8"), rows_k: R.Tensor(("r", 8), "int8"),
+                           index: R.Tensor(("b", 2, "t"), "int64"), past: R.Tensor(("b", 1, "t", 1), "bool"),
                            new_k: R.Tensor(("b", 2, 1, 8), "int8"), rows_v: R.Tensor(("r", 8), "int8"),
                            new_v: R.Tensor(("b", 2, 1, 8), "int8")):
             R.func_attr({"Primitive": True})
@@ -50,7 +50,7 @@ def _self_attention_expected() -> tvm.IRModule:
             b = T.int64()
             cls = Expected
             with R.dataflow():
-                o4 = cls.attention_rows(q, past, rows_k, index, new_k, rows_v, new_v)
+                o4 = cls.attention_rows(q, rows_k, index, past, new_k, rows_v, new_v)
                 o = R.reshape(o4, R.shape([b * 2, 1, 8]))
                 out = R.reshape(o, R.shape([b, 1, 16]))
                 R.output(out)
@@ -76,17 +76,17 @@ def _attention_calls(mod: tvm.IRModule) -> list[relax.Call]:
     return calls
 
 
-def test_a_cross_attention_takes_the_mask_in_the_heads_layout():
+def test_a_cross_attention_reads_its_operands_and_the_mask_as_they_are():
+    """The keys and values as stored, the mask as the model makes it (the broadcast over the heads happens in
+    the function): no reshape, no broadcast, no gather; no softmax or matmul left in the graph."""
     after = AttentionRows()(cross_attention_module())
     (call,) = _attention_calls(after)
-    q, keys, values, _ = after["main"].params
-    q_, keys_, heads_mask, values_ = call.args[1].fields
-    assert (q_, keys_, values_) == (q, keys, values)  # as stored: no reshape, no gather
-    assert [int(d) for d in list(heads_mask.ty.shape)[1:3]] == [2, 1]  # the mask broadcast over the heads
+    q, keys, values, mask = after["main"].params
+    assert list(call.args[1].fields) == [q, keys, mask, values]
     ops = []
     relax.analysis.post_order_visit(after["main"], lambda e: ops.append(e.op.name) if (
         isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)) else None)
-    assert "relax.nn.softmax" not in ops and "relax.matmul" not in ops
+    assert not {"relax.nn.softmax", "relax.matmul", "relax.broadcast_to"} & set(ops)
 
 
 def test_an_attention_whose_probabilities_are_used_elsewhere_stays():
@@ -119,3 +119,37 @@ def test_the_function_computes_what_the_graph_computes(batch, positions):
     after = _run(AttentionRows()(cross_attention_module()), inputs[0], keys, values, mask)
     np.testing.assert_array_equal(after, _run(cross_attention_module(), inputs[0], keys, values, mask))
     assert np.abs(after[0]).max() > 0
+
+
+def test_a_run_time_range_attention_takes_its_scales_gathers_and_row_quantization():
+    """Run-time ranges: the query's scales, the keys' and values' scales gathered beside their rows, the
+    probabilities scaled across a moved axis of size 1, their row quantization and the context's dequantization
+    all go into the one function, which takes the cache's rows and scales, the index and the step's own; the same
+    values on this CPU."""
+    before = runtime_self_attention_module()
+    after = AttentionRows()(before)
+    (call,) = _attention_calls(after)
+    params = {p.name: p for p in after["main"].params}
+    assert set(call.args[1].fields) == set(params.values())
+    ops = []
+    relax.analysis.post_order_visit(after["main"], lambda e: ops.append(e) if isinstance(e, relax.Call) else None)
+    assert [str(e.op.name) for e in ops if not e.same_as(call)] == ["relax.reshape"] * 2  # its result, as before
+
+    rng = np.random.default_rng(9)
+    batch, positions, rows = 3, 70, 13
+    shapes = {p.name: [int(d) if isinstance(d, tvm.tirx.IntImm) else {"b": batch, "t": positions, "r": rows}[
+        str(d)] for d in p.ty.shape] for p in before["main"].params}
+    inputs = []
+    for p in before["main"].params:
+        shape, dtype = shapes[p.name], str(p.ty.dtype)
+        if p.name == "index":
+            inputs.append(rng.integers(0, rows, shape))
+        elif dtype == "bool":
+            inputs.append(rng.random(shape) < 0.8)
+        elif dtype == "int8":
+            inputs.append(rng.integers(-127, 128, shape).astype("int8"))
+        else:
+            inputs.append(rng.uniform(0.001, 0.01, shape).astype("float32"))
+    expected = _run(before, *inputs)
+    np.testing.assert_allclose(_run(after, *inputs), expected, rtol=1e-6)
+    assert np.abs(expected[0]).max() > 0
