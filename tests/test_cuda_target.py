@@ -189,6 +189,70 @@ def test_an_attention_of_a_decoder_step_is_one_kernel_staging_each_chunk_of_prob
     assert "__syncthreads();" in body[loop:store] and "__syncthreads();" in body[store:read]
 
 
+def _attention_inputs(main: relax.Function, sizes: dict[str, int], rng: np.random.Generator) -> list[np.ndarray]:
+    """Random inputs for the parameters of an attention test module's ``main`` (``sizes`` of its symbolic
+    dimensions): indices into the cache's rows, most positions past, int8 values, small positive scales, a mask of
+    zeros and a few -1e9."""
+    inputs = []
+    for param in main.params:
+        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else sizes[str(d)] for d in param.ty.shape]
+        dtype = str(param.ty.dtype)
+        if param.name == "index":
+            inputs.append(rng.integers(0, sizes["r"], shape))
+        elif dtype == "bool":
+            inputs.append(rng.random(shape) < 0.8)
+        elif dtype == "int8":
+            inputs.append(rng.integers(-127, 128, shape).astype("int8"))
+        elif param.name == "mask":
+            inputs.append(np.where(rng.random(shape) < 0.2, -1e9, 0.0).astype("float32"))
+        else:
+            inputs.append(rng.uniform(0.001, 0.01, shape).astype("float32"))
+    return inputs
+
+
+@pytest.mark.parametrize("attention", ["self", "cross", "runtime"])
+def test_an_attention_kernels_cuda_code_run_on_this_cpu_computes_the_graphs_values(attention, tmp_path):
+    """The CUDA C of each attention kernel (static ranges with the cache's gathers, with a mask; run-time ranges),
+    run on this CPU by an emulation of its thread blocks (tests/cuda_emulation.py: threads, barriers, warp
+    shuffles), against the graph before AttentionRows compiled for this CPU, at positions over two chunks of the
+    kernel's threads: the same int8 rows (float results within float rounding: the softmax's sum in another
+    order)."""
+    from .compiler.passes._modules import (cross_attention_module, runtime_self_attention_module,
+                                           self_attention_module)
+    from .compiler.passes.test_attention_rows import _run
+    from .cuda_emulation import emulated_kernel
+
+    if shutil.which("g++") is None:
+        pytest.skip("runs the kernel's CUDA C on this CPU with g++ (Debian: apt-get install g++)")
+    before = {"self": self_attention_module, "cross": cross_attention_module,
+              "runtime": runtime_self_attention_module}[attention]()
+    after = AttentionRows()(before)
+    (func,) = [f for f in after.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    preset = get_preset("cuda-sm90")
+    with tvm.target.Target(preset.target):
+        mod = dlight.ApplyDefaultSchedule(CUDAAttentionRows())(
+            tvm.IRModule({"attention_rows": func.with_attr("global_symbol", "attention_rows")}))
+    with cuda_compiled_here(preset.target["arch"]):
+        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
+    run = emulated_kernel(source, "attention_rows_kernel", tmp_path)
+
+    sizes = {"b": 3, "t": 70, "s": 70, "r": 13}
+    inputs = _attention_inputs(before["main"], sizes, np.random.default_rng(11))
+    expected = _run(before, *inputs)[0]
+    by_param = dict(zip(before["main"].params, inputs))
+    (call,) = [b.value for b in after["main"].body.blocks[0].bindings
+               if isinstance(b.value, relax.Call) and b.value.op == tvm.ir.Op.get("relax.call_tir")]
+    arguments = {f"in{i}": by_param[a] for i, a in enumerate(call.args[1].fields)}
+    out = np.zeros([3, 2, 1, 8], expected.dtype)
+    output = next(p.name for p in func.params[len(arguments):])
+    run((2, 3), **arguments, **{output: out}, **sizes)
+    if expected.dtype == np.int8:
+        np.testing.assert_array_equal(out.reshape(expected.shape), expected)
+    else:
+        np.testing.assert_allclose(out.reshape(expected.shape), expected, rtol=1e-5)
+    assert len(np.unique(expected)) > 8
+
+
 def _linear_kernel_ptx(rule: CUDAInt8Matmul, k: int = 512, n: int = 768) -> str:
     """The PTX of a dynamic-row linear layer scheduled with ``rule`` for cuda-sm90."""
     preset = get_preset("cuda-sm90")

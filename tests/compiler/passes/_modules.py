@@ -75,8 +75,8 @@ def self_attention_module(softmax_used_twice: bool = False) -> tvm.IRModule:
                 p3 = R.reshape(pq, R.shape([b * 2, 1, t]))
                 v3 = R.reshape(values, R.shape([b * 2, t, 8]))
                 c = R.matmul(p3, v3, out_dtype="int32")
-                o = R.astype(R.clip(R.right_shift(R.multiply(R.astype(c, "int64"), R.const(3, "int64")),
-                                                  R.const(4, "int64")), -127, 127), "int8")
+                o = R.astype(R.clip(R.right_shift(R.multiply(R.astype(c, "int64"), R.const(1, "int64")),
+                                                  R.const(7, "int64")), -127, 127), "int8")
                 out = R.reshape(o, R.shape([b, 1, 16]))
                 R.output(out, p)
             return (out, p) if softmax_used_twice else out
@@ -104,7 +104,7 @@ def cross_attention_module() -> tvm.IRModule:
                 pq = R.reshape(R.quantize(p, R.const(0.0078125, "float32"), R.const(0, "int8"), out_dtype="int8",
                                           axis=-1), R.shape([b * 2, 1, s]))
                 c = R.matmul(pq, R.reshape(values, R.shape([b * 2, s, 8])), out_dtype="int32")
-                o = R.astype(R.clip(R.right_shift(R.astype(c, "int64"), R.const(2, "int64")), -127, 127), "int8")
+                o = R.astype(R.clip(R.right_shift(R.astype(c, "int64"), R.const(7, "int64")), -127, 127), "int8")
                 out = R.reshape(o, R.shape([b, 1, 16]))
                 R.output(out)
             return out

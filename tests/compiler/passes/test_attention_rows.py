@@ -37,8 +37,8 @@ def _self_attention_expected() -> tvm.IRModule:
                                 out_dtype="int8", axis=-1)
                 values = R.where(past, R.take(rows_v, index, axis=0), new_v)
                 c = R.matmul(pq, values, out_dtype="int32")
-                o = R.astype(R.clip(R.right_shift(R.multiply(R.astype(c, "int64"), R.const(3, "int64")),
-                                                  R.const(4, "int64")), -127, 127), "int8")
+                o = R.astype(R.clip(R.right_shift(R.multiply(R.astype(c, "int64"), R.const(1, "int64")),
+                                                  R.const(7, "int64")), -127, 127), "int8")
                 R.output(o)
             return o
 
