@@ -40,6 +40,7 @@ template <class T> static T __shfl_down_sync(unsigned, T v, int offset, int widt
   __syncthreads();
   return out;
 }
+static float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 static float max(float a, float b) { return fmaxf(a, b); }
 static float min(float a, float b) { return fminf(a, b); }
 template <class T> static T max(T a, T b) { return a < b ? b : a; }

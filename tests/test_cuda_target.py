@@ -25,7 +25,7 @@ from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.cuda_tiles import TILES_FILE, best_tiles, dense_module, load_tiles, shipped_tiles, write_tiles
 from int8mt.targets import AUTO, PRESETS, get_preset
 
-from .conftest import edit_manifest
+from .conftest import HOST_PRESET, edit_manifest
 
 CUDA_PRESETS = [name for name, preset in PRESETS.items() if preset.device == "cuda"]
 WMMA_S8 = "wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32"
@@ -165,6 +165,50 @@ def test_a_layer_norm_and_its_quantizations_are_one_kernel_keeping_the_row_in_sh
     outputs = 1 + (2 if isinstance(quantize, RowQuantize) else len(quantize))
     assert len({name for name in stores if not name.startswith(("red_", "in_thread", "t0", "mask", "x_", "T_"))
                 and "shared" not in name}) == outputs, stores
+
+
+@pytest.mark.parametrize("function", ["quantize_rows", "layer_norm_static", "layer_norm_rows"])
+def test_a_row_kernels_cuda_code_run_on_this_cpu_computes_the_functions_values(function, tmp_path):
+    """The CUDA C of CUDARows' kernels, run on this CPU by an emulation of their thread blocks
+    (tests/cuda_emulation.py), against the unscheduled function compiled for this CPU: a row quantization the
+    same (its maximum is the same in any order); a layer norm within float rounding (its sums in another order),
+    its quantizations at most one step apart where a value sits on a rounding boundary."""
+    from .cuda_emulation import emulated_kernel
+
+    if shutil.which("g++") is None:
+        pytest.skip("runs the kernel's CUDA C on this CPU with g++ (Debian: apt-get install g++)")
+    rows, columns = 5, 96
+    func = {"quantize_rows": lambda: quantize_rows_function(2, None, 127.0, 1e-8),
+            "layer_norm_static": lambda: layer_norm_rows_function(
+                2, columns, 1e-5, (StaticQuantize(-3.0, 3.0, 0.025), StaticQuantize(-1.5, 1.5, 0.0125))),
+            "layer_norm_rows": lambda: layer_norm_rows_function(2, columns, 1e-5, RowQuantize(127.0, 1e-8))}[function]()
+    func = func.with_attr("global_symbol", function)
+    rng = np.random.default_rng(4)
+    arrays = {}
+    for param in func.params:
+        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else (rows, columns)[i] for i, d in enumerate(param.ty.shape)]
+        arrays[param.name.replace(".", "_")] = (rng.standard_normal(shape).astype(str(param.ty.dtype)) if param.name in (
+            "x", "gamma", "beta") else np.zeros(shape, str(param.ty.dtype)))
+    sizes = {str(d): (rows, columns)[i] for i, d in enumerate(func.params[0].ty.shape)
+             if isinstance(d, tvm.tirx.Var)}
+    host = tvm.compile(tvm.IRModule({function: func}), target=tvm.target.Target(HOST_PRESET.target))
+    expected = {name: tvm.runtime.tensor(a) for name, a in arrays.items()}
+    host[function](*expected.values())
+
+    preset = get_preset("cuda-sm90")
+    with tvm.target.Target(preset.target):
+        mod = dlight.ApplyDefaultSchedule(CUDARows())(tvm.IRModule({function: func}))
+    with cuda_compiled_here(preset.target["arch"]):
+        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
+    emulated_kernel(source, f"{function}_kernel", tmp_path)((rows, 1), **arrays, **sizes)
+    for name, array in arrays.items():
+        want = expected[name].numpy()
+        if array.dtype == np.float32:
+            np.testing.assert_allclose(array, want, rtol=1e-5, atol=1e-6)
+        elif function == "quantize_rows":
+            np.testing.assert_array_equal(array, want)
+        else:
+            assert np.abs(array.astype(int) - want).max() <= 1 and (array != want).mean() < 0.01, name
 
 
 @pytest.mark.parametrize("attention", ["self", "cross"])
