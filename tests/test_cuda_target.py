@@ -186,9 +186,11 @@ def test_a_row_kernels_cuda_code_run_on_this_cpu_computes_the_functions_values(f
     rng = np.random.default_rng(4)
     arrays = {}
     for param in func.params:
-        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else (rows, columns)[i] for i, d in enumerate(param.ty.shape)]
-        arrays[param.name.replace(".", "_")] = (rng.standard_normal(shape).astype(str(param.ty.dtype)) if param.name in (
-            "x", "gamma", "beta") else np.zeros(shape, str(param.ty.dtype)))
+        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else (rows, columns)[i]
+                 for i, d in enumerate(param.ty.shape)]
+        dtype = str(param.ty.dtype)
+        arrays[param.name.replace(".", "_")] = (rng.standard_normal(shape).astype(dtype)
+                                                if param.name in ("x", "gamma", "beta") else np.zeros(shape, dtype))
     sizes = {str(d): (rows, columns)[i] for i, d in enumerate(func.params[0].ty.shape)
              if isinstance(d, tvm.tirx.Var)}
     host = tvm.compile(tvm.IRModule({function: func}), target=tvm.target.Target(HOST_PRESET.target))
