@@ -49,7 +49,7 @@ from int8mt.schedules.quantize_rows import OPAQUE
 
 from ..legalize import legalize_map
 from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, is_int8_matmul, is_one, kernel_kind,
-                           rewrite_functions, scalar_constant)
+                           rewrite_functions, same_shape, scalar_constant)
 
 UNARY = ("relax.astype", "relax.clip")  # (a clip's other arguments are bounds)
 BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.right_shift", "relax.left_shift",
@@ -217,7 +217,7 @@ class _AttentionRewriter(PyExprMutator):
             return
         kernel, args, out_ty = self._kernel(attention)
         out = self.builder_.emit(relax.call_tir(kernel, [self.visit_expr(a) for a in args], out_ty))
-        if list(out_ty.shape) != list(binding.var.ty.shape):
+        if not same_shape(list(out_ty.shape), list(binding.var.ty.shape)):
             out = self.builder_.emit(relax.op.reshape(out, binding.var.ty.shape))
         self.set_var_remap(binding.var, out)
 
