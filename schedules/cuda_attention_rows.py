@@ -14,8 +14,9 @@ self-attention's keys and values gathered from the cache's rows) into one functi
 * the context's positions in chunks of as many positions as threads: the chunk's quantized probabilities are
   computed once, a position per thread, into shared memory, then summed by every column's thread; the chunks are
   padded to whole ones with zero probabilities (so the buffer has a fixed size);
-* the scores (one row of positions) in dynamic shared memory, the reductions' single values in shared memory:
-  TVM puts a barrier between their stores and any other thread's reads.
+* the scores (one row of positions, 4 bytes each: 12288 positions fill the 48 KB a block gets, a model's
+  positions are far fewer) in dynamic shared memory, the reductions' single values in shared memory: TVM puts a
+  barrier between their stores and any other thread's reads.
 """
 from __future__ import annotations
 
