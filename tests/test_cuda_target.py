@@ -237,8 +237,8 @@ def test_an_attention_of_a_decoder_step_is_one_kernel_staging_each_chunk_of_prob
 
 def _attention_inputs(main: relax.Function, sizes: dict[str, int], rng: np.random.Generator) -> list[np.ndarray]:
     """Random inputs for the parameters of an attention test module's ``main`` (``sizes`` of its symbolic
-    dimensions): indices into the cache's rows, most positions past, int8 values, small positive scales, a mask of
-    zeros and a few -1e9."""
+    dimensions): indices into the cache's rows, most positions past, int8 values, small positive scales, source
+    tokens a fifth of them padding."""
     inputs = []
     for param in main.params:
         shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else sizes[str(d)] for d in param.ty.shape]
@@ -249,8 +249,8 @@ def _attention_inputs(main: relax.Function, sizes: dict[str, int], rng: np.rando
             inputs.append(rng.random(shape) < 0.8)
         elif dtype == "int8":
             inputs.append(rng.integers(-127, 128, shape).astype("int8"))
-        elif param.name == "mask":
-            inputs.append(np.where(rng.random(shape) < 0.2, -1e9, 0.0).astype("float32"))
+        elif param.name == "src":  # tokens, a fifth padding
+            inputs.append(rng.integers(0, 5, shape))
         else:
             inputs.append(rng.uniform(0.001, 0.01, shape).astype("float32"))
     return inputs

@@ -27,7 +27,9 @@ as long as exactly one of these values, after the context product, is used by an
 result. The function computes in the heads' layout ``[batch, heads, x, y]``: the graph's reshapes between the two
 layouts are views, dropped; moves of an axis of size 1 become ``permute_dims``. It takes tensors behind their
 reshapes and, where a gather and its ``where`` (or a ``broadcast_to``) have no other use, the gather's operands
-(the broadcast's input): the kernel reads the rows where the cache stores them. It is built from the ops as the
+(the broadcast's input): the kernel reads the rows where the cache stores them. Inputs that are elementwise
+arithmetic on the entry point's parameters (the past positions from the step's history, the mask from the source's
+tokens) it computes itself. It is built from the ops as the
 pipeline legalizes them (:func:`~int8mt.compiler.legalize.legalize_map`), fused by TVM into one PrimFunc: it
 computes what the graph computes (a softmax's sum in another order: the same within float rounding). Its result is
 reshaped back to the graph's layout (a view). GPU presets, quantized models.
@@ -55,6 +57,8 @@ UNARY = ("relax.astype", "relax.clip")  # (a clip's other arguments are bounds)
 BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.right_shift", "relax.left_shift",
           "relax.maximum", "relax.minimum")
 SWAP_LAST = [0, 1, 3, 2]
+ARITHMETIC = ("relax.expand_dims", "relax.astype", "relax.add", "relax.multiply", "relax.equal", "relax.greater")
+# (what a step's past positions and the source's mask are made of)
 
 
 @dataclass
@@ -242,6 +246,7 @@ class _FunctionBuilder:
         self.params: list[relax.Var] = []
         self.outer: list[relax.Expr] = []
         self.values: dict[relax.Var, relax.Expr] = {}  # the graph's variable -> its value in the function
+        self.computed: dict[relax.Var, relax.Expr] = {}  # the graph's inputs computed in the function (_input)
 
     def build(self) -> tuple[tvm.IRModule, list[relax.Expr]]:
         """A module of the primitive function ``attention_rows`` (and the PrimFuncs it calls), and the graph's
@@ -282,21 +287,45 @@ class _FunctionBuilder:
         used only there (the op broadcasts it), else a parameter."""
         value = self.bindings.get(source) if isinstance(source, relax.Var) else None
         if value is None or self.rewriter._single_user(source) is None:
-            return self._param(source)
+            return self._input(source)
         where = bound_op_call(source, "relax.where", self.bindings)
         gathered = where.args[1] if where is not None else source
         take = bound_op_call(gathered, "relax.take", self.bindings)
         if take is not None and take.args[1].ty.ndim == 3 and int(take.attrs.axis) == 0 and (
                 where is None or self.rewriter._single_user(gathered) is not None):
-            rows, index = (self._param(a) for a in take.args[:2])
+            rows, index = self._param(take.args[0]), self._input(take.args[1])
             taken = self.bb.emit(relax.op.take(rows, index, axis=0, mode=str(take.attrs.mode)))
             if where is None:
                 return taken
-            return self.bb.emit(relax.op.where(self._param(where.args[0]), taken, self._param(where.args[2])))
+            return self.bb.emit(relax.op.where(self._input(where.args[0]), taken, self._param(where.args[2])))
         broadcast = bound_op_call(source, "relax.broadcast_to", self.bindings)
         if broadcast is not None and broadcast.args[0].ty.ndim == source.ty.ndim:
-            return self._param(broadcast.args[0])
-        return self._param(source)
+            return self._input(broadcast.args[0])
+        return self._input(source)
+
+    def _input(self, expr: relax.Expr) -> relax.Expr:
+        """``expr`` computed here where it is elementwise arithmetic on the entry point's own parameters and scalar
+        constants (a step's past positions, the source's mask: a kernel of their own per step otherwise, read by
+        every layer), else a parameter."""
+        if not self._is_arithmetic(expr, depth=8):
+            return self._param(expr)
+        if expr not in self.computed:
+            value = self.bindings[expr]
+            args = [a if isinstance(a, ir.expr.Constant) or not isinstance(a.ty, relax.TensorType)
+                    else self._input(a) for a in value.args]
+            self.computed[expr] = self.bb.emit(relax.Call(value.op, args, value.attrs))
+        return self.computed[expr]
+
+    def _is_arithmetic(self, expr: relax.Expr, depth: int) -> bool:
+        """Whether ``expr`` is bound to :data:`ARITHMETIC` ops whose tensor operands are scalar constants, the entry
+        point's parameters or such ops again (at most ``depth`` deep)."""
+        value = self.bindings.get(expr) if isinstance(expr, relax.Var) else None
+        if depth == 0 or not (isinstance(value, relax.Call) and isinstance(value.op, ir.Op)
+                              and value.op.name in ARITHMETIC):
+            return False
+        return all(not isinstance(a.ty, relax.TensorType) or (isinstance(a, ir.expr.Constant) and a.ty.ndim == 0)
+                   or (isinstance(a, relax.Var) and a not in self.bindings) or self._is_arithmetic(a, depth - 1)
+                   for a in value.args)
 
     def _operand(self, arg: relax.Expr, target: list) -> relax.Expr:
         """``arg`` as an elementwise op's operand in the function (see ``_AttentionRewriter._operand``)."""

@@ -85,15 +85,18 @@ def self_attention_module(softmax_used_twice: bool = False) -> tvm.IRModule:
 
 
 def cross_attention_module() -> tvm.IRModule:
-    """A cross-attention of a decoder step: keys and values as stored (no gather), the mask broadcast over the
-    heads and added to the scores before the softmax."""
+    """A cross-attention of a decoder step: keys and values as stored (no gather), the mask made from the source's
+    padding (-1e9 where ``src`` is 0), broadcast over the heads and added to the scores before the softmax."""
     @I.ir_module
     class Module:
         @R.function
         def main(q: R.Tensor(("b", 2, 1, 8), "int8"), keys: R.Tensor(("b", 2, "s", 8), "int8"),
-                 values: R.Tensor(("b", 2, "s", 8), "int8"), mask: R.Tensor(("b", 1, 1, "s"), "float32")):
+                 values: R.Tensor(("b", 2, "s", 8), "int8"), src: R.Tensor(("b", "s"), "int64")):
             b, s = T.int64(), T.int64()
             with R.dataflow():
+                padding = R.astype(R.equal(src, R.const(0, "int64")), "float32")
+                mask = R.multiply(R.expand_dims(R.expand_dims(padding, axis=[1]), axis=[2]),
+                                  R.const(-1000000000.0, "float32"))
                 q3 = R.reshape(q, R.shape([b * 2, 1, 8]))
                 k3 = R.reshape(keys, R.shape([b * 2, s, 8]))
                 scores = R.matmul(q3, R.permute_dims(k3, [0, 2, 1]), out_dtype="int32")
