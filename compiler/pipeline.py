@@ -260,8 +260,9 @@ def _phase(index: int, name: str, dump_dir: Path | None) -> tvm.transform.Pass:
 
 
 def default_schedules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
-    """Phase 4's dlight rules for ``target``: our CPU rule; on CUDA our int8 tensor-core matmul and row kernels (layer
-    norms with their quantizations, row quantizations), then dlight's GPU rules for the rest (float matmuls,
+    """Phase 4's dlight rules for ``target``: our CPU rule; on CUDA our int8 tensor-core matmul, row kernels (layer
+    norms with their quantizations, row quantizations) and the decoder step's attentions (a function it cannot
+    schedule left to dlight's rules, which compute the same), then dlight's GPU rules for the rest (float matmuls,
     reductions such as softmax and other layer norms, elementwise kernels)."""
     if target.kind.name == "llvm":
         return [CPUGeneric()]
@@ -270,14 +271,16 @@ def default_schedules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
     from int8mt.schedules.cuda_rows import CUDARows
     from int8mt.schedules.cuda_tiles import shipped_tiles
 
-    fallible = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction())
-    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), CUDARows(), CUDAAttentionRows(),
+    fallible = (CUDAAttentionRows(), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                dlight.gpu.GeneralReduction())
+    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), CUDARows(),
             *(_NotApplicableOnError(rule) for rule in fallible), dlight.gpu.Fallback()]
 
 
 class _NotApplicableOnError(dlight.ScheduleRule):
     """A dlight rule that declines a function it fails on (dlight's GEMV analysis asserts on some of our kernels
-    instead of returning None), so that the next rule schedules it."""
+    instead of returning None; our attention rule on a function unlike any it was made for), so that the next rule
+    schedules it."""
 
     def __init__(self, rule: dlight.ScheduleRule) -> None:
         self.rule = rule

@@ -29,10 +29,10 @@ layouts are views, dropped; moves of an axis of size 1 become ``permute_dims``. 
 reshapes and, where a gather and its ``where`` (or a ``broadcast_to``) have no other use, the gather's operands
 (the broadcast's input): the kernel reads the rows where the cache stores them. Inputs that are elementwise
 arithmetic on the entry point's parameters (the past positions from the step's history, the mask from the source's
-tokens) it computes itself. It is built from the ops as the
-pipeline legalizes them (:func:`~int8mt.compiler.legalize.legalize_map`), fused by TVM into one PrimFunc: it
-computes what the graph computes (a softmax's sum in another order: the same within float rounding). Its result is
-reshaped back to the graph's layout (a view). GPU presets, quantized models.
+tokens) it computes itself. It is built from the ops as the pipeline legalizes them
+(:func:`~int8mt.compiler.legalize.legalize_map`), fused by TVM into one PrimFunc: it computes what the graph
+computes (a softmax's sum in another order: the same within float rounding). Its result is reshaped back to the
+graph's layout (a view). GPU presets, quantized models.
 """
 from __future__ import annotations
 
@@ -52,10 +52,9 @@ from int8mt.schedules.quantize_rows import OPAQUE
 from ..legalize import legalize_map
 from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, is_int8_matmul, is_one, kernel_kind,
                            rewrite_functions, same_shape, scalar_constant)
+from .reshapes_after_elementwise import BINARY
 
 UNARY = ("relax.astype", "relax.clip")  # (a clip's other arguments are bounds)
-BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.right_shift", "relax.left_shift",
-          "relax.maximum", "relax.minimum")
 SWAP_LAST = [0, 1, 3, 2]
 ARITHMETIC = ("relax.expand_dims", "relax.astype", "relax.add", "relax.multiply", "relax.equal", "relax.greater")
 # (what a step's past positions and the source's mask are made of)
@@ -141,14 +140,15 @@ class _AttentionRewriter(PyExprMutator):
 
     # matching
 
-    def _single_user(self, var: relax.Expr) -> relax.Var | None:
+    def single_user(self, var: relax.Expr) -> relax.Var | None:
+        """The one binding that uses ``var``, if it has exactly one use."""
         used = self.users.get(var, []) if isinstance(var, relax.Var) else []
         return used[0] if len(used) == 1 else None
 
     def _match(self, scores: relax.Var, call: relax.Call) -> _Attention | None:
         q, transposed = call.args
         keys_t = bound_op_call(transposed, "relax.permute_dims", self.bindings)
-        if (keys_t is None or self._single_user(transposed) is None or q.ty.ndim != 3 or not is_one(q.ty.shape[1])
+        if (keys_t is None or self.single_user(transposed) is None or q.ty.ndim != 3 or not is_one(q.ty.shape[1])
                 or [int(a) for a in keys_t.attrs.axes] != [0, 2, 1]):
             return None
         keys = keys_t.args[0]
@@ -286,13 +286,13 @@ class _FunctionBuilder:
         take(rows, index, axis=0), new)`` or the ``take``) used only there, its input where it is a ``broadcast_to``
         used only there (the op broadcasts it), else a parameter."""
         value = self.bindings.get(source) if isinstance(source, relax.Var) else None
-        if value is None or self.rewriter._single_user(source) is None:
+        if value is None or self.rewriter.single_user(source) is None:
             return self._input(source)
         where = bound_op_call(source, "relax.where", self.bindings)
         gathered = where.args[1] if where is not None else source
         take = bound_op_call(gathered, "relax.take", self.bindings)
         if take is not None and take.args[1].ty.ndim == 3 and int(take.attrs.axis) == 0 and (
-                where is None or self.rewriter._single_user(gathered) is not None):
+                where is None or self.rewriter.single_user(gathered) is not None):
             rows, index = self._param(take.args[0]), self._input(take.args[1])
             taken = self.bb.emit(relax.op.take(rows, index, axis=0, mode=str(take.attrs.mode)))
             if where is None:
