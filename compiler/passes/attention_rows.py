@@ -77,6 +77,7 @@ class _AttentionRewriter(PyExprMutator):
         self.kernels = KernelTable(self.builder_)
         self.analyzer = Analyzer()
         self.found: dict[relax.Var, _Attention] = {}  # the result's variable -> its attention
+        self.results: dict[relax.Var, relax.Var] = {}  # the result's variable -> the call's result
 
     def find(self, _gv: ir.GlobalVar, func: relax.Function) -> None:
         self.bindings, self.users = bindings_and_users(func)
@@ -216,14 +217,26 @@ class _AttentionRewriter(PyExprMutator):
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         attention = self.found.get(binding.var)
+        reshape = bound_op_call(binding.var, "relax.reshape", self.bindings)
+        if reshape is not None and reshape.args[0] in self.results:  # a reshape of a result: of the call's result
+            self.set_var_remap(binding.var, self._bind(
+                relax.op.reshape(self.results[reshape.args[0]], binding.var.ty.shape), binding.var))
+            return
         if attention is None:
             super().visit_var_binding_(binding)
             return
         kernel, args, out_ty = self._kernel(attention)
         out = self.builder_.emit(relax.call_tir(kernel, [self.visit_expr(a) for a in args], out_ty))
+        self.results[binding.var] = out
         if not same_shape(list(out_ty.shape), list(binding.var.ty.shape)):
-            out = self.builder_.emit(relax.op.reshape(out, binding.var.ty.shape))
-        self.set_var_remap(binding.var, out)
+            out = relax.op.reshape(out, binding.var.ty.shape)
+        self.set_var_remap(binding.var, self._bind(out, binding.var))
+
+    def _bind(self, value: relax.Expr, var: relax.Var) -> relax.Var:
+        """``value`` bound in place of ``var``: an output of the dataflow block where ``var`` is one."""
+        if isinstance(var, relax.DataflowVar):
+            return self.builder_.emit(value, var.name)
+        return self.builder_.emit_output(value, var.name)
 
     def _kernel(self, attention: _Attention) -> tuple[ir.GlobalVar, list[relax.Expr], relax.TensorType]:
         """The attention's function as a PrimFunc of the module (once per distinct function), the outer
