@@ -16,6 +16,8 @@ from tvm import relax
 
 from int8mt.quant.ops import EPS
 
+from .passes.quantize_rows import quantized, row_quantization
+
 Converter = Callable[[torch.fx.Node, object], relax.Expr]
 
 
@@ -45,12 +47,7 @@ def _quantize(node, importer, value: np.ndarray | None) -> relax.Expr:
         s = float(value.reshape(()))
         clipped = bb.emit(relax.op.clip(x, -qmax * s, qmax * s))
         return bb.emit(relax.op.quantize(clipped, relax.const(s, "float32"), relax.const(0, "int8"), axis=-1))
-    return _quantize_expanded(bb, x, scale, qmax)
-
-
-def _quantize_expanded(bb: relax.BlockBuilder, x: relax.Expr, scale: relax.Expr, qmax: int) -> relax.Expr:
-    rounded = bb.emit(relax.op.round(relax.op.divide(x, scale)))
-    return bb.emit(relax.op.astype(relax.op.clip(rounded, -qmax, qmax), "int8"))
+    return quantized(bb, x, scale, qmax)
 
 
 def _dequantize(node, importer, value: np.ndarray | None) -> relax.Expr:
@@ -70,9 +67,5 @@ def _dequantize(node, importer, value: np.ndarray | None) -> relax.Expr:
 def _quantize_dynamic(node, importer) -> relax.Expr:
     bb = importer.block_builder
     x = importer.env[node.args[0]]
-    qmax, dim = int(node.args[1]), int(node.args[2])
-    amax = relax.op.max(relax.op.abs(x), axis=[dim], keepdims=True)
-    scale = bb.emit(relax.op.divide(relax.op.maximum(amax, relax.const(EPS, "float32")),
-                                    relax.const(float(qmax), "float32")))
-    return relax.Tuple([_quantize_expanded(bb, x, scale, qmax), scale])
+    return row_quantization(bb, x, int(node.args[1]), EPS, axis=int(node.args[2]))
 

@@ -103,16 +103,20 @@ def test_int8_matmuls_compile_to_tensor_core_instructions(name):
         assert lines[i - 1].strip() == lines[i + 1].strip() == "__syncthreads();"
 
 
+def _cuda_source(func: tvm.tirx.PrimFunc, name: str, rule: dlight.ScheduleRule) -> str:
+    """The CUDA source of ``func`` (named ``name``) scheduled by ``rule`` for cuda-sm90."""
+    preset = get_preset("cuda-sm90")
+    with tvm.target.Target(preset.target):
+        mod = dlight.ApplyDefaultSchedule(rule)(tvm.IRModule({name: func.with_attr("global_symbol", name)}))
+    with cuda_compiled_here(preset.target["arch"]):
+        return cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
+
+
 def _row_kernel_body(func: tvm.tirx.PrimFunc, name: str, rule: dlight.ScheduleRule | None = None) -> str:
     """The CUDA source of the body of row function ``func`` scheduled by ``rule`` (default CUDARows) for
     cuda-sm90, after checking that it compiles to one kernel."""
-    preset = get_preset("cuda-sm90")
-    with tvm.target.Target(preset.target):
-        mod = dlight.ApplyDefaultSchedule(rule or CUDARows())(tvm.IRModule({name: func.with_attr("global_symbol",
-                                                                                                name)}))
-    with cuda_compiled_here(preset.target["arch"]):
-        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
-    assert list(ptx_entries(compile_ptx(source, preset.target["arch"]))) == [f"{name}_kernel"]
+    source = _cuda_source(func, name, rule or CUDARows())
+    assert list(ptx_entries(compile_ptx(source, "sm_90"))) == [f"{name}_kernel"]
     return source[source.index("{", source.index(f"{name}_kernel(")):]
 
 
@@ -197,11 +201,7 @@ def test_a_row_kernels_cuda_code_run_on_this_cpu_computes_the_functions_values(f
     expected = {name: tvm.runtime.tensor(a) for name, a in arrays.items()}
     host[function](*expected.values())
 
-    preset = get_preset("cuda-sm90")
-    with tvm.target.Target(preset.target):
-        mod = dlight.ApplyDefaultSchedule(CUDARows())(tvm.IRModule({function: func}))
-    with cuda_compiled_here(preset.target["arch"]):
-        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
+    source = _cuda_source(func, function, CUDARows())
     emulated_kernel(source, f"{function}_kernel", tmp_path)((rows, 1), **arrays, **sizes)
     for name, array in arrays.items():
         want = expected[name].numpy()
@@ -274,13 +274,7 @@ def test_an_attention_kernels_cuda_code_run_on_this_cpu_computes_the_graphs_valu
               "runtime": runtime_self_attention_module}[attention]()
     after = AttentionRows()(before)
     (func,) = [f for f in after.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
-    preset = get_preset("cuda-sm90")
-    with tvm.target.Target(preset.target):
-        mod = dlight.ApplyDefaultSchedule(CUDAAttentionRows())(
-            tvm.IRModule({"attention_rows": func.with_attr("global_symbol", "attention_rows")}))
-    with cuda_compiled_here(preset.target["arch"]):
-        source = cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
-    run = emulated_kernel(source, "attention_rows_kernel", tmp_path)
+    run = emulated_kernel(_cuda_source(func, "attention_rows", CUDAAttentionRows()), "attention_rows_kernel", tmp_path)
 
     sizes = {"b": 3, "t": 70, "s": 70, "r": 13}
     inputs = _attention_inputs(before["main"], sizes, np.random.default_rng(11))

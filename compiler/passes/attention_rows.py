@@ -52,6 +52,7 @@ from int8mt.schedules.quantize_rows import OPAQUE
 from ..legalize import legalize_map
 from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, is_int8_matmul, is_one, kernel_kind,
                            rewrite_functions, same_shape, scalar_constant)
+from .quantize_rows import row_quantization
 from .reshapes_after_elementwise import BINARY
 
 UNARY = ("relax.astype", "relax.clip")  # (a clip's other arguments are bounds)
@@ -262,8 +263,7 @@ class _FunctionBuilder:
         self.computed: dict[relax.Var, relax.Expr] = {}  # the graph's inputs computed in the function (_input)
 
     def build(self) -> tuple[tvm.IRModule, list[relax.Expr]]:
-        """A module of the primitive function ``attention_rows`` (and the PrimFuncs it calls), and the graph's
-        values its parameters take."""
+        """A module of the primitive function ``attention_rows``, and the graph's values its parameters take."""
         bb = self.bb = relax.BlockBuilder()
         with bb.function("attention_rows", attrs={"Primitive": True}, private=True):
             with bb.dataflow():
@@ -359,8 +359,9 @@ class _FunctionBuilder:
         if isinstance(value, relax.TupleGetItem):
             return bb.emit(relax.TupleGetItem(self.values[value.tuple_value], value.index))
         if value.op == ir.Op.get("relax.call_tir"):
-            return bb.emit(_row_quantization(bb, self.values[value.args[1].fields[0]],
-                                             rewriter.mod[value.args[0]].attrs[ROW_QUANTIZE_ATTR]))
+            attrs = rewriter.mod[value.args[0]].attrs[ROW_QUANTIZE_ATTR]  # the graph's ops it stands for
+            return bb.emit(row_quantization(bb, self.values[value.args[1].fields[0]], int(attrs["qmax"]),
+                                            float(attrs["eps"])))
         if var.same_as(attention.members[0]):
             q, keys_t = value.args[0], self.bindings[value.args[1]]
             keys = keys_t.args[0]
@@ -386,22 +387,9 @@ class _FunctionBuilder:
         return bb.emit(relax.Call(value.op, args, value.attrs))
 
 
-def _row_quantization(bb: relax.BlockBuilder, x: relax.Expr, attrs: dict) -> relax.Tuple:
-    """``(q, s)``: the per-row quantization of ``x`` in the graph's own ops (what the row quantization function
-    computes, :func:`~int8mt.schedules.cuda_rows.quantize_rows_function`)."""
-    qmax, eps = float(attrs["qmax"]), float(attrs["eps"])
-    magnitude = bb.emit(relax.op.max(bb.emit(relax.op.abs(x)), axis=-1, keepdims=True))
-    scale = bb.emit(relax.op.divide(bb.emit(relax.op.maximum(magnitude, relax.const(eps, "float32"))),
-                                    relax.const(qmax, "float32")))
-    rounded = bb.emit(relax.op.round(bb.emit(relax.op.divide(x, scale))))
-    q = bb.emit(relax.op.astype(bb.emit(relax.op.clip(rounded, -qmax, qmax)), "int8"))
-    return relax.Tuple([q, scale])
-
-
 def _fused(module: tvm.IRModule) -> tuple[tirx.PrimFunc, relax.Call]:
-    """``module``'s primitive function ``attention_rows`` (Relax ops and calls of the module's PrimFuncs)
-    legalized as the pipeline does and fused into one PrimFunc; the PrimFunc and the ``call_tir`` of it on the
-    function's parameters."""
+    """``module``'s primitive function ``attention_rows`` (Relax ops) legalized as the pipeline does and fused into
+    one PrimFunc; the PrimFunc and the ``call_tir`` of it on the function's parameters."""
     inner = module.get_global_var("attention_rows")
     func = module[inner]
     params = [relax.Var(p.name, p.ty) for p in func.params]

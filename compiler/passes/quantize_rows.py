@@ -36,6 +36,22 @@ from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, rewri
                            use_counts)
 
 
+def quantized(bb: relax.BlockBuilder, x: relax.Expr, scale: relax.Expr, qmax: int) -> relax.Expr:
+    """``q = astype(clip(round(divide(x, scale)), -qmax, qmax), int8)``: a quantization by a scale tensor as the
+    graph spells it."""
+    rounded = bb.emit(relax.op.round(relax.op.divide(x, scale)))
+    return bb.emit(relax.op.astype(relax.op.clip(rounded, -qmax, qmax), "int8"))
+
+
+def row_quantization(bb: relax.BlockBuilder, x: relax.Expr, qmax: int, eps: float, axis: int = -1) -> relax.Tuple:
+    """``(q, s)``: the run-time quantization of ``x`` along ``axis`` as the graph spells it (the module docstring;
+    what :func:`match_row_quantize` matches)."""
+    magnitude = relax.op.max(relax.op.abs(x), axis=[axis], keepdims=True)
+    scale = bb.emit(relax.op.divide(relax.op.maximum(magnitude, relax.const(eps, "float32")),
+                                    relax.const(float(qmax), "float32")))
+    return relax.Tuple([quantized(bb, x, scale, qmax), scale])
+
+
 def match_row_quantize(q: relax.Var, bindings: dict[relax.Var, relax.Expr], uses: dict[relax.Var, int],
                        axis: int = -1) -> tuple[relax.Expr, relax.Var, float, float] | None:
     """``(x, s, qmax, eps)`` if ``q`` is bound to the per-row quantization of ``x`` with scale ``s`` (see the
