@@ -507,6 +507,11 @@ def test_cuda_bundle_computes_each_attention_of_a_decoder_step_in_one_kernel(cud
     calls = re.findall(r"R\.call_tir\(cls\.(\w+),", _legalized_step(cuda_bundle))
     assert len([c for c in calls if c.startswith("attention_rows")]) == 2 * TINY.decoder_layers
     assert not [c for c in calls if "softmax" in c or "take" in c and "where" in c or re.match(r"(fused_)?matmul", c)]
+    # each is CUDAAttentionRows' kernel (a block per hypothesis and head, reductions by shuffles), not dlight's
+    # fallback, which would compute the same values on a grid of one axis
+    kernels = ptx_entries(compile_ptx((cuda_bundle / KERNELS_SOURCE_FILE).read_text(), "sm_90"))
+    attention = [body for name, body in kernels.items() if name.startswith("attention_rows")]
+    assert attention and all("%ctaid.y" in body and "shfl.sync.down" in body for body in attention)
 
 
 def test_cuda_bundle_quantizes_a_layer_norms_result_in_the_layer_norms_kernel(cuda_bundle):
