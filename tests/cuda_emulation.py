@@ -1,8 +1,9 @@
-"""Runs one kernel of TVM's generated CUDA C on this CPU, for tests on machines without a GPU: the kernel's body
-compiled as C++ (g++), each thread block's threads as OS threads with a barrier for ``__syncthreads`` and for
-the warp shuffles, the blocks one after another (so a block's ``__shared__`` arrays are the kernel's static
-arrays). It covers what TVM's row and attention kernels use (shared and dynamic shared memory, barriers,
-``__shfl_down_sync`` reductions, one-dimensional thread blocks), not tensor-core or asynchronous-copy kernels."""
+"""Runs one kernel of TVM's generated CUDA C (:func:`kernel_cuda_source`) on this CPU, for tests on machines
+without a GPU: the kernel's body compiled as C++ (g++), each thread block's threads as OS threads with a barrier
+for ``__syncthreads`` and for the warp shuffles, the blocks one after another (so a block's ``__shared__`` arrays
+are the kernel's static arrays). It covers what TVM's row, attention and top-k kernels use (shared and dynamic
+shared memory, barriers, ``__shfl_down_sync`` reductions, one-dimensional thread blocks), not tensor-core or
+asynchronous-copy kernels."""
 from __future__ import annotations
 
 import ctypes
@@ -11,6 +12,11 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import tvm
+from tvm.s_tir import dlight
+
+from int8mt.compiler.cuda import cuda_compiled_here, cuda_source
+from int8mt.targets import get_preset
 
 _PRELUDE = r"""
 #include <barrier>
@@ -28,6 +34,7 @@ alignas(64) static unsigned char dynamic_shared[1 << 16];
 #define __launch_bounds__(n)
 #define __align__(n) alignas(n)
 #define __syncthreads() block_barrier->arrive_and_wait()
+#define CUDART_INF_F INFINITY
 typedef unsigned int uint;
 static unsigned __activemask() { return 0xffffffffu; }
 template <class T> static T __shfl_down_sync(unsigned, T v, int offset, int width) {
@@ -46,6 +53,18 @@ static float min(float a, float b) { return fminf(a, b); }
 template <class T> static T max(T a, T b) { return a < b ? b : a; }
 template <class T> static T min(T a, T b) { return b < a ? b : a; }
 """
+
+
+def kernel_cuda_source(func: tvm.tirx.PrimFunc, name: str, rule: dlight.ScheduleRule | None = None) -> str:
+    """The CUDA C of ``func`` (named ``name``; its kernel ``{name}_kernel``) for cuda-sm90, scheduled by ``rule``
+    (none for a function written as its threads' code)."""
+    preset = get_preset("cuda-sm90")
+    mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
+    if rule is not None:
+        with tvm.target.Target(preset.target):
+            mod = dlight.ApplyDefaultSchedule(rule)(mod)
+    with cuda_compiled_here(preset.target["arch"]):
+        return cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
 
 
 def _kernel_text(source: str, name: str) -> tuple[str, list[tuple[str, str]], int]:

@@ -26,6 +26,7 @@ from int8mt.schedules.cuda_tiles import TILES_FILE, best_tiles, dense_module, lo
 from int8mt.targets import AUTO, PRESETS, get_preset
 
 from .conftest import HOST_PRESET, edit_manifest
+from .cuda_emulation import kernel_cuda_source
 
 CUDA_PRESETS = [name for name, preset in PRESETS.items() if preset.device == "cuda"]
 WMMA_S8 = "wmma.mma.sync.aligned.row.col.m16n16k16.s32.s8.s8.s32"
@@ -103,19 +104,10 @@ def test_int8_matmuls_compile_to_tensor_core_instructions(name):
         assert lines[i - 1].strip() == lines[i + 1].strip() == "__syncthreads();"
 
 
-def _cuda_source(func: tvm.tirx.PrimFunc, name: str, rule: dlight.ScheduleRule) -> str:
-    """The CUDA source of ``func`` (named ``name``) scheduled by ``rule`` for cuda-sm90."""
-    preset = get_preset("cuda-sm90")
-    with tvm.target.Target(preset.target):
-        mod = dlight.ApplyDefaultSchedule(rule)(tvm.IRModule({name: func.with_attr("global_symbol", name)}))
-    with cuda_compiled_here(preset.target["arch"]):
-        return cuda_source(tvm.compile(mod, target=tvm.target.Target(preset.target)))
-
-
 def _row_kernel_body(func: tvm.tirx.PrimFunc, name: str, rule: dlight.ScheduleRule | None = None) -> str:
     """The CUDA source of the body of row function ``func`` scheduled by ``rule`` (default CUDARows) for
     cuda-sm90, after checking that it compiles to one kernel."""
-    source = _cuda_source(func, name, rule or CUDARows())
+    source = kernel_cuda_source(func, name, rule or CUDARows())
     assert list(ptx_entries(compile_ptx(source, "sm_90"))) == [f"{name}_kernel"]
     return source[source.index("{", source.index(f"{name}_kernel(")):]
 
@@ -201,7 +193,7 @@ def test_a_row_kernels_cuda_code_run_on_this_cpu_computes_the_functions_values(f
     expected = {name: tvm.runtime.tensor(a) for name, a in arrays.items()}
     host[function](*expected.values())
 
-    source = _cuda_source(func, function, CUDARows())
+    source = kernel_cuda_source(func, function, CUDARows())
     emulated_kernel(source, f"{function}_kernel", tmp_path)((rows, 1), **arrays, **sizes)
     for name, array in arrays.items():
         want = expected[name].numpy()
@@ -237,14 +229,16 @@ def test_an_attention_of_a_decoder_step_is_one_kernel_staging_each_chunk_of_prob
 
 def _attention_inputs(main: relax.Function, sizes: dict[str, int], rng: np.random.Generator) -> list[np.ndarray]:
     """Random inputs for the parameters of an attention test module's ``main`` (``sizes`` of its symbolic
-    dimensions): indices into the cache's rows, most positions past, int8 values, small positive scales, source
-    tokens a fifth of them padding."""
+    dimensions): indices into the cache's rows (directly, or each position's row in the history), most positions
+    past, int8 values, small positive scales, source tokens a fifth of them padding."""
     inputs = []
     for param in main.params:
         shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else sizes[str(d)] for d in param.ty.shape]
         dtype = str(param.ty.dtype)
         if param.name == "index":
             inputs.append(rng.integers(0, sizes["r"], shape))
+        elif param.name == "history":  # each position's cache row of head 0 (of 2), 0 for none
+            inputs.append(rng.integers(0, sizes["r"] // 2, shape))
         elif dtype == "bool":
             inputs.append(rng.random(shape) < 0.8)
         elif dtype == "int8":
@@ -274,7 +268,8 @@ def test_an_attention_kernels_cuda_code_run_on_this_cpu_computes_the_graphs_valu
               "runtime": runtime_self_attention_module}[attention]()
     after = AttentionRows()(before)
     (func,) = [f for f in after.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
-    run = emulated_kernel(_cuda_source(func, "attention_rows", CUDAAttentionRows()), "attention_rows_kernel", tmp_path)
+    source = kernel_cuda_source(func, "attention_rows", CUDAAttentionRows())
+    run = emulated_kernel(source, "attention_rows_kernel", tmp_path)
 
     sizes = {"b": 3, "t": 70, "s": 70, "r": 13}
     inputs = _attention_inputs(before["main"], sizes, np.random.default_rng(11))
@@ -500,11 +495,15 @@ def test_cuda_bundle_quantizes_each_row_at_run_time_in_one_kernel(cuda_bundle):
 
 def test_cuda_bundle_computes_each_attention_of_a_decoder_step_in_one_kernel(cuda_bundle):
     """Run-time ranges: each of the decoder step's attentions (self and cross, per layer) is one call of an
-    attention function, with its scales, gathers, softmax and the probabilities' row quantization inside: no
-    softmax, gather or attention product kernel of its own."""
+    attention function, with its scales, gathers (their rows' index and the past positions from the step's
+    history), softmax and the probabilities' row quantization inside: no softmax, gather, index or attention product
+    kernel of its own."""
     from .conftest import TINY
 
-    calls = re.findall(r"R\.call_tir\(cls\.(\w+),", _legalized_step(cuda_bundle))
+    step = _legalized_step(cuda_bundle)
+    assert {re.match(r"\s*\w+ = R\.call_tir\(cls\.attention_rows", line) is not None
+            for line in step.splitlines()[1:] if re.search(r"\bhistory\b", line)} == {True}  # (after the def)
+    calls = re.findall(r"R\.call_tir\(cls\.(\w+),", step)
     assert len([c for c in calls if c.startswith("attention_rows")]) == 2 * TINY.decoder_layers
     assert not [c for c in calls if "softmax" in c or "take" in c and "where" in c or re.match(r"(fused_)?matmul", c)]
     # each is CUDAAttentionRows' kernel (a block per hypothesis and head, reductions by shuffles), not dlight's

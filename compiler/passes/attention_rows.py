@@ -28,10 +28,10 @@ result. The function computes in the heads' layout ``[batch, heads, x, y]``: the
 layouts are views, dropped; moves of an axis of size 1 become ``permute_dims``. It takes tensors behind their
 reshapes and, where a gather and its ``where`` (or a ``broadcast_to``) have no other use, the gather's operands
 (the broadcast's input): the kernel reads the rows where the cache stores them. Inputs that are elementwise
-arithmetic on the entry point's parameters (the past positions from the step's history, the mask from the source's
-tokens) it computes itself. It is built from the ops as the pipeline legalizes them
-(:func:`~int8mt.compiler.legalize.legalize_map`), fused by TVM into one PrimFunc: it computes what the graph
-computes (a softmax's sum in another order: the same within float rounding). Its result is reshaped back to the
+arithmetic on the entry point's parameters and ``arange`` (the past positions and the cache-row index from the
+step's history, the mask from the source's tokens) it computes itself. It is built from the ops as the pipeline
+legalizes them (:func:`~int8mt.compiler.legalize.legalize_map`), fused by TVM into one PrimFunc: it computes what
+the graph computes (a softmax's sum in another order: the same within float rounding). Its result is reshaped back to the
 graph's layout (a view). GPU presets, quantized models.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import tvm
 import tvm_ffi
-from tvm import ir, relax, tirx
+from tvm import ir, relax, tirx, topi
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
@@ -57,8 +57,8 @@ from .reshapes_after_elementwise import BINARY
 
 UNARY = ("relax.astype", "relax.clip")  # (a clip's other arguments are bounds)
 SWAP_LAST = [0, 1, 3, 2]
-ARITHMETIC = ("relax.expand_dims", "relax.astype", "relax.add", "relax.multiply", "relax.equal", "relax.greater")
-# (what a step's past positions and the source's mask are made of)
+ARITHMETIC = ("relax.expand_dims", "relax.astype", "relax.add", "relax.multiply", "relax.equal", "relax.greater",
+              "relax.arange")  # (what a step's past positions, its cache-row index and the source's mask are made of)
 
 
 @dataclass
@@ -317,11 +317,16 @@ class _FunctionBuilder:
         return self._input(source)
 
     def _input(self, expr: relax.Expr) -> relax.Expr:
-        """``expr`` computed here where it is elementwise arithmetic on the entry point's own parameters and scalar
-        constants (a step's past positions, the source's mask: a kernel of their own per step otherwise, read by
-        every layer), else a parameter."""
+        """``expr`` computed here where it is elementwise arithmetic on the entry point's own parameters, scalar
+        constants and ``arange`` (a step's past positions and cache-row index, the source's mask: a kernel of their
+        own per step otherwise, read by every layer), else a parameter."""
         if not self._is_arithmetic(expr, depth=8):
             return self._param(expr)
+        if expr not in self.computed and self.bindings[expr].op.name == "relax.arange":
+            # as its own computation: legalized, it would be a constant, which FuseTIR refuses in the function
+            arange = self.bindings[expr]
+            self.computed[expr] = self.bb.emit_te(topi.arange, *(a.value for a in arange.args),
+                                                  str(arange.attrs.dtype))
         if expr not in self.computed:
             value = self.bindings[expr]
             args = [a if isinstance(a, ir.expr.Constant) or not isinstance(a.ty, relax.TensorType)

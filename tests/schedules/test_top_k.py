@@ -1,7 +1,10 @@
 """The top-k kernels: each row's k largest entries and their indices, descending, equal to a stable NumPy
 sort for dynamic sizes (rows, lengths that are not multiples of its 16-entry blocks, fewer entries than k),
 ties in index order; -inf and NaN are never selected (the slots left are -inf at index -1). The GPU kernel is
-compared with the CPU one where a GPU is visible."""
+compared with the CPU one: its CUDA C run on this CPU (tests/cuda_emulation.py), and on a GPU where one is
+visible."""
+import shutil
+
 import numpy as np
 import pytest
 import tvm
@@ -11,6 +14,7 @@ from int8mt.runtime.cuda import visible_gpu
 from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 
 from ..conftest import HOST_PRESET
+from ..cuda_emulation import emulated_kernel, kernel_cuda_source
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,25 @@ def test_row_of_only_nan_and_minus_inf_selects_nothing(top_k):
 def test_gpu_kernel_keeps_at_most_what_fits_shared_memory():
     with pytest.raises(ValueError, match="at most 32 entries per row"):
         top_k_gpu_kernel(33)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 8000), (5, 37), (3, 5)])
+def test_gpu_kernels_cuda_code_run_on_this_cpu_equals_the_cpu_kernel(top_k, rows, n, tmp_path):
+    """The GPU kernel's CUDA C run on this CPU by an emulation of its thread blocks: the same values and indices as
+    the CPU kernel, with ties, NaN, infinities and rows shorter than its threads' count."""
+    if shutil.which("g++") is None:
+        pytest.skip("runs the kernel's CUDA C on this CPU with g++ (Debian: apt-get install g++)")
+    run = emulated_kernel(kernel_cuda_source(top_k_gpu_kernel(8), "top_k"), "top_k_kernel", tmp_path)
+    rng = np.random.default_rng(rows + n)
+    x = rng.integers(-50, 50, (rows, n)).astype(np.float32)  # many ties
+    x[0, :2] = [np.nan, -np.inf]
+    x[-1, n // 2] = np.inf
+    values, ids = np.zeros((rows, 8), np.float32), np.zeros((rows, 8), np.int64)
+    run((rows, 1), X=x, V=values, I=ids, rows=rows, n=n)
+    cpu_values, cpu_ids = _run(top_k[8], x, 8)
+    np.testing.assert_array_equal(ids, cpu_ids)
+    np.testing.assert_array_equal(values, cpu_values)
+    assert (ids[0] == -1).sum() == max(0, 8 - (n - 2))  # row 0's NaN and -inf never chosen
 
 
 @pytest.mark.skipif(visible_gpu(import_tvm_runtime()) is None, reason="no CUDA GPU here")

@@ -51,17 +51,20 @@ def function(bb: relax.BlockBuilder, params: list[relax.Var], body) -> tvm.IRMod
 
 def self_attention_module(softmax_used_twice: bool = False) -> tvm.IRModule:
     """A static-range self-attention of a decoder step as the model's graph has it after phase 2's GPU passes: 2
-    heads of 8, keys and values gathered from rows and the step's own, scaled scores, softmax, quantized
-    probabilities, the context requantized and merged into [b, 1, 16]."""
+    heads of 8, keys and values gathered from rows (the row of head h of position j: ``history[:, j] * 2 + h``,
+    past where ``history[:, j] > 0``) and the step's own, scaled scores, softmax, quantized probabilities, the
+    context requantized and merged into [b, 1, 16]."""
     @I.ir_module
     class Module:
         @R.function
         def main(q: R.Tensor(("b", 2, 1, 8), "int8"), rows_k: R.Tensor(("r", 8), "int8"),
-                 rows_v: R.Tensor(("r", 8), "int8"), index: R.Tensor(("b", 2, "t"), "int64"),
-                 past: R.Tensor(("b", 1, "t", 1), "bool"), new_k: R.Tensor(("b", 2, 1, 8), "int8"),
-                 new_v: R.Tensor(("b", 2, 1, 8), "int8")):
+                 rows_v: R.Tensor(("r", 8), "int8"), history: R.Tensor(("b", "t"), "int64"),
+                 new_k: R.Tensor(("b", 2, 1, 8), "int8"), new_v: R.Tensor(("b", 2, 1, 8), "int8")):
             b, t = T.int64(), T.int64()
             with R.dataflow():
+                index = R.add(R.multiply(R.expand_dims(history, axis=[1]), R.const(2, "int64")),
+                              R.expand_dims(R.expand_dims(R.arange(0, 2, 1, dtype="int64"), axis=[0]), axis=[2]))
+                past = R.expand_dims(R.expand_dims(R.greater(history, R.const(0, "int64")), axis=[1]), axis=[3])
                 keys = R.where(past, R.take(rows_k, index, axis=0), new_k)
                 values = R.where(past, R.take(rows_v, index, axis=0), new_v)
                 q3 = R.reshape(q, R.shape([b * 2, 1, 8]))

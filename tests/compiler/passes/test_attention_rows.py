@@ -22,14 +22,29 @@ from ._modules import cross_attention_module, runtime_self_attention_module, sel
 def _self_attention_expected() -> tvm.IRModule:
     @I.ir_module
     class Expected:
+        @T.prim_func(private=True, s_tir=True)
+        def arange(heads: T.Buffer((T.int64(2),), "int64")):
+            T.func_attr({"tirx.noalias": True})
+            for h in range(T.int64(2)):
+                with T.sblock("T_arange"):
+                    v_h = T.axis.spatial(T.int64(2), h)
+                    T.reads()
+                    T.writes(heads[v_h])
+                    heads[v_h] = T.Cast("int64", v_h)
+
         @R.function(private=True)
         def attention_rows(q: R.Tensor(("b", 2, 1, 8), "int8"), rows_k: R.Tensor(("r", 8), "int8"),
-                           index: R.Tensor(("b", 2, "t"), "int64"), past: R.Tensor(("b", 1, "t", 1), "bool"),
-                           new_k: R.Tensor(("b", 2, 1, 8), "int8"), rows_v: R.Tensor(("r", 8), "int8"),
-                           new_v: R.Tensor(("b", 2, 1, 8), "int8")):
+                           history: R.Tensor(("b", "t"), "int64"), new_k: R.Tensor(("b", 2, 1, 8), "int8"),
+                           rows_v: R.Tensor(("r", 8), "int8"), new_v: R.Tensor(("b", 2, 1, 8), "int8")):
             R.func_attr({"Primitive": True})
+            cls = Expected
             with R.dataflow():
-                keys = R.where(past, R.take(rows_k, index, axis=0), new_k)
+                first = R.multiply(R.expand_dims(history, axis=[1]), R.const(2, "int64"))  # the rows of head 0
+                heads = R.call_tir(cls.arange, R.tuple(), out_ty=R.Tensor((2,), "int64"))
+                index = R.add(first, R.expand_dims(R.expand_dims(heads, axis=[0]), axis=[2]))
+                rows = R.take(rows_k, index, axis=0)
+                past = R.expand_dims(R.expand_dims(R.greater(history, R.const(0, "int64")), axis=[1]), axis=[3])
+                keys = R.where(past, rows, new_k)
                 s = R.matmul(q, R.permute_dims(keys, [0, 1, 3, 2]), out_dtype="int32")
                 f = R.multiply(R.astype(s, "float32"), R.const(0.0001, "float32"))
                 p = R.nn.softmax(f, axis=-1)
@@ -44,13 +59,12 @@ def _self_attention_expected() -> tvm.IRModule:
 
         @R.function
         def main(q: R.Tensor(("b", 2, 1, 8), "int8"), rows_k: R.Tensor(("r", 8), "int8"),
-                 rows_v: R.Tensor(("r", 8), "int8"), index: R.Tensor(("b", 2, "t"), "int64"),
-                 past: R.Tensor(("b", 1, "t", 1), "bool"), new_k: R.Tensor(("b", 2, 1, 8), "int8"),
-                 new_v: R.Tensor(("b", 2, 1, 8), "int8")):
+                 rows_v: R.Tensor(("r", 8), "int8"), history: R.Tensor(("b", "t"), "int64"),
+                 new_k: R.Tensor(("b", 2, 1, 8), "int8"), new_v: R.Tensor(("b", 2, 1, 8), "int8")):
             b = T.int64()
             cls = Expected
             with R.dataflow():
-                o4 = cls.attention_rows(q, rows_k, index, past, new_k, rows_v, new_v)
+                o4 = cls.attention_rows(q, rows_k, history, new_k, rows_v, new_v)
                 out = R.reshape(o4, R.shape([b, 1, 16]))
                 R.output(out)
             return out
@@ -106,10 +120,9 @@ def test_the_function_computes_what_the_graph_computes(batch, positions):
     past one chunk of the GPU kernel's threads too)."""
     rng = np.random.default_rng(positions)
     rows = 11
-    index = rng.integers(0, rows * 2, (batch, 2, positions))
-    past = rng.random((batch, 1, positions, 1)) < 0.8
+    history = rng.integers(0, rows, (batch, positions)) * (rng.random((batch, positions)) < 0.8)  # most past
     inputs = [rng.integers(-127, 128, (batch, 2, 1, 8)).astype("int8"),
-              *(rng.integers(-127, 128, (rows * 2, 8)).astype("int8") for _ in range(2)), index, past,
+              *(rng.integers(-127, 128, (rows * 2, 8)).astype("int8") for _ in range(2)), history,
               *(rng.integers(-127, 128, (batch, 2, 1, 8)).astype("int8") for _ in range(2))]
     np.testing.assert_array_equal(_run(AttentionRows()(self_attention_module()), *inputs),
                                   _run(self_attention_module(), *inputs))
