@@ -505,6 +505,9 @@ def test_cuda_bundle_computes_each_attention_of_a_decoder_step_in_one_kernel(cud
             for line in step.splitlines()[1:] if re.search(r"\bhistory\b", line)} == {True}  # (after the def)
     calls = re.findall(r"R\.call_tir\(cls\.(\w+),", step)
     assert len([c for c in calls if c.startswith("attention_rows")]) == 2 * TINY.decoder_layers
+    # each writes its result as the output projection reads it, [batch, 1, d_model], not in the heads' layout
+    written = re.findall(r"R\.call_tir\(cls\.attention_rows\w*, \(.*\), out_ty=R\.Tensor\(\(\w+, 1, (\d+)\)", step)
+    assert written == [str(TINY.d_model)] * 2 * TINY.decoder_layers
     assert not [c for c in calls if "softmax" in c or "take" in c and "where" in c or re.match(r"(fused_)?matmul", c)]
     # each is CUDAAttentionRows' kernel (a block per hypothesis and head, reductions by shuffles), not dlight's
     # fallback, which would compute the same values on a grid of one axis

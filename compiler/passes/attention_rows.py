@@ -31,8 +31,9 @@ reshapes and, where a gather and its ``where`` (or a ``broadcast_to``) have no o
 arithmetic on the entry point's parameters and ``arange`` (the past positions and the cache-row index from the
 step's history, the mask from the source's tokens) it computes itself. It is built from the ops as the pipeline
 legalizes them (:func:`~int8mt.compiler.legalize.legalize_map`), fused by TVM into one PrimFunc: it computes what
-the graph computes (a softmax's sum in another order: the same within float rounding). Its result is reshaped back to the
-graph's layout (a view). GPU presets, quantized models.
+the graph computes (a softmax's sum in another order: the same within float rounding). It writes its result in the
+shape the graph's reshapes of it give it where that merges axes of the heads' layout (``[batch, 1, heads *
+head_dim]``: the same bytes), else in that layout, reshaped back (a view). GPU presets, quantized models.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 
 import tvm
 import tvm_ffi
-from tvm import ir, relax, tirx, topi
+from tvm import ir, relax, s_tir, tirx, topi
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
@@ -220,35 +221,59 @@ class _AttentionRewriter(PyExprMutator):
         attention = self.found.get(binding.var)
         reshape = bound_op_call(binding.var, "relax.reshape", self.bindings)
         if reshape is not None and reshape.args[0] in self.results:  # a reshape of a result: of the call's result
-            self.set_var_remap(binding.var, self._bind(
-                relax.op.reshape(self.results[reshape.args[0]], binding.var.ty.shape), binding.var))
+            self.results[binding.var] = self.results[reshape.args[0]]
+            self.set_var_remap(binding.var, self._bind(self._reshaped(self.results[binding.var], binding.var),
+                                                       binding.var))
             return
         if attention is None:
             super().visit_var_binding_(binding)
             return
-        kernel, args, out_ty = self._kernel(attention)
+        kernel, args, out_ty = self._kernel(attention, self._written_layouts(binding.var))
         out = self.builder_.emit(relax.call_tir(kernel, [self.visit_expr(a) for a in args], out_ty))
         self.results[binding.var] = out
-        if not same_shape(list(out_ty.shape), list(binding.var.ty.shape)):
-            out = relax.op.reshape(out, binding.var.ty.shape)
-        self.set_var_remap(binding.var, self._bind(out, binding.var))
+        self.set_var_remap(binding.var, self._bind(self._reshaped(out, binding.var), binding.var))
+
+    def _written_layouts(self, result: relax.Var) -> list[list]:
+        """The shapes the kernel may write the attention's result in, the best first: those of the reshapes that
+        follow it (each the only use of the one before), the last first, then its own."""
+        chain = [result]
+        while (user := self.single_user(chain[-1])) is not None:
+            reshape = bound_op_call(user, "relax.reshape", self.bindings)
+            if reshape is None or not reshape.args[0].same_as(chain[-1]):
+                break
+            chain.append(user)
+        return [list(var.ty.shape) for var in reversed(chain)]
+
+    @staticmethod
+    def _reshaped(out: relax.Var, var: relax.Var) -> relax.Expr:
+        """The call's result ``out`` as ``var``'s shape: itself where it has it."""
+        return out if same_shape(list(out.ty.shape), list(var.ty.shape)) else relax.op.reshape(out, var.ty.shape)
 
     def _bind(self, value: relax.Expr, var: relax.Var) -> relax.Var:
-        """``value`` bound in place of ``var``: an output of the dataflow block where ``var`` is one."""
+        """``value`` bound in place of ``var`` (itself where it is a variable and ``var`` is not an output of the
+        dataflow block)."""
         if isinstance(var, relax.DataflowVar):
-            return self.builder_.emit(value, var.name)
+            return value if isinstance(value, relax.Var) else self.builder_.emit(value, var.name)
         return self.builder_.emit_output(value, var.name)
 
-    def _kernel(self, attention: _Attention) -> tuple[ir.GlobalVar, list[relax.Expr], relax.TensorType]:
-        """The attention's function as a PrimFunc of the module (once per distinct function), the outer
-        arguments of its call, and its result's type."""
+    def _kernel(self, attention: _Attention, layouts: list[list]) -> tuple[ir.GlobalVar, list[relax.Expr],
+                                                                        relax.TensorType]:
+        """The attention's function as a PrimFunc of the module (once per distinct function) that writes its
+        result in the first of the shapes ``layouts`` that is a view of the heads' layout (else in that layout),
+        the outer arguments of its call, and its result's type."""
         builder = _FunctionBuilder(self, attention)
         module, outer = builder.build()
         prim, call = _fused(module)
+        out_ty = call.ty_args[0]
+        for shape in layouts:
+            groups = _merged_axes(list(out_ty.shape), shape, self.analyzer)
+            if groups is not None:
+                prim, out_ty = _written_merged(prim, groups), relax.TensorType(shape, out_ty.dtype)
+                break
         by_param = dict(zip(builder.params, outer))
         kernel = self.kernels.get(("attention_rows", tvm_ffi.structural_hash(prim)), "attention_rows",
                                   lambda: prim.with_attrs({KERNEL_ATTR: ATTENTION_ROWS, "op_pattern": OPAQUE}))
-        return kernel, [by_param.get(a, a) for a in call.args[1].fields], call.ty_args[0]
+        return kernel, [by_param.get(a, a) for a in call.args[1].fields], out_ty
 
 
 class _FunctionBuilder:
@@ -410,6 +435,46 @@ def _fused(module: tvm.IRModule) -> tuple[tirx.PrimFunc, relax.Call]:
     args = [by_param.get(a, a) for a in call.args[1].fields]
     return fused[call.args[0]], relax.Call(call.op, [call.args[0], relax.Tuple(args), *call.args[2:]], call.attrs,
                                            call.ty_args)
+
+
+def _merged_axes(source: list, target: list, analyzer: Analyzer) -> list[list[int]] | None:
+    """For each axis of ``target``, the axes of ``source`` it merges, where ``target`` is ``source`` with runs of
+    adjacent axes merged (axes of size 1 dropped or added anywhere; each merged axis but a run's first of a static
+    size); else None."""
+    axes = [i for i, size in enumerate(source) if not is_one(size)]
+    groups, k = [], 0
+    for size in target:
+        group, product = [], tirx.const(1, "int64")
+        while not is_one(size) and k < len(axes) and not analyzer.can_prove_equal(product, size):
+            if group and not isinstance(source[axes[k]], tirx.IntImm):
+                return None
+            group.append(axes[k])
+            product, k = product * source[axes[k]], k + 1
+        if not is_one(size) and not (group and analyzer.can_prove_equal(product, size)):
+            return None
+        groups.append(group)
+    return groups if k == len(axes) else None
+
+
+def _written_merged(prim: tirx.PrimFunc, groups: list[list[int]]) -> tirx.PrimFunc:
+    """``prim`` writing its result (its last parameter) with the axes merged as ``groups`` say: the same bytes, the
+    buffer of the shape the graph reshapes the result to."""
+    out = prim.params[-1]
+    shape = out.ty.shape
+
+    def merged(*index: tirx.PrimExpr) -> list[tirx.PrimExpr]:
+        positions = []
+        for first, *rest in (group or [None] for group in groups):
+            position = tirx.const(0, "int64") if first is None else index[first]
+            for axis in rest:
+                position = position * shape[axis] + index[axis]
+            positions.append(position)
+        return positions
+
+    sch = s_tir.Schedule(prim)
+    (block,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).writes[0].source.same_as(out)]
+    sch.transform_layout(block, ("write", 0), tirx.IndexMap.from_func(merged, ndim=len(shape)))
+    return sch.mod["main"]
 
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.AttentionRows")
