@@ -107,7 +107,7 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
     ):
         with torch.no_grad():
             program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes)
-        custom = convert_map(program) if convert_map is not None else None
+        custom = {"embedding.default": _embedding, **(convert_map(program) if convert_map is not None else {})}
         mod = from_exported_program(program, custom_convert_map=custom, unwrap_unit_return_tuple=True)
         functions[name] = mod["main"].with_attr("global_symbol", name)
     functions["reorder_cache"] = _reorder_cache(model)
@@ -115,6 +115,18 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
     mod = tvm.IRModule({relax.GlobalVar(name): fn for name, fn in functions.items()})
     c = model.cfg
     return appending_step(mod, c.decoder_layers, c.heads, c.head_dim, model.cache_dtype_name, model.cache_scales)
+
+
+def _embedding(node: torch.fx.Node, importer) -> relax.Expr:
+    """``aten.embedding``: rows of the table taken at the token ids as they come (int64). TVM's own converter casts
+    the ids to int32 first, which on a GPU is a kernel of its own per call (a reshape between the cast and the
+    ``take`` keeps them apart); ``take`` reads int64 ids as well."""
+    bb = importer.block_builder
+    table, ids = importer.env[node.args[0]], importer.env[node.args[1]]
+    if ids.ty.ndim == 1:
+        return bb.emit(relax.op.take(table, ids, axis=0))
+    rows = bb.emit(relax.op.take(table, bb.emit(relax.op.reshape(ids, [-1])), axis=0))
+    return bb.emit(relax.op.reshape(rows, [*ids.ty.shape, table.ty.shape[-1]]))
 
 
 def appending_step(mod: tvm.IRModule, layers: int, heads: int, head_dim: int, dtype: str,

@@ -95,6 +95,20 @@ def test_only_positions_carry_their_maximum(tiny_model):
     assert "tir_var_upper_bound" not in mod["encode"].attrs
 
 
+def test_embeddings_take_rows_at_the_token_ids_as_they_come(tiny_model):
+    """``encode`` and ``decode_step`` take the embeddings' rows at their int64 token ids: no cast to int32 first
+    (TVM's converter's, a kernel of its own per call on a GPU); their values: the tests above."""
+    mod = export_to_relax(tiny_model)
+    for name, ids in (("encode", "src"), ("decode_step", "tokens")):
+        calls = []
+        relax.analysis.post_order_visit(mod[name], lambda e: calls.append(e) if (
+            isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)) else None)
+        assert not [c for c in calls if c.op.name == "relax.astype" and str(c.attrs.dtype) == "int32"], name
+        index = {b.var: b.value for block in mod[name].body.blocks for b in block.bindings}
+        taken = [c.args[1] for c in calls if c.op.name == "relax.take" and c.args[1] in index]
+        assert any(index[i].op.name == "relax.reshape" and index[i].args[0].name == ids for i in taken), name
+
+
 def test_the_step_writes_every_plane_of_its_rows_in_place_in_one_kernel():
     """``appending_step``: the exported step's new keys and values (one tensor per layer and kind) go to rows
     ``used ..`` of each plane of the cache, in place, in one kernel whichever the plane, and the step returns the
