@@ -528,13 +528,14 @@ def test_cuda_bundle_quantizes_a_layer_norms_result_in_the_layer_norms_kernel(cu
 def test_cuda_bundle_kernels_read_cache_planes_and_reshaped_tensors_where_they_are_stored(cuda_bundle):
     """ViewsIntoKernels and UnitReshapeIntoKernels on CUDA presets: a decoder step passes its kernels the stacked
     caches themselves (no view per layer: an offset computed, a tensor made, its offset checked) and the tensors
-    behind reshapes that add or drop axes of size 1."""
+    behind reshapes (each linear layer's result to the per-head row quantization and to ``append_rows``): no view
+    at all."""
     lowered = (cuda_bundle.parent / "ir" / "phase5-lowered.py").read_text()
     step = lowered[lowered.index("def decode_step("):]
     step = step[:step.index("    @R.function") if "    @R.function" in step else len(step)]
     assert "cls." in step
     assert "ensure_zero_offset" not in step and "compute_symbolic_expr" not in step
-    assert step.count("vm.builtin.reshape") < step.count("cls.") / 2
+    assert "vm.builtin.reshape" not in step  # (chains of reshapes followed back, in-place kernels too)
 
 
 def test_a_kernel_on_a_cache_plane_gets_the_planes_address_from_the_host():

@@ -159,11 +159,13 @@ def with_kernel_variant(call: relax.Call, mod: tvm.IRModule, kernels: KernelTabl
                         argument: Callable[[relax.Expr], tuple[relax.Expr, Any] | None],
                         variant: Callable[[tirx.PrimFunc, dict[int, Any]], tirx.PrimFunc | None],
                         key: Callable[[dict[int, Any]], tuple]) -> relax.Expr:
-    """``call``, a ``call_tir`` of a kernel of ``mod``, calling a variant of the kernel that takes some arguments
-    from elsewhere: ``argument(arg)`` gives an argument's replacement and what the variant needs to know of it (or
-    None), ``variant(kernel, {index: that})`` the variant (None where it cannot be made), added once per
-    ``key({index: that})``. ``call`` itself where no argument is replaced or no variant made."""
-    if call.op != ir.Op.get("relax.call_tir") or not isinstance(call.args[1], relax.Tuple):
+    """``call``, a ``call_tir`` (or ``call_tir_inplace``) of a kernel of ``mod``, calling a variant of the kernel
+    that takes some arguments from elsewhere: ``argument(arg)`` gives an argument's replacement and what the
+    variant needs to know of it (or None), ``variant(kernel, {index: that})`` the variant (None where it cannot be
+    made), added once per ``key({index: that})``. ``call`` itself where no argument is replaced or no variant
+    made."""
+    if call.op not in (ir.Op.get("relax.call_tir"), ir.Op.get("relax.call_tir_inplace")) or not isinstance(
+            call.args[1], relax.Tuple):
         return call
     func = mod.functions.get(call.args[0])
     if not isinstance(func, tirx.PrimFunc):

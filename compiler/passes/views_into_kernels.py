@@ -3,9 +3,12 @@
 :class:`~.TakeAsView` makes each layer's slice of a stacked cache a view of the entry point's parameter: no copy,
 yet each view is a few VM calls at every step (the offset computed, a shape and a tensor built, the offset
 checked, two frees): a decoder step has 12 such views (static ranges) or 24 (run-time ranges, whose caches carry
-their scales), 60-120 VM calls of some 500-700 at batch 1 without this pass. A reshape that merges axes (the encoder's ``[batch,
-length, width]`` rows to ``[batch * length, width]`` for a dense kernel: 34 per call of it) is one too; those
-that only add or drop axes of size 1 are :class:`~.UnitReshapeIntoKernels`'.
+their scales), 60-120 VM calls of some 500-700 at batch 1 without this pass. A reshape that merges axes (the
+encoder's ``[batch, length, width]`` rows to ``[batch * length, width]`` for a dense kernel: 34 per call of it)
+is one too, and so is each reshape of a chain (on a GPU, each linear layer's ``[batch, heads * head_dim]`` result
+reshaped in steps into the heads' layout for the per-head row quantization and for the cache's in-place
+``append_rows``: 6-24 per decoder step); the kernel takes the tensor at the chain's start. Reshapes that only add
+or drop axes of size 1 are :class:`~.UnitReshapeIntoKernels`' first.
 
 A kernel can take the tensor itself: its parameter is declared in the tensor's shape, and the buffer its body
 reads is declared over the same memory at the view's offset (the kernel's variables for the view's sizes bound
@@ -42,6 +45,15 @@ def _source_buffer(shape: list[tirx.PrimExpr], dtype: str, name: str) -> tuple[t
 
 def _free_vars(expr: tirx.PrimExpr) -> set[tirx.Var]:
     return set(tirx.analysis.undefined_vars(expr))
+
+
+def _states(source: list[tirx.PrimExpr], used: list[tirx.PrimExpr]) -> bool:
+    """Whether a tensor of the Relax shape ``source`` can stand for one of shape ``used`` in a kernel: its sizes are
+    constants or variables, and ``used``'s are stated in them."""
+    if not all(isinstance(dim, (tirx.IntImm, tirx.Var)) for dim in source):
+        return False
+    variables = {dim for dim in source if isinstance(dim, tirx.Var)}
+    return all(_free_vars(dim) <= variables for dim in used)
 
 
 def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var, list, tirx.PrimExpr]]
@@ -97,13 +109,17 @@ class _Rewriter(PyExprMutator):
 
     def _view(self, expr: relax.Expr) -> tuple[relax.Var, list, tirx.PrimExpr] | None:
         """``(tensor, the view's shape, its byte offset)`` if ``expr`` is ``ensure_zero_offset`` of a view of a
-        function parameter, or a reshape of a tensor (offset 0)."""
+        function parameter, or reshapes of a tensor (offset 0: the farthest tensor back along the chain whose sizes
+        the kernel can take)."""
         reshape = self._bound(expr, "relax.reshape")
         if reshape is not None:
-            source = reshape.args[0]
-            if isinstance(source, relax.Var) and isinstance(source.ty, relax.TensorType) and source.ty.shape is not None:
-                return source, list(expr.ty.shape), tirx.const(0, "int64")
-            return None
+            used, found = list(expr.ty.shape), None
+            while reshape is not None and isinstance(source := reshape.args[0], relax.Var) and isinstance(
+                    source.ty, relax.TensorType) and source.ty.shape is not None:
+                if _states(list(source.ty.shape), used):
+                    found = source
+                reshape = self._bound(source, "relax.reshape")
+            return None if found is None else (found, used, tirx.const(0, "int64"))
         zero = self._bound(expr, "relax.memory.ensure_zero_offset")
         view = None if zero is None else self._bound(zero.args[0], "relax.memory.view")
         if view is None or view.args[0] not in self.params or isinstance(view.args[3], relax.Var) or not isinstance(

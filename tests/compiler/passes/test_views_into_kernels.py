@@ -112,6 +112,60 @@ def test_structure_kernels_read_the_tensor_behind_a_reshape_that_merges_axes():
     tvm.ir.assert_structural_equal(ViewsIntoKernels()(Merged), Expected)
 
 
+@I.ir_module
+class Chained:
+    @T.prim_func(private=True, s_tir=True)
+    def write_rows(acc_handle: T.handle, x_handle: T.handle):
+        m = T.int64()
+        acc = T.match_buffer(acc_handle, (m, T.int64(4), T.int64(1), T.int64(2)), "float32")
+        x = T.match_buffer(x_handle, (m, T.int64(4), T.int64(1), T.int64(2)), "float32")
+        for i, h, w in T.grid(m, T.int64(4), T.int64(2)):
+            with T.sblock("add"):
+                vi, vh, vw = T.axis.remap("SSS", [i, h, w])
+                acc[vi, vh, T.int64(0), vw] = x[vi, vh, T.int64(0), vw] * T.float32(2)
+
+    @R.function
+    def main(acc: R.Tensor(("n", 4, 1, 2), "float32"), x: R.Tensor(("n", 8), "float32")):
+        n = T.int64()
+        cls = Chained
+        with R.dataflow():
+            rows = R.reshape(x, R.shape([n, 1, 8]))
+            heads = R.reshape(rows, R.shape([n, 1, 4, 2]))
+            split = R.reshape(heads, R.shape([n, 4, 1, 2]))
+            gv = R.call_tir_inplace(cls.write_rows, (acc, split), 0, out_ty=R.Tensor((n, 4, 1, 2), "float32"))
+            R.output(gv)
+        return gv
+
+
+def test_structure_an_in_place_kernel_reads_the_tensor_at_the_start_of_a_chain_of_reshapes():
+    """A linear layer's result ``[n, heads * width]`` reshaped into the heads' layout in steps, as a GPU preset's
+    decoder step hands it to ``append_rows`` (an in-place kernel): the kernel takes the result itself."""
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True, s_tir=True)
+        def write_rows1(acc_handle: T.handle, x_handle: T.handle):
+            m = T.int64()
+            acc = T.match_buffer(acc_handle, (m, T.int64(4), T.int64(1), T.int64(2)), "float32")
+            k = T.int64()
+            x_source = T.match_buffer(x_handle, (k, T.int64(8)), "float32")
+            x = T.decl_buffer((m, T.int64(4), T.int64(1), T.int64(2)), data=x_source.data)
+            for i, h, w in T.grid(m, T.int64(4), T.int64(2)):
+                with T.sblock("add"):
+                    vi, vh, vw = T.axis.remap("SSS", [i, h, w])
+                    acc[vi, vh, T.int64(0), vw] = x[vi, vh, T.int64(0), vw] * T.float32(2)
+
+        @R.function
+        def main(acc: R.Tensor(("n", 4, 1, 2), "float32"), x: R.Tensor(("n", 8), "float32")):
+            n = T.int64()
+            cls = Expected
+            with R.dataflow():
+                gv = R.call_tir_inplace(cls.write_rows1, (acc, x), 0, out_ty=R.Tensor((n, 4, 1, 2), "float32"))
+                R.output(gv)
+            return gv
+
+    tvm.ir.assert_structural_equal(ViewsIntoKernels()(Chained), Expected)
+
+
 def test_a_view_of_a_computed_tensor_stays():
     """The memory planner may reuse a computed tensor's storage once it sees no direct use of it: only the caller's
     parameters are read through their views."""
@@ -171,7 +225,7 @@ def test_a_kernel_that_learns_the_views_size_only_in_an_expression_keeps_the_vie
 
 
 def test_values_are_the_same():
-    """The kernel reading the tensor (at the offset) sums the same rows as through the view or reshape (TVM's own
+    """The kernel reading the tensor (at the offset) sums the same rows as through the view or reshapes (TVM's own
     pipeline for the modules as they were, ours, which applies the pass, for them rewritten)."""
     target = tvm.target.Target(HOST_PRESET.target)
     rng = np.random.default_rng(0)
@@ -181,3 +235,9 @@ def test_values_are_the_same():
             for n in (1, 5):
                 x = rng.standard_normal((3 if before is Before else 2, n, 4)).astype(np.float32)
                 np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), expected(x), rtol=1e-5)
+    for mod, pipeline in ((Chained, "default"), (ViewsIntoKernels()(Chained), relax_pipeline(target))):
+        vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=pipeline), tvm.cpu())
+        for n in (1, 3):
+            x = rng.standard_normal((n, 8)).astype(np.float32)
+            out = vm["main"](tvm.runtime.tensor(np.zeros((n, 4, 1, 2), np.float32)), tvm.runtime.tensor(x))
+            np.testing.assert_array_equal(out.numpy(), 2 * x.reshape(n, 4, 1, 2))
