@@ -120,7 +120,7 @@ class Chained:
         acc = T.match_buffer(acc_handle, (m, T.int64(4), T.int64(1), T.int64(2)), "float32")
         x = T.match_buffer(x_handle, (m, T.int64(4), T.int64(1), T.int64(2)), "float32")
         for i, h, w in T.grid(m, T.int64(4), T.int64(2)):
-            with T.sblock("add"):
+            with T.sblock("write"):
                 vi, vh, vw = T.axis.remap("SSS", [i, h, w])
                 acc[vi, vh, T.int64(0), vw] = x[vi, vh, T.int64(0), vw] * T.float32(2)
 
@@ -150,7 +150,7 @@ def test_structure_an_in_place_kernel_reads_the_tensor_at_the_start_of_a_chain_o
             x_source = T.match_buffer(x_handle, (k, T.int64(8)), "float32")
             x = T.decl_buffer((m, T.int64(4), T.int64(1), T.int64(2)), data=x_source.data)
             for i, h, w in T.grid(m, T.int64(4), T.int64(2)):
-                with T.sblock("add"):
+                with T.sblock("write"):
                     vi, vh, vw = T.axis.remap("SSS", [i, h, w])
                     acc[vi, vh, T.int64(0), vw] = x[vi, vh, T.int64(0), vw] * T.float32(2)
 
