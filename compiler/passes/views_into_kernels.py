@@ -12,10 +12,12 @@ or drop axes of size 1 are :class:`~.UnitReshapeIntoKernels`' first.
 
 A kernel can take the tensor itself: its parameter is declared in the tensor's shape, and the buffer its body
 reads is declared over the same memory at the view's offset (the kernel's variables for the view's sizes bound
-from the tensor's, before its root block, whose buffers may use them). One kernel variant per way it is called;
-the views and reshapes no longer used are removed. Only views of parameters (the memory planner may reuse a
-computed tensor's storage once it sees no direct use of it, and a view hides the use); a reshape's source is used
-directly, so any tensor. A size of the view that another parameter mentions only in an expression (``s + 1``)
+from the tensor's, before its root block, whose buffers may use them; sizes the kernel learns from its other
+parameters, such as its result's ``[batch, length, width]``, need no binding, so a tensor whose sizes do not state
+them, a dense kernel's ``[batch * length, width]`` result, can stand for the view). One kernel variant per way it
+is called; the views and reshapes no longer used are removed. Only views of parameters (the memory planner may
+reuse a computed tensor's storage once it sees no direct use of it, and a view hides the use); a reshape's source
+is used directly, so any tensor. A size of the view that another parameter mentions only in an expression (``s + 1``)
 keeps the view: binding it would define it twice. It runs after scheduling, on our kernels and the default
 schedules alike; on a GPU the host computes the offset pointer and passes it to the kernel as its buffer.
 """
@@ -29,9 +31,10 @@ from tvm.sym.analyzer import Analyzer
 from .kernel_calls import KernelTable, kernel_variant, rewrite_functions, shape_product, with_kernel_variant
 
 
-def _source_buffer(shape: list[tirx.PrimExpr], dtype: str, name: str) -> tuple[tirx.Buffer, dict] | None:
+def _source_buffer(shape: list[tirx.PrimExpr], dtype: str, name: str) -> tuple[tirx.Buffer, dict]:
     """A buffer in the Relax ``shape`` with a kernel variable per symbolic size, and the map from the Relax
-    variables to the kernel's; None if a size is neither a constant nor a variable."""
+    variables to the kernel's (a size that is an expression, ``batch * length``, gets a variable of its own, which
+    states none of the Relax ones)."""
     names, dims = {}, []
     for axis, dim in enumerate(shape):
         if isinstance(dim, tirx.IntImm):
@@ -39,7 +42,7 @@ def _source_buffer(shape: list[tirx.PrimExpr], dtype: str, name: str) -> tuple[t
         elif isinstance(dim, tirx.Var):
             dims.append(names.setdefault(dim, tirx.Var(f"{name}_{axis}", dim.ty)))
         else:
-            return None
+            dims.append(tirx.Var(f"{name}_{axis}", dim.ty))
     return tirx.decl_buffer(dims, dtype, name, layout=None), names
 
 
@@ -48,12 +51,21 @@ def _free_vars(expr: tirx.PrimExpr) -> set[tirx.Var]:
 
 
 def _states(source: list[tirx.PrimExpr], used: list[tirx.PrimExpr]) -> bool:
-    """Whether a tensor of the Relax shape ``source`` can stand for one of shape ``used`` in a kernel: its sizes are
-    constants or variables, and ``used``'s are stated in them."""
-    if not all(isinstance(dim, (tirx.IntImm, tirx.Var)) for dim in source):
-        return False
+    """Whether a tensor of the Relax shape ``source`` states the sizes ``used`` (each in its variables)."""
     variables = {dim for dim in source if isinstance(dim, tirx.Var)}
     return all(_free_vars(dim) <= variables for dim in used)
+
+
+def _learned_elsewhere(func: tirx.PrimFunc, inputs: int) -> list[set[int]]:
+    """For each of the kernel's first ``inputs`` parameters, the axes whose sizes the kernel learns from its other
+    parameters after them (its results' shapes, its size arguments): those a tensor in their place need not
+    state."""
+    known = set()
+    for param in func.params[inputs:]:
+        known |= {dim for dim in param.shape if isinstance(dim, tirx.Var)} if isinstance(
+            param.ty, tirx.BufferType) else {param}
+    return [{axis for axis, dim in enumerate(param.shape) if dim in known} if isinstance(param.ty, tirx.BufferType)
+            else set() for param in func.params[:inputs]]
 
 
 def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var, list, tirx.PrimExpr]]
@@ -68,10 +80,9 @@ def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var,
         old = params[index]
         if not isinstance(old.ty, tirx.BufferType) or len(old.strides) or len(old.shape) != len(used):
             return None
-        made = _source_buffer(list(source.ty.shape), str(old.dtype), f"{old.name}_source")
-        if made is None or not all(_free_vars(e) <= set(made[1]) for e in [offset, *used]):
+        new, names = _source_buffer(list(source.ty.shape), str(old.dtype), f"{old.name}_source")
+        if not _free_vars(offset) <= set(names):
             return None
-        new, names = made
         analyzer = Analyzer()  # the view's sizes and offset in the kernel's variables for the parameter's sizes
         for relax_var, kernel_var in names.items():
             analyzer.bind(relax_var, kernel_var)
@@ -79,6 +90,8 @@ def _kernel_reading_views(func: tirx.PrimFunc, views: dict[int, tuple[relax.Var,
             if isinstance(dim, tirx.Var) and dim in mentioned - defined:
                 return None
             if isinstance(dim, tirx.Var) and dim not in defined:
+                if not _free_vars(size) <= set(names):
+                    return None
                 bindings.append(tirx.Bind(dim, analyzer.simplify(size)))
                 defined.add(dim)
         start = analyzer.simplify(tirx.floordiv(offset, tvm.DataType(str(old.dtype)).bits // 8))
@@ -101,22 +114,33 @@ class _Rewriter(PyExprMutator):
         self.params: set[relax.Var] = set()
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        return with_kernel_variant(super().visit_call_(call), self.builder_.get(), self.kernels,
-                                   lambda arg: None if (view := self._view(arg)) is None else (view[0], view),
+        call = super().visit_call_(call)
+        learned = {}  # each argument: the axes whose sizes the kernel learns elsewhere
+        kernel_call = call.op in (ir.Op.get("relax.call_tir"), ir.Op.get("relax.call_tir_inplace"))
+        func = self.builder_.get().functions.get(call.args[0]) if kernel_call else None
+        if isinstance(func, tirx.PrimFunc) and isinstance(call.args[1], relax.Tuple):
+            inputs = len(call.args[1].fields)
+            for arg, axes in zip(call.args[1].fields, _learned_elsewhere(func, inputs) if len(func.params) > inputs
+                                 else []):
+                learned[arg] = learned.get(arg, axes) & axes
+        return with_kernel_variant(call, self.builder_.get(), self.kernels,
+                                   lambda arg: None if (view := self._view(arg, learned.get(arg, set()))) is None
+                                   else (view[0], view),
                                    _kernel_reading_views,
                                    lambda found: tuple((i, str(source.ty.shape), str(used), str(offset))
                                                        for i, (source, used, offset) in found.items()))
 
-    def _view(self, expr: relax.Expr) -> tuple[relax.Var, list, tirx.PrimExpr] | None:
+    def _view(self, expr: relax.Expr, learned: set[int]) -> tuple[relax.Var, list, tirx.PrimExpr] | None:
         """``(tensor, the view's shape, its byte offset)`` if ``expr`` is ``ensure_zero_offset`` of a view of a
-        function parameter, or reshapes of a tensor (offset 0: the farthest tensor back along the chain whose sizes
-        the kernel can take)."""
+        function parameter, or reshapes of a tensor (offset 0: the farthest tensor back along the chain that states
+        the view's sizes, but for the axes ``learned``, whose the kernel learns elsewhere)."""
         reshape = self._bound(expr, "relax.reshape")
         if reshape is not None:
             used, found = list(expr.ty.shape), None
+            stated = [dim for axis, dim in enumerate(used) if axis not in learned]
             while reshape is not None and isinstance(source := reshape.args[0], relax.Var) and isinstance(
                     source.ty, relax.TensorType) and source.ty.shape is not None:
-                if _states(list(source.ty.shape), used):
+                if _states(list(source.ty.shape), stated):
                     found = source
                 reshape = self._bound(source, "relax.reshape")
             return None if found is None else (found, used, tirx.const(0, "int64"))

@@ -166,6 +166,83 @@ def test_structure_an_in_place_kernel_reads_the_tensor_at_the_start_of_a_chain_o
     tvm.ir.assert_structural_equal(ViewsIntoKernels()(Chained), Expected)
 
 
+@I.ir_module
+class Split:
+    @T.prim_func(private=True, s_tir=True)
+    def double_rows(x_handle: T.handle, y_handle: T.handle):
+        c = T.int64()
+        x = T.match_buffer(x_handle, (c, T.int64(4)), "float32")
+        y = T.match_buffer(y_handle, (c, T.int64(4)), "float32")
+        for i, k in T.grid(c, T.int64(4)):
+            with T.sblock("double"):
+                vi, vk = T.axis.remap("SS", [i, k])
+                y[vi, vk] = x[vi, vk] * T.float32(2)
+
+    @T.prim_func(private=True, s_tir=True)
+    def double(x_handle: T.handle, y_handle: T.handle):
+        a, b = T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (a, b, T.int64(4)), "float32")
+        y = T.match_buffer(y_handle, (a, b, T.int64(4)), "float32")
+        for i, j, k in T.grid(a, b, T.int64(4)):
+            with T.sblock("double"):
+                vi, vj, vk = T.axis.remap("SSS", [i, j, k])
+                y[vi, vj, vk] = x[vi, vj, vk] * T.float32(2)
+
+    @R.function
+    def main(x: R.Tensor(("m", "n", 4), "float32")):
+        m, n = T.int64(), T.int64()
+        cls = Split
+        with R.dataflow():
+            rows = R.call_tir(cls.double_rows, (R.reshape(x, R.shape([m * n, 4])),),
+                              out_ty=R.Tensor((m * n, 4), "float32"))
+            gv = R.call_tir(cls.double, (R.reshape(rows, R.shape([m, n, 4])),), out_ty=R.Tensor((m, n, 4), "float32"))
+            R.output(gv)
+        return gv
+
+
+def test_structure_a_kernel_that_learns_the_sizes_from_its_result_reads_a_tensor_that_does_not_state_them():
+    """A computed ``[m * n, 4]`` tensor reshaped to ``[m, n, 4]`` (the encoder's rows after a dense kernel): its size
+    ``m * n`` states neither ``m`` nor ``n``, but the kernel learns them from its result's shape, so it takes the
+    tensor (in a size of its own); the dense kernel's ``[m * n, 4]`` view of ``x`` likewise."""
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True, s_tir=True)
+        def double_rows1(x_handle: T.handle, y_handle: T.handle):
+            k0, k1 = T.int64(), T.int64()
+            x_source = T.match_buffer(x_handle, (k0, k1, T.int64(4)), "float32")
+            c = T.int64()
+            y = T.match_buffer(y_handle, (c, T.int64(4)), "float32")
+            x = T.decl_buffer((c, T.int64(4)), data=x_source.data)
+            for i, k in T.grid(c, T.int64(4)):
+                with T.sblock("double"):
+                    vi, vk = T.axis.remap("SS", [i, k])
+                    y[vi, vk] = x[vi, vk] * T.float32(2)
+
+        @T.prim_func(private=True, s_tir=True)
+        def double1(x_handle: T.handle, y_handle: T.handle):
+            k0 = T.int64()
+            x_source = T.match_buffer(x_handle, (k0, T.int64(4)), "float32")
+            a, b = T.int64(), T.int64()
+            y = T.match_buffer(y_handle, (a, b, T.int64(4)), "float32")
+            x = T.decl_buffer((a, b, T.int64(4)), data=x_source.data)
+            for i, j, k in T.grid(a, b, T.int64(4)):
+                with T.sblock("double"):
+                    vi, vj, vk = T.axis.remap("SSS", [i, j, k])
+                    y[vi, vj, vk] = x[vi, vj, vk] * T.float32(2)
+
+        @R.function
+        def main(x: R.Tensor(("m", "n", 4), "float32")):
+            m, n = T.int64(), T.int64()
+            cls = Expected
+            with R.dataflow():
+                rows = R.call_tir(cls.double_rows1, (x,), out_ty=R.Tensor((m * n, 4), "float32"))
+                gv = R.call_tir(cls.double1, (rows,), out_ty=R.Tensor((m, n, 4), "float32"))
+                R.output(gv)
+            return gv
+
+    tvm.ir.assert_structural_equal(ViewsIntoKernels()(Split), Expected)
+
+
 def test_a_view_of_a_computed_tensor_stays():
     """The memory planner may reuse a computed tensor's storage once it sees no direct use of it: only the caller's
     parameters are read through their views."""
@@ -235,6 +312,11 @@ def test_values_are_the_same():
             for n in (1, 5):
                 x = rng.standard_normal((3 if before is Before else 2, n, 4)).astype(np.float32)
                 np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), expected(x), rtol=1e-5)
+    for mod, pipeline in ((Split, "default"), (ViewsIntoKernels()(Split), relax_pipeline(target))):
+        vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=pipeline), tvm.cpu())
+        for m, n in ((1, 1), (2, 3)):
+            x = rng.standard_normal((m, n, 4)).astype(np.float32)
+            np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), 4 * x)
     for mod, pipeline in ((Chained, "default"), (ViewsIntoKernels()(Chained), relax_pipeline(target))):
         vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=pipeline), tvm.cpu())
         for n in (1, 3):
