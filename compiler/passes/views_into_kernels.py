@@ -17,9 +17,9 @@ parameters, such as its result's ``[batch, length, width]``, need no binding, so
 them, a dense kernel's ``[batch * length, width]`` result, can stand for the view). One kernel variant per way it
 is called; the views and reshapes no longer used are removed. Only views of parameters (the memory planner may
 reuse a computed tensor's storage once it sees no direct use of it, and a view hides the use); a reshape's source
-is used directly, so any tensor. A size of the view that another parameter mentions only in an expression (``s + 1``)
-keeps the view: binding it would define it twice. It runs after scheduling, on our kernels and the default
-schedules alike; on a GPU the host computes the offset pointer and passes it to the kernel as its buffer.
+is used directly, so any tensor. A size of the view that another parameter mentions only in an expression
+(``s + 1``) keeps the view: binding it would define it twice. It runs after scheduling, on our kernels and the
+default schedules alike; on a GPU the host computes the offset pointer and passes it to the kernel as its buffer.
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ class _Rewriter(PyExprMutator):
     def _view(self, expr: relax.Expr, learned: set[int]) -> tuple[relax.Var, list, tirx.PrimExpr] | None:
         """``(tensor, the view's shape, its byte offset)`` if ``expr`` is ``ensure_zero_offset`` of a view of a
         function parameter, or reshapes of a tensor (offset 0: the farthest tensor back along the chain that states
-        the view's sizes, but for the axes ``learned``, whose the kernel learns elsewhere)."""
+        the view's sizes, those on the axes ``learned``, which the kernel learns elsewhere, aside)."""
         reshape = self._bound(expr, "relax.reshape")
         if reshape is not None:
             used, found = list(expr.ty.shape), None
