@@ -243,6 +243,44 @@ def test_structure_a_kernel_that_learns_the_sizes_from_its_result_reads_a_tensor
     tvm.ir.assert_structural_equal(ViewsIntoKernels()(Split), Expected)
 
 
+def test_a_one_input_kernel_given_a_size_binding_keeps_its_root_block():
+    """A scheduled one-input kernel (a row sum) whose tensor states a size its result does not give it: the binding
+    goes inside its root block, which TVM's analyses of such kernels read (RewriteDataflowReshape's check of
+    reshape-like kernels failed on a body that was not its root block), and it computes the same."""
+    @I.ir_module
+    class Sums:
+        @T.prim_func(private=True, s_tir=True)
+        def row_sums(x_handle: T.handle, y_handle: T.handle):
+            a, b = T.int64(), T.int64()
+            x = T.match_buffer(x_handle, (a, b, T.int64(4)), "float32")
+            y = T.match_buffer(y_handle, (a, T.int64(1)), "float32")
+            with T.sblock("root"):
+                for i, j, k in T.grid(a, b, T.int64(4)):
+                    with T.sblock("sum"):
+                        vi, vj, vk = T.axis.remap("SRR", [i, j, k])
+                        with T.init():
+                            y[vi, T.int64(0)] = T.float32(0)
+                        y[vi, T.int64(0)] = y[vi, T.int64(0)] + x[vi, vj, vk]
+
+        @R.function
+        def main(x: R.Tensor(("m", "n", 2, 2), "float32")):
+            m, n = T.int64(), T.int64()
+            cls = Sums
+            with R.dataflow():
+                gv = R.call_tir(cls.row_sums, (R.reshape(x, R.shape([m, n, 4])),), out_ty=R.Tensor((m, 1), "float32"))
+                R.output(gv)
+            return gv
+
+    after = ViewsIntoKernels()(Sums)
+    (call,) = [b.value for b in after["main"].body.blocks[0].bindings]
+    assert list(call.args[1].fields) == list(after["main"].params)
+    assert isinstance(after[call.args[0]].body, tvm.s_tir.SBlockRealize)
+    target = tvm.target.Target(HOST_PRESET.target)
+    vm = relax.VirtualMachine(tvm.compile(after, target, relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    x = np.random.default_rng(1).standard_normal((3, 5, 2, 2)).astype(np.float32)
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), x.sum((1, 2, 3))[:, None], rtol=1e-5)
+
+
 def test_a_view_of_a_computed_tensor_stays():
     """The memory planner may reuse a computed tensor's storage once it sees no direct use of it: only the caller's
     parameters are read through their views."""
