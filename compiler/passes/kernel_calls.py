@@ -141,20 +141,19 @@ def kernel_variant(func: tirx.PrimFunc, params: list, statements: list[tirx.Stmt
     ``bindings``, with variables of its own (not the original's). A scheduled kernel's body stays its root block
     (as TVM's analyses of scheduled kernels expect), the statements inside it, the bindings before it (its
     buffers may use them)."""
-    body, bindings = func.body, list(bindings or [])
+    body, bindings, inside = func.body, list(bindings or []), False
     if isinstance(body, s_tir.SBlockRealize):
         root = body.block
         sizes = {v for buffer in root.alloc_buffers for dim in buffer.shape
                  for v in tirx.analysis.undefined_vars(dim)}
-        inside = [] if any(b.var in sizes for b in bindings) else bindings  # in the block where no buffer needs them
-        bindings = [b for b in bindings if b not in inside]
+        inside = not any(b.var in sizes for b in bindings)  # in the block where none of its buffers needs them
         block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint,
-                             tirx.SeqStmt([*inside, *statements, root.body]), root.init, root.alloc_buffers,
-                             root.match_buffers, root.annotations, root.span)
+                             tirx.SeqStmt([*(bindings if inside else []), *statements, root.body]), root.init,
+                             root.alloc_buffers, root.match_buffers, root.annotations, root.span)
         body = s_tir.SBlockRealize(body.iter_values, body.predicate, block, body.span)
     else:
         body = tirx.SeqStmt([*statements, body])
-    if bindings:
+    if bindings and not inside:
         body = tirx.SeqStmt([*bindings, body])
     return s_tir.renew_defs(tirx.PrimFunc(params, body, func.ret_type, func.attrs, func.span))
 

@@ -119,9 +119,7 @@ class _Rewriter(PyExprMutator):
         kernel_call = call.op in (ir.Op.get("relax.call_tir"), ir.Op.get("relax.call_tir_inplace"))
         func = self.builder_.get().functions.get(call.args[0]) if kernel_call else None
         if isinstance(func, tirx.PrimFunc) and isinstance(call.args[1], relax.Tuple):
-            inputs = len(call.args[1].fields)
-            for arg, axes in zip(call.args[1].fields, _learned_elsewhere(func, inputs) if len(func.params) > inputs
-                                 else []):
+            for arg, axes in zip(call.args[1].fields, _learned_elsewhere(func, len(call.args[1].fields))):
                 learned[arg] = learned.get(arg, axes) & axes
         return with_kernel_variant(call, self.builder_.get(), self.kernels,
                                    lambda arg: None if (view := self._view(arg, learned.get(arg, set()))) is None
