@@ -5,9 +5,11 @@ their scale and mask, the softmax, the probabilities' quantization, the context 
 self-attention's keys and values gathered from the cache's rows) into one function of the graph's own ops, marked
 :data:`ATTENTION_ROWS`, in the heads' layout ``[batch, heads, 1, ...]``. :class:`CUDAAttentionRows` schedules it:
 
-* each of the function's reductions is kept (int32 scores, the softmax's maximum and sum, the int32 context); every
-  other value is computed where it is used (the gathers inside the products' reads, the scores' scale and mask in
-  each read of a score);
+* each of the function's reductions is kept (int32 scores, the softmax's maximum and sum, the int32 context; with
+  run-time ranges the query's and the probabilities' largest magnitudes); a product's operand computed from a
+  reduction's result (the query quantized in the function) is computed once into shared memory, a column per
+  thread; every other value is computed where it is used (the gathers inside the products' reads, the scores'
+  scale and mask in each read of a score);
 * a thread block per ``(batch, head)`` (``blockIdx.y``, ``blockIdx.x``) of :func:`threads` threads: the scores one
   position per thread (the head's dot product in the thread), the maximum and the sum across the block (warp
   shuffles), the context one column of the head per thread;
@@ -64,15 +66,18 @@ class CUDAAttentionRows(GPUScheduleRule):
         blocks = sch.get_child_blocks(root)
         outputs = {sch.get(b).name_hint for b in blocks
                    if any(sch.get(b).writes[0].source.same_as(p) for p in func.params)}
-        context = [b for b in blocks if sch.get(b).init is not None][-1]
+        *products, context = [b for b in blocks if sch.get(b).init is not None
+                              and sch.get(b).writes[0].source.dtype == "int32"]
         shape = sch.get(context).writes[0].source.shape
         lead, count = len(shape) - 2, threads(int(shape[-1]))
         sch.pad_einsum(context, [count if iv.iter_type == tirx.IterVar.CommReduce else 1
                                  for iv in sch.get(context).iter_vars])
         staged = {sch.get(p).name_hint for p in sch.get_producers(context) if _after_reduction(sch, p, {})}
+        operands = {sch.get(p).name_hint for product in products for p in sch.get_producers(product)
+                    if _after_reduction(sch, p, {})}
         for block in sch.get_child_blocks(root):
             name = sch.get(block).name_hint
-            if name not in outputs and name not in staged and sch.get(block).init is None:
+            if name not in outputs | staged | operands and sch.get(block).init is None:
                 sch.compute_inline(block)
         *rest, last = sch.get_child_blocks(root)
         lead_loops = sch.get_loops(last)[:lead]

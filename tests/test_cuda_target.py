@@ -227,6 +227,31 @@ def test_an_attention_of_a_decoder_step_is_one_kernel_staging_each_chunk_of_prob
     assert "__syncthreads();" in body[loop:store] and "__syncthreads();" in body[store:read]
 
 
+def test_an_attention_quantizes_its_query_once_per_block_into_shared_memory():
+    """Run-time ranges: the query's largest magnitude reduced across the block, its int8 values computed once, a
+    column per thread, into shared memory, which the scores read after a barrier: the float query is read twice
+    (the magnitude, the quantization), both before the loop over the positions."""
+    from .compiler.passes._modules import runtime_self_attention_module
+
+    mod = AttentionRows()(runtime_self_attention_module())
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    (query,) = [p.name for p, a in zip(func.params, [*_attention_call(mod).args[1].fields])
+                if a.name == "query"]
+    body = _row_kernel_body(func, "attention_rows", CUDAAttentionRows())
+    reads = [m.start() for m in re.finditer(rf"\b{query}_ptr\[", body)]
+    positions = body.index("for (")
+    assert len(reads) == 2 and reads[-1] < positions
+    staged = re.search(r"(\w+_shared_ptr)\[\(\(int64_t\)threadIdx\.x\)\] = \(\(signed char\)", body[:positions])
+    assert staged and "__syncthreads();" in body[staged.end():positions] and staged.group(1) in body[positions:]
+
+
+def _attention_call(mod: tvm.IRModule) -> relax.Call:
+    """The one ``call_tir`` of ``mod``'s ``main``."""
+    (call,) = [b.value for b in mod["main"].body.blocks[0].bindings
+               if isinstance(b.value, relax.Call) and b.value.op == tvm.ir.Op.get("relax.call_tir")]
+    return call
+
+
 def _attention_inputs(main: relax.Function, sizes: dict[str, int], rng: np.random.Generator) -> list[np.ndarray]:
     """Random inputs for the parameters of an attention test module's ``main`` (``sizes`` of its symbolic
     dimensions): indices into the cache's rows (directly, or each position's row in the history), most positions
@@ -243,6 +268,8 @@ def _attention_inputs(main: relax.Function, sizes: dict[str, int], rng: np.rando
             inputs.append(rng.random(shape) < 0.8)
         elif dtype == "int8":
             inputs.append(rng.integers(-127, 128, shape).astype("int8"))
+        elif param.name == "query":  # float, quantized in the kernel
+            inputs.append(rng.standard_normal(shape).astype("float32"))
         elif param.name == "src":  # tokens, a fifth padding
             inputs.append(rng.integers(0, 5, shape))
         else:
@@ -275,9 +302,7 @@ def test_an_attention_kernels_cuda_code_run_on_this_cpu_computes_the_graphs_valu
     inputs = _attention_inputs(before["main"], sizes, np.random.default_rng(11))
     expected = _run(before, *inputs)[0]
     by_param = dict(zip(before["main"].params, inputs))
-    (call,) = [b.value for b in after["main"].body.blocks[0].bindings
-               if isinstance(b.value, relax.Call) and b.value.op == tvm.ir.Op.get("relax.call_tir")]
-    arguments = {f"in{i}": by_param[a] for i, a in enumerate(call.args[1].fields)}
+    arguments = {f"in{i}": by_param[a] for i, a in enumerate(_attention_call(after).args[1].fields)}
     out = np.zeros([3, 2, 1, 8], expected.dtype)
     output = next(p.name for p in func.params[len(arguments):])
     run((2, 3), **arguments, **{output: out}, **sizes)
@@ -496,8 +521,8 @@ def test_cuda_bundle_quantizes_each_row_at_run_time_in_one_kernel(cuda_bundle):
 def test_cuda_bundle_computes_each_attention_of_a_decoder_step_in_one_kernel(cuda_bundle):
     """Run-time ranges: each of the decoder step's attentions (self and cross, per layer) is one call of an
     attention function, with its scales, gathers (their rows' index and the past positions from the step's
-    history), softmax and the probabilities' row quantization inside: no softmax, gather, index or attention product
-    kernel of its own."""
+    history), the query's and the probabilities' row quantizations inside: no softmax, gather, index, query
+    quantization or attention product kernel of its own."""
     from .conftest import TINY
 
     step = _legalized_step(cuda_bundle)
@@ -514,6 +539,10 @@ def test_cuda_bundle_computes_each_attention_of_a_decoder_step_in_one_kernel(cud
     kernels = ptx_entries(compile_ptx((cuda_bundle / KERNELS_SOURCE_FILE).read_text(), "sm_90"))
     attention = [body for name, body in kernels.items() if name.startswith("attention_rows")]
     assert attention and all("%ctaid.y" in body and "shfl.sync.down" in body for body in attention)
+    # the queries' per-head quantizations are inside too: the only ones left are the keys' and values', which the
+    # cache stores
+    per_head = rf"R\.call_tir\(cls\.quantize_rows\d*, \(\w+,\), out_ty=\[R\.Tensor\(\(\w+, {TINY.heads}, 1, "
+    assert len(re.findall(per_head, step)) == 2 * TINY.decoder_layers
 
 
 def test_cuda_bundle_quantizes_a_layer_norms_result_in_the_layer_norms_kernel(cuda_bundle):

@@ -24,7 +24,9 @@ tensors), every later op that uses its values and is one of
   tensor, once;
 
 as long as exactly one of these values, after the context product, is used by anything else: the attention's
-result. The function computes in the heads' layout ``[batch, heads, x, y]``: the graph's reshapes between the two
+result. A row quantization of a tensor of the heads' layout whose parts only the attention reads (directly or
+through reshapes: with run-time ranges, the query's, per head) goes into the function too, which then takes the
+float tensor. The function computes in the heads' layout ``[batch, heads, x, y]``: the graph's reshapes between the two
 layouts are views, dropped; moves of an axis of size 1 become ``permute_dims``. It takes tensors behind their
 reshapes and, where a gather and its ``where`` (or a ``broadcast_to``) have no other use, the gather's operands
 (the broadcast's input): the kernel reads the rows where the cache stores them. Inputs that are elementwise
@@ -69,6 +71,7 @@ class _Attention:
     heads: tirx.PrimExpr
     members: list[relax.Var] = field(default_factory=list)
     context: relax.Var | None = None
+    quantized: set[relax.Var] = field(default_factory=set)  # the row quantizations of its inputs it computes
 
 
 @expr_functor.mutator
@@ -174,7 +177,34 @@ class _AttentionRewriter(PyExprMutator):
         if (attention.context is None or used_outside != [attention.members[-1]]
                 or self.order[used_outside[0]] <= self.order[attention.context]):
             return None
+        attention.quantized = {call for member in attention.members for var in relax.analysis.free_vars(
+            self.bindings[member]) if (call := self._quantized_input(var, attention, members)) is not None}
         return attention
+
+    def _quantized_input(self, var: relax.Var, attention: _Attention, members: set) -> relax.Var | None:
+        """The row quantization (a call of a row-quantizing function) that ``var`` is a part of (or reshapes one),
+        where its input is a tensor of the heads' layout and only the attention reads its parts."""
+        while (reshape := bound_op_call(var, "relax.reshape", self.bindings)) is not None:
+            var = reshape.args[0]
+        part = self.bindings.get(var)
+        call = self.bindings.get(part.tuple_value) if isinstance(part, relax.TupleGetItem) else None
+        if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
+                and kernel_kind(self.mod, call.args[0]) == QUANTIZE_ROWS
+                and ROW_QUANTIZE_ATTR in self.mod[call.args[0]].attrs):
+            return None
+        (x,) = call.args[1].fields
+        if x.ty.ndim != 4 or self.lift(list(x.ty.shape), attention) is None:
+            return None
+        return part.tuple_value if self._read_only_by(part.tuple_value, members) else None
+
+    def _read_only_by(self, var: relax.Var, members: set) -> bool:
+        """Whether ``var`` is used, and only by ``members``: directly or through its parts and reshapes."""
+        users = self.users.get(var, [])
+        return bool(users) and all(
+            user is not None and (user in members or (
+                (isinstance(self.bindings[user], relax.TupleGetItem)
+                 or bound_op_call(user, "relax.reshape", self.bindings) is not None)
+                and self._read_only_by(user, members))) for user in users)
 
     def _joins(self, var: relax.Var, value: relax.Expr, attention: _Attention, members: set) -> bool:
         """Whether ``var``'s binding joins the attention (see the module docstring); notes its context product."""
@@ -342,9 +372,16 @@ class _FunctionBuilder:
         return self._input(source)
 
     def _input(self, expr: relax.Expr) -> relax.Expr:
-        """``expr`` computed here where it is elementwise arithmetic on the entry point's own parameters, scalar
-        constants and ``arange`` (a step's past positions and cache-row index, the source's mask: a kernel of their
-        own per step otherwise, read by every layer), else a parameter."""
+        """``expr`` computed here where it is a part of a row quantization the attention computes (the query's,
+        from its input) or elementwise arithmetic on the entry point's own parameters, scalar constants and
+        ``arange`` (a step's past positions and cache-row index, the source's mask: a kernel of their own per step
+        otherwise, read by every layer), else a parameter."""
+        part = self.bindings.get(expr) if isinstance(expr, relax.Var) else None
+        if isinstance(part, relax.TupleGetItem) and part.tuple_value in self.attention.quantized:
+            if part.tuple_value not in self.computed:
+                call = self.bindings[part.tuple_value]
+                self.computed[part.tuple_value] = self._row_quantization(call, self._param(call.args[1].fields[0]))
+            return self.bb.emit(relax.TupleGetItem(self.computed[part.tuple_value], part.index))
         if not self._is_arithmetic(expr, depth=8):
             return self._param(expr)
         if expr not in self.computed and self.bindings[expr].op.name == "relax.arange":
@@ -384,14 +421,17 @@ class _FunctionBuilder:
             return self.bb.emit(relax.op.permute_dims(tensor, SWAP_LAST))
         return tensor
 
+    def _row_quantization(self, call: relax.Call, x: relax.Expr) -> relax.Var:
+        """The graph's ops that ``call`` of a row-quantizing function stands for, on ``x``: ``(q, s)``."""
+        attrs = self.rewriter.mod[call.args[0]].attrs[ROW_QUANTIZE_ATTR]
+        return self.bb.emit(row_quantization(self.bb, x, int(attrs["qmax"]), float(attrs["eps"])))
+
     def _emit(self, var: relax.Var, value: relax.Expr) -> relax.Expr:
         bb, rewriter, attention = self.bb, self.rewriter, self.attention
         if isinstance(value, relax.TupleGetItem):
             return bb.emit(relax.TupleGetItem(self.values[value.tuple_value], value.index))
         if value.op == ir.Op.get("relax.call_tir"):
-            attrs = rewriter.mod[value.args[0]].attrs[ROW_QUANTIZE_ATTR]  # the graph's ops it stands for
-            return bb.emit(row_quantization(bb, self.values[value.args[1].fields[0]], int(attrs["qmax"]),
-                                            float(attrs["eps"])))
+            return self._row_quantization(value, self.values[value.args[1].fields[0]])
         if var.same_as(attention.members[0]):
             q, keys_t = value.args[0], self.bindings[value.args[1]]
             keys = keys_t.args[0]

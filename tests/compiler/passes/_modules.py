@@ -118,17 +118,18 @@ def cross_attention_module() -> tvm.IRModule:
     return Module
 
 
-def runtime_self_attention_module() -> tvm.IRModule:
-    """A self-attention of a decoder step with run-time ranges, as phase 2's GPU passes leave it: the query's
-    scales, the keys' and values' int8 rows and scales gathered from the cache, the probabilities scaled by the
-    values' scales ([b, 2, t, 1], an axis of size 1 moved) and quantized per row by the row-quantizing function,
-    the context dequantized by those rows' scales."""
+def runtime_self_attention_module(query_read_elsewhere: bool = False) -> tvm.IRModule:
+    """A self-attention of a decoder step with run-time ranges, as phase 2's GPU passes leave it: the query
+    quantized per head by the row-quantizing function, the keys' and values' int8 rows and scales gathered from the
+    cache, the probabilities scaled by the values' scales ([b, 2, t, 1], an axis of size 1 moved) and quantized per
+    row by the row-quantizing function, the context dequantized by those rows' scales. With
+    ``query_read_elsewhere`` the query's scales are also a result of the function."""
     from int8mt.schedules.cuda_rows import quantize_rows_function
 
     b, t, r = (tvm.tirx.Var(n, "int64") for n in "btr")
     bb = relax.BlockBuilder()
     quantize = bb.add_func(quantize_rows_function(4, None, 127.0, 1e-8).without_attr("global_symbol"), "quantize_rows")
-    names = {"q": ([b, 2, 1, 8], "int8"), "q_scale": ([b, 2, 1, 1], "float32"), "rows_k": ([r, 8], "int8"),
+    names = {"query": ([b, 2, 1, 8], "float32"), "rows_k": ([r, 8], "int8"),
              "rows_v": ([r, 8], "int8"), "scales_k": ([r, 1], "float32"), "scales_v": ([r, 1], "float32"),
              "index": ([b, 2, t], "int64"), "past": ([b, 1, t, 1], "bool"), "new_k": ([b, 2, 1, 8], "int8"),
              "new_v": ([b, 2, 1, 8], "int8"), "new_scale_k": ([b, 2, 1, 1], "float32"),
@@ -140,13 +141,16 @@ def runtime_self_attention_module() -> tvm.IRModule:
             def gathered(rows, new):
                 return bb.emit(relax.op.where(p["past"], bb.emit(relax.op.take(rows, p["index"], axis=0)), new))
 
+            quantized = bb.emit(relax.call_tir(quantize, [p["query"]], [relax.TensorType([b, 2, 1, 8], "int8"),
+                                                                         relax.TensorType([b, 2, 1, 1], "float32")]))
+            q, q_scale = (bb.emit(relax.TupleGetItem(quantized, i)) for i in range(2))
             keys, key_scales = gathered(p["rows_k"], p["new_k"]), gathered(p["scales_k"], p["new_scale_k"])
             values, value_scales = gathered(p["rows_v"], p["new_v"]), gathered(p["scales_v"], p["new_scale_v"])
-            q3 = bb.emit(relax.op.reshape(p["q"], [b * 2, 1, 8]))
+            q3 = bb.emit(relax.op.reshape(q, [b * 2, 1, 8]))
             k3 = bb.emit(relax.op.reshape(keys, [b * 2, t, 8]))
             s = bb.emit(relax.op.matmul(q3, bb.emit(relax.op.permute_dims(k3, [0, 2, 1])), out_dtype="int32"))
             f = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(s, "float32")),
-                                          bb.emit(relax.op.reshape(p["q_scale"], [b * 2, 1, 1]))))
+                                          bb.emit(relax.op.reshape(q_scale, [b * 2, 1, 1]))))
             f = bb.emit(relax.op.multiply(f, bb.emit(relax.op.reshape(key_scales, [b * 2, 1, t]))))
             probabilities = bb.emit(relax.op.nn.softmax(bb.emit(relax.op.reshape(f, [b, 2, 1, t])), axis=-1))
             weighted = bb.emit(relax.op.multiply(bb.emit(relax.op.reshape(probabilities, [b, 2, t, 1])),
@@ -158,6 +162,7 @@ def runtime_self_attention_module() -> tvm.IRModule:
             c = bb.emit(relax.op.matmul(pq, bb.emit(relax.op.reshape(values, [b * 2, t, 8])), out_dtype="int32"))
             row_scale = bb.emit(relax.op.reshape(bb.emit(relax.TupleGetItem(rows, 1)), [b * 2, 1, 1]))
             context = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(c, "float32")), row_scale))
-            out = bb.emit_output(bb.emit(relax.op.reshape(context, [b, 1, 16])))
+            out = bb.emit(relax.op.reshape(context, [b, 1, 16]))
+            out = bb.emit_output(relax.Tuple([out, q_scale]) if query_read_elsewhere else out)
         bb.emit_func_output(out)
     return bb.get()

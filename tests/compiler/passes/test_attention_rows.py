@@ -144,11 +144,11 @@ def test_the_function_computes_what_the_graph_computes(batch, positions):
     assert np.abs(after[0]).max() > 0
 
 
-def test_a_run_time_range_attention_takes_its_scales_gathers_and_row_quantization():
-    """Run-time ranges: the query's scales, the keys' and values' scales gathered beside their rows, the
-    probabilities scaled across a moved axis of size 1, their row quantization and the context's dequantization
-    all go into the one function, which takes the cache's rows and scales, the index and the step's own; the same
-    values on this CPU."""
+def test_a_run_time_range_attention_takes_its_scales_gathers_and_row_quantizations():
+    """Run-time ranges: the query's row quantization (read by the attention only), the keys' and values' scales
+    gathered beside their rows, the probabilities scaled across a moved axis of size 1, their row quantization and
+    the context's dequantization all go into the one function, which takes the float query, the cache's rows and
+    scales, the index and the step's own; the same values on this CPU."""
     before = runtime_self_attention_module()
     after = AttentionRows()(before)
     (call,) = _attention_calls(after)
@@ -171,8 +171,22 @@ def test_a_run_time_range_attention_takes_its_scales_gathers_and_row_quantizatio
             inputs.append(rng.random(shape) < 0.8)
         elif dtype == "int8":
             inputs.append(rng.integers(-127, 128, shape).astype("int8"))
+        elif p.name == "query":
+            inputs.append(rng.standard_normal(shape).astype("float32"))
         else:
             inputs.append(rng.uniform(0.001, 0.01, shape).astype("float32"))
     expected = _run(before, *inputs)
     np.testing.assert_allclose(_run(after, *inputs), expected, rtol=1e-6)
     assert np.abs(expected[0]).max() > 0
+
+
+def test_a_query_quantization_read_elsewhere_stays_a_call_of_its_own():
+    """A row quantization of the query whose scales something else also reads (as the cache reads the keys' and
+    values') stays outside: the function takes its parts."""
+    after = AttentionRows()(runtime_self_attention_module(query_read_elsewhere=True))
+    (call,) = _attention_calls(after)
+    calls = []
+    relax.analysis.post_order_visit(after["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
+    (quantization,) = [c for c in calls if c.op == tvm.ir.Op.get("relax.call_tir") and not c.same_as(call)]
+    assert quantization.args[0].name_hint == "quantize_rows"
+    assert "query" not in {a.name for a in call.args[1].fields}
