@@ -1,0 +1,165 @@
+"""CUDAInt8Matmul's tensor-core kernels without a GPU: their CUDA C run on this CPU (tests/cuda_emulation.py:
+``wmma`` fragments, ``cp.async`` copies, two-dimensional thread blocks) equals NumPy exactly, for every tile
+shape the rule builds (the portable tile, the shipped table's, the sm_80+ default, a deeper pipeline), linear
+layers at row counts that leave a tile's rows padded (1, 7) or span several row tiles (100, 130), with the fused
+dequantization and requantization epilogues, and the batched attention products (dynamic positions; the context
+product's K padded and strided)."""
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te, tirx
+
+from int8mt.schedules.cuda_int8_matmul import PORTABLE_TILE, CUDAInt8Matmul, MatmulTile, default_tile
+from int8mt.schedules.cuda_tiles import shipped_tiles
+
+from ..conftest import HOST_PRESET
+from ..cuda_emulation import emulated_kernel, kernel_cuda_source
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
+                                reason="runs the kernels' CUDA C on this CPU with g++ (Debian: apt-get install g++)")
+
+SHIPPED = sorted({tile.label: tile for tile in shipped_tiles("sm_90").values()}.items())
+TILES = {"portable": PORTABLE_TILE, "default sm_90": default_tile("sm_90"),
+         **{f"shipped {label}": tile for label, tile in SHIPPED},
+         "four stages": MatmulTile(warps_m=2, warps_n=4, frags_m=2, frags_n=2, k_frags=4, vector=16, stages=4)}
+RNG = np.random.default_rng(3)
+
+
+def _int8(*shape: int) -> np.ndarray:
+    return RNG.integers(-128, 128, shape).astype(np.int8)
+
+
+def _i64(*dims) -> tuple:
+    """Static dimensions as int64, as Relax's legalized shapes have them (a dynamic one is int64)."""
+    return tuple(tirx.const(d, "int64") if isinstance(d, int) else d for d in dims)
+
+
+def _product(a: te.Tensor, b: te.Tensor, transposed: bool) -> te.Tensor:
+    """``a @ b^T`` (``transposed``) or ``a @ b`` in int32, batched over a leading axis where ``a`` has one."""
+    k = a.shape[-1]
+    r = te.reduce_axis(_i64(0, k), "r")
+    if len(a.shape) == 2:
+        return te.compute(_i64(a.shape[0], b.shape[0]), lambda i, j: te.sum(
+            a[i, r].astype("int32") * b[j, r].astype("int32"), axis=r), name="acc")
+    n = b.shape[1] if transposed else b.shape[2]
+    return te.compute(_i64(a.shape[0], a.shape[1], n), lambda h, i, j: te.sum(
+        a[h, i, r].astype("int32") * (b[h, j, r] if transposed else b[h, r, j]).astype("int32"), axis=r), name="acc")
+
+
+def _linear(k: int, n: int, epilogue: str | None) -> tvm.tirx.PrimFunc:
+    """A linear layer ``x[rows, k] @ w[n, k]^T`` (``rows`` dynamic) with ``epilogue``: none (int32), "dequantize"
+    (``acc * xs[i] * ws[j] + bias[j]``, float32: run-time ranges) or "requantize" (``clip((acc + b[j]) * m[j] >>
+    s[j], -127, 127)`` to int8: static ranges)."""
+    rows = tirx.Var("rows", "int64")
+    x, w = te.placeholder(_i64(rows, k), "int8", "x"), te.placeholder(_i64(n, k), "int8", "w")
+    acc = _product(x, w, transposed=True)
+    if epilogue is None:
+        return te.create_prim_func([x, w, acc])
+    if epilogue == "dequantize":
+        xs, ws, bias = (te.placeholder(_i64(*shape), "float32", name) for shape, name in
+                        (((rows, 1), "xs"), ((n,), "ws"), ((n,), "bias")))
+        out = te.compute(_i64(rows, n), lambda i, j: acc[i, j].astype("float32") * (xs[i, 0] * ws[j]) + bias[j],
+                         name="out")
+        return te.create_prim_func([x, w, xs, ws, bias, out])
+    b, m, s = (te.placeholder(_i64(n), dtype, name) for dtype, name in (("int32", "b"), ("int64", "m"), ("int64", "s")))
+    out = te.compute(_i64(rows, n), lambda i, j: te.max(te.min(
+        ((acc[i, j] + b[j]).astype("int64") * m[j]) >> s[j], tirx.const(127, "int64")), tirx.const(-127, "int64")
+    ).astype("int8"), name="out")
+    return te.create_prim_func([x, w, b, m, s, out])
+
+
+def _emulated(func: tvm.tirx.PrimFunc, tile: MatmulTile, preset: str, tmp_path):
+    """``func`` scheduled by CUDAInt8Matmul on ``tile`` for ``preset``, its kernel run on this CPU, with the
+    tile's thread block (a warp along x, the warps along y)."""
+    source = kernel_cuda_source(func, "matmul", CUDAInt8Matmul(tile=tile), preset)
+    assert "wmma::mma_sync" in source
+    return emulated_kernel(source, "matmul_kernel", tmp_path, block=(32, tile.warps_m * tile.warps_n))
+
+
+def _grid(tile: MatmulTile, rows: int, columns: int, batch: int = 1) -> tuple[int, int, int]:
+    tile_rows, tile_columns, _ = tile.shape
+    return -(-columns // tile_columns), -(-rows // tile_rows), batch
+
+
+@pytest.mark.parametrize("k,n", [(256, 768), (1024, 256)])
+@pytest.mark.parametrize("name", list(TILES))
+def test_a_linear_layers_kernel_run_on_this_cpu_equals_numpy(name, k, n, tmp_path):
+    tile = TILES[name]
+    run = _emulated(_linear(k, n, None), tile, "cuda-sm90", tmp_path)
+    w = _int8(n, k)
+    for rows in (1, 7, 100, 130):
+        x = _int8(rows, k)
+        out = np.full((rows, n), -1, np.int32)
+        run(_grid(tile, rows, n), x=x, w=w, acc=out, rows=rows)
+        np.testing.assert_array_equal(out, x.astype(np.int32) @ w.T.astype(np.int32), err_msg=f"{rows} rows")
+
+
+def test_the_portable_tile_for_sm75_runs_on_this_cpu_as_numpy(tmp_path):
+    """sm_75 has no asynchronous copies: its default, the portable tile, built for it."""
+    assert default_tile("sm_75") == PORTABLE_TILE
+    run = _emulated(_linear(512, 256, None), PORTABLE_TILE, "cuda-sm75", tmp_path)
+    x, w = _int8(70, 512), _int8(256, 512)
+    out = np.zeros((70, 256), np.int32)
+    run(_grid(PORTABLE_TILE, 70, 256), x=x, w=w, acc=out, rows=70)
+    np.testing.assert_array_equal(out, x.astype(np.int32) @ w.T.astype(np.int32))
+
+
+def _host(func: tvm.tirx.PrimFunc, *arrays: np.ndarray) -> None:
+    """``func`` compiled for this CPU, run on ``arrays`` (the last one written)."""
+    tensors = [tvm.runtime.tensor(a) for a in arrays]
+    tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(HOST_PRESET.target))["main"](*tensors)
+    arrays[-1][...] = tensors[-1].numpy()
+
+
+@pytest.mark.parametrize("epilogue", ["dequantize", "requantize"])
+@pytest.mark.parametrize("name", ["portable", "default sm_90"])
+def test_a_linear_layer_with_its_epilogue_run_on_this_cpu_equals_this_cpus_kernel(epilogue, name, tmp_path):
+    """The epilogue applied as the tile is written out (per-row and per-column operands, int8 or float32 stores):
+    the same values as the function compiled for this CPU (float32 within a rounding: a multiply and an add may
+    fuse)."""
+    tile, k, n, rows = TILES[name], 256, 384, 130
+    func = _linear(k, n, epilogue)
+    run = _emulated(func, tile, "cuda-sm90", tmp_path)
+    x, w = _int8(rows, k), _int8(n, k)
+    if epilogue == "dequantize":
+        operands = {"xs": RNG.uniform(0.01, 0.1, (rows, 1)).astype(np.float32),
+                    "ws": RNG.uniform(0.01, 0.1, n).astype(np.float32),
+                    "bias": RNG.standard_normal(n).astype(np.float32)}
+        dtype = np.float32
+    else:
+        operands = {"b": RNG.integers(-5000, 5000, n).astype(np.int32),
+                    "m": RNG.integers(1 << 14, 1 << 15, n).astype(np.int64), "s": np.full(n, 24, np.int64)}
+        dtype = np.int8
+    expected = np.zeros((rows, n), dtype)
+    _host(func, x, w, *operands.values(), expected)
+    out = np.zeros((rows, n), dtype)
+    run(_grid(tile, rows, n), x=x, w=w, **operands, out=out, rows=rows)
+    if dtype == np.int8:
+        np.testing.assert_array_equal(out, expected)
+        assert len(np.unique(expected)) > 100
+    else:
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_the_attention_products_run_on_this_cpu_equal_numpy(tmp_path):
+    """An encoder's attention products on tensor cores, ``pairs`` (hypotheses x heads) and positions dynamic: the
+    scores ``q @ k^T`` (K the head size: the default tile) and the context ``p @ v`` (K the positions: padded,
+    and strided in ``v``: the portable tile's plain copies)."""
+    pairs, length = (tirx.Var(name, "int64") for name in ("pairs", "length"))
+    head = 64
+    for product, transposed, a_columns, tile in (("scores", True, head, default_tile("sm_90")),
+                                                 ("context", False, length, PORTABLE_TILE)):
+        a = te.placeholder(_i64(pairs, length, a_columns), "int8", "a")
+        b = te.placeholder(_i64(pairs, length, head), "int8", "b")
+        source = kernel_cuda_source(te.create_prim_func([a, b, _product(a, b, transposed)]), "matmul",
+                                    CUDAInt8Matmul(), "cuda-sm90")
+        assert "wmma::mma_sync" in source
+        run = emulated_kernel(source, "matmul_kernel", tmp_path, block=(32, tile.warps_m * tile.warps_n))
+        for p, t in ((3, 37), (8, 130)):
+            x, y = _int8(p, t, head if transposed else t), _int8(p, t, head)
+            want = np.matmul(x.astype(np.int32), (y.transpose(0, 2, 1) if transposed else y).astype(np.int32))
+            out = np.full(want.shape, -1, np.int32)
+            run(_grid(tile, t, want.shape[-1], p), a=x, b=y, acc=out, pairs=p, length=t)
+            np.testing.assert_array_equal(out, want, err_msg=f"{product}, {p} x {t}")
