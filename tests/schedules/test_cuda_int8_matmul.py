@@ -12,7 +12,7 @@ import tvm
 from tvm import te, tirx
 
 from int8mt.schedules.cuda_int8_matmul import PORTABLE_TILE, CUDAInt8Matmul, MatmulTile, default_tile
-from int8mt.schedules.cuda_tiles import shipped_tiles
+from int8mt.schedules.cuda_tiles import CANDIDATES, CHECKED_ROWS, shipped_tiles
 
 from ..conftest import HOST_PRESET
 from ..cuda_emulation import emulated_kernel, kernel_cuda_source
@@ -93,6 +93,22 @@ def test_a_linear_layers_kernel_run_on_this_cpu_equals_numpy(name, k, n, tmp_pat
         x = _int8(rows, k)
         out = np.full((rows, n), -1, np.int32)
         run(_grid(tile, rows, n), x=x, w=w, acc=out, rows=rows)
+        np.testing.assert_array_equal(out, x.astype(np.int32) @ w.T.astype(np.int32), err_msg=f"{rows} rows")
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("spec", CANDIDATES, ids=lambda spec: MatmulTile(**spec).label)
+def test_every_tile_a_search_tries_runs_on_this_cpu_as_numpy(spec, tmp_path):
+    """Each candidate of the tile search (``cuda_tiles.CANDIDATES``, up to 16 warps and four stages) at a linear
+    layer whose K and N every candidate tiles (512 x 512), at the rows the search checks it at and over a row tile:
+    exact, before a GPU's time goes to timing it."""
+    tile = MatmulTile(**spec)
+    run = _emulated(_linear(512, 512, None), tile, "cuda-sm90", tmp_path)
+    w = _int8(512, 512)
+    for rows in (*CHECKED_ROWS, 130):
+        x = _int8(rows, 512)
+        out = np.full((rows, 512), -1, np.int32)
+        run(_grid(tile, rows, 512), x=x, w=w, acc=out, rows=rows)
         np.testing.assert_array_equal(out, x.astype(np.int32) @ w.T.astype(np.int32), err_msg=f"{rows} rows")
 
 
