@@ -19,8 +19,10 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          :class:`~.passes.QuantizeRows` (run-time ranges); :class:`~.passes.UnitPermuteAsReshape`;
                          on GPUs, for quantized models, :class:`~.passes.LayerNormRows` with the graph's ops (a
                          layer norm and the quantizations of its result one kernel), :class:`~.passes.QuantizeRows`
-                         with the graph's ops (each run-time row quantization one kernel) and
-                         :class:`~.passes.QuantizeOnce` (a tensor's static quantizations one kernel), then
+                         with the graph's ops (each run-time row quantization one kernel),
+                         :class:`~.passes.QuantizeOnce` (a tensor's static quantizations one kernel) and
+                         :class:`~.passes.AppendQuantizedRows` (the cache's appends quantize the step's new keys
+                         and values themselves), then
                          :class:`~.passes.ReadKeysAsStored` and :class:`~.passes.ReshapesAfterElementwise` (a linear
                          layer's requantization or dequantization fuses with its matmul, a mask add with its scores);
                          then ``FuseTransposeMatmul``.
@@ -63,9 +65,10 @@ from int8mt.schedules.intrin import batch_dot, dense_dot, int8_dot, pair_dot
 from int8mt.targets import TargetPreset
 
 from .legalize import legalize_passes
-from .passes import (AttentionRows, DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias, FuseAttentionEpilogue,
-                     FuseDenseEpilogue, GatherPackedRows, GreedyLoop, Int8BatchMatmul, LayerNormRows, LiftWeights,
-                     OneQueryAttention, PackDense, QuantizeOnce, QuantizeRows, ReadKeysAsStored,
+from .passes import (AppendQuantizedRows, AttentionRows, DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias,
+                     FuseAttentionEpilogue, FuseDenseEpilogue, GatherPackedRows, GreedyLoop, Int8BatchMatmul,
+                     LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeOnce, QuantizeRows,
+                     ReadKeysAsStored,
                      ReshapesAfterElementwise, ReuseShapes, ReuseTensors, ScalePropagation, SoftmaxRows, TakeAsView,
                      TapIntMatmuls, UnitPermuteAsReshape, UnitReshapeIntoKernels, ViewsIntoKernels,
                      drop_weight_checks)
@@ -174,7 +177,7 @@ def kernels(mod: tvm.IRModule, options: CompileOptions) -> tvm.IRModule:
     mod = UnitPermuteAsReshape()(mod)
     if preset.device != "cpu":
         if options.quant is not None:
-            mod = QuantizeOnce()(QuantizeRows(graph_ops=True)(LayerNormRows(lanes=None)(mod)))
+            mod = AppendQuantizedRows()(QuantizeOnce()(QuantizeRows(graph_ops=True)(LayerNormRows(lanes=None)(mod))))
         mod = ReshapesAfterElementwise()(ReadKeysAsStored()(mod))
         if options.quant is not None:
             mod = AttentionRows()(mod)

@@ -12,6 +12,12 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
+from .kernel_attrs import KERNEL_ATTR
+from .layer_norm_rows import RowQuantize
+
+APPEND_ROWS = "append_rows"  # (KERNEL_ATTR)
+APPEND_QUANTIZED_ROWS = "append_quantized_rows"  # (KERNEL_ATTR) a GPU row kernel: CUDARows schedules it
+
 
 def append_rows_kernel(planes: int, heads: int, width: int, dtype: str) -> tirx.PrimFunc:
     """``cache[p // 2, p % 2, used + i] = new_p[i, :, 0]`` for the ``planes`` new tensors ``new_p`` (layer 0's
@@ -27,7 +33,7 @@ def append_rows_kernel(planes: int, heads: int, width: int, dtype: str) -> tirx.
     source = f"""
 @T.prim_func(s_tir=True, private=True)
 def append_rows(cache_handle: T.handle{params}, used: T.int64):
-    T.func_attr({{"tirx.noalias": True}})
+    T.func_attr({{"tirx.noalias": True, "{KERNEL_ATTR}": "{APPEND_ROWS}"}})
     rows, count = T.int64(), T.int64()
     cache = T.match_buffer(cache_handle, (T.int64({planes // 2}), T.int64(2), rows, T.int64({heads}),
                                           T.int64({width})), "{dtype}"){matches}
@@ -35,5 +41,50 @@ def append_rows(cache_handle: T.handle{params}, used: T.int64):
         with T.sblock("append"):
             vp, vi, vh, vw = T.axis.remap("SSSS", [p, i, h, w])
             cache[vp // T.int64(2), vp % T.int64(2), used + vi, vh, vw] = {value}
+"""
+    return tvm.script.from_source(source)
+
+
+def append_quantized_rows_kernel(planes: int, heads: int, width: int, quantize: RowQuantize,
+                                 part: int) -> tirx.PrimFunc:
+    """As :func:`append_rows_kernel` for new float32 rows ``new_p`` ``[count, heads, 1, width]`` that the kernel
+    quantizes per head as the graph's run-time row quantization does (its largest magnitude, the scale ``max(m,
+    eps) / qmax``, the values ``int8(clip(round(x / scale), -qmax, qmax))``), writing ``part`` of it: 0 the int8
+    values (``width`` per head), 1 the scales (one). A row kernel for GPUs (a block per plane, row and head: the
+    magnitude reduced across its threads); the step's quantizations of its keys and values then feed only its
+    attentions, which compute them themselves."""
+    def new(column: str) -> str:
+        value = f"new_{planes - 1}[vi, vh, T.int64(0), {column}]"
+        for plane in reversed(range(planes - 1)):
+            value = f"T.if_then_else(vp == T.int64({plane}), new_{plane}[vi, vh, T.int64(0), {column}], {value})"
+        return value
+
+    qmax, eps = f"T.float32({float(quantize.qmax)!r})", f"T.float32({float(quantize.eps)!r})"
+    scale = f"T.max(magnitude[vp, vi, vh], {eps}) / {qmax}"
+    written, dtype, stored = ((width, "int8", f"T.Cast(\"int8\", T.max(T.min(T.round({new('vw')} / ({scale})), "
+                                              f"{qmax}), -{qmax}))") if part == 0 else (1, "float32", scale))
+    params = "".join(f", new_{plane}_handle: T.handle" for plane in range(planes))
+    new_shape = f"(count, T.int64({heads}), T.int64(1), T.int64({width}))"
+    matches = "".join(f"\n    new_{plane} = T.match_buffer(new_{plane}_handle, {new_shape}, \"float32\")"
+                      for plane in range(planes))
+    source = f"""
+@T.prim_func(s_tir=True, private=True)
+def append_quantized_rows(cache_handle: T.handle{params}, used: T.int64):
+    T.func_attr({{"tirx.noalias": True, "{KERNEL_ATTR}": "{APPEND_QUANTIZED_ROWS}"}})
+    rows, count = T.int64(), T.int64()
+    cache = T.match_buffer(cache_handle, (T.int64({planes // 2}), T.int64(2), rows, T.int64({heads}),
+                                          T.int64({written})), "{dtype}"){matches}
+    with T.sblock("root"):
+        magnitude = T.sblock_alloc_buffer((T.int64({planes}), count, T.int64({heads})), "float32")
+        for p, i, h, w in T.grid(T.int64({planes}), count, T.int64({heads}), T.int64({width})):
+            with T.sblock("magnitude"):
+                vp, vi, vh, vw = T.axis.remap("SSSR", [p, i, h, w])
+                with T.init():
+                    magnitude[vp, vi, vh] = T.min_value("float32")
+                magnitude[vp, vi, vh] = T.max(magnitude[vp, vi, vh], T.abs({new('vw')}))
+        for p, i, h, w in T.grid(T.int64({planes}), count, T.int64({heads}), T.int64({written})):
+            with T.sblock("append"):
+                vp, vi, vh, vw = T.axis.remap("SSSS", [p, i, h, w])
+                cache[vp // T.int64(2), vp % T.int64(2), used + vi, vh, vw] = {stored}
 """
     return tvm.script.from_source(source)

@@ -72,9 +72,8 @@ class CUDAAttentionRows(GPUScheduleRule):
         lead, count = len(shape) - 2, threads(int(shape[-1]))
         sch.pad_einsum(context, [count if iv.iter_type == tirx.IterVar.CommReduce else 1
                                  for iv in sch.get(context).iter_vars])
-        staged = {sch.get(p).name_hint for p in sch.get_producers(context) if _after_reduction(sch, p, {})}
-        operands = {sch.get(p).name_hint for product in products for p in sch.get_producers(product)
-                    if _after_reduction(sch, p, {})}
+        staged = _first_operand_after_reduction(sch, [context])
+        operands = _first_operand_after_reduction(sch, products)
         for block in sch.get_child_blocks(root):
             name = sch.get(block).name_hint
             if name not in outputs | staged | operands and sch.get(block).init is None:
@@ -130,8 +129,20 @@ class CUDAAttentionRows(GPUScheduleRule):
             sch.set_scope(block, 0, "shared")
 
 
+def _first_operand_after_reduction(sch: s_tir.Schedule, products: list) -> set[str]:
+    """The blocks computing the first operand of ``products`` (the scores' query, the context's probabilities)
+    where they compute from a reduction's result; not the second (the keys and values, the step's own quantized in
+    the function: each value read once)."""
+    found = set()
+    for product in products:
+        operand = sch.get(product).reads[0].source
+        found |= {sch.get(p).name_hint for p in sch.get_producers(product)
+                  if sch.get(p).writes[0].source.same_as(operand) and _after_reduction(sch, p, {})}
+    return found
+
+
 def _after_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, seen: dict[str, bool]) -> bool:
-    """Whether ``block`` computes from a reduction's result (the probabilities do; the gathered values do not)."""
+    """Whether ``block`` computes from a reduction's result (the probabilities do)."""
     name = sch.get(block).name_hint
     if name not in seen:
         seen[name] = any(sch.get(p).init is not None or _after_reduction(sch, p, seen)

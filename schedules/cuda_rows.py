@@ -23,13 +23,14 @@ from tvm import s_tir, te, tirx, topi
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
+from .append_rows import APPEND_QUANTIZED_ROWS
 from .kernel_attrs import KERNEL_ATTR
 from .layer_norm_rows import RowQuantize, StaticQuantize
 from .quantize_rows import OPAQUE, leading_rows
 
 QUANTIZE_ROWS = "quantize_rows_graph"
 LAYER_NORM_ROWS = "layer_norm_rows_graph"
-ROW_KERNELS = (QUANTIZE_ROWS, LAYER_NORM_ROWS)
+ROW_KERNELS = (QUANTIZE_ROWS, LAYER_NORM_ROWS, APPEND_QUANTIZED_ROWS)
 ROW_QUANTIZE_ATTR = "int8mt.row_quantize"  # a row quantization function's qmax and eps
 WARP = 32
 MAX_THREADS = 256  # threads per row

@@ -205,6 +205,36 @@ def test_a_row_kernels_cuda_code_run_on_this_cpu_computes_the_functions_values(f
             assert np.abs(array.astype(int) - want).max() <= 1 and (array != want).mean() < 0.01, name
 
 
+@pytest.mark.parametrize("part", [0, 1])
+def test_an_append_that_quantizes_its_rows_run_on_this_cpu_writes_what_this_cpus_kernel_writes(part, tmp_path):
+    """``append_quantized_rows`` (the int8 rows, their scales) scheduled by CUDARows (a block per plane, row and
+    head: its magnitude across the threads), its CUDA C run on this CPU (tests/cuda_emulation.py) against the kernel
+    compiled for this CPU: the same cache, the rows before ``used`` and after the new ones untouched."""
+    from int8mt.schedules.append_rows import append_quantized_rows_kernel
+
+    from .cuda_emulation import emulated_kernel
+
+    if shutil.which("g++") is None:
+        pytest.skip("runs the kernel's CUDA C on this CPU with g++ (Debian: apt-get install g++)")
+    planes, heads, width, count, rows, used = 6, 4, 64, 3, 9, 5
+    func = append_quantized_rows_kernel(planes, heads, width, RowQuantize(127.0, 1e-8), part)
+    func = func.with_attr("global_symbol", "append")
+    rng = np.random.default_rng(8)
+    new = [rng.standard_normal((count, heads, 1, width)).astype("float32") for _ in range(planes)]
+    new[1][2, 3] = 0.0  # a head of zeros: the scale's floor
+    cache = (rng.integers(-127, 128, (planes // 2, 2, rows, heads, width)).astype("int8") if part == 0
+             else rng.uniform(0.01, 0.1, (planes // 2, 2, rows, heads, 1)).astype("float32"))
+    expected = tvm.runtime.tensor(cache)
+    host = tvm.compile(tvm.IRModule({"append": func}), target=tvm.target.Target(HOST_PRESET.target))
+    host["append"](expected, *(tvm.runtime.tensor(x) for x in new), used)
+    run = emulated_kernel(kernel_cuda_source(func, "append", CUDARows()), "append_kernel", tmp_path)
+    got = cache.copy()
+    run((planes * count * heads, 1), cache=got, **{f"new_{p}": x for p, x in enumerate(new)}, used=used,
+        count=count, rows=rows)
+    np.testing.assert_array_equal(got, expected.numpy())
+    assert not np.array_equal(got[:, :, used:used + count], cache[:, :, used:used + count])
+
+
 @pytest.mark.parametrize("attention", ["self", "cross"])
 def test_an_attention_of_a_decoder_step_is_one_kernel_staging_each_chunk_of_probabilities(attention):
     """CUDAAttentionRows on AttentionRows' function: one kernel, a thread block per hypothesis and head; the scores
@@ -268,7 +298,7 @@ def _attention_inputs(main: relax.Function, sizes: dict[str, int], rng: np.rando
             inputs.append(rng.random(shape) < 0.8)
         elif dtype == "int8":
             inputs.append(rng.integers(-127, 128, shape).astype("int8"))
-        elif param.name == "query":  # float, quantized in the kernel
+        elif param.name in ("query", "key", "value"):  # float, quantized in the kernel
             inputs.append(rng.standard_normal(shape).astype("float32"))
         elif param.name == "src":  # tokens, a fifth padding
             inputs.append(rng.integers(0, 5, shape))
@@ -494,13 +524,14 @@ def test_cuda_bundle_has_every_matmul_in_integers_on_tensor_cores(cuda_bundle):
 def test_cuda_bundle_takes_candidates_and_appends_cache_rows_with_one_kernel_each(cuda_bundle):
     """Beam search's candidates come from our top-k kernel (a thread block per row, lists merged in shared
     memory), not TVM's sort of each whole row; a step's keys and values go into the cache with one kernel per
-    cache buffer (the int8 keys and values, and their scales with run-time ranges)."""
+    cache buffer (the int8 keys and values, and their scales with run-time ranges, which these kernels compute)."""
     manifest = json.loads((cuda_bundle / "manifest.json").read_text())
     kernels = ptx_entries(compile_ptx((cuda_bundle / KERNELS_SOURCE_FILE).read_text(), "sm_90"))
     top_k = [k for k in kernels if k.startswith("top_k")]
     assert len(top_k) == 1 and ".shared" in kernels[top_k[0]] and "bar.sync" in kernels[top_k[0]]
     assert not [k for k in kernels if "sort" in k or k.startswith("topk")]
-    assert len([k for k in kernels if k.startswith("append_rows")]) == 1 + manifest.get("cache_scales", False)
+    appends = [k for k in kernels if k.startswith(("append_rows", "append_quantized_rows"))]
+    assert len(appends) == 1 + manifest.get("cache_scales", False)
 
 
 def _legalized_step(bundle) -> str:
@@ -521,8 +552,8 @@ def test_cuda_bundle_quantizes_each_row_at_run_time_in_one_kernel(cuda_bundle):
 def test_cuda_bundle_computes_each_attention_of_a_decoder_step_in_one_kernel(cuda_bundle):
     """Run-time ranges: each of the decoder step's attentions (self and cross, per layer) is one call of an
     attention function, with its scales, gathers (their rows' index and the past positions from the step's
-    history), the query's and the probabilities' row quantizations inside: no softmax, gather, index, query
-    quantization or attention product kernel of its own."""
+    history), the query's, the step's key's and value's and the probabilities' row quantizations inside: no softmax,
+    gather, index, query, key or value quantization or attention product kernel of its own."""
     from .conftest import TINY
 
     step = _legalized_step(cuda_bundle)
@@ -539,10 +570,10 @@ def test_cuda_bundle_computes_each_attention_of_a_decoder_step_in_one_kernel(cud
     kernels = ptx_entries(compile_ptx((cuda_bundle / KERNELS_SOURCE_FILE).read_text(), "sm_90"))
     attention = [body for name, body in kernels.items() if name.startswith("attention_rows")]
     assert attention and all("%ctaid.y" in body and "shfl.sync.down" in body for body in attention)
-    # the queries' per-head quantizations are inside too: the only ones left are the keys' and values', which the
-    # cache stores
+    # the queries', keys' and values' per-head quantizations are inside too (the cache's appends quantize the keys
+    # and values themselves): none is a kernel of its own
     per_head = rf"R\.call_tir\(cls\.quantize_rows\d*, \(\w+,\), out_ty=\[R\.Tensor\(\(\w+, {TINY.heads}, 1, "
-    assert len(re.findall(per_head, step)) == 2 * TINY.decoder_layers
+    assert not re.findall(per_head, step) and "append_quantized_rows" in step
 
 
 def test_cuda_bundle_quantizes_a_layer_norms_result_in_the_layer_norms_kernel(cuda_bundle):

@@ -1,4 +1,5 @@
 """int8mt's own Relax passes, in the order :mod:`int8mt.compiler.pipeline` applies them."""
+from .append_quantized_rows import AppendQuantizedRows
 from .attention_rows import AttentionRows
 from .drop_identity_broadcast import DropIdentityBroadcast
 from .fold_dense_bias import FoldDenseBias
@@ -28,7 +29,7 @@ from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast", "PackDense", "FoldDenseBias",
            "Int8BatchMatmul", "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention",
-           "FuseAttentionEpilogue", "LayerNormRows", "SoftmaxRows", "QuantizeRows", "QuantizeOnce",
+           "FuseAttentionEpilogue", "LayerNormRows", "SoftmaxRows", "QuantizeRows", "QuantizeOnce", "AppendQuantizedRows",
            "UnitPermuteAsReshape", "ReshapesAfterElementwise", "AttentionRows", "TakeAsView", "UnitReshapeIntoKernels",
            "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes", "ReuseTensors", "DropUnusedTuples",
            "drop_weight_checks"]

@@ -25,8 +25,9 @@ tensors), every later op that uses its values and is one of
 
 as long as exactly one of these values, after the context product, is used by anything else: the attention's
 result. A row quantization of a tensor of the heads' layout whose parts only the attention reads (directly or
-through reshapes: with run-time ranges, the query's, per head) goes into the function too, which then takes the
-float tensor. The function computes in the heads' layout ``[batch, heads, x, y]``: the graph's reshapes between the two
+through reshapes and gathers: with run-time ranges, the query's, per head, and the step's key's and value's, which
+:class:`.AppendQuantizedRows` leaves to the attention) goes into the function too, which then takes the float
+tensor. The function computes in the heads' layout ``[batch, heads, x, y]``: the graph's reshapes between the two
 layouts are views, dropped; moves of an axis of size 1 become ``permute_dims``. It takes tensors behind their
 reshapes and, where a gather and its ``where`` (or a ``broadcast_to``) have no other use, the gather's operands
 (the broadcast's input): the kernel reads the rows where the cache stores them. Inputs that are elementwise
@@ -71,7 +72,6 @@ class _Attention:
     heads: tirx.PrimExpr
     members: list[relax.Var] = field(default_factory=list)
     context: relax.Var | None = None
-    quantized: set[relax.Var] = field(default_factory=set)  # the row quantizations of its inputs it computes
 
 
 @expr_functor.mutator
@@ -177,34 +177,27 @@ class _AttentionRewriter(PyExprMutator):
         if (attention.context is None or used_outside != [attention.members[-1]]
                 or self.order[used_outside[0]] <= self.order[attention.context]):
             return None
-        attention.quantized = {call for member in attention.members for var in relax.analysis.free_vars(
-            self.bindings[member]) if (call := self._quantized_input(var, attention, members)) is not None}
         return attention
 
-    def _quantized_input(self, var: relax.Var, attention: _Attention, members: set) -> relax.Var | None:
-        """The row quantization (a call of a row-quantizing function) that ``var`` is a part of (or reshapes one),
-        where its input is a tensor of the heads' layout and only the attention reads its parts."""
-        while (reshape := bound_op_call(var, "relax.reshape", self.bindings)) is not None:
-            var = reshape.args[0]
-        part = self.bindings.get(var)
-        call = self.bindings.get(part.tuple_value) if isinstance(part, relax.TupleGetItem) else None
+    def computes_quantization(self, part: relax.TupleGetItem, attention: _Attention) -> bool:
+        """Whether ``part`` is a part of a row quantization (a call of a row-quantizing function) of a tensor of
+        the heads' layout whose parts only the attention reads (directly, or through reshapes and gathers): the
+        attention's function computes it."""
+        call = self.bindings.get(part.tuple_value)
         if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
                 and kernel_kind(self.mod, call.args[0]) == QUANTIZE_ROWS
                 and ROW_QUANTIZE_ATTR in self.mod[call.args[0]].attrs):
-            return None
+            return False
         (x,) = call.args[1].fields
-        if x.ty.ndim != 4 or self.lift(list(x.ty.shape), attention) is None:
-            return None
-        return part.tuple_value if self._read_only_by(part.tuple_value, members) else None
+        return (x.ty.ndim == 4 and self.lift(list(x.ty.shape), attention) is not None
+                and self._feeds(part.tuple_value, set(attention.members)))
 
-    def _read_only_by(self, var: relax.Var, members: set) -> bool:
-        """Whether ``var`` is used, and only by ``members``: directly or through its parts and reshapes."""
-        users = self.users.get(var, [])
-        return bool(users) and all(
-            user is not None and (user in members or (
-                (isinstance(self.bindings[user], relax.TupleGetItem)
-                 or bound_op_call(user, "relax.reshape", self.bindings) is not None)
-                and self._read_only_by(user, members))) for user in users)
+    def _feeds(self, var: relax.Var | None, members: set) -> bool:
+        """Whether ``var`` is one of ``members`` or used, and only on the way to them."""
+        if var in members:
+            return True
+        users = self.users.get(var, []) if var is not None else []
+        return bool(users) and all(self._feeds(user, members) for user in users)
 
     def _joins(self, var: relax.Var, value: relax.Expr, attention: _Attention, members: set) -> bool:
         """Whether ``var``'s binding joins the attention (see the module docstring); notes its context product."""
@@ -365,32 +358,32 @@ class _FunctionBuilder:
             taken = self.bb.emit(relax.op.take(rows, index, axis=0, mode=str(take.attrs.mode)))
             if where is None:
                 return taken
-            return self.bb.emit(relax.op.where(self._input(where.args[0]), taken, self._param(where.args[2])))
+            return self.bb.emit(relax.op.where(self._input(where.args[0]), taken, self._input(where.args[2])))
         broadcast = bound_op_call(source, "relax.broadcast_to", self.bindings)
         if broadcast is not None and broadcast.args[0].ty.ndim == source.ty.ndim:
             return self._input(broadcast.args[0])
         return self._input(source)
 
     def _input(self, expr: relax.Expr) -> relax.Expr:
-        """``expr`` computed here where it is a part of a row quantization the attention computes (the query's,
-        from its input) or elementwise arithmetic on the entry point's own parameters, scalar constants and
-        ``arange`` (a step's past positions and cache-row index, the source's mask: a kernel of their own per step
-        otherwise, read by every layer), else a parameter."""
-        part = self.bindings.get(expr) if isinstance(expr, relax.Var) else None
-        if isinstance(part, relax.TupleGetItem) and part.tuple_value in self.attention.quantized:
-            if part.tuple_value not in self.computed:
-                call = self.bindings[part.tuple_value]
-                self.computed[part.tuple_value] = self._row_quantization(call, self._param(call.args[1].fields[0]))
-            return self.bb.emit(relax.TupleGetItem(self.computed[part.tuple_value], part.index))
-        if not self._is_arithmetic(expr, depth=8):
+        """``expr`` computed here where it is a part of a row quantization the attention computes (the query's, and
+        the step's key's and value's once the cache's appends quantize them themselves: from its input) or
+        elementwise arithmetic on the entry point's own parameters, scalar constants and ``arange`` (a step's past
+        positions and cache-row index, the source's mask: a kernel of their own per step otherwise, read by every
+        layer), else a parameter."""
+        if expr in self.computed:
+            return self.computed[expr]
+        value = self.bindings.get(expr) if isinstance(expr, relax.Var) else None
+        if isinstance(value, relax.TupleGetItem) and self.rewriter.computes_quantization(value, self.attention):
+            if value.tuple_value not in self.computed:
+                call = self.bindings[value.tuple_value]
+                self.computed[value.tuple_value] = self._row_quantization(call, self._param(call.args[1].fields[0]))
+            self.computed[expr] = self.bb.emit(relax.TupleGetItem(self.computed[value.tuple_value], value.index))
+        elif not self._is_arithmetic(expr, depth=8):
             return self._param(expr)
-        if expr not in self.computed and self.bindings[expr].op.name == "relax.arange":
+        elif value.op.name == "relax.arange":
             # as its own computation: legalized, it would be a constant, which FuseTIR refuses in the function
-            arange = self.bindings[expr]
-            self.computed[expr] = self.bb.emit_te(topi.arange, *(a.value for a in arange.args),
-                                                  str(arange.attrs.dtype))
-        if expr not in self.computed:
-            value = self.bindings[expr]
+            self.computed[expr] = self.bb.emit_te(topi.arange, *(a.value for a in value.args), str(value.attrs.dtype))
+        else:
             args = [a if isinstance(a, ir.expr.Constant) or not isinstance(a.ty, relax.TensorType)
                     else self._input(a) for a in value.args]
             self.computed[expr] = self.bb.emit(relax.Call(value.op, args, value.attrs))

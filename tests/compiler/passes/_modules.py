@@ -119,21 +119,21 @@ def cross_attention_module() -> tvm.IRModule:
 
 
 def runtime_self_attention_module(query_read_elsewhere: bool = False) -> tvm.IRModule:
-    """A self-attention of a decoder step with run-time ranges, as phase 2's GPU passes leave it: the query
-    quantized per head by the row-quantizing function, the keys' and values' int8 rows and scales gathered from the
-    cache, the probabilities scaled by the values' scales ([b, 2, t, 1], an axis of size 1 moved) and quantized per
-    row by the row-quantizing function, the context dequantized by those rows' scales. With
-    ``query_read_elsewhere`` the query's scales are also a result of the function."""
+    """A self-attention of a decoder step with run-time ranges, as phase 2's GPU passes leave it: the query, the
+    step's key and its value quantized per head by the row-quantizing function (the cache's appends quantize the
+    key and value themselves: :class:`~int8mt.compiler.passes.AppendQuantizedRows`), the keys' and values' int8
+    rows and scales gathered from the cache (the step's own where a position is not past), the probabilities scaled
+    by the values' scales ([b, 2, t, 1], an axis of size 1 moved) and quantized per row by the row-quantizing
+    function, the context dequantized by those rows' scales. With ``query_read_elsewhere`` the query's scales are
+    also a result of the function."""
     from int8mt.schedules.cuda_rows import quantize_rows_function
 
     b, t, r = (tvm.tirx.Var(n, "int64") for n in "btr")
     bb = relax.BlockBuilder()
     quantize = bb.add_func(quantize_rows_function(4, None, 127.0, 1e-8).without_attr("global_symbol"), "quantize_rows")
-    names = {"query": ([b, 2, 1, 8], "float32"), "rows_k": ([r, 8], "int8"),
-             "rows_v": ([r, 8], "int8"), "scales_k": ([r, 1], "float32"), "scales_v": ([r, 1], "float32"),
-             "index": ([b, 2, t], "int64"), "past": ([b, 1, t, 1], "bool"), "new_k": ([b, 2, 1, 8], "int8"),
-             "new_v": ([b, 2, 1, 8], "int8"), "new_scale_k": ([b, 2, 1, 1], "float32"),
-             "new_scale_v": ([b, 2, 1, 1], "float32")}
+    names = {"query": ([b, 2, 1, 8], "float32"), "key": ([b, 2, 1, 8], "float32"), "value": ([b, 2, 1, 8], "float32"),
+             "rows_k": ([r, 8], "int8"), "rows_v": ([r, 8], "int8"), "scales_k": ([r, 1], "float32"),
+             "scales_v": ([r, 1], "float32"), "index": ([b, 2, t], "int64"), "past": ([b, 1, t, 1], "bool")}
     params = {n: relax.Var(n, relax.TensorType(shape, dtype)) for n, (shape, dtype) in names.items()}
     p = params
     with bb.function("main", list(params.values())):
@@ -141,11 +141,15 @@ def runtime_self_attention_module(query_read_elsewhere: bool = False) -> tvm.IRM
             def gathered(rows, new):
                 return bb.emit(relax.op.where(p["past"], bb.emit(relax.op.take(rows, p["index"], axis=0)), new))
 
-            quantized = bb.emit(relax.call_tir(quantize, [p["query"]], [relax.TensorType([b, 2, 1, 8], "int8"),
-                                                                         relax.TensorType([b, 2, 1, 1], "float32")]))
-            q, q_scale = (bb.emit(relax.TupleGetItem(quantized, i)) for i in range(2))
-            keys, key_scales = gathered(p["rows_k"], p["new_k"]), gathered(p["scales_k"], p["new_scale_k"])
-            values, value_scales = gathered(p["rows_v"], p["new_v"]), gathered(p["scales_v"], p["new_scale_v"])
+            def quantized(x):
+                parts = bb.emit(relax.call_tir(quantize, [x], [relax.TensorType([b, 2, 1, 8], "int8"),
+                                                                relax.TensorType([b, 2, 1, 1], "float32")]))
+                return [bb.emit(relax.TupleGetItem(parts, i)) for i in range(2)]
+
+            (q, q_scale), (new_k, new_scale_k), (new_v, new_scale_v) = (quantized(p[n]) for n in ("query", "key",
+                                                                                                 "value"))
+            keys, key_scales = gathered(p["rows_k"], new_k), gathered(p["scales_k"], new_scale_k)
+            values, value_scales = gathered(p["rows_v"], new_v), gathered(p["scales_v"], new_scale_v)
             q3 = bb.emit(relax.op.reshape(q, [b * 2, 1, 8]))
             k3 = bb.emit(relax.op.reshape(keys, [b * 2, t, 8]))
             s = bb.emit(relax.op.matmul(q3, bb.emit(relax.op.permute_dims(k3, [0, 2, 1])), out_dtype="int32"))

@@ -171,7 +171,7 @@ def test_a_run_time_range_attention_takes_its_scales_gathers_and_row_quantizatio
             inputs.append(rng.random(shape) < 0.8)
         elif dtype == "int8":
             inputs.append(rng.integers(-127, 128, shape).astype("int8"))
-        elif p.name == "query":
+        elif p.name in ("query", "key", "value"):
             inputs.append(rng.standard_normal(shape).astype("float32"))
         else:
             inputs.append(rng.uniform(0.001, 0.01, shape).astype("float32"))
