@@ -23,13 +23,7 @@ def append_rows_kernel(planes: int, heads: int, width: int, dtype: str) -> tirx.
     """``cache[p // 2, p % 2, used + i] = new_p[i, :, 0]`` for the ``planes`` new tensors ``new_p`` (layer 0's
     key, its value, layer 1's key, ...), all ``count`` rows; ``rows``, ``count`` and ``used`` are dynamic.
     Written as TVMScript text because its parameter list depends on ``planes``."""
-    value = f"new_{planes - 1}[vi, vh, T.int64(0), vw]"
-    for plane in reversed(range(planes - 1)):
-        value = f"T.if_then_else(vp == T.int64({plane}), new_{plane}[vi, vh, T.int64(0), vw], {value})"
-    params = "".join(f", new_{plane}_handle: T.handle" for plane in range(planes))
-    new_shape = f"(count, T.int64({heads}), T.int64(1), T.int64({width}))"
-    matches = "".join(f"\n    new_{plane} = T.match_buffer(new_{plane}_handle, {new_shape}, \"{dtype}\")"
-                      for plane in range(planes))
+    params, matches = _new_rows(planes, heads, width, dtype)
     source = f"""
 @T.prim_func(s_tir=True, private=True)
 def append_rows(cache_handle: T.handle{params}, used: T.int64):
@@ -40,9 +34,27 @@ def append_rows(cache_handle: T.handle{params}, used: T.int64):
     for p, i, h, w in T.grid(T.int64({planes}), count, T.int64({heads}), T.int64({width})):
         with T.sblock("append"):
             vp, vi, vh, vw = T.axis.remap("SSSS", [p, i, h, w])
-            cache[vp // T.int64(2), vp % T.int64(2), used + vi, vh, vw] = {value}
+            cache[vp // T.int64(2), vp % T.int64(2), used + vi, vh, vw] = {_plane_value(planes, "vw")}
 """
     return tvm.script.from_source(source)
+
+
+def _new_rows(planes: int, heads: int, width: int, dtype: str) -> tuple[str, str]:
+    """The kernel's parameters for the planes' new rows and their buffers (``[count, heads, 1, width]``), as
+    TVMScript text."""
+    params = "".join(f", new_{plane}_handle: T.handle" for plane in range(planes))
+    shape = f"(count, T.int64({heads}), T.int64(1), T.int64({width}))"
+    matches = "".join(f"\n    new_{plane} = T.match_buffer(new_{plane}_handle, {shape}, \"{dtype}\")"
+                      for plane in range(planes))
+    return params, matches
+
+
+def _plane_value(planes: int, column: str) -> str:
+    """The new row's value at ``column`` of the block's plane ``vp``, row ``vi`` and head ``vh`` (TVMScript)."""
+    value = f"new_{planes - 1}[vi, vh, T.int64(0), {column}]"
+    for plane in reversed(range(planes - 1)):
+        value = f"T.if_then_else(vp == T.int64({plane}), new_{plane}[vi, vh, T.int64(0), {column}], {value})"
+    return value
 
 
 def append_quantized_rows_kernel(planes: int, heads: int, width: int, quantize: RowQuantize,
@@ -53,20 +65,11 @@ def append_quantized_rows_kernel(planes: int, heads: int, width: int, quantize: 
     values (``width`` per head), 1 the scales (one). A row kernel for GPUs (a block per plane, row and head: the
     magnitude reduced across its threads); the step's quantizations of its keys and values then feed only its
     attentions, which compute them themselves."""
-    def new(column: str) -> str:
-        value = f"new_{planes - 1}[vi, vh, T.int64(0), {column}]"
-        for plane in reversed(range(planes - 1)):
-            value = f"T.if_then_else(vp == T.int64({plane}), new_{plane}[vi, vh, T.int64(0), {column}], {value})"
-        return value
-
     qmax, eps = f"T.float32({float(quantize.qmax)!r})", f"T.float32({float(quantize.eps)!r})"
-    scale = f"T.max(magnitude[vp, vi, vh], {eps}) / {qmax}"
-    written, dtype, stored = ((width, "int8", f"T.Cast(\"int8\", T.max(T.min(T.round({new('vw')} / ({scale})), "
-                                              f"{qmax}), -{qmax}))") if part == 0 else (1, "float32", scale))
-    params = "".join(f", new_{plane}_handle: T.handle" for plane in range(planes))
-    new_shape = f"(count, T.int64({heads}), T.int64(1), T.int64({width}))"
-    matches = "".join(f"\n    new_{plane} = T.match_buffer(new_{plane}_handle, {new_shape}, \"float32\")"
-                      for plane in range(planes))
+    x, scale = _plane_value(planes, "vw"), f"T.max(magnitude[vp, vi, vh], {eps}) / {qmax}"
+    quantized = f"T.Cast(\"int8\", T.max(T.min(T.round({x} / ({scale})), {qmax}), -{qmax}))"
+    written, dtype, stored = (width, "int8", quantized) if part == 0 else (1, "float32", scale)
+    params, matches = _new_rows(planes, heads, width, "float32")
     source = f"""
 @T.prim_func(s_tir=True, private=True)
 def append_quantized_rows(cache_handle: T.handle{params}, used: T.int64):
@@ -81,7 +84,7 @@ def append_quantized_rows(cache_handle: T.handle{params}, used: T.int64):
                 vp, vi, vh, vw = T.axis.remap("SSSR", [p, i, h, w])
                 with T.init():
                     magnitude[vp, vi, vh] = T.min_value("float32")
-                magnitude[vp, vi, vh] = T.max(magnitude[vp, vi, vh], T.abs({new('vw')}))
+                magnitude[vp, vi, vh] = T.max(magnitude[vp, vi, vh], T.abs({x}))
         for p, i, h, w in T.grid(T.int64({planes}), count, T.int64({heads}), T.int64({written})):
             with T.sblock("append"):
                 vp, vi, vh, vw = T.axis.remap("SSSS", [p, i, h, w])

@@ -134,7 +134,7 @@ def test_the_step_writes_every_plane_of_its_rows_in_place_in_one_kernel():
     class Expected:
         @T.prim_func(private=True, s_tir=True)
         def append_rows(cache_handle: T.handle, new_0_handle: T.handle, new_1_handle: T.handle, used: T.int64):
-            T.func_attr({"tirx.noalias": True})
+            T.func_attr({"int8mt.kernel": "append_rows", "tirx.noalias": True})
             kernel_rows, kernel_count = T.int64(), T.int64()  # the kernel's own variables
             cache = T.match_buffer(cache_handle, (T.int64(1), T.int64(2), kernel_rows, T.int64(2), T.int64(4)), "int8")
             new_0 = T.match_buffer(new_0_handle, (kernel_count, T.int64(2), T.int64(1), T.int64(4)), "int8")
