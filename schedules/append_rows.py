@@ -23,14 +23,7 @@ def append_rows_kernel(planes: int, heads: int, width: int, dtype: str) -> tirx.
     """``cache[p // 2, p % 2, used + i] = new_p[i, :, 0]`` for the ``planes`` new tensors ``new_p`` (layer 0's
     key, its value, layer 1's key, ...), all ``count`` rows; ``rows``, ``count`` and ``used`` are dynamic.
     Written as TVMScript text because its parameter list depends on ``planes``."""
-    params, matches = _new_rows(planes, heads, width, dtype)
-    source = f"""
-@T.prim_func(s_tir=True, private=True)
-def append_rows(cache_handle: T.handle{params}, used: T.int64):
-    T.func_attr({{"tirx.noalias": True, "{KERNEL_ATTR}": "{APPEND_ROWS}"}})
-    rows, count = T.int64(), T.int64()
-    cache = T.match_buffer(cache_handle, (T.int64({planes // 2}), T.int64(2), rows, T.int64({heads}),
-                                          T.int64({width})), "{dtype}"){matches}
+    source = _header("append_rows", APPEND_ROWS, planes, heads, width, dtype, width, dtype) + f"""
     for p, i, h, w in T.grid(T.int64({planes}), count, T.int64({heads}), T.int64({width})):
         with T.sblock("append"):
             vp, vi, vh, vw = T.axis.remap("SSSS", [p, i, h, w])
@@ -39,14 +32,22 @@ def append_rows(cache_handle: T.handle{params}, used: T.int64):
     return tvm.script.from_source(source)
 
 
-def _new_rows(planes: int, heads: int, width: int, dtype: str) -> tuple[str, str]:
-    """The kernel's parameters for the planes' new rows and their buffers (``[count, heads, 1, width]``), as
-    TVMScript text."""
+def _header(name: str, kind: str, planes: int, heads: int, width: int, dtype: str, written: int,
+            cache_dtype: str) -> str:
+    """An append kernel's TVMScript text up to its loops: ``name(cache, new_0, .., used)`` of our ``kind``, the new
+    rows ``[count, heads, 1, width]`` of ``dtype``, the cache ``[planes / 2, 2, rows, heads, written]`` of
+    ``cache_dtype``."""
     params = "".join(f", new_{plane}_handle: T.handle" for plane in range(planes))
     shape = f"(count, T.int64({heads}), T.int64(1), T.int64({width}))"
     matches = "".join(f"\n    new_{plane} = T.match_buffer(new_{plane}_handle, {shape}, \"{dtype}\")"
                       for plane in range(planes))
-    return params, matches
+    return f"""
+@T.prim_func(s_tir=True, private=True)
+def {name}(cache_handle: T.handle{params}, used: T.int64):
+    T.func_attr({{"tirx.noalias": True, "{KERNEL_ATTR}": "{kind}"}})
+    rows, count = T.int64(), T.int64()
+    cache = T.match_buffer(cache_handle, (T.int64({planes // 2}), T.int64(2), rows, T.int64({heads}),
+                                          T.int64({written})), "{cache_dtype}"){matches}"""
 
 
 def _plane_value(planes: int, column: str) -> str:
@@ -69,14 +70,8 @@ def append_quantized_rows_kernel(planes: int, heads: int, width: int, quantize: 
     x, scale = _plane_value(planes, "vw"), f"T.max(magnitude[vp, vi, vh], {eps}) / {qmax}"
     quantized = f"T.Cast(\"int8\", T.max(T.min(T.round({x} / ({scale})), {qmax}), -{qmax}))"
     written, dtype, stored = (width, "int8", quantized) if part == 0 else (1, "float32", scale)
-    params, matches = _new_rows(planes, heads, width, "float32")
-    source = f"""
-@T.prim_func(s_tir=True, private=True)
-def append_quantized_rows(cache_handle: T.handle{params}, used: T.int64):
-    T.func_attr({{"tirx.noalias": True, "{KERNEL_ATTR}": "{APPEND_QUANTIZED_ROWS}"}})
-    rows, count = T.int64(), T.int64()
-    cache = T.match_buffer(cache_handle, (T.int64({planes // 2}), T.int64(2), rows, T.int64({heads}),
-                                          T.int64({written})), "{dtype}"){matches}
+    source = _header("append_quantized_rows", APPEND_QUANTIZED_ROWS, planes, heads, width, "float32", written,
+                     dtype) + f"""
     with T.sblock("root"):
         magnitude = T.sblock_alloc_buffer((T.int64({planes}), count, T.int64({heads})), "float32")
         for p, i, h, w in T.grid(T.int64({planes}), count, T.int64({heads}), T.int64({width})):
