@@ -5,7 +5,8 @@ key and value as ``[count, heads, 1, width]``, and this kernel, called at the en
 point (:func:`int8mt.compiler.frontend.appending_step`), writes every plane. On a GPU, writing them with the
 runtime's copies took a view of each destination and a copy per plane (18-36 calls per step through Python); a
 separate entry point for this kernel cost a call from Python and the step's 12 outputs (about 5 µs of a 125 µs
-step at batch 1 on the CPU).
+step at batch 1 on the CPU). With run-time ranges on GPUs, :func:`append_quantized_rows_kernel` appends the float
+rows, quantizing them itself (:class:`~int8mt.compiler.passes.AppendQuantizedRows`).
 """
 from __future__ import annotations
 
