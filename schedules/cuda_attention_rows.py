@@ -6,10 +6,11 @@ self-attention's keys and values gathered from the cache's rows) into one functi
 :data:`ATTENTION_ROWS`, in the heads' layout ``[batch, heads, 1, ...]``. :class:`CUDAAttentionRows` schedules it:
 
 * each of the function's reductions is kept (int32 scores, the softmax's maximum and sum, the int32 context; with
-  run-time ranges the query's and the probabilities' largest magnitudes); a product's operand computed from a
-  reduction's result (the query quantized in the function) is computed once into shared memory, a column per
-  thread; every other value is computed where it is used (the gathers inside the products' reads, the scores'
-  scale and mask in each read of a score);
+  run-time ranges the query's, the step's key's and value's and the probabilities' largest magnitudes); a
+  product's first operand computed from a reduction's result (the query quantized in the function) is computed
+  once into shared memory, a column per thread; every other value is computed where it is used (the gathers, and
+  the step's own key and value quantized, inside the products' reads; the scores' scale and mask in each read of a
+  score);
 * a thread block per ``(batch, head)`` (``blockIdx.y``, ``blockIdx.x``) of :func:`threads` threads: the scores one
   position per thread (the head's dot product in the thread), the maximum and the sum across the block (warp
   shuffles), the context one column of the head per thread;

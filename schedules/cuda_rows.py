@@ -10,6 +10,8 @@ computes the graph's values), each scheduled as one kernel.
 * A post-LN Transformer's layer norm feeds both the residual and the next linear layer's quantizations, so TVM
   fuses neither into it (two kernels, the normalized tensor written and read back between them):
   :func:`layer_norm_rows_function` is the layer norm and the quantizations of its result as one function.
+* With run-time ranges the cache's appends quantize a step's keys and values per head themselves
+  (:func:`~int8mt.schedules.append_rows.append_quantized_rows_kernel`): a row per plane, row and head.
 
 :class:`CUDARows` schedules the row functions (:data:`ROW_KERNELS`): a thread block per row, its threads reducing
 across the block (warp shuffles), keeping the row's intermediate values in shared memory (behind barriers) and

@@ -29,7 +29,7 @@ from .tap_int_matmuls import TapIntMatmuls
 
 __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast", "PackDense", "FoldDenseBias",
            "Int8BatchMatmul", "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention",
-           "FuseAttentionEpilogue", "LayerNormRows", "SoftmaxRows", "QuantizeRows", "QuantizeOnce", "AppendQuantizedRows",
-           "UnitPermuteAsReshape", "ReshapesAfterElementwise", "AttentionRows", "TakeAsView", "UnitReshapeIntoKernels",
-           "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes", "ReuseTensors", "DropUnusedTuples",
-           "drop_weight_checks"]
+           "FuseAttentionEpilogue", "LayerNormRows", "SoftmaxRows", "QuantizeRows", "QuantizeOnce",
+           "AppendQuantizedRows", "UnitPermuteAsReshape", "ReshapesAfterElementwise", "AttentionRows", "TakeAsView",
+           "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes", "ReuseTensors",
+           "DropUnusedTuples", "drop_weight_checks"]
