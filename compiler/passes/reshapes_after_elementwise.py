@@ -7,7 +7,8 @@ result makes a round trip through memory between them. On GPUs each kernel is al
 decoder step. Moving every reshape after the elementwise ops that follow it leaves those ops next to the kernel
 that produced ``x``, where fusion makes them its epilogue (CUDA presets: :class:`~int8mt.schedules.cuda_int8_matmul.
 CUDAInt8Matmul` applies it as the tile is written out). CPU presets fuse such chains into their own kernels
-(:class:`.FuseDenseEpilogue`) and do not run this pass.
+(:class:`.FuseDenseEpilogue`) and do not run this pass. Activations move as well: an OPUS-MT FFN's swish
+(``x * sigmoid(x)``, the sigmoid on ``x`` viewed as ``[batch, 1, ffn]``) becomes its linear layer's epilogue.
 
 An op moves when its other operand ``y`` (a constant or a tensor) is reshaped to ``x``'s layout as a view: the
 dimensions of ``x`` and of the reshaped shape fall into groups of equal size products (dimensions split or merged),
@@ -29,7 +30,8 @@ from tvm.sym.analyzer import Analyzer
 from .kernel_calls import (bindings_and_users, is_one, rewrite_functions, same_shape, scalar_constant, shape_product,
                            use_counts)
 
-UNARY = ("relax.astype", "relax.clip", "relax.nn.relu")  # (their other arguments are bounds)
+UNARY = ("relax.astype", "relax.clip", "relax.nn.relu", "relax.sigmoid", "relax.nn.silu", "relax.nn.gelu",
+         "relax.tanh")  # (a clip's other arguments are bounds)
 BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.right_shift", "relax.left_shift",
           "relax.maximum", "relax.minimum")
 
@@ -117,10 +119,13 @@ class _ReshapeSinker(PyExprMutator):
         if moved is None:
             super().visit_var_binding_(binding)
             return
-        value = self.builder_.emit(moved)
-        view = relax.op.reshape(value, binding.var.ty.shape)
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
-        self.set_var_remap(binding.var, emit(view, binding.var.name))
+        moved = self.builder_.normalize(moved)
+        if same_shape(list(moved.ty.shape), list(binding.var.ty.shape)):  # (a chain that ends where it began)
+            self.set_var_remap(binding.var, emit(moved, binding.var.name))
+            return
+        value = self.builder_.emit(moved)
+        self.set_var_remap(binding.var, emit(relax.op.reshape(value, binding.var.ty.shape), binding.var.name))
 
     def _source(self, expr: relax.Expr) -> relax.Expr | None:
         """The first input of the chain of reshapes bound to ``expr``, None if ``expr`` is no reshape."""

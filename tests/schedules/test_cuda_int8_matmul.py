@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import tvm
-from tvm import te, tirx
+from tvm import te, tirx, topi
 
 from int8mt.schedules.cuda_int8_matmul import PORTABLE_TILE, CUDAInt8Matmul, MatmulTile, default_tile
 from int8mt.schedules.cuda_tiles import CANDIDATES, CHECKED_ROWS, shipped_tiles
@@ -50,18 +50,22 @@ def _product(a: te.Tensor, b: te.Tensor, transposed: bool) -> te.Tensor:
 
 def _linear(k: int, n: int, epilogue: str | None) -> tvm.tirx.PrimFunc:
     """A linear layer ``x[rows, k] @ w[n, k]^T`` (``rows`` dynamic) with ``epilogue``: none (int32), "dequantize"
-    (``acc * xs[i] * ws[j] + bias[j]``, float32: run-time ranges) or "requantize" (``clip((acc + b[j]) * m[j] >>
-    s[j], -127, 127)`` to int8: static ranges)."""
+    (``acc * xs[i] * ws[j] + bias[j]``, float32: run-time ranges), "swish" (that times its sigmoid as the pipeline
+    legalizes it: OPUS-MT's FFN) or "requantize" (``clip((acc + b[j]) * m[j] >> s[j], -127, 127)`` to int8: static
+    ranges)."""
     rows = tirx.Var("rows", "int64")
     x, w = te.placeholder(_i64(rows, k), "int8", "x"), te.placeholder(_i64(n, k), "int8", "w")
     acc = _product(x, w, transposed=True)
     if epilogue is None:
         return te.create_prim_func([x, w, acc])
-    if epilogue == "dequantize":
+    if epilogue in ("dequantize", "swish"):
         xs, ws, bias = (te.placeholder(_i64(*shape), "float32", name) for shape, name in
                         (((rows, 1), "xs"), ((n,), "ws"), ((n,), "bias")))
         out = te.compute(_i64(rows, n), lambda i, j: acc[i, j].astype("float32") * (xs[i, 0] * ws[j]) + bias[j],
-                         name="out")
+                         name="out" if epilogue == "dequantize" else "y")
+        if epilogue == "swish":
+            out = topi.multiply(out, topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(out)))))
+            out = te.compute(out.shape, lambda i, j: out[i, j], name="out")
         return te.create_prim_func([x, w, xs, ws, bias, out])
     b, m, s = (te.placeholder(_i64(n), dtype, name) for dtype, name in (("int32", "b"), ("int64", "m"), ("int64", "s")))
     out = te.compute(_i64(rows, n), lambda i, j: te.max(te.min(
@@ -129,17 +133,18 @@ def _host(func: tvm.tirx.PrimFunc, *arrays: np.ndarray) -> None:
     arrays[-1][...] = tensors[-1].numpy()
 
 
-@pytest.mark.parametrize("epilogue", ["dequantize", "requantize"])
+@pytest.mark.parametrize("epilogue", ["dequantize", "swish", "requantize"])
 @pytest.mark.parametrize("name", ["portable", "default sm_90"])
 def test_a_linear_layer_with_its_epilogue_run_on_this_cpu_equals_this_cpus_kernel(epilogue, name, tmp_path):
-    """The epilogue applied as the tile is written out (per-row and per-column operands, int8 or float32 stores):
+    """The epilogue applied as the tile is written out (per-row and per-column operands, int8 or float32 stores, an
+    activation):
     the same values as the function compiled for this CPU (float32 within a rounding: a multiply and an add may
     fuse)."""
     tile, k, n, rows = TILES[name], 256, 384, 130
     func = _linear(k, n, epilogue)
     run = _emulated(func, tile, "cuda-sm90", tmp_path)
     x, w = _int8(rows, k), _int8(n, k)
-    if epilogue == "dequantize":
+    if epilogue in ("dequantize", "swish"):
         operands = {"xs": RNG.uniform(0.01, 0.1, (rows, 1)).astype(np.float32),
                     "ws": RNG.uniform(0.01, 0.1, n).astype(np.float32),
                     "bias": RNG.standard_normal(n).astype(np.float32)}

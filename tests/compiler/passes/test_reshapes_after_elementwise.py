@@ -99,6 +99,20 @@ _MASKED_PARAMS = {"first": ([B * HEADS, 1, T], "float32"), "second": ([B * HEADS
                   "mask": ([B, 1, 1, T], "float32")}
 
 
+def _swish_module() -> tvm.IRModule:
+    """x [b, 64] (a linear layer's float result) viewed as [b, 1, 64] for its sigmoid, back to [b, 64] and times x:
+    the FFN's swish as the model's graph has it."""
+    def body(bb, x):
+        gate = bb.emit(relax.op.sigmoid(bb.emit(relax.op.reshape(x, [B, 1, D]))))
+        return relax.op.multiply(x, bb.emit(relax.op.reshape(gate, [B, D])))
+
+    return _main({"x": ([B, D], "float32")}, body)
+
+
+def _swish_expected() -> tvm.IRModule:
+    return _main({"x": ([B, D], "float32")}, lambda bb, x: relax.op.multiply(x, bb.emit(relax.op.sigmoid(x))))
+
+
 def _growing_module() -> tvm.IRModule:
     """x [b, 64] viewed as [b, 1, 64] times y [b, 3, 64]: the result is larger than x."""
     return _main({"x": ([B, D], "float32"), "y": ([B, 3, D], "float32")},
@@ -115,6 +129,10 @@ def test_structure_the_operand_used_once_carries_the_chain():
 
 def test_structure_a_mask_over_part_of_a_merged_dimension_is_broadcast_once_for_every_add():
     tvm.ir.assert_structural_equal(ReshapesAfterElementwise()(_masked_scores_module()), _masked_scores_expected())
+
+
+def test_structure_an_activation_runs_before_the_reshapes_so_the_swish_joins_its_linear_layer():
+    tvm.ir.assert_structural_equal(ReshapesAfterElementwise()(_swish_module()), _swish_expected())
 
 
 def test_an_operand_that_grows_the_result_keeps_its_op_after_the_reshape():
@@ -139,6 +157,9 @@ def test_values_are_the_same():
     # one fused multiply-add may round differently from a multiply and an add in two kernels
     np.testing.assert_allclose(_run(ReshapesAfterElementwise()(_residual_module()), x, r),
                                _run(_residual_module(), x, r), rtol=1e-6, atol=1e-6)
+
+    np.testing.assert_allclose(_run(ReshapesAfterElementwise()(_swish_module()), r), _run(_swish_module(), r),
+                               rtol=1e-6, atol=1e-6)
 
     scores = [RNG.standard_normal((5 * HEADS, 1, 9)).astype(np.float32) for _ in range(2)]
     mask = (RNG.integers(0, 2, (5, 1, 1, 9)) * -1e9).astype(np.float32)
