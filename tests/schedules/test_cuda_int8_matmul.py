@@ -1,9 +1,9 @@
-"""CUDAInt8Matmul's tensor-core kernels without a GPU: their CUDA C run on this CPU (tests/cuda_emulation.py:
-``wmma`` fragments, ``cp.async`` copies, two-dimensional thread blocks) equals NumPy exactly, for every tile
-shape the rule builds (the portable tile, the shipped table's, the sm_80+ default, a deeper pipeline), linear
-layers at row counts that leave a tile's rows padded (1, 7) or span several row tiles (100, 130), with the fused
-dequantization and requantization epilogues, and the batched attention products (dynamic positions; the context
-product's K padded and strided)."""
+"""CUDAInt8Matmul's tensor-core kernels without a GPU: their CUDA C run on this CPU (tests/cuda_emulation.py: ``wmma``
+fragments, ``cp.async`` copies, two-dimensional thread blocks) equals NumPy exactly, for the tiles the rule builds
+(the portable tile, the sm_80+ default, a deeper pipeline; with ``-m extended`` every tile the tile search tries,
+the shipped table's among them), linear layers at row counts that leave a tile's rows padded (1, 7) or span several
+row tiles (100, 130), with the fused dequantization and requantization epilogues, and the batched attention products
+(dynamic positions; the context product's K padded and strided)."""
 import shutil
 
 import numpy as np
@@ -20,9 +20,7 @@ from ..cuda_emulation import emulated_kernel, kernel_cuda_source
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
                                 reason="runs the kernels' CUDA C on this CPU with g++ (Debian: apt-get install g++)")
 
-SHIPPED = sorted({tile.label: tile for tile in shipped_tiles("sm_90").values()}.items())
 TILES = {"portable": PORTABLE_TILE, "default sm_90": default_tile("sm_90"),
-         **{f"shipped {label}": tile for label, tile in SHIPPED},
          "four stages": MatmulTile(warps_m=2, warps_n=4, frags_m=2, frags_n=2, k_frags=4, vector=16, stages=4)}
 RNG = np.random.default_rng(3)
 
@@ -103,9 +101,9 @@ def test_a_linear_layers_kernel_run_on_this_cpu_equals_numpy(name, k, n, tmp_pat
 @pytest.mark.extended
 @pytest.mark.parametrize("spec", CANDIDATES, ids=lambda spec: MatmulTile(**spec).label)
 def test_every_tile_a_search_tries_runs_on_this_cpu_as_numpy(spec, tmp_path):
-    """Each candidate of the tile search (``cuda_tiles.CANDIDATES``, up to 16 warps and four stages) at a linear
-    layer whose K and N every candidate tiles (512 x 512), at the rows the search checks it at and over a row tile:
-    exact, before a GPU's time goes to timing it."""
+    """Each candidate of the tile search (``cuda_tiles.CANDIDATES``, up to 16 warps and four stages; the shipped
+    table's tiles are among them) at a linear layer whose K and N every candidate tiles (512 x 512), at the rows the
+    search checks it at and over a row tile: exact, before a GPU's time goes to timing it."""
     tile = MatmulTile(**spec)
     run = _emulated(_linear(512, 512, None), tile, "cuda-sm90", tmp_path)
     w = _int8(512, 512)
@@ -114,6 +112,12 @@ def test_every_tile_a_search_tries_runs_on_this_cpu_as_numpy(spec, tmp_path):
         out = np.full((rows, 512), -1, np.int32)
         run(_grid(tile, rows, 512), x=x, w=w, acc=out, rows=rows)
         np.testing.assert_array_equal(out, x.astype(np.int32) @ w.T.astype(np.int32), err_msg=f"{rows} rows")
+
+
+def test_the_shipped_tiles_are_among_those_the_search_tries():
+    """So that ``-m extended`` checks each shipped tile on this CPU (the default run checks three)."""
+    searched = {MatmulTile(**spec) for spec in CANDIDATES}
+    assert set(shipped_tiles("sm_90").values()) <= searched | {PORTABLE_TILE}
 
 
 def test_the_portable_tile_for_sm75_runs_on_this_cpu_as_numpy(tmp_path):
