@@ -262,24 +262,18 @@ def test_an_attention_quantizes_its_query_once_per_block_into_shared_memory():
     column per thread, into shared memory, which the scores read after a barrier: the float query is read twice
     (the magnitude, the quantization), both before the loop over the positions."""
     from .compiler.passes._modules import runtime_self_attention_module
+    from .compiler.passes.test_attention_rows import _attention_calls
 
     mod = AttentionRows()(runtime_self_attention_module())
     (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
-    (query,) = [p.name for p, a in zip(func.params, [*_attention_call(mod).args[1].fields])
-                if a.name == "query"]
+    (call,) = _attention_calls(mod)
+    (query,) = [p.name for p, a in zip(func.params, call.args[1].fields) if a.name == "query"]
     body = _row_kernel_body(func, "attention_rows", CUDAAttentionRows())
     reads = [m.start() for m in re.finditer(rf"\b{query}_ptr\[", body)]
     positions = body.index("for (")
     assert len(reads) == 2 and reads[-1] < positions
     staged = re.search(r"(\w+_shared_ptr)\[\(\(int64_t\)threadIdx\.x\)\] = \(\(signed char\)", body[:positions])
     assert staged and "__syncthreads();" in body[staged.end():positions] and staged.group(1) in body[positions:]
-
-
-def _attention_call(mod: tvm.IRModule) -> relax.Call:
-    """The one ``call_tir`` of ``mod``'s ``main``."""
-    (call,) = [b.value for b in mod["main"].body.blocks[0].bindings
-               if isinstance(b.value, relax.Call) and b.value.op == tvm.ir.Op.get("relax.call_tir")]
-    return call
 
 
 def _attention_inputs(main: relax.Function, sizes: dict[str, int], rng: np.random.Generator) -> list[np.ndarray]:
@@ -316,7 +310,7 @@ def test_an_attention_kernels_cuda_code_run_on_this_cpu_computes_the_graphs_valu
     order)."""
     from .compiler.passes._modules import (cross_attention_module, runtime_self_attention_module,
                                            self_attention_module)
-    from .compiler.passes.test_attention_rows import _run
+    from .compiler.passes.test_attention_rows import _attention_calls, _run
     from .cuda_emulation import emulated_kernel
 
     if shutil.which("g++") is None:
@@ -332,7 +326,8 @@ def test_an_attention_kernels_cuda_code_run_on_this_cpu_computes_the_graphs_valu
     inputs = _attention_inputs(before["main"], sizes, np.random.default_rng(11))
     expected = _run(before, *inputs)[0]
     by_param = dict(zip(before["main"].params, inputs))
-    arguments = {f"in{i}": by_param[a] for i, a in enumerate(_attention_call(after).args[1].fields)}
+    (call,) = _attention_calls(after)
+    arguments = {f"in{i}": by_param[a] for i, a in enumerate(call.args[1].fields)}
     out = np.zeros([3, 2, 1, 8], expected.dtype)
     output = next(p.name for p in func.params[len(arguments):])
     run((2, 3), **arguments, **{output: out}, **sizes)

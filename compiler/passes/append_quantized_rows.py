@@ -17,10 +17,10 @@ from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from int8mt.schedules.append_rows import APPEND_ROWS, append_quantized_rows_kernel
-from int8mt.schedules.cuda_rows import QUANTIZE_ROWS, ROW_QUANTIZE_ATTR
 from int8mt.schedules.layer_norm_rows import RowQuantize
 
 from .kernel_calls import KernelTable, bindings_and_users, kernel_kind, rewrite_functions
+from .quantize_rows import called_row_quantization
 
 
 @expr_functor.mutator
@@ -51,23 +51,16 @@ class _Appender(PyExprMutator):
             field = tup.fields[got.index] if isinstance(tup, relax.Tuple) else None
             part = self.bindings.get(field)
             quantize = self.bindings.get(part.tuple_value) if isinstance(part, relax.TupleGetItem) else None
-            if not (self.users.get(new) == [var] and self._row_quantization(quantize)
+            settings = called_row_quantization(self.mod, quantize)  # of new rows ``[count, heads, 1, width]``
+            if not (self.users.get(new) == [var] and settings is not None and quantize.args[1].fields[0].ty.ndim == 4
                     and all(self._other_field(user, got) for user in self.users[got.tuple_value])):
                 return
-            found.append(((got.tuple_value, got.index), quantize.args[1].fields[0], part.index,
-                          self.mod[quantize.args[0]].attrs[ROW_QUANTIZE_ATTR]))
-        parts = {(index, float(attrs["qmax"]), float(attrs["eps"])) for _, _, index, attrs in found}
+            found.append(((got.tuple_value, got.index), quantize.args[1].fields[0], (settings, part.index)))
+        parts = {part for _, _, part in found}
         if len(parts) != 1:
             return
-        ((index, qmax, eps),) = parts
-        self.appends[var] = (RowQuantize(qmax, eps), index)
-        self.floats.update({field: x for field, x, _, _ in found})
-
-    def _row_quantization(self, call: relax.Expr | None) -> bool:
-        """Whether ``call`` quantizes new rows (``[count, heads, 1, width]``) with the row-quantizing function."""
-        return (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
-                and kernel_kind(self.mod, call.args[0]) == QUANTIZE_ROWS
-                and ROW_QUANTIZE_ATTR in self.mod[call.args[0]].attrs and call.args[1].fields[0].ty.ndim == 4)
+        (self.appends[var],) = parts
+        self.floats.update({field: x for field, x, _ in found})
 
     def _other_field(self, user: relax.Var | None, got: relax.TupleGetItem) -> bool:
         """Whether ``user`` of the returned tuple takes a field of it other than ``got``'s, or is ``got``'s."""

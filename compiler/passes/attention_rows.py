@@ -49,14 +49,13 @@ from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
 from int8mt.schedules.cuda_attention_rows import ATTENTION_ROWS
-from int8mt.schedules.cuda_rows import QUANTIZE_ROWS, ROW_QUANTIZE_ATTR
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.quantize_rows import OPAQUE
 
 from ..legalize import legalize_map
-from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, is_int8_matmul, is_one, kernel_kind,
-                           rewrite_functions, same_shape, scalar_constant)
-from .quantize_rows import row_quantization
+from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, is_int8_matmul, is_one, rewrite_functions,
+                           same_shape, scalar_constant)
+from .quantize_rows import called_row_quantization, row_quantization
 from .reshapes_after_elementwise import BINARY
 
 UNARY = ("relax.astype", "relax.clip")  # (a clip's other arguments are bounds)
@@ -184,9 +183,7 @@ class _AttentionRewriter(PyExprMutator):
         the heads' layout whose parts only the attention reads (directly, or through reshapes and gathers): the
         attention's function computes it."""
         call = self.bindings.get(part.tuple_value)
-        if not (isinstance(call, relax.Call) and call.op == ir.Op.get("relax.call_tir")
-                and kernel_kind(self.mod, call.args[0]) == QUANTIZE_ROWS
-                and ROW_QUANTIZE_ATTR in self.mod[call.args[0]].attrs):
+        if called_row_quantization(self.mod, call) is None:
             return False
         (x,) = call.args[1].fields
         return (x.ty.ndim == 4 and self.lift(list(x.ty.shape), attention) is not None
@@ -206,8 +203,7 @@ class _AttentionRewriter(PyExprMutator):
         if not isinstance(value, relax.Call):
             return False
         if value.op == ir.Op.get("relax.call_tir"):
-            return (kernel_kind(self.mod, value.args[0]) == QUANTIZE_ROWS
-                    and ROW_QUANTIZE_ATTR in self.mod[value.args[0]].attrs
+            return (called_row_quantization(self.mod, value) is not None
                     and all(a in members and a.ty.ndim == 4 for a in value.args[1].fields))
         if not isinstance(value.op, ir.Op):
             return False
@@ -416,8 +412,8 @@ class _FunctionBuilder:
 
     def _row_quantization(self, call: relax.Call, x: relax.Expr) -> relax.Var:
         """The graph's ops that ``call`` of a row-quantizing function stands for, on ``x``: ``(q, s)``."""
-        attrs = self.rewriter.mod[call.args[0]].attrs[ROW_QUANTIZE_ATTR]
-        return self.bb.emit(row_quantization(self.bb, x, int(attrs["qmax"]), float(attrs["eps"])))
+        quantize = called_row_quantization(self.rewriter.mod, call)
+        return self.bb.emit(row_quantization(self.bb, x, int(quantize.qmax), quantize.eps))
 
     def _emit(self, var: relax.Var, value: relax.Expr) -> relax.Expr:
         bb, rewriter, attention = self.bb, self.rewriter, self.attention

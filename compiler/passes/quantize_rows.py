@@ -27,13 +27,24 @@ import tvm
 from tvm import ir, relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from int8mt.schedules.cuda_rows import quantize_rows_function
+from int8mt.schedules.cuda_rows import QUANTIZE_ROWS, ROW_QUANTIZE_ATTR, quantize_rows_function
 from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.quantize_rows import quantize_columns_kernel, quantize_rows_kernel
 
-from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, rewrite_functions, scalar_constant,
-                           use_counts)
+from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, kernel_kind, rewrite_functions,
+                           scalar_constant, use_counts)
+
+
+def called_row_quantization(mod: tvm.IRModule, expr: relax.Expr | None) -> RowQuantize | None:
+    """The quantization ``expr`` computes where it is a call of a row-quantizing function of the graph's ops (GPU
+    targets: :func:`~int8mt.schedules.cuda_rows.quantize_rows_function`, its ``qmax`` and ``eps`` in its
+    attributes), else None."""
+    if not (isinstance(expr, relax.Call) and expr.op == ir.Op.get("relax.call_tir")
+            and kernel_kind(mod, expr.args[0]) == QUANTIZE_ROWS):
+        return None
+    attrs = mod[expr.args[0]].attrs.get(ROW_QUANTIZE_ATTR)
+    return None if attrs is None else RowQuantize(float(attrs["qmax"]), float(attrs["eps"]))
 
 
 def quantized(bb: relax.BlockBuilder, x: relax.Expr, scale: relax.Expr, qmax: int) -> relax.Expr:
