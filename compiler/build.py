@@ -31,11 +31,13 @@ from .quant_report import untuned_kernels_warning
 
 def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir: Path | None = None,
                  qcfg: QuantConfig | None = None, data_dir: Path | None = None, calib_sentences: int = 512,
-                 database: Path | None = None, calib_data: Path | None = None) -> dict:
+                 database: Path | None = None, calib_data: Path | None = None, cuda_graphs: bool = False) -> dict:
     """Compile the model in ``model_dir`` for ``preset`` into the bundle ``out_dir``; with ``qcfg``,
     quantized (ranges per ``qcfg.ranges``; calibration reads ``calib_data``, else ``data_dir``). On presets with an int8
     dot-product intrinsic, int8 linear layers use the tuned kernels of ``database``, and FP32 linear layers its
-    float32 ones (default: the database shipped for the preset; kernels it lacks get default tiles)."""
+    float32 ones (default: the database shipped for the preset; kernels it lacks get default tiles). With
+    ``cuda_graphs``, the decoder step's kernels are replayed as CUDA graphs (:class:`~.passes.MarkCUDAGraphCapture`;
+    CUDA presets, or a CPU one whose runtime provides the graph builtins, as tests do)."""
     check_output_dir(out_dir)
     check_model_dir(model_dir)
     linker = library_linker(preset)  # before compiling: a missing cross compiler is known now
@@ -51,8 +53,8 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         model = quantized_model(model_dir, qcfg, data_dir, calib_sentences=calib_sentences, calib_data=calib_data)
     t0 = time.time()
     print(f"compiling for {preset.name} ({json.dumps(preset.target)})", file=sys.stderr)
-    compiled = compile_model(model, CompileOptions(preset, qcfg, tiles, dump_dir=dump_dir,
-                                                      float_tiles=float_tiles))
+    compiled = compile_model(model, CompileOptions(preset, qcfg, tiles, dump_dir=dump_dir, float_tiles=float_tiles,
+                                                   cuda_graphs=cuda_graphs))
     report = compiled.report
     final_dir, out_dir = out_dir, _staging_dir(out_dir)
     library = out_dir / LIBRARY_FILE
@@ -74,6 +76,7 @@ def build_bundle(model_dir: Path, preset: TargetPreset, out_dir: Path, dump_dir:
         "cache_scales": model.cache_scales,
         "top_candidates": candidates_per_row(model),
         "max_rows": ExportConfig().max_batch,  # rows (sentences x beams) one call of an entry point takes
+        "cuda_graphs": cuda_graphs,  # the decoder step's kernels replayed as CUDA graphs
         "tokenizer": tokenizer.kind,
         "weights": weights,
         "files": {LIBRARY_FILE: sha256(library), WEIGHTS_FILE: sha256(out_dir / WEIGHTS_FILE),

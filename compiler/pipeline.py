@@ -33,8 +33,10 @@ Phases (each logged; with ``dump_dir`` the IR each produces is written as ``phas
                          add or drop axes of size 1) and :class:`~.passes.ViewsIntoKernels` (the parameters behind
                          views, at their offsets).
 5. ``lowered``           :class:`~.passes.LiftWeights`, on CPUs :class:`~.passes.GreedyLoop` (one sentence's greedy
-                         search in one call); dataflow lowering, memory planning and VM finalisation (the weights'
-                         checks left to ``check_weights``: :func:`~.passes.drop_weight_checks`).
+                         search in one call), with CUDA graphs :class:`~.passes.MarkCUDAGraphCapture`; dataflow
+                         lowering, memory planning (with CUDA graphs TVM's ``RewriteCUDAGraph``) and VM
+                         finalisation (the weights' checks left to ``check_weights``:
+                         :func:`~.passes.drop_weight_checks`).
 
 On CPUs the entry points' virtual-machine code is compiled to native code (``exec_mode="compiled"``) instead of
 interpreted: a decoder step runs some 800 shape, allocation and kernel calls, and at batch 1 their dispatch was
@@ -67,8 +69,8 @@ from int8mt.targets import TargetPreset
 from .legalize import legalize_passes
 from .passes import (AppendQuantizedRows, AttentionRows, DropIdentityBroadcast, DropUnusedTuples, FoldDenseBias,
                      FuseAttentionEpilogue, FuseDenseEpilogue, GatherPackedRows, GreedyLoop, Int8BatchMatmul,
-                     LayerNormRows, LiftWeights, OneQueryAttention, PackDense, QuantizeOnce, QuantizeRows,
-                     ReadKeysAsStored,
+                     LayerNormRows, LiftWeights, MarkCUDAGraphCapture, OneQueryAttention, PackDense, QuantizeOnce,
+                     QuantizeRows, ReadKeysAsStored,
                      ReshapesAfterElementwise, ReuseShapes, ReuseTensors, ScalePropagation, SoftmaxRows, TakeAsView,
                      TapIntMatmuls, UnitPermuteAsReshape, UnitReshapeIntoKernels, ViewsIntoKernels,
                      drop_weight_checks)
@@ -84,7 +86,8 @@ class CompileOptions:
     """What to compile for: the target ``preset``; ``quant`` None for FP32; ``tiles`` for the int8 dense
     kernels and ``float_tiles`` for the float32 ones of FP32 layers (default: :func:`tile_choosers` with the
     shipped database); ``tap_matmuls`` returns every integer matmul's operands and result beside each output (``int8mt
-    verify``); ``dump_dir`` gets each phase's IR."""
+    verify``); ``dump_dir`` gets each phase's IR; ``cuda_graphs``: the decoder step's kernels replayed as CUDA
+    graphs (:class:`~.passes.MarkCUDAGraphCapture`)."""
 
     preset: TargetPreset
     quant: QuantConfig | None = None
@@ -92,6 +95,7 @@ class CompileOptions:
     tap_matmuls: bool = False
     dump_dir: Path | None = None
     float_tiles: TileChooser | None = None
+    cuda_graphs: bool = False
 
     def with_tiles(self) -> CompileOptions:
         """These options with ``tiles`` and ``float_tiles`` set where the preset's kernels need them (the shipped
@@ -224,22 +228,31 @@ def compile_model(model: Transformer, options: CompileOptions) -> CompiledModel:
         report["attention_dot"] = batch_dot(options.preset.int8_dot).family
     if options.float_tiles is not None:
         report["float_kernels"] = dense_kernel_report(mod, options.float_tiles)
+    from .frontend import ExportConfig
+
     weights = LiftWeights()
     greedy = GreedyLoop(model.cfg.decoder_start_id, model.cfg.eos_id, weights)
-    return CompiledModel(compile_module(mod, options.preset, options.dump_dir, weights, greedy), report, weights)
+    graphs = MarkCUDAGraphCapture(ExportConfig().max_batch) if options.cuda_graphs else None
+    return CompiledModel(compile_module(mod, options.preset, options.dump_dir, weights, greedy, graphs), report,
+                         weights)
 
 
 def compile_module(mod: tvm.IRModule, preset: TargetPreset, dump_dir: Path | None = None,
-                   weights: LiftWeights | None = None, greedy: GreedyLoop | None = None) -> tvm.runtime.Executable:
+                   weights: LiftWeights | None = None, greedy: GreedyLoop | None = None,
+                   graphs: MarkCUDAGraphCapture | None = None) -> tvm.runtime.Executable:
     """Phases 3-5: a Relax module (after phase 2) compiled for ``preset``; with ``weights``, the entry points
     take their weights as trailing parameters (see :class:`LiftWeights`); with ``greedy`` (built on ``weights``), a
-    CPU library gets the greedy decoding loop (see :class:`GreedyLoop`)."""
+    CPU library gets the greedy decoding loop (see :class:`GreedyLoop`); with ``graphs`` (after ``weights``), the
+    decoder step's kernels are replayed as CUDA graphs (on a CPU target too, whose virtual machine then needs the
+    graph builtins: tests emulate them)."""
     target = tvm.target.Target(preset.target)
-    pipeline = relax_pipeline(target, dump_dir, weights, greedy)
+    pipeline = relax_pipeline(target, dump_dir, weights, greedy, graphs)
+    outer = tvm.transform.PassContext.current()  # kept, with the pipelined kernels' copies as cp.async on GPUs
+    config = {**outer.config, "relax.backend.use_cuda_graph": graphs is not None}
     if target.kind.name != "cuda":
-        return relax.build(mod, target=target, relax_pipeline=pipeline, exec_mode="compiled")
-    outer = tvm.transform.PassContext.current()  # kept, with the pipelined kernels' copies as cp.async
-    with tvm.transform.PassContext(opt_level=outer.opt_level, config={**outer.config, "tirx.use_async_copy": True},
+        with tvm.transform.PassContext(opt_level=outer.opt_level, config=config, instruments=list(outer.instruments)):
+            return relax.build(mod, target=target, relax_pipeline=pipeline, exec_mode="compiled")
+    with tvm.transform.PassContext(opt_level=outer.opt_level, config={**config, "tirx.use_async_copy": True},
                                    instruments=list(outer.instruments)), cuda_compiled_here(preset.target["arch"]):
         return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
@@ -302,11 +315,24 @@ def _library_dispatch_passes(backend: ModuleType, target: tvm.target.Target) -> 
     return [p for p in backend.library_dispatch_passes(target) if p.info.name != "DispatchSortScan"]
 
 
+def _finalize_passes(backend: ModuleType, target: tvm.target.Target, graphs: bool) -> list[tvm.transform.Pass]:
+    """The backend's finalization passes; with ``graphs`` on a CPU, TVM's ``RewriteCUDAGraph`` where the CUDA
+    backend has it (after the memory planning)."""
+    passes = backend.finalize_passes(target)
+    if graphs and not any(p.info.name == "RewriteCUDAGraph" for p in passes):
+        planned = next(i for i, p in enumerate(passes) if p.info.name == "StaticPlanBlockMemory")
+        passes.insert(planned + 1, relax.transform.RewriteCUDAGraph())
+    return passes
+
+
 def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None, weights: LiftWeights | None = None,
-                   greedy: GreedyLoop | None = None) -> tvm.transform.Pass:
+                   greedy: GreedyLoop | None = None, graphs: MarkCUDAGraphCapture | None = None) -> tvm.transform.Pass:
     """Phases 3-5 as ``tvm.compile``'s ``relax_pipeline`` for ``target`` (an LLVM CPU or a CUDA target); with
     ``weights``, the scheduled graph's weights become the entry points' trailing parameters, then on a CPU
-    ``greedy`` adds its entry point."""
+    ``greedy`` adds its entry point; ``graphs`` marks the decoder step for ``RewriteCUDAGraph``, which rewrites it
+    where the pass context sets ``relax.backend.use_cuda_graph``."""
+    if graphs is not None and weights is None:
+        raise ValueError("CUDA graphs replay kernels that read weights as parameters: they need LiftWeights")
     backends = {"llvm": cpu, "cuda": cuda}
     if target.kind.name not in backends:
         raise UserError(f"target kind {target.kind.name!r} is not supported; use a CPU (llvm) or CUDA preset")
@@ -321,7 +347,8 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None, weig
                 + [UnitReshapeIntoKernels(), ViewsIntoKernels()]
                 + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])
                 + ([greedy] if greedy is not None and weights is not None and target.kind.name == "llvm" else [])
-                + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+                + ([graphs] if graphs is not None else [])
+                + backend.dataflow_lower_passes(target) + _finalize_passes(backend, target, graphs is not None)
                 + [ReuseShapes(), ReuseTensors(), DropUnusedTuples()]
                 + ([drop_weight_checks] if weights is not None else []) + [_phase(5, "lowered", dump_dir)]
             )(mod)

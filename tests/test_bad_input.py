@@ -37,6 +37,8 @@ CASES = [
      "need --quant int8 or --quant int6"),
     ("--runtime-attention with static ranges", ["compile", "{model}", "--ranges", "calibrate",
                                                 "--runtime-attention", "int8"], 2, "--runtime-attention is for --ranges runtime"),
+    ("CUDA graphs for a CPU", ["compile", "{model}", "--target", "x86-avx2", "--cuda-graphs"], 2,
+     "--cuda-graphs replays GPU kernels; x86-avx2 runs on the CPU"),
     ("missing input file", ["translate", "{bundle}", "-i", "{tmp}/none.txt"], 2, "none.txt does not exist"),
     ("sentences and --input", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "hi"], 2, "not both"),
     ("output would overwrite the input", ["translate", "{bundle}", "-i", "{tmp}/in.txt", "-o", "{tmp}/in.txt"], 2,

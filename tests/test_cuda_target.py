@@ -25,7 +25,7 @@ from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.cuda_tiles import TILES_FILE, best_tiles, dense_module, load_tiles, shipped_tiles, write_tiles
 from int8mt.targets import AUTO, PRESETS, get_preset
 
-from .conftest import HOST_PRESET, edit_manifest
+from .conftest import HOST_PRESET, TINY, edit_manifest
 from .cuda_emulation import kernel_cuda_source
 
 CUDA_PRESETS = [name for name, preset in PRESETS.items() if preset.device == "cuda"]
@@ -648,6 +648,79 @@ def test_cuda_bundle_translates_as_the_cpu_bundle(cuda_bundle, tiny_model_dir, t
     for beam in (1, 4):
         options = SearchOptions(beam_size=beam)
         assert Translator(cuda_bundle, options).translate(sentences) == Translator(cpu, options).translate(sentences)
+
+
+@pytest.fixture(scope="module")
+def cuda_graphs_bundle(tiny_model_dir, tmp_path_factory):
+    """The cuda_bundle's model built with ``--cuda-graphs`` (no GPU needed)."""
+    from int8mt.compiler.build import build_bundle
+    from int8mt.quant.config import QuantConfig
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-cuda-graphs"
+    build_bundle(tiny_model_dir, get_preset("cuda-sm90"), out, dump_dir=out.parent / "ir",
+                 qcfg=QuantConfig(ranges="runtime", runtime_attention="int8"), cuda_graphs=True)
+    return out
+
+
+def _step_calls(lowered: str, function: str) -> list[str]:
+    """The functions that ``function`` of a phase-5 module calls (kernels, lifted Relax functions), in order."""
+    body = lowered[lowered.index(f"    def {function}("):]
+    body = body[:body.find("\n    @", 1)]
+    return re.findall(r"cls\.(\w+)", body)
+
+
+def test_with_cuda_graphs_the_step_launches_only_its_input_and_output_kernels_beside_its_graphs(cuda_graphs_bundle):
+    """Each decoder step's linear layer but the logits' (which writes the step's output), each layer norm and row
+    quantization runs inside a captured function; launched alone are the kernels that read the step's inputs (the
+    embedding of its tokens, the attentions reading the caches and the source, the appends) and the logits."""
+    lowered = (cuda_graphs_bundle.parent / "ir" / "phase5-lowered.py").read_text()
+    step = _step_calls(lowered, "decode_step")
+    graphs = [name for name in step if name.startswith("decode_step_cuda_graph_capture")]
+    alone = [name for name in step if name not in graphs and name != "cuda_graph_alloc"]
+    captured = [name for graph in graphs for name in _step_calls(lowered, graph)]
+    assert not [name for name in alone if "layer_norm" in name or "quantize_rows" in name]
+    assert len([name for name in alone if "matmul" in name]) == 1  # the logits, the step's output
+    # each layer's query, key, value, output, cross query, cross output, FFN 1 and 2
+    assert sum("matmul" in name for name in captured) == 8 * TINY.decoder_layers
+    assert len(alone) + len(graphs) < (len(alone) + len(captured)) / 2  # launches with graphs and without
+    assert json.loads((cuda_graphs_bundle / "manifest.json").read_text())["cuda_graphs"]
+    assert "cuda_graph" not in "".join(_step_calls(lowered, "encode"))
+
+
+def test_a_bundle_with_cuda_graphs_built_for_this_cpu_translates_as_one_without(tiny_bundle, tiny_model_dir, tmp_path):
+    """The tiny model built with CUDA graphs for this CPU, its virtual machine's graph builtins emulated as strictly
+    as a graph replays (tests/cuda_graph_emulation.py: a later call that hands a graph other memory fails): the
+    translations of the bundle without graphs, greedy and beam 2, at several row counts; graphs were replayed."""
+    from int8mt.compiler.build import build_bundle
+    from int8mt.runtime.options import SearchOptions
+    from int8mt.runtime.translator import Translator
+
+    from .cuda_graph_emulation import EmulatedCUDAGraphs
+
+    graphs_bundle = tmp_path / "graphs"
+    assert build_bundle(tiny_model_dir, HOST_PRESET, graphs_bundle, cuda_graphs=True)["cuda_graphs"]
+    sentences = ["A man is riding a bike.", "Two dogs play in the snow.", "A woman reads a book in the park.",
+                 "A child.", "People walk down a busy street at night while it rains."]
+    with EmulatedCUDAGraphs() as graphs:
+        pairs = [[Translator(bundle, SearchOptions(beam_size=beam), batch_size=3) for bundle in (graphs_bundle,
+                                                                                               tiny_bundle)]
+                 for beam in (1, 2)]  # (all alive in the block: the emulation knows a virtual machine by its address)
+        for with_graphs, without in pairs:
+            assert with_graphs.translate(sentences) == without.translate(sentences)
+    assert graphs.replays > graphs.captures > 0
+
+
+@needs_gpu
+def test_a_cuda_bundle_with_graphs_translates_as_one_without(cuda_bundle, cuda_graphs_bundle):
+    from int8mt.runtime.options import SearchOptions
+    from int8mt.runtime.translator import Translator
+
+    sentences = ["A man is riding a bike.", "Two dogs play in the snow.", "A woman reads a book in the park.",
+                 "A child.", "People walk down a busy street at night while it rains."]
+    for beam in (1, 4):
+        options = SearchOptions(beam_size=beam)
+        assert (Translator(cuda_graphs_bundle, options, batch_size=3).translate(sentences)
+                == Translator(cuda_bundle, options, batch_size=3).translate(sentences))
 
 
 @pytest.mark.extended

@@ -11,6 +11,7 @@ from .int8_batch_matmul import Int8BatchMatmul
 from .keys_as_stored import ReadKeysAsStored
 from .layer_norm_rows import LayerNormRows
 from .lift_weights import LiftWeights, drop_weight_checks
+from .mark_cuda_graph_capture import MarkCUDAGraphCapture
 from .one_query_attention import OneQueryAttention
 from .pack_dense import PackDense
 from .quantize_once import QuantizeOnce
@@ -31,5 +32,5 @@ __all__ = ["ScalePropagation", "TapIntMatmuls", "DropIdentityBroadcast", "PackDe
            "Int8BatchMatmul", "ReadKeysAsStored", "GatherPackedRows", "FuseDenseEpilogue", "OneQueryAttention",
            "FuseAttentionEpilogue", "LayerNormRows", "SoftmaxRows", "QuantizeRows", "QuantizeOnce",
            "AppendQuantizedRows", "UnitPermuteAsReshape", "ReshapesAfterElementwise", "AttentionRows", "TakeAsView",
-           "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "ReuseShapes", "ReuseTensors",
-           "DropUnusedTuples", "drop_weight_checks"]
+           "UnitReshapeIntoKernels", "ViewsIntoKernels", "LiftWeights", "GreedyLoop", "MarkCUDAGraphCapture",
+           "ReuseShapes", "ReuseTensors", "DropUnusedTuples", "drop_weight_checks"]

@@ -59,10 +59,13 @@ class QuantRequest:
 
 def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: QuantRequest, defaults: CompileConfig,
                    build_dir: Path, data_dir: Path, calib_sentences: int | None = None,
-                   database: Path | None = None, dump_dir: Path | None = None) -> dict:
-    """Compile ``model_dir`` for the preset ``target`` into ``out_dir`` (default ``build_dir/<preset>``);
-    returns the bundle's manifest."""
+                   database: Path | None = None, dump_dir: Path | None = None, cuda_graphs: bool = False) -> dict:
+    """Compile ``model_dir`` for the preset ``target`` into ``out_dir`` (default ``build_dir/<preset>``), with
+    ``cuda_graphs`` the decoder step's kernels replayed as CUDA graphs; returns the bundle's manifest."""
     preset = get_preset(target)  # a bad name fails before the slow imports
+    if cuda_graphs and preset.device != "cuda":
+        raise UserError(f"--cuda-graphs replays GPU kernels; {preset.name} runs on the CPU. Choose a cuda-* target "
+                        "(`int8mt targets`) or leave the flag out")
     qcfg = quant.config(defaults, Path(model_dir))
     if qcfg is None and database is not None and preset.float_dot is None:
         raise UserError(f"--db holds tuned dense kernels; FP32 layers on {preset.name} do not run ours, so it needs "
@@ -74,7 +77,7 @@ def compile_bundle(model_dir: Path, target: str, out_dir: Path | None, quant: Qu
     from int8mt.compiler.build import build_bundle
 
     return build_bundle(model_dir, preset, out_dir, dump_dir, qcfg, data_dir,
-                        calib_sentences or defaults.calib_sentences, database, quant.calib_data)
+                        calib_sentences or defaults.calib_sentences, database, quant.calib_data, cuda_graphs)
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
