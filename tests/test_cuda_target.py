@@ -721,6 +721,8 @@ def test_a_cuda_bundle_with_graphs_translates_as_one_without(cuda_bundle, cuda_g
         options = SearchOptions(beam_size=beam)
         assert (Translator(cuda_graphs_bundle, options, batch_size=3).translate(sentences)
                 == Translator(cuda_bundle, options, batch_size=3).translate(sentences))
+    with pytest.raises(BundleError, match="one model per process"):
+        Translator(cuda_graphs_bundle, replicas=2)
 
 
 @pytest.mark.extended

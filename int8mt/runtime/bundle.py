@@ -542,7 +542,12 @@ class Bundle:
 
     def replica(self) -> "Bundle":
         """Another handle on the same loaded library and weights with a virtual machine of its own, so that two
-        threads can run the model at once (one virtual machine runs one call at a time)."""
+        threads can run the model at once (one virtual machine runs one call at a time). Not for a GPU bundle with
+        CUDA graphs: while one virtual machine captures a graph, CUDA fails the others' allocations and launches."""
+        if self._on_gpu and self.manifest.get("cuda_graphs"):
+            raise BundleError(f"{self.path} replays CUDA graphs, which one model per process captures safely: "
+                              "translate with one worker (several processes may share the GPU), or compile the "
+                              "bundle without --cuda-graphs")
         other = copy.copy(self)
         other._open_vm()
         return other
