@@ -21,7 +21,10 @@ The fragments are our intrinsics (:mod:`.intrin.cuda_wmma`); TVM's stock int8 ru
 
 Tiles: the architecture's :func:`default_tile`, or per linear-layer shape the table of a tile search measured on
 a GPU (:mod:`.cuda_tiles`; ``schedules/tuned/cuda-sm90/cuda_tiles.json`` ships one). A static K shorter than the
-tile (attention's head size) is not padded beyond whole fragments.
+tile (attention's head size) is not padded beyond whole fragments. Where the rows are dynamic and that tile is a
+pipelined one of more rows than :data:`FEW_ROWS_TILE`, the function holds both schedules and the host launches
+the few-rows kernel up to that tile's rows (a decoder step at a small batch, an encoder call on a short
+sentence), the other beyond.
 
 The decoder step's attention products have one query row per head: dlight's matmul analysis finds no row axis
 there, so this rule declines them and they run as dlight GEMV/reduction kernels in int32 arithmetic (exact) on
@@ -80,6 +83,9 @@ class MatmulTile:
 
 
 PORTABLE_TILE = MatmulTile()  # any int8 matmul, any architecture: strided or padded K, no pipeline
+# the tile of a linear layer's calls with few rows (decoder steps at small batches): 32 x 64 outputs, four warps
+# side by side; a 128 x 128 tile spends most of its loads and products on padded rows there
+FEW_ROWS_TILE = MatmulTile(warps_m=1, warps_n=4, frags_m=2, frags_n=1, k_frags=8, vector=16, stages=2)
 
 
 def default_tile(arch: str) -> MatmulTile:
@@ -163,12 +169,27 @@ class CUDAInt8Matmul(GPUScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda" or not is_int8_matmul(func):
             return None
+        arch = str(target.arch)
         try:
-            return self._schedule(func, str(target.arch))
+            scheduled = self._schedule(func, arch)
+            if scheduled is None:
+                return None
+            sch, rows, tile = scheduled
+            few_rows = FEW_ROWS_TILE.shape[0]
+            if (self.tile is not None or isinstance(rows, tirx.IntImm) or tile.vector == VECTOR
+                    or tile.shape[0] <= few_rows or int(arch.removeprefix("sm_").rstrip("a")) < ASYNC_COPY_ARCH):
+                return sch
+            few = self._schedule(func, arch, FEW_ROWS_TILE)
         except (RuntimeError, ValueError):  # a matmul the fragments cannot tile: left to the generic rules
             return None
+        if few is None or few[2].vector == VECTOR:
+            return sch
+        return _dispatch_on_rows(rows <= few_rows, few[0], sch)
 
-    def _schedule(self, func: tirx.PrimFunc, arch: str) -> s_tir.Schedule | None:
+    def _schedule(self, func: tirx.PrimFunc, arch: str, tile: MatmulTile | None = None
+                  ) -> tuple[s_tir.Schedule, tirx.PrimExpr, MatmulTile] | None:
+        """``func`` scheduled on ``tile`` (default: the rule's, the tuned table's or the architecture's; replaced
+        where the operands need it), its rows' extent and the tile it got."""
         sch = s_tir.Schedule(func)
         main = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))[0]
         index_maps = get_index_map(sch.get(main))
@@ -182,11 +203,13 @@ class CUDAInt8Matmul(GPUScheduleRule):
         sch.transform_layout(reindex_b, ("write", 0), b_map)
         sch.transform_layout(reindex_c, ("read", 0), c_map)
         sch.transform_block_layout(main, matmul_map)
+        rows = sch.get(sch.get_loops(main)[1]).extent
         columns = sch.get(sch.get_loops(main)[2]).extent
         reduction = sch.get(sch.get_loops(main)[-1]).extent
-        tile = self.tile or default_tile(arch)
-        if self.tile is None and isinstance(reduction, tirx.IntImm) and isinstance(columns, tirx.IntImm):
-            tile = self.tuned.get((reduction.value, columns.value), tile)
+        if tile is None:
+            tile = self.tile or default_tile(arch)
+            if self.tile is None and isinstance(reduction, tirx.IntImm) and isinstance(columns, tirx.IntImm):
+                tile = self.tuned.get((reduction.value, columns.value), tile)
         streamed = isinstance(reduction, tirx.IntImm) and all(_contiguous_along_k(sch.get(block))
                                                                for block in (reindex_a, reindex_b))
         if not streamed or reduction.value % FRAG:  # 16-byte and asynchronous copies need whole rows of K
@@ -265,5 +288,15 @@ class CUDAInt8Matmul(GPUScheduleRule):
             sch.annotate(k0, "software_pipeline_stage", [0, 0, tile.stages - 1])
             sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
             sch.annotate(k0, "software_pipeline_async_stages", [0])
-        return sch
+        return sch, rows, tile
+
+
+def _dispatch_on_rows(few: tirx.PrimExpr, when_few: s_tir.Schedule, otherwise: s_tir.Schedule) -> s_tir.Schedule:
+    """One function of two schedules of the same matmul: ``when_few`` where the condition ``few`` on the rows
+    holds, else ``otherwise``. The condition is evaluated by the host, which launches one kernel or the other (it
+    is marked thread-invariant, so that TVM inserts the kernels' barriers under it)."""
+    first, second = when_few.mod["main"], otherwise.mod["main"]
+    condition = tirx.call_intrin("bool", "tirx.tvm_thread_invariant", few)
+    root = s_tir.stmt.SBlock([], [], [], "root", tirx.IfThenElse(condition, first.body, second.body))
+    return s_tir.Schedule(first.with_body(s_tir.stmt.SBlockRealize([], True, root)))
 

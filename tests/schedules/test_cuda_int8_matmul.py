@@ -2,17 +2,23 @@
 fragments, ``cp.async`` copies, two-dimensional thread blocks) equals NumPy exactly, for the tiles the rule builds
 (the portable tile, the sm_80+ default, a deeper pipeline; with ``-m extended`` every tile the tile search tries,
 the shipped table's among them), linear layers at row counts that leave a tile's rows padded (1, 7) or span several
-row tiles (100, 130), with the fused dequantization and requantization epilogues, and the batched attention products
-(dynamic positions; the context product's K padded and strided)."""
+row tiles (100, 130), with the fused dequantization and requantization epilogues, the kernel of few rows that a
+linear layer of dynamic rows launches up to 32 rows, and the batched attention products (dynamic positions; the
+context product's K padded and strided)."""
+import re
 import shutil
 
 import numpy as np
 import pytest
 import tvm
 from tvm import te, tirx, topi
+from tvm.s_tir import dlight
 
-from int8mt.schedules.cuda_int8_matmul import PORTABLE_TILE, CUDAInt8Matmul, MatmulTile, default_tile
+from int8mt.compiler.cuda import cuda_compiled_here, cuda_source
+
+from int8mt.schedules.cuda_int8_matmul import FEW_ROWS_TILE, PORTABLE_TILE, CUDAInt8Matmul, MatmulTile, default_tile
 from int8mt.schedules.cuda_tiles import CANDIDATES, CHECKED_ROWS, shipped_tiles
+from int8mt.targets import get_preset
 
 from ..conftest import HOST_PRESET
 from ..cuda_emulation import emulated_kernel, kernel_cuda_source
@@ -20,7 +26,7 @@ from ..cuda_emulation import emulated_kernel, kernel_cuda_source
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
                                 reason="runs the kernels' CUDA C on this CPU with g++ (Debian: apt-get install g++)")
 
-TILES = {"portable": PORTABLE_TILE, "default sm_90": default_tile("sm_90"),
+TILES = {"portable": PORTABLE_TILE, "default sm_90": default_tile("sm_90"), "few rows": FEW_ROWS_TILE,
          "four stages": MatmulTile(warps_m=2, warps_n=4, frags_m=2, frags_n=2, k_frags=4, vector=16, stages=4)}
 RNG = np.random.default_rng(3)
 
@@ -168,10 +174,51 @@ def test_a_linear_layer_with_its_epilogue_run_on_this_cpu_equals_this_cpus_kerne
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-5)
 
 
+def test_a_linear_layer_of_dynamic_rows_launches_the_few_rows_kernel_up_to_its_rows(tmp_path):
+    """With a tile of more rows than FEW_ROWS_TILE's (the sm_90 default), the function holds both schedules and its
+    host code launches the few-rows kernel (the first) up to 32 rows, the other beyond; each, run on this CPU with
+    its tile's grid, equals NumPy on its side of the bound, the requantization epilogue included."""
+    func = _linear(256, 384, "requantize")
+    preset = get_preset("cuda-sm90")
+    mod = tvm.IRModule({"matmul": func.with_attr("global_symbol", "matmul")})
+    with tvm.target.Target(preset.target):
+        mod = dlight.ApplyDefaultSchedule(CUDAInt8Matmul())(mod)
+    with cuda_compiled_here(preset.target["arch"]):
+        executable = tvm.compile(mod, target=tvm.target.Target(preset.target))
+    host = executable.mod.inspect_source("ll")
+    assert re.search(r"icmp (slt|sgt) i64 %\w+, (33|32)\b", host), "the host's test of the rows"
+    source = cuda_source(executable)
+    w = _int8(384, 256)
+    operands = {"b": RNG.integers(-5000, 5000, 384).astype(np.int32),
+                "m": RNG.integers(1 << 14, 1 << 15, 384).astype(np.int64), "s": np.full(384, 24, np.int64)}
+    # the host computes the rows' int32 copy, which both kernels' padded-row reads use, once for both
+    shared = set(re.findall(r"int (cse_v\d+)", source))
+    for kernel, tile, row_counts in (("matmul_kernel", FEW_ROWS_TILE, (1, 7, 32)),
+                                     ("matmul_kernel_1", default_tile("sm_90"), (33, 130))):
+        run = emulated_kernel(source, kernel, tmp_path, block=(32, tile.warps_m * tile.warps_n))
+        for rows in row_counts:
+            x = _int8(rows, 256)
+            expected, out = np.zeros((rows, 384), np.int8), np.zeros((rows, 384), np.int8)
+            _host(func, x, w, *operands.values(), expected)
+            run(_grid(tile, rows, 384), x=x, w=w, **operands, out=out, rows=rows, **dict.fromkeys(shared, rows))
+            np.testing.assert_array_equal(out, expected, err_msg=f"{kernel}, {rows} rows")
+
+
+@pytest.mark.parametrize("case", ["tile of 32 rows", "portable tile", "static rows"])
+def test_one_kernel_where_the_tile_has_few_rows_or_copies_4_bytes_or_the_rows_are_fixed(case):
+    x, w = te.placeholder(_i64(40, 256), "int8", "x"), te.placeholder(_i64(384, 256), "int8", "w")
+    func, tile = _linear(256, 384, None), {"tile of 32 rows": MatmulTile(warps_m=1, vector=16, stages=2),
+                                            "portable tile": PORTABLE_TILE}.get(case, default_tile("sm_90"))
+    if case == "static rows":
+        func = te.create_prim_func([x, w, _product(x, w, transposed=True)])
+    source = kernel_cuda_source(func, "matmul", CUDAInt8Matmul(tuned={(256, 384): tile}), "cuda-sm90")
+    assert set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", source)) == {"matmul_kernel"}
+
+
 def test_the_attention_products_run_on_this_cpu_equal_numpy(tmp_path):
     """An encoder's attention products on tensor cores, ``pairs`` (hypotheses x heads) and positions dynamic: the
-    scores ``q @ k^T`` (K the head size: the default tile) and the context ``p @ v`` (K the positions: padded,
-    and strided in ``v``: the portable tile's plain copies)."""
+    scores ``q @ k^T`` (K the head size: the default tile, the few-rows tile up to 32 positions) and the context
+    ``p @ v`` (K the positions: padded, and strided in ``v``: the portable tile's plain copies)."""
     pairs, length = (tirx.Var(name, "int64") for name in ("pairs", "length"))
     head = 64
     for product, transposed, a_columns, tile in (("scores", True, head, default_tile("sm_90")),
@@ -181,10 +228,14 @@ def test_the_attention_products_run_on_this_cpu_equal_numpy(tmp_path):
         source = kernel_cuda_source(te.create_prim_func([a, b, _product(a, b, transposed)]), "matmul",
                                     CUDAInt8Matmul(), "cuda-sm90")
         assert "wmma::mma_sync" in source
-        run = emulated_kernel(source, "matmul_kernel", tmp_path, block=(32, tile.warps_m * tile.warps_n))
-        for p, t in ((3, 37), (8, 130)):
+        shared = set(re.findall(r"int (cse_v\d+)", source))  # the host's int32 copy of the length, if any
+        for p, t in ((2, 7), (3, 37), (8, 130)):  # the scores up to 32 positions on the few-rows kernel
+            kernel, run_tile = (("matmul_kernel", FEW_ROWS_TILE) if transposed and t <= FEW_ROWS_TILE.shape[0]
+                                else ("matmul_kernel_1" if transposed else "matmul_kernel", tile))
+            run = emulated_kernel(source, kernel, tmp_path, block=(32, run_tile.warps_m * run_tile.warps_n))
             x, y = _int8(p, t, head if transposed else t), _int8(p, t, head)
             want = np.matmul(x.astype(np.int32), (y.transpose(0, 2, 1) if transposed else y).astype(np.int32))
             out = np.full(want.shape, -1, np.int32)
-            run(_grid(tile, t, want.shape[-1], p), a=x, b=y, acc=out, pairs=p, length=t)
+            run(_grid(run_tile, t, want.shape[-1], p), a=x, b=y, acc=out, pairs=p, length=t,
+                **dict.fromkeys(shared, t))
             np.testing.assert_array_equal(out, want, err_msg=f"{product}, {p} x {t}")
