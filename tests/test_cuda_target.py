@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from tvm import relax
 from tvm.s_tir import dlight
 from tvm.script import relax as R
 
+from int8mt.cli.inspect import format_report
 from int8mt.compiler.cuda import compile_ptx, cuda_compiled_here, cuda_source, find_nvcc
 from int8mt.compiler.passes import AttentionRows
 from int8mt.compiler.pipeline import compile_module
@@ -685,7 +687,9 @@ def test_with_cuda_graphs_the_step_launches_only_its_input_and_output_kernels_be
     # each layer's query, key, value, output, cross query, cross output, FFN 1 and 2
     assert sum("matmul" in name for name in captured) == 8 * TINY.decoder_layers
     assert len(alone) + len(graphs) < (len(alone) + len(captured)) / 2  # launches with graphs and without
-    assert json.loads((cuda_graphs_bundle / "manifest.json").read_text())["cuda_graphs"]
+    manifest = json.loads((cuda_graphs_bundle / "manifest.json").read_text())
+    report = json.loads((cuda_graphs_bundle / "report.json").read_text())
+    assert manifest["cuda_graphs"] and "decoder step as CUDA graphs" in format_report(manifest, report, Path("b"))
     assert "cuda_graph" not in "".join(_step_calls(lowered, "encode"))
 
 

@@ -40,7 +40,8 @@ def format_report(manifest: dict, report: dict, bundle: Path) -> str:
     final = report.get("after", report["before"])  # an FP32 bundle has no pass, so no "after"
     before, after = report["before"]["total"], final["total"]
     lines = [f"bundle          {bundle}",
-             f"target          {manifest['target']['preset']} {json.dumps(manifest['target']['tvm'])}",
+             f"target          {manifest['target']['preset']} {json.dumps(manifest['target']['tvm'])}"
+             + (", decoder step as CUDA graphs" if manifest.get("cuda_graphs") else ""),
              f"quantization    {q['scheme']}" + (f", ranges {q['ranges']}" if q.get("ranges") else "")
              + (f" ({q['calibration']})" if q.get("calibration") else "")
              + (", integer softmax" if q.get("integer_softmax") else "")
