@@ -88,12 +88,17 @@ PORTABLE_TILE = MatmulTile()  # any int8 matmul, any architecture: strided or pa
 FEW_ROWS_TILE = MatmulTile(warps_m=1, warps_n=4, frags_m=2, frags_n=1, k_frags=8, vector=16, stages=2)
 
 
+def _async_copies(arch: str) -> bool:
+    """The architecture (e.g. ``sm_90a``) has ``cp.async``, which the pipelined tiles need."""
+    return int(arch.removeprefix("sm_").rstrip("a")) >= ASYNC_COPY_ARCH
+
+
 def default_tile(arch: str) -> MatmulTile:
     """The tile of shapes a tuned table lacks: on sm_80 and newer 128 x 128 outputs, 128 of K per stage, two
     pipelined stages of 16-byte asynchronous copies (the fastest at 4096^3 on an H100, 550 TOPS against the
     portable tile's 340; at the reference model's small shapes every tile takes 6-8 µs); older GPUs get
     :data:`PORTABLE_TILE`."""
-    if int(arch.removeprefix("sm_").rstrip("a")) < ASYNC_COPY_ARCH:
+    if not _async_copies(arch):
         return PORTABLE_TILE
     return MatmulTile(frags_m=4, frags_n=4, k_frags=8, vector=16, stages=2)
 
@@ -177,7 +182,7 @@ class CUDAInt8Matmul(GPUScheduleRule):
             sch, rows, tile = scheduled
             few_rows = FEW_ROWS_TILE.shape[0]
             if (self.tile is not None or isinstance(rows, tirx.IntImm) or tile.vector == VECTOR
-                    or tile.shape[0] <= few_rows or int(arch.removeprefix("sm_").rstrip("a")) < ASYNC_COPY_ARCH):
+                    or tile.shape[0] <= few_rows or not _async_copies(arch)):
                 return sch
             few = self._schedule(func, arch, FEW_ROWS_TILE)
         except (RuntimeError, ValueError):  # a matmul the fragments cannot tile: left to the generic rules
