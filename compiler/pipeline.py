@@ -289,7 +289,8 @@ def default_schedules(target: tvm.target.Target) -> list[dlight.ScheduleRule]:
 
     fallible = (CUDAAttentionRows(), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                 dlight.gpu.GeneralReduction())
-    return [CUDAInt8Matmul(tuned=shipped_tiles(str(target.arch))), CUDARows(),
+    arch = str(target.arch)
+    return [CUDAInt8Matmul(tuned=shipped_tiles(arch), tuned_few_rows=shipped_tiles(arch, few_rows=True)), CUDARows(),
             *(_NotApplicableOnError(rule) for rule in fallible), dlight.gpu.Fallback()]
 
 

@@ -22,9 +22,9 @@ The fragments are our intrinsics (:mod:`.intrin.cuda_wmma`); TVM's stock int8 ru
 Tiles: the architecture's :func:`default_tile`, or per linear-layer shape the table of a tile search measured on
 a GPU (:mod:`.cuda_tiles`; ``schedules/tuned/cuda-sm90/cuda_tiles.json`` ships one). A static K shorter than the
 tile (attention's head size) is not padded beyond whole fragments. Where the rows are dynamic and that tile is a
-pipelined one of more rows than :data:`FEW_ROWS_TILE`, the function holds both schedules and the host launches
-the few-rows kernel up to that tile's rows (a decoder step at a small batch, an encoder call on a short
-sentence), the other beyond.
+pipelined one of more than :data:`FEW_ROWS` rows, the function holds a second schedule on the table's few-rows tile
+for the shape (else :data:`FEW_ROWS_TILE`) and the host launches that kernel up to ``FEW_ROWS`` rows (a decoder
+step at a small batch, an encoder call on a short sentence), the other beyond.
 
 The decoder step's attention products have one query row per head: dlight's matmul analysis finds no row axis
 there, so this rule declines them and they run as dlight GEMV/reduction kernels in int32 arithmetic (exact) on
@@ -83,8 +83,9 @@ class MatmulTile:
 
 
 PORTABLE_TILE = MatmulTile()  # any int8 matmul, any architecture: strided or padded K, no pipeline
-# the tile of a linear layer's calls with few rows (decoder steps at small batches): 32 x 64 outputs, four warps
-# side by side; a 128 x 128 tile spends most of its loads and products on padded rows there
+FEW_ROWS = 32  # rows up to which a layer of dynamic rows runs a kernel of few rows (decoder steps at small batches)
+# that kernel's tile where no tile search chose one: 32 x 64 outputs, four warps side by side; a 128 x 128 tile
+# spends most of its loads and products on padded rows there
 FEW_ROWS_TILE = MatmulTile(warps_m=1, warps_n=4, frags_m=2, frags_n=1, k_frags=8, vector=16, stages=2)
 
 
@@ -164,12 +165,13 @@ class CUDAInt8Matmul(GPUScheduleRule):
     """Tensor-core schedule of int8 x int8 -> int32 matmuls and their fused epilogues (see module doc).
 
     The tile: ``tile`` for every matmul if given; else ``tuned``'s for a linear layer's (K, N) (a tile search's
-    table, :mod:`.cuda_tiles`); else the architecture's :func:`default_tile`.
+    table, :mod:`.cuda_tiles`); else the architecture's :func:`default_tile`. Up to ``FEW_ROWS`` rows (see the
+    module doc): ``tuned_few_rows``' tile for the (K, N), else :data:`FEW_ROWS_TILE`.
     """
 
-    def __init__(self, tile: MatmulTile | None = None,
-                 tuned: Mapping[tuple[int, int], MatmulTile] | None = None) -> None:
-        self.tile, self.tuned = tile, dict(tuned or {})
+    def __init__(self, tile: MatmulTile | None = None, tuned: Mapping[tuple[int, int], MatmulTile] | None = None,
+                 tuned_few_rows: Mapping[tuple[int, int], MatmulTile] | None = None) -> None:
+        self.tile, self.tuned, self.tuned_few_rows = tile, dict(tuned or {}), dict(tuned_few_rows or {})
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda" or not is_int8_matmul(func):
@@ -180,21 +182,32 @@ class CUDAInt8Matmul(GPUScheduleRule):
             if scheduled is None:
                 return None
             sch, rows, tile = scheduled
-            few_rows = FEW_ROWS_TILE.shape[0]
-            if (self.tile is not None or isinstance(rows, tirx.IntImm) or tile.vector == VECTOR
-                    or tile.shape[0] <= few_rows or not _async_copies(arch)):
+            if isinstance(rows, tirx.IntImm) or not self._has_few_rows_kernel(tile, arch):
                 return sch
-            few = self._schedule(func, arch, FEW_ROWS_TILE)
+            few = self._schedule(func, arch, few_rows=True)
         except (RuntimeError, ValueError):  # a matmul the fragments cannot tile: left to the generic rules
             return None
         if few is None or few[2].vector == VECTOR:
             return sch
-        return _dispatch_on_rows(rows <= few_rows, few[0], sch)
+        return _dispatch_on_rows(rows <= FEW_ROWS, few[0], sch)
 
-    def _schedule(self, func: tirx.PrimFunc, arch: str, tile: MatmulTile | None = None
+    def linear_tiles(self, k: int, n: int, arch: str) -> tuple[MatmulTile, MatmulTile | None]:
+        """The tile of a K x N linear layer of dynamic rows (K contiguous, a multiple of the tile's) and, where it
+        gets one, its few-rows kernel's."""
+        tile = self.tile or self.tuned.get((k, n), default_tile(arch))
+        few = self.tuned_few_rows.get((k, n), FEW_ROWS_TILE) if self._has_few_rows_kernel(tile, arch) else None
+        return tile, few
+
+    def _has_few_rows_kernel(self, tile: MatmulTile, arch: str) -> bool:
+        """A matmul of dynamic rows on ``tile`` also gets a few-rows kernel: a pipelined tile of more than
+        ``FEW_ROWS`` rows, not one the rule was given for every matmul."""
+        return self.tile is None and tile.vector > VECTOR and tile.shape[0] > FEW_ROWS and _async_copies(arch)
+
+    def _schedule(self, func: tirx.PrimFunc, arch: str, few_rows: bool = False
                   ) -> tuple[s_tir.Schedule, tirx.PrimExpr, MatmulTile] | None:
-        """``func`` scheduled on ``tile`` (default: the rule's, the tuned table's or the architecture's; replaced
-        where the operands need it), its rows' extent and the tile it got."""
+        """``func`` scheduled on its tile (the rule's, the tuned table's or the architecture's; with ``few_rows``
+        the few-rows table's or :data:`FEW_ROWS_TILE`; replaced where the operands need it), its rows' extent and
+        the tile it got."""
         sch = s_tir.Schedule(func)
         main = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))[0]
         index_maps = get_index_map(sch.get(main))
@@ -211,10 +224,9 @@ class CUDAInt8Matmul(GPUScheduleRule):
         rows = sch.get(sch.get_loops(main)[1]).extent
         columns = sch.get(sch.get_loops(main)[2]).extent
         reduction = sch.get(sch.get_loops(main)[-1]).extent
-        if tile is None:
-            tile = self.tile or default_tile(arch)
-            if self.tile is None and isinstance(reduction, tirx.IntImm) and isinstance(columns, tirx.IntImm):
-                tile = self.tuned.get((reduction.value, columns.value), tile)
+        tile = self.tile or (FEW_ROWS_TILE if few_rows else default_tile(arch))
+        if self.tile is None and isinstance(reduction, tirx.IntImm) and isinstance(columns, tirx.IntImm):
+            tile = (self.tuned_few_rows if few_rows else self.tuned).get((reduction.value, columns.value), tile)
         streamed = isinstance(reduction, tirx.IntImm) and all(_contiguous_along_k(sch.get(block))
                                                                for block in (reindex_a, reindex_b))
         if not streamed or reduction.value % FRAG:  # 16-byte and asynchronous copies need whole rows of K

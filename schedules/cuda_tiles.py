@@ -1,10 +1,13 @@
 """Tuned tiles of the CUDA int8 tensor-core matmul: a tile search measured on a GPU, and the table it leaves.
 
 The design space is :class:`~.cuda_int8_matmul.MatmulTile` (block and warp tiles, K per stage, copy width,
-pipeline stages); :data:`CANDIDATES` are the tiles tried. Each candidate is compiled for each linear-layer shape
-(K x N) at the row counts the model runs it with, checked against NumPy (exact int32) and timed; for each shape
-the exact tile of least summed time is kept. The table is ``cuda_tiles.json`` in the target's database folder
-(``schedules/tuned/cuda-sm90/`` ships one); shapes it lacks get the architecture's default tile.
+pipeline stages); :data:`CANDIDATES` are the tiles tried at :data:`TILE_ROWS`, :data:`FEW_ROWS_CANDIDATES` those
+tried at :data:`FEW_TILE_ROWS` (a layer's calls of up to ``FEW_ROWS`` rows run a kernel of their own, see
+:mod:`.cuda_int8_matmul`). Each candidate is compiled for each linear-layer shape (K x N) at its row counts,
+checked against NumPy (exact int32) and timed; for each shape the exact tile of least summed time is kept, and
+the exact few-rows tile of least summed time at the few rows (the entry's ``few``). The table is
+``cuda_tiles.json`` in the target's database folder (``schedules/tuned/cuda-sm90/`` ships one); shapes it lacks
+get the architecture's default tile, and :data:`~.cuda_int8_matmul.FEW_ROWS_TILE` for few rows.
 
 A search runs in two halves where the GPU machine cannot compile (``scripts/cuda_gpu_check.py prepare --tiles``
 here, ``run`` there, ``tiles`` back here), or whole on a GPU machine with the compile extras (``int8mt tune
@@ -58,6 +61,16 @@ CANDIDATES: list[dict] = [
     dict(vector=16, stages=2, warps_m=4, warps_n=4, frags_m=4, frags_n=4, k_frags=2),
 ]
 TILE_ROWS = (128, 640)  # rows a linear layer is tuned at: a beam-4 decoder step and an encoder call, 32 sentences
+# tiles of one warp row (16 or 32 rows) for a layer's calls of few rows, tried at FEW_TILE_ROWS
+FEW_ROWS_CANDIDATES: list[dict] = [
+    dict(warps_m=1, warps_n=4, frags_m=2, frags_n=1, k_frags=8, vector=16, stages=2),
+    dict(warps_m=1, warps_n=4, frags_m=1, frags_n=1, k_frags=8, vector=16, stages=2),
+    dict(warps_m=1, warps_n=4, frags_m=1, frags_n=2, k_frags=8, vector=16, stages=2),
+    dict(warps_m=1, warps_n=4, frags_m=2, frags_n=2, k_frags=4, vector=16, stages=3),
+    dict(warps_m=1, warps_n=2, frags_m=2, frags_n=1, k_frags=8, vector=16, stages=2),
+    dict(warps_m=1, warps_n=8, frags_m=2, frags_n=1, k_frags=4, vector=16, stages=2),
+]
+FEW_TILE_ROWS = (4, 32)  # a beam-4 step of one sentence, a greedy step of 32
 CHECKED_ROWS = (7, 100)  # rows each candidate is also checked at (padding to the tile), besides its own
 CANDIDATES_FILE = "candidates.json"  # in a folder of built candidates: what each kernel is
 
@@ -66,8 +79,20 @@ TiledShapes = dict[tuple[int, int], "MatmulTile"]  # (K, N) of a linear layer ->
 
 def best_tiles(measurements: list[dict]) -> dict[tuple[int, int], dict]:
     """For each (K, N) of ``measurements`` (rows with ``k``, ``n``, ``rows``, ``tile`` (fields), ``exact``, ``ms``;
-    ``error`` where it failed), the tile of least time summed over its row counts among those exact at every
-    one: ``{"tile": fields, "label": ..., "us": {rows: time}}``."""
+    ``error`` where it failed), the tile of least time summed over its row counts above ``FEW_ROWS`` among those
+    exact at every one: ``{"tile": fields, "label": ..., "us": {rows: time}}``, with ``"few"`` the same for the
+    row counts up to ``FEW_ROWS`` where the search measured those."""
+    from .cuda_int8_matmul import FEW_ROWS
+
+    best = _least_time([row for row in measurements if row["rows"] > FEW_ROWS])
+    for shape, few in _least_time([row for row in measurements if row["rows"] <= FEW_ROWS]).items():
+        if shape in best:
+            best[shape]["few"] = few
+    return best
+
+
+def _least_time(measurements: list[dict]) -> dict[tuple[int, int], dict]:
+    """:func:`best_tiles` over one group of row counts."""
     from .cuda_int8_matmul import MatmulTile
 
     times: dict[tuple[int, int], dict[str, dict]] = defaultdict(dict)
@@ -100,8 +125,8 @@ def write_tiles(folder: Path, measurements: list[dict], gpu: str) -> Path:
     return path
 
 
-def load_tiles(folder: Path) -> TiledShapes:
-    """The tile table in ``folder`` (empty where there is none)."""
+def load_tiles(folder: Path, few_rows: bool = False) -> TiledShapes:
+    """The tile table in ``folder`` (empty where there is none); with ``few_rows``, its few-rows tiles."""
     from .cuda_int8_matmul import MatmulTile
 
     path = Path(folder) / TILES_FILE
@@ -110,20 +135,22 @@ def load_tiles(folder: Path) -> TiledShapes:
     try:
         table = json.loads(path.read_text())
         known = {f.name for f in fields(MatmulTile)}
-        return {(s["k"], s["n"]): MatmulTile(**{k: v for k, v in s["tile"].items() if k in known})
-                for s in table["shapes"]}
+        entries = [(s, s["few"] if few_rows else s) for s in table["shapes"] if not few_rows or "few" in s]
+        return {(s["k"], s["n"]): MatmulTile(**{k: v for k, v in entry["tile"].items() if k in known})
+                for s, entry in entries}
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path} is not a CUDA tile table ({err}); rerun the tile search or delete it") from None
 
 
-def shipped_tiles(arch: str) -> TiledShapes:
-    """The tile table shipped for the CUDA preset of ``arch`` (e.g. ``sm_90``); empty where none ships."""
+def shipped_tiles(arch: str, few_rows: bool = False) -> TiledShapes:
+    """The tile table shipped for the CUDA preset of ``arch`` (e.g. ``sm_90``), or its few-rows tiles; empty where
+    none ships."""
     from int8mt.targets import PRESETS
 
     from .database import shipped_database
 
     names = [p.name for p in PRESETS.values() if p.device == "cuda" and p.target["arch"] == arch]
-    return load_tiles(shipped_database(names[0])) if names else {}
+    return load_tiles(shipped_database(names[0]), few_rows) if names else {}
 
 
 def measuring_gpu(preset: TargetPreset, doing: str, without_gpu: str) -> Any:
@@ -159,9 +186,10 @@ def dense_module(k: int, n: int) -> Any:
     return relax.transform.FuseTransposeMatmul()(bb.get())
 
 
-def build_kernel(mod: Any, preset: Any, folder: Path, name: str, tile: dict | None = None) -> str:
-    """``mod`` compiled for the CUDA ``preset`` (its int8 matmul on ``tile``'s fields if given) as ``name.so``
-    and ``name.fatbin`` in ``folder``; returns the digest that :func:`load_kernel` needs."""
+def build_kernel(mod: Any, preset: Any, folder: Path, name: str, rule: Any = None) -> str:
+    """``mod`` compiled for the CUDA ``preset`` (its int8 matmul scheduled by ``rule``, a
+    :class:`~.cuda_int8_matmul.CUDAInt8Matmul`, if given; else by the pipeline's) as ``name.so`` and ``name.fatbin``
+    in ``folder``; returns the digest that :func:`load_kernel` needs."""
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight
@@ -170,12 +198,10 @@ def build_kernel(mod: Any, preset: Any, folder: Path, name: str, tile: dict | No
     from int8mt.compiler.pipeline import compile_module
     from int8mt.runtime.cuda import source_digest
 
-    from .cuda_int8_matmul import CUDAInt8Matmul, MatmulTile
-
-    if tile is not None:  # scheduled here with this tile; the pipeline leaves scheduled kernels as they are
+    if rule is not None:  # scheduled here; the pipeline leaves scheduled kernels as they are
         mod = relax.transform.LegalizeOps()(mod)
         with tvm.target.Target(preset.target):
-            mod = dlight.ApplyDefaultSchedule(CUDAInt8Matmul(MatmulTile(**tile)))(mod)
+            mod = dlight.ApplyDefaultSchedule(rule)(mod)
     executable = compile_module(mod, preset)
     source = cuda_source(executable)
     (folder / f"{name}.fatbin").write_bytes(compile_fatbin(source, preset.target["arch"]))
@@ -184,20 +210,25 @@ def build_kernel(mod: Any, preset: Any, folder: Path, name: str, tile: dict | No
 
 
 def build_candidates(preset: Any, shapes: list[tuple[int, int, int]], folder: Path, first: int = 0) -> list[dict]:
-    """Every candidate from ``first`` on, for every ``(rows, k, n)`` of ``shapes``, built into ``folder`` with
-    a list of them (``candidates.json``); one that does not compile (e.g. more shared memory than a block may
-    have) is listed with its error."""
-    from .cuda_int8_matmul import MatmulTile
+    """Every candidate from ``first`` on (:data:`CANDIDATES` for ``(rows, k, n)`` of ``shapes`` above ``FEW_ROWS``
+    rows, :data:`FEW_ROWS_CANDIDATES` for the others), built into ``folder`` with a list of them
+    (``candidates.json``); one that does not compile (e.g. more shared memory than a block may have) is listed with
+    its error."""
+    from .cuda_int8_matmul import FEW_ROWS, CUDAInt8Matmul, MatmulTile
 
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
-    for index, spec in list(enumerate(CANDIDATES))[first:]:
+    tries = [(f"tile{index}", spec, [s for s in shapes if s[0] > FEW_ROWS]) for index, spec in enumerate(CANDIDATES)]
+    tries += [(f"few{index}", spec, [s for s in shapes if s[0] <= FEW_ROWS])
+              for index, spec in enumerate(FEW_ROWS_CANDIDATES)]
+    for name, spec, sized in tries[first:]:
         tile = MatmulTile(**spec)
-        for rows, k, n in shapes:
-            entry = {"kernel": f"tile{index}_k{k}_n{n}_rows{rows}", "tile": asdict(tile), "label": tile.label,
+        for rows, k, n in sized:
+            entry = {"kernel": f"{name}_k{k}_n{n}_rows{rows}", "tile": asdict(tile), "label": tile.label,
                      "rows": rows, "k": k, "n": n}
             try:
-                entry["digest"] = build_kernel(dense_module(k, n), preset, folder, entry["kernel"], asdict(tile))
+                entry["digest"] = build_kernel(dense_module(k, n), preset, folder, entry["kernel"],
+                                               CUDAInt8Matmul(tile))
             except RuntimeError as err:
                 entry["error"] = str(err).splitlines()[-1]
             entries.append(entry)

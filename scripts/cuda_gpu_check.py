@@ -2,7 +2,8 @@
 
 ``prepare DIR --target cuda-sm90`` (any machine with the compile extras and nvcc): compiles our int8 tensor-core
 matmul kernels for the preset at the reference model's shapes and at 4096^3, each as a small library with its
-fatbin, into ``DIR``; with ``--tiles``, also every shape with every tile a search tries (``cuda_tiles.CANDIDATES``).
+fatbin, into ``DIR``; with ``--tiles``, also every shape with every tile a search tries (``cuda_tiles.CANDIDATES``,
+and at few rows ``FEW_ROWS_CANDIDATES``).
 ``tiles RESULTS --out FOLDER``: the tile table of a ``--tiles`` run (:mod:`int8mt.schedules.cuda_tiles`).
 ``prepare-ctranslate2 DIR --bundle B`` (here, with ``int8mt[bench]``): the model ``B`` was compiled from, converted
 with CTranslate2's converter, and the test sentences, into ``DIR``; ``ctranslate2 DIR --bundle B --out R`` (the GPU
@@ -39,7 +40,7 @@ def prepare(out: Path, target: str, tiles: bool, first_tile: int = 0) -> None:
     from tvm import relax
     from tvm.script import relax as R
 
-    from int8mt.schedules.cuda_tiles import build_candidates, build_kernel, dense_module
+    from int8mt.schedules.cuda_tiles import FEW_TILE_ROWS, build_candidates, build_kernel, dense_module
     from int8mt.targets import get_preset
 
     preset = get_preset(target)
@@ -69,7 +70,8 @@ def prepare(out: Path, target: str, tiles: bool, first_tile: int = 0) -> None:
     meta["attention_context"] = build_kernel(bb.get(), preset, out, "attention_context")
     (out / "kernels.json").write_text(json.dumps(meta, indent=1))
     if tiles:
-        build_candidates(preset, [(n, k, m) for _, n, k, m in SHAPES], out, first_tile)
+        few = sorted({(rows, k, m) for name, _, k, m in SHAPES if name != "square" for rows in FEW_TILE_ROWS})
+        build_candidates(preset, [(n, k, m) for _, n, k, m in SHAPES] + few, out, first_tile)
 
 
 def run_kernels(folder: Path, results: dict) -> None:

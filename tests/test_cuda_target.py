@@ -361,6 +361,24 @@ def test_tuned_tile_table_picks_the_tile_of_a_linear_layers_shape():
     assert ASYNC_COPY_16.search(other_shape)
 
 
+def test_tile_search_keeps_a_few_rows_tile_of_its_own_from_the_few_row_counts(tmp_path):
+    """Row counts up to FEW_ROWS choose the shape's few-rows tile among their own measurements, apart from the
+    others (a tile fastest at few rows but slowest at many is the few-rows tile only); the table keeps both."""
+    big, small, other = dict(vector=16, stages=2), dict(warps_m=1, warps_n=4, vector=16, stages=2), dict(vector=4)
+    rows = [{"k": 256, "n": 1024, "rows": r, "tile": t, "exact": True, "ms": ms}
+            for r, t, ms in [(128, big, 0.004), (640, big, 0.006), (128, small, 0.009), (640, small, 0.030),
+                             (4, small, 0.002), (32, small, 0.003), (4, other, 0.004), (32, other, 0.002)]]
+    best = best_tiles(rows)[(256, 1024)]
+    assert best["tile"] == asdict(MatmulTile(**big)) and set(best["us"]) == {"128", "640"}
+    assert best["few"]["tile"] == asdict(MatmulTile(**small)) and best["few"]["us"] == {"4": 2.0, "32": 3.0}
+    write_tiles(tmp_path, rows, "a GPU")
+    assert load_tiles(tmp_path) == {(256, 1024): MatmulTile(**big)}
+    assert load_tiles(tmp_path, few_rows=True) == {(256, 1024): MatmulTile(**small)}
+    from int8mt.interface.tune import format_rows
+
+    assert "| 256 x 1024 | 32x128x128 w1x4 v16 s2 | 2.0 at 4, 3.0 at 32 | 0 |" in format_rows(rows)
+
+
 def test_tile_search_keeps_the_fastest_tile_exact_at_every_row_count(tmp_path):
     fast, slow = dict(vector=16, stages=2), dict(vector=4)
     rows = [{"k": 256, "n": 1024, "rows": r, "tile": t, "exact": exact, "ms": ms}
@@ -380,6 +398,7 @@ def test_tile_search_keeps_the_fastest_tile_exact_at_every_row_count(tmp_path):
     assert "| 4096 x 4096 | 64x64x128 w2x2 v16 s2 | 250.0 at 4096 | 0 |" in table
     write_tiles(tmp_path, rows, "a GPU")
     assert load_tiles(tmp_path) == {(256, 1024): MatmulTile(**slow), (4096, 4096): MatmulTile(**fast)}
+    assert load_tiles(tmp_path, few_rows=True) == {}
     (tmp_path / TILES_FILE).write_text("{}")
     with pytest.raises(UserError, match="is not a CUDA tile table"):
         load_tiles(tmp_path)

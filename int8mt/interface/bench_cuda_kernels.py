@@ -1,7 +1,8 @@
 """``int8mt bench kernels --target cuda-*``: our int8 tensor-core linear kernels against cuBLASLt INT8
 (``torch._int_mm``) and cuBLAS FP16 on this machine's GPU, at every linear-layer shape of the reference and the
-Transformer-base-shaped model and at 4096^3. Each kernel is built here with the preset's tiles (the tuned table,
-else the default), checked against NumPy (exact int32) and timed with TVM's ``time_evaluator`` (best of 3 x 20);
+Transformer-base-shaped model and at 4096^3. Each kernel is built here as a bundle's (the tuned table's tiles, else
+the default; up to 32 rows its few-rows kernel where it has one), checked against NumPy (exact int32) and timed
+with TVM's ``time_evaluator`` (best of 3 x 20);
 PyTorch's with CUDA events (mean of 50 after a warm-up).
 
 The same measurement runs on a GPU machine that cannot compile (``scripts/cuda_gpu_check.py``, docs/cuda.md)."""
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def time_dense(tvm: Any, vm: Any, x: np.ndarray, w: np.ndarray) -> dict:
 def bench_cuda_kernels(preset: TargetPreset, database_dir: Path | None, sentences: tuple[int, ...] = (1, 32)) -> dict:
     """The benchmark rows (see the module docstring) on this machine's GPU."""
     from int8mt.runtime.bundle import import_tvm_runtime
-    from int8mt.schedules.cuda_int8_matmul import default_tile
+    from int8mt.schedules.cuda_int8_matmul import FEW_ROWS, CUDAInt8Matmul
     from int8mt.schedules.cuda_tiles import (build_kernel, dense_module, load_kernel, load_tiles, measuring_gpu,
                                              random_int8)
     from int8mt.schedules.database import BENCH_MODELS, linear_shapes
@@ -74,17 +74,20 @@ def bench_cuda_kernels(preset: TargetPreset, database_dir: Path | None, sentence
         import torch  # noqa: F401
     except ImportError:
         raise UserError("the CUDA kernel benchmark compares with PyTorch's cuBLAS calls; install torch") from None
-    table = load_tiles(database_dir) if database_dir is not None else {}
+    table, few_rows = (load_tiles(database_dir), load_tiles(database_dir, few_rows=True)) \
+        if database_dir is not None else ({}, {})
+    rule = CUDAInt8Matmul(tuned=table, tuned_few_rows=few_rows)  # as a bundle's kernels, few-rows kernel included
     cases = [(model, n, k, s * TOKENS) for model, dims in BENCH_MODELS.items() for n, k in linear_shapes(*dims)
              for s in sentences] + [("square", SQUARE, SQUARE, SQUARE)]
     rng, rows = np.random.default_rng(0), []
     with tempfile.TemporaryDirectory(prefix="int8mt-cuda-bench-") as work:
         for index, (model, n, k, m) in enumerate(cases):
-            tile = table.get((k, n)) or default_tile(preset.target["arch"])
+            tile, few = rule.linear_tiles(k, n, preset.target["arch"])
+            runs, tuned = (few, (k, n) in few_rows) if few is not None and m <= FEW_ROWS else (tile, (k, n) in table)
             name = f"dense{index}"
-            digest = build_kernel(dense_module(k, n), preset, Path(work), name, asdict(tile))
+            digest = build_kernel(dense_module(k, n), preset, Path(work), name, rule)
             vm = load_kernel(tvm, Path(work), name, digest)
-            row = {"model": model, "n": n, "k": k, "rows": m, "tile": tile.label, "tuned": (k, n) in table,
+            row = {"model": model, "n": n, "k": k, "rows": m, "tile": runs.label, "tuned": tuned,
                    **time_dense(tvm, vm, random_int8(rng, (m, k)), random_int8(rng, (n, k)))}
             if not row["exact"]:
                 raise RuntimeError(f"the int8 kernel for {n} x {k} at {m} rows differs from NumPy")

@@ -193,12 +193,13 @@ def _search_amx_blocks(tasks: list[DenseTask], preset: TargetPreset, database: P
 
 def tune_cuda(args: TuneArgs) -> list[dict]:
     """The tile search of a CUDA preset on this machine's GPU (:mod:`int8mt.schedules.cuda_tiles`): every
-    candidate tile for every linear layer of the model at an encoder's and a beam-4 step's rows; the best exact
-    tile per shape goes to the database folder's ``cuda_tiles.json``."""
+    candidate tile for every linear layer of the model at an encoder's and a beam-4 step's rows, and every few-rows
+    candidate at few rows; the best exact tiles per shape go to the database folder's ``cuda_tiles.json``."""
     import tempfile
 
     from int8mt.model.checkpoint import model_config
-    from int8mt.schedules.cuda_tiles import TILE_ROWS, build_candidates, measure_candidates, measuring_gpu, write_tiles
+    from int8mt.schedules.cuda_tiles import (FEW_TILE_ROWS, TILE_ROWS, build_candidates, measure_candidates,
+                                             measuring_gpu, write_tiles)
     from int8mt.schedules.database import BENCH_MODELS, linear_shapes
 
     if args.rpc is not None:
@@ -211,7 +212,7 @@ def tune_cuda(args: TuneArgs) -> list[dict]:
         raise UserError(f"{args.source} is a bundle; a CUDA preset is tuned from the model directory")
     cfg = model_config(Path(args.source))
     dims = {(cfg.d_model, cfg.ffn_dim, cfg.vocab_size)} | (set(BENCH_MODELS.values()) if args.bench_shapes else set())
-    shapes = sorted({(rows, k, n) for d in dims for n, k in linear_shapes(*d) for rows in TILE_ROWS})
+    shapes = sorted({(rows, k, n) for d in dims for n, k in linear_shapes(*d) for rows in TILE_ROWS + FEW_TILE_ROWS})
     t0 = time.time()
     print(f"tile search for {args.preset.name} on {device.device_name}: {len(shapes)} shapes", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="int8mt-cuda-tiles-") as work:
@@ -244,6 +245,8 @@ def _format_tile_rows(rows: list[dict]) -> str:
     lines = ["| K x N | best tile | µs at each row count | candidates failed |", "|---|---|---|---|"]
     for (k, n), entry in sorted(best_tiles(rows).items()):
         failed = sum(1 for r in rows if (r["k"], r["n"]) == (k, n) and ("error" in r or not r.get("exact")))
-        times = ", ".join(f"{us} at {r}" for r, us in sorted(entry["us"].items(), key=lambda kv: int(kv[0])))
-        lines.append(f"| {k} x {n} | {entry['label']} | {times} | {failed} |")
+        for tile in (entry, entry.get("few")):
+            if tile is not None:
+                times = ", ".join(f"{us} at {r}" for r, us in sorted(tile["us"].items(), key=lambda kv: int(kv[0])))
+                lines.append(f"| {k} x {n} | {tile['label']} | {times} | {failed} |")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from tvm.s_tir import dlight
 from int8mt.compiler.cuda import cuda_compiled_here, cuda_source
 
 from int8mt.schedules.cuda_int8_matmul import FEW_ROWS_TILE, PORTABLE_TILE, CUDAInt8Matmul, MatmulTile, default_tile
-from int8mt.schedules.cuda_tiles import CANDIDATES, CHECKED_ROWS, shipped_tiles
+from int8mt.schedules.cuda_tiles import CANDIDATES, CHECKED_ROWS, FEW_ROWS_CANDIDATES, FEW_TILE_ROWS, shipped_tiles
 from int8mt.targets import get_preset
 
 from ..conftest import HOST_PRESET
@@ -117,6 +117,46 @@ def test_every_tile_a_search_tries_runs_on_this_cpu_as_numpy(spec, tmp_path):
         x = _int8(rows, 512)
         out = np.full((rows, 512), -1, np.int32)
         run(_grid(tile, rows, 512), x=x, w=w, acc=out, rows=rows)
+        np.testing.assert_array_equal(out, x.astype(np.int32) @ w.T.astype(np.int32), err_msg=f"{rows} rows")
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("spec", FEW_ROWS_CANDIDATES, ids=lambda spec: MatmulTile(**spec).label)
+def test_every_few_rows_tile_a_search_tries_runs_on_this_cpu_as_numpy(spec, tmp_path):
+    """Each few-rows candidate of the tile search at the rows it is measured at and checked at."""
+    tile = MatmulTile(**spec)
+    run = _emulated(_linear(512, 512, None), tile, "cuda-sm90", tmp_path)
+    w = _int8(512, 512)
+    for rows in (*FEW_TILE_ROWS, *CHECKED_ROWS):
+        x = _int8(rows, 512)
+        out = np.full((rows, 512), -1, np.int32)
+        run(_grid(tile, rows, 512), x=x, w=w, acc=out, rows=rows)
+        np.testing.assert_array_equal(out, x.astype(np.int32) @ w.T.astype(np.int32), err_msg=f"{rows} rows")
+
+
+def test_the_tiles_a_linear_layer_runs_on_with_and_without_tables():
+    """What ``int8mt bench kernels`` labels a layer's kernels with: the tile and the few-rows kernel's, if any."""
+    few = MatmulTile(warps_m=1, warps_n=2, frags_m=1, frags_n=2, k_frags=8, vector=16, stages=2)
+    assert CUDAInt8Matmul().linear_tiles(256, 384, "sm_90") == (default_tile("sm_90"), FEW_ROWS_TILE)
+    assert CUDAInt8Matmul(tuned_few_rows={(256, 384): few}).linear_tiles(256, 384, "sm_90a")[1] == few
+    assert CUDAInt8Matmul(tuned={(256, 384): PORTABLE_TILE}).linear_tiles(256, 384, "sm_90") == (PORTABLE_TILE, None)
+    assert CUDAInt8Matmul().linear_tiles(256, 384, "sm_75") == (PORTABLE_TILE, None)
+
+
+def test_a_tuned_few_rows_tile_is_the_few_rows_kernels_tile(tmp_path):
+    """The few-rows table's tile for a shape (here 16 x 64 on two warps, where the default has four) is the one the
+    host launches up to 32 rows: exact on this CPU with that tile's block and grid at 1 and 32 rows."""
+    tile = MatmulTile(warps_m=1, warps_n=2, frags_m=1, frags_n=2, k_frags=8, vector=16, stages=2)
+    rule = CUDAInt8Matmul(tuned_few_rows={(256, 384): tile})
+    source = kernel_cuda_source(_linear(256, 384, None), "matmul", rule, "cuda-sm90")
+    assert "__launch_bounds__(64) matmul_kernel(" in source
+    shared = set(re.findall(r"int (cse_v\d+)", source))
+    run = emulated_kernel(source, "matmul_kernel", tmp_path, block=(32, tile.warps_m * tile.warps_n))
+    w = _int8(384, 256)
+    for rows in (1, 32):
+        x = _int8(rows, 256)
+        out = np.full((rows, 384), -1, np.int32)
+        run(_grid(tile, rows, 384), x=x, w=w, acc=out, rows=rows, **dict.fromkeys(shared, rows))
         np.testing.assert_array_equal(out, x.astype(np.int32) @ w.T.astype(np.int32), err_msg=f"{rows} rows")
 
 
