@@ -19,7 +19,7 @@ from tvm.relax import PyExprMutator, expr_functor
 from int8mt.schedules.append_rows import APPEND_ROWS, append_quantized_rows_kernel
 from int8mt.schedules.layer_norm_rows import RowQuantize
 
-from .kernel_calls import KernelTable, bindings_and_users, kernel_kind, rewrite_functions
+from .kernel_calls import KernelTable, bindings_and_users, emit_like, kernel_kind, rewrite_functions
 from .quantize_rows import called_row_quantization
 
 
@@ -71,7 +71,8 @@ class _Appender(PyExprMutator):
         value = binding.value
         if isinstance(value, relax.Tuple) and any((binding.var, i) in self.floats for i in range(len(value.fields))):
             fields = [self.floats.get((binding.var, i), field) for i, field in enumerate(value.fields)]
-            self._emit(binding.var, relax.Tuple([self.visit_expr(f) for f in fields]))
+            self.set_var_remap(binding.var, emit_like(self.builder_, relax.Tuple([self.visit_expr(f) for f in fields]),
+                                                      binding.var))
         elif binding.var in self.appends:
             quantize, part = self.appends[binding.var]
             cache, *news, used = (self.visit_expr(a) for a in value.args[1].fields)
@@ -79,16 +80,10 @@ class _Appender(PyExprMutator):
             kernel = self.kernels.get(("append_quantized_rows", planes, heads, width, quantize, part),
                                       "append_quantized_rows",
                                       lambda: append_quantized_rows_kernel(planes, heads, width, quantize, part))
-            self._emit(binding.var, relax.op.call_tir_inplace(kernel, relax.Tuple([cache, *news, used]), 0,
-                                                               binding.var.ty))
+            call = relax.op.call_tir_inplace(kernel, relax.Tuple([cache, *news, used]), 0, binding.var.ty)
+            self.set_var_remap(binding.var, emit_like(self.builder_, call, binding.var))
         else:
             super().visit_var_binding_(binding)
-
-    def _emit(self, var: relax.Var, value: relax.Expr) -> None:
-        new = (self.builder_.emit(value, var.name) if isinstance(var, relax.DataflowVar)
-               else self.builder_.emit_output(value, var.name) if self.builder_.current_block_is_dataflow()
-               else self.builder_.emit(value, var.name))
-        self.set_var_remap(var, new)
 
 
 @tvm.transform.module_pass(opt_level=0, name="int8mt.AppendQuantizedRows")

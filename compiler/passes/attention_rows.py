@@ -53,8 +53,8 @@ from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.quantize_rows import OPAQUE
 
 from ..legalize import legalize_map
-from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, is_int8_matmul, is_one, rewrite_functions,
-                           same_shape, scalar_constant)
+from .kernel_calls import (KernelTable, bindings_and_users, bound_op_call, emit_like, is_int8_matmul, is_one,
+                           rewrite_functions, same_shape, scalar_constant)
 from .quantize_rows import called_row_quantization, row_quantization
 from .reshapes_after_elementwise import BINARY
 
@@ -271,9 +271,9 @@ class _AttentionRewriter(PyExprMutator):
     def _bind(self, value: relax.Expr, var: relax.Var) -> relax.Var:
         """``value`` bound in place of ``var`` (itself where it is a variable and ``var`` is not an output of the
         dataflow block)."""
-        if isinstance(var, relax.DataflowVar):
-            return value if isinstance(value, relax.Var) else self.builder_.emit(value, var.name)
-        return self.builder_.emit_output(value, var.name)
+        if isinstance(var, relax.DataflowVar) and isinstance(value, relax.Var):
+            return value
+        return emit_like(self.builder_, value, var)
 
     def _kernel(self, attention: _Attention, layouts: list[list]) -> tuple[ir.GlobalVar, list[relax.Expr],
                                                                         relax.TensorType]:

@@ -35,7 +35,7 @@ from int8mt.schedules.int8_dense import DenseEpilogue, dense_attrs, scheduled_in
 from int8mt.schedules.intrin import dense_dot
 from int8mt.schedules.kernel_attrs import DENSE_KINDS
 
-from .kernel_calls import bindings_and_users, is_one, kernel_kind, scalar_constant, shape_product, use_counts
+from .kernel_calls import bindings_and_users, emit_like, is_one, kernel_kind, scalar_constant, shape_product, use_counts
 
 _BINARY: dict[str, Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]] = {
     "relax.add": operator.add, "relax.subtract": operator.sub, "relax.multiply": operator.mul,
@@ -313,8 +313,7 @@ class EpilogueFuser(PyExprMutator):
         func, name, args, scalars = self.kernels.kernel(self.builder_.get(), call, chain)
         fused = relax.call_tir(self._added(func, name), [*(self.visit_expr(x) for x in args), *scalars],
                                binding.var.ty)
-        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
-        self.set_var_remap(binding.var, emit(fused, binding.var.name))
+        self.set_var_remap(binding.var, emit_like(self.builder_, fused, binding.var))
 
     def _added(self, func: tvm.tirx.PrimFunc, name: str) -> ir.GlobalVar:
         """``func`` in the module (named ``name`` and a count), or the function equal to it added before."""

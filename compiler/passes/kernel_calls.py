@@ -185,6 +185,14 @@ def with_kernel_variant(call: relax.Call, mod: tvm.IRModule, kernels: KernelTabl
     return relax.Call(call.op, [callee, relax.Tuple(args), *call.args[2:]], call.attrs, call.ty_args)
 
 
+def emit_like(builder: relax.BlockBuilder, value: relax.Expr, var: relax.Var) -> relax.Var:
+    """``value`` bound under ``var``'s name as ``var`` was bound: inside its dataflow block, as one of the block's
+    outputs, or outside a dataflow block."""
+    if not isinstance(var, relax.DataflowVar) and builder.current_block_is_dataflow():
+        return builder.emit_output(value, var.name)
+    return builder.emit(value, var.name)
+
+
 def rewrite_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule, before=None,
                       drop_dead: bool = True) -> tvm.IRModule:
     """Every Relax function of ``mod`` rewritten by ``mutator`` (``before(gv, func)`` first, if given), then, with

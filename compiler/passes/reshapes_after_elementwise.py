@@ -27,8 +27,8 @@ from tvm import ir, relax, tirx
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
-from .kernel_calls import (bindings_and_users, is_one, rewrite_functions, same_shape, scalar_constant, shape_product,
-                           use_counts)
+from .kernel_calls import (bindings_and_users, emit_like, is_one, rewrite_functions, same_shape, scalar_constant,
+                           shape_product, use_counts)
 
 UNARY = ("relax.astype", "relax.clip", "relax.nn.relu", "relax.sigmoid", "relax.nn.silu", "relax.nn.gelu",
          "relax.tanh")  # (a clip's other arguments are bounds)
@@ -119,13 +119,13 @@ class _ReshapeSinker(PyExprMutator):
         if moved is None:
             super().visit_var_binding_(binding)
             return
-        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         moved = self.builder_.normalize(moved)
         if same_shape(list(moved.ty.shape), list(binding.var.ty.shape)):  # (a chain that ends where it began)
-            self.set_var_remap(binding.var, emit(moved, binding.var.name))
+            self.set_var_remap(binding.var, emit_like(self.builder_, moved, binding.var))
             return
         value = self.builder_.emit(moved)
-        self.set_var_remap(binding.var, emit(relax.op.reshape(value, binding.var.ty.shape), binding.var.name))
+        self.set_var_remap(binding.var, emit_like(self.builder_, relax.op.reshape(value, binding.var.ty.shape),
+                                                  binding.var))
 
     def _source(self, expr: relax.Expr) -> relax.Expr | None:
         """The first input of the chain of reshapes bound to ``expr``, None if ``expr`` is no reshape."""
