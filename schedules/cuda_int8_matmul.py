@@ -194,9 +194,15 @@ class CUDAInt8Matmul(GPUScheduleRule):
     def linear_tiles(self, k: int, n: int, arch: str) -> tuple[MatmulTile, MatmulTile | None]:
         """The tile of a K x N linear layer of dynamic rows (K contiguous, a multiple of the tile's) and, where it
         gets one, its few-rows kernel's."""
-        tile = self.tile or self.tuned.get((k, n), default_tile(arch))
-        few = self.tuned_few_rows.get((k, n), FEW_ROWS_TILE) if self._has_few_rows_kernel(tile, arch) else None
-        return tile, few
+        tile = self._chosen_tile((k, n), arch)
+        return tile, self._chosen_tile((k, n), arch, few_rows=True) if self._has_few_rows_kernel(tile, arch) else None
+
+    def _chosen_tile(self, shape: tuple[int, int] | None, arch: str, few_rows: bool = False) -> MatmulTile:
+        """The rule's tile; else the table's (the few-rows table's) for a static ``(K, N)``; else the default."""
+        if self.tile is not None:
+            return self.tile
+        table, default = (self.tuned_few_rows, FEW_ROWS_TILE) if few_rows else (self.tuned, default_tile(arch))
+        return table.get(shape, default) if shape is not None else default
 
     def _has_few_rows_kernel(self, tile: MatmulTile, arch: str) -> bool:
         """A matmul of dynamic rows on ``tile`` also gets a few-rows kernel: a pipelined tile of more than
@@ -224,9 +230,8 @@ class CUDAInt8Matmul(GPUScheduleRule):
         rows = sch.get(sch.get_loops(main)[1]).extent
         columns = sch.get(sch.get_loops(main)[2]).extent
         reduction = sch.get(sch.get_loops(main)[-1]).extent
-        tile = self.tile or (FEW_ROWS_TILE if few_rows else default_tile(arch))
-        if self.tile is None and isinstance(reduction, tirx.IntImm) and isinstance(columns, tirx.IntImm):
-            tile = (self.tuned_few_rows if few_rows else self.tuned).get((reduction.value, columns.value), tile)
+        static = isinstance(reduction, tirx.IntImm) and isinstance(columns, tirx.IntImm)
+        tile = self._chosen_tile((reduction.value, columns.value) if static else None, arch, few_rows)
         streamed = isinstance(reduction, tirx.IntImm) and all(_contiguous_along_k(sch.get(block))
                                                                for block in (reindex_a, reindex_b))
         if not streamed or reduction.value % FRAG:  # 16-byte and asynchronous copies need whole rows of K

@@ -552,11 +552,15 @@ def test_cuda_bundle_takes_candidates_and_appends_cache_rows_with_one_kernel_eac
     assert len(appends) == 1 + manifest.get("cache_scales", False)
 
 
+def _relax_function(module_text: str, name: str) -> str:
+    """The text of Relax function ``name`` in a dumped module's, up to the next Relax function."""
+    text = module_text[module_text.index(f"def {name}("):]
+    return text[:text.index("    @R.function") if "    @R.function" in text else len(text)]
+
+
 def _legalized_step(bundle) -> str:
     """The decoder step of ``bundle``'s build after phase 3."""
-    legalized = (bundle.parent / "ir" / "phase3-legalized.py").read_text()
-    step = legalized[legalized.index("def decode_step("):]
-    return step[:step.index("    @R.function") if "    @R.function" in step else len(step)]
+    return _relax_function((bundle.parent / "ir" / "phase3-legalized.py").read_text(), "decode_step")
 
 
 def test_cuda_bundle_quantizes_each_row_at_run_time_in_one_kernel(cuda_bundle):
@@ -608,9 +612,7 @@ def test_cuda_bundle_kernels_read_cache_planes_and_reshaped_tensors_where_they_a
     caches themselves (no view per layer: an offset computed, a tensor made, its offset checked) and the tensors
     behind reshapes (each linear layer's result to the per-head row quantization and to ``append_rows``): no view
     at all."""
-    lowered = (cuda_bundle.parent / "ir" / "phase5-lowered.py").read_text()
-    step = lowered[lowered.index("def decode_step("):]
-    step = step[:step.index("    @R.function") if "    @R.function" in step else len(step)]
+    step = _relax_function((cuda_bundle.parent / "ir" / "phase5-lowered.py").read_text(), "decode_step")
     assert "cls." in step
     assert "ensure_zero_offset" not in step and "compute_symbolic_expr" not in step
     assert "vm.builtin.reshape" not in step  # (chains of reshapes followed back, in-place kernels too)
@@ -687,9 +689,7 @@ def cuda_graphs_bundle(tiny_model_dir, tmp_path_factory):
 
 def _step_calls(lowered: str, function: str) -> list[str]:
     """The functions that ``function`` of a phase-5 module calls (kernels, lifted Relax functions), in order."""
-    body = lowered[lowered.index(f"    def {function}("):]
-    body = body[:body.find("\n    @", 1)]
-    return re.findall(r"cls\.(\w+)", body)
+    return re.findall(r"cls\.(\w+)", _relax_function(lowered, function))
 
 
 def test_with_cuda_graphs_the_step_launches_only_its_input_and_output_kernels_beside_its_graphs(cuda_graphs_bundle):
