@@ -1,6 +1,6 @@
 """PyTorch -> Relax: ``torch.export`` with dynamic batch and lengths, then ``from_exported_program``.
 
-The result is one IRModule with four entry points:
+The result is one IRModule with five entry points:
 
 * ``encode(src[B, S] int64) -> cross_kv[L, 2, B, H, S, Dh]``: encoder plus every decoder layer's
   cross-attention keys/values, computed once per batch;
@@ -13,7 +13,10 @@ The result is one IRModule with four entry points:
   of hypotheses taken in a new order (beams of one sentence, finished sentences dropped), on the device;
 * ``top_candidates(logits[B, V]) -> (values[B, K], ids[B, K] int64, log_sum_exp[B])``: each row's
   ``K = candidates_per_row(model)`` largest logits and the row's log-sum-exp (their log-probabilities are
-  ``values - log_sum_exp``): beam search reads these instead of the whole ``[B, V]`` logits.
+  ``values - log_sum_exp``): beam search reads these instead of the whole ``[B, V]`` logits;
+* ``select_beams(values, ids, log_sum_exp, scores[n, k] float64, finished[n] int64, eos_banned[1] int64) ->
+  (tokens, origin, new_scores, ended_rows, ended_scores)`` (each ``[n, k]``): each sentence's next hypotheses from
+  its ``k`` rows' candidates (:mod:`int8mt.schedules.beam_select`), so that only those cross to the host.
 
 Both caches have the model's ``cache_dtype``: int8 for quantized attention, else float32. With run-time ranges
 (``model.cache_scales``) each cache is two tensors, the int8 keys/values and their scales (``[..., 1]`` in place
@@ -35,6 +38,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from int8mt.model.transformer import Transformer
 from int8mt.runtime.bundle import DEFAULT_MAX_ROWS
 from int8mt.schedules.append_rows import append_rows_kernel
+from int8mt.schedules.beam_select import beam_select_kernel
 
 
 class _Encode(nn.Module):
@@ -112,7 +116,7 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
         functions[name] = mod["main"].with_attr("global_symbol", name)
     functions["reorder_cache"] = _reorder_cache(model)
     functions["top_candidates"] = _top_candidates(model)
-    mod = tvm.IRModule({relax.GlobalVar(name): fn for name, fn in functions.items()})
+    mod = _with_select_beams(tvm.IRModule({relax.GlobalVar(name): fn for name, fn in functions.items()}), model)
     c = model.cfg
     return appending_step(mod, c.decoder_layers, c.heads, c.head_dim, model.cache_dtype_name, model.cache_scales)
 
@@ -198,3 +202,23 @@ def _top_candidates(model: Transformer) -> relax.Function:
             out = bb.emit_output(relax.Tuple([relax.TupleGetItem(top, 0), relax.TupleGetItem(top, 1), log_sum_exp]))
         bb.emit_func_output(out)
     return bb.get()["top_candidates"]
+
+
+def _with_select_beams(mod: tvm.IRModule, model: Transformer) -> tvm.IRModule:
+    rows, width, n, k = (tvm.tirx.Var(name, "int64") for name in ("rows", "width", "n", "k"))
+    params = [relax.Var("values", relax.TensorType((rows, width), "float32")),
+              relax.Var("ids", relax.TensorType((rows, width), "int64")),
+              relax.Var("log_sum_exp", relax.TensorType((rows,), "float32")),
+              relax.Var("scores", relax.TensorType((n, k), "float64")),
+              relax.Var("finished", relax.TensorType((n,), "int64")),
+              relax.Var("eos_banned", relax.TensorType((1,), "int64"))]
+    outputs = [relax.TensorType((n, k), dtype) for dtype in ("int64", "int64", "float64", "int64", "float64", "int64")]
+    eos, pad = (relax.prim_value(tvm.tirx.IntImm("int64", token)) for token in (model.cfg.eos_id, model.cfg.pad_id))
+    bb = relax.BlockBuilder(mod)
+    with bb.function("select_beams", params):
+        kernel = bb.add_func(beam_select_kernel(), "beam_select")
+        with bb.dataflow():
+            chosen = bb.emit(relax.call_tir(kernel, [*params, eos, pad], outputs))
+            out = bb.emit_output(relax.Tuple([relax.TupleGetItem(chosen, i) for i in range(5)]))  # (not the heads)
+        bb.emit_func_output(out)
+    return bb.get()

@@ -1,6 +1,7 @@
 """How the pipeline legalizes Relax ops into TIR (phase 3): TVM's legalization with our choices for softmax,
-exp, sigmoid, gathers, top-k and reshapes. Also used where a pass turns a part of the graph into one function of
-the ops' own TIR (:class:`~.passes.AttentionRows`), so that it computes what the graph would."""
+exp, sigmoid, gathers, top-k and reshapes, and for a CUDA target the GPU's kernel of beam search's choice. Also
+used where a pass turns a part of the graph into one function of the ops' own TIR
+(:class:`~.passes.AttentionRows`), so that it computes what the graph would."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,6 +9,8 @@ from collections.abc import Callable
 import tvm
 from tvm import relax, topi
 
+from int8mt.schedules.beam_select import BEAM_SELECT, beam_select_kernel
+from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 
 
@@ -85,9 +88,24 @@ def legalize_map() -> dict[str, Callable]:
             "relax.sigmoid": _fast_sigmoid, "relax.take": _fusable_gather, "relax.topk": _top_k}
 
 
+@tvm.transform.module_pass(opt_level=0, name="GPUBeamSelect")
+def _gpu_beam_select(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """For a CUDA target, the GPU's kernel of beam search's choice in place of the CPU's that the frontend builds
+    (``select_beams``: :mod:`int8mt.schedules.beam_select`)."""
+    target = tvm.target.Target.current()
+    if target is None or target.kind.name != "cuda":
+        return mod
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and \
+                str(func.attrs.get(KERNEL_ATTR, "")) == BEAM_SELECT:
+            mod[gv] = beam_select_kernel(gpu=True)
+    return mod
+
+
 def legalize_passes() -> list[tvm.transform.Pass]:
     """TVM's legalization (``cpu_generic.legalize_passes``; the CUDA backend's before its schedules) with
-    :func:`legalize_map`, then constant folding and operator fusion."""
-    return [relax.transform.LegalizeOps(legalize_map()),
+    :func:`legalize_map` and the GPU's beam choice (:func:`_gpu_beam_select`), then constant folding and operator
+    fusion."""
+    return [relax.transform.LegalizeOps(legalize_map()), _gpu_beam_select,
             relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
             relax.transform.FuseTIR()]

@@ -39,6 +39,7 @@ alignas(64) static unsigned char dynamic_shared[1 << 18];
 #define __align__(n) alignas(n)
 #define __syncthreads() block_barrier->arrive_and_wait()
 #define CUDART_INF_F INFINITY
+#define CUDART_INF INFINITY
 typedef unsigned int uint;
 typedef unsigned char uchar;
 #define VECTOR4(name, type, align) \

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from int8mt.errors import UserError
 from int8mt.targets import amx_permission, host_arch, host_features, target_device
@@ -35,10 +35,10 @@ if TYPE_CHECKING:
 LIBRARY_FILE, MANIFEST_FILE, WEIGHTS_FILE = "model.so", "manifest.json", "weights.bin"
 DEFAULT_MAX_ROWS = 1024  # rows (sentences x beams) per call: what compiling records, and the bound of older bundles
 REPORT_FILE = "report.json"  # quantization report (`int8mt inspect`), informational
-BUNDLE_FORMAT = 7  # the entry points (ENTRY_POINTS) and their signatures: the decoder step's cache layout, caches
+BUNDLE_FORMAT = 8  # the entry points (ENTRY_POINTS) and their signatures: the decoder step's cache layout, caches
 #                   with per-position scales (manifest ``cache_scales``), the step writing its rows into the cache,
-#                   the weights as parameters, checked once by CHECK_WEIGHTS
-ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates")
+#                   the weights as parameters, checked once by CHECK_WEIGHTS, beam search's choice on the device
+ENTRY_POINTS = ("encode", "decode_step", "reorder_cache", "top_candidates", "select_beams")
 GREEDY_ENTRY_POINT = "greedy_decode"  # CPU bundles: one sentence's greedy search in one call (where the
 #                                        manifest lists it; otherwise the host runs the steps)
 CHECK_WEIGHTS = "check_weights"  # the library's check of all the weights' dtypes and shapes, which the entry
@@ -423,6 +423,18 @@ class PooledSizes:
 _POOLED = {"cpu": PooledSizes(), "gpu": PooledSizes(GPU_POOL_BUDGET_BYTES, GPU_RELEASE_POOLS_SIZES)}  # one per device
 
 
+class BeamChoice(NamedTuple):
+    """:meth:`Bundle.select_beams`' choice for ``n`` sentences of ``k`` hypotheses, each array ``[n, k]``: slot
+    ``s`` of sentence ``i`` continues row ``origin[i, s]`` with ``tokens[i, s]`` at ``new_scores[i, s]`` (free
+    slots: the pad token, their own row, -inf); the hypotheses of rows ``ended_rows[i, :]`` (-1: none) ended at
+    ``ended_scores``, best first."""
+    tokens: np.ndarray
+    origin: np.ndarray
+    new_scores: np.ndarray
+    ended_rows: np.ndarray
+    ended_scores: np.ndarray
+
+
 class Bundle:
     """A loaded bundle: the model's entry points on the CPU, or on the GPU for CUDA bundles (then the key/value
     caches stay in GPU memory; token ids go up, logits or each row's candidates come back)."""
@@ -451,6 +463,7 @@ class Bundle:
         self._item.release_gil = False  # (each call: a chance for another replica's thread to take the GIL)
         weights, self._weights = self._map_weights()
         self._steps: dict[int, Any] = {}  # position -> the decoder step's input tensor (shared by replicas)
+        self._flags: dict[bool, Any] = {}  # select_beams' eos_banned input, per value (shared by replicas)
         self._pooled = _POOLED["gpu" if self._on_gpu else "cpu"]
         self._admitted: tuple = ()  # the last call size admitted, and the pools' releases then
         self._open_vm()
@@ -480,7 +493,7 @@ class Bundle:
             raise BundleError(f"{self.path / LIBRARY_FILE} is not a bundle's library "
                               f"({str(err).splitlines()[0]})") from None
         try:
-            self._encode, self._step, self._reorder, self._top = (
+            self._encode, self._step, self._reorder, self._top, self._select = (
                 _with_weights(self._vm[name], self._weights[name]) for name in ENTRY_POINTS)
             self._greedy = _with_weights(self._vm[GREEDY_ENTRY_POINT], self._weights[GREEDY_ENTRY_POINT]) \
                 if GREEDY_ENTRY_POINT in self._weights and not self._on_gpu else None
@@ -632,12 +645,28 @@ class Bundle:
         return self.host(self._run_step(tokens, step, cache, cross_kv, src))
 
     def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache,
-                               cross_kv: tuple[Any, ...], src: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                               cross_kv: tuple[Any, ...], src: Any) -> tuple[Any, Any, Any]:
         """One step (appending to ``cache``) that returns, instead of the logits, each row's ``candidates``
         largest logits and their token ids (both [B, candidates], descending) and the row's log-sum-exp ([B]),
-        computed on the device: log-probabilities are ``values - log_sum_exp``."""
-        values, ids, log_sum_exp = self._top(self._run_step(tokens, step, cache, cross_kv, src))
-        return self.host(values), self.host(ids), self.host(log_sum_exp)
+        left on the device for :meth:`select_beams` (log-probabilities are ``values - log_sum_exp``)."""
+        return _parts(self._top(self._run_step(tokens, step, cache, cross_kv, src)))
+
+    def select_beams(self, candidates: tuple[Any, ...], scores: np.ndarray, finished: np.ndarray,
+                     eos_banned: bool) -> BeamChoice:
+        """Each sentence's next hypotheses (:mod:`int8mt.schedules.beam_select`, on the device) from its ``k`` rows'
+        ``candidates`` (values, ids and log-sum-exp, as :meth:`decode_step_candidates` returns them, rows sorted by
+        sentence), the hypotheses' ``scores`` [n, k] float64, each sentence's ``finished`` hypotheses [n] and
+        whether an end of sentence is passed over."""
+        out = _parts(self._select(*candidates, self._staged("scores", scores), self._staged("finished", finished),
+                                  self._flag(eos_banned)))
+        return BeamChoice(*(self.host(tensor) for tensor in out))
+
+    def _flag(self, value: bool) -> Any:
+        """An int64 tensor [1] holding ``value``, made once per value and bundle."""
+        tensor = self._flags.get(value)
+        if tensor is None:
+            tensor = self._flags[value] = self._int64((1,), (int(value),))
+        return tensor
 
     def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                   src: Any) -> Any:

@@ -1,18 +1,11 @@
 """Greedy and beam search in NumPy over a compiled decoder step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .bundle import Bundle
 from .cache import aligned_empty
 from .options import SearchOptions
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 COMPACT_BELOW = 0.75  # drop finished rows once fewer than this share of the batch in flight is unfinished
@@ -75,13 +68,13 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     tokens and none ending before ``opts.min_length``; returns the best ids without EOS. Each sentence is
     encoded once; its cross-attention keys and values are then repeated on the device for its k hypotheses
     (``reorder_cross``). Each sentence's 2k best continuations are among its rows' 2k best tokens, so for beams
-    up to ``bundle.candidates / 2`` the device returns only each row's best candidates and log-sum-exp
-    (``decode_step_candidates``) instead of the whole logits, which the host would turn into log-probabilities
-    and partition. Reordering hypotheses reorders only the cache's history (on the host). Finished sentences
-    leave the batch (their k rows dropped from the history and the cross-attention keys/values) once fewer
-    than ``COMPACT_BELOW`` of the sentences in flight are unfinished, as in greedy search; every sentence's
-    result is the same as decoded alone. The hypotheses' bookkeeping is vectorized over sentences
-    (:func:`_select`); only finished hypotheses are handled one by one."""
+    up to ``bundle.candidates / 2`` the device keeps only each row's best candidates and log-sum-exp
+    (``decode_step_candidates``) and chooses each sentence's next hypotheses from them (``select_beams``): only
+    the chosen tokens, the rows they continue, their scores and the hypotheses that ended come to the host. Wider
+    beams read the whole logits and hand each row's 2k best to the same choice. Reordering hypotheses reorders
+    only the cache's history (on the host). Finished sentences leave the batch (their k rows dropped from the
+    history and the cross-attention keys/values) once fewer than ``COMPACT_BELOW`` of the sentences in flight
+    are unfinished, as in greedy search; every sentence's result is the same as decoded alone."""
     if opts.beam_size == 1:
         return greedy_search(bundle, src, max_lens, opts.min_length)
     batch, k = src.shape[0], opts.beam_size
@@ -101,37 +94,22 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     for step in range(max(max_lens)):
         n = len(alive)
         if on_device:
-            values, ids, log_sum_exp = bundle.decode_step_candidates(tokens, step, cache, cross, src_t)
-            log_probs, token_of = values.astype(np.float64) - log_sum_exp[:, None], ids.reshape(n, -1)
+            candidates = bundle.decode_step_candidates(tokens, step, cache, cross, src_t)
         else:
             logits = bundle.decode_step(tokens, step, cache, cross, src_t)
-            log_probs, token_of = _log_softmax(logits.astype(np.float64)), None
-        width = log_probs.shape[-1]
-        flat = (scores[alive][:, :, None] + log_probs.reshape(n, k, width)).reshape(n, -1)
-        top = np.argpartition(-flat, 2 * k, axis=1)[:, : 2 * k]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(flat, top, 1), axis=1), 1)  # best first
-        beam, column = np.divmod(top, width)
-        chosen = _select(np.take_along_axis(flat, top, 1), column if token_of is None else
-                         np.take_along_axis(token_of, top, 1), finished_count[alive], k, bundle.eos_id,
-                         step < opts.min_length)
-        new_scores, origin = chosen.new_scores, np.arange(n * k).reshape(n, k)  # the row each hypothesis continues
-        next_tokens = aligned_empty((n, k), np.int64)  # (an input without a copy)
-        next_tokens[:] = bundle.pad_id
-        sentence, slot = np.nonzero(chosen.new_slot >= 0)
-        where = chosen.new_slot[sentence, slot]
-        origin[sentence, where] = sentence * k + beam[sentence, slot]
-        next_tokens[sentence, where] = chosen.tokens[sentence, slot]
-        for i, c in zip(*np.nonzero(chosen.ended)):  # hypotheses ending here, best first
-            b = alive[i]
-            finished[b].append((_penalized(float(chosen.scores[i, c]), step + 1, opts.length_penalty),
-                                tokens_so_far[i * k + beam[i, c]].tolist()))
-        active = chosen.active
-        scores[alive[active]] = new_scores[active]
+            candidates = tuple(bundle.tensor(part) for part in _row_candidates(logits, 2 * k))
+        chosen = bundle.select_beams(candidates, scores[alive], finished_count[alive], step < opts.min_length)
+        for i, e in zip(*np.nonzero(chosen.ended_rows >= 0)):  # hypotheses ending here, best first
+            finished[alive[i]].append((_penalized(float(chosen.ended_scores[i, e]), step + 1, opts.length_penalty),
+                                       tokens_so_far[chosen.ended_rows[i, e]].tolist()))
+        active = finished_count[alive] < k
+        scores[alive[active]] = chosen.new_scores[active]
+        origin, next_tokens = chosen.origin, chosen.tokens
         tokens_so_far = np.concatenate([tokens_so_far[origin.reshape(-1)], next_tokens.reshape(-1, 1)], 1)
         for i in np.flatnonzero(active & (step + 1 >= max_len[alive])):  # out of length: live hypotheses end here
             b = alive[i]
-            live = np.flatnonzero(new_scores[i] > -np.inf)
-            finished[b] += [(_penalized(float(new_scores[i, j]), step + 1, opts.length_penalty),
+            live = np.flatnonzero(chosen.new_scores[i] > -np.inf)
+            finished[b] += [(_penalized(float(chosen.new_scores[i, j]), step + 1, opts.length_penalty),
                              tokens_so_far[i * k + j].tolist()) for j in live]
             finished[b] += [(-np.inf, [])] * (k - len(finished[b]))
         finished_count[alive] = [len(finished[b]) for b in alive]
@@ -151,30 +129,16 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     return [max(pool, key=lambda item: item[0])[1] for pool in finished]
 
 
-@dataclass(frozen=True)
-class _Selection:
-    """One step's choice among each sentence's candidates (``[sentences, 2k]``, best first)."""
-    scores: np.ndarray      # the candidates' scores
-    tokens: np.ndarray      # their tokens
-    new_slot: np.ndarray    # the hypothesis slot a candidate continues into, or -1 (not taken, or ended)
-    ended: np.ndarray       # the candidate ends its hypothesis (end of sentence) and joins the finished ones
-    new_scores: np.ndarray  # [sentences, k]: each slot's score (-inf where no candidate filled it)
-    active: np.ndarray      # [sentences]: the sentence was still searching at this step
-
-
-def _select(scores: np.ndarray, tokens: np.ndarray, finished: np.ndarray, k: int, eos_id: int,
-            eos_banned: bool) -> _Selection:
-    """Each sentence takes its candidates in order until k continue or k hypotheses have finished (counting the
-    ``finished`` before this step), stopping at the first impossible one (-inf); an end of sentence finishes its
-    hypothesis, or is passed over while ``eos_banned``. Sentences that had k finished hypotheses take none."""
-    possible = np.logical_and.accumulate(scores > -np.inf, axis=1)
-    eos = tokens == eos_id
-    continues, ends = possible & ~eos, possible & eos & (not eos_banned)
-    continued, ended = np.cumsum(continues, 1), finished[:, None] + np.cumsum(ends, 1)
-    stop = (continued == k) | (ended >= k)  # after this candidate (if it was taken)
-    taken = ((np.cumsum(stop, 1) - stop) == 0) & (finished < k)[:, None]  # nothing stopped the sentence before
-    new_slot = np.where(continues & taken, continued - 1, -1)
-    new_scores = np.full((len(scores), k), -np.inf)
-    sentence, candidate = np.nonzero(new_slot >= 0)
-    new_scores[sentence, new_slot[sentence, candidate]] = scores[sentence, candidate]
-    return _Selection(scores, tokens, new_slot, ends & taken, new_scores, finished < k)
+def _row_candidates(logits: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What ``top_candidates`` returns, from the whole logits [B, V] on the host: each row's ``count`` largest
+    logits and their ids (descending, equal ones in id order; where several equal the ``count``-th, any of them
+    may be the one kept) and the row's log-sum-exp, in float32 as the device's. (A stable sort of each whole row
+    took 6x as long.)"""
+    width = logits.shape[1]
+    count = min(count, width)
+    part = np.argpartition(logits, width - count, axis=1)[:, width - count:]
+    values = np.take_along_axis(logits, part, 1)
+    order = np.lexsort((part, -values), axis=1)
+    peak = logits.max(-1, keepdims=True)
+    log_sum_exp = peak[:, 0] + np.log(np.exp(logits - peak).sum(-1))
+    return np.take_along_axis(values, order, 1), np.take_along_axis(part, order, 1), log_sum_exp

@@ -21,7 +21,7 @@ TARGET = tvm.target.Target(HOST_PRESET.target)
 def vm(tiny_model):
     mod = export_to_relax(tiny_model)
     entry_points = {gv.name_hint for gv, func in mod.functions_items() if isinstance(func, relax.Function)}
-    assert entry_points == {"encode", "decode_step", "reorder_cache", "top_candidates"}
+    assert entry_points == {"encode", "decode_step", "reorder_cache", "top_candidates", "select_beams"}
     return relax.VirtualMachine(tvm.compile(mod, TARGET, relax_pipeline=relax_pipeline(TARGET)), tvm.cpu())
 
 

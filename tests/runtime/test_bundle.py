@@ -11,7 +11,7 @@ from int8mt.runtime.bundle import Bundle, BundleError
 from int8mt.runtime.cache import aligned_empty
 from int8mt.runtime.tensors import TENSOR_ALIGNMENT
 from int8mt.runtime.options import SearchOptions
-from int8mt.runtime.search import beam_search, greedy_search
+from int8mt.runtime.search import _row_candidates, beam_search, greedy_search
 from int8mt.runtime.translator import Translator
 
 from ..conftest import HOST_PRESET, edit_manifest
@@ -142,9 +142,9 @@ def test_corrupt_manifest(bundle_copy):
 
 
 def test_bundles_of_an_earlier_format_are_refused_with_a_rebuild_message(bundle_copy):
-    """Format 7's decoder step writes its rows into the cache (format 6's returned them for ``append_cache``)."""
-    edit_manifest(bundle_copy, lambda m: m.update({"format": 6}))
-    with pytest.raises(BundleError, match="bundle format 6 is not supported .this runtime reads 7.; rebuild it"):
+    """Format 8 chooses beam search's hypotheses on the device (format 7's host did, from ``top_candidates``)."""
+    edit_manifest(bundle_copy, lambda m: m.update({"format": 7}))
+    with pytest.raises(BundleError, match="bundle format 7 is not supported .this runtime reads 8.; rebuild it"):
         Bundle(bundle_copy)
 
 
@@ -223,16 +223,18 @@ def _first_step(bundle: Bundle, src: np.ndarray):
 
 
 def test_device_candidates_are_the_largest_logits_and_their_log_sum_exp(tiny_bundle):
+    """As the host makes them from the whole logits for beams wider than the device's candidates allow."""
     bundle = Bundle(tiny_bundle)
     src = np.array([[10, 20, 30, 40, 3], [50, 60, 3, 0, 0]], np.int64)
     logits = bundle.decode_step(*_first_step(bundle, src))
-    values, ids, log_sum_exp = bundle.decode_step_candidates(*_first_step(bundle, src))
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :bundle.candidates]
+    values, ids, log_sum_exp = map(bundle.host, bundle.decode_step_candidates(*_first_step(bundle, src)))
+    host_values, host_ids, host_log_sum_exp = _row_candidates(logits, bundle.candidates)
     assert ids.shape == (2, bundle.candidates)
-    np.testing.assert_array_equal(ids, order)
-    np.testing.assert_array_equal(values, np.take_along_axis(logits, order, 1))
-    shifted = logits.astype(np.float64) - logits.max(1, keepdims=True)
-    np.testing.assert_allclose(log_sum_exp, logits.max(1) + np.log(np.exp(shifted).sum(1)), rtol=1e-6)
+    np.testing.assert_array_equal(ids, host_ids)
+    np.testing.assert_array_equal(values, host_values)
+    np.testing.assert_allclose(log_sum_exp, host_log_sum_exp, rtol=1e-6)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :bundle.candidates]
+    np.testing.assert_array_equal(host_values, np.take_along_axis(logits, order, 1))
 
 
 class _FullLogits:
