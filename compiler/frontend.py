@@ -14,9 +14,9 @@ The result is one IRModule with five entry points:
 * ``top_candidates(logits[B, V]) -> (values[B, K], ids[B, K] int64, log_sum_exp[B])``: each row's
   ``K = candidates_per_row(model)`` largest logits and the row's log-sum-exp (their log-probabilities are
   ``values - log_sum_exp``): beam search reads these instead of the whole ``[B, V]`` logits;
-* ``select_beams(values, ids, log_sum_exp, scores[n, k] float64, finished[n] int64, eos_banned[1] int64) ->
-  (tokens, origin, new_scores, ended_rows, ended_scores)`` (each ``[n, k]``): each sentence's next hypotheses from
-  its ``k`` rows' candidates (:mod:`int8mt.schedules.beam_select`), so that only those cross to the host.
+* ``select_beams(values, ids, log_sum_exp, state[n, k + 1] float64, eos_banned[1] int64) -> chosen[5, n, k]
+  float64``: each sentence's next hypotheses from its ``k`` rows' candidates, its hypotheses' scores and finished
+  count (:mod:`int8mt.schedules.beam_select`), so that only those cross to the host.
 
 Both caches have the model's ``cache_dtype``: int8 for quantized attention, else float32. With run-time ranges
 (``model.cache_scales``) each cache is two tensors, the int8 keys/values and their scales (``[..., 1]`` in place
@@ -205,20 +205,19 @@ def _top_candidates(model: Transformer) -> relax.Function:
 
 
 def _with_select_beams(mod: tvm.IRModule, model: Transformer) -> tvm.IRModule:
-    rows, width, n, k = (tvm.tirx.Var(name, "int64") for name in ("rows", "width", "n", "k"))
+    rows, width, n, columns = (tvm.tirx.Var(name, "int64") for name in ("rows", "width", "n", "columns"))
     params = [relax.Var("values", relax.TensorType((rows, width), "float32")),
               relax.Var("ids", relax.TensorType((rows, width), "int64")),
               relax.Var("log_sum_exp", relax.TensorType((rows,), "float32")),
-              relax.Var("scores", relax.TensorType((n, k), "float64")),
-              relax.Var("finished", relax.TensorType((n,), "int64")),
+              relax.Var("state", relax.TensorType((n, columns), "float64")),
               relax.Var("eos_banned", relax.TensorType((1,), "int64"))]
-    outputs = [relax.TensorType((n, k), dtype) for dtype in ("int64", "int64", "float64", "int64", "float64", "int64")]
+    outputs = [relax.TensorType((5, n, columns - 1), "float64"), relax.TensorType((n, columns - 1), "int64")]
     eos, pad = (relax.prim_value(tvm.tirx.IntImm("int64", token)) for token in (model.cfg.eos_id, model.cfg.pad_id))
     bb = relax.BlockBuilder(mod)
     with bb.function("select_beams", params):
         kernel = bb.add_func(beam_select_kernel(), "beam_select")
         with bb.dataflow():
             chosen = bb.emit(relax.call_tir(kernel, [*params, eos, pad], outputs))
-            out = bb.emit_output(relax.Tuple([relax.TupleGetItem(chosen, i) for i in range(5)]))  # (not the heads)
+            out = bb.emit_output(relax.TupleGetItem(chosen, 0))  # (not the heads, a scratch output)
         bb.emit_func_output(out)
     return bb.get()

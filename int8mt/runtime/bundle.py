@@ -427,12 +427,16 @@ class BeamChoice(NamedTuple):
     """:meth:`Bundle.select_beams`' choice for ``n`` sentences of ``k`` hypotheses, each array ``[n, k]``: slot
     ``s`` of sentence ``i`` continues row ``origin[i, s]`` with ``tokens[i, s]`` at ``new_scores[i, s]`` (free
     slots: the pad token, their own row, -inf); the hypotheses of rows ``ended_rows[i, :]`` (-1: none) ended at
-    ``ended_scores``, best first."""
+    ``ended_scores``, best first. The fields in order are the planes of ``select_beams``' float64 result
+    (:mod:`int8mt.schedules.beam_select`); ``INDEX_FIELDS`` are int64 here."""
     tokens: np.ndarray
     origin: np.ndarray
     new_scores: np.ndarray
     ended_rows: np.ndarray
     ended_scores: np.ndarray
+
+
+INDEX_FIELDS = frozenset({"tokens", "origin", "ended_rows"})  # BeamChoice's token ids and rows
 
 
 class Bundle:
@@ -655,11 +659,13 @@ class Bundle:
                      eos_banned: bool) -> BeamChoice:
         """Each sentence's next hypotheses (:mod:`int8mt.schedules.beam_select`, on the device) from its ``k`` rows'
         ``candidates`` (values, ids and log-sum-exp, as :meth:`decode_step_candidates` returns them, rows sorted by
-        sentence), the hypotheses' ``scores`` [n, k] float64, each sentence's ``finished`` hypotheses [n] and
-        whether an end of sentence is passed over."""
-        out = _parts(self._select(*candidates, self._staged("scores", scores), self._staged("finished", finished),
-                                  self._flag(eos_banned)))
-        return BeamChoice(*(self.host(tensor) for tensor in out))
+        sentence), the hypotheses' ``scores`` [n, k], each sentence's ``finished`` hypotheses [n] and whether an
+        end of sentence is passed over. One array goes to the device and one comes back."""
+        state = aligned_empty((len(scores), scores.shape[1] + 1), "float64")
+        state[:, :-1], state[:, -1] = scores, finished
+        chosen = self.host(self._select(*candidates, self._staged("state", state), self._flag(eos_banned)))
+        return BeamChoice(*(plane.astype("int64") if name in INDEX_FIELDS else plane
+                            for name, plane in zip(BeamChoice._fields, chosen)))
 
     def _flag(self, value: bool) -> Any:
         """An int64 tensor [1] holding ``value``, made once per value and bundle."""

@@ -1,12 +1,14 @@
 """Beam search's choice of each sentence's next hypotheses (``beam_select``): case by case, and against a plain
 Python walk of each sentence's candidates in score order on random inputs (ties, -inf, finished sentences, a
 banned end of sentence); the GPU kernel's CUDA C run on this CPU gives the CPU kernel's results."""
+import re
 import shutil
 
 import numpy as np
 import pytest
 import tvm
 
+from int8mt.runtime.bundle import BeamChoice
 from int8mt.schedules.beam_select import GPU_THREADS, beam_select_kernel
 
 from ..conftest import HOST_PRESET
@@ -14,8 +16,7 @@ from ..cuda_emulation import emulated_kernel, kernel_cuda_source
 
 EOS, PAD = 2, 0
 NEG = -np.inf
-OUTPUTS = ("tokens", "origin", "new_scores", "ended_rows", "ended_scores")
-DTYPES = (np.int64, np.int64, np.float64, np.int64, np.float64, np.int64)  # (the outputs, then the heads)
+OUTPUTS = BeamChoice._fields  # the planes of the result
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +26,26 @@ def beam_select():
 
 
 def _inputs(values, ids, log_sum_exp, scores, finished, banned=False):
-    return (np.asarray(values, np.float32), np.asarray(ids, np.int64), np.asarray(log_sum_exp, np.float32),
-            np.asarray(scores, np.float64), np.asarray(finished, np.int64), np.array([int(banned)], np.int64))
+    """The kernel's inputs: ``state`` is each sentence's scores, then its count of finished hypotheses."""
+    state = np.concatenate([np.asarray(scores, np.float64), np.asarray(finished, np.float64)[:, None]], 1)
+    return (np.asarray(values, np.float32), np.asarray(ids, np.int64), np.asarray(log_sum_exp, np.float32), state,
+            np.array([int(banned)], np.int64))
+
+
+def _outputs(inputs) -> list[np.ndarray]:
+    n, k = inputs[3].shape[0], inputs[3].shape[1] - 1
+    return [np.full((len(OUTPUTS), n, k), np.nan), np.zeros((n, k), np.int64)]  # the planes, the heads
 
 
 def _run(kernel, inputs) -> dict[str, np.ndarray]:
-    n, k = inputs[3].shape
-    outputs = [tvm.runtime.tensor(np.zeros((n, k), dtype)) for dtype in DTYPES]
+    outputs = [tvm.runtime.tensor(out) for out in _outputs(inputs)]
     kernel(*(tvm.runtime.tensor(a) for a in inputs), EOS, PAD, *outputs)
-    return {name: out.numpy() for name, out in zip(OUTPUTS, outputs)}
+    return dict(zip(OUTPUTS, outputs[0].numpy()))
+
+
+def _reference_of(inputs) -> dict[str, np.ndarray]:
+    values, ids, log_sum_exp, state, banned = inputs
+    return _reference(values, ids, log_sum_exp, state[:, :-1], state[:, -1].astype(np.int64), bool(banned[0]))
 
 
 def _reference(values, ids, log_sum_exp, scores, finished, banned) -> dict[str, np.ndarray]:
@@ -115,7 +127,7 @@ def test_random_choices_equal_a_walk_of_the_sorted_candidates(beam_select, seed)
     for _ in range(50):
         k = int(rng.integers(1, 6))
         inputs = _random_inputs(rng, int(rng.integers(1, 6)), k, int(rng.integers(2 * k, 2 * k + 5)))
-        chosen, expected = _run(beam_select, inputs), _reference(*inputs[:5], bool(inputs[5][0]))
+        chosen, expected = _run(beam_select, inputs), _reference_of(inputs)
         for name in OUTPUTS:
             np.testing.assert_array_equal(chosen[name], expected[name], err_msg=name)
 
@@ -124,15 +136,15 @@ def test_gpu_kernels_cuda_code_run_on_this_cpu_equals_the_cpu_kernel(beam_select
     """Sentences over more than one thread block, the last one part full."""
     if shutil.which("g++") is None:
         pytest.skip("runs the kernel's CUDA C on this CPU with g++ (Debian: apt-get install g++)")
-    run = emulated_kernel(kernel_cuda_source(beam_select_kernel(gpu=True), "beam_select"), "beam_select_kernel",
-                          tmp_path)
+    source = kernel_cuda_source(beam_select_kernel(gpu=True), "beam_select")
+    run = emulated_kernel(source, "beam_select_kernel", tmp_path)
     rng = np.random.default_rng(7)
     n, k, width = GPU_THREADS + 5, 4, 16
     inputs = _random_inputs(rng, n, k, width)
-    outputs = [np.zeros((n, k), dtype) for dtype in DTYPES]
-    names = dict(zip(("V", "I", "L", "S", "F", "banned"), inputs))
-    run((-(-n // GPU_THREADS), 1), **names, **dict(zip(("O_t", "O_o", "O_s", "O_er", "O_es", "H"), outputs)),
-        eos_id=EOS, pad_id=PAD, n=n, k=k, width=width)
+    chosen, heads = _outputs(inputs)
+    beams = dict.fromkeys(re.findall(r"int64_t (cse_v\d+)", source), k)  # (the host's columns - 1, hoisted)
+    run((-(-n // GPU_THREADS), 1), **dict(zip(("V", "I", "L", "S", "banned"), inputs)), O=chosen, H=heads,
+        eos_id=EOS, pad_id=PAD, n=n, columns=k + 1, width=width, **beams)
     expected = _run(beam_select, inputs)
-    for name, got in zip(OUTPUTS, outputs):
+    for name, got in zip(OUTPUTS, chosen):
         np.testing.assert_array_equal(got, expected[name], err_msg=name)
