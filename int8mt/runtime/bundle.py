@@ -615,6 +615,11 @@ class Bundle:
                                   self.cache_scales, batch, min(positions, self.max_positions))
 
     @property
+    def on_gpu(self) -> bool:
+        """Whether the entry points run on a GPU (their results are then copied to the host)."""
+        return self._on_gpu
+
+    @property
     def decodes_greedily(self) -> bool:
         """Whether the library has the greedy loop (:meth:`greedy_decode`; CPU bundles whose manifest lists it)."""
         return self._greedy is not None

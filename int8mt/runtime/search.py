@@ -74,8 +74,11 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     beams read the whole logits and hand each row's 2k best to the same choice. Reordering hypotheses reorders
     only the cache's history (on the host). Finished sentences leave the batch (their k rows dropped from the
     history and the cross-attention keys/values) once fewer than ``COMPACT_BELOW`` of the sentences in flight
-    are unfinished, as in greedy search; every sentence's result is the same as decoded alone."""
-    if opts.beam_size == 1:
+    are unfinished, as in greedy search; every sentence's result is the same as decoded alone. One hypothesis per
+    sentence is greedy search: on the CPU :func:`greedy_search` (each row's arg-max of its logits, read in place);
+    on a GPU this search with k = 1 makes the same choice on the device, so that no logits are copied to the host
+    (a step's logits: rows x vocabulary float32)."""
+    if opts.beam_size == 1 and not bundle.on_gpu:
         return greedy_search(bundle, src, max_lens, opts.min_length)
     batch, k = src.shape[0], opts.beam_size
     alive = np.arange(batch)  # the sentences in flight, in row order: sentence alive[i] has rows i*k .. i*k+k-1

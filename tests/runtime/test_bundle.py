@@ -277,6 +277,33 @@ def test_beam_search_on_device_candidates_equals_beam_search_on_logits(tiny_bund
     assert beam_search(bundle, src, max_lens, opts) == beam_search(_FullLogits(bundle), src, max_lens, opts)
 
 
+class _AsOnAGPU(_FullLogits):
+    """A bundle taken for one on a GPU: greedy search chooses its tokens on the device."""
+
+    candidates = property(lambda self: self.bundle.candidates)
+    on_gpu = True
+
+
+@pytest.mark.parametrize("min_length", [0, 6])
+def test_greedy_search_on_the_device_equals_greedy_search_on_the_logits(tiny_bundle, min_length):
+    """Beam search with one hypothesis, as a GPU bundle runs greedy search: each row's best candidate (an end of
+    sentence passed over below the minimum length), the same tokens as the arg-max of the logits."""
+    bundle = Bundle(tiny_bundle)
+    src = np.random.default_rng(min_length).integers(4, 8000, (6, 7))
+    src[2, 3:] = bundle.pad_id
+    opts = SearchOptions(beam_size=1, min_length=min_length)
+    max_lens = [3, 9, 12, 40, 1, 7]
+    chosen = []
+    select = bundle.select_beams
+    on_device = _AsOnAGPU(bundle)
+    on_device.select_beams = lambda *args: chosen.append(args[1].shape) or select(*args)
+    expected = greedy_search(bundle, src, max_lens, min_length)
+    assert beam_search(on_device, src, max_lens, opts) == expected
+    assert chosen and all(shape[1] == 1 for shape in chosen)
+    assert any(len(tokens) == n for tokens, n in zip(expected, max_lens))  # (some stop at their length)
+    assert min(len(tokens) for tokens in expected) >= min(min_length, *max_lens)
+
+
 class _EndsAtOnce(_FullLogits):
     """A bundle whose end-of-sentence logit is always the largest: unconstrained, every output is empty."""
 
