@@ -88,30 +88,6 @@ def beam_select_kernel(gpu: bool = False) -> tirx.PrimFunc:
                         state[2] = T.Cast("int64", state[0] >= k)
                     heads[i, state[3]] = heads[i, state[3]] + 1
 
-    if gpu:
-        @T.prim_func(s_tir=True, private=True)
-        def beam_select_gpu(values: T.handle, ids: T.handle, log_sum_exp: T.handle, state: T.handle,
-                            eos_banned: T.handle, eos_id: T.int64, pad_id: T.int64, chosen: T.handle,
-                            heads: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: BEAM_SELECT})
-            V = T.match_buffer(values, (rows, width), "float32")
-            I = T.match_buffer(ids, (rows, width), "int64")
-            L = T.match_buffer(log_sum_exp, (rows,), "float32")
-            S = T.match_buffer(state, (n, columns), "float64")
-            banned = T.match_buffer(eos_banned, (T.int64(1),), "int64")
-            O = T.match_buffer(chosen, (T.int64(5), n, k), "float64")
-            H = T.match_buffer(heads, (n, k), "int64")
-            with T.sblock("root"):
-                block = T.launch_thread("blockIdx.x", (n + GPU_THREADS - 1) // GPU_THREADS)
-                thread = T.launch_thread("threadIdx.x", GPU_THREADS)
-                state = T.decl_buffer((5,), "int64", scope="local")
-                best = T.decl_buffer((1,), "float64", scope="local")
-                i = T.Cast("int64", block) * GPU_THREADS + T.Cast("int64", thread)
-                if i < n:
-                    choose(i, V, I, L, S, banned, eos_id, pad_id, O, H, state, best)
-
-        return beam_select_gpu
-
     @T.prim_func(s_tir=True, private=True)
     def beam_select(values: T.handle, ids: T.handle, log_sum_exp: T.handle, state: T.handle, eos_banned: T.handle,
                     eos_id: T.int64, pad_id: T.int64, chosen: T.handle, heads: T.handle):
@@ -123,14 +99,24 @@ def beam_select_kernel(gpu: bool = False) -> tirx.PrimFunc:
         banned = T.match_buffer(eos_banned, (T.int64(1),), "int64")
         O = T.match_buffer(chosen, (T.int64(5), n, k), "float64")
         H = T.match_buffer(heads, (n, k), "int64")
-        for i in T.parallel(n):
-            with T.sblock("sentence"):
-                vi = T.axis.spatial(n, i)
-                T.reads(V[vi * k:vi * k + k, 0:width], I[vi * k:vi * k + k, 0:width], L[vi * k:vi * k + k],
-                        S[vi, 0:columns], banned[0])
-                T.writes(O[0:5, vi, 0:k], H[vi, 0:k])
-                state = T.alloc_buffer((5,), "int64", scope="local")
-                best = T.alloc_buffer((1,), "float64", scope="local")
-                choose(vi, V, I, L, S, banned, eos_id, pad_id, O, H, state, best)
+        if gpu:  # (a Python bool: one of the two bodies is parsed)
+            with T.sblock("root"):
+                block = T.launch_thread("blockIdx.x", (n + GPU_THREADS - 1) // GPU_THREADS)
+                thread = T.launch_thread("threadIdx.x", GPU_THREADS)
+                state = T.decl_buffer((5,), "int64", scope="local")
+                best = T.decl_buffer((1,), "float64", scope="local")
+                i = T.Cast("int64", block) * GPU_THREADS + T.Cast("int64", thread)
+                if i < n:
+                    choose(i, V, I, L, S, banned, eos_id, pad_id, O, H, state, best)
+        else:
+            for i in T.parallel(n):
+                with T.sblock("sentence"):
+                    vi = T.axis.spatial(n, i)
+                    T.reads(V[vi * k:vi * k + k, 0:width], I[vi * k:vi * k + k, 0:width], L[vi * k:vi * k + k],
+                            S[vi, 0:columns], banned[0])
+                    T.writes(O[0:5, vi, 0:k], H[vi, 0:k])
+                    state = T.alloc_buffer((5,), "int64", scope="local")
+                    best = T.alloc_buffer((1,), "float64", scope="local")
+                    choose(vi, V, I, L, S, banned, eos_id, pad_id, O, H, state, best)
 
     return beam_select

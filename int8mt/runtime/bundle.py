@@ -441,7 +441,7 @@ INDEX_FIELDS = frozenset({"tokens", "origin", "ended_rows"})  # BeamChoice's tok
 
 class Bundle:
     """A loaded bundle: the model's entry points on the CPU, or on the GPU for CUDA bundles (then the key/value
-    caches stay in GPU memory; token ids go up, logits or each row's candidates come back)."""
+    caches stay in GPU memory; token ids go up, logits or beam search's choices come back)."""
 
     def __init__(self, bundle_dir: Path | str) -> None:
         self.path = Path(bundle_dir)
