@@ -6,7 +6,7 @@ descending order, their values and the row's log-sum-exp (``top_candidates``: a 
 have finished (float64, one array: one copy to a GPU per step). A candidate's score is its hypothesis's score
 plus its log-probability, in float64 as ``state[i, b] + (float64(value) - float64(log_sum_exp))``. The kernel
 walks each sentence's ``2k`` best candidates best first (a merge of its rows' lists; equal scores in row order,
-then in their row's order) and, as the search it replaces did on the host:
+then in their row's order):
 
 * a candidate of -inf (or NaN) stops the sentence: nothing after it is taken;
 * an end of sentence finishes its hypothesis (``ENDED_ROWS``/``ENDED_SCORES``, in order), or is passed over while
@@ -18,7 +18,7 @@ then in their row's order) and, as the search it replaces did on the host:
 
 Slots left free keep the pad token, their own row as origin and -inf; unused ended entries row -1 and -inf. The
 five results are planes of one float64 array ``chosen[5, n, k]`` (token ids and rows exact below 2**53), so that
-one copy brings them to the host per step, instead of every row's candidates and the host's partition of them.
+one copy brings them to the host per step, instead of every row's candidates for the host to merge and walk.
 The rows' read positions in their lists (``heads``, one per row) are a scratch output, so that any beam fits.
 The CPU kernel runs sentences in parallel; the GPU kernel gives each sentence a thread.
 """
