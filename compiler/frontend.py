@@ -14,7 +14,7 @@ The result is one IRModule with five entry points:
 * ``top_candidates(logits[B, V]) -> (values[B, K], ids[B, K] int64, log_sum_exp[B])``: each row's
   ``K = candidates_per_row(model)`` largest logits and the row's log-sum-exp (their log-probabilities are
   ``values - log_sum_exp``): beam search reads these instead of the whole ``[B, V]`` logits;
-* ``select_beams(values, ids, log_sum_exp, state[n, k + 1] float64, eos_banned[1] int64) -> chosen[5, n, k]
+* ``select_beams(values, ids, log_sum_exp, state[n, k + 1] float64, eos_banned[1] int64) -> chosen[PLANES, n, k]
   float64``: each sentence's next hypotheses from its ``k`` rows' candidates, its hypotheses' scores and finished
   count (:mod:`int8mt.schedules.beam_select`), so that only those cross to the host.
 
@@ -38,7 +38,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from int8mt.model.transformer import Transformer
 from int8mt.runtime.bundle import DEFAULT_MAX_ROWS
 from int8mt.schedules.append_rows import append_rows_kernel
-from int8mt.schedules.beam_select import beam_select_kernel
+from int8mt.schedules.beam_select import PLANES, beam_select_kernel
 
 
 class _Encode(nn.Module):
@@ -205,19 +205,21 @@ def _top_candidates(model: Transformer) -> relax.Function:
 
 
 def _with_select_beams(mod: tvm.IRModule, model: Transformer) -> tvm.IRModule:
+    """``mod`` with the entry point ``select_beams``: the CPU's :func:`beam_select_kernel` on the rows'
+    candidates and the sentences' state, the model's end of sentence and pad token (its scratch output dropped)."""
     rows, width, n, columns = (tvm.tirx.Var(name, "int64") for name in ("rows", "width", "n", "columns"))
     params = [relax.Var("values", relax.TensorType((rows, width), "float32")),
               relax.Var("ids", relax.TensorType((rows, width), "int64")),
               relax.Var("log_sum_exp", relax.TensorType((rows,), "float32")),
               relax.Var("state", relax.TensorType((n, columns), "float64")),
               relax.Var("eos_banned", relax.TensorType((1,), "int64"))]
-    outputs = [relax.TensorType((5, n, columns - 1), "float64"), relax.TensorType((n, columns - 1), "int64")]
+    outputs = [relax.TensorType((PLANES, n, columns - 1), "float64"), relax.TensorType((n, columns - 1), "int64")]
     eos, pad = (relax.prim_value(tvm.tirx.IntImm("int64", token)) for token in (model.cfg.eos_id, model.cfg.pad_id))
     bb = relax.BlockBuilder(mod)
     with bb.function("select_beams", params):
         kernel = bb.add_func(beam_select_kernel(), "beam_select")
         with bb.dataflow():
             chosen = bb.emit(relax.call_tir(kernel, [*params, eos, pad], outputs))
-            out = bb.emit_output(relax.TupleGetItem(chosen, 0))  # (not the heads, a scratch output)
+            out = bb.emit_output(relax.TupleGetItem(chosen, 0))
         bb.emit_func_output(out)
     return bb.get()

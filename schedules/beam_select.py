@@ -17,7 +17,7 @@ then in their row's order):
   takes nothing if ``k`` had finished already.
 
 Slots left free keep the pad token, their own row as origin and -inf; unused ended entries row -1 and -inf. The
-five results are planes of one float64 array ``chosen[5, n, k]`` (token ids and rows exact below 2**53), so that
+five results are planes of one float64 array ``chosen[PLANES, n, k]`` (token ids and rows exact below 2**53), so that
 one copy brings them to the host per step, instead of every row's candidates for the host to merge and walk.
 The rows' read positions in their lists (``heads``, one per row) are a scratch output, so that any beam fits.
 The CPU kernel runs sentences in parallel; the GPU kernel gives each sentence a thread.
@@ -35,18 +35,19 @@ BEAM_SELECT = "beam_select"  # (KERNEL_ATTR)
 GPU_THREADS = 32  # sentences per thread block on a GPU
 TOKENS, ORIGIN, NEW_SCORES, ENDED_ROWS, ENDED_SCORES = (  # the planes of ``chosen``: the runtime's fields
     BeamChoice._fields.index(name) for name in ("tokens", "origin", "new_scores", "ended_rows", "ended_scores"))
+PLANES = len(BeamChoice._fields)
 
 
 def beam_select_kernel(gpu: bool = False) -> tirx.PrimFunc:
     """``beam_select(values[R, C], ids[R, C], log_sum_exp[R], state[n, k + 1], eos_banned[1], eos_id, pad_id) ->
-    chosen[5, n, k], heads[n, k]`` with ``R = n * k`` (all sizes dynamic); ``gpu``: bound to CUDA threads
+    chosen[PLANES, n, k], heads[n, k]`` with ``R = n * k`` (all sizes dynamic); ``gpu``: bound to CUDA threads
     instead of a parallel CPU loop."""
     rows, width, n, columns = (tirx.Var(name, "int64") for name in ("rows", "width", "n", "columns"))
     k = columns - 1
     lowest = tirx.const(float("-inf"), "float64")
 
     @T.macro
-    def choose(i, V, I, L, S, banned, eos_id, pad_id, out, heads, state, best):
+    def choose(i, V, I, L, S, banned, eos_id, pad_id, out, heads, walk, best):
         for s in range(k):
             out[TOKENS, i, s] = T.Cast("float64", pad_id)
             out[ORIGIN, i, s] = T.Cast("float64", i * k + s)
@@ -54,39 +55,39 @@ def beam_select_kernel(gpu: bool = False) -> tirx.PrimFunc:
             out[ENDED_ROWS, i, s] = T.float64(-1)
             out[ENDED_SCORES, i, s] = lowest
             heads[i, s] = T.int64(0)
-        # state: [continued, ended, stopped, best row, finished before this step]
-        state[4] = T.Cast("int64", S[i, k])
-        state[0] = T.int64(0)
-        state[1] = state[4]
-        state[2] = T.Cast("int64", state[4] >= k)
+        # walk: [continued, ended, stopped, best row, finished before this step]
+        walk[4] = T.Cast("int64", S[i, k])
+        walk[0] = T.int64(0)
+        walk[1] = walk[4]
+        walk[2] = T.Cast("int64", walk[4] >= k)
         for _pick in range(2 * k):
-            if state[2] == T.int64(0):
-                state[3] = T.int64(-1)
+            if walk[2] == T.int64(0):
+                walk[3] = T.int64(-1)
                 best[0] = lowest
                 for b in range(k):
                     if heads[i, b] < width:
-                        if state[3] < 0 or S[i, b] + (T.Cast("float64", V[i * k + b, heads[i, b]])
+                        if walk[3] < 0 or S[i, b] + (T.Cast("float64", V[i * k + b, heads[i, b]])
                                                       - T.Cast("float64", L[i * k + b])) > best[0]:
                             best[0] = S[i, b] + (T.Cast("float64", V[i * k + b, heads[i, b]])
                                                  - T.Cast("float64", L[i * k + b]))
-                            state[3] = T.int64(b)
-                if state[3] < 0 or not best[0] > lowest:  # (NaN too)
-                    state[2] = T.int64(1)
+                            walk[3] = T.int64(b)
+                if walk[3] < 0 or not best[0] > lowest:  # (NaN too)
+                    walk[2] = T.int64(1)
                 else:
-                    row = i * k + state[3]
-                    if I[row, heads[i, state[3]]] == eos_id:
+                    row = i * k + walk[3]
+                    if I[row, heads[i, walk[3]]] == eos_id:
                         if banned[0] == T.int64(0):
-                            out[ENDED_ROWS, i, state[1] - state[4]] = T.Cast("float64", row)
-                            out[ENDED_SCORES, i, state[1] - state[4]] = best[0]
-                            state[1] = state[1] + 1
-                            state[2] = T.Cast("int64", state[1] >= k)
+                            out[ENDED_ROWS, i, walk[1] - walk[4]] = T.Cast("float64", row)
+                            out[ENDED_SCORES, i, walk[1] - walk[4]] = best[0]
+                            walk[1] = walk[1] + 1
+                            walk[2] = T.Cast("int64", walk[1] >= k)
                     else:
-                        out[TOKENS, i, state[0]] = T.Cast("float64", I[row, heads[i, state[3]]])
-                        out[ORIGIN, i, state[0]] = T.Cast("float64", row)
-                        out[NEW_SCORES, i, state[0]] = best[0]
-                        state[0] = state[0] + 1
-                        state[2] = T.Cast("int64", state[0] >= k)
-                    heads[i, state[3]] = heads[i, state[3]] + 1
+                        out[TOKENS, i, walk[0]] = T.Cast("float64", I[row, heads[i, walk[3]]])
+                        out[ORIGIN, i, walk[0]] = T.Cast("float64", row)
+                        out[NEW_SCORES, i, walk[0]] = best[0]
+                        walk[0] = walk[0] + 1
+                        walk[2] = T.Cast("int64", walk[0] >= k)
+                    heads[i, walk[3]] = heads[i, walk[3]] + 1
 
     @T.prim_func(s_tir=True, private=True)
     def beam_select(values: T.handle, ids: T.handle, log_sum_exp: T.handle, state: T.handle, eos_banned: T.handle,
@@ -97,26 +98,26 @@ def beam_select_kernel(gpu: bool = False) -> tirx.PrimFunc:
         L = T.match_buffer(log_sum_exp, (rows,), "float32")
         S = T.match_buffer(state, (n, columns), "float64")
         banned = T.match_buffer(eos_banned, (T.int64(1),), "int64")
-        O = T.match_buffer(chosen, (T.int64(5), n, k), "float64")
+        O = T.match_buffer(chosen, (T.int64(PLANES), n, k), "float64")
         H = T.match_buffer(heads, (n, k), "int64")
         if gpu:  # (a Python bool: one of the two bodies is parsed)
             with T.sblock("root"):
                 block = T.launch_thread("blockIdx.x", (n + GPU_THREADS - 1) // GPU_THREADS)
                 thread = T.launch_thread("threadIdx.x", GPU_THREADS)
-                state = T.decl_buffer((5,), "int64", scope="local")
+                walk = T.decl_buffer((5,), "int64", scope="local")
                 best = T.decl_buffer((1,), "float64", scope="local")
                 i = T.Cast("int64", block) * GPU_THREADS + T.Cast("int64", thread)
                 if i < n:
-                    choose(i, V, I, L, S, banned, eos_id, pad_id, O, H, state, best)
+                    choose(i, V, I, L, S, banned, eos_id, pad_id, O, H, walk, best)
         else:
             for i in T.parallel(n):
                 with T.sblock("sentence"):
                     vi = T.axis.spatial(n, i)
                     T.reads(V[vi * k:vi * k + k, 0:width], I[vi * k:vi * k + k, 0:width], L[vi * k:vi * k + k],
                             S[vi, 0:columns], banned[0])
-                    T.writes(O[0:5, vi, 0:k], H[vi, 0:k])
-                    state = T.alloc_buffer((5,), "int64", scope="local")
+                    T.writes(O[0:PLANES, vi, 0:k], H[vi, 0:k])
+                    walk = T.alloc_buffer((5,), "int64", scope="local")
                     best = T.alloc_buffer((1,), "float64", scope="local")
-                    choose(vi, V, I, L, S, banned, eos_id, pad_id, O, H, state, best)
+                    choose(vi, V, I, L, S, banned, eos_id, pad_id, O, H, walk, best)
 
     return beam_select
