@@ -313,6 +313,28 @@ class _EndsAtOnce(_FullLogits):
         return logits
 
 
+class _EndsAtOnceOnAGPU(_AsOnAGPU):
+    """:class:`_EndsAtOnce` for the device's candidates: each row's first is the end of sentence, the others its
+    best other tokens (a row's log-sum-exp does not change which of its candidates is best)."""
+
+    def decode_step_candidates(self, *args):
+        values, ids, log_sum_exp = map(self.bundle.host, self.bundle.decode_step_candidates(*args))
+        order = np.argsort(ids == self.bundle.eos_id, axis=1, kind="stable")[:, :-1]  # other tokens first
+        ids = np.concatenate([np.full((len(ids), 1), self.bundle.eos_id), np.take_along_axis(ids, order, 1)], 1)
+        values = np.concatenate([values[:, :1] + 10.0, np.take_along_axis(values, order, 1)], 1)
+        return tuple(self.bundle.tensor(np.ascontiguousarray(part)) for part in (values, ids, log_sum_exp))
+
+
+def test_greedy_search_on_the_device_holds_back_the_end_of_sentence(tiny_bundle):
+    bundle = Bundle(tiny_bundle)
+    src = np.random.default_rng(3).integers(4, 8000, (4, 6))
+    for opts in (SearchOptions(beam_size=1), SearchOptions(beam_size=1, max_length_a=0, max_length_b=7, min_length=7)):
+        max_lens = opts.max_lengths(src, 0, 40)
+        out = beam_search(_EndsAtOnceOnAGPU(bundle), src, max_lens, opts)
+        assert out == greedy_search(_EndsAtOnce(bundle), src, max_lens, opts.min_length)
+        assert out == [[]] * 4 if opts.min_length == 0 else [len(o) for o in out] == [7] * 4
+
+
 @pytest.mark.parametrize("beam", [1, 3])
 def test_min_length_holds_back_the_end_of_sentence(tiny_bundle, beam):
     """Fixed work, as the CTranslate2 comparison runs it: minimum = maximum = N tokens for every sentence."""
