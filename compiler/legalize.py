@@ -10,7 +10,6 @@ import tvm
 from tvm import relax, topi
 
 from int8mt.schedules.beam_select import BEAM_SELECT, beam_select_kernel
-from int8mt.schedules.kernel_attrs import KERNEL_ATTR
 from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
 
 
@@ -92,13 +91,13 @@ def legalize_map() -> dict[str, Callable]:
 def _gpu_beam_select(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """For a CUDA target, the GPU's kernel of beam search's choice in place of the CPU's that the frontend builds
     (``select_beams``: :mod:`int8mt.schedules.beam_select`)."""
+    from .passes.kernel_calls import kernel_kind  # (here: the passes' package imports this module)
+
     target = tvm.target.Target.current()
     if target is None or target.kind.name != "cuda":
         return mod
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and \
-                str(func.attrs.get(KERNEL_ATTR, "")) == BEAM_SELECT:
-            mod[gv] = beam_select_kernel(gpu=True)
+    for gv in [gv for gv in mod.functions if kernel_kind(mod, gv) == BEAM_SELECT]:
+        mod[gv] = beam_select_kernel(gpu=True)
     return mod
 
 

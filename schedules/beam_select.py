@@ -65,11 +65,11 @@ def beam_select_kernel(gpu: bool = False) -> tirx.PrimFunc:
                 walk[3] = T.int64(-1)
                 best[0] = lowest
                 for b in range(k):
-                    if heads[i, b] < width:
-                        if walk[3] < 0 or S[i, b] + (T.Cast("float64", V[i * k + b, heads[i, b]])
-                                                      - T.Cast("float64", L[i * k + b])) > best[0]:
-                            best[0] = S[i, b] + (T.Cast("float64", V[i * k + b, heads[i, b]])
-                                                 - T.Cast("float64", L[i * k + b]))
+                    if heads[i, b] < width:  # best[1]: row b's next candidate's score
+                        best[1] = S[i, b] + (T.Cast("float64", V[i * k + b, heads[i, b]])
+                                             - T.Cast("float64", L[i * k + b]))
+                        if walk[3] < 0 or best[1] > best[0]:
+                            best[0] = best[1]
                             walk[3] = T.int64(b)
                 if walk[3] < 0 or not best[0] > lowest:  # (NaN too)
                     walk[2] = T.int64(1)
@@ -105,7 +105,7 @@ def beam_select_kernel(gpu: bool = False) -> tirx.PrimFunc:
                 block = T.launch_thread("blockIdx.x", (n + GPU_THREADS - 1) // GPU_THREADS)
                 thread = T.launch_thread("threadIdx.x", GPU_THREADS)
                 walk = T.decl_buffer((5,), "int64", scope="local")
-                best = T.decl_buffer((1,), "float64", scope="local")
+                best = T.decl_buffer((2,), "float64", scope="local")
                 i = T.Cast("int64", block) * GPU_THREADS + T.Cast("int64", thread)
                 if i < n:
                     choose(i, V, I, L, S, banned, eos_id, pad_id, O, H, walk, best)
@@ -117,7 +117,7 @@ def beam_select_kernel(gpu: bool = False) -> tirx.PrimFunc:
                             S[vi, 0:columns], banned[0])
                     T.writes(O[0:PLANES, vi, 0:k], H[vi, 0:k])
                     walk = T.alloc_buffer((5,), "int64", scope="local")
-                    best = T.alloc_buffer((1,), "float64", scope="local")
+                    best = T.alloc_buffer((2,), "float64", scope="local")
                     choose(vi, V, I, L, S, banned, eos_id, pad_id, O, H, walk, best)
 
     return beam_select

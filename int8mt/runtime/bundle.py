@@ -466,8 +466,7 @@ class Bundle:
         self._item = self._ffi.get_global_func("ffi.ArrayGetItem")  # (one call: an Array's ``[i]`` makes three)
         self._item.release_gil = False  # (each call: a chance for another replica's thread to take the GIL)
         weights, self._weights = self._map_weights()
-        self._steps: dict[int, Any] = {}  # position -> the decoder step's input tensor (shared by replicas)
-        self._flags: dict[bool, Any] = {}  # select_beams' eos_banned input, per value (shared by replicas)
+        self._scalars: dict[int, Any] = {}  # value -> an int64 tensor [1] holding it (shared by replicas)
         self._pooled = _POOLED["gpu" if self._on_gpu else "cpu"]
         self._admitted: tuple = ()  # the last call size admitted, and the pools' releases then
         self._open_vm()
@@ -668,23 +667,16 @@ class Bundle:
         end of sentence is passed over. One array goes to the device and one comes back."""
         state = aligned_empty((len(scores), scores.shape[1] + 1), "float64")
         state[:, :-1], state[:, -1] = scores, finished
-        chosen = self.host(self._select(*candidates, self._staged("state", state), self._flag(eos_banned)))
+        chosen = self.host(self._select(*candidates, self._staged("state", state), self._scalar(int(eos_banned))))
         return BeamChoice(*(plane.astype("int64") if name in INDEX_FIELDS else plane
                             for name, plane in zip(BeamChoice._fields, chosen)))
-
-    def _flag(self, value: bool) -> Any:
-        """An int64 tensor [1] holding ``value``, made once per value and bundle."""
-        tensor = self._flags.get(value)
-        if tensor is None:
-            tensor = self._flags[value] = self._int64((1,), (int(value),))
-        return tensor
 
     def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                   src: Any) -> Any:
         """The compiled decoder step: writes its rows into ``cache`` and returns the logits (on the device)."""
         self._admit(tokens.shape[0], src.shape[1])
         rows_used = cache.reserve_step()
-        out = self._step(self._staged("tokens", tokens), self._step_tensor(step), *cache.inputs,
+        out = self._step(self._staged("tokens", tokens), self._scalar(step), *cache.inputs,
                          self._staged("history", cache.history), *cross_kv, src, rows_used)
         cache.record_step()
         return self._item(out, 0)
@@ -704,12 +696,12 @@ class Bundle:
         self._copy(self._ffi.from_dlpack(array if array.flags.c_contiguous else array.copy()), view)
         return view
 
-    def _step_tensor(self, step: int) -> Any:
-        """The decoder step's ``step`` input (its position) as a tensor, made once per position and bundle (a
-        conversion and, on a GPU, an allocation and a copy at every step otherwise)."""
-        tensor = self._steps.get(step)
+    def _scalar(self, value: int) -> Any:
+        """An int64 tensor [1] holding ``value`` (the decoder step's position, ``select_beams``' flag), made once per
+        value and bundle (a conversion and, on a GPU, an allocation and a copy at every step otherwise)."""
+        tensor = self._scalars.get(value)
         if tensor is None:
-            tensor = self._steps[step] = self._int64((1,), (step,))
+            tensor = self._scalars[value] = self._int64((1,), (value,))
         return tensor
 
     def _admit(self, rows: int, src_len: int) -> None:
