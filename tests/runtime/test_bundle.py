@@ -234,7 +234,8 @@ def test_device_candidates_are_the_largest_logits_and_their_log_sum_exp(tiny_bun
     np.testing.assert_array_equal(values, host_values)
     np.testing.assert_allclose(log_sum_exp, host_log_sum_exp, rtol=1e-6)
     order = np.argsort(-logits, axis=1, kind="stable")[:, :bundle.candidates]
-    np.testing.assert_array_equal(host_values, np.take_along_axis(logits, order, 1))
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_array_equal(values, np.take_along_axis(logits, order, 1))
 
 
 class _FullLogits:
