@@ -1,6 +1,6 @@
 """How the pipeline legalizes Relax ops into TIR (phase 3): TVM's legalization with our choices for softmax,
-exp, sigmoid, gathers, top-k and reshapes, and for a CUDA target the GPU's kernel of beam search's choice. Also
-used where a pass turns a part of the graph into one function of the ops' own TIR
+exp, sigmoid, gathers and reshapes, and for a CUDA target the GPU's kernels of beam search's candidates and
+choice. Also used where a pass turns a part of the graph into one function of the ops' own TIR
 (:class:`~.passes.AttentionRows`), so that it computes what the graph would."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tvm
 from tvm import relax, topi
 
 from int8mt.schedules.beam_select import BEAM_SELECT, beam_select_kernel
-from int8mt.schedules.top_k import top_k_gpu_kernel, top_k_kernel
+from int8mt.schedules.top_candidates import CANDIDATES_ATTR, TOP_CANDIDATES, top_candidates_kernel
 
 
 def _keep_reshape(_bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
@@ -42,21 +42,6 @@ def _fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
                       primfunc_name_hint="fast_sigmoid")
 
 
-def _top_k(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """The ``k`` largest entries along the last axis of a 2-D tensor (both results, descending) with our
-    kernels (:mod:`int8mt.schedules.top_k`: no sort; the CPU's or, for a CUDA target, the GPU's). TVM has no
-    legalization of its own for ``topk``; the graphs we build use only this form."""
-    attrs, data = call.attrs, call.args[0]
-    if not (data.ty.ndim == 2 and int(attrs.axis) in (-1, 1) and bool(attrs.largest) and attrs.ret_type == "both"
-            and str(data.ty.dtype) in ("float32", "float64")):
-        raise ValueError(f"topk is compiled only for the largest entries of a 2-D float tensor along its last axis "
-                         f"(values and indices); got {call}")
-    target = tvm.target.Target.current()
-    make = top_k_gpu_kernel if target is not None and target.kind.name == "cuda" else top_k_kernel
-    kernel = bb.add_func(make(int(attrs.k), str(data.ty.dtype), str(attrs.dtype)), "top_k")
-    return relax.call_tir(kernel, [data], list(call.ty.fields))
-
-
 INJECTIVE = 2  # TVM's OpPatternKind kInjective
 
 
@@ -79,32 +64,39 @@ _DEFAULT_LEGALIZE = {name: tvm.ir.Op.get(name).get_attr("FLegalize")
 
 def legalize_map() -> dict[str, Callable]:
     """Our legalizations, where they differ from TVM's: softmax and sigmoid use ``fast_exp``, gathers may fuse
-    with their consumers (:func:`_fusable_gather`), ``topk`` is our kernel and reshapes stay ``R.reshape`` (a view
+    with their consumers (:func:`_fusable_gather`) and reshapes stay ``R.reshape`` (a view
     of the same memory at run time): legalized into copy kernels they are turned back into views only where TVM
     can prove the copy is the identity, which fails for dynamic shapes such as the decoder's cache rows (a copy of
     the whole cache every step)."""
     return {"relax.reshape": _keep_reshape, "relax.nn.softmax": _fast_softmax, "relax.exp": _fast_exp,
-            "relax.sigmoid": _fast_sigmoid, "relax.take": _fusable_gather, "relax.topk": _top_k}
+            "relax.sigmoid": _fast_sigmoid, "relax.take": _fusable_gather}
 
 
-@tvm.transform.module_pass(opt_level=0, name="GPUBeamSelect")
-def _gpu_beam_select(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """For a CUDA target, the GPU's kernel of beam search's choice in place of the CPU's that the frontend builds
-    (``select_beams``: :mod:`int8mt.schedules.beam_select`)."""
+_GPU_KERNELS: dict[str, Callable[[tvm.tirx.PrimFunc], tvm.tirx.PrimFunc]] = {
+    BEAM_SELECT: lambda _cpu: beam_select_kernel(gpu=True),
+    TOP_CANDIDATES: lambda cpu: top_candidates_kernel(int(cpu.attrs[CANDIDATES_ATTR]), gpu=True),
+}
+
+
+@tvm.transform.module_pass(opt_level=0, name="GPUKernels")
+def _gpu_kernels(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """For a CUDA target, the GPU's kernels of beam search's candidates and choice in place of the CPU's that the
+    frontend builds (``top_candidates``, ``select_beams``: :mod:`int8mt.schedules.top_candidates`,
+    :mod:`int8mt.schedules.beam_select`)."""
     from .passes.kernel_calls import kernel_kind  # (here: the passes' package imports this module)
 
     target = tvm.target.Target.current()
     if target is None or target.kind.name != "cuda":
         return mod
-    for gv in [gv for gv in mod.functions if kernel_kind(mod, gv) == BEAM_SELECT]:
-        mod[gv] = beam_select_kernel(gpu=True)
+    for gv in [gv for gv in mod.functions if kernel_kind(mod, gv) in _GPU_KERNELS]:
+        mod[gv] = _GPU_KERNELS[kernel_kind(mod, gv)](mod[gv])
     return mod
 
 
 def legalize_passes() -> list[tvm.transform.Pass]:
     """TVM's legalization (``cpu_generic.legalize_passes``; the CUDA backend's before its schedules) with
-    :func:`legalize_map` and the GPU's beam choice (:func:`_gpu_beam_select`), then constant folding and operator
-    fusion."""
-    return [relax.transform.LegalizeOps(legalize_map()), _gpu_beam_select,
+    :func:`legalize_map` and the GPU's kernels of beam search (:func:`_gpu_kernels`), then constant folding and
+    operator fusion."""
+    return [relax.transform.LegalizeOps(legalize_map()), _gpu_kernels,
             relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
             relax.transform.FuseTIR()]

@@ -309,13 +309,6 @@ class _NotApplicableOnError(dlight.ScheduleRule):
             return None
 
 
-def _library_dispatch_passes(backend: ModuleType, target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """The backend's library dispatch less its sort/scan dispatch: that would hand ``topk`` to TVM's sorts (on
-    a CPU an external C++ sort of each row, one row after another; on a GPU a full sort of each row) instead of
-    our kernels (:func:`.legalize.legalize_map`)."""
-    return [p for p in backend.library_dispatch_passes(target) if p.info.name != "DispatchSortScan"]
-
-
 def _finalize_passes(backend: ModuleType, target: tvm.target.Target, graphs: bool) -> list[tvm.transform.Pass]:
     """The backend's finalization passes; with ``graphs`` on a CPU, TVM's ``RewriteCUDAGraph`` where the CUDA
     backend has it (after the memory planning)."""
@@ -343,7 +336,7 @@ def relax_pipeline(target: tvm.target.Target, dump_dir: Path | None = None, weig
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential(
-                _library_dispatch_passes(backend, target) + [TakeAsView()] + legalize_passes()
+                backend.library_dispatch_passes(target) + [TakeAsView()] + legalize_passes()
                 + [_phase(3, "legalized", dump_dir), dlight.ApplyDefaultSchedule(*default_schedules(target))]
                 + [UnitReshapeIntoKernels(), ViewsIntoKernels()]
                 + [_phase(4, "scheduled", dump_dir)] + ([weights] if weights is not None else [])

@@ -540,15 +540,19 @@ def test_cuda_bundle_has_every_matmul_in_integers_on_tensor_cores(cuda_bundle):
 
 
 def test_cuda_bundle_takes_candidates_and_appends_cache_rows_with_one_kernel_each(cuda_bundle):
-    """Beam search's candidates come from our top-k kernel (a thread block per row, lists merged in shared
-    memory), not TVM's sort of each whole row, and its choice of hypotheses from the GPU's kernel of it (a thread
-    per sentence); a step's keys and values go into the cache with one kernel per cache buffer (the int8 keys and
-    values, and their scales with run-time ranges, which these kernels compute)."""
+    """Beam search's candidates and each row's log-sum-exp come from one kernel of ours, the GPU's (a thread block
+    per row, lists merged and sums added in shared memory), not TVM's sort of each whole row and a reduction, and
+    its choice of hypotheses from the GPU's kernel of it (a thread per sentence); a step's keys and values go into
+    the cache with one kernel per cache buffer (the int8 keys and values, and their scales with run-time ranges,
+    which these kernels compute)."""
     manifest = json.loads((cuda_bundle / "manifest.json").read_text())
     kernels = ptx_entries(compile_ptx((cuda_bundle / KERNELS_SOURCE_FILE).read_text(), "sm_90"))
-    top_k = [k for k in kernels if k.startswith("top_k")]
-    assert len(top_k) == 1 and ".shared" in kernels[top_k[0]] and "bar.sync" in kernels[top_k[0]]
-    assert not [k for k in kernels if "sort" in k or k.startswith("topk")]
+    candidates = [k for k in kernels if k.startswith("row_candidates")]
+    assert len(candidates) == 1 and ".shared" in kernels[candidates[0]] and "bar.sync" in kernels[candidates[0]]
+    assert "%ctaid.x" in kernels[candidates[0]] and "%tid.x" in kernels[candidates[0]]
+    assert not [k for k in kernels if "sort" in k or k.startswith(("topk", "top_k"))]
+    scheduled = (cuda_bundle.parent / "ir" / "phase4-scheduled.py").read_text()
+    assert _relax_function(scheduled, "top_candidates").count("R.call_tir(") == 1
     select = [k for k in kernels if k.startswith("beam_select")]
     assert len(select) == 1 and "%tid.x" in kernels[select[0]] and "%ctaid.x" in kernels[select[0]]
     appends = [k for k in kernels if k.startswith(("append_rows", "append_quantized_rows"))]
