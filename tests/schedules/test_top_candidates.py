@@ -2,7 +2,8 @@
 NumPy sort for dynamic sizes (rows, lengths that are not multiples of its 16-entry blocks, fewer entries than k),
 ties in index order; -inf and NaN are never selected (the slots left are -inf at index -1); and the row's
 log-sum-exp, the same float32 as the graph it replaces computes on this CPU (the first candidate's slice, TOPI's
-``fast_exp``, the sum, the logarithm: four kernels). The GPU kernel is compared with the CPU one: its CUDA C run on
+``fast_exp``, the sum, the logarithm: four kernels) where rows are multiples of 16 entries, and closer to float64
+elsewhere. The GPU kernel is compared with the CPU one: its CUDA C run on
 this CPU (tests/cuda_emulation.py), and on a GPU where one is visible."""
 import shutil
 
@@ -59,11 +60,12 @@ def test_candidates_equal_a_stable_sort(top_candidates, rows, n, k):
         np.testing.assert_array_equal(got_values, [x[row, j] if j >= 0 else -np.inf for j in chosen])
 
 
-@pytest.mark.parametrize("rows,n", [(4, 8000), (3, 37), (2, 16), (1, 5)])
+@pytest.mark.parametrize("rows,n", [(4, 8000), (2, 16), (3, 37), (1, 5), (8, 13468)])
 def test_log_sum_exp_is_the_graphs_on_this_cpu(top_candidates, rows, n):
-    """Bit for bit what the graph the kernel replaces computes, compiled by the pipeline's legalization and CPU
-    schedule (``fast_exp``; 16 partial sums where the row is a multiple of 16), and within float32 rounding of
-    NumPy's float64 log-sum-exp."""
+    """Where a row is a multiple of 16 entries, bit for bit what the graph the kernel replaces computes, compiled
+    by the pipeline's legalization and CPU schedule (``fast_exp``; 16 partial sums); elsewhere that schedule sums
+    the row serially, and the kernel's 16 partial sums are at least as close to NumPy's float64 log-sum-exp. Both
+    within float32 rounding of it."""
     logits = relax.Var("logits", relax.TensorType((tvm.tirx.Var("rows", "int64"), n), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [logits]):
@@ -80,9 +82,14 @@ def test_log_sum_exp_is_the_graphs_on_this_cpu(top_candidates, rows, n):
     rng = np.random.default_rng(n)
     x = (rng.standard_normal((rows, n)) * 6).astype(np.float32)
     _, _, log_sum_exp = _run(top_candidates[8], x, 8)
-    np.testing.assert_array_equal(log_sum_exp, graph["main"](tvm.runtime.tensor(x)).numpy())
+    graphs = graph["main"](tvm.runtime.tensor(x)).numpy()
     reference = np.log(np.exp(x.astype(np.float64) - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    if n % 16 == 0:
+        np.testing.assert_array_equal(log_sum_exp, graphs)
+    else:
+        assert np.abs(log_sum_exp - reference).max() <= np.abs(graphs - reference).max()
     np.testing.assert_allclose(log_sum_exp, reference, rtol=2e-6)
+    np.testing.assert_allclose(graphs, reference, rtol=2e-6)
 
 
 def test_row_of_only_nan_and_minus_inf_selects_nothing(top_candidates):
