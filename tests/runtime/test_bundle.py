@@ -336,6 +336,31 @@ def test_greedy_search_on_the_device_holds_back_the_end_of_sentence(tiny_bundle)
         assert out == [[]] * 4 if opts.min_length == 0 else [len(o) for o in out] == [7] * 4
 
 
+def _through_the_gpu_host_path(bundle: Bundle) -> Bundle:
+    """``bundle`` (a CPU one) driven as a GPU bundle is: inputs copied into TVM's memory and into the staging
+    buffers kept per input, results copied back, no greedy loop, its pools the GPU's. Its device is still the CPU,
+    so what runs is the runtime's GPU code on memory this machine has."""
+    bundle._on_gpu, bundle._tvm, bundle._pooled, bundle._greedy = (
+        True, bundle_mod.import_tvm_runtime(), bundle_mod._POOLED["gpu"], None)
+    return bundle
+
+
+def test_the_gpu_host_path_translates_as_the_cpu_one(tiny_bundle):
+    """The host side of a GPU bundle's searches (the step's inputs staged in device buffers that grow with the
+    history, the beam state, compaction of finished sentences, results copied back) gives the CPU's results:
+    greedy search (on the device, as beam search with one hypothesis) and beam search."""
+    cpu, gpu = Bundle(tiny_bundle), _through_the_gpu_host_path(Bundle(tiny_bundle))
+    src = np.random.default_rng(5).integers(4, 8000, (6, 9))
+    src[2, 4:] = cpu.pad_id
+    max_lens = [3, 30, 12, 40, 1, 7]  # (sentences leave the batch early)
+    for beam in (1, 2, 4):
+        opts = SearchOptions(beam_size=beam)
+        expected = greedy_search(cpu, src, max_lens) if beam == 1 else beam_search(cpu, src, max_lens, opts)
+        assert beam_search(gpu, src, max_lens, opts) == expected
+    assert set(gpu._staging) >= {"tokens", "history", "state"}  # (the inputs went through the staging buffers)
+    assert beam_search(gpu, src[:1], [20], SearchOptions(beam_size=1)) == greedy_search(cpu, src[:1], [20])
+
+
 @pytest.mark.parametrize("beam", [1, 3])
 def test_min_length_holds_back_the_end_of_sentence(tiny_bundle, beam):
     """Fixed work, as the CTranslate2 comparison runs it: minimum = maximum = N tokens for every sentence."""
