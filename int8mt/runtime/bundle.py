@@ -27,7 +27,8 @@ from int8mt.targets.presets import AMX_FEATURES
 from int8mt.tokenizer import TOKENIZER_KINDS, MarianTokenizer, Tokenizer, load_tokenizer
 
 from .cache import CacheRows, SelfAttentionCache, aligned_empty
-from .tensors import CPU_DEVICE_TYPE, TENSOR_ALIGNMENT, MappedFile, read_int64, tensor_functions, write_int64
+from .tensors import (CPU_DEVICE_TYPE, TENSOR_ALIGNMENT, MappedFile, read_int64, tensor_functions, view_at,
+                      write_int64)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -439,6 +440,14 @@ class BeamChoice(NamedTuple):
 INDEX_FIELDS = frozenset({"tokens", "origin", "ended_rows"})  # BeamChoice's token ids and rows
 
 
+def _beam_state(scores: np.ndarray, finished: np.ndarray) -> np.ndarray:
+    """``select_beams``' state input: the hypotheses' ``scores`` [n, k] and each sentence's ``finished``
+    hypotheses [n], as one float64 [n, k + 1] array."""
+    state = aligned_empty((len(scores), scores.shape[1] + 1), "float64")
+    state[:, :-1], state[:, -1] = scores, finished
+    return state
+
+
 class Bundle:
     """A loaded bundle: the model's entry points on the CPU, or on the GPU for CUDA bundles (then the key/value
     caches stay in GPU memory; token ids go up, logits or beam search's choices come back)."""
@@ -502,7 +511,7 @@ class Bundle:
                 if GREEDY_ENTRY_POINT in self._weights and not self._on_gpu else None
         except AttributeError as err:
             raise BundleError(f"{self.path / LIBRARY_FILE} does not match its manifest ({err})") from None
-        self._staging: dict[str, Any] = {}  # on a GPU: input name -> the device buffer its steps' values go to
+        self._staging: tuple[np.ndarray, Any] | None = None  # on a GPU: the inputs' host and device buffers
 
     def _map_weights(self) -> tuple[list[Any], dict[str, tuple[Any, ...]]]:
         """All the weights, and each entry point's (its trailing parameters): on the CPU views of ``weights.bin``
@@ -650,51 +659,68 @@ class Bundle:
     def decode_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                     src: Any) -> np.ndarray:
         """One step: appends the step's keys and values to ``cache``; returns logits as numpy [B, V]."""
-        return self.host(self._run_step(tokens, step, cache, cross_kv, src))
+        return self.host(self._run_step(step, cache, cross_kv, src, *self._staged(tokens, cache.history)))
 
-    def decode_step_candidates(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache,
-                               cross_kv: tuple[Any, ...], src: Any) -> tuple[Any, Any, Any]:
-        """One step (appending to ``cache``) that returns, instead of the logits, each row's ``candidates``
-        largest logits and their token ids (both [B, candidates], descending) and the row's log-sum-exp ([B]),
-        left on the device for :meth:`select_beams` (log-probabilities are ``values - log_sum_exp``)."""
-        return _parts(self._top(self._run_step(tokens, step, cache, cross_kv, src)))
+    def beam_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
+                  src: Any, scores: np.ndarray, finished: np.ndarray, eos_banned: bool) -> BeamChoice:
+        """One step of beam search chosen on the device: appends the step's keys and values to ``cache``, takes
+        each row's ``candidates`` largest logits and its log-sum-exp (``top_candidates``) and chooses each
+        sentence's next hypotheses from them (:meth:`select_beams`' choice). The step's tokens, the history and
+        the beam state go to a GPU in one copy, before the step's kernels (a copy from pageable memory waits for
+        the GPU's work queued before it); only the choice comes back."""
+        tokens_t, history_t, state_t = self._staged(tokens, cache.history, _beam_state(scores, finished))
+        candidates = _parts(self._top(self._run_step(step, cache, cross_kv, src, tokens_t, history_t)))
+        return self._choose(candidates, state_t, eos_banned)
 
     def select_beams(self, candidates: tuple[Any, ...], scores: np.ndarray, finished: np.ndarray,
                      eos_banned: bool) -> BeamChoice:
         """Each sentence's next hypotheses (:mod:`int8mt.schedules.beam_select`, on the device) from its ``k`` rows'
-        ``candidates`` (values, ids and log-sum-exp, as :meth:`decode_step_candidates` returns them, rows sorted by
-        sentence), the hypotheses' ``scores`` [n, k], each sentence's ``finished`` hypotheses [n] and whether an
+        ``candidates`` (values, ids and log-sum-exp, device tensors as ``top_candidates`` returns them, rows sorted
+        by sentence), the hypotheses' ``scores`` [n, k], each sentence's ``finished`` hypotheses [n] and whether an
         end of sentence is passed over. One array goes to the device and one comes back."""
-        state = aligned_empty((len(scores), scores.shape[1] + 1), "float64")
-        state[:, :-1], state[:, -1] = scores, finished
-        chosen = self.host(self._select(*candidates, self._staged("state", state), self._scalar(int(eos_banned))))
+        return self._choose(candidates, *self._staged(_beam_state(scores, finished)), eos_banned)
+
+    def _choose(self, candidates: tuple[Any, ...], state: Any, eos_banned: bool) -> BeamChoice:
+        """``select_beams`` on the device's ``candidates`` and beam ``state``, its result brought to the host."""
+        chosen = self.host(self._select(*candidates, state, self._scalar(int(eos_banned))))
         return BeamChoice(*(plane.astype("int64") if name in INDEX_FIELDS else plane
                             for name, plane in zip(BeamChoice._fields, chosen)))
 
-    def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
-                  src: Any) -> Any:
-        """The compiled decoder step: writes its rows into ``cache`` and returns the logits (on the device)."""
-        self._admit(tokens.shape[0], src.shape[1])
+    def _run_step(self, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...], src: Any, tokens: Any,
+                  history: Any) -> Any:
+        """The compiled decoder step on ``tokens`` and ``cache``'s ``history`` (as staged): writes its rows into
+        ``cache`` and returns the logits (on the device)."""
+        self._admit(int(tokens.shape[0]), int(src.shape[1]))
         rows_used = cache.reserve_step()
-        out = self._step(self._staged("tokens", tokens), self._scalar(step), *cache.inputs,
-                         self._staged("history", cache.history), *cross_kv, src, rows_used)
+        out = self._step(tokens, self._scalar(step), *cache.inputs, history, *cross_kv, src, rows_used)
         cache.record_step()
         return self._item(out, 0)
 
-    def _staged(self, name: str, array: np.ndarray) -> Any:
-        """The decoder step's input ``name`` holding ``array``: on a GPU a view of a device buffer kept for that
-        input (grown as needed) that ``array`` is copied into, since ``tensor``'s fresh device allocation per
-        step cost more than the copy (66 against 25 µs on an H200); on the CPU ``tensor(array)``."""
-        if not self._on_gpu or array.size == 0:
-            return self.tensor(array)
-        buffer = self._staging.get(name)
-        if buffer is None or int(buffer.shape[0]) < array.nbytes:
-            size = max(array.nbytes, 2 * int(buffer.shape[0]) if buffer is not None else 0)
-            buffer = self._staging[name] = self._alloc(self._ffi.Shape((size,)), self._ffi.dtype("uint8"),
-                                                       self.device, "global")
-        view = self._create_view(buffer, self._ffi.Shape(array.shape), self._ffi.dtype(str(array.dtype)), 0)
-        self._copy(self._ffi.from_dlpack(array if array.flags.c_contiguous else array.copy()), view)
-        return view
+    def _staged(self, *arrays: np.ndarray) -> list[Any]:
+        """``arrays`` as inputs of the entry points: on the CPU ``tensor(array)`` each; on a GPU views of one
+        device buffer (kept, grown as needed) that they are packed into on the host and copied to at once: a copy
+        costs about the same at these sizes whatever its bytes (25 µs on an H200; a fresh device allocation per
+        input and step took 66)."""
+        if not self._on_gpu:
+            return [self.tensor(array) for array in arrays]
+        import numpy as np  # (here: :data:`UNUSED_BY_CPU_RUNTIME`)
+
+        offsets = [0]
+        for array in arrays:  # each input's place in the buffer, TENSOR_ALIGNMENT-aligned
+            offsets.append(offsets[-1] + -(-array.nbytes // TENSOR_ALIGNMENT) * TENSOR_ALIGNMENT)
+        size = offsets[-1]
+        if self._staging is None or self._staging[0].size < size:
+            room = max(size, 2 * (self._staging[0].size if self._staging is not None else 0), TENSOR_ALIGNMENT)
+            self._staging = (aligned_empty((room,), "uint8"),
+                             self._alloc(self._ffi.Shape((room,)), self._ffi.dtype("uint8"), self.device, "global"))
+        host, device = self._staging
+        for array, offset in zip(arrays, offsets):
+            host[offset:offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        if size:
+            self._copy(self._ffi.from_dlpack(host[:size]),
+                       self._create_view(device, self._ffi.Shape((size,)), self._ffi.dtype("uint8"), 0))
+        return [view_at(self._ffi, device, array.shape, self._ffi.dtype(str(array.dtype)), offset)
+                for array, offset in zip(arrays, offsets)]
 
     def _scalar(self, value: int) -> Any:
         """An int64 tensor [1] holding ``value`` (the decoder step's position, ``select_beams``' flag), made once per
@@ -716,7 +742,7 @@ class Bundle:
 
     @property
     def candidates(self) -> int:
-        """How many candidates per row :meth:`decode_step_candidates` returns."""
+        """How many candidates per row ``top_candidates`` returns (:meth:`beam_step`'s beams take up to half)."""
         return self.manifest["top_candidates"]
 
     def reorder_cross(self, cross_kv: tuple[Any, ...], rows: np.ndarray) -> tuple[Any, ...]:

@@ -68,16 +68,16 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     tokens and none ending before ``opts.min_length``; returns the best ids without EOS. Each sentence is
     encoded once; its cross-attention keys and values are then repeated on the device for its k hypotheses
     (``reorder_cross``). Each sentence's 2k best continuations are among its rows' 2k best tokens, so for beams
-    up to ``bundle.candidates / 2`` the device keeps only each row's best candidates and log-sum-exp
-    (``decode_step_candidates``) and chooses each sentence's next hypotheses from them (``select_beams``): only
-    the chosen tokens, the rows they continue, their scores and the hypotheses that ended come to the host. Wider
-    beams read the whole logits and hand each row's 2k best to the same choice. Reordering hypotheses reorders
-    only the cache's history (on the host). Finished sentences leave the batch (their k rows dropped from the
-    history and the cross-attention keys/values) once fewer than ``COMPACT_BELOW`` of the sentences in flight
-    are unfinished, as in greedy search; every sentence's result is the same as decoded alone. One hypothesis per
-    sentence is greedy search: on the CPU :func:`greedy_search` (each row's arg-max of its logits, read in place);
-    on a GPU this search with k = 1 makes the same choice on the device, so that no logits are copied to the host
-    (a step's logits: rows x vocabulary float32)."""
+    up to ``bundle.candidates / 2`` the device keeps only each row's best candidates and log-sum-exp and chooses
+    each sentence's next hypotheses from them (``beam_step``): only the chosen tokens, the rows they continue,
+    their scores and the hypotheses that ended come to the host. Wider beams read the whole logits and hand each
+    row's 2k best to the same choice. Reordering hypotheses reorders only the cache's history (on the host).
+    Finished sentences leave the batch (their k rows dropped from the history and the cross-attention
+    keys/values) once fewer than ``COMPACT_BELOW`` of the sentences in flight are unfinished, as in greedy search;
+    every sentence's result is the same as decoded alone. One hypothesis per sentence is greedy search: on the
+    CPU :func:`greedy_search` (each row's arg-max of its logits, read in place); on a GPU this search with k = 1
+    makes the same choice on the device, so that no logits are copied to the host (a step's logits: rows x
+    vocabulary float32)."""
     if opts.beam_size == 1 and not bundle.on_gpu:
         return greedy_search(bundle, src, max_lens, opts.min_length)
     batch, k = src.shape[0], opts.beam_size
@@ -97,11 +97,12 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
     for step in range(max(max_lens)):
         n = len(alive)
         if on_device:
-            candidates = bundle.decode_step_candidates(tokens, step, cache, cross, src_t)
+            chosen = bundle.beam_step(tokens, step, cache, cross, src_t, scores[alive], finished_count[alive],
+                                      step < opts.min_length)
         else:
             logits = bundle.decode_step(tokens, step, cache, cross, src_t)
             candidates = tuple(bundle.tensor(part) for part in _row_candidates(logits, 2 * k))
-        chosen = bundle.select_beams(candidates, scores[alive], finished_count[alive], step < opts.min_length)
+            chosen = bundle.select_beams(candidates, scores[alive], finished_count[alive], step < opts.min_length)
         for i, e in zip(*np.nonzero(chosen.ended_rows >= 0)):  # hypotheses ending here, best first
             finished[alive[i]].append((_penalized(float(chosen.ended_scores[i, e]), step + 1, opts.length_penalty),
                                        tokens_so_far[chosen.ended_rows[i, e]].tolist()))

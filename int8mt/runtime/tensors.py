@@ -53,7 +53,7 @@ _EXPORTED: dict[int, tuple[Any, ...]] = {}  # address of an exported DLManagedTe
 
 @_Deleter
 def _release(managed: Any, exported: dict = _EXPORTED, address: Any = ctypes.addressof) -> None:
-    """DLPack's deleter of :class:`MappedFile`'s tensors: TVM calls it when the last reference to one is gone."""
+    """DLPack's deleter of :func:`_tensor_at`'s tensors: TVM calls it when the last reference to one is gone."""
     exported.pop(address(managed.contents), None)
 
 
@@ -73,13 +73,29 @@ class MappedFile:
 
     def tensor(self, ffi: Any, shape: tuple[int, ...], dtype: Any, offset: int) -> Any:
         """The ``dtype`` (a TVM dtype) tensor of ``shape`` at byte ``offset`` (which the caller checked lies in
-        the file; TVM's kernels want their data pointer there, not a byte offset from the mapping's)."""
-        dims = (ctypes.c_int64 * len(shape))(*shape)
-        managed = _DLManagedTensor(_DLTensor(ctypes.addressof(self._data) + offset, _DLDevice(CPU_DEVICE_TYPE, 0),
-                                             len(shape), _DLDataType(dtype.type_code, dtype.bits, dtype.lanes),
-                                             dims, None, 0), None, _release)
-        _EXPORTED[ctypes.addressof(managed)] = (managed, dims, self._data)
-        return ffi.from_dlpack(_capsule(ctypes.addressof(managed), b"dltensor", None))
+        the file)."""
+        return _tensor_at(ffi, ctypes.addressof(self._data) + offset, (CPU_DEVICE_TYPE, 0), shape, dtype, self._data)
+
+
+def view_at(ffi: Any, tensor: Any, shape: tuple[int, ...], dtype: Any, offset: int) -> Any:
+    """A ``dtype`` tensor of ``shape`` at byte ``offset`` of ``tensor``'s memory (CPU or CUDA, where addresses add
+    up), which it keeps alive; the caller checks that it lies inside. TVM's kernels want their data pointer there:
+    they refuse a view with a byte offset, which is what TVM's own views have."""
+    device = tensor.device
+    return _tensor_at(ffi, tensor.data_ptr() + offset, (device.dlpack_device_type(), device.index), shape, dtype,
+                      tensor)
+
+
+def _tensor_at(ffi: Any, address: int, device: tuple[int, int], shape: tuple[int, ...], dtype: Any,
+               owner: Any) -> Any:
+    """The ``dtype`` tensor of ``shape`` whose data is at ``address`` on ``device`` (DLPack's type and index),
+    keeping ``owner`` (what holds that memory) alive as long as it lives."""
+    dims = (ctypes.c_int64 * len(shape))(*shape)
+    managed = _DLManagedTensor(_DLTensor(address, _DLDevice(*device), len(shape),
+                                         _DLDataType(dtype.type_code, dtype.bits, dtype.lanes), dims, None, 0),
+                               None, _release)
+    _EXPORTED[ctypes.addressof(managed)] = (managed, dims, owner)
+    return ffi.from_dlpack(_capsule(ctypes.addressof(managed), b"dltensor", None))
 
 
 def write_int64(tensor: Any, values: Sequence[int]) -> Any:

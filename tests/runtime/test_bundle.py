@@ -115,7 +115,7 @@ def test_beam_search_drops_finished_sentences_without_changing_results(tiny_bund
     max_lens = [1, 2, 2, 9, 12, 5]  # sentences run out of length at different steps: the batch shrinks
     opts = SearchOptions(beam_size=3)
     rows = []
-    step = bundle.decode_step_candidates if on_device else bundle.decode_step
+    step = bundle.beam_step if on_device else bundle.decode_step
     monkeypatch.setattr(bundle, step.__name__, lambda tokens, *a: rows.append(len(tokens)) or step(tokens, *a))
     together = beam_search(searched, src, max_lens, opts)
     assert rows[0] == 6 * 3 and rows[-1] < 6 * 3 and all(r % 3 == 0 for r in rows)  # whole sentences left
@@ -227,7 +227,7 @@ def test_device_candidates_are_the_largest_logits_and_their_log_sum_exp(tiny_bun
     bundle = Bundle(tiny_bundle)
     src = np.array([[10, 20, 30, 40, 3], [50, 60, 3, 0, 0]], np.int64)
     logits = bundle.decode_step(*_first_step(bundle, src))
-    values, ids, log_sum_exp = map(bundle.host, bundle.decode_step_candidates(*_first_step(bundle, src)))
+    values, ids, log_sum_exp = map(bundle.host, bundle._top(bundle.tensor(logits)))  # (the entry point)
     host_values, host_ids, host_log_sum_exp = _row_candidates(logits, bundle.candidates)
     assert ids.shape == (2, bundle.candidates)
     np.testing.assert_array_equal(ids, host_ids)
@@ -295,9 +295,9 @@ def test_greedy_search_on_the_device_equals_greedy_search_on_the_logits(tiny_bun
     opts = SearchOptions(beam_size=1, min_length=min_length)
     max_lens = [3, 9, 12, 40, 1, 7]
     chosen = []
-    select = bundle.select_beams
+    beam_step = bundle.beam_step
     on_device = _AsOnAGPU(bundle)
-    on_device.select_beams = lambda *args: chosen.append(args[1].shape) or select(*args)
+    on_device.beam_step = lambda *args: chosen.append(args[5].shape) or beam_step(*args)
     expected = greedy_search(bundle, src, max_lens, min_length)
     assert beam_search(on_device, src, max_lens, opts) == expected
     assert chosen and all(shape[1] == 1 for shape in chosen)
@@ -315,15 +315,13 @@ class _EndsAtOnce(_FullLogits):
 
 
 class _EndsAtOnceOnAGPU(_AsOnAGPU):
-    """:class:`_EndsAtOnce` for the device's candidates: each row's first is the end of sentence, the others its
-    best other tokens (a row's log-sum-exp does not change which of its candidates is best)."""
+    """:class:`_EndsAtOnce` for the device's candidates (``top_candidates`` and ``select_beams`` on its logits):
+    each row's first candidate is the end of sentence."""
 
-    def decode_step_candidates(self, *args):
-        values, ids, log_sum_exp = map(self.bundle.host, self.bundle.decode_step_candidates(*args))
-        order = np.argsort(ids == self.bundle.eos_id, axis=1, kind="stable")[:, :-1]  # other tokens first
-        ids = np.concatenate([np.full((len(ids), 1), self.bundle.eos_id), np.take_along_axis(ids, order, 1)], 1)
-        values = np.concatenate([values[:, :1] + 10.0, np.take_along_axis(values, order, 1)], 1)
-        return tuple(self.bundle.tensor(np.ascontiguousarray(part)) for part in (values, ids, log_sum_exp))
+    def beam_step(self, tokens, step, cache, cross_kv, src, scores, finished, eos_banned):
+        logits = _EndsAtOnce.decode_step(self, tokens, step, cache, cross_kv, src)
+        candidates = self.bundle._top(self.bundle.tensor(logits))  # (the entry point)
+        return self.bundle.select_beams(tuple(candidates), scores, finished, eos_banned)
 
 
 def test_greedy_search_on_the_device_holds_back_the_end_of_sentence(tiny_bundle):
@@ -346,9 +344,10 @@ def _through_the_gpu_host_path(bundle: Bundle) -> Bundle:
 
 
 def test_the_gpu_host_path_translates_as_the_cpu_one(tiny_bundle):
-    """The host side of a GPU bundle's searches (the step's inputs staged in device buffers that grow with the
-    history, the beam state, compaction of finished sentences, results copied back) gives the CPU's results:
-    greedy search (on the device, as beam search with one hypothesis) and beam search."""
+    """The host side of a GPU bundle's searches (the step's tokens, history and beam state packed into a device
+    buffer that grows with the history, in one copy per step; compaction of finished sentences; results copied
+    back) gives the CPU's results: greedy search (on the device, as beam search with one hypothesis) and beam
+    search."""
     cpu, gpu = Bundle(tiny_bundle), _through_the_gpu_host_path(Bundle(tiny_bundle))
     src = np.random.default_rng(5).integers(4, 8000, (6, 9))
     src[2, 4:] = cpu.pad_id
@@ -357,8 +356,13 @@ def test_the_gpu_host_path_translates_as_the_cpu_one(tiny_bundle):
         opts = SearchOptions(beam_size=beam)
         expected = greedy_search(cpu, src, max_lens) if beam == 1 else beam_search(cpu, src, max_lens, opts)
         assert beam_search(gpu, src, max_lens, opts) == expected
-    assert set(gpu._staging) >= {"tokens", "history", "state"}  # (the inputs went through the staging buffers)
     assert beam_search(gpu, src[:1], [20], SearchOptions(beam_size=1)) == greedy_search(cpu, src[:1], [20])
+    copies, steps = [], []  # once the steps' positions and flags are on the device: one copy to it per step
+    copy, run_step = gpu._copy, gpu._step
+    gpu._copy = lambda *args: copies.append(1) or copy(*args)
+    gpu._step = lambda *args: steps.append(1) or run_step(*args)
+    assert beam_search(gpu, src, max_lens, SearchOptions(beam_size=4)) == expected
+    assert len(copies) == len(steps) > 10
 
 
 @pytest.mark.parametrize("beam", [1, 3])
