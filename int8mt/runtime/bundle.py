@@ -659,7 +659,8 @@ class Bundle:
     def decode_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                     src: Any) -> np.ndarray:
         """One step: appends the step's keys and values to ``cache``; returns logits as numpy [B, V]."""
-        return self.host(self._run_step(step, cache, cross_kv, src, *self._staged(tokens, cache.history)))
+        logits, _ = self._run_step(tokens, step, cache, cross_kv, src)
+        return self.host(logits)
 
     def beam_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
                   src: Any, scores: np.ndarray, finished: np.ndarray, eos_banned: bool) -> BeamChoice:
@@ -668,9 +669,8 @@ class Bundle:
         sentence's next hypotheses from them (:meth:`select_beams`' choice). The step's tokens, the history and
         the beam state go to a GPU in one copy, before the step's kernels (a copy from pageable memory waits for
         the GPU's work queued before it); only the choice comes back."""
-        tokens_t, history_t, state_t = self._staged(tokens, cache.history, _beam_state(scores, finished))
-        candidates = _parts(self._top(self._run_step(step, cache, cross_kv, src, tokens_t, history_t)))
-        return self._choose(candidates, state_t, eos_banned)
+        logits, (state,) = self._run_step(tokens, step, cache, cross_kv, src, _beam_state(scores, finished))
+        return self._choose(_parts(self._top(logits)), state, eos_banned)
 
     def select_beams(self, candidates: tuple[Any, ...], scores: np.ndarray, finished: np.ndarray,
                      eos_banned: bool) -> BeamChoice:
@@ -686,15 +686,16 @@ class Bundle:
         return BeamChoice(*(plane.astype("int64") if name in INDEX_FIELDS else plane
                             for name, plane in zip(BeamChoice._fields, chosen)))
 
-    def _run_step(self, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...], src: Any, tokens: Any,
-                  history: Any) -> Any:
-        """The compiled decoder step on ``tokens`` and ``cache``'s ``history`` (as staged): writes its rows into
-        ``cache`` and returns the logits (on the device)."""
-        self._admit(int(tokens.shape[0]), int(src.shape[1]))
+    def _run_step(self, tokens: np.ndarray, step: int, cache: SelfAttentionCache, cross_kv: tuple[Any, ...],
+                  src: Any, *inputs: np.ndarray) -> tuple[Any, list[Any]]:
+        """The compiled decoder step: writes its rows into ``cache`` and returns the logits (on the device) and
+        ``inputs`` of the calls after it, staged with the step's own."""
+        self._admit(len(tokens), int(src.shape[1]))
+        tokens_t, history_t, *staged = self._staged(tokens, cache.history, *inputs)
         rows_used = cache.reserve_step()
-        out = self._step(tokens, self._scalar(step), *cache.inputs, history, *cross_kv, src, rows_used)
+        out = self._step(tokens_t, self._scalar(step), *cache.inputs, history_t, *cross_kv, src, rows_used)
         cache.record_step()
-        return self._item(out, 0)
+        return self._item(out, 0), staged
 
     def _staged(self, *arrays: np.ndarray) -> list[Any]:
         """``arrays`` as inputs of the entry points: on the CPU ``tensor(array)`` each; on a GPU views of one
