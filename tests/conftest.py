@@ -74,3 +74,14 @@ def edit_manifest(bundle: Path, change: Callable[[dict], object]) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     change(manifest)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def through_the_gpu_host_path(bundle):
+    """``bundle`` (a loaded CPU :class:`~int8mt.runtime.bundle.Bundle`) driven as a GPU bundle is: inputs copied
+    into TVM's memory and packed into the staging buffer, results copied back, no greedy loop, its pools the GPU's.
+    Its device is still the CPU, so what runs is the runtime's GPU code on memory this machine has."""
+    from int8mt.runtime import bundle as bundle_mod
+
+    bundle._on_gpu, bundle._tvm, bundle._pooled, bundle._greedy = (
+        True, bundle_mod.import_tvm_runtime(), bundle_mod._POOLED["gpu"], None)
+    return bundle

@@ -27,7 +27,7 @@ from int8mt.schedules.layer_norm_rows import RowQuantize, StaticQuantize
 from int8mt.schedules.cuda_tiles import TILES_FILE, best_tiles, dense_module, load_tiles, shipped_tiles, write_tiles
 from int8mt.targets import AUTO, PRESETS, get_preset
 
-from .conftest import HOST_PRESET, TINY, edit_manifest
+from .conftest import HOST_PRESET, TINY, edit_manifest, through_the_gpu_host_path
 from .cuda_emulation import kernel_cuda_source
 
 CUDA_PRESETS = [name for name, preset in PRESETS.items() if preset.device == "cuda"]
@@ -722,9 +722,12 @@ def test_with_cuda_graphs_the_step_launches_only_its_input_and_output_kernels_be
 def test_a_bundle_with_cuda_graphs_built_for_this_cpu_translates_as_one_without(tiny_bundle, tiny_model_dir, tmp_path):
     """The tiny model built with CUDA graphs for this CPU, its virtual machine's graph builtins emulated as strictly
     as a graph replays (tests/cuda_graph_emulation.py: a later call that hands a graph other memory fails): the
-    translations of the bundle without graphs, greedy and beam 2, at several row counts; graphs were replayed."""
+    translations of the bundle without graphs, greedy and beam 2, at several row counts, also driven through the
+    GPU host path (its inputs at offsets of one staging buffer that moves as it grows); graphs were replayed."""
     from int8mt.compiler.build import build_bundle
+    from int8mt.runtime.bundle import Bundle
     from int8mt.runtime.options import SearchOptions
+    from int8mt.runtime.search import beam_search, greedy_search
     from int8mt.runtime.translator import Translator
 
     from .cuda_graph_emulation import EmulatedCUDAGraphs
@@ -739,6 +742,13 @@ def test_a_bundle_with_cuda_graphs_built_for_this_cpu_translates_as_one_without(
                  for beam in (1, 2)]  # (all alive in the block: the emulation knows a virtual machine by its address)
         for with_graphs, without in pairs:
             assert with_graphs.translate(sentences) == without.translate(sentences)
+        gpu, cpu = through_the_gpu_host_path(Bundle(graphs_bundle)), Bundle(tiny_bundle)
+        src = np.random.default_rng(2).integers(4, 8000, (5, 8))
+        src[1, 3:] = cpu.pad_id
+        max_lens = [4, 25, 9, 30, 2]  # (sentences leave the batch: new row counts, new graphs)
+        assert beam_search(gpu, src, max_lens, SearchOptions(beam_size=1)) == greedy_search(cpu, src, max_lens)
+        opts = SearchOptions(beam_size=2)
+        assert beam_search(gpu, src, max_lens, opts) == beam_search(cpu, src, max_lens, opts)
     assert graphs.replays > graphs.captures > 0
 
 

@@ -14,7 +14,7 @@ from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.search import _row_candidates, beam_search, greedy_search
 from int8mt.runtime.translator import Translator
 
-from ..conftest import HOST_PRESET, edit_manifest
+from ..conftest import HOST_PRESET, edit_manifest, through_the_gpu_host_path
 
 
 def test_round_trip_matches_pytorch_greedy(tiny_bundle, tiny_model):
@@ -334,21 +334,12 @@ def test_greedy_search_on_the_device_holds_back_the_end_of_sentence(tiny_bundle)
         assert out == [[]] * 4 if opts.min_length == 0 else [len(o) for o in out] == [7] * 4
 
 
-def _through_the_gpu_host_path(bundle: Bundle) -> Bundle:
-    """``bundle`` (a CPU one) driven as a GPU bundle is: inputs copied into TVM's memory and into the staging
-    buffers kept per input, results copied back, no greedy loop, its pools the GPU's. Its device is still the CPU,
-    so what runs is the runtime's GPU code on memory this machine has."""
-    bundle._on_gpu, bundle._tvm, bundle._pooled, bundle._greedy = (
-        True, bundle_mod.import_tvm_runtime(), bundle_mod._POOLED["gpu"], None)
-    return bundle
-
-
 def test_the_gpu_host_path_translates_as_the_cpu_one(tiny_bundle):
     """The host side of a GPU bundle's searches (the step's tokens, history and beam state packed into a device
     buffer that grows with the history, in one copy per step; compaction of finished sentences; results copied
     back) gives the CPU's results: greedy search (on the device, as beam search with one hypothesis) and beam
     search."""
-    cpu, gpu = Bundle(tiny_bundle), _through_the_gpu_host_path(Bundle(tiny_bundle))
+    cpu, gpu = Bundle(tiny_bundle), through_the_gpu_host_path(Bundle(tiny_bundle))
     src = np.random.default_rng(5).integers(4, 8000, (6, 9))
     src[2, 4:] = cpu.pad_id
     max_lens = [3, 30, 12, 40, 1, 7]  # (sentences leave the batch early)
