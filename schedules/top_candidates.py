@@ -9,8 +9,9 @@ exponentials, its logarithm):
 
 * CPU (``gpu=False``): rows run in parallel and each keeps its ``k`` best in a small local buffer; the
   row is read 16 entries at a time, and only a block with an entry that beats the current ``k``-th (one vector
-  comparison) enters the insertion loop, which for logits is rare after the first blocks. Then the row's exponentials, 16 partial
-  sums in a vector register added up at the end (as TVM's CPU schedule of the reduction adds them).
+  comparison) enters the insertion loop, which for logits is rare after the first blocks. Then the row's
+  exponentials, 16 partial sums in a vector register added up at the end (as TVM's CPU schedule of the
+  reduction adds them).
 * GPU (``gpu=True``): a thread block per row; each thread keeps the ``k`` best of every ``GPU_THREADS``-th
   entry, then the threads' lists are merged pairwise in shared memory; each thread sums the exponentials of its
   entries, and the threads' sums are added pairwise in the same shared memory.
