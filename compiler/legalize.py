@@ -88,8 +88,9 @@ def _gpu_kernels(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRMo
     target = tvm.target.Target.current()
     if target is None or target.kind.name != "cuda":
         return mod
-    for gv in [gv for gv in mod.functions if kernel_kind(mod, gv) in _GPU_KERNELS]:
-        mod[gv] = _GPU_KERNELS[kernel_kind(mod, gv)](mod[gv])
+    for gv, kind in [(gv, kernel_kind(mod, gv)) for gv in mod.functions]:
+        if kind in _GPU_KERNELS:
+            mod[gv] = _GPU_KERNELS[kind](mod[gv])
     return mod
 
 
