@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", default="1,4,16,64", help="--serve: comma-separated client counts (default: 1,4,16,64)")
     p.add_argument("--request-sentences", default="1,8",
                    help="--serve: comma-separated sentences per request (default: 1,8)")
-    p.add_argument("--replicas", type=int, default=None, help="--serve: replicas (default: CPUs / --threads)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="--serve: replicas (default: CPUs / --threads; for a CUDA bundle one per GPU)")
     p.add_argument("--threads", type=int, default=None, help="--serve: threads per replica (default: 1)")
     p.add_argument("--beam", type=int, default=None,
                    help="beam size of the beam-search row and of --serve (default: decode.beam_size)")
@@ -120,6 +121,7 @@ def _counts(text: str, flag: str) -> tuple[int, ...]:
 
 
 def _serve(args: argparse.Namespace, cfg, sources: list[str]) -> int:
+    from ..runtime.bundle import read_manifest
     from ..serving.cluster import WorkerLayout, checked_bundle, connect, import_ray
 
     import_ray()
@@ -131,7 +133,7 @@ def _serve(args: argparse.Namespace, cfg, sources: list[str]) -> int:
     settings = ServerSettings(options=cfg.decode.search_options(beam_size=args.beam),
                               max_batch=cfg.decode.batch_size)
     bundle = checked_bundle(args.bundle, settings.options, settings.max_batch)
-    layout = WorkerLayout.fit(connect(None), args.replicas, args.threads)
+    layout = WorkerLayout.fit(connect(None), read_manifest(bundle), args.replicas, args.threads)
     result = bench_serving(bundle, sources, clients, sizes, layout, settings, args.port)
     return _report(args, result, format_load_table(result), plot_load)
 

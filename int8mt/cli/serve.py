@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve: POST /translate, GET /health")
     p.add_argument("bundle", type=Path, help="bundle directory from `int8mt compile`")
     p.add_argument("--replicas", type=int, default=None,
-                   help="replicas, each loading the bundle once (default: the cluster's CPUs / --threads)")
+                   help="replicas, each loading the bundle once (default: the cluster's CPUs / --threads; for a CUDA "
+                        "bundle one per free GPU, more sharing the GPUs evenly)")
     p.add_argument("--threads", type=int, default=None, help="threads per replica (default: 1)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long a batch waits for more sentences (default: 5)")
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..runtime.bundle import read_manifest
     from ..serving.cluster import WorkerLayout, checked_bundle, connect, import_ray
 
     cfg = load_config(config_path(args))
@@ -41,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
                               max_request_sentences=args.max_request_sentences, target_lang=args.target_lang)
     bundle = checked_bundle(args.bundle, settings.options, settings.max_batch, settings.target_lang)
     ray = connect(args.address)
-    layout = WorkerLayout.fit(ray, args.replicas, args.threads)
+    layout = WorkerLayout.fit(ray, read_manifest(bundle), args.replicas, args.threads)
     start(bundle, layout, settings, args.host, args.port)
     print(f"int8mt serve: {bundle.name} on http://{args.host}:{args.port}/translate ({layout.workers} replicas x "
-          f"{layout.threads} threads, batches of up to {settings.max_batch}); Ctrl-C stops",
+          f"{layout.threads} threads{f', {layout.gpus:g} GPU' if layout.gpus else ''}, batches of up to "
+          f"{settings.max_batch}); Ctrl-C stops",
           file=sys.stderr, flush=True)
     try:
         while True:

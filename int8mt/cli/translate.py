@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="models translating batches in parallel: in this process, sharing the weights (default: 1); "
                         "with --ray, Ray workers, each loading the bundle once (default: the cluster's CPUs / "
-                        "--threads)")
+                        "--threads; for a CUDA bundle one per free GPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads per worker (default: the CPUs / --workers; with --ray: 1)")
     add_decode_arguments(p)
@@ -118,13 +118,14 @@ def _translate_to(translator, sentences: list[str], target: Path | None) -> None
 
 
 def _run_on_ray(args: argparse.Namespace, cfg, inputs: list[tuple[list[str], Path]]) -> int:
+    from ..runtime.bundle import read_manifest
     from ..serving.batch import Progress, translate_files
     from ..serving.cluster import WorkerLayout, checked_bundle, connect
 
     options, batch_size = decode_settings(args, cfg.decode)
     bundle = checked_bundle(args.bundle, options, batch_size, args.target_lang)
     ray = connect(args.ray)
-    layout = WorkerLayout.fit(ray, args.workers, args.threads)
+    layout = WorkerLayout.fit(ray, read_manifest(bundle), args.workers, args.threads)
     progress = Progress()
     try:
         translate_files(ray, bundle, inputs, layout, options, batch_size, progress, args.target_lang)

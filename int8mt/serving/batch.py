@@ -7,6 +7,7 @@ job stops is the first lines of the input, and the job says how many.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from int8mt.runtime.bundle import use_runtime_library
 from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import Translator
 
-from .cluster import WorkerLayout, pack_bundle, unpack_bundle, worker_options
+from .cluster import WorkerLayout, pack_bundle, unpack_bundle, worker_error, worker_options
 
 MAX_BLOCK_LINES = 1024  # lines per Ray Data block, the unit a worker translates (batched by length) and returns
 MIN_BLOCK_LINES = 128
@@ -69,15 +70,18 @@ def translate_files(ray: Any, bundle_dir: Path, inputs: list[tuple[list[str], Pa
     blocks = [pa.table({"file": np.full(len(lines[s:s + size]), f), "text": lines[s:s + size]})
               for f, (lines, _) in enumerate(inputs) for s in range(0, len(lines), size)]
     outputs: list[TextIO] = []
+    ray_data_errors = logging.getLogger("ray.data.exceptions")  # (its report of a failed job: we report it below)
+    ray_data_errors.addFilter(_below_error)
     try:
         for _, path in inputs:
             path.parent.mkdir(parents=True, exist_ok=True)
             outputs.append(open(path, "w", encoding="utf-8"))
         if blocks:
             dataset = ray.data.from_arrow(blocks).map_batches(
-                BlockTranslator, batch_size=None, batch_format="numpy", concurrency=layout.workers,
+                BlockTranslator, batch_size=size if layout.gpus else None,  # (Ray asks GPU workers for one)
+                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=layout.workers),
                 fn_constructor_args=(ray.put(pack_bundle(bundle_dir)), options, batch_size, target_lang),
-                **worker_options(layout.threads))
+                **worker_options(layout))
             with tqdm(total=progress.total, desc="translating", unit="line", file=sys.stderr) as bar:
                 for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                     for f, translation in zip(block["file"], block["translation"]):
@@ -85,7 +89,14 @@ def translate_files(ray: Any, bundle_dir: Path, inputs: list[tuple[list[str], Pa
                     progress.written += len(block["file"])
                     bar.update(len(block["file"]))
     except ray.exceptions.RayError as err:
-        raise UserError(f"batch translation failed on the Ray cluster: {str(err).strip().splitlines()[-1]}") from None
+        raise UserError(f"batch translation failed on the Ray cluster: {worker_error([str(err)])}") from None
     finally:
+        ray_data_errors.removeFilter(_below_error)
         for out in outputs:
             out.close()
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    """Lets Ray Data's warnings through, not its errors: a worker that cannot load the bundle is reported by
+    Ray Data as a failure of its own internal code, with a stack trace and a request to report it to Ray."""
+    return record.levelno < logging.ERROR

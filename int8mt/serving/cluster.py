@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import socket
@@ -11,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from int8mt.errors import UserError
-from int8mt.runtime.bundle import MANIFEST_FILE, check_bundle, max_rows, read_manifest, tokenizer_kind
+from int8mt.runtime.bundle import MANIFEST_FILE, check_bundle, is_cuda, max_rows, read_manifest, tokenizer_kind
 from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import check_decoding
 from int8mt.tokenizer import check_target_lang, load_tokenizer
 
 LOCAL = "local"  # --ray / --address value meaning: start a Ray instance inside this command
 CONNECT_TIMEOUT_S = 5.0
+GPU_SHARES = 10_000  # Ray's fractional resources are multiples of 1 / GPU_SHARES
 
 
 def import_ray() -> Any:
@@ -60,27 +62,43 @@ def _check_reachable(address: str) -> None:
 
 @dataclass(frozen=True)
 class WorkerLayout:
-    """How many bundle workers (Serve replicas, Ray Data actors) run, each with how many threads."""
+    """How many bundle workers (Serve replicas, Ray Data actors) run, each with how many threads and, for a CUDA
+    bundle, what share of a GPU."""
 
     workers: int
     threads: int
+    gpus: float = 0.0
 
     @classmethod
-    def fit(cls, ray: Any, workers: int | None, threads: int | None) -> "WorkerLayout":
-        """The layout asked for, completed from the cluster's free CPUs: one-thread workers on each by default.
-        A layout that needs more CPUs than are free is an error (Ray would wait for them forever)."""
-        free = int(ray.available_resources().get("CPU", 0))
+    def fit(cls, ray: Any, manifest: dict, workers: int | None, threads: int | None) -> "WorkerLayout":
+        """The layout asked for, completed from the cluster's free resources: for a CPU bundle one-thread workers
+        on each free CPU by default; for a CUDA bundle (``manifest``) one worker per free GPU by default, more
+        sharing each GPU evenly. A layout that needs more than is free is an error (Ray would wait for it
+        forever), and so is a CUDA bundle on a cluster without a free GPU."""
         threads = 1 if threads is None else threads
         if threads < 1:
             raise UserError(f"threads per worker must be at least 1, got {threads}")
         if workers is not None and workers < 1:
             raise UserError(f"workers must be at least 1, got {workers}")
+        gpus = 0.0
+        if is_cuda(manifest):
+            free_gpus = math.floor(ray.available_resources().get("GPU", 0) + 1 / GPU_SHARES)  # whole GPUs
+            if free_gpus < 1:
+                total = ray.cluster_resources().get("GPU", 0)
+                raise UserError(f"the bundle is compiled for {manifest['target']['preset']} and runs on an NVIDIA "
+                                f"GPU, but the Ray cluster has no free GPU ({total:g} in all); add a node with one "
+                                "(`ray start --num-gpus N`), or compile the model for a CPU preset "
+                                "(`int8mt targets`)")
+            workers = free_gpus if workers is None else workers
+            per_gpu = -(-workers // free_gpus)
+            gpus = (GPU_SHARES // per_gpu) / GPU_SHARES
+        free = int(ray.available_resources().get("CPU", 0))
         workers = max(1, free // threads) if workers is None else workers
         if workers * threads > free:
             total = int(ray.cluster_resources().get("CPU", 0))
             raise UserError(f"{workers} workers x {threads} threads need {workers * threads} CPUs, but the Ray "
                             f"cluster has {free} of its {total} CPUs free; ask for fewer")
-        return cls(workers, threads)
+        return cls(workers, threads, gpus)
 
 
 def checked_bundle(bundle_dir: Path, options: SearchOptions, batch_size: int, target_lang: str | None = None) -> Path:
@@ -124,6 +142,23 @@ def unpack_bundle(files: dict[str, bytes]) -> Path:
     return final
 
 
-def worker_options(threads: int) -> dict[str, Any]:
-    """Ray actor options for a bundle worker: ``threads`` CPUs and TVM's thread pool sized to them."""
-    return {"num_cpus": threads, "runtime_env": {"env_vars": {"TVM_NUM_THREADS": str(threads)}}}
+def worker_options(layout: WorkerLayout) -> dict[str, Any]:
+    """Ray actor options for a bundle worker: its threads as CPUs (TVM's thread pool sized to them) and its share
+    of a GPU (Ray then shows it only that GPU)."""
+    options: dict[str, Any] = {"num_cpus": layout.threads,
+                               "runtime_env": {"env_vars": {"TVM_NUM_THREADS": str(layout.threads)}}}
+    if layout.gpus:
+        options["num_gpus"] = layout.gpus
+    return options
+
+
+def worker_error(messages: list[str]) -> str:
+    """The error a bundle worker raised, from Ray's messages about it (the traceback's last line; our errors
+    without their type)."""
+    lines = [line for message in messages for line in message.strip().splitlines()]
+    if not lines:
+        return "Ray gave no reason; see the workers' logs (`ray logs`)"
+    kind, colon, text = lines[-1].partition(": ")
+    if not colon:
+        return lines[-1]
+    return text if kind.startswith("int8mt.") else f"{kind.rpartition('.')[2]}: {text}"

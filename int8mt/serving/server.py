@@ -31,7 +31,7 @@ from int8mt.runtime.bundle import use_runtime_library
 from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.translator import DEFAULT_BATCH_SIZE, Translator, check_decoding
 
-from .cluster import WorkerLayout, pack_bundle, unpack_bundle, worker_options
+from .cluster import WorkerLayout, pack_bundle, unpack_bundle, worker_error, worker_options
 
 APP_NAME = "int8mt"
 REQUEST_FIELDS = ("text", "beam", "length_penalty")
@@ -191,17 +191,25 @@ class TranslationServer:
 
 
 def application(bundle_dir: Path, layout: WorkerLayout, settings: ServerSettings) -> Any:
-    """The Serve application: ``layout.workers`` replicas of ``layout.threads`` threads each. A replica takes as
-    many requests at once as fill two batches; the proxy queues the rest."""
+    """The Serve application: ``layout.workers`` replicas of ``layout.threads`` threads (and ``layout.gpus`` of a
+    GPU) each. A replica takes as many requests at once as fill two batches; the proxy queues the rest."""
     return TranslationServer.options(
         num_replicas=layout.workers, max_ongoing_requests=2 * settings.max_batch,
         logging_config={"enable_access_log": settings.access_log},
-        ray_actor_options=worker_options(layout.threads),
+        ray_actor_options=worker_options(layout),
     ).bind(ray.put(pack_bundle(bundle_dir)), bundle_dir.name, settings)
 
 
 def start(bundle_dir: Path, layout: WorkerLayout, settings: ServerSettings, host: str, port: int) -> Any:
     """Deploy the application on the connected cluster with its HTTP proxy on ``host:port``; returns the
-    application's handle once every replica is ready."""
+    application's handle once every replica is ready. Where the replicas fail to start (a GPU older than the
+    bundle's, a node that cannot load it), the application is removed and the replicas' error raised as a
+    :class:`UserError`."""
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(application(bundle_dir, layout, settings), name=APP_NAME, route_prefix="/")
+    try:
+        return serve.run(application(bundle_dir, layout, settings), name=APP_NAME, route_prefix="/")
+    except RuntimeError:
+        status = serve.status().applications.get(APP_NAME)
+        errors = [deployment.message for deployment in status.deployments.values()] if status else []
+        serve.delete(APP_NAME)
+        raise UserError(f"the server's replicas failed to start: {worker_error(errors)}") from None
