@@ -1,6 +1,7 @@
 """Bundle workers of a CUDA bundle on Ray: the layout takes the cluster's GPUs (a worker per free GPU, or even shares
 of them), the workers ask Ray for their share, and a cluster without a free GPU, or workers that cannot load the
-bundle, are refused with the reason instead of waiting forever or failing with Ray's traceback."""
+bundle (or a server whose port is taken), are refused with the reason instead of waiting forever or failing with
+Ray's traceback."""
 import copy
 import json
 import shutil
@@ -91,7 +92,7 @@ def test_worker_error_is_the_workers_own_message(messages, expected):
 
 
 ON_A_FAKE_GPU = """
-import json, sys, urllib.request
+import json, socket, sys, urllib.request
 from pathlib import Path
 import ray
 from ray import serve
@@ -109,12 +110,18 @@ gpu_while_serving = ray.available_resources().get("GPU", 0.0)
 serve.delete(APP_NAME)
 codes = [main(["serve", cuda_bundle, "--port", port]),
          main(["translate", cuda_bundle, "-i", source, "-o", source + ".de", "--ray"])]
+serve.shutdown()
+with socket.socket() as busy:  # (last: Serve keeps the proxy that failed)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    codes.append(main(["serve", cpu_bundle, "--port", str(busy.getsockname()[1])]))
+    print(json.dumps({"busy_port": busy.getsockname()[1]}))
 print(json.dumps({"answer": answer, "gpu_while_serving": gpu_while_serving, "codes": codes}))
 """
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU here would load the edited bundle")
-def test_workers_take_their_gpu_share_and_a_bundle_they_cannot_load_is_refused(tiny_bundle, tmp_path):
+def test_workers_take_their_gpu_share_and_what_cannot_start_is_refused(tiny_bundle, tmp_path):
     cuda_bundle = tmp_path / "cuda-bundle"
     shutil.copytree(tiny_bundle, cuda_bundle)
     edit_manifest(cuda_bundle, as_cuda_sm90)
@@ -126,13 +133,17 @@ def test_workers_take_their_gpu_share_and_a_bundle_they_cannot_load_is_refused(t
     run = subprocess.run([sys.executable, "-c", ON_A_FAKE_GPU, str(tiny_bundle), str(cuda_bundle), str(source),
                           str(port)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    busy, result = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    address = f"127.0.0.1:{busy['busy_port']}"
     assert len(result["answer"]["translations"]) == 1
     assert result["gpu_while_serving"] == 0.0  # the two replicas hold half the GPU each
-    assert result["codes"] == [2, 2]
+    assert result["codes"] == [2, 2, 2]
     errors = [line for line in run.stderr.splitlines() if ": error: " in line]
     assert errors[0].startswith("int8mt serve: error: the server's replicas failed to start: bundle was built for "
                                 "target 'cuda-sm90', which " + GPU_MESSAGE), errors
     assert errors[1].startswith("int8mt translate: error: batch translation failed on the Ray cluster: bundle was "
                                 "built for target 'cuda-sm90', which " + GPU_MESSAGE), errors
+    assert errors[2].startswith(f"int8mt serve: error: Ray Serve's HTTP proxy cannot listen on {address} "
+                                f"(RuntimeError: Failed to bind to address '{address}'.); is another server "
+                                "using the port?"), errors
     assert "open an issue" not in run.stderr  # Ray Data's report of the failure as a bug of its own
