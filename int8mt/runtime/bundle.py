@@ -167,10 +167,13 @@ def import_tvm_ffi() -> Any:
 def _import_without(module: str, blocked: tuple[str, ...] = ("torch",)) -> None:
     """Import ``module`` (TVM or its FFI) unless its package or torch is imported, with imports of the ``blocked``
     modules failing meanwhile (start-up time and memory the runtime does not need); first size TVM's thread pool
-    to this process's CPUs unless ``TVM_NUM_THREADS`` is set, and its workers' spinning to ``POOL_SPIN_COUNT``
-    unless ``TVM_THREAD_POOL_SPIN_COUNT`` is."""
+    to this process's CPUs unless ``TVM_NUM_THREADS`` is set, its workers' spinning to ``POOL_SPIN_COUNT``
+    unless ``TVM_THREAD_POOL_SPIN_COUNT`` is, and, where NumPy is not imported yet, NumPy's OpenBLAS to no threads
+    of its own unless ``OPENBLAS_NUM_THREADS`` is set (see :data:`BLAS_THREADS`)."""
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(POOL_SPIN_COUNT))
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(BLAS_THREADS))
     if module.split(".")[0] not in sys.modules and "torch" not in sys.modules:
         _import_blocking(module, blocked)
 
@@ -214,6 +217,9 @@ POOL_SPIN_COUNT = 10000  # yields of an idle worker of a TVM thread pool before 
 # given work, and its 300000 yields took the CPUs from the replicas for the first second or more (two one-thread
 # replicas at batch 32, greedy: 1790-1830 sentences/s, against 3250-3530 with 10000; beam 4 and batch 1 likewise).
 # Between the kernels of a two-thread translator, 10000 yields are plenty (as fast as 300000; 0 halved its speed).
+BLAS_THREADS = 1  # NumPy's OpenBLAS: the runtime multiplies no matrices in NumPy, yet OpenBLAS starts a thread per
+# CPU when NumPy loads (which a search does on its first batch), each spinning about 0.1 s: on two vCPUs 0.05 s of a
+# 0.9 s `int8mt translate` of 300 sentences (0.89-0.91 against 0.93-0.95 s, three runs each) and 3.5 MiB
 UNUSED_BY_CPU_RUNTIME = ("torch", "_hashlib", "ml_dtypes", "numpy")  # modules TVM's FFI imports if it can: torch
 # (DLPack interop), OpenSSL's hashes (3.8 MiB resident), ml_dtypes (NumPy types for bfloat16 and float8; 2 MiB) and
 # NumPy (11 MiB; for its dtype objects as arguments: ours pass dtypes as strings, and arrays through DLPack either

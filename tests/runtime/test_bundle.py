@@ -440,6 +440,21 @@ def test_thread_pool_workers_spin_briefly_unless_told_otherwise(tiny_bundle):
     assert chosen.stdout.strip() == "5", chosen.stderr[-2000:]
 
 
+def test_numpy_loaded_after_a_bundle_starts_no_blas_threads(tiny_bundle):
+    """The runtime never multiplies matrices in NumPy; NumPy's OpenBLAS would start a thread per CPU (each spinning
+    at first) when a search imports NumPy after the bundle has loaded."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import os; from int8mt.runtime.bundle import Bundle; Bundle({str(tiny_bundle)!r}); "
+            "before = len(os.listdir('/proc/self/task')); import numpy; "
+            "print(len(os.listdir('/proc/self/task')) - before, os.environ['OPENBLAS_NUM_THREADS'])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.stdout.split() == ["0", str(bundle_mod.BLAS_THREADS)], run.stderr[-2000:]
+
+
 def test_a_process_translating_token_ids_loads_no_library_it_does_not_use(tiny_bundle):
     """A CPU bundle's runtime imports neither torch nor OpenSSL's hashes nor ml_dtypes (TVM's FFI would), nor
     the tokenizer when it is given token ids, nor tqdm without a progress bar (together 10 MiB of a 69 MiB
