@@ -76,6 +76,13 @@ def edit_manifest(bundle: Path, change: Callable[[dict], object]) -> None:
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
+def as_cuda_sm90(manifest: dict) -> None:
+    """A CPU bundle's ``manifest`` edited into a cuda-sm90 bundle's: loading it then needs a GPU of compute
+    capability 9.0, which refuses it without one (its library is a CPU one: not for a machine with a GPU)."""
+    manifest["target"].update(preset="cuda-sm90", tvm={"kind": "cuda", "arch": "sm_90"})
+    manifest["cuda"] = {"arch": "sm_90", "compute_capability": [9, 0], "source_sha256": "0" * 64}
+
+
 def through_the_gpu_host_path(bundle):
     """``bundle`` (a loaded CPU :class:`~int8mt.runtime.bundle.Bundle`) driven as a GPU bundle is: inputs copied
     into TVM's memory and packed into the staging buffer, results copied back, no greedy loop, its pools the GPU's.

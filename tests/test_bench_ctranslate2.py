@@ -3,6 +3,7 @@ or an OPUS-MT-layout one, converted with CTranslate2's converter), the fixed-wor
 ``int8mt bench --against ctranslate2`` end to end on a tiny model."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,8 +15,9 @@ transformers = pytest.importorskip("transformers")
 
 from int8mt.cli import main  # noqa: E402
 from int8mt.data import pad_batch  # noqa: E402
-from int8mt.interface.bench_ctranslate2 import (GPU_COMPUTE_TYPES, Layout, format_comparison,  # noqa: E402
-                                                is_intel_cpu, layouts)
+from int8mt.errors import UserError  # noqa: E402
+from int8mt.interface.bench_ctranslate2 import (GPU_COMPUTE_TYPES, Layout, Scenario, _run,  # noqa: E402
+                                                format_comparison, is_intel_cpu, layouts)
 from int8mt.interface.bench_engine import vocabularies  # noqa: E402
 from int8mt.interface.ctranslate2_model import convert_to_ctranslate2  # noqa: E402
 from int8mt.model.checkpoint import load_model_dir  # noqa: E402
@@ -23,7 +25,7 @@ from int8mt.model.converters.marian_export import export_marian  # noqa: E402
 from int8mt.model.generate import greedy_decode  # noqa: E402
 from int8mt.tokenizer import load_tokenizer  # noqa: E402
 
-from .conftest import DATA_DIR, ROOT  # noqa: E402
+from .conftest import DATA_DIR, ROOT, as_cuda_sm90, edit_manifest  # noqa: E402
 from .marian_dirs import build_marian_dir  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
@@ -123,6 +125,26 @@ def test_bench_against_refuses_another_models_bundle(tiny_bundle, capsys):
     assert main(["bench", str(tiny_bundle), "--against", "ctranslate2", "--model", str(ROOT / "model" / "ende"),
                  "--sentences", "2"]) == 2
     assert "was not compiled from" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU here would run the edited bundle")
+def test_bench_against_refuses_a_cuda_bundle_without_a_gpu_before_converting(tiny_model_dir, bundle_copy, capsys):
+    edit_manifest(bundle_copy, as_cuda_sm90)
+    assert main(["bench", str(bundle_copy), "--against", "ctranslate2", "--model", str(tiny_model_dir),
+                 "--sentences", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "needs an NVIDIA GPU of compute capability 9.0 or newer; no CUDA GPU is visible" in err
+    assert "converting" not in err
+
+
+def test_an_engine_run_that_fails_says_why_without_a_traceback(bundle_copy):
+    (bundle_copy / "model.so").write_bytes(b"\x7fELF not a library")  # (the engine's process checks the bundle)
+    job = {"length_penalty": 0.6, "fixed_tokens": None, "sources": [[5, 6, 2]], "warmup": 0}
+    with pytest.raises(UserError) as failed:
+        _run("int8mt", bundle_copy, Layout(1, 1), Scenario(1, 1), job)
+    assert str(failed.value).startswith("int8mt (1 x 1 threads, greedy, batch 1) failed:\n")
+    assert "does not match the checksum in the manifest" in str(failed.value)
+    assert "Traceback" not in str(failed.value)
 
 
 def test_translate_command_loads_only_the_runtime_library(tiny_bundle):

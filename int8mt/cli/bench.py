@@ -89,13 +89,13 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
     from ..interface.bench_ctranslate2 import (bundle_source_ids, check_same_model, compare_with_ctranslate2,
                                                compute_type, format_comparison, plot_comparison, scenarios)
     from ..interface.ctranslate2_model import convert_to_ctranslate2
-    from ..runtime.bundle import is_cuda, read_manifest
+    from ..runtime.bundle import check_runs_here, is_cuda
 
     if args.fixed_tokens is not None and args.fixed_tokens < 1:
         raise UserError("--fixed-tokens must be at least 1")
     model_dir = args.model or cfg.paths.model
     check_same_model(args.bundle, model_dir)
-    manifest = read_manifest(args.bundle)
+    manifest = check_runs_here(args.bundle)
     ids, decode = bundle_source_ids(args.bundle, sources)
     precision = compute_type(manifest)
     with tempfile.TemporaryDirectory(prefix="int8mt-ct2-") as tmp:

@@ -123,5 +123,11 @@ def gpu_memory_mib() -> float | None:
 
 
 if __name__ == "__main__":
+    from int8mt.errors import UserError
+
     job = EngineRun(**json.load(sys.stdin))
-    json.dump(asdict(run_engine(job)), sys.stdout)
+    try:
+        result = run_engine(job)
+    except UserError as err:  # (the parent reports it)
+        sys.exit(str(err))
+    json.dump(asdict(result), sys.stdout)

@@ -320,6 +320,19 @@ def read_manifest(bundle_dir: Path) -> dict:
     return manifest
 
 
+def check_runs_here(bundle_dir: Path) -> dict:
+    """The bundle's manifest, after the checks that loading it on this machine makes before it loads the library
+    (:func:`check_bundle`; for a CUDA bundle, a GPU of its compute capability): for commands that run it in other
+    processes, so that they refuse at once."""
+    manifest = read_manifest(bundle_dir)
+    check_bundle(bundle_dir, manifest)
+    if is_cuda(manifest):
+        from .cuda import cuda_device
+
+        cuda_device(import_tvm_runtime(), manifest)
+    return manifest
+
+
 def is_cuda(manifest: dict) -> bool:
     """The bundle's model runs on an NVIDIA GPU."""
     target = manifest["target"].get("tvm")

@@ -16,7 +16,7 @@ pytest.importorskip("ray.serve")
 from int8mt.errors import UserError  # noqa: E402
 from int8mt.runtime.bundle import read_manifest  # noqa: E402
 from int8mt.serving.cluster import GPU_SHARES, WorkerLayout, worker_error, worker_options  # noqa: E402
-from tests.conftest import ROOT, edit_manifest  # noqa: E402
+from tests.conftest import ROOT, as_cuda_sm90, edit_manifest  # noqa: E402
 
 GPU_MESSAGE = "needs an NVIDIA GPU of compute capability 9.0 or newer; no CUDA GPU is visible"
 
@@ -34,12 +34,6 @@ class Cluster:
 
     def cluster_resources(self) -> dict:
         return self.total
-
-
-def as_cuda_sm90(manifest: dict) -> None:
-    """``manifest`` edited into a cuda-sm90 bundle's (the workers then refuse to load it without a GPU)."""
-    manifest["target"].update(preset="cuda-sm90", tvm={"kind": "cuda", "arch": "sm_90"})
-    manifest["cuda"] = {"arch": "sm_90", "compute_capability": [9, 0], "source_sha256": "0" * 64}
 
 
 @pytest.fixture(scope="module")
