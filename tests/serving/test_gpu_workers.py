@@ -138,6 +138,6 @@ def test_workers_take_their_gpu_share_and_what_cannot_start_is_refused(tiny_bund
     assert errors[1].startswith("int8mt translate: error: batch translation failed on the Ray cluster: bundle was "
                                 "built for target 'cuda-sm90', which " + GPU_MESSAGE), errors
     assert errors[2].startswith(f"int8mt serve: error: Ray Serve's HTTP proxy cannot listen on {address} "
-                                f"(RuntimeError: Failed to bind to address '{address}'.); is another server "
-                                "using the port?"), errors
+                                f"(RuntimeError: Failed to bind to address '{address}'.): is another server "
+                                "using the port"), errors
     assert "open an issue" not in run.stderr  # Ray Data's report of the failure as a bug of its own
