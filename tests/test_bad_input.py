@@ -19,6 +19,8 @@ from .conftest import edit_manifest
 # (case, argv with {bundle}/{model}/{tmp} placeholders, expected exit code, fragment of stderr)
 CASES = [
     ("missing bundle", ["translate", "{tmp}/none", "hi"], 2, "does not exist"),
+    ("bundle is a file", ["inspect", "{tmp}/file"], 2, "file is a file, not a bundle directory"),
+    ("model directory is a file", ["compile", "{tmp}/file"], 2, "/file is a file"),
     ("beam 0", ["translate", "{bundle}", "--beam", "0", "hi"], 2, "beam size must be at least 1"),
     ("beam above the row bound", ["translate", "{bundle}", "--beam", "2000", "hi"], 2, "exceeds the 1024 rows"),
     ("NaN length penalty", ["translate", "{bundle}", "--length-penalty", "nan", "hi"], 2,

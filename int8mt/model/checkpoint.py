@@ -39,7 +39,7 @@ def check_model_dir(model_dir: Path) -> None:
     """Raise a UserError naming the file if ``model_dir`` lacks the config or the weights."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise UserError(f"model directory {model_dir} does not exist")
+        raise UserError(f"model directory {model_dir} {'is a file' if model_dir.exists() else 'does not exist'}")
     if is_marian_dir(model_dir):
         from .converters.marian import check_marian_dir
 

@@ -301,7 +301,8 @@ def sha256(path: Path) -> str:
 def read_manifest(bundle_dir: Path) -> dict:
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
-        raise BundleError(f"bundle {bundle_dir} does not exist; build one with `int8mt compile`")
+        state = "is a file, not a bundle directory" if bundle_dir.exists() else "does not exist"
+        raise BundleError(f"bundle {bundle_dir} {state}; build one with `int8mt compile`")
     for name in (MANIFEST_FILE, LIBRARY_FILE):
         if not (bundle_dir / name).is_file():
             raise BundleError(f"bundle {bundle_dir} is incomplete: {name} is missing; rebuild it with `int8mt compile`")
