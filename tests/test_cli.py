@@ -25,6 +25,15 @@ def test_missing_model_dir_is_a_clear_error(capsys, tmp_path):
     assert "config.json is missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["serve", "bench"])
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "http"])
+def test_a_port_that_is_no_port_number_is_refused_before_anything_starts(command, port, tiny_bundle, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([command, str(tiny_bundle), "--port", port])
+    assert exited.value.code == 2
+    assert f"argument --port: must be a port number, 1-65535, got '{port}'" in capsys.readouterr().err
+
+
 def test_translate_arguments_and_stdin(tiny_bundle):
     cmd = [sys.executable, "-m", "int8mt", "translate", str(tiny_bundle), "--beam", "2"]
     args = subprocess.run(cmd + ["A dog.", "A cat."], capture_output=True, text=True, check=True)

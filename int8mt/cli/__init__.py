@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def port_number(text: str) -> int:
+    """An ``argparse`` type: a TCP port to listen on, 1-65535."""
+    port = int(text) if text.isdigit() else 0
+    if not 0 < port < 1 << 16:
+        raise argparse.ArgumentTypeError(f"must be a port number, 1-65535, got {text!r}")
+    return port
+
+
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="defaults file (default: ./tvm_config.yaml if present, else built-in defaults)")

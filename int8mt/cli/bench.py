@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import UserError, add_config_argument, config_path, database_path
+from . import UserError, add_config_argument, config_path, database_path, port_number
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="--serve: threads per replica (default: 1)")
     p.add_argument("--beam", type=int, default=None,
                    help="beam size of the beam-search row and of --serve (default: decode.beam_size)")
-    p.add_argument("--port", type=int, default=8000, help="--serve: HTTP port on 127.0.0.1 (default: 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="--serve: HTTP port on 127.0.0.1 (default: 8000)")
     p.add_argument("--plot", type=Path, default=None, help="--serve, --against: write a PNG plot here")
     p.add_argument("--target", default=None, help="bench kernels: target preset (default: compile.target)")
     p.add_argument("--rpc", metavar="HOST:PORT:KEY", default=None,

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config_path
+from . import config_path, port_number
 from ._decode_args import add_decode_arguments, decode_settings
 
 
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-sentences", type=int, default=1024,
                    help="texts one request may hold; more are answered 413 (default: 1024)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to deploy on, e.g. ray://HEAD:10001 or auto (default: start a local one)")
     add_decode_arguments(p, "--max-batch", "sentences from concurrent requests gathered into one call")

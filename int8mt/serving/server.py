@@ -205,8 +205,6 @@ def start(bundle_dir: Path, layout: WorkerLayout, settings: ServerSettings, host
     application's handle once every replica is ready. Where the replicas fail to start (a GPU older than the
     bundle's, a node that cannot load it), the application is removed and the replicas' error raised as a
     :class:`UserError`, as is a proxy that cannot listen on ``host:port``."""
-    if not 0 < port < 1 << 16:
-        raise UserError(f"port must be 1-65535, got {port}")
     try:
         serve.start(http_options={"host": host, "port": port})
     except ray.exceptions.RayError as err:
