@@ -77,11 +77,14 @@ def translate_files(ray: Any, bundle_dir: Path, inputs: list[tuple[list[str], Pa
             path.parent.mkdir(parents=True, exist_ok=True)
             outputs.append(open(path, "w", encoding="utf-8"))
         if blocks:
+            resources = worker_options(layout)
+            if layout.gpus:  # a GPU worker asks for its GPU only: Ray Data calls CPUs and GPUs together experimental
+                del resources["num_cpus"]
             dataset = ray.data.from_arrow(blocks).map_batches(
                 BlockTranslator, batch_size=size if layout.gpus else None,  # (Ray asks GPU workers for one)
                 batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=layout.workers),
                 fn_constructor_args=(ray.put(pack_bundle(bundle_dir)), options, batch_size, target_lang),
-                **worker_options(layout))
+                **resources)
             with tqdm(total=progress.total, desc="translating", unit="line", file=sys.stderr) as bar:
                 for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                     for f, translation in zip(block["file"], block["translation"]):

@@ -140,4 +140,5 @@ def test_workers_take_their_gpu_share_and_what_cannot_start_is_refused(tiny_bund
     assert errors[2].startswith(f"int8mt serve: error: Ray Serve's HTTP proxy cannot listen on {address} "
                                 f"(RuntimeError: Failed to bind to address '{address}'.): is another server "
                                 "using the port"), errors
+    assert "experimental" not in run.stderr  # (Ray Data's word for a worker that asks for CPUs and GPUs)
     assert "open an issue" not in run.stderr  # Ray Data's report of the failure as a bug of its own
