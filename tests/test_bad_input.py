@@ -19,6 +19,7 @@ from .conftest import edit_manifest
 # (case, argv with {bundle}/{model}/{tmp} placeholders, expected exit code, fragment of stderr)
 CASES = [
     ("missing bundle", ["translate", "{tmp}/none", "hi"], 2, "does not exist"),
+    ("no QAT epoch", ["qat", "{model}", "--epochs", "0"], 2, "epochs must be a number above 0, got 0.0"),
     ("bundle is a file", ["inspect", "{tmp}/file"], 2, "file is a file, not a bundle directory"),
     ("model directory is a file", ["compile", "{tmp}/file"], 2, "/file is a file"),
     ("beam 0", ["translate", "{bundle}", "--beam", "0", "hi"], 2, "beam size must be at least 1"),

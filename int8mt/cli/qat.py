@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_argument(p)
     p.add_argument("model", type=Path, nargs="?", default=None,
                    help="FP32 model directory, ours or Hugging Face Marian (default: paths.model)")
-    p.add_argument("--bits", type=int, default=8, help="8 for INT8, 6 for INT6 (default 8)")
+    p.add_argument("--bits", type=int, choices=(8, 6), default=8, help="8 for INT8, 6 for INT6 (default 8)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
     p.add_argument("--train-src", type=Path, default=None, metavar="FILE",
                    help="source sentences to fine-tune on, one per line (default: the train split of paths.data)")
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model or cfg.paths.model
     check_model_dir(model_dir)
     qcfg = QuantConfig(bits=args.bits, ranges="learned", keep_fp32=tuple(args.keep_fp32))
+    training = QATConfig(epochs=args.epochs)
     for a, b in (("train_src", "train_tgt"), ("val_src", "val_tgt")):
         if (getattr(args, a) is None) != (getattr(args, b) is None):
             raise UserError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} go together: give both or neither")
@@ -56,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
         data, src, tgt = cfg.paths.data, cfg.train.src_lang, cfg.train.tgt_lang
         train = ParallelText.read(data / f"train.{src}", data / f"train.{tgt}")
         val = ParallelText.read(data / f"val.{src}", data / f"val.{tgt}")
-    fine_tune(model_dir, qcfg, train, val, QATConfig(epochs=args.epochs), args.output)
+    fine_tune(model_dir, qcfg, train, val, training, args.output)
     return 0

@@ -6,6 +6,7 @@ clipped, rounded value); weights are fake-quantized per channel. Scales start fr
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +30,7 @@ from .modules import act_quantizers, convert, prepare
 
 @dataclass(frozen=True)
 class QATConfig:
-    epochs: float = 1.0
+    epochs: float = 1.0         # passes over the training batches, a fraction of one included
     batch_tokens: int = 3000
     lr: float = 2e-5            # weights
     scale_lr: float = 1e-3      # log-scales of the clipping ranges
@@ -37,6 +38,16 @@ class QATConfig:
     calib_sentences: int = 512
     seed: int = 1
     max_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise UserError(f"epochs must be a number above 0, got {self.epochs}")
+
+
+def scheduled_batches(batches: list, epochs: float) -> list:
+    """``batches`` (one epoch) repeated for ``epochs`` passes, a fraction of a pass as the first batches of one;
+    at least one batch."""
+    return [batches[i % len(batches)] for i in range(max(1, int(len(batches) * epochs)))]
 
 
 HELD_OUT_SHARE, HELD_OUT_MAX = 0.05, 500  # validation pairs taken from the training text when none are given
@@ -90,7 +101,7 @@ def fine_tune(model_dir: Path, qcfg: QuantConfig, train: ParallelText, val: Para
     tgt_ids = [[start] + tok.encode_target(t, tc.max_tokens - 1) for t in train_tgt]
     lengths = [max(len(s), len(t)) for s, t in zip(src_ids, tgt_ids)]
     batches = length_batches(lengths, tc.batch_tokens // 2, shuffle=True, seed=tc.seed)
-    batches = batches[: max(1, int(len(batches) * tc.epochs))] if tc.epochs < 1 else batches * int(tc.epochs)
+    batches = scheduled_batches(batches, tc.epochs)
     t0, total = time.time(), 0.0
     model.train()
     bar = tqdm(batches, desc=f"QAT {qcfg.name}", unit="batch", file=sys.stderr, mininterval=5)

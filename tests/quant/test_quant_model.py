@@ -9,6 +9,7 @@ from int8mt.quant.checkpoint import load_quantized, quantized_model, save_quanti
 from int8mt.errors import UserError
 from int8mt.quant.config import QuantConfig
 from int8mt.quant.modules import QEmbedding, QLinear, QMatMul, act_quantizers, convert, matmul_sites, prepare
+from int8mt.quant.qat import QATConfig, scheduled_batches
 from int8mt.tokenizer import Tokenizer
 
 from ..conftest import DATA_DIR, MODEL_DIR, TINY
@@ -152,3 +153,13 @@ def test_shipped_learned_models_load():
         model, qcfg = load_quantized(MODEL_DIR / f"qat-int{bits}")
         assert qcfg.bits == bits
         assert int(model.lm_head.w_q.abs().max()) == 2 ** (bits - 1) - 1
+
+
+def test_qat_runs_a_fraction_of_an_epoch_and_refuses_no_epoch():
+    batches = [[i] for i in range(10)]
+    assert scheduled_batches(batches, 1) == batches and scheduled_batches(batches, 2) == batches * 2
+    assert scheduled_batches(batches, 0.25) == batches[:2] and scheduled_batches(batches, 0.01) == batches[:1]
+    assert scheduled_batches(batches, 1.5) == batches + batches[:5]  # (was one pass: the half dropped)
+    for epochs in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="epochs must be a number above 0"):
+            QATConfig(epochs=epochs)
