@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..model.transformer import MatMul, Quantized, Transformer
 from . import ops
 from .config import QuantConfig
@@ -178,10 +179,16 @@ def matmul_sites(model: nn.Module) -> list[str]:
 
 
 def prepare(model: Transformer, qcfg: QuantConfig) -> list[str]:
-    """Swap the matmuls of ``model`` (in place) for quantized modules; returns the names left in FP32."""
+    """Swap the matmuls of ``model`` (in place) for quantized modules; returns the names left in FP32. A
+    ``keep_fp32`` pattern that names no matmul is an error (a typo would quantize what it meant to keep)."""
     dynamic = qcfg.ranges == "runtime"
+    sites = list(matmul_sites(model))
+    unmatched = [p for p in qcfg.keep_fp32 if not any(fnmatch(name, p) for name in sites)]
+    if unmatched:
+        raise UserError(f"--keep-fp32 {', '.join(map(repr, unmatched))} names no matmul of the model; its matmuls "
+                        f"are named like {sites[0]!r} and {sites[-1]!r} (globs such as 'decoder_layers.*.qk')")
     kept = []
-    for name in matmul_sites(model):
+    for name in sites:
         if any(fnmatch(name, p) for p in qcfg.fp32_patterns):
             kept.append(name)
             continue

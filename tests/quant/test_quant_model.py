@@ -35,6 +35,12 @@ def test_keep_fp32_patterns_leave_those_matmuls_alone():
     assert not isinstance(model.embed_tokens, QEmbedding)  # tied to the FP32 logits projection
 
 
+def test_a_keep_fp32_pattern_that_names_no_matmul_is_refused():
+    with pytest.raises(UserError, match=r"--keep-fp32 'decoder_layers\.\*\.self_atn\.qk' names no matmul of the "
+                                        r"model; its matmuls are named like 'encoder_layers\.0\.self_attn\.q_proj'"):
+        prepare(_tiny(), QuantConfig(keep_fp32=("lm_head", "decoder_layers.*.self_atn.qk")))
+
+
 def test_run_time_ranges_leave_the_attention_matmuls_in_fp32_only_if_asked():
     attention = [n for n in matmul_sites(_tiny()) if n.endswith((".qk", ".av"))]
     assert len(attention) == 2 * TINY.encoder_layers + 4 * TINY.decoder_layers
