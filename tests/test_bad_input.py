@@ -20,6 +20,10 @@ from .conftest import edit_manifest
 CASES = [
     ("missing bundle", ["translate", "{tmp}/none", "hi"], 2, "does not exist"),
     ("no QAT epoch", ["qat", "{model}", "--epochs", "0"], 2, "epochs must be a number above 0, got 0.0"),
+    ("no tuning trial", ["tune", "{model}", "--target", "x86-vnni", "--trials", "0", "--db", "{tmp}/db"], 2,
+     "--trials must be at least 1"),
+    ("tuning database a file", ["tune", "{model}", "--target", "x86-vnni", "--db", "{tmp}/file"], 2,
+     "/file is a file, not a folder; name the database's folder"),
     ("bundle is a file", ["inspect", "{tmp}/file"], 2, "file is a file, not a bundle directory"),
     ("model directory is a file", ["compile", "{tmp}/file"], 2, "/file is a file"),
     ("beam 0", ["translate", "{bundle}", "--beam", "0", "hi"], 2, "beam size must be at least 1"),

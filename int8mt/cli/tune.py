@@ -46,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
     preset = get_preset(args.target or cfg.compile.target)
     rows = tune(TuneArgs(source=args.source or cfg.paths.model, preset=preset,
                          database=database_path(args.db, cfg.tune.database),
-                         trials=args.trials or cfg.tune.trials,
-                         budget_minutes=args.budget_minutes or cfg.tune.budget_minutes,
+                         trials=cfg.tune.trials if args.trials is None else args.trials,
+                         budget_minutes=(cfg.tune.budget_minutes if args.budget_minutes is None
+                                         else args.budget_minutes),
                          bench_shapes=args.bench_shapes, untuned_only=args.untuned_only, fp32=args.fp32,
                          rpc=RPCTracker.parse(args.rpc) if args.rpc else None))
     print(format_rows(rows))

@@ -78,6 +78,8 @@ def tune(args: TuneArgs) -> list[dict]:
     """Tune every kernel of ``args.source`` (and the benchmark shapes if asked); returns one row per task and
     appends the run to the database's tuning log. A preset that takes its tiles from another (x86-amx: the VNNI
     kernel of its few-rows branch) tunes that one's kernels; AMX kernels then get their block search."""
+    if args.database is not None and args.database.exists() and not args.database.is_dir():
+        raise UserError(f"--db {args.database} is a file, not a folder; name the database's folder")
     if args.preset.device == "cuda":
         if args.fp32:
             raise UserError(f"{args.preset.name} runs FP32 layers with TVM's GPU schedules, not kernels of ours: "
