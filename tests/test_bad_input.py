@@ -20,6 +20,10 @@ from .conftest import edit_manifest
 CASES = [
     ("missing bundle", ["translate", "{tmp}/none", "hi"], 2, "does not exist"),
     ("no QAT epoch", ["qat", "{model}", "--epochs", "0"], 2, "epochs must be a number above 0, got 0.0"),
+    ("bench with beam 0", ["bench", "{bundle}", "--beam", "0", "--no-pytorch"], 2, "beam size must be at least 1"),
+    ("bench against CTranslate2 with beam 0", ["bench", "{bundle}", "--against", "ctranslate2", "--beam", "0"], 2,
+     "beam size must be at least 1"),
+    ("quant table with beam 0", ["quant-table", "{model}", "--beam", "0"], 2, "beam size must be at least 1"),
     ("no tuning trial", ["tune", "{model}", "--target", "x86-vnni", "--trials", "0", "--db", "{tmp}/db"], 2,
      "--trials must be at least 1"),
     ("tuning database a file", ["tune", "{model}", "--target", "x86-vnni", "--db", "{tmp}/file"], 2,

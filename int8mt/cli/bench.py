@@ -68,14 +68,15 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = _counts(args.batch_sizes, "--batch-sizes")
     if args.sentences < 1:
         raise UserError("--sentences must be at least 1")
+    beam = cfg.decode.search_options(beam_size=args.beam).beam_size  # (checked before anything runs)
     sources, refs = read_parallel(cfg.paths.data, "test_2016_flickr", cfg.train.src_lang, cfg.train.tgt_lang)
     sources, refs = sources[: args.sentences], refs[: args.sentences]
     if args.serve:
         return _serve(args, cfg, sources)
     if args.against:
-        return _against(args, cfg, sources, refs, batch_sizes)
+        return _against(args, cfg, sources, refs, batch_sizes, beam)
     model = None if args.no_pytorch else (args.model or cfg.paths.model)
-    rows = bench_translation(args.bundle, model, sources, refs, batch_sizes, args.beam or cfg.decode.beam_size)
+    rows = bench_translation(args.bundle, model, sources, refs, batch_sizes, beam)
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
-             batch_sizes: tuple[int, ...]) -> int:
+             batch_sizes: tuple[int, ...], beam: int) -> int:
     import tempfile
 
     from ..interface.bench_ctranslate2 import (bundle_source_ids, check_same_model, compare_with_ctranslate2,
@@ -101,7 +102,7 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
     with tempfile.TemporaryDirectory(prefix="int8mt-ct2-") as tmp:
         print(f"converting {model_dir} with CTranslate2's converter ({precision})", file=sys.stderr)
         ct2_dir = convert_to_ctranslate2(model_dir, Path(tmp) / "ct2", precision)
-        plan = scenarios(batch_sizes, args.beam or cfg.decode.beam_size)
+        plan = scenarios(batch_sizes, beam)
         result = compare_with_ctranslate2(args.bundle, ct2_dir, ids, plan, args.fixed_tokens,
                                           cfg.decode.length_penalty, decode,
                                           None if args.fixed_tokens else refs, ct2_compute_type=precision,

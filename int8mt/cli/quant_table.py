@@ -26,11 +26,12 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(config_path(args))
     preset = get_preset(args.target or cfg.compile.target)
+    beam = cfg.decode.search_options(beam_size=args.beam).beam_size  # (checked before anything is compiled)
     from ..interface.quant_table import quant_table, write_quant_table
 
     sources, refs = read_parallel(cfg.paths.data, "test_2016_flickr", cfg.train.src_lang, cfg.train.tgt_lang)
     rows = quant_table(args.model or cfg.paths.model, cfg.paths.data, preset.name,
                        args.build_dir or cfg.paths.build / "quant", sources, refs,
-                       beam_size=args.beam or cfg.decode.beam_size)
+                       beam_size=beam)
     print(write_quant_table(rows, args.json))
     return 0
