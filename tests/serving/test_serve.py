@@ -97,10 +97,12 @@ def test_serve_command_serves_until_interrupted(tiny_bundle, tmp_path):
     url = f"http://127.0.0.1:{port}"
     # Ctrl-C handled as at a terminal even where this test runs with SIGINT ignored (a background job of a
     # non-interactive shell), which the command would inherit
-    process = subprocess.Popen([sys.executable, "-m", "int8mt", "serve", str(tiny_bundle), "--port", str(port),
-                                "--replicas", "1", "--beam", "2"], stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "RAY_ADDRESS": ""},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    log = tmp_path / "serve.err"  # (a file, not a pipe: Ray's logs would fill a pipe nobody reads while it starts)
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "int8mt", "serve", str(tiny_bundle), "--port", str(port),
+                                    "--replicas", "1", "--beam", "2"], stderr=stderr, text=True,
+                                   env={**os.environ, "RAY_ADDRESS": ""},
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
@@ -110,12 +112,14 @@ def test_serve_command_serves_until_interrupted(tiny_bundle, tmp_path):
             except (OSError, ValueError):  # not listening yet, or the proxy's plain-text 404 while deploying
                 pass
             time.sleep(1)
+        assert process.poll() is None, f"int8mt serve exited with {process.returncode}:\n{log.read_text()[-3000:]}"
         status, answer = post(url, json.dumps({"text": SENTENCES[:2]}).encode())
         assert status == 200
         expected = Translator(tiny_bundle).translate(SENTENCES[:2], options=SearchOptions(beam_size=2))
         assert answer["translations"] == expected  # the server's default beam is the command's --beam
     finally:
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
+        process.wait(timeout=120)
+    err = log.read_text()
     assert process.returncode == 130, err
     assert "int8mt serve: " in err and "interrupted" in err
