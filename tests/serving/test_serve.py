@@ -10,7 +10,6 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from int8mt.cli import main  # noqa: E402
 from int8mt.runtime.options import SearchOptions  # noqa: E402
 from int8mt.runtime.translator import Translator  # noqa: E402
 from int8mt.serving.cluster import WorkerLayout  # noqa: E402
