@@ -47,6 +47,16 @@ class TrainConfig:
     bf16: bool = True
     max_tokens: int = 128
 
+    def __post_init__(self) -> None:
+        for name, least in (("epochs", 1), ("batch_tokens", 1), ("warmup_steps", 0), ("patience", 1),
+                            ("average_best", 1), ("max_tokens", 2)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"train.{name} must be at least {least}, got {getattr(self, name)}")
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"train.lr must be a number above 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
 
 @dataclass(frozen=True)
 class DecodeConfig(SearchOptions):

@@ -20,6 +20,7 @@ from .conftest import edit_manifest
 CASES = [
     ("missing bundle", ["translate", "{tmp}/none", "hi"], 2, "does not exist"),
     ("no QAT epoch", ["qat", "{model}", "--epochs", "0"], 2, "epochs must be a number above 0, got 0.0"),
+    ("no training epoch", ["train", "--epochs", "0", "-o", "{tmp}/trained"], 2, "train.epochs must be at least 1"),
     ("bench with beam 0", ["bench", "{bundle}", "--beam", "0", "--no-pytorch"], 2, "beam size must be at least 1"),
     ("bench against CTranslate2 with beam 0", ["bench", "{bundle}", "--against", "ctranslate2", "--beam", "0"], 2,
      "beam size must be at least 1"),

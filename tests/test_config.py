@@ -20,6 +20,10 @@ def test_shipped_config_is_valid():
     ("decode: 5\n", "section 'decode' must be a mapping"),
     ("model:\n  activation: tanh\n", "activation 'tanh' is not supported"),
     ("train: [1\n", "not valid YAML"),
+    ("train:\n  epochs: 0\n", r"train.epochs must be at least 1, got 0"),
+    ("train:\n  average_best: 0\n", r"train.average_best must be at least 1, got 0"),
+    ("train:\n  lr: .nan\n", r"train.lr must be a number above 0, got nan"),
+    ("train:\n  label_smoothing: 1.0\n", r"train.label_smoothing must be in \[0, 1\), got 1.0"),
 ])
 def test_invalid_files_name_the_problem(tmp_path, text, message):
     path = tmp_path / "cfg.yaml"
