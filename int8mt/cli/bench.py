@@ -122,7 +122,6 @@ def _counts(text: str, flag: str) -> tuple[int, ...]:
 
 
 def _serve(args: argparse.Namespace, cfg, sources: list[str]) -> int:
-    from ..runtime.bundle import read_manifest
     from ..serving.cluster import WorkerLayout, checked_bundle, connect, import_ray
 
     import_ray()
@@ -133,8 +132,8 @@ def _serve(args: argparse.Namespace, cfg, sources: list[str]) -> int:
     sizes = _counts(args.request_sentences, "--request-sentences")
     settings = ServerSettings(options=cfg.decode.search_options(beam_size=args.beam),
                               max_batch=cfg.decode.batch_size)
-    bundle = checked_bundle(args.bundle, settings.options, settings.max_batch)
-    layout = WorkerLayout.fit(connect(None), read_manifest(bundle), args.replicas, args.threads)
+    bundle, manifest = checked_bundle(args.bundle, settings.options, settings.max_batch)
+    layout = WorkerLayout.fit(connect(None), manifest, args.replicas, args.threads)
     result = bench_serving(bundle, sources, clients, sizes, layout, settings, args.port)
     return _report(args, result, format_load_table(result), plot_load)
 

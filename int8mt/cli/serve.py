@@ -31,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..runtime.bundle import read_manifest
     from ..serving.cluster import WorkerLayout, checked_bundle, connect, import_ray
 
     cfg = load_config(config_path(args))
@@ -41,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     options, max_batch = decode_settings(args, cfg.decode)
     settings = ServerSettings(options=options, max_batch=max_batch, batch_wait_ms=args.batch_wait_ms,
                               max_request_sentences=args.max_request_sentences, target_lang=args.target_lang)
-    bundle = checked_bundle(args.bundle, settings.options, settings.max_batch, settings.target_lang)
+    bundle, manifest = checked_bundle(args.bundle, settings.options, settings.max_batch, settings.target_lang)
     ray = connect(args.address)
-    layout = WorkerLayout.fit(ray, read_manifest(bundle), args.replicas, args.threads)
+    layout = WorkerLayout.fit(ray, manifest, args.replicas, args.threads)
     start(bundle, layout, settings, args.host, args.port)
     print(f"int8mt serve: {bundle.name} on http://{args.host}:{args.port}/translate ({layout.workers} replicas x "
           f"{layout.threads} threads{f', {layout.gpus:g} GPU' if layout.gpus else ''}, batches of up to "

@@ -118,14 +118,13 @@ def _translate_to(translator, sentences: list[str], target: Path | None) -> None
 
 
 def _run_on_ray(args: argparse.Namespace, cfg, inputs: list[tuple[list[str], Path]]) -> int:
-    from ..runtime.bundle import read_manifest
     from ..serving.batch import Progress, translate_files
     from ..serving.cluster import WorkerLayout, checked_bundle, connect
 
     options, batch_size = decode_settings(args, cfg.decode)
-    bundle = checked_bundle(args.bundle, options, batch_size, args.target_lang)
+    bundle, manifest = checked_bundle(args.bundle, options, batch_size, args.target_lang)
     ray = connect(args.ray)
-    layout = WorkerLayout.fit(ray, read_manifest(bundle), args.workers, args.threads)
+    layout = WorkerLayout.fit(ray, manifest, args.workers, args.threads)
     progress = Progress()
     try:
         translate_files(ray, bundle, inputs, layout, options, batch_size, progress, args.target_lang)

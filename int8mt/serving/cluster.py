@@ -80,9 +80,10 @@ class WorkerLayout:
             raise UserError(f"threads per worker must be at least 1, got {threads}")
         if workers is not None and workers < 1:
             raise UserError(f"workers must be at least 1, got {workers}")
+        available = ray.available_resources()
         gpus = 0.0
         if is_cuda(manifest):
-            free_gpus = math.floor(ray.available_resources().get("GPU", 0) + 1 / GPU_SHARES)  # whole GPUs
+            free_gpus = math.floor(available.get("GPU", 0) + 1 / GPU_SHARES)  # whole GPUs
             if free_gpus < 1:
                 total = ray.cluster_resources().get("GPU", 0)
                 raise UserError(f"the bundle is compiled for {manifest['target']['preset']} and runs on an NVIDIA "
@@ -92,7 +93,7 @@ class WorkerLayout:
             workers = free_gpus if workers is None else workers
             per_gpu = -(-workers // free_gpus)
             gpus = (GPU_SHARES // per_gpu) / GPU_SHARES
-        free = int(ray.available_resources().get("CPU", 0))
+        free = int(available.get("CPU", 0))
         workers = max(1, free // threads) if workers is None else workers
         if workers * threads > free:
             total = int(ray.cluster_resources().get("CPU", 0))
@@ -101,8 +102,9 @@ class WorkerLayout:
         return cls(workers, threads, gpus)
 
 
-def checked_bundle(bundle_dir: Path, options: SearchOptions, batch_size: int, target_lang: str | None = None) -> Path:
-    """``bundle_dir`` made absolute, after the checks the runtime does before loading it (manifest, checksums,
+def checked_bundle(bundle_dir: Path, options: SearchOptions, batch_size: int,
+                   target_lang: str | None = None) -> tuple[Path, dict]:
+    """``bundle_dir`` made absolute and its manifest, after the checks the runtime does before loading it (manifest, checksums,
     library headers, CPU features) and those of the decoding settings, so that a bad bundle or setting is
     reported here rather than by every worker. A multilingual model needs ``target_lang`` here (sentences
     that start with their own ``>>xx<<`` token keep it), so that no batch of the workers fails for want of one."""
@@ -116,7 +118,7 @@ def checked_bundle(bundle_dir: Path, options: SearchOptions, batch_size: int, ta
         names = ", ".join(token[2:-2] for token in tokenizer.target_languages)
         raise UserError(f"{bundle_dir.name} is a multilingual model: pass --target-lang with one of {names} "
                         "(sentences starting with their own >>xx<< token keep it)")
-    return bundle_dir
+    return bundle_dir, manifest
 
 
 def pack_bundle(bundle_dir: Path) -> dict[str, bytes]:
