@@ -165,7 +165,7 @@ def test_qat_runs_a_fraction_of_an_epoch_and_refuses_no_epoch():
     batches = [[i] for i in range(10)]
     assert scheduled_batches(batches, 1) == batches and scheduled_batches(batches, 2) == batches * 2
     assert scheduled_batches(batches, 0.25) == batches[:2] and scheduled_batches(batches, 0.01) == batches[:1]
-    assert scheduled_batches(batches, 1.5) == batches + batches[:5]  # (was one pass: the half dropped)
+    assert scheduled_batches(batches, 1.5) == batches + batches[:5]
     for epochs in (0, -1, float("nan"), float("inf")):
         with pytest.raises(UserError, match="epochs must be a number above 0"):
             QATConfig(epochs=epochs)
