@@ -25,13 +25,14 @@ from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
 from int8mt.errors import UserError
 
 from .amx_dense import AmxBlock, block_rows
-from .int8_dense import DenseTiles, default_tiles, dense_kind, int8_dense, tiles_from_trace
+from .int8_dense import DenseTiles, default_tiles, dense_kind, fits_registers, int8_dense, tiles_from_trace
 from .intrin import Int8Dot, dense_dot
 
 ROW_BUCKETS = (32, 640)  # rows a decoder step (32 sentences) and an encoder call (32 x 20 tokens) see
 ENTRY_ROWS = {"encode": 640, "decode_step": 32}  # the row bucket of each entry point's matmuls
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
 CONFIRMED_FILE = "confirmed.json"
+SCANNED_RECORDS = 512  # a task's fastest records read for its best distinct tiles
 SHIPPED = Path(__file__).resolve().parent / "tuned"  # pre-tuned databases, one folder per target preset
 
 
@@ -121,22 +122,28 @@ class TuningDatabase:
         return [r for r in self.db.get_all_tuning_records() if tvm_ffi.structural_hash(r.workload.mod) == key]
 
     def candidates(self, task: DenseTask, count: int) -> list[tuple[DenseTiles, float]]:
-        """Up to ``count`` distinct tiles of ``task``, fastest measured first, with their mean seconds."""
+        """Up to ``count`` distinct tiles of ``task`` that fit the registers (:func:`fits_registers`: a database
+        tuned before the design space had that bound may hold tiles that spill), fastest measured first, with
+        their mean seconds."""
         mod = task.workload()
         if not self.db.has_workload(mod):
             return []
         found: dict[DenseTiles, float] = {}
-        for record in self.db.get_top_k(self.db.commit_workload(mod), 8 * count):
-            secs = [float(s) for s in record.run_secs]
-            found.setdefault(tiles_from_trace(record.trace, task.dot), sum(secs) / len(secs))
+        for record in self.db.get_top_k(self.db.commit_workload(mod), SCANNED_RECORDS):
+            tiles = tiles_from_trace(record.trace, task.dot)
+            if fits_registers(tiles, task.dot):
+                secs = [float(s) for s in record.run_secs]
+                found.setdefault(tiles, sum(secs) / len(secs))
         return list(found.items())[:count]
 
     def best(self, task: DenseTask) -> tuple[DenseTiles, float] | None:
         """The tiles of ``task`` that won its confirmation rounds, else its fastest measured ones, with their
-        seconds; None if it was not tuned."""
+        seconds (tiles that fit the registers only); None if it was not tuned."""
         confirmed = self.confirmed().get(task.name)
         if confirmed is not None and confirmed["family"] == task.family:
-            return DenseTiles(**confirmed["tiles"]), confirmed["seconds"]
+            tiles = DenseTiles(**confirmed["tiles"])
+            if fits_registers(tiles, task.dot):
+                return tiles, confirmed["seconds"]
         top = self.candidates(task, 1)
         return top[0] if top else None
 

@@ -2,8 +2,9 @@
 cost model, the in-process builder/runner of :mod:`.measure`, and a JSON database that resumes.
 
 Each task's design space is ``schedule_int8_dense(sch, tiles=None)``: row tile (categorical), column and
-reduction tiles (perfect tiles, which MetaSchedule's tile-size mutator explores). A task that already
-has ``trials`` records in the database is skipped; one with fewer gets the difference, its earlier
+reduction tiles (perfect tiles, which MetaSchedule's tile-size mutator explores); a candidate whose register tile
+would not fit the vector registers is rejected before it is built (:func:`.int8_dense.fits_registers`). A task
+that already has ``trials`` records in the database is skipped; one with fewer gets the difference, its earlier
 records seeding the search. A time budget stops all tasks after the batch that crosses it.
 
 Then :func:`confirm` re-times each task's few best distinct tiles side by side, in rounds over all tasks:
@@ -26,12 +27,13 @@ from tqdm import tqdm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.s_tir.meta_schedule.postproc import PyPostproc
 
 from int8mt.errors import UserError
 from int8mt.targets import TargetPreset, host_arch
 
 from .database import DenseTask, TuningDatabase
-from .int8_dense import DenseTiles, schedule_int8_dense, scheduled_int8_dense
+from .int8_dense import DenseTiles, fits_registers, schedule_int8_dense, scheduled_int8_dense, tiles_from_trace
 from .intrin import Int8Dot
 from .measure import CheckedRunner, InProcessBuilder
 from .rpc import RPCTracker
@@ -181,13 +183,34 @@ def tune(tasks: list[DenseTask], target: tvm.target.Target, database: TuningData
     return reports
 
 
+@derived_object
+class _FitsRegisters(PyPostproc):
+    """Rejects a candidate whose register tile does not fit the dot product's vector registers (its accumulators
+    would spill: never the fastest, and a measurement lost). The design space samples rows and columns
+    independently, so this bound on their product is checked on each sampled or mutated candidate."""
+
+    def __init__(self, dot: Int8Dot) -> None:
+        super().__init__()
+        self.dot = dot
+
+    def _initialize_with_tune_context(self, context: ms.TuneContext) -> None:
+        pass
+
+    def apply(self, sch: tvm.s_tir.Schedule) -> bool:
+        return fits_registers(tiles_from_trace(sch.trace, self.dot), self.dot)
+
+    def clone(self) -> _FitsRegisters:
+        return _FitsRegisters(self.dot)
+
+
 def _context(task: DenseTask, target: tvm.target.Target, seed: int, population: int) -> ms.TuneContext:
-    """MetaSchedule's task for ``task``: our design space, evolutionary search, tile-size mutations only."""
+    """MetaSchedule's task for ``task``: our design space (tiles that fit the registers), evolutionary search,
+    tile-size mutations only."""
     return ms.TuneContext(
         mod=task.workload(), target=target, task_name=task.name, rand_state=seed, num_threads=2,
         space_generator=ms.space_generator.ScheduleFn(
-            lambda sch, dot=task.dot: schedule_int8_dense(sch, None, dot), sch_rules=[], postprocs=[],
-            mutator_probs={ms.mutator.MutateTileSize(): 1.0}),
+            lambda sch, dot=task.dot: schedule_int8_dense(sch, None, dot), sch_rules=[],
+            postprocs=[_FitsRegisters(task.dot)], mutator_probs={ms.mutator.MutateTileSize(): 1.0}),
         search_strategy=ms.search_strategy.EvolutionarySearch(population_size=population,
                                                               init_min_unmeasured=min(16, population)))
 

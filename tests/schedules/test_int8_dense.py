@@ -6,8 +6,9 @@ import pytest
 import tvm
 from tvm import s_tir
 
-from int8mt.schedules.int8_dense import (DenseTiles, default_tiles, int8_dense, pack_weight,
-                                         row_tiles, schedule_int8_dense, scheduled_int8_dense, tiles_from_trace)
+from int8mt.schedules.int8_dense import (MAX_COLS, DenseTiles, default_tiles, fits_registers, int8_dense,
+                                         live_registers, pack_weight, row_tiles, schedule_int8_dense,
+                                         scheduled_int8_dense, tiles_from_trace)
 from int8mt.schedules.intrin import DOTS, FLOAT_DOTS, dense_dot, int8_dot
 
 from ..conftest import FLOAT_PRESETS, INT8_PRESETS
@@ -43,6 +44,27 @@ def test_tiles_that_do_not_divide_the_weight_are_rejected():
         scheduled_int8_dense(64, 32, DenseTiles(rows=5, cols=1, depth=1), DOTS["vnni"])
     with pytest.raises(ValueError, match="row_split one of"):
         scheduled_int8_dense(64, 32, DenseTiles(rows=4, cols=1, depth=1, row_split=3), DOTS["vnni"])
+
+
+@pytest.mark.parametrize("family,rows,cols,registers", [
+    ("avx2", 6, 2, 16), ("avx2", 4, 2, 12), ("avx2", 8, 1, 11), ("avx2", 1, 8, 11),  # fit AVX2's 16
+    ("avx2", 8, 2, 20), ("avx2", 4, 4, 22), ("avx2", 3, 4, 18), ("avx2", 2, 5, 17),  # spill (measured slower)
+    ("vnni", 6, 4, 29), ("vnni", 4, 5, 26), ("vnni", 8, 4, 37), ("vnni", 6, 5, 36), ("vnni", 4, 8, 41),
+    ("avx512bw", 6, 4, 30), ("fp32-avx2", 4, 3, 16),
+    ("smmla", 4, 4, 14), ("smmla", 2, 8, 10), ("smmla", 8, 8, 44),  # 2-row instructions: a register per 2 rows
+])
+def test_live_registers_of_a_register_tile(family, rows, cols, registers):
+    """Accumulators + weights (streamed by a one-row-group tile) + activations + vpmaddwd's products."""
+    dot = dense_dot(family)
+    assert live_registers(rows, cols, dot) == registers
+    assert fits_registers(DenseTiles(rows, cols, 1), dot) == (registers <= dot.vector_registers)
+
+
+@pytest.mark.parametrize("family", [f for f, dot in DOTS.items() if not dot.amx_tiles])
+def test_default_and_few_rows_tiles_fit_the_registers(family):
+    dot = DOTS[family]
+    assert fits_registers(default_tiles(8000, 256, dot), dot)
+    assert fits_registers(DenseTiles(dot.rows, min(MAX_COLS, dot.vector_registers // 2), 1), dot)  # few rows
 
 
 @pytest.mark.parametrize("family", [f for f, dot in DOTS.items() if not dot.amx_tiles])  # (AMX: no tuning space)

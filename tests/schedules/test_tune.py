@@ -10,7 +10,7 @@ import tvm
 from int8mt.cli import main
 from int8mt.schedules.database import (BENCH_MODELS, ROW_BUCKETS, DenseTask, TileChooser, TuningDatabase, bench_tasks,
                                        linear_shapes, row_bucket, shipped_database)
-from int8mt.schedules.int8_dense import default_tiles
+from int8mt.schedules.int8_dense import DenseTiles, default_tiles, fits_registers, tiles_from_trace
 from int8mt.schedules.intrin import int8_dot
 from int8mt.targets import get_preset, missing_features
 
@@ -38,6 +38,38 @@ def test_kernels_a_database_lacks_take_the_shipped_tiles(tmp_path):
     choice = chooser.choice(256, 256, "decode_step")  # a reference-model shape the shipped database has
     assert choice.tuned and choice.tiles == shipped.best(DenseTask(256, 256, 32, avx2.int8_dot))[0]
     assert not chooser.choice(40, 24, "decode_step").tuned  # in neither: default tiles
+
+
+def test_tiles_that_spill_registers_are_never_chosen(tmp_path):
+    """A database tuned before the design space bounded the register tile holds tiles that spill (the shipped
+    AVX2 one: 8 x 2 tiles on 16 registers); neither its candidates nor a confirmed winner of that kind are
+    chosen."""
+    shipped = TuningDatabase(shipped_database("x86-avx2"))
+    task = DenseTask(8000, 256, 32, "avx2")
+    measured = [tiles_from_trace(record.trace, task.dot) for record in shipped.records(task)]
+    assert any(not fits_registers(tiles, task.dot) for tiles in measured)
+    top = shipped.candidates(task, 48)  # (beyond its first 24 distinct tiles: the older records timed slower)
+    assert len(top) == 48 and all(fits_registers(tiles, task.dot) for tiles, _ in top)
+    assert fits_registers(shipped.best(task)[0], task.dot)
+    database = TuningDatabase(tmp_path, create=True)
+    spilling = DenseTiles(rows=8, cols=2, depth=4)
+    database.confirm(task, spilling, 1e-5)
+    assert database.best(task) is None
+    assert TileChooser(database, "avx2")(8000, 256, "decode_step") == default_tiles(8000, 256, task.dot)
+    database.confirm(task, DenseTiles(rows=6, cols=2, depth=4), 1e-5)
+    assert database.best(task) == (DenseTiles(rows=6, cols=2, depth=4), 1e-5)
+
+
+def test_tuning_measures_only_tiles_that_fit_the_registers(tmp_path):
+    """Most of a 128 x 64 weight's row x column tiles spill AVX2's registers (3 to 8 rows x 4 or 8 columns):
+    none is measured."""
+    from int8mt.schedules.tune import tune
+
+    task = DenseTask(128, 64, 32, "avx2")
+    tune([task], tvm.target.Target(get_preset("x86-avx2").target), TuningDatabase(tmp_path, create=True), trials=16,
+         trials_per_iter=16)
+    measured = [tiles_from_trace(record.trace, task.dot) for record in TuningDatabase(tmp_path).records(task)]
+    assert len(measured) == 16 and all(fits_registers(tiles, task.dot) for tiles in measured)
 
 
 def test_row_buckets():
