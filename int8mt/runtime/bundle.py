@@ -505,6 +505,7 @@ class Bundle:
         self.layers, self.heads = cfg["decoder_layers"], cfg["heads"]
         self.head_dim = cfg["d_model"] // cfg["heads"]
         self.vocab_size = cfg.get("target_vocab_size") or cfg["vocab_size"]  # the logits' width
+        self.source_vocab_size = cfg["vocab_size"]  # the source embeddings' rows: source ids are below it
         self.ffn_dim = cfg["ffn_dim"]
         self.max_positions = cfg["max_positions"]
         self.pad_id, self.eos_id, self.start_id = cfg["pad_id"], cfg["eos_id"], cfg["decoder_start_id"]

@@ -130,6 +130,12 @@ class Translator:
         if too_long:
             raise UserError(f"source {too_long[0]} has {len(sources[too_long[0] - 1])} tokens; the model reads 1 "
                             f"to {limit}")
+        vocab = self.bundle.source_vocab_size  # (the embedding kernel reads the row of any id it is given)
+        for n, ids in enumerate(sources, 1):
+            if min(ids) < 0 or max(ids) >= vocab:
+                bad = next(i for i in ids if not 0 <= i < vocab)
+                raise UserError(f"source {n} has token id {bad}; the model's source vocabulary has ids 0 to "
+                                f"{vocab - 1}")
 
         out: list[list[int]] = [[] for _ in sources]
         batches = list(iterate_batches(sources, self.sentences_per_call(options)))

@@ -212,6 +212,17 @@ def test_bundle_from_an_older_build_lacking_an_entry_point(bundle_copy):
         Bundle(bundle_copy)
 
 
+@pytest.mark.parametrize("bad", [-1, 8000, 10**9])
+def test_token_ids_outside_the_source_vocabulary_are_refused(tiny_bundle, bad):
+    """The embedding kernel reads the row of any id: one past the table read other memory (8000: a translation of
+    garbage; 10**9: a segfault)."""
+    translator = Translator(tiny_bundle)
+    with pytest.raises(ValueError, match=f"source 2 has token id {bad}; the model's source vocabulary has ids 0 to "
+                                         "7999"):
+        translator.translate_ids([[5, 2], [5, bad, 2]])
+    assert len(translator.translate_ids([[5, 2], [5, 7999, 2]])) == 2
+
+
 def test_bad_search_options():
     with pytest.raises(ValueError, match="beam size"):
         SearchOptions(beam_size=0)
