@@ -50,7 +50,12 @@ def _fusable_gather(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     analysis calls any load through an index tensor opaque, which keeps the gather out of fusion. The decoder
     step's keys and values are such a gather from the cache's rows followed by a ``where`` that takes the new
     position from the new key (:meth:`int8mt.model.transformer.Transformer.decode_step`): fused, one kernel
-    reads the past keys once and writes them once."""
+    reads the past keys once and writes them once. A take in TVM's ``fast`` mode (the graph's default) is
+    legalized in ``clip`` mode: the same for indices in range (the runtime checks source ids and computes
+    positions and beams), no read outside the tensor for one that is not, and no warning at every compilation
+    ("Fast mode segfaults when there are out-of-bounds indices")."""
+    if str(call.attrs.mode) == "fast":
+        call = bb.normalize(relax.op.take(*call.args, axis=call.attrs.axis, mode="clip"))
     out = _DEFAULT_LEGALIZE["relax.take"](bb, call)
     if call.args[1].ty.ndim >= 1 and isinstance(out, relax.Call) and out.op == tvm.ir.Op.get("relax.call_tir"):
         kernel = out.args[0]

@@ -252,7 +252,7 @@ def test_an_attention_of_a_decoder_step_is_one_kernel_staging_each_chunk_of_prob
     (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     body = _row_kernel_body(func, "attention_rows", CUDAAttentionRows())
     assert "extern __shared__" in body and body.count("__shfl_down_sync") >= 2
-    gathers = re.findall(r"\w+_ptr\[\(*\w+_ptr\[", body)  # a read at an index another tensor holds
+    gathers = re.findall(r"\w+_ptr\[\(*(?:min\(max\(\(int64_t\)0, )?\(*\w+_ptr\[", body)  # at an index read (clipped)
     assert len(gathers) == (2 if attention == "self" else 0)  # the keys' and the values' rows
     (chunk,) = re.findall(r"__shared__ alignas\(\d+\) signed char (\w+)\[64\];", body)
     store = body.index(f"{chunk}[((int64_t)threadIdx.x)] = ")
