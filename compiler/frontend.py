@@ -25,6 +25,7 @@ the new scales into ``cache_1`` and returns both, and ``reorder_cache`` takes bo
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,8 @@ from int8mt.runtime.bundle import DEFAULT_MAX_ROWS
 from int8mt.schedules.append_rows import append_rows_kernel
 from int8mt.schedules.beam_select import PLANES, beam_select_kernel
 from int8mt.schedules.top_candidates import top_candidates_kernel
+
+PYTREE_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"  # torch 2.13, at every import of a model
 
 
 class _Encode(nn.Module):
@@ -113,7 +116,9 @@ def export_to_relax(model: Transformer, export_cfg: ExportConfig = ExportConfig(
         with torch.no_grad():
             program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes)
         custom = {"embedding.default": _embedding, **(convert_map(program) if convert_map is not None else {})}
-        mod = from_exported_program(program, custom_convert_map=custom, unwrap_unit_return_tuple=True)
+        with warnings.catch_warnings():  # torch's decompositions (TVM runs them) copy a deprecated pytree class
+            warnings.filterwarnings("ignore", PYTREE_DEPRECATION, FutureWarning)
+            mod = from_exported_program(program, custom_convert_map=custom, unwrap_unit_return_tuple=True)
         functions[name] = mod["main"].with_attr("global_symbol", name)
     functions["reorder_cache"] = _reorder_cache(model)
     mod = tvm.IRModule({relax.GlobalVar(name): fn for name, fn in functions.items()})

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -203,12 +204,14 @@ def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
     torch.backends.quantized.engine = "x86"
     x = torch.randn(rows, k)
     weight = torch.randn(n, k)
-    qweight = torch.quantize_per_channel(weight, weight.abs().amax(1) / 127, torch.zeros(n, dtype=torch.long), 0,
-                                         torch.qint8)
+    with warnings.catch_warnings():  # PyTorch 2.13 deprecates its quantized tensors, the peer measured here
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+        qweight = torch.quantize_per_channel(weight, weight.abs().amax(1) / 127, torch.zeros(n, dtype=torch.long), 0,
+                                             torch.qint8)
+        qx = torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)
     static = QLinear(k, n)
     static.set_weight_bias(qweight, None)
     static.scale, static.zero_point = 0.1, 128
-    qx = torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)
     dynamic = DynamicLinear(k, n)
     dynamic.set_weight_bias(qweight, None)
     def timer(fn: Callable[[], object]) -> Timer:

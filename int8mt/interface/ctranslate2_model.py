@@ -56,10 +56,13 @@ def _converter(ctranslate2, marian_dir: Path):
     import transformers
     from ctranslate2.converters.transformers import MarianMTLoader
 
+    from int8mt.model.converters.marian_export import quiet_marian_tokenizer
+
     class MarianConverter(ctranslate2.converters.Converter):
         def _load(self):
             model = transformers.MarianMTModel.from_pretrained(marian_dir).eval()
-            tokenizer = transformers.MarianTokenizer.from_pretrained(marian_dir)
+            with quiet_marian_tokenizer():
+                tokenizer = transformers.MarianTokenizer.from_pretrained(marian_dir)
             start = model.config.decoder_start_token_id
             table = model.get_decoder().embed_tokens.weight
             stock = start == len(tokenizer) - 1 and not bool(torch.count_nonzero(table[start]))

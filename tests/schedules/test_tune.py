@@ -2,6 +2,7 @@
 resumes instead of starting over, the confirmation rounds pick one of the best candidates, and compilation
 picks the database's tiles."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -148,6 +149,17 @@ def test_tune_the_avx2_family(tmp_path):
     assert (report.trials, report.build_failures, report.run_failures) == (4, 0, 0)
     tiles, _ = TuningDatabase(tmp_path).best(task)
     assert 8 % tiles.cols == 0 and TileChooser(TuningDatabase(tmp_path), "avx2")(64, 64, "decode_step") == tiles
+
+
+def test_pytorch_s_quantized_linear_layers_are_timed_without_its_deprecation_notice():
+    """`bench kernels` measures PyTorch's quantized Linear, whose quantized tensors PyTorch 2.13 deprecates with a
+    warning at every shape; the benchmark's output is the table."""
+    from int8mt.interface.bench_kernels import _torch_timers
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        timers = _torch_timers(64, 32, 4)
+    assert len(timers) == 4 and not [w for w in seen if "quantize_per" in str(w.message)]
 
 
 def test_kernel_table_shows_both_shares_of_the_peak():

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sentencepiece as spm
@@ -24,6 +27,15 @@ _EXPORT_RENAMES = (  # ours -> Marian's; the inverse of the loader's _LAYER_RENA
     (r"\.cross_attn\.", ".encoder_attn."),
     (r"\.ffn\.(fc[12])\.", r".\1."),
 )
+
+
+@contextmanager
+def quiet_marian_tokenizer() -> Iterator[None]:
+    """``transformers.MarianTokenizer`` made or loaded without its notice that sacremoses (the text normalizer of
+    its own pipeline) is missing: neither the export nor CTranslate2's converter normalizes text."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Recommended: pip install sacremoses", UserWarning)
+        yield
 
 
 def _hf_name(name: str) -> str:
@@ -79,9 +91,10 @@ def export_marian(model_dir: Path | str, out: Path | str) -> Path:
     sp = spm.SentencePieceProcessor(model_file=str(spm_file))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    tokenizer = transformers.MarianTokenizer(
-        source_spm=str(spm_file), target_spm=str(spm_file), vocab=str(out / "vocab.json"),
-        eos_token=sp.id_to_piece(model.cfg.eos_id), unk_token=sp.id_to_piece(sp.unk_id()),
-        pad_token=sp.id_to_piece(model.cfg.pad_id))
+    with quiet_marian_tokenizer():
+        tokenizer = transformers.MarianTokenizer(
+            source_spm=str(spm_file), target_spm=str(spm_file), vocab=str(out / "vocab.json"),
+            eos_token=sp.id_to_piece(model.cfg.eos_id), unk_token=sp.id_to_piece(sp.unk_id()),
+            pad_token=sp.id_to_piece(model.cfg.pad_id))
     tokenizer.save_pretrained(out)
     return out
