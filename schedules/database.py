@@ -123,7 +123,7 @@ class TuningDatabase:
 
     def candidates(self, task: DenseTask, count: int) -> list[tuple[DenseTiles, float]]:
         """Up to ``count`` distinct tiles of ``task`` that fit the registers (:func:`fits_registers`: a database
-        tuned before the design space had that bound may hold tiles that spill), fastest measured first, with
+        tuned without that bound may hold tiles that spill), fastest measured first, with
         their mean seconds."""
         mod = task.workload()
         if not self.db.has_workload(mod):

@@ -42,9 +42,8 @@ def test_kernels_a_database_lacks_take_the_shipped_tiles(tmp_path):
 
 
 def test_tiles_that_spill_registers_are_never_chosen(tmp_path):
-    """A database tuned before the design space bounded the register tile holds tiles that spill (the shipped
-    AVX2 one: 8 x 2 tiles on 16 registers); neither its candidates nor a confirmed winner of that kind are
-    chosen."""
+    """A database tuned without the register bound holds tiles that spill (the shipped AVX2 one keeps such
+    records: 8 x 2 tiles on 16 registers); neither its candidates nor a confirmed winner of that kind are chosen."""
     shipped = TuningDatabase(shipped_database("x86-avx2"))
     task = DenseTask(8000, 256, 32, "avx2")
     measured = [tiles_from_trace(record.trace, task.dot) for record in shipped.records(task)]
