@@ -6,6 +6,8 @@ import pytest
 
 from int8mt.cli import main
 
+from .conftest import HOST_PRESET
+
 
 def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
@@ -13,6 +15,18 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("train", "compile", "translate", "evaluate", "targets"):
         assert cmd in out
+
+
+def test_targets_lists_each_preset_with_whether_it_runs_here_and_what_auto_picks(capsys):
+    from int8mt.targets import PRESETS
+
+    assert main(["targets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    heads = [line for line in lines if line and not line.startswith(" ")]
+    assert [head.split()[0] for head in heads[:len(PRESETS)]] == list(PRESETS)
+    assert heads[list(PRESETS).index(HOST_PRESET.name)].split(maxsplit=1) == [HOST_PRESET.name, "runs here"]
+    assert any(line.strip() == 'TVM target {"kind": "llvm", "mcpu": "x86-64-v3"}' for line in lines)
+    assert heads[-1] == f"auto (compile.target's default) picks {HOST_PRESET.name} here"
 
 
 def test_unknown_target_is_a_clear_error(capsys, tiny_model_dir):

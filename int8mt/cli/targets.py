@@ -11,10 +11,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..targets import PRESETS, amx_permission, host_arch, missing_features, needs_amx
+    from ..errors import UserError
+    from ..targets import AUTO, PRESETS, amx_permission, get_preset, host_arch, missing_features, needs_amx
 
     name_width = max(len(p.name) for p in PRESETS.values())
-    target_width = max(len(json.dumps(p.target)) for p in PRESETS.values())
+    indent = " " * (name_width + 2)
     gpu = _visible_gpu() if any(p.device == "cuda" for p in PRESETS.values()) else None
     for preset in PRESETS.values():
         missing = missing_features(preset)
@@ -30,8 +31,12 @@ def run(args: argparse.Namespace) -> int:
                       f"not on this GPU ({gpu[0]}, compute capability {gpu[1][0]}.{gpu[1][1]})")
         dot = (f"int8 dot product {preset.int8_dot}" if preset.int8_dot else
                "int8 tensor cores (wmma s8)" if preset.device == "cuda" else "no int8 kernels")
-        print(f"{preset.name:<{name_width}} {json.dumps(preset.target):<{target_width}} {preset.description}; "
-              f"{dot}; {status}")
+        print(f"{preset.name:<{name_width}}  {status}\n{indent}{preset.description}; {dot}\n"
+              f"{indent}TVM target {json.dumps(preset.target)}")
+    try:
+        print(f"\n{AUTO} (compile.target's default) picks {get_preset(AUTO).name} here")
+    except UserError as err:
+        print(f"\n{AUTO}: {err}")
     return 0
 
 
