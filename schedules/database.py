@@ -134,7 +134,9 @@ class TuningDatabase:
             if fits_registers(tiles, task.dot):
                 secs = [float(s) for s in record.run_secs]
                 found.setdefault(tiles, sum(secs) / len(secs))
-        return list(found.items())[:count]
+                if len(found) == count:
+                    break
+        return list(found.items())
 
     def best(self, task: DenseTask) -> tuple[DenseTiles, float] | None:
         """The tiles of ``task`` that won its confirmation rounds, else its fastest measured ones, with their
