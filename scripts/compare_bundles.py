@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from int8mt.config import load_config  # noqa: E402
 from int8mt.errors import UserError  # noqa: E402
-from int8mt.interface.bench_ctranslate2 import Layout, Scenario, _run, bundle_source_ids  # noqa: E402
+from int8mt.interface.bench_against import Layout, Scenario, _run, bundle_source_ids  # noqa: E402
 
 LENGTH_PENALTY = 0.6
 # the repository's folders -> where pyproject.toml installs them (int8mt first: the others go inside it)

@@ -178,7 +178,7 @@ def run_translation(bundles: list[Path], sources: list[str], model_dir: Path | N
 def prepare_ctranslate2(folder: Path, bundle: Path, model: Path | None) -> None:
     from int8mt.config import load_config
     from int8mt.data import read_parallel
-    from int8mt.interface.bench_ctranslate2 import check_same_model, compute_type
+    from int8mt.interface.bench_against import check_same_model, compute_type
     from int8mt.interface.ctranslate2_model import convert_to_ctranslate2
     from int8mt.runtime.bundle import read_manifest
 
@@ -195,15 +195,14 @@ def prepare_ctranslate2(folder: Path, bundle: Path, model: Path | None) -> None:
 
 def against_ctranslate2(folder: Path, bundle: Path, out: Path) -> None:
     from int8mt.config import load_config
-    from int8mt.interface.bench_ctranslate2 import (bundle_source_ids, compare_with_ctranslate2, format_comparison,
-                                                    scenarios)
+    from int8mt.interface.bench_against import bundle_source_ids, compare_engines, format_comparison, scenarios
 
     cfg = load_config(ROOT / "tvm_config.yaml")
     ids, decode = bundle_source_ids(bundle, (folder / "sources.txt").read_text().splitlines())
     refs = (folder / "references.txt").read_text().splitlines()
-    result = compare_with_ctranslate2(bundle, folder / "ct2", ids, scenarios((1, 32), cfg.decode.beam_size), None,
-                                      cfg.decode.length_penalty, decode, refs,
-                                      ct2_compute_type=(folder / "compute_type").read_text(), gpu=True)
+    result = compare_engines("ctranslate2", bundle, folder / "ct2", ids, scenarios((1, 32), cfg.decode.beam_size),
+                             None, cfg.decode.length_penalty, decode, refs,
+                             precision=(folder / "compute_type").read_text(), gpu=True)
     print(format_comparison(result), flush=True)
     (out / "against-ctranslate2.json").write_text(json.dumps(result, indent=1) + "\n")
 

@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 from int8mt.cli import main  # noqa: E402
 from int8mt.data import pad_batch  # noqa: E402
 from int8mt.errors import UserError  # noqa: E402
-from int8mt.interface.bench_ctranslate2 import (GPU_COMPUTE_TYPES, Layout, Scenario, _run,  # noqa: E402
-                                                format_comparison, is_intel_cpu, layouts)
+from int8mt.interface.bench_against import (GPU_COMPUTE_TYPES, Layout, Scenario, _run,  # noqa: E402
+                                            format_comparison, is_intel_cpu, layouts)
 from int8mt.interface.bench_engine import vocabularies  # noqa: E402
 from int8mt.interface.ctranslate2_model import convert_to_ctranslate2  # noqa: E402
 from int8mt.model.checkpoint import load_model_dir  # noqa: E402
@@ -100,10 +100,10 @@ def test_comparison_table_shows_gpu_memory_where_measured():
         return {"scenario": "greedy, batch 32", "ratio": 1.0, "identical": 1.0, "ctranslate2": engine,
                 "int8mt": {**engine, "gpu_memory_mib": None if gpu_mib is None else 2 * gpu_mib}}
 
-    result = {"machine": "NVIDIA H100", "ctranslate2": "4.8.5", "compute_type": "int8", "bundle": "b",
-              "sentences": 10, "fixed_tokens": None, "rows": [row(300.0)]}
+    result = {"machine": "NVIDIA H100", "peer": "ctranslate2", "peer_version": "4.8.5", "compute_type": "int8",
+              "bundle": "b", "sentences": 10, "fixed_tokens": None, "rows": [row(300.0)]}
     table = format_comparison(result)
-    assert "GPU MiB after the run CT2 / int8mt" in table and "| 900 / 900 | 300 / 600 |" in table
+    assert "GPU MiB after the run CTranslate2 / int8mt" in table and "| 900 / 900 | 300 / 600 |" in table
     assert "GPU MiB" not in format_comparison({**result, "rows": [row(None)]})
 
 
@@ -114,7 +114,9 @@ def test_bench_against_ctranslate2_fixed_work(tiny_model_dir, tiny_bundle, tmp_p
                  "--json", str(out), "--plot", str(plot)]) == 0
     table = capsys.readouterr().out
     assert "every sentence exactly 6 tokens" in table and "| beam 2, batch 4 |" in table
+    assert "| scenario | CTranslate2 FP32 sent/s | int8mt FP32 sent/s |" in table  # (an FP32 bundle)
     result = json.loads(out.read_text())
+    assert result["peer"] == "ctranslate2" and result["peer_version"] == ctranslate2.__version__
     assert [row["scenario"] for row in result["rows"]] == ["greedy, batch 4", "beam 2, batch 4"]
     cpus = len(os.sched_getaffinity(0))
     intel = is_intel_cpu()

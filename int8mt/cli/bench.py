@@ -21,10 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="the model the bundle was compiled from, ours or a Hugging Face Marian one: PyTorch runs it, "
                         "--against converts it (default: paths.model)")
-    p.add_argument("--against", choices=("ctranslate2",), default=None,
-                   help="ctranslate2: CTranslate2 on the same weights (--model, converted with its converter) at the "
-                        "bundle's precision (INT8, or FP32 for an FP32 bundle), both engines in their best thread layouts "
-                        "(on the GPU for a CUDA bundle), sentences/s and peak memory")
+    p.add_argument("--against", choices=("ctranslate2", "onnxruntime"), default=None,
+                   help="another engine on the same weights (--model) at the bundle's precision (INT8, or FP32 for an "
+                        "FP32 bundle), both engines in their best thread layouts, sentences/s and peak memory: "
+                        "ctranslate2 (converted with its converter; on the GPU for a CUDA bundle) or onnxruntime "
+                        "(exported with PyTorch's ONNX exporter, INT8 by its dynamic quantization; CPU bundles)")
     p.add_argument("--fixed-tokens", type=int, default=None, metavar="N",
                    help="--against: every sentence decodes exactly N tokens in both engines (same work whatever "
                         "the weights; default: translate to the end of sentence and compare BLEU)")
@@ -87,28 +88,41 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
              batch_sizes: tuple[int, ...], beam: int) -> int:
     import tempfile
 
-    from ..interface.bench_ctranslate2 import (bundle_source_ids, check_same_model, compare_with_ctranslate2,
-                                               compute_type, format_comparison, plot_comparison, scenarios)
-    from ..interface.ctranslate2_model import convert_to_ctranslate2
-    from ..runtime.bundle import check_runs_here, is_cuda
+    from ..interface.bench_against import (bundle_source_ids, check_same_model, compare_engines, compute_type,
+                                           format_comparison, plot_comparison, scenarios)
+    from ..runtime.bundle import check_runs_here, is_cuda, read_manifest
 
     if args.fixed_tokens is not None and args.fixed_tokens < 1:
         raise UserError("--fixed-tokens must be at least 1")
     model_dir = args.model or cfg.paths.model
     check_same_model(args.bundle, model_dir)
+    gpu = is_cuda(read_manifest(args.bundle))
+    if gpu and args.against == "onnxruntime":
+        raise UserError(f"{args.bundle} is a CUDA bundle; the ONNX Runtime comparison runs on the CPU (onnxruntime's "
+                        "CPU package): compare a CPU bundle, or this one with --against ctranslate2")
     manifest = check_runs_here(args.bundle)
     ids, decode = bundle_source_ids(args.bundle, sources)
     precision = compute_type(manifest)
-    with tempfile.TemporaryDirectory(prefix="int8mt-ct2-") as tmp:
-        print(f"converting {model_dir} with CTranslate2's converter ({precision})", file=sys.stderr)
-        ct2_dir = convert_to_ctranslate2(model_dir, Path(tmp) / "ct2", precision)
-        plan = scenarios(batch_sizes, beam)
-        result = compare_with_ctranslate2(args.bundle, ct2_dir, ids, plan, args.fixed_tokens,
-                                          cfg.decode.length_penalty, decode,
-                                          None if args.fixed_tokens else refs, ct2_compute_type=precision,
-                                          gpu=is_cuda(manifest))
+    with tempfile.TemporaryDirectory(prefix=f"int8mt-{args.against}-") as tmp:
+        peer_dir = _convert(args.against, model_dir, Path(tmp) / args.against, precision)
+        result = compare_engines(args.against, args.bundle, peer_dir, ids, scenarios(batch_sizes, beam),
+                                 args.fixed_tokens, cfg.decode.length_penalty, decode,
+                                 None if args.fixed_tokens else refs, precision=precision, gpu=gpu)
     result["model"] = str(model_dir)
     return _report(args, result, format_comparison(result), plot_comparison)
+
+
+def _convert(peer: str, model_dir: Path, out: Path, precision: str) -> Path:
+    """``model_dir`` as ``peer`` runs it, in ``out``."""
+    if peer == "ctranslate2":
+        from ..interface.ctranslate2_model import convert_to_ctranslate2
+
+        print(f"converting {model_dir} with CTranslate2's converter ({precision})", file=sys.stderr)
+        return convert_to_ctranslate2(model_dir, out, precision)
+    from ..interface.onnxruntime_model import export_to_onnxruntime
+
+    print(f"exporting {model_dir} to ONNX ({precision})", file=sys.stderr)
+    return export_to_onnxruntime(model_dir, out, precision)
 
 
 def _counts(text: str, flag: str) -> tuple[int, ...]:

@@ -17,9 +17,9 @@ SHARED_VOCABULARY, SOURCE_VOCABULARY, TARGET_VOCABULARY = (
 
 @dataclass(frozen=True)
 class EngineRun:
-    engine: str                 # int8mt (a bundle) or ctranslate2 (a converted model)
+    engine: str                 # int8mt (a bundle), ctranslate2 or onnxruntime (a converted model)
     path: str
-    replicas: int               # translators sharing the weights (CTranslate2's inter_threads)
+    replicas: int               # translators at once (CTranslate2's inter_threads: sharing the weights)
     threads: int                # threads each (CTranslate2's intra_threads)
     beam: int
     batch: int
@@ -87,9 +87,23 @@ def _ctranslate2(run: EngineRun):
     return translate
 
 
+def _onnxruntime(run: EngineRun):
+    from int8mt.interface.onnxruntime_translator import OnnxRuntimeTranslator
+
+    translator = OnnxRuntimeTranslator(Path(run.path), replicas=run.replicas, threads=run.threads)
+
+    def translate(sources: list[list[int]]) -> list[list[int]]:
+        return translator.translate(sources, run.batch, run.beam, run.length_penalty, fixed_tokens=run.fixed_tokens)
+
+    return translate
+
+
+ENGINES = {"int8mt": _int8mt, "ctranslate2": _ctranslate2, "onnxruntime": _onnxruntime}
+
+
 def run_engine(run: EngineRun) -> EngineResult:
     """Load the engine, translate the first ``warmup`` sources once, then time all of them."""
-    translate = _int8mt(run) if run.engine == "int8mt" else _ctranslate2(run)
+    translate = ENGINES[run.engine](run)
     translate(run.sources[: run.warmup])
     start = time.perf_counter()
     outputs = translate(run.sources)

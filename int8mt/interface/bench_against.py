@@ -1,14 +1,14 @@
-"""``int8mt bench BUNDLE --against ctranslate2``: int8mt against CTranslate2 on the same weights at the bundle's
-precision (INT8 against a quantized bundle, FP32 against an FP32 one), each engine in its best thread layout, one
-run, the engines interleaved.
+"""``int8mt bench BUNDLE --against ctranslate2|onnxruntime``: int8mt against another engine (the peer) on the same
+weights at the bundle's precision (INT8 against a quantized bundle, FP32 against an FP32 one), each engine in its
+best thread layout, one run, the engines interleaved.
 
 Both engines get the same token ids (the bundle's tokenizer) and return token ids. Every (scenario, engine,
 layout) runs in a fresh process (:mod:`.bench_engine`), so its peak resident memory is its own. Layouts: one
-translator on all CPUs, and one single-threaded translator per CPU sharing the weights (CTranslate2's
-``inter_threads``; int8mt's replicas); CTranslate2 on Intel CPUs both with its MKL backend and without
-(``CT2_USE_MKL=0``). Against a CUDA bundle both engines run on the GPU, one translator each, CTranslate2 with each
-of its INT8 compute types (``int8_float16``, ``int8_float32``), and the GPU memory each process holds after its
-run is reported beside its peak resident memory.
+translator on all CPUs, and one single-threaded translator per CPU (CTranslate2's ``inter_threads``, sharing the
+weights; int8mt's replicas, sharing them too; ONNX Runtime's sessions, each with its own); CTranslate2 on Intel CPUs
+both with its MKL backend and without (``CT2_USE_MKL=0``). Against a CUDA bundle both engines run on the GPU
+(CTranslate2 only), one translator each, CTranslate2 with each of its INT8 compute types (``int8_float16``,
+``int8_float32``), and the GPU memory each process holds after its run is reported beside its peak resident memory.
 With ``fixed_tokens`` N every sentence decodes exactly N tokens in both engines (the end of sentence held back
 until then), so both do the same work whatever the weights; otherwise they translate until the end of sentence
 and the outputs are compared (identical share, BLEU).
@@ -33,14 +33,14 @@ from int8mt.targets import host_cpu_name
 from .bench_engine import EngineRun
 from .plotting import pyplot, save
 
-ENGINES = ("ctranslate2", "int8mt")
-PRECISIONS = {"fp32": "float32"}  # CTranslate2's compute type per bundle quantization scheme (int8 otherwise)
+PEERS = {"ctranslate2": "CTranslate2", "onnxruntime": "ONNX Runtime"}  # --against: each engine's name in tables
+PRECISIONS = {"fp32": "float32"}  # the peer's precision per bundle quantization scheme (int8 otherwise)
 GPU_COMPUTE_TYPES = {"int8": ("int8_float16", "int8_float32"), "float32": ("float32",)}  # tried on a GPU
 
 
 def compute_type(manifest: dict) -> str:
-    """CTranslate2's compute type (and converter quantization) for a bundle of ``manifest``: its quantization
-    scheme's precision."""
+    """The peer's precision for a bundle of ``manifest`` (CTranslate2's compute type and converter quantization,
+    ONNX Runtime's export): its quantization scheme's precision."""
     return PRECISIONS.get(manifest.get("quantization", {}).get("scheme", "int8"), "int8")
 
 
@@ -63,7 +63,7 @@ class Scenario:
 class Layout:
     replicas: int
     threads: int
-    mkl: bool | None = None  # CTranslate2 only: with its MKL backend or without (CT2_USE_MKL)
+    mkl: bool | None = None  # CTranslate2 on Intel CPUs only: with its MKL backend or without (CT2_USE_MKL)
     gpu_compute_type: str | None = None  # CTranslate2 on a GPU only: its compute type there
 
     @property
@@ -81,7 +81,7 @@ def layouts(engine: str, cpus: int, intel: bool, gpu_compute_types: tuple[str, .
     if gpu_compute_types:
         return [Layout(1, 1)] if engine == "int8mt" else [Layout(1, 1, gpu_compute_type=c) for c in gpu_compute_types]
     shapes = sorted({(1, cpus), (cpus, 1)})
-    if engine == "int8mt":
+    if engine != "ctranslate2":
         return [Layout(r, t) for r, t in shapes]
     return [Layout(r, t, mkl) for r, t in shapes for mkl in ((True, False) if intel else (False,))]
 
@@ -160,50 +160,52 @@ def _gpu_name() -> str:
     return f"{name} (driver {driver})"
 
 
-def compare_with_ctranslate2(bundle_dir: Path, ct2_dir: Path, sources: list[list[int]], scenarios: list[Scenario],
-                             fixed_tokens: int | None, length_penalty: float, decode: Callable[[list[int]], str],
-                             references: list[str] | None, cpus: int | None = None,
-                             ct2_compute_type: str = "int8", gpu: bool = False) -> dict:
-    """Run every scenario with every layout of both engines (alternating engines) and keep each engine's best
-    layout per scenario. ``decode`` turns output ids into text (for BLEU and the identical share). ``gpu``: the
-    bundle is a CUDA one; both engines run on the GPU."""
-    import ctranslate2
+def compare_engines(peer: str, bundle_dir: Path, peer_dir: Path, sources: list[list[int]], scenarios: list[Scenario],
+                    fixed_tokens: int | None, length_penalty: float, decode: Callable[[list[int]], str],
+                    references: list[str] | None, cpus: int | None = None, precision: str = "int8",
+                    gpu: bool = False) -> dict:
+    """Run every scenario with every layout of int8mt and ``peer`` (one of :data:`PEERS`, its converted model in
+    ``peer_dir``; the engines alternating) and keep each engine's best layout per scenario. ``decode`` turns output
+    ids into text (for BLEU and the identical share). ``gpu``: the bundle is a CUDA one; both engines run on the
+    GPU."""
+    from importlib.metadata import version
 
     cpus = 1 if gpu else cpus or len(os.sched_getaffinity(0))
     job = {"length_penalty": length_penalty, "fixed_tokens": fixed_tokens, "sources": sources,
-           "warmup": min(len(sources), max(s.batch for s in scenarios) * cpus), "compute_type": ct2_compute_type,
+           "warmup": min(len(sources), max(s.batch for s in scenarios) * cpus), "compute_type": precision,
            "device": "cuda" if gpu else "cpu"}
-    paths = {"int8mt": bundle_dir, "ctranslate2": ct2_dir}
+    engines = (peer, "int8mt")
+    paths = {"int8mt": bundle_dir, peer: peer_dir}
     intel = is_intel_cpu()
-    gpu_types = GPU_COMPUTE_TYPES[ct2_compute_type] if gpu else ()
+    gpu_types = GPU_COMPUTE_TYPES[precision] if gpu else ()
     plan = [(s, e, layout) for s in scenarios
-            for pair in zip_longest(*(layouts(e, cpus, intel, gpu_types) for e in ENGINES))
-            for e, layout in zip(ENGINES, pair) if layout is not None]
+            for pair in zip_longest(*(layouts(e, cpus, intel, gpu_types) for e in engines))
+            for e, layout in zip(engines, pair) if layout is not None]
     runs = []
     for scenario, engine, layout in tqdm(plan, desc="bench", unit="run", file=sys.stderr):
         out = _run(engine, paths[engine], layout, scenario, job)
         runs.append({"scenario": scenario.name, "engine": engine, "layout": layout.name, "seconds": out["seconds"],
                      "sentences_per_second": len(sources) / out["seconds"], "peak_rss_mib": out["peak_rss_mib"],
                      "gpu_memory_mib": out["gpu_memory_mib"], "outputs": out["outputs"]})
-    rows = [_scenario_row(s.name, [r for r in runs if r["scenario"] == s.name], fixed_tokens, decode, references)
-            for s in scenarios]
+    rows = [_scenario_row(engines, s.name, [r for r in runs if r["scenario"] == s.name], fixed_tokens, decode,
+                          references) for s in scenarios]
     for r in runs:
         del r["outputs"]
     machine = _gpu_name() if gpu else f"{cpus} CPUs of {host_cpu_name()}"
-    return {"machine": machine, "ctranslate2": ctranslate2.__version__,
-            "compute_type": ct2_compute_type, "bundle": str(bundle_dir), "sentences": len(sources), "fixed_tokens": fixed_tokens,
+    return {"machine": machine, "peer": peer, "peer_version": version(peer), "compute_type": precision,
+            "bundle": str(bundle_dir), "sentences": len(sources), "fixed_tokens": fixed_tokens,
             "length_penalty": length_penalty, "rows": rows, "runs": runs}
 
 
-def _scenario_row(name: str, runs: list[dict], fixed_tokens: int | None, decode: Callable[[list[int]], str],
-                  references: list[str] | None) -> dict:
+def _scenario_row(engines: tuple[str, str], name: str, runs: list[dict], fixed_tokens: int | None,
+                  decode: Callable[[list[int]], str], references: list[str] | None) -> dict:
     """One table row: each engine's fastest layout; the fixed-work protocol checked on every run's outputs."""
-    best = {e: max((r for r in runs if r["engine"] == e), key=lambda r: r["sentences_per_second"]) for e in ENGINES}
-    texts = {e: [decode(ids) for ids in best[e]["outputs"]] for e in ENGINES}
-    speed = {e: best[e]["sentences_per_second"] for e in ENGINES}
-    row = {"scenario": name, "ratio": speed["int8mt"] / speed["ctranslate2"],
+    best = {e: max((r for r in runs if r["engine"] == e), key=lambda r: r["sentences_per_second"]) for e in engines}
+    texts = {e: [decode(ids) for ids in best[e]["outputs"]] for e in engines}
+    speed = {e: best[e]["sentences_per_second"] for e in engines}
+    row = {"scenario": name, "ratio": speed["int8mt"] / speed[engines[0]],
            "identical": sum(a == b for a, b in zip(*texts.values())) / len(texts["int8mt"])}
-    for e in ENGINES:
+    for e in engines:
         row[e] = {k: best[e][k] for k in ("layout", "sentences_per_second", "peak_rss_mib", "gpu_memory_mib")}
         if fixed_tokens is not None:
             wrong = sum(len(ids) != fixed_tokens for r in runs if r["engine"] == e for ids in r["outputs"])
@@ -219,20 +221,21 @@ def format_comparison(result: dict) -> str:
     work = (f"every sentence exactly {result['fixed_tokens']} tokens" if result["fixed_tokens"]
             else "translation to the end of sentence")
     precision = precision_label(result)
+    peer, name = result["peer"], PEERS[result["peer"]]
     gpu = any(row["int8mt"].get("gpu_memory_mib") is not None for row in result["rows"])
-    lines = [f"{result['machine']}; CTranslate2 {result['ctranslate2']} {precision} against {result['bundle']}; "
+    lines = [f"{result['machine']}; {name} {result['peer_version']} {precision} against {result['bundle']}; "
              f"{result['sentences']} sentences, {work}",
-             f"| scenario | CTranslate2 {precision} sent/s | int8mt {precision} sent/s | ratio | peak RSS MiB CT2 / "
-             f"int8mt |{' GPU MiB after the run CT2 / int8mt |' if gpu else ''} identical | BLEU CT2 / int8mt | "
-             "best layouts CT2 / int8mt |",
+             f"| scenario | {name} {precision} sent/s | int8mt {precision} sent/s | ratio | peak RSS MiB {name} / "
+             f"int8mt |{f' GPU MiB after the run {name} / int8mt |' if gpu else ''} identical | BLEU {name} / int8mt | "
+             f"best layouts {name} / int8mt |",
              f"|---|---:|---:|---:|---|{'---|' if gpu else ''}---:|---|---|"]
     for row in result["rows"]:
-        ct2, ours = row["ctranslate2"], row["int8mt"]
-        bleu = f"{ct2['bleu']:.2f} / {ours['bleu']:.2f}" if "bleu" in ours else "-"
-        device = f" {_mib(ct2.get('gpu_memory_mib'))} / {_mib(ours.get('gpu_memory_mib'))} |" if gpu else ""
-        lines.append(f"| {row['scenario']} | {ct2['sentences_per_second']:.1f} | {ours['sentences_per_second']:.1f} | "
-                     f"{row['ratio']:.2f}x | {ct2['peak_rss_mib']:.0f} / {ours['peak_rss_mib']:.0f} |{device} "
-                     f"{100 * row['identical']:.0f} % | {bleu} | {ct2['layout']} / {ours['layout']} |")
+        theirs, ours = row[peer], row["int8mt"]
+        bleu = f"{theirs['bleu']:.2f} / {ours['bleu']:.2f}" if "bleu" in ours else "-"
+        device = f" {_mib(theirs.get('gpu_memory_mib'))} / {_mib(ours.get('gpu_memory_mib'))} |" if gpu else ""
+        lines.append(f"| {row['scenario']} | {theirs['sentences_per_second']:.1f} | {ours['sentences_per_second']:.1f} "
+                     f"| {row['ratio']:.2f}x | {theirs['peak_rss_mib']:.0f} / {ours['peak_rss_mib']:.0f} |{device} "
+                     f"{100 * row['identical']:.0f} % | {bleu} | {theirs['layout']} / {ours['layout']} |")
     return "\n".join(lines)
 
 
@@ -247,10 +250,10 @@ def plot_comparison(result: dict, path: Path) -> None:
     names = [row["scenario"] for row in result["rows"]]
     fig, panels = plt.subplots(1, 2, figsize=(11, 4))
     for panel, key, label in zip(panels, ("sentences_per_second", "peak_rss_mib"), ("sentences/s", "peak RSS (MiB)")):
-        for offset, engine in ((-0.2, "ctranslate2"), (0.2, "int8mt")):
+        for offset, engine in ((-0.2, result["peer"]), (0.2, "int8mt")):
             values = [row[engine][key] for row in result["rows"]]
             bars = panel.bar([i + offset for i in range(len(names))], values, width=0.4,
-                             label=f"{'CTranslate2' if engine == 'ctranslate2' else 'int8mt'} {precision}")
+                             label=f"{PEERS.get(engine, engine)} {precision}")
             panel.bar_label(bars, fmt="%.0f", fontsize=8)
         panel.set(xticks=range(len(names)), xticklabels=names, ylabel=label)
         panel.legend()
