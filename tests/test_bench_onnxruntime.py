@@ -1,6 +1,7 @@
 """The comparison with ONNX Runtime: the same weights exported to ONNX (float32 runs as PyTorch runs them, greedy
 and beam search as a plain reference searches), INT8 with every linear layer quantized by ONNX Runtime, and
 ``int8mt bench --against onnxruntime`` end to end on a tiny model."""
+import copy
 import json
 import sys
 
@@ -16,13 +17,15 @@ from int8mt.errors import UserError  # noqa: E402
 from int8mt.interface.onnxruntime_model import (CONFIG_FILE, DECODER_FILE, ENCODER_FILE,  # noqa: E402
                                                 export_to_onnxruntime, import_onnxruntime)
 from int8mt.interface.onnxruntime_translator import OnnxRuntimeTranslator  # noqa: E402
-from int8mt.model.checkpoint import load_model_dir  # noqa: E402
+from int8mt.model.checkpoint import load_model_dir, save_model_dir  # noqa: E402
 from int8mt.model.generate import greedy_decode  # noqa: E402
 from int8mt.runtime.options import SearchOptions  # noqa: E402
 from int8mt.tokenizer import load_tokenizer  # noqa: E402
 
-from .conftest import DATA_DIR, as_cuda_sm90, edit_manifest  # noqa: E402
+from .conftest import DATA_DIR, MODEL_DIR, as_cuda_sm90, edit_manifest  # noqa: E402
+from .marian_dirs import build_marian_dir  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")  # (build_marian_dir's)
 SENTENCES = (DATA_DIR / "test_2016_flickr.en").read_text().splitlines()[:8]
 
 
@@ -30,6 +33,23 @@ SENTENCES = (DATA_DIR / "test_2016_flickr.en").read_text().splitlines()[:8]
 def exported(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnxruntime")
     return {p: export_to_onnxruntime(tiny_model_dir, folder / p, p) for p in ("float32", "int8")}
+
+
+@pytest.fixture(scope="module")
+def ending(tiny_model, tmp_path_factory):
+    """The tiny model made to end sentences, exported in float32: the end of sentence's logit raised by 4.4 (beam
+    search ends hypotheses after 3-10 tokens, or not at all) and by 5.2 (greedy ends most at once). Returns the
+    bias -> (model directory, export)."""
+    folder = tmp_path_factory.mktemp("ending")
+    made = {}
+    for bias in (4.4, 5.2):
+        model = copy.deepcopy(tiny_model)
+        with torch.no_grad():
+            model.lm_head.bias[model.cfg.eos_id] = bias
+        model_dir = folder / f"model-{bias}"
+        save_model_dir(model, model_dir, MODEL_DIR / "spm.model")
+        made[bias] = model_dir, export_to_onnxruntime(model_dir, folder / f"onnx-{bias}", "float32")
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +66,16 @@ def test_float32_greedy_equals_pytorch(exported, tiny_model_dir, sources):
     expected = [greedy_decode(model, torch.tensor([ids]), _limit(ids, model.cfg.max_positions))[0] for ids in sources]
     translator = OnnxRuntimeTranslator(exported["float32"])
     assert translator.translate(sources, batch=3, beam=1, length_penalty=0.6) == expected
+
+
+def test_an_opus_mt_layout_directory_exports_and_runs_as_pytorch(tmp_path):
+    """A Hugging Face Marian directory (OPUS-MT's layout: final logits bias, decoder started from <pad>)."""
+    model_dir = build_marian_dir(tmp_path / "marian", "shared")
+    model = load_model_dir(model_dir)
+    sources = [load_tokenizer(model_dir).encode(s) for s in SENTENCES[:4]]
+    expected = [greedy_decode(model, torch.tensor([ids]), _limit(ids, model.cfg.max_positions))[0] for ids in sources]
+    translator = OnnxRuntimeTranslator(export_to_onnxruntime(model_dir, tmp_path / "onnx", "float32"))
+    assert translator.translate(sources, batch=2, beam=1, length_penalty=0.6) == expected
 
 
 def _reference_beam(model, ids: list[int], k: int, alpha: float, max_len: int) -> list[int]:
@@ -79,12 +109,25 @@ def _reference_beam(model, ids: list[int], k: int, alpha: float, max_len: int) -
     raise AssertionError("unreachable")
 
 
-def test_float32_beam_search_equals_a_plain_reference(exported, tiny_model_dir, sources):
-    model = load_model_dir(tiny_model_dir)
-    chosen = sources[:4]
-    expected = [_reference_beam(model, ids, 3, 0.6, _limit(ids, model.cfg.max_positions)) for ids in chosen]
-    translator = OnnxRuntimeTranslator(exported["float32"])
-    assert translator.translate(chosen, batch=4, beam=3, length_penalty=0.6) == expected
+@pytest.mark.parametrize("alpha", [0.6, 1.0])
+def test_float32_beam_search_equals_a_plain_reference(ending, sources, alpha):
+    """Hypotheses end at different lengths, so the length penalty decides (with 1.0 a penalty of ``length ** alpha``
+    in place of GNMT's picks other outputs for 7 of the 8)."""
+    model_dir, onnx_dir = ending[4.4]
+    model = load_model_dir(model_dir)
+    expected = [_reference_beam(model, ids, 3, alpha, _limit(ids, model.cfg.max_positions)) for ids in sources]
+    assert len({len(out) for out in expected}) > 3
+    translator = OnnxRuntimeTranslator(onnx_dir)
+    assert translator.translate(sources, batch=4, beam=3, length_penalty=alpha) == expected
+
+
+def test_no_end_of_sentence_before_the_minimum_length(ending, sources):
+    for bias, beam in ((5.2, 1), (5.2, 3), (4.4, 3)):
+        translator = OnnxRuntimeTranslator(ending[bias][1])
+        free = translator.translate(sources, batch=3, beam=beam, length_penalty=0.6)
+        assert min(len(out) for out in free) < 5  # (the model ends earlier where it may)
+        fixed = translator.translate(sources, batch=3, beam=beam, length_penalty=0.6, fixed_tokens=5)
+        assert [len(out) for out in fixed] == [5] * len(sources)
 
 
 def test_int8_export_quantizes_every_linear_layer(exported, tiny_model_dir):
