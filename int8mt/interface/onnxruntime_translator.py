@@ -12,13 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from int8mt.errors import UserError
+from int8mt.runtime.search import length_normalized
 
 from .onnxruntime_model import CONFIG_FILE, DECODER_FILE, ENCODER_FILE, import_onnxruntime
-
-
-def _penalized(score: float, length: int, alpha: float) -> float:
-    """GNMT length normalisation, as int8mt's beam search: score / ((5 + length) / 6) ** alpha."""
-    return score / (((5.0 + length) / 6.0) ** alpha)
 
 
 class OnnxRuntimeTranslator:
@@ -136,7 +132,7 @@ class OnnxRuntimeTranslator:
         for step in range(max(max_lens)):
             banned = step < min_length
             values, ids, log_sum_exp, past = self._step(decoder, tokens, step, src_rows, 2 * k + banned, past, cross)
-            log_probs = values - log_sum_exp[:, None]
+            log_probs = values.astype(np.float64) - log_sum_exp[:, None]  # (as int8mt's beam_select subtracts)
             if banned:
                 log_probs[ids == self.eos_id] = -np.inf
             m = len(alive)
@@ -156,13 +152,13 @@ class OnnxRuntimeTranslator:
                         break
                     row, token = int(row_ids[i, j]), int(candidate_ids[i, j])
                     if token == self.eos_id:
-                        finished[b].append((_penalized(score, step + 1, alpha), hyps[row].tolist()))
+                        finished[b].append((length_normalized(score, step + 1, alpha), hyps[row].tolist()))
                     else:
                         origin[i, continued], next_tokens[i, continued] = row, token
                         new_scores[i, continued] = score
                         continued += 1
                 if len(finished[b]) < k and step + 1 >= max_lens[b]:  # out of length: live hypotheses end here
-                    finished[b] += [(_penalized(float(new_scores[i, j]), step + 1, alpha),
+                    finished[b] += [(length_normalized(float(new_scores[i, j]), step + 1, alpha),
                                      [*hyps[origin[i, j]].tolist(), int(next_tokens[i, j])])
                                     for j in range(continued)]
                     finished[b] += [(-np.inf, [])] * (k - len(finished[b]))

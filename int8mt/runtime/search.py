@@ -58,7 +58,7 @@ def greedy_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], min_leng
     return out
 
 
-def _penalized(score: float, length: int, alpha: float) -> float:
+def length_normalized(score: float, length: int, alpha: float) -> float:
     """GNMT length normalisation: score / ((5 + length) / 6) ** alpha."""
     return score / (((5.0 + length) / 6.0) ** alpha)
 
@@ -104,8 +104,8 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
             candidates = tuple(bundle.tensor(part) for part in _row_candidates(logits, 2 * k))
             chosen = bundle.select_beams(candidates, scores[alive], finished_count[alive], step < opts.min_length)
         for i, e in zip(*np.nonzero(chosen.ended_rows >= 0)):  # hypotheses ending here, best first
-            finished[alive[i]].append((_penalized(float(chosen.ended_scores[i, e]), step + 1, opts.length_penalty),
-                                       tokens_so_far[chosen.ended_rows[i, e]].tolist()))
+            score = length_normalized(float(chosen.ended_scores[i, e]), step + 1, opts.length_penalty)
+            finished[alive[i]].append((score, tokens_so_far[chosen.ended_rows[i, e]].tolist()))
         active = finished_count[alive] < k
         scores[alive[active]] = chosen.new_scores[active]
         origin, next_tokens = chosen.origin, chosen.tokens
@@ -113,7 +113,7 @@ def beam_search(bundle: Bundle, src: np.ndarray, max_lens: list[int], opts: Sear
         for i in np.flatnonzero(active & (step + 1 >= max_len[alive])):  # out of length: live hypotheses end here
             b = alive[i]
             live = np.flatnonzero(chosen.new_scores[i] > -np.inf)
-            finished[b] += [(_penalized(float(chosen.new_scores[i, j]), step + 1, opts.length_penalty),
+            finished[b] += [(length_normalized(float(chosen.new_scores[i, j]), step + 1, opts.length_penalty),
                              tokens_so_far[i * k + j].tolist()) for j in live]
             finished[b] += [(-np.inf, [])] * (k - len(finished[b]))
         finished_count[alive] = [len(finished[b]) for b in alive]
