@@ -1,4 +1,5 @@
 """int8mt bench: translation speed and BLEU of a bundle against PyTorch on the same sentences;
+``int8mt bench BUNDLE --against ctranslate2|onnxruntime``: against another engine on the same weights;
 ``int8mt bench BUNDLE --serve``: load benchmark of ``int8mt serve``;
 ``int8mt bench kernels``: GOPS of the int8 kernels against PyTorch and this CPU's peak."""
 from __future__ import annotations
@@ -13,8 +14,9 @@ from . import UserError, add_config_argument, config_path, database_path, port_n
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="sentences/s and BLEU: compiled bundle vs PyTorch, batch 1 and 32; "
-                                     "`bench kernels`: int8 kernel GOPS")
+    p = sub.add_parser("bench", help="sentences/s and BLEU: compiled bundle vs PyTorch (FP32, dynamic INT8), batch 1 "
+                                     "and 32; --against: vs CTranslate2 or ONNX Runtime; `bench kernels`: int8 "
+                                     "kernel GOPS")
     add_config_argument(p)
     p.add_argument("bundle", type=Path,
                    help="bundle directory from `int8mt compile`, or `kernels` for the int8 kernel benchmark")
@@ -29,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fixed-tokens", type=int, default=None, metavar="N",
                    help="--against: every sentence decodes exactly N tokens in both engines (same work whatever "
                         "the weights; default: translate to the end of sentence and compare BLEU)")
-    p.add_argument("--no-pytorch", action="store_true", help="benchmark the bundle only")
+    p.add_argument("--no-pytorch", action="store_true", help="benchmark the bundle only (no PyTorch rows)")
     p.add_argument("--sentences", type=int, default=1000, help="first N test sentences (default: 1000)")
     p.add_argument("--batch-sizes", default="1,32",
                    help="comma-separated batch sizes (bench kernels: sentences of 20 tokens; default: 1,32)")
