@@ -202,6 +202,20 @@ def test_a_folder_that_is_no_export_is_refused(tmp_path):
         export_to_onnxruntime(tmp_path, tmp_path / "out", "int6")
 
 
+def test_an_export_that_fails_says_so_without_a_traceback(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=f"exporting {tiny_model_dir} to ONNX Runtime failed: (FileExistsError|"
+                                        "NotADirectoryError)"):
+        export_to_onnxruntime(tiny_model_dir, tmp_path / "file" / "onnx", "float32")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to export the model\nunsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(UserError, match="failed: RuntimeError: unsupported operator$"):
+        export_to_onnxruntime(tiny_model_dir, tmp_path / "onnx", "float32")
+
+
 def test_float32_step_log_probabilities_match_pytorch(exported, tiny_model_dir, sources):
     """The decoder graph's candidates and log-sum-exp at the first step are PyTorch's logits' top entries."""
     model = load_model_dir(tiny_model_dir)

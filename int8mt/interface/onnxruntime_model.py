@@ -103,6 +103,19 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
+@contextmanager
+def _export_errors(model_dir: Path):
+    """A failure inside PyTorch's exporter or ONNX Runtime's tools as a UserError naming the model and the step's
+    error, not their traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, TypeError, AssertionError, OSError) as err:
+        raise UserError(f"exporting {model_dir} to ONNX Runtime failed: {type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}") from None
+
+
 def export_to_onnxruntime(model_dir: Path, out: Path, precision: str = "int8") -> Path:
     """``model_dir`` as ONNX Runtime's encoder and decoder graphs in ``out``, optimized: float32 weights, or for
     ``int8`` quantized with ``onnxruntime.quantization.quantize_dynamic`` (int8 weights of every operator it
@@ -118,7 +131,6 @@ def export_to_onnxruntime(model_dir: Path, out: Path, precision: str = "int8") -
     model = load_model_dir(model_dir)
     cfg = model.cfg
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     encoder, decoder = _graphs(model)
     batch, length, past = 2, 5, 3
     src = torch.full((batch, length), 5, dtype=torch.int64)
@@ -126,7 +138,9 @@ def export_to_onnxruntime(model_dir: Path, out: Path, precision: str = "int8") -
     caches = [torch.zeros(batch, cfg.heads, past if name.startswith("past") else length, cfg.head_dim)
               for name in cache_inputs]
     free = Dim.AUTO
-    with tempfile.TemporaryDirectory(prefix="int8mt-onnx-") as tmp, _quiet_exporter(), torch.no_grad():
+    with tempfile.TemporaryDirectory(prefix="int8mt-onnx-") as tmp, _quiet_exporter(), torch.no_grad(), \
+            _export_errors(model_dir):
+        out.mkdir(parents=True, exist_ok=True)
         staging = Path(tmp)
         torch.onnx.export(encoder, (src,), staging / ENCODER_FILE, input_names=["src"],
                           output_names=[n for n in cache_inputs if n.startswith("cross")],
