@@ -189,6 +189,14 @@ def test_bench_against_onnxruntime_refuses_a_cuda_bundle(tiny_model_dir, bundle_
     assert "is a CUDA bundle; the ONNX Runtime comparison runs on the CPU" in err and "exporting" not in err
 
 
+def test_more_fixed_tokens_than_positions_is_refused_before_exporting(tiny_model_dir, tiny_bundle, capsys):
+    assert main(["bench", str(tiny_bundle), "--against", "onnxruntime", "--model", str(tiny_model_dir),
+                 "--fixed-tokens", "65", "--sentences", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--fixed-tokens 65 is more than the model's 64 positions (its longest output): use at most 64" in err
+    assert "exporting" not in err
+
+
 def test_without_onnxruntime_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(UserError, match=r"pip install 'int8mt\[bench\]'"):

@@ -103,6 +103,10 @@ def _against(args: argparse.Namespace, cfg, sources: list[str], refs: list[str],
         raise UserError(f"{args.bundle} is a CUDA bundle; the ONNX Runtime comparison runs on the CPU (onnxruntime's "
                         "CPU package): compare a CPU bundle, or this one with --against ctranslate2")
     manifest = check_runs_here(args.bundle)
+    positions = manifest["model"]["max_positions"]
+    if args.fixed_tokens is not None and args.fixed_tokens > positions:
+        raise UserError(f"--fixed-tokens {args.fixed_tokens} is more than the model's {positions} positions (its "
+                        f"longest output): use at most {positions}")
     ids, decode = bundle_source_ids(args.bundle, sources)
     precision = compute_type(manifest)
     with tempfile.TemporaryDirectory(prefix=f"int8mt-{args.against}-") as tmp:
