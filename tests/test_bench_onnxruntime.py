@@ -68,6 +68,7 @@ def test_float32_greedy_equals_pytorch(exported, tiny_model_dir, sources):
     assert translator.translate(sources, batch=3, beam=1, length_penalty=0.6) == expected
 
 
+@pytest.mark.extended  # (~15 s; the tiny model's export runs as PyTorch in the default run)
 def test_an_opus_mt_layout_directory_exports_and_runs_as_pytorch(tmp_path):
     """A Hugging Face Marian directory (OPUS-MT's layout: final logits bias, decoder started from <pad>)."""
     model_dir = build_marian_dir(tmp_path / "marian", "shared")
@@ -109,7 +110,7 @@ def _reference_beam(model, ids: list[int], k: int, alpha: float, max_len: int) -
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize("alpha", [0.6, 1.0])
+@pytest.mark.parametrize("alpha", [pytest.param(0.6, marks=pytest.mark.extended), 1.0])
 def test_float32_beam_search_equals_a_plain_reference(ending, sources, alpha):
     """Hypotheses end at different lengths, so the length penalty decides (with 1.0 a penalty of ``length ** alpha``
     in place of GNMT's picks other outputs for 7 of the 8)."""

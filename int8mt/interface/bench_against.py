@@ -46,6 +46,8 @@ def compute_type(manifest: dict) -> str:
 
 def precision_label(result: dict) -> str:
     return "FP32" if result.get("compute_type") == "float32" else "INT8"
+
+
 MODEL_KEYS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim")
 
 
