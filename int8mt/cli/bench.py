@@ -58,12 +58,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+# the benchmarks (modes) each flag without a default value serves; given to another, it is refused, not ignored
+MODES = {"kernels": "`bench kernels`", "serve": "--serve", "against": "--against",
+         "pytorch": "`bench BUNDLE` (PyTorch)"}
+FLAG_MODES = {"against": ("against",), "fixed_tokens": ("against",), "no_pytorch": ("pytorch",),
+              "model": ("pytorch", "against"), "beam": ("pytorch", "serve", "against"), "serve": ("serve",),
+              "plot": ("serve", "against"), "replicas": ("serve",), "threads": ("serve",), "target": ("kernels",),
+              "rpc": ("kernels",), "db": ("kernels",)}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """A UserError naming the flags given that the benchmark asked for does not use, and what they are for."""
+    mode = ("kernels" if str(args.bundle) == "kernels" else "serve" if args.serve else
+            "against" if args.against else "pytorch")
+    wrong = [name for name, modes in FLAG_MODES.items()
+             if getattr(args, name) not in (None, False) and mode not in modes]
+    if not wrong:
+        return
+    flags = [f"--{name.replace('_', '-')}" for name in wrong]
+    uses = [f"{flag} is for {' and '.join(MODES[m] for m in FLAG_MODES[name])}" for flag, name in zip(flags, wrong)
+            if name not in MODES]  # (--against and --serve name their own benchmark)
+    raise UserError(f"{', '.join(flags)} {'does' if len(flags) == 1 else 'do'} not apply to {MODES[mode]}"
+                    + (f": {'; '.join(uses)}" if uses else ""))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..data import read_parallel
     from ..interface.bench import bench_translation, format_table, rows_as_dicts
     from ..runtime.bundle import use_runtime_library
 
+    check_flags(args)
     cfg = load_config(config_path(args))
     if str(args.bundle) == "kernels":
         return _kernels(args, cfg)
