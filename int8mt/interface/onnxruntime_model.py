@@ -1,6 +1,7 @@
 """The same weights in ONNX Runtime: a model directory (ours or a Hugging Face Marian one) exported with PyTorch's
-ONNX exporter as the two graphs a sequence-to-sequence model runs as in ONNX Runtime (an encoder and a decoder step
-with past keys and values, as Hugging Face Optimum exports them), optimized by ONNX Runtime's transformer optimizer
+ONNX exporter as the graphs a sequence-to-sequence model runs as in ONNX Runtime (an encoder and a decoder step
+over past keys and values, like Hugging Face Optimum's encoder and decoder-with-past graphs; here the encoder also
+computes the cross-attention keys and values), optimized by ONNX Runtime's transformer optimizer
 (``model_type="bart"``: layer norms fused with their residual additions) and for INT8 quantized by ONNX Runtime's
 dynamic quantization (int8 weights, each activation quantized at run time): ONNX Runtime's own recipe for a
 Transformer on the CPU. Needs ``onnx``, ``onnxscript`` and ``onnxruntime`` (``pip install 'int8mt[bench]'``).
