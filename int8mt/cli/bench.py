@@ -67,10 +67,14 @@ FLAG_MODES = {"against": ("against",), "fixed_tokens": ("against",), "no_pytorch
               "rpc": ("kernels",), "db": ("kernels",)}
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """A UserError naming the flags given that the benchmark asked for does not use, and what they are for."""
-    mode = ("kernels" if str(args.bundle) == "kernels" else "serve" if args.serve else
+def benchmark_mode(args: argparse.Namespace) -> str:
+    """The benchmark asked for: a key of :data:`MODES`."""
+    return ("kernels" if str(args.bundle) == "kernels" else "serve" if args.serve else
             "against" if args.against else "pytorch")
+
+
+def check_flags(args: argparse.Namespace, mode: str) -> None:
+    """A UserError naming the flags given that benchmark ``mode`` does not use, and what they are for."""
     wrong = [name for name, modes in FLAG_MODES.items()
              if getattr(args, name) not in (None, False) and mode not in modes]
     if not wrong:
@@ -88,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     from ..interface.bench import bench_translation, format_table, rows_as_dicts
     from ..runtime.bundle import use_runtime_library
 
-    check_flags(args)
+    mode = benchmark_mode(args)
+    check_flags(args, mode)
     cfg = load_config(config_path(args))
-    if str(args.bundle) == "kernels":
+    if mode == "kernels":
         return _kernels(args, cfg)
     use_runtime_library()
     batch_sizes = _counts(args.batch_sizes, "--batch-sizes")
@@ -99,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     beam = cfg.decode.search_options(beam_size=args.beam).beam_size  # (checked before anything runs)
     sources, refs = read_parallel(cfg.paths.data, "test_2016_flickr", cfg.train.src_lang, cfg.train.tgt_lang)
     sources, refs = sources[: args.sentences], refs[: args.sentences]
-    if args.serve:
+    if mode == "serve":
         return _serve(args, cfg, sources)
-    if args.against:
+    if mode == "against":
         return _against(args, cfg, sources, refs, batch_sizes, beam)
     model = None if args.no_pytorch else (args.model or cfg.paths.model)
     rows = bench_translation(args.bundle, model, sources, refs, batch_sizes, beam)
