@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,14 +33,22 @@ def _timed(backend: str, search: str, batch: int, translate: Callable[[], list[s
                     round(corpus_bleu(hyps, refs), 2))
 
 
+@contextmanager
+def quiet_pytorch_quantization() -> Iterator[None]:
+    """PyTorch's quantization, a peer measured here, without the notices of its 2.13 deprecation (of
+    ``torch.ao.quantization`` and of quantized tensors, in favour of torchao)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+        yield
+
+
 def pytorch_dynamic_int8(model):
     """``model`` with every ``nn.Linear`` quantized by PyTorch's dynamic quantization (int8 weights with a scale
     each, activations quantized at run time; ``torch.ao.quantization.quantize_dynamic``), a copy."""
     import torch
 
-    with warnings.catch_warnings():  # PyTorch 2.13 deprecates torch.ao.quantization and quantized tensors (torchao)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+    with quiet_pytorch_quantization():
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -201,11 +200,12 @@ def _torch_timers(n: int, k: int, rows: int) -> list[Timer]:
     from torch.ao.nn.quantized import Linear as QLinear
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+    from .bench import quiet_pytorch_quantization
+
     torch.backends.quantized.engine = "x86"
     x = torch.randn(rows, k)
     weight = torch.randn(n, k)
-    with warnings.catch_warnings():  # PyTorch 2.13 deprecates its quantized tensors, the peer measured here
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+    with quiet_pytorch_quantization():
         qweight = torch.quantize_per_channel(weight, weight.abs().amax(1) / 127, torch.zeros(n, dtype=torch.long), 0,
                                              torch.qint8)
         qx = torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)
