@@ -26,6 +26,7 @@ from .conftest import DATA_DIR, MODEL_DIR, as_cuda_sm90, edit_manifest  # noqa: 
 from .marian_dirs import build_marian_dir  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")  # (build_marian_dir's)
+GREEDY = SearchOptions(beam_size=1, length_penalty=0.6)
 SENTENCES = (DATA_DIR / "test_2016_flickr.en").read_text().splitlines()[:8]
 
 
@@ -57,6 +58,11 @@ def sources(tiny_model_dir):
     return [load_tokenizer(tiny_model_dir).encode(s) for s in SENTENCES]
 
 
+def _fixed(beam: int, tokens: int) -> SearchOptions:
+    """Exactly ``tokens`` output tokens (as ``bench --fixed-tokens`` asks)."""
+    return SearchOptions(beam_size=beam, max_length_a=0.0, max_length_b=tokens, min_length=tokens)
+
+
 def _limit(ids: list[int], positions: int) -> int:
     return SearchOptions().max_length(len(ids), positions)
 
@@ -65,7 +71,7 @@ def test_float32_greedy_equals_pytorch(exported, tiny_model_dir, sources):
     model = load_model_dir(tiny_model_dir)
     expected = [greedy_decode(model, torch.tensor([ids]), _limit(ids, model.cfg.max_positions))[0] for ids in sources]
     translator = OnnxRuntimeTranslator(exported["float32"])
-    assert translator.translate(sources, batch=3, beam=1, length_penalty=0.6) == expected
+    assert translator.translate(sources, batch=3, options=GREEDY) == expected
 
 
 @pytest.mark.extended  # (~15 s; the tiny model's export runs as PyTorch in the default run)
@@ -76,7 +82,7 @@ def test_an_opus_mt_layout_directory_exports_and_runs_as_pytorch(tmp_path):
     sources = [load_tokenizer(model_dir).encode(s) for s in SENTENCES[:4]]
     expected = [greedy_decode(model, torch.tensor([ids]), _limit(ids, model.cfg.max_positions))[0] for ids in sources]
     translator = OnnxRuntimeTranslator(export_to_onnxruntime(model_dir, tmp_path / "onnx", "float32"))
-    assert translator.translate(sources, batch=2, beam=1, length_penalty=0.6) == expected
+    assert translator.translate(sources, batch=2, options=GREEDY) == expected
 
 
 def _reference_beam(model, ids: list[int], k: int, alpha: float, max_len: int) -> list[int]:
@@ -119,15 +125,16 @@ def test_float32_beam_search_equals_a_plain_reference(ending, sources, alpha):
     expected = [_reference_beam(model, ids, 3, alpha, _limit(ids, model.cfg.max_positions)) for ids in sources]
     assert len({len(out) for out in expected}) > 3
     translator = OnnxRuntimeTranslator(onnx_dir)
-    assert translator.translate(sources, batch=4, beam=3, length_penalty=alpha) == expected
+    options = SearchOptions(beam_size=3, length_penalty=alpha)
+    assert translator.translate(sources, batch=4, options=options) == expected
 
 
 def test_no_end_of_sentence_before_the_minimum_length(ending, sources):
     for bias, beam in ((5.2, 1), (5.2, 3), (4.4, 3)):
         translator = OnnxRuntimeTranslator(ending[bias][1])
-        free = translator.translate(sources, batch=3, beam=beam, length_penalty=0.6)
+        free = translator.translate(sources, batch=3, options=SearchOptions(beam_size=beam, length_penalty=0.6))
         assert min(len(out) for out in free) < 5  # (the model ends earlier where it may)
-        fixed = translator.translate(sources, batch=3, beam=beam, length_penalty=0.6, fixed_tokens=5)
+        fixed = translator.translate(sources, batch=3, options=_fixed(beam, 5))
         assert [len(out) for out in fixed] == [5] * len(sources)
 
 
@@ -153,16 +160,17 @@ def test_int8_export_quantizes_every_linear_layer(exported, tiny_model_dir):
 def test_replicas_fixed_tokens_and_beams_in_int8(exported, sources):
     one, two = OnnxRuntimeTranslator(exported["int8"]), OnnxRuntimeTranslator(exported["int8"], replicas=2)
     for beam in (1, 2):
-        fixed = two.translate(sources, batch=3, beam=beam, length_penalty=0.6, fixed_tokens=5)
+        fixed = two.translate(sources, batch=3, options=_fixed(beam, 5))
         assert [len(out) for out in fixed] == [5] * len(sources)
-        assert fixed == one.translate(sources, batch=3, beam=beam, length_penalty=0.6, fixed_tokens=5)
+        assert fixed == one.translate(sources, batch=3, options=_fixed(beam, 5))
 
 
 def test_float32_batching_never_changes_a_result(exported, sources):
     """(In INT8 it can: ONNX Runtime's dynamic quantization takes one range per activation tensor, over the batch.)"""
     translator = OnnxRuntimeTranslator(exported["float32"])
-    batched = translator.translate(sources, batch=8, beam=2, length_penalty=0.6)
-    assert batched == [translator.translate([ids], batch=1, beam=2, length_penalty=0.6)[0] for ids in sources]
+    options = SearchOptions(beam_size=2, length_penalty=0.6)
+    batched = translator.translate(sources, batch=8, options=options)
+    assert batched == [translator.translate([ids], batch=1, options=options)[0] for ids in sources]
 
 
 def test_bench_against_onnxruntime(tiny_model_dir, tiny_bundle, tmp_path, capsys):

@@ -54,17 +54,23 @@ def vocabularies(ct2_dir: Path) -> tuple[list[str], list[str]]:
         raise ValueError(f"{ct2_dir} is not a CTranslate2 model directory (no vocabulary files)") from None
 
 
+def _search_options(run: EngineRun):
+    """The search of ``run`` as int8mt's runtime and ONNX Runtime's search take it; with ``fixed_tokens`` N, exactly
+    N tokens (no end of sentence before N, none after)."""
+    from int8mt.runtime.options import SearchOptions
+
+    fixed = {} if run.fixed_tokens is None else {"max_length_a": 0.0, "max_length_b": run.fixed_tokens,
+                                                 "min_length": run.fixed_tokens}
+    return SearchOptions(beam_size=run.beam, length_penalty=run.length_penalty, **fixed)
+
+
 def _int8mt(run: EngineRun):
     from int8mt.runtime.bundle import use_runtime_library
 
     use_runtime_library()
-    from int8mt.runtime.options import SearchOptions
     from int8mt.runtime.translator import Translator
 
-    fixed = {} if run.fixed_tokens is None else {"max_length_a": 0.0, "max_length_b": run.fixed_tokens,
-                                                 "min_length": run.fixed_tokens}
-    options = SearchOptions(beam_size=run.beam, length_penalty=run.length_penalty, **fixed)
-    translator = Translator(run.path, options, run.batch, replicas=run.replicas, threads=run.threads)
+    translator = Translator(run.path, _search_options(run), run.batch, replicas=run.replicas, threads=run.threads)
     return translator.translate_ids
 
 
@@ -91,9 +97,10 @@ def _onnxruntime(run: EngineRun):
     from int8mt.interface.onnxruntime_translator import OnnxRuntimeTranslator
 
     translator = OnnxRuntimeTranslator(Path(run.path), replicas=run.replicas, threads=run.threads)
+    options = _search_options(run)
 
     def translate(sources: list[list[int]]) -> list[list[int]]:
-        return translator.translate(sources, run.batch, run.beam, run.length_penalty, fixed_tokens=run.fixed_tokens)
+        return translator.translate(sources, run.batch, options)
 
     return translate
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from int8mt.errors import UserError
+from int8mt.runtime.options import SearchOptions
 from int8mt.runtime.search import length_normalized
 
 from .onnxruntime_model import CONFIG_FILE, DECODER_FILE, ENCODER_FILE, import_onnxruntime
@@ -39,15 +40,9 @@ class OnnxRuntimeTranslator:
         self.start_id, self.eos_id, self.pad_id = s["start_id"], s["eos_id"], s["pad_id"]
         self.layers, self.heads, self.head_dim = s["decoder_layers"], s["heads"], s["head_dim"]
 
-    def translate(self, sources: list[list[int]], batch: int, beam: int, length_penalty: float,
-                  max_length_a: float = 1.5, max_length_b: int = 10, min_length: int = 0,
-                  fixed_tokens: int | None = None) -> list[list[int]]:
-        """Each source's best output ids (end of sentence excluded); sources are token ids with their end of
-        sentence. Output limits as int8mt's ``SearchOptions``: ``max_length_a`` x source length + ``max_length_b``
-        (at most the model's positions), no end of sentence before ``min_length``; ``fixed_tokens`` N: exactly N
-        tokens each."""
-        if fixed_tokens is not None:
-            max_length_a, max_length_b, min_length = 0.0, fixed_tokens, fixed_tokens
+    def translate(self, sources: list[list[int]], batch: int, options: SearchOptions) -> list[list[int]]:
+        """Each source's best output ids (end of sentence excluded) under ``options`` (beam size, length penalty,
+        output limits: at most the model's positions); sources are token ids with their end of sentence."""
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         batches = [order[i:i + batch] for i in range(0, len(order), batch)]
         limit = self.settings["max_positions"]
@@ -60,10 +55,10 @@ class OnnxRuntimeTranslator:
                 src = np.full((len(rows), max(map(len, rows))), self.pad_id, np.int64)
                 for r, ids in enumerate(rows):
                     src[r, :len(ids)] = ids
-                max_lens = [max(1, min(int(max_length_a * len(ids)) + max_length_b, limit)) for ids in rows]
-                least = min(min_length, max(max_lens))
-                found = (self._greedy(sessions, src, max_lens, least) if beam == 1 else
-                         self._beam(sessions, src, max_lens, beam, length_penalty, least))
+                max_lens = [options.max_length(len(ids), limit) for ids in rows]
+                found = (self._greedy(sessions, src, max_lens, options.min_length) if options.beam_size == 1 else
+                         self._beam(sessions, src, max_lens, options.beam_size, options.length_penalty,
+                                    options.min_length))
                 for i, out in zip(indices, found):
                     results[i] = out
 
